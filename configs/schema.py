@@ -1,0 +1,238 @@
+"""The one quantization config of qtool: a typed, versioned dataclass read from YAML/JSON/TOML or a preset,
+overridden by CLI flags, validated in one place, and written back into every output."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qtool.configs.errors import QtoolError
+from qtool.configs.findings import Finding, error, has_errors, info, warning
+
+SCHEMA_VERSION = 1
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+METHODS = ("gptq", "rtn")
+BITS = (2, 3, 4, 8)
+OUTPUT_FORMATS = ("gptq",)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
+# GPTQ packs 32 input rows per 32-bit word run; smaller groups cost more in scales than they win.
+MIN_GROUP_SIZE = 16
+
+
+@dataclass
+class CalibrationConfig:
+    source: str = "wikitext"  # "wikitext" or the path of a text file
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass
+class QuantConfig:
+    schema_version: int = SCHEMA_VERSION
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    damp_auto_increment: float = 0.0025
+    mse: bool = False
+    output_format: str = "gptq"
+    checkpoint_format: str = "gptq"  # gptq = v1 zeros (zero - 1 stored); gptq_v2 stores the zero itself
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _field_type(dataclass_type: type, name: str) -> type:
+    annotation = {f.name: f.type for f in fields(dataclass_type)}[name]
+    return _TYPES.get(str(annotation).split(" ")[0], object)
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> QtoolError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return QtoolError(f"{where}: unknown key '{key}'", f"{guess}valid keys: {', '.join(valid)}")
+
+
+def _coerce(value: Any, expected: type, where: str) -> Any:
+    # bool is an int in Python; refuse it where a number is expected, and refuse numbers where a flag is.
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise QtoolError(f"{where} must be true or false, got {value!r}", "write true or false")
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise QtoolError(f"{where} must be an integer, got {value!r}", "write a whole number")
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise QtoolError(f"{where} must be a number, got {value!r}", "write a decimal number such as 0.01")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise QtoolError(f"{where} must be a string, got {value!r}", "quote the value")
+    return value
+
+
+def _build(dataclass_type: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise QtoolError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    valid = [f.name for f in fields(dataclass_type)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise _unknown_key(str(key), valid, where)
+        if key == "calibration":
+            kwargs[key] = _build(CalibrationConfig, value, f"{where}.calibration")
+        else:
+            kwargs[key] = _coerce(value, _field_type(dataclass_type, key), f"{where}.{key}")
+    return dataclass_type(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> QuantConfig:
+    """Build a QuantConfig from plain data, refusing unknown keys and wrong types (not ranges: see validate)."""
+    version = data.get("schema_version", SCHEMA_VERSION) if isinstance(data, dict) else SCHEMA_VERSION
+    if version != SCHEMA_VERSION:
+        raise QtoolError(
+            f"{where}: schema_version {version!r} is not supported",
+            f"this qtool reads schema_version {SCHEMA_VERSION}",
+        )
+    return _build(QuantConfig, data, where)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_config_file(path: str | Path) -> QuantConfig:
+    """Read a config file (YAML, JSON or TOML by suffix) or a preset name from configs/presets."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (PRESETS_DIR / f"{path.name}.yaml").exists():
+        path = PRESETS_DIR / f"{path.name}.yaml"
+    if not path.exists():
+        close = difflib.get_close_matches(path.name, preset_names(), n=1)
+        guess = f"did you mean the preset '{close[0]}'? " if close else ""
+        raise QtoolError(
+            f"config file {path} does not exist",
+            f"{guess}pass a .yaml/.json/.toml file or a preset: {', '.join(preset_names())}",
+        )
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise QtoolError(f"config file {path} has an unknown type '{path.suffix}'", "use .yaml, .json or .toml")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QtoolError(f"config file {path} cannot be parsed: {first}", "fix the syntax") from exc
+    if data is None:
+        data = {}
+    return config_from_dict(data, where=str(path))
+
+
+def apply_overrides(config: QuantConfig, overrides: dict[str, Any]) -> QuantConfig:
+    """Return a copy with the given fields replaced; None means "not given". Keys of the calibration block may
+    be given flat (samples, seqlen, seed) or as calibration_source."""
+    top = {f.name for f in fields(QuantConfig)}
+    calibration_keys = {f.name for f in fields(CalibrationConfig)}
+    top_changes: dict[str, Any] = {}
+    calibration_changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        name = key.removeprefix("calibration_")
+        if key in top and key != "calibration":
+            top_changes[key] = _coerce(value, _field_type(QuantConfig, key), f"--{key.replace('_', '-')}")
+        elif name in calibration_keys:
+            calibration_changes[name] = _coerce(value, _field_type(CalibrationConfig, name), f"--{name}")
+        else:
+            raise _unknown_key(key, sorted(top | calibration_keys), "override")
+    calibration = dataclasses.replace(config.calibration, **calibration_changes)
+    return dataclasses.replace(config, calibration=calibration, **top_changes)
+
+
+def _choice(where: str, value: Any, choices: tuple) -> Finding | None:
+    if value in choices:
+        return None
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return error(where, f"{value!r} is not valid", f"{guess}valid: {', '.join(str(c) for c in choices)}")
+
+
+def validate_config(config: QuantConfig) -> list[Finding]:
+    """Types are enforced on construction; this checks ranges, choices and rules across fields."""
+    found: list[Finding | None] = [
+        _choice("method", config.method, METHODS),
+        _choice("bits", config.bits, BITS),
+        _choice("output_format", config.output_format, OUTPUT_FORMATS),
+        _choice("checkpoint_format", config.checkpoint_format, CHECKPOINT_FORMATS),
+    ]
+    if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
+        found.append(error("group_size", f"{config.group_size} is not valid", f"use -1 (per channel) or an integer >= {MIN_GROUP_SIZE}, e.g. 128"))
+    elif config.group_size != -1 and config.group_size % 32:
+        found.append(warning("group_size", f"{config.group_size} is not a multiple of 32", "fast kernels need multiples of 32; the torch backend will be used"))
+    if not 0 < config.damp_percent < 1:
+        found.append(error("damp_percent", f"{config.damp_percent} is out of range", "use a value in (0, 1), e.g. 0.01"))
+    if not 0 <= config.damp_auto_increment < 1:
+        found.append(error("damp_auto_increment", f"{config.damp_auto_increment} is out of range", "use a value in [0, 1), e.g. 0.0025"))
+    calibration = config.calibration
+    if calibration.samples < 1:
+        found.append(error("calibration.samples", f"{calibration.samples} is out of range", "use at least 1 sample (128 is usual)"))
+    if calibration.seqlen < 8:
+        found.append(error("calibration.seqlen", f"{calibration.seqlen} is out of range", "use at least 8 tokens (512 or 2048 are usual)"))
+    if calibration.seed < 0:
+        found.append(error("calibration.seed", f"{calibration.seed} is negative", "use a seed >= 0"))
+    if calibration.source != "wikitext" and not Path(calibration.source).exists():
+        found.append(error("calibration.source", f"file {calibration.source} does not exist", "pass 'wikitext' or the path of a text file"))
+    if config.static_groups and not config.desc_act:
+        found.append(warning("static_groups", "has no effect without desc_act", "add --desc-act or drop --static-groups"))
+    if config.method == "rtn" and (config.desc_act or config.static_groups):
+        found.append(warning("desc_act", "act order has no effect with method rtn", "use --method gptq for act order"))
+    if config.method == "rtn" and not config.true_sequential:
+        found.append(info("true_sequential", "has no effect with method rtn"))
+    if not config.sym and config.checkpoint_format == "gptq":
+        found.append(info("checkpoint_format", "the v1 format cannot store an asym zero point of 0, so such zeros are clamped to 1", "write --checkpoint-format gptq_v2 to keep them"))
+    return [f for f in found if f is not None]
+
+
+def check_config(config: QuantConfig) -> list[Finding]:
+    """Validate and raise the first error as a QtoolError; return the warnings and infos."""
+    findings = validate_config(config)
+    if has_errors(findings):
+        first = next(f for f in findings if f.level.value == "error")
+        raise QtoolError(f"{first.where}: {first.message}", first.fix or None)
+    return findings
+
+
+def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) -> tuple[QuantConfig, list[Finding]]:
+    """Defaults, then the file (or preset), then the flags; validated. What every command that quantizes uses."""
+    base = read_config_file(config_file) if config_file else QuantConfig()
+    config = apply_overrides(base, overrides)
+    return config, check_config(config)

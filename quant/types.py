@@ -1,0 +1,43 @@
+"""The quantized weight of one linear as plain tensors, independent of any file format or kernel layout.
+The solver (GPTQ, RTN) produces it, the format layer packs and unpacks it, kernels repack it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """codes[o, i] in 0..2**bits-1; weight[o, i] = scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o]).
+
+    zeros hold the true zero point (0..2**bits-1), i.e. the GPTQ v2 convention; the v1 "zero - 1" storage is a
+    concern of the file format only. group_size is -1 for one group per output channel.
+    """
+
+    codes: torch.Tensor  # int32 [out_features, in_features]
+    scales: torch.Tensor  # float32 [groups, out_features]
+    zeros: torch.Tensor  # int32 [groups, out_features]
+    g_idx: torch.Tensor  # int32 [in_features]
+    bits: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out_features, in_features] these codes stand for."""
+        g = self.g_idx.long()
+        scales = self.scales.to(torch.float32)[g].T  # [out, in]
+        zeros = self.zeros.to(torch.float32)[g].T
+        return (scales * (self.codes.to(torch.float32) - zeros)).to(dtype)
