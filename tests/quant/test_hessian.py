@@ -1,0 +1,77 @@
+"""HessianAccumulator against 2/n X^T X computed in float64 over all tokens at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.quant.hessian import HessianAccumulator
+
+
+def reference_hessian(batches: list[torch.Tensor]) -> torch.Tensor:
+    tokens = torch.cat([b.reshape(-1, b.shape[-1]).double() for b in batches])
+    return 2.0 * tokens.T @ tokens / tokens.shape[0]
+
+
+def test_running_mean_over_uneven_batches_matches_float64():
+    gen = torch.Generator().manual_seed(0)
+    k = 37
+    mix = torch.randn(k, k, generator=gen)
+    batches = [
+        torch.randn(3, 11, k, generator=gen) @ mix,  # [batch, seq, features]
+        torch.randn(1, k, generator=gen) @ mix,
+        torch.randn(0, k, generator=gen),  # empty batches change nothing
+        torch.randn(2, 5, 4, k, generator=gen) @ mix + 3.0,
+        torch.randn(250, k, generator=gen) @ mix,
+    ]
+    acc = HessianAccumulator(k, device="cpu")
+    for batch in batches:
+        acc.add_batch(batch)
+    assert acc.num_tokens == 33 + 1 + 40 + 250
+    assert acc.hessian.dtype == torch.float32 and acc.hessian.shape == (k, k)
+    ref = reference_hessian(batches)
+    assert torch.allclose(acc.hessian.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_half_precision_inputs_and_inference_mode():
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 16, 24, generator=gen).to(torch.bfloat16) for _ in range(3)]
+    acc = HessianAccumulator(24)
+    with torch.inference_mode():  # the driver's hooks run under it
+        for batch in batches:
+            acc.add_batch(batch)
+    ref = reference_hessian([b.float() for b in batches])
+    assert torch.allclose(acc.hessian.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_one_batch_equals_many():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 20, generator=gen)
+    whole, pieces = HessianAccumulator(20), HessianAccumulator(20)
+    whole.add_batch(x)
+    for chunk in x.split(7):
+        pieces.add_batch(chunk)
+    assert torch.allclose(whole.hessian, pieces.hessian, rtol=1e-5, atol=1e-6)
+    assert whole.num_tokens == pieces.num_tokens == 96
+
+
+def test_starts_empty_and_rejects_wrong_width():
+    acc = HessianAccumulator(8)
+    assert acc.num_tokens == 0 and (acc.hessian == 0).all()
+    with pytest.raises(QtoolError):
+        acc.add_batch(torch.randn(4, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hessian_matches_float64():
+    gen = torch.Generator().manual_seed(14)
+    batches = [torch.randn(3, 50, 64, generator=gen) for _ in range(4)]
+    acc = HessianAccumulator(64, device="cuda")
+    for batch in batches:
+        acc.add_batch(batch.cuda().to(torch.bfloat16))
+    tokens = torch.cat([b.reshape(-1, 64).to(torch.bfloat16).double() for b in batches])
+    ref = 2.0 * tokens.T @ tokens / tokens.shape[0]
+    assert acc.hessian.device.type == "cuda"
+    assert torch.allclose(acc.hessian.cpu().double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
