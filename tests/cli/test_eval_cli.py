@@ -1,0 +1,145 @@
+"""`qtool eval` through the Typer app: JSON and table output, --compare, and bad inputs as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtool.cli.main import app
+
+runner = CliRunner()
+WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
+    """Independent loop: float64 log-softmax of each window's logits, NLL of each next token."""
+    total = 0.0
+    with torch.no_grad():
+        for w in range(windows):
+            window = torch.tensor(ids[w * seqlen : (w + 1) * seqlen])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            total -= logp[:-1].gather(1, window[1:, None]).sum().item()
+    return math.exp(total / (windows * (seqlen - 1)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_tiny_llama, tokenizer):
+    directory = tmp_path / "tiny"
+    make_tiny_llama(seed=21, vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = random.Random(8)
+    path = tmp_path / "eval.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(30)) + "\n")
+    return path
+
+
+def one_line_error(result) -> str:
+    """Exit 2 and one `error:` line, the last thing on stderr (transformers' loading bars may come before it)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def test_json_result_matches_reference(model_dir, text_file, make_tiny_llama, tokenizer):
+    result = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), "--seqlen", "32", "--windows", "3", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"model", "ppl", "windows", "seqlen", "tokens", "seconds", "tokens_per_second"}
+    assert (data["model"], data["windows"], data["seqlen"], data["tokens"]) == (str(model_dir), 3, 32, 93)
+    ids = tokenizer.backend_tokenizer.encode(text_file.read_text(), add_special_tokens=False).ids
+    expected = reference_perplexity(make_tiny_llama(seed=21, vocab_size=len(tokenizer)), ids, 32, 3)
+    assert data["ppl"] == pytest.approx(expected, rel=1e-5)
+    assert "perplexity" not in result.stderr  # no progress bar with --json
+
+
+def test_table_output_and_progress_on_stderr(model_dir, text_file):
+    result = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), "--seqlen", "32", "--windows", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "perplexity of" in result.stdout and "ppl" in result.stdout
+    assert "2/2" in result.stderr  # the bar reached window 2 of 2
+
+
+def test_compare_json(tmp_path, model_dir, text_file, make_tiny_llama, tokenizer):
+    half = tmp_path / "half"
+    make_tiny_llama(seed=21, vocab_size=len(tokenizer)).half().save_pretrained(half)
+    tokenizer.save_pretrained(half)
+    args = ["eval", "--compare", str(model_dir), str(half), "--perplexity", str(text_file), "--seqlen", "32", "--windows", "2", "--device", "cpu", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [m["model"] for m in data["models"]] == [str(model_dir), str(half)]
+    assert [m["bits_per_weight"] for m in data["models"]] == [32, 16]
+    assert data["recommendation"].startswith(str(half))
+    table = runner.invoke(app, args[:-1])
+    assert table.exit_code == 0, table.output
+    assert "recommended: " in table.stdout and "float16" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--perplexity", "{tmp}/missing.txt"], "missing.txt: no such file"),
+        (["--perplexity", "{tmp}/empty.txt"], "empty.txt: the file is empty"),
+        (["--perplexity", "{tmp}/short.txt", "--seqlen", "200"], "fewer than one window of --seqlen 200"),
+        (["--perplexity", "{text}", "--seqlen", "1000"], "longer than the model's context"),
+        (["--perplexity", "{text}", "--windows", "99", "--seqlen", "32"], "--windows 99 asks for more windows"),
+        (["--perplexity", "{text}", "--dtype", "int3"], "--dtype int3 is not valid"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(tmp_path, model_dir, text_file, extra, match):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("the quick brown fox")
+    args = ["eval", str(model_dir), "--device", "cpu"] + [a.format(tmp=tmp_path, text=text_file) for a in extra]
+    assert match in one_line_error(runner.invoke(app, args))
+
+
+def test_unknown_device_is_one_line_error(model_dir, text_file):
+    line = one_line_error(runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), "--device", "tpu"]))
+    assert "--device tpu is not valid" in line
+
+
+def test_several_models_need_compare(model_dir, text_file):
+    line = one_line_error(runner.invoke(app, ["eval", str(model_dir), str(model_dir), "--perplexity", str(text_file)]))
+    assert "add --compare" in line
+
+
+def test_compare_needs_two_models(model_dir, text_file):
+    line = one_line_error(runner.invoke(app, ["eval", "--compare", str(model_dir), "--perplexity", str(text_file), "--device", "cpu"]))
+    assert "at least two models" in line
+
+
+def test_missing_model_is_one_line(text_file):
+    assert "not found" in one_line_error(runner.invoke(app, ["eval", "./no/such/model", "--perplexity", str(text_file), "--device", "cpu"]))

@@ -1,0 +1,153 @@
+"""`qtool run` through the Typer app: streamed and JSON replies, prompts from stdin, the multi-turn chat loop
+keeping its history, and bad inputs as one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qtool.cli.main import app
+from qtool.cli.run import chat_loop
+from qtool.runtime.generate import GenerationSettings, generate
+
+runner = CliRunner()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+
+
+def build_tiny_tokenizer(with_template: bool = True):
+    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE if with_template else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def model(make_tiny_llama, tokenizer):
+    return make_tiny_llama(seed=31, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def model_dir(tmp_path, model, tokenizer):
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy_reply(model, tokenizer, conversation) -> str:
+    return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
+
+
+def one_line_error(result) -> str:
+    """Exit 2 and one `error:` line, the last thing on stderr (transformers' loading bars may come before it)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
+
+
+def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):
+    result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--system", "be brief", "--json"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"text", "tokens", "seconds", "tokens_per_second"}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
+    assert data["text"] == greedy_reply(model, tokenizer, messages)
+    assert data["tokens"] == 6
+
+
+def test_stream_goes_to_stdout_and_speed_to_stderr(model_dir, model, tokenizer):
+    result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == greedy_reply(model, tokenizer, [{"role": "user", "content": "the fox"}]) + "\n"
+    assert "6 tokens in" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_raw_skips_the_template(model_dir, model, tokenizer):
+    result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--raw", "--json"] + GREEDY)
+    assert json.loads(result.stdout)["text"] == greedy_reply(model, tokenizer, "the fox")
+
+
+def test_prompt_read_from_stdin_when_not_a_terminal(model_dir, model, tokenizer):
+    result = runner.invoke(app, ["run", str(model_dir), "--json"] + GREEDY, input="what is the capital\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"] == greedy_reply(model, tokenizer, [{"role": "user", "content": "what is the capital"}])
+
+
+def test_missing_chat_template_falls_back_to_raw(tmp_path, model):
+    directory = tmp_path / "plain"
+    model.save_pretrained(directory)
+    plain_tokenizer = build_tiny_tokenizer(with_template=False)
+    plain_tokenizer.save_pretrained(directory)
+    result = runner.invoke(app, ["run", str(directory), "--prompt", "the fox", "--json"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    assert "no chat template" in result.stderr
+    assert json.loads(result.stdout)["text"] == greedy_reply(model, plain_tokenizer, "the fox")
+
+
+def test_chat_loop_keeps_history_and_reset_forgets_it(model, tokenizer, capsys):
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    lines = iter(["the fox", "what is the capital", "/reset", "what is the capital", "/exit", "never read"])
+    turns = chat_loop(model, tokenizer, settings, "be brief", False, lambda: next(lines))
+    assert turns == 3
+    system = [{"role": "system", "content": "be brief"}]
+    first = greedy_reply(model, tokenizer, system + [{"role": "user", "content": "the fox"}])
+    history = system + [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": first}]
+    second = greedy_reply(model, tokenizer, history + [{"role": "user", "content": "what is the capital"}])
+    fresh = greedy_reply(model, tokenizer, system + [{"role": "user", "content": "what is the capital"}])
+    assert second != fresh, "the test needs the history to change the reply"
+    assert capsys.readouterr().out == f"{first}\n{second}\n{fresh}\n"
+
+
+def test_raw_chat_loop_continues_the_text(model, tokenizer, capsys):
+    lines = iter(["the fox", " and the dog", None])
+    assert chat_loop(model, tokenizer, GenerationSettings(max_new_tokens=6, temperature=0), None, True, lambda: next(lines)) == 2
+    first = greedy_reply(model, tokenizer, "the fox")
+    second = greedy_reply(model, tokenizer, "the fox" + first + " and the dog")
+    assert capsys.readouterr().out == f"{first}\n{second}\n"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--prompt", "hi", "--device", "tpu"], "--device tpu is not valid"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature -1.0 must not be negative"),
+        (["--prompt", "hi", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+        (["--prompt", "hi", "--dtype", "int4"], "--dtype int4 is not valid"),
+        ([], "no prompt: --prompt was not given and stdin is empty"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(model_dir, extra, match):
+    assert match in one_line_error(runner.invoke(app, ["run", str(model_dir)] + extra, input=""))
+
+
+def test_missing_model_is_one_line():
+    assert "not found" in one_line_error(runner.invoke(app, ["run", "./no/such/model", "--prompt", "hi", "--device", "cpu"]))

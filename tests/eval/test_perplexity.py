@@ -1,0 +1,142 @@
+"""Perplexity protocol: window cutting, seqlen choice, and the result against an independent float64 loop."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.eval.perplexity import choose_seqlen, cut_windows, perplexity
+
+WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+
+
+def build_tiny_tokenizer(with_template: bool = True):
+    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE if with_template else None,
+    )
+
+
+def random_text(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(words // 7)]
+    return "\n".join(lines) + "\n"
+
+
+def reference_perplexity(model, ids: list[int], seqlen: int, windows: int | None = None) -> tuple[float, int]:
+    """Independent loop: full float64 log-softmax of each window's logits, NLL of each next token."""
+    count = len(ids) // seqlen if windows is None else windows
+    total, predicted = 0.0, 0
+    with torch.no_grad():
+        for w in range(count):
+            window = torch.tensor(ids[w * seqlen : (w + 1) * seqlen])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            for position in range(seqlen - 1):
+                total -= logp[position, window[position + 1]].item()
+                predicted += 1
+    return math.exp(total / predicted), predicted
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_cut_windows_drops_partial_tail_and_takes_first_n():
+    ids = torch.arange(11)
+    assert cut_windows(ids, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert cut_windows(ids, 3, windows=2).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert cut_windows(ids, 11).tolist() == [list(range(11))]
+
+
+@pytest.mark.parametrize("windows, match", [(4, "more windows than the text holds \\(3 of 3"), (0, "must be at least 1")])
+def test_cut_windows_rejects_bad_window_counts(windows, match):
+    with pytest.raises(QtoolError, match=match):
+        cut_windows(torch.arange(11), 3, windows=windows)
+
+
+def test_cut_windows_text_shorter_than_one_window():
+    with pytest.raises(QtoolError, match="10 tokens, fewer than one window of --seqlen 11"):
+        cut_windows(torch.arange(10), 11)
+
+
+def test_seqlen_defaults_to_2048_or_shorter_context(make_tiny_llama):
+    assert choose_seqlen(make_tiny_llama(max_position_embeddings=256), None) == 256
+    assert choose_seqlen(make_tiny_llama(max_position_embeddings=4096), None) == 2048
+    assert choose_seqlen(make_tiny_llama(max_position_embeddings=256), 100) == 100
+    with pytest.raises(QtoolError, match="--seqlen 300 is longer than the model's context \\(256"):
+        choose_seqlen(make_tiny_llama(max_position_embeddings=256), 300)
+    with pytest.raises(QtoolError, match="--seqlen 1 is too short"):
+        choose_seqlen(make_tiny_llama(), 1)
+
+
+@pytest.mark.parametrize("seed, seqlen, windows", [(0, 64, None), (1, 37, None), (2, 50, 2)])
+def test_matches_independent_float64_reference(make_tiny_llama, tokenizer, seed, seqlen, windows):
+    model = make_tiny_llama(seed=seed, vocab_size=len(tokenizer))
+    text = random_text(seed, 260)
+    # The tokenizer's own BOS rule is bypassed in the reference too: the protocol inserts no special token.
+    ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) % seqlen != 0, "the test needs a partial last window to drop"
+    expected_ppl, expected_tokens = reference_perplexity(model, ids, seqlen, windows)
+    calls = []
+    result = perplexity(model, tokenizer, text, seqlen=seqlen, windows=windows, progress=lambda i, n, d: calls.append((i, n)))
+    assert result.ppl == pytest.approx(expected_ppl, rel=1e-5)
+    assert result.windows == (windows or len(ids) // seqlen)
+    assert result.tokens == expected_tokens == result.windows * (seqlen - 1)
+    assert result.seqlen == seqlen
+    assert result.tokens_per_second == pytest.approx(result.tokens / result.seconds)
+    assert calls == [(i, result.windows) for i in range(result.windows + 1)]
+
+
+def test_no_bos_is_inserted(make_tiny_llama, tokenizer):
+    """With a BOS in front the windows would shift by one token and the figure would change."""
+    model = make_tiny_llama(seed=3, vocab_size=len(tokenizer))
+    text = random_text(3, 120)
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer would add one by default
+    with_bos = [tokenizer.bos_token_id] + tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    shifted, _ = reference_perplexity(model, with_bos, 40)
+    plain, _ = reference_perplexity(model, with_bos[1:], 40)
+    result = perplexity(model, tokenizer, text, seqlen=40)
+    assert result.ppl == pytest.approx(plain, rel=1e-5)
+    assert result.ppl != pytest.approx(shifted, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext_first_40_windows(smollm2_path):
+    """The float SmolLM2 baseline, measured independently by the project: 20.57 on the first 40 windows."""
+    from qtool.eval.datasets import load_eval_text
+    from qtool.runtime.sources import load_model
+
+    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
+    text = load_eval_text(WIKITEXT_TEST)
+    start = time.perf_counter()
+    result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=2048, windows=40)
+    print(f"SmolLM2 wikitext-2 ppl {result.ppl:.4f} over {result.windows}x{result.seqlen} in {time.perf_counter() - start:.1f} s")
+    assert result.windows == 40 and result.tokens == 40 * 2047
+    assert result.ppl == pytest.approx(20.57, abs=0.02)
