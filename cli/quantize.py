@@ -1,0 +1,83 @@
+"""`qtool quantize MODEL --output OUT`: every flag goes through the shared config and its validator, so a bad
+combination fails before any work; the library call does the rest; a rich bar shows layer i of N."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
+from qtool.configs.schema import resolve_config
+from qtool.quant.pipeline import QuantizeResult, quantize_model
+from qtool.runtime.sources import resolve_device
+
+
+def summary_table(result: QuantizeResult) -> Table:
+    config = result.config
+    table = Table(title=f"quantized into {result.output}")
+    table.add_column("setting")
+    table.add_column("value", overflow="fold")
+    rows = [
+        ("method", f"{config.method}, {config.bits}-bit, group {config.group_size}, {'sym' if config.sym else 'asym'}"
+                   + (", act order" if config.desc_act else "") + (", static groups" if config.static_groups else "")),
+        ("linears", f"{result.quantized_linears} quantized, {len(result.skipped_linears)} kept float16"),
+        ("calibration", f"{config.calibration.samples} x {config.calibration.seqlen} tokens of {config.calibration.source}"),
+        ("layers", f"{result.layers}" + (f" (resumed after layer {result.resumed_from_layer})" if result.resumed_from_layer else "")),
+        ("time", f"{result.seconds:.1f} s on {result.device}"),
+        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@handle_errors
+def quantize(
+    model: str = typer.Argument(..., help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m)."),
+    output: str = typer.Option(..., "--output", "-o", help="Directory to write the checkpoint to (appears only when complete)."),
+    method: Optional[str] = typer.Option(None, "--method", help="gptq (error feedback, needs calibration) or rtn (round to nearest)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale/zero (-1: one group per output channel)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--no-sym", help="Symmetric grid (zero point fixed at the middle) or asymmetric."),
+    desc_act: Optional[bool] = typer.Option(None, "--desc-act/--no-desc-act", help="Act order: quantize columns by descending Hessian diagonal."),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups", help="With act order: fix each group's grid before the columns move."),
+    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential", help="Each group of linears sees the outputs of those quantized before it."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed)."),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search a clipped grid per group that minimises the weight error."),
+    checkpoint_format: Optional[str] = typer.Option(None, "--checkpoint-format", help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0)."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="`wikitext` (needs the Hub or its cache) or a text file."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random window offsets."),
+    config_file: Optional[str] = typer.Option(None, "--config", help="A config file (.yaml/.json/.toml) or preset name; flags override it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where each layer is quantized."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    verbose: bool = typer.Option(False, "--verbose", help="Log each module's error and damping."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the result as JSON."),
+) -> None:
+    """Quantize a float model into a GPTQ checkpoint (layer by layer, resumable)."""
+    overrides = {
+        "method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
+        "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp, "mse": mse,
+        "checkpoint_format": checkpoint_format, "calibration_source": calibration, "samples": samples,
+        "seqlen": seqlen, "seed": seed,
+    }
+    config, findings = resolve_config(config_file, overrides)
+    resolve_device(device)
+    if not as_json:
+        print_findings(findings)
+    if verbose:
+        logging.getLogger("qtool.quant").setLevel(logging.DEBUG)
+    with progress_bar("quantize", enabled=not as_json) as update:
+        result = quantize_model(model, config, output, device=device, force=force, progress=update)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    print_findings(result.findings)
+    if verbose:
+        for module in result.modules:
+            stderr.print(f"{module.name}: error {module.error:.4g}, damp {module.damp_percent:.4f}, {module.seconds:.2f} s")
+    stdout.print(summary_table(result))

@@ -1,0 +1,281 @@
+"""`qtool quantize` as a library call: load the float model, cut the calibration windows, quantize the decoder
+layers one by one (each layer's inputs come from the layers already quantized), and write the GPTQ checkpoint.
+
+Work is saved after every layer beside the output, so a run interrupted and restarted with the same arguments
+continues where it stopped and ends with the same bytes as an uninterrupted run."""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qtool.configs.errors import QtoolError
+from qtool.configs.findings import Finding, has_errors
+from qtool.configs.model_rules import ModelStats, validate_for_hardware, validate_for_model
+from qtool.configs.schema import QuantConfig
+from qtool.convert.checkpoint import save_quantized_model
+from qtool.convert.gptq_config import qtool_version
+from qtool.convert.gptq_format import check_gptq_layout
+from qtool.eval.datasets import calibration_windows
+from qtool.quant.layer_quantizer import ModuleReport, quantize_layer
+from qtool.quant.types import QuantizedWeight
+from qtool.quant.work_state import WorkState, job_fingerprint
+from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
+from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, run_layer
+from qtool.runtime.sources import ModelSource, load_model, resolve_device, resolve_source
+
+log = logging.getLogger(__name__)
+
+# (layers done, layers in all, what is being worked on)
+Progress = Callable[[int, int, str], None]
+
+# Calibration activations stay on the GPU only while they use at most this share of its free memory.
+ACTIVATIONS_GPU_SHARE = 0.25
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    config: QuantConfig
+    layers: int
+    quantized_linears: int
+    skipped_linears: dict[str, str]  # name -> why it stays float
+    resumed_from_layer: int
+    seconds: float
+    peak_memory_bytes: int
+    device: str
+    calibration_tokens: int
+    modules: list[ModuleReport] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        data["findings"] = [f.to_dict() for f in self.findings]
+        return data
+
+
+def source_identity(source: ModelSource) -> dict[str, Any]:
+    """What identifies the input model's weights for resuming: its files with their sizes and times."""
+    if source.path is None:
+        return {"display": source.display}
+    files = [source.path / source.gguf_file] if source.gguf_file else sorted(source.path.glob("*.safetensors"))
+    return {
+        "display": source.display,
+        "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()],
+    }
+
+
+def _storage_device(compute: torch.device, samples: int, seqlen: int, hidden_size: int) -> torch.device:
+    """Calibration activations live on the GPU when they fit comfortably, else on the CPU."""
+    if compute.type != "cuda":
+        return compute
+    free, _ = torch.cuda.mem_get_info(compute)
+    # inputs, outputs and the recorded linear outputs of one layer: a few copies of the hidden states
+    needed = 6 * samples * seqlen * hidden_size * 4
+    return compute if needed <= ACTIVATIONS_GPU_SHARE * free else torch.device("cpu")
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def split_quantizable(
+    groups: list[list[tuple[str, nn.Linear]]], config: QuantConfig
+) -> tuple[list[list[tuple[str, nn.Linear]]], dict[str, str]]:
+    """Drop the linears the GPTQ layout cannot hold (widths not a multiple of 32): they stay float, as in
+    GPTQModel, and the checkpoint's `dynamic` excludes them."""
+    kept_groups: list[list[tuple[str, nn.Linear]]] = []
+    skipped: dict[str, str] = {}
+    for group in groups:
+        kept = []
+        for name, linear in group:
+            try:
+                check_gptq_layout(linear.in_features, linear.out_features, config.bits, config.group_size, name)
+            except QtoolError as exc:
+                skipped[name] = exc.message
+                continue
+            kept.append((name, linear))
+        if kept:
+            kept_groups.append(kept)
+    return kept_groups, skipped
+
+
+def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str], calibration_tokens: int) -> dict[str, Any]:
+    """The quantization_config written into config.json: GPTQModel's fields, the skipped linears as `dynamic`
+    exclusions, and the whole qtool config (so the job can be read back exactly)."""
+    data: dict[str, Any] = {
+        "quant_method": "gptq",
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "desc_act": config.desc_act,
+        "sym": config.sym,
+        "static_groups": config.static_groups,
+        "true_sequential": config.true_sequential,
+        "damp_percent": config.damp_percent,
+        "damp_auto_increment": config.damp_auto_increment,
+        "mse": 2.4 if config.mse else 0.0,
+        "checkpoint_format": config.checkpoint_format,
+        "meta": {
+            "quantizer": [f"qtool:{qtool_version()}"],
+            "qtool_config": config.to_dict(),
+            "calibration_tokens": calibration_tokens,
+        },
+    }
+    if skipped:
+        data["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in sorted(skipped)}
+    return data
+
+
+def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device) -> list[Finding]:
+    """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
+    error, return the rest."""
+    shapes = {
+        name: (linear.in_features, linear.out_features)
+        for index in range(len(decoder_layers(model, spec)))
+        for group in resolve_layer_groups(model, index, spec)
+        for name, linear in group
+    }
+    findings = validate_for_model(config, shapes)
+    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute)
+    if has_errors(findings):
+        first = next(f for f in findings if f.level.value == "error")
+        raise QtoolError(f"{first.where}: {first.message}", first.fix or None)
+    return findings
+
+
+def _relative(groups: list[list[tuple[str, nn.Linear]]], prefix: str) -> list[list[tuple[str, nn.Linear]]]:
+    return [[(name.removeprefix(prefix), linear) for name, linear in group] for group in groups]
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another output path")
+    if output.exists() and not output.is_dir():
+        raise QtoolError(f"output {output} is a file", "choose a directory path for the checkpoint")
+
+
+def quantize_model(
+    model_spec: str | Path,
+    config: QuantConfig,
+    output: str | Path,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> QuantizeResult:
+    """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`."""
+    started = time.perf_counter()
+    output = Path(output)
+    _check_output(output, force)
+    compute = resolve_device(device)
+    report = progress or (lambda done, total, detail="": None)
+    if config.output_format != "gptq":
+        raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
+
+    source = resolve_source(model_spec)
+    # The float model stays on the CPU in float32; each layer visits the compute device while it is quantized.
+    loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if loaded.quantization_config:
+        raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise QtoolError(f"model {model_spec} has no tokenizer", "calibration text must be tokenized: add the tokenizer files to the model directory")
+    spec = get_architecture(model)
+    layers = decoder_layers(model, spec)
+    num_layers = len(layers)
+    findings = check_against_model(config, model, spec, compute)
+
+    calibration = config.calibration
+    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+    calibration_tokens = sum(w.numel() for w in windows)
+    hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
+    storage = _storage_device(compute, len(windows), calibration.seqlen, hidden_size)
+
+    fingerprint = job_fingerprint({
+        "config": config.to_dict(),
+        "model": source_identity(source),
+        "qtool": qtool_version(),
+        "torch": torch.__version__,
+        "device": compute.type,
+    })
+    state = WorkState.open(output, fingerprint)
+    resumed_from = state.completed_layers
+    if resumed_from:
+        log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
+
+    report(0, num_layers, "capturing calibration inputs")
+    inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device=storage, spec=spec)
+    if resumed_from:
+        inputs = LayerInputs(resumed_from, tuple(h.to(storage) for h in state.load_hidden()), inputs.calls)
+
+    quantized: dict[str, QuantizedWeight] = {}
+    skipped: dict[str, str] = {}
+    modules: list[ModuleReport] = []
+    for index in range(num_layers):
+        prefix = f"{spec.layers_path}.{index}."
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), config)
+        skipped.update(layer_skipped)
+        if index < resumed_from:
+            continue
+        report(index, num_layers, f"layer {index + 1}/{num_layers}")
+        layer = layers[index].to(compute)
+        layer_inputs = inputs
+
+        def run_batch(sample: int) -> torch.Tensor:
+            return run_layer(layer, layer_inputs, sample, device=compute)
+
+        layer_quantized, layer_reports, outputs = quantize_layer(
+            layer, _relative(groups, prefix), len(windows), run_batch, config, storage
+        )
+        layers[index] = layer.to("cpu")
+        for module_report in layer_reports:
+            module_report.name = prefix + module_report.name
+            log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
+        modules.extend(layer_reports)
+        next_hidden = [h.to(storage) for h in outputs]
+        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden)
+        inputs = inputs.advanced(next_hidden)
+        report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
+
+    # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
+    for index in range(num_layers):
+        quantized.update(state.load_layer(index))
+    if not quantized:
+        raise QtoolError(f"no linear of {model_spec} can be stored in the GPTQ layout", "GPTQ needs input and output widths that are multiples of 32")
+    report(num_layers, num_layers, "writing checkpoint")
+    save_quantized_model(
+        output,
+        model,
+        quantized,
+        quantization_config=checkpoint_quantization_config(config, skipped, calibration_tokens),
+        tokenizer=tokenizer,
+        checkpoint_format=config.checkpoint_format,
+        force=force,
+    )
+    state.remove()
+    return QuantizeResult(
+        output=str(output),
+        config=config,
+        layers=num_layers,
+        quantized_linears=len(quantized),
+        skipped_linears=skipped,
+        resumed_from_layer=resumed_from,
+        seconds=time.perf_counter() - started,
+        peak_memory_bytes=_peak_memory_bytes(compute),
+        device=str(compute),
+        calibration_tokens=calibration_tokens,
+        modules=modules,
+        findings=findings,
+    )
