@@ -47,6 +47,7 @@ def quantize(
     true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential", help="Each group of linears sees the outputs of those quantized before it."),
     damp: Optional[float] = typer.Option(None, "--damp", help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed)."),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search a clipped grid per group that minimises the weight error."),
+    refine_scales: Optional[bool] = typer.Option(None, "--refine-scales/--no-refine-scales", help="After GPTQ, refit group scales to the layer's output error."),
     checkpoint_format: Optional[str] = typer.Option(None, "--checkpoint-format", help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0)."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="`wikitext` (needs the Hub or its cache) or a text file."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 128)."),
@@ -62,6 +63,7 @@ def quantize(
     overrides = {
         "method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
         "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp, "mse": mse,
+        "refine_scales": refine_scales,
         "checkpoint_format": checkpoint_format, "calibration_source": calibration, "samples": samples,
         "seqlen": seqlen, "seed": seed,
     }

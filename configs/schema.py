@@ -49,6 +49,8 @@ class QuantConfig:
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
     mse: bool = False
+    # after GPTQ, refit each group's scale to the layer's output error with codes and zeros fixed
+    refine_scales: bool = False
     output_format: str = "gptq"
     checkpoint_format: str = "gptq"  # gptq = v1 zeros (zero - 1 stored); gptq_v2 stores the zero itself
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -215,6 +217,8 @@ def validate_config(config: QuantConfig) -> list[Finding]:
         found.append(warning("static_groups", "has no effect without desc_act", "add --desc-act or drop --static-groups"))
     if config.method == "rtn" and (config.desc_act or config.static_groups):
         found.append(warning("desc_act", "act order has no effect with method rtn", "use --method gptq for act order"))
+    if config.method == "rtn" and config.refine_scales:
+        found.append(warning("refine_scales", "has no effect with method rtn (no calibration Hessian)", "use --method gptq"))
     if config.method == "rtn" and not config.true_sequential:
         found.append(info("true_sequential", "has no effect with method rtn"))
     if not config.sym and config.checkpoint_format == "gptq":

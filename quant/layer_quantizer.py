@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -14,7 +14,8 @@ from torch import nn
 from qtool.configs.schema import QuantConfig
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
-from qtool.quant.replay import RecordingLinear, ReplayLinear, StopLayerForward, swapped_modules
+from qtool.quant.refine import refine_group_scales
+from qtool.quant.replay import RecordingModule, ReplayModule, StopLayerForward, swapped_modules
 from qtool.quant.rtn import rtn_quantize
 from qtool.quant.types import QuantizedWeight
 
@@ -61,6 +62,9 @@ def solve_group(
             damp_auto_increment=config.damp_auto_increment,
             **common,
         )
+    if config.refine_scales and hessian is not None:
+        refined, dequantized = refine_group_scales(stacked, result.quantized, hessian)
+        result = replace(result, quantized=refined, dequantized=dequantized)
     seconds = time.perf_counter() - started
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
@@ -102,6 +106,20 @@ def _usable_hessian(accumulator: HessianAccumulator, group: list[tuple[str, nn.L
     return accumulator.hessian
 
 
+def _final_children(
+    layer: nn.Module, call_order: list[str], quantized_names: set[str], all_names: set[str]
+) -> list[str]:
+    """Direct children of the layer whose output can no longer change: the longest run, in call order, of children
+    whose linears are all quantized (everything before them then is too)."""
+    final = []
+    for child in call_order:
+        inside = {name for name in all_names if name.startswith(child + ".")}
+        if not inside <= quantized_names:
+            break
+        final.append(child)
+    return final
+
+
 def quantize_layer(
     layer: nn.Module,
     groups: list[list[tuple[str, nn.Linear]]],
@@ -109,19 +127,32 @@ def quantize_layer(
     run_batch: LayerRunner,
     config: QuantConfig,
     store_device: torch.device,
+    replay: bool = True,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
-    """Quantize every group of `layer` and return (quantized weights, reports, the layer's outputs per batch).
+    """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
+    layer's outputs per batch).
 
-    True-sequential: one pass per group, stopped as soon as the group's input is seen; linears quantized in an
-    earlier group are recorded the first time they run and replayed afterwards, so each is computed once.
+    True-sequential: one pass per group, stopped as soon as the group's input is seen. Linears quantized in an
+    earlier group, and whole children of the layer that can no longer change (the input norm, then the attention
+    block once its linears are done), are recorded the next time they run and replayed afterwards.
     Otherwise: one pass gathers every group's Hessian from the float layer."""
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
-    needs_hessian = config.method == "gptq"
-    recorded: dict[str, RecordingLinear] = {}
+    recorders: dict[str, RecordingModule] = {}
+    call_order: list[str] = []
+    children = dict(layer.named_children())
+    all_names = {name for group in groups for name, _ in group}
+
+    def note_call(child: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if child not in call_order:
+                call_order.append(child)
+
+        return hook
 
     def run_pass(hooked: list[tuple[nn.Module, Callable]], swaps: dict[str, nn.Module]) -> list[torch.Tensor]:
         handles = [module.register_forward_pre_hook(hook) for module, hook in hooked]
+        handles += [module.register_forward_pre_hook(note_call(name)) for name, module in children.items()]
         outputs: list[torch.Tensor] = []
         try:
             with swapped_modules(layer, swaps), torch.inference_mode():
@@ -135,17 +166,24 @@ def quantize_layer(
                 handle.remove()
         return outputs
 
-    def replay_swaps() -> dict[str, nn.Module]:
-        """Linears already recorded replay their outputs; the ones quantized since the last pass record."""
+    def next_swaps() -> dict[str, nn.Module]:
+        """What is final and recorded replays; what became final since the last pass records."""
+        if not replay:
+            return {}
+        final = set(_final_children(layer, call_order, set(quantized), all_names)) | set(quantized)
         swaps: dict[str, nn.Module] = {}
-        for name, recorder in recorded.items():
-            if recorder.outputs:
-                swaps[name] = ReplayLinear(recorder.outputs, recorder.linear.out_features)
-            else:
+        for name in sorted(final):
+            recorder = recorders.get(name)
+            if recorder is None:
+                recorder = recorders[name] = RecordingModule(layer.get_submodule(name), store_device)
+                swaps[name] = recorder
+            elif recorder.outputs:
+                swaps[name] = ReplayModule(recorder)
+            else:  # recorded in a pass that stopped before reaching it
                 swaps[name] = recorder
         return swaps
 
-    if not needs_hessian:
+    if config.method != "gptq":
         for group in groups:
             q, r = solve_group(group, None, config)
             quantized.update(q)
@@ -163,14 +201,11 @@ def quantize_layer(
 
     for group in groups:
         accumulator = HessianAccumulator(group[0][1].in_features, device=group[0][1].weight.device)
-        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True))], replay_swaps())
+        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True))], next_swaps())
         q, r = solve_group(group, _usable_hessian(accumulator, group), config)
         del accumulator
         quantized.update(q)
         reports.extend(r)
-        for name, linear in group:
-            recorded[name] = RecordingLinear(linear, store_device)
-    # Final pass: all earlier groups replay, the last group computes; what comes out feeds the next layer.
-    swaps = {name: ReplayLinear(rec.outputs, rec.linear.out_features) if rec.outputs else rec.linear for name, rec in recorded.items()}
-    outputs = run_pass([], swaps)
+    # Final pass: what is recorded replays, the rest computes; what comes out feeds the next layer.
+    outputs = run_pass([], next_swaps())
     return quantized, reports, outputs

@@ -1,10 +1,11 @@
 """Running one decoder layer again and again while its linears are quantized group by group, computing each
-quantized linear only once: outputs computed in one pass are recorded and replayed in the later passes."""
+part only as often as needed: a module whose output can no longer change (its linears and everything before it
+are quantized) is recorded the next time it runs and replayed in the passes after that."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -14,38 +15,64 @@ class StopLayerForward(Exception):
     """Raised from a hook once a pass has seen what it needs; the rest of the layer is skipped."""
 
 
-class RecordingLinear(nn.Module):
-    """Computes the wrapped linear and records each output (in call order) for later replay."""
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
 
-    def __init__(self, linear: nn.Module, store_device: torch.device):
+
+class RecordingModule(nn.Module):
+    """Computes the wrapped module and records each output (in call order) for later replay."""
+
+    def __init__(self, module: nn.Module, store_device: torch.device):
         super().__init__()
-        self.linear = linear
+        self.module = module
         self.store_device = store_device
-        self.outputs: list[torch.Tensor] = []
+        self.outputs: list[Any] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x)
-        self.outputs.append(y.to(self.store_device))
-        return y
+    def __getattr__(self, name: str) -> Any:
+        # layers read attributes of their children (e.g. attention's `is_causal`, `layer_idx`)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.module(*args, **kwargs)
+        self.outputs.append(_to_device(output, self.store_device))
+        return output
 
 
-class ReplayLinear(nn.Module):
-    """Returns the recorded outputs of a linear in the order they were recorded, without computing anything."""
+class ReplayModule(nn.Module):
+    """Returns the recorded outputs of a module in the order they were recorded, without computing anything."""
 
-    def __init__(self, outputs: list[torch.Tensor], out_features: int):
+    def __init__(self, recorder: RecordingModule):
         super().__init__()
-        self.outputs = outputs
-        self.out_features = out_features
+        self.outputs = recorder.outputs
+        self.original = [recorder.module]  # a list, so that it is not registered as a child
         self.position = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["original"][0], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.position >= len(self.outputs):
             raise RuntimeError("replay ran past the recorded outputs: the layer's call order changed between passes")
-        y = self.outputs[self.position]
+        output = self.outputs[self.position]
         self.position += 1
-        if y.shape[:-1] != x.shape[:-1]:
-            raise RuntimeError(f"replayed output {tuple(y.shape)} does not fit input {tuple(x.shape)}")
-        return y.to(device=x.device, dtype=x.dtype)
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and isinstance(output, torch.Tensor):
+            if output.shape[:-1] != x.shape[:-1]:
+                raise RuntimeError(f"replayed output {tuple(output.shape)} does not fit input {tuple(x.shape)}")
+            return output.to(device=x.device, dtype=x.dtype)
+        return output
 
 
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -55,13 +82,16 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 @contextmanager
 def swapped_modules(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
-    """Put `replacements` in place of the named submodules for the duration of the block, then restore them."""
+    """Put `replacements` in place of the named submodules for the duration of the block, then restore them.
+    Names are applied outermost first, so a replaced module's own children are never touched."""
     originals: dict[str, nn.Module] = {}
     try:
-        for name, module in replacements.items():
+        for name in sorted(replacements, key=lambda n: n.count(".")):
+            if any(name.startswith(done + ".") for done in originals):
+                continue
             parent, child = _parent(root, name)
             originals[name] = getattr(parent, child)
-            setattr(parent, child, module)
+            setattr(parent, child, replacements[name])
         yield
     finally:
         for name, module in originals.items():

@@ -121,3 +121,31 @@ def make_tiny_model_dir():
 @pytest.fixture
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+def _unpack_bit_stream_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """int32 [rows*bits/32, N] -> [rows, N]: each column is one little-endian bit stream of rows values."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    positions = torch.arange(rows * bits)
+    bit = (words[positions // 32] >> (positions % 32).unsqueeze(1)) & 1
+    return (bit.reshape(rows, bits, -1) << torch.arange(bits).view(1, bits, 1)).sum(dim=1)
+
+
+def dequantize_gptq_file_tensors(tensors: dict, name: str, bits: int, checkpoint_format: str) -> torch.Tensor:
+    """The float32 weight [out, in] of linear `name` read from GPTQ checkpoint tensors by the format description
+    alone (qweight packed along the input dimension, qzeros along the output dimension, v1 storing zero - 1),
+    independent of qtool's reader."""
+    g_idx = tensors[f"{name}.g_idx"].long()
+    scales = tensors[f"{name}.scales"].float()
+    k, n = g_idx.numel(), scales.shape[1]
+    codes = _unpack_bit_stream_rows(tensors[f"{name}.qweight"], bits, k).float()
+    zeros = _unpack_bit_stream_rows(tensors[f"{name}.qzeros"].T.contiguous(), bits, n).T.float()
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    return ((codes - zeros[g_idx]) * scales[g_idx]).T.contiguous()
+
+
+@pytest.fixture
+def gptq_file_dequantizer():
+    """dequantize_gptq_file_tensors(tensors, name, bits, checkpoint_format) -> float32 [out, in]."""
+    return dequantize_gptq_file_tensors

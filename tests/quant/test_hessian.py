@@ -75,3 +75,17 @@ def test_cuda_hessian_matches_float64():
     ref = 2.0 * tokens.T @ tokens / tokens.shape[0]
     assert acc.hessian.device.type == "cuda"
     assert torch.allclose(acc.hessian.cpu().double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("k", [769, 1537])
+def test_wide_inputs_accumulated_by_blocks_match_float64(k):
+    # wide inputs take the blocked upper-triangle path; reading H between batches must not disturb it
+    gen = torch.Generator().manual_seed(k)
+    batches = [torch.randn(n, k, generator=gen) for n in (7, 300, 1)]
+    acc = HessianAccumulator(k)
+    for i, batch in enumerate(batches):
+        acc.add_batch(batch)
+        ref = reference_hessian(batches[: i + 1])
+        got = acc.hessian.double()
+        assert torch.allclose(got, got.T, rtol=1e-6, atol=1e-6 * got.abs().max().item())
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

@@ -1,0 +1,145 @@
+"""Quality and speed of `qtool quantize` on SmolLM2-135M, by the protocol of the GPTQ issue: calibrate on 128
+seeded windows of 512 tokens of wiki.valid.tokens, report perplexity on the first windows of 2048 tokens of
+wiki.test.raw, checkpoint size and quantization time. One JSON line per configuration.
+
+    .venv/bin/python bench/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
+    .venv/bin/python bench/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
+
+A grid entry is NAME=field=value,...; fields are QuantConfig's (bits, group_size, sym, desc_act, static_groups,
+mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format). Perplexity is measured on the
+checkpoint loaded by qtool with its linears dequantized once (float speed); --qtool-eval also runs `qtool eval`
+on the checkpoint, which dequantizes on the fly.
+"""
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # bench/kernels.py must not shadow installed packages
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+
+import torch
+
+from qtool.configs.schema import CalibrationConfig, QuantConfig, check_config
+from qtool.eval.datasets import load_eval_text
+from qtool.eval.perplexity import perplexity
+from qtool.quant.pipeline import quantize_model
+from qtool.runtime.sources import load_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIBRATION = DATA / "wikitext-2" / "wiki.valid.tokens"
+EVAL_TEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def parse_value(text: str):
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def grid_entry(spec: str) -> tuple[str, QuantConfig]:
+    name, _, fields = spec.partition("=")
+    changes = {}
+    for item in filter(None, fields.split(",")):
+        key, _, value = item.partition("=")
+        changes[key] = parse_value(value)
+    config = dataclasses.replace(QuantConfig(calibration=protocol_calibration()), **changes)
+    if config.method == "rtn":
+        config = dataclasses.replace(config, desc_act=False, static_groups=False, refine_scales=False)
+    check_config(config)
+    return name, config
+
+
+def protocol_calibration() -> CalibrationConfig:
+    return CalibrationConfig(source=str(CALIBRATION), samples=128, seqlen=512, seed=0)
+
+
+def float_model_from_checkpoint(out: Path) -> torch.nn.Module:
+    """The checkpoint loaded by qtool with each quantized linear turned back into a float nn.Linear once, so that
+    perplexity runs at float speed (tests/ check the same weights against an independent reader of the file)."""
+    from qtool.kernels.quant_linear import QuantLinear
+
+    model = load_model(str(out), device="cpu", dtype="float32").model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.dequantized_weight(torch.float32)
+            if module.bias is not None:
+                linear.bias.data = module.bias.float()
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, linear)
+    return model
+
+
+def checkpoint_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def run_one(name: str, config: QuantConfig, args, text: str) -> dict:
+    out = Path(args.out_dir) / name
+    started = time.perf_counter()
+    result = quantize_model("smollm2-135m", config, out, device=args.device, force=True)
+    seconds = time.perf_counter() - started
+    model = float_model_from_checkpoint(out)
+    tokenizer = load_model(str(out), device="cpu", dtype="float32").tokenizer
+    ppl = perplexity(model, tokenizer, text, seqlen=2048, windows=args.windows).ppl
+    row = {
+        "name": name,
+        "ppl": round(ppl, 4),
+        "windows": args.windows,
+        "quantize_seconds": round(seconds, 1),
+        "size_mb": round(checkpoint_bytes(out) / 1e6, 2),
+        "peak_memory_gb": round(result.peak_memory_bytes / 1e9, 2),
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("calibration", "schema_version", "output_format")},
+    }
+    if args.qtool_eval:
+        printed = subprocess.run(
+            [str(Path(sys.executable).parent / "qtool"), "eval", str(out), "--perplexity", str(EVAL_TEXT), "--windows", str(args.windows), "--json", "--device", "cpu"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        row["qtool_eval_ppl"] = round(json.loads(printed)["ppl"], 4)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", nargs="*", default=[], help="NAME=field=value,... entries")
+    parser.add_argument("--defaults", action="store_true", help="also run qtool's shipped defaults (4-bit g128)")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out-dir", default="/tmp/qtool-bench")
+    parser.add_argument("--jsonl", default=None, help="append each result line to this file")
+    parser.add_argument("--qtool-eval", action="store_true", help="also run `qtool eval` on each checkpoint")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries = [grid_entry(spec) for spec in args.grid]
+    if args.defaults:
+        entries.insert(0, ("defaults", dataclasses.replace(QuantConfig(), calibration=protocol_calibration())))
+    text = load_eval_text(str(EVAL_TEXT))
+    print(json.dumps({"machine": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}), flush=True)
+    for name, config in entries:
+        row = run_one(name, config, args, text)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as handle:
+                handle.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""EXL2's mixed precision: the candidate settings each linear is measured with, the measurement record
+(measurement.json) that lets another bpw be produced without measuring again, and the optimizer that picks
+one candidate per linear to reach a target bits per weight at the least total error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.quant.exl2_solver import P_GRID, Exl2Candidate, exl2_quantize
+
+MEASUREMENT_VERSION = 1
+BPW_TOLERANCE = 0.02
+
+
+def _c(bits, prop, group) -> Exl2Candidate:
+    groups = tuple(group) if isinstance(group, (list, tuple)) else (group,) * len(bits)
+    return Exl2Candidate(tuple(bits), tuple(prop), groups)
+
+
+# Settings from about 2.1 to 8.3 bpw in the spirit of ExLlamaV2's qparams tables (a mix of two or three widths,
+# the wider ones on the rows with the largest Hessian diagonal).
+DEFAULT_CANDIDATES: tuple[Exl2Candidate, ...] = (
+    _c((3, 2), (0.05, 0.95), 64),
+    _c((3, 2), (0.25, 0.75), 64),
+    _c((3, 2), (0.6, 0.4), 64),
+    _c((4, 3, 2), (0.05, 0.2, 0.75), (32, 64, 64)),
+    _c((3,), (1.0,), 64),
+    _c((4, 3), (0.1, 0.9), 128),
+    _c((4, 3), (0.25, 0.75), 128),
+    _c((8, 4, 3), (0.05, 0.1, 0.85), (32, 128, 128)),
+    _c((4,), (1.0,), 128),
+    _c((4,), (1.0,), 32),
+    _c((8, 4), (0.05, 0.95), (32, 128)),
+    _c((5, 4), (0.1, 0.9), 128),
+    _c((5, 4), (0.25, 0.75), 64),
+    _c((5,), (1.0,), 64),
+    _c((6, 5), (0.1, 0.9), 128),
+    _c((6, 5), (0.6, 0.4), 128),
+    _c((6,), (1.0,), 128),
+    _c((8, 6), (0.1, 0.9), 128),
+    _c((8, 6), (0.4, 0.6), 128),
+    _c((8, 6), (0.6, 0.4), 128),
+    _c((8, 6), (0.75, 0.25), 128),
+    _c((8,), (1.0,), 128),
+)
+# --head-bits: the head's one setting (0 keeps it float16), as ExLlamaV2's head options
+HEAD_CANDIDATES: dict[int, Exl2Candidate] = {
+    6: _c((8, 6), (0.15, 0.85), 128),
+    8: _c((8,), (1.0,), 128),
+}
+
+
+@dataclass
+class MeasuredCandidate:
+    candidate: Exl2Candidate
+    total_bits: int
+    error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.candidate.to_dict(), "total_bits": self.total_bits, "error": self.error}
+
+
+@dataclass
+class LinearMeasurement:
+    name: str
+    out_features: int
+    in_features: int
+    candidates: list[MeasuredCandidate]
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": [self.out_features, self.in_features], "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def measure_linear(
+    name: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    candidates: tuple[Exl2Candidate, ...] = DEFAULT_CANDIDATES,
+    damp_percent: float = 0.01,
+    p_grid: int = P_GRID,
+) -> LinearMeasurement:
+    """The relative output error of quantizing this linear with each candidate (nothing is kept)."""
+    out_features, in_features = weight.shape
+    measured = []
+    for candidate in candidates:
+        bits, sizes = candidate.layout(in_features)
+        result = exl2_quantize(weight, hessian, bits, sizes, damp_percent=damp_percent, p_grid=p_grid)
+        measured.append(MeasuredCandidate(candidate, candidate.total_bits(in_features, out_features), result.error))
+    return LinearMeasurement(name, out_features, in_features, measured)
+
+
+def measurement_to_dict(measurements: list[LinearMeasurement], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"version": MEASUREMENT_VERSION, "meta": meta or {}, "linears": {m.name: m.to_dict() for m in measurements}}
+
+
+def measurement_from_dict(data: dict[str, Any], where: str = "measurement.json") -> list[LinearMeasurement]:
+    if not isinstance(data, dict) or data.get("version") != MEASUREMENT_VERSION or not isinstance(data.get("linears"), dict):
+        raise QtoolError(f"{where} is not a qtool EXL2 measurement (version {MEASUREMENT_VERSION})", "measure again (omit --measurement)")
+    out = []
+    try:
+        for name, entry in data["linears"].items():
+            out_features, in_features = (int(v) for v in entry["shape"])
+            candidates = [MeasuredCandidate(Exl2Candidate.from_dict(c), int(c["total_bits"]), float(c["error"])) for c in entry["candidates"]]
+            if not candidates:
+                raise ValueError(f"{name} has no candidates")
+            out.append(LinearMeasurement(name, out_features, in_features, candidates))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QtoolError(f"{where}: malformed entry ({exc})", "measure again (omit --measurement)") from exc
+    return out
+
+
+@dataclass
+class Allocation:
+    choices: dict[str, Exl2Candidate]
+    bits_per_weight: float
+    total_error: float
+    target: float
+
+
+def _hull(m: LinearMeasurement) -> list[MeasuredCandidate]:
+    """The candidates no other beats on both bits and error, by increasing bits (hence decreasing error)."""
+    ordered = sorted(m.candidates, key=lambda c: (c.total_bits, c.error))
+    hull: list[MeasuredCandidate] = []
+    for c in ordered:
+        if hull and c.error >= hull[-1].error:
+            continue  # more (or as many) bits for no less error
+        hull.append(c)
+    return hull
+
+
+def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 4096) -> Allocation:
+    """One candidate per linear with total bits / total weights at most target_bpw + tolerance and the least sum
+    of errors: a multiple-choice knapsack solved by dynamic programming over the bits above each linear's cheapest
+    candidate, counted in `resolution` steps of the spare budget (each cost rounded up, so the result always
+    fits; the rounding costs at most one step per linear)."""
+    import numpy as np
+
+    if not measurements:
+        raise QtoolError("nothing was measured", "measure at least one linear")
+    hulls = [_hull(m) for m in measurements]
+    weights = sum(m.numel for m in measurements)
+    lowest = sum(h[0].total_bits for h in hulls) / weights
+    highest = sum(h[-1].total_bits for h in hulls) / weights
+    if target_bpw < lowest - tolerance or target_bpw > highest + tolerance:
+        raise QtoolError(f"target {target_bpw} bpw is outside what the candidates reach ({lowest:.2f} to {highest:.2f} bpw)", f"choose a bpw in {lowest:.2f}..{highest:.2f}")
+    base = sum(h[0].total_bits for h in hulls)
+    spare = (target_bpw + tolerance) * weights - base
+    picks = [0] * len(hulls)
+    if spare > 0:
+        unit = spare / resolution
+        cost = [[int(np.ceil((c.total_bits - h[0].total_bits) / unit - 1e-9)) for c in h] for h in hulls]
+        best = np.zeros(resolution + 1)  # least error with at most b units spent, over the linears so far
+        choice = np.zeros((len(hulls), resolution + 1), dtype=np.int32)
+        for k, h in enumerate(hulls):
+            new = np.full(resolution + 1, np.inf)
+            for i, c in enumerate(h):
+                if cost[k][i] > resolution:
+                    continue
+                shifted = np.full(resolution + 1, np.inf)
+                shifted[cost[k][i]:] = best[: resolution + 1 - cost[k][i]] + c.error
+                better = shifted < new
+                new[better] = shifted[better]
+                choice[k][better] = i
+            best = new
+        budget = int(np.argmin(best))
+        for k in range(len(hulls) - 1, -1, -1):
+            picks[k] = int(choice[k][budget])
+            budget -= cost[k][picks[k]]
+    used = sum(h[i].total_bits for h, i in zip(hulls, picks))
+    return Allocation(
+        choices={m.name: h[i].candidate for m, h, i in zip(measurements, hulls, picks)},
+        bits_per_weight=used / weights,
+        total_error=sum(h[i].error for h, i in zip(hulls, picks)),
+        target=target_bpw,
+    )

@@ -1,0 +1,185 @@
+"""EXL2 quantization of one linear: GPTQ with act order and a bit width per group, scales on ExLlamaV2's grid
+(level**2 * max/256, a 4-bit level per column), as ExLlamaV2's AdaptiveGPTQ does it (facts from its source,
+code written here). Also the candidate settings ("bits 4/3 over 10%/90% of the rows, groups of 128") whose
+errors the measurement pass records and among which the optimizer picks.
+
+Orientation follows the EXL2 layout: rows are input features in act order (descending Hessian diagonal)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.convert.exl2_format import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scales
+from qtool.quant.gptq import inverse_hessian_cholesky
+
+# ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
+# sum |w - dequant|**NORM over the group.
+MIN_P, MAX_P, P_GRID, NORM = 0.70, 1.20, 96, 3.5
+_SEARCH_ELEMENTS = 1 << 23  # elements of one p-chunk temporary
+
+
+@dataclass(frozen=True)
+class Exl2Candidate:
+    """One quantization setting of a linear, as ExLlamaV2's QParams: widths (widest first), the share of rows at
+    each width, and the group size of each width."""
+
+    bits: tuple[int, ...]
+    bits_prop: tuple[float, ...]
+    group_size: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.bits or len(self.bits) != len(self.bits_prop) or len(self.bits) != len(self.group_size):
+            raise QtoolError(f"candidate {self}: one share and one group size per width are needed")
+        if any(b not in EXL2_BITS for b in self.bits) or list(self.bits) != sorted(self.bits, reverse=True):
+            raise QtoolError(f"candidate widths {self.bits} must be EXL2 widths, widest first")
+        if abs(sum(self.bits_prop) - 1) > 1e-6 or any(p <= 0 for p in self.bits_prop):
+            raise QtoolError(f"candidate shares {self.bits_prop} must be positive and add up to 1")
+        if any(g <= 0 or g % ROW_ALIGNMENT for g in self.group_size):
+            raise QtoolError(f"candidate group sizes {self.group_size} must be positive multiples of {ROW_ALIGNMENT}")
+
+    def layout(self, in_features: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(bits, rows) of each group: ceil(rows * share / group size) groups per width in turn, the last group
+        cut to the rows left (ExLlamaV2's rule)."""
+        group_bits, group_sizes, left = [], [], in_features
+        for bits, share, size in zip(self.bits, self.bits_prop, self.group_size):
+            count = math.ceil(min(in_features * share, left) / size)
+            for _ in range(count):
+                if left <= 0:
+                    break
+                rows = min(size, left)
+                group_bits.append(bits)
+                group_sizes.append(rows)
+                left -= rows
+        if left > 0:  # shares rounded down: the narrowest width takes the rest
+            while left > 0:
+                rows = min(self.group_size[-1], left)
+                group_bits.append(self.bits[-1])
+                group_sizes.append(rows)
+                left -= rows
+        return tuple(group_bits), tuple(group_sizes)
+
+    def total_bits(self, in_features: int, out_features: int) -> int:
+        """Bits of every tensor of the linear, as Exl2Weight.storage_bits counts them."""
+        group_bits, group_sizes = self.layout(in_features)
+        groups = len(group_bits)
+        codes = sum(b * r for b, r in zip(group_bits, group_sizes)) * out_features
+        return codes + groups * out_features * 4 + groups * 16 + groups * 32 + in_features * 32
+
+    def bpw(self, in_features: int, out_features: int) -> float:
+        return self.total_bits(in_features, out_features) / (in_features * out_features)
+
+    def describe(self) -> str:
+        return "/".join(f"{p:g}:{b}b_{g}g" for b, p, g in zip(self.bits, self.bits_prop, self.group_size))
+
+    def to_dict(self) -> dict:
+        return {"bits": list(self.bits), "bits_prop": list(self.bits_prop), "group_size": list(self.group_size)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Exl2Candidate":
+        return cls(tuple(int(b) for b in data["bits"]), tuple(float(p) for p in data["bits_prop"]), tuple(int(g) for g in data["group_size"]))
+
+
+@dataclass
+class Exl2Result:
+    weight: Exl2Weight
+    dequantized: torch.Tensor  # float32 [out, in], equal to weight.dequantize()
+    error: float  # tr(dW H dW^T) / tr(W H W^T) with the undamped Hessian: the relative output error
+    damp_percent: float
+    seconds: float
+
+
+def fit_group_scales(x: torch.Tensor, bits: int, p_grid: int = P_GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales of one group x [rows, N] (storage orientation): levels int32 [N] in 1..16, q_scale_max float16
+    (scalar) and the float16 scales [N] the kernels will use.
+
+    Each column's natural scale absmax / (maxq/2) becomes the level nearest on a square-root scale below the
+    group's largest; then the whole grid is stretched by the p in [0.7, 1.2] with the least sum |err|**3.5."""
+    maxq = (1 << bits) - 1
+    zero = 1 << (bits - 1)
+    xf = x.to(torch.float32)
+    base = (xf.abs().amax(dim=0) + 1e-12) / (maxq / 2)
+    top = base.max()
+    levels = torch.clamp(torch.round(torch.sqrt(base / top) * SCALE_LEVELS), 1, SCALE_LEVELS)
+    grid = (levels / SCALE_LEVELS).square() * top  # [N]
+    ps = MIN_P + (MAX_P - MIN_P) * torch.arange(p_grid + 1, dtype=torch.float32, device=x.device) / p_grid
+    errors = torch.empty_like(ps)
+    chunk = max(1, _SEARCH_ELEMENTS // max(xf.numel(), 1))
+    for start in range(0, ps.numel(), chunk):
+        scale = ps[start : start + chunk, None, None] * grid[None, None, :]  # [p, 1, N]
+        q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq - zero)
+        errors[start : start + chunk] = (q * scale - xf[None]).abs().pow(NORM).sum(dim=(1, 2))
+    best = ps[int(torch.argmin(errors))]
+    scale_max = (top * best).to(torch.float16)
+    levels = levels.to(torch.int32)
+    return levels, scale_max, exl2_scales(levels[None], scale_max.reshape(1))[0]
+
+
+def exl2_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_bits: tuple[int, ...],
+    group_sizes: tuple[int, ...],
+    act_order: bool = True,
+    damp_percent: float = 0.01,
+    damp_auto_increment: float = 0.0025,
+    p_grid: int = P_GRID,
+) -> Exl2Result:
+    """EXL2-quantize weight [N, K] given the Hessian [K, K] of its inputs (neither is modified). Groups (widest
+    first) cover the rows in act order; each group's scales are fitted when the solver reaches it, on the
+    weights as updated by every row before (GPTQ error feedback). p_grid: points of the scale search (a coarser
+    search makes a measurement pass cheaper)."""
+    started = time.perf_counter()
+    out_features, in_features = weight.shape
+    check_exl2_layout(in_features, out_features, tuple(group_bits), tuple(group_sizes))
+    if tuple(hessian.shape) != (in_features, in_features) or not bool(torch.isfinite(hessian).all()):
+        raise QtoolError(f"the Hessian must be a finite [{in_features}, {in_features}] matrix, got {tuple(hessian.shape)}", "pass the Hessian of this linear's inputs")
+    h = hessian.to(torch.float32).clone()
+    w = weight.detach().to(torch.float32).T.clone()  # [K, N]
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[dead] = 0.0  # inputs never seen: their weights cannot matter on this data
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features, device=w.device)
+    w = w[perm]
+    upper, damp = inverse_hessian_cholesky(h[perm][:, perm], damp_percent, damp_auto_increment)
+    codes = torch.empty_like(w, dtype=torch.int32)
+    deq = torch.empty_like(w)
+    levels, maxima = [], []
+    start = 0
+    for bits, rows in zip(group_bits, group_sizes):
+        end = start + rows
+        level, scale_max, scale = fit_group_scales(w[start:end], bits, p_grid)
+        scale = scale.to(torch.float32)
+        levels.append(level)
+        maxima.append(scale_max)
+        zero = 1 << (bits - 1)
+        errors = torch.empty(rows, w.shape[1], dtype=torch.float32, device=w.device)
+        for i in range(start, end):
+            q = torch.clamp(torch.round(w[i] / scale), -zero, zero - 1)
+            codes[i] = (q + zero).to(torch.int32)
+            deq[i] = q * scale
+            err = (w[i] - deq[i]) / upper[i, i]
+            errors[i - start] = err
+            w[i + 1 : end].addr_(upper[i, i + 1 : end], err, alpha=-1.0)
+        if end < in_features:
+            w[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
+        start = end
+    result = Exl2Weight(
+        codes=codes,
+        qscale=torch.stack(levels),
+        scale_max=torch.stack(maxima),
+        group_bits=tuple(group_bits),
+        group_sizes=tuple(group_sizes),
+        perm=perm,
+    )
+    dequantized = result.dequantize(torch.float32)
+    original = weight.detach().to(torch.float32)
+    delta = dequantized - original
+    hs = hessian.to(torch.float32)
+    denominator = float(torch.einsum("nk,kl,nl->", original, hs, original))
+    error = float(torch.einsum("nk,kl,nl->", delta, hs, delta)) / denominator if denominator > 0 else 0.0
+    return Exl2Result(result, dequantized, error, damp, time.perf_counter() - started)

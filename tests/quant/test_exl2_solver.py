@@ -1,0 +1,122 @@
+"""The EXL2 solver for one linear: its output is a valid EXL2 layer, its reported error is the quadratic form
+computed here in float64, it reduces to round-to-nearest on the EXL2 grid when the Hessian is diagonal, and its
+error feedback pays off on correlated inputs; the candidates' layouts and bit counts."""
+
+import math
+
+import pytest
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.convert.exl2_format import exl2_scales, exl2_tensors_from_weight, weight_from_exl2_tensors
+from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize, fit_group_scales
+
+
+def correlated(rows, cols, seed, tokens=512):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / math.sqrt(cols) + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=gen) @ mix * torch.linspace(0.3, 3.0, cols)
+    weight = torch.randn(rows, cols, generator=gen) * 0.05
+    return weight, 2 * x.T @ x / tokens
+
+
+def quadratic(delta, hessian):
+    return float(torch.einsum("nk,kl,nl->", delta.double(), hessian.double(), delta.double()))
+
+
+@pytest.mark.parametrize("layout", [((4, 3, 3), (32, 64, 64)), ((8, 6, 5, 4, 3, 2), (32,) * 6), ((2,), (160,))])
+def test_output_is_a_valid_layer_and_error_is_the_quadratic_form(layout):
+    bits, sizes = layout
+    weight, hessian = correlated(45, sum(sizes), seed=sum(bits))
+    result = exl2_quantize(weight, hessian, bits, sizes)
+    w = result.weight
+    assert (w.group_bits, w.group_sizes) == (bits, sizes)
+    back = weight_from_exl2_tensors(exl2_tensors_from_weight(w), 45)
+    assert torch.equal(back.dequantize(), result.dequantized)
+    expected = quadratic(result.dequantized - weight, hessian) / quadratic(weight, hessian)
+    assert result.error == pytest.approx(expected, rel=1e-4)
+    # act order: storage rows by descending Hessian diagonal
+    diag = hessian.diagonal()[w.perm]
+    assert bool((diag[:-1] >= diag[1:]).all())
+
+
+def test_diagonal_hessian_is_round_to_nearest_on_the_grid():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(40, 96, generator=gen) * 0.05
+    hessian = torch.diag(torch.rand(96, generator=gen) + 0.5)
+    result = exl2_quantize(weight, hessian, (4, 3), (32, 64), damp_percent=0.0)
+    w = result.weight
+    stored = weight.T[w.perm]  # [K, N] in storage order
+    start = 0
+    for g, (bits, rows) in enumerate(zip(w.group_bits, w.group_sizes)):
+        x = stored[start : start + rows]
+        levels, scale_max, scales = fit_group_scales(x, bits)
+        assert torch.equal(levels, w.qscale[g]) and torch.equal(scale_max, w.scale_max[g])
+        zero = 1 << (bits - 1)
+        codes = torch.clamp(torch.round(x / scales.float()), -zero, zero - 1) + zero
+        assert torch.equal(codes.to(torch.int32), w.codes[start : start + rows])
+        start += rows
+
+
+def test_error_feedback_beats_rounding_on_correlated_inputs():
+    weight, hessian = correlated(64, 128, seed=3)
+    gptq = exl2_quantize(weight, hessian, (4, 3), (64, 64))
+    rtn = exl2_quantize(weight, torch.diag(hessian.diagonal()), (4, 3), (64, 64))
+    rtn_error = quadratic(rtn.dequantized - weight, hessian) / quadratic(weight, hessian)
+    assert gptq.error < 0.8 * rtn_error
+
+
+def test_more_bits_less_error():
+    weight, hessian = correlated(48, 128, seed=4)
+    errors = [exl2_quantize(weight, hessian, (b,), (128,)).error for b in (2, 3, 4, 5, 6, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_fit_group_scales_properties():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 30, generator=gen) * torch.rand(30, generator=gen)
+    for bits in (2, 4, 8):
+        levels, scale_max, scales = fit_group_scales(x, bits)
+        assert int(levels.min()) >= 1 and int(levels.max()) <= 16 and scale_max.dtype == torch.float16
+        assert torch.equal(scales, exl2_scales(levels[None], scale_max.reshape(1))[0])
+        # the stretch p stays within [0.7, 1.2] of the largest natural scale
+        top = float((x.abs().amax(0) + 1e-12).max() / (((1 << bits) - 1) / 2))
+        assert 0.69 * top <= float(scale_max) <= 1.21 * top
+
+
+def test_dead_inputs_and_bad_hessian():
+    weight, hessian = correlated(32, 64, seed=6)
+    hessian[5, :] = hessian[:, 5] = 0
+    result = exl2_quantize(weight, hessian, (4,), (64,))
+    assert bool((result.dequantized[:, 5] == 0).all())
+    with pytest.raises(QtoolError, match="Hessian"):
+        exl2_quantize(weight, hessian[:-1, :-1], (4,), (64,))
+    with pytest.raises(QtoolError, match="7 bits"):
+        exl2_quantize(weight, hessian, (7,), (64,))
+
+
+@pytest.mark.parametrize(
+    "candidate, in_features, expected",
+    [
+        (((4, 3), (0.1, 0.9), (128, 128)), 576, ((4, 3, 3, 3, 3), (128, 128, 128, 128, 64))),
+        (((8, 4), (0.05, 0.95), (32, 128)), 576, ((8, 4, 4, 4, 4, 4), (32, 128, 128, 128, 128, 32))),
+        (((4,), (1.0,), (128,)), 96, ((4,), (96,))),
+    ],
+)
+def test_candidate_layout_rule(candidate, in_features, expected):
+    """ceil(rows * share / group size) groups per width, the matrix's end cutting the last."""
+    c = Exl2Candidate(*candidate)
+    assert c.layout(in_features) == expected
+
+
+def test_candidate_bits_match_the_stored_layer():
+    weight, hessian = correlated(40, 192, seed=7)
+    c = Exl2Candidate((5, 4, 3), (0.1, 0.3, 0.6), (32, 64, 64))
+    bits, sizes = c.layout(192)
+    w = exl2_quantize(weight, hessian, bits, sizes).weight
+    assert c.total_bits(192, 40) == w.storage_bits()
+    assert Exl2Candidate.from_dict(c.to_dict()) == c
+    with pytest.raises(QtoolError):
+        Exl2Candidate((3, 4), (0.5, 0.5), (32, 32))
+    with pytest.raises(QtoolError):
+        Exl2Candidate((4,), (0.9,), (32,))
