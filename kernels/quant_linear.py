@@ -65,7 +65,8 @@ class QuantLinear(nn.Module):
     def set_backend(self, requested: str = "auto", registry: BackendRegistry | None = None, warm: bool = True) -> str:
         """Route this layer's matmuls through `requested` (auto, torch, triton, ...), falling back per the registry.
         With warm, the backend for M = 1 on the layer's device is chosen and its form built now (load time) rather
-        than at the first call. Call it again after moving the module to another device. Returns the reason."""
+        than at the first call. Call it again after loading new tensors into the buffers (a form built earlier
+        would keep the old ones); a move to another device is noticed and rebuilt by itself. Returns the reason."""
         self.backend = check_backend_name(requested, registry)
         self._registry = registry
         self._prepared.clear()

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# On a CUDA machine, in stages (each under its own time limit, one stage failing does not stop the next):
+#   tests   the kernel tests compiled (TRITON_INTERPRET unset)
+#   decode  bench/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
+#   eval    `qtool eval` perplexity of a GPTQ checkpoint with --backend torch and --backend triton
+#   bench   bench/kernels.py (the issue's shape/M grid) with whatever time is left before DEADLINE_S
+#   quick   tests + bench --quick
+# Everything is written to $WORK (default /tmp/qtool_gpu) and packed into $OUT/results.tgz.
+#
+#   DEADLINE_S=560 bash bench/gpu_check.sh tests decode eval bench
+#   BENCH_ARGS="--m 1,2,4,8" bash bench/gpu_check.sh bench
+#
+# eval reads the checkpoint from $CKPT (a directory), or assembles it from split parts: $CKPT_PARTS (files whose
+# concatenation is model.safetensors, checked against model.sha256) plus the small files of $CKPT_SMALL.
+# The repo need not be installed: it is pip-installed editable without dependencies, and if that fails a
+# PYTHONPATH shim maps the package name qtool onto the top-level folders instead.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-/tmp/qtool_gpu_out}"
+WORK="${WORK:-/tmp/qtool_gpu}"
+PYTHON="${PYTHON:-python3}"
+DEADLINE_S="${DEADLINE_S:-560}"
+STAGES=("$@")
+[[ ${#STAGES[@]} == 0 ]] && STAGES=(tests decode eval bench)
+mkdir -p "$OUT" "$WORK"
+cd "$REPO"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+BEGAN=$SECONDS
+left() { echo $((DEADLINE_S - (SECONDS - BEGAN))); }
+has_stage() { local s; for s in "${STAGES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
+pack() { tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null; }
+trap pack EXIT
+
+"$PYTHON" -c 'import platform, torch, triton
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA",
+      torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "")' 2>&1 | tee "$WORK/versions.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv >>"$WORK/versions.txt" 2>&1
+
+if ! "$PYTHON" -c 'import qtool.kernels.registry' 2>/dev/null; then
+    if "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 \
+        && "$PYTHON" -c 'import qtool.kernels.registry' >>"$WORK/install.log" 2>&1; then
+        echo "qtool: pip install -e . worked" | tee -a "$WORK/versions.txt"
+    else
+        # qtool is a namespace package: qtool/<pkg> links to each top-level folder
+        SHIM="$(mktemp -d)/qtool_shim"
+        mkdir -p "$SHIM/qtool"
+        for pkg in cli quant convert eval runtime kernels configs; do ln -s "$REPO/$pkg" "$SHIM/qtool/$pkg"; done
+        export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+        "$PYTHON" -c 'import qtool.kernels.registry' || { echo "qtool cannot be imported" | tee -a "$WORK/versions.txt"; exit 1; }
+        echo "qtool: via PYTHONPATH shim $SHIM (pip install failed, see install.log)" | tee -a "$WORK/versions.txt"
+    fi
+fi
+
+status=0
+stage_done() { echo "== $1: exit $2 at $((SECONDS - BEGAN)) s" | tee -a "$WORK/stages.txt"; [[ $2 != 0 ]] && status=$2; }
+
+if has_stage tests || has_stage quick; then
+    # every tuning candidate is compiled once for the bench's own case (4-bit g128 bf16); the other cases of that
+    # test compile ~100 more kernels
+    timeout 240 "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider --durations=15 -rfE \
+        --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[4-32-True-dtype1]" \
+        --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[3-128-False-dtype2]" \
+        --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[8--1-False-dtype3]" \
+        >"$WORK/tests.log" 2>&1
+    stage_done tests $?
+    tail -25 "$WORK/tests.log"
+fi
+
+if has_stage decode; then
+    timeout 200 "$PYTHON" bench/decode.py --layers 32 --steps 200 --out "$WORK" >"$WORK/decode.log" 2>&1
+    stage_done decode $?
+    tail -5 "$WORK/decode.log"
+fi
+
+if has_stage eval; then
+    ckpt="${CKPT:-}"
+    if [[ -z "$ckpt" && -n "${CKPT_PARTS:-}" ]]; then
+        ckpt="$WORK/../qtool_ckpt"
+        mkdir -p "$ckpt"
+        cp "$CKPT_SMALL"/*.json "$CKPT_SMALL"/*.jinja "$ckpt"/ 2>/dev/null
+        # shellcheck disable=SC2086
+        cat $CKPT_PARTS >"$ckpt/model.safetensors"
+        if [[ "$(sha256sum "$ckpt/model.safetensors" | cut -d' ' -f1)" != "$(cat "$CKPT_SMALL/model.sha256")" ]]; then
+            echo "checkpoint parts do not assemble (sha256 mismatch): $CKPT_PARTS" | tee -a "$WORK/stages.txt"
+            ckpt=""
+        fi
+    fi
+    if [[ -n "$ckpt" ]]; then
+        for backend in torch triton; do
+            timeout 150 "$PYTHON" -c 'from qtool.cli.main import app; app()' --verbose eval "$ckpt" \
+                --perplexity "${EVAL_TEXT:-$CKPT_SMALL/wiki.test.raw}" --windows "${EVAL_WINDOWS:-40}" \
+                --backend "$backend" --json >"$WORK/eval_$backend.json" 2>"$WORK/eval_$backend.log"
+            stage_done "eval-$backend" $?
+            cat "$WORK/eval_$backend.json"; tail -3 "$WORK/eval_$backend.log"
+        done
+    else
+        stage_done eval-no-checkpoint 1
+    fi
+fi
+
+if has_stage bench || has_stage quick; then
+    budget=$(( $(left) - 45 ))
+    if (( budget > 30 )); then
+        quick=()
+        has_stage quick && quick=(--quick)
+        # shellcheck disable=SC2086
+        timeout $((budget + 40)) "$PYTHON" bench/kernels.py ${quick[@]+"${quick[@]}"} ${BENCH_ARGS:-} --budget-s "$budget" --out "$WORK" \
+            >"$WORK/bench.log" 2>&1
+        stage_done bench $?
+        sed -n '/^copy bandwidth/,$p' "$WORK/bench.log"
+    else
+        stage_done bench-no-time 1
+    fi
+fi
+exit "$status"

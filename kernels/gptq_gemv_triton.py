@@ -1,0 +1,280 @@
+"""Triton GEMV for a few input rows (decode, M <= 8): y[M, N] = x[M, K] @ dequant(W)^T on the GPTQ compute layout,
+split over K, codes turned into exact floats in registers once per tile and dotted with every row of x on the FMA
+units (no tensor cores)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qtool.kernels.gptq_triton_common import code_as_f32, finish_tile
+from qtool.kernels.repack import GptqComputeWeight
+
+
+@triton.jit
+def _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units,
+                BITS: tl.constexpr, UNITS: tl.constexpr, EVEN: tl.constexpr):
+    """The packed words (w0, w1, w2) of K tile t, as uint32 [UNITS, BLOCK_N] (w1 = w2 = w0 unless 3-bit)."""
+    UNIT_WORDS: tl.constexpr = 3 if BITS == 3 else 1
+    units = t * UNITS + unit_ids
+    w_ptrs = qweight_ptr + (units * UNIT_WORDS)[:, None] * N + offs_n[None, :]
+    if EVEN:
+        w0 = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + N).to(tl.uint32, bitcast=True)
+            w2 = tl.load(w_ptrs + 2 * N).to(tl.uint32, bitcast=True)
+    else:
+        w_mask = (units < num_units)[:, None] & n_ok[None, :]
+        w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(w_ptrs + 2 * N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+    if BITS != 3:
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2
+
+
+@triton.jit
+def _tile_grid(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
+               TILE_ROWS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(scale, zero) float32 [BLOCK_N] of the group K tile t lies in."""
+    group = (t * TILE_ROWS) // group_rows
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+    else:
+        zero = scale * 0.0 + zero_const
+    return scale, zero
+
+
+@triton.jit
+def gptq_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    N, num_units, group_rows, zero_const, tiles_per_split,
+    BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Program (pid_n, pid_k) covers BLOCK_N outputs and tiles [pid_k*tiles_per_split, ...) of UNITS packing
+    units (a unit: one word of 32/BITS rows, or three words of 32 rows for 3 bits). Each tile lies inside one
+    group, so with f = 1 + q/2^b the tile contributes s*(2^b*sum(x*f) - (2^b + z)*sum(x)). With PREFETCH the
+    next tile's words are loaded before this tile is computed (two tiles in flight per program: the loads of
+    a non-dot loop are not pipelined by num_stages)."""
+    UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    TILE_ROWS: tl.constexpr = UNITS * UNIT_ROWS
+    DIV: tl.constexpr = 1 << BITS
+    EVEN: tl.constexpr = EVEN_N and EVEN_UNITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    unit_ids = tl.arange(0, UNITS)
+
+    if ROW_SUM_EACH_TILE:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
+    total_tiles = tl.cdiv(num_units, UNITS)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
+    if PREFETCH:
+        n0, n1, n2 = _tile_words(qweight_ptr, t_begin, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
+        n_scale, n_zero = _tile_grid(scales_ptr, zeros_ptr, t_begin, offs_n, n_ok, N, group_rows, zero_const,
+                                     TILE_ROWS, HAS_ZEROS)
+    for t in range(t_begin, t_end):
+        units = t * UNITS + unit_ids
+        unit_ok = units < num_units
+        if PREFETCH:
+            w0, w1, w2, scale, zero = n0, n1, n2, n_scale, n_zero
+            t_next = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads itself (in bounds, from cache)
+            n0, n1, n2 = _tile_words(qweight_ptr, t_next, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
+            n_scale, n_zero = _tile_grid(scales_ptr, zeros_ptr, t_next, offs_n, n_ok, N, group_rows, zero_const,
+                                         TILE_ROWS, HAS_ZEROS)
+        else:
+            w0, w1, w2 = _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
+            scale, zero = _tile_grid(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
+                                     TILE_ROWS, HAS_ZEROS)
+
+        dot_f = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((UNITS,), dtype=tl.float32)
+        for j in tl.static_range(UNIT_ROWS):
+            rows = units * UNIT_ROWS + j
+            if HAS_PERM:
+                src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
+                xj = tl.load(x_ptr + src, mask=src >= 0, other=0.0).to(tl.float32)
+            else:
+                xj = tl.load(x_ptr + rows, mask=unit_ok, other=0.0).to(tl.float32)
+            dot_f += xj[:, None] * code_as_f32(w0, w1, w2, j, BITS)
+            x_sum += xj
+        part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
+        if ROW_SUM_EACH_TILE:
+            acc += tl.sum(part, axis=0)
+        else:
+            acc += part
+
+    if ROW_SUM_EACH_TILE:
+        result = tl.expand_dims(acc, 0)
+    else:
+        result = tl.expand_dims(tl.sum(acc, axis=0), 0)
+    finish_tile(result, tl.arange(0, 1), offs_n, 1, N, out_ptr, N, bias_ptr, ws_ptr, counter_ptr, pid_n,
+                SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def gptq_gemv_rows_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, num_units, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
+    BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr,
+):
+    """gptq_gemv_kernel for 2 <= M <= ROWS input rows (3-D tiles [ROWS, UNITS, BLOCK_N]; for one row the 2-D
+    kernel compiles to fewer instructions). Program (pid_n, pid_k) covers BLOCK_N outputs of all M rows and tiles [pid_k*tiles_per_split,
+    ...) of UNITS packing units (a unit: one word of 32/BITS rows of W^T, or three words of 32 rows for 3 bits).
+    Each tile lies inside one group, so with f = 1 + q/2^b the tile contributes s*(2^b*sum(x*f) - (2^b + z)*sum(x)).
+    A weight tile is unpacked once and used for every input row."""
+    UNIT_WORDS: tl.constexpr = 3 if BITS == 3 else 1
+    UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    TILE_ROWS: tl.constexpr = UNITS * UNIT_ROWS
+    DIV: tl.constexpr = 1 << BITS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    unit_ids = tl.arange(0, UNITS)
+    offs_r = tl.arange(0, ROWS)
+    r_ok = offs_r < M
+
+    if ROW_SUM_EACH_TILE:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
+    total_tiles = tl.cdiv(num_units, UNITS)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
+    for t in range(t_begin, t_end):
+        units = t * UNITS + unit_ids
+        unit_ok = units < num_units
+        w_ptrs = qweight_ptr + (units * UNIT_WORDS)[:, None] * N + offs_n[None, :]
+        if EVEN_N and EVEN_UNITS:
+            w0 = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
+            if BITS == 3:
+                w1 = tl.load(w_ptrs + N).to(tl.uint32, bitcast=True)
+                w2 = tl.load(w_ptrs + 2 * N).to(tl.uint32, bitcast=True)
+        else:
+            w_mask = unit_ok[:, None] & n_ok[None, :]
+            w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+            if BITS == 3:
+                w1 = tl.load(w_ptrs + N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                w2 = tl.load(w_ptrs + 2 * N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        if BITS != 3:
+            w1 = w0
+            w2 = w0
+
+        group = (t * TILE_ROWS) // group_rows
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        else:
+            zero = zero_const
+
+        dot_f = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((ROWS, UNITS), dtype=tl.float32)
+        for j in tl.static_range(UNIT_ROWS):
+            rows = units * UNIT_ROWS + j
+            if HAS_PERM:
+                src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
+                xj = tl.load(x_ptr + offs_r[:, None] * stride_xm + src[None, :],
+                             mask=r_ok[:, None] & (src >= 0)[None, :], other=0.0).to(tl.float32)
+            else:
+                xj = tl.load(x_ptr + offs_r[:, None] * stride_xm + rows[None, :],
+                             mask=r_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
+            dot_f += xj[:, :, None] * code_as_f32(w0, w1, w2, j, BITS)[None, :, :]
+            x_sum += xj
+        part = (scale * DIV)[None, None, :] * dot_f - (scale * (DIV + zero))[None, None, :] * x_sum[:, :, None]
+        if ROW_SUM_EACH_TILE:
+            acc += tl.sum(part, axis=1)
+        else:
+            acc += part
+
+    if ROW_SUM_EACH_TILE:
+        result = acc
+    else:
+        result = tl.sum(acc, axis=1)
+    finish_tile(result, offs_r, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, pid_n,
+                SPLIT_K, HAS_BIAS)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of gptq_gemv_kernel. units: packing units per K tile; split_k: programs along K;
+    row_sum_each_tile: fold the tile's rows into a [block_n] accumulator every tile, which is cheap when each
+    thread holds whole tile columns (block_n = 128 * num_warps)."""
+
+    block_n: int
+    units: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    row_sum_each_tile: bool = False
+    prefetch: bool = False  # M = 1 kernel only: load tile t+1 before computing tile t
+
+
+def unit_rows(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+def gemv_tile_fits(weight: GptqComputeWeight, units: int) -> bool:
+    """True when a K tile of `units` packing units never straddles two groups."""
+    return weight.group_rows % (units * unit_rows(weight.bits)) == 0
+
+
+MAX_GEMV_ROWS = 8  # past this the FMA work per weight grows past what the tl.dot kernels cost
+
+
+def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, out: torch.Tensor,
+              workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W^T (+ bias) for M <= MAX_GEMV_ROWS. workspace float32 [>= M*N] and counters int32
+    [>= N/block_n] must be zero on entry when split_k > 1; they are zero again on return."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_GEMV_ROWS or x.shape[1] != weight.in_features:
+        raise ValueError(f"gptq_gemv expects x of shape [1..{MAX_GEMV_ROWS}, {weight.in_features}], got {tuple(x.shape)}")
+    if not gemv_tile_fits(weight, config.units):
+        raise ValueError(f"a tile of {config.units} units straddles groups of {weight.group_rows} rows")
+    m, n = x.shape[0], weight.out_features
+    urows = unit_rows(weight.bits)
+    num_units = weight.k_rows // urows
+    total_tiles = triton.cdiv(num_units, config.units)
+    tiles_per_split = triton.cdiv(total_tiles, config.split_k)
+    split_k = triton.cdiv(total_tiles, tiles_per_split)
+    grid_n = triton.cdiv(n, config.block_n)
+    if split_k > 1 and (workspace.numel() < m * n or counters.numel() < grid_n):
+        raise ValueError("split-K workspace too small for this layer")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tensors = (
+        x, weight.qweight, weight.scales,
+        weight.zeros if weight.zeros is not None else weight.scales,
+        weight.perm if weight.perm is not None else weight.qweight,
+        weight.bias if weight.bias is not None else weight.scales,
+        out, workspace, counters,
+    )
+    if m == 1:
+        kernel, sizes = gptq_gemv_kernel, (n, num_units, weight.group_rows, weight.zero_const, tiles_per_split)
+        rows = {"PREFETCH": config.prefetch}
+    else:
+        kernel = gptq_gemv_rows_kernel
+        sizes = (m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0))
+        rows = {"ROWS": triton.next_power_of_2(m)}
+    kernel[(grid_n, split_k)](
+        *tensors, *sizes,
+        BITS=weight.bits, UNITS=config.units, BLOCK_N=config.block_n, SPLIT_K=split_k, **rows,
+        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=weight.bias is not None,
+        EVEN_N=n % config.block_n == 0, EVEN_UNITS=num_units % config.units == 0,
+        ROW_SUM_EACH_TILE=config.row_sum_each_tile,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

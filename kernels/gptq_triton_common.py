@@ -1,0 +1,95 @@
+"""Triton device functions shared by the GPTQ kernels: code extraction from packed words as exact floats, and
+the split-K epilogue that reduces partial tiles through a self-cleaning float32 workspace."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def extract_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+    """Code J (0-based) of a packing unit as uint32. A unit is one word of 32/BITS codes, or for 3 bits three
+    words holding 32 codes as one little-endian bit stream (w0 | w1 << 32 | w2 << 64). Words are uint32."""
+    POS: tl.constexpr = J * BITS
+    WORD: tl.constexpr = POS // 32
+    OFF: tl.constexpr = POS % 32
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if WORD == 0:
+        lo = w0
+    elif WORD == 1:
+        lo = w1
+    else:
+        lo = w2
+    if OFF + BITS <= 32:
+        code = (lo >> OFF) & MASK
+    else:
+        if WORD == 0:
+            hi = w1
+        else:
+            hi = w2
+        code = ((lo >> OFF) | (hi << (32 - OFF))) & MASK
+    return code
+
+
+@triton.jit
+def code_as_f32(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+    """Code q of unit position J as the float32 1 + q / 2**BITS, built from bits (no int->float conversion):
+    the code lands in the top of the mantissa of 1.0. Exact for every q."""
+    MANT: tl.constexpr = 23 - BITS
+    POS: tl.constexpr = J * BITS
+    OFF: tl.constexpr = POS % 32
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << MANT
+    if OFF + BITS <= 32:
+        WORD: tl.constexpr = POS // 32
+        if WORD == 0:
+            src = w0
+        elif WORD == 1:
+            src = w1
+        else:
+            src = w2
+        # one shift straight to the mantissa position, then one and-or
+        if OFF >= MANT:
+            placed = src >> (OFF - MANT)
+        else:
+            placed = src << (MANT - OFF)
+        bits = (placed & FIELD) | 0x3F800000
+    else:
+        bits = (extract_code(w0, w1, w2, J, BITS) << MANT) | 0x3F800000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
+    """out[m, n] = acc + bias[n], cast to the output dtype; acc float32 [BM, BN]."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write one output tile. With SPLIT_K > 1 every split adds its partial sum into the float32 workspace
+    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back while zeroing
+    the workspace, writes the output and resets the counter, so both are zero again for the next call and no
+    memset launch is needed."""
+    if SPLIT_K == 1:
+        store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        # every thread's partial add is issued before the one release on the counter
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # exchange as int32 bits: float exchange is not in the interpreter, and the bits are the same
+            bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
+            old = tl.atomic_xchg(bits_ptrs, tl.zeros(acc.shape, dtype=tl.int32), mask=mask, sem="relaxed")
+            total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
+            store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+            tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")

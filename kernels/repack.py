@@ -1,0 +1,135 @@
+"""One-time repack of a GPTQ linear (qweight, qzeros, scales, g_idx) into the layout the Triton kernels read:
+input rows sorted so that every group is one contiguous run of rows, zero points unpacked (or one constant)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qtool.configs.errors import QtoolError
+from qtool.convert.gptq_format import unpack_qzeros
+from qtool.convert.pack import SUPPORTED_BITS, pack_rows, unpack_rows
+
+# Rows of a group in the compute layout are a multiple of this, so a kernel tile of 32 rows (one 3-bit block,
+# the smallest tl.dot K after unpacking) never straddles two groups.
+GROUP_ROW_ALIGN = 32
+REPACK_COLUMNS = 4096
+# Stand-in rows per group for a layer with one group: a power of two above any K, so every tile is "inside".
+ONE_GROUP_ROWS = 1 << 30
+
+
+@dataclass
+class GptqComputeWeight:
+    """A GPTQ linear in compute layout. Compute row r reads input column perm[r] (perm None: column r; -1: a
+    padding row whose input is taken as 0) and belongs to group r // group_rows."""
+
+    qweight: torch.Tensor  # int32 [k_rows*bits/32, N]: the GPTQ bit packing along K of the compute rows
+    scales: torch.Tensor  # [groups, N], dtype as stored (float16 in GPTQ files)
+    zeros: torch.Tensor | None  # uint8 [groups, N] true zero points; None when every zero equals zero_const
+    zero_const: float
+    perm: torch.Tensor | None  # int32 [k_rows]
+    bias: torch.Tensor | None  # [N]
+    bits: int
+    in_features: int
+    out_features: int
+    k_rows: int
+    group_rows: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes a kernel reads for the weight (packed codes, scales, zeros, permutation)."""
+        parts = [self.qweight, self.scales, self.zeros, self.perm]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def _group_layout(g_idx: torch.Tensor, num_groups: int) -> tuple[torch.Tensor | None, int, int]:
+    """(perm or None, group_rows, k_rows) for g_idx: the compute rows sorted by group, each group padded to
+    group_rows rows when the groups are not all the same (aligned) size."""
+    in_features = g_idx.numel()
+    g = g_idx.long()
+    if num_groups == 1:
+        return None, ONE_GROUP_ROWS, in_features
+    counts = torch.bincount(g, minlength=num_groups).tolist()
+    widest = max(counts)
+    uniform = all(c == widest for c in counts[:-1]) and 0 < counts[-1] <= widest
+    order = torch.argsort(g, stable=True)
+    if uniform and widest % GROUP_ROW_ALIGN == 0:
+        identity = torch.equal(order, torch.arange(in_features, device=g.device))
+        return (None if identity else order.to(torch.int32)), widest, in_features
+    # Irregular groups (or a group size that is not a multiple of 32): give every group the same padded span.
+    group_rows = math.ceil(widest / GROUP_ROW_ALIGN) * GROUP_ROW_ALIGN
+    k_rows = group_rows * num_groups
+    sorted_groups = g[order]
+    starts = torch.zeros(num_groups, dtype=torch.long, device=g.device)
+    starts[1:] = torch.cumsum(torch.tensor(counts, device=g.device), 0)[:-1]
+    rank_in_group = torch.arange(in_features, device=g.device) - starts[sorted_groups]
+    perm = torch.full((k_rows,), -1, dtype=torch.int32, device=g.device)
+    perm[sorted_groups * group_rows + rank_in_group] = order.to(torch.int32)
+    return perm, group_rows, k_rows
+
+
+def repack_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str = "gptq",
+    bias: torch.Tensor | None = None,
+) -> GptqComputeWeight:
+    """The compute layout of one GPTQ linear, on the device of qweight. Runs once at load time."""
+    if bits not in SUPPORTED_BITS:
+        raise QtoolError(f"the Triton GPTQ kernels do not support {bits}-bit weights", f"bits must be one of {SUPPORTED_BITS}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise QtoolError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+    in_features, out_features = g_idx.numel(), qweight.shape[1]
+    if qweight.shape[0] * 32 != in_features * bits:
+        raise QtoolError(
+            f"qweight has {qweight.shape[0]} packed rows but g_idx names {in_features} inputs",
+            f"{bits}-bit packing needs {in_features * bits // 32} rows",
+        )
+    num_groups = scales.shape[0]
+    if scales.shape != (num_groups, out_features):
+        raise QtoolError(f"scales has shape {tuple(scales.shape)}, expected [groups, {out_features}]")
+    device = qweight.device
+    g_idx = g_idx.to(device)
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= num_groups):
+        raise QtoolError(f"g_idx holds a group outside 0..{num_groups - 1}", "the checkpoint is corrupt: re-export it")
+
+    perm, group_rows, k_rows = _group_layout(g_idx, num_groups)
+    if perm is None:
+        packed = qweight.contiguous()
+    else:
+        packed = torch.empty((k_rows * bits // 32, out_features), dtype=torch.int32, device=device)
+        rows = perm.long().clamp(min=0)
+        padding = perm < 0
+        # column chunks bound the int64 temporaries of pack_rows on the largest layers
+        for start in range(0, out_features, REPACK_COLUMNS):
+            stop = min(start + REPACK_COLUMNS, out_features)
+            codes = unpack_rows(qweight[:, start:stop], bits, in_features)[rows]
+            codes[padding] = 0  # padding rows: any code works, their input is 0
+            packed[:, start:stop] = pack_rows(codes, bits)
+
+    zeros = unpack_qzeros(qzeros.to(device), bits, out_features, checkpoint_format)
+    if zeros.shape != (num_groups, out_features):
+        raise QtoolError(f"qzeros unpacks to {tuple(zeros.shape)}, expected ({num_groups}, {out_features})")
+    lo, hi = int(zeros.min()), int(zeros.max())
+    zero_tensor = None if lo == hi else zeros.to(torch.uint8).contiguous()
+    return GptqComputeWeight(
+        qweight=packed,
+        scales=scales.contiguous(),
+        zeros=zero_tensor,
+        zero_const=float(lo),
+        perm=None if perm is None else perm.contiguous(),
+        bias=None if bias is None else bias.reshape(-1).contiguous(),
+        bits=bits,
+        in_features=in_features,
+        out_features=out_features,
+        k_rows=k_rows,
+        group_rows=group_rows,
+    )

@@ -1,0 +1,343 @@
+"""The Triton matmul backend for GPTQ linears: repacks a layer once, then serves y = x @ W^T by M bucket with
+the GEMV kernel (M = 1), split-K tl.dot (skinny M), tl.dot tiles or dequantize + cuBLAS (large M); the config
+for each (M bucket, shape, bits, group) is chosen once by timing and cached on the backend object."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import triton
+
+from qtool.configs.errors import QtoolError
+from qtool.kernels.gptq_gemm_triton import (
+    MODE_DEQUANT,
+    MODE_MAGIC,
+    UNPACK_POINTER,
+    UNPACK_RESHAPE,
+    GemmConfig,
+    gemm_config_valid,
+    gptq_dequantize,
+    gptq_gemm,
+    gptq_matmul_dequant,
+    triton_interpreted,
+)
+from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
+from qtool.kernels.repack import GptqComputeWeight, repack_gptq
+
+logger = logging.getLogger(__name__)
+
+SKINNY_MAX_M = 16  # M up to this is "skinny": BM = 16 tiles; prepare() reserves split-K workspace for it
+MAX_M_BUCKET = 4096
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket a call is tuned under: the next power of two, capped."""
+    return min(1 << max(m - 1, 0).bit_length(), MAX_M_BUCKET)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is served: kind "gemv" | "gemm" (Triton kernels) | "dequant" (dequantize + torch.matmul)."""
+
+    kind: str
+    config: GemvConfig | GemmConfig | None = None
+
+    def describe(self) -> str:
+        if self.config is None:
+            return self.kind
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
+        return f"{self.kind}({fields})"
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    m_bucket: int
+    out_features: int
+    k_rows: int
+    bits: int
+    group_rows: int
+    has_perm: bool
+    has_zeros: bool
+    dtype: str
+    device: str
+
+
+def tune_key(weight: GptqComputeWeight, m: int, dtype: torch.dtype, device: torch.device) -> TuneKey:
+    return TuneKey(m_bucket(m), weight.out_features, weight.k_rows, weight.bits, weight.group_rows,
+                   weight.perm is not None, weight.zeros is not None, str(dtype), str(device))
+
+
+def _split_for(tiles_mn: int, k_tiles: int, target_programs: int) -> int:
+    """Splits along K that bring the grid near target_programs without leaving a split empty."""
+    split = max(1, min(k_tiles, round(target_programs / max(tiles_mn, 1))))
+    per_split = math.ceil(k_tiles / split)
+    return math.ceil(k_tiles / per_split)
+
+
+# (block_n, K rows per tile, warps, sum rows every tile, programs per SM, prefetch). block_n = 128*warps puts the
+# warps side by side along N so each thread holds whole columns of the tile: the per-column scale needs no layout
+# conversion and rows are summed in-thread every tile. block_n <= 128 stacks the warps along K instead. Prefetch
+# (tile t+1 loaded while tile t is computed) pays with longer loops, hence fewer programs per SM.
+GEMV_SHAPES = (
+    (128, 128, 4, False, 4, False), (1024, 32, 4, True, 4, False), (512, 32, 2, True, 4, False),
+    (256, 128, 4, False, 4, False), (128, 64, 4, False, 8, False), (64, 128, 2, False, 8, False),
+    (128, 128, 4, False, 2, True), (128, 64, 4, False, 4, True), (1024, 32, 4, True, 2, True),
+    (1024, 16, 4, True, 4, True), (256, 64, 4, False, 2, True), (512, 32, 4, True, 2, True),
+)
+# the multi-row GEMV (2 <= M <= MAX_GEMV_ROWS): each thread's FMA work grows with M, so narrower tiles
+GEMV_ROWS_SHAPES = (
+    (256, 32, 4, True, 4, False), (512, 32, 4, True, 2, False), (256, 64, 4, False, 4, False),
+    (128, 64, 4, False, 8, False),
+)
+
+
+def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Plan]:
+    rows_per_unit = unit_rows(weight.bits)
+    num_units = weight.k_rows // rows_per_unit
+    plans = []
+    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m == 1 else GEMV_ROWS_SHAPES):
+        units = max(1, tile_rows // rows_per_unit)
+        while units > 1 and not gemv_tile_fits(weight, units):
+            units //= 2
+        if not gemv_tile_fits(weight, units):
+            continue
+        tiles_n = triton.cdiv(weight.out_features, block_n)
+        split = _split_for(tiles_n, triton.cdiv(num_units, units), per_sm * num_sms)
+        plan = Plan("gemv", GemvConfig(block_n=block_n, units=units, split_k=split, num_warps=warps,
+                                       row_sum_each_tile=row_sum, prefetch=prefetch))
+        if plan not in plans:
+            plans.append(plan)
+    return plans
+
+
+def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    magic_ok = not (dtype == torch.bfloat16 and weight.bits > 7)
+    mode_small = MODE_MAGIC if magic_ok else MODE_DEQUANT
+    if m <= SKINNY_MAX_M:
+        shapes = [  # (BM, BN, BK, unpack, mode, warps, stages, programs per SM)
+            (16, 64, 128, UNPACK_RESHAPE, mode_small, 4, 2, 4), (16, 64, 128, UNPACK_POINTER, mode_small, 4, 2, 4),
+            (16, 128, 128, UNPACK_RESHAPE, mode_small, 4, 2, 2), (16, 64, 256, UNPACK_RESHAPE, mode_small, 4, 2, 4),
+            (16, 128, 64, UNPACK_POINTER, mode_small, 4, 3, 4), (16, 32, 128, UNPACK_RESHAPE, mode_small, 2, 2, 8),
+            (16, 64, 64, UNPACK_RESHAPE, mode_small, 4, 3, 8),
+        ]
+    elif m <= 128:
+        shapes = [
+            (32, 64, 64, UNPACK_POINTER, mode_small, 4, 3, 2), (32, 128, 64, UNPACK_RESHAPE, mode_small, 4, 3, 2),
+            (64, 64, 64, UNPACK_POINTER, MODE_DEQUANT, 4, 3, 2), (64, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 4, 3, 0),
+            (64, 128, 128, UNPACK_RESHAPE, mode_small, 8, 3, 0), (128, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+        ]
+    else:
+        # the weight tile is dequantized once per program and used for BM rows: BM = 256 halves that cost per
+        # flop, which is what keeps the tensor cores fed at large M
+        shapes = [
+            (128, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0), (256, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+            (256, 128, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 3, 0), (128, 256, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+            (128, 128, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 4, 0), (256, 64, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 4, 0),
+        ]
+    plans = []
+    for bm, bn, bk, unpack, mode, warps, stages, per_sm in shapes:
+        while bk > 32 and weight.group_rows % bk:
+            bk //= 2
+        split = 1
+        if per_sm:
+            tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+            split = _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, mode=mode, unpack=unpack,
+                            num_warps=warps, num_stages=stages)
+        if gemm_config_valid(weight, config, dtype) and Plan("gemm", config) not in plans:
+            plans.append(Plan("gemm", config))
+    if m >= 32:
+        plans.append(Plan("dequant"))
+    return plans
+
+
+def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    """Plans worth timing for a call with M rows; the first is the untimed default."""
+    plans = _gemv_candidates(weight, m, num_sms) if m <= MAX_GEMV_ROWS else []
+    plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
+    return plans
+
+
+def interpreter_plan(weight: GptqComputeWeight, m: int, dtype: torch.dtype) -> Plan:
+    """One small fixed plan for TRITON_INTERPRET runs (split-K on, so the reduction path is exercised)."""
+    if m <= MAX_GEMV_ROWS:
+        units = max(1, 32 // unit_rows(weight.bits))
+        while units > 1 and not gemv_tile_fits(weight, units):
+            units //= 2
+        return Plan("gemv", GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, prefetch=m == 1))
+    mode = MODE_DEQUANT if dtype == torch.bfloat16 and weight.bits > 7 else MODE_MAGIC
+    if m <= SKINNY_MAX_M:
+        return Plan("gemm", GemmConfig(16, 32, 32, split_k=2, mode=mode, num_warps=1))
+    return Plan("gemm", GemmConfig(32, 32, 32, split_k=1, mode=mode, num_warps=1))
+
+
+@dataclass
+class SplitKWorkspace:
+    """Zeroed float32 partial sums and int32 arrival counters of one device; the kernels leave them zero."""
+
+    partials: torch.Tensor
+    counters: torch.Tensor
+
+    @classmethod
+    def allocate(cls, device: torch.device, partials: int, counters: int) -> "SplitKWorkspace":
+        return cls(torch.zeros(partials, dtype=torch.float32, device=device),
+                   torch.zeros(counters, dtype=torch.int32, device=device))
+
+    def fits(self, partials: int, counters: int) -> bool:
+        return self.partials.numel() >= partials and self.counters.numel() >= counters
+
+
+def _median_ms(fn: Callable[[], object]) -> float:
+    try:
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    except TypeError:  # older signature
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=[0.5])[0]
+
+
+@dataclass
+class KernelTuner:
+    """Chooses a plan per TuneKey once (timing every candidate that computes the right result) and caches it."""
+
+    timer: Callable[[Callable[[], object]], float] = _median_ms
+    plans: dict[TuneKey, Plan] = field(default_factory=dict)
+    timings: dict[TuneKey, list[tuple[str, float | str]]] = field(default_factory=dict)
+
+    def choose(self, key: TuneKey, candidates: list[Plan], run: Callable[[Plan], torch.Tensor],
+               reference: Callable[[], torch.Tensor]) -> Plan:
+        if key in self.plans:
+            return self.plans[key]
+        expected = reference().float()
+        scale = expected.norm().item() or 1.0
+        results: list[tuple[str, float | str]] = []
+        best, best_ms = None, math.inf
+        for plan in candidates:
+            try:
+                got = run(plan).float()
+                error = (got - expected).norm().item() / scale
+                if not math.isfinite(error) or error > 2e-2:
+                    results.append((plan.describe(), f"wrong result (relative error {error:.2e})"))
+                    continue
+                ms = self.timer(lambda: run(plan))
+            except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
+                results.append((plan.describe(), f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+                continue
+            results.append((plan.describe(), ms))
+            if ms < best_ms:
+                best, best_ms = plan, ms
+        if best is None:
+            best = Plan("dequant")
+            logger.warning("triton GPTQ: no kernel config worked for %s; using dequantize + torch.matmul", key)
+        else:
+            logger.info("triton GPTQ: %s -> %s (%.1f us)", key, best.describe(), best_ms * 1e3)
+        self.plans[key] = best
+        self.timings[key] = results
+        return best
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+class TritonBackend:
+    """GPTQ matmul through the Triton kernels of this package. State (tuned plans, split-K workspaces) lives on
+    the instance: share one instance across layers. The first call of each M bucket tunes (and may grow the
+    workspace), so run every bucket once before capturing CUDA graphs. Layers share one workspace per device:
+    calls must not run concurrently on different streams."""
+
+    name = "triton"
+
+    def __init__(self, tune: bool = True, tuner: KernelTuner | None = None):
+        self.tune = tune
+        self.tuner = tuner or KernelTuner()
+        self._workspaces: dict[str, SplitKWorkspace] = {}
+
+    def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
+        """None when this backend can serve such a layer, else why not."""
+        device = torch.device(device)
+        if bits not in (2, 3, 4, 8):
+            return f"{bits}-bit weights are not supported (2, 3, 4, 8 are)"
+        if device.type == "cuda":
+            if triton_interpreted():
+                return "the kernels were built by the Triton interpreter (TRITON_INTERPRET=1), which is for CPU tests"
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            if torch.cuda.get_device_capability(device)[0] < 8:
+                return "needs a GPU of compute capability 8.0 or newer"
+            return None
+        if device.type == "cpu":
+            return None if triton_interpreted() else "on CPU the Triton kernels run only under TRITON_INTERPRET=1"
+        return f"device type {device.type} is not supported"
+
+    def prepare(self, tensors) -> GptqComputeWeight:
+        """Repack one layer (a GptqLinearTensors) into the compute layout; reserves its split-K workspace."""
+        weight = repack_gptq(tensors.qweight, tensors.qzeros, tensors.scales, tensors.g_idx, tensors.bits,
+                             tensors.checkpoint_format, tensors.bias)
+        self._workspace(weight.qweight.device, SKINNY_MAX_M * weight.out_features,
+                        triton.cdiv(weight.out_features, 16))
+        return weight
+
+    def _workspace(self, device: torch.device, partials: int, counters: int) -> SplitKWorkspace:
+        key = str(device)
+        current = self._workspaces.get(key)
+        if current is None or not current.fits(partials, counters):
+            if current is not None:
+                partials = max(partials, current.partials.numel())
+                counters = max(counters, current.counters.numel())
+            current = SplitKWorkspace.allocate(device, partials, counters)
+            self._workspaces[key] = current
+        return current
+
+    def run_plan(self, plan: Plan, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
+        """y [M, N] for a 2-D x with unit column stride, served exactly as `plan` says."""
+        if plan.kind == "dequant":
+            return gptq_matmul_dequant(x, weight)
+        m, n = x.shape[0], weight.out_features
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if plan.config.split_k > 1:
+            ws = self._workspace(x.device, m * n, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+        else:  # unused by the kernel; any zeroed buffers do
+            ws = self._workspace(x.device, 1, 1)
+        if plan.kind == "gemv":
+            return gptq_gemv(x, weight, plan.config, out, ws.partials, ws.counters)
+        return gptq_gemm(x, weight, plan.config, out, ws.partials, ws.counters)
+
+    def plan_for(self, x: torch.Tensor, weight: GptqComputeWeight) -> Plan:
+        m = x.shape[0]
+        if triton_interpreted():
+            return interpreter_plan(weight, m, x.dtype)
+        key = tune_key(weight, m, x.dtype, x.device)
+        cached = self.tuner.plans.get(key)  # the common case: decided before; build nothing per call
+        if cached is not None:
+            return cached
+        candidates = candidate_plans(weight, m, x.dtype, _num_sms(x.device))
+        if not self.tune:
+            self.tuner.plans[key] = candidates[0]
+            return candidates[0]
+        return self.tuner.choose(
+            key, candidates, lambda plan: self.run_plan(plan, x, weight),
+            lambda: torch.matmul(x.float(), gptq_dequantize(weight, torch.float32))
+            + (0 if weight.bias is None else weight.bias.float()),
+        )
+
+    def matmul(self, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
+        """y[..., N] = x[..., K] @ W^T + bias, in x's dtype."""
+        if x.shape[-1] != weight.in_features:
+            raise QtoolError(f"input has {x.shape[-1]} features, the quantized linear expects {weight.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, weight.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, weight.out_features)
+        if x2.stride(-1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
+            x2 = x2.contiguous()
+        if x.dtype not in KERNEL_DTYPES:
+            y = gptq_matmul_dequant(x2, weight)
+        else:
+            y = self.run_plan(self.plan_for(x2, weight), x2, weight)
+        return y.reshape(*lead, weight.out_features)

@@ -1,0 +1,201 @@
+"""The Triton GEMM (tl.dot, both weight-tile modes and unpack schemes, split-K), the dequantize kernel and the
+backend's dispatch by M, against y = x @ W^T + b in float64 from random codes packed here independently."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from qtool.kernels.gptq_gemm_triton import (  # noqa: E402
+    MODE_DEQUANT,
+    MODE_MAGIC,
+    UNPACK_RESHAPE,
+    GemmConfig,
+    gemm_config_valid,
+    gptq_dequantize,
+    gptq_gemm,
+    triton_interpreted,
+)
+from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
+from qtool.kernels.repack import repack_gptq  # noqa: E402
+from qtool.kernels.triton_backend import KernelTuner, Plan, TritonBackend, candidate_plans, m_bucket, tune_key  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def kernels_can_run():
+    assert DEVICE == "cuda" or triton_interpreted(), (
+        "qtool.kernels were imported before TRITON_INTERPRET=1 was set; on a CPU-only machine set it in "
+        "tests/conftest.py or the environment"
+    )
+
+
+def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, cols] codes -> int32 [rows, cols*bits/32]: each row one little-endian bit stream (Python ints)."""
+    out = []
+    for row in values.tolist():
+        stream = sum(int(v) << (bits * j) for j, v in enumerate(row))
+        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(len(row) * bits // 32)]
+        out.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed):
+    """(codes [N,K], scales [G,N] f16, zeros [G,N], g_idx [K], GptqLinearTensors on DEVICE)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else math.ceil(k / group_size)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
+    zeros = torch.randint(1, 1 << bits, (groups, n), generator=gen) if asym else torch.full((groups, n), 1 << (bits - 1))
+    g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else torch.arange(k, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    tensors = GptqLinearTensors(
+        pack_stream(codes, bits).T.contiguous().to(DEVICE), pack_stream(stored_zeros, bits).to(DEVICE),
+        scales.to(DEVICE), g_idx.to(DEVICE), bias.to(DEVICE), bits, group_size, checkpoint_format,
+    )
+    return codes, scales, zeros, g_idx, tensors
+
+
+def reference_weight(codes, scales, zeros, g_idx):
+    rows = g_idx.long()
+    return scales.double()[rows].T * (codes.double() - zeros.double()[rows].T)
+
+
+def reference(x, codes, scales, zeros, g_idx, bias):
+    y = x.double().cpu() @ reference_weight(codes, scales, zeros, g_idx).T
+    return y if bias is None else y + bias.double().cpu()
+
+
+def relative_error(y, ref):
+    return ((y.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+def repacked(t: GptqLinearTensors):
+    return repack_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.checkpoint_format, t.bias)
+
+
+# (bits, group_size, act_order, asym, format, dtype, M, config)
+CASES = [
+    (2, 64, True, True, "gptq", torch.float16, 3, GemmConfig(16, 32, 32, split_k=2, unpack=UNPACK_RESHAPE)),
+    (2, -1, False, False, "gptq_v2", torch.bfloat16, 17, GemmConfig(16, 32, 64, split_k=1, mode=MODE_DEQUANT)),
+    (3, 64, True, True, "gptq_v2", torch.bfloat16, 17, GemmConfig(32, 32, 32, split_k=3)),
+    (3, 32, False, True, "gptq", torch.float16, 64, GemmConfig(32, 32, 32, split_k=1, mode=MODE_DEQUANT)),
+    (4, 64, True, True, "gptq", torch.bfloat16, 3, GemmConfig(16, 32, 64, split_k=2, unpack=UNPACK_RESHAPE)),
+    (4, 64, False, False, "gptq", torch.float16, 64, GemmConfig(32, 32, 32, split_k=1, unpack=UNPACK_RESHAPE, mode=MODE_DEQUANT)),
+    (4, -1, False, True, "gptq_v2", torch.bfloat16, 64, GemmConfig(64, 32, 32, split_k=1)),
+    (4, 32, True, True, "gptq_v2", torch.float16, 17, GemmConfig(16, 32, 32, split_k=5)),
+    (8, 64, True, True, "gptq_v2", torch.float16, 17, GemmConfig(16, 32, 32, split_k=2, unpack=UNPACK_RESHAPE)),
+    (8, -1, False, False, "gptq", torch.bfloat16, 3, GemmConfig(16, 32, 32, split_k=2, mode=MODE_DEQUANT)),
+    (8, 32, False, True, "gptq", torch.bfloat16, 64, GemmConfig(32, 32, 32, split_k=1, mode=MODE_DEQUANT, unpack=UNPACK_RESHAPE)),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", CASES)
+def test_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
+    n, k = 96, 160
+    seed = bits * 1000 + group_size * 10 + m
+    codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed)
+    weight = repacked(t)
+    assert gemm_config_valid(weight, config, dtype)
+    workspace = torch.zeros(m * n, device=DEVICE)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    gptq_gemm(x, weight, config, out, workspace, counters)
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[dtype]
+    assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+
+
+def test_magic_mode_refuses_8bit_bfloat16():
+    """1 + q/256 is not exact in bfloat16, so that combination must go through MODE_DEQUANT."""
+    *_, t = random_gptq_layer(32, 64, 8, 32, False, True, "gptq_v2", seed=1)
+    weight = repacked(t)
+    assert not gemm_config_valid(weight, GemmConfig(16, 32, 32, mode=MODE_MAGIC), torch.bfloat16)
+    assert gemm_config_valid(weight, GemmConfig(16, 32, 32, mode=MODE_MAGIC), torch.float16)
+    assert gemm_config_valid(weight, GemmConfig(16, 32, 32, mode=MODE_DEQUANT), torch.bfloat16)
+    assert not gemm_config_valid(weight, GemmConfig(16, 32, 64), torch.float16)  # K tile straddles groups of 32
+
+
+@pytest.mark.parametrize("bits,act_order", [(3, True), (4, False), (8, True)])
+def test_dequantize_writes_original_column_order(bits, act_order):
+    codes, scales, zeros, g_idx, t = random_gptq_layer(64, 160, bits, 64, act_order, True, "gptq", seed=bits)
+    w_t = gptq_dequantize(repacked(t), torch.float32)
+    expected = reference_weight(codes, scales, zeros, g_idx).T
+    torch.testing.assert_close(w_t.double().cpu(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("m,dtype", [(1, torch.float16), (3, torch.bfloat16), (17, torch.float16), (64, torch.bfloat16), (5, torch.float32)])
+def test_backend_matmul_every_m_bucket(m, dtype):
+    """TritonBackend.matmul on [1, m, K] inputs: the GEMV, split-K, tiled and float32 (dequantize) paths."""
+    bits, n, k = 4, 96, 160
+    codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, 64, True, True, "gptq", seed=m)
+    backend = TritonBackend(tune=False)  # on CUDA: the default plan of each bucket; every candidate is tested below
+    layer = backend.prepare(t)
+    x = torch.randn(1, m, k, generator=torch.Generator().manual_seed(m + 100)).to(dtype).to(DEVICE)
+    y = backend.matmul(x, layer)
+    assert y.shape == (1, m, n) and y.dtype == dtype
+    assert relative_error(y.reshape(m, n), reference(x.reshape(m, k), codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[dtype]
+
+
+def test_tuner_picks_fastest_correct_plan_once():
+    """Wrong or failing candidates are skipped, the fastest correct one is cached per key."""
+    expected = torch.randn(4, 8)
+    outputs = {"slow": expected.clone(), "fast-wrong": expected + 1.0, "fast": expected + 1e-4, "broken": None}
+    ms_of_output = {id(outputs["slow"]): 2.0, id(outputs["fast-wrong"]): 0.1, id(outputs["fast"]): 0.5}
+    calls = []
+
+    def run(plan):
+        calls.append(plan.kind)
+        if outputs[plan.kind] is None:
+            raise RuntimeError("does not compile")
+        return outputs[plan.kind]
+
+    tuner = KernelTuner(timer=lambda fn: ms_of_output[id(fn())])
+    *_, t = random_gptq_layer(32, 64, 4, 32, False, True, "gptq_v2", seed=3)
+    key = tune_key(repacked(t), 3, torch.float16, torch.device("cpu"))
+    plans = [Plan(name) for name in outputs]
+    assert tuner.choose(key, plans, run, lambda: expected).kind == "fast"
+    assert [r[0] for r in tuner.timings[key]] == list(outputs)
+    calls.clear()
+    assert tuner.choose(key, plans, run, lambda: expected).kind == "fast" and not calls  # cached: nothing re-run
+    assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 1000, 10**6)] == [1, 2, 4, 16, 32, 1024, 4096]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles every tuning candidate; needs CUDA")
+@pytest.mark.parametrize("bits,group_size,act_order,dtype", [
+    (4, 128, False, torch.bfloat16), (4, 32, True, torch.float16), (3, 128, False, torch.bfloat16), (8, -1, False, torch.float16),
+])
+def test_every_tuning_candidate_on_gpu(bits, group_size, act_order, dtype):
+    """Every plan the tuner may pick computes the right result (the tuner would silently drop a wrong one)."""
+    n, k = 768, 1024
+    codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, group_size, act_order, True, "gptq_v2", seed=bits)
+    backend = TritonBackend(tune=False)
+    layer = backend.prepare(t)
+    failures = []
+    for m in (1, 3, 16, 48, 256):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+        ref = reference(x, codes, scales, zeros, g_idx, t.bias)
+        for plan in candidate_plans(layer, m, dtype, torch.cuda.get_device_properties(0).multi_processor_count):
+            for attempt in range(2):  # the second call catches a split-K workspace left dirty by the first
+                try:
+                    y = backend.run_plan(plan, x, layer)
+                    torch.cuda.synchronize()
+                except Exception as exc:  # report every failing config, not just the first
+                    failures.append(f"M={m}: {plan.describe()}: {type(exc).__name__}: {str(exc)[:300]}")
+                    break
+                error = relative_error(y, ref)
+                if not error < TOLERANCE[dtype]:
+                    failures.append(f"M={m} call {attempt}: {plan.describe()}: relative error {error:.2e}")
+    assert not failures, "\n".join(failures)

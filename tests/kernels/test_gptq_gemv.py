@@ -1,0 +1,186 @@
+"""The Triton GEMV (M = 1) and the compute-layout repack against y = x @ W^T + b in float64, W built from random
+codes, scales and zeros packed here by an independent bit-stream packer: every bit width, act order, groups
+that do not divide K, padded irregular groups, per-channel, sym/asym, v1/v2, fp16/bf16, split-K."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from qtool.kernels.gptq_gemm_triton import triton_interpreted  # noqa: E402
+from qtool.kernels.gptq_gemv_triton import GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows  # noqa: E402
+from qtool.kernels.repack import repack_gptq  # noqa: E402
+from qtool.kernels.triton_backend import TritonBackend  # noqa: E402
+from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def kernels_can_run():
+    assert DEVICE == "cuda" or triton_interpreted(), (
+        "qtool.kernels were imported before TRITON_INTERPRET=1 was set; on a CPU-only machine set it in "
+        "tests/conftest.py or the environment"
+    )
+
+
+def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, cols] codes -> int32 [rows, cols*bits/32]: each row one little-endian bit stream (Python ints)."""
+    out = []
+    for row in values.tolist():
+        stream = sum(int(v) << (bits * j) for j, v in enumerate(row))
+        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(len(row) * bits // 32)]
+        out.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])
+    return torch.tensor(out, dtype=torch.int32)
+
+
+def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed, irregular=False):
+    """(codes [N,K], scales [G,N] f16, zeros [G,N], g_idx [K], GPTQ tensors dict, bias f16)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else math.ceil(k / group_size)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
+    if asym:
+        zeros = torch.randint(1, 1 << bits, (groups, n), generator=gen)
+    else:
+        zeros = torch.full((groups, n), 1 << (bits - 1))
+    g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else torch.arange(k, dtype=torch.int32) // group_size
+    if irregular:  # groups of unequal size, as some quantizers write: the repack pads them
+        g_idx = torch.randint(0, groups, (k,), generator=gen, dtype=torch.int32)
+        g_idx[:groups] = torch.arange(groups, dtype=torch.int32)
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)]
+    stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
+    tensors = {
+        "qweight": pack_stream(codes, bits).T.contiguous(),
+        "qzeros": pack_stream(stored_zeros, bits),
+        "scales": scales,
+        "g_idx": g_idx,
+    }
+    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    return codes, scales, zeros, g_idx, tensors, bias
+
+
+def reference(x, codes, scales, zeros, g_idx, bias):
+    rows = g_idx.long()
+    weight = scales.double()[rows].T * (codes.double() - zeros.double()[rows].T)
+    y = x.double().cpu() @ weight.T
+    return y if bias is None else y + bias.double()
+
+
+def relative_error(y, ref):
+    return ((y.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+# (bits, group_size, act_order, asym, checkpoint format, irregular groups, dtype, split_k)
+CASES = [
+    (2, 64, True, True, "gptq", False, torch.float16, 3),
+    (2, -1, False, False, "gptq_v2", False, torch.bfloat16, 1),
+    (3, 64, True, True, "gptq_v2", False, torch.bfloat16, 3),
+    (3, 32, False, False, "gptq", False, torch.float16, 1),
+    (3, 48, True, True, "gptq", False, torch.float16, 3),  # 48 is no multiple of 32: padded groups
+    (4, 64, True, True, "gptq", False, torch.bfloat16, 3),
+    (4, 64, False, False, "gptq", False, torch.float16, 1),
+    (4, -1, False, True, "gptq_v2", False, torch.float16, 3),
+    (4, 32, True, True, "gptq_v2", True, torch.bfloat16, 3),
+    (8, 64, True, True, "gptq_v2", False, torch.float16, 3),
+    (8, -1, False, False, "gptq", False, torch.bfloat16, 1),
+    (8, 32, False, True, "gptq", True, torch.float16, 3),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,irregular,dtype,split_k", CASES)
+def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, irregular, dtype, split_k):
+    n, k = 96, 160
+    seed = bits * 1000 + group_size * 10 + act_order
+    codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed, irregular)
+    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, fmt, bias.to(DEVICE))
+    assert (weight.perm is not None) == (act_order or irregular or group_size == 48)
+    assert (weight.zeros is not None) == asym
+    units = 32 // unit_rows(bits)
+    while not gemv_tile_fits(weight, units):
+        units //= 2
+    workspace = torch.zeros(n, device=DEVICE)
+    counters = torch.zeros(n // 32, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
+    out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
+    # prefetch (two tiles in flight) on every other case, so both loop forms are checked at each bit width
+    config = GemvConfig(block_n=32, units=units, split_k=split_k, num_warps=1, row_sum_each_tile=act_order, prefetch=not asym)
+    gptq_gemv(x, weight, config, out, workspace, counters)
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, bias)) < TOLERANCE[dtype]
+    assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+
+
+def test_gemv_without_bias_uneven_tiles():
+    """N not a multiple of the column block and K not a multiple of the K tile: masked edges; rows summed every
+    tile."""
+    n, k, bits = 160, 96, 4
+    codes, scales, zeros, g_idx, t, _ = random_gptq_layer(n, k, bits, -1, False, True, "gptq_v2", seed=7)
+    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, "gptq_v2")
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(8)).half().to(DEVICE)
+    out = torch.full((1, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    workspace, counters = torch.zeros(n, device=DEVICE), torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    config = GemvConfig(block_n=64, units=8, split_k=2, num_warps=2, row_sum_each_tile=True, prefetch=True)
+    gptq_gemv(x, weight, config, out, workspace, counters)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, None)) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,m,dtype,row_sum", [
+    (4, 32, True, 2, torch.float16, True), (3, 64, False, 3, torch.bfloat16, False),
+    (8, 64, True, 5, torch.bfloat16, True), (2, -1, False, 8, torch.float16, False),
+])
+def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum):
+    """The multi-row GEMV (2 <= M <= 8, rows padded to a power of two): every row against the float64 reference,
+    split-K on, x with a row stride larger than K."""
+    n, k = 96, 160
+    codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, group_size, act_order, True, "gptq", seed=50 + m)
+    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, "gptq", bias.to(DEVICE))
+    units = 32 // unit_rows(bits)
+    while not gemv_tile_fits(weight, units):
+        units //= 2
+    wide = torch.randn(m, k + 32, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
+    x = wide[:, :k]  # row stride k + 32
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+    workspace, counters = torch.zeros(m * n, device=DEVICE), torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    config = GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, row_sum_each_tile=row_sum)
+    gptq_gemv(x, weight, config, out, workspace, counters)
+    assert torch.isfinite(out).all(), "an output element was not written"
+    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, bias)) < TOLERANCE[dtype]
+    assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+
+
+def test_repack_sorts_groups_contiguous():
+    """After the repack, compute row r belongs to group r // group_rows and reads input column perm[r]."""
+    n, k, bits = 32, 160, 4
+    codes, scales, zeros, g_idx, t, _ = random_gptq_layer(n, k, bits, 64, True, True, "gptq", seed=3)
+    weight = repack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq")
+    perm = weight.perm.long()
+    assert sorted(perm.tolist()) == list(range(k))
+    assert torch.equal(g_idx[perm].long(), torch.arange(k) // weight.group_rows)
+    assert weight.group_rows == 64 and weight.k_rows == k
+    # the sorted rows hold the codes of the columns they name
+    shifts = torch.arange(0, 32, bits)
+    unpacked = ((weight.qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(k, n)
+    assert torch.equal(unpacked, codes.T[perm].to(unpacked.dtype))
+
+
+def test_backend_matmul_single_row_3d_input():
+    """TritonBackend.matmul on x [1, 1, K] takes the GEMV path and keeps the leading dims."""
+    n, k, bits = 64, 128, 4
+    codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, 32, True, True, "gptq", seed=11)
+    backend = TritonBackend(tune=False)
+    layer = backend.prepare(GptqLinearTensors(t["qweight"].to(DEVICE), t["qzeros"].to(DEVICE), t["scales"].to(DEVICE),
+                                              t["g_idx"].to(DEVICE), bias.to(DEVICE), bits, 32, "gptq"))
+    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(12)).bfloat16().to(DEVICE)
+    assert backend.plan_for(x.reshape(1, k), layer).kind == "gemv"
+    y = backend.matmul(x, layer)
+    assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
+    assert relative_error(y.reshape(1, n), reference(x.reshape(1, k), codes, scales, zeros, g_idx, bias)) < 1e-2
