@@ -128,6 +128,7 @@ def quantize_layer(
     config: QuantConfig,
     store_device: torch.device,
     replay: bool = True,
+    on_group: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
     layer's outputs per batch).
@@ -200,6 +201,8 @@ def quantize_layer(
         return quantized, reports, run_pass([], {})
 
     for group in groups:
+        if on_group is not None:
+            on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
         accumulator = HessianAccumulator(group[0][1].in_features, device=group[0][1].weight.device)
         run_pass([(group[0][1], _hessian_hook(accumulator, stop=True))], next_swaps())
         q, r = solve_group(group, _usable_hessian(accumulator, group), config)

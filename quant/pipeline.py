@@ -236,8 +236,11 @@ def quantize_model(
         def run_batch(sample: int) -> torch.Tensor:
             return run_layer(layer, layer_inputs, sample, device=compute)
 
+        def on_group(modules: str, index: int = index) -> None:
+            report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+
         layer_quantized, layer_reports, outputs = quantize_layer(
-            layer, _relative(groups, prefix), len(windows), run_batch, config, storage
+            layer, _relative(groups, prefix), len(windows), run_batch, config, storage, on_group=on_group
         )
         layers[index] = layer.to("cpu")
         for module_report in layer_reports:

@@ -158,11 +158,45 @@ def _check_weight_files(directory: Path, allow_pickle: bool) -> None:
         raise QtoolError(f"{directory} has no weight files (*.safetensors)", "point at a complete model directory")
 
 
+def load_gguf_float_model(source: ModelSource) -> Any:
+    """The GGUF model dequantized to a plain float32 transformers model, from the float copy cached by an earlier
+    load when there is one (see qtool.runtime.gguf_cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtool.runtime.gguf_cache import cached_float_dir, is_complete, store_float_copy
+
+    gguf_file = source.path / source.gguf_file
+    cached = cached_float_dir(gguf_file)
+    if is_complete(cached):
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32)
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.warning("ignoring the cached float copy %s: %s", cached, exc)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch.float32)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise QtoolError(f"cannot read GGUF file {gguf_file}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF model of a supported architecture") from exc
+    model = plain_model_copy(model)
+    if cached is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        except (OSError, ValueError):
+            tokenizer = None
+        if tokenizer is not None:  # a copy without its tokenizer could not stand in for the file
+            store_float_copy(cached, model, tokenizer)
+    return model
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
         if source.kind == "gguf":
+            from qtool.runtime.gguf_cache import cached_float_dir, is_complete
+
+            cached = cached_float_dir(source.path / source.gguf_file)
+            if is_complete(cached):
+                return AutoTokenizer.from_pretrained(str(cached))
             return AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
         return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -177,10 +211,16 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
+    backend: str = "auto",
 ) -> LoadedModel:
     """Load a model for any command: float HF directories, GGUF files (dequantized), Hub ids, and qtool/GPTQ
-    quantized checkpoints (quantized linears kept quantized)."""
+    quantized checkpoints (quantized linears kept quantized, their matmuls served by `backend`: auto, torch or
+    triton, see qtool.kernels.registry)."""
     from transformers import AutoModelForCausalLM
+
+    from qtool.kernels.quant_linear import check_backend_name
+
+    check_backend_name(backend)
 
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     if source.kind == "hub":
@@ -192,18 +232,21 @@ def load_model(
     if quantization_config and quantization_config.get("quant_method") == "gptq":
         from qtool.convert.checkpoint import load_quantized_model
 
-        model = load_quantized_model(source.path, device=str(torch_device), dtype=torch_dtype)
-    elif quantization_config and quantization_config.get("quant_method") not in (None, "gptq"):
+        model = load_quantized_model(source.path, device=str(torch_device), dtype=torch_dtype, backend=backend)
+    elif quantization_config and quantization_config.get("quant_method") == "exl2":
+        from qtool.convert.exl2_checkpoint import load_exl2_model
+        from qtool.kernels.exl2_linear import EXL2_BACKENDS
+
+        if backend not in EXL2_BACKENDS:
+            notes.append(f"--backend {backend} serves GPTQ only: EXL2 linears use auto")
+        model = load_exl2_model(source.path, device=str(torch_device), dtype=torch_dtype, backend=backend if backend in EXL2_BACKENDS else "auto")
+    elif quantization_config and quantization_config.get("quant_method") not in (None, "gptq", "exl2"):
         raise QtoolError(
             f"{source.path}: quantization method '{quantization_config.get('quant_method')}' is not supported",
             "qtool loads float models and GPTQ checkpoints",
         )
     elif source.kind == "gguf":
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch_dtype)
-        except (ValueError, OSError, RuntimeError) as exc:
-            raise QtoolError(f"cannot read GGUF file {source.path / source.gguf_file}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF model of a supported architecture") from exc
-        model = plain_model_copy(model).to(torch_device)
+        model = load_gguf_float_model(source).to(device=torch_device, dtype=torch_dtype)
         notes.append("GGUF weights dequantized to float")
     else:
         _check_weight_files(source.path, allow_pickle)
@@ -216,6 +259,8 @@ def load_model(
             ).to(torch_device)
         except (ValueError, OSError, RuntimeError) as exc:
             raise QtoolError(f"cannot load model from {source.path}: {str(exc).splitlines()[0]}", "check the directory holds a complete Hugging Face model") from exc
+    if backend != "auto" and not (quantization_config and quantization_config.get("quant_method") in ("gptq", "exl2")):
+        notes.append(f"--backend {backend} ignored: the model has no quantized linears")
     model.eval()
     tokenizer = load_tokenizer(source, trust_remote_code) if with_tokenizer else None
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, quantization_config=quantization_config, notes=notes)

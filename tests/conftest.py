@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
     # is defined: it must be set before any test module imports qtool.kernels (torch does not import triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests share one float copy of the GGUF model per session (qtool.runtime.gguf_cache), never the user's cache.
+os.environ["QTOOL_CACHE_DIR"] = os.environ.get("QTOOL_TEST_CACHE_DIR") or __import__("tempfile").mkdtemp(prefix="qtool-test-cache-")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"

@@ -1,0 +1,47 @@
+"""The float copy of a GGUF model: where it goes, that it is switched off on request, and (SmolLM2) that the
+second load reads the copy and gives the same weights and tokenizer as the first."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtool.runtime import gguf_cache
+from qtool.runtime.sources import load_model
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "c"))
+    assert gguf_cache.cache_root() == tmp_path / "c"
+    monkeypatch.setenv("QTOOL_CACHE_DIR", "off")
+    assert gguf_cache.cache_root() is None
+    monkeypatch.delenv("QTOOL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gguf_cache.cache_root() == tmp_path / "xdg" / "qtool"
+
+
+def test_key_changes_with_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "c"))
+    file = tmp_path / "m.gguf"
+    file.write_bytes(b"x" * 10)
+    first = gguf_cache.cached_float_dir(file)
+    file.write_bytes(b"x" * 11)
+    assert gguf_cache.cached_float_dir(file) != first
+    assert not gguf_cache.is_complete(first) and not gguf_cache.is_complete(None)
+
+
+@pytest.mark.slow
+def test_second_load_reads_the_float_copy(monkeypatch, tmp_path, smollm2_path):
+    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_model("smollm2-135m", device="cpu", dtype="float32")
+    cached = gguf_cache.cached_float_dir(smollm2_path)
+    assert gguf_cache.is_complete(cached)
+    second = load_model("smollm2-135m", device="cpu", dtype="float32")
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    text = "What is the capital of France?"
+    assert first.tokenizer(text)["input_ids"] == second.tokenizer(text)["input_ids"]
+    assert first.tokenizer.chat_template == second.tokenizer.chat_template
