@@ -20,7 +20,9 @@ $(BIN)/qtool: pyproject.toml
 setup: $(BIN)/qtool
 
 demo: setup
-	$(BIN)/qtool eval smollm2-135m --perplexity ../shared/data/wikitext-2-raw/wiki.test.raw --windows 40
+	$(BIN)/qtool quantize smollm2-135m --bits 4 --group-size 128 --calibration ../shared/data/wikitext-2/wiki.valid.tokens \
+		--samples 128 --seqlen 512 --seed 0 --output $(DEMO_OUT) --force
+	$(BIN)/qtool eval $(DEMO_OUT) --perplexity ../shared/data/wikitext-2-raw/wiki.test.raw --windows 40
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

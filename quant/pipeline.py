@@ -174,8 +174,10 @@ def quantize_model(
     progress: Progress | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    checkpoint_interval_s: float = 30.0,
 ) -> QuantizeResult:
-    """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`."""
+    """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
+    beside the output is saved at least every `checkpoint_interval_s` seconds of work (0: after every layer)."""
     started = time.perf_counter()
     output = Path(output)
     _check_output(output, force)
@@ -223,6 +225,7 @@ def quantize_model(
     quantized: dict[str, QuantizedWeight] = {}
     skipped: dict[str, str] = {}
     modules: list[ModuleReport] = []
+    last_saved = time.monotonic()
     for index in range(num_layers):
         prefix = f"{spec.layers_path}.{index}."
         groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), config)
@@ -248,7 +251,12 @@ def quantize_model(
             log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
         modules.extend(layer_reports)
         next_hidden = [h.to(storage) for h in outputs]
-        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden)
+        # The hidden states are the bulk of the saved state (128 x 512 x hidden floats): save them when enough
+        # work would be lost without them, and after the last layer.
+        due = time.monotonic() - last_saved >= checkpoint_interval_s or index == num_layers - 1
+        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden if due else None)
+        if due:
+            last_saved = time.monotonic()
         inputs = inputs.advanced(next_hidden)
         report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 

@@ -67,9 +67,10 @@ class WorkState:
     def layer_file(self, index: int) -> Path:
         return self.path / f"layer-{index:04d}.safetensors"
 
-    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor]) -> None:
-        """Record layer `index` as done. The layer file and hidden states are written before job.json moves on,
-        so an interruption at any point leaves a consistent state."""
+    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor] | None) -> None:
+        """Write layer `index`'s quantized weights; with `next_hidden` (the inputs of the next layer) also record
+        every layer up to `index` as done. The files are written before job.json moves on, so an interruption at
+        any point leaves a consistent state; layers written without hidden states are redone on resume."""
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {}
         for name, qw in quantized.items():
@@ -79,6 +80,8 @@ class WorkState:
             tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32).contiguous()
             metadata[name] = json.dumps({"bits": qw.bits, "group_size": qw.group_size})
         _write_atomically(self.layer_file(index), lambda p: save_file(tensors, str(p), metadata=metadata))
+        if next_hidden is None:
+            return
         hidden = {f"batch.{i}": h.contiguous() for i, h in enumerate(next_hidden)}
         _write_atomically(self.path / HIDDEN_FILE, lambda p: save_file(hidden, str(p)))
         self.completed_layers = index + 1
