@@ -25,7 +25,7 @@ from qtool.convert.checkpoint import save_quantized_model
 from qtool.convert.gptq_config import qtool_version
 from qtool.convert.gptq_format import check_gptq_layout
 from qtool.eval.datasets import calibration_windows
-from qtool.quant.layer_quantizer import ModuleReport, quantize_layer
+from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_group
 from qtool.quant.types import QuantizedWeight
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
@@ -165,6 +165,33 @@ def _check_output(output: Path, force: bool) -> None:
         raise QtoolError(f"output {output} is a file", "choose a directory path for the checkpoint")
 
 
+def _round_to_nearest(model, tokenizer, spec, config, output, force, report, started, compute, findings) -> QuantizeResult:
+    num_layers = len(decoder_layers(model, spec))
+    quantized: dict[str, QuantizedWeight] = {}
+    skipped: dict[str, str] = {}
+    modules: list[ModuleReport] = []
+    for index in range(num_layers):
+        report(index, num_layers, f"layer {index + 1}/{num_layers}")
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), config)
+        skipped.update(layer_skipped)
+        for group in groups:
+            layer_quantized, reports = solve_group(group, None, config)
+            quantized.update(layer_quantized)
+            modules.extend(reports)
+    if not quantized:
+        raise QtoolError("no linear of the model can be stored in the GPTQ layout", "GPTQ needs input and output widths that are multiples of 32")
+    report(num_layers, num_layers, "writing checkpoint")
+    save_quantized_model(
+        output, model, quantized, quantization_config=checkpoint_quantization_config(config, skipped, 0),
+        tokenizer=tokenizer, checkpoint_format=config.checkpoint_format, force=force,
+    )
+    return QuantizeResult(
+        output=str(output), config=config, layers=num_layers, quantized_linears=len(quantized), skipped_linears=skipped,
+        resumed_from_layer=0, seconds=time.perf_counter() - started, peak_memory_bytes=_peak_memory_bytes(compute),
+        device=str(compute), calibration_tokens=0, modules=modules, findings=findings,
+    )
+
+
 def quantize_model(
     model_spec: str | Path,
     config: QuantConfig,
@@ -198,6 +225,10 @@ def quantize_model(
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
     findings = check_against_model(config, model, spec, compute)
+
+    if config.method == "rtn":
+        # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
+        return _round_to_nearest(model, tokenizer, spec, config, output, force, report, started, compute, findings)
 
     calibration = config.calibration
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)

@@ -222,6 +222,8 @@ def load_model(
 
     check_backend_name(backend)
 
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise QtoolError(f"dtype {dtype!r} is not supported", "use " + ", ".join(DTYPES))
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     if source.kind == "hub":
         source = ModelSource("hf_dir", download_from_hub(source.repo_id), repo_id=source.repo_id, display=source.display)

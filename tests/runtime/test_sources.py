@@ -94,3 +94,11 @@ def test_plain_copy_drops_quantization_marker(tiny_llama):
     ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, tiny_llama(ids).logits)
+
+
+def test_unknown_dtype_is_one_line_error(tmp_path):
+    from qtool.configs.errors import QtoolError
+    from qtool.runtime.sources import load_model
+
+    with pytest.raises(QtoolError, match="float8.*bfloat16"):
+        load_model(str(tmp_path), dtype="float8")
