@@ -7,6 +7,10 @@ from importlib.metadata import version as package_version
 
 import typer
 
+from qtool.cli import convert as convert_command
+from qtool.cli import eval as eval_command
+from qtool.cli import quantize as quantize_command
+from qtool.cli import run as run_command
 from qtool.cli import validate as validate_command
 
 app = typer.Typer(
@@ -31,6 +35,15 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what qtool decides (INFO level)."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # qtool draws its own progress bars; transformers' per-tensor loading bars would interleave with them.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
+app.command("quantize")(quantize_command.quantize)
+app.command("convert")(convert_command.convert)
 app.command("validate")(validate_command.validate)
+app.command("eval")(eval_command.eval_model)
+app.command("run")(run_command.run)

@@ -136,11 +136,11 @@ def _hull(m: LinearMeasurement) -> list[MeasuredCandidate]:
     return hull
 
 
-def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 4096) -> Allocation:
+def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 16384) -> Allocation:
     """One candidate per linear with total bits / total weights at most target_bpw + tolerance and the least sum
     of errors: a multiple-choice knapsack solved by dynamic programming over the bits above each linear's cheapest
     candidate, counted in `resolution` steps of the spare budget (each cost rounded up, so the result always
-    fits; the rounding costs at most one step per linear)."""
+    fits), then the bits the rounding left unspent go to the upgrades that save the most error per bit."""
     import numpy as np
 
     if not measurements:
@@ -175,6 +175,19 @@ def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance
             picks[k] = int(choice[k][budget])
             budget -= cost[k][picks[k]]
     used = sum(h[i].total_bits for h, i in zip(hulls, picks))
+    limit = (target_bpw + tolerance) * weights
+    while True:  # the rounded-up costs leave bits unspent: take the upgrades that save most error per bit
+        best, best_gain = None, 0.0
+        for k, (h, i) in enumerate(zip(hulls, picks)):
+            if i + 1 < len(h):
+                extra = h[i + 1].total_bits - h[i].total_bits
+                gain = (h[i].error - h[i + 1].error) / extra
+                if used + extra <= limit and gain > best_gain:
+                    best, best_gain = k, gain
+        if best is None:
+            break
+        used += hulls[best][picks[best] + 1].total_bits - hulls[best][picks[best]].total_bits
+        picks[best] += 1
     return Allocation(
         choices={m.name: h[i].candidate for m, h, i in zip(measurements, hulls, picks)},
         bits_per_weight=used / weights,

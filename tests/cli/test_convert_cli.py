@@ -1,0 +1,157 @@
+"""`qtool convert` through the Typer app: JSON and table output, the output evaluated by `qtool eval`, and bad
+requests as one red line with exit code 2."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtool.cli.main import app
+from qtool.convert.checkpoint import save_quantized_model
+from qtool.convert.exl2_checkpoint import load_exl2_model
+from qtool.eval.perplexity import perplexity
+from qtool.quant.rtn import rtn_quantize
+
+runner = CliRunner()
+WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained offline on a few words (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS)] * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def gptq_dir(tmp_path, make_tiny_llama):
+    tokenizer = tiny_tokenizer()
+    model = make_tiny_llama(seed=4, vocab_size=len(tokenizer))
+    quantized = {
+        name: rtn_quantize(module.weight.detach(), 4, 32).quantized
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    return save_quantized_model(tmp_path / "gptq", model, quantized, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = random.Random(3)
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(600)))
+    return path
+
+
+def test_json_report_and_eval_of_the_output(tmp_path, gptq_dir, text_file):
+    out = tmp_path / "exl2"
+    result = runner.invoke(app, ["convert", "gptq", "exl2", str(gptq_dir), str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source_format"] == "gptq" and report["target_format"] == "exl2"
+    assert report["lossless"] is False and report["logits_max_abs_diff"] > 0
+    assert len(report["linears"]) == 14 and all(linear["rel_error"] < 0.1 for linear in report["linears"])
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "exl2"
+    # `qtool eval` loads the EXL2 output through load_model; its ppl is that of an independent loop over the
+    # same windows with the model loaded here
+    evaluated = runner.invoke(app, ["eval", str(out), "--perplexity", str(text_file), "--seqlen", "32", "--windows", "3", "--device", "cpu", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    ppl = json.loads(evaluated.stdout)["ppl"]
+    model = load_exl2_model(out, dtype=torch.float32)
+    ids = tiny_tokenizer()(text_file.read_text())["input_ids"]
+    total = 0.0
+    with torch.no_grad():
+        for w in range(3):
+            window = torch.tensor(ids[w * 32 : (w + 1) * 32])
+            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
+            total -= logp[:-1].gather(1, window[1:, None]).sum().item()
+    assert ppl == pytest.approx(math.exp(total / (3 * 31)), rel=1e-4)
+
+
+def test_table_output_and_force(tmp_path, gptq_dir):
+    out = tmp_path / "f16"
+    result = runner.invoke(app, ["convert", "gptq", "float", str(gptq_dir), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "lossless" in result.stdout and "bit-equal" in result.stdout
+    again = runner.invoke(app, ["convert", "gptq", "float", str(gptq_dir), str(out)])
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert runner.invoke(app, ["convert", "gptq", "float", str(gptq_dir), str(out), "--force"]).exit_code == 0
+
+
+def test_round_trip_through_the_cli(tmp_path, gptq_dir):
+    exl2, back = tmp_path / "exl2", tmp_path / "back"
+    assert runner.invoke(app, ["convert", "gptq", "exl2", str(gptq_dir), str(exl2)]).exit_code == 0
+    result = runner.invoke(app, ["convert", "exl2", "gptq", str(exl2), str(back), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["lossless"] is True and report["logits_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["gptx", "exl2"], "did you mean 'gptq'"),
+        (["gptq", "gptq"], "both gptq"),
+        (["exl2", "float"], "is a gptq checkpoint, not exl2"),
+        (["gptq", "exl2", "--bits", "4"], "apply to exl2 -> gptq only"),
+    ],
+)
+def test_bad_requests_are_one_line(tmp_path, gptq_dir, args, message):
+    formats, options = args[:2], args[2:]
+    result = runner.invoke(app, ["convert", *formats, str(gptq_dir), str(tmp_path / "out"), *options])
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source(tmp_path):
+    result = runner.invoke(app, ["convert", "gptq", "exl2", str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "not a checkpoint directory" in result.stderr
+
+
+def test_listed_in_help():
+    assert "convert" in runner.invoke(app, ["--help"]).stdout
+
+
+def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file):
+    out = tmp_path / "exl2_45"
+    args = ["convert", "gptq", "exl2", str(gptq_dir), str(out), "--bpw", "4.5", "--calibration", str(text_file), "--samples", "4", "--seqlen", "32", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert abs(report["bits_per_weight"] - 4.5) <= 0.02 and report["lossless"] is False
+    assert (out / "measurement.json").exists()
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 4.5 and config["calibration"]["rows"] == 4
+    # the reported logits change is the one measured here
+    from qtool.convert.checkpoint import load_quantized_model
+    from qtool.convert.convert import check_ids
+
+    source = load_quantized_model(gptq_dir, dtype=torch.float32)
+    ids = check_ids(tiny_tokenizer(), source.config.vocab_size)
+    with torch.no_grad():
+        diff = load_exl2_model(out, dtype=torch.float32)(ids).logits.double() - source(ids).logits.double()
+    assert report["logits_max_abs_diff"] == pytest.approx(float(diff.abs().max()), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bpw", "4.0"], "needs calibration text"),
+        (["--bpw", "9", "--calibration", "wikitext"], "out of range"),
+        (["--calibration", "wikitext"], "applies with --bpw only"),
+        (["--bpw", "4", "--calibration", "wikitext", "--head-bits", "5"], "--head-bits 5"),
+    ],
+)
+def test_requantize_refusals(tmp_path, gptq_dir, args, message):
+    result = runner.invoke(app, ["convert", "gptq", "exl2", str(gptq_dir), str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and message in result.stderr
