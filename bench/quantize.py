@@ -4,6 +4,12 @@ wiki.test.raw, checkpoint size and quantization time. One JSON line per configur
 
     .venv/bin/python bench/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
     .venv/bin/python bench/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
+    .venv/bin/python bench/quantize.py --speed [--peer-python /work/venv-peer/bin/python]
+
+--speed times the protocol command (`qtool quantize smollm2-135m --bits 4 --group-size 128 ...`) as a whole
+process, once with the float copy of the GGUF model not yet cached (cold) and once cached (warm), and in the
+same run GPTQModel's quantization of the same model with the same calibration (bench/peer_gptqmodel.py, in the
+venv made by bench/setup_peer.sh), and prints the ratios.
 
 A grid entry is NAME=field=value,...; fields are QuantConfig's (bits, group_size, sym, desc_act, static_groups,
 mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format). Perplexity is measured on the
@@ -114,6 +120,52 @@ def run_one(name: str, config: QuantConfig, args, text: str) -> dict:
     return row
 
 
+def protocol_command(out: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "qtool"), "quantize", "smollm2-135m", "--bits", "4", "--group-size", "128",
+        "--calibration", str(CALIBRATION), "--samples", "128", "--seqlen", "512", "--seed", "0",
+        "--output", str(out), "--force", "--json",
+    ]
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, str]:
+    import os
+
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed:\n{done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def speed(args) -> None:
+    import tempfile
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="qtool-speed-") as tmp:
+        cache = Path(tmp) / "cache"
+        out = Path(tmp) / "qtool-w4"
+        rows["qtool_cold_s"], _ = timed(protocol_command(out), {"QTOOL_CACHE_DIR": str(cache)})
+        rows["qtool_warm_s"], printed = timed(protocol_command(out), {"QTOOL_CACHE_DIR": str(cache)})
+        rows["qtool_reported_s"] = json.loads(printed)["seconds"]
+        if args.peer_python:
+            peer_json = Path(tmp) / "peer.json"
+            peer_script = Path(__file__).resolve().parent / "peer_gptqmodel.py"
+            rows["peer_process_s"], _ = timed([args.peer_python, str(peer_script), "--out", str(Path(tmp) / "peer-w4"), "--json-out", str(peer_json)])
+            peer = json.loads(peer_json.read_text())
+            rows["peer_quantize_run_s"] = peer["quantize_run_s"]  # GGUF export + load + quantize + save
+            rows["peer_quantize_s"] = peer["quantize_s"]
+            rows["peer_dtype"] = peer.get("quantize_dtype")
+            rows["ratio_cold"] = round(rows["qtool_cold_s"] / rows["peer_process_s"], 3)
+            rows["ratio_warm"] = round(rows["qtool_warm_s"] / rows["peer_process_s"], 3)
+    rows.update({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu_threads": torch.get_num_threads(), "machine": platform.node()})
+    print(json.dumps(rows, indent=2), flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as handle:
+            handle.write(json.dumps(rows) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", nargs="*", default=[], help="NAME=field=value,... entries")
@@ -124,7 +176,12 @@ def main() -> None:
     parser.add_argument("--jsonl", default=None, help="append each result line to this file")
     parser.add_argument("--qtool-eval", action="store_true", help="also run `qtool eval` on each checkpoint")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--speed", action="store_true", help="time the protocol command (cold and warm cache) and the peer")
+    parser.add_argument("--peer-python", default=None, help="python of the GPTQModel venv (bench/setup_peer.sh)")
     args = parser.parse_args()
+    if args.speed:
+        speed(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     entries = [grid_entry(spec) for spec in args.grid]
