@@ -186,7 +186,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     entries = [grid_entry(spec) for spec in args.grid]
     if args.defaults:
-        entries.insert(0, ("defaults", dataclasses.replace(QuantConfig(), calibration=protocol_calibration())))
+        from qtool.configs.schema import QUANTIZE_DEFAULT_PRESET, read_config_file
+
+        entries.insert(0, ("defaults", dataclasses.replace(read_config_file(QUANTIZE_DEFAULT_PRESET), calibration=protocol_calibration())))
     text = load_eval_text(str(EVAL_TEXT))
     print(json.dumps({"machine": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}), flush=True)
     for name, config in entries:

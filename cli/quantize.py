@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
-from qtool.configs.schema import resolve_config
+from qtool.configs.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
 from qtool.quant.pipeline import QuantizeResult, quantize_model
 from qtool.runtime.sources import resolve_device
 
@@ -53,7 +53,7 @@ def quantize(
     samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random window offsets."),
-    config_file: Optional[str] = typer.Option(None, "--config", help="A config file (.yaml/.json/.toml) or preset name; flags override it."),
+    config_file: Optional[str] = typer.Option(None, "--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}); flags override it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where each layer is quantized."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     verbose: bool = typer.Option(False, "--verbose", help="Log each module's error and damping."),
@@ -67,7 +67,7 @@ def quantize(
         "checkpoint_format": checkpoint_format, "calibration_source": calibration, "samples": samples,
         "seqlen": seqlen, "seed": seed,
     }
-    config, findings = resolve_config(config_file, overrides)
+    config, findings = resolve_config(config_file or QUANTIZE_DEFAULT_PRESET, overrides)
     resolve_device(device)
     if not as_json:
         print_findings(findings)

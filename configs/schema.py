@@ -26,6 +26,9 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 # GPTQ packs 32 input rows per 32-bit word run; smaller groups cost more in scales than they win.
 MIN_GROUP_SIZE = 16
+# What `qtool quantize` starts from when no --config is given: asym + act order with static groups + scale
+# refinement measured best on SmolLM2 (bench/RESULTS.md: ppl 24.85 at 4-bit g128, GPTQModel 25.97-27.61).
+QUANTIZE_DEFAULT_PRESET = "gptq-4bit-g128"
 
 
 @dataclass
@@ -42,17 +45,16 @@ class QuantConfig:
     method: str = "gptq"
     bits: int = 4
     group_size: int = 128  # -1: one group per output channel
-    # Defaults chosen on SmolLM2 (bench/RESULTS.md): asym + act order with static groups + scale refinement gave
-    # ppl 24.85 at 4-bit g128 where GPTQModel's settings give 25.97-27.61.
-    sym: bool = False
-    desc_act: bool = True
-    static_groups: bool = True
+    # The dataclass keeps GPTQModel's defaults; `qtool quantize` starts from the preset QUANTIZE_DEFAULT_PRESET.
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
     damp_auto_increment: float = 0.0025
     mse: bool = False
     # after GPTQ, refit each group's scale to the layer's output error with codes and zeros fixed
-    refine_scales: bool = True
+    refine_scales: bool = False
     output_format: str = "gptq"
     checkpoint_format: str = "gptq"  # gptq = v1 zeros (zero - 1 stored); gptq_v2 stores the zero itself
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)

@@ -81,7 +81,9 @@ def test_every_preset_reads_and_validates_clean(name):
 
 
 def test_presets_say_what_their_names_say():
-    assert read_config_file("gptq-4bit-g128") == QuantConfig(method="gptq", bits=4, group_size=128)
+    assert read_config_file("gptq-4bit-g128") == QuantConfig(
+        method="gptq", bits=4, group_size=128, sym=False, desc_act=True, static_groups=True, refine_scales=True
+    )
     assert read_config_file("gptq-8bit-channel").group_size == -1
     assert read_config_file("rtn-4bit-g128").method == "rtn"
 

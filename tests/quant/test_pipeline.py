@@ -43,7 +43,7 @@ def test_gptq_checkpoint_is_complete_and_loads(tmp_path, tiny_model_dir, calibra
     assert result.layers == 2 and result.quantized_linears == 14 and not result.skipped_linears
     assert not WorkState.folder_for(out).exists()
     written = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (written["bits"], written["group_size"], written["sym"], written["checkpoint_format"]) == (4, 64, False, "gptq")
+    assert (written["bits"], written["group_size"], written["sym"], written["checkpoint_format"]) == (4, 64, True, "gptq")
     assert written["meta"]["qtool_config"] == config.to_dict()  # the job reads back exactly
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["model.layers.0.self_attn.q_proj.qweight"].shape == (96 * 4 // 32, 96)
