@@ -4,6 +4,15 @@ converter loaded by qtool. Each pair is compared per linear (ExLlamaV2's reconst
 qtool's dequantization, bit for bit) and by logits on fixed ids. Prints one JSON summary and writes it to --out.
 
     python bench/exl2_interop.py --work /tmp/exl2_interop --out $OUT/exl2_interop.json [--skip-converter]
+    (bench/exl2_interop.sh installs the wheels and runs it on the lent GPU machine)
+
+Seen on an H200 (torch 2.11+cu130, exllamav2 0.3.2 built in 116 s), 2026-12-01: every quantized linear of the
+qtool-written models reconstructs bit for bit in ExLlamaV2 (mixed 8/6/5/4/3/2-bit with act order and a quantized
+head: 15/15; GPTQ->EXL2 conversion: 14/14), once ExLlamaV2's MLP permutation folding is accounted for; a model
+from ExLlamaV2's converter read by qtool: attention and head 9/9 bit-equal (its MLP linears were compared before
+that accounting existed). Logits were NOT comparable: the unquantized float16 model already differs between
+transformers and ExLlamaV2 on this tiny config (relative 1.05, no top-1 agreement), so the cause is outside the
+quantized weights and still open.
 """
 
 from __future__ import annotations
