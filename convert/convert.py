@@ -41,6 +41,9 @@ CHECK_TOKENS = 32  # without a tokenizer: a fixed id sequence of this length
 
 Progress = Callable[[int, int, str], None]
 
+# Relative logits difference a conversion that keeps every weight exactly may show (float rounding only).
+LOSSLESS_LOGITS_REL_TOL = 1e-5
+
 
 @dataclass
 class ConversionReport:
@@ -341,7 +344,9 @@ def convert_checkpoint(
         lossless = all(linear.exact for linear in linears)
         diff = float((result - reference).abs().max())
         rel = float((result - reference).norm() / reference.norm()) if float(reference.norm()) else diff
-        if lossless and diff != 0.0:
+        # Exact weights run through different kernels (and thread counts) may still round differently in the
+        # last bits of a reduction: a lossless path must agree to float rounding, not to the bit.
+        if lossless and rel > LOSSLESS_LOGITS_REL_TOL:
             raise QtoolError(
                 f"conversion check failed: the weights were kept exactly but the converted model's logits differ by {diff:.3g}",
                 "nothing was written; report this as a qtool bug (run with --debug)",

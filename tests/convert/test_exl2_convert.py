@@ -234,7 +234,7 @@ def test_smollm2_round_trip(tmp_path, smollm2_path):
     first = convert_checkpoint("gptq", "exl2", tmp_path / "gptq", tmp_path / "exl2")
     assert not first.lossless and first.logits_rel_diff < 0.2
     back = convert_checkpoint("exl2", "gptq", tmp_path / "exl2", tmp_path / "back")
-    assert back.lossless and back.logits_max_abs_diff == 0.0
+    assert back.lossless and back.logits_rel_diff < 1e-5
     exl2 = load_model(str(tmp_path / "exl2"), device="cpu", dtype="float32")
     assert exl2.tokenizer is not None and exl2.quantization_config["quant_method"] == "exl2"
     assert sum(isinstance(m, Exl2Linear) for m in exl2.model.modules()) == len(quantized)
