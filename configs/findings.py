@@ -44,3 +44,13 @@ def info(where: str, message: str, fix: str = "") -> Finding:
 
 def has_errors(findings: list[Finding]) -> bool:
     return any(f.level is Level.ERROR for f in findings)
+
+
+def raise_first_error(findings: list[Finding]) -> list[Finding]:
+    """Raise the first error as a QtoolError (where: message, with its fix as hint); else return the findings."""
+    from qtool.configs.errors import QtoolError
+
+    first = next((f for f in findings if f.level is Level.ERROR), None)
+    if first is not None:
+        raise QtoolError(f"{first.where}: {first.message}", first.fix or None)
+    return findings

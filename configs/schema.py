@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from qtool.configs.errors import QtoolError
-from qtool.configs.findings import Finding, error, has_errors, info, warning
+from qtool.configs.findings import Finding, error, info, raise_first_error, warning
 
 SCHEMA_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -232,11 +232,7 @@ def validate_config(config: QuantConfig) -> list[Finding]:
 
 def check_config(config: QuantConfig) -> list[Finding]:
     """Validate and raise the first error as a QtoolError; return the warnings and infos."""
-    findings = validate_config(config)
-    if has_errors(findings):
-        first = next(f for f in findings if f.level.value == "error")
-        raise QtoolError(f"{first.where}: {first.message}", first.fix or None)
-    return findings
+    return raise_first_error(validate_config(config))
 
 
 def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) -> tuple[QuantConfig, list[Finding]]:

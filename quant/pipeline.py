@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qtool.configs.errors import QtoolError
-from qtool.configs.findings import Finding, has_errors
+from qtool.configs.findings import Finding, raise_first_error
 from qtool.configs.model_rules import ModelStats, validate_for_hardware, validate_for_model
 from qtool.configs.schema import QuantConfig
 from qtool.convert.checkpoint import save_quantized_model
@@ -149,10 +149,7 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
     }
     findings = validate_for_model(config, shapes)
     findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute)
-    if has_errors(findings):
-        first = next(f for f in findings if f.level.value == "error")
-        raise QtoolError(f"{first.where}: {first.message}", first.fix or None)
-    return findings
+    return raise_first_error(findings)
 
 
 def _relative(groups: list[list[tuple[str, nn.Linear]]], prefix: str) -> list[list[tuple[str, nn.Linear]]]:
