@@ -283,10 +283,11 @@ def load_exl2_model(path: Path, device: str | torch.device = "cpu", dtype: torch
     if unexpected:
         shown = ", ".join(f"{key} ({origin[key].name if key in origin else '?'})" for key in unexpected[:5])
         raise QtoolError(f"{directory}: tensor(s) that {type(model).__name__} has no place for: {shown}", "the config.json does not match the weights")
-    for module in model.modules():
-        if isinstance(module, Exl2Linear):
-            module.set_backend(backend)
-    return model.to(device).eval()
+    from qtool.kernels.exl2_linear import set_exl2_model_backend
+
+    model = model.to(device).eval()
+    set_exl2_model_backend(model, backend)  # on the model's device: forms are built where they will run
+    return model
 
 
 def exl2_weights_of(model: nn.Module) -> dict[str, Exl2Weight]:

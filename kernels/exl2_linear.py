@@ -1,11 +1,13 @@
 """Exl2Linear: a drop-in for nn.Linear holding an EXL2 (ExLlamaV2) linear's tensors (q_weight, q_invperm, q_perm,
-q_scale, q_scale_max, q_groups, bias). Its matmul runs on the torch reference (dequantize, then F.linear) or the
-Triton kernels (kernels/exl2_triton.py): "auto" takes Triton on CUDA; a backend that cannot serve the call falls
-back to torch with one log line."""
+q_scale, q_scale_max, q_groups, bias). The matmul is served by a backend of qtool.kernels.registry (format "exl2",
+backends in kernels/exl2_backends.py) chosen per call shape (device, M): "auto" takes Triton on CUDA and the torch
+reference elsewhere; a backend that cannot serve falls back to the next with one log line. Each backend's own form
+of the layer is built once and rebuilt when the buffers move or are reloaded."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -14,25 +16,22 @@ from torch import nn
 from qtool.configs.errors import QtoolError
 
 from qtool.convert.exl2_format import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, check_exl2_layout, exl2_tensors_from_weight, expected_exl2_shapes, weight_from_exl2_tensors
+from qtool.kernels.exl2_backends import Exl2LinearTensors
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2
+from qtool.kernels.registry import EXL2, EXL2_BACKEND_FACTORIES, BackendRegistry, check_backend_name, default_registry, route_bucket, rows_of
 
 logger = logging.getLogger(__name__)
-EXL2_BACKENDS = ("auto", "torch", "triton")
+EXL2_BACKENDS = ("auto", *EXL2_BACKEND_FACTORIES)  # what an EXL2 linear accepts as its backend
 
 
-def check_exl2_backend(requested: str) -> str:
-    if requested not in EXL2_BACKENDS:
-        raise QtoolError(f"unknown EXL2 matmul backend {requested!r}", f"use one of {', '.join(EXL2_BACKENDS)}")
-    return requested
+def check_exl2_backend(requested: str, registry: BackendRegistry | None = None) -> str:
+    """`requested` if the EXL2 registry (or `registry`) has such a backend, or auto; else a QtoolError."""
+    return check_backend_name(requested, registry or default_registry(EXL2))
 
 
-def _triton_can_serve(device: torch.device) -> str | None:
-    """None when the Triton kernels can run on `device`, else why not."""
-    if device.type == "cuda":
-        return None
-    from qtool.kernels import exl2_triton
-
-    return None if exl2_triton.triton_interpreted() else f"Triton needs CUDA (or TRITON_INTERPRET=1), not {device.type}"
+def _buffer_version(tensor: torch.Tensor) -> int:
+    # inference tensors (created under torch.inference_mode) keep no version counter
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class Exl2Linear(nn.Module):
@@ -60,31 +59,62 @@ class Exl2Linear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
         self.backend = check_exl2_backend(backend)
-        self._layout: tuple[Any, Any] | None = None  # (key of the buffers it was built from, Triton compute layout)
-        self._fallback_logged = False
+        self._registry: BackendRegistry | None = None
+        # backend name -> (buffers it was built from, their storage and versions, the backend's form of this
+        # layer); not in the state dict
+        self._prepared: dict[str, tuple[tuple, tuple, Any]] = {}
+        self._routes: dict[tuple[str, int], Any] = {}  # (device, M bucket) -> backend
 
-    def set_backend(self, requested: str = "auto") -> None:
-        self.backend = check_exl2_backend(requested)
-        self._layout = None
+    @property
+    def bit_widths(self) -> tuple[int, ...]:
+        """The layer's distinct widths, widest first: what backends are selected by."""
+        return tuple(sorted(set(self.group_bits), reverse=True))
 
-    def _use_triton(self, device: torch.device) -> bool:
-        if self.backend == "torch" or (self.backend == "auto" and device.type != "cuda"):
-            return False
-        why_not = _triton_can_serve(device)
-        if why_not is not None and not self._fallback_logged:
-            self._fallback_logged = True
-            logger.warning("EXL2 matmul backend triton: fallback to torch (%s)", why_not)
-        return why_not is None
+    def set_backend(self, requested: str = "auto", registry: BackendRegistry | None = None, warm: bool = True) -> str:
+        """Route this layer's matmuls through `requested` (auto, torch, triton), falling back per the registry
+        (default: the process-wide EXL2 one). With warm, the backend for M = 1 on the layer's device is chosen and
+        its form built now (load time: call it after moving the layer to its device) rather than at the first
+        call. Forms follow the buffers by themselves: a move, a cast or a copy into them rebuilds. Returns the
+        reason for the M = 1 choice ("" without warm)."""
+        self.backend = check_exl2_backend(requested, registry)
+        self._registry = registry
+        self._prepared.clear()
+        self._routes.clear()
+        if not warm:
+            return ""
+        backend, reason = self._select(self.q_weight.device, 1)
+        self._packed(backend)
+        return reason
 
-    def _triton_layout(self) -> Any:
-        """The Triton compute form, rebuilt when the buffers moved or were reloaded."""
-        from qtool.kernels.exl2_triton import prepare_exl2
+    def _select(self, device: torch.device, m: int):
+        registry = self._registry or default_registry(EXL2)
+        return registry.select(device, self.bit_widths, self.group_sizes, m, self.backend)
 
-        key = (self.q_weight.device, self.q_weight.data_ptr(), self.q_weight._version, self.q_scale._version, self.q_invperm._version)
-        if self._layout is None or self._layout[0] != key:
-            layout = prepare_exl2(self.q_weight, self.q_invperm, self.q_scale, self.q_scale_max, self.q_groups, self.out_features, self.bias)
-            self._layout = (key, layout)
-        return self._layout[1]
+    def _buffers_stamp(self) -> tuple[tuple[torch.Tensor, ...], tuple[tuple[int, int], ...]]:
+        """The buffers a form is built from, and each one's storage and version: .to(), load_state_dict (assign
+        or not) or an in-place copy_ into a buffer change it. The entry keeps the tensors themselves, so a freed
+        buffer's address cannot come back as a different buffer's."""
+        buffers = tuple(t for t in self._buffers.values() if t is not None)
+        return buffers, tuple((t.data_ptr(), _buffer_version(t)) for t in buffers)
+
+    def _packed(self, backend) -> Any:
+        """The backend's form of this layer, built once per backend and kept while the buffers are unchanged."""
+        buffers, versions = self._buffers_stamp()
+        entry = self._prepared.get(backend.name)
+        if entry is None or entry[1] != versions or any(a is not b for a, b in zip(entry[0], buffers)):
+            entry = (buffers, versions, backend.prepare(Exl2LinearTensors.from_module(self)))
+            self._prepared[backend.name] = entry
+        return entry[2]
+
+    def route(self, x: torch.Tensor):
+        """The backend serving an input shaped like x (chosen once per device and M bucket)."""
+        m = rows_of(x)
+        key = (str(x.device), route_bucket(m))
+        backend = self._routes.get(key)
+        if backend is None:
+            backend, _ = self._select(x.device, m)
+            self._routes[key] = backend
+        return backend
 
     @classmethod
     def from_weight(cls, weight: Exl2Weight, bias: torch.Tensor | None = None) -> "Exl2Linear":
@@ -106,19 +136,33 @@ class Exl2Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise QtoolError(f"input has {x.shape[-1]} features, the EXL2 linear expects {self.in_features}")
-        if self._use_triton(x.device):
-            from qtool.kernels.exl2_triton import exl2_linear_triton
-
-            return exl2_linear_triton(x, self._triton_layout())
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        backend = self.route(x)
+        return backend.matmul(x, self._packed(backend))
 
     def bits_summary(self) -> str:
-        widths = sorted(set(self.group_bits), reverse=True)
-        return "/".join(map(str, widths))
+        return "/".join(map(str, self.bit_widths))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, groups={len(self.group_bits)}, "
             f"bits={self.bits_summary()}, bias={self.bias is not None}, backend={self.backend}"
         )
+
+
+def set_exl2_model_backend(model: nn.Module, requested: str = "auto", registry: BackendRegistry | None = None) -> dict[str, int]:
+    """Route every Exl2Linear of `model` through `requested` and build each backend's form now (once, at load, on
+    the layers' current device: call it after moving the model). Logs one line naming the backends chosen for
+    decode (M = 1) and why; returns {backend name: layers}."""
+    check_exl2_backend(requested, registry)
+    chosen: Counter[str] = Counter()
+    reasons: dict[str, str] = {}
+    for module in model.modules():
+        if isinstance(module, Exl2Linear):
+            reason = module.set_backend(requested, registry)
+            name = reason.split(":", 1)[0]
+            chosen[name] += 1
+            reasons.setdefault(name, reason)
+    if chosen:
+        summary = "; ".join(f"{count} layers -> {reasons[name]}" for name, count in chosen.items())
+        logger.info("EXL2 matmul backend (requested %s): %s", requested, summary)
+    return dict(chosen)

@@ -93,9 +93,9 @@ def test_exl2_linear_triton_backend_matches_torch_backend():
     module.set_backend("torch")
     reference = module(x)
     module.set_backend("triton")
+    assert module.route(x).name == "triton"
     got = module(x)
     torch.testing.assert_close(got.double(), reference.double(), rtol=2e-3, atol=2e-3 * float(reference.abs().max()))
-    assert module._layout is not None  # the Triton path ran
     # reloading the buffers rebuilds the compute layout
     module.q_scale.copy_(torch.zeros_like(module.q_scale))  # every level 1
     assert not torch.allclose(module(x).double(), got.double())
