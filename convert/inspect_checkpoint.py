@@ -1,23 +1,48 @@
-"""What `qtool validate` checks: a config file (schema), a GPTQ checkpoint directory (config, safetensors headers,
-shard index, GPTQ tensors) or a float model directory (headers, and with a config the model-aware rules)."""
+"""What `qtool validate` checks: a config file (schema), a GPTQ or EXL2 checkpoint directory (config, safetensors
+headers, shard index, the quantized tensors) or a float model directory (headers, and with a config the
+model-aware rules)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-from collections import Counter
+import re
+from collections import Counter, defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+
 from qtool.configs.errors import QtoolError
 from qtool.configs.findings import Finding, error, has_errors, info, warning
 from qtool.configs.model_rules import LAYER_INDEX, ModelStats, estimate_peak_memory, validate_for_hardware, validate_for_model
-from qtool.configs.schema import CONFIG_SUFFIXES, PRESETS_DIR, QuantConfig, config_from_dict, preset_names, read_config_file, validate_config
-from qtool.convert.gptq_checks import LayerSettings, check_gptq_tensors, group_gptq_tensors
+from qtool.configs.schema import (
+    CONFIG_SUFFIXES,
+    EXL2_BPW_RANGE,
+    EXL2_HEAD_BITS,
+    PRESETS_DIR,
+    QuantConfig,
+    config_from_dict,
+    preset_names,
+    read_config_file,
+    validate_config,
+)
+from qtool.convert.exl2_format import (
+    COLUMN_ALIGNMENT,
+    EXL2_TENSOR_SUFFIXES,
+    OPTIONAL_SUFFIXES,
+    check_exl2_layout,
+    expected_exl2_shapes,
+    group_layout_from_tensors,
+)
+from qtool.convert.gptq_checks import REEXPORT, LayerSettings, check_gptq_tensors, group_gptq_tensors
 from qtool.convert.gptq_config import parse_gptq_config
 from qtool.convert.safetensors_header import INDEX_NAME, TensorHeader, read_checkpoint_headers
+from qtool.eval.footprint import exl2_bits_per_weight, exl2_head_code_bits
 from qtool.runtime.architectures import get_architecture
 from qtool.runtime.sources import resolve_device
 
@@ -91,15 +116,18 @@ def _read_json(path: Path) -> tuple[Any, list[Finding]]:
 
 def check_quantization_config(data: Any, where: str) -> tuple[QuantConfig | None, list[Finding]]:
     """Check a checkpoint's quantization_config with the same choices and rules as qtool's own config; return it
-    as a QuantConfig when it is usable for the tensor checks."""
+    as a QuantConfig when it is usable for the GPTQ tensor checks. An EXL2 one is checked on its own (bits,
+    head_bits, version; `qtool validate` also holds it against the tensors) and gives no QuantConfig."""
     if not isinstance(data, dict):
         return None, [error(where, f"must be a JSON object, got {type(data).__name__}", "restore or re-create it")]
     found: list[Finding] = []
     method = data.get("quant_method")
     if method is None:
         found.append(error(f"{where}.quant_method", "is missing", 'add "quant_method": "gptq"'))
+    elif method == "exl2":
+        return None, check_exl2_quantization_config(data, where)  # no QuantConfig: the EXL2 checks need none
     elif method != "gptq":
-        return None, [error(f"{where}.quant_method", f"{method!r} is not supported", "qtool validates GPTQ checkpoints (quant_method gptq)")]
+        return None, [error(f"{where}.quant_method", f"{method!r} is not supported", "qtool validates GPTQ and EXL2 checkpoints (quant_method gptq or exl2)")]
     values = {key: data[key] for key in QUANT_KEYS if key in data}
     if "checkpoint_format" not in values and "format" in data:  # GPTQModel's in-memory name for the same key
         values["checkpoint_format"] = data["format"]
@@ -209,7 +237,8 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
     configs = _read_directory_configs(path)
     findings = configs.findings
     quant_config: QuantConfig | None = None
-    if configs.quant_data is not None:
+    declares_exl2 = isinstance(configs.quant_data, dict) and configs.quant_data.get("quant_method") == "exl2"
+    if configs.quant_data is not None and not declares_exl2:  # EXL2's config is checked against its tensors
         quant_config, quant_findings = check_quantization_config(configs.quant_data, configs.quant_where)
         findings += quant_findings
     tensors, headers, header_findings = read_checkpoint_headers(path)
@@ -224,6 +253,9 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
     if configs.quant_data is None:
         return _float_model_report(path, configs.hf_config, tensors, findings, summary, config_file, device)
     report = ValidationReport("checkpoint", str(path), findings, summary)
+    if declares_exl2:
+        _add_exl2_findings(report, path, configs, tensors, {h.file for h in headers if h.readable})
+        return _with_config_file_warning(report, config_file)
     layer_settings, dynamic_findings = _dynamic_settings(configs.quant_data, configs.quant_where)
     findings += dynamic_findings
     if quant_config is not None and not has_errors(dynamic_findings):
@@ -241,6 +273,10 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
                 f"GPTQ {quant_config.bits}-bit, {group}, {quant_config.checkpoint_format} format: {layer_count} quantized layers, "
                 f"{summary['tensors']} tensors in {summary['files']} file(s)",
             ))
+    return _with_config_file_warning(report, config_file)
+
+
+def _with_config_file_warning(report: ValidationReport, config_file: str | Path | None) -> ValidationReport:
     if config_file is not None:
         report.findings.append(warning("--config", "only applies to float models: this checkpoint is already quantized", "drop --config"))
     return report
@@ -255,6 +291,13 @@ def _float_model_report(path: Path, hf_config: dict[str, Any] | None, tensors: d
             "config.json",
             f"has no quantization_config but {len(gptq_layers)} layers hold GPTQ tensors (first: {gptq_layers[0]})",
             "add the quantization_config the checkpoint was written with",
+        ))
+    exl2_layers = sorted(name.removesuffix(".q_weight") for name in tensors if name.endswith(".q_weight"))
+    if exl2_layers:
+        report.findings.append(error(
+            "config.json",
+            f"has no quantization_config but {len(exl2_layers)} layers hold EXL2 tensors (first: {exl2_layers[0]})",
+            'add the quantization_config the checkpoint was written with ("quant_method": "exl2", bits, head_bits, version)',
         ))
     dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(summary["dtypes"].items()))
     report.findings.append(info(
@@ -302,3 +345,313 @@ def _transformers_config(hf_config: dict[str, Any] | None) -> Any:
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# ---------------------------------------------------------------- EXL2 checkpoints
+
+VERSION_PATTERN = re.compile(r"^\d+(\.\d+)*([+-].*)?$")  # "0.3.2", "0.2.8+cu121.torch2.4.0"
+EXL2_LINEAR_SUFFIXES = EXL2_TENSOR_SUFFIXES + OPTIONAL_SUFFIXES + ("bias",)
+# The dtypes ExLlamaV2 writes (exl2_format.expected_exl2_shapes); qtool's reader also takes the index tensors in
+# any integer dtype and q_scale_max in any float dtype, which ExLlamaV2's kernels do not take as they are.
+EXL2_DTYPES = {"q_weight": "I32", "q_invperm": "I32", "q_perm": "I32", "q_scale": "I32", "q_scale_max": "F16", "q_groups": "I16"}
+INTEGER_DTYPES = ("I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+CONVERTED_ON_LOAD = {"q_invperm": INTEGER_DTYPES, "q_perm": INTEGER_DTYPES, "q_groups": INTEGER_DTYPES, "q_scale_max": FLOAT_DTYPES}
+
+
+@dataclass(frozen=True)
+class Exl2Stored:
+    """What an EXL2 checkpoint's tensors store, from their headers: the bits per weight of its linears but the
+    head (as ExLlamaV2 counts them) and the head's mean code width (None: the head stays float)."""
+
+    bits_per_weight: float | None
+    head_code_bits: float | None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_exl2_quantization_config(data: dict[str, Any], where: str, stored: Exl2Stored | None = None) -> list[Finding]:
+    """bits (bits per weight), head_bits and version as ExLlamaV2's converter writes them; with `stored`, bits
+    and head_bits are also held against what the tensors store."""
+    return _check_exl2_bits(data, where, stored) + _check_exl2_head_bits(data, where, stored) + _check_exl2_version(data, where)
+
+
+def _check_exl2_bits(data: dict[str, Any], where: str, stored: Exl2Stored | None) -> list[Finding]:
+    """ExLlamaV2 writes its target, 2.0 to 8.0; qtool's converter writes what the linears store (rounded to
+    0.01), which goes past 8.0 for 8-bit codes (their scales and permutation add to the 8 bits)."""
+    key, (low, high) = f"{where}.bits", EXL2_BPW_RANGE
+    if "bits" not in data:
+        return [error(key, "is missing", f'add "bits": the bits per weight the checkpoint was quantized to ({low} to {high})')]
+    bits = data["bits"]
+    if not _is_number(bits):
+        return [error(key, f"must be a number, got {bits!r}", "write the bits per weight as a number, e.g. 4.0")]
+    measured = stored.bits_per_weight if stored is not None else None
+    if low <= bits <= high or (measured is not None and abs(bits - measured) <= 0.005):  # NaN fails both
+        return []
+    told = f"; its linears store {measured:.2f}" if measured is not None else ""
+    return [error(key, f"{bits} is out of range", f"EXL2 stores {low} to {high} bits per weight{told}")]
+
+
+def _check_exl2_head_bits(data: dict[str, Any], where: str, stored: Exl2Stored | None) -> list[Finding]:
+    """ExLlamaV2 quantizes a head at 6 or 8 bits and qtool writes 0 for a float head; qtool's converter writes a
+    quantized head's mean code width, whatever it is. Loaders go by the tensors: a value they contradict only
+    misleads (a warning)."""
+    key, valid = f"{where}.head_bits", ", ".join(map(str, EXL2_HEAD_BITS))
+    if "head_bits" not in data:
+        return [warning(key, "is missing", f"add head_bits: 0 when the head stays float, else its bits (valid: {valid})")]
+    value = data["head_bits"]
+    if not _is_number(value):
+        return [error(key, f"must be a number, got {value!r}", f"valid: {valid} (0: the head stays float)")]
+    if stored is None:
+        return [] if value in EXL2_HEAD_BITS else [error(key, f"{value!r} is not valid", f"valid: {valid} (0: the head stays float)")]
+    width = stored.head_code_bits
+    actual = 0 if width is None else round(width)
+    if value == actual:
+        return []
+    held = "the head stays float" if width is None else f"the head's codes take {round(width, 2):g} bits"
+    if value in EXL2_HEAD_BITS:
+        return [warning(key, f"is {value!r} but {held}", f"set head_bits {actual}")]
+    return [error(key, f"{value!r} is not valid and {held}", f"set head_bits {actual}; valid: {valid}, or the code width of a quantized head")]
+
+
+def _check_exl2_version(data: dict[str, Any], where: str) -> list[Finding]:
+    key, example = f"{where}.version", "e.g. \"0.3.2\""
+    if "version" not in data:
+        return [warning(key, "is missing", f"add the ExLlamaV2 version whose layout the tensors follow, {example}")]
+    value = data["version"]
+    if not isinstance(value, str) or not VERSION_PATTERN.match(value):
+        return [error(key, f"{value!r} is not a version", f"write the ExLlamaV2 version as a string, {example}")]
+    return []
+
+
+def group_exl2_tensors(tensors: dict[str, TensorHeader]) -> dict[str, dict[str, TensorHeader]]:
+    """Linear prefix -> {suffix: header} for every tensor named <linear>.<q_weight|q_invperm|q_perm|q_scale|
+    q_scale_max|q_groups>; a linear that holds a q_weight also gets its other tensors (bias, or ones that do not
+    belong there)."""
+    layers: dict[str, dict[str, TensorHeader]] = defaultdict(dict)
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in EXL2_TENSOR_SUFFIXES + OPTIONAL_SUFFIXES:
+            layers[prefix][suffix] = tensor
+    for name, tensor in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if "q_weight" in layers.get(prefix, {}):
+            layers[prefix].setdefault(suffix, tensor)
+    return dict(layers)
+
+
+class _TensorReader:
+    """Single tensors of the checkpoint files whose headers passed, each file opened once (memory-mapped: only
+    the tensors asked for are read)."""
+
+    def __init__(self, directory: Path, readable: set[str], stack: ExitStack):
+        self.directory, self.readable, self.stack = directory, readable, stack
+        self.handles: dict[str, Any] = {}
+
+    def can_read(self, *tensors: TensorHeader) -> bool:
+        return all(t.file in self.readable for t in tensors)
+
+    def __call__(self, tensor: TensorHeader) -> torch.Tensor:
+        if tensor.file not in self.handles:
+            self.handles[tensor.file] = self.stack.enter_context(safe_open(str(self.directory / tensor.file), framework="pt"))
+        return self.handles[tensor.file].get_tensor(tensor.name)
+
+
+def check_exl2_tensors(directory: Path, tensors: dict[str, TensorHeader], readable_files: set[str]) -> tuple[list[Finding], int]:
+    """Findings for every EXL2 linear, and the number of linears holding a q_weight. Reads only q_groups,
+    q_invperm, q_perm and q_scale_max, of linears whose headers are right."""
+    layers = group_exl2_tensors(tensors)
+    found: list[Finding] = []
+    with ExitStack() as stack:
+        read = _TensorReader(directory, readable_files, stack)
+        for prefix, parts in sorted(layers.items()):
+            found += _check_exl2_linear(prefix, parts, read)
+    return found, sum(1 for parts in layers.values() if "q_weight" in parts)
+
+
+def _check_exl2_linear(prefix: str, parts: dict[str, TensorHeader], read: _TensorReader) -> list[Finding]:
+    missing = _exl2_missing(prefix, parts)
+    dtype_findings = [f for suffix, tensor in parts.items() if suffix in EXL2_DTYPES for f in _exl2_dtype(tensor, suffix)]
+    found = missing + _exl2_extras(parts) + dtype_findings
+    if missing:
+        return found
+    layout, layout_findings = _exl2_layout(prefix, parts, read)
+    found += layout_findings
+    if layout is None:
+        return found
+    shape_findings = _exl2_shapes(parts, *layout)
+    found += shape_findings
+    values = [parts[s] for s in ("q_invperm", "q_perm", "q_scale_max") if s in parts]
+    if not has_errors(shape_findings + dtype_findings) and read.can_read(*values):
+        found += _exl2_values(parts, read)
+    return found
+
+
+def _exl2_missing(prefix: str, parts: dict[str, TensorHeader]) -> list[Finding]:
+    if "q_weight" not in parts:
+        held = ", ".join(sorted(parts))
+        return [error(f"{prefix}.q_weight", f"is missing: {prefix} holds {held} but no q_weight", "restore the linear's q_weight, or remove its other EXL2 tensors")]
+    needed = f"an EXL2 linear needs {', '.join(EXL2_TENSOR_SUFFIXES)}: the checkpoint is incomplete: re-export it"
+    return [error(f"{prefix}.{suffix}", "is missing", needed) for suffix in EXL2_TENSOR_SUFFIXES if suffix not in parts]
+
+
+def _exl2_extras(parts: dict[str, TensorHeader]) -> list[Finding]:
+    """Tensors of a quantized linear that no EXL2 loader has a place for (a float weight left next to q_weight)."""
+    valid = ", ".join(EXL2_LINEAR_SUFFIXES)
+    return [
+        error(tensor.name, "does not belong to an EXL2 linear: loaders report it as unexpected", f"an EXL2 linear holds {valid}: remove it")
+        for suffix, tensor in parts.items()
+        if suffix not in EXL2_LINEAR_SUFFIXES
+    ]
+
+
+def _exl2_dtype(tensor: TensorHeader, suffix: str) -> list[Finding]:
+    expected = EXL2_DTYPES[suffix]
+    if tensor.dtype == expected:
+        return []
+    if tensor.dtype in CONVERTED_ON_LOAD.get(suffix, ()):
+        return [warning(tensor.name, f"dtype {tensor.dtype}: ExLlamaV2 stores {suffix} as {expected}", "qtool converts it on load; ExLlamaV2 may not")]
+    return [error(tensor.name, f"dtype {tensor.dtype} but EXL2 stores {suffix} as {expected}", REEXPORT)]
+
+
+def _without_name(message: str, *names: str) -> str:
+    """A QtoolError message of exl2_format without the tensor or linear name it starts with."""
+    for name in names:
+        if message.startswith(name):
+            return message.removeprefix(name).lstrip(":. ")
+    return message
+
+
+def _exl2_layout(prefix: str, parts: dict[str, TensorHeader], read: _TensorReader) -> tuple[tuple[tuple[int, ...], tuple[int, ...]] | None, list[Finding]]:
+    """(bits, rows) of each group as q_groups describes them over q_weight's packed rows, checked as ExLlamaV2's
+    kernels need them (widths 8..2 never increasing, groups of a multiple of 32 rows); None with the finding
+    when they cannot be."""
+    q_weight, q_groups = parts["q_weight"], parts["q_groups"]
+    if len(q_weight.shape) != 2:
+        return None, [error(q_weight.name, f"shape {list(q_weight.shape)} is not 2-D", "q_weight is [packed rows, outputs]: " + REEXPORT)]
+    columns = q_weight.shape[1]
+    if columns == 0 or columns % COLUMN_ALIGNMENT:
+        return None, [error(q_weight.name, f"has {columns} columns", f"EXL2 pads the outputs to a positive multiple of {COLUMN_ALIGNMENT}: " + REEXPORT)]
+    if q_groups.dtype not in INTEGER_DTYPES or not read.can_read(q_groups):
+        return None, []  # the dtype's or the file's finding says why
+    try:
+        bits, sizes = group_layout_from_tensors(read(q_groups), q_weight.shape[0], prefix)
+        check_exl2_layout(sum(sizes), columns, bits, sizes, prefix)
+    except QtoolError as exc:
+        return None, [error(q_groups.name, _without_name(exc.message, q_groups.name, prefix), exc.hint or REEXPORT)]
+    return (bits, sizes), []
+
+
+def _layout_text(bits: tuple[int, ...], sizes: tuple[int, ...]) -> str:
+    """e.g. "32 rows at 6 bits, 64 rows at 4 bits" (consecutive groups of one width together)."""
+    runs: list[list[int]] = []
+    for b, size in zip(bits, sizes):
+        if runs and runs[-1][0] == b:
+            runs[-1][1] += size
+        else:
+            runs.append([b, size])
+    return ", ".join(f"{size} rows at {b} bits" for b, size in runs)
+
+
+def _exl2_shapes(parts: dict[str, TensorHeader], bits: tuple[int, ...], sizes: tuple[int, ...]) -> list[Finding]:
+    """Every tensor's shape against the group layout: q_invperm and q_perm hold the input rows q_groups
+    describes, q_scale and q_scale_max one row or value per group, a bias one value per output."""
+    q_weight, q_groups = parts["q_weight"], parts["q_groups"]
+    in_features, columns = sum(sizes), q_weight.shape[1]
+    expected = expected_exl2_shapes(in_features, columns, bits, sizes)
+    found = []
+    invperm = parts["q_invperm"]
+    if invperm.shape != expected["q_invperm"][0]:
+        found.append(error(
+            q_groups.name,
+            f"describes {in_features} input rows ({_layout_text(bits, sizes)}) over q_weight's {q_weight.shape[0]} packed rows, "
+            f"but {invperm.name} has shape {list(invperm.shape)}",
+            "q_groups, q_weight and q_invperm disagree: " + REEXPORT,
+        ))
+        expected["q_perm"] = (invperm.shape, None)  # q_perm must still agree with q_invperm
+        del expected["q_invperm"]
+    rule = f"q_groups ({_layout_text(bits, sizes)}) and q_weight {list(q_weight.shape)}"
+    for suffix, (shape, _) in expected.items():
+        tensor = parts.get(suffix)
+        if tensor is not None and tensor.shape != tuple(shape):
+            found.append(error(tensor.name, f"shape {list(tensor.shape)} but {rule} imply {list(shape)}", REEXPORT))
+    return found + _exl2_bias(parts.get("bias"), columns)
+
+
+def _exl2_bias(bias: TensorHeader | None, columns: int) -> list[Finding]:
+    """The bias holds the true output width, which q_weight pads to the next multiple of 32."""
+    if bias is None:
+        return []
+    low = columns - COLUMN_ALIGNMENT + 1
+    if len(bias.shape) != 1 or not low <= bias.shape[0] <= columns:
+        return [error(bias.name, f"shape {list(bias.shape)} but q_weight's {columns} columns hold {low} to {columns} outputs (padded to a multiple of {COLUMN_ALIGNMENT})", REEXPORT)]
+    if bias.dtype not in FLOAT_DTYPES:
+        return [error(bias.name, f"dtype {bias.dtype}: a bias is a float tensor", REEXPORT)]
+    return []
+
+
+def _exl2_values(parts: dict[str, TensorHeader], read: _TensorReader) -> list[Finding]:
+    """q_invperm and q_perm are permutations of the input rows and inverse to each other; q_scale_max finite
+    and not negative (qtool's reader and ExLlamaV2's scales need both)."""
+    invperm, perm = parts["q_invperm"], parts.get("q_perm")
+    invperm_values = read(invperm)
+    found = _permutation_findings(invperm, invperm_values)
+    if perm is not None:
+        perm_values = read(perm)
+        found += _permutation_findings(perm, perm_values)
+        if not found:
+            inverse = torch.argsort(invperm_values.to(torch.int64))
+            if not torch.equal(perm_values.to(torch.int64), inverse):
+                found.append(error(perm.name, f"is not the inverse of {invperm.name}", "stored row k holds input row q_perm[k] and q_invperm[q_perm[k]] = k: " + REEXPORT))
+    scale_max = parts["q_scale_max"]
+    values = read(scale_max).to(torch.float32)
+    bad = ~torch.isfinite(values) | (values < 0)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        found.append(error(scale_max.name, f"{int(bad.sum())} of {values.numel()} values are negative or not finite (first: group {first}, {values[first].item():g})", REEXPORT))
+    return found
+
+
+def _permutation_findings(tensor: TensorHeader, values: torch.Tensor) -> list[Finding]:
+    size = values.numel()
+    fix = f"{tensor.name.rpartition('.')[2]} must hold each of the {size} input rows 0..{size - 1} once: " + REEXPORT
+    rows = values.to(torch.int64).reshape(-1)
+    outside = (rows < 0) | (rows >= size)
+    if outside.any():
+        first = int(outside.nonzero()[0])
+        return [error(tensor.name, f"{int(outside.sum())} value(s) lie outside 0..{size - 1} (first at {first}: {int(rows[first])})", fix)]
+    counts = torch.bincount(rows, minlength=size)
+    if (counts != 1).any():
+        repeated = int((counts > 1).nonzero()[0])
+        return [error(tensor.name, f"is not a permutation: row {repeated} appears {int(counts[repeated])} times and {int((counts == 0).sum())} row(s) never", fix)]
+    return []
+
+
+def exl2_stored(tensors: dict[str, TensorHeader]) -> Exl2Stored:
+    """Bits per weight and head width from the headers, counted as `qtool eval`'s footprint counts them (the
+    count trusts the shapes: only for linears that passed their checks)."""
+    return Exl2Stored(exl2_bits_per_weight(tensors), exl2_head_code_bits(tensors))
+
+
+def _add_exl2_findings(report: ValidationReport, path: Path, configs: _DirectoryConfigs, tensors: dict[str, TensorHeader], readable: set[str]) -> None:
+    """The EXL2 linears' findings, the quantization_config against what they store, and the summary."""
+    data, where = configs.quant_data, configs.quant_where
+    tensor_findings, layer_count = check_exl2_tensors(path, tensors, readable)
+    # Broken tensors cannot be counted: the config is then checked on its own (bits 2.0..8.0, head_bits 0/6/8).
+    stored = exl2_stored(tensors) if layer_count and not has_errors(tensor_findings) else None
+    report.findings += check_exl2_quantization_config(data, where, stored) + tensor_findings
+    report.summary.update(quantized_layers=layer_count, bits=data.get("bits"), head_bits=data.get("head_bits"), version=data.get("version"))
+    if layer_count == 0 and tensors:
+        report.findings.append(error("tensors", f"{where} declares EXL2 but no tensor ends in .q_weight", "point at the quantized checkpoint, or remove quantization_config"))
+        return
+    if stored is None:
+        return
+    report.summary.update(stored_bits_per_weight=stored.bits_per_weight, head_code_bits=stored.head_code_bits)
+    head = "float head" if stored.head_code_bits is None else f"{round(stored.head_code_bits, 2):g}-bit head"
+    report.findings.append(info(
+        "summary",
+        f"EXL2 {stored.bits_per_weight:.2f} bpw stored (config: {data.get('bits')}), {head}: {layer_count} quantized layers, "
+        f"{report.summary['tensors']} tensors in {report.summary['files']} file(s)",
+    ))

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Protocol
 
+from qtool.configs.errors import QtoolError
+from qtool.convert.exl2_checkpoint import HEAD_NAMES
+from qtool.convert.exl2_format import SCALE_BITS, WORD_BITS
 from qtool.runtime.sources import PICKLE_SUFFIXES, ModelSource
 
 SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 SAFETENSORS_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+# Bits ExLlamaV2 counts per group besides its 4-bit scales (qparams.py total_bits): a float16 q_scale_max and a
+# (bits, first row) pair of int16 in q_groups; and per input row a 32-bit q_invperm entry.
+EXL2_SCALE_MAX_BITS = 16
+EXL2_GROUP_ENTRY_BITS = 32
+EXL2_INVPERM_BITS = 32
 
 
 @dataclass
@@ -37,6 +45,19 @@ class TensorInfo:
     @property
     def bits(self) -> int:
         return self.numel * SAFETENSORS_BITS[self.dtype]
+
+
+class TensorShape(Protocol):
+    """What the EXL2 counts read of a tensor's header: TensorInfo here, TensorHeader in `qtool validate`."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def numel(self) -> int: ...
+
+
+Headers = Mapping[str, TensorShape]
 
 
 def safetensors_tensors(files: list[Path]) -> dict[str, TensorInfo]:
@@ -69,6 +90,66 @@ def gptq_bits_per_weight(tensors: dict[str, TensorInfo], bits: int) -> float | N
     return stored_bits / weights if weights else None
 
 
+def _exl2_header(tensors: Headers, name: str) -> TensorShape:
+    if name not in tensors:
+        raise QtoolError(f"EXL2 tensor {name} is missing", "run `qtool validate` on the checkpoint")
+    return tensors[name]
+
+
+def exl2_linear_bits(tensors: Headers, prefix: str) -> tuple[int, int]:
+    """(stored bits, weights) of the EXL2 linear `prefix` (ending in "."), counted as Exl2Weight.storage_bits
+    counts them: codes, a 4-bit scale per group and output, q_scale_max and q_groups per group, q_invperm per
+    input row. q_weight's rows give the code bits of a column (rows x 32) whatever the group widths.
+
+    Outputs are padded to a multiple of 32 in q_weight and q_scale; a bias gives the true width, without one
+    the padded width is counted (the headers do not hold it)."""
+    q_weight = _exl2_header(tensors, prefix + "q_weight")
+    in_features = _exl2_header(tensors, prefix + "q_invperm").numel
+    groups = _exl2_header(tensors, prefix + "q_scale_max").numel
+    bias = tensors.get(prefix + "bias")
+    out_features = bias.numel if bias is not None else q_weight.shape[1]
+    code_bits = q_weight.shape[0] * WORD_BITS * out_features
+    group_bits = groups * (out_features * SCALE_BITS + EXL2_SCALE_MAX_BITS + EXL2_GROUP_ENTRY_BITS)
+    return code_bits + group_bits + in_features * EXL2_INVPERM_BITS, in_features * out_features
+
+
+def exl2_code_width(tensors: Headers, prefix: str) -> float:
+    """Mean bits of one code of the EXL2 linear: packed rows x 32 over input rows (ExLlamaV2's head_bits)."""
+    return _exl2_header(tensors, prefix + "q_weight").shape[0] * WORD_BITS / _exl2_header(tensors, prefix + "q_invperm").numel
+
+
+def exl2_linear_prefixes(tensors: Headers) -> tuple[list[str], list[str]]:
+    """(body, head) prefixes, each ending in ".", of the linears holding a q_weight."""
+    prefixes = sorted(name.removesuffix("q_weight") for name in tensors if name.endswith(".q_weight"))
+    head = [p for p in prefixes if p[:-1].rpartition(".")[2] in HEAD_NAMES]
+    return [p for p in prefixes if p not in head], head
+
+
+def exl2_bits_per_weight(tensors: Headers) -> float | None:
+    """Stored bits over weights of the EXL2 linears other than the head, as ExLlamaV2 states a model's bpw (and
+    qtool's writer its quantization_config bits): a quantized head is left out, or counted alone when it is
+    the only EXL2 linear. None when no linear holds a q_weight."""
+    body, head = exl2_linear_prefixes(tensors)
+    counted = [exl2_linear_bits(tensors, prefix) for prefix in body or head]
+    weights = sum(w for _, w in counted)
+    return sum(b for b, _ in counted) / weights if weights else None
+
+
+def exl2_head_code_bits(tensors: Headers) -> float | None:
+    """Mean code width of the quantized head (ExLlamaV2's head_bits); None when the head stays float."""
+    _, head = exl2_linear_prefixes(tensors)
+    return sum(exl2_code_width(tensors, p) for p in head) / len(head) if head else None
+
+
+def exl2_label(tensors: Headers, bits_per_weight: float | None) -> str:
+    """e.g. "exl2 4.02 bpw, 6-bit head" or "exl2 4.02 bpw, float head"."""
+    if bits_per_weight is None:
+        return "exl2 (no quantized linears)"
+    head_bits = exl2_head_code_bits(tensors)
+    head = "float head" if head_bits is None else f"{round(head_bits, 2):g}-bit head"
+    return f"exl2 {bits_per_weight:.2f} bpw, {head}"
+
+
 def float_bits_per_weight(tensors: dict[str, TensorInfo]) -> tuple[float | None, str]:
     floats = [info for info in tensors.values() if info.dtype in FLOAT_DTYPES]
     count = sum(info.numel for info in floats)
@@ -92,8 +173,9 @@ def gguf_footprint(path: Path) -> Footprint:
 
 
 def model_footprint(source: ModelSource, quantization_config: dict[str, Any] | None) -> Footprint:
-    """Size and bits per weight of the model as stored: GPTQ checkpoints count their quantized linears, float
-    checkpoints the dtype of their tensors, GGUF files every tensor they hold."""
+    """Size and bits per weight of the model as stored: GPTQ checkpoints count their quantized linears, EXL2
+    checkpoints theirs but the head, float checkpoints the dtype of their tensors, GGUF files every tensor they
+    hold."""
     if source.kind == "gguf":
         return gguf_footprint(source.path / source.gguf_file)
     files = sorted(source.path.glob("*.safetensors"))
@@ -107,5 +189,8 @@ def model_footprint(source: ModelSource, quantization_config: dict[str, Any] | N
         group = quantization_config.get("group_size", -1)
         label = f"gptq {bits}-bit " + (f"g{group}" if group not in (-1, None) else "per-channel")
         return Footprint(size, gptq_bits_per_weight(tensors, bits), label)
+    if quantization_config and quantization_config.get("quant_method") == "exl2":
+        bits_per_weight = exl2_bits_per_weight(tensors)
+        return Footprint(size, bits_per_weight, exl2_label(tensors, bits_per_weight))
     bits_per_weight, label = float_bits_per_weight(tensors)
     return Footprint(size, bits_per_weight, label)
