@@ -10,15 +10,28 @@ Seen on an H200 (torch 2.11+cu130, exllamav2 0.3.2 built in 116 s), 2026-12-01: 
 qtool-written models reconstructs bit for bit in ExLlamaV2 (mixed 8/6/5/4/3/2-bit with act order and a quantized
 head: 15/15; GPTQ->EXL2 conversion: 14/14), once ExLlamaV2's MLP permutation folding is accounted for; a model
 from ExLlamaV2's converter read by qtool: attention and head 9/9 bit-equal (its MLP linears were compared before
-that accounting existed). Logits were NOT comparable: the unquantized float16 model already differs between
-transformers and ExLlamaV2 on this tiny config (relative 1.05, no top-1 agreement), so the cause is outside the
-quantized weights and still open.
+that accounting existed). Logits were NOT comparable: the unquantized float16 model already differed between
+transformers and ExLlamaV2 on this tiny config (relative 1.05, no top-1 agreement).
+
+Why (read in exllamav2 v0.3.2's source; a CPU run of its `_attn_torch` with the extension stubbed agrees): with no
+flash-attn and no xformers installed, and a torch that has `causal_lower_right`, attention goes through
+attn.py `_attn_torch`'s SDPA branch, where `if self.layer_idx in attn_params.block_diag_layers or causal:` (added
+in commit 2e630ae, in every release since 0.2.9) takes `get_block_diag_mask()`, which is None without packed
+sequences, so `scaled_dot_product_attention` runs with no mask: every position attends to the whole sequence.
+Setting `config.no_sdpa` takes the matmul branch, which adds the causal mask of attn_params.py
+`build_single_attn_mask`. So every ExLlamaV2 here runs with no_sdpa (see `exllamav2_model`), the float stage
+measures both settings against transformers and against a float32 reference with and without the causal mask,
+and `float_model_per_module` compares ExLlamaV2's state after every module with that reference. The config is
+read as transformers means it (`exllamav2_config_check`); transformers 5 writes rope_theta only inside
+rope_parameters, where ExLlamaV2 does not look, so `legacy_config_keys` copies it to the top level.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +41,10 @@ from pathlib import Path
 import torch
 
 RESULTS: dict = {"stages": {}}
+
+# float16 forwards against each other or against a float32 reference: a relative (Frobenius) difference of the
+# logits below this is rounding; the causal-mask bug above gives about 1
+AGREE_REL = 0.02
 
 
 def stage(name):
@@ -78,8 +95,124 @@ def float_model(directory: Path, seed: int = 0):
             if param.dim() == 2:
                 param.normal_(0, 0.05)
     model.to(torch.float16).save_pretrained(str(directory))
+    legacy_config_keys(directory)
     tiny_tokenizer(directory, 300)
     return model
+
+
+def legacy_config_keys(directory: Path) -> dict:
+    """Copy into config.json's top level the keys ExLlamaV2 0.3.2 reads there but transformers 5 nests; the ones added.
+
+    transformers 5 writes rope_theta only inside rope_parameters; ExLlamaV2's config.py reads top-level "rope_theta"
+    and otherwise falls back on its architecture default (10000, right here only by coincidence). transformers 5
+    ignores a top-level rope_theta when rope_parameters is there, so the copy changes nothing on its side.
+    ExLlamaV2 reads neither dtype nor torch_dtype (it runs float16), so those need nothing.
+    """
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    added = {}
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = added["rope_theta"] = theta
+    if added:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return added
+
+
+def exllamav2_config_check(ex_config, hf_config) -> dict:
+    """What ExLlamaV2 read from config.json next to what transformers reads, and the fields where they differ."""
+    lm = ex_config.arch.lm
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    pairs = {  # ExLlamaV2's value, the value transformers' Llama uses
+        "vocab_size": (ex_config.vocab_size, hf_config.vocab_size),
+        "hidden_size": (ex_config.hidden_size, hf_config.hidden_size),
+        "intermediate_size": (ex_config.intermediate_size, hf_config.intermediate_size),
+        "num_hidden_layers": (ex_config.num_hidden_layers, hf_config.num_hidden_layers),
+        "num_attention_heads": (ex_config.num_attention_heads, hf_config.num_attention_heads),
+        "num_key_value_heads": (ex_config.num_key_value_heads, hf_config.num_key_value_heads),
+        "head_dim": (ex_config.head_dim, getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads),
+        "norm_eps": (ex_config.norm_eps, hf_config.rms_norm_eps),
+        "rope_theta": (float(ex_config.rotary_embedding_base), float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 0.0)))),
+        "rope_scaling": (bool(ex_config.alt_rope_method) or ex_config.scale_pos_emb != 1.0, rope.get("rope_type", "default") != "default"),
+        "partial_rotary_factor": (ex_config.partial_rotary_factor, rope.get("partial_rotary_factor", 1.0)),
+        "rope_style": (lm.rope_style.name, "NEOX"),  # transformers' rotate_half
+        "hidden_act": (lm.mlp_act_func, hf_config.hidden_act),
+        "lm_head": (lm.keys["lm_head"], "model.embed_tokens" if hf_config.tie_word_embeddings else "lm_head"),
+        "scales (logit, embedding, residual)": ((ex_config.logit_scale, ex_config.scale_emb, ex_config.scale_depth), (1, 1, 1)),
+        "softcapping (attention, final)": ((ex_config.attn_logit_softcapping, ex_config.final_logit_softcapping), (None, None)),
+        "norm constant bias, normalized embeddings": ((lm.norm_constant_bias, lm.normalize_embeddings), (0, False)),
+    }
+    return {
+        "read": {key: ours for key, (ours, _) in pairs.items()},
+        "mismatches": {key: {"exllamav2": ours, "transformers": theirs} for key, (ours, theirs) in pairs.items() if ours != theirs},
+    }
+
+
+def reference_states(model, ids: torch.Tensor, causal: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """A Llama forward written out in float32 from the model's weights: the state after each of ExLlamaV2's modules.
+
+    In ExLlamaV2's order (embedding, per layer attention then MLP, each with its norm and residual inside, final
+    norm, head); causal=False lets every position attend to the whole sequence, which is what ExLlamaV2's SDPA
+    branch does. Independent of both implementations, and checked against transformers in the float stage.
+    """
+    config = model.config
+    weight = {name: tensor.float() for name, tensor in model.state_dict().items()}
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    batch, length = ids.shape
+    device = ids.device
+
+    def rms_norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * w
+
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rope(x):  # neox style: rotate the two halves of each head
+        first, second = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+        return x * cos + torch.cat([-second, first], -1) * sin
+
+    mask = torch.full((length, length), float("-inf"), device=device).triu(1) if causal else torch.zeros(length, length, device=device)
+    x = weight["model.embed_tokens.weight"][ids]
+    states = [("embedding", x)]
+    for layer in range(config.num_hidden_layers):
+        w = {name.removeprefix(f"model.layers.{layer}."): t for name, t in weight.items() if name.startswith(f"model.layers.{layer}.")}
+        h = rms_norm(x, w["input_layernorm.weight"])
+        q = (h @ w["self_attn.q_proj.weight"].T).view(batch, length, heads, head_dim).transpose(1, 2)
+        k = (h @ w["self_attn.k_proj.weight"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        v = (h @ w["self_attn.v_proj.weight"].T).view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)  # query head j reads kv head j // groups
+        scores = rope(q) @ rope(k).transpose(-1, -2) / math.sqrt(head_dim) + mask
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, heads * head_dim)
+        x = x + attended @ w["self_attn.o_proj.weight"].T
+        states.append((f"layer {layer} attention", x))
+        h = rms_norm(x, w["post_attention_layernorm.weight"])
+        x = x + (torch.nn.functional.silu(h @ w["mlp.gate_proj.weight"].T) * (h @ w["mlp.up_proj.weight"].T)) @ w["mlp.down_proj.weight"].T
+        states.append((f"layer {layer} mlp", x))
+    x = rms_norm(x, weight["model.norm.weight"])
+    states.append(("final norm", x))
+    states.append(("head", x @ model.get_output_embeddings().weight.float().T))
+    return states
+
+
+def logit_stats(mine: torch.Tensor, reference: torch.Tensor) -> dict:
+    """How far one forward's output is from a reference's, over the same positions (shapes must match)."""
+    if mine.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(mine.shape)} vs reference {tuple(reference.shape)}")
+    mine, reference = mine.float().to(reference.device), reference.float()
+    return {
+        "max_abs_diff": float((mine - reference).abs().max()),
+        "rel_fro": float((mine - reference).norm() / reference.norm()),
+        "top1_agree": float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
+
+
+def per_position_rel(mine: torch.Tensor, reference: torch.Tensor) -> list[float]:
+    """Relative difference at each position: a wrong causal mask spares no position after the first layer."""
+    mine, reference = mine.float().to(reference.device), reference.float()
+    return [round(float(r), 4) for r in ((mine - reference).norm(dim=-1) / reference.norm(dim=-1)).flatten()]
 
 
 def random_mixed_exl2(model, seed: int):
@@ -104,14 +237,34 @@ def random_mixed_exl2(model, seed: int):
     return weights
 
 
-def exllamav2_model(directory: Path):
+def exllamav2_model(directory: Path, sdpa: bool = False):
+    """ExLlamaV2 0.3.2 on one directory, loaded on the GPU (embedding on the CPU, so ids go in as int64 on the CPU).
+
+    sdpa=False sets config.no_sdpa: without flash-attn/xformers, attn.py `_attn_torch`'s SDPA branch drops the
+    causal mask (`... block_diag_layers or causal:` -> get_block_diag_mask() is None without packed sequences) while
+    its matmul branch adds it. sdpa=True keeps the library's default, to measure that.
+    """
     from exllamav2 import ExLlamaV2, ExLlamaV2Config
 
     config = ExLlamaV2Config(str(directory))
     config.max_seq_len = 256
+    config.no_sdpa = not sdpa  # read by _attn_torch at every call
     model = ExLlamaV2(config)
     model.load()
     return model
+
+
+def exllamav2_states(model, ids: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """ExLlamaV2's state after each module and its logits, in module order, through forward_chunk with no cache.
+
+    forward_chunk's extract_state_indices keeps the input of module i, i.e. the output of module i - 1
+    (model.forward drops them, so it is called directly).
+    """
+    head = model.head_layer_idx
+    with torch.inference_mode():
+        result = model.forward_chunk(input_ids=ids.cpu(), extract_state_indices=list(range(1, head + 1)))
+    names = [f"{type(module).__name__} {module.key}" for module in model.modules]
+    return [(names[i - 1], result["states"][i]) for i in range(1, head + 1)] + [(names[head], result["logits"])]
 
 
 def compare(directory: Path, ids: torch.Tensor) -> dict:
@@ -121,10 +274,12 @@ def compare(directory: Path, ids: torch.Tensor) -> dict:
     from qtool.convert.exl2_checkpoint import load_exl2_model
     from qtool.kernels.exl2_linear import Exl2Linear
 
+    keys_added = legacy_config_keys(directory)
     ex = exllamav2_model(directory)
     with torch.no_grad():
-        ex_logits = ex.forward(ids.cpu()).float().cuda()
+        ex_logits = ex.forward(ids.cpu()).float().cuda()  # no cache: logits for every position, [1, len(ids), vocab]
     ours = load_exl2_model(directory, device="cuda", dtype=torch.float16, backend="torch")
+    config_mismatches = exllamav2_config_check(ex.config, ours.config)["mismatches"]
     modules = {name: m for name, m in ours.named_modules() if isinstance(m, Exl2Linear)}
     weights = {"compared": 0, "bit_equal": 0, "max_abs_diff": 0.0, "differing": []}
     for key, module in ex.modules_dict.items():
@@ -153,20 +308,32 @@ def compare(directory: Path, ids: torch.Tensor) -> dict:
             m.set_backend("triton")
         triton_logits = ours(ids).logits.float()
     ex.unload()
-
-    def stats(a, b):
-        return {
-            "max_abs_diff": float((a - b).abs().max()),
-            "rel_fro": float((a - b).norm() / b.norm()),
-            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-        }
-
     return {
+        "config_keys_added": keys_added,
+        "exllamav2_config_mismatches": config_mismatches,
         "weights": weights,
-        "logits_qtool_torch_vs_exllamav2": stats(torch_logits, ex_logits),
-        "logits_qtool_triton_vs_exllamav2": stats(triton_logits, ex_logits),
+        "logits_qtool_torch_vs_exllamav2": logit_stats(torch_logits, ex_logits),
+        "logits_qtool_triton_vs_exllamav2": logit_stats(triton_logits, ex_logits),
         "logits_scale": float(ex_logits.abs().max()),
     }
+
+
+def float_verdict(result: dict) -> str:
+    """One line from the float stage's numbers: which explanation they support."""
+
+    def agree(stats):
+        return stats["rel_fro"] < AGREE_REL
+
+    shipped, no_sdpa = result["exllamav2_as_shipped"], result["exllamav2_no_sdpa"]
+    if not agree(result["reference_causal_vs_transformers"]):
+        return "the float32 reference disagrees with transformers itself: fix reference_states before reading the rest"
+    if not agree(no_sdpa["vs_transformers"]):
+        return "ExLlamaV2 differs from transformers even with the causal matmul attention: see float_model_per_module for the first module off"
+    if agree(shipped["vs_transformers"]):
+        return "ExLlamaV2 agrees with transformers with and without SDPA (flash-attn or xformers in use, or the mask bug absent)"
+    if agree(shipped["vs_reference_bidirectional"]):
+        return "confirmed: ExLlamaV2's default SDPA attention has no causal mask; with config.no_sdpa it agrees with transformers"
+    return "ExLlamaV2 agrees with config.no_sdpa only, but its default differs otherwise than by the missing causal mask"
 
 
 def main() -> None:
@@ -192,26 +359,73 @@ def main() -> None:
 
         info["exllamav2_import_seconds"] = round(time.perf_counter() - began, 1)
         info["exllamav2"] = getattr(exllamav2, "__version__", "?")
+        from exllamav2 import attn as ex_attn
+
+        # which attention ExLlamaV2 will use: flash-attn and xformers mask causally, its SDPA branch does not
+        info["exllamav2_attention"] = {"flash_attn": ex_attn.has_flash_attn, "xformers": ex_attn.has_xformers, "lower_right_sdpa": ex_attn.has_lower_right_sdpa}
         return info
 
     @stage("float_model")
     def make_float():
         float_model(work / "float")
-        return {}
+        return {"config": json.loads((work / "float" / "config.json").read_text())}
+
+    def float_hf():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(work / "float"), dtype=torch.float16).cuda().eval()
 
     @stage("float_model_hf_vs_exllamav2")
     def float_reference():
-        """The unquantized model in both: how far the two forwards differ with no quantization at all."""
-        from transformers import AutoModelForCausalLM
-
-        ex = exllamav2_model(work / "float")
+        """The unquantized model in both, before anything quantized: ExLlamaV2 as shipped and with config.no_sdpa,
+        against transformers and against the float32 reference with and without the causal mask."""
+        hf = float_hf()
         with torch.no_grad():
-            theirs = ex.forward(ids.cpu()).float().cuda()
-            hf = AutoModelForCausalLM.from_pretrained(str(work / "float"), dtype=torch.float16).cuda().eval()
-            mine = hf(ids).logits.float()
-        ex.unload()
-        return {"max_abs_diff": float((mine - theirs).abs().max()), "rel_fro": float((mine - theirs).norm() / theirs.norm()),
-                "top1_agree": float((mine.argmax(-1) == theirs.argmax(-1)).float().mean()), "config": json.loads((work / "float" / "config.json").read_text())}
+            hf_logits = hf(ids).logits.float()
+            causal = reference_states(hf, ids, causal=True)[-1][1]
+            bidirectional = reference_states(hf, ids, causal=False)[-1][1]
+        result = {
+            "reference_causal_vs_transformers": logit_stats(causal, hf_logits),
+            "reference_bidirectional_vs_transformers": logit_stats(bidirectional, hf_logits),
+        }
+        for label, sdpa in (("exllamav2_as_shipped", True), ("exllamav2_no_sdpa", False)):
+            ex = exllamav2_model(work / "float", sdpa=sdpa)
+            with torch.no_grad():
+                logits = ex.forward(ids.cpu()).float().cuda()
+            result.setdefault("exllamav2_config", exllamav2_config_check(ex.config, hf.config))
+            ex.unload()
+            result[label] = {
+                "logits_shape": list(logits.shape),
+                "vs_transformers": logit_stats(logits, hf_logits),
+                "vs_reference_causal": logit_stats(logits, causal),
+                "vs_reference_bidirectional": logit_stats(logits, bidirectional),
+                "per_position_rel_vs_transformers": per_position_rel(logits, hf_logits),
+            }
+        result["verdict"] = float_verdict(result)
+        return result
+
+    @stage("float_model_per_module")
+    def float_per_module():
+        """ExLlamaV2's state after every module against the float32 reference, causal and not, for both attention
+        settings: the first module that leaves the causal reference is where the two forwards part."""
+        hf = float_hf()
+        with torch.no_grad():
+            causal, bidirectional = reference_states(hf, ids, causal=True), reference_states(hf, ids, causal=False)
+        result = {}
+        for label, sdpa in (("exllamav2_as_shipped", True), ("exllamav2_no_sdpa", False)):
+            ex = exllamav2_model(work / "float", sdpa=sdpa)
+            states = exllamav2_states(ex, ids)
+            ex.unload()
+            if len(states) != len(causal):
+                raise RuntimeError(f"ExLlamaV2 has {len(states)} modules, the reference {len(causal)}: {[n for n, _ in states]}")
+            rows = [
+                {"exllamav2": name, "reference": ref_name,
+                 "rel_vs_causal": logit_stats(state, c)["rel_fro"], "rel_vs_bidirectional": logit_stats(state, b)["rel_fro"]}
+                for (name, state), (ref_name, c), (_, b) in zip(states, causal, bidirectional)
+            ]
+            result[label] = rows
+            result[f"{label}_first_module_off_causal"] = next((row["reference"] for row in rows if row["rel_vs_causal"] >= AGREE_REL), None)
+        return result
 
     @stage("qtool_gptq_to_exl2_loaded_by_exllamav2")
     def qtool_converted():
@@ -243,7 +457,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(work / "float"), "-o", str(work / "ex_job"),
                "-cf", str(out), "-b", "4.0", "-hb", "6", "-r", "8", "-mr", "4", "-l", "256", "-ml", "256", "-nr"]
         (work / "ex_job").mkdir(exist_ok=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        # its calibration forwards go through the same attention: EXLLAMA_NO_SDPA keeps them causal
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "EXLLAMA_NO_SDPA": "1"})
         (work / "converter.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             raise RuntimeError(f"convert_exl2 exited {done.returncode}: {(done.stdout + done.stderr)[-1500:]}")
@@ -252,6 +467,7 @@ def main() -> None:
     environment()
     make_float()
     float_reference()
+    float_per_module()
     qtool_mixed()  # every width, permutations, a quantized head: the most telling check first
     qtool_converted()
     if not args.skip_converter:
