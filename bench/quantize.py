@@ -5,6 +5,7 @@ wiki.test.raw, checkpoint size and quantization time. One JSON line per configur
     .venv/bin/python bench/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
     .venv/bin/python bench/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
     .venv/bin/python bench/quantize.py --speed [--peer-python /work/venv-peer/bin/python]
+    .venv/bin/python bench/quantize.py --exl2-curve 2.5,3,3.5,4,4.5,5,6 --windows 40 [--measurement M.json]
 
 --speed times the protocol command (`qtool quantize smollm2-135m --bits 4 --group-size 128 ...`) as a whole
 process, once with the float copy of the GGUF model not yet cached (cold) and once cached (warm), and in the
@@ -12,7 +13,11 @@ same run GPTQModel's quantization of the same model with the same calibration (b
 venv made by bench/setup_peer.sh), and prints the ratios.
 
 A grid entry is NAME=field=value,...; fields are QuantConfig's (bits, group_size, sym, desc_act, static_groups,
-mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format). Perplexity is measured on the
+mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format; output_format=exl2 with bpw and
+head_bits). --exl2-curve runs EXL2 at each bpw; the first measures (unless --measurement gives an earlier
+measurement.json) and the others reuse its measurement, as `qtool quantize --measurement` does. Every row reports
+the bits per weight of the quantized linears as stored (codes, scales, zeros or permutations), read from the
+checkpoint's safetensors headers. Perplexity is measured on the
 checkpoint loaded by qtool with its linears dequantized once (float speed); --qtool-eval also runs `qtool eval`
 on the checkpoint, which dequantizes on the fly.
 """
@@ -35,8 +40,10 @@ import torch
 from qtool.configs.schema import CalibrationConfig, QuantConfig, check_config
 from qtool.eval.datasets import load_eval_text
 from qtool.eval.perplexity import perplexity
+from qtool.eval.footprint import model_footprint
+from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.pipeline import quantize_model
-from qtool.runtime.sources import load_model
+from qtool.runtime.sources import load_model, resolve_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CALIBRATION = DATA / "wikitext-2" / "wiki.valid.tokens"
@@ -76,13 +83,15 @@ def protocol_calibration() -> CalibrationConfig:
 def float_model_from_checkpoint(out: Path) -> torch.nn.Module:
     """The checkpoint loaded by qtool with each quantized linear turned back into a float nn.Linear once, so that
     perplexity runs at float speed (tests/ check the same weights against an independent reader of the file)."""
+    from qtool.kernels.exl2_linear import Exl2Linear
     from qtool.kernels.quant_linear import QuantLinear
 
     model = load_model(str(out), device="cpu", dtype="float32").model
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, Exl2Linear)):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.data = module.dequantized_weight(torch.float32)
+            weight = module.dequantized_weight(torch.float32) if isinstance(module, QuantLinear) else module.exl2_weight().dequantize(torch.float32)
+            linear.weight.data = weight
             if module.bias is not None:
                 linear.bias.data = module.bias.float()
             parent, _, attribute = name.rpartition(".")
@@ -97,20 +106,32 @@ def checkpoint_bytes(out: Path) -> int:
 def run_one(name: str, config: QuantConfig, args, text: str) -> dict:
     out = Path(args.out_dir) / name
     started = time.perf_counter()
-    result = quantize_model("smollm2-135m", config, out, device=args.device, force=True)
+    if config.output_format == "exl2":
+        result = quantize_model_exl2("smollm2-135m", config, out, measurement=args.measurement, device=args.device, force=True)
+        if args.measurement is None:  # later EXL2 entries reuse this run's measurement
+            args.measurement = str(Path(args.out_dir) / "measurement.json")
+            Path(args.measurement).write_bytes((out / "measurement.json").read_bytes())
+    else:
+        result = quantize_model("smollm2-135m", config, out, device=args.device, force=True)
     seconds = time.perf_counter() - started
     model = float_model_from_checkpoint(out)
-    tokenizer = load_model(str(out), device="cpu", dtype="float32").tokenizer
-    ppl = perplexity(model, tokenizer, text, seqlen=2048, windows=args.windows).ppl
+    loaded = load_model(str(out), device="cpu", dtype="float32")
+    ppl = perplexity(model, loaded.tokenizer, text, seqlen=2048, windows=args.windows).ppl
+    footprint = model_footprint(resolve_source(str(out)), loaded.quantization_config)
+    shown = ("calibration", "schema_version") + (("bits", "group_size", "sym", "static_groups", "mse", "refine_scales", "checkpoint_format")
+                                                 if config.output_format == "exl2" else ("output_format", "bpw", "head_bits", "target_vram_gb", "context_length"))
     row = {
         "name": name,
         "ppl": round(ppl, 4),
         "windows": args.windows,
+        "bits_per_weight": round(footprint.bits_per_weight, 4) if footprint.bits_per_weight else None,
         "quantize_seconds": round(seconds, 1),
         "size_mb": round(checkpoint_bytes(out) / 1e6, 2),
         "peak_memory_gb": round(result.peak_memory_bytes / 1e9, 2),
-        "config": {k: v for k, v in config.to_dict().items() if k not in ("calibration", "schema_version", "output_format")},
+        "config": {k: v for k, v in config.to_dict().items() if k not in shown},
     }
+    if config.output_format == "exl2":
+        row["measured"] = result.measured
     if args.qtool_eval:
         printed = subprocess.run(
             [str(Path(sys.executable).parent / "qtool"), "eval", str(out), "--perplexity", str(EVAL_TEXT), "--windows", str(args.windows), "--json", "--device", "cpu"],
@@ -178,6 +199,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--speed", action="store_true", help="time the protocol command (cold and warm cache) and the peer")
     parser.add_argument("--peer-python", default=None, help="python of the GPTQModel venv (bench/setup_peer.sh)")
+    parser.add_argument("--exl2-curve", default=None, help="comma-separated EXL2 bpw targets, e.g. 2.5,3,3.5,4,4.5,5,6")
+    parser.add_argument("--head-bits", type=int, default=0, help="head bits of the --exl2-curve entries")
+    parser.add_argument("--measurement", default=None, help="an earlier measurement.json of SmolLM2 for the EXL2 entries")
     args = parser.parse_args()
     if args.speed:
         speed(args)
@@ -189,6 +213,9 @@ def main() -> None:
         from qtool.configs.schema import QUANTIZE_DEFAULT_PRESET, read_config_file
 
         entries.insert(0, ("defaults", dataclasses.replace(read_config_file(QUANTIZE_DEFAULT_PRESET), calibration=protocol_calibration())))
+    for bpw in filter(None, (args.exl2_curve or "").split(",")):
+        head = f",head_bits={args.head_bits}" if args.head_bits else ""
+        entries.append(grid_entry(f"exl2-{float(bpw):g}=output_format=exl2,desc_act=1,bpw={float(bpw)}{head}"))
     text = load_eval_text(str(EVAL_TEXT))
     print(json.dumps({"machine": platform.node(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}), flush=True)
     for name, config in entries:

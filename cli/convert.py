@@ -60,14 +60,18 @@ def convert(
     seqlen: int = typer.Option(512, "--seqlen", help="With --bpw: tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="With --bpw: seed of the window choice."),
     head_bits: int = typer.Option(0, "--head-bits", help="With --bpw: bits of the output head (0 keeps it float16, 6 or 8)."),
+    target_vram: Optional[float] = typer.Option(None, "--target-vram", help="gptq -> exl2: quantize again to the bpw at which weights + KV cache fit this many GB; needs --calibration."),
+    context_length: int = typer.Option(0, "--context-length", help="With --target-vram: tokens of KV cache to fit (default: the model's maximum)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print only the report as JSON."),
 ) -> None:
     """Convert a quantized checkpoint to another format; the result is loaded back and its logits on a fixed
     prompt compared with the source's (bit-equal when no weight changed)."""
-    if bpw is None and calibration is not None:
-        raise QtoolError("--calibration applies with --bpw only", "add --bpw X to quantize again, or drop --calibration")
-    requantize = None if bpw is None else Requantize(bpw, calibration or "", samples, seqlen, seed, head_bits)
+    if bpw is None and target_vram is None and calibration is not None:
+        raise QtoolError("--calibration applies with --bpw or --target-vram only", "add --bpw X to quantize again, or drop --calibration")
+    requantize = None
+    if bpw is not None or target_vram is not None:
+        requantize = Requantize(bpw, calibration or "", samples, seqlen, seed, head_bits, target_vram or 0.0, context_length)
     check_request(src_format, dst_format, Path(src), Path(out), force, bits, group_size, requantize)  # fail before any bar shows
     with progress_bar("converting", enabled=not as_json) as update:
         report = convert_checkpoint(src_format, dst_format, src, out, force=force, bits=bits, group_size=group_size, progress=update, requantize=requantize)

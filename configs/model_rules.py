@@ -14,6 +14,8 @@ import torch
 
 from qtool.configs.findings import Finding, error, info, warning
 from qtool.configs.schema import QuantConfig
+from qtool.convert.exl2_format import MAX_IN_FEATURES as EXL2_MAX_IN_FEATURES
+from qtool.convert.exl2_format import ROW_ALIGNMENT as EXL2_ROW_ALIGNMENT
 from qtool.convert.gptq_format import PACK_ALIGNMENT
 
 # The Hessian of the widest linear and its inverse Cholesky factor live side by side during the solve.
@@ -32,6 +34,11 @@ def is_packable(in_features: int, out_features: int) -> bool:
     return in_features % PACK_ALIGNMENT == 0 and out_features % PACK_ALIGNMENT == 0
 
 
+def is_exl2_storable(in_features: int, out_features: int) -> bool:
+    """Whether EXL2 can hold a linear of this shape (rows packed in runs of 32, 16-bit row permutations)."""
+    return in_features % EXL2_ROW_ALIGNMENT == 0 and 0 < in_features <= EXL2_MAX_IN_FEATURES and out_features > 0
+
+
 def name_pattern(name: str) -> str:
     """model.layers.7.mlp.up_proj -> model.layers.*.mlp.up_proj, to report one finding for all layers."""
     return LAYER_INDEX.sub(".*.", name)
@@ -46,10 +53,13 @@ def _where(names: list[str]) -> str:
 def validate_for_model(config: QuantConfig, linear_shapes: Mapping[str, tuple[int, int]]) -> list[Finding]:
     """Check the group size against the linears to quantize; `linear_shapes` maps each linear's name to
     (in_features, out_features)."""
+    exl2 = config.output_format == "exl2"
+    storable = is_exl2_storable if exl2 else is_packable
+    why_not = f"has an input width EXL2 cannot store (multiples of {EXL2_ROW_ALIGNMENT} up to {EXL2_MAX_IN_FEATURES})" if exl2 else f"is not a multiple of {PACK_ALIGNMENT}"
     unpackable: dict[tuple[int, int], list[str]] = defaultdict(list)
     by_width: dict[int, list[str]] = defaultdict(list)
     for name, (in_features, out_features) in linear_shapes.items():
-        if is_packable(in_features, out_features):
+        if storable(in_features, out_features):
             by_width[in_features].append(name)
         else:
             unpackable[(in_features, out_features)].append(name)
@@ -57,18 +67,18 @@ def validate_for_model(config: QuantConfig, linear_shapes: Mapping[str, tuple[in
     for (in_features, out_features), names in sorted(unpackable.items()):
         found.append(warning(
             _where(names),
-            f"shape {in_features} in x {out_features} out is not a multiple of {PACK_ALIGNMENT}: the layer stays float16",
+            f"shape {in_features} in x {out_features} out {why_not}: the layer stays float16",
             "nothing to do unless these layers must be quantized",
         ))
     if not by_width:
         found.append(error(
             "model",
-            "has no quantizable linear layers" + (" (none has widths that are multiples of 32)" if unpackable else ""),
+            "has no quantizable linear layers" + ((" (none can be stored in EXL2)" if exl2 else " (none has widths that are multiples of 32)") if unpackable else ""),
             "qtool quantizes the nn.Linear layers of the decoder blocks; check that PATH is a decoder language model",
         ))
         return found
     group_size = config.group_size
-    if group_size == -1:
+    if group_size == -1 or exl2:  # EXL2 picks its groups per linear
         return found
     for width, names in sorted(by_width.items()):
         full, rest = divmod(width, group_size)

@@ -21,14 +21,23 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 METHODS = ("gptq", "rtn")
 BITS = (2, 3, 4, 8)
-OUTPUT_FORMATS = ("gptq",)
+OUTPUT_FORMATS = ("gptq", "exl2")
+# EXL2: the average bits per weight of the decoder linears, and the widths the output head may take (0: float16)
+EXL2_BPW_RANGE = (2.0, 8.0)
+EXL2_HEAD_BITS = (0, 6, 8)
+# fields that only GPTQ output reads: with EXL2 the optimizer picks widths and groups per linear
+GPTQ_ONLY_FIELDS = ("bits", "group_size", "sym", "static_groups", "mse", "refine_scales", "checkpoint_format")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# dtype of the calibration forward passes and of the Hessian products (weights are always solved in float32);
+# auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
 # GPTQ packs 32 input rows per 32-bit word run; smaller groups cost more in scales than they win.
 MIN_GROUP_SIZE = 16
 # What `qtool quantize` starts from when no --config is given: asym + act order with static groups + scale
 # refinement measured best on SmolLM2 (bench/RESULTS.md: ppl 24.85 at 4-bit g128, GPTQModel 25.97-27.61).
 QUANTIZE_DEFAULT_PRESET = "gptq-4bit-g128"
+QUANTIZE_EXL2_PRESET = "exl2-4bpw"  # ... and with --format exl2
 
 
 @dataclass
@@ -55,7 +64,14 @@ class QuantConfig:
     mse: bool = False
     # after GPTQ, refit each group's scale to the layer's output error with codes and zeros fixed
     refine_scales: bool = False
-    output_format: str = "gptq"
+    # the calibration forwards and Hessian products run in this dtype (autocast; sums and the solve stay float32)
+    compute_dtype: str = "float32"
+    output_format: str = "gptq"  # gptq, or exl2 (mixed widths per linear chosen for an average bpw)
+    bpw: float = 4.0  # exl2: target bits per weight of the decoder linears
+    head_bits: int = 0  # exl2: bits of the output head (0 keeps it float16)
+    # exl2: when > 0, bpw is chosen so that weights + KV cache for context_length tokens fit in this many GB
+    target_vram_gb: float = 0.0
+    context_length: int = 0  # tokens of KV cache for target_vram_gb; 0: the model's max_position_embeddings
     checkpoint_format: str = "gptq"  # gptq = v1 zeros (zero - 1 stored); gptq_v2 stores the zero itself
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -196,19 +212,22 @@ def validate_config(config: QuantConfig) -> list[Finding]:
     """Types are enforced on construction; this checks ranges, choices and rules across fields."""
     found: list[Finding | None] = [
         _choice("method", config.method, METHODS),
-        _choice("bits", config.bits, BITS),
         _choice("output_format", config.output_format, OUTPUT_FORMATS),
-        _choice("checkpoint_format", config.checkpoint_format, CHECKPOINT_FORMATS),
+        _choice("compute_dtype", config.compute_dtype, COMPUTE_DTYPES),
     ]
-    if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
-        found.append(error("group_size", f"{config.group_size} is not valid", f"use -1 (per channel) or an integer >= {MIN_GROUP_SIZE}, e.g. 128"))
-    elif config.group_size != -1 and config.group_size % 32:
-        found.append(warning("group_size", f"{config.group_size} is not a multiple of 32", "fast kernels need multiples of 32; the torch backend will be used"))
+    found.extend(_validate_exl2(config) if config.output_format == "exl2" else _validate_gptq(config))
     if not 0 < config.damp_percent < 1:
         found.append(error("damp_percent", f"{config.damp_percent} is out of range", "use a value in (0, 1), e.g. 0.01"))
     if not 0 <= config.damp_auto_increment < 1:
         found.append(error("damp_auto_increment", f"{config.damp_auto_increment} is out of range", "use a value in [0, 1), e.g. 0.0025"))
-    calibration = config.calibration
+    found.extend(_validate_calibration(config.calibration))
+    if config.output_format != "exl2" and config.target_vram_gb:
+        found.append(error("target_vram_gb", "applies to EXL2 output only (GPTQ widths are uniform)", "add --format exl2, or choose --bits yourself"))
+    return [f for f in found if f is not None]
+
+
+def _validate_calibration(calibration: CalibrationConfig) -> list[Finding | None]:
+    found: list[Finding | None] = []
     if calibration.samples < 1:
         found.append(error("calibration.samples", f"{calibration.samples} is out of range", "use at least 1 sample (128 is usual)"))
     if calibration.seqlen < 8:
@@ -217,6 +236,18 @@ def validate_config(config: QuantConfig) -> list[Finding]:
         found.append(error("calibration.seed", f"{calibration.seed} is negative", "use a seed >= 0"))
     if calibration.source != "wikitext" and not Path(calibration.source).exists():
         found.append(error("calibration.source", f"file {calibration.source} does not exist", "pass 'wikitext' or the path of a text file"))
+    return found
+
+
+def _validate_gptq(config: QuantConfig) -> list[Finding | None]:
+    found: list[Finding | None] = [
+        _choice("bits", config.bits, BITS),
+        _choice("checkpoint_format", config.checkpoint_format, CHECKPOINT_FORMATS),
+    ]
+    if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
+        found.append(error("group_size", f"{config.group_size} is not valid", f"use -1 (per channel) or an integer >= {MIN_GROUP_SIZE}, e.g. 128"))
+    elif config.group_size != -1 and config.group_size % 32:
+        found.append(warning("group_size", f"{config.group_size} is not a multiple of 32", "fast kernels need multiples of 32; the torch backend will be used"))
     if config.static_groups and not config.desc_act:
         found.append(warning("static_groups", "has no effect without desc_act", "add --desc-act or drop --static-groups"))
     if config.method == "rtn" and (config.desc_act or config.static_groups):
@@ -227,7 +258,19 @@ def validate_config(config: QuantConfig) -> list[Finding]:
         found.append(info("true_sequential", "has no effect with method rtn"))
     if not config.sym and config.checkpoint_format == "gptq":
         found.append(info("checkpoint_format", "the v1 format cannot store an asym zero point of 0, so such zeros are clamped to 1", "write --checkpoint-format gptq_v2 to keep them"))
-    return [f for f in found if f is not None]
+    return found
+
+
+def _validate_exl2(config: QuantConfig) -> list[Finding | None]:
+    low, high = EXL2_BPW_RANGE
+    return [
+        None if config.target_vram_gb >= 0 else error("target_vram_gb", f"{config.target_vram_gb} is negative", "give the GPU memory budget in GB, e.g. 24"),
+        None if config.context_length >= 0 else error("context_length", f"{config.context_length} is negative", "give the tokens of KV cache to reserve (0: the model's maximum)"),
+        None if low <= config.bpw <= high else error("bpw", f"{config.bpw} is out of range", f"EXL2 targets run from {low} to {high} bits per weight"),
+        _choice("head_bits", config.head_bits, EXL2_HEAD_BITS),
+        None if config.method == "gptq" else error("method", f"{config.method!r} cannot write EXL2", "EXL2 is quantized with GPTQ error feedback: use method gptq"),
+        None if config.desc_act else info("desc_act", "EXL2 always quantizes in act order (ExLlamaV2's layout stores the permutation)"),
+    ]
 
 
 def check_config(config: QuantConfig) -> list[Finding]:

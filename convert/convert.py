@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from qtool.configs.errors import QtoolError
+from qtool.configs.findings import raise_first_error
+from qtool.configs.schema import CalibrationConfig, QuantConfig, validate_config
 from qtool.convert.checkpoint import load_quantized_model, save_quantized_model
 from qtool.convert.exl2_checkpoint import exl2_weights_of, load_exl2_model, write_exl2_checkpoint
 from qtool.convert.exl2_format import Exl2Weight
@@ -71,12 +73,23 @@ class ConversionReport:
 class Requantize:
     """gptq -> exl2 at a new bpw: the GPTQ weights are dequantized and quantized again to EXL2 with calibration."""
 
-    bpw: float
+    bpw: float | None  # None: chosen from target_vram_gb
     calibration: str
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
     head_bits: int = 0
+    target_vram_gb: float = 0.0
+    context_length: int = 0
+
+    def to_config(self) -> QuantConfig:
+        """The shared quantization config of this job (validated by check_request)."""
+        calibration = CalibrationConfig(source=self.calibration, samples=self.samples, seqlen=self.seqlen, seed=self.seed)
+        return QuantConfig(output_format="exl2", bpw=self.bpw if self.bpw is not None else QuantConfig.bpw, head_bits=self.head_bits,
+                           target_vram_gb=self.target_vram_gb, context_length=self.context_length, desc_act=True, calibration=calibration)
+
+    def describe(self) -> str:
+        return f"{self.bpw} bpw" if self.bpw is not None else f"the bpw that fits {self.target_vram_gb:g} GB"
 
 
 def _choice(value: str, choices: tuple[str, ...], what: str, known: tuple[str, ...] = ()) -> str:
@@ -119,14 +132,14 @@ def check_request(
     if (bits is not None or group_size is not None) and (source_format, target_format) != ("exl2", "gptq"):
         raise QtoolError("--bits and --group-size apply to exl2 -> gptq only", "drop them for this conversion")
     if requantize is not None:
+        flag = "--bpw" if requantize.bpw is not None else "--target-vram"
+        if requantize.bpw is not None and requantize.target_vram_gb:
+            raise QtoolError("--bpw and --target-vram both choose the bits per weight", "give one of them")
         if (source_format, target_format) != ("gptq", "exl2"):
-            raise QtoolError("--bpw applies to gptq -> exl2 only", "drop it for this conversion")
+            raise QtoolError(f"{flag} applies to gptq -> exl2 only", "drop it for this conversion")
         if not requantize.calibration:
-            raise QtoolError("--bpw re-quantizes, which needs calibration text", "pass --calibration wikitext|PATH")
-        if not 2.0 <= requantize.bpw <= 8.0:
-            raise QtoolError(f"--bpw {requantize.bpw} is out of range", "EXL2 targets run from 2.0 to 8.0 bits per weight")
-        if requantize.head_bits not in (0, 6, 8):
-            raise QtoolError(f"--head-bits {requantize.head_bits} is not supported", "use 0 (keep float16), 6 or 8")
+            raise QtoolError(f"{flag} re-quantizes, which needs calibration text", "pass --calibration wikitext|PATH")
+        raise_first_error(validate_config(requantize.to_config()))
     if not Path(source).is_dir():
         raise QtoolError(f"{source} is not a checkpoint directory", f"pass the directory of a {source_format} checkpoint")
     found = detect_format(Path(source))
@@ -386,10 +399,7 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.float-", dir=output.parent) as scratch:
         convert_checkpoint("gptq", "float", source, Path(scratch) / "float")
         _copy_generation_config(source, Path(scratch) / "float")
-        result = quantize_model_exl2(
-            Path(scratch) / "float", output, job.bpw, head_bits=job.head_bits, calibration=job.calibration, samples=job.samples,
-            seqlen=job.seqlen, seed=job.seed, force=force, progress=progress,
-        )
+        result = quantize_model_exl2(Path(scratch) / "float", job.to_config(), output, force=force, progress=progress)
     model = _load_source("gptq", source, torch.float32)
     ids = check_ids(_load_tokenizer(source), model.config.vocab_size)
     reference = logits_of(model, ids)
@@ -399,7 +409,7 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
     linears = []
     for name, weight in exl2_weights_of(converted).items():
         if name in gptq:
-            linears.append(LinearConversion(name, False, relative_error(gptq[name], weight.dequantize()), "gptq", f"exl2 {job.bpw} bpw target", "re-quantized"))
+            linears.append(LinearConversion(name, False, relative_error(gptq[name], weight.dequantize()), "gptq", f"exl2 {result.config.bpw} bpw target", "re-quantized"))
     diff = result_logits - reference
     return ConversionReport(
         source_format="gptq",
@@ -413,6 +423,7 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
         logits_reference="source model",
         bits_per_weight=result.bits_per_weight,
         linears=linears,
-        notes=[f"re-quantized to {job.bpw} bpw from the dequantized GPTQ weights ({job.samples} x {job.seqlen} calibration tokens of {job.calibration})"],
+        notes=[f"re-quantized to {result.config.bpw} bpw ({job.describe()}) from the dequantized GPTQ weights ({job.samples} x {job.seqlen} calibration tokens of {job.calibration})"]
+        + ([f"--target-vram: {result.vram_plan['summary']}"] if result.vram_plan else []),
         seconds=time.perf_counter() - started,
     )

@@ -136,6 +136,13 @@ def _hull(m: LinearMeasurement) -> list[MeasuredCandidate]:
     return hull
 
 
+def reachable_bpw(measurements: list[LinearMeasurement]) -> tuple[float, float]:
+    """The least and the most bits per weight the measured candidates can give these linears together."""
+    hulls = [_hull(m) for m in measurements]
+    weights = sum(m.numel for m in measurements)
+    return sum(h[0].total_bits for h in hulls) / weights, sum(h[-1].total_bits for h in hulls) / weights
+
+
 def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 16384) -> Allocation:
     """One candidate per linear with total bits / total weights at most target_bpw + tolerance and the least sum
     of errors: a multiple-choice knapsack solved by dynamic programming over the bits above each linear's cheapest
@@ -147,8 +154,7 @@ def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance
         raise QtoolError("nothing was measured", "measure at least one linear")
     hulls = [_hull(m) for m in measurements]
     weights = sum(m.numel for m in measurements)
-    lowest = sum(h[0].total_bits for h in hulls) / weights
-    highest = sum(h[-1].total_bits for h in hulls) / weights
+    lowest, highest = reachable_bpw(measurements)
     if target_bpw < lowest - tolerance or target_bpw > highest + tolerance:
         raise QtoolError(f"target {target_bpw} bpw is outside what the candidates reach ({lowest:.2f} to {highest:.2f} bpw)", f"choose a bpw in {lowest:.2f}..{highest:.2f}")
     base = sum(h[0].total_bits for h in hulls)

@@ -31,8 +31,8 @@ def _write_atomically(path: Path, write) -> None:
 
 @dataclass
 class WorkState:
-    """A folder beside the output: job.json (fingerprint, layers done), one file of quantized tensors per
-    finished layer, and the hidden states that feed the next layer."""
+    """A folder beside the output: job.json (fingerprint, steps done), one file of results per finished step
+    (a layer quantized or measured), and the hidden states that feed the next step."""
 
     path: Path
     fingerprint: str
@@ -67,18 +67,12 @@ class WorkState:
     def layer_file(self, index: int) -> Path:
         return self.path / f"layer-{index:04d}.safetensors"
 
-    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor] | None) -> None:
-        """Write layer `index`'s quantized weights; with `next_hidden` (the inputs of the next layer) also record
-        every layer up to `index` as done. The files are written before job.json moves on, so an interruption at
-        any point leaves a consistent state; layers written without hidden states are redone on resume."""
-        tensors: dict[str, torch.Tensor] = {}
-        metadata: dict[str, str] = {}
-        for name, qw in quantized.items():
-            tensors[f"{name}.codes"] = qw.codes.to(torch.uint8 if qw.bits <= 8 else torch.int32).contiguous()
-            tensors[f"{name}.scales"] = qw.scales.contiguous()
-            tensors[f"{name}.zeros"] = qw.zeros.to(torch.int32).contiguous()
-            tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32).contiguous()
-            metadata[name] = json.dumps({"bits": qw.bits, "group_size": qw.group_size})
+    def save_step(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], next_hidden: list[torch.Tensor] | None) -> None:
+        """Write the result of step `index` (a layer's tensors and string metadata); with `next_hidden` (the
+        inputs of the next step) also record every step up to `index` as done. The files are written before
+        job.json moves on, so an interruption at any point leaves a consistent state; steps written without
+        hidden states are redone on resume."""
+        tensors = {name: t.contiguous() for name, t in tensors.items()}
         _write_atomically(self.layer_file(index), lambda p: save_file(tensors, str(p), metadata=metadata))
         if next_hidden is None:
             return
@@ -87,12 +81,27 @@ class WorkState:
         self.completed_layers = index + 1
         self._write_state()
 
-    def load_layer(self, index: int) -> dict[str, QuantizedWeight]:
+    def load_step(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         from safetensors import safe_open
 
         with safe_open(str(self.layer_file(index)), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(self.layer_file(index)))
+        return load_file(str(self.layer_file(index))), metadata
+
+    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor] | None) -> None:
+        """save_step for a layer of GPTQ weights."""
+        tensors: dict[str, torch.Tensor] = {}
+        metadata: dict[str, str] = {}
+        for name, qw in quantized.items():
+            tensors[f"{name}.codes"] = qw.codes.to(torch.uint8 if qw.bits <= 8 else torch.int32)
+            tensors[f"{name}.scales"] = qw.scales
+            tensors[f"{name}.zeros"] = qw.zeros.to(torch.int32)
+            tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32)
+            metadata[name] = json.dumps({"bits": qw.bits, "group_size": qw.group_size})
+        self.save_step(index, tensors, metadata, next_hidden)
+
+    def load_layer(self, index: int) -> dict[str, QuantizedWeight]:
+        tensors, metadata = self.load_step(index)
         quantized = {}
         for name, fields in metadata.items():
             facts = json.loads(fields)

@@ -104,18 +104,27 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return write_tiny_model_dir(tmp_path / "tiny-llama")
 
 
-@pytest.fixture
-def calibration_text(tmp_path: Path) -> Path:
+def write_calibration_text(path: Path) -> Path:
     """A few thousand tokens of text of the tiny tokenizer's words, seeded."""
     import random
 
     rng = random.Random(0)
-    path = tmp_path / "calibration.txt"
     path.write_text("\n".join(" ".join(rng.choice(TOKENIZER_WORDS) for _ in range(40)) for _ in range(200)))
     return path
 
 
 @pytest.fixture
+def calibration_text(tmp_path: Path) -> Path:
+    return write_calibration_text(tmp_path / "calibration.txt")
+
+
+@pytest.fixture(scope="session")
+def make_calibration_text():
+    """write_calibration_text(path) -> path, for module-scoped fixtures."""
+    return write_calibration_text
+
+
+@pytest.fixture(scope="session")
 def make_tiny_model_dir():
     """write_tiny_model_dir(directory, seed=0, **config overrides) -> directory."""
     return write_tiny_model_dir

@@ -143,13 +143,38 @@ def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file):
     assert report["logits_max_abs_diff"] == pytest.approx(float(diff.abs().max()), rel=1e-9)
 
 
+def test_requantize_to_fit_a_vram_budget(tmp_path, gptq_dir, text_file):
+    """--target-vram picks the bpw; the note shows the arithmetic and the bpw reached fits it."""
+    out = tmp_path / "exl2_vram"
+    config = json.loads((gptq_dir / "config.json").read_text())
+    # a budget that leaves 3.3 bpw for the decoder linears after the float16 tensors, cache and scratch
+    hidden, inter, vocab, layers = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    linear_weights = layers * (hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter)
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    fixed = 2 * (embeddings + (2 * layers + 1) * hidden)
+    kv = 2 * layers * kv_heads * head_dim * 32 * 2
+    scratch = 32 * vocab * 4 + 32 * inter * 3 * 2
+    budget = (fixed + kv + scratch + linear_weights * 3.305 / 8) / 1e9
+    args = ["convert", "gptq", "exl2", str(gptq_dir), str(out), "--target-vram", f"{budget:.12f}", "--context-length", "32",
+            "--calibration", str(text_file), "--samples", "4", "--seqlen", "32", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any(note.startswith("--target-vram: 3.30 bpw") for note in report["notes"]), report["notes"]
+    assert 3.25 <= report["bits_per_weight"] <= 3.32
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--bpw", "4.0"], "needs calibration text"),
+        (["--target-vram", "4.0"], "--target-vram re-quantizes, which needs calibration text"),
+        (["--bpw", "4.0", "--target-vram", "4.0", "--calibration", "wikitext"], "--bpw and --target-vram both choose"),
         (["--bpw", "9", "--calibration", "wikitext"], "out of range"),
-        (["--calibration", "wikitext"], "applies with --bpw only"),
-        (["--bpw", "4", "--calibration", "wikitext", "--head-bits", "5"], "--head-bits 5"),
+        (["--calibration", "wikitext"], "applies with --bpw or --target-vram only"),
+        (["--bpw", "4", "--calibration", "wikitext", "--head-bits", "5"], "head_bits: 5 is not valid"),
     ],
 )
 def test_requantize_refusals(tmp_path, gptq_dir, args, message):

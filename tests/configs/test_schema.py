@@ -82,7 +82,7 @@ def test_every_preset_reads_and_validates_clean(name):
 
 def test_presets_say_what_their_names_say():
     assert read_config_file("gptq-4bit-g128") == QuantConfig(
-        method="gptq", bits=4, group_size=128, sym=False, desc_act=True, static_groups=True, refine_scales=True
+        method="gptq", bits=4, group_size=128, sym=False, desc_act=True, static_groups=True, refine_scales=True, compute_dtype="auto"
     )
     assert read_config_file("gptq-8bit-channel").group_size == -1
     assert read_config_file("rtn-4bit-g128").method == "rtn"
@@ -192,7 +192,7 @@ def test_check_config_passes_warnings_through():
         (QuantConfig(method="awq"), "method: 'awq' is not valid"),
         (QuantConfig(bits=5), "bits: 5 is not valid"),
         (QuantConfig(bits=1), "bits: 1 is not valid"),
-        (QuantConfig(output_format="exl2"), "output_format: 'exl2' is not valid"),
+        (QuantConfig(output_format="exl3"), "output_format: 'exl3' is not valid"),
         (QuantConfig(checkpoint_format="gptq_v3"), "checkpoint_format: 'gptq_v3' is not valid"),
         (QuantConfig(group_size=0), "group_size: 0 is not valid"),
         (QuantConfig(group_size=-2), "group_size: -2 is not valid"),
@@ -255,6 +255,29 @@ def test_warning_and_info_rules(config, level, expected):
     findings = validate_config(config)
     assert [f"{f.where}: {f.message}" for f in findings] == [expected]
     assert findings[0].level is level
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (dict(bpw=1.5), ["bpw: 1.5 is out of range"]),
+        (dict(bpw=8.5, head_bits=4), ["bpw: 8.5 is out of range", "head_bits: 4 is not valid"]),
+        (dict(method="rtn"), ["method: 'rtn' cannot write EXL2"]),
+        (dict(target_vram_gb=-1.0), ["target_vram_gb: -1.0 is negative"]),
+        (dict(context_length=-5), ["context_length: -5 is negative"]),
+        # GPTQ-only fields are not judged for EXL2 output: the optimizer picks widths and groups
+        (dict(bits=7, group_size=4, static_groups=True), []),
+    ],
+)
+def test_exl2_rules(changes, expected):
+    config = dataclasses.replace(QuantConfig(output_format="exl2", desc_act=True), **changes)
+    assert [f"{f.where}: {f.message}" for f in validate_config(config) if f.level is Level.ERROR] == expected
+
+
+def test_exl2_fields_do_not_apply_to_gptq():
+    found = validate_config(QuantConfig(target_vram_gb=24.0))
+    assert [f"{f.where}: {f.message}" for f in found] == ["target_vram_gb: applies to EXL2 output only (GPTQ widths are uniform)"]
+    assert read_config_file("exl2-4bpw") == QuantConfig(output_format="exl2", bpw=4.0, head_bits=0, desc_act=True)
 
 
 def test_rules_that_stay_silent():

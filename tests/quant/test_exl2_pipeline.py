@@ -1,64 +1,54 @@
 """EXL2 quantization of a tiny random Llama end to end: the target bpw is met, the checkpoint loads (through
 load_model) and computes what the returned weights say, measurement.json is written and reused for another
-target without measuring again, and bad requests fail before any work."""
+target without measuring again, an interrupted run resumes to the same bytes, --target-vram picks a bpw that
+fits, and bad requests fail before any work."""
 
+import dataclasses
 import json
-import random
 
 import pytest
 import torch
 
 from qtool.configs.errors import QtoolError
+from qtool.configs.schema import CalibrationConfig, QuantConfig
 from qtool.convert.exl2_checkpoint import exl2_weights_of, load_exl2_model
 from qtool.quant.exl2_pipeline import quantize_model_exl2
+from qtool.quant.work_state import WorkState
 from qtool.runtime.sources import load_model
 
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
 
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+class Interrupted(Exception):
+    pass
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conftest import build_tiny_llama
-
+def setup(tmp_path_factory, make_tiny_model_dir, make_calibration_text):
     root = tmp_path_factory.mktemp("exl2pipe")
-    tokenizer = tiny_tokenizer()
-    model = build_tiny_llama(seed=3, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.1)
-    model.save_pretrained(root / "float")
-    tokenizer.save_pretrained(root / "float")
-    text = root / "calib.txt"
-    rng = random.Random(1)
-    text.write_text(" ".join(rng.choice(WORDS) for _ in range(3000)))
-    return root, text
+    make_tiny_model_dir(root / "float", seed=3, hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4)
+    text = make_calibration_text(root / "calib.txt")
+    config = QuantConfig(output_format="exl2", desc_act=True, calibration=CalibrationConfig(source=str(text), samples=4, seqlen=32, seed=0))
+    return root, config
+
+
+def exl2_config(config: QuantConfig, **changes) -> QuantConfig:
+    return dataclasses.replace(config, **changes)
+
+
+def q45(root, config):
+    out = root / "q45"
+    if not out.exists():  # shared by the tests of this module, whichever runs first
+        quantize_model_exl2(root / "float", exl2_config(config, bpw=4.5, head_bits=6), out, device="cpu")
+    return out
 
 
 def test_quantize_meets_target_and_loads(setup):
-    root, text = setup
-    result = quantize_model_exl2(root / "float", root / "q45", 4.5, head_bits=6, calibration=text, samples=4, seqlen=64, device="cpu")
-    assert result.measured
+    root, config = setup
+    result = quantize_model_exl2(root / "float", exl2_config(config, bpw=4.5, head_bits=6), root / "q45-fresh", device="cpu")
+    assert result.measured and result.resumed_from_step == 0
     assert abs(result.bits_per_weight - 4.5) <= 0.02
-    loaded = load_model(root / "q45", device="cpu", dtype="float32")
-    config = loaded.quantization_config
-    assert config["quant_method"] == "exl2" and config["bits"] == 4.5 and config["head_bits"] == 6
+    loaded = load_model(root / "q45-fresh", device="cpu", dtype="float32")
+    qconfig = loaded.quantization_config
+    assert qconfig["quant_method"] == "exl2" and qconfig["bits"] == 4.5 and qconfig["head_bits"] == 6
     weights = exl2_weights_of(loaded.model)
     assert "lm_head" in weights and len(weights) == 15
     measured_bits = sum(w.storage_bits() for n, w in weights.items() if n != "lm_head")
@@ -75,30 +65,90 @@ def test_quantize_meets_target_and_loads(setup):
         torch.testing.assert_close(loaded.model(ids).logits, float_model(ids).logits, rtol=1e-5, atol=1e-5)
     # errors are relative output errors, small at 4.5 bpw
     assert all(0 <= e < 0.05 for e in result.errors.values())
-    measurement = json.loads((root / "q45" / "measurement.json").read_text())
+    measurement = json.loads((root / "q45-fresh" / "measurement.json").read_text())
     assert measurement["version"] == 1 and len(measurement["linears"]) == 14
 
 
 def test_measurement_reused_for_another_target(setup):
-    root, text = setup
-    if not (root / "q45").exists():  # when run alone
-        quantize_model_exl2(root / "float", root / "q45", 4.5, head_bits=6, calibration=text, samples=4, seqlen=64, device="cpu")
-    result = quantize_model_exl2(root / "float", root / "q3", 3.0, calibration=text, samples=4, seqlen=64, device="cpu", measurement=root / "q45" / "measurement.json")
+    root, config = setup
+    high_dir = q45(root, config)
+    result = quantize_model_exl2(root / "float", exl2_config(config, bpw=3.0), root / "q3", device="cpu", measurement=high_dir / "measurement.json")
     assert not result.measured and abs(result.bits_per_weight - 3.0) <= 0.02
     low = exl2_weights_of(load_exl2_model(root / "q3", dtype=torch.float32))
-    high = exl2_weights_of(load_exl2_model(root / "q45", dtype=torch.float32))
+    high = exl2_weights_of(load_exl2_model(high_dir, dtype=torch.float32))
     assert sum(w.code_bits() for w in low.values()) < sum(w.code_bits() for n, w in high.items() if n != "lm_head")
 
 
+def checkpoint_bytes(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors"))} | {"measurement.json": (directory / "measurement.json").read_bytes()}
+
+
+@pytest.mark.parametrize("stop_at", ["measuring layer 2/2", "quantizing layer 2/2"])
+def test_interrupted_run_resumes_to_the_same_bytes(setup, stop_at):
+    root, config = setup
+    job = exl2_config(config, bpw=3.5)
+    reference = root / "resume-reference"
+    if not reference.exists():
+        quantize_model_exl2(root / "float", job, reference, device="cpu")
+    out = root / f"resumed-{stop_at.split()[0]}"
+
+    def stop(done, total, detail=""):
+        if detail == stop_at:
+            raise Interrupted(detail)
+
+    with pytest.raises(Interrupted):
+        quantize_model_exl2(root / "float", job, out, device="cpu", progress=stop, checkpoint_interval_s=0)
+    assert not out.exists()
+    saved = json.loads((WorkState.folder_for(out) / "job.json").read_text())["completed_layers"]
+    assert saved == (1 if stop_at.startswith("measuring") else 3)  # steps: measure 2 layers, then quantize 2
+    result = quantize_model_exl2(root / "float", job, out, device="cpu")
+    assert result.resumed_from_step == saved
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+    assert not WorkState.folder_for(out).exists()
+
+
+def test_target_vram_picks_the_bpw_that_fits(setup):
+    root, config = setup
+    float_model = load_model(root / "float", device="cpu", dtype="float32").model
+    cfg = float_model.config
+    linears = {n: m for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    quantized_weights = sum(m.weight.numel() for m in linears.values())
+    fixed = sum(p.numel() for n, p in float_model.named_parameters() if n.removesuffix(".weight") not in linears) * 2
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 64 * 2  # keys and values, float16
+    scratch = 64 * cfg.vocab_size * 4 + 64 * cfg.intermediate_size * 3 * 2
+    budget_bytes = fixed + kv + scratch + quantized_weights * 3.6 / 8  # room for 3.6 bpw
+    result = quantize_model_exl2(
+        root / "float", exl2_config(config, target_vram_gb=budget_bytes / 1e9, context_length=64), root / "vram", device="cpu",
+        measurement=q45(root, config) / "measurement.json",
+    )
+    assert result.vram_plan["bpw"] == pytest.approx(3.6, abs=0.011)
+    assert result.config.bpw == pytest.approx(3.6, abs=0.011)
+    assert result.bits_per_weight <= 3.6 + 0.02 and result.bits_per_weight >= 3.5
+    used = fixed + kv + scratch + result.bits_per_weight * quantized_weights / 8
+    assert used <= budget_bytes + 0.02 * quantized_weights / 8
+    with pytest.raises(QtoolError, match="too small"):
+        quantize_model_exl2(root / "float", exl2_config(config, target_vram_gb=(fixed + kv) / 1e9, context_length=64), root / "vram-small", device="cpu")
+    assert not (root / "vram-small").exists()
+
+
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "changes, message",
     [
-        (dict(target_bpw=9.0), "out of range"),
-        (dict(target_bpw=4.0, head_bits=5), "--head-bits 5"),
+        (dict(bpw=9.0), "bpw: 9.0 is out of range"),
+        (dict(head_bits=5), "head_bits: 5 is not valid"),
+        (dict(method="rtn"), "cannot write EXL2"),
+        (dict(output_format="gptq"), "not written by the EXL2 pipeline"),
     ],
 )
-def test_bad_requests(setup, kwargs, message):
-    root, text = setup
+def test_bad_requests(setup, changes, message):
+    root, config = setup
     with pytest.raises(QtoolError, match=message):
-        quantize_model_exl2(root / "float", root / "bad", calibration=text, device="cpu", **kwargs)
+        quantize_model_exl2(root / "float", exl2_config(config, **changes), root / "bad", device="cpu")
     assert not (root / "bad").exists()
+
+
+def test_measurement_of_another_model_is_refused(setup, make_tiny_model_dir):
+    root, config = setup
+    other = make_tiny_model_dir(root / "other", seed=1, num_hidden_layers=1, hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4)
+    with pytest.raises(QtoolError, match="does not match this model's linears"):
+        quantize_model_exl2(other, exl2_config(config, bpw=4.0), root / "bad", device="cpu", measurement=q45(root, config) / "measurement.json")
