@@ -17,9 +17,12 @@ class HessianAccumulator:
     Each batch rescales the running mean and adds its own tokens in one addmm, as GPTQ does, so H keeps the
     scale of one token's contribution however many tokens come."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, product_dtype: torch.dtype = torch.float32):
         self.in_features = in_features
         self.num_tokens = 0
+        # bfloat16/float16 products run about twice as fast on CPUs with bf16 dot products and on GPUs; each batch's
+        # product is rounded to that dtype once, the running sum stays float32.
+        self.product_dtype = product_dtype
         # Only the upper block triangle is accumulated (H is symmetric); wide inputs are cut into row blocks so
         # that about a third of the products are skipped. The lower part is filled in when H is read.
         blocks = min(MAX_ROW_BLOCKS, max(1, in_features // MIN_ROW_BLOCK))
@@ -52,14 +55,15 @@ class HessianAccumulator:
         count = tokens.shape[0]
         if count == 0:
             return
-        tokens = tokens.to(device=self._hessian.device, dtype=torch.float32)
+        tokens = tokens.to(device=self._hessian.device, dtype=self.product_dtype)
         total = self.num_tokens + count
         # H_new = n/(n+m) * H_old + 2/(n+m) * X^T X, one fused call per row block of the upper triangle.
         beta, alpha = self.num_tokens / total, 2.0 / total
-        if len(self._row_blocks) == 1:
-            self._hessian.addmm_(tokens.T, tokens, beta=beta, alpha=alpha)
-        else:
-            for start, end in self._row_blocks:
-                self._hessian[start:end, start:].addmm_(tokens[:, start:end].T, tokens[:, start:], beta=beta, alpha=alpha)
-            self._symmetric = False
+        for start, end in self._row_blocks:
+            target = self._hessian[start:end, start:]
+            if self.product_dtype == torch.float32:
+                target.addmm_(tokens[:, start:end].T, tokens[:, start:], beta=beta, alpha=alpha)
+            else:
+                target.mul_(beta).add_(tokens[:, start:end].T @ tokens[:, start:], alpha=alpha)
+        self._symmetric = len(self._row_blocks) == 1
         self.num_tokens = total

@@ -3,6 +3,7 @@ outputs of the groups quantized before it) and produce the layer's outputs for t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from qtool.configs.schema import QuantConfig
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.refine import refine_group_scales
-from qtool.quant.replay import RecordingModule, ReplayModule, StopLayerForward, swapped_modules
+from qtool.quant.replay import ProjectionRecorder, RecordingModule, ReplayModule, StopLayerForward, swapped_modules
 from qtool.quant.rtn import rtn_quantize
 from qtool.quant.types import QuantizedWeight
 
@@ -88,9 +89,36 @@ def solve_group(
     return quantized, reports
 
 
-def _hessian_hook(accumulator: HessianAccumulator, stop: bool):
+def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype config.compute_dtype names; auto is bfloat16 where the device multiplies it natively (about
+    twice float32's speed there), float32 elsewhere (emulated bfloat16 is slower than float32)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for the calibration forwards when the compute dtype is not float32: matmuls and attention in that
+    dtype, norms and the residual stream in float32, the weights untouched (GPTQ solves the float32 ones)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _accumulator(dtype: torch.dtype, group: list[tuple[str, nn.Linear]]) -> HessianAccumulator:
+    linear = group[0][1]
+    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype)
+
+
+def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
     def hook(module: nn.Module, args: tuple) -> None:
         accumulator.add_batch(args[0].detach())
+        if keep_inputs is not None:
+            keep_inputs.append(args[0].detach().to(store_device))
         if stop:
             raise StopLayerForward
 
@@ -129,6 +157,7 @@ def quantize_layer(
     store_device: torch.device,
     replay: bool = True,
     on_group: Callable[[str], None] | None = None,
+    output_projections: tuple[tuple[str, str], ...] = (),
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
     layer's outputs per batch).
@@ -136,6 +165,8 @@ def quantize_layer(
     True-sequential: one pass per group, stopped as soon as the group's input is seen. Linears quantized in an
     earlier group, and whole children of the layer that can no longer change (the input norm, then the attention
     block once its linears are done), are recorded the next time they run and replayed afterwards.
+    `output_projections` ((child, its last linear), relative names) lets a child that became final be recorded
+    without computing it: its linear applied to the inputs seen while that linear was quantized (ProjectionRecorder).
     Otherwise: one pass gathers every group's Hessian from the float layer."""
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
@@ -143,6 +174,10 @@ def quantize_layer(
     call_order: list[str] = []
     children = dict(layer.named_children())
     all_names = {name for group in groups for name, _ in group}
+    device = next(layer.parameters()).device
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    projection_of = {linear: child for child, linear in output_projections if child in children and linear in all_names}
+    projection_inputs: dict[str, list[torch.Tensor]] = {}  # child -> inputs of its output linear, per batch
 
     def note_call(child: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -156,7 +191,7 @@ def quantize_layer(
         handles += [module.register_forward_pre_hook(note_call(name)) for name, module in children.items()]
         outputs: list[torch.Tensor] = []
         try:
-            with swapped_modules(layer, swaps), torch.inference_mode():
+            with swapped_modules(layer, swaps), torch.inference_mode(), compute_context(dtype, device):
                 for i in range(num_batches):
                     try:
                         outputs.append(run_batch(i))
@@ -176,7 +211,12 @@ def quantize_layer(
         for name in sorted(final):
             recorder = recorders.get(name)
             if recorder is None:
-                recorder = recorders[name] = RecordingModule(layer.get_submodule(name), store_device)
+                if name in projection_inputs:
+                    linear = layer.get_submodule(next(l for l, c in projection_of.items() if c == name))
+                    recorder = ProjectionRecorder(layer.get_submodule(name), linear, projection_inputs.pop(name), store_device)
+                else:
+                    recorder = RecordingModule(layer.get_submodule(name), store_device)
+                recorders[name] = recorder
                 swaps[name] = recorder
             elif recorder.outputs:
                 swaps[name] = ReplayModule(recorder)
@@ -192,7 +232,7 @@ def quantize_layer(
         return quantized, reports, run_pass([], {})
 
     if not config.true_sequential:
-        accumulators = [HessianAccumulator(group[0][1].in_features, device=group[0][1].weight.device) for group in groups]
+        accumulators = [_accumulator(dtype, group) for group in groups]
         run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
         for group, accumulator in zip(groups, accumulators):
             q, r = solve_group(group, _usable_hessian(accumulator, group), config)
@@ -203,8 +243,10 @@ def quantize_layer(
     for group in groups:
         if on_group is not None:
             on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
-        accumulator = HessianAccumulator(group[0][1].in_features, device=group[0][1].weight.device)
-        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True))], next_swaps())
+        accumulator = _accumulator(dtype, group)
+        child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
+        kept = projection_inputs.setdefault(child, []) if child else None
+        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
         q, r = solve_group(group, _usable_hessian(accumulator, group), config)
         del accumulator
         quantized.update(q)

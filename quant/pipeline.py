@@ -25,11 +25,11 @@ from qtool.convert.checkpoint import save_quantized_model
 from qtool.convert.gptq_config import qtool_version
 from qtool.convert.gptq_format import check_gptq_layout
 from qtool.eval.datasets import calibration_windows
-from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_group
+from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.quant.types import QuantizedWeight
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
-from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, run_layer
+from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch
 from qtool.runtime.sources import ModelSource, load_model, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class QuantizeResult:
     peak_memory_bytes: int
     device: str
     calibration_tokens: int
+    compute_dtype: str = "float32"  # what config.compute_dtype resolved to on this machine
     modules: list[ModuleReport] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -74,7 +75,7 @@ def source_identity(source: ModelSource) -> dict[str, Any]:
     }
 
 
-def _storage_device(compute: torch.device, samples: int, seqlen: int, hidden_size: int) -> torch.device:
+def storage_device(compute: torch.device, samples: int, seqlen: int, hidden_size: int) -> torch.device:
     """Calibration activations live on the GPU when they fit comfortably, else on the CPU."""
     if compute.type != "cuda":
         return compute
@@ -84,7 +85,7 @@ def _storage_device(compute: torch.device, samples: int, seqlen: int, hidden_siz
     return compute if needed <= ACTIVATIONS_GPU_SHARE * free else torch.device("cpu")
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
+def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
@@ -111,7 +112,7 @@ def split_quantizable(
     return kept_groups, skipped
 
 
-def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str], calibration_tokens: int) -> dict[str, Any]:
+def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str], calibration_tokens: int, compute_dtype: str = "float32") -> dict[str, Any]:
     """The quantization_config written into config.json: GPTQModel's fields, the skipped linears as `dynamic`
     exclusions, and the whole qtool config (so the job can be read back exactly)."""
     data: dict[str, Any] = {
@@ -131,6 +132,7 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
             "quantizer": [f"qtool:{qtool_version()}"],
             "qtool_config": config.to_dict(),
             "calibration_tokens": calibration_tokens,
+            "compute_dtype": compute_dtype,
         },
     }
     if skipped:
@@ -156,7 +158,7 @@ def _relative(groups: list[list[tuple[str, nn.Linear]]], prefix: str) -> list[li
     return [[(name.removeprefix(prefix), linear) for name, linear in group] for group in groups]
 
 
-def _check_output(output: Path, force: bool) -> None:
+def check_output(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another output path")
     if output.exists() and not output.is_dir():
@@ -185,7 +187,7 @@ def _round_to_nearest(model, tokenizer, spec, config, output, force, report, sta
     )
     return QuantizeResult(
         output=str(output), config=config, layers=num_layers, quantized_linears=len(quantized), skipped_linears=skipped,
-        resumed_from_layer=0, seconds=time.perf_counter() - started, peak_memory_bytes=_peak_memory_bytes(compute),
+        resumed_from_layer=0, seconds=time.perf_counter() - started, peak_memory_bytes=peak_memory_bytes(compute),
         device=str(compute), calibration_tokens=0, modules=modules, findings=findings,
     )
 
@@ -205,7 +207,7 @@ def quantize_model(
     beside the output is saved at least every `checkpoint_interval_s` seconds of work (0: after every layer)."""
     started = time.perf_counter()
     output = Path(output)
-    _check_output(output, force)
+    check_output(output, force)
     compute = resolve_device(device)
     report = progress or (lambda done, total, detail="": None)
     if config.output_format != "gptq":
@@ -232,10 +234,12 @@ def quantize_model(
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
     calibration_tokens = sum(w.numel() for w in windows)
     hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
-    storage = _storage_device(compute, len(windows), calibration.seqlen, hidden_size)
+    storage = storage_device(compute, len(windows), calibration.seqlen, hidden_size)
 
+    compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute)).removeprefix("torch.")
     fingerprint = job_fingerprint({
         "config": config.to_dict(),
+        "compute_dtype": compute_dtype,
         "model": source_identity(source),
         "qtool": qtool_version(),
         "torch": torch.__version__,
@@ -264,16 +268,20 @@ def quantize_model(
         report(index, num_layers, f"layer {index + 1}/{num_layers}")
         layer = layers[index].to(compute)
         layer_inputs = inputs
+        batches = sample_batches(layer_inputs)
+        moved: dict = {}
 
-        def run_batch(sample: int) -> torch.Tensor:
-            return run_layer(layer, layer_inputs, sample, device=compute)
+        def run_batch(batch: int) -> torch.Tensor:
+            return run_layer_batch(layer, layer_inputs, batches[batch], device=compute, moved=moved)
 
         def on_group(modules: str, index: int = index) -> None:
             report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
 
-        layer_quantized, layer_reports, outputs = quantize_layer(
-            layer, _relative(groups, prefix), len(windows), run_batch, config, storage, on_group=on_group
+        layer_quantized, layer_reports, batch_outputs = quantize_layer(
+            layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
+            output_projections=spec.output_projections,
         )
+        outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
         layers[index] = layer.to("cpu")
         for module_report in layer_reports:
             module_report.name = prefix + module_report.name
@@ -299,7 +307,7 @@ def quantize_model(
         output,
         model,
         quantized,
-        quantization_config=checkpoint_quantization_config(config, skipped, calibration_tokens),
+        quantization_config=checkpoint_quantization_config(config, skipped, calibration_tokens, compute_dtype),
         tokenizer=tokenizer,
         checkpoint_format=config.checkpoint_format,
         force=force,
@@ -313,9 +321,10 @@ def quantize_model(
         skipped_linears=skipped,
         resumed_from_layer=resumed_from,
         seconds=time.perf_counter() - started,
-        peak_memory_bytes=_peak_memory_bytes(compute),
+        peak_memory_bytes=peak_memory_bytes(compute),
         device=str(compute),
         calibration_tokens=calibration_tokens,
+        compute_dtype=compute_dtype,
         modules=modules,
         findings=findings,
     )

@@ -47,6 +47,47 @@ class RecordingModule(nn.Module):
         return output
 
 
+class ProjectionRecorder(RecordingModule):
+    """A RecordingModule for a child whose output is its last linear's output (e.g. attention and its o_proj):
+    instead of computing the child, it applies the (now quantized) linear to that linear's inputs recorded in an
+    earlier pass. The first call computes the child for real and checks the shortcut against it; if they differ
+    (or the child returns more than a tensor and Nones), every call computes the child."""
+
+    def __init__(self, module: nn.Module, linear: nn.Module, linear_inputs: list[torch.Tensor], store_device: torch.device):
+        super().__init__(module, store_device)
+        self.linear = [linear]  # a list, so that it is not registered (it is already a child of `module`)
+        self.linear_inputs = linear_inputs
+        self.shortcut: bool | None = None  # unknown until the first call
+
+    def _projected(self, index: int) -> torch.Tensor:
+        linear = self.linear[0]
+        return linear(self.linear_inputs[index].to(linear.weight.device))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        index = len(self.outputs)
+        if self.shortcut is None or not self.shortcut or index >= len(self.linear_inputs):
+            output = self.module(*args, **kwargs)
+            if self.shortcut is None:
+                self.shortcut = index < len(self.linear_inputs) and self._matches(output, index)
+        else:
+            output = self._with_first(self._template, self._projected(index))
+        self.outputs.append(_to_device(output, self.store_device))
+        return output
+
+    def _matches(self, output: Any, index: int) -> bool:
+        first = output[0] if isinstance(output, tuple) else output
+        rest = output[1:] if isinstance(output, tuple) else ()
+        if not isinstance(first, torch.Tensor) or any(isinstance(r, torch.Tensor) for r in rest):
+            return False
+        projected = self._projected(index)
+        self._template = output
+        return projected.shape == first.shape and projected.dtype == first.dtype and torch.equal(projected, first)
+
+    @staticmethod
+    def _with_first(template: Any, first: torch.Tensor) -> Any:
+        return (first, *template[1:]) if isinstance(template, tuple) else first
+
+
 class ReplayModule(nn.Module):
     """Returns the recorded outputs of a module in the order they were recorded, without computing anything."""
 

@@ -68,6 +68,10 @@ class ArchitectureSpec:
     parallel_residual_field: str | None = None
     parallel_groups: Groups = ()
     logit_transforms: tuple[tuple[str, str], ...] = ()  # (one of LOGIT_TRANSFORMS, config field)
+    # (child of a layer, its last linear): the child's first output is that linear's output with nothing after it,
+    # so a sequential quantizer may stand in the linear on recorded inputs for the child (checked on the first
+    # batch at run time, so a family where it does not hold only loses the shortcut)
+    output_projections: tuple[tuple[str, str], ...] = (("self_attn", "self_attn.o_proj"),)
     discovered: bool = False  # built by tracing a forward, not taken from the table
 
     def groups_for(self, config: Any) -> Groups:

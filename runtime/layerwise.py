@@ -207,21 +207,62 @@ def capture_layer_inputs(
     return LayerInputs(layer_index=0, hidden_states=tuple(hidden_states), calls=tuple(calls))
 
 
-def _run(layer: nn.Module, inputs: LayerInputs, sample_index: int, device: torch.device, moved: dict) -> torch.Tensor:
-    call = inputs.call(sample_index)
+# Samples that share their layer arguments run through a layer together, up to this many tokens per call: fewer,
+# larger matmuls and a fraction of the per-call Python work (measured on SmolLM2 on a 2-core CPU).
+BATCH_TOKENS = 4096
+
+
+def _call_key(call: LayerCall) -> str:
+    """Equal for calls whose arguments are the same objects (the capture shares equal tensors between samples)."""
+    return repr(_map_tensors((call.args, call.kwargs), lambda t: ("tensor", id(t))))
+
+
+def sample_batches(inputs: LayerInputs, max_tokens: int = BATCH_TOKENS) -> list[tuple[int, ...]]:
+    """Consecutive samples grouped into batches that can run as one call: the same layer arguments (hence the same
+    length) and at most max_tokens tokens (a longer sample runs alone)."""
+    batches: list[tuple[int, ...]] = []
+    current: list[int] = []
+    key, tokens = None, 0
+    for index, hidden in enumerate(inputs.hidden_states):
+        sample_key, count = _call_key(inputs.call(index)), hidden.shape[0] * hidden.shape[1]
+        if current and (sample_key != key or tokens + count > max_tokens):
+            batches.append(tuple(current))
+            current, tokens = [], 0
+        current.append(index)
+        key, tokens = sample_key, tokens + count
+    if current:
+        batches.append(tuple(current))
+    return batches
+
+
+def run_layer_batch(layer: nn.Module, inputs: LayerInputs, samples: tuple[int, ...], *, device: torch.device | str | None = None,
+                    moved: dict | None = None) -> torch.Tensor:
+    """Output hidden states of `layer` for the samples of one batch of sample_batches, concatenated along the batch
+    dimension. `moved` (one dict per pass) keeps shared arguments moved to the device once."""
+    device = torch.device(device) if device is not None else _module_device(layer)
+    moved = {} if moved is None else moved
+    call = inputs.call(samples[0])
 
     def to_device(tensor: torch.Tensor) -> torch.Tensor:
-        # captured arguments are shared between samples: move each distinct tensor once per pass
         known = moved.get(id(tensor))
         if known is None or known[0] is not tensor:
             known = (tensor, tensor.to(device))
             moved[id(tensor)] = known
         return known[1]
 
-    hidden = inputs.hidden_states[sample_index].to(device)
+    parts = [inputs.hidden_states[i].to(device) for i in samples]
+    hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
     with torch.no_grad():
         output = layer(hidden, *_map_tensors(call.args, to_device), **_map_tensors(call.kwargs, to_device))
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def split_batch(output: torch.Tensor, inputs: LayerInputs, samples: tuple[int, ...]) -> list[torch.Tensor]:
+    """One tensor per sample (its own storage) from a batch's output."""
+    if len(samples) == 1:
+        return [output]
+    sizes = [inputs.hidden_states[i].shape[0] for i in samples]
+    return [piece.clone() for piece in output.split(sizes)]
 
 
 def run_layer(
@@ -229,18 +270,16 @@ def run_layer(
 ) -> torch.Tensor:
     """Output hidden states of `layer` (decoder layer `layer_inputs.layer_index`) for one sample, on `device`
     (default: the layer's device)."""
-    device = torch.device(device) if device is not None else _module_device(layer)
-    return _run(layer, layer_inputs, sample_index, device, {})
+    return run_layer_batch(layer, layer_inputs, (sample_index,), device=device)
 
 
 def iter_layer_outputs(
-    layer: nn.Module, layer_inputs: LayerInputs, *, device: torch.device | str | None = None
+    layer: nn.Module, layer_inputs: LayerInputs, *, device: torch.device | str | None = None, max_tokens: int = BATCH_TOKENS
 ) -> Iterator[torch.Tensor]:
-    """`run_layer` over every sample in order, moving shared arguments to the device once."""
-    device = torch.device(device) if device is not None else _module_device(layer)
+    """The layer's output for every sample in order, computed in batches of sample_batches."""
     moved: dict = {}
-    for sample_index in range(len(layer_inputs)):
-        yield _run(layer, layer_inputs, sample_index, device, moved)
+    for samples in sample_batches(layer_inputs, max_tokens):
+        yield from split_batch(run_layer_batch(layer, layer_inputs, samples, device=device, moved=moved), layer_inputs, samples)
 
 
 def next_layer_inputs(

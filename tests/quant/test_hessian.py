@@ -89,3 +89,22 @@ def test_wide_inputs_accumulated_by_blocks_match_float64(k):
         got = acc.hessian.double()
         assert torch.allclose(got, got.T, rtol=1e-6, atol=1e-6 * got.abs().max().item())
         assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [40, 1537])
+def test_half_precision_products_stay_close_to_float64(dtype, k):
+    """product_dtype rounds each batch's inputs and product once; the running sum is float32, so H stays within
+    a few units of that dtype's rounding of the float64 reference of the rounded inputs."""
+    gen = torch.Generator().manual_seed(k + 3)
+    batches = [torch.randn(n, k, generator=gen) for n in (64, 200, 5, 128)]
+    acc = HessianAccumulator(k, product_dtype=dtype)
+    for batch in batches:
+        acc.add_batch(batch)
+    assert acc.hessian.dtype == torch.float32
+    ref = reference_hessian([b.to(dtype) for b in batches])
+    unit = torch.finfo(dtype).eps
+    got = acc.hessian.double()
+    assert torch.allclose(got, got.T, rtol=0, atol=4 * unit * ref.abs().max().item())
+    assert (got - ref).abs().max().item() <= 4 * unit * ref.abs().max().item()
+    assert acc.num_tokens == 397

@@ -63,3 +63,70 @@ def test_true_sequential_changes_later_groups_only(tiny_llama):
     # the first group sees the same float input either way; o_proj's input depends on the quantized q/k/v
     assert torch.equal(sequential["self_attn.q_proj"].codes, parallel["self_attn.q_proj"].codes)
     assert not torch.equal(sequential["self_attn.o_proj"].codes, parallel["self_attn.o_proj"].codes)
+
+
+@pytest.mark.parametrize("fields", [dict(bits=4, group_size=32), dict(bits=3, group_size=-1, sym=False, desc_act=True)])
+def test_projection_shortcut_equals_recomputing_and_skips_the_attention(tiny_llama, fields):
+    """With o_proj declared as attention's output projection, attention is computed once fewer per batch and
+    everything comes out bit-equal to recomputing the whole layer in every pass."""
+    config = replace(QuantConfig(), **fields)
+    model = copy.deepcopy(tiny_llama)
+    layer, groups, inputs = layer_job(model)
+    core_calls = []
+    handle = layer.self_attn.register_forward_hook(lambda module, args, output: core_calls.append(1))
+    try:
+        q_short, _, out_short = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config, torch.device("cpu"),
+                                               output_projections=(("self_attn", "self_attn.o_proj"),))
+    finally:
+        handle.remove()
+    q_full, _, out_full = run_quantize_layer(tiny_llama, config, replay=False)
+    for name in q_full:
+        assert torch.equal(q_short[name].codes, q_full[name].codes), name
+    for a, b in zip(out_short, out_full):
+        assert torch.equal(a, b)
+    # attention completes only in the check of the first batch (the o pass stops inside it, later passes replay)
+    assert len(core_calls) == 1
+
+
+def test_projection_recorder_checks_the_shortcut_on_the_first_call():
+    from qtool.quant.replay import ProjectionRecorder
+
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(8, 8)
+    inputs = [torch.randn(2, 8, generator=gen) for _ in range(3)]
+    right = torch.nn.Sequential(torch.nn.Identity(), linear)  # its output is linear's output
+    wrong = torch.nn.Sequential(linear, torch.nn.ReLU())  # something runs after the linear
+    for child, shortcut in ((right, True), (wrong, False)):
+        recorder = ProjectionRecorder(child, linear, list(inputs), torch.device("cpu"))
+        calls = []
+        handle = child.register_forward_hook(lambda module, args, output: calls.append(1))
+        outputs = [recorder(x) for x in inputs]
+        handle.remove()
+        assert recorder.shortcut is shortcut
+        assert len(calls) == (1 if shortcut else 3)
+        for x, out in zip(inputs, outputs):
+            assert torch.equal(out, child(x))
+        assert len(recorder.outputs) == 3
+
+
+def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
+    from qtool.quant.layer_quantizer import resolve_compute_dtype
+
+    assert resolve_compute_dtype("float16", torch.device("cpu")) is torch.float16
+    assert resolve_compute_dtype("float32", torch.device("cpu")) is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_compute_dtype("auto", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_compute_dtype("auto", torch.device("cpu")) is torch.float32
+
+
+def test_bfloat16_forwards_stay_close_to_float32(tiny_llama):
+    """Autocast changes the calibration activations by bfloat16 rounding only: the outputs of the quantized layer
+    stay within a few bfloat16 units of the float32 run's."""
+    _, _, out32 = run_quantize_layer(tiny_llama, QuantConfig(bits=8, group_size=32), replay=True)
+    _, _, out16 = run_quantize_layer(tiny_llama, QuantConfig(bits=8, group_size=32, compute_dtype="bfloat16"), replay=True)
+    for a, b in zip(out32, out16):
+        assert a.dtype == b.dtype == torch.float32  # the residual stream stays float32
+        assert (a - b).abs().max() <= 0.05 * a.abs().max()
+        assert not torch.equal(a, b)  # bfloat16 really ran

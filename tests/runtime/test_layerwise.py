@@ -23,6 +23,7 @@ from qtool.runtime.layerwise import (
     iter_layer_outputs,
     layerwise_logits,
     next_layer_inputs,
+    sample_batches,
     run_layer,
 )
 
@@ -143,8 +144,27 @@ def test_intermediate_hidden_states_equal_those_of_the_full_forward():
         streamed = list(iter_layer_outputs(layer, inputs))
         for sample in range(2):
             torch.testing.assert_close(singles[sample], seen[index][sample : sample + 1], atol=ATOL, rtol=0)
-            torch.testing.assert_close(streamed[sample], singles[sample], atol=0, rtol=0)
+            torch.testing.assert_close(streamed[sample], singles[sample], atol=ATOL, rtol=0)  # batched: other blocking
         inputs = next_layer_inputs(layer, inputs)
+
+
+def test_samples_batch_only_with_equal_arguments_and_within_the_token_budget():
+    model = build_tiny("llama", num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(5)
+    lengths = [8, 8, 8, 5, 5, 8, 8]
+    samples = [torch.randint(0, model.config.vocab_size, (n,), generator=gen) for n in lengths]
+    inputs = capture_layer_inputs(model, samples)
+    # equal lengths share their rotary tables, hence batch; a length change or the budget starts a new batch
+    assert sample_batches(inputs, max_tokens=16) == [(0, 1), (2,), (3, 4), (5, 6)]
+    assert sample_batches(inputs, max_tokens=4096) == [(0, 1, 2), (3, 4), (5, 6)]
+    assert sample_batches(inputs, max_tokens=1) == [(i,) for i in range(7)]
+    layer = decoder_layers(model)[0]
+    batched = list(iter_layer_outputs(layer, inputs, max_tokens=4096))
+    for sample in range(7):
+        single = run_layer(layer, inputs, sample)
+        assert batched[sample].shape == single.shape == (1, lengths[sample], model.config.hidden_size)
+        torch.testing.assert_close(batched[sample], single, atol=ATOL, rtol=0)
+        assert batched[sample].untyped_storage().nbytes() == single.numel() * single.element_size()  # own storage
 
 
 def test_each_layer_gets_its_own_arguments():
