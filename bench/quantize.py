@@ -80,6 +80,14 @@ def protocol_calibration() -> CalibrationConfig:
     return CalibrationConfig(source=str(CALIBRATION), samples=128, seqlen=512, seed=0)
 
 
+def use_data_dir(data: str | None) -> None:
+    """--data: where wikitext-2/wiki.valid.tokens and wikitext-2-raw/wiki.test.raw are (default ../shared/data)."""
+    global CALIBRATION, EVAL_TEXT
+    if data:
+        CALIBRATION = Path(data) / "wikitext-2" / "wiki.valid.tokens"
+        EVAL_TEXT = Path(data) / "wikitext-2-raw" / "wiki.test.raw"
+
+
 def float_model_from_checkpoint(out: Path) -> torch.nn.Module:
     """The checkpoint loaded by qtool with each quantized linear turned back into a float nn.Linear once, so that
     perplexity runs at float speed (tests/ check the same weights against an independent reader of the file)."""
@@ -107,18 +115,18 @@ def run_one(name: str, config: QuantConfig, args, text: str) -> dict:
     out = Path(args.out_dir) / name
     started = time.perf_counter()
     if config.output_format == "exl2":
-        result = quantize_model_exl2("smollm2-135m", config, out, measurement=args.measurement, device=args.device, force=True)
+        result = quantize_model_exl2(args.model, config, out, measurement=args.measurement, device=args.device, force=True)
         if args.measurement is None:  # later EXL2 entries reuse this run's measurement
             args.measurement = str(Path(args.out_dir) / "measurement.json")
             Path(args.measurement).write_bytes((out / "measurement.json").read_bytes())
     else:
-        result = quantize_model("smollm2-135m", config, out, device=args.device, force=True)
+        result = quantize_model(args.model, config, out, device=args.device, force=True)
     seconds = time.perf_counter() - started
-    model = float_model_from_checkpoint(out)
+    model = float_model_from_checkpoint(out).to(args.device)
     loaded = load_model(str(out), device="cpu", dtype="float32")
-    ppl = perplexity(model, loaded.tokenizer, text, seqlen=2048, windows=args.windows).ppl
+    ppl = perplexity(model, loaded.tokenizer, text, seqlen=2048, windows=args.windows, device=args.device).ppl
     footprint = model_footprint(resolve_source(str(out)), loaded.quantization_config)
-    shown = ("calibration", "schema_version") + (("bits", "group_size", "sym", "static_groups", "mse", "refine_scales", "checkpoint_format")
+    shown = ("calibration", "schema_version") + (("bits", "group_size", "sym", "static_groups", "mse", "checkpoint_format")
                                                  if config.output_format == "exl2" else ("output_format", "bpw", "head_bits", "target_vram_gb", "context_length"))
     row = {
         "name": name,
@@ -128,6 +136,7 @@ def run_one(name: str, config: QuantConfig, args, text: str) -> dict:
         "quantize_seconds": round(seconds, 1),
         "size_mb": round(checkpoint_bytes(out) / 1e6, 2),
         "peak_memory_gb": round(result.peak_memory_bytes / 1e9, 2),
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "config": {k: v for k, v in config.to_dict().items() if k not in shown},
     }
     if config.output_format == "exl2":
@@ -199,10 +208,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--speed", action="store_true", help="time the protocol command (cold and warm cache) and the peer")
     parser.add_argument("--peer-python", default=None, help="python of the GPTQModel venv (bench/setup_peer.sh)")
+    parser.add_argument("--model", default="smollm2-135m", help="the float model (alias, directory or .gguf)")
+    parser.add_argument("--data", default=None, help="folder holding wikitext-2/ and wikitext-2-raw/ (default ../shared/data)")
     parser.add_argument("--exl2-curve", default=None, help="comma-separated EXL2 bpw targets, e.g. 2.5,3,3.5,4,4.5,5,6")
     parser.add_argument("--head-bits", type=int, default=0, help="head bits of the --exl2-curve entries")
     parser.add_argument("--measurement", default=None, help="an earlier measurement.json of SmolLM2 for the EXL2 entries")
     args = parser.parse_args()
+    use_data_dir(args.data)
     if args.speed:
         speed(args)
         return

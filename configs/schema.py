@@ -26,7 +26,7 @@ OUTPUT_FORMATS = ("gptq", "exl2")
 EXL2_BPW_RANGE = (2.0, 8.0)
 EXL2_HEAD_BITS = (0, 6, 8)
 # fields that only GPTQ output reads: with EXL2 the optimizer picks widths and groups per linear
-GPTQ_ONLY_FIELDS = ("bits", "group_size", "sym", "static_groups", "mse", "refine_scales", "checkpoint_format")
+GPTQ_ONLY_FIELDS = ("bits", "group_size", "sym", "static_groups", "mse", "checkpoint_format")
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # dtype of the calibration forward passes and of the Hessian products (weights are always solved in float32);
 # auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32

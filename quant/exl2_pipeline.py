@@ -118,7 +118,7 @@ def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], i
 
 
 def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, choices: dict[str, Exl2Candidate],
-                        device: torch.device, damp_percent: float) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
+                        device: torch.device, damp_percent: float, refine: bool = False) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
     """Quantize each chosen linear of one layer, each group's Hessian from a pass in which the groups before it
     already hold their quantized weights; returns the weights, their errors and the layer's outputs."""
     layer.to(device)
@@ -129,7 +129,7 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
         (hessian,), _ = _group_hessians(layer, [group], inputs, device)
         for name, linear in group:
             bits, sizes = choices[name].layout(linear.in_features)
-            result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent)
+            result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent, refine=refine)
             weights[name], errors[name] = result.weight, result.error
             linear.weight.data = result.dequantized.to(linear.weight.dtype)  # later groups see the quantized ones
     outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device)]
@@ -175,7 +175,7 @@ def _weights_of_step(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
     return weights, errors
 
 
-def _quantize_head(model: nn.Module, inputs: LayerInputs, head_bits: int, device: torch.device) -> tuple[str, Exl2Weight, float]:
+def _quantize_head(model: nn.Module, inputs: LayerInputs, head_bits: int, device: torch.device, refine: bool = False) -> tuple[str, Exl2Weight, float]:
     spec = get_architecture(model)
     norm, head = get_module(model, spec.norm_path), get_module(model, spec.head_path)
     accumulator = HessianAccumulator(head.in_features, device=device)
@@ -185,7 +185,7 @@ def _quantize_head(model: nn.Module, inputs: LayerInputs, head_bits: int, device
             accumulator.add_batch(norm(hidden.to(device)))
     norm.to("cpu")
     bits, sizes = HEAD_CANDIDATES[head_bits].layout(head.in_features)
-    result = exl2_quantize(head.weight.data, accumulator.hessian, bits, sizes)
+    result = exl2_quantize(head.weight.data, accumulator.hessian, bits, sizes, refine=refine)
     return spec.head_path, result.weight, result.error
 
 
@@ -323,7 +323,8 @@ def quantize_model_exl2(
     for step in range(max(resumed_from, measure_steps), total_steps):
         index = step - measure_steps
         report(step, total_steps, f"quantizing layer {index + 1}/{num_layers}")
-        weights, errors, outputs = quantize_exl2_layer(layers[index], layer_groups[index], inputs, allocation.choices, compute, config.damp_percent)
+        weights, errors, outputs = quantize_exl2_layer(layers[index], layer_groups[index], inputs, allocation.choices, compute, config.damp_percent,
+                                                       refine=config.refine_scales)
         outputs = [h.to(storage) for h in outputs]
         save(step, *_weights_step(weights, errors), outputs)
         inputs = inputs.advanced(outputs)
@@ -338,7 +339,7 @@ def quantize_model_exl2(
         raise QtoolError(f"no linear of {model_spec} can be stored in EXL2", "EXL2 needs input widths that are multiples of 32")
     if config.head_bits:
         report(total_steps, total_steps, "quantizing the head")
-        name, weight, error = _quantize_head(model, inputs, config.head_bits, compute)
+        name, weight, error = _quantize_head(model, inputs, config.head_bits, compute, refine=config.refine_scales)
         weights[name], errors[name] = weight, error
     report(total_steps, total_steps, "writing checkpoint")
     meta = {"model": str(model_spec), "calibration": asdict(calibration)}

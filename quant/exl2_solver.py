@@ -128,11 +128,12 @@ def exl2_quantize(
     damp_percent: float = 0.01,
     damp_auto_increment: float = 0.0025,
     p_grid: int = P_GRID,
+    refine: bool = False,
 ) -> Exl2Result:
     """EXL2-quantize weight [N, K] given the Hessian [K, K] of its inputs (neither is modified). Groups (widest
     first) cover the rows in act order; each group's scales are fitted when the solver reaches it, on the
     weights as updated by every row before (GPTQ error feedback). p_grid: points of the scale search (a coarser
-    search makes a measurement pass cheaper)."""
+    search makes a measurement pass cheaper); refine: refit the scale levels afterwards (refine_exl2_levels)."""
     started = time.perf_counter()
     out_features, in_features = weight.shape
     check_exl2_layout(in_features, out_features, tuple(group_bits), tuple(group_sizes))
@@ -176,6 +177,8 @@ def exl2_quantize(
         group_sizes=tuple(group_sizes),
         perm=perm,
     )
+    if refine:
+        result = refine_exl2_levels(weight, result, hessian)
     dequantized = result.dequantize(torch.float32)
     original = weight.detach().to(torch.float32)
     delta = dequantized - original
@@ -183,3 +186,44 @@ def exl2_quantize(
     denominator = float(torch.einsum("nk,kl,nl->", original, hs, original))
     error = float(torch.einsum("nk,kl,nl->", delta, hs, delta)) / denominator if denominator > 0 else 0.0
     return Exl2Result(result, dequantized, error, damp, time.perf_counter() - started)
+
+
+# Relative ridge on the refit systems, as GPTQ damps its Hessian (see quant/refine.py).
+REFINE_DAMP = 0.01
+
+
+def refine_exl2_levels(weight: torch.Tensor, quantized: Exl2Weight, hessian: torch.Tensor) -> Exl2Weight:
+    """Scale refinement on EXL2's grid: with the codes and each group's q_scale_max fixed, the scale of each
+    (group, output) that minimises tr((W - W_q) H (W - W_q)^T) is the solution of one small linear system per
+    output (one unknown per group, as quant/refine.py does for GPTQ); it is rounded to the nearest of the 16
+    levels (level**2 * q_scale_max / 256). An output keeps its old levels unless the rounded ones lower its
+    error, so the result is never worse than the input on the calibration Hessian."""
+    perm = quantized.perm.to(weight.device)
+    w = weight.detach().to(torch.float32)[:, perm]  # [N, K], inputs in storage order
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)[perm][:, perm].clone()
+    h.diagonal().add_(REFINE_DAMP * h.diagonal().mean())
+    group = quantized.row_group().to(w.device)
+    p = (quantized.codes.to(torch.float32) - quantized.row_zero().to(torch.float32)[:, None]).T.to(w.device)  # [N, K]
+    groups = quantized.num_groups
+    one_hot = torch.nn.functional.one_hot(group, groups).to(torch.float32)  # [K, G]
+    system = torch.empty(w.shape[0], groups, groups, dtype=torch.float32, device=w.device)
+    for g in range(groups):
+        rows = (group == g).nonzero().squeeze(1)
+        system[:, g, :] = ((p[:, rows] @ h[rows]) * p) @ one_hot
+    rhs = ((w @ h) * p) @ one_hot  # [N, G]
+    best, info = torch.linalg.solve_ex(system, rhs)
+    unit = (quantized.scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32).to(w.device)  # [G]
+    levels = torch.sqrt(best.clamp_min(0) / unit).round().clamp(1, SCALE_LEVELS)  # [N, G]
+    levels = torch.where((info == 0).unsqueeze(1) & torch.isfinite(best), levels, quantized.qscale.T.to(w.device, torch.float32))
+
+    def output_errors(qscale: torch.Tensor) -> torch.Tensor:  # qscale [G, N] -> error of each output
+        scales = exl2_scales(qscale, quantized.scale_max.to(w.device)).to(torch.float32)  # [G, N]
+        diff = w - scales.T[:, group] * p
+        return ((diff @ h) * diff).sum(dim=1)
+
+    old = quantized.qscale.to(w.device)
+    new = levels.T.to(torch.int32)
+    keep_new = output_errors(new) < output_errors(old)
+    qscale = torch.where(keep_new.unsqueeze(0), new, old)
+    return Exl2Weight(codes=quantized.codes, qscale=qscale.to(quantized.qscale.device), scale_max=quantized.scale_max,
+                      group_bits=quantized.group_bits, group_sizes=quantized.group_sizes, perm=quantized.perm)

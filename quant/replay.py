@@ -124,17 +124,17 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 @contextmanager
 def swapped_modules(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
     """Put `replacements` in place of the named submodules for the duration of the block, then restore them.
-    Names are applied outermost first, so a replaced module's own children are never touched."""
-    originals: dict[str, nn.Module] = {}
+    Names are applied innermost first, so a child swapped inside a module that is itself replaced by a recorder
+    (which runs the original module) is swapped there too: a recorded attention block replays its finished q/k/v
+    instead of computing them again."""
+    originals: list[tuple[str, nn.Module]] = []
     try:
-        for name in sorted(replacements, key=lambda n: n.count(".")):
-            if any(name.startswith(done + ".") for done in originals):
-                continue
+        for name in sorted(replacements, key=lambda n: -n.count(".")):
             parent, child = _parent(root, name)
-            originals[name] = getattr(parent, child)
+            originals.append((name, getattr(parent, child)))
             setattr(parent, child, replacements[name])
         yield
     finally:
-        for name, module in originals.items():
+        for name, module in reversed(originals):  # outermost first, so each parent path is the original again
             parent, child = _parent(root, name)
             setattr(parent, child, module)

@@ -119,6 +119,7 @@ def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_compute_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_compute_dtype("auto", torch.device("cuda")) is torch.float32
 
 
 def test_bfloat16_forwards_stay_close_to_float32(tiny_llama):
