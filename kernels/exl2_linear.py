@@ -6,8 +6,6 @@ of the layer is built once and rebuilt when the buffers move or are reloaded."""
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from typing import Any
 
 import torch
@@ -18,9 +16,8 @@ from qtool.configs.errors import QtoolError
 from qtool.convert.exl2_format import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, check_exl2_layout, exl2_tensors_from_weight, expected_exl2_shapes, weight_from_exl2_tensors
 from qtool.kernels.exl2_backends import Exl2LinearTensors
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2
-from qtool.kernels.registry import EXL2, EXL2_BACKEND_FACTORIES, BackendRegistry, check_backend_name, default_registry, route_bucket, rows_of
+from qtool.kernels.registry import EXL2, EXL2_BACKEND_FACTORIES, BackendRegistry, cached_route, check_backend_name, default_registry, set_backends_of
 
-logger = logging.getLogger(__name__)
 EXL2_BACKENDS = ("auto", *EXL2_BACKEND_FACTORIES)  # what an EXL2 linear accepts as its backend
 
 
@@ -108,13 +105,7 @@ class Exl2Linear(nn.Module):
 
     def route(self, x: torch.Tensor):
         """The backend serving an input shaped like x (chosen once per device and M bucket)."""
-        m = rows_of(x)
-        key = (str(x.device), route_bucket(m))
-        backend = self._routes.get(key)
-        if backend is None:
-            backend, _ = self._select(x.device, m)
-            self._routes[key] = backend
-        return backend
+        return cached_route(self._routes, x, self._select)
 
     @classmethod
     def from_weight(cls, weight: Exl2Weight, bias: torch.Tensor | None = None) -> "Exl2Linear":
@@ -151,18 +142,6 @@ class Exl2Linear(nn.Module):
 
 def set_exl2_model_backend(model: nn.Module, requested: str = "auto", registry: BackendRegistry | None = None) -> dict[str, int]:
     """Route every Exl2Linear of `model` through `requested` and build each backend's form now (once, at load, on
-    the layers' current device: call it after moving the model). Logs one line naming the backends chosen for
-    decode (M = 1) and why; returns {backend name: layers}."""
+    the layers' current device: call it after moving the model); one log line; returns {backend name: layers}."""
     check_exl2_backend(requested, registry)
-    chosen: Counter[str] = Counter()
-    reasons: dict[str, str] = {}
-    for module in model.modules():
-        if isinstance(module, Exl2Linear):
-            reason = module.set_backend(requested, registry)
-            name = reason.split(":", 1)[0]
-            chosen[name] += 1
-            reasons.setdefault(name, reason)
-    if chosen:
-        summary = "; ".join(f"{count} layers -> {reasons[name]}" for name, count in chosen.items())
-        logger.info("EXL2 matmul backend (requested %s): %s", requested, summary)
-    return dict(chosen)
+    return set_backends_of(model, Exl2Linear, requested, registry, "EXL2")

@@ -4,8 +4,6 @@ form of the layer (e.g. the Triton repack) is built once and kept beside the che
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
 from typing import Any
 
 import torch
@@ -19,15 +17,9 @@ from qtool.convert.gptq_format import (
 )
 from qtool.configs.errors import QtoolError
 from qtool.kernels.dequant_ref import dequantize_gptq
-from qtool.kernels.registry import BackendRegistry, GptqLinearTensors, check_backend_name, default_registry
+from qtool.kernels.registry import BackendRegistry, GptqLinearTensors, cached_route, check_backend_name, default_registry, set_backends_of
 from qtool.quant.types import QuantizedWeight
 
-logger = logging.getLogger(__name__)
-
-
-def _m_bucket(m: int) -> int:
-    """Calls are routed per power-of-two bucket of M, so a layer keeps a handful of routes, not one per length."""
-    return 1 << max(m - 1, 0).bit_length()
 
 
 class QuantLinear(nn.Module):
@@ -91,13 +83,7 @@ class QuantLinear(nn.Module):
 
     def route(self, x: torch.Tensor):
         """The backend serving an input shaped like x (chosen once per device and M bucket)."""
-        m = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
-        key = (str(x.device), _m_bucket(max(m, 1)))
-        backend = self._routes.get(key)
-        if backend is None:
-            backend, _ = self._select(x.device, max(m, 1))
-            self._routes[key] = backend
-        return backend
+        return cached_route(self._routes, x, self._select)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq") -> "QuantLinear":
@@ -127,18 +113,6 @@ class QuantLinear(nn.Module):
 
 def set_model_backend(model: nn.Module, requested: str = "auto", registry: BackendRegistry | None = None) -> dict[str, int]:
     """Route every QuantLinear of `model` through `requested` and build each backend's form now (one-time repack
-    at load, on the layers' current device). Logs one line naming the backends chosen for decode (M = 1) and why;
-    returns {backend name: layers}."""
+    at load, on the layers' current device); one log line; returns {backend name: layers}."""
     check_backend_name(requested, registry)
-    chosen: Counter[str] = Counter()
-    reasons: dict[str, str] = {}
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            reason = module.set_backend(requested, registry)
-            name = reason.split(":", 1)[0]
-            chosen[name] += 1
-            reasons.setdefault(name, reason)
-    if chosen:
-        summary = "; ".join(f"{count} layers -> {reasons[name]}" for name, count in chosen.items())
-        logger.info("GPTQ matmul backend (requested %s): %s", requested, summary)
-    return dict(chosen)
+    return set_backends_of(model, QuantLinear, requested, registry, "GPTQ")

@@ -225,3 +225,33 @@ def rows_of(x: torch.Tensor) -> int:
 def route_bucket(m: int) -> int:
     """Calls are routed per power-of-two bucket of M, so a layer keeps a handful of routes, not one per length."""
     return 1 << max(m - 1, 0).bit_length()
+
+
+def cached_route(routes: dict, x: torch.Tensor, select: Callable[[torch.device, int], tuple[Any, str]]) -> Any:
+    """The backend serving an input shaped like x, chosen by select(device, M) once per device and M bucket and
+    kept in `routes` (a quantized linear's own dict)."""
+    m = rows_of(x)
+    key = (str(x.device), route_bucket(m))
+    backend = routes.get(key)
+    if backend is None:
+        backend, _ = select(x.device, m)
+        routes[key] = backend
+    return backend
+
+
+def set_backends_of(model: nn.Module, linear_type: type, requested: str, registry: "BackendRegistry | None", label: str) -> dict[str, int]:
+    """Route every `linear_type` module of `model` through `requested` (its set_backend builds each backend's form
+    now, on the layer's current device) and log one line naming the backends chosen for decode (M = 1) and why;
+    returns {backend name: layers}."""
+    chosen: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for module in model.modules():
+        if isinstance(module, linear_type):
+            reason = module.set_backend(requested, registry)
+            name = reason.split(":", 1)[0]
+            chosen[name] = chosen.get(name, 0) + 1
+            reasons.setdefault(name, reason)
+    if chosen:
+        summary = "; ".join(f"{count} layers -> {reasons[name]}" for name, count in chosen.items())
+        logger.info("%s matmul backend (requested %s): %s", label, requested, summary)
+    return chosen
