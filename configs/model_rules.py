@@ -14,8 +14,10 @@ import torch
 
 from qtool.configs.findings import Finding, error, info, warning
 from qtool.configs.schema import QuantConfig
+from qtool.configs.errors import QtoolError
 from qtool.convert.exl2_format import MAX_IN_FEATURES as EXL2_MAX_IN_FEATURES
 from qtool.convert.exl2_format import ROW_ALIGNMENT as EXL2_ROW_ALIGNMENT
+from qtool.convert.exl2_format import check_exl2_layout
 from qtool.convert.gptq_format import PACK_ALIGNMENT
 
 # The Hessian of the widest linear and its inverse Cholesky factor live side by side during the solve.
@@ -35,8 +37,12 @@ def is_packable(in_features: int, out_features: int) -> bool:
 
 
 def is_exl2_storable(in_features: int, out_features: int) -> bool:
-    """Whether EXL2 can hold a linear of this shape (rows packed in runs of 32, 16-bit row permutations)."""
-    return in_features % EXL2_ROW_ALIGNMENT == 0 and 0 < in_features <= EXL2_MAX_IN_FEATURES and out_features > 0
+    """Whether EXL2 can hold a linear of this shape (check_exl2_layout with one group over all rows)."""
+    try:
+        check_exl2_layout(in_features, out_features, (8,), (in_features,))
+    except QtoolError:
+        return False
+    return True
 
 
 def name_pattern(name: str) -> str:

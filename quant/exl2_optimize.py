@@ -136,11 +136,13 @@ def _hull(m: LinearMeasurement) -> list[MeasuredCandidate]:
     return hull
 
 
+def _reachable(hulls: list[list[MeasuredCandidate]], weights: int) -> tuple[float, float]:
+    return sum(h[0].total_bits for h in hulls) / weights, sum(h[-1].total_bits for h in hulls) / weights
+
+
 def reachable_bpw(measurements: list[LinearMeasurement]) -> tuple[float, float]:
     """The least and the most bits per weight the measured candidates can give these linears together."""
-    hulls = [_hull(m) for m in measurements]
-    weights = sum(m.numel for m in measurements)
-    return sum(h[0].total_bits for h in hulls) / weights, sum(h[-1].total_bits for h in hulls) / weights
+    return _reachable([_hull(m) for m in measurements], sum(m.numel for m in measurements))
 
 
 def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 16384) -> Allocation:
@@ -154,7 +156,7 @@ def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance
         raise QtoolError("nothing was measured", "measure at least one linear")
     hulls = [_hull(m) for m in measurements]
     weights = sum(m.numel for m in measurements)
-    lowest, highest = reachable_bpw(measurements)
+    lowest, highest = _reachable(hulls, weights)
     if target_bpw < lowest - tolerance or target_bpw > highest + tolerance:
         raise QtoolError(f"target {target_bpw} bpw is outside what the candidates reach ({lowest:.2f} to {highest:.2f} bpw)", f"choose a bpw in {lowest:.2f}..{highest:.2f}")
     base = sum(h[0].total_bits for h in hulls)

@@ -33,7 +33,7 @@ from qtool.eval.vram import FLOAT16_BYTES, ModelShape, VramPlan, plan_bpw_for_vr
 from qtool.quant.exl2_optimize import DEFAULT_CANDIDATES, HEAD_CANDIDATES, LinearMeasurement, measure_linear, measurement_from_dict, measurement_to_dict, optimize, reachable_bpw
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
-from qtool.quant.pipeline import check_against_model, check_output, peak_memory_bytes, source_identity, storage_device
+from qtool.quant.pipeline import check_against_model, check_output, peak_memory_bytes, source_identity, split_quantizable, storage_device
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.runtime.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
 from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, iter_layer_outputs
@@ -74,20 +74,8 @@ class Exl2QuantizeResult:
         return data
 
 
-def _quantizable(groups: list[list[tuple[str, nn.Linear]]], skipped: dict[str, str]) -> list[list[tuple[str, nn.Linear]]]:
-    kept = []
-    for group in groups:
-        ok = []
-        for name, linear in group:
-            try:
-                check_exl2_layout(linear.in_features, linear.out_features, (8,), (linear.in_features,), name)
-            except QtoolError as exc:
-                skipped[name] = exc.message
-                continue
-            ok.append((name, linear))
-        if ok:
-            kept.append(ok)
-    return kept
+def _exl2_layout_check(linear: nn.Linear, name: str) -> None:
+    check_exl2_layout(linear.in_features, linear.out_features, (8,), (linear.in_features,), name)
 
 
 def _group_hessians(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -265,7 +253,11 @@ def quantize_model_exl2(
     num_layers = len(layers)
     findings += check_against_model(config, model, spec, compute)
     skipped: dict[str, str] = {}
-    layer_groups = [_quantizable(resolve_layer_groups(model, index, spec), skipped) for index in range(num_layers)]
+    layer_groups = []
+    for index in range(num_layers):
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), _exl2_layout_check)
+        layer_groups.append(groups)
+        skipped.update(layer_skipped)
     if reused is not None:
         names = {name for groups in layer_groups for group in groups for name, _ in group}
         unknown = sorted({m.name for m in reused} ^ names)

@@ -176,7 +176,8 @@ def quantize_layer(
     all_names = {name for group in groups for name, _ in group}
     device = next(layer.parameters()).device
     dtype = resolve_compute_dtype(config.compute_dtype, device)
-    projection_of = {linear: child for child, linear in output_projections if child in children and linear in all_names}
+    projection = {child: linear for child, linear in output_projections if child in children and linear in all_names}
+    projection_of = {linear: child for child, linear in projection.items()}
     projection_inputs: dict[str, list[torch.Tensor]] = {}  # child -> inputs of its output linear, per batch
 
     def note_call(child: str):
@@ -215,7 +216,7 @@ def quantize_layer(
                 continue
             if recorder is None:
                 if name in projection_inputs:
-                    linear = layer.get_submodule(next(l for l, c in projection_of.items() if c == name))
+                    linear = layer.get_submodule(projection[name])
                     recorder = ProjectionRecorder(layer.get_submodule(name), linear, projection_inputs.pop(name), store_device)
                 else:
                     recorder = RecordingModule(layer.get_submodule(name), store_device)

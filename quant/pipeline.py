@@ -92,17 +92,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def split_quantizable(
-    groups: list[list[tuple[str, nn.Linear]]], config: QuantConfig
+    groups: list[list[tuple[str, nn.Linear]]], check_layout: Callable[[nn.Linear, str], None]
 ) -> tuple[list[list[tuple[str, nn.Linear]]], dict[str, str]]:
-    """Drop the linears the GPTQ layout cannot hold (widths not a multiple of 32): they stay float, as in
-    GPTQModel, and the checkpoint's `dynamic` excludes them."""
+    """Drop the linears the output format cannot hold (check_layout raises a QtoolError for them): they stay
+    float, as in GPTQModel, and the checkpoint says so (GPTQ's `dynamic` exclusions)."""
     kept_groups: list[list[tuple[str, nn.Linear]]] = []
     skipped: dict[str, str] = {}
     for group in groups:
         kept = []
         for name, linear in group:
             try:
-                check_gptq_layout(linear.in_features, linear.out_features, config.bits, config.group_size, name)
+                check_layout(linear, name)
             except QtoolError as exc:
                 skipped[name] = exc.message
                 continue
@@ -110,6 +110,10 @@ def split_quantizable(
         if kept:
             kept_groups.append(kept)
     return kept_groups, skipped
+
+
+def gptq_layout_check(config: QuantConfig) -> Callable[[nn.Linear, str], None]:
+    return lambda linear, name: check_gptq_layout(linear.in_features, linear.out_features, config.bits, config.group_size, name)
 
 
 def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str], calibration_tokens: int, compute_dtype: str = "float32") -> dict[str, Any]:
@@ -172,7 +176,7 @@ def _round_to_nearest(model, tokenizer, spec, config, output, force, report, sta
     modules: list[ModuleReport] = []
     for index in range(num_layers):
         report(index, num_layers, f"layer {index + 1}/{num_layers}")
-        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), config)
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
         skipped.update(layer_skipped)
         for group in groups:
             layer_quantized, reports = solve_group(group, None, config)
@@ -261,7 +265,7 @@ def quantize_model(
     last_saved = time.monotonic()
     for index in range(num_layers):
         prefix = f"{spec.layers_path}.{index}."
-        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), config)
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
         skipped.update(layer_skipped)
         if index < resumed_from:
             continue

@@ -58,6 +58,7 @@ class ProjectionRecorder(RecordingModule):
         self.linear = [linear]  # a list, so that it is not registered (it is already a child of `module`)
         self.linear_inputs = linear_inputs
         self.shortcut: bool | None = None  # unknown until the first call
+        self._template: Any = None  # the child's first output, whose first element the shortcut replaces
 
     def _projected(self, index: int) -> torch.Tensor:
         linear = self.linear[0]
@@ -65,7 +66,7 @@ class ProjectionRecorder(RecordingModule):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         index = len(self.outputs)
-        if self.shortcut is None or not self.shortcut or index >= len(self.linear_inputs):
+        if not self.shortcut or index >= len(self.linear_inputs):
             output = self.module(*args, **kwargs)
             if self.shortcut is None:
                 self.shortcut = index < len(self.linear_inputs) and self._matches(output, index)
