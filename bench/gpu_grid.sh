@@ -10,6 +10,7 @@
 #   pip download --no-deps gguf accelerate -d .whl/py        (installed there if the machine lacks them)
 # Then: call 1 `bash bench/gpu_grid.sh stash` carrying part-aa; call 2 `bash bench/gpu_grid.sh 'NAME=field=value,...' ...`
 # carrying the other parts, .device-data/data and .whl/py. Results: $OUT/grid.jsonl.
+# SCRIPT=bench/exl2_allocation.py bash bench/gpu_grid.sh --measurement M --bpw 4 ...: that script instead.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEEP="${KEEP:-/tmp/qtool_keep}"
@@ -30,6 +31,10 @@ SHIM="$(mktemp -d)"; mkdir -p "$SHIM/qtool"
 for pkg in cli quant convert eval runtime kernels configs; do ln -s "$REPO/$pkg" "$SHIM/qtool/$pkg"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}" QTOOL_CACHE_DIR="$KEEP/cache"
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'
+if [[ -n "${SCRIPT:-}" ]]; then  # another bench script taking --model/--data/--device/--jsonl, e.g. bench/exl2_allocation.py
+    timeout "${GRID_TIMEOUT:-540}" python3 "$SCRIPT" --model "$GGUF" --data "$KEEP/data" --device cuda --jsonl "$OUT/grid.jsonl" "$@" 2>&1 | grep -v "it/s\]" | tail -40
+    exit 0
+fi
 # BENCH_ARGS: more bench/quantize.py arguments, e.g. "--exl2-curve 2.5,3,4 --measurement .device-data/m.json"
 timeout "${GRID_TIMEOUT:-540}" python3 bench/quantize.py --model "$GGUF" --data "$KEEP/data" --device cuda --windows 40 \
     --out-dir /tmp/qtool_grid --jsonl "$OUT/grid.jsonl" ${DEFAULTS:+--defaults} ${BENCH_ARGS:-} --grid "$@" 2>&1 | grep -v "it/s\]" | tail -40

@@ -1,7 +1,8 @@
-"""A float copy of a GGUF model kept as a Hugging Face directory, so that only the first load pays for reading and
-dequantizing the GGUF file (tens of seconds for SmolLM2, most of it parsing metadata in Python). The copy is
-keyed by the file's path, size and modification time and the transformers version that dequantized it, written
-atomically, and used only when complete; any problem with the cache falls back to reading the GGUF file."""
+"""A float copy of a GGUF model kept as a Hugging Face directory, for the files qtool's own GGUF reader does not
+map (qtool.runtime.gguf_loader) and transformers' GGUF loader reads instead: that loader takes tens of seconds
+even for a small model, so only the first load pays for it. The copy is keyed by the file's path, size and
+modification time and the transformers version that dequantized it, written atomically, and used only when
+complete; any problem with the cache falls back to reading the GGUF file."""
 
 from __future__ import annotations
 

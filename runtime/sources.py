@@ -159,13 +159,21 @@ def _check_weight_files(directory: Path, allow_pickle: bool) -> None:
 
 
 def load_gguf_float_model(source: ModelSource) -> Any:
-    """The GGUF model dequantized to a plain float32 transformers model, from the float copy cached by an earlier
-    load when there is one (see qtool.runtime.gguf_cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The GGUF model dequantized to a plain float32 transformers model: read directly when qtool's table maps
+    the family (qtool.runtime.gguf_loader, about a second for SmolLM2), else through transformers' GGUF loader,
+    whose result is kept as a float copy so that only the first load pays for it (qtool.runtime.gguf_cache)."""
+    from transformers import AutoModelForCausalLM
 
     from qtool.runtime.gguf_cache import cached_float_dir, is_complete, store_float_copy
+    from qtool.runtime.gguf_loader import load_gguf_direct
 
     gguf_file = source.path / source.gguf_file
+    try:
+        model = load_gguf_direct(gguf_file)
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        raise QtoolError(f"cannot read GGUF file {gguf_file}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF model") from exc
+    if model is not None:
+        return model
     cached = cached_float_dir(gguf_file)
     if is_complete(cached):
         try:
@@ -173,18 +181,26 @@ def load_gguf_float_model(source: ModelSource) -> Any:
         except (ValueError, OSError, RuntimeError) as exc:
             log.warning("ignoring the cached float copy %s: %s", cached, exc)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch.float32)
+        model = plain_model_copy(AutoModelForCausalLM.from_pretrained(str(source.path), gguf_file=source.gguf_file, dtype=torch.float32))
     except (ValueError, OSError, RuntimeError) as exc:
         raise QtoolError(f"cannot read GGUF file {gguf_file}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF model of a supported architecture") from exc
-    model = plain_model_copy(model)
     if cached is not None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
-        except (OSError, ValueError):
-            tokenizer = None
+        tokenizer = load_gguf_tokenizer(source)
         if tokenizer is not None:  # a copy without its tokenizer could not stand in for the file
             store_float_copy(cached, model, tokenizer)
     return model
+
+
+def load_gguf_tokenizer(source: ModelSource) -> Any:
+    """The tokenizer a GGUF file describes, or None. The fast-tokenizer class reads only the tokenizer keys;
+    AutoTokenizer would first build the model config from the whole file (seconds for a 49k vocabulary)."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        log.info("no tokenizer in %s: %s", source.gguf_file, exc)
+        return None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
@@ -197,7 +213,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
             cached = cached_float_dir(source.path / source.gguf_file)
             if is_complete(cached):
                 return AutoTokenizer.from_pretrained(str(cached))
-            return AutoTokenizer.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+            return load_gguf_tokenizer(source)
         return AutoTokenizer.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         log.info("no tokenizer for %s: %s", source.display, exc)

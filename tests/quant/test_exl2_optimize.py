@@ -75,7 +75,8 @@ def test_measure_linear_and_round_trip(tmp_path):
     x = torch.randn(256, 96, generator=gen)
     weight = torch.randn(64, 96, generator=gen) * 0.05
     hessian = 2 * x.T @ x / 256
-    candidates = (DEFAULT_CANDIDATES[3], DEFAULT_CANDIDATES[7], DEFAULT_CANDIDATES[14], HEAD_CANDIDATES[8])
+    by_bits = {c.bits: c for c in DEFAULT_CANDIDATES}
+    candidates = (by_bits[(4, 3, 2)], by_bits[(8, 4, 3)], by_bits[(6,)], HEAD_CANDIDATES[8])
     m = measure_linear("mlp.down_proj", weight, hessian, candidates)
     errors = [c.error for c in m.candidates]
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 100  # 3 -> 4 -> 6 -> 8 bits

@@ -35,13 +35,19 @@ def test_key_changes_with_the_file(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_second_load_reads_the_float_copy(monkeypatch, tmp_path, smollm2_path):
+    """The copy is made for files qtool's own reader declines (here: its family table emptied)."""
+    from qtool.runtime import gguf_loader
+
     monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    first = load_model("smollm2-135m", device="cpu", dtype="float32")
+    direct = load_model("smollm2-135m", device="cpu", dtype="float32")
     cached = gguf_cache.cached_float_dir(smollm2_path)
+    assert not cached.exists()  # the direct reader needs no copy
+    monkeypatch.setattr(gguf_loader, "FAMILIES", {})
+    first = load_model("smollm2-135m", device="cpu", dtype="float32")
     assert gguf_cache.is_complete(cached)
     second = load_model("smollm2-135m", device="cpu", dtype="float32")
-    a, b = first.model.state_dict(), second.model.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b, c = first.model.state_dict(), second.model.state_dict(), direct.model.state_dict()
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     text = "What is the capital of France?"
-    assert first.tokenizer(text)["input_ids"] == second.tokenizer(text)["input_ids"]
+    assert first.tokenizer(text)["input_ids"] == second.tokenizer(text)["input_ids"] == direct.tokenizer(text)["input_ids"]
     assert first.tokenizer.chat_template == second.tokenizer.chat_template

@@ -1,0 +1,78 @@
+"""`qtool eval` of a GPTQ checkpoint against the perplexity of the same file read by the test suite's independent
+dequantizer (tests/conftest.py `dequantize_gptq_file_tensors`, written from the format description alone), on the
+protocol windows. One JSON line.
+
+    .venv/bin/python bench/eval_agreement.py CKPT [--windows 40]
+"""
+
+import sys
+from pathlib import Path
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from qtool.eval.datasets import load_eval_text
+from qtool.eval.perplexity import perplexity
+from qtool.kernels.quant_linear import QuantLinear
+from qtool.runtime.sources import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def independent_dequantizer():
+    spec = importlib.util.spec_from_file_location("qtool_tests_conftest", REPO / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dequantize_gptq_file_tensors
+
+
+def independently_read_model(checkpoint: Path) -> torch.nn.Module:
+    dequantize = independent_dequantizer()
+    quantization = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    tensors = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    model = load_model(str(checkpoint), device="cpu", dtype="float32").model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = dequantize(tensors, name, quantization["bits"], quantization.get("checkpoint_format", "gptq"))
+            if module.bias is not None:
+                linear.bias.data = module.bias.float()
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, linear)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--text", default=str(EVAL_TEXT))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    printed = subprocess.run(
+        [str(Path(sys.executable).parent / "qtool"), "eval", args.checkpoint, "--perplexity", args.text, "--windows", str(args.windows), "--json", "--device", "cpu"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    qtool_ppl = json.loads(printed)["ppl"]
+    qtool_seconds = time.perf_counter() - started
+    tokenizer = load_model(args.checkpoint, device="cpu", dtype="float32").tokenizer
+    independent = perplexity(independently_read_model(Path(args.checkpoint)), tokenizer, load_eval_text(args.text), seqlen=2048, windows=args.windows).ppl
+    print(json.dumps({"checkpoint": args.checkpoint, "windows": args.windows, "qtool_eval_ppl": round(qtool_ppl, 4),
+                      "independent_ppl": round(independent, 4), "delta": round(abs(qtool_ppl - independent), 4),
+                      "qtool_eval_seconds": round(qtool_seconds, 1), "date": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+if __name__ == "__main__":
+    main()
