@@ -18,6 +18,7 @@ from qtool.convert.gptq_format import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, c
 from qtool.convert.output_dir import atomic_output_dir
 from qtool.kernels.quant_linear import QuantLinear, check_backend_name, set_model_backend
 from qtool.quant.types import QuantizedWeight
+from qtool.runtime.weight_init import skipped_weight_init
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -229,29 +230,22 @@ def read_checkpoint_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor],
     return tensors, origin
 
 
-def _no_init_weights():
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
-def _empty_model(directory: Path, dtype: torch.dtype) -> nn.Module:
-    """The model class of config.json with uninitialised weights (they are all about to be loaded)."""
+def empty_model(directory: Path, dtype: torch.dtype, format_name: str) -> nn.Module:
+    """The causal LM of config.json with uninitialised weights (they are all about to be loaded) and without its
+    quantization_config (qtool installs the quantized linears; transformers must not build its own quantizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
-        raise QtoolError(f"{directory} has no {CONFIG_FILE}", "a GPTQ checkpoint needs the model's config.json next to its weights")
+        raise QtoolError(f"{directory} has no {CONFIG_FILE}", f"a {format_name} checkpoint needs the model's config.json next to its weights")
     try:
         config = AutoConfig.from_pretrained(str(directory))
     except (ValueError, KeyError, OSError) as exc:
         raise QtoolError(f"cannot read {config_path}: {str(exc).splitlines()[0]}", "check model_type and the fields of config.json") from exc
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # ours is applied below; transformers must not build its own quantizer
+        del config.quantization_config
     try:
-        with _no_init_weights():
+        with skipped_weight_init():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError) as exc:
         raise QtoolError(f"{config_path}: cannot build a causal LM from it: {str(exc).splitlines()[0]}", "qtool loads causal language models") from exc
@@ -295,9 +289,9 @@ def _install_quant_linears(
     return names
 
 
-def _tie_missing(model: nn.Module, present: set[str]) -> set[str]:
+def tie_missing(model: nn.Module, present: set[str], quantized_types: tuple[type, ...]) -> set[str]:
     """Tie each tied pair where the checkpoint holds only one side (normally the embedding); return the names now
-    tied, which the checkpoint may lack."""
+    tied, which the checkpoint may lack. A quantized head (one of `quantized_types`) keeps its own tensors."""
     tied: set[str] = set()
     for target, source in tied_weight_pairs(model).items():
         if target in present and source not in present:
@@ -306,11 +300,31 @@ def _tie_missing(model: nn.Module, present: set[str]) -> set[str]:
             continue
         parent_name, _, attribute = target.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, QuantLinear):
-            continue  # a quantized lm_head has its own tensors
+        if isinstance(parent, quantized_types):
+            continue
         setattr(parent, attribute, model.get_parameter(source))
         tied.add(target)
     return tied
+
+
+def load_checkpoint_state(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor], origin: dict[str, Path],
+                          quantized_types: tuple[type, ...]) -> None:
+    """Load a checkpoint's tensors into `model`, whose quantized linears are already installed: tied weights the
+    file holds once are tied, and tensors that do not fit, are missing or have no place give one-line errors."""
+    tied = tie_missing(model, set(tensors), quantized_types)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise QtoolError(f"{directory}: tensors do not fit {type(model).__name__}: {detail}", "the config.json does not match the weights") from None
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise QtoolError(f"{directory}: tensor(s) missing from the checkpoint: {shown}", "the checkpoint is incomplete: re-export it")
+    unexpected = sorted(key for key in result.unexpected_keys if not key.endswith(IGNORED_UNEXPECTED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(f"{key} ({origin[key].name if key in origin else '?'})" for key in unexpected[:5])
+        raise QtoolError(f"{directory}: tensor(s) that {type(model).__name__} has no place for: {shown}", "the config.json does not match the weights")
 
 
 def load_quantized_model(
@@ -330,22 +344,9 @@ def load_quantized_model(
     tensors, origin = read_checkpoint_tensors(files)
     if not any(key.endswith(".qweight") for key in tensors):
         raise QtoolError(f"{directory}: {quant.source} declares GPTQ but no tensor ends in .qweight", "point at the quantized checkpoint")
-    model = _empty_model(directory, dtype)
+    model = empty_model(directory, dtype, "GPTQ")
     _install_quant_linears(model, tensors, origin, quant)
-    tied = _tie_missing(model, set(tensors))
-    try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise QtoolError(f"{directory}: tensors do not fit {type(model).__name__}: {detail}", "the config.json does not match the weights") from None
-    missing = sorted(set(result.missing_keys) - tied)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise QtoolError(f"{directory}: tensor(s) missing from the checkpoint: {shown}", "the checkpoint is incomplete: re-export it")
-    unexpected = sorted(key for key in result.unexpected_keys if not key.endswith(IGNORED_UNEXPECTED_SUFFIXES))
-    if unexpected:
-        shown = ", ".join(f"{key} ({origin[key].name})" for key in unexpected[:5])
-        raise QtoolError(f"{directory}: tensor(s) that {type(model).__name__} has no place for: {shown}", "the config.json does not match the weights")
+    load_checkpoint_state(model, directory, tensors, origin, (QuantLinear,))
     model = model.to(device).eval()
     set_model_backend(model, backend)
     return model

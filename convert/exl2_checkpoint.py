@@ -14,8 +14,9 @@ from torch import nn
 from qtool.configs.errors import QtoolError
 from qtool.convert.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
-    IGNORED_UNEXPECTED_SUFFIXES,
     checkpoint_weight_files,
+    empty_model,
+    load_checkpoint_state,
     model_config_dict,
     read_checkpoint_tensors,
     tied_weight_pairs,
@@ -214,47 +215,6 @@ def _install_exl2_linears(model: nn.Module, tensors: dict[str, torch.Tensor], or
     return names
 
 
-def _tie_missing(model: nn.Module, present: set[str]) -> set[str]:
-    """Tie each tied pair whose checkpoint holds only one side; return the names now tied."""
-    tied: set[str] = set()
-    for target, source in tied_weight_pairs(model).items():
-        if target in present and source not in present:
-            target, source = source, target
-        if target in present or source not in present:
-            continue
-        parent_name, _, attribute = target.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(parent, Exl2Linear):
-            continue  # a quantized head has its own tensors
-        setattr(parent, attribute, model.get_parameter(source))
-        tied.add(target)
-    return tied
-
-
-def _empty_model(directory: Path, dtype: torch.dtype) -> nn.Module:
-    """The causal LM of config.json with uninitialised weights, its quantization_config left out."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - transformers 4
-        from transformers.modeling_utils import no_init_weights
-    config_path = directory / CONFIG_FILE
-    if not config_path.exists():
-        raise QtoolError(f"{directory} has no {CONFIG_FILE}", "an EXL2 checkpoint needs the model's config.json next to its weights")
-    try:
-        config = AutoConfig.from_pretrained(str(directory))
-    except (ValueError, KeyError, OSError) as exc:
-        raise QtoolError(f"cannot read {config_path}: {str(exc).splitlines()[0]}", "check model_type and the fields of config.json") from exc
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers has no exl2 quantizer; the linears are installed here
-    try:
-        with no_init_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, KeyError) as exc:
-        raise QtoolError(f"{config_path}: cannot build a causal LM from it: {str(exc).splitlines()[0]}", "qtool loads causal language models") from exc
-
-
 def load_exl2_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
     """An EXL2 checkpoint directory (qtool's or ExLlamaV2's) as its transformers model with Exl2Linear modules
     whose matmuls use `backend` (auto, torch, triton), float tensors in `dtype`, on `device`, in eval mode."""
@@ -267,22 +227,9 @@ def load_exl2_model(path: Path, device: str | torch.device = "cpu", dtype: torch
     tensors, origin = read_checkpoint_tensors(checkpoint_weight_files(directory))
     if not any(key.endswith(".q_weight") for key in tensors):
         raise QtoolError(f"{directory}: config.json declares EXL2 but no tensor ends in .q_weight", "point at the quantized checkpoint")
-    model = _empty_model(directory, dtype)
+    model = empty_model(directory, dtype, "EXL2")
     _install_exl2_linears(model, tensors, origin)
-    tied = _tie_missing(model, set(tensors))
-    try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise QtoolError(f"{directory}: tensors do not fit {type(model).__name__}: {detail}", "the config.json does not match the weights") from None
-    missing = sorted(set(result.missing_keys) - tied)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise QtoolError(f"{directory}: tensor(s) missing from the checkpoint: {shown}", "the checkpoint is incomplete: re-export it")
-    unexpected = sorted(key for key in result.unexpected_keys if not key.endswith(IGNORED_UNEXPECTED_SUFFIXES))
-    if unexpected:
-        shown = ", ".join(f"{key} ({origin[key].name if key in origin else '?'})" for key in unexpected[:5])
-        raise QtoolError(f"{directory}: tensor(s) that {type(model).__name__} has no place for: {shown}", "the config.json does not match the weights")
+    load_checkpoint_state(model, directory, tensors, origin, (Exl2Linear,))
     from qtool.kernels.exl2_linear import set_exl2_model_backend
 
     model = model.to(device).eval()

@@ -14,6 +14,7 @@ from torch import nn
 from qtool.configs.errors import QtoolError
 from qtool.convert.exl2_format import EXL2_BITS
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2
+from qtool.kernels.registry import triton_device_problem
 
 # the dtypes the fused kernel multiplies in; others (float64) get the dequantized weight and torch.matmul
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -83,18 +84,7 @@ class Exl2TritonBackend:
             return f"{'/'.join(map(str, unknown))}-bit groups are not supported ({', '.join(map(str, EXL2_BITS))} are)"
         from qtool.kernels.exl2_triton import triton_interpreted  # imports triton: a failure is a fallback reason
 
-        if device.type == "cuda":
-            if triton_interpreted():
-                return "the kernels were built by the Triton interpreter (TRITON_INTERPRET=1), which is for CPU tests"
-            if not torch.cuda.is_available():
-                return "CUDA is not available"
-            # as the GPTQ kernels: bfloat16 tl.dot needs Ampere, and older GPUs are not tested
-            if torch.cuda.get_device_capability(device)[0] < 8:
-                return "needs a GPU of compute capability 8.0 or newer"
-            return None
-        if device.type == "cpu":
-            return None if triton_interpreted() else "on CPU the Triton kernels run only under TRITON_INTERPRET=1"
-        return f"device type {device.type} is not supported"
+        return triton_device_problem(device, triton_interpreted())
 
     def prepare(self, tensors: Exl2LinearTensors) -> Any:
         """The layer's Triton compute layout (an exl2_triton.Exl2ComputeLayout)."""

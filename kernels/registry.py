@@ -106,6 +106,23 @@ AUTO_ORDER = MappingProxyType({"cuda": ("triton", "torch"), "cpu": ("torch",)})
 DEFAULT_AUTO_ORDER = ("torch",)
 
 
+def triton_device_problem(device: torch.device, interpreted: bool) -> str | None:
+    """Why qtool's Triton kernels cannot run on `device`, or None. `interpreted`: the kernels were built by the
+    Triton interpreter (TRITON_INTERPRET=1 at import), which runs them on the CPU for tests only. bfloat16 tl.dot
+    needs Ampere, and older GPUs are not tested."""
+    if device.type == "cuda":
+        if interpreted:
+            return "the kernels were built by the Triton interpreter (TRITON_INTERPRET=1), which is for CPU tests"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if torch.cuda.get_device_capability(device)[0] < 8:
+            return "needs a GPU of compute capability 8.0 or newer"
+        return None
+    if device.type == "cpu":
+        return None if interpreted else "on CPU the Triton kernels run only under TRITON_INTERPRET=1"
+    return f"device type {device.type} is not supported"
+
+
 def check_backend_name(requested: str, registry: "BackendRegistry | None" = None) -> str:
     """`requested` if it names a backend of `registry` (without one: of any format) or auto, else a QtoolError
     listing the valid names."""

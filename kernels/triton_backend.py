@@ -27,6 +27,7 @@ from qtool.kernels.gptq_gemm_triton import (
 )
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
+from qtool.kernels.registry import triton_device_problem
 
 logger = logging.getLogger(__name__)
 
@@ -263,17 +264,7 @@ class TritonBackend:
         device = torch.device(device)
         if bits not in (2, 3, 4, 8):
             return f"{bits}-bit weights are not supported (2, 3, 4, 8 are)"
-        if device.type == "cuda":
-            if triton_interpreted():
-                return "the kernels were built by the Triton interpreter (TRITON_INTERPRET=1), which is for CPU tests"
-            if not torch.cuda.is_available():
-                return "CUDA is not available"
-            if torch.cuda.get_device_capability(device)[0] < 8:
-                return "needs a GPU of compute capability 8.0 or newer"
-            return None
-        if device.type == "cpu":
-            return None if triton_interpreted() else "on CPU the Triton kernels run only under TRITON_INTERPRET=1"
-        return f"device type {device.type} is not supported"
+        return triton_device_problem(device, triton_interpreted())
 
     def prepare(self, tensors) -> GptqComputeWeight:
         """Repack one layer (a GptqLinearTensors) into the compute layout; reserves its split-K workspace."""

@@ -8,7 +8,6 @@ None for anything else, so the caller falls back to transformers."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from qtool.runtime.gguf_file import ArrayValue, GgufHeader, read_gguf_header
+from qtool.runtime.weight_init import skipped_weight_init
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,6 @@ def float_state_dict(header: GgufHeader, family: GgufFamily, fields: dict[str, A
             weight = uninterleave_rotary_rows(weight, rotary_heads[suffix])
         state[name] = weight
     return state
-
-
-def skipped_weight_init() -> Any:
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers: initialising costs time, not correctness
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 def load_gguf_direct(path: Path) -> Any | None:

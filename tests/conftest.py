@@ -74,10 +74,16 @@ def smollm2_path() -> Path:
 
 
 TOKENIZER_WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
+# ChatML (the layout SmolLM2-Instruct's template uses), written with the tiny tokenizer's own specials.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
-def build_tiny_tokenizer():
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
+def build_tiny_tokenizer(chat_template: str | None = None, vocab_size: int = 300):
+    """A byte-level BPE (vocab_size ids) trained offline on a few strings; it adds a BOS unless told not to and
+    has a chat template only when given one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,10 +91,12 @@ def build_tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator([" ".join(TOKENIZER_WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
     backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    # Passed only when given: chat_template=None would be saved as "chat_template": null in tokenizer_config.json.
+    template = {} if chat_template is None else {"chat_template": chat_template}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", **template)
 
 
 def write_tiny_model_dir(directory: Path, seed: int = 0, **overrides) -> Path:
@@ -133,6 +141,25 @@ def make_tiny_model_dir():
 @pytest.fixture
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_tokenizer():
+    """build_tiny_tokenizer(chat_template=None, vocab_size=300) -> a fresh tokenizer, for module-scoped fixtures
+    and for tests that need a variant (no template, another vocabulary)."""
+    return build_tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_template() -> str:
+    """The ChatML template to give make_tiny_tokenizer(chat_template=...)."""
+    return TINY_CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="session")
+def tiny_words() -> tuple[str, ...]:
+    """The words the tiny tokenizer was trained on, for test text in its vocabulary."""
+    return tuple(TOKENIZER_WORDS)
 
 
 def _unpack_bit_stream_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:

@@ -13,22 +13,6 @@ from typer.testing import CliRunner
 from qtool.cli.main import app
 
 runner = CliRunner()
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
@@ -43,8 +27,8 @@ def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> fl
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer):
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture
@@ -56,10 +40,10 @@ def model_dir(tmp_path, make_tiny_llama, tokenizer):
 
 
 @pytest.fixture
-def text_file(tmp_path):
+def text_file(tmp_path, tiny_words):
     rng = random.Random(8)
     path = tmp_path / "eval.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(30)) + "\n")
+    path.write_text("\n".join(" ".join(rng.choice(tiny_words) for _ in range(rng.randint(3, 12))) for _ in range(30)) + "\n")
     return path
 
 

@@ -13,38 +13,12 @@ from qtool.cli.run import chat_loop
 from qtool.runtime.generate import GenerationSettings, generate
 
 runner = CliRunner()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
 
 
-def build_tiny_tokenizer(with_template: bool = True):
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE if with_template else None,
-    )
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer, tiny_chat_template):
+    return make_tiny_tokenizer(chat_template=tiny_chat_template)
 
 
 @pytest.fixture
@@ -102,10 +76,10 @@ def test_prompt_read_from_stdin_when_not_a_terminal(model_dir, model, tokenizer)
     assert json.loads(result.stdout)["text"] == greedy_reply(model, tokenizer, [{"role": "user", "content": "what is the capital"}])
 
 
-def test_missing_chat_template_falls_back_to_raw(tmp_path, model):
+def test_missing_chat_template_falls_back_to_raw(tmp_path, model, make_tiny_tokenizer):
     directory = tmp_path / "plain"
     model.save_pretrained(directory)
-    plain_tokenizer = build_tiny_tokenizer(with_template=False)
+    plain_tokenizer = make_tiny_tokenizer()
     plain_tokenizer.save_pretrained(directory)
     result = runner.invoke(app, ["run", str(directory), "--prompt", "the fox", "--json"] + GREEDY)
     assert result.exit_code == 0, result.output

@@ -12,23 +12,6 @@ import torch
 from qtool.configs.errors import QtoolError
 from qtool.eval.compare import ModelReport, compare_models, recommend
 
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
-
-
-def build_tiny_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
 
 def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
     """Independent loop: float64 log-softmax of each window's logits, NLL of each next token."""
@@ -64,14 +47,14 @@ def test_tolerance_decides_what_counts_as_close():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer):
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture
-def text():
+def text(tiny_words):
     rng = random.Random(5)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(40)) + "\n"
+    return "\n".join(" ".join(rng.choice(tiny_words) for _ in range(rng.randint(3, 12))) for _ in range(40)) + "\n"
 
 
 def test_same_windows_for_every_model_and_figures_from_the_files(tmp_path, make_tiny_llama, tokenizer, text):
@@ -97,11 +80,11 @@ def test_same_windows_for_every_model_and_figures_from_the_files(tmp_path, make_
     assert progress[-1] == (6, 6)
 
 
-def test_models_with_different_tokenizers_are_refused(tmp_path, make_tiny_llama, tokenizer, text):
+def test_models_with_different_tokenizers_are_refused(tmp_path, make_tiny_llama, make_tiny_tokenizer, tokenizer, text):
     make_tiny_llama(seed=1, vocab_size=300).save_pretrained(tmp_path / "a")
     tokenizer.save_pretrained(tmp_path / "a")
     make_tiny_llama(seed=2, vocab_size=300).save_pretrained(tmp_path / "b")
-    build_tiny_tokenizer(vocab_size=270).save_pretrained(tmp_path / "b")
+    make_tiny_tokenizer(vocab_size=270).save_pretrained(tmp_path / "b")
     with pytest.raises(QtoolError, match="tokenizes the text differently"):
         compare_models([str(tmp_path / "a"), str(tmp_path / "b")], text, seqlen=32, device="cpu")
 

@@ -11,23 +11,6 @@ import torch
 from qtool.configs.errors import QtoolError
 from qtool.eval.datasets import calibration_windows, join_wikitext_rows, load_eval_text
 
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
-
-
-def build_tiny_tokenizer():
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
 
 def test_file_is_read_with_any_newline_convention(tmp_path):
     path = tmp_path / "wiki.test.raw"
@@ -88,14 +71,14 @@ def test_wikitext_offline_without_cache_fails_fast(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer):
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture
-def calibration_file(tmp_path):
+def calibration_file(tmp_path, tiny_words):
     path = tmp_path / "calibration.txt"
-    path.write_text("\n".join(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(9)) for i in range(40)))
+    path.write_text("\n".join(" ".join(tiny_words[(i * 7 + j) % len(tiny_words)] for j in range(9)) for i in range(40)))
     return path
 
 

@@ -15,37 +15,11 @@ from qtool.configs.errors import QtoolError
 from qtool.eval.perplexity import choose_seqlen, cut_windows, perplexity
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
 
 
-def build_tiny_tokenizer(with_template: bool = True):
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE if with_template else None,
-    )
-
-
-def random_text(seed: int, words: int) -> str:
+def random_text(vocabulary: tuple[str, ...], seed: int, words: int) -> str:
     rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(words // 7)]
+    lines = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 12))) for _ in range(words // 7)]
     return "\n".join(lines) + "\n"
 
 
@@ -64,8 +38,8 @@ def reference_perplexity(model, ids: list[int], seqlen: int, windows: int | None
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer, tiny_chat_template):
+    return make_tiny_tokenizer(chat_template=tiny_chat_template)
 
 
 def test_cut_windows_drops_partial_tail_and_takes_first_n():
@@ -97,9 +71,9 @@ def test_seqlen_defaults_to_2048_or_shorter_context(make_tiny_llama):
 
 
 @pytest.mark.parametrize("seed, seqlen, windows", [(0, 64, None), (1, 37, None), (2, 50, 2)])
-def test_matches_independent_float64_reference(make_tiny_llama, tokenizer, seed, seqlen, windows):
+def test_matches_independent_float64_reference(make_tiny_llama, tokenizer, tiny_words, seed, seqlen, windows):
     model = make_tiny_llama(seed=seed, vocab_size=len(tokenizer))
-    text = random_text(seed, 260)
+    text = random_text(tiny_words, seed, 260)
     # The tokenizer's own BOS rule is bypassed in the reference too: the protocol inserts no special token.
     ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     assert len(ids) % seqlen != 0, "the test needs a partial last window to drop"
@@ -114,10 +88,10 @@ def test_matches_independent_float64_reference(make_tiny_llama, tokenizer, seed,
     assert calls == [(i, result.windows) for i in range(result.windows + 1)]
 
 
-def test_no_bos_is_inserted(make_tiny_llama, tokenizer):
+def test_no_bos_is_inserted(make_tiny_llama, tokenizer, tiny_words):
     """With a BOS in front the windows would shift by one token and the figure would change."""
     model = make_tiny_llama(seed=3, vocab_size=len(tokenizer))
-    text = random_text(3, 120)
+    text = random_text(tiny_words, 3, 120)
     assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer would add one by default
     with_bos = [tokenizer.bos_token_id] + tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     shifted, _ = reference_perplexity(model, with_bos, 40)

@@ -28,74 +28,17 @@ from qtool.runtime.architectures import (
     uncovered_linears,
 )
 
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-GQA = dict(num_key_value_heads=2)
-MIXED_LAYERS = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-# family id -> (config class, overrides). Sliding windows are shorter than the test sequences, MoE models have a
-# dense layer where the family allows one, and logit transforms are strong enough to matter.
-FAMILIES = {
-    "llama": ("LlamaConfig", GQA),
-    "mistral": ("MistralConfig", dict(GQA, sliding_window=4)),
-    "qwen2": ("Qwen2Config", dict(GQA, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "gemma": ("GemmaConfig", dict(GQA, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, final_logit_softcapping=1.0, **MIXED_LAYERS)),
-    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=16, final_logit_softcapping=1.0, **MIXED_LAYERS)),
-    "olmo": ("OlmoConfig", GQA),
-    "olmo2": ("Olmo2Config", GQA),
-    "olmo3": ("Olmo3Config", dict(GQA, **MIXED_LAYERS)),
-    "helium": ("HeliumConfig", dict(GQA, head_dim=16)),
-    "granite": ("GraniteConfig", dict(GQA, logits_scaling=0.25)),
-    "stablelm": ("StableLmConfig", GQA),
-    "stablelm-parallel": ("StableLmConfig", dict(GQA, use_parallel_residual=True)),
-    "cohere": ("CohereConfig", dict(GQA, logit_scale=4.0)),
-    "cohere2": ("Cohere2Config", dict(GQA, logit_scale=4.0, **MIXED_LAYERS)),
-    "phi3": ("Phi3Config", GQA),
-    "phi": ("PhiConfig", GQA),
-    "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=4)),
-    "gpt_neox": ("GPTNeoXConfig", {}),
-    "mixtral": ("MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-             mlp_only_layers=[1]),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        dict(GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
-    ),
-    "olmoe": ("OlmoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2)),
-}
-MOE_FAMILIES = [name for name in FAMILIES if REGISTRY[name.split("-")[0]].moe is not None]
-
-
-def build_tiny(family: str, seed: int = 0, **overrides) -> nn.Module:
-    config_class, fields = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{**COMMON, **fields, **overrides})
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def tiny(request):
-    return request.param, build_tiny(request.param)
+@pytest.fixture(scope="module")
+def tiny(every_family, build_tiny):
+    return every_family, build_tiny(every_family)
 
 
 def _linear_names(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
-def test_every_family_in_the_table_is_tested():
-    assert {name.split("-")[0] for name in FAMILIES} == set(supported_model_types())
+def test_every_family_in_the_table_is_tested(tiny_families):
+    assert {name.split("-")[0] for name in tiny_families} == set(supported_model_types())
     required = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
                 "granite", "stablelm"}
     assert required <= set(supported_model_types())
@@ -143,7 +86,7 @@ def test_embedding_head_norm_and_tie_facts(tiny):
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_tie_fact_follows_the_config(tie):
+def test_tie_fact_follows_the_config(tie, build_tiny):
     model = build_tiny("llama", tie_word_embeddings=tie)
     spec = get_architecture(model)
     assert spec.ties_embeddings(model.config) is tie
@@ -166,9 +109,8 @@ def test_fusable_groups_share_an_input(tiny):
     assert found == {name for name, _ in spec.fusable_groups}
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_facts_describe_the_installed_classes(family):
-    model = build_tiny(family)
+def test_moe_facts_describe_the_installed_classes(moe_family, build_tiny):
+    model = build_tiny(moe_family)
     spec = get_architecture(model)
     moe = spec.moe
     experts = spec.num_experts(model.config)
@@ -202,13 +144,12 @@ def test_moe_facts_describe_the_installed_classes(family):
     assert sparse_layers >= 1
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_expert_checkpoint_names_match_transformers_conversion(family):
+def test_expert_checkpoint_names_match_transformers_conversion(moe_family):
     """The per-expert checkpoint names and their concatenation order are the ones transformers fuses on load."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    moe = REGISTRY[family].moe
-    converters = get_checkpoint_conversion_mapping(family)
+    moe = REGISTRY[moe_family].moe
+    converters = get_checkpoint_conversion_mapping(moe_family)
     assert converters
     for fused_name, members in moe.fused_experts:
         ours = ["." + m.replace("{e}", "*") + ".weight" for m in members]
@@ -219,20 +160,20 @@ def test_expert_checkpoint_names_match_transformers_conversion(family):
         assert all(mine.endswith(theirs) or mine.endswith("." + theirs) for mine, theirs in zip(ours, sources))
 
 
-def test_dense_layer_of_a_moe_family_uses_the_dense_mlp_groups():
+def test_dense_layer_of_a_moe_family_uses_the_dense_mlp_groups(build_tiny):
     model = build_tiny("qwen2_moe")  # mlp_only_layers=[1]
     assert layer_groups(model, 1)[2:] == REGISTRY["qwen2_moe"].moe.dense_mlp_groups
     assert layer_groups(model, 0)[2][0] == "mlp.shared_expert.gate_proj"
 
 
-def test_parallel_residual_variant_follows_the_config():
+def test_parallel_residual_variant_follows_the_config(build_tiny):
     spec = REGISTRY["stablelm"]
     assert layer_groups(build_tiny("stablelm"), 0) == spec.sequential_groups
     assert layer_groups(build_tiny("stablelm-parallel"), 0) == spec.parallel_groups
     assert spec.parallel_groups != spec.sequential_groups
 
 
-def test_unknown_type_is_discovered_by_tracing(caplog):
+def test_unknown_type_is_discovered_by_tracing(caplog, build_tiny):
     model = build_tiny("llama")
     without_llama = build_registry(tuple(s for s in ARCHITECTURES if "llama" not in s.model_types))
     with caplog.at_level(logging.INFO, logger="qtool.runtime.architectures"):
@@ -247,8 +188,8 @@ def test_unknown_type_is_discovered_by_tracing(caplog):
         n for g in resolve_layer_groups(model, 1) for n, _ in g]
 
 
-def test_unknown_type_with_only_a_config_lists_supported_types():
-    config = transformers.LlamaConfig(**COMMON)
+def test_unknown_type_with_only_a_config_lists_supported_types(tiny_common):
+    config = transformers.LlamaConfig(**tiny_common)
     registry = build_registry(tuple(s for s in ARCHITECTURES if "llama" not in s.model_types))
     with pytest.raises(QtoolError) as info:
         get_architecture(config, registry=registry)
@@ -284,7 +225,7 @@ def test_no_layer_list_is_an_error_listing_supported_types():
         decoder_layers(_NoLayers())
 
 
-def test_table_errors():
+def test_table_errors(build_tiny):
     with pytest.raises(ValueError, match="listed twice"):
         build_registry((REGISTRY["llama"], REGISTRY["llama"]))
     with pytest.raises(TypeError):

@@ -9,33 +9,6 @@ import torch
 from qtool.configs.errors import QtoolError
 from qtool.runtime.generate import GenerationSettings, generate, prompt_ids
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
-
-
-def build_tiny_tokenizer(with_template: bool = True):
-    """A byte-level BPE (300 ids) trained offline on a few strings; it adds a BOS unless told not to."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10 + ["What is the capital of France? Paris."] * 10, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE if with_template else None,
-    )
-
 
 def greedy_reference(model, ids: torch.Tensor, steps: int, stop: int) -> list[int]:
     """Argmax of the full forward pass at every step (no cache), stopping after the stop token."""
@@ -51,8 +24,8 @@ def greedy_reference(model, ids: torch.Tensor, steps: int, stop: int) -> list[in
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_tokenizer()
+def tokenizer(make_tiny_tokenizer, tiny_chat_template):
+    return make_tiny_tokenizer(chat_template=tiny_chat_template)
 
 
 @pytest.fixture
@@ -135,9 +108,9 @@ def test_prompt_longer_than_context_is_refused(make_tiny_llama, tokenizer):
         generate(model, tokenizer, "the quick brown fox jumps over the lazy dog " * 4, GenerationSettings(temperature=0))
 
 
-def test_conversation_without_chat_template_asks_for_raw(model):
+def test_conversation_without_chat_template_asks_for_raw(model, make_tiny_tokenizer):
     with pytest.raises(QtoolError, match="no chat template") as info:
-        generate(model, build_tiny_tokenizer(with_template=False), [{"role": "user", "content": "hi"}])
+        generate(model, make_tiny_tokenizer(), [{"role": "user", "content": "hi"}])
     assert "--raw" in info.value.hint
 
 

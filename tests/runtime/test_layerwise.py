@@ -27,66 +27,16 @@ from qtool.runtime.layerwise import (
     run_layer,
 )
 
-COMMON = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    vocab_size=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-GQA = dict(num_key_value_heads=2)
-MIXED_LAYERS = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-# Same families as test_architectures.py: sliding windows shorter than the sequences, layer types that differ
-# between layer 0 and 1, logit transforms strong enough to matter, MoE models with a dense layer where possible.
-FAMILIES = {
-    "llama": ("LlamaConfig", GQA),
-    "mistral": ("MistralConfig", dict(GQA, sliding_window=4)),
-    "qwen2": ("Qwen2Config", dict(GQA, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", dict(GQA, head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
-    "gemma": ("GemmaConfig", dict(GQA, head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(GQA, head_dim=16, final_logit_softcapping=1.0, **MIXED_LAYERS)),
-    "gemma3_text": ("Gemma3TextConfig", dict(GQA, head_dim=16, final_logit_softcapping=1.0, **MIXED_LAYERS)),
-    "olmo": ("OlmoConfig", GQA),
-    "olmo2": ("Olmo2Config", GQA),
-    "olmo3": ("Olmo3Config", dict(GQA, **MIXED_LAYERS)),
-    "helium": ("HeliumConfig", dict(GQA, head_dim=16)),
-    "granite": ("GraniteConfig", dict(GQA, logits_scaling=0.25)),
-    "stablelm": ("StableLmConfig", GQA),
-    "stablelm-parallel": ("StableLmConfig", dict(GQA, use_parallel_residual=True)),
-    "cohere": ("CohereConfig", dict(GQA, logit_scale=4.0)),
-    "cohere2": ("Cohere2Config", dict(GQA, logit_scale=4.0, **MIXED_LAYERS)),
-    "phi3": ("Phi3Config", GQA),
-    "phi": ("PhiConfig", GQA),
-    "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=4)),
-    "gpt_neox": ("GPTNeoXConfig", {}),
-    "mixtral": ("MixtralConfig", dict(GQA, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        dict(GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-             mlp_only_layers=[1]),
-    ),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        dict(GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2),
-    ),
-    "olmoe": ("OlmoeConfig", dict(GQA, num_experts=4, num_experts_per_tok=2)),
-}
 ATOL = 1e-5
 
 
-def build_tiny(family: str, seed: int = 0, **overrides) -> nn.Module:
-    config_class, fields = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{**COMMON, **fields, **overrides})
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+@pytest.fixture(scope="session")
+def random_ids(tiny_common):
+    def make(*shape: int, seed: int = 1) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(3, tiny_common["vocab_size"], shape, generator=generator)
 
-
-def random_ids(*shape: int, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, COMMON["vocab_size"], shape, generator=generator)
+    return make
 
 
 def reference_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -94,13 +44,12 @@ def reference_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, use_cache=False).logits
 
 
-def test_families_match_the_table():
-    assert {name.split("-")[0] for name in FAMILIES} == set(REGISTRY)
+def test_families_match_the_table(tiny_families):
+    assert {name.split("-")[0] for name in tiny_families} == set(REGISTRY)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_layer_by_layer_logits_equal_the_full_forward(family):
-    model = build_tiny(family)
+def test_layer_by_layer_logits_equal_the_full_forward(every_family, build_tiny, random_ids):
+    model = build_tiny(every_family)
     ids = random_ids(2, 9)
     assert not torch.equal(ids[0], ids[1])
     inputs = capture_layer_inputs(model, ids)
@@ -115,7 +64,7 @@ def test_layer_by_layer_logits_equal_the_full_forward(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe", "cohere2"])
-def test_samples_of_different_lengths(family):
+def test_samples_of_different_lengths(family, build_tiny, random_ids):
     model = build_tiny(family)
     samples = [random_ids(5, seed=2), random_ids(11, seed=3), random_ids(1, 7, seed=4)]
     logits = layerwise_logits(model, samples)
@@ -124,7 +73,7 @@ def test_samples_of_different_lengths(family):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_intermediate_hidden_states_equal_those_of_the_full_forward():
+def test_intermediate_hidden_states_equal_those_of_the_full_forward(build_tiny, random_ids):
     model = build_tiny("llama", num_hidden_layers=3)
     ids = random_ids(2, 9)
     seen: dict[int, torch.Tensor] = {}
@@ -148,7 +97,7 @@ def test_intermediate_hidden_states_equal_those_of_the_full_forward():
         inputs = next_layer_inputs(layer, inputs)
 
 
-def test_samples_batch_only_with_equal_arguments_and_within_the_token_budget():
+def test_samples_batch_only_with_equal_arguments_and_within_the_token_budget(build_tiny):
     model = build_tiny("llama", num_hidden_layers=2)
     gen = torch.Generator().manual_seed(5)
     lengths = [8, 8, 8, 5, 5, 8, 8]
@@ -167,7 +116,7 @@ def test_samples_batch_only_with_equal_arguments_and_within_the_token_budget():
         assert batched[sample].untyped_storage().nbytes() == single.numel() * single.element_size()  # own storage
 
 
-def test_each_layer_gets_its_own_arguments():
+def test_each_layer_gets_its_own_arguments(build_tiny, random_ids):
     """Gemma 3 gives sliding and full-attention layers different masks and rotary tables: reusing layer 0's
     arguments for layer 1 would change the logits, so the capture must keep them per layer."""
     model = build_tiny("gemma3_text")
@@ -188,7 +137,7 @@ def test_each_layer_gets_its_own_arguments():
     assert (right - misused).abs().max() > 100 * ATOL
 
 
-def test_capture_runs_no_layer_restores_the_model_and_shares_arguments():
+def test_capture_runs_no_layer_restores_the_model_and_shares_arguments(build_tiny, random_ids):
     model = build_tiny("gemma2", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
     layers = decoder_layers(model)
     original = list(layers)
@@ -209,16 +158,16 @@ def test_capture_runs_no_layer_restores_the_model_and_shares_arguments():
     assert all(k.get("past_key_values") is None for sample in kwargs for k in sample)
 
 
-def test_capture_restores_the_layers_when_the_forward_fails():
+def test_capture_restores_the_layers_when_the_forward_fails(build_tiny, tiny_common):
     model = build_tiny("llama")
     layers = decoder_layers(model)
     with pytest.raises(IndexError):
-        capture_layer_inputs(model, torch.tensor([[1, 2, COMMON["vocab_size"] + 5]]))
+        capture_layer_inputs(model, torch.tensor([[1, 2, tiny_common["vocab_size"] + 5]]))
     assert decoder_layers(model) is layers
     assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in layers)
 
 
-def test_discovered_spec_runs_layer_by_layer_too():
+def test_discovered_spec_runs_layer_by_layer_too(build_tiny, random_ids):
     model = build_tiny("mistral")
     registry = build_registry(tuple(s for s in ARCHITECTURES if "mistral" not in s.model_types))
     spec = get_architecture(model, registry=registry)
@@ -228,20 +177,20 @@ def test_discovered_spec_runs_layer_by_layer_too():
     torch.testing.assert_close(logits, reference_logits(model, ids), atol=ATOL, rtol=0)
 
 
-def test_finish_without_a_known_norm_is_an_error():
+def test_finish_without_a_known_norm_is_an_error(build_tiny, tiny_common):
     model = build_tiny("llama")
     spec = ArchitectureSpec(model_types=("llama",), sequential_groups=(), norm_path=None)
     with pytest.raises(QtoolError, match="no final norm"):
-        finish(model, torch.zeros(1, 3, COMMON["hidden_size"]), spec=spec)
+        finish(model, torch.zeros(1, 3, tiny_common["hidden_size"]), spec=spec)
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(1, 2, 3, dtype=torch.long), [], [torch.zeros(0, dtype=torch.long)]])
-def test_bad_input_ids_are_refused(bad):
+def test_bad_input_ids_are_refused(bad, build_tiny):
     with pytest.raises(QtoolError):
         capture_layer_inputs(build_tiny("llama"), bad)
 
 
-def test_layer_the_forward_never_reaches_is_reported():
+def test_layer_the_forward_never_reaches_is_reported(build_tiny, random_ids):
     model = build_tiny("llama")
     inputs = capture_layer_inputs(model, random_ids(1, 4))
     unreached = type(inputs)(layer_index=1, hidden_states=inputs.hidden_states, calls=((inputs.calls[0][0], None),))
