@@ -69,11 +69,19 @@ def _check_quantized_modules(model: nn.Module, quantized: dict[str, QuantizedWei
 def checkpoint_tensors(
     model: nn.Module, quantized: dict[str, QuantizedWeight], checkpoint_format: str
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Every tensor to write, in the model's order (float ones as float16, each quantized linear's weight replaced
-    by its GPTQ tensors), and whether the written config must untie the embeddings."""
+    """Every tensor of a GPTQ checkpoint (see checkpoint_state) and whether the written config must untie the
+    embeddings."""
     _check_quantized_modules(model, quantized)
+    packed = {name: gptq_tensors_from_quantized(q, checkpoint_format, name) for name, q in quantized.items()}
+    return checkpoint_state(model, packed)
+
+
+def checkpoint_state(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every tensor to write, in the model's order: float ones as float16 (a tied copy once, as transformers writes
+    it), and each quantized linear's weight replaced by its packed tensors (`packed[name][suffix]` written as
+    name.suffix); and whether the written config must untie the embeddings."""
     state = model.state_dict()
-    replaced = {f"{name}.weight": name for name in quantized}
+    replaced = {f"{name}.weight": name for name in packed}
     dropped: set[str] = set()
     untie = False
     for target, source in tied_weight_pairs(model).items():
@@ -82,7 +90,7 @@ def checkpoint_tensors(
         if target in replaced or source in replaced:
             untie = True  # the quantized side keeps its own tensors, so the two are no longer one weight
         elif state[target].data_ptr() == state[source].data_ptr() or torch.equal(state[target], state[source]):
-            dropped.add(target)  # as transformers does: the tied copy is not written
+            dropped.add(target)
         else:
             untie = True
     tensors: dict[str, torch.Tensor] = {}
@@ -91,8 +99,8 @@ def checkpoint_tensors(
             continue
         if key in replaced:
             name = replaced[key]
-            for suffix, packed in gptq_tensors_from_quantized(quantized[name], checkpoint_format, name).items():
-                tensors[f"{name}.{suffix}"] = packed.detach().cpu().contiguous()
+            for suffix, part in packed[name].items():
+                tensors[f"{name}.{suffix}"] = part.detach().cpu().contiguous()
             continue
         if tensor.device.type == "meta":
             raise QtoolError(f"tensor {key} has no data (it is on the meta device)", "materialise the model's weights before saving")
@@ -171,15 +179,22 @@ def save_quantized_model(
     tensors, untie = checkpoint_tensors(model, quantized, config["checkpoint_format"])
     model_config = model_config_dict(model, config, untie)
     with atomic_output_dir(output, force) as staging:
-        write_safetensors(staging, tensors, max_shard_size_bytes)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(str(staging))
-        (staging / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        write_model_files(staging, model, tensors, model_config, tokenizer, max_shard_size_bytes)
         (staging / QUANTIZE_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return output
+
+
+def write_model_files(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor], model_config: dict[str, Any], tokenizer: Any,
+                      max_shard_size_bytes: int) -> None:
+    """The files every checkpoint directory has: the safetensors, config.json, the tokenizer's files and the
+    generation config."""
+    write_safetensors(directory, tensors, max_shard_size_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(directory))
+    (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
 
 
 # ---- loading ----

@@ -14,13 +14,13 @@ from torch import nn
 from qtool.configs.errors import QtoolError
 from qtool.convert.checkpoint import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
+    checkpoint_state,
     checkpoint_weight_files,
     empty_model,
     load_checkpoint_state,
     model_config_dict,
     read_checkpoint_tensors,
-    tied_weight_pairs,
-    write_safetensors,
+    write_model_files,
 )
 from qtool.convert.exl2_format import EXL2_TENSOR_SUFFIXES, Exl2Weight, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
 from qtool.convert.gptq_config import CONFIG_FILE, qtool_version
@@ -97,38 +97,7 @@ def exl2_checkpoint_tensors(model: nn.Module, quantized: dict[str, Exl2Weight]) 
         weight = getattr(modules.get(name), "weight", None)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (w.out_features, w.in_features):
             raise QtoolError(f"EXL2 weight {name!r} ({w.out_features}x{w.in_features}) names no linear of that shape in the model", "use the module names of model.named_modules()")
-    state = model.state_dict()
-    replaced = {f"{name}.weight": name for name in quantized}
-    dropped: set[str] = set()
-    untie = False
-    for target, source in tied_weight_pairs(model).items():
-        if target not in state or source not in state:
-            continue
-        if target in replaced or source in replaced:
-            untie = True  # the quantized side has its own tensors now
-        elif state[target].data_ptr() == state[source].data_ptr() or torch.equal(state[target], state[source]):
-            dropped.add(target)
-        else:
-            untie = True
-    tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key in dropped:
-            continue
-        if key in replaced:
-            name = replaced[key]
-            for suffix, packed in exl2_tensors_from_weight(quantized[name], name).items():
-                tensors[f"{name}.{suffix}"] = packed.detach().cpu().contiguous()
-            continue
-        if tensor.device.type == "meta":
-            raise QtoolError(f"tensor {key} has no data (it is on the meta device)", "materialise the model's weights before saving")
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point():
-            half = tensor.to(torch.float16)
-            if not bool(torch.isfinite(half).all()) and bool(torch.isfinite(tensor).all()):
-                raise QtoolError(f"tensor {key} overflows float16", "its values exceed 65504; this model cannot be stored in float16")
-            tensor = half
-        tensors[key] = tensor.clone() if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() else tensor.contiguous()
-    return tensors, untie
+    return checkpoint_state(model, {name: exl2_tensors_from_weight(w, name) for name, w in quantized.items()})
 
 
 def write_exl2_checkpoint(
@@ -145,13 +114,7 @@ def write_exl2_checkpoint(
     config = build_exl2_config(quantized, quantization_config)
     tensors, untie = exl2_checkpoint_tensors(model, quantized)
     model_config = model_config_dict(model, config, untie)
-    write_safetensors(directory, tensors, max_shard_size_bytes)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(str(directory))
-    (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+    write_model_files(directory, model, tensors, model_config, tokenizer, max_shard_size_bytes)
     if measurement is not None:
         (directory / MEASUREMENT_FILE).write_text(json.dumps(measurement, indent=2) + "\n")
 
