@@ -18,8 +18,8 @@ from qtool.convert.exl2_format import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Ex
 from qtool.quant.gptq import inverse_hessian_cholesky
 
 # ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
-# sum |w - dequant|**NORM over the group.
-MIN_P, MAX_P, P_GRID, NORM = 0.70, 1.20, 96, 3.5
+# sum |w - dequant|**3.5 over the group.
+MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
 _SEARCH_ELEMENTS = 1 << 23  # elements of one p-chunk temporary
 
 
@@ -112,11 +112,44 @@ def fit_group_scales(x: torch.Tensor, bits: int, p_grid: int = P_GRID) -> tuple[
     for start in range(0, ps.numel(), chunk):
         scale = ps[start : start + chunk, None, None] * grid[None, None, :]  # [p, 1, N]
         q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq - zero)
-        errors[start : start + chunk] = (q * scale - xf[None]).abs().pow(NORM).sum(dim=(1, 2))
+        miss = (q * scale - xf[None]).abs()
+        errors[start : start + chunk] = (miss.square() * miss * miss.sqrt()).sum(dim=(1, 2))  # |err|**3.5 without pow
     best = ps[int(torch.argmin(errors))]
     scale_max = (top * best).to(torch.float16)
     levels = levels.to(torch.int32)
     return levels, scale_max, exl2_scales(levels[None], scale_max.reshape(1))[0]
+
+
+@dataclass(frozen=True)
+class PreparedLinear:
+    """What the solver needs of one linear whatever its widths: its rows in act order with dead inputs zeroed, the
+    permutation, the upper Cholesky factor of the damped inverse Hessian and the damping it took, and tr(W H W^T).
+    A measurement pass quantizes each linear with many candidates and prepares it once."""
+
+    weight: torch.Tensor  # [N, K] as given
+    hessian: torch.Tensor  # [K, K] as given
+    rows: torch.Tensor  # float32 [K, N], act order
+    perm: torch.Tensor
+    upper: torch.Tensor
+    damp: float
+    output_energy: float
+
+
+def prepare_linear(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool = True, damp_percent: float = 0.01,
+                   damp_auto_increment: float = 0.0025) -> PreparedLinear:
+    in_features = weight.shape[1]
+    if tuple(hessian.shape) != (in_features, in_features) or not bool(torch.isfinite(hessian).all()):
+        raise QtoolError(f"the Hessian must be a finite [{in_features}, {in_features}] matrix, got {tuple(hessian.shape)}", "pass the Hessian of this linear's inputs")
+    h = hessian.to(torch.float32).clone()
+    w = weight.detach().to(torch.float32).T.clone()  # [K, N]
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[dead] = 0.0  # inputs never seen: their weights cannot matter on this data
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features, device=w.device)
+    upper, damp = inverse_hessian_cholesky(h[perm][:, perm], damp_percent, damp_auto_increment)
+    original = weight.detach().to(torch.float32)
+    energy = float(((original @ hessian.to(torch.float32)) * original).sum())
+    return PreparedLinear(weight, hessian, w[perm], perm, upper, damp, energy)
 
 
 def exl2_quantize(
@@ -129,42 +162,37 @@ def exl2_quantize(
     damp_auto_increment: float = 0.0025,
     p_grid: int = P_GRID,
     refine: bool = False,
+    prepared: PreparedLinear | None = None,
 ) -> Exl2Result:
     """EXL2-quantize weight [N, K] given the Hessian [K, K] of its inputs (neither is modified). Groups (widest
     first) cover the rows in act order; each group's scales are fitted when the solver reaches it, on the
     weights as updated by every row before (GPTQ error feedback). p_grid: points of the scale search (a coarser
-    search makes a measurement pass cheaper); refine: refit the scale levels and maxima afterwards (refine_exl2_levels)."""
+    search makes a measurement pass cheaper); refine: refit the scale levels and maxima afterwards
+    (refine_exl2_levels); prepared: prepare_linear's result for this weight and Hessian, reused across calls."""
     started = time.perf_counter()
     out_features, in_features = weight.shape
     check_exl2_layout(in_features, out_features, tuple(group_bits), tuple(group_sizes))
-    if tuple(hessian.shape) != (in_features, in_features) or not bool(torch.isfinite(hessian).all()):
-        raise QtoolError(f"the Hessian must be a finite [{in_features}, {in_features}] matrix, got {tuple(hessian.shape)}", "pass the Hessian of this linear's inputs")
-    h = hessian.to(torch.float32).clone()
-    w = weight.detach().to(torch.float32).T.clone()  # [K, N]
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[dead] = 0.0  # inputs never seen: their weights cannot matter on this data
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features, device=w.device)
-    w = w[perm]
-    upper, damp = inverse_hessian_cholesky(h[perm][:, perm], damp_percent, damp_auto_increment)
-    codes, levels, maxima = _solve_groups(w, upper, group_bits, group_sizes, p_grid)
-    result = Exl2Weight(codes=codes, qscale=levels, scale_max=maxima, group_bits=tuple(group_bits), group_sizes=tuple(group_sizes), perm=perm)
+    if prepared is None:
+        prepared = prepare_linear(weight, hessian, act_order, damp_percent, damp_auto_increment)
+    codes, levels, maxima = _solve_groups(prepared.rows.clone(), prepared.upper, group_bits, group_sizes, p_grid)
+    result = Exl2Weight(codes=codes, qscale=levels, scale_max=maxima, group_bits=tuple(group_bits), group_sizes=tuple(group_sizes), perm=prepared.perm)
     if refine:
         # (Choosing the codes again on the refit scales and refitting once more lowered the linears' errors but not
         # SmolLM2's perplexity: 4.0 bpw 25.02 -> 25.06, 3.0 bpw 38.66 -> 38.80; bench/RESULTS.md.)
         result = refine_exl2_levels(weight, result, hessian)
     dequantized = result.dequantize(torch.float32)
-    error = relative_output_error(weight, dequantized, hessian)
-    return Exl2Result(result, dequantized, error, damp, time.perf_counter() - started)
+    error = relative_output_error(weight, dequantized, hessian, prepared.output_energy)
+    return Exl2Result(result, dequantized, error, prepared.damp, time.perf_counter() - started)
 
 
-def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(dW H dW^T) / tr(W H W^T) with the undamped Hessian."""
+def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor, output_energy: float | None = None) -> float:
+    """tr(dW H dW^T) / tr(W H W^T) with the undamped Hessian (the denominator given as output_energy when known)."""
     original = weight.detach().to(torch.float32)
-    delta = dequantized.to(torch.float32) - original
     hs = hessian.to(torch.float32)
-    denominator = float(torch.einsum("nk,kl,nl->", original, hs, original))
-    return float(torch.einsum("nk,kl,nl->", delta, hs, delta)) / denominator if denominator > 0 else 0.0
+    if output_energy is None:
+        output_energy = float(((original @ hs) * original).sum())
+    delta = dequantized.to(torch.float32) - original
+    return float(((delta @ hs) * delta).sum()) / output_energy if output_energy > 0 else 0.0
 
 
 def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, ...], group_sizes: tuple[int, ...],
