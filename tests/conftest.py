@@ -188,3 +188,46 @@ def dequantize_gptq_file_tensors(tensors: dict, name: str, bits: int, checkpoint
 def gptq_file_dequantizer():
     """dequantize_gptq_file_tensors(tensors, name, bits, checkpoint_format) -> float32 [out, in]."""
     return dequantize_gptq_file_tensors
+
+
+def random_exl2_layout(in_features: int, gen: torch.Generator) -> list[tuple[int, int]]:
+    """Random widths (widest first) over groups of 32 or 64 rows."""
+    from qtool.convert.exl2_format import EXL2_BITS
+
+    sizes, left = [], in_features
+    while left:
+        size = min(left, int(torch.randint(1, 3, (1,), generator=gen)) * 32)
+        sizes.append(size)
+        left -= size
+    picks = sorted((EXL2_BITS[int(i)] for i in torch.randint(0, len(EXL2_BITS), (len(sizes),), generator=gen)), reverse=True)
+    return list(zip(picks, sizes))
+
+
+def random_exl2_weights(model: torch.nn.Module, seed: int, include_head: bool = False) -> dict:
+    """{linear name: Exl2Weight} with a random layout per linear (the head only when include_head), all drawn
+    from one generator seeded with `seed` in module order."""
+    from qtool.convert.exl2_format import Exl2Weight
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or (name == "lm_head" and not include_head):
+            continue
+        layout = random_exl2_layout(module.in_features, gen)
+        # scales of the order of the float weights, so logits depend on every linear
+        weights[name] = Exl2Weight(
+            codes=torch.cat([torch.randint(0, 1 << b, (r, module.out_features), generator=gen) for b, r in layout]).to(torch.int32),
+            qscale=torch.randint(1, 17, (len(layout), module.out_features), generator=gen, dtype=torch.int32),
+            scale_max=torch.full((len(layout),), 0.05).half(),
+            group_bits=tuple(b for b, _ in layout),
+            group_sizes=tuple(r for _, r in layout),
+            perm=torch.randperm(module.in_features, generator=gen),
+        )
+    return weights
+
+
+@pytest.fixture(scope="session")
+def make_random_exl2_weights():
+    """random_exl2_weights(model, seed, include_head=False) -> {linear name: Exl2Weight}, for module-scoped
+    fixtures too."""
+    return random_exl2_weights

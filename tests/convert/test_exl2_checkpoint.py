@@ -18,39 +18,8 @@ from qtool.convert.exl2_checkpoint import (
     read_measurement,
     save_exl2_model,
 )
-from qtool.convert.exl2_format import EXL2_BITS, Exl2Weight
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.runtime.sources import load_model
-
-
-def random_layout(in_features, gen):
-    """Random widths (widest first) over groups of 32 or 64 rows."""
-    sizes, left = [], in_features
-    while left:
-        size = min(left, int(torch.randint(1, 3, (1,), generator=gen)) * 32)
-        sizes.append(size)
-        left -= size
-    picks = sorted((EXL2_BITS[int(i)] for i in torch.randint(0, len(EXL2_BITS), (len(sizes),), generator=gen)), reverse=True)
-    return list(zip(picks, sizes))
-
-
-def random_exl2_weights(model, seed, include_head=False):
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or (name == "lm_head" and not include_head):
-            continue
-        layout = random_layout(module.in_features, gen)
-        # scales of the order of the float weights, so logits depend on every linear
-        weights[name] = Exl2Weight(
-            codes=torch.cat([torch.randint(0, 1 << b, (r, module.out_features), generator=gen) for b, r in layout]).to(torch.int32),
-            qscale=torch.randint(1, 17, (len(layout), module.out_features), generator=gen, dtype=torch.int32),
-            scale_max=torch.full((len(layout),), 0.05).half(),
-            group_bits=tuple(b for b, _ in layout),
-            group_sizes=tuple(r for _, r in layout),
-            perm=torch.randperm(module.in_features, generator=gen),
-        )
-    return weights
 
 
 def reference_model(model, weights):
@@ -74,9 +43,9 @@ IDS = torch.tensor([[1, 5, 9, 200, 17, 33, 2, 64, 128, 7, 250, 3]])
 
 
 @pytest.mark.parametrize("include_head, vocab", [(False, 320), (True, 320), (True, 301)])
-def test_save_load_logits_match_given_weights(tmp_path, make_tiny_llama, include_head, vocab):
+def test_save_load_logits_match_given_weights(tmp_path, make_tiny_llama, make_random_exl2_weights, include_head, vocab):
     model = make_tiny_llama(seed=1, vocab_size=vocab)
-    weights = random_exl2_weights(model, seed=2, include_head=include_head)
+    weights = make_random_exl2_weights(model, seed=2, include_head=include_head)
     out = save_exl2_model(tmp_path / "exl2", model, weights, {"calibration": {"rows": 8, "length": 64, "dataset": "t.txt"}})
     loaded = load_exl2_model(out, dtype=torch.float32)
     assert sum(isinstance(m, Exl2Linear) for m in loaded.modules()) == len(weights)
@@ -92,9 +61,9 @@ def test_save_load_logits_match_given_weights(tmp_path, make_tiny_llama, include
     assert (config["head_bits"] > 0) == include_head
 
 
-def test_load_model_and_float16(tmp_path, make_tiny_llama):
+def test_load_model_and_float16(tmp_path, make_tiny_llama, make_random_exl2_weights):
     model = make_tiny_llama(seed=3)
-    weights = random_exl2_weights(model, seed=4)
+    weights = make_random_exl2_weights(model, seed=4)
     save_exl2_model(tmp_path / "m", model, weights, measurement={"layers": {"x": [1, 2]}})
     assert is_exl2_checkpoint(tmp_path / "m")
     assert read_measurement(tmp_path / "m") == {"layers": {"x": [1, 2]}}
@@ -106,9 +75,9 @@ def test_load_model_and_float16(tmp_path, make_tiny_llama):
     assert torch.equal(layer.dequantized_weight(torch.float16), weights["model.layers.0.mlp.down_proj"].dequantize(torch.float16))
 
 
-def test_tied_embeddings_stay_tied(tmp_path, make_tiny_llama):
+def test_tied_embeddings_stay_tied(tmp_path, make_tiny_llama, make_random_exl2_weights):
     model = make_tiny_llama(seed=5, tie_word_embeddings=True)
-    weights = random_exl2_weights(model, seed=6)
+    weights = make_random_exl2_weights(model, seed=6)
     save_exl2_model(tmp_path / "t", model, weights)
     stored = load_file(str(tmp_path / "t" / "model.safetensors"))
     assert "lm_head.weight" not in stored
@@ -117,9 +86,9 @@ def test_tied_embeddings_stay_tied(tmp_path, make_tiny_llama):
     assert torch.equal(logits(loaded, IDS), logits(reference_model(model, weights), IDS))
 
 
-def test_quantized_head_unties(tmp_path, make_tiny_llama):
+def test_quantized_head_unties(tmp_path, make_tiny_llama, make_random_exl2_weights):
     model = make_tiny_llama(seed=7, tie_word_embeddings=True)
-    weights = random_exl2_weights(model, seed=8, include_head=True)
+    weights = make_random_exl2_weights(model, seed=8, include_head=True)
     save_exl2_model(tmp_path / "h", model, weights)
     assert json.loads((tmp_path / "h" / "config.json").read_text())["tie_word_embeddings"] is False
     loaded = load_exl2_model(tmp_path / "h", dtype=torch.float32)
@@ -127,10 +96,10 @@ def test_quantized_head_unties(tmp_path, make_tiny_llama):
     assert torch.equal(logits(loaded, IDS), logits(reference_model(model, weights), IDS))
 
 
-def test_reads_files_as_exllamav2_writes_them(tmp_path, make_tiny_llama):
+def test_reads_files_as_exllamav2_writes_them(tmp_path, make_tiny_llama, make_random_exl2_weights):
     """No q_perm, weights in output.safetensors."""
     model = make_tiny_llama(seed=9)
-    weights = random_exl2_weights(model, seed=10)
+    weights = make_random_exl2_weights(model, seed=10)
     save_exl2_model(tmp_path / "q", model, weights)
     tensors = load_file(str(tmp_path / "q" / "model.safetensors"))
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".q_perm")}
@@ -140,9 +109,9 @@ def test_reads_files_as_exllamav2_writes_them(tmp_path, make_tiny_llama):
     assert torch.equal(logits(loaded, IDS), logits(reference_model(model, weights), IDS))
 
 
-def test_refusals(tmp_path, make_tiny_llama):
+def test_refusals(tmp_path, make_tiny_llama, make_random_exl2_weights):
     model = make_tiny_llama(seed=11)
-    weights = random_exl2_weights(model, seed=12)
+    weights = make_random_exl2_weights(model, seed=12)
     out = save_exl2_model(tmp_path / "r", model, weights)
     with pytest.raises(QtoolError, match="already exists"):
         save_exl2_model(out, model, weights)

@@ -8,38 +8,8 @@ import pytest
 import torch
 
 from qtool.convert.exl2_checkpoint import exl2_weights_of, load_exl2_model, save_exl2_model
-from qtool.convert.exl2_format import EXL2_BITS, Exl2Weight
 from qtool.eval.footprint import model_footprint
 from qtool.runtime.sources import ModelSource, read_quantization_config
-
-
-def random_layout(in_features: int, gen: torch.Generator) -> list[tuple[int, int]]:
-    """Random widths (widest first) over groups of 32 or 64 rows."""
-    sizes, left = [], in_features
-    while left:
-        size = min(left, int(torch.randint(1, 3, (1,), generator=gen)) * 32)
-        sizes.append(size)
-        left -= size
-    picks = sorted((EXL2_BITS[int(i)] for i in torch.randint(0, len(EXL2_BITS), (len(sizes),), generator=gen)), reverse=True)
-    return list(zip(picks, sizes))
-
-
-def random_exl2_weights(model: torch.nn.Module, seed: int, include_head: bool) -> dict[str, Exl2Weight]:
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or (name == "lm_head" and not include_head):
-            continue
-        layout = random_layout(module.in_features, gen)
-        weights[name] = Exl2Weight(
-            codes=torch.cat([torch.randint(0, 1 << b, (r, module.out_features), generator=gen) for b, r in layout]).to(torch.int32),
-            qscale=torch.randint(1, 17, (len(layout), module.out_features), generator=gen, dtype=torch.int32),
-            scale_max=torch.full((len(layout),), 0.05).half(),
-            group_bits=tuple(b for b, _ in layout),
-            group_sizes=tuple(r for _, r in layout),
-            perm=torch.randperm(module.in_features, generator=gen),
-        )
-    return weights
 
 
 def loaded_bits(directory) -> tuple[float, float | None]:
@@ -60,9 +30,9 @@ def footprint_of(directory):
     ("include_head", "vocab"),
     [(False, 320), (True, 320), (True, 301)],  # 301: the head's outputs are padded to 320 in q_weight and q_scale
 )
-def test_bits_per_weight_match_the_loaded_weights(tmp_path, make_tiny_llama, include_head, vocab):
+def test_bits_per_weight_match_the_loaded_weights(tmp_path, make_tiny_llama, make_random_exl2_weights, include_head, vocab):
     model = make_tiny_llama(seed=1, vocab_size=vocab)
-    out = save_exl2_model(tmp_path / "exl2", model, random_exl2_weights(model, seed=2, include_head=include_head))
+    out = save_exl2_model(tmp_path / "exl2", model, make_random_exl2_weights(model, seed=2, include_head=include_head))
     expected_bpw, head_bits = loaded_bits(out)
 
     footprint = footprint_of(out)
@@ -74,18 +44,18 @@ def test_bits_per_weight_match_the_loaded_weights(tmp_path, make_tiny_llama, inc
     assert (head_bits is not None) == include_head
 
 
-def test_bias_gives_the_width_of_padded_outputs(tmp_path, make_tiny_llama):
+def test_bias_gives_the_width_of_padded_outputs(tmp_path, make_tiny_llama, make_random_exl2_weights):
     # One key/value head of 16: k_proj and v_proj have 16 outputs, stored padded to 32 columns.
     model = make_tiny_llama(seed=3, num_key_value_heads=1, attention_bias=True)
     assert model.model.layers[0].self_attn.k_proj.out_features == 16
-    out = save_exl2_model(tmp_path / "bias", model, random_exl2_weights(model, seed=4, include_head=False))
+    out = save_exl2_model(tmp_path / "bias", model, make_random_exl2_weights(model, seed=4, include_head=False))
     expected_bpw, _ = loaded_bits(out)
     assert footprint_of(out).bits_per_weight == pytest.approx(expected_bpw, rel=1e-12)
 
 
-def test_only_the_head_quantized_counts_the_head(tmp_path, make_tiny_llama):
+def test_only_the_head_quantized_counts_the_head(tmp_path, make_tiny_llama, make_random_exl2_weights):
     model = make_tiny_llama(seed=5)
-    head = random_exl2_weights(model, seed=6, include_head=True)["lm_head"]
+    head = make_random_exl2_weights(model, seed=6, include_head=True)["lm_head"]
     out = save_exl2_model(tmp_path / "head", model, {"lm_head": head})
     footprint = footprint_of(out)
     assert footprint.bits_per_weight == pytest.approx(head.storage_bits() / (head.in_features * head.out_features), rel=1e-12)
