@@ -203,6 +203,21 @@ def random_exl2_layout(in_features: int, gen: torch.Generator) -> list[tuple[int
     return list(zip(picks, sizes))
 
 
+def random_exl2_weight(layout: list[tuple[int, int]], out_features: int, gen: torch.Generator):
+    """One Exl2Weight of layout [(bits, rows), ...]: codes, qscale levels 1..16, scale_max in [0.01, 0.21) and a
+    permutation of the layout's rows, drawn from gen in that order (callers may draw more from gen after it)."""
+    from qtool.convert.exl2_format import Exl2Weight
+
+    return Exl2Weight(
+        codes=torch.cat([torch.randint(0, 1 << b, (r, out_features), generator=gen) for b, r in layout]).to(torch.int32),
+        qscale=torch.randint(1, 17, (len(layout), out_features), generator=gen, dtype=torch.int32),
+        scale_max=(torch.rand(len(layout), generator=gen) * 0.2 + 0.01).half(),
+        group_bits=tuple(b for b, _ in layout),
+        group_sizes=tuple(r for _, r in layout),
+        perm=torch.randperm(sum(r for _, r in layout), generator=gen),
+    )
+
+
 def random_exl2_weights(model: torch.nn.Module, seed: int, include_head: bool = False) -> dict:
     """{linear name: Exl2Weight} with a random layout per linear (the head only when include_head), all drawn
     from one generator seeded with `seed` in module order."""
@@ -231,3 +246,16 @@ def make_random_exl2_weights():
     """random_exl2_weights(model, seed, include_head=False) -> {linear name: Exl2Weight}, for module-scoped
     fixtures too."""
     return random_exl2_weights
+
+
+@pytest.fixture(scope="session")
+def make_random_exl2_layout():
+    """random_exl2_layout(in_features, gen) -> [(bits, rows), ...], widest first."""
+    return random_exl2_layout
+
+
+@pytest.fixture(scope="session")
+def make_random_exl2_weight():
+    """random_exl2_weight(layout, out_features, gen) -> one Exl2Weight drawn from gen, for module-scoped fixtures
+    too."""
+    return random_exl2_weight

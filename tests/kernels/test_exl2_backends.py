@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qtool.configs.errors import QtoolError
-from qtool.convert.exl2_format import EXL2_BITS, Exl2Weight
 from qtool.kernels.exl2_backends import Exl2LinearTensors, Exl2TorchBackend, Exl2TritonBackend
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend, set_exl2_model_backend
 from qtool.kernels.registry import BackendRegistry, default_registry, select_backend
@@ -18,30 +17,22 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
 
-def random_layout(in_features, gen):
-    """Random widths (widest first, at least two of them) over groups of 32 or 64 rows."""
-    while True:
-        sizes, left = [], in_features
-        while left:
-            size = min(left, int(torch.randint(1, 3, (1,), generator=gen)) * 32)
-            sizes.append(size)
-            left -= size
-        picks = sorted((EXL2_BITS[int(i)] for i in torch.randint(0, len(EXL2_BITS), (len(sizes),), generator=gen)), reverse=True)
-        if len(set(picks)) > 1:
-            return list(zip(picks, sizes))
+@pytest.fixture(scope="module")
+def random_weight(make_random_exl2_layout, make_random_exl2_weight):
+    """random_weight(in_features, out_features, seed, layout=None) -> Exl2Weight. Without a layout, a random one
+    with at least two widths (so the mixed-width path runs) is drawn first from the weight's generator."""
 
+    def mixed_width_layout(in_features, gen):
+        while True:
+            layout = make_random_exl2_layout(in_features, gen)
+            if len({b for b, _ in layout}) > 1:
+                return layout
 
-def random_weight(in_features, out_features, seed, layout=None):
-    gen = torch.Generator().manual_seed(seed)
-    layout = layout or random_layout(in_features, gen)
-    return Exl2Weight(
-        codes=torch.cat([torch.randint(0, 1 << b, (r, out_features), generator=gen) for b, r in layout]).to(torch.int32),
-        qscale=torch.randint(1, 17, (len(layout), out_features), generator=gen, dtype=torch.int32),
-        scale_max=(torch.rand(len(layout), generator=gen) * 0.2 + 0.01).half(),
-        group_bits=tuple(b for b, _ in layout),
-        group_sizes=tuple(r for _, r in layout),
-        perm=torch.randperm(in_features, generator=gen),
-    )
+    def build(in_features, out_features, seed, layout=None):
+        gen = torch.Generator().manual_seed(seed)
+        return make_random_exl2_weight(layout or mixed_width_layout(in_features, gen), out_features, gen)
+
+    return build
 
 
 def reference(x, w, bias, dtype):
@@ -64,7 +55,7 @@ class RefusingBackend:
         return "no kernel for this test"
 
 
-def test_auto_on_cpu_is_the_torch_reference_and_says_why():
+def test_auto_on_cpu_is_the_torch_reference_and_says_why(random_weight):
     """The Triton interpreter is for tests: auto never picks it on CPU, whatever TRITON_INTERPRET says."""
     backend, reason = select_backend("cpu", (8, 5, 3), (32, 64, 64), m=1, fmt="exl2")
     assert isinstance(backend, Exl2TorchBackend)
@@ -83,7 +74,7 @@ def test_registries_are_per_format():
         BackendRegistry(fmt="awq")
 
 
-def test_unknown_backend_name_is_a_user_error():
+def test_unknown_backend_name_is_a_user_error(random_weight):
     with pytest.raises(QtoolError, match="unknown matmul backend 'marlin'"):
         check_exl2_backend("marlin")
     w = random_weight(64, 16, seed=2)
@@ -91,7 +82,7 @@ def test_unknown_backend_name_is_a_user_error():
         Exl2Linear(64, 16, w.group_bits, w.group_sizes, backend="marlin")
 
 
-def test_refused_backend_falls_back_with_one_log_line(caplog):
+def test_refused_backend_falls_back_with_one_log_line(caplog, random_weight):
     registry = BackendRegistry(factories={"fast": RefusingBackend, "torch": Exl2TorchBackend},
                                auto_order={"cpu": ("torch",)}, fmt="exl2")
     layout = [(6, 32), (4, 64)]
@@ -111,7 +102,7 @@ def test_refused_backend_falls_back_with_one_log_line(caplog):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU rule without the Triton interpreter")
-def test_triton_on_cpu_without_the_interpreter_falls_back(monkeypatch, caplog):
+def test_triton_on_cpu_without_the_interpreter_falls_back(monkeypatch, caplog, random_weight):
     from qtool.kernels import exl2_triton
 
     monkeypatch.setattr(exl2_triton, "triton_interpreted", lambda: False)
@@ -134,7 +125,7 @@ def kernels_can_run():
 @pytest.mark.usefixtures("kernels_can_run")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_explicit_triton_matches_the_torch_reference(m, dtype):
+def test_explicit_triton_matches_the_torch_reference(m, dtype, random_weight):
     w = random_weight(192, 45, seed=10 + m)
     bias = torch.randn(45, generator=torch.Generator().manual_seed(m)).half() if m != 1 else None
     layer = Exl2Linear.from_weight(w, bias).to(DEVICE)
@@ -151,7 +142,7 @@ def test_explicit_triton_matches_the_torch_reference(m, dtype):
 
 
 @pytest.mark.usefixtures("kernels_can_run")
-def test_triton_backend_serves_float64_and_empty_inputs():
+def test_triton_backend_serves_float64_and_empty_inputs(random_weight):
     """Outside the kernels' dtypes the Triton-dequantized weight goes through torch.matmul: the reference's values."""
     w = random_weight(128, 33, seed=4)
     bias = torch.randn(33, generator=torch.Generator().manual_seed(4)).half()
@@ -165,7 +156,7 @@ def test_triton_backend_serves_float64_and_empty_inputs():
 
 
 @pytest.mark.usefixtures("kernels_can_run")
-def test_forms_are_built_once_and_follow_reloaded_buffers():
+def test_forms_are_built_once_and_follow_reloaded_buffers(random_weight):
     first = random_weight(128, 40, seed=5)
     layer = Exl2Linear(128, 40, first.group_bits, first.group_sizes).to(DEVICE)
     keys = set(layer.state_dict())
@@ -188,7 +179,7 @@ def test_forms_are_built_once_and_follow_reloaded_buffers():
 
 
 @pytest.mark.usefixtures("kernels_can_run")
-def test_loaded_checkpoint_routes_every_layer_through_the_request(tmp_path, make_tiny_llama, caplog):
+def test_loaded_checkpoint_routes_every_layer_through_the_request(tmp_path, make_tiny_llama, caplog, random_weight):
     from qtool.convert.exl2_checkpoint import load_exl2_model, save_exl2_model
 
     model = make_tiny_llama(seed=11)

@@ -4,27 +4,15 @@ weight the writer was given (float64 reference), in float32, float16 and bfloat1
 import pytest
 import torch
 
-from qtool.convert.exl2_format import Exl2Weight, exl2_tensors_from_weight
+from qtool.convert.exl2_format import exl2_tensors_from_weight
 from qtool.kernels.exl2_linear import Exl2Linear
-
-
-def weight(in_features, out_features, layout, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return Exl2Weight(
-        codes=torch.cat([torch.randint(0, 1 << b, (r, out_features), generator=gen) for b, r in layout]).to(torch.int32),
-        qscale=torch.randint(1, 17, (len(layout), out_features), generator=gen, dtype=torch.int32),
-        scale_max=(torch.rand(len(layout), generator=gen) * 0.2 + 0.01).half(),
-        group_bits=tuple(b for b, _ in layout),
-        group_sizes=tuple(r for _, r in layout),
-        perm=torch.randperm(in_features, generator=gen),
-    )
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_forward_matches_linear(dtype, tol, bias, m):
-    w = weight(160, 45, [(8, 32), (5, 64), (3, 64)], seed=m)
+def test_forward_matches_linear(dtype, tol, bias, m, make_random_exl2_weight):
+    w = make_random_exl2_weight([(8, 32), (5, 64), (3, 64)], 45, torch.Generator().manual_seed(m))
     b = torch.randn(45).half() if bias else None
     module = Exl2Linear.from_weight(w, b)
     x = torch.randn(2, m, 160, generator=torch.Generator().manual_seed(m))
@@ -38,8 +26,8 @@ def test_forward_matches_linear(dtype, tol, bias, m):
     assert torch.equal(module.dequantized_weight(dtype), w.dequantize(torch.float32).to(dtype))
 
 
-def test_buffers_are_the_checkpoint_tensors():
-    w = weight(96, 40, [(6, 32), (4, 64)], seed=1)
+def test_buffers_are_the_checkpoint_tensors(make_random_exl2_weight):
+    w = make_random_exl2_weight([(6, 32), (4, 64)], 40, torch.Generator().manual_seed(1))
     module = Exl2Linear.from_weight(w)
     state = module.state_dict()
     tensors = exl2_tensors_from_weight(w)

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.convert.exl2_format import Exl2Weight, exl2_tensors_from_weight  # noqa: E402
+from qtool.convert.exl2_format import exl2_tensors_from_weight  # noqa: E402
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2  # noqa: E402
 from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2, triton_interpreted  # noqa: E402
 
@@ -23,20 +23,19 @@ def kernels_can_run():
     assert DEVICE == "cuda" or triton_interpreted(), "qtool.kernels.exl2_triton was imported before TRITON_INTERPRET=1 was set"
 
 
-def layer(layout, out_features, seed, bias=False):
-    gen = torch.Generator().manual_seed(seed)
-    in_features = sum(r for _, r in layout)
-    w = Exl2Weight(
-        codes=torch.cat([torch.randint(0, 1 << b, (r, out_features), generator=gen) for b, r in layout]).to(torch.int32),
-        qscale=torch.randint(1, 17, (len(layout), out_features), generator=gen, dtype=torch.int32),
-        scale_max=(torch.rand(len(layout), generator=gen) * 0.2 + 0.01).half(),
-        group_bits=tuple(b for b, _ in layout),
-        group_sizes=tuple(r for _, r in layout),
-        perm=torch.randperm(in_features, generator=gen),
-    )
-    tensors = {k: v.to(DEVICE) for k, v in exl2_tensors_from_weight(w).items()}
-    b = (torch.randn(out_features, generator=gen) * 0.1).half().to(DEVICE) if bias else None
-    return w, tensors, b
+@pytest.fixture(scope="module")
+def layer(make_random_exl2_weight):
+    """layer(layout, out_features, seed, bias=False) -> (Exl2Weight, its checkpoint tensors on DEVICE, bias or None),
+    the bias drawn from the weight's generator after it."""
+
+    def build(layout, out_features, seed, bias=False):
+        gen = torch.Generator().manual_seed(seed)
+        w = make_random_exl2_weight(layout, out_features, gen)
+        tensors = {k: v.to(DEVICE) for k, v in exl2_tensors_from_weight(w).items()}
+        b = (torch.randn(out_features, generator=gen) * 0.1).half().to(DEVICE) if bias else None
+        return w, tensors, b
+
+    return build
 
 
 def prepared(tensors, out_features, bias=None):
@@ -52,7 +51,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_dequantize_is_bit_exact(name, dtype):
+def test_dequantize_is_bit_exact(name, dtype, layer):
     w, tensors, _ = layer(LAYOUTS[name], 45, seed=len(name))
     got = exl2_dequantize(prepared(tensors, 45), dtype)
     expected = dequantize_exl2(tensors["q_weight"], tensors["q_invperm"], tensors["q_scale"], tensors["q_scale_max"], tensors["q_groups"], 45, dtype)
@@ -63,7 +62,7 @@ def test_dequantize_is_bit_exact(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("name", ["every width", "3/2 with a 2-bit run of two groups"])
-def test_fused_matmul_matches_reference(name, m, dtype):
+def test_fused_matmul_matches_reference(name, m, dtype, layer):
     w, tensors, bias = layer(LAYOUTS[name], 77, seed=m, bias=m == 3)
     x = torch.randn(m, w.in_features, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
     got = exl2_matmul(x, prepared(tensors, 77, bias))
@@ -74,7 +73,7 @@ def test_fused_matmul_matches_reference(name, m, dtype):
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
-def test_large_m_path_and_batch_shape():
+def test_large_m_path_and_batch_shape(layer):
     w, tensors, bias = layer(LAYOUTS["4-bit two groups"], 40, seed=5, bias=True)
     layout = prepared(tensors, 40, bias)
     x = torch.randn(2, 70, w.in_features, generator=torch.Generator().manual_seed(5)).half().to(DEVICE)  # M = 140
@@ -84,7 +83,7 @@ def test_large_m_path_and_batch_shape():
     torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
 
 
-def test_exl2_linear_triton_backend_matches_torch_backend():
+def test_exl2_linear_triton_backend_matches_torch_backend(layer):
     from qtool.kernels.exl2_linear import Exl2Linear
 
     w, _, bias = layer(LAYOUTS["every width"], 45, seed=8, bias=True)
