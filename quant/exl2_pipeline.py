@@ -36,7 +36,7 @@ from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.pipeline import check_against_model, check_output, peak_memory_bytes, source_identity, split_quantizable, storage_device
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.runtime.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
-from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, iter_layer_outputs
+from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
 from qtool.runtime.sources import load_model, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,32 @@ def _group_hessians(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]],
     return [acc.hessian for acc in accumulators], outputs
 
 
+class _InputTaken(Exception):
+    """Raised by the hook of a one-group Hessian pass: the rest of the layer's forward is not needed."""
+
+
+def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs: LayerInputs, device: torch.device) -> torch.Tensor:
+    """The Hessian of one group's input, each batch's forward stopped as soon as the group's first linear receives
+    it (the layer's outputs come from a later pass, once every group is quantized)."""
+    accumulator = HessianAccumulator(group[0][1].in_features, device=device)
+
+    def take(module: nn.Module, args: tuple) -> None:
+        accumulator.add_batch(args[0].detach())
+        raise _InputTaken
+
+    handle = group[0][1].register_forward_pre_hook(take)
+    moved: dict = {}
+    try:
+        for samples in sample_batches(inputs):
+            try:
+                run_layer_batch(layer, inputs, samples, device=device, moved=moved)
+            except _InputTaken:
+                pass
+    finally:
+        handle.remove()
+    return accumulator.hessian
+
+
 def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device,
                   damp_percent: float, candidates=DEFAULT_CANDIDATES) -> tuple[list[LinearMeasurement], list[torch.Tensor]]:
     """Every linear of one float layer measured with every candidate, and the layer's outputs (the next layer's
@@ -114,7 +140,7 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
     for group in [[(n, m) for n, m in g if n in choices] for g in groups]:
         if not group:
             continue
-        (hessian,), _ = _group_hessians(layer, [group], inputs, device)
+        hessian = _group_hessian(layer, group, inputs, device)
         for name, linear in group:
             bits, sizes = choices[name].layout(linear.in_features)
             result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent, refine=refine)

@@ -152,3 +152,33 @@ def test_measurement_of_another_model_is_refused(setup, make_tiny_model_dir):
     other = make_tiny_model_dir(root / "other", seed=1, num_hidden_layers=1, hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4)
     with pytest.raises(QtoolError, match="does not match this model's linears"):
         quantize_model_exl2(other, exl2_config(config, bpw=4.0), root / "bad", device="cpu", measurement=q45(root, config) / "measurement.json")
+
+
+def test_one_group_hessian_pass_stops_early_and_equals_the_full_pass(make_tiny_llama):
+    """The quantization pass takes each group's Hessian from forwards stopped at that group's first linear: the
+    same Hessian as a full forward gives, and nothing after that linear runs."""
+    from qtool.quant.exl2_pipeline import _exl2_layout_check, _group_hessian, _group_hessians
+    from qtool.quant.pipeline import split_quantizable
+    from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
+    from qtool.runtime.layerwise import capture_layer_inputs
+
+    model = make_tiny_llama(seed=4)
+    spec = get_architecture(model)
+    ids = [torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    inputs = capture_layer_inputs(model, ids, spec=spec)
+    layer = decoder_layers(model, spec)[0]
+    groups, _ = split_quantizable(resolve_layer_groups(model, 0, spec), _exl2_layout_check)
+    down_calls = []
+    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: down_calls.append(1))
+    try:
+        for group in groups:
+            before = len(down_calls)
+            early = _group_hessian(layer, group, inputs, torch.device("cpu"))
+            down_calls_while_early = len(down_calls) - before
+            (full,), _ = _group_hessians(layer, [group], inputs, torch.device("cpu"))
+            assert torch.equal(early, full) and bool(early.abs().sum() > 0)
+            if not group[0][0].endswith("down_proj"):  # stopped before the MLP's last linear
+                assert down_calls_while_early == 0, group[0][0]
+        assert len(down_calls) > 0  # the full passes did reach it
+    finally:
+        handle.remove()
