@@ -123,13 +123,18 @@ def unpack_qscale(packed: torch.Tensor) -> torch.Tensor:
     return (fields + 1).to(torch.int32).reshape(packed.shape[0], -1)
 
 
+def exl2_scale_unit(scale_max: torch.Tensor) -> torch.Tensor:
+    """fp16(q_scale_max / 256) as float32, any shape: the scale of level 1 (level L scales by L**2 times it).
+    ExLlamaV2 rounds q_scale_max / 256 to float16 at load (it can be subnormal)."""
+    return (scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32)
+
+
 def exl2_scales(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
     """The float16 scales [G, C] the kernels use: fp16(level**2 * fp16(q_scale_max / 256)).
 
-    Both roundings are those of ExLlamaV2: q_scale_max / 256 is rounded to float16 at load (it can be subnormal),
-    and __hmul rounds the product once; float32 holds both products exactly, so rounding them here is identical."""
-    unit = (scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32)
-    return (qscale.to(torch.float32).square() * unit[:, None]).to(torch.float16)
+    Both roundings are those of ExLlamaV2: the unit is rounded to float16 at load and __hmul rounds the product
+    once; float32 holds both products exactly, so rounding them here is identical."""
+    return (qscale.to(torch.float32).square() * exl2_scale_unit(scale_max)[:, None]).to(torch.float16)
 
 
 # ---- one linear ----

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.configs.errors import QtoolError
-from qtool.convert.exl2_format import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scales
+from qtool.convert.exl2_format import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
 from qtool.quant.gptq import inverse_hessian_cholesky
 
 # ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
@@ -126,8 +126,6 @@ class PreparedLinear:
     permutation, the upper Cholesky factor of the damped inverse Hessian and the damping it took, and tr(W H W^T).
     A measurement pass quantizes each linear with many candidates and prepares it once."""
 
-    weight: torch.Tensor  # [N, K] as given
-    hessian: torch.Tensor  # [K, K] as given
     rows: torch.Tensor  # float32 [K, N], act order
     perm: torch.Tensor
     upper: torch.Tensor
@@ -149,7 +147,7 @@ def prepare_linear(weight: torch.Tensor, hessian: torch.Tensor, act_order: bool 
     upper, damp = inverse_hessian_cholesky(h[perm][:, perm], damp_percent, damp_auto_increment)
     original = weight.detach().to(torch.float32)
     energy = float(((original @ hessian.to(torch.float32)) * original).sum())
-    return PreparedLinear(weight, hessian, w[perm], perm, upper, damp, energy)
+    return PreparedLinear(w[perm], perm, upper, damp, energy)
 
 
 def exl2_quantize(
@@ -228,11 +226,12 @@ REFINE_DAMP = 0.01
 
 
 def refine_exl2_levels(weight: torch.Tensor, quantized: Exl2Weight, hessian: torch.Tensor) -> Exl2Weight:
-    """Scale refinement on EXL2's grid: with the codes and each group's q_scale_max fixed, the scale of each
-    (group, output) that minimises tr((W - W_q) H (W - W_q)^T) is the solution of one small linear system per
-    output (one unknown per group, as quant/refine.py does for GPTQ); it is rounded to the nearest of the 16
-    levels (level**2 * q_scale_max / 256). An output keeps its old levels unless the rounded ones lower its
-    error, so the result is never worse than the input on the calibration Hessian."""
+    """Scale refinement on EXL2's grid, codes fixed: the scale of each (group, output) that minimises
+    tr((W - W_q) H (W - W_q)^T) is the solution of one small linear system per output (one unknown per group, as
+    quant/refine.py does for GPTQ); it is rounded to the nearest of the 16 levels (level**2 * q_scale_max / 256).
+    With each group's q_scale_max kept, an output keeps its old levels unless the rounded ones lower its error;
+    a searched q_scale_max per group (_nearest_grid_maxima) replaces that result only when the linear's whole
+    error drops. Either way the result is never worse than the input on the calibration Hessian (damped)."""
     perm = quantized.perm.to(weight.device)
     w = weight.detach().to(torch.float32)[:, perm]  # [N, K], inputs in storage order
     h = hessian.detach().to(device=w.device, dtype=torch.float32)[perm][:, perm].clone()
@@ -251,8 +250,7 @@ def refine_exl2_levels(weight: torch.Tensor, quantized: Exl2Weight, hessian: tor
     old_levels = quantized.qscale.T.to(w.device, torch.float32)
 
     def levels_for(scale_max: torch.Tensor) -> torch.Tensor:  # [G] -> the level nearest each output's optimum [N, G]
-        unit = (scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32).to(w.device)
-        levels = torch.sqrt(best.clamp_min(0) / unit).round().clamp(1, SCALE_LEVELS)
+        levels = torch.sqrt(best.clamp_min(0) / exl2_scale_unit(scale_max).to(w.device)).round().clamp(1, SCALE_LEVELS)
         return torch.where(solved, levels, old_levels)
 
     def output_errors(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:  # qscale [G, N] -> error of each output
@@ -263,10 +261,10 @@ def refine_exl2_levels(weight: torch.Tensor, quantized: Exl2Weight, hessian: tor
     # Same q_scale_max: each output keeps its old levels unless the refit ones lower its error.
     old = quantized.qscale.to(w.device)
     new = levels_for(quantized.scale_max).T.to(torch.int32)
-    keep_new = output_errors(new, quantized.scale_max) < output_errors(old, quantized.scale_max)
-    qscale = torch.where(keep_new.unsqueeze(0), new, old)
     scale_max = quantized.scale_max
-    refit_error = float(torch.minimum(output_errors(new, scale_max), output_errors(old, scale_max)).sum())
+    old_errors, new_errors = output_errors(old, scale_max), output_errors(new, scale_max)
+    qscale = torch.where((new_errors < old_errors).unsqueeze(0), new, old)
+    refit_error = float(torch.minimum(new_errors, old_errors).sum())
     # A new q_scale_max per group as well: the one whose level grid lands nearest the outputs' optima (weighted by
     # each optimum's own curvature); taken for the whole linear only when it lowers the linear's error.
     moved_max = _nearest_grid_maxima(best, system.diagonal(dim1=1, dim2=2), solved, quantized.scale_max.to(w.device))
@@ -289,7 +287,7 @@ def _nearest_grid_maxima(best: torch.Tensor, curvature: torch.Tensor, solved: to
     factors = MAX_SEARCH.to(best.device)
     tried = torch.cat([scale_max.to(torch.float32)[None] * factors[:, None], target.amax(dim=0)[None]]).to(torch.float16)  # [F, G]
     tried = torch.where(tried > 0, tried, scale_max.to(torch.float16)[None])
-    unit = (tried.to(torch.float32) / 256).to(torch.float16).to(torch.float32)  # [F, G]
+    unit = exl2_scale_unit(tried)  # [F, G]
     levels = torch.sqrt(target[None] / unit[:, None, :]).round().clamp(1, SCALE_LEVELS)  # [F, N, G]
     scales = (levels.square() * unit[:, None, :]).to(torch.float16).to(torch.float32)
     cost = (weight[None] * (scales - target[None]).square()).sum(dim=1)  # [F, G]
