@@ -52,11 +52,11 @@ class GgufHeader:
     version: int
     metadata: dict[str, Any]  # scalars and strings as values, arrays as ArrayValue
     tensors: tuple[GgufTensor, ...]
+    mapped: np.ndarray  # the whole file, uint8, read-only memory map
 
     def tensor_bytes(self, tensor: GgufTensor) -> np.ndarray:
         """The tensor's stored bytes as uint8 [*outer dims, bytes per row], the shape gguf-py's dequantize takes."""
-        data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=tensor.offset, shape=(tensor.nbytes,))
-        return data.reshape(*tensor.shape[:-1], -1)
+        return self.mapped[tensor.offset : tensor.offset + tensor.nbytes].reshape(*tensor.shape[:-1], -1)
 
 
 class _Cursor:
@@ -141,4 +141,4 @@ def read_gguf_header(path: Path) -> GgufHeader:
         if data_start + offset + nbytes > len(mapped):
             raise GgufFormatError(f"tensor {name} runs past the end of the file (truncated download?)")
         tensors.append(GgufTensor(name, shape, ggml_type, data_start + offset, nbytes))
-    return GgufHeader(path, version, metadata, tuple(tensors))
+    return GgufHeader(path, version, metadata, tuple(tensors), mapped)

@@ -176,8 +176,9 @@ def float_state_dict(header: GgufHeader, family: GgufFamily, fields: dict[str, A
         except NotImplementedError:
             log.info("gguf-py cannot dequantize %s (%s): loading through transformers", tensor.name, kind.name)
             return None
-        # float tensors come back as views of the read-only file map: copy them
-        weight = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(tensor.shape)
+        if not values.flags.writeable:  # float tensors come back as views of the read-only file map
+            values = values.copy()
+        weight = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(tensor.shape)
         suffix = name.split(".", 3)[-1]
         if family.rotary_rows_interleaved and suffix in rotary_heads:
             weight = uninterleave_rotary_rows(weight, rotary_heads[suffix])
@@ -194,11 +195,8 @@ def load_gguf_direct(path: Path) -> Any | None:
         return None
     model_type, fields, state = read
     config = AutoConfig.for_model(model_type, **fields)
-    config.rope_theta = fields.get("rope_theta", getattr(config, "rope_theta", None))
     with skipped_weight_init():  # every weight is assigned from the file below
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
     if missing or unexpected:
