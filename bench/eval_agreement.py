@@ -1,5 +1,5 @@
 """`qtool eval` of a GPTQ checkpoint against the perplexity of the same file read by the test suite's independent
-dequantizer (tests/conftest.py `dequantize_gptq_file_tensors`, written from the format description alone), on the
+reader (tests/conftest.py `independently_read_float_model`, written from the format description alone), on the
 protocol windows. One JSON line.
 
     .venv/bin/python bench/eval_agreement.py CKPT [--windows 40]
@@ -18,40 +18,22 @@ import subprocess
 import time
 
 import torch
-from safetensors.torch import load_file
 
 from qtool.eval.datasets import load_eval_text
 from qtool.eval.perplexity import perplexity
-from qtool.kernels.quant_linear import QuantLinear
 from qtool.runtime.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def independent_dequantizer():
+def independently_read_model(checkpoint: Path) -> torch.nn.Module:
+    """The test suite's independent reading of a GPTQ checkpoint (tests/conftest.py), loaded by path: tests/ is
+    not a package."""
     spec = importlib.util.spec_from_file_location("qtool_tests_conftest", REPO / "tests" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.dequantize_gptq_file_tensors
-
-
-def independently_read_model(checkpoint: Path) -> torch.nn.Module:
-    dequantize = independent_dequantizer()
-    quantization = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
-    tensors = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    model = load_model(str(checkpoint), device="cpu", dtype="float32").model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.data = dequantize(tensors, name, quantization["bits"], quantization.get("checkpoint_format", "gptq"))
-            if module.bias is not None:
-                linear.bias.data = module.bias.float()
-            parent, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent), attribute, linear)
-    return model
+    return module.independently_read_float_model(checkpoint)
 
 
 def main() -> None:

@@ -190,6 +190,40 @@ def gptq_file_dequantizer():
     return dequantize_gptq_file_tensors
 
 
+def independently_read_float_model(checkpoint: Path) -> torch.nn.Module:
+    """A float model of a GPTQ checkpoint whose quantized linears hold the weights (and biases) that
+    dequantize_gptq_file_tensors reads from its safetensors; the other tensors as qtool loads them. Also used by
+    bench/eval_agreement.py."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qtool.kernels.quant_linear import QuantLinear
+    from qtool.runtime.sources import load_model
+
+    quantization = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    tensors = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    model = load_model(str(checkpoint), device="cpu", dtype="float32").model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            bias = tensors.get(f"{name}.bias")
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None)
+            linear.weight.data = dequantize_gptq_file_tensors(tensors, name, quantization["bits"], quantization.get("checkpoint_format", "gptq"))
+            if bias is not None:
+                linear.bias.data = bias.float()
+            parent, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent), attribute, linear)
+    return model
+
+
+@pytest.fixture
+def independent_float_model():
+    """independently_read_float_model(checkpoint) -> the checkpoint as a float model read by the format alone."""
+    return independently_read_float_model
+
+
 def random_exl2_layout(in_features: int, gen: torch.Generator) -> list[tuple[int, int]]:
     """Random widths (widest first) over groups of 32 or 64 rows."""
     from qtool.convert.exl2_format import EXL2_BITS

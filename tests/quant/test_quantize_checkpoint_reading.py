@@ -30,20 +30,6 @@ def read_tensors(out: Path) -> dict:
     return tensors
 
 
-def independently_read_float_model(out: Path, dequantize) -> torch.nn.Module:
-    """A float model whose quantized linears hold the weights read by the independent dequantizer."""
-    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
-    tensors = read_tensors(out)
-    model = load_model(str(out), device="cpu", dtype="float32").model
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.data = dequantize(tensors, name, quantization["bits"], quantization["checkpoint_format"])
-            parent, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent), attribute, linear)
-    return model
-
-
 @pytest.mark.parametrize(
     "fields",
     [
@@ -54,7 +40,7 @@ def independently_read_float_model(out: Path, dequantize) -> torch.nn.Module:
     ],
     ids=["2bit-asym-v1", "3bit-asym-actorder-v2", "4bit-actorder-refined", "8bit-perchannel-asym"],
 )
-def test_loaded_weights_are_the_file_weights(tmp_path, tiny_model_dir, calibration_text, gptq_file_dequantizer, fields):
+def test_loaded_weights_are_the_file_weights(tmp_path, tiny_model_dir, calibration_text, gptq_file_dequantizer, independent_float_model, fields):
     calibration = CalibrationConfig(source=str(calibration_text), samples=8, seqlen=32, seed=0)
     out = tmp_path / "out"
     quantize_model(str(tiny_model_dir), replace(QuantConfig(calibration=calibration), **fields), out, device="cpu")
@@ -68,7 +54,7 @@ def test_loaded_weights_are_the_file_weights(tmp_path, tiny_model_dir, calibrati
             checked += 1
     assert checked == 14
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(5))
-    reference = independently_read_float_model(out, gptq_file_dequantizer)
+    reference = independent_float_model(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
 
@@ -77,7 +63,7 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.mark.slow
-def test_smollm2_qtool_eval_matches_independent_reader(tmp_path, smollm2_path, gptq_file_dequantizer):
+def test_smollm2_qtool_eval_matches_independent_reader(tmp_path, smollm2_path, independent_float_model):
     """A short calibration (the protocol's file, fewer windows) and two eval windows keep this to minutes."""
     out = tmp_path / "smollm2-w4"
     runner = CliRunner()
@@ -93,7 +79,7 @@ def test_smollm2_qtool_eval_matches_independent_reader(tmp_path, smollm2_path, g
     result = runner.invoke(app, ["eval", str(out), "--perplexity", str(text_file), "--windows", "2", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     qtool_ppl = json.loads(result.stdout)["ppl"]
-    reference = independently_read_float_model(out, gptq_file_dequantizer)
+    reference = independent_float_model(out)
     tokenizer = load_model(str(out), device="cpu", dtype="float32").tokenizer
     independent_ppl = perplexity(reference, tokenizer, load_eval_text(str(text_file)), seqlen=2048, windows=2).ppl
     assert abs(qtool_ppl - independent_ppl) < 0.01
