@@ -60,7 +60,9 @@ stage_done() { echo "== $1: exit $2 at $((SECONDS - BEGAN)) s" | tee -a "$WORK/s
 if has_stage tests || has_stage quick; then
     # every tuning candidate is compiled once for the bench's own case (4-bit g128 bf16); the other cases of that
     # test compile ~100 more kernels
-    timeout 240 "$PYTHON" -m pytest tests/kernels -q -p no:cacheprovider --durations=15 -rfE \
+    # KERNEL_TESTS narrows the run, e.g. KERNEL_TESTS=tests/kernels/test_gptq_gemm.py
+    # shellcheck disable=SC2086
+    timeout 240 "$PYTHON" -m pytest ${KERNEL_TESTS:-tests/kernels} -q -p no:cacheprovider --durations=15 -rfE \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[4-32-True-dtype1]" \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[3-128-False-dtype2]" \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[8--1-False-dtype3]" \

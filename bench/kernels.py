@@ -29,7 +29,8 @@ from qtool.convert.gptq_format import unpack_qzeros
 from qtool.convert.pack import unpack_rows
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.registry import GptqLinearTensors
-from qtool.kernels.triton_backend import TritonBackend, tune_key
+from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
+from qtool.kernels.triton_backend import TritonBackend, tune_key, weight_copies
 
 SHAPES = [  # (model, linear, in_features K, out_features N)
     ("llama2-7b", "qkv_proj", 4096, 12288),
@@ -48,8 +49,6 @@ EXTRA_BITS_AT_M1 = (3, 8)
 GROUP_SIZE = 128
 DTYPE = torch.bfloat16
 TOLERANCE = 1e-2
-L2_DEFEAT_BYTES = 160 << 20  # weights cycled per timed op: about three times an H100's 50 MB L2
-MAX_COPIES = 16
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -70,38 +69,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / sorted(times)[len(times) // 2]
 
 
-def time_graph(calls: list, target_ms: float = 15.0, replays: int = 7) -> float:
-    """Median µs per call of `calls` (cycled in order), captured in one CUDA graph and replayed."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for call in calls * 2:
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_us = max(start.elapsed_time(end) * 1e3 / (2 * len(calls)), 1.0)
-    n_calls = min(max(len(calls), math.ceil(target_ms * 1e3 / estimate_us)), 3000)
-    n_calls = math.ceil(n_calls / len(calls)) * len(calls)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(n_calls):
-            calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e3 / n_calls)
-    del graph
-    return sorted(per_call)[len(per_call) // 2]
-
-
 def time_dobench(calls: list) -> float:
     state = {"i": 0}
 
@@ -117,7 +84,7 @@ def time_dobench(calls: list) -> float:
 
 
 def copies_for(nbytes: int) -> int:
-    return max(1, min(MAX_COPIES, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1))))
+    return copies_to_defeat_l2(nbytes, torch.device("cuda"))
 
 
 def random_gptq(k: int, n: int, bits: int, gen: torch.Generator, device: torch.device) -> GptqLinearTensors:
@@ -169,11 +136,7 @@ def build_layer(backend: TritonBackend, model, name, k, n, bits, gen, device, bf
     """Our weight copies and the float64 reference; bf16 copies (made here unless given) and tinygemm for 4-bit."""
     tensors = random_gptq(k, n, bits, gen, device)
     first = backend.prepare(tensors)
-    weights = [first] + [
-        dataclasses.replace(first, qweight=first.qweight.clone(), scales=first.scales.clone(),
-                            zeros=None if first.zeros is None else first.zeros.clone())
-        for _ in range(copies_for(first.nbytes()) - 1)
-    ]
+    weights = weight_copies(first, copies_for(first.nbytes()))
     weight64 = dequantize_gptq(tensors.qweight, tensors.qzeros, tensors.scales, tensors.g_idx, bits,
                                tensors.checkpoint_format, torch.float64)
     layer = Layer(model, name, k, n, bits, weights, weight64)
@@ -284,7 +247,7 @@ def main(argv=None) -> int:
     began = time.time()
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
-    timer = time_graph if args.timer == "graph" else time_dobench
+    timer = time_calls_in_graph if args.timer == "graph" else time_dobench
     props = torch.cuda.get_device_properties(device)
     meta = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "timer": args.timer}

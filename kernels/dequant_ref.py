@@ -25,6 +25,10 @@ def dequantize_gptq(
     codes = unpack_rows(qweight, bits, in_features)  # [K, N]
     zeros = unpack_qzeros(qzeros, bits, out_features, checkpoint_format)  # [G, N]
     rows = g_idx.long()
-    # code - zero is a small integer, exact in any float dtype, so the product rounds once.
-    centered = (codes - zeros.index_select(0, rows)).to(dtype)
-    return (centered * scales.to(dtype).index_select(0, rows)).T
+    # code - zero is a small integer, exact in any float dtype; the product must round once, to `dtype`. A scale
+    # that `dtype` cannot hold exactly (float16 scales, bfloat16 weights) would round first, so such products
+    # are formed in float32, where they are exact (8-bit integer times 11-bit mantissa), and rounded after.
+    exact = dtype in (scales.dtype, torch.float32, torch.float64)
+    compute = dtype if exact else torch.float32
+    centered = (codes - zeros.index_select(0, rows)).to(compute)
+    return (centered * scales.to(compute).index_select(0, rows)).to(dtype).T

@@ -4,6 +4,7 @@ for each (M bucket, shape, bits, group) is chosen once by timing and cached on t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,9 +26,17 @@ from qtool.kernels.gptq_gemm_triton import (
     gptq_matmul_dequant,
     triton_interpreted,
 )
+from qtool.kernels.gptq_gemm_left_triton import (
+    LEFT_DEQUANT,
+    LEFT_PAIRS,
+    LeftGemmConfig,
+    gptq_gemm_left,
+    left_config_valid,
+)
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
 from qtool.kernels.registry import triton_device_problem
+from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +52,11 @@ def m_bucket(m: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call is served: kind "gemv" | "gemm" (Triton kernels) | "dequant" (dequantize + torch.matmul)."""
+    """How one call is served: kind "gemv" | "gemm" | "left" (Triton kernels) | "dequant" (dequantize +
+    torch.matmul)."""
 
     kind: str
-    config: GemvConfig | GemmConfig | None = None
+    config: GemvConfig | GemmConfig | LeftGemmConfig | None = None
 
     def describe(self) -> str:
         if self.config is None:
@@ -157,9 +167,48 @@ def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     return plans
 
 
+# Weight-left tl.dot (2/4/8 bits): (BM, BN, BK, mode, warps, stages, programs per SM; 0 = no split-K). The token
+# side BM is the wgmma N (16 at least in Triton); the weight side BN is a multiple of 64 rows per warpgroup.
+LEFT_SKINNY_SHAPES = (
+    (16, 64, 128, LEFT_DEQUANT, 4, 4, 4), (16, 128, 128, LEFT_DEQUANT, 8, 3, 4), (16, 64, 128, LEFT_DEQUANT, 4, 5, 4),
+    (16, 64, 128, LEFT_DEQUANT, 4, 4, 8), (16, 64, 64, LEFT_DEQUANT, 4, 5, 8), (16, 128, 128, LEFT_DEQUANT, 8, 4, 4),
+    (16, 64, 128, LEFT_PAIRS, 4, 4, 4), (16, 128, 64, LEFT_PAIRS, 4, 4, 4), (16, 128, 128, LEFT_DEQUANT, 4, 3, 2),
+)
+LEFT_MID_SHAPES = (
+    (64, 128, 128, LEFT_DEQUANT, 8, 3, 2), (64, 128, 128, LEFT_DEQUANT, 8, 4, 2), (64, 64, 128, LEFT_DEQUANT, 4, 4, 4),
+    (32, 64, 128, LEFT_DEQUANT, 4, 4, 4), (64, 128, 128, LEFT_PAIRS, 8, 3, 2), (64, 128, 64, LEFT_DEQUANT, 4, 3, 2),
+    (32, 128, 128, LEFT_DEQUANT, 8, 3, 2),
+)
+# large M: split K only as far as it takes to give every SM a program (few output tiles on narrow layers)
+LEFT_LARGE_SHAPES = (
+    (128, 128, 64, LEFT_DEQUANT, 8, 3, 1), (128, 128, 128, LEFT_DEQUANT, 8, 3, 1), (128, 256, 64, LEFT_DEQUANT, 8, 3, 1),
+    (256, 128, 64, LEFT_DEQUANT, 8, 3, 1), (128, 128, 64, LEFT_DEQUANT, 4, 4, 1), (64, 128, 64, LEFT_DEQUANT, 4, 3, 1),
+)
+
+
+def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    shapes = LEFT_SKINNY_SHAPES if m <= SKINNY_MAX_M else LEFT_MID_SHAPES if m <= 128 else LEFT_LARGE_SHAPES
+    plans = []
+    for bm, bn, bk, mode, warps, stages, per_sm in shapes:
+        while bk > 32 and weight.group_rows % bk:
+            bk //= 2
+        split = 1
+        if per_sm:
+            tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+            split = _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+        config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, mode=mode, num_warps=warps,
+                                num_stages=stages)
+        if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
+            plans.append(Plan("left", config))
+    return plans
+
+
 def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
     """Plans worth timing for a call with M rows; the first is the untimed default."""
-    plans = _gemv_candidates(weight, m, num_sms) if m <= MAX_GEMV_ROWS else []
+    gemv = _gemv_candidates(weight, m, num_sms) if m <= MAX_GEMV_ROWS else []
+    left = _left_candidates(weight, m, dtype, num_sms)
+    # the default (first) plan: the GEMV for one row, the tensor-core kernel from two rows on
+    plans = gemv + left if m == 1 else left + gemv
     plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
     return plans
 
@@ -193,23 +242,23 @@ class SplitKWorkspace:
         return self.partials.numel() >= partials and self.counters.numel() >= counters
 
 
-def _median_ms(fn: Callable[[], object]) -> float:
-    try:
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-    except TypeError:  # older signature
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=[0.5])[0]
+def _graph_ms(calls: list[Callable[[], object]]) -> float:
+    # a few milliseconds of back-to-back calls rank candidates as well as long runs, and tuning stays quick
+    return time_calls_in_graph(calls, target_ms=3.0, replays=3) / 1e3
 
 
 @dataclass
 class KernelTuner:
-    """Chooses a plan per TuneKey once (timing every candidate that computes the right result) and caches it."""
+    """Chooses a plan per TuneKey once (timing every candidate that computes the right result) and caches it.
+    timer(calls) -> milliseconds per call, the calls run in turn (the same op on different weight copies)."""
 
-    timer: Callable[[Callable[[], object]], float] = _median_ms
+    timer: Callable[[list[Callable[[], object]]], float] = _graph_ms
     plans: dict[TuneKey, Plan] = field(default_factory=dict)
     timings: dict[TuneKey, list[tuple[str, float | str]]] = field(default_factory=dict)
 
     def choose(self, key: TuneKey, candidates: list[Plan], run: Callable[[Plan], torch.Tensor],
-               reference: Callable[[], torch.Tensor]) -> Plan:
+               reference: Callable[[], torch.Tensor],
+               timing_calls: Callable[[Plan], list[Callable[[], object]]] | None = None) -> Plan:
         if key in self.plans:
             return self.plans[key]
         expected = reference().float()
@@ -223,7 +272,8 @@ class KernelTuner:
                 if not math.isfinite(error) or error > 2e-2:
                     results.append((plan.describe(), f"wrong result (relative error {error:.2e})"))
                     continue
-                ms = self.timer(lambda: run(plan))
+                calls = timing_calls(plan) if timing_calls else [lambda: run(plan)]
+                ms = self.timer(calls)
             except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
                 results.append((plan.describe(), f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
                 continue
@@ -238,6 +288,16 @@ class KernelTuner:
         self.plans[key] = best
         self.timings[key] = results
         return best
+
+
+def weight_copies(weight: GptqComputeWeight, count: int) -> list[GptqComputeWeight]:
+    """weight plus count - 1 copies of its streamed tensors (codes, scales, zeros), for timing from DRAM."""
+    clones = [
+        dataclasses.replace(weight, qweight=weight.qweight.clone(), scales=weight.scales.clone(),
+                            zeros=None if weight.zeros is None else weight.zeros.clone())
+        for _ in range(count - 1)
+    ]
+    return [weight] + clones
 
 
 def _num_sms(device: torch.device) -> int:
@@ -297,6 +357,8 @@ class TritonBackend:
             ws = self._workspace(x.device, 1, 1)
         if plan.kind == "gemv":
             return gptq_gemv(x, weight, plan.config, out, ws.partials, ws.counters)
+        if plan.kind == "left":
+            return gptq_gemm_left(x, weight, plan.config, out, ws.partials, ws.counters)
         return gptq_gemm(x, weight, plan.config, out, ws.partials, ws.counters)
 
     def plan_for(self, x: torch.Tensor, weight: GptqComputeWeight) -> Plan:
@@ -311,11 +373,18 @@ class TritonBackend:
         if not self.tune:
             self.tuner.plans[key] = candidates[0]
             return candidates[0]
-        return self.tuner.choose(
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # timing needs its own graphs: serve this capture with the default plan, tune on an eager call
+            return candidates[0]
+        copies = weight_copies(weight, copies_to_defeat_l2(weight.nbytes(), x.device))
+        plan = self.tuner.choose(
             key, candidates, lambda plan: self.run_plan(plan, x, weight),
             lambda: torch.matmul(x.float(), gptq_dequantize(weight, torch.float32))
             + (0 if weight.bias is None else weight.bias.float()),
+            timing_calls=lambda plan: [lambda w=w: self.run_plan(plan, x, w) for w in copies],
         )
+        del copies
+        return plan
 
     def matmul(self, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
         """y[..., N] = x[..., K] @ W^T + bias, in x's dtype."""

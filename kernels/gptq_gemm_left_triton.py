@@ -1,0 +1,239 @@
+"""Triton GEMM with the weight as the left tl.dot operand: out^T[N, M] = W[N, K] @ x^T[K, M] on the GPTQ compute
+layout, for 2-, 4- and 8-bit codes. On Hopper the left operand of wgmma may come from registers, and its N side
+(here the tokens) may be as small as the tile allows, so skinny M runs on the tensor cores with the weight tile
+dequantized in registers; the right operand (x) is the small one.
+
+Two ways to form the weight tile:
+- PAIRS (skinny M): the codes at positions j and j + V/2 of a packed word (V codes per word) sit in the two
+  16-bit halves of the word once shifted, so one shift and one and-or per two codes yield two exact 16-bit
+  floats BASE + q (BASE = 128 for bfloat16, 1024 for float16, q at the bottom of the mantissa). The tile's
+  columns are therefore in pair order, and x is read in the same order. The dot of exact codes is scaled once
+  per K tile: acc += s * (dot(BASE + q, x) - (BASE + z) * sum(x)).
+- DEQUANT (large M): codes in natural order become float32 1 + q/2^b by bit placement, one FMA gives
+  s*(q - z), rounded once to the input dtype; tl.dot accumulates over K without a per-tile epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qtool.kernels.gptq_gemm_triton import triton_interpreted
+from qtool.kernels.gptq_triton_common import finish_tile
+from qtool.kernels.repack import GptqComputeWeight
+
+LEFT_PAIRS = 0
+LEFT_DEQUANT = 1
+LEFT_BITS = (2, 4, 8)
+
+
+@triton.jit
+def _join4(a0, a1, a2, a3):
+    """[..., 4] with a0..a3 in order along the new last axis (all four in one thread)."""
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), a0.shape + (4,))
+
+
+@triton.jit
+def _in_order(parts_even, parts_odd):
+    """[..., 2n] interleaving two [..., n] tensors: even positions from the first, odd from the second."""
+    joined = tl.join(parts_even, parts_odd)
+    return tl.reshape(joined, parts_even.shape[:-1] + (parts_even.shape[-1] * 2,))
+
+
+@triton.jit
+def _pieces(w, SHIFT: tl.constexpr, MASK: tl.constexpr, COUNT: tl.constexpr):
+    """[R, U, COUNT]: (w >> SHIFT*j) & MASK for j = 0..COUNT-1 (COUNT in 2, 4, 8, 16)."""
+    if COUNT == 2:
+        out = tl.join(w & MASK, (w >> SHIFT) & MASK)
+    elif COUNT == 4:
+        out = _join4(w & MASK, (w >> SHIFT) & MASK, (w >> 2 * SHIFT) & MASK, (w >> 3 * SHIFT) & MASK)
+    elif COUNT == 8:
+        evens = _join4(w & MASK, (w >> 2 * SHIFT) & MASK, (w >> 4 * SHIFT) & MASK, (w >> 6 * SHIFT) & MASK)
+        odds = _join4((w >> SHIFT) & MASK, (w >> 3 * SHIFT) & MASK, (w >> 5 * SHIFT) & MASK,
+                      (w >> 7 * SHIFT) & MASK)
+        out = _in_order(evens, odds)
+    else:
+        evens = _in_order(
+            _join4(w & MASK, (w >> 4 * SHIFT) & MASK, (w >> 8 * SHIFT) & MASK, (w >> 12 * SHIFT) & MASK),
+            _join4((w >> 2 * SHIFT) & MASK, (w >> 6 * SHIFT) & MASK, (w >> 10 * SHIFT) & MASK,
+                   (w >> 14 * SHIFT) & MASK))
+        odds = _in_order(
+            _join4((w >> SHIFT) & MASK, (w >> 5 * SHIFT) & MASK, (w >> 9 * SHIFT) & MASK, (w >> 13 * SHIFT) & MASK),
+            _join4((w >> 3 * SHIFT) & MASK, (w >> 7 * SHIFT) & MASK, (w >> 11 * SHIFT) & MASK,
+                   (w >> 15 * SHIFT) & MASK))
+        out = _in_order(evens, odds)
+    return out
+
+
+@triton.jit
+def _pair_tile(words, BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    """uint32 words [BN, U] -> 16-bit floats BASE + q [BN, U*V] in pair order: column 2j + h of a word holds the
+    code at position j + h*V/2."""
+    V: tl.constexpr = 32 // BITS
+    MASK2: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    if IS_BF16:
+        MAGIC2: tl.constexpr = 0x43004300
+    else:
+        MAGIC2: tl.constexpr = 0x64006400
+    pairs = _pieces(words, BITS, MASK2, V // 2) | MAGIC2  # [BN, U, V/2], one 16-bit float in each half
+    halves = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))  # [BN, U, V/2, 2]
+    if IS_BF16:
+        values = halves.to(tl.bfloat16, bitcast=True)
+    else:
+        values = halves.to(tl.float16, bitcast=True)
+    return tl.reshape(values, (words.shape[0], words.shape[1] * V))
+
+
+@triton.jit
+def _natural_tile(words, BITS: tl.constexpr):
+    """uint32 words [BN, U] -> float32 1 + q/2^b [BN, U*V], column i of a word = its code i."""
+    V: tl.constexpr = 32 // BITS
+    codes = _pieces(words, BITS, (1 << BITS) - 1, V)
+    f32 = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+    return tl.reshape(f32, (words.shape[0], words.shape[1] * V))
+
+
+@triton.jit
+def gptq_gemm_left_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K_X, num_rows, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
+    each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
+    is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_n = tl.cdiv(N, BN)
+    pid_m = pid // grid_n
+    pid_n = pid % grid_n
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    V: tl.constexpr = 32 // BITS
+    UNITS: tl.constexpr = BK // V
+    DIV: tl.constexpr = 1 << BITS
+    if IS_BF16:
+        BASE: tl.constexpr = 128.0
+    else:
+        BASE: tl.constexpr = 1024.0
+    tile_rows = tl.arange(0, BK)
+    unit_ids = tl.arange(0, UNITS)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+
+    total_tiles = tl.cdiv(num_rows, BK)
+    t_begin = pid_k * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
+    for t in range(t_begin, t_end):
+        rows = t * BK + tile_rows
+        if HAS_PERM:
+            src = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + src[:, None],
+                         mask=m_ok[None, :] & (src[:, None] >= 0), other=0.0)
+        else:
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None],
+                         mask=m_ok[None, :] & (rows[:, None] < K_X), other=0.0)
+        w_ptrs = qweight_ptr + (t * UNITS + unit_ids)[None, :] * N + offs_n[:, None]
+        if EVEN_N and EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            units_ok = (t * UNITS + unit_ids) * V < num_rows
+            words = tl.load(w_ptrs, mask=n_ok[:, None] & units_ok[None, :], other=0)
+        words = words.to(tl.uint32, bitcast=True)
+
+        group = (t * BK) // group_rows
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+        else:
+            zero = tl.zeros((BN,), dtype=tl.float32) + zero_const
+
+        if MODE == 0:
+            # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
+            # on the way to shared memory, so x is still read contiguously
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
+            w = _pair_tile(words, BITS, IS_BF16)
+            if DOT_IN_F32:
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w, xt)
+            x_sum = tl.sum(xt.to(tl.float32), axis=0)
+            acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
+        else:
+            f32 = _natural_tile(words, BITS)
+            w = f32 * (scale * DIV)[:, None] - (scale * (DIV + zero))[:, None]
+            w = w.to(x_ptr.dtype.element_ty)
+            if DOT_IN_F32:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+
+    tile_id = pid_m * grid_n + pid_n
+    finish_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                SPLIT_K, HAS_BIAS)
+
+
+@dataclass(frozen=True)
+class LeftGemmConfig:
+    """Launch parameters of gptq_gemm_left_kernel (block_m is the token side of the tile, >= 16)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    mode: int = LEFT_PAIRS
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: torch.dtype) -> bool:
+    """Whether the kernel can run this config: 2/4/8-bit codes, K tiles inside groups and whole words, and exact
+    16-bit codes for PAIRS (8-bit codes do not fit bfloat16's mantissa next to the base)."""
+    if weight.bits not in LEFT_BITS or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if weight.group_rows % config.block_k or config.block_k < 16 or config.block_k % (32 // weight.bits):
+        return False
+    if config.mode == LEFT_PAIRS and dtype == torch.bfloat16 and weight.bits > 7:
+        return False
+    return config.block_m >= 16 and config.block_n >= 16
+
+
+def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmConfig, out: torch.Tensor,
+                   workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W^T (+ bias). With split_k > 1, workspace float32 [>= M*N] and counters int32
+    [>= tiles] must be zero on entry; they are zero again on return."""
+    if x.dim() != 2 or x.shape[1] != weight.in_features or x.stride(1) != 1:
+        raise ValueError(f"gptq_gemm_left expects x [M, {weight.in_features}] with unit column stride, "
+                         f"got {tuple(x.shape)}")
+    if not left_config_valid(weight, config, x.dtype):
+        raise ValueError(f"config {config} cannot run on this {weight.bits}-bit layer with {x.dtype} input")
+    m, n = x.shape[0], weight.out_features
+    total_tiles = triton.cdiv(weight.k_rows, config.block_k)
+    tiles_per_split = triton.cdiv(total_tiles, config.split_k)
+    split_k = triton.cdiv(total_tiles, tiles_per_split)
+    grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
+    if split_k > 1 and (workspace.numel() < m * n or counters.numel() < grid_m * grid_n):
+        raise ValueError("split-K workspace too small for this call")
+    gptq_gemm_left_kernel[(grid_m * grid_n, split_k)](
+        x, weight.qweight, weight.scales,
+        weight.zeros if weight.zeros is not None else weight.scales,
+        weight.perm if weight.perm is not None else weight.qweight,
+        weight.bias if weight.bias is not None else weight.scales,
+        out, workspace, counters,
+        m, n, weight.in_features, weight.k_rows, weight.group_rows, weight.zero_const, tiles_per_split,
+        x.stride(0), out.stride(0),
+        BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, SPLIT_K=split_k,
+        MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
+        DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(),
+        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=weight.bias is not None,
+        EVEN_N=n % config.block_n == 0,
+        EVEN_K=weight.k_rows % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
