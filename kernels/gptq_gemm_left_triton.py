@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from qtool.kernels.gptq_gemm_triton import triton_interpreted
-from qtool.kernels.gptq_triton_common import finish_tile
+from qtool.kernels.gptq_triton_common import finish_tile, load_x_tile, split_tile_range, tile_scale_zero
 from qtool.kernels.repack import GptqComputeWeight
 
 LEFT_PAIRS = 0
@@ -128,18 +128,10 @@ def gptq_gemm_left_kernel(
     unit_ids = tl.arange(0, UNITS)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
 
-    total_tiles = tl.cdiv(num_rows, BK)
-    t_begin = pid_k * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
+    t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
         rows = t * BK + tile_rows
-        if HAS_PERM:
-            src = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + src[:, None],
-                         mask=m_ok[None, :] & (src[:, None] >= 0), other=0.0)
-        else:
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None],
-                         mask=m_ok[None, :] & (rows[:, None] < K_X), other=0.0)
+        xt = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, True)  # [BK, BM]
         w_ptrs = qweight_ptr + (t * UNITS + unit_ids)[None, :] * N + offs_n[:, None]
         if EVEN_N and EVEN_K:
             words = tl.load(w_ptrs)
@@ -148,12 +140,7 @@ def gptq_gemm_left_kernel(
             words = tl.load(w_ptrs, mask=n_ok[:, None] & units_ok[None, :], other=0)
         words = words.to(tl.uint32, bitcast=True)
 
-        group = (t * BK) // group_rows
-        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-        else:
-            zero = tl.zeros((BN,), dtype=tl.float32) + zero_const
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
 
         if MODE == 0:
             # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from qtool.kernels.gptq_triton_common import finish_tile
+from qtool.kernels.gptq_triton_common import finish_tile, load_x_tile, split_tile_range, tile_scale_zero
 from qtool.kernels.repack import GptqComputeWeight
 
 # How the weight tile is formed: MAGIC keeps exact codes in the tile (1 + q/2^b as a 16-bit float) and applies
@@ -103,26 +103,13 @@ def gptq_gemm_kernel(
     DIV: tl.constexpr = 1 << BITS
     acc = tl.zeros((BM, BN), dtype=tl.float32)
 
-    total_tiles = tl.cdiv(num_rows, BK)
-    t_begin = pid_k * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
+    t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
         rows = t * BK + offs_k
-        if HAS_PERM:
-            src = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + src[None, :],
-                        mask=m_ok[:, None] & (src[None, :] >= 0), other=0.0)
-        else:
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :],
-                        mask=m_ok[:, None] & (rows[None, :] < K_X), other=0.0)
+        a = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, False)
         codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, EVEN)
 
-        group = (t * BK) // group_rows
-        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-        else:
-            zero = tl.zeros((BN,), dtype=tl.float32) + zero_const
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
 
         if MODE == 0:
             if IS_BF16:
@@ -165,12 +152,7 @@ def gptq_dequant_kernel(
     n_ok = offs_n < N
     codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, False)
     rows = t * BK + tl.arange(0, BK)
-    group = (t * BK) // group_rows
-    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-    else:
-        zero = scale * 0.0 + zero_const
+    scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
     w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
     if HAS_PERM:
         dest = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.kernels.gptq_triton_common import code_as_f32, finish_tile
+from qtool.kernels.gptq_triton_common import code_as_f32, finish_tile, tile_scale_zero
 from qtool.kernels.repack import GptqComputeWeight
 
 
@@ -36,19 +36,6 @@ def _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units,
         w1 = w0
         w2 = w0
     return w0, w1, w2
-
-
-@triton.jit
-def _tile_grid(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
-               TILE_ROWS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """(scale, zero) float32 [BLOCK_N] of the group K tile t lies in."""
-    group = (t * TILE_ROWS) // group_rows
-    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-    else:
-        zero = scale * 0.0 + zero_const
-    return scale, zero
 
 
 @triton.jit
@@ -83,7 +70,7 @@ def gptq_gemv_kernel(
     t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
     if PREFETCH:
         n0, n1, n2 = _tile_words(qweight_ptr, t_begin, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-        n_scale, n_zero = _tile_grid(scales_ptr, zeros_ptr, t_begin, offs_n, n_ok, N, group_rows, zero_const,
+        n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, t_begin, offs_n, n_ok, N, group_rows, zero_const,
                                      TILE_ROWS, HAS_ZEROS)
     for t in range(t_begin, t_end):
         units = t * UNITS + unit_ids
@@ -92,11 +79,11 @@ def gptq_gemv_kernel(
             w0, w1, w2, scale, zero = n0, n1, n2, n_scale, n_zero
             t_next = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads itself (in bounds, from cache)
             n0, n1, n2 = _tile_words(qweight_ptr, t_next, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-            n_scale, n_zero = _tile_grid(scales_ptr, zeros_ptr, t_next, offs_n, n_ok, N, group_rows, zero_const,
+            n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, t_next, offs_n, n_ok, N, group_rows, zero_const,
                                          TILE_ROWS, HAS_ZEROS)
         else:
             w0, w1, w2 = _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-            scale, zero = _tile_grid(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
+            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
                                      TILE_ROWS, HAS_ZEROS)
 
         dot_f = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)

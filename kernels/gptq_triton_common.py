@@ -60,6 +60,46 @@ def code_as_f32(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
+                    TILE_ROWS: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """(scale, zero) float32 [BLOCK_N] of the group that K tile t (TILE_ROWS compute rows) lies in; zero is zero_const
+    for every column when the layer has no zero tensor."""
+    group = (t * TILE_ROWS) // group_rows
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+    else:
+        zero = scale * 0.0 + zero_const
+    return scale, zero
+
+
+@triton.jit
+def split_tile_range(num_rows, pid_k, tiles_per_split, BK: tl.constexpr):
+    """[t_begin, t_end): the K tiles of BK compute rows that split pid_k reduces."""
+    t_begin = pid_k * tiles_per_split
+    return t_begin, tl.minimum(t_begin + tiles_per_split, tl.cdiv(num_rows, BK))
+
+
+@triton.jit
+def load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X,
+                HAS_PERM: tl.constexpr, K_MAJOR: tl.constexpr):
+    """x at rows offs_m and the input columns of compute rows `rows`, as [BM, BK] ([BK, BM] with K_MAJOR); zero
+    for padding rows of the permutation, rows past K and rows past M."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
+        ok = cols >= 0
+    else:
+        cols = rows
+        ok = rows < K_X
+    # one return statement: the compiler unifies the types of all returns, even under a constexpr branch
+    if K_MAJOR:
+        tile = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :] & ok[:, None], other=0.0)
+    else:
+        tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
     """out[m, n] = acc + bias[n], cast to the output dtype; acc float32 [BM, BN]."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

@@ -90,6 +90,18 @@ def _split_for(tiles_mn: int, k_tiles: int, target_programs: int) -> int:
     return math.ceil(k_tiles / per_split)
 
 
+def _tile_k_and_split(weight: GptqComputeWeight, m: int, bm: int, bn: int, bk: int, per_sm: int,
+                      num_sms: int) -> tuple[int, int]:
+    """(K tile, splits) of a tl.dot shape: the K tile halved until it fits inside a group; K split so the grid
+    holds about per_sm programs per SM (per_sm 0: no split)."""
+    while bk > 32 and weight.group_rows % bk:
+        bk //= 2
+    if not per_sm:
+        return bk, 1
+    tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+    return bk, _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+
+
 # (block_n, K rows per tile, warps, sum rows every tile, programs per SM, prefetch). block_n = 128*warps puts the
 # warps side by side along N so each thread holds whole columns of the tile: the per-column scale needs no layout
 # conversion and rows are summed in-thread every tile. block_n <= 128 stacks the warps along K instead. Prefetch
@@ -152,12 +164,7 @@ def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
         ]
     plans = []
     for bm, bn, bk, unpack, mode, warps, stages, per_sm in shapes:
-        while bk > 32 and weight.group_rows % bk:
-            bk //= 2
-        split = 1
-        if per_sm:
-            tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
-            split = _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+        bk, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms)
         config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, mode=mode, unpack=unpack,
                             num_warps=warps, num_stages=stages)
         if gemm_config_valid(weight, config, dtype) and Plan("gemm", config) not in plans:
@@ -190,12 +197,7 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     shapes = LEFT_SKINNY_SHAPES if m <= SKINNY_MAX_M else LEFT_MID_SHAPES if m <= 128 else LEFT_LARGE_SHAPES
     plans = []
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
-        while bk > 32 and weight.group_rows % bk:
-            bk //= 2
-        split = 1
-        if per_sm:
-            tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
-            split = _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+        bk, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms)
         config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, mode=mode, num_warps=warps,
                                 num_stages=stages)
         if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:

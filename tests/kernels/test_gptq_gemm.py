@@ -107,21 +107,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", CASES)
-def test_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
-    n, k = 96, 160
-    seed = bits * 1000 + group_size * 10 + m
+def check_kernel_against_float64(kernel, config_valid, n, k, bits, group_size, act_order, asym, fmt, dtype, m, config,
+                                 seed):
+    """Run kernel(x, weight, config, out, workspace, counters) on a random layer: every output written, within
+    tolerance of the float64 reference, split-K workspace left clean."""
     codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed)
     weight = repacked(t)
-    assert gemm_config_valid(weight, config, dtype)
+    assert config_valid(weight, config, dtype)
     workspace = torch.zeros(m * n, device=DEVICE)
     counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    gptq_gemm(x, weight, config, out, workspace, counters)
+    kernel(x, weight, config, out, workspace, counters)
     assert torch.isfinite(out).all(), "an output element was not written"
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[dtype]
     assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+
+
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", CASES)
+def test_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
+    check_kernel_against_float64(gptq_gemm, gemm_config_valid, 96, 160, bits, group_size, act_order, asym, fmt, dtype,
+                                 m, config, seed=bits * 1000 + group_size * 10 + m)
 
 
 # the weight-left kernel: (bits, group_size, act_order, asym, format, dtype, M, config)
@@ -142,19 +148,8 @@ LEFT_CASES = [
 @pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", LEFT_CASES)
 def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
     """N = 80 leaves a partial weight tile (block_n 32), K = 160 a partial last group for group sizes 64 and 96."""
-    n, k = 80, 160
-    seed = bits * 1000 + group_size * 10 + m + 7
-    codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed)
-    weight = repacked(t)
-    assert left_config_valid(weight, config, dtype)
-    workspace = torch.zeros(m * n, device=DEVICE)
-    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    gptq_gemm_left(x, weight, config, out, workspace, counters)
-    assert torch.isfinite(out).all(), "an output element was not written"
-    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[dtype]
-    assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+    check_kernel_against_float64(gptq_gemm_left, left_config_valid, 80, 160, bits, group_size, act_order, asym, fmt,
+                                 dtype, m, config, seed=bits * 1000 + group_size * 10 + m + 7)
 
 
 def test_weight_left_refuses_what_it_cannot_compute_exactly():

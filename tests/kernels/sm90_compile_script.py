@@ -1,0 +1,73 @@
+"""Compiles the GPTQ Triton kernels for sm_90 (Hopper) without a GPU: Triton's compiler and ptxas run on the CPU.
+The interpreter runs the kernels' Python directly and accepts code the compiler rejects (e.g. returns of different
+shapes under a constexpr branch), so the CPU test suite runs this in a fresh process (TRITON_INTERPRET unset).
+Prints one JSON line per kernel: name, whether it compiled, and the PTX instruction families that matter."""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qtool.kernels.gptq_gemm_left_triton import gptq_gemm_left_kernel  # noqa: E402
+from qtool.kernels.gptq_gemm_triton import gptq_dequant_kernel, gptq_gemm_kernel  # noqa: E402
+from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kernel  # noqa: E402
+
+POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
+                 "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
+COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True)
+CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
+    ("gemv 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
+                                          ROW_SUM_EACH_TILE=True, PREFETCH=True, **COMMON), 4, 1),
+    ("gemv 3-bit", gptq_gemv_kernel, dict(BITS=3, UNITS=1, BLOCK_N=128, SPLIT_K=1, EVEN_N=False, EVEN_UNITS=False,
+                                          ROW_SUM_EACH_TILE=False, PREFETCH=False, **COMMON), 4, 1),
+    ("gemv rows 4-bit", gptq_gemv_rows_kernel, dict(BITS=4, UNITS=4, BLOCK_N=256, SPLIT_K=2, ROWS=4, EVEN_N=True,
+                                                    EVEN_UNITS=True, ROW_SUM_EACH_TILE=True, **COMMON), 4, 1),
+    ("gemm magic 4-bit", gptq_gemm_kernel, dict(BITS=4, BM=16, BN=128, BK=128, GROUP_M=8, SPLIT_K=2, MODE=0, UNPACK=1,
+                                                IS_BF16=True, DOT_IN_F32=False, EVEN=True, **COMMON), 4, 2),
+    ("gemm dequant 3-bit", gptq_gemm_kernel, dict(BITS=3, BM=128, BN=128, BK=64, GROUP_M=8, SPLIT_K=1, MODE=1, UNPACK=0,
+                                                  IS_BF16=True, DOT_IN_F32=False, EVEN=False, **COMMON), 8, 3),
+    ("dequantize 4-bit", gptq_dequant_kernel, dict(BITS=4, BK=64, BN=256, UNPACK=1, HAS_PERM=True, HAS_ZEROS=True), 8, 1),
+    ("left pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=128, BK=128, SPLIT_K=2, MODE=0, IS_BF16=True,
+                                                     DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, **COMMON), 4, 3),
+    ("left dequant 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=64, BN=128, BK=128, SPLIT_K=1, MODE=1, IS_BF16=True,
+                                                       DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, **COMMON), 8, 3),
+    ("left dequant 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=1, IS_BF16=True,
+                                                       DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, **COMMON), 4, 4),
+]
+
+
+def signature(kernel, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in POINTER_TYPES:
+            sig[name] = POINTER_TYPES[name]
+        else:
+            sig[name] = "fp32" if name == "zero_const" else "i32"
+    return sig
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    for name, kernel, constexprs, warps, stages in CASES:
+        record = {"kernel": name}
+        try:
+            source = ASTSource(kernel, signature(kernel, constexprs), constexprs=constexprs)
+            compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+            ptx = compiled.asm["ptx"]
+            record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
+                          mma_sync=ptx.count("mma.sync"), local_memory=".local" in ptx)
+        except Exception as exc:  # report and go on: the test names every kernel that failed
+            record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
