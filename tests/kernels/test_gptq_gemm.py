@@ -30,7 +30,15 @@ from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
 )
 from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import KernelTuner, Plan, TritonBackend, candidate_plans, m_bucket, tune_key  # noqa: E402
+from qtool.kernels.triton_backend import (  # noqa: E402
+    KernelTuner,
+    Plan,
+    TritonBackend,
+    candidate_plans,
+    m_bucket,
+    tune_key,
+    weight_copies,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
@@ -231,6 +239,23 @@ def test_backend_matmul_every_m_bucket(m, dtype):
     y = backend.matmul(x, layer)
     assert y.shape == (1, m, n) and y.dtype == dtype
     assert relative_error(y.reshape(m, n), reference(x.reshape(m, k), codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[dtype]
+
+
+def test_weight_copies_for_timing_hold_the_same_weight_in_new_memory():
+    """The tuner cycles copies so that each timed call streams its weight from device memory: equal values,
+    separate storage for every streamed tensor, and each copy computes the same product."""
+    codes, scales, zeros, g_idx, t = random_gptq_layer(48, 128, 4, 32, True, True, "gptq", seed=31)
+    weight = repacked(t)
+    copies = weight_copies(weight, 3)
+    assert len(copies) == 3 and copies[0] is weight
+    for copy in copies[1:]:
+        for name in ("qweight", "scales", "zeros"):
+            original, cloned = getattr(weight, name), getattr(copy, name)
+            assert torch.equal(original, cloned) and cloned.data_ptr() != original.data_ptr()
+    backend = TritonBackend(tune=False)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(32)).to(torch.float16).to(DEVICE)
+    outputs = [backend.matmul(x, w) for w in copies]
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
 
 
 def test_tuner_picks_fastest_correct_plan_once():
