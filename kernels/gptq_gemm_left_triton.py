@@ -4,13 +4,15 @@ layout, for 2-, 4- and 8-bit codes. On Hopper the left operand of wgmma may come
 dequantized in registers; the right operand (x) is the small one.
 
 Two ways to form the weight tile:
-- PAIRS (skinny M): the codes at positions j and j + V/2 of a packed word (V codes per word) sit in the two
-  16-bit halves of the word once shifted, so one shift and one and-or per two codes yield two exact 16-bit
-  floats BASE + q (BASE = 128 for bfloat16, 1024 for float16, q at the bottom of the mantissa). The tile's
-  columns are therefore in pair order, and x is read in the same order. The dot of exact codes is scaled once
-  per K tile: acc += s * (dot(BASE + q, x) - (BASE + z) * sum(x)).
-- DEQUANT (large M): codes in natural order become float32 1 + q/2^b by bit placement, one FMA gives
-  s*(q - z), rounded once to the input dtype; tl.dot accumulates over K without a per-tile epilogue.
+- PAIRS: the codes at positions j and j + V/2 of a packed word (V codes per word) sit in the two 16-bit halves
+  of the word once shifted, so one shift and one and-or per two codes yield two exact 16-bit floats BASE + q
+  (BASE = 128 for bfloat16, 1024 for float16, q at the bottom of the mantissa). The tile's columns are therefore
+  in pair order; x is read contiguously and permuted to that order in registers. The dot of exact codes is
+  scaled once per K tile: acc += s * (dot(BASE + q, x) - (BASE + z) * sum(x)).
+- DEQUANT: codes in natural order become float32 1 + q/2^b by bit placement, one FMA gives s*(q - z), rounded
+  once to the input dtype; tl.dot accumulates over K without a per-tile epilogue. Twice the instructions of
+  PAIRS, yet faster on the H200 at every M measured: PAIRS waits for each tile's MMA before its epilogue
+  (bench/kernels_notes.md). The tuner picks per shape.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ import triton
 import triton.language as tl
 
 from qtool.kernels.gptq_gemm_triton import triton_interpreted
-from qtool.kernels.gptq_triton_common import finish_tile, load_x_tile, split_tile_range, tile_scale_zero
+from qtool.kernels.gptq_triton_common import (
+    check_matmul_input,
+    check_split_workspace,
+    finish_tile,
+    kernel_tensors,
+    load_x_tile,
+    split_k_sizes,
+    split_tile_range,
+    tile_scale_zero,
+    weight_flags,
+)
 from qtool.kernels.repack import GptqComputeWeight
 
 LEFT_PAIRS = 0
@@ -196,31 +208,21 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
                    workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias). With split_k > 1, workspace float32 [>= M*N] and counters int32
     [>= tiles] must be zero on entry; they are zero again on return."""
-    if x.dim() != 2 or x.shape[1] != weight.in_features or x.stride(1) != 1:
-        raise ValueError(f"gptq_gemm_left expects x [M, {weight.in_features}] with unit column stride, "
-                         f"got {tuple(x.shape)}")
+    check_matmul_input(x, weight, "gptq_gemm_left")
     if not left_config_valid(weight, config, x.dtype):
         raise ValueError(f"config {config} cannot run on this {weight.bits}-bit layer with {x.dtype} input")
     m, n = x.shape[0], weight.out_features
-    total_tiles = triton.cdiv(weight.k_rows, config.block_k)
-    tiles_per_split = triton.cdiv(total_tiles, config.split_k)
-    split_k = triton.cdiv(total_tiles, tiles_per_split)
+    tiles_per_split, split_k = split_k_sizes(triton.cdiv(weight.k_rows, config.block_k), config.split_k)
     grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
-    if split_k > 1 and (workspace.numel() < m * n or counters.numel() < grid_m * grid_n):
-        raise ValueError("split-K workspace too small for this call")
+    check_split_workspace(split_k, workspace, counters, m * n, grid_m * grid_n)
     gptq_gemm_left_kernel[(grid_m * grid_n, split_k)](
-        x, weight.qweight, weight.scales,
-        weight.zeros if weight.zeros is not None else weight.scales,
-        weight.perm if weight.perm is not None else weight.qweight,
-        weight.bias if weight.bias is not None else weight.scales,
-        out, workspace, counters,
+        *kernel_tensors(x, weight, out, workspace, counters),
         m, n, weight.in_features, weight.k_rows, weight.group_rows, weight.zero_const, tiles_per_split,
         x.stride(0), out.stride(0),
         BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, SPLIT_K=split_k,
         MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
-        DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(),
-        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=weight.bias is not None,
-        EVEN_N=n % config.block_n == 0,
-        EVEN_K=weight.k_rows % config.block_k == 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
+        EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -11,7 +11,17 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from qtool.kernels.gptq_triton_common import finish_tile, load_x_tile, split_tile_range, tile_scale_zero
+from qtool.kernels.gptq_triton_common import (
+    check_matmul_input,
+    check_split_workspace,
+    finish_tile,
+    kernel_tensors,
+    load_x_tile,
+    split_k_sizes,
+    split_tile_range,
+    tile_scale_zero,
+    weight_flags,
+)
 from qtool.kernels.repack import GptqComputeWeight
 
 # How the weight tile is formed: MAGIC keeps exact codes in the tile (1 + q/2^b as a 16-bit float) and applies
@@ -195,30 +205,21 @@ def gptq_gemm(x: torch.Tensor, weight: GptqComputeWeight, config: GemmConfig, ou
               workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias) with tl.dot. With split_k > 1, workspace float32 [>= M*N] and counters
     int32 [>= tiles] must be zero on entry; they are zero again on return."""
-    if x.dim() != 2 or x.shape[1] != weight.in_features or x.stride(1) != 1:
-        raise ValueError(f"gptq_gemm expects x [M, {weight.in_features}] with unit column stride, got {tuple(x.shape)}")
+    check_matmul_input(x, weight, "gptq_gemm")
     if not gemm_config_valid(weight, config, x.dtype):
         raise ValueError(f"config {config} cannot run on this {weight.bits}-bit layer with {x.dtype} input")
     m, n = x.shape[0], weight.out_features
-    total_tiles = triton.cdiv(weight.k_rows, config.block_k)
-    tiles_per_split = triton.cdiv(total_tiles, config.split_k)
-    split_k = triton.cdiv(total_tiles, tiles_per_split)
+    tiles_per_split, split_k = split_k_sizes(triton.cdiv(weight.k_rows, config.block_k), config.split_k)
     grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
-    if split_k > 1 and (workspace.numel() < m * n or counters.numel() < grid_m * grid_n):
-        raise ValueError("split-K workspace too small for this call")
+    check_split_workspace(split_k, workspace, counters, m * n, grid_m * grid_n)
     even = n % config.block_n == 0 and weight.k_rows % config.block_k == 0
     gptq_gemm_kernel[(grid_m * grid_n, split_k)](
-        x, weight.qweight, weight.scales,
-        weight.zeros if weight.zeros is not None else weight.scales,
-        weight.perm if weight.perm is not None else weight.qweight,
-        weight.bias if weight.bias is not None else weight.scales,
-        out, workspace, counters,
+        *kernel_tensors(x, weight, out, workspace, counters),
         m, n, weight.in_features, weight.k_rows, weight.group_rows, weight.zero_const, tiles_per_split,
         x.stride(0), out.stride(0),
         BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, GROUP_M=config.group_m,
         SPLIT_K=split_k, MODE=config.mode, UNPACK=config.unpack, IS_BF16=x.dtype == torch.bfloat16,
-        DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(),
-        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=weight.bias is not None,
+        DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN=even, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

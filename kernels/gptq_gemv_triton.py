@@ -10,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.kernels.gptq_triton_common import code_as_f32, finish_tile, tile_scale_zero
+from qtool.kernels.gptq_triton_common import (
+    check_split_workspace,
+    code_as_f32,
+    finish_tile,
+    kernel_tensors,
+    split_k_sizes,
+    tile_scale_zero,
+    weight_flags,
+)
 from qtool.kernels.repack import GptqComputeWeight
 
 
@@ -234,21 +242,12 @@ def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, ou
     m, n = x.shape[0], weight.out_features
     urows = unit_rows(weight.bits)
     num_units = weight.k_rows // urows
-    total_tiles = triton.cdiv(num_units, config.units)
-    tiles_per_split = triton.cdiv(total_tiles, config.split_k)
-    split_k = triton.cdiv(total_tiles, tiles_per_split)
+    tiles_per_split, split_k = split_k_sizes(triton.cdiv(num_units, config.units), config.split_k)
     grid_n = triton.cdiv(n, config.block_n)
-    if split_k > 1 and (workspace.numel() < m * n or counters.numel() < grid_n):
-        raise ValueError("split-K workspace too small for this layer")
+    check_split_workspace(split_k, workspace, counters, m * n, grid_n)
     if x.stride(1) != 1:
         x = x.contiguous()
-    tensors = (
-        x, weight.qweight, weight.scales,
-        weight.zeros if weight.zeros is not None else weight.scales,
-        weight.perm if weight.perm is not None else weight.qweight,
-        weight.bias if weight.bias is not None else weight.scales,
-        out, workspace, counters,
-    )
+    tensors = kernel_tensors(x, weight, out, workspace, counters)
     if m == 1:
         kernel, sizes = gptq_gemv_kernel, (n, num_units, weight.group_rows, weight.zero_const, tiles_per_split)
         rows = {"PREFETCH": config.prefetch}
@@ -258,8 +257,7 @@ def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, ou
         rows = {"ROWS": triton.next_power_of_2(m)}
     kernel[(grid_n, split_k)](
         *tensors, *sizes,
-        BITS=weight.bits, UNITS=config.units, BLOCK_N=config.block_n, SPLIT_K=split_k, **rows,
-        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, HAS_BIAS=weight.bias is not None,
+        BITS=weight.bits, UNITS=config.units, BLOCK_N=config.block_n, SPLIT_K=split_k, **rows, **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_UNITS=num_units % config.units == 0,
         ROW_SUM_EACH_TILE=config.row_sum_each_tile,
         num_warps=config.num_warps, num_stages=config.num_stages,

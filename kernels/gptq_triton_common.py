@@ -1,10 +1,14 @@
-"""Triton device functions shared by the GPTQ kernels: code extraction from packed words as exact floats, and
-the split-K epilogue that reduces partial tiles through a self-cleaning float32 workspace."""
+"""What the GPTQ kernels share. Device functions: code extraction from packed words as exact floats, per-tile
+scale/zero and x loads, and the split-K epilogue that reduces partial tiles through a self-cleaning float32
+workspace. Launch side: the pointer arguments, flags and split-K sizing every wrapper passes the same way."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from qtool.kernels.repack import GptqComputeWeight
 
 
 @triton.jit
@@ -133,3 +137,41 @@ def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
             total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
             store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
+
+
+def kernel_tensors(x: torch.Tensor, weight: GptqComputeWeight, out: torch.Tensor, workspace: torch.Tensor,
+                   counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The pointer arguments of every GPTQ kernel, in their order. An absent zeros/perm/bias is passed as another
+    tensor of the layer: its HAS_* flag is off, so the kernel never reads it."""
+    return (
+        x, weight.qweight, weight.scales,
+        weight.zeros if weight.zeros is not None else weight.scales,
+        weight.perm if weight.perm is not None else weight.qweight,
+        weight.bias if weight.bias is not None else weight.scales,
+        out, workspace, counters,
+    )
+
+
+def weight_flags(weight: GptqComputeWeight) -> dict[str, bool]:
+    """HAS_PERM, HAS_ZEROS and HAS_BIAS of a layer, as the kernels take them."""
+    return {"HAS_PERM": weight.perm is not None, "HAS_ZEROS": weight.zeros is not None,
+            "HAS_BIAS": weight.bias is not None}
+
+
+def split_k_sizes(total_tiles: int, requested_split: int) -> tuple[int, int]:
+    """(tiles per split, splits) for `requested_split` splits of total_tiles K tiles, with no split left empty."""
+    tiles_per_split = triton.cdiv(total_tiles, requested_split)
+    return tiles_per_split, triton.cdiv(total_tiles, tiles_per_split)
+
+
+def check_split_workspace(split_k: int, workspace: torch.Tensor, counters: torch.Tensor, partials: int,
+                          tiles: int) -> None:
+    """ValueError unless a split-K launch has room for `partials` float32 sums and `tiles` arrival counters."""
+    if split_k > 1 and (workspace.numel() < partials or counters.numel() < tiles):
+        raise ValueError("split-K workspace too small for this call")
+
+
+def check_matmul_input(x: torch.Tensor, weight: GptqComputeWeight, kernel: str) -> None:
+    """ValueError unless x is [M, in_features] with unit column stride, as the tl.dot kernels read it."""
+    if x.dim() != 2 or x.shape[1] != weight.in_features or x.stride(1) != 1:
+        raise ValueError(f"{kernel} expects x [M, {weight.in_features}] with unit column stride, got {tuple(x.shape)}")
