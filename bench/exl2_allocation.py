@@ -7,10 +7,14 @@ perplexity. One JSON line per objective.
     bash bench/gpu_grid.sh with SCRIPT=bench/exl2_allocation.py (see its header) to run it on the lent GPU
 
 Objectives (each linear's measured relative output error e of each candidate becomes the cost summed):
-  sum    e, as the optimizer has it (relative errors of all linears count alike)
+  sum    e (relative errors of all linears count alike: the optimizer before sensitivities)
   numel  e * weights of the linear (large linears count more)
   log    log e (every linear's error lowered by the same factor counts alike)
   sqrt   sqrt e
+  fisher e * S, S the linear's empirical-Fisher weight (quant/sensitivity.py: the loss cost of a unit of relative
+         output error), as the optimizer has it; from the measurement when it holds them, else from
+         --sensitivity-windows calibration windows through the float model
+  fisher:P  e * S**P (P = 0.5: half way between sum and fisher)
   uniform:BITS:GROUP   no optimizer: every linear at one width and group size (the reference point)
 
 --extra-candidates "4,3:0.9,0.1:32;5,4:0.1,0.9:32" measures more candidate settings (bits:shares:group per
@@ -33,8 +37,8 @@ import torch
 
 from qtool.eval.datasets import calibration_windows, load_eval_text
 from qtool.eval.perplexity import perplexity
-from qtool.quant.exl2_optimize import LinearMeasurement, MeasuredCandidate, measurement_from_dict, measurement_to_dict, optimize
-from qtool.quant.exl2_pipeline import _exl2_layout_check, measure_layer, quantize_exl2_layer
+from qtool.quant.exl2_optimize import LinearMeasurement, MeasuredCandidate, measurement_from_dict, measurement_to_dict, optimize, weighed
+from qtool.quant.exl2_pipeline import SENSITIVITY_WINDOWS, _exl2_layout_check, measure_layer, quantize_exl2_layer, weigh_linears
 from qtool.quant.exl2_solver import Exl2Candidate
 from qtool.quant.pipeline import split_quantizable, storage_device
 from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
@@ -50,19 +54,25 @@ COSTS = {
 }
 
 
-def with_costs(measurements: list[LinearMeasurement], objective: str) -> list[LinearMeasurement]:
-    cost = COSTS[objective]
+def with_costs(measurements: list[LinearMeasurement], objective: str, sensitivity: dict[str, float] | None = None) -> list[LinearMeasurement]:
+    """The measurements with each candidate's error replaced by its cost under `objective` (unweighed: the
+    optimizer then sums these costs as they are)."""
+    if objective.startswith("fisher"):
+        power = float(objective.split(":")[1]) if ":" in objective else 1.0
+        cost = lambda e, m: e * sensitivity[m.name] ** power
+    else:
+        cost = COSTS[objective]
     return [LinearMeasurement(m.name, m.out_features, m.in_features, [MeasuredCandidate(c.candidate, c.total_bits, cost(c.error, m)) for c in m.candidates])
             for m in measurements]
 
 
-def allocation_for(measurements: list[LinearMeasurement], objective: str, bpw: float) -> tuple[dict[str, Exl2Candidate], float]:
+def allocation_for(measurements: list[LinearMeasurement], objective: str, bpw: float, sensitivity: dict[str, float] | None = None) -> tuple[dict[str, Exl2Candidate], float]:
     if objective.startswith("uniform:"):
         _, bits, group = objective.split(":")
         candidate = Exl2Candidate((int(bits),), (1.0,), (int(group),))
         weights = sum(m.numel for m in measurements)
         return {m.name: candidate for m in measurements}, sum(candidate.total_bits(m.in_features, m.out_features) for m in measurements) / weights
-    allocation = optimize(with_costs(measurements, objective), bpw)
+    allocation = optimize(with_costs(measurements, objective, sensitivity), bpw)
     return allocation.choices, allocation.bits_per_weight
 
 
@@ -100,6 +110,7 @@ def main() -> None:
     parser.add_argument("--jsonl", default=None)
     parser.add_argument("--extra-candidates", default="")
     parser.add_argument("--save-measurement", default=None)
+    parser.add_argument("--sensitivity-windows", type=int, default=SENSITIVITY_WINDOWS, help="calibration windows for the fisher objective")
     args = parser.parse_args()
 
     data = Path(args.data)
@@ -118,10 +129,18 @@ def main() -> None:
         print(json.dumps({"extra_measured_s": round(time.perf_counter() - started, 1)}), flush=True)
         if args.save_measurement:
             Path(args.save_measurement).write_text(json.dumps(measurement_to_dict(measurements)))
+    sensitivity = {m.name: m.sensitivity for m in measurements} if weighed(measurements) else None
+    if "fisher" in args.objectives and (sensitivity is None or args.sensitivity_windows != SENSITIVITY_WINDOWS):
+        started = time.perf_counter()
+        model = copy.deepcopy(loaded.model)
+        layer_groups = [split_quantizable(resolve_layer_groups(model, index, spec), _exl2_layout_check)[0] for index in range(len(decoder_layers(model, spec)))]
+        sensitivity = weigh_linears(model, layer_groups, windows, device, args.sensitivity_windows)
+        del model
+        print(json.dumps({"sensitivity_s": round(time.perf_counter() - started, 1), "windows": args.sensitivity_windows}), flush=True)
     runs = [(objective, float(target)) for target in args.bpw.split(",") for objective in filter(None, args.objectives.split(","))]
     for objective, target in runs:
         started = time.perf_counter()
-        choices, bpw = allocation_for(measurements, objective, target)
+        choices, bpw = allocation_for(measurements, objective, target, sensitivity)
         model = copy.deepcopy(loaded.model)
         inputs = captured
         for index, layer in enumerate(decoder_layers(model, spec)):

@@ -50,7 +50,8 @@ def exl2_summary_table(result: Exl2QuantizeResult) -> Table:
         ("linears", f"{result.quantized_linears} quantized, {len(result.skipped_linears)} kept float16"),
         ("settings used", ", ".join(f"{count} x {choice}" for choice, count in sorted(widths.items(), key=lambda kv: -kv[1])[:4])
                           + (" ..." if len(widths) > 4 else "")),
-        ("measurement", "measured in this run" if result.measured else "reused from --measurement"),
+        ("measurement", ("measured in this run" if result.measured else "reused from --measurement")
+                        + (", linears weighed by their loss sensitivity in this run" if result.weighed else ", with its sensitivities")),
         ("calibration", f"{config.calibration.samples} x {config.calibration.seqlen} tokens of {config.calibration.source}"),
         ("layers", f"{result.layers}" + (f" (resumed after step {result.resumed_from_step})" if result.resumed_from_step else "")),
         ("time", f"{result.seconds:.1f} s on {result.device}"),

@@ -11,14 +11,19 @@ import triton
 import triton.language as tl
 
 from qtool.kernels.gptq_triton_common import (
+    DENORMAL_SCALE,
     check_split_workspace,
+    code_as_denormal,
     code_as_f32,
     finish_tile,
     kernel_tensors,
     split_k_sizes,
     tile_scale_zero,
     weight_flags,
+    x_for_denormal_code,
 )
+
+DENORMAL_BITS = (2, 4, 8)  # widths whose codes never straddle words: the denormal unpacking applies
 from qtool.kernels.repack import GptqComputeWeight
 
 
@@ -53,12 +58,14 @@ def gptq_gemv_kernel(
     BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, PREFETCH: tl.constexpr,
+    DENORMAL: tl.constexpr,
 ):
     """Program (pid_n, pid_k) covers BLOCK_N outputs and tiles [pid_k*tiles_per_split, ...) of UNITS packing
     units (a unit: one word of 32/BITS rows, or three words of 32 rows for 3 bits). Each tile lies inside one
     group, so with f = 1 + q/2^b the tile contributes s*(2^b*sum(x*f) - (2^b + z)*sum(x)). With PREFETCH the
     next tile's words are loaded before this tile is computed (two tiles in flight per program: the loads of
-    a non-dot loop are not pipelined by num_stages)."""
+    a non-dot loop are not pipelined by num_stages). With DENORMAL (2/4/8 bits) codes are unpacked as subnormals
+    (gptq_triton_common) and the tile contributes s*(2^87*sum(x'*d) - z*sum(x))."""
     UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     TILE_ROWS: tl.constexpr = UNITS * UNIT_ROWS
     DIV: tl.constexpr = 1 << BITS
@@ -101,11 +108,19 @@ def gptq_gemv_kernel(
             if HAS_PERM:
                 src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
                 xj = tl.load(x_ptr + src, mask=src >= 0, other=0.0).to(tl.float32)
+            elif EVEN_UNITS:
+                xj = tl.load(x_ptr + rows).to(tl.float32)
             else:
                 xj = tl.load(x_ptr + rows, mask=unit_ok, other=0.0).to(tl.float32)
-            dot_f += xj[:, None] * code_as_f32(w0, w1, w2, j, BITS)
+            if DENORMAL:
+                dot_f += x_for_denormal_code(xj, j, BITS)[:, None] * code_as_denormal(w0, j, BITS)
+            else:
+                dot_f += xj[:, None] * code_as_f32(w0, w1, w2, j, BITS)
             x_sum += xj
-        part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
+        if DENORMAL:
+            part = (scale * DENORMAL_SCALE)[None, :] * dot_f - (scale * zero)[None, :] * x_sum[:, None]
+        else:
+            part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
         if ROW_SUM_EACH_TILE:
             acc += tl.sum(part, axis=0)
         else:
@@ -125,7 +140,7 @@ def gptq_gemv_rows_kernel(
     M, N, num_units, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, DENORMAL: tl.constexpr,
 ):
     """gptq_gemv_kernel for 2 <= M <= ROWS input rows (3-D tiles [ROWS, UNITS, BLOCK_N]; for one row the 2-D
     kernel compiles to fewer instructions). Program (pid_n, pid_k) covers BLOCK_N outputs of all M rows and tiles [pid_k*tiles_per_split,
@@ -188,9 +203,15 @@ def gptq_gemv_rows_kernel(
             else:
                 xj = tl.load(x_ptr + offs_r[:, None] * stride_xm + rows[None, :],
                              mask=r_ok[:, None] & unit_ok[None, :], other=0.0).to(tl.float32)
-            dot_f += xj[:, :, None] * code_as_f32(w0, w1, w2, j, BITS)[None, :, :]
+            if DENORMAL:
+                dot_f += x_for_denormal_code(xj, j, BITS)[:, :, None] * code_as_denormal(w0, j, BITS)[None, :, :]
+            else:
+                dot_f += xj[:, :, None] * code_as_f32(w0, w1, w2, j, BITS)[None, :, :]
             x_sum += xj
-        part = (scale * DIV)[None, None, :] * dot_f - (scale * (DIV + zero))[None, None, :] * x_sum[:, :, None]
+        if DENORMAL:
+            part = (scale * DENORMAL_SCALE)[None, None, :] * dot_f - (scale * zero)[None, None, :] * x_sum[:, :, None]
+        else:
+            part = (scale * DIV)[None, None, :] * dot_f - (scale * (DIV + zero))[None, None, :] * x_sum[:, :, None]
         if ROW_SUM_EACH_TILE:
             acc += tl.sum(part, axis=1)
         else:
@@ -217,6 +238,7 @@ class GemvConfig:
     num_stages: int = 1
     row_sum_each_tile: bool = False
     prefetch: bool = False  # M = 1 kernel only: load tile t+1 before computing tile t
+    denormal: bool = True  # 2/4/8 bits: unpack codes as subnormals (one AND per code instead of a shift and an and-or)
 
 
 def unit_rows(bits: int) -> int:
@@ -259,7 +281,7 @@ def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, ou
         *tensors, *sizes,
         BITS=weight.bits, UNITS=config.units, BLOCK_N=config.block_n, SPLIT_K=split_k, **rows, **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_UNITS=num_units % config.units == 0,
-        ROW_SUM_EACH_TILE=config.row_sum_each_tile,
+        ROW_SUM_EACH_TILE=config.row_sum_each_tile, DENORMAL=config.denormal and weight.bits in DENORMAL_BITS,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

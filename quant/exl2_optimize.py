@@ -1,9 +1,16 @@
 """EXL2's mixed precision: the candidate settings each linear is measured with, the measurement record
 (measurement.json) that lets another bpw be produced without measuring again, and the optimizer that picks
-one candidate per linear to reach a target bits per weight at the least total error."""
+one candidate per linear to reach a target bits per weight at the least total cost.
+
+A candidate's cost is its measured relative output error times the linear's sensitivity (quant/sensitivity.py:
+what a unit of relative error in that linear's output costs the model's loss). Unweighted, the relative errors
+of a k_proj and of a down_proj count alike although the loss feels them 1000x apart; weighted, SmolLM2 at 4.0
+bpw went from ppl 25.02 to 22.99 and at 3.0 from 38.66 to 33.62 (bench/RESULTS.md, "EXL2")."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,13 +87,36 @@ class LinearMeasurement:
     out_features: int
     in_features: int
     candidates: list[MeasuredCandidate]
+    sensitivity: float | None = None  # loss cost of a unit of relative output error; None: not weighed (counts 1)
 
     @property
     def numel(self) -> int:
         return self.out_features * self.in_features
 
+    def cost(self, candidate: MeasuredCandidate) -> float:
+        return candidate.error * (1.0 if self.sensitivity is None else self.sensitivity)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": [self.out_features, self.in_features], "candidates": [c.to_dict() for c in self.candidates]}
+        entry: dict[str, Any] = {"shape": [self.out_features, self.in_features], "candidates": [c.to_dict() for c in self.candidates]}
+        if self.sensitivity is not None:
+            entry["sensitivity"] = self.sensitivity
+        return entry
+
+
+def with_sensitivities(measurements: list[LinearMeasurement], sensitivities: dict[str, float]) -> list[LinearMeasurement]:
+    """The measurements weighed by these sensitivities (one per linear name)."""
+    missing = [m.name for m in measurements if m.name not in sensitivities]
+    if missing:
+        raise QtoolError(f"no sensitivity for {', '.join(missing[:3])}", "weigh every measured linear")
+    bad = [name for name, value in sensitivities.items() if not (math.isfinite(value) and value >= 0)]
+    if bad:
+        raise QtoolError(f"the sensitivity of {bad[0]} is {sensitivities[bad[0]]}", "sensitivities are finite and >= 0: check the calibration text and the model's float weights")
+    return [dataclasses.replace(m, sensitivity=float(sensitivities[m.name])) for m in measurements]
+
+
+def weighed(measurements: list[LinearMeasurement]) -> bool:
+    """True when every linear carries a sensitivity (an older measurement.json has none)."""
+    return all(m.sensitivity is not None for m in measurements)
 
 
 def measure_linear(
@@ -122,7 +152,10 @@ def measurement_from_dict(data: dict[str, Any], where: str = "measurement.json")
             candidates = [MeasuredCandidate(Exl2Candidate.from_dict(c), int(c["total_bits"]), float(c["error"])) for c in entry["candidates"]]
             if not candidates:
                 raise ValueError(f"{name} has no candidates")
-            out.append(LinearMeasurement(name, out_features, in_features, candidates))
+            sensitivity = entry.get("sensitivity")
+            if sensitivity is not None and not (math.isfinite(float(sensitivity)) and float(sensitivity) >= 0):
+                raise ValueError(f"{name} has sensitivity {sensitivity}")
+            out.append(LinearMeasurement(name, out_features, in_features, candidates, None if sensitivity is None else float(sensitivity)))
     except (KeyError, TypeError, ValueError) as exc:
         raise QtoolError(f"{where}: malformed entry ({exc})", "measure again (omit --measurement)") from exc
     return out
@@ -132,17 +165,18 @@ def measurement_from_dict(data: dict[str, Any], where: str = "measurement.json")
 class Allocation:
     choices: dict[str, Exl2Candidate]
     bits_per_weight: float
-    total_error: float
+    total_cost: float  # sum of the picks' costs (errors times sensitivities)
     target: float
 
 
 def _hull(m: LinearMeasurement) -> list[MeasuredCandidate]:
-    """The candidates no other beats on both bits and error, by increasing bits (hence decreasing error)."""
-    ordered = sorted(m.candidates, key=lambda c: (c.total_bits, c.error))
+    """The candidates no other beats on both bits and cost, by increasing bits (hence decreasing cost), each with
+    its error replaced by its cost."""
+    ordered = sorted((MeasuredCandidate(c.candidate, c.total_bits, m.cost(c)) for c in m.candidates), key=lambda c: (c.total_bits, c.error))
     hull: list[MeasuredCandidate] = []
     for c in ordered:
         if hull and c.error >= hull[-1].error:
-            continue  # more (or as many) bits for no less error
+            continue  # more (or as many) bits for no less cost
         hull.append(c)
     return hull
 
@@ -158,7 +192,7 @@ def reachable_bpw(measurements: list[LinearMeasurement]) -> tuple[float, float]:
 
 def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance: float = BPW_TOLERANCE, resolution: int = 16384) -> Allocation:
     """One candidate per linear with total bits / total weights at most target_bpw + tolerance and the least sum
-    of errors: a multiple-choice knapsack solved by dynamic programming over the bits above each linear's cheapest
+    of costs (errors times sensitivities, where measured): a multiple-choice knapsack solved by dynamic programming over the bits above each linear's cheapest
     candidate, counted in `resolution` steps of the spare budget (each cost rounded up, so the result always
     fits), then the bits the rounding left unspent go to the upgrades that save the most error per bit."""
     import numpy as np
@@ -210,6 +244,6 @@ def optimize(measurements: list[LinearMeasurement], target_bpw: float, tolerance
     return Allocation(
         choices={m.name: h[i].candidate for m, h, i in zip(measurements, hulls, picks)},
         bits_per_weight=used / weights,
-        total_error=sum(h[i].error for h, i in zip(hulls, picks)),
+        total_cost=sum(h[i].error for h, i in zip(hulls, picks)),
         target=target_bpw,
     )

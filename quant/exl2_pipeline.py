@@ -1,10 +1,13 @@
-"""`qtool quantize --format exl2` as a library call: a measurement pass (every linear of every layer with every
-candidate, on the float model's calibration activations), the optimizer's pick per linear for the target bpw,
+"""`qtool quantize --format exl2` as a library call: a weighing pass (each linear's sensitivity: what its output
+errors cost the loss, from forward and backward passes of the float model), a measurement pass (every linear of
+every layer with every candidate, on the float model's calibration activations), the optimizer's pick per linear
+for the target bpw,
 then a quantization pass layer by layer (each layer's inputs from the layers already quantized, each group of
 linears seeing the groups quantized before it) and the EXL2 checkpoint with measurement.json beside it.
 
-A measurement can be reused for another bpw (measurement=...). Both passes save their work beside the output as
-numbered steps (measuring layer i, then quantizing layer i), so an interrupted run restarted with the same
+A measurement can be reused for another bpw (measurement=...); one written before sensitivities were kept is
+weighed again. The passes save their work beside the output as numbered steps (weighing, measuring layer i, then
+quantizing layer i), so an interrupted run restarted with the same
 arguments continues from the last saved step and writes the bytes an uninterrupted run would."""
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ from qtool.convert.exl2_format import Exl2Weight, check_exl2_layout
 from qtool.convert.gptq_config import qtool_version
 from qtool.eval.datasets import calibration_windows
 from qtool.eval.vram import FLOAT16_BYTES, ModelShape, VramPlan, plan_bpw_for_vram
-from qtool.quant.exl2_optimize import DEFAULT_CANDIDATES, HEAD_CANDIDATES, LinearMeasurement, measure_linear, measurement_from_dict, measurement_to_dict, optimize, reachable_bpw
+from qtool.quant.exl2_optimize import (
+    DEFAULT_CANDIDATES,
+    HEAD_CANDIDATES,
+    LinearMeasurement,
+    measure_linear,
+    measurement_from_dict,
+    measurement_to_dict,
+    optimize,
+    reachable_bpw,
+    weighed,
+    with_sensitivities,
+)
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
+from qtool.quant.sensitivity import linear_sensitivities
 from qtool.quant.pipeline import check_against_model, check_output, peak_memory_bytes, source_identity, split_quantizable, storage_device
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.runtime.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
@@ -41,6 +56,7 @@ from qtool.runtime.sources import load_model, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
 MEASURE_P_GRID = 24  # a coarser scale search while measuring: 4x cheaper, errors ranked the same way
+SENSITIVITY_WINDOWS = 32  # calibration windows through forward and backward (SmolLM2: 7 s on an H200, 2 min on 2 CPU cores)
 Progress = Callable[[int, int, str], None]
 
 
@@ -50,10 +66,12 @@ class Exl2QuantizeResult:
     config: QuantConfig
     bits_per_weight: float  # of the decoder linears, as ExLlamaV2 counts (head excluded)
     measured: bool  # False when a given measurement was reused
+    weighed: bool  # True when the linears' sensitivities were computed by this run (not taken from the measurement)
     layers: int
     quantized_linears: int
     skipped_linears: dict[str, str]  # name -> why it stays float
-    resumed_from_step: int  # steps: measuring each layer (unless a measurement was given), then quantizing each
+    resumed_from_step: int  # steps: weighing (unless the given measurement has sensitivities), measuring each layer
+                            # (unless a measurement was given), then quantizing each
     seconds: float
     peak_memory_bytes: int
     device: str
@@ -151,7 +169,25 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
     return weights, errors, outputs
 
 
-# ---- the saved steps: measurements as JSON metadata, EXL2 weights as tensors ----
+def weigh_linears(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.Linear]]]], windows: list[torch.Tensor],
+                  device: torch.device, count: int = SENSITIVITY_WINDOWS) -> dict[str, float]:
+    """Each quantizable linear's sensitivity from the first `count` calibration windows, with the whole
+    float model on `device` when it fits there (with room for the activations the backward pass keeps), else on
+    the CPU."""
+    linears = {name: linear for groups in layer_groups for group in groups for name, linear in group}
+    where = torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if 3 * sum(p.numel() * p.element_size() for p in model.parameters()) < free:
+            where = device
+    model.to(where)
+    try:
+        return linear_sensitivities(model, linears, windows[:count], where)
+    finally:
+        model.to("cpu")
+
+
+# ---- the saved steps: sensitivities and measurements as JSON metadata, EXL2 weights as tensors ----
 
 
 def _measurement_step(measurements: list[LinearMeasurement]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -303,32 +339,41 @@ def quantize_model_exl2(
         "qtool": qtool_version(), "torch": torch.__version__, "device": compute.type,
     })
     state = WorkState.open(output, fingerprint)
+    weigh_steps = 0 if reused is not None and weighed(reused) else 1
     measure_steps = 0 if reused is not None else num_layers
-    total_steps = measure_steps + num_layers
+    first_measure, first_quantize = weigh_steps, weigh_steps + measure_steps
+    total_steps = first_quantize + num_layers
     resumed_from = state.completed_layers
-    report(0, total_steps, "capturing calibration inputs")
+    if weigh_steps and resumed_from == 0:
+        report(0, total_steps, "weighing the linears (forward and backward passes)")
+        sensitivities = weigh_linears(model, layer_groups, windows, compute)
+        state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
+    report(weigh_steps, total_steps, "capturing calibration inputs")
     captured = inputs = capture_layer_inputs(model, windows, device="cpu", storage_device=storage, spec=spec)
-    if resumed_from not in (0, measure_steps):  # the saved hidden states feed the next step
+    if resumed_from not in (0, first_measure, first_quantize):  # the saved hidden states feed the next step
         log.info("resuming %s after step %d of %d", output, resumed_from, total_steps)
-        layer = resumed_from if resumed_from < measure_steps else resumed_from - measure_steps
+        layer = resumed_from - first_measure if resumed_from < first_quantize else resumed_from - first_quantize
         inputs = LayerInputs(layer, tuple(h.to(storage) for h in state.load_hidden()), inputs.calls)
     last_saved = time.monotonic()
 
     def save(step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], outputs: list[torch.Tensor]) -> None:
         nonlocal last_saved
         # the hidden states are the bulk of a step's state: save them when enough work would be lost without them
-        due = time.monotonic() - last_saved >= checkpoint_interval_s or step in (measure_steps - 1, total_steps - 1)
+        due = time.monotonic() - last_saved >= checkpoint_interval_s or step in (first_quantize - 1, total_steps - 1)
         state.save_step(step, tensors, metadata, outputs if due else None)
         if due:
             last_saved = time.monotonic()
 
-    for step in range(resumed_from, measure_steps):
-        report(step, total_steps, f"measuring layer {step + 1}/{num_layers}")
-        measured, outputs = measure_layer(layers[step], layer_groups[step], inputs, compute, config.damp_percent)
+    for step in range(max(resumed_from, first_measure), first_quantize):
+        index = step - first_measure
+        report(step, total_steps, f"measuring layer {index + 1}/{num_layers}")
+        measured, outputs = measure_layer(layers[index], layer_groups[index], inputs, compute, config.damp_percent)
         outputs = [h.to(storage) for h in outputs]
         save(step, *_measurement_step(measured), outputs)
         inputs = inputs.advanced(outputs)
-    measurements = reused if reused is not None else [m for step in range(measure_steps) for m in _measurements_of_step(state.load_step(step)[1])]
+    measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.load_step(step)[1])]
+    if weigh_steps:
+        measurements = with_sensitivities(measurements, json.loads(state.load_step(0)[1]["sensitivity"]))
     if plan is not None:  # the budget's bpw, within what the candidates can reach
         low, high = reachable_bpw(measurements)
         if plan.bpw < low:
@@ -336,10 +381,10 @@ def quantize_model_exl2(
         config = dataclasses.replace(config, bpw=round(min(plan.bpw, high), 2))
     allocation = optimize(measurements, config.bpw)
 
-    if resumed_from <= measure_steps:  # the quantization pass starts again from the embeddings' outputs
+    if resumed_from <= first_quantize:  # the quantization pass starts again from the embeddings' outputs
         inputs = captured
-    for step in range(max(resumed_from, measure_steps), total_steps):
-        index = step - measure_steps
+    for step in range(max(resumed_from, first_quantize), total_steps):
+        index = step - first_quantize
         report(step, total_steps, f"quantizing layer {index + 1}/{num_layers}")
         weights, errors, outputs = quantize_exl2_layer(layers[index], layer_groups[index], inputs, allocation.choices, compute, config.damp_percent,
                                                        refine=config.refine_scales)
@@ -349,7 +394,7 @@ def quantize_model_exl2(
 
     # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
     weights, errors = {}, {}
-    for step in range(measure_steps, total_steps):
+    for step in range(first_quantize, total_steps):
         step_weights, step_errors = _weights_of_step(*state.load_step(step))
         weights.update(step_weights)
         errors.update(step_errors)
@@ -370,6 +415,7 @@ def quantize_model_exl2(
         config=config,
         bits_per_weight=allocation.bits_per_weight,
         measured=reused is None,
+        weighed=bool(weigh_steps),
         layers=num_layers,
         quantized_linears=len(weights),
         skipped_linears=skipped,

@@ -45,7 +45,7 @@ def test_exl2_run_writes_a_checkpoint_that_eval_reads(tmp_path, tiny_model_dir, 
     again = quantize(str(tiny_model_dir), "--format", "exl2", "--bpw", "5", "--measurement", str(out / "measurement.json"), *common,
                      "--output", str(tmp_path / "exl2-5"))
     assert again.exit_code == 0, again.output
-    assert "reused from --measurement" in again.stdout and "bits per weight" in again.stdout
+    assert "reused from --measurement, with its sensitivities" in again.stdout and "bits per weight" in again.stdout
 
 
 @pytest.mark.parametrize(

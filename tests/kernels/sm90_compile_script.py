@@ -21,12 +21,16 @@ POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True)
 CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
+    ("gemv denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
+                                                   ROW_SUM_EACH_TILE=True, PREFETCH=True, DENORMAL=True, **COMMON), 4, 1),
+    ("gemv denormal 2-bit", gptq_gemv_kernel, dict(BITS=2, UNITS=2, BLOCK_N=256, SPLIT_K=1, EVEN_N=False, EVEN_UNITS=False,
+                                                   ROW_SUM_EACH_TILE=False, PREFETCH=False, DENORMAL=True, **COMMON), 4, 1),
     ("gemv 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
-                                          ROW_SUM_EACH_TILE=True, PREFETCH=True, **COMMON), 4, 1),
+                                          ROW_SUM_EACH_TILE=True, PREFETCH=True, DENORMAL=False, **COMMON), 4, 1),
     ("gemv 3-bit", gptq_gemv_kernel, dict(BITS=3, UNITS=1, BLOCK_N=128, SPLIT_K=1, EVEN_N=False, EVEN_UNITS=False,
-                                          ROW_SUM_EACH_TILE=False, PREFETCH=False, **COMMON), 4, 1),
-    ("gemv rows 4-bit", gptq_gemv_rows_kernel, dict(BITS=4, UNITS=4, BLOCK_N=256, SPLIT_K=2, ROWS=4, EVEN_N=True,
-                                                    EVEN_UNITS=True, ROW_SUM_EACH_TILE=True, **COMMON), 4, 1),
+                                          ROW_SUM_EACH_TILE=False, PREFETCH=False, DENORMAL=False, **COMMON), 4, 1),
+    ("gemv rows denormal 8-bit", gptq_gemv_rows_kernel, dict(BITS=8, UNITS=4, BLOCK_N=256, SPLIT_K=2, ROWS=4, EVEN_N=True,
+                                                             EVEN_UNITS=True, ROW_SUM_EACH_TILE=True, DENORMAL=True, **COMMON), 4, 1),
     ("gemm magic 4-bit", gptq_gemm_kernel, dict(BITS=4, BM=16, BN=128, BK=128, GROUP_M=8, SPLIT_K=2, MODE=0, UNPACK=1,
                                                 IS_BF16=True, DOT_IN_F32=False, EVEN=True, **COMMON), 4, 2),
     ("gemm dequant 3-bit", gptq_gemm_kernel, dict(BITS=3, BM=128, BN=128, BK=64, GROUP_M=8, SPLIT_K=1, MODE=1, UNPACK=0,
@@ -62,7 +66,8 @@ def main() -> int:
             compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
             ptx = compiled.asm["ptx"]
             record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
-                          mma_sync=ptx.count("mma.sync"), local_memory=".local" in ptx)
+                          mma_sync=ptx.count("mma.sync"), local_memory=".local" in ptx,
+                          flushes_subnormals=".ftz" in ptx)
         except Exception as exc:  # report and go on: the test names every kernel that failed
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")
         print(json.dumps(record), flush=True)

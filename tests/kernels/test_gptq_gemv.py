@@ -95,8 +95,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("denormal", [True, False], ids=["denormal", "mantissa"])
 @pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,irregular,dtype,split_k", CASES)
-def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, irregular, dtype, split_k):
+def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, irregular, dtype, split_k, denormal):
     n, k = 96, 160
     seed = bits * 1000 + group_size * 10 + act_order
     codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed, irregular)
@@ -111,7 +112,8 @@ def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, 
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
     out = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
     # prefetch (two tiles in flight) on every other case, so both loop forms are checked at each bit width
-    config = GemvConfig(block_n=32, units=units, split_k=split_k, num_warps=1, row_sum_each_tile=act_order, prefetch=not asym)
+    config = GemvConfig(block_n=32, units=units, split_k=split_k, num_warps=1, row_sum_each_tile=act_order, prefetch=not asym,
+                        denormal=denormal)
     gptq_gemv(x, weight, config, out, workspace, counters)
     assert torch.isfinite(out).all(), "an output element was not written"
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, bias)) < TOLERANCE[dtype]
@@ -133,11 +135,12 @@ def test_gemv_without_bias_uneven_tiles():
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, None)) < TOLERANCE[torch.float16]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,m,dtype,row_sum", [
-    (4, 32, True, 2, torch.float16, True), (3, 64, False, 3, torch.bfloat16, False),
-    (8, 64, True, 5, torch.bfloat16, True), (2, -1, False, 8, torch.float16, False),
+@pytest.mark.parametrize("bits,group_size,act_order,m,dtype,row_sum,denormal", [
+    (4, 32, True, 2, torch.float16, True, True), (3, 64, False, 3, torch.bfloat16, False, True),
+    (8, 64, True, 5, torch.bfloat16, True, False), (2, -1, False, 8, torch.float16, False, True),
+    (4, 64, False, 4, torch.bfloat16, False, False),
 ])
-def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum):
+def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum, denormal):
     """The multi-row GEMV (2 <= M <= 8, rows padded to a power of two): every row against the float64 reference,
     split-K on, x with a row stride larger than K."""
     n, k = 96, 160
@@ -150,11 +153,27 @@ def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum):
     x = wide[:, :k]  # row stride k + 32
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     workspace, counters = torch.zeros(m * n, device=DEVICE), torch.zeros(8, dtype=torch.int32, device=DEVICE)
-    config = GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, row_sum_each_tile=row_sum)
+    config = GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, row_sum_each_tile=row_sum, denormal=denormal)
     gptq_gemv(x, weight, config, out, workspace, counters)
     assert torch.isfinite(out).all(), "an output element was not written"
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, bias)) < TOLERANCE[dtype]
     assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("magnitude", [1e-6, 3e4])
+def test_denormal_codes_keep_precision_at_extreme_activations(bits, magnitude):
+    """Codes read as subnormals times x scaled by up to 2^62: exact products for |x| from 1e-6 to 3e4 (bfloat16
+    activations of that size occur in real models), so the error stays that of the float32 sum."""
+    n, k = 64, 128
+    codes, scales, zeros, g_idx, t, _ = random_gptq_layer(n, k, bits, 64, False, True, "gptq_v2", seed=90 + bits)
+    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, "gptq_v2")
+    x = (torch.randn(1, k, generator=torch.Generator().manual_seed(bits)) * magnitude).to(torch.bfloat16).to(DEVICE)
+    out = torch.empty((1, n), dtype=torch.float32, device=DEVICE)
+    workspace, counters = torch.zeros(n, device=DEVICE), torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    config = GemvConfig(block_n=32, units=32 // unit_rows(bits), split_k=2, num_warps=1, denormal=True)
+    gptq_gemv(x, weight, config, out, workspace, counters)
+    assert relative_error(out, reference(x, codes, scales, zeros, g_idx, None)) < 1e-5
 
 
 def test_repack_sorts_groups_contiguous():

@@ -30,3 +30,9 @@ def test_every_gptq_kernel_compiles_for_sm90(compiled_kernels):
 def test_weight_left_kernel_uses_wgmma_on_hopper(compiled_kernels):
     left = [r for r in compiled_kernels if r["kernel"].startswith("left")]
     assert left and all(r["wgmma"] > 0 and r["mma_sync"] == 0 for r in left), left
+
+
+def test_denormal_gemv_keeps_subnormal_inputs(compiled_kernels):
+    """The denormal unpacking multiplies subnormal codes: no flush-to-zero arithmetic may be emitted."""
+    denormal = [r for r in compiled_kernels if "denormal" in r["kernel"]]
+    assert len(denormal) == 3 and not any(r["flushes_subnormals"] for r in denormal), denormal

@@ -17,6 +17,8 @@ from qtool.quant.exl2_optimize import (
     measurement_from_dict,
     measurement_to_dict,
     optimize,
+    weighed,
+    with_sensitivities,
 )
 from qtool.quant.exl2_solver import Exl2Candidate
 
@@ -42,7 +44,7 @@ def brute_force(measurements, budget):
     for picks in itertools.product(*[range(len(m.candidates)) for m in measurements]):
         bits = sum(m.candidates[i].total_bits for m, i in zip(measurements, picks))
         if bits <= budget:
-            error = sum(m.candidates[i].error for m, i in zip(measurements, picks))
+            error = sum(m.candidates[i].error * (m.sensitivity or 1.0) for m, i in zip(measurements, picks))
             best = error if best is None else min(best, error)
     return best
 
@@ -57,10 +59,37 @@ def test_optimizer_hits_target_near_the_optimum(seed, target):
     assert allocation.bits_per_weight == pytest.approx(bits / weights)
     assert allocation.bits_per_weight <= target + 0.02
     optimum = brute_force(measurements, (target + 0.02) * weights)
-    assert allocation.total_error <= optimum * 1.10
+    assert allocation.total_cost <= optimum * 1.10
     # coarse candidates (one width per layer) may not land within ±0.02; then nothing closer below fits either
     if allocation.bits_per_weight < target - 0.02:
         assert brute_force(measurements, (target + 0.02) * weights) == pytest.approx(optimum)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weighed_optimizer_minimises_errors_times_sensitivities(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    plain = synthetic(seed)
+    sensitivities = {m.name: float(v) for m, v in zip(plain, torch.rand(len(plain), generator=gen) * 100)}
+    measurements = with_sensitivities(plain, sensitivities)
+    assert weighed(measurements) and not weighed(plain)
+    weights = sum(m.numel for m in measurements)
+    allocation = optimize(measurements, 4.0)
+    assert allocation.bits_per_weight <= 4.02
+    assert allocation.total_cost <= brute_force(measurements, 4.02 * weights) * 1.10
+    # a linear made far more sensitive never gets fewer bits
+    name = plain[0].name
+    louder = optimize(with_sensitivities(plain, {**sensitivities, name: sensitivities[name] * 1000}), 4.0)
+    bits = lambda choice, m: choice.total_bits(m.in_features, m.out_features)
+    assert bits(louder.choices[name], plain[0]) >= bits(allocation.choices[name], plain[0])
+
+
+def test_sensitivities_refused_when_missing_or_not_finite():
+    plain = synthetic(0)
+    with pytest.raises(QtoolError, match="no sensitivity for layer3"):
+        with_sensitivities(plain, {m.name: 1.0 for m in plain[:3]})
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(QtoolError, match="sensitivity of layer1"):
+            with_sensitivities(plain, {m.name: (bad if m.name == "layer1" else 1.0) for m in plain})
 
 
 def test_unreachable_target():
@@ -84,7 +113,12 @@ def test_measure_linear_and_round_trip(tmp_path):
     path.write_text(json.dumps(measurement_to_dict([m], {"model": "tiny"})))
     back = measurement_from_dict(json.loads(path.read_text()))
     assert back[0].name == m.name and [c.candidate for c in back[0].candidates] == list(candidates)
-    assert [c.error for c in back[0].candidates] == errors
+    assert [c.error for c in back[0].candidates] == errors and back[0].sensitivity is None
+    weighed_back = measurement_from_dict(json.loads(json.dumps(measurement_to_dict(with_sensitivities([m], {m.name: 0.25})))))
+    assert weighed_back[0].sensitivity == 0.25 and weighed(weighed_back)
+    entry = measurement_to_dict([m])["linears"][m.name] | {"sensitivity": -2.0}
+    with pytest.raises(QtoolError, match="malformed"):
+        measurement_from_dict({"version": 1, "linears": {m.name: entry}})
     with pytest.raises(QtoolError, match="not a qtool EXL2 measurement"):
         measurement_from_dict({"version": 99, "linears": {}})
     with pytest.raises(QtoolError, match="malformed"):

@@ -73,7 +73,16 @@ def test_measurement_reused_for_another_target(setup):
     root, config = setup
     high_dir = q45(root, config)
     result = quantize_model_exl2(root / "float", exl2_config(config, bpw=3.0), root / "q3", device="cpu", measurement=high_dir / "measurement.json")
-    assert not result.measured and abs(result.bits_per_weight - 3.0) <= 0.02
+    assert not result.measured and not result.weighed and abs(result.bits_per_weight - 3.0) <= 0.02
+    # a measurement written before sensitivities were kept is weighed again, to the same allocation and bytes
+    measurement = json.loads((high_dir / "measurement.json").read_text())
+    assert all(entry["sensitivity"] > 0 for entry in measurement["linears"].values())
+    for entry in measurement["linears"].values():
+        del entry["sensitivity"]
+    (root / "old-measurement.json").write_text(json.dumps(measurement))
+    again = quantize_model_exl2(root / "float", exl2_config(config, bpw=3.0), root / "q3-old", device="cpu", measurement=root / "old-measurement.json")
+    assert again.weighed and again.choices == result.choices
+    assert checkpoint_bytes(root / "q3-old") == checkpoint_bytes(root / "q3")
     low = exl2_weights_of(load_exl2_model(root / "q3", dtype=torch.float32))
     high = exl2_weights_of(load_exl2_model(high_dir, dtype=torch.float32))
     assert sum(w.code_bits() for w in low.values()) < sum(w.code_bits() for n, w in high.items() if n != "lm_head")
@@ -83,14 +92,14 @@ def checkpoint_bytes(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors"))} | {"measurement.json": (directory / "measurement.json").read_bytes()}
 
 
-@pytest.mark.parametrize("stop_at", ["measuring layer 2/2", "quantizing layer 2/2"])
+@pytest.mark.parametrize("stop_at", ["measuring layer 1/2", "measuring layer 2/2", "quantizing layer 2/2"])
 def test_interrupted_run_resumes_to_the_same_bytes(setup, stop_at):
     root, config = setup
     job = exl2_config(config, bpw=3.5)
     reference = root / "resume-reference"
     if not reference.exists():
         quantize_model_exl2(root / "float", job, reference, device="cpu")
-    out = root / f"resumed-{stop_at.split()[0]}"
+    out = root / f"resumed-{stop_at.split()[0]}-{stop_at.split()[2][0]}"
 
     def stop(done, total, detail=""):
         if detail == stop_at:
@@ -100,7 +109,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(setup, stop_at):
         quantize_model_exl2(root / "float", job, out, device="cpu", progress=stop, checkpoint_interval_s=0)
     assert not out.exists()
     saved = json.loads((WorkState.folder_for(out) / "job.json").read_text())["completed_layers"]
-    assert saved == (1 if stop_at.startswith("measuring") else 3)  # steps: measure 2 layers, then quantize 2
+    # steps: weigh the linears, measure 2 layers, then quantize 2
+    assert saved == {"measuring layer 1/2": 1, "measuring layer 2/2": 2, "quantizing layer 2/2": 4}[stop_at]
     result = quantize_model_exl2(root / "float", job, out, device="cpu")
     assert result.resumed_from_step == saved
     assert checkpoint_bytes(out) == checkpoint_bytes(reference)
