@@ -33,7 +33,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
     gptq_gemm_left,
     left_config_valid,
 )
-from qtool.kernels.gptq_gemv_triton import DENORMAL_BITS, MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
+from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
 from qtool.kernels.registry import triton_device_problem
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
@@ -119,19 +119,13 @@ GEMV_ROWS_SHAPES = (
 )
 
 
-# M = 1 shapes also tried with the mantissa unpacking (one shift more per code) where the denormal one applies: the
-# two unpackings differ in instruction mix, and the GPU, not the instruction count, says which is faster.
-GEMV_MANTISSA_SHAPES = ((1024, 32, 4, True, 4, False), (128, 128, 4, False, 2, True))
-
-
 def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Plan]:
     rows_per_unit = unit_rows(weight.bits)
     num_units = weight.k_rows // rows_per_unit
     plans = []
-    shapes = [(*shape, True) for shape in (GEMV_SHAPES if m == 1 else GEMV_ROWS_SHAPES)]
-    if m == 1 and weight.bits in DENORMAL_BITS:
-        shapes += [(*shape, False) for shape in GEMV_MANTISSA_SHAPES]
-    for block_n, tile_rows, warps, row_sum, per_sm, prefetch, denormal in shapes:
+    # the denormal unpacking (2/4/8 bits) throughout: 1.32-1.52x faster than the mantissa one at 4 bits and
+    # 1.12-1.24x at 8 bits on every layer of bench/kernels.py (H200, run 8 in bench/RESULTS.md)
+    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m == 1 else GEMV_ROWS_SHAPES):
         units = max(1, tile_rows // rows_per_unit)
         while units > 1 and not gemv_tile_fits(weight, units):
             units //= 2
@@ -140,7 +134,7 @@ def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Pl
         tiles_n = triton.cdiv(weight.out_features, block_n)
         split = _split_for(tiles_n, triton.cdiv(num_units, units), per_sm * num_sms)
         plan = Plan("gemv", GemvConfig(block_n=block_n, units=units, split_k=split, num_warps=warps,
-                                       row_sum_each_tile=row_sum, prefetch=prefetch, denormal=denormal))
+                                       row_sum_each_tile=row_sum, prefetch=prefetch))
         if plan not in plans:
             plans.append(plan)
     return plans
