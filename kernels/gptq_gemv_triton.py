@@ -52,24 +52,46 @@ def _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units,
 
 
 @triton.jit
+def _tile_part(dot_f, x_sum, scale, zero, DIV: tl.constexpr, DENORMAL: tl.constexpr):
+    """A tile's contribution [UNITS, BLOCK_N] from its code dot products and x sums (see gptq_gemv_kernel)."""
+    if DENORMAL:
+        part = (scale * DENORMAL_SCALE)[None, :] * dot_f - (scale * zero)[None, :] * x_sum[:, None]
+    else:
+        part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
+    return part
+
+
+@triton.jit
+def _load_x(row_ptr, cols, ok, MASKED: tl.constexpr):
+    if MASKED:
+        xj = tl.load(row_ptr + cols, mask=ok, other=0.0)
+    else:
+        xj = tl.load(row_ptr + cols)
+    return xj.to(tl.float32)
+
+
+@triton.jit
 def gptq_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-    N, num_units, group_rows, zero_const, tiles_per_split,
-    BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, num_units, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
+    BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, PREFETCH: tl.constexpr,
     DENORMAL: tl.constexpr,
 ):
-    """Program (pid_n, pid_k) covers BLOCK_N outputs and tiles [pid_k*tiles_per_split, ...) of UNITS packing
-    units (a unit: one word of 32/BITS rows, or three words of 32 rows for 3 bits). Each tile lies inside one
-    group, so with f = 1 + q/2^b the tile contributes s*(2^b*sum(x*f) - (2^b + z)*sum(x)). With PREFETCH the
-    next tile's words are loaded before this tile is computed (two tiles in flight per program: the loads of
-    a non-dot loop are not pipelined by num_stages). With DENORMAL (2/4/8 bits) codes are unpacked as subnormals
-    (gptq_triton_common) and the tile contributes s*(2^87*sum(x'*d) - z*sum(x))."""
+    """y = x @ W^T for ROWS = M = 1 or 2 rows of x, each row with its own 2-D accumulators (the code of a weight
+    value is unpacked once and multiplied into both rows). Program (pid_n, pid_k) covers BLOCK_N outputs and tiles
+    [pid_k*tiles_per_split, ...) of UNITS packing units (a unit: one word of 32/BITS rows, or three words of 32
+    rows for 3 bits). Each tile lies inside one group, so with f = 1 + q/2^b the tile contributes
+    s*(2^b*sum(x*f) - (2^b + z)*sum(x)). With PREFETCH the next tile's words are loaded before this tile is
+    computed (two tiles in flight per program: the loads of a non-dot loop are not pipelined by num_stages).
+    With DENORMAL (2/4/8 bits) codes are unpacked as subnormals (gptq_triton_common) and the tile contributes
+    s*(2^87*sum(x'*d) - z*sum(x))."""
     UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     TILE_ROWS: tl.constexpr = UNITS * UNIT_ROWS
     DIV: tl.constexpr = 1 << BITS
     EVEN: tl.constexpr = EVEN_N and EVEN_UNITS
+    MASKED: tl.constexpr = HAS_PERM or not EVEN_UNITS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,6 +102,8 @@ def gptq_gemv_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
         acc = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
+    if ROWS == 2:
+        acc1 = tl.zeros_like(acc)
     total_tiles = tl.cdiv(num_units, UNITS)
     t_begin = pid_k * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
@@ -103,34 +127,53 @@ def gptq_gemv_kernel(
 
         dot_f = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((UNITS,), dtype=tl.float32)
+        if ROWS == 2:
+            dot_f1 = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
+            x_sum1 = tl.zeros((UNITS,), dtype=tl.float32)
         for j in tl.static_range(UNIT_ROWS):
             rows = units * UNIT_ROWS + j
             if HAS_PERM:
-                src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
-                xj = tl.load(x_ptr + src, mask=src >= 0, other=0.0).to(tl.float32)
-            elif EVEN_UNITS:
-                xj = tl.load(x_ptr + rows).to(tl.float32)
+                cols = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
+                ok = cols >= 0
             else:
-                xj = tl.load(x_ptr + rows, mask=unit_ok, other=0.0).to(tl.float32)
+                cols = rows
+                ok = unit_ok
             if DENORMAL:
-                dot_f += x_for_denormal_code(xj, j, BITS)[:, None] * code_as_denormal(w0, j, BITS)
+                code = code_as_denormal(w0, j, BITS)
             else:
-                dot_f += xj[:, None] * code_as_f32(w0, w1, w2, j, BITS)
+                code = code_as_f32(w0, w1, w2, j, BITS)
+            xj = _load_x(x_ptr, cols, ok, MASKED)
             x_sum += xj
-        if DENORMAL:
-            part = (scale * DENORMAL_SCALE)[None, :] * dot_f - (scale * zero)[None, :] * x_sum[:, None]
-        else:
-            part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
+            if DENORMAL:
+                xj = x_for_denormal_code(xj, j, BITS)
+            dot_f += xj[:, None] * code
+            if ROWS == 2:
+                xj1 = _load_x(x_ptr + stride_xm, cols, ok, MASKED)
+                x_sum1 += xj1
+                if DENORMAL:
+                    xj1 = x_for_denormal_code(xj1, j, BITS)
+                dot_f1 += xj1[:, None] * code
+        part = _tile_part(dot_f, x_sum, scale, zero, DIV, DENORMAL)
         if ROW_SUM_EACH_TILE:
             acc += tl.sum(part, axis=0)
         else:
             acc += part
+        if ROWS == 2:
+            part1 = _tile_part(dot_f1, x_sum1, scale, zero, DIV, DENORMAL)
+            if ROW_SUM_EACH_TILE:
+                acc1 += tl.sum(part1, axis=0)
+            else:
+                acc1 += part1
 
-    if ROW_SUM_EACH_TILE:
-        result = tl.expand_dims(acc, 0)
+    if not ROW_SUM_EACH_TILE:
+        acc = tl.sum(acc, axis=0)
+        if ROWS == 2:
+            acc1 = tl.sum(acc1, axis=0)
+    if ROWS == 2:
+        result = tl.trans(tl.join(acc, acc1))  # [2, BLOCK_N]
     else:
-        result = tl.expand_dims(tl.sum(acc, axis=0), 0)
-    finish_tile(result, tl.arange(0, 1), offs_n, 1, N, out_ptr, N, bias_ptr, ws_ptr, counter_ptr, pid_n,
+        result = tl.expand_dims(acc, 0)
+    finish_tile(result, tl.arange(0, ROWS), offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, pid_n,
                 SPLIT_K, HAS_BIAS)
 
 
@@ -237,7 +280,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     row_sum_each_tile: bool = False
-    prefetch: bool = False  # M = 1 kernel only: load tile t+1 before computing tile t
+    prefetch: bool = False  # M <= 2 (the 2-D kernel) only: load tile t+1 before computing tile t
     denormal: bool = True  # 2/4/8 bits: unpack codes as subnormals (one AND per code instead of a shift and an and-or)
 
 
@@ -251,6 +294,7 @@ def gemv_tile_fits(weight: GptqComputeWeight, units: int) -> bool:
 
 
 MAX_GEMV_ROWS = 8  # past this the FMA work per weight grows past what the tl.dot kernels cost
+MAX_TWO_D_ROWS = 2  # M up to this runs gptq_gemv_kernel (one 2-D accumulator set per row), above it the 3-D kernel
 
 
 def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, out: torch.Tensor,
@@ -270,9 +314,10 @@ def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, ou
     if x.stride(1) != 1:
         x = x.contiguous()
     tensors = kernel_tensors(x, weight, out, workspace, counters)
-    if m == 1:
-        kernel, sizes = gptq_gemv_kernel, (n, num_units, weight.group_rows, weight.zero_const, tiles_per_split)
-        rows = {"PREFETCH": config.prefetch}
+    if m <= MAX_TWO_D_ROWS:
+        kernel = gptq_gemv_kernel
+        sizes = (m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0))
+        rows = {"PREFETCH": config.prefetch, "ROWS": m}
     else:
         kernel = gptq_gemv_rows_kernel
         sizes = (m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0))

@@ -33,7 +33,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
     gptq_gemm_left,
     left_config_valid,
 )
-from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
+from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
 from qtool.kernels.registry import triton_device_problem
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
@@ -112,7 +112,7 @@ GEMV_SHAPES = (
     (128, 128, 4, False, 2, True), (128, 64, 4, False, 4, True), (1024, 32, 4, True, 2, True),
     (1024, 16, 4, True, 4, True), (256, 64, 4, False, 2, True), (512, 32, 4, True, 2, True),
 )
-# the multi-row GEMV (2 <= M <= MAX_GEMV_ROWS): each thread's FMA work grows with M, so narrower tiles
+# the 3-D multi-row GEMV (3 <= M <= MAX_GEMV_ROWS): each thread's FMA work grows with M, so narrower tiles
 GEMV_ROWS_SHAPES = (
     (256, 32, 4, True, 4, False), (512, 32, 4, True, 2, False), (256, 64, 4, False, 4, False),
     (128, 64, 4, False, 8, False),
@@ -125,7 +125,7 @@ def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Pl
     plans = []
     # the denormal unpacking (2/4/8 bits) throughout: 1.32-1.52x faster than the mantissa one at 4 bits and
     # 1.12-1.24x at 8 bits on every layer of bench/kernels.py (H200, run 8 in bench/RESULTS.md)
-    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m == 1 else GEMV_ROWS_SHAPES):
+    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m <= MAX_TWO_D_ROWS else GEMV_ROWS_SHAPES):
         units = max(1, tile_rows // rows_per_unit)
         while units > 1 and not gemv_tile_fits(weight, units):
             units //= 2

@@ -135,14 +135,18 @@ def test_gemv_without_bias_uneven_tiles():
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, None)) < TOLERANCE[torch.float16]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,m,dtype,row_sum,denormal", [
-    (4, 32, True, 2, torch.float16, True, True), (3, 64, False, 3, torch.bfloat16, False, True),
-    (8, 64, True, 5, torch.bfloat16, True, False), (2, -1, False, 8, torch.float16, False, True),
-    (4, 64, False, 4, torch.bfloat16, False, False),
+@pytest.mark.parametrize("bits,group_size,act_order,m,dtype,row_sum,denormal,prefetch", [
+    (4, 32, True, 2, torch.float16, True, True, False), (3, 64, False, 3, torch.bfloat16, False, True, False),
+    (8, 64, True, 5, torch.bfloat16, True, False, False), (2, -1, False, 8, torch.float16, False, True, False),
+    (4, 64, False, 4, torch.bfloat16, False, False, False),
+    # M = 2 runs the 2-D kernel with a second set of accumulators: both unpackings, prefetch, 3-bit
+    (3, 32, True, 2, torch.bfloat16, False, False, True), (8, -1, False, 2, torch.float16, True, True, True),
+    (2, 64, False, 2, torch.bfloat16, False, True, True),
 ])
-def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum, denormal):
-    """The multi-row GEMV (2 <= M <= 8, rows padded to a power of two): every row against the float64 reference,
-    split-K on, x with a row stride larger than K."""
+def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum, denormal, prefetch):
+    """The GEMV for 2 <= M <= 8 (M = 2: the 2-D kernel with two accumulator sets; above, the 3-D kernel with rows
+    padded to a power of two): every row against the float64 reference, split-K on, x with a row stride larger
+    than K."""
     n, k = 96, 160
     codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, group_size, act_order, True, "gptq", seed=50 + m)
     weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, "gptq", bias.to(DEVICE))
@@ -153,7 +157,8 @@ def test_gemv_several_rows(bits, group_size, act_order, m, dtype, row_sum, denor
     x = wide[:, :k]  # row stride k + 32
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
     workspace, counters = torch.zeros(m * n, device=DEVICE), torch.zeros(8, dtype=torch.int32, device=DEVICE)
-    config = GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, row_sum_each_tile=row_sum, denormal=denormal)
+    config = GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, row_sum_each_tile=row_sum, denormal=denormal,
+                        prefetch=prefetch)
     gptq_gemv(x, weight, config, out, workspace, counters)
     assert torch.isfinite(out).all(), "an output element was not written"
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, bias)) < TOLERANCE[dtype]
