@@ -236,9 +236,10 @@ def sample_batches(inputs: LayerInputs, max_tokens: int = BATCH_TOKENS) -> list[
 
 
 def run_layer_batch(layer: nn.Module, inputs: LayerInputs, samples: tuple[int, ...], *, device: torch.device | str | None = None,
-                    moved: dict | None = None) -> torch.Tensor:
+                    moved: dict | None = None, grad: bool = False) -> torch.Tensor:
     """Output hidden states of `layer` for the samples of one batch of sample_batches, concatenated along the batch
-    dimension. `moved` (one dict per pass) keeps shared arguments moved to the device once."""
+    dimension. `moved` (one dict per pass) keeps shared arguments moved to the device once. With `grad` the call
+    is recorded for autograd (hidden states that require grad can be differentiated through it)."""
     device = torch.device(device) if device is not None else _module_device(layer)
     moved = {} if moved is None else moved
     call = inputs.call(samples[0])
@@ -252,7 +253,7 @@ def run_layer_batch(layer: nn.Module, inputs: LayerInputs, samples: tuple[int, .
 
     parts = [inputs.hidden_states[i].to(device) for i in samples]
     hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         output = layer(hidden, *_map_tensors(call.args, to_device), **_map_tensors(call.kwargs, to_device))
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -316,15 +317,20 @@ def finish(model: nn.Module, hidden_states: torch.Tensor, *, spec: ArchitectureS
             f"no final norm or head is known for model type '{model.config.model_type}'",
             hint="add the family to qtool.runtime.architectures.ARCHITECTURES",
         )
+    with torch.no_grad():
+        return head_logits(model, hidden_states, spec=spec)
+
+
+def head_logits(model: nn.Module, hidden_states: torch.Tensor, *, spec: ArchitectureSpec) -> torch.Tensor:
+    """finish() as a differentiable function (recorded by autograd when grad mode is on)."""
     norm = get_module(model, spec.norm_path)
     head = get_module(model, spec.head_path)
-    with torch.no_grad():
-        hidden = norm(hidden_states.to(_module_device(norm)))
-        logits = head(hidden.to(_module_device(head)))
-        for kind, field in spec.logit_transforms:
-            value = getattr(model.config, field, None)
-            if value is not None:
-                logits = _apply_logit_transform(logits, kind, value)
+    hidden = norm(hidden_states.to(_module_device(norm)))
+    logits = head(hidden.to(_module_device(head)))
+    for kind, field in spec.logit_transforms:
+        value = getattr(model.config, field, None)
+        if value is not None:
+            logits = _apply_logit_transform(logits, kind, value)
     return logits
 
 
