@@ -22,9 +22,9 @@ from qtool.kernels.gptq_triton_common import (
     weight_flags,
     x_for_denormal_code,
 )
+from qtool.kernels.repack import GptqComputeWeight
 
 DENORMAL_BITS = (2, 4, 8)  # widths whose codes never straddle words: the denormal unpacking applies
-from qtool.kernels.repack import GptqComputeWeight
 
 
 @triton.jit
@@ -53,11 +53,12 @@ def _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units,
 
 @triton.jit
 def _tile_part(dot_f, x_sum, scale, zero, DIV: tl.constexpr, DENORMAL: tl.constexpr):
-    """A tile's contribution [UNITS, BLOCK_N] from its code dot products and x sums (see gptq_gemv_kernel)."""
+    """A tile's contribution from its code dot products and x sums (see gptq_gemv_kernel); the caller passes
+    x_sum, scale and zero already broadcastable against dot_f."""
     if DENORMAL:
-        part = (scale * DENORMAL_SCALE)[None, :] * dot_f - (scale * zero)[None, :] * x_sum[:, None]
+        part = (scale * DENORMAL_SCALE) * dot_f - (scale * zero) * x_sum
     else:
-        part = (scale * DIV)[None, :] * dot_f - (scale * (DIV + zero))[None, :] * x_sum[:, None]
+        part = (scale * DIV) * dot_f - (scale * (DIV + zero)) * x_sum
     return part
 
 
@@ -153,13 +154,13 @@ def gptq_gemv_kernel(
                 if DENORMAL:
                     xj1 = x_for_denormal_code(xj1, j, BITS)
                 dot_f1 += xj1[:, None] * code
-        part = _tile_part(dot_f, x_sum, scale, zero, DIV, DENORMAL)
+        part = _tile_part(dot_f, x_sum[:, None], scale[None, :], zero[None, :], DIV, DENORMAL)
         if ROW_SUM_EACH_TILE:
             acc += tl.sum(part, axis=0)
         else:
             acc += part
         if ROWS == 2:
-            part1 = _tile_part(dot_f1, x_sum1, scale, zero, DIV, DENORMAL)
+            part1 = _tile_part(dot_f1, x_sum1[:, None], scale[None, :], zero[None, :], DIV, DENORMAL)
             if ROW_SUM_EACH_TILE:
                 acc1 += tl.sum(part1, axis=0)
             else:
@@ -251,10 +252,7 @@ def gptq_gemv_rows_kernel(
             else:
                 dot_f += xj[:, :, None] * code_as_f32(w0, w1, w2, j, BITS)[None, :, :]
             x_sum += xj
-        if DENORMAL:
-            part = (scale * DENORMAL_SCALE)[None, None, :] * dot_f - (scale * zero)[None, None, :] * x_sum[:, :, None]
-        else:
-            part = (scale * DIV)[None, None, :] * dot_f - (scale * (DIV + zero))[None, None, :] * x_sum[:, :, None]
+        part = _tile_part(dot_f, x_sum[:, :, None], scale[None, None, :], zero[None, None, :], DIV, DENORMAL)
         if ROW_SUM_EACH_TILE:
             acc += tl.sum(part, axis=1)
         else:
@@ -313,17 +311,13 @@ def gptq_gemv(x: torch.Tensor, weight: GptqComputeWeight, config: GemvConfig, ou
     check_split_workspace(split_k, workspace, counters, m * n, grid_n)
     if x.stride(1) != 1:
         x = x.contiguous()
-    tensors = kernel_tensors(x, weight, out, workspace, counters)
     if m <= MAX_TWO_D_ROWS:
-        kernel = gptq_gemv_kernel
-        sizes = (m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0))
-        rows = {"PREFETCH": config.prefetch, "ROWS": m}
+        kernel, rows = gptq_gemv_kernel, {"PREFETCH": config.prefetch, "ROWS": m}
     else:
-        kernel = gptq_gemv_rows_kernel
-        sizes = (m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0))
-        rows = {"ROWS": triton.next_power_of_2(m)}
+        kernel, rows = gptq_gemv_rows_kernel, {"ROWS": triton.next_power_of_2(m)}
     kernel[(grid_n, split_k)](
-        *tensors, *sizes,
+        *kernel_tensors(x, weight, out, workspace, counters),
+        m, n, num_units, weight.group_rows, weight.zero_const, tiles_per_split, x.stride(0), out.stride(0),
         BITS=weight.bits, UNITS=config.units, BLOCK_N=config.block_n, SPLIT_K=split_k, **rows, **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_UNITS=num_units % config.units == 0,
         ROW_SUM_EACH_TILE=config.row_sum_each_tile, DENORMAL=config.denormal and weight.bits in DENORMAL_BITS,

@@ -70,12 +70,13 @@ def code_as_f32(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
 # FFMA per code instead of a shift, an and-or and an FFMA. DENORMAL_EXP = 87 keeps x * 2^(149 - OFF - 87) <= x * 2^62
 # finite for |x| < 2^65 and the products normal for |x * q| >= 2^-39.
 DENORMAL_EXP = 87
-DENORMAL_SCALE = tl.constexpr(2.0 ** 87)  # what sum(x' * d) is multiplied by to give sum(x * q)
+DENORMAL_SCALE = tl.constexpr(2.0 ** DENORMAL_EXP)  # what sum(x' * d) is multiplied by to give sum(x * q)
 
 
 @triton.jit
 def code_as_denormal(w0, J: tl.constexpr, BITS: tl.constexpr):
-    """Code J of a one-word unit (BITS 2, 4 or 8) as the float32 q * 2^(denormal_code_offset(J) - 149)."""
+    """Code J of a one-word unit (BITS 2, 4 or 8) as the float32 q * 2^(off - 149), off its bit offset in the word,
+    or in the word >> 12 for codes that would reach the exponent bits."""
     OFF: tl.constexpr = (J * BITS) % 32
     MASK: tl.constexpr = (1 << BITS) - 1
     if OFF + BITS > 23:

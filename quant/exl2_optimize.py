@@ -103,12 +103,16 @@ class LinearMeasurement:
         return entry
 
 
+def valid_sensitivity(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
 def with_sensitivities(measurements: list[LinearMeasurement], sensitivities: dict[str, float]) -> list[LinearMeasurement]:
     """The measurements weighed by these sensitivities (one per linear name)."""
     missing = [m.name for m in measurements if m.name not in sensitivities]
     if missing:
         raise QtoolError(f"no sensitivity for {', '.join(missing[:3])}", "weigh every measured linear")
-    bad = [name for name, value in sensitivities.items() if not (math.isfinite(value) and value >= 0)]
+    bad = [name for name, value in sensitivities.items() if not valid_sensitivity(value)]
     if bad:
         raise QtoolError(f"the sensitivity of {bad[0]} is {sensitivities[bad[0]]}", "sensitivities are finite and >= 0: check the calibration text and the model's float weights")
     return [dataclasses.replace(m, sensitivity=float(sensitivities[m.name])) for m in measurements]
@@ -152,10 +156,10 @@ def measurement_from_dict(data: dict[str, Any], where: str = "measurement.json")
             candidates = [MeasuredCandidate(Exl2Candidate.from_dict(c), int(c["total_bits"]), float(c["error"])) for c in entry["candidates"]]
             if not candidates:
                 raise ValueError(f"{name} has no candidates")
-            sensitivity = entry.get("sensitivity")
-            if sensitivity is not None and not (math.isfinite(float(sensitivity)) and float(sensitivity) >= 0):
+            sensitivity = None if entry.get("sensitivity") is None else float(entry["sensitivity"])
+            if sensitivity is not None and not valid_sensitivity(sensitivity):
                 raise ValueError(f"{name} has sensitivity {sensitivity}")
-            out.append(LinearMeasurement(name, out_features, in_features, candidates, None if sensitivity is None else float(sensitivity)))
+            out.append(LinearMeasurement(name, out_features, in_features, candidates, sensitivity))
     except (KeyError, TypeError, ValueError) as exc:
         raise QtoolError(f"{where}: malformed entry ({exc})", "measure again (omit --measurement)") from exc
     return out

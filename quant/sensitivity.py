@@ -21,9 +21,16 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from qtool.configs.errors import QtoolError
-from qtool.runtime.architectures import ArchitectureSpec, decoder_layers, get_architecture, get_module
-from qtool.runtime.layerwise import LayerInputs, capture_layer_inputs, head_logits, next_layer_inputs, run_layer_batch, sample_batches
+from qtool.runtime.architectures import ArchitectureSpec, decoder_layers, get_architecture
+from qtool.runtime.layerwise import (
+    LayerInputs,
+    capture_layer_inputs,
+    head_logits,
+    head_modules,
+    next_layer_inputs,
+    run_layer_batch,
+    sample_batches,
+)
 
 Progress = Callable[[int, int, str], None]
 
@@ -84,9 +91,7 @@ def linear_sensitivities(
     where it was; weights are not changed and no weight gradient is formed."""
     device = torch.device(device)
     spec = spec or get_architecture(model)
-    if not spec.norm_path or not spec.head_path:
-        raise QtoolError(f"no final norm or head is known for model type '{model.config.model_type}'",
-                         "add the family to qtool.runtime.architectures.ARCHITECTURES")
+    head_modules(model, spec)  # a family without a known head is refused before any work
     was_training = model.training
     model.eval()
     try:
@@ -119,8 +124,8 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
 
     # the head: each window's loss gradient with respect to the last layer's output
     report(len(layers), total, "weighing: loss gradients")
-    head_modules = [get_module(model, spec.norm_path), get_module(model, spec.head_path)]
-    head_places = [_move(module, device) for module in head_modules]
+    head = head_modules(model, spec)
+    head_places = [_move(module, device) for module in head]
     grads = []
     for window, hidden in zip(windows, inputs.hidden_states):
         ids = window.reshape(-1).to(device)
@@ -130,7 +135,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
             loss = nn.functional.cross_entropy(logits, ids[1:])
             (grad,) = torch.autograd.grad(loss, final)
         grads.append(grad.to(storage_device))
-    for module, where in zip(head_modules, head_places):
+    for module, where in zip(head, head_places):
         module.to(where)
 
     # backward, one layer at a time: recompute its forward with autograd, carry the gradient to its input

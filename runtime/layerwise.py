@@ -311,20 +311,23 @@ def _apply_logit_transform(logits: torch.Tensor, kind: str, value: Any) -> torch
 def finish(model: nn.Module, hidden_states: torch.Tensor, *, spec: ArchitectureSpec | None = None) -> torch.Tensor:
     """Logits from the last decoder layer's output: the model's final norm and head, then the logit transforms its
     CausalLM forward applies (Gemma 2/3 softcapping, Granite scaling, Cohere logit scale)."""
-    spec = spec or get_architecture(model)
+    with torch.no_grad():
+        return head_logits(model, hidden_states, spec=spec or get_architecture(model))
+
+
+def head_modules(model: nn.Module, spec: ArchitectureSpec) -> tuple[nn.Module, nn.Module]:
+    """The model's final norm and head."""
     if not spec.norm_path or not spec.head_path:
         raise QtoolError(
             f"no final norm or head is known for model type '{model.config.model_type}'",
             hint="add the family to qtool.runtime.architectures.ARCHITECTURES",
         )
-    with torch.no_grad():
-        return head_logits(model, hidden_states, spec=spec)
+    return get_module(model, spec.norm_path), get_module(model, spec.head_path)
 
 
 def head_logits(model: nn.Module, hidden_states: torch.Tensor, *, spec: ArchitectureSpec) -> torch.Tensor:
     """finish() as a differentiable function (recorded by autograd when grad mode is on)."""
-    norm = get_module(model, spec.norm_path)
-    head = get_module(model, spec.head_path)
+    norm, head = head_modules(model, spec)
     hidden = norm(hidden_states.to(_module_device(norm)))
     logits = head(hidden.to(_module_device(head)))
     for kind, field in spec.logit_transforms:
