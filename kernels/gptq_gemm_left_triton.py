@@ -3,7 +3,7 @@ layout, for 2-, 4- and 8-bit codes. On Hopper the left operand of wgmma may come
 (here the tokens) may be as small as the tile allows, so skinny M runs on the tensor cores with the weight tile
 dequantized in registers; the right operand (x) is the small one.
 
-Two ways to form the weight tile:
+Three ways to form the weight tile:
 - PAIRS: the codes at positions j and j + V/2 of a packed word (V codes per word) sit in the two 16-bit halves
   of the word once shifted, so one shift and one and-or per two codes yield two exact 16-bit floats BASE + q
   (BASE = 128 for bfloat16, 1024 for float16, q at the bottom of the mantissa). The tile's columns are therefore
@@ -12,7 +12,11 @@ Two ways to form the weight tile:
 - DEQUANT: codes in natural order become float32 1 + q/2^b by bit placement, one FMA gives s*(q - z), rounded
   once to the input dtype; tl.dot accumulates over K without a per-tile epilogue. Twice the instructions of
   PAIRS, yet faster on the H200 at every M measured: PAIRS waits for each tile's MMA before its epilogue
-  (bench/kernels_notes.md). The tuner picks per shape.
+  (bench/kernels_notes.md).
+- DENORMAL (bfloat16): a code masked in place is the float32 subnormal q * 2^(offset - 149); one FMA with the
+  row's factor s * 2^(109 - offset) gives s*(q - z) * 2^-40 with DEQUANT's single rounding (one AND per code
+  instead of a shift and an and-or); the accumulator is scaled back by 2^40 once.
+The tuner picks per shape.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import triton.language as tl
 from qtool.kernels.gptq_gemm_triton import triton_interpreted
 from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
+    code_as_denormal,
     check_split_workspace,
     finish_tile,
     kernel_tensors,
@@ -39,7 +44,12 @@ from qtool.kernels.repack import GptqComputeWeight
 
 LEFT_PAIRS = 0
 LEFT_DEQUANT = 1
+LEFT_DENORMAL = 2
 LEFT_BITS = (2, 4, 8)
+# DENORMAL tiles hold s*(q - z) * 2^-LEFT_DENORMAL_EXP: the factor that turns a subnormal code into its value,
+# s * 2^(149 - offset), would overflow float32, and bfloat16 (float32's exponent range) holds the scaled values
+# with the same rounding; the accumulator is scaled back once
+LEFT_DENORMAL_EXP = tl.constexpr(40)
 
 
 @triton.jit
@@ -56,26 +66,48 @@ def _in_order(parts_even, parts_odd):
 
 
 @triton.jit
-def _pieces(w, SHIFT: tl.constexpr, MASK: tl.constexpr, COUNT: tl.constexpr):
-    """[R, U, COUNT]: (w >> SHIFT*j) & MASK for j = 0..COUNT-1 (COUNT in 2, 4, 8, 16)."""
-    if COUNT == 2:
-        out = tl.join(w & MASK, (w >> SHIFT) & MASK)
-    elif COUNT == 4:
-        out = _join4(w & MASK, (w >> SHIFT) & MASK, (w >> 2 * SHIFT) & MASK, (w >> 3 * SHIFT) & MASK)
-    elif COUNT == 8:
-        evens = _join4(w & MASK, (w >> 2 * SHIFT) & MASK, (w >> 4 * SHIFT) & MASK, (w >> 6 * SHIFT) & MASK)
-        odds = _join4((w >> SHIFT) & MASK, (w >> 3 * SHIFT) & MASK, (w >> 5 * SHIFT) & MASK,
-                      (w >> 7 * SHIFT) & MASK)
-        out = _in_order(evens, odds)
+def _piece(w, scale, offset, J: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr, DENORMAL: tl.constexpr):
+    """Piece J of the words w [R, U]: (w >> SHIFT*J) & MASK, or with DENORMAL (SHIFT = bits) code J as a float32
+    subnormal times scale * 2^(149 - bit offset - LEFT_DENORMAL_EXP), minus offset (scale and offset [R])."""
+    if DENORMAL:
+        OFF: tl.constexpr = (J * SHIFT) % 32
+        if OFF + SHIFT > 23:
+            EFF: tl.constexpr = OFF - 12  # code_as_denormal takes these codes from the word shifted right by 12
+        else:
+            EFF: tl.constexpr = OFF
+        MULT: tl.constexpr = 2.0 ** (149 - EFF - LEFT_DENORMAL_EXP)
+        out = code_as_denormal(w, J, SHIFT) * (scale * MULT)[:, None] - offset[:, None]
     else:
-        evens = _in_order(
-            _join4(w & MASK, (w >> 4 * SHIFT) & MASK, (w >> 8 * SHIFT) & MASK, (w >> 12 * SHIFT) & MASK),
-            _join4((w >> 2 * SHIFT) & MASK, (w >> 6 * SHIFT) & MASK, (w >> 10 * SHIFT) & MASK,
-                   (w >> 14 * SHIFT) & MASK))
-        odds = _in_order(
-            _join4((w >> SHIFT) & MASK, (w >> 5 * SHIFT) & MASK, (w >> 9 * SHIFT) & MASK, (w >> 13 * SHIFT) & MASK),
-            _join4((w >> 3 * SHIFT) & MASK, (w >> 7 * SHIFT) & MASK, (w >> 11 * SHIFT) & MASK,
-                   (w >> 15 * SHIFT) & MASK))
+        out = (w >> SHIFT * J) & MASK
+    return out
+
+
+@triton.jit
+def _quad(w, scale, offset, J0: tl.constexpr, STEP: tl.constexpr, SHIFT: tl.constexpr, MASK: tl.constexpr,
+          DENORMAL: tl.constexpr):
+    """[R, U, 4]: pieces J0, J0 + STEP, J0 + 2 STEP, J0 + 3 STEP of w."""
+    return _join4(_piece(w, scale, offset, J0, SHIFT, MASK, DENORMAL),
+                  _piece(w, scale, offset, J0 + STEP, SHIFT, MASK, DENORMAL),
+                  _piece(w, scale, offset, J0 + 2 * STEP, SHIFT, MASK, DENORMAL),
+                  _piece(w, scale, offset, J0 + 3 * STEP, SHIFT, MASK, DENORMAL))
+
+
+@triton.jit
+def _pieces(w, scale, offset, SHIFT: tl.constexpr, MASK: tl.constexpr, COUNT: tl.constexpr, DENORMAL: tl.constexpr):
+    """[R, U, COUNT]: _piece j of w for j = 0..COUNT-1 (COUNT in 2, 4, 8, 16)."""
+    if COUNT == 2:
+        out = tl.join(_piece(w, scale, offset, 0, SHIFT, MASK, DENORMAL),
+                      _piece(w, scale, offset, 1, SHIFT, MASK, DENORMAL))
+    elif COUNT == 4:
+        out = _quad(w, scale, offset, 0, 1, SHIFT, MASK, DENORMAL)
+    elif COUNT == 8:
+        out = _in_order(_quad(w, scale, offset, 0, 2, SHIFT, MASK, DENORMAL),
+                        _quad(w, scale, offset, 1, 2, SHIFT, MASK, DENORMAL))
+    else:
+        evens = _in_order(_quad(w, scale, offset, 0, 4, SHIFT, MASK, DENORMAL),
+                          _quad(w, scale, offset, 2, 4, SHIFT, MASK, DENORMAL))
+        odds = _in_order(_quad(w, scale, offset, 1, 4, SHIFT, MASK, DENORMAL),
+                         _quad(w, scale, offset, 3, 4, SHIFT, MASK, DENORMAL))
         out = _in_order(evens, odds)
     return out
 
@@ -90,7 +122,7 @@ def _pair_tile(words, BITS: tl.constexpr, IS_BF16: tl.constexpr):
         MAGIC2: tl.constexpr = 0x43004300
     else:
         MAGIC2: tl.constexpr = 0x64006400
-    pairs = _pieces(words, BITS, MASK2, V // 2) | MAGIC2  # [BN, U, V/2], one 16-bit float in each half
+    pairs = _pieces(words, 0, 0, BITS, MASK2, V // 2, False) | MAGIC2  # [BN, U, V/2], one 16-bit float in each half
     halves = tl.join(pairs.to(tl.uint16), (pairs >> 16).to(tl.uint16))  # [BN, U, V/2, 2]
     if IS_BF16:
         values = halves.to(tl.bfloat16, bitcast=True)
@@ -103,7 +135,7 @@ def _pair_tile(words, BITS: tl.constexpr, IS_BF16: tl.constexpr):
 def _natural_tile(words, BITS: tl.constexpr):
     """uint32 words [BN, U] -> float32 1 + q/2^b [BN, U*V], column i of a word = its code i."""
     V: tl.constexpr = 32 // BITS
-    codes = _pieces(words, BITS, (1 << BITS) - 1, V)
+    codes = _pieces(words, 0, 0, BITS, (1 << BITS) - 1, V, False)
     f32 = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
     return tl.reshape(f32, (words.shape[0], words.shape[1] * V))
 
@@ -111,11 +143,11 @@ def _natural_tile(words, BITS: tl.constexpr):
 @triton.jit
 def gptq_gemm_left_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-    M, N, K_X, num_rows, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
+    M, N, K_X, num_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
 ):
     """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
     each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
@@ -152,7 +184,8 @@ def gptq_gemm_left_kernel(
             words = tl.load(w_ptrs, mask=n_ok[:, None] & units_ok[None, :], other=0)
         words = words.to(tl.uint32, bitcast=True)
 
-        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
+        # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const, HAS_ZEROS)
 
         if MODE == 0:
             # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
@@ -166,14 +199,22 @@ def gptq_gemm_left_kernel(
             x_sum = tl.sum(xt.to(tl.float32), axis=0)
             acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
         else:
-            f32 = _natural_tile(words, BITS)
-            w = f32 * (scale * DIV)[:, None] - (scale * (DIV + zero))[:, None]
+            if MODE == 1:
+                f32 = _natural_tile(words, BITS)
+                w = f32 * (scale * DIV)[:, None] - (scale * (DIV + zero))[:, None]
+            else:
+                SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
+                w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
+                w = tl.reshape(w, (BN, BK))
             w = w.to(x_ptr.dtype.element_ty)
             if DOT_IN_F32:
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(w, xt, acc)
 
+    if MODE == 2:
+        UNSCALE: tl.constexpr = 2.0 ** LEFT_DENORMAL_EXP
+        acc = acc * UNSCALE
     tile_id = pid_m * grid_n + pid_n
     finish_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
                 SPLIT_K, HAS_BIAS)
@@ -201,6 +242,8 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
         return False
     if config.mode == LEFT_PAIRS and dtype == torch.bfloat16 and weight.bits > 7:
         return False
+    if config.mode == LEFT_DENORMAL and dtype != torch.bfloat16:
+        return False  # float16 cannot hold the scaled-down tile values
     return config.block_m >= 16 and config.block_n >= 16
 
 
@@ -217,12 +260,12 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
     check_split_workspace(split_k, workspace, counters, m * n, grid_m * grid_n)
     gptq_gemm_left_kernel[(grid_m * grid_n, split_k)](
         *kernel_tensors(x, weight, out, workspace, counters),
-        m, n, weight.in_features, weight.k_rows, weight.group_rows, weight.zero_const, tiles_per_split,
+        m, n, weight.in_features, weight.k_rows, weight.zero_const, tiles_per_split,
         x.stride(0), out.stride(0),
         BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, SPLIT_K=split_k,
         MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
         DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -119,7 +119,8 @@ def gptq_gemm_kernel(
         a = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, False)
         codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, EVEN)
 
-        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * BK) // group_rows, offs_n, n_ok, N,
+                                      zero_const, HAS_ZEROS)
 
         if MODE == 0:
             if IS_BF16:
@@ -162,7 +163,8 @@ def gptq_dequant_kernel(
     n_ok = offs_n < N
     codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, False)
     rows = t * BK + tl.arange(0, BK)
-    scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const, BK, HAS_ZEROS)
+    scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * BK) // group_rows, offs_n, n_ok, N,
+                                  zero_const, HAS_ZEROS)
     w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
     if HAS_PERM:
         dest = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)

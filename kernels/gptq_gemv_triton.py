@@ -110,8 +110,8 @@ def gptq_gemv_kernel(
     t_end = tl.minimum(t_begin + tiles_per_split, total_tiles)
     if PREFETCH:
         n0, n1, n2 = _tile_words(qweight_ptr, t_begin, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-        n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, t_begin, offs_n, n_ok, N, group_rows, zero_const,
-                                     TILE_ROWS, HAS_ZEROS)
+        n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, (t_begin * TILE_ROWS) // group_rows, offs_n,
+                                          n_ok, N, zero_const, HAS_ZEROS)
     for t in range(t_begin, t_end):
         units = t * UNITS + unit_ids
         unit_ok = units < num_units
@@ -119,12 +119,12 @@ def gptq_gemv_kernel(
             w0, w1, w2, scale, zero = n0, n1, n2, n_scale, n_zero
             t_next = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads itself (in bounds, from cache)
             n0, n1, n2 = _tile_words(qweight_ptr, t_next, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-            n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, t_next, offs_n, n_ok, N, group_rows, zero_const,
-                                         TILE_ROWS, HAS_ZEROS)
+            n_scale, n_zero = tile_scale_zero(scales_ptr, zeros_ptr, (t_next * TILE_ROWS) // group_rows, offs_n,
+                                              n_ok, N, zero_const, HAS_ZEROS)
         else:
             w0, w1, w2 = _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS, EVEN)
-            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
-                                     TILE_ROWS, HAS_ZEROS)
+            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * TILE_ROWS) // group_rows, offs_n, n_ok, N,
+                                          zero_const, HAS_ZEROS)
 
         dot_f = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((UNITS,), dtype=tl.float32)

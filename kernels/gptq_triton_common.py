@@ -100,11 +100,9 @@ def x_for_denormal_code(x, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def tile_scale_zero(scales_ptr, zeros_ptr, t, offs_n, n_ok, N, group_rows, zero_const,
-                    TILE_ROWS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """(scale, zero) float32 [BLOCK_N] of the group that K tile t (TILE_ROWS compute rows) lies in; zero is zero_const
-    for every column when the layer has no zero tensor."""
-    group = (t * TILE_ROWS) // group_rows
+def tile_scale_zero(scales_ptr, zeros_ptr, group, offs_n, n_ok, N, zero_const, HAS_ZEROS: tl.constexpr):
+    """(scale, zero) float32 [BLOCK_N] of a group; zero is zero_const for every column when the layer has no zero
+    tensor."""
     scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)

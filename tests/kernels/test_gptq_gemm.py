@@ -22,6 +22,7 @@ from qtool.kernels.gptq_gemm_triton import (  # noqa: E402
     triton_interpreted,
 )
 from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
+    LEFT_DENORMAL,
     LEFT_DEQUANT,
     LEFT_PAIRS,
     LeftGemmConfig,
@@ -150,6 +151,12 @@ LEFT_CASES = [
     (8, 64, True, True, "gptq_v2", torch.float16, 17, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_PAIRS)),
     (8, 32, False, True, "gptq", torch.bfloat16, 3, LeftGemmConfig(16, 32, 32, mode=LEFT_DEQUANT)),
     (8, -1, True, False, "gptq", torch.bfloat16, 64, LeftGemmConfig(32, 16, 64, split_k=2, mode=LEFT_DEQUANT)),
+    (2, 64, True, True, "gptq_v2", torch.bfloat16, 17, LeftGemmConfig(16, 32, 64, split_k=2, mode=LEFT_DENORMAL)),
+    (2, -1, False, False, "gptq", torch.bfloat16, 3, LeftGemmConfig(16, 16, 32, split_k=3, mode=LEFT_DENORMAL)),
+    (4, 96, False, True, "gptq", torch.bfloat16, 64, LeftGemmConfig(32, 32, 32, mode=LEFT_DENORMAL)),
+    (4, 32, True, False, "gptq_v2", torch.bfloat16, 1, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL)),
+    (8, 64, True, True, "gptq", torch.bfloat16, 17, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL)),
+    (8, -1, False, True, "gptq_v2", torch.bfloat16, 64, LeftGemmConfig(32, 16, 64, mode=LEFT_DENORMAL)),
 ]
 
 
@@ -170,10 +177,33 @@ def test_weight_left_refuses_what_it_cannot_compute_exactly():
     assert left_config_valid(w8, dequant, torch.bfloat16)
     assert not left_config_valid(w3, dequant, torch.float16)
     assert not left_config_valid(w8, LeftGemmConfig(16, 32, 64, mode=LEFT_DEQUANT), torch.float16)
+    denormal = LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL)  # float16 has no room for the 2^-40 tile values
+    assert left_config_valid(w8, denormal, torch.bfloat16) and not left_config_valid(w8, denormal, torch.float16)
     with pytest.raises(ValueError, match="cannot run"):
         gptq_gemm_left(torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE), w8, pairs,
                        torch.empty(2, 32, dtype=torch.bfloat16, device=DEVICE), torch.zeros(64, device=DEVICE),
                        torch.zeros(8, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_left_denormal_tiles_equal_dequantized_tiles(bits):
+    """LEFT_DENORMAL builds s*(q - z) * 2^-40 from subnormal codes; with one rounding like LEFT_DEQUANT's it must give
+    bit-identical outputs, also for float16 scales from 2^-24 (subnormal) to 65504, where a wrong exponent split
+    would overflow or flush."""
+    codes, scales, zeros, g_idx, t = random_gptq_layer(64, 128, bits, 32, True, True, "gptq", seed=bits)
+    extremes = torch.tensor([2.0 ** -24, 2.0 ** -14, 2.0 ** -3, 1.0, 2.0 ** 8, 65504.0], dtype=torch.float16)
+    t.scales = extremes[torch.arange(t.scales.numel()) % extremes.numel()].reshape(t.scales.shape).to(DEVICE)
+    weight = repacked(t)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(bits + 1)).to(torch.bfloat16).to(DEVICE)
+    x[:, ::3] *= 1e-4  # small activations against huge scales: sums with a wide dynamic range
+    outs = []
+    for mode in (LEFT_DEQUANT, LEFT_DENORMAL):
+        out = torch.empty(5, 64, dtype=torch.bfloat16, device=DEVICE)
+        gptq_gemm_left(x, weight, LeftGemmConfig(16, 32, 32, mode=mode), out, torch.zeros(1, device=DEVICE),
+                       torch.zeros(1, dtype=torch.int32, device=DEVICE))
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_backend_serves_a_weight_left_plan():
