@@ -16,7 +16,9 @@ Three ways to form the weight tile:
 - DENORMAL (bfloat16): a code masked in place is the float32 subnormal q * 2^(offset - 149); one FMA with the
   row's factor s * 2^(109 - offset) gives s*(q - z) * 2^-40 with DEQUANT's single rounding (one AND per code
   instead of a shift and an and-or); the accumulator is scaled back by 2^40 once.
-The tuner picks per shape.
+The tuner picks per shape. With 4-bit weights stored in fragment order (repack.fragment_rows), DEQUANT and DENORMAL
+tiles reach wgmma's register layout by a permutation of dimensions inside each thread (_in_row_order) instead of a
+round trip through shared memory; PAIRS then reads x in packed order.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import triton.language as tl
 from qtool.kernels.gptq_gemm_triton import triton_interpreted
 from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
-    code_as_denormal,
     check_split_workspace,
+    code_as_denormal,
     finish_tile,
+    fragment_rows,
     kernel_tensors,
     load_x_tile,
     split_k_sizes,
@@ -133,11 +136,24 @@ def _pair_tile(words, BITS: tl.constexpr, IS_BF16: tl.constexpr):
 
 @triton.jit
 def _natural_tile(words, BITS: tl.constexpr):
-    """uint32 words [BN, U] -> float32 1 + q/2^b [BN, U*V], column i of a word = its code i."""
+    """uint32 words [BN, U] -> float32 1 + q/2^b [BN, U, V], [:, u, i] = code i of word u."""
     V: tl.constexpr = 32 // BITS
     codes = _pieces(words, 0, 0, BITS, (1 << BITS) - 1, V, False)
-    f32 = ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
-    return tl.reshape(f32, (words.shape[0], words.shape[1] * V))
+    return ((codes << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _in_row_order(values, FRAGMENT: tl.constexpr):
+    """[BN, U, V] values by word and code -> [BN, U*V] with column k = compute row k of the tile. In fragment order
+    (4-bit, 4 words per 32 rows) code j of word 4h + c is row 32h + 8(j // 2) + 2c + j % 2: a permutation of
+    dimensions that keeps every value in the thread that unpacked it, and that thread is the one whose wgmma
+    A fragment holds the row, so no shared-memory round trip is needed."""
+    BN: tl.constexpr = values.shape[0]
+    U: tl.constexpr = values.shape[1]
+    V: tl.constexpr = values.shape[2]
+    if FRAGMENT:
+        values = tl.permute(tl.reshape(values, (BN, U // 4, 4, V // 2, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(values, (BN, U * V))
 
 
 @triton.jit
@@ -146,8 +162,8 @@ def gptq_gemm_left_kernel(
     M, N, K_X, num_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
 ):
     """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
     each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
@@ -174,7 +190,8 @@ def gptq_gemm_left_kernel(
 
     t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
-        rows = t * BK + tile_rows
+        # PAIRS reads x in packed order (gathered in fragment order); the other modes put the tile in row order
+        rows = fragment_rows(t * BK + tile_rows) if FRAGMENT and MODE == 0 else t * BK + tile_rows
         xt = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, True)  # [BK, BM]
         w_ptrs = qweight_ptr + (t * UNITS + unit_ids)[None, :] * N + offs_n[:, None]
         if EVEN_N and EVEN_K:
@@ -201,12 +218,11 @@ def gptq_gemm_left_kernel(
         else:
             if MODE == 1:
                 f32 = _natural_tile(words, BITS)
-                w = f32 * (scale * DIV)[:, None] - (scale * (DIV + zero))[:, None]
+                w = f32 * (scale * DIV)[:, None, None] - (scale * (DIV + zero))[:, None, None]
             else:
                 SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
                 w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
-                w = tl.reshape(w, (BN, BK))
-            w = w.to(x_ptr.dtype.element_ty)
+            w = _in_row_order(w, FRAGMENT).to(x_ptr.dtype.element_ty)
             if DOT_IN_F32:
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -244,6 +260,8 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
         return False
     if config.mode == LEFT_DENORMAL and dtype != torch.bfloat16:
         return False  # float16 cannot hold the scaled-down tile values
+    if weight.fragment_order and config.mode != LEFT_PAIRS and config.block_k % 32:
+        return False  # the fragment-order tile is built from whole blocks of 32 rows
     return config.block_m >= 16 and config.block_n >= 16
 
 

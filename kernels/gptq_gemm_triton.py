@@ -15,6 +15,7 @@ from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
     check_split_workspace,
     finish_tile,
+    fragment_rows,
     kernel_tensors,
     load_x_tile,
     split_k_sizes,
@@ -88,7 +89,8 @@ def gptq_gemm_kernel(
     M, N, K_X, num_rows, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, MODE: tl.constexpr, UNPACK: tl.constexpr, IS_BF16: tl.constexpr,
-    DOT_IN_F32: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FRAGMENT: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Program (tile, pid_k): output tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK rows, each
     inside one group. MODE_MAGIC: acc += s*2^b*dot(x, f) - s*(2^b + z)*rowsum(x) with f = 1 + q/2^b exact in
@@ -115,7 +117,8 @@ def gptq_gemm_kernel(
 
     t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
-        rows = t * BK + offs_k
+        # tile row i is packed position t*BK + i; in fragment order x is gathered in that order instead
+        rows = fragment_rows(t * BK + offs_k) if FRAGMENT else t * BK + offs_k
         a = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, False)
         codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, EVEN)
 
@@ -154,7 +157,7 @@ def gptq_dequant_kernel(
     qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, out_ptr,
     N, K_X, num_rows, group_rows, zero_const,
     BITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, UNPACK: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, FRAGMENT: tl.constexpr,
 ):
     """out[k, n] = W[n, k] for input column k (W^T, [K, N], row k of the compute layout written to row perm[k]).
     BK divides group_rows, so the tile's rows share one group: one scale and zero vector per tile."""
@@ -162,7 +165,8 @@ def gptq_dequant_kernel(
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, False)
-    rows = t * BK + tl.arange(0, BK)
+    positions = t * BK + tl.arange(0, BK)
+    rows = fragment_rows(positions) if FRAGMENT else positions
     scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * BK) // group_rows, offs_n, n_ok, N,
                                   zero_const, HAS_ZEROS)
     w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
@@ -243,7 +247,8 @@ def gptq_dequantize(weight: GptqComputeWeight, dtype: torch.dtype, block_k: int 
         weight.perm if weight.perm is not None else weight.qweight,
         out, n, weight.in_features, weight.k_rows, weight.group_rows, weight.zero_const,
         BITS=weight.bits, BK=block_k, BN=block_n, UNPACK=unpack,
-        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, num_warps=num_warps,
+        HAS_PERM=weight.perm is not None, HAS_ZEROS=weight.zeros is not None, FRAGMENT=weight.fragment_order,
+        num_warps=num_warps,
     )
     return out
 

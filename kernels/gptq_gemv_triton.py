@@ -16,6 +16,7 @@ from qtool.kernels.gptq_triton_common import (
     code_as_denormal,
     code_as_f32,
     finish_tile,
+    fragment_rows,
     kernel_tensors,
     split_k_sizes,
     tile_scale_zero,
@@ -76,7 +77,7 @@ def gptq_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, num_units, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, PREFETCH: tl.constexpr,
     DENORMAL: tl.constexpr,
 ):
@@ -131,8 +132,10 @@ def gptq_gemv_kernel(
         if ROWS == 2:
             dot_f1 = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
             x_sum1 = tl.zeros((UNITS,), dtype=tl.float32)
+        # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
+        unit_row0 = fragment_rows(units * UNIT_ROWS) if FRAGMENT else units * UNIT_ROWS
         for j in tl.static_range(UNIT_ROWS):
-            rows = units * UNIT_ROWS + j
+            rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
             if HAS_PERM:
                 cols = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
                 ok = cols >= 0
@@ -183,7 +186,7 @@ def gptq_gemv_rows_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, num_units, group_rows, zero_const, tiles_per_split, stride_xm, stride_om,
     BITS: tl.constexpr, UNITS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_UNITS: tl.constexpr, ROW_SUM_EACH_TILE: tl.constexpr, DENORMAL: tl.constexpr,
 ):
     """gptq_gemv_kernel for 2 <= M <= ROWS input rows (3-D tiles [ROWS, UNITS, BLOCK_N]; for one row the 2-D
@@ -238,8 +241,10 @@ def gptq_gemv_rows_kernel(
 
         dot_f = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((ROWS, UNITS), dtype=tl.float32)
+        # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
+        unit_row0 = fragment_rows(units * UNIT_ROWS) if FRAGMENT else units * UNIT_ROWS
         for j in tl.static_range(UNIT_ROWS):
-            rows = units * UNIT_ROWS + j
+            rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
             if HAS_PERM:
                 src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
                 xj = tl.load(x_ptr + offs_r[:, None] * stride_xm + src[None, :],

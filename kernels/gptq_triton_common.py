@@ -100,6 +100,13 @@ def x_for_denormal_code(x, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def fragment_rows(positions):
+    """The compute rows of packed positions in fragment order (repack.fragment_rows): bit fields [1:3) and [3:5)
+    swapped."""
+    return (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
+
+
+@triton.jit
 def tile_scale_zero(scales_ptr, zeros_ptr, group, offs_n, n_ok, N, zero_const, HAS_ZEROS: tl.constexpr):
     """(scale, zero) float32 [BLOCK_N] of a group; zero is zero_const for every column when the layer has no zero
     tensor."""
@@ -187,9 +194,9 @@ def kernel_tensors(x: torch.Tensor, weight: GptqComputeWeight, out: torch.Tensor
 
 
 def weight_flags(weight: GptqComputeWeight) -> dict[str, bool]:
-    """HAS_PERM, HAS_ZEROS and HAS_BIAS of a layer, as the kernels take them."""
+    """HAS_PERM, HAS_ZEROS, HAS_BIAS and FRAGMENT of a layer, as the kernels take them."""
     return {"HAS_PERM": weight.perm is not None, "HAS_ZEROS": weight.zeros is not None,
-            "HAS_BIAS": weight.bias is not None}
+            "HAS_BIAS": weight.bias is not None, "FRAGMENT": weight.fragment_order}
 
 
 def split_k_sizes(total_tiles: int, requested_split: int) -> tuple[int, int]:

@@ -1,5 +1,7 @@
 """One-time repack of a GPTQ linear (qweight, qzeros, scales, g_idx) into the layout the Triton kernels read:
-input rows sorted so that every group is one contiguous run of rows, zero points unpacked (or one constant)."""
+input rows sorted so that every group is one contiguous run of rows, zero points unpacked (or one constant), and
+4-bit codes packed in the order of wgmma's A fragments (fragment_rows). The checkpoint on disk keeps the GPTQ
+layout; this one lives only in memory."""
 
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ GROUP_ROW_ALIGN = 32
 REPACK_COLUMNS = 4096
 # Stand-in rows per group for a layer with one group: a power of two above any K, so every tile is "inside".
 ONE_GROUP_ROWS = 1 << 30
+# 4-bit codes are stored in fragment order (see fragment_rows) when the compute rows come in whole blocks of 32
+FRAGMENT_BITS = 4
+FRAGMENT_BLOCK = 32
+
+
+def fragment_rows(positions: torch.Tensor) -> torch.Tensor:
+    """The compute row stored at each packed position in fragment order: inside every block of 32 rows, bit fields
+    [1:3) and [3:5) of the position swapped (its own inverse). Word c of a block then holds rows {2c, 2c + 1} + 8i,
+    the rows one lane of a wgmma A fragment holds, so the weight-left kernel unpacks straight into that layout
+    with no shared-memory round trip. The kernels compute the same map (gptq_triton_common.fragment_rows)."""
+    return (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
 
 
 @dataclass
@@ -36,6 +49,7 @@ class GptqComputeWeight:
     out_features: int
     k_rows: int
     group_rows: int
+    fragment_order: bool = False  # packed position q holds compute row fragment_rows(q) (4-bit only)
 
     @property
     def num_groups(self) -> int:
@@ -81,8 +95,10 @@ def repack_gptq(
     bits: int,
     checkpoint_format: str = "gptq",
     bias: torch.Tensor | None = None,
+    fragment_order: bool = True,
 ) -> GptqComputeWeight:
-    """The compute layout of one GPTQ linear, on the device of qweight. Runs once at load time."""
+    """The compute layout of one GPTQ linear, on the device of qweight. Runs once at load time. fragment_order: store
+    4-bit codes in fragment order where the compute rows come in whole blocks of 32."""
     if bits not in SUPPORTED_BITS:
         raise QtoolError(f"the Triton GPTQ kernels do not support {bits}-bit weights", f"bits must be one of {SUPPORTED_BITS}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
@@ -102,12 +118,17 @@ def repack_gptq(
         raise QtoolError(f"g_idx holds a group outside 0..{num_groups - 1}", "the checkpoint is corrupt: re-export it")
 
     perm, group_rows, k_rows = _group_layout(g_idx, num_groups)
-    if perm is None:
+    fragment = fragment_order and bits == FRAGMENT_BITS and k_rows % FRAGMENT_BLOCK == 0
+    if perm is None and not fragment:
         packed = qweight.contiguous()
     else:
         packed = torch.empty((k_rows * bits // 32, out_features), dtype=torch.int32, device=device)
-        rows = perm.long().clamp(min=0)
-        padding = perm < 0
+        # the input column whose code each packed position holds (-1: a padding row)
+        sources = perm.long() if perm is not None else torch.arange(k_rows, device=device)
+        if fragment:
+            sources = sources[fragment_rows(torch.arange(k_rows, device=device))]
+        padding = sources < 0
+        rows = sources.clamp(min=0)
         # column chunks bound the int64 temporaries of pack_rows on the largest layers
         for start in range(0, out_features, REPACK_COLUMNS):
             stop = min(start + REPACK_COLUMNS, out_features)
@@ -132,4 +153,5 @@ def repack_gptq(
         out_features=out_features,
         k_rows=k_rows,
         group_rows=group_rows,
+        fragment_order=fragment,
     )

@@ -172,8 +172,6 @@ def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
                             num_warps=warps, num_stages=stages)
         if gemm_config_valid(weight, config, dtype) and Plan("gemm", config) not in plans:
             plans.append(Plan("gemm", config))
-    if m >= 32:
-        plans.append(Plan("dequant"))
     return plans
 
 
@@ -205,6 +203,8 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     natural = LEFT_DENORMAL if dtype == torch.bfloat16 else LEFT_DEQUANT
     plans = []
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
+        if mode == LEFT_PAIRS and weight.fragment_order:
+            continue  # PAIRS gathers x in fragment order: 1.4-2x slower than in plain order (run 16), never picked
         bk, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms)
         config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split,
                                 mode=natural if mode == NATURAL else mode, num_warps=warps, num_stages=stages)
@@ -219,7 +219,12 @@ def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_s
     left = _left_candidates(weight, m, dtype, num_sms)
     # the default (first) plan: the GEMV for one row, the tensor-core kernel from two rows on
     plans = gemv + left if m == 1 else left + gemv
-    plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
+    # in fragment order the x-left tl.dot kernel gathers x in pairs of rows: its best plan ran 2-14x slower than the
+    # best plan on the H200 (run 16), and it was never the fastest for a 4-bit layer in runs 12-16
+    if not weight.fragment_order:
+        plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
+    if m >= 32:
+        plans.append(Plan("dequant"))
     return plans
 
 

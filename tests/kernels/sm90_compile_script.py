@@ -19,10 +19,11 @@ from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kern
 
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
-COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True)
+COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
+FRAGMENT = dict(COMMON, FRAGMENT=True)
 CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("gemv denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
-                                                   ROW_SUM_EACH_TILE=True, PREFETCH=True, DENORMAL=True, ROWS=1, **COMMON), 4, 1),
+                                                   ROW_SUM_EACH_TILE=True, PREFETCH=True, DENORMAL=True, ROWS=1, **FRAGMENT), 4, 1),
     ("gemv two rows denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True,
                                                             EVEN_UNITS=True, ROW_SUM_EACH_TILE=True, PREFETCH=True,
                                                             DENORMAL=True, ROWS=2, **COMMON), 4, 1),
@@ -35,10 +36,11 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("gemv rows denormal 8-bit", gptq_gemv_rows_kernel, dict(BITS=8, UNITS=4, BLOCK_N=256, SPLIT_K=2, ROWS=4, EVEN_N=True,
                                                              EVEN_UNITS=True, ROW_SUM_EACH_TILE=True, DENORMAL=True, **COMMON), 4, 1),
     ("gemm magic 4-bit", gptq_gemm_kernel, dict(BITS=4, BM=16, BN=128, BK=128, GROUP_M=8, SPLIT_K=2, MODE=0, UNPACK=1,
-                                                IS_BF16=True, DOT_IN_F32=False, EVEN=True, **COMMON), 4, 2),
+                                                IS_BF16=True, DOT_IN_F32=False, EVEN=True, **FRAGMENT), 4, 2),
     ("gemm dequant 3-bit", gptq_gemm_kernel, dict(BITS=3, BM=128, BN=128, BK=64, GROUP_M=8, SPLIT_K=1, MODE=1, UNPACK=0,
                                                   IS_BF16=True, DOT_IN_F32=False, EVEN=False, **COMMON), 8, 3),
-    ("dequantize 4-bit", gptq_dequant_kernel, dict(BITS=4, BK=64, BN=256, UNPACK=1, HAS_PERM=True, HAS_ZEROS=True), 8, 1),
+    ("dequantize 4-bit", gptq_dequant_kernel, dict(BITS=4, BK=64, BN=256, UNPACK=1, HAS_PERM=True, HAS_ZEROS=True,
+                                                     FRAGMENT=True), 8, 1),
     ("left pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=128, BK=128, SPLIT_K=2, MODE=0, IS_BF16=True,
                                                      DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1,
                                                      **COMMON), 4, 3),
@@ -51,6 +53,15 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("left denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=64, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=2,
                                                         **COMMON), 4, 3),
+    ("left fragment denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=128, SPLIT_K=2, MODE=2,
+                                                                 IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
+                                                                 TILES_PER_GROUP=1, **FRAGMENT), 4, 4),
+    ("left fragment dequant 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=128, BN=128, BK=64, SPLIT_K=1, MODE=1,
+                                                                IS_BF16=True, DOT_IN_F32=False, EVEN_N=False, EVEN_K=True,
+                                                                TILES_PER_GROUP=2, **FRAGMENT), 8, 3),
+    ("left fragment pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=64, SPLIT_K=1, MODE=0,
+                                                              IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
+                                                              TILES_PER_GROUP=2, **FRAGMENT), 4, 3),
     ("left denormal 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, TILES_PER_GROUP=1,
                                                         **COMMON), 4, 4),
@@ -81,7 +92,8 @@ def main() -> int:
             compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
             ptx = compiled.asm["ptx"]
             record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
-                          mma_sync=ptx.count("mma.sync"), local_memory=".local" in ptx,
+                          mma_sync=ptx.count("mma.sync"), ldmatrix_trans=ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
+                          local_memory=".local" in ptx,
                           flushes_subnormals=".ftz" in ptx)
         except Exception as exc:  # report and go on: the test names every kernel that failed
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")

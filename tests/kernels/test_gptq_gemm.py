@@ -96,8 +96,8 @@ def relative_error(y, ref):
     return ((y.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def repacked(t: GptqLinearTensors):
-    return repack_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.checkpoint_format, t.bias)
+def repacked(t: GptqLinearTensors, fragment_order: bool = True):
+    return repack_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.checkpoint_format, t.bias, fragment_order)
 
 
 # (bits, group_size, act_order, asym, format, dtype, M, config)
@@ -117,11 +117,12 @@ CASES = [
 
 
 def check_kernel_against_float64(kernel, config_valid, n, k, bits, group_size, act_order, asym, fmt, dtype, m, config,
-                                 seed):
+                                 seed, fragment_order=True):
     """Run kernel(x, weight, config, out, workspace, counters) on a random layer: every output written, within
     tolerance of the float64 reference, split-K workspace left clean."""
     codes, scales, zeros, g_idx, t = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed)
-    weight = repacked(t)
+    weight = repacked(t, fragment_order)
+    assert weight.fragment_order == (fragment_order and bits == 4 and weight.k_rows % 32 == 0)
     assert config_valid(weight, config, dtype)
     workspace = torch.zeros(m * n, device=DEVICE)
     counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
@@ -133,10 +134,12 @@ def check_kernel_against_float64(kernel, config_valid, n, k, bits, group_size, a
     assert not workspace.any() and not counters.any(), "split-K left the workspace dirty"
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", CASES)
-def test_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
+# the 4-bit cases run in fragment order (K = 160 is whole blocks of 32) and again in plain order
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config,fragment_order",
+                         [c + (True,) for c in CASES] + [c + (False,) for c in CASES if c[0] == 4])
+def test_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config, fragment_order):
     check_kernel_against_float64(gptq_gemm, gemm_config_valid, 96, 160, bits, group_size, act_order, asym, fmt, dtype,
-                                 m, config, seed=bits * 1000 + group_size * 10 + m)
+                                 m, config, seed=bits * 1000 + group_size * 10 + m, fragment_order=fragment_order)
 
 
 # the weight-left kernel: (bits, group_size, act_order, asym, format, dtype, M, config)
@@ -160,11 +163,14 @@ LEFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config", LEFT_CASES)
-def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config):
-    """N = 80 leaves a partial weight tile (block_n 32), K = 160 a partial last group for group sizes 64 and 96."""
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config,fragment_order",
+                         [c + (True,) for c in LEFT_CASES] + [c + (False,) for c in LEFT_CASES if c[0] == 4])
+def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config,
+                                                    fragment_order):
+    """N = 80 leaves a partial weight tile (block_n 32), K = 160 a partial last group for group sizes 64 and 96;
+    4-bit layers run in fragment order (the tile permuted into the wgmma fragment layout) and in plain order."""
     check_kernel_against_float64(gptq_gemm_left, left_config_valid, 80, 160, bits, group_size, act_order, asym, fmt,
-                                 dtype, m, config, seed=bits * 1000 + group_size * 10 + m + 7)
+                                 dtype, m, config, seed=bits * 1000 + group_size * 10 + m + 7, fragment_order=fragment_order)
 
 
 def test_weight_left_refuses_what_it_cannot_compute_exactly():
@@ -179,6 +185,14 @@ def test_weight_left_refuses_what_it_cannot_compute_exactly():
     assert not left_config_valid(w8, LeftGemmConfig(16, 32, 64, mode=LEFT_DEQUANT), torch.float16)
     denormal = LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL)  # float16 has no room for the 2^-40 tile values
     assert left_config_valid(w8, denormal, torch.bfloat16) and not left_config_valid(w8, denormal, torch.float16)
+    # a fragment-order tile is built from whole blocks of 32 rows; PAIRS gathers x instead and takes any K tile
+    *_, t4 = random_gptq_layer(32, 64, 4, 32, False, True, "gptq_v2", seed=1)
+    w4, w4_plain = repacked(t4), repacked(t4, fragment_order=False)
+    assert w4.fragment_order and not w4_plain.fragment_order
+    for mode in (LEFT_DEQUANT, LEFT_DENORMAL):
+        assert not left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=mode), torch.bfloat16)
+        assert left_config_valid(w4_plain, LeftGemmConfig(16, 32, 16, mode=mode), torch.bfloat16)
+    assert left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=LEFT_PAIRS), torch.float16)
     with pytest.raises(ValueError, match="cannot run"):
         gptq_gemm_left(torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE), w8, pairs,
                        torch.empty(2, 32, dtype=torch.bfloat16, device=DEVICE), torch.zeros(64, device=DEVICE),
@@ -216,6 +230,22 @@ def test_backend_serves_a_weight_left_plan():
     for _ in range(2):  # the second call reuses the workspace the first must have left clean
         y = backend.run_plan(plan, x, layer)
         assert relative_error(y, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[torch.float16]
+
+
+def test_fragment_order_layers_are_not_tuned_over_the_gathering_plans():
+    """A 4-bit layer in fragment order is tuned over the GEMV, the weight-left kernel with its tile in row order
+    and dequantize + matmul; the plans that would gather x (PAIRS, the x-left tl.dot kernel) stay for other layers."""
+    *_, t4 = random_gptq_layer(64, 256, 4, 128, False, True, "gptq_v2", seed=5)
+    *_, t8 = random_gptq_layer(64, 256, 8, 128, False, True, "gptq_v2", seed=5)
+    fragment, plain, wide = repacked(t4), repacked(t4, fragment_order=False), repacked(t8)
+    for m in (1, 4, 64, 512):
+        for dtype in (torch.float16, torch.bfloat16):
+            plans = candidate_plans(fragment, m, dtype, 132)
+            assert plans and all(p.kind in ("gemv", "left", "dequant") for p in plans)
+            assert not any(p.kind == "left" and p.config.mode == LEFT_PAIRS for p in plans)
+            assert (Plan("dequant") in plans) == (m >= 32)
+            assert any(p.kind == "gemm" for p in candidate_plans(plain, m, dtype, 132))
+            assert any(p.kind == "gemm" for p in candidate_plans(wide, m, dtype, 132))
 
 
 def test_magic_mode_refuses_8bit_bfloat16():

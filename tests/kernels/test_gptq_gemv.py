@@ -95,13 +95,20 @@ CASES = [
 ]
 
 
+# every case in the compute layout the backend uses; the 4-bit ones also in plain order (fragment order off)
+ORDERED_CASES = [case + (True,) for case in CASES] + [case + (False,) for case in CASES if case[0] == 4]
+
+
 @pytest.mark.parametrize("denormal", [True, False], ids=["denormal", "mantissa"])
-@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,irregular,dtype,split_k", CASES)
-def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, irregular, dtype, split_k, denormal):
+@pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,irregular,dtype,split_k,fragment_order", ORDERED_CASES)
+def test_gemv_matches_float64_reference(bits, group_size, act_order, asym, fmt, irregular, dtype, split_k,
+                                        fragment_order, denormal):
     n, k = 96, 160
     seed = bits * 1000 + group_size * 10 + act_order
     codes, scales, zeros, g_idx, t, bias = random_gptq_layer(n, k, bits, group_size, act_order, asym, fmt, seed, irregular)
-    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, fmt, bias.to(DEVICE))
+    weight = repack_gptq(*(t[name].to(DEVICE) for name in ("qweight", "qzeros", "scales", "g_idx")), bits, fmt,
+                         bias.to(DEVICE), fragment_order=fragment_order)
+    assert weight.fragment_order == (fragment_order and bits == 4)
     assert (weight.perm is not None) == (act_order or irregular or group_size == 48)
     assert (weight.zeros is not None) == asym
     units = 32 // unit_rows(bits)
@@ -181,19 +188,33 @@ def test_denormal_codes_keep_precision_at_extreme_activations(bits, magnitude):
     assert relative_error(out, reference(x, codes, scales, zeros, g_idx, None)) < 1e-5
 
 
-def test_repack_sorts_groups_contiguous():
-    """After the repack, compute row r belongs to group r // group_rows and reads input column perm[r]."""
+@pytest.mark.parametrize("fragment_order", [False, True])
+def test_repack_sorts_groups_contiguous(fragment_order):
+    """After the repack, compute row r belongs to group r // group_rows and reads input column perm[r]; packed
+    position q holds compute row q, or in fragment order row q with bit fields [1:3) and [3:5) swapped (written
+    out here bit by bit, not with the repack's own function)."""
     n, k, bits = 32, 160, 4
     codes, scales, zeros, g_idx, t, _ = random_gptq_layer(n, k, bits, 64, True, True, "gptq", seed=3)
-    weight = repack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq")
+    weight = repack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq", fragment_order=fragment_order)
     perm = weight.perm.long()
     assert sorted(perm.tolist()) == list(range(k))
     assert torch.equal(g_idx[perm].long(), torch.arange(k) // weight.group_rows)
-    assert weight.group_rows == 64 and weight.k_rows == k
-    # the sorted rows hold the codes of the columns they name
+    assert weight.group_rows == 64 and weight.k_rows == k and weight.fragment_order == fragment_order
     shifts = torch.arange(0, 32, bits)
     unpacked = ((weight.qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(k, n)
-    assert torch.equal(unpacked, codes.T[perm].to(unpacked.dtype))
+    rows = list(range(k))
+    if fragment_order:  # word c of each block of 32 holds rows 2c, 2c + 1, 2c + 8, 2c + 9, ..., 2c + 25
+        rows = [32 * (q // 32) + 8 * ((q % 8) // 2) + 2 * ((q % 32) // 8) + q % 2 for q in range(k)]
+    assert torch.equal(unpacked, codes.T[perm][rows].to(unpacked.dtype))
+
+
+def test_fragment_order_only_where_it_applies():
+    """4-bit layers whose compute rows come in whole blocks of 32 are stored in fragment order; other widths and
+    a K of 80 (a partial block) keep the plain order (the kernel tests cover both orders at K = 160 and 80)."""
+    for bits, k, expected in ((4, 160, True), (4, 80, False), (8, 160, False), (2, 160, False)):
+        *_, t, _ = random_gptq_layer(16, k, bits, -1, False, True, "gptq_v2", seed=bits)
+        weight = repack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq_v2")
+        assert weight.fragment_order == expected, (bits, k)
 
 
 def test_backend_matmul_single_row_3d_input():

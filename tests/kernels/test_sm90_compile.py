@@ -35,4 +35,14 @@ def test_weight_left_kernel_uses_wgmma_on_hopper(compiled_kernels):
 def test_denormal_gemv_keeps_subnormal_inputs(compiled_kernels):
     """The denormal unpacking multiplies subnormal codes: no flush-to-zero arithmetic may be emitted."""
     denormal = [r for r in compiled_kernels if "denormal" in r["kernel"]]
-    assert len(denormal) == 7 and not any(r["flushes_subnormals"] for r in denormal), denormal
+    assert len(denormal) == 8 and not any(r["flushes_subnormals"] for r in denormal), denormal
+
+
+def test_fragment_order_tiles_skip_the_shared_memory_round_trip(compiled_kernels):
+    """What fragment order is for: the unpacked 4-bit tile is already in wgmma's A-fragment layout, so the kernel
+    has no transposing ldmatrix (the plain-order tile goes registers -> shared memory -> ldmatrix.trans on every K
+    step to reach that layout)."""
+    by_name = {r["kernel"]: r for r in compiled_kernels}
+    fragment = [by_name["left fragment denormal 4-bit"], by_name["left fragment dequant 4-bit"]]
+    assert all(r["ok"] and r["ldmatrix_trans"] == 0 for r in fragment), fragment
+    assert by_name["left denormal 4-bit"]["ldmatrix_trans"] > 0
