@@ -202,7 +202,8 @@ def gptq_gemm_left_kernel(
         words = words.to(tl.uint32, bitcast=True)
 
         # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
-        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const, HAS_ZEROS)
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
+                                      HAS_ZEROS)
 
         if MODE == 0:
             # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation

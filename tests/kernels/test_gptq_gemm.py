@@ -160,6 +160,9 @@ LEFT_CASES = [
     (4, 32, True, False, "gptq_v2", torch.bfloat16, 1, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL)),
     (8, 64, True, True, "gptq", torch.bfloat16, 17, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL)),
     (8, -1, False, True, "gptq_v2", torch.bfloat16, 64, LeftGemmConfig(32, 16, 64, mode=LEFT_DENORMAL)),
+    # K = 160 in tiles of 64 and 128: a last K tile with one block of 32 rows, in fragment and plain order
+    (4, -1, False, True, "gptq_v2", torch.bfloat16, 5, LeftGemmConfig(16, 32, 64, split_k=2, mode=LEFT_DENORMAL)),
+    (4, -1, False, False, "gptq", torch.float16, 3, LeftGemmConfig(16, 32, 128, mode=LEFT_DEQUANT)),
 ]
 
 
