@@ -34,8 +34,8 @@ from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
     check_split_workspace,
     code_as_denormal,
+    compute_rows,
     finish_tile,
-    fragment_rows,
     kernel_tensors,
     load_x_tile,
     split_k_sizes,
@@ -191,7 +191,7 @@ def gptq_gemm_left_kernel(
     t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
         # PAIRS reads x in packed order (gathered in fragment order); the other modes put the tile in row order
-        rows = fragment_rows(t * BK + tile_rows) if FRAGMENT and MODE == 0 else t * BK + tile_rows
+        rows = compute_rows(t * BK + tile_rows, FRAGMENT and MODE == 0)
         xt = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, True)  # [BK, BM]
         w_ptrs = qweight_ptr + (t * UNITS + unit_ids)[None, :] * N + offs_n[:, None]
         if EVEN_N and EVEN_K:

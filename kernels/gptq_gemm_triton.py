@@ -14,8 +14,8 @@ from triton.runtime.jit import JITFunction
 from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
     check_split_workspace,
+    compute_rows,
     finish_tile,
-    fragment_rows,
     kernel_tensors,
     load_x_tile,
     split_k_sizes,
@@ -118,7 +118,7 @@ def gptq_gemm_kernel(
     t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     for t in range(t_begin, t_end):
         # tile row i is packed position t*BK + i; in fragment order x is gathered in that order instead
-        rows = fragment_rows(t * BK + offs_k) if FRAGMENT else t * BK + offs_k
+        rows = compute_rows(t * BK + offs_k, FRAGMENT)
         a = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, False)
         codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, EVEN)
 
@@ -165,8 +165,7 @@ def gptq_dequant_kernel(
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     codes = _load_codes(qweight_ptr, t, offs_n, N, num_rows, BITS, BK, BN, UNPACK, False)
-    positions = t * BK + tl.arange(0, BK)
-    rows = fragment_rows(positions) if FRAGMENT else positions
+    rows = compute_rows(t * BK + tl.arange(0, BK), FRAGMENT)
     scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * BK) // group_rows, offs_n, n_ok, N,
                                   zero_const, HAS_ZEROS)
     w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]

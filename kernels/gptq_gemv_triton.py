@@ -15,8 +15,8 @@ from qtool.kernels.gptq_triton_common import (
     check_split_workspace,
     code_as_denormal,
     code_as_f32,
+    compute_rows,
     finish_tile,
-    fragment_rows,
     kernel_tensors,
     split_k_sizes,
     tile_scale_zero,
@@ -133,7 +133,7 @@ def gptq_gemv_kernel(
             dot_f1 = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
             x_sum1 = tl.zeros((UNITS,), dtype=tl.float32)
         # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
-        unit_row0 = fragment_rows(units * UNIT_ROWS) if FRAGMENT else units * UNIT_ROWS
+        unit_row0 = compute_rows(units * UNIT_ROWS, FRAGMENT)
         for j in tl.static_range(UNIT_ROWS):
             rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
             if HAS_PERM:
@@ -242,7 +242,7 @@ def gptq_gemv_rows_kernel(
         dot_f = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((ROWS, UNITS), dtype=tl.float32)
         # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
-        unit_row0 = fragment_rows(units * UNIT_ROWS) if FRAGMENT else units * UNIT_ROWS
+        unit_row0 = compute_rows(units * UNIT_ROWS, FRAGMENT)
         for j in tl.static_range(UNIT_ROWS):
             rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
             if HAS_PERM:

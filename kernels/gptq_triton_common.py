@@ -100,10 +100,14 @@ def x_for_denormal_code(x, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def fragment_rows(positions):
-    """The compute rows of packed positions in fragment order (repack.fragment_rows): bit fields [1:3) and [3:5)
-    swapped."""
-    return (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
+def compute_rows(positions, FRAGMENT: tl.constexpr):
+    """The compute rows of packed positions: the positions themselves, or in fragment order their image under
+    repack.fragment_rows (bit fields [1:3) and [3:5) swapped; the same expression, written for the kernels)."""
+    if FRAGMENT:
+        rows = (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
+    else:
+        rows = positions
+    return rows
 
 
 @triton.jit

@@ -29,7 +29,7 @@ def fragment_rows(positions: torch.Tensor) -> torch.Tensor:
     """The compute row stored at each packed position in fragment order: inside every block of 32 rows, bit fields
     [1:3) and [3:5) of the position swapped (its own inverse). Word c of a block then holds rows {2c, 2c + 1} + 8i,
     the rows one lane of a wgmma A fragment holds, so the weight-left kernel unpacks straight into that layout
-    with no shared-memory round trip. The kernels compute the same map (gptq_triton_common.fragment_rows)."""
+    with no shared-memory round trip. The kernels compute the same map (gptq_triton_common.compute_rows)."""
     return (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
 
 
