@@ -126,7 +126,12 @@ def tile_scale_zero(scales_ptr, zeros_ptr, group, offs_n, n_ok, N, zero_const, H
 def split_tile_range(num_rows, pid_k, tiles_per_split, BK: tl.constexpr):
     """[t_begin, t_end): the K tiles of BK compute rows that split pid_k reduces."""
     t_begin = pid_k * tiles_per_split
-    return t_begin, tl.minimum(t_begin + tiles_per_split, tl.cdiv(num_rows, BK))
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(num_rows, BK))
+    # split_k_sizes leaves no split empty. Without this the K loop gets a zero-trip path that sets the accumulator
+    # to zero after the loop, and ptxas then serializes every wgmma of the loop (advisory C7515: "non wgmma
+    # instructions defining accumulator registers"), waiting for each MMA before the next tile is unpacked
+    tl.assume(t_end > t_begin)
+    return t_begin, t_end
 
 
 @triton.jit

@@ -5,12 +5,15 @@ Prints one JSON line per kernel: name, whether it compiled, and the PTX instruct
 
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from qtool.kernels.gptq_gemm_left_triton import gptq_gemm_left_kernel  # noqa: E402
@@ -65,6 +68,17 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("left denormal 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, TILES_PER_GROUP=1,
                                                         **COMMON), 4, 4),
+    # as the JIT specializes them on the GPU (pointers and layer sizes divisible by 16): the tiles the tuner picks at
+    # M = 64..256, where ptxas serialized the wgmma loop until the K loop lost its zero-trip path
+    ("left tuned fragment denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=64, BN=128, BK=128, SPLIT_K=2, MODE=2,
+                                                                       IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
+                                                                       EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
+                                                                       HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True),
+     8, 3),
+    ("left tuned denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=128, BK=64, SPLIT_K=1, MODE=2,
+                                                              IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
+                                                              TILES_PER_GROUP=2, HAS_PERM=False, HAS_ZEROS=True,
+                                                              HAS_BIAS=False, FRAGMENT=False), 8, 4),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,
                                                         **COMMON), 8, 3),
@@ -83,17 +97,38 @@ def signature(kernel, constexprs: dict) -> dict:
     return sig
 
 
+def divisible_by_16(kernel) -> dict:
+    """The JIT's specialization for a layer whose sizes are multiples of 16: every pointer, the layer sizes and the
+    row strides are known to be divisible by 16."""
+    names = set(POINTER_TYPES) | {"N", "K_X", "num_rows", "stride_xm", "stride_om"}
+    return {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names) if name in names}
+
+
+def wgmma_serialized(ptx: str) -> bool:
+    """Whether ptxas, run as Triton runs it for sm_90a, serializes the kernel's wgmma instructions (advisory C7515:
+    each MMA waited for before the next starts, so nothing overlaps the unpacking of the next tile)."""
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", source, "-o", os.path.join(folder, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    return "C7515" in done.stderr or "wgmma.mma_async instructions are serialized" in done.stderr
+
+
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     for name, kernel, constexprs, warps, stages in CASES:
         record = {"kernel": name}
         try:
-            source = ASTSource(kernel, signature(kernel, constexprs), constexprs=constexprs)
+            source = ASTSource(kernel, signature(kernel, constexprs), constexprs=constexprs,
+                               attrs=divisible_by_16(kernel) if "tuned" in name else None)
             compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
             ptx = compiled.asm["ptx"]
             record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
                           mma_sync=ptx.count("mma.sync"), ldmatrix_trans=ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
-                          local_memory=".local" in ptx,
+                          local_memory=".local" in ptx, wgmma_serialized=wgmma_serialized(ptx),
                           flushes_subnormals=".ftz" in ptx)
         except Exception as exc:  # report and go on: the test names every kernel that failed
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")

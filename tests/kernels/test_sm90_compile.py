@@ -32,10 +32,20 @@ def test_weight_left_kernel_uses_wgmma_on_hopper(compiled_kernels):
     assert left and all(r["wgmma"] > 0 and r["mma_sync"] == 0 for r in left), left
 
 
+def test_wgmma_loops_are_not_serialized(compiled_kernels):
+    """ptxas serializes a kernel's wgmma instructions when it cannot prove the accumulator untouched while they run
+    (C7515); the K loops must give it that proof (split_tile_range), or the MMA of one tile never overlaps the
+    unpacking of the next."""
+    with_wgmma = [r for r in compiled_kernels if r.get("wgmma")]
+    assert len(with_wgmma) >= 10 and any("tuned" in r["kernel"] for r in with_wgmma)
+    serialized = [r["kernel"] for r in with_wgmma if r["wgmma_serialized"]]
+    assert not serialized, serialized
+
+
 def test_denormal_gemv_keeps_subnormal_inputs(compiled_kernels):
     """The denormal unpacking multiplies subnormal codes: no flush-to-zero arithmetic may be emitted."""
     denormal = [r for r in compiled_kernels if "denormal" in r["kernel"]]
-    assert len(denormal) == 8 and not any(r["flushes_subnormals"] for r in denormal), denormal
+    assert len(denormal) >= 8 and not any(r["flushes_subnormals"] for r in denormal), denormal
 
 
 def test_fragment_order_tiles_skip_the_shared_memory_round_trip(compiled_kernels):
