@@ -1,13 +1,16 @@
 """What the split-K reduction alone costs on the GPU, for the tile/split shapes the tuner picks (bench/RESULTS.md):
 a kernel whose programs only finish their tile, the way the GEMM/GEMV kernels do, timed like the kernels
 (kernels/timing.py). Four ways to finish:
-  none      every program stores its tile to the output (no reduction; the launch-and-store floor)
-  atomics   kernels/gptq_triton_common.finish_tile: float32 atomic adds into a zeroed workspace; the last split
-            to arrive loads the sums from L2 and stores zeros (what the kernels do)
-  exchange  the same adds; the last split takes the sums out by one atomic exchange per element (the kernels
-            until 2026-12-01)
-  slices    every split stores its partial tile to its own workspace slice; the last to arrive loads the slices
-            and sums them (plain stores and L2 loads instead of atomics; the workspace is SPLIT_K times larger)
+  none       every program stores its tile to the output (no reduction; the launch-and-store floor)
+  exchange   kernels/gptq_triton_common.finish_tile, what the kernels do: float32 atomic adds into a zeroed
+             workspace; the last split to arrive (by an acq_rel counter) takes the sums out by one atomic exchange
+             per element
+  load_zero  the same adds; the last split loads the sums from L2 (ld.global.cg) and stores zeros
+  slices     every split stores its partial tile to its own workspace slice; the last to arrive loads the slices
+             and sums them (the workspace is SPLIT_K times larger)
+On the H200 (2026-12-01) load_zero and slices were faster but read partial sums that had not all arrived (the
+"correct" column, and the kernel tests on the GPU, failed): only atomics read back what other programs' atomics
+wrote here, so the kernels keep the exchange.
 
     python bench/split_k_reduction.py [--out DIR]
 """
@@ -31,7 +34,7 @@ from qtool.kernels.timing import time_calls_in_graph
 # and the M = 1 GEMV's 1024-column tiles)
 CASES = ((64, 4096, 64, 64, 4), (64, 8192, 64, 64, 4), (16, 4096, 16, 64, 8), (16, 12288, 16, 64, 6),
          (1, 4096, 1, 1024, 64), (1, 12288, 1, 1024, 43), (1, 57344, 1, 1024, 9))
-WAYS = ("none", "atomics", "exchange", "slices")
+WAYS = ("none", "exchange", "load_zero", "slices")
 
 
 @triton.jit
@@ -51,17 +54,16 @@ def finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, 
 
 
 @triton.jit
-def finish_tile_exchange(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                         SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+def finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
     if arrived == SPLIT_K - 1:
-        bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
-        old = tl.atomic_xchg(bits_ptrs, tl.zeros(acc.shape, dtype=tl.int32), mask=mask, sem="relaxed")
-        total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
+        total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
         store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
 
@@ -80,7 +82,7 @@ def finish_only_kernel(out_ptr, ws_ptr, counter_ptr, M, N, BM: tl.constexpr, BN:
     elif WAY == 1:
         finish_tile(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
     elif WAY == 2:
-        finish_tile_exchange(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
+        finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
     else:
         finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, pid_k, SPLIT_K,
                            False)
@@ -109,18 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     rows = []
-    print("| M | N | tile | split | none us | atomics us | exchange us | slices us | correct |")
+    print("| M | N | tile | split | none us | exchange us | load_zero us | slices us | ways that summed right |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m, n, bm, bn, split in CASES:
-        times = {}
-        correct = True
+        times, correct = {}, []
         for way, name in enumerate(WAYS):
             times[name], ok = time_way(m, n, bm, bn, split, way)
-            correct &= ok
+            if ok:
+                correct.append(name)
         rows.append(dict(M=m, N=n, BM=bm, BN=bn, split=split, correct=correct, **{f"{k}_us": v for k, v in times.items()}))
-        print(f"| {m} | {n} | {bm}x{bn} | {split} | {times['none']:.2f} | {times['atomics']:.2f} | {times['exchange']:.2f} "
-              f"| {times['slices']:.2f} "
-              f"| {correct} |", flush=True)
+        print(f"| {m} | {n} | {bm}x{bn} | {split} | {times['none']:.2f} | {times['exchange']:.2f} "
+              f"| {times['load_zero']:.2f} | {times['slices']:.2f} | {', '.join(correct)} |", flush=True)
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__)
     Path(args.out, "split_k_reduction.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0

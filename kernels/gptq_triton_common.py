@@ -168,7 +168,7 @@ def store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BI
 def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write one output tile. With SPLIT_K > 1 every split adds its partial sum into the float32 workspace
-    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back and zeroes
+    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back while zeroing
     the workspace, writes the output and resets the counter, so both are zero again for the next call and no
     memset launch is needed."""
     if SPLIT_K == 1:
@@ -181,10 +181,10 @@ def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            # the other splits are done with this tile: a vector load from L2 (not the SM's L1, which is not
-            # coherent) and a plain store of zeros instead of one scalar atomic exchange per element
-            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
+            # exchange as int32 bits: float exchange is not in the interpreter, and the bits are the same
+            bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
+            old = tl.atomic_xchg(bits_ptrs, tl.zeros(acc.shape, dtype=tl.int32), mask=mask, sem="relaxed")
+            total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
             store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
 
