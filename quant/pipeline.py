@@ -169,31 +169,56 @@ def check_output(output: Path, force: bool) -> None:
         raise QtoolError(f"output {output} is a file", "choose a directory path for the checkpoint")
 
 
-def _round_to_nearest(model, tokenizer, spec, config, output, force, report, started, compute, findings) -> QuantizeResult:
-    num_layers = len(decoder_layers(model, spec))
+@dataclass
+class _QuantizeJob:
+    """What both ways of quantizing (calibrated and round-to-nearest) share: the loaded model and where and how
+    its checkpoint is written."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: QuantConfig
+    output: Path
+    force: bool
+    report: Callable[..., None]
+    started: float
+    compute: torch.device
+    findings: list[Finding]
+    num_layers: int
+    model_name: str
+
+    def write_checkpoint(self, quantized: dict[str, QuantizedWeight], skipped: dict[str, str],
+                         modules: list[ModuleReport], calibration_tokens: int = 0, compute_dtype: str = "float32",
+                         resumed_from: int = 0) -> QuantizeResult:
+        if not quantized:
+            raise QtoolError(f"no linear of {self.model_name} can be stored in the GPTQ layout",
+                             "GPTQ needs input and output widths that are multiples of 32")
+        self.report(self.num_layers, self.num_layers, "writing checkpoint")
+        save_quantized_model(
+            self.output, self.model, quantized,
+            quantization_config=checkpoint_quantization_config(self.config, skipped, calibration_tokens, compute_dtype),
+            tokenizer=self.tokenizer, checkpoint_format=self.config.checkpoint_format, force=self.force,
+        )
+        return QuantizeResult(
+            output=str(self.output), config=self.config, layers=self.num_layers, quantized_linears=len(quantized),
+            skipped_linears=skipped, resumed_from_layer=resumed_from, seconds=time.perf_counter() - self.started,
+            peak_memory_bytes=peak_memory_bytes(self.compute), device=str(self.compute),
+            calibration_tokens=calibration_tokens, compute_dtype=compute_dtype, modules=modules, findings=self.findings,
+        )
+
+
+def _round_to_nearest(job: _QuantizeJob, spec) -> QuantizeResult:
     quantized: dict[str, QuantizedWeight] = {}
     skipped: dict[str, str] = {}
     modules: list[ModuleReport] = []
-    for index in range(num_layers):
-        report(index, num_layers, f"layer {index + 1}/{num_layers}")
-        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
+    for index in range(job.num_layers):
+        job.report(index, job.num_layers, f"layer {index + 1}/{job.num_layers}")
+        groups, layer_skipped = split_quantizable(resolve_layer_groups(job.model, index, spec), gptq_layout_check(job.config))
         skipped.update(layer_skipped)
         for group in groups:
-            layer_quantized, reports = solve_group(group, None, config)
+            layer_quantized, reports = solve_group(group, None, job.config)
             quantized.update(layer_quantized)
             modules.extend(reports)
-    if not quantized:
-        raise QtoolError("no linear of the model can be stored in the GPTQ layout", "GPTQ needs input and output widths that are multiples of 32")
-    report(num_layers, num_layers, "writing checkpoint")
-    save_quantized_model(
-        output, model, quantized, quantization_config=checkpoint_quantization_config(config, skipped, 0),
-        tokenizer=tokenizer, checkpoint_format=config.checkpoint_format, force=force,
-    )
-    return QuantizeResult(
-        output=str(output), config=config, layers=num_layers, quantized_linears=len(quantized), skipped_linears=skipped,
-        resumed_from_layer=0, seconds=time.perf_counter() - started, peak_memory_bytes=peak_memory_bytes(compute),
-        device=str(compute), calibration_tokens=0, modules=modules, findings=findings,
-    )
+    return job.write_checkpoint(quantized, skipped, modules)
 
 
 def quantize_model(
@@ -230,9 +255,11 @@ def quantize_model(
     num_layers = len(layers)
     findings = check_against_model(config, model, spec, compute)
 
+    job = _QuantizeJob(model, tokenizer, config, output, force, report, started, compute, findings, num_layers,
+                       str(model_spec))
     if config.method == "rtn":
         # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
-        return _round_to_nearest(model, tokenizer, spec, config, output, force, report, started, compute, findings)
+        return _round_to_nearest(job, spec)
 
     calibration = config.calibration
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
@@ -304,31 +331,6 @@ def quantize_model(
     # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
     for index in range(num_layers):
         quantized.update(state.load_layer(index))
-    if not quantized:
-        raise QtoolError(f"no linear of {model_spec} can be stored in the GPTQ layout", "GPTQ needs input and output widths that are multiples of 32")
-    report(num_layers, num_layers, "writing checkpoint")
-    save_quantized_model(
-        output,
-        model,
-        quantized,
-        quantization_config=checkpoint_quantization_config(config, skipped, calibration_tokens, compute_dtype),
-        tokenizer=tokenizer,
-        checkpoint_format=config.checkpoint_format,
-        force=force,
-    )
+    result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from)
     state.remove()
-    return QuantizeResult(
-        output=str(output),
-        config=config,
-        layers=num_layers,
-        quantized_linears=len(quantized),
-        skipped_linears=skipped,
-        resumed_from_layer=resumed_from,
-        seconds=time.perf_counter() - started,
-        peak_memory_bytes=peak_memory_bytes(compute),
-        device=str(compute),
-        calibration_tokens=calibration_tokens,
-        compute_dtype=compute_dtype,
-        modules=modules,
-        findings=findings,
-    )
+    return result

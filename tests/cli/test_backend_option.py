@@ -17,28 +17,14 @@ from qtool.convert.checkpoint import save_quantized_model
 from qtool.quant.rtn import rtn_quantize
 
 runner = CliRunner()
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def tiny_tokenizer():
-    """A byte-level BPE of 300 ids trained offline on a few strings."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
 @pytest.fixture
-def checkpoint(tmp_path, make_tiny_llama):
+def checkpoint(tmp_path, make_tiny_llama, make_tiny_tokenizer):
     """A 4-bit g32 RTN checkpoint of a random tiny Llama whose weights are wide enough (std 0.1) to matter."""
     directory = tmp_path / "tiny-gptq"
-    tokenizer = tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer()
     model = make_tiny_llama(seed=5, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, head_dim=32, num_attention_heads=4)
     gen = torch.Generator().manual_seed(6)
     with torch.no_grad():
@@ -55,10 +41,10 @@ def checkpoint(tmp_path, make_tiny_llama):
 
 
 @pytest.fixture
-def text_file(tmp_path):
+def text_file(tmp_path, tiny_words):
     rng = random.Random(3)
     path = tmp_path / "text.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(400)))
+    path.write_text(" ".join(rng.choice(tiny_words) for _ in range(400)))
     return path
 
 

@@ -16,25 +16,13 @@ from qtool.eval.perplexity import perplexity
 from qtool.quant.rtn import rtn_quantize
 
 runner = CliRunner()
-WORDS = "the quick brown fox jumps over lazy dog what is capital of france paris river city old new".split()
-
-
-def tiny_tokenizer():
-    """A byte-level BPE trained offline on a few words (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator([" ".join(WORDS)] * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+@pytest.fixture
+def tokenizer(make_tiny_tokenizer):
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture
-def gptq_dir(tmp_path, make_tiny_llama):
-    tokenizer = tiny_tokenizer()
+def gptq_dir(tmp_path, make_tiny_llama, tokenizer):
     model = make_tiny_llama(seed=4, vocab_size=len(tokenizer))
     quantized = {
         name: rtn_quantize(module.weight.detach(), 4, 32).quantized
@@ -45,14 +33,14 @@ def gptq_dir(tmp_path, make_tiny_llama):
 
 
 @pytest.fixture
-def text_file(tmp_path):
+def text_file(tmp_path, tiny_words):
     rng = random.Random(3)
     path = tmp_path / "text.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(600)))
+    path.write_text(" ".join(rng.choice(tiny_words) for _ in range(600)))
     return path
 
 
-def test_json_report_and_eval_of_the_output(tmp_path, gptq_dir, text_file):
+def test_json_report_and_eval_of_the_output(tmp_path, gptq_dir, text_file, tokenizer):
     out = tmp_path / "exl2"
     result = runner.invoke(app, ["convert", "gptq", "exl2", str(gptq_dir), str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -67,7 +55,7 @@ def test_json_report_and_eval_of_the_output(tmp_path, gptq_dir, text_file):
     assert evaluated.exit_code == 0, evaluated.output
     ppl = json.loads(evaluated.stdout)["ppl"]
     model = load_exl2_model(out, dtype=torch.float32)
-    ids = tiny_tokenizer()(text_file.read_text())["input_ids"]
+    ids = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
     total = 0.0
     with torch.no_grad():
         for w in range(3):
@@ -122,7 +110,7 @@ def test_listed_in_help():
     assert "convert" in runner.invoke(app, ["--help"]).stdout
 
 
-def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file):
+def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file, tokenizer):
     out = tmp_path / "exl2_45"
     args = ["convert", "gptq", "exl2", str(gptq_dir), str(out), "--bpw", "4.5", "--calibration", str(text_file), "--samples", "4", "--seqlen", "32", "--json"]
     result = runner.invoke(app, args)
@@ -137,7 +125,7 @@ def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file):
     from qtool.convert.convert import check_ids
 
     source = load_quantized_model(gptq_dir, dtype=torch.float32)
-    ids = check_ids(tiny_tokenizer(), source.config.vocab_size)
+    ids = check_ids(tokenizer, source.config.vocab_size)
     with torch.no_grad():
         diff = load_exl2_model(out, dtype=torch.float32)(ids).logits.double() - source(ids).logits.double()
     assert report["logits_max_abs_diff"] == pytest.approx(float(diff.abs().max()), rel=1e-9)
