@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.kernels.gptq_triton_common import finish_tile, store_output
+from qtool.kernels.gptq_triton_common import add_partial_tile, finish_tile, store_output
 from qtool.kernels.timing import time_calls_in_graph
 
 # (M, N, BM, BN, split): the plans picked in bench/RESULTS.md (7B o_proj M = 64 and 16, 7B qkv M = 16, 70B o_proj M = 64,
@@ -56,11 +56,7 @@ def finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, 
 @triton.jit
 def finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
+    ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
     if arrived == SPLIT_K - 1:
         total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)

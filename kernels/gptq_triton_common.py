@@ -165,6 +165,19 @@ def store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BI
 
 
 @triton.jit
+def add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id):
+    """Adds a split's partial tile into the float32 workspace [M, N] and counts the split in: (workspace pointers,
+    mask, how many splits had arrived before this one)."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+    # every thread's partial add is issued before the one release on the counter
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
+    return ws_ptrs, mask, arrived
+
+
+@triton.jit
 def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write one output tile. With SPLIT_K > 1 every split adds its partial sum into the float32 workspace
@@ -174,12 +187,7 @@ def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
     if SPLIT_K == 1:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-        # every thread's partial add is issued before the one release on the counter
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
+        ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
         if arrived == SPLIT_K - 1:
             # exchange as int32 bits: float exchange is not in the interpreter, and the bits are the same
             bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
