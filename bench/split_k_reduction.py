@@ -1,6 +1,6 @@
 """What the split-K reduction alone costs on the GPU, for the tile/split shapes the tuner picks (bench/RESULTS.md):
 a kernel whose programs only finish their tile, the way the GEMM/GEMV kernels do, timed like the kernels
-(kernels/timing.py). Four ways to finish:
+(kernels/timing.py). Five ways to finish:
   none       every program stores its tile to the output (no reduction; the launch-and-store floor)
   exchange   kernels/gptq_triton_common.finish_tile, what the kernels do: float32 atomic adds into a zeroed
              workspace; the last split to arrive (by an acq_rel counter) takes the sums out by one atomic exchange
@@ -8,6 +8,8 @@ a kernel whose programs only finish their tile, the way the GEMM/GEMV kernels do
   load_zero  the same adds; the last split loads the sums from L2 (ld.global.cg) and stores zeros
   slices     every split stores its partial tile to its own workspace slice; the last to arrive loads the slices
              and sums them (the workspace is SPLIT_K times larger)
+  atomic_read the same adds; the last split reads the sums by adding zero atomically (vector atomics, as the adds)
+             and then stores zeros: the exchange's ordering with a quarter of its operations (not yet timed)
 On the H200 (2026-12-01) load_zero and slices were faster but read partial sums that had not all arrived (the
 "correct" column, and the kernel tests on the GPU, failed): only atomics read back what other programs' atomics
 wrote here, so the kernels keep the exchange.
@@ -34,7 +36,7 @@ from qtool.kernels.timing import time_calls_in_graph
 # and the M = 1 GEMV's 1024-column tiles)
 CASES = ((64, 4096, 64, 64, 4), (64, 8192, 64, 64, 4), (16, 4096, 16, 64, 8), (16, 12288, 16, 64, 6),
          (1, 4096, 1, 1024, 64), (1, 12288, 1, 1024, 43), (1, 57344, 1, 1024, 9))
-WAYS = ("none", "exchange", "load_zero", "slices")
+WAYS = ("none", "exchange", "load_zero", "slices", "atomic_read")
 
 
 @triton.jit
@@ -65,6 +67,18 @@ def finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_pt
 
 
 @triton.jit
+def finish_tile_atomic_read(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
+    if arrived == SPLIT_K - 1:
+        total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
+        total = tl.where(mask, total, 0.0)
+        tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
+        store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
+
+
+@triton.jit
 def finish_only_kernel(out_ptr, ws_ptr, counter_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
                        WAY: tl.constexpr):
     pid = tl.program_id(0)
@@ -79,9 +93,11 @@ def finish_only_kernel(out_ptr, ws_ptr, counter_ptr, M, N, BM: tl.constexpr, BN:
         finish_tile(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
     elif WAY == 2:
         finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
-    else:
+    elif WAY == 3:
         finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, pid_k, SPLIT_K,
                            False)
+    else:
+        finish_tile_atomic_read(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
 
 
 def time_way(m: int, n: int, bm: int, bn: int, split: int, way: int) -> tuple[float, bool]:
@@ -107,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     rows = []
-    print("| M | N | tile | split | none us | exchange us | load_zero us | slices us | ways that summed right |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| M | N | tile | split | none us | exchange us | load_zero us | slices us | atomic_read us | ways that summed right |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m, n, bm, bn, split in CASES:
         times, correct = {}, []
         for way, name in enumerate(WAYS):
