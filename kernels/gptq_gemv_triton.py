@@ -194,7 +194,6 @@ def gptq_gemv_rows_kernel(
     ...) of UNITS packing units (a unit: one word of 32/BITS rows of W^T, or three words of 32 rows for 3 bits).
     Each tile lies inside one group, so with f = 1 + q/2^b the tile contributes s*(2^b*sum(x*f) - (2^b + z)*sum(x)).
     A weight tile is unpacked once and used for every input row."""
-    UNIT_WORDS: tl.constexpr = 3 if BITS == 3 else 1
     UNIT_ROWS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     TILE_ROWS: tl.constexpr = UNITS * UNIT_ROWS
     DIV: tl.constexpr = 1 << BITS
@@ -216,28 +215,10 @@ def gptq_gemv_rows_kernel(
     for t in range(t_begin, t_end):
         units = t * UNITS + unit_ids
         unit_ok = units < num_units
-        w_ptrs = qweight_ptr + (units * UNIT_WORDS)[:, None] * N + offs_n[None, :]
-        if EVEN_N and EVEN_UNITS:
-            w0 = tl.load(w_ptrs).to(tl.uint32, bitcast=True)
-            if BITS == 3:
-                w1 = tl.load(w_ptrs + N).to(tl.uint32, bitcast=True)
-                w2 = tl.load(w_ptrs + 2 * N).to(tl.uint32, bitcast=True)
-        else:
-            w_mask = unit_ok[:, None] & n_ok[None, :]
-            w0 = tl.load(w_ptrs, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-            if BITS == 3:
-                w1 = tl.load(w_ptrs + N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-                w2 = tl.load(w_ptrs + 2 * N, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
-        if BITS != 3:
-            w1 = w0
-            w2 = w0
-
-        group = (t * TILE_ROWS) // group_rows
-        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
-        else:
-            zero = zero_const
+        w0, w1, w2 = _tile_words(qweight_ptr, t, unit_ids, offs_n, n_ok, N, num_units, BITS, UNITS,
+                                 EVEN_N and EVEN_UNITS)
+        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, (t * TILE_ROWS) // group_rows, offs_n, n_ok, N,
+                                      zero_const, HAS_ZEROS)
 
         dot_f = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((ROWS, UNITS), dtype=tl.float32)
