@@ -56,23 +56,17 @@ def finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, 
 
 
 @triton.jit
-def finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+def finish_tile_read_and_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_READ: tl.constexpr):
+    """The kernels' atomic adds; the last split reads the sums by a plain L2 load (load_zero) or by adding zero
+    atomically (atomic_read), then stores zeros."""
     ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
     if arrived == SPLIT_K - 1:
-        total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
-        store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-        tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
-
-
-@triton.jit
-def finish_tile_atomic_read(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                            SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
-    if arrived == SPLIT_K - 1:
-        total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
-        total = tl.where(mask, total, 0.0)
+        if ATOMIC_READ:
+            total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
+            total = tl.where(mask, total, 0.0)
+        else:
+            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
         tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
         store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
@@ -91,13 +85,12 @@ def finish_only_kernel(out_ptr, ws_ptr, counter_ptr, M, N, BM: tl.constexpr, BN:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, False)
     elif WAY == 1:
         finish_tile(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
-    elif WAY == 2:
-        finish_tile_load_zero(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
     elif WAY == 3:
         finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, pid_k, SPLIT_K,
                            False)
-    else:
-        finish_tile_atomic_read(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
+    else:  # 2 load_zero, 4 atomic_read
+        finish_tile_read_and_zero(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K,
+                                  False, WAY == 4)
 
 
 def time_way(m: int, n: int, bm: int, bn: int, split: int, way: int) -> tuple[float, bool]:
