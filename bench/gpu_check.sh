@@ -3,6 +3,7 @@
 #   tests   the kernel tests compiled (TRITON_INTERPRET unset)
 #   decode  bench/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
 #   eval    `qtool eval` perplexity of a GPTQ checkpoint with --backend torch and --backend triton
+#   reduce  bench/split_k_reduction.py: the split-K reduction alone, each way of finishing a tile (~30 s)
 #   bench   bench/kernels.py (the shape/M grid) with whatever time is left before DEADLINE_S
 #   quick   tests + bench --quick
 # Everything is written to $WORK (default /tmp/qtool_gpu) and packed into $OUT/results.tgz.
@@ -69,6 +70,12 @@ if has_stage tests || has_stage quick; then
         >"$WORK/tests.log" 2>&1
     stage_done tests $?
     tail -25 "$WORK/tests.log"
+fi
+
+if has_stage reduce; then
+    timeout 120 "$PYTHON" bench/split_k_reduction.py --out "$WORK" >"$WORK/split_k_reduction.log" 2>&1
+    stage_done reduce $?
+    cat "$WORK/split_k_reduction.log"
 fi
 
 if has_stage decode; then
