@@ -15,6 +15,7 @@ from qtool.kernels.gptq_triton_common import (
     check_split_workspace,
     code_as_denormal,
     code_as_f32,
+    code_rows,
     compute_rows,
     finish_tile,
     kernel_tensors,
@@ -132,10 +133,9 @@ def gptq_gemv_kernel(
         if ROWS == 2:
             dot_f1 = tl.zeros((UNITS, BLOCK_N), dtype=tl.float32)
             x_sum1 = tl.zeros((UNITS,), dtype=tl.float32)
-        # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
         unit_row0 = compute_rows(units * UNIT_ROWS, FRAGMENT)
         for j in tl.static_range(UNIT_ROWS):
-            rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
+            rows = code_rows(unit_row0, j, FRAGMENT)
             if HAS_PERM:
                 cols = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
                 ok = cols >= 0
@@ -222,10 +222,9 @@ def gptq_gemv_rows_kernel(
 
         dot_f = tl.zeros((ROWS, UNITS, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((ROWS, UNITS), dtype=tl.float32)
-        # compute row of code j: units * UNIT_ROWS + j, or in fragment order its image, unit_row0 + (j % 2) + 8 (j // 2)
         unit_row0 = compute_rows(units * UNIT_ROWS, FRAGMENT)
         for j in tl.static_range(UNIT_ROWS):
-            rows = unit_row0 + ((j % 2 + 8 * (j // 2)) if FRAGMENT else j)
+            rows = code_rows(unit_row0, j, FRAGMENT)
             if HAS_PERM:
                 src = tl.load(perm_ptr + rows, mask=unit_ok, other=-1)
                 xj = tl.load(x_ptr + offs_r[:, None] * stride_xm + src[None, :],

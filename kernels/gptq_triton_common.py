@@ -111,6 +111,17 @@ def compute_rows(positions, FRAGMENT: tl.constexpr):
 
 
 @triton.jit
+def code_rows(unit_row0, J: tl.constexpr, FRAGMENT: tl.constexpr):
+    """The compute rows of code J of one-word units whose code 0 sits at unit_row0 (compute_rows of the units'
+    first packed positions): unit_row0 + J, or in fragment order unit_row0 + J % 2 + 8 (J // 2)."""
+    if FRAGMENT:
+        rows = unit_row0 + (J % 2 + 8 * (J // 2))
+    else:
+        rows = unit_row0 + J
+    return rows
+
+
+@triton.jit
 def tile_scale_zero(scales_ptr, zeros_ptr, group, offs_n, n_ok, N, zero_const, HAS_ZEROS: tl.constexpr):
     """(scale, zero) float32 [BLOCK_N] of a group; zero is zero_const for every column when the layer has no zero
     tensor."""
