@@ -4,6 +4,8 @@
 #   decode  bench/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
 #   eval    `qtool eval` perplexity of a GPTQ checkpoint with --backend torch and --backend triton
 #   reduce  bench/split_k_reduction.py: the split-K reduction alone, each way of finishing a tile (~30 s)
+#   profile Nsight Compute (ncu) on one launch of each bench/profile_kernels.py case (PROFILE_CASES narrows them):
+#           counters, stall reasons per SASS instruction, exported as text
 #   bench   bench/kernels.py (the issue's shape/M grid) with whatever time is left before DEADLINE_S
 #   quick   tests + bench --quick
 # Everything is written to $WORK (default /tmp/qtool_gpu) and packed into $OUT/results.tgz.
@@ -31,7 +33,7 @@ unset TRITON_INTERPRET
 BEGAN=$SECONDS
 left() { echo $((DEADLINE_S - (SECONDS - BEGAN))); }
 has_stage() { local s; for s in "${STAGES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
-pack() { tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null; }
+pack() { tar czf "$OUT/results.tgz" --exclude="*.ncu-rep" -C "$WORK" . 2>/dev/null; }
 trap pack EXIT
 
 "$PYTHON" -c 'import platform, torch, triton
@@ -76,6 +78,27 @@ if has_stage reduce; then
     timeout 120 "$PYTHON" bench/split_k_reduction.py --out "$WORK" >"$WORK/split_k_reduction.log" 2>&1
     stage_done reduce $?
     cat "$WORK/split_k_reduction.log"
+fi
+
+if has_stage profile; then
+    mkdir -p "$WORK/profile"
+    ncu --version >"$WORK/profile/ncu_version.txt" 2>&1
+    for case in ${PROFILE_CASES:-$("$PYTHON" bench/profile_kernels.py --list)}; do
+        (( $(left) < 40 )) && { echo "profile: no time left for $case" | tee -a "$WORK/stages.txt"; break; }
+        rep="$WORK/profile/$case"
+        timeout 120 ncu --clock-control none -k regex:gptq --launch-skip 1 --launch-count 1 \
+            --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+            --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+            --section SourceCounters --import-source no -f -o "$rep" \
+            "$PYTHON" bench/profile_kernels.py --case "$case" >"$rep.log" 2>&1
+        stage_done "profile-$case" $?
+        ncu -i "$rep.ncu-rep" --page details >"$rep.details.txt" 2>&1
+        ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1
+        "$PYTHON" bench/ncu_summary.py "$rep.sass.csv" \
+            --values "$("$PYTHON" bench/profile_kernels.py --case "$case" --values)" >"$rep.summary.txt" 2>&1
+        grep -E "relative error|Duration|Issue Slots Busy|Eligible Warps" "$rep.log" "$rep.details.txt"
+        head -3 "$rep.summary.txt"
+    done
 fi
 
 if has_stage decode; then

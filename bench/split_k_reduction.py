@@ -2,17 +2,18 @@
 a kernel whose programs only finish their tile, the way the GEMM/GEMV kernels do, timed like the kernels
 (kernels/timing.py). Five ways to finish:
   none       every program stores its tile to the output (no reduction; the launch-and-store floor)
-  exchange   kernels/gptq_triton_common.finish_tile, what the kernels do: float32 atomic adds into a zeroed
-             workspace; the last split to arrive (by an acq_rel counter) takes the sums out by one atomic exchange
-             per element
+  kernels    kernels/gptq_triton_common.finish_tile, what the kernels do: float32 atomic adds into a zeroed
+             workspace; the last split to arrive (by an acq_rel counter) reads the sums by adding zero atomically
+             (vector atomics) and stores zeros
+  exchange   the same adds; the last split takes the sums out by one scalar atomic exchange per element (what the
+             kernels did up to run 21)
   load_zero  the same adds; the last split loads the sums from L2 (ld.global.cg) and stores zeros
   slices     every split stores its partial tile to its own workspace slice; the last to arrive loads the slices
              and sums them (the workspace is SPLIT_K times larger)
-  atomic_read the same adds; the last split reads the sums by adding zero atomically (vector atomics, as the adds)
-             and then stores zeros: the exchange's ordering with a quarter of its operations (not yet timed)
-On the H200 (2026-12-01) load_zero and slices were faster but read partial sums that had not all arrived (the
-"correct" column, and the kernel tests on the GPU, failed): only atomics read back what other programs' atomics
-wrote here, so the kernels keep the exchange.
+On the H200 (2026-12-01) load_zero and slices were faster than exchange but load_zero read partial sums that had
+not all arrived (the "correct" column, and the kernel tests on the GPU, failed): only atomics read back what other
+programs' atomics wrote here. Adding zero atomically was correct on every shape and 0.3-3.7 us faster than the
+exchange (run 22), so the kernels now read that way.
 
     python bench/split_k_reduction.py [--out DIR]
 """
@@ -36,7 +37,7 @@ from qtool.kernels.timing import time_calls_in_graph
 # and the M = 1 GEMV's 1024-column tiles)
 CASES = ((64, 4096, 64, 64, 4), (64, 8192, 64, 64, 4), (16, 4096, 16, 64, 8), (16, 12288, 16, 64, 6),
          (1, 4096, 1, 1024, 64), (1, 12288, 1, 1024, 43), (1, 57344, 1, 1024, 9))
-WAYS = ("none", "exchange", "load_zero", "slices", "atomic_read")
+WAYS = ("none", "kernels", "exchange", "load_zero", "slices")
 
 
 @triton.jit
@@ -56,18 +57,19 @@ def finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, 
 
 
 @triton.jit
-def finish_tile_read_and_zero(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                              SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC_READ: tl.constexpr):
-    """The kernels' atomic adds; the last split reads the sums by a plain L2 load (load_zero) or by adding zero
-    atomically (atomic_read), then stores zeros."""
+def finish_tile_read_back(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EXCHANGE: tl.constexpr):
+    """The kernels' atomic adds; the last split takes the sums by one atomic exchange per element (EXCHANGE) or
+    reads them by a plain L2 load and stores zeros."""
     ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
     if arrived == SPLIT_K - 1:
-        if ATOMIC_READ:
-            total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
-            total = tl.where(mask, total, 0.0)
+        if EXCHANGE:
+            bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
+            old = tl.atomic_xchg(bits_ptrs, tl.zeros(acc.shape, dtype=tl.int32), mask=mask, sem="relaxed")
+            total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
         else:
             total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
+            tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
         store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
 
@@ -85,12 +87,12 @@ def finish_only_kernel(out_ptr, ws_ptr, counter_ptr, M, N, BM: tl.constexpr, BN:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, False)
     elif WAY == 1:
         finish_tile(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K, False)
-    elif WAY == 3:
+    elif WAY == 4:
         finish_tile_slices(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, pid_k, SPLIT_K,
                            False)
-    else:  # 2 load_zero, 4 atomic_read
-        finish_tile_read_and_zero(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K,
-                                  False, WAY == 4)
+    else:  # 2 exchange, 3 load_zero
+        finish_tile_read_back(acc, offs_m, offs_n, M, N, out_ptr, N, out_ptr, ws_ptr, counter_ptr, pid, SPLIT_K,
+                              False, WAY == 2)
 
 
 def time_way(m: int, n: int, bm: int, bn: int, split: int, way: int) -> tuple[float, bool]:
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     rows = []
-    print("| M | N | tile | split | none us | exchange us | load_zero us | slices us | atomic_read us | ways that summed right |")
+    print("| M | N | tile | split | " + " | ".join(f"{w} us" for w in WAYS) + " | ways that summed right |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for m, n, bm, bn, split in CASES:
         times, correct = {}, []
@@ -125,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             if ok:
                 correct.append(name)
         rows.append(dict(M=m, N=n, BM=bm, BN=bn, split=split, correct=correct, **{f"{k}_us": v for k, v in times.items()}))
-        print(f"| {m} | {n} | {bm}x{bn} | {split} | {times['none']:.2f} | {times['exchange']:.2f} "
-              f"| {times['load_zero']:.2f} | {times['slices']:.2f} | {', '.join(correct)} |", flush=True)
+        print(f"| {m} | {n} | {bm}x{bn} | {split} | " + " | ".join(f"{times[w]:.2f}" for w in WAYS)
+              + f" | {', '.join(correct)} |", flush=True)
     meta = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, triton=triton.__version__)
     Path(args.out, "split_k_reduction.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0

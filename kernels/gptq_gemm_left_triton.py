@@ -163,7 +163,7 @@ def gptq_gemm_left_kernel(
     BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
 ):
     """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
     each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
@@ -192,7 +192,8 @@ def gptq_gemm_left_kernel(
     for t in range(t_begin, t_end):
         # PAIRS reads x in packed order (gathered in fragment order); the other modes put the tile in row order
         rows = compute_rows(t * BK + tile_rows, FRAGMENT and MODE == 0)
-        xt = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, True)  # [BK, BM]
+        xt = load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X, HAS_PERM, True,
+                         X_IN_BOUNDS)  # [BK, BM]
         w_ptrs = qweight_ptr + (t * UNITS + unit_ids)[None, :] * N + offs_n[:, None]
         if EVEN_N and EVEN_K:
             words = tl.load(w_ptrs)
@@ -266,6 +267,13 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
     return config.block_m >= 16 and config.block_n >= 16
 
 
+def x_in_bounds(x: torch.Tensor, weight: GptqComputeWeight, block_m: int, block_k: int) -> bool:
+    """Whether every x tile a launch reads lies inside x: no permutation, compute rows = input columns, and M and
+    K multiples of the tile."""
+    return (weight.perm is None and weight.k_rows == weight.in_features and weight.k_rows % block_k == 0
+            and x.shape[0] % block_m == 0)
+
+
 def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmConfig, out: torch.Tensor,
                    workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W^T (+ bias). With split_k > 1, workspace float32 [>= M*N] and counters int32
@@ -285,6 +293,6 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
         MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
         DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
-        TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k), TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -147,9 +147,17 @@ def split_tile_range(num_rows, pid_k, tiles_per_split, BK: tl.constexpr):
 
 @triton.jit
 def load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X,
-                HAS_PERM: tl.constexpr, K_MAJOR: tl.constexpr):
+                HAS_PERM: tl.constexpr, K_MAJOR: tl.constexpr, IN_BOUNDS: tl.constexpr = False):
     """x at rows offs_m and the input columns of compute rows `rows`, as [BM, BK] ([BK, BM] with K_MAJOR); zero
-    for padding rows of the permutation, rows past K and rows past M."""
+    for padding rows of the permutation, rows past K and rows past M. IN_BOUNDS: the caller knows every row and
+    column is inside x (no permutation, M and K multiples of the tile), so the load needs no mask: at large M
+    the per-element mask and zero-fill selects cost more than a weight value's own unpacking."""
+    if IN_BOUNDS:
+        if K_MAJOR:
+            tile = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None])
+        else:
+            tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :])
+        return tile
     if HAS_PERM:
         cols = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
         ok = cols >= 0
@@ -192,18 +200,20 @@ def add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id):
 def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write one output tile. With SPLIT_K > 1 every split adds its partial sum into the float32 workspace
-    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back while zeroing
-    the workspace, writes the output and resets the counter, so both are zero again for the next call and no
+    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back and zeroes the
+    workspace, writes the output and resets the counter, so both are zero again for the next call and no
     memset launch is needed."""
     if SPLIT_K == 1:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
         ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
         if arrived == SPLIT_K - 1:
-            # exchange as int32 bits: float exchange is not in the interpreter, and the bits are the same
-            bits_ptrs = ws_ptrs.to(tl.pointer_type(tl.int32))
-            old = tl.atomic_xchg(bits_ptrs, tl.zeros(acc.shape, dtype=tl.int32), mask=mask, sem="relaxed")
-            total = tl.where(mask, old.to(tl.float32, bitcast=True), 0.0)
+            # the sums are read by atomics (adding zero: vector atomics, a quarter of the operations of one
+            # exchange per element): a plain load here returned sums that had not all arrived on the H200, while
+            # atomics see every other program's atomic adds (bench/split_k_reduction.py, run 22)
+            total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
+            tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
+            total = tl.where(mask, total, 0.0)
             store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
 

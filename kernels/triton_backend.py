@@ -84,23 +84,25 @@ def tune_key(weight: GptqComputeWeight, m: int, dtype: torch.dtype, device: torc
                    weight.perm is not None, weight.zeros is not None, str(dtype), str(device))
 
 
-def _split_for(tiles_mn: int, k_tiles: int, target_programs: int) -> int:
-    """Splits along K that bring the grid near target_programs without leaving a split empty."""
-    split = max(1, min(k_tiles, round(target_programs / max(tiles_mn, 1))))
+def _split_for(tiles_mn: int, k_tiles: int, target_programs: int, within: bool = False) -> int:
+    """Splits along K that bring the grid near target_programs without leaving a split empty; within: the most
+    splits whose grid stays at or below target_programs."""
+    wanted = target_programs // max(tiles_mn, 1) if within else round(target_programs / max(tiles_mn, 1))
+    split = max(1, min(k_tiles, wanted))
     per_split = math.ceil(k_tiles / split)
     return math.ceil(k_tiles / per_split)
 
 
 def _tile_k_and_split(weight: GptqComputeWeight, m: int, bm: int, bn: int, bk: int, per_sm: int,
-                      num_sms: int) -> tuple[int, int]:
+                      num_sms: int, within: bool = False) -> tuple[int, int]:
     """(K tile, splits) of a tl.dot shape: the K tile halved until it fits inside a group; K split so the grid
-    holds about per_sm programs per SM (per_sm 0: no split)."""
+    holds about per_sm programs per SM (per_sm 0: no split; within: at most per_sm)."""
     while bk > 32 and weight.group_rows % bk:
         bk //= 2
     if not per_sm:
         return bk, 1
     tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
-    return bk, _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms)
+    return bk, _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms, within)
 
 
 # (block_n, K rows per tile, warps, sum rows every tile, programs per SM, prefetch). block_n = 128*warps puts the
@@ -205,11 +207,14 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
         if mode == LEFT_PAIRS and weight.fragment_order:
             continue  # PAIRS gathers x in fragment order: 1.4-2x slower than in plain order (run 16), never picked
-        bk, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms)
-        config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split,
-                                mode=natural if mode == NATURAL else mode, num_warps=warps, num_stages=stages)
-        if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
-            plans.append(Plan("left", config))
+        # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
+        # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
+        for within in (False, True):
+            tile_k, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within)
+            config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split,
+                                    mode=natural if mode == NATURAL else mode, num_warps=warps, num_stages=stages)
+            if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
+                plans.append(Plan("left", config))
     return plans
 
 

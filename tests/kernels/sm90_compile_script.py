@@ -23,6 +23,7 @@ from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kern
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
+LEFT = dict(X_IN_BOUNDS=False)  # act order (HAS_PERM): x is gathered with masks
 FRAGMENT = dict(COMMON, FRAGMENT=True)
 CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("gemv denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
@@ -46,46 +47,51 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
                                                      FRAGMENT=True), 8, 1),
     ("left pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=128, BK=128, SPLIT_K=2, MODE=0, IS_BF16=True,
                                                      DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1,
-                                                     **COMMON), 4, 3),
+                                                     **COMMON, **LEFT), 4, 3),
     ("left dequant 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=64, BN=128, BK=128, SPLIT_K=1, MODE=1, IS_BF16=True,
                                                        DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, TILES_PER_GROUP=3,
-                                                       **COMMON), 8, 3),
+                                                       **COMMON, **LEFT), 8, 3),
     ("left dequant 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=1, IS_BF16=True,
                                                        DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1,
-                                                       **COMMON), 4, 4),
+                                                       **COMMON, **LEFT), 4, 4),
     ("left denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=64, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=2,
-                                                        **COMMON), 4, 3),
+                                                        **COMMON, **LEFT), 4, 3),
     ("left fragment denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=128, SPLIT_K=2, MODE=2,
                                                                  IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
-                                                                 TILES_PER_GROUP=1, **FRAGMENT), 4, 4),
+                                                                 TILES_PER_GROUP=1, **FRAGMENT, **LEFT), 4, 4),
     ("left fragment dequant 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=128, BN=128, BK=64, SPLIT_K=1, MODE=1,
                                                                 IS_BF16=True, DOT_IN_F32=False, EVEN_N=False, EVEN_K=True,
-                                                                TILES_PER_GROUP=2, **FRAGMENT), 8, 3),
+                                                                TILES_PER_GROUP=2, **FRAGMENT, **LEFT), 8, 3),
     ("left fragment pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=64, SPLIT_K=1, MODE=0,
                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
-                                                              TILES_PER_GROUP=2, **FRAGMENT), 4, 3),
+                                                              TILES_PER_GROUP=2, **FRAGMENT, **LEFT), 4, 3),
     ("left denormal 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, TILES_PER_GROUP=1,
-                                                        **COMMON), 4, 4),
+                                                        **COMMON, **LEFT), 4, 4),
     # as the JIT specializes them on the GPU (pointers and layer sizes divisible by 16): the tiles the tuner picks at
     # M = 64..256, where ptxas serialized the wgmma loop until the K loop lost its zero-trip path
     ("left tuned fragment denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=64, BN=128, BK=128, SPLIT_K=2, MODE=2,
                                                                        IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
                                                                        EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
-                                                                       HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True),
+                                                                       HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True,
+                                                                       X_IN_BOUNDS=True),
      8, 3),
     ("left tuned denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=128, BK=64, SPLIT_K=1, MODE=2,
                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
                                                               TILES_PER_GROUP=2, HAS_PERM=False, HAS_ZEROS=True,
-                                                              HAS_BIAS=False, FRAGMENT=False), 8, 4),
+                                                              HAS_BIAS=False, FRAGMENT=False, X_IN_BOUNDS=True),
+     8, 4),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,
-                                                        **COMMON), 8, 3),
+                                                        **COMMON, **LEFT), 8, 3),
 ]
 
 
 def signature(kernel, constexprs: dict) -> dict:
+    missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
+    if missing:  # it would compile as a runtime argument, branches and all, and not be the kernel the GPU runs
+        raise ValueError(f"{kernel.fn.__name__}: no value for constexpr {missing}")
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:

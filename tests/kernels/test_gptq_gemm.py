@@ -28,6 +28,7 @@ from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
     LeftGemmConfig,
     gptq_gemm_left,
     left_config_valid,
+    x_in_bounds,
 )
 from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
@@ -163,6 +164,9 @@ LEFT_CASES = [
     # K = 160 in tiles of 64 and 128: a last K tile with one block of 32 rows, in fragment and plain order
     (4, -1, False, True, "gptq_v2", torch.bfloat16, 5, LeftGemmConfig(16, 32, 64, split_k=2, mode=LEFT_DENORMAL)),
     (4, -1, False, False, "gptq", torch.float16, 3, LeftGemmConfig(16, 32, 128, mode=LEFT_DEQUANT)),
+    # M and K multiples of the tile, no act order: x is read without masks (x_in_bounds)
+    (4, -1, False, True, "gptq_v2", torch.bfloat16, 32, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL)),
+    (8, 32, False, False, "gptq", torch.float16, 48, LeftGemmConfig(16, 16, 32, mode=LEFT_DEQUANT)),
 ]
 
 
@@ -174,6 +178,20 @@ def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order,
     4-bit layers run in fragment order (the tile permuted into the wgmma fragment layout) and in plain order."""
     check_kernel_against_float64(gptq_gemm_left, left_config_valid, 80, 160, bits, group_size, act_order, asym, fmt,
                                  dtype, m, config, seed=bits * 1000 + group_size * 10 + m + 7, fragment_order=fragment_order)
+
+
+def test_x_is_read_unmasked_only_when_every_tile_is_inside_it():
+    """The two in-bounds LEFT_CASES above take the unmasked path; a partial M tile, a partial last K tile or an
+    act-order permutation does not."""
+    def layer(group_size, act_order):
+        return repacked(random_gptq_layer(80, 160, 4, group_size, act_order, True, "gptq_v2", 3)[-1], True)
+
+    plain, grouped, permuted = layer(-1, False), layer(32, False), layer(32, True)
+    x = torch.zeros(32, 160)
+    assert x_in_bounds(x, plain, 16, 32) and x_in_bounds(x, grouped, 32, 32)
+    assert not x_in_bounds(x[:31], plain, 16, 32)  # a partial M tile
+    assert not x_in_bounds(x, plain, 16, 64)  # K = 160: a partial last K tile
+    assert not x_in_bounds(x, permuted, 16, 32)
 
 
 def test_weight_left_refuses_what_it_cannot_compute_exactly():
