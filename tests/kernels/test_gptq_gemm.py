@@ -375,7 +375,7 @@ def test_every_tuning_candidate_on_gpu(bits, group_size, act_order, dtype):
     backend = TritonBackend(tune=False)
     layer = backend.prepare(t)
     failures = []
-    for m in (1, 3, 16, 48, 256):
+    for m in (1, 3, 16, 48, 128, 256):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(DEVICE)
         ref = reference(x, codes, scales, zeros, g_idx, t.bias)
         for plan in candidate_plans(layer, m, dtype, torch.cuda.get_device_properties(0).multi_processor_count):
