@@ -1,11 +1,11 @@
 """The Triton GEMM (tl.dot, both weight-tile modes and unpack schemes, split-K), the dequantize kernel and the
 backend's dispatch by M, against y = x @ W^T + b in float64 from random codes packed here independently."""
 
-import math
 import os
 
 import pytest
 import torch
+from gptq_reference import random_gptq_codes, reference, reference_weight, relative_error
 
 if not torch.cuda.is_available():
     # before the kernel modules are imported: triton.jit reads it when a kernel is defined
@@ -54,47 +54,14 @@ def kernels_can_run():
     )
 
 
-def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """[rows, cols] codes -> int32 [rows, cols*bits/32]: each row one little-endian bit stream (Python ints)."""
-    out = []
-    for row in values.tolist():
-        stream = sum(int(v) << (bits * j) for j, v in enumerate(row))
-        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(len(row) * bits // 32)]
-        out.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])
-    return torch.tensor(out, dtype=torch.int32)
-
-
 def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed):
     """(codes [N,K], scales [G,N] f16, zeros [G,N], g_idx [K], GptqLinearTensors on DEVICE)."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else math.ceil(k / group_size)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
-    zeros = torch.randint(1, 1 << bits, (groups, n), generator=gen) if asym else torch.full((groups, n), 1 << (bits - 1))
-    g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else torch.arange(k, dtype=torch.int32) // group_size
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
+    layer = random_gptq_codes(n, k, bits, group_size, act_order, asym, checkpoint_format, seed)
     tensors = GptqLinearTensors(
-        pack_stream(codes, bits).T.contiguous().to(DEVICE), pack_stream(stored_zeros, bits).to(DEVICE),
-        scales.to(DEVICE), g_idx.to(DEVICE), bias.to(DEVICE), bits, group_size, checkpoint_format,
+        layer.qweight.to(DEVICE), layer.qzeros.to(DEVICE), layer.scales.to(DEVICE), layer.g_idx.to(DEVICE),
+        layer.bias.to(DEVICE), bits, group_size, checkpoint_format,
     )
-    return codes, scales, zeros, g_idx, tensors
-
-
-def reference_weight(codes, scales, zeros, g_idx):
-    rows = g_idx.long()
-    return scales.double()[rows].T * (codes.double() - zeros.double()[rows].T)
-
-
-def reference(x, codes, scales, zeros, g_idx, bias):
-    y = x.double().cpu() @ reference_weight(codes, scales, zeros, g_idx).T
-    return y if bias is None else y + bias.double().cpu()
-
-
-def relative_error(y, ref):
-    return ((y.double().cpu() - ref).norm() / ref.norm()).item()
+    return layer.codes, layer.scales, layer.zeros, layer.g_idx, tensors
 
 
 def repacked(t: GptqLinearTensors, fragment_order: bool = True):

@@ -2,11 +2,11 @@
 codes, scales and zeros packed here by an independent bit-stream packer: every bit width, act order, groups
 that do not divide K, padded irregular groups, per-channel, sym/asym, v1/v2, fp16/bf16, split-K."""
 
-import math
 import os
 
 import pytest
 import torch
+from gptq_reference import random_gptq_codes, reference, relative_error
 
 if not torch.cuda.is_available():
     # before the kernel modules are imported: triton.jit reads it when a kernel is defined
@@ -30,52 +30,11 @@ def kernels_can_run():
     )
 
 
-def pack_stream(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """[rows, cols] codes -> int32 [rows, cols*bits/32]: each row one little-endian bit stream (Python ints)."""
-    out = []
-    for row in values.tolist():
-        stream = sum(int(v) << (bits * j) for j, v in enumerate(row))
-        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(len(row) * bits // 32)]
-        out.append([w - (1 << 32) if w >= 1 << 31 else w for w in words])
-    return torch.tensor(out, dtype=torch.int32)
-
-
 def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed, irregular=False):
-    """(codes [N,K], scales [G,N] f16, zeros [G,N], g_idx [K], GPTQ tensors dict, bias f16)."""
-    gen = torch.Generator().manual_seed(seed)
-    groups = 1 if group_size == -1 else math.ceil(k / group_size)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=gen)
-    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
-    if asym:
-        zeros = torch.randint(1, 1 << bits, (groups, n), generator=gen)
-    else:
-        zeros = torch.full((groups, n), 1 << (bits - 1))
-    g_idx = torch.zeros(k, dtype=torch.int32) if group_size == -1 else torch.arange(k, dtype=torch.int32) // group_size
-    if irregular:  # groups of unequal size, as some quantizers write: the repack pads them
-        g_idx = torch.randint(0, groups, (k,), generator=gen, dtype=torch.int32)
-        g_idx[:groups] = torch.arange(groups, dtype=torch.int32)
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=gen)]
-    stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
-    tensors = {
-        "qweight": pack_stream(codes, bits).T.contiguous(),
-        "qzeros": pack_stream(stored_zeros, bits),
-        "scales": scales,
-        "g_idx": g_idx,
-    }
-    bias = (torch.randn(n, generator=gen) * 0.1).half()
-    return codes, scales, zeros, g_idx, tensors, bias
-
-
-def reference(x, codes, scales, zeros, g_idx, bias):
-    rows = g_idx.long()
-    weight = scales.double()[rows].T * (codes.double() - zeros.double()[rows].T)
-    y = x.double().cpu() @ weight.T
-    return y if bias is None else y + bias.double()
-
-
-def relative_error(y, ref):
-    return ((y.double().cpu() - ref).norm() / ref.norm()).item()
+    """(codes [N,K], scales [G,N] f16, zeros [G,N], g_idx [K], GPTQ tensors dict, bias f16), on the CPU."""
+    layer = random_gptq_codes(n, k, bits, group_size, act_order, asym, checkpoint_format, seed, irregular)
+    tensors = {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales, "g_idx": layer.g_idx}
+    return layer.codes, layer.scales, layer.zeros, layer.g_idx, tensors, layer.bias
 
 
 # (bits, group_size, act_order, asym, checkpoint format, irregular groups, dtype, split_k)
