@@ -32,7 +32,8 @@ def _bench_kernels_module():
 
 
 def _left(bm, bn, bk, split, warps, stages):
-    return Plan("left", LeftGemmConfig(bm, bn, bk, split_k=split, mode=LEFT_DENORMAL, num_warps=warps, num_stages=stages))
+    return Plan("left", LeftGemmConfig(bm, bn, bk, split_k=split, mode=LEFT_DENORMAL, num_warps=warps,
+                                       num_stages=stages))
 
 
 def _gemv(block_n, units, split, prefetch):

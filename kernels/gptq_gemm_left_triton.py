@@ -293,6 +293,7 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
         MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
         DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
-        X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k), TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k),
+        TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
