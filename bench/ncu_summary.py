@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("csv", nargs="+", help="ncu source-page exports (--csv --print-source sass)")
     parser.add_argument("--values", type=int, default=None, help="weight values the kernel reads (K x N)")
     args = parser.parse_args(argv)
+    status = 0
     for path in args.csv:
         try:
             print(summarize(path, args.values), "\n")
         except (OSError, StopIteration, IndexError, KeyError) as exc:
             print(f"{path}: not an ncu source export ({type(exc).__name__}: {exc})", file=sys.stderr)
-    return 0
+            status = 1
+    return status
 
 
 if __name__ == "__main__":
