@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
 
+from cli_checks import one_line_error
+from perplexity_reference import reference_perplexity
+
 runner = CliRunner()
-
-
-def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
-    """Independent loop: float64 log-softmax of each window's logits, NLL of each next token."""
-    total = 0.0
-    with torch.no_grad():
-        for w in range(windows):
-            window = torch.tensor(ids[w * seqlen : (w + 1) * seqlen])
-            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
-            total -= logp[:-1].gather(1, window[1:, None]).sum().item()
-    return math.exp(total / (windows * (seqlen - 1)))
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +37,6 @@ def text_file(tmp_path, tiny_words):
     return path
 
 
-def one_line_error(result) -> str:
-    """Exit 2 and one `error:` line, the last thing on stderr (transformers' loading bars may come before it)."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    return errors[0]
-
-
 def test_json_result_matches_reference(model_dir, text_file, make_tiny_llama, tokenizer):
     result = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), "--seqlen", "32", "--windows", "3", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
@@ -64,7 +44,7 @@ def test_json_result_matches_reference(model_dir, text_file, make_tiny_llama, to
     assert set(data) == {"model", "ppl", "windows", "seqlen", "tokens", "seconds", "tokens_per_second"}
     assert (data["model"], data["windows"], data["seqlen"], data["tokens"]) == (str(model_dir), 3, 32, 93)
     ids = tokenizer.backend_tokenizer.encode(text_file.read_text(), add_special_tokens=False).ids
-    expected = reference_perplexity(make_tiny_llama(seed=21, vocab_size=len(tokenizer)), ids, 32, 3)
+    expected, _ = reference_perplexity(make_tiny_llama(seed=21, vocab_size=len(tokenizer)), ids, 32, 3)
     assert data["ppl"] == pytest.approx(expected, rel=1e-5)
     assert "perplexity" not in result.stderr  # no progress bar with --json
 

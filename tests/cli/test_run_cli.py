@@ -12,6 +12,8 @@ from qtool.cli.main import app
 from qtool.cli.run import chat_loop
 from qtool.runtime.generate import GenerationSettings, generate
 
+from cli_checks import one_line_error
+
 runner = CliRunner()
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
 
@@ -36,16 +38,6 @@ def model_dir(tmp_path, model, tokenizer):
 
 def greedy_reply(model, tokenizer, conversation) -> str:
     return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
-
-
-def one_line_error(result) -> str:
-    """Exit 2 and one `error:` line, the last thing on stderr (transformers' loading bars may come before it)."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    return errors[0]
 
 
 def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):

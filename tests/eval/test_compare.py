@@ -3,25 +3,14 @@ bits from the files, and the recommendation."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
-import torch
 
 from qtool.configs.errors import QtoolError
 from qtool.eval.compare import ModelReport, compare_models, recommend
 
-
-def reference_perplexity(model, ids: list[int], seqlen: int, windows: int) -> float:
-    """Independent loop: float64 log-softmax of each window's logits, NLL of each next token."""
-    total = 0.0
-    with torch.no_grad():
-        for w in range(windows):
-            window = torch.tensor(ids[w * seqlen : (w + 1) * seqlen])
-            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
-            total -= logp[:-1].gather(1, window[1:, None]).sum().item()
-    return math.exp(total / (windows * (seqlen - 1)))
+from perplexity_reference import reference_perplexity
 
 
 def report(model: str, ppl: float, size: int) -> ModelReport:
@@ -69,7 +58,7 @@ def test_same_windows_for_every_model_and_figures_from_the_files(tmp_path, make_
 
     ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
     rounded = make_tiny_llama(seed=11, vocab_size=len(tokenizer)).half().float()  # what the f16 file holds
-    expected = [reference_perplexity(full, ids, 48, 3), reference_perplexity(rounded, ids, 48, 3)]
+    expected = [reference_perplexity(full, ids, 48, 3)[0], reference_perplexity(rounded, ids, 48, 3)[0]]
     assert [r.ppl for r in result.models] == pytest.approx(expected, rel=1e-5)
     assert (result.seqlen, result.windows) == (48, 3)
     assert all((r.windows, r.seqlen, r.tokens) == (3, 48, 3 * 47) for r in result.models)

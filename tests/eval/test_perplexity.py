@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -14,6 +13,8 @@ import torch
 from qtool.configs.errors import QtoolError
 from qtool.eval.perplexity import choose_seqlen, cut_windows, perplexity
 
+from perplexity_reference import reference_perplexity
+
 WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -21,20 +22,6 @@ def random_text(vocabulary: tuple[str, ...], seed: int, words: int) -> str:
     rng = random.Random(seed)
     lines = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(3, 12))) for _ in range(words // 7)]
     return "\n".join(lines) + "\n"
-
-
-def reference_perplexity(model, ids: list[int], seqlen: int, windows: int | None = None) -> tuple[float, int]:
-    """Independent loop: full float64 log-softmax of each window's logits, NLL of each next token."""
-    count = len(ids) // seqlen if windows is None else windows
-    total, predicted = 0.0, 0
-    with torch.no_grad():
-        for w in range(count):
-            window = torch.tensor(ids[w * seqlen : (w + 1) * seqlen])
-            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
-            for position in range(seqlen - 1):
-                total -= logp[position, window[position + 1]].item()
-                predicted += 1
-    return math.exp(total / predicted), predicted
 
 
 @pytest.fixture(scope="module")
