@@ -153,23 +153,23 @@ def load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X,
     column is inside x (no permutation, M and K multiples of the tile), so the load needs no mask: at M = 256
     the per-element mask and zero-fill selects cost 1.2 instructions per weight value, half of what unpacking
     the value costs (ncu, run 23)."""
-    if IN_BOUNDS:
-        if K_MAJOR:
-            tile = tl.load(x_ptr + offs_m[None, :] * stride_xm + rows[:, None])
-        else:
-            tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :])
-        return tile
     if HAS_PERM:
         cols = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
         ok = cols >= 0
     else:
         cols = rows
         ok = rows < K_X
-    # one return statement: the compiler unifies the types of all returns, even under a constexpr branch
     if K_MAJOR:
-        tile = tl.load(x_ptr + offs_m[None, :] * stride_xm + cols[:, None], mask=m_ok[None, :] & ok[:, None], other=0.0)
+        ptrs = x_ptr + offs_m[None, :] * stride_xm + cols[:, None]
+        mask = m_ok[None, :] & ok[:, None]
     else:
-        tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & ok[None, :], other=0.0)
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + cols[None, :]
+        mask = m_ok[:, None] & ok[None, :]
+    # one return statement: the compiler unifies the types of all returns, even under a constexpr branch
+    if IN_BOUNDS:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
     return tile
 
 

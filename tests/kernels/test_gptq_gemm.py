@@ -153,6 +153,9 @@ def test_x_is_read_unmasked_only_when_every_tile_is_inside_it():
     def layer(group_size, act_order):
         return repacked(random_gptq_layer(80, 160, 4, group_size, act_order, True, "gptq_v2", 3)[-1], True)
 
+    for bits, group_size, act_order, asym, fmt, _, m, config in LEFT_CASES[-2:]:
+        t = random_gptq_layer(80, 160, bits, group_size, act_order, asym, fmt, 3)[-1]
+        assert x_in_bounds(torch.zeros(m, 160), repacked(t), config.block_m, config.block_k)
     plain, grouped, permuted = layer(-1, False), layer(32, False), layer(32, True)
     x = torch.zeros(32, 160)
     assert x_in_bounds(x, plain, 16, 32) and x_in_bounds(x, grouped, 32, 32)
