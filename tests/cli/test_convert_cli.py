@@ -2,7 +2,6 @@
 requests as one red line with exit code 2."""
 
 import json
-import math
 import random
 
 import pytest
@@ -15,7 +14,11 @@ from qtool.convert.exl2_checkpoint import load_exl2_model
 from qtool.eval.perplexity import perplexity
 from qtool.quant.rtn import rtn_quantize
 
+from perplexity_reference import reference_perplexity
+
 runner = CliRunner()
+
+
 @pytest.fixture
 def tokenizer(make_tiny_tokenizer):
     return make_tiny_tokenizer()
@@ -56,13 +59,7 @@ def test_json_report_and_eval_of_the_output(tmp_path, gptq_dir, text_file, token
     ppl = json.loads(evaluated.stdout)["ppl"]
     model = load_exl2_model(out, dtype=torch.float32)
     ids = tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
-    total = 0.0
-    with torch.no_grad():
-        for w in range(3):
-            window = torch.tensor(ids[w * 32 : (w + 1) * 32])
-            logp = torch.log_softmax(model(window[None]).logits[0].double(), dim=-1)
-            total -= logp[:-1].gather(1, window[1:, None]).sum().item()
-    assert ppl == pytest.approx(math.exp(total / (3 * 31)), rel=1e-4)
+    assert ppl == pytest.approx(reference_perplexity(model, ids, 32, 3)[0], rel=1e-4)
 
 
 def test_table_output_and_force(tmp_path, gptq_dir):
