@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LeftGemmConfig
+from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LEFT_PACKED, LeftGemmConfig
 from qtool.kernels.gptq_gemv_triton import GemvConfig
 from qtool.kernels.triton_backend import Plan, TritonBackend
 
@@ -31,9 +31,8 @@ def _bench_kernels_module():
     return module
 
 
-def _left(bm, bn, bk, split, warps, stages):
-    return Plan("left", LeftGemmConfig(bm, bn, bk, split_k=split, mode=LEFT_DENORMAL, num_warps=warps,
-                                       num_stages=stages))
+def _left(bm, bn, bk, split, warps, stages, mode=LEFT_DENORMAL):
+    return Plan("left", LeftGemmConfig(bm, bn, bk, split_k=split, mode=mode, num_warps=warps, num_stages=stages))
 
 
 def _gemv(block_n, units, split, prefetch):
@@ -47,6 +46,9 @@ CASES = {
     "gemv_70b_gateup_m1": (8192, 57344, 1, _gemv(1024, 4, 9, False)),
     "left_7b_qkv_m16": (4096, 12288, 16, _left(16, 64, 128, 3, 4, 4)),
     "left_70b_gateup_m16": (8192, 57344, 16, _left(16, 64, 128, 1, 4, 4)),
+    "packed_7b_qkv_m16": (4096, 12288, 16, _left(16, 64, 128, 3, 4, 4, LEFT_PACKED)),
+    "packed_70b_gateup_m16": (8192, 57344, 16, _left(16, 64, 128, 1, 4, 4, LEFT_PACKED)),
+    "packed_70b_down_m64": (28672, 8192, 64, _left(64, 128, 128, 4, 8, 3, LEFT_PACKED)),
     "left_7b_oproj_m64": (4096, 4096, 64, _left(64, 64, 64, 4, 4, 3)),
     "left_70b_gateup_m64": (8192, 57344, 64, _left(64, 64, 128, 1, 4, 4)),
     "left_7b_gateup_m256": (4096, 22016, 256, _left(128, 128, 128, 1, 8, 3)),

@@ -16,9 +16,15 @@ Three ways to form the weight tile:
 - DENORMAL (bfloat16): a code masked in place is the float32 subnormal q * 2^(offset - 149); one FMA with the
   row's factor s * 2^(109 - offset) gives s*(q - z) * 2^-40 with DEQUANT's single rounding (one AND per code
   instead of a shift and an and-or); the accumulator is scaled back by 2^40 once.
-The tuner picks per shape. With 4-bit weights stored in fragment order (repack.fragment_rows), DEQUANT and DENORMAL
-tiles reach wgmma's register layout by a permutation of dimensions inside each thread (_in_row_order) instead of a
-round trip through shared memory; PAIRS then reads x in packed order.
+- PACKED (4-bit in fragment order, float16 or bfloat16): the word shifted right by 4j, and-ored with BASE in both
+  halves, is the 32-bit register of two exact 16-bit floats BASE + q for the adjacent rows one A-fragment register
+  holds (repack.fragment_rows); one paired 16-bit FMA subtracts BASE + z, exactly. Three instructions per two
+  codes (shift, and-or, FMA) instead of DENORMAL's five; the scale multiplies each K tile's product once
+  (acc += s * dot(q - z, x)), so a tile's MMA must finish before its epilogue: it pays at 16-64 tokens
+  (bench/RESULTS.md), not with 128-token tiles, whose epilogue is as large as the unpacking.
+The tuner picks per shape. With 4-bit weights stored in fragment order (repack.fragment_rows), DEQUANT, DENORMAL
+and PACKED tiles reach wgmma's register layout by a permutation of dimensions inside each thread (_in_row_order,
+_packed_tile) instead of a round trip through shared memory; PAIRS then reads x in packed order.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from qtool.kernels.repack import GptqComputeWeight
 LEFT_PAIRS = 0
 LEFT_DEQUANT = 1
 LEFT_DENORMAL = 2
+LEFT_PACKED = 3
 LEFT_BITS = (2, 4, 8)
 # DENORMAL tiles hold s*(q - z) * 2^-LEFT_DENORMAL_EXP: the factor that turns a subnormal code into its value,
 # s * 2^(149 - offset), would overflow float32, and bfloat16 (float32's exponent range) holds the scaled values
@@ -145,15 +152,56 @@ def _natural_tile(words, BITS: tl.constexpr):
 @triton.jit
 def _in_row_order(values, FRAGMENT: tl.constexpr):
     """[BN, U, V] values by word and code -> [BN, U*V] with column k = compute row k of the tile. In fragment order
-    (4-bit, 4 words per 32 rows) code j of word 4h + c is row 32h + 8(j // 2) + 2c + j % 2: a permutation of
+    (4-bit, 4 words per 32 rows) code j of word 4b + c is row 32b + 8(j % 4) + 2c + j // 4: a permutation of
     dimensions that keeps every value in the thread that unpacked it, and that thread is the one whose wgmma
     A fragment holds the row, so no shared-memory round trip is needed."""
     BN: tl.constexpr = values.shape[0]
     U: tl.constexpr = values.shape[1]
     V: tl.constexpr = values.shape[2]
     if FRAGMENT:
-        values = tl.permute(tl.reshape(values, (BN, U // 4, 4, V // 2, 2)), (0, 1, 3, 2, 4))
+        values = tl.permute(tl.reshape(values, (BN, U // 4, 4, 2, V // 2)), (0, 1, 4, 2, 3))
     return tl.reshape(values, (BN, U * V))
+
+
+@triton.jit
+def _packed_tile(words, zero, IS_BF16: tl.constexpr, ASM: tl.constexpr):
+    """4-bit words [BN, U] in fragment order -> the 16-bit codes minus zero points, q - z, [BN, U*8] in row order
+    (exact: |q - z| <= 15). Pair i of a word (shifted right by 4i) holds codes i and i + 4, rows 8i + 2c and
+    8i + 2c + 1 of its block (repack.fragment_rows). ASM: one and-or makes the pair the register of BASE + q in
+    both halves and one paired FMA subtracts BASE + z (inline PTX: the interpreter cannot run it, so it takes the
+    same values by plain arithmetic)."""
+    BN: tl.constexpr = words.shape[0]
+    U: tl.constexpr = words.shape[1]
+    shifted = _pieces(words, 0, 0, 4, 0xFFFFFFFF, 4, False)  # [BN, U, 4]: the word >> 4i
+    if ASM:
+        # one asm instance per word: both halves come out as 16-bit registers, so the result does not depend on
+        # how Triton lays the pair axis out (a packed instance, pack=2, would pair whatever two elements the
+        # chosen layout puts side by side in a thread)
+        if IS_BF16:
+            minus_base_zero = (-(128.0 + zero)).to(tl.bfloat16)
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one, z; mov.b32 one, 0x3F803F80; mov.b32 z, {$3, $3}; "
+                "lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, z; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,h", [shifted, minus_base_zero[:, None, None]],
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            minus_base_zero = (-(1024.0 + zero)).to(tl.float16)
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, one, z; mov.b32 one, 0x3C003C00; mov.b32 z, {$3, $3}; "
+                "lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; fma.rn.f16x2 t, t, one, z; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,h", [shifted, minus_base_zero[:, None, None]],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        pairs = tl.join(lo, hi)
+    else:
+        lo = (shifted & 0xF).to(tl.float32) - zero[:, None, None]
+        hi = ((shifted >> 16) & 0xF).to(tl.float32) - zero[:, None, None]
+        if IS_BF16:
+            pairs = tl.join(lo, hi).to(tl.bfloat16)
+        else:
+            pairs = tl.join(lo, hi).to(tl.float16)
+    # [BN, block, word c, pair i, half] -> rows 32 block + 8i + 2c + half
+    pairs = tl.permute(tl.reshape(pairs, (BN, U // 4, 4, 4, 2)), (0, 1, 3, 2, 4))
+    return tl.reshape(pairs, (BN, U * 8))
 
 
 @triton.jit
@@ -164,10 +212,12 @@ def gptq_gemm_left_kernel(
     MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+    PACKED_ASM: tl.constexpr,
 ):
     """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
     each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
-    is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
+    is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9); PACKED_ASM
+    (off in the interpreter) builds PACKED tiles with inline PTX."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_n = tl.cdiv(N, BN)
@@ -206,7 +256,14 @@ def gptq_gemm_left_kernel(
         scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
                                       HAS_ZEROS)
 
-        if MODE == 0:
+        if MODE == 3:
+            w = _packed_tile(words, zero, IS_BF16, PACKED_ASM)
+            if DOT_IN_F32:
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w, xt)
+            acc += scale[:, None] * part
+        elif MODE == 0:
             # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
             # on the way to shared memory, so x is still read contiguously
             xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
@@ -252,8 +309,9 @@ class LeftGemmConfig:
 
 
 def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: torch.dtype) -> bool:
-    """Whether the kernel can run this config: 2/4/8-bit codes, K tiles inside groups and whole words, and exact
-    16-bit codes for PAIRS (8-bit codes do not fit bfloat16's mantissa next to the base)."""
+    """Whether the kernel can run this config: 2/4/8-bit codes, K tiles inside groups and whole words, exact
+    16-bit codes for PAIRS (8-bit codes do not fit bfloat16's mantissa next to the base), fragment order for
+    PACKED."""
     if weight.bits not in LEFT_BITS or dtype not in (torch.float16, torch.bfloat16):
         return False
     if weight.group_rows % config.block_k or config.block_k < 16 or config.block_k % (32 // weight.bits):
@@ -262,6 +320,8 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
         return False
     if config.mode == LEFT_DENORMAL and dtype != torch.bfloat16:
         return False  # float16 cannot hold the scaled-down tile values
+    if config.mode == LEFT_PACKED and not weight.fragment_order:
+        return False  # the code pairs are the fragment's row pairs only in fragment order (4-bit)
     if weight.fragment_order and config.mode != LEFT_PAIRS and config.block_k % 32:
         return False  # the fragment-order tile is built from whole blocks of 32 rows
     return config.block_m >= 16 and config.block_n >= 16
@@ -294,6 +354,7 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
         DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
         X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k),
-        TILES_PER_GROUP=weight.group_rows // config.block_k, num_warps=config.num_warps, num_stages=config.num_stages,
+        TILES_PER_GROUP=weight.group_rows // config.block_k, PACKED_ASM=not triton_interpreted(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

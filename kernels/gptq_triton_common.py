@@ -102,9 +102,10 @@ def x_for_denormal_code(x, J: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def compute_rows(positions, FRAGMENT: tl.constexpr):
     """The compute rows of packed positions: the positions themselves, or in fragment order their image under
-    repack.fragment_rows (bit fields [1:3) and [3:5) swapped; the same expression, written for the kernels)."""
+    repack.fragment_rows (inside each block of 32, position 8c + j holds row 8(j % 4) + 2c + j // 4; the same
+    expression, written for the kernels)."""
     if FRAGMENT:
-        rows = (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
+        rows = (positions & ~31) | ((positions & 3) << 3) | (((positions >> 3) & 3) << 1) | ((positions >> 2) & 1)
     else:
         rows = positions
     return rows
@@ -113,9 +114,9 @@ def compute_rows(positions, FRAGMENT: tl.constexpr):
 @triton.jit
 def code_rows(unit_row0, J: tl.constexpr, FRAGMENT: tl.constexpr):
     """The compute rows of code J of one-word units whose code 0 sits at unit_row0 (compute_rows of the units'
-    first packed positions): unit_row0 + J, or in fragment order unit_row0 + J % 2 + 8 (J // 2)."""
+    first packed positions): unit_row0 + J, or in fragment order unit_row0 + 8 (J % 4) + J // 4."""
     if FRAGMENT:
-        rows = unit_row0 + (J % 2 + 8 * (J // 2))
+        rows = unit_row0 + (8 * (J % 4) + J // 4)
     else:
         rows = unit_row0 + J
     return rows

@@ -26,11 +26,14 @@ FRAGMENT_BLOCK = 32
 
 
 def fragment_rows(positions: torch.Tensor) -> torch.Tensor:
-    """The compute row stored at each packed position in fragment order: inside every block of 32 rows, bit fields
-    [1:3) and [3:5) of the position swapped (its own inverse). Word c of a block then holds rows {2c, 2c + 1} + 8i,
-    the rows one lane of a wgmma A fragment holds, so the weight-left kernel unpacks straight into that layout
-    with no shared-memory round trip. The kernels compute the same map (gptq_triton_common.compute_rows)."""
-    return (positions & ~30) | ((positions >> 2) & 6) | ((positions << 2) & 24)
+    """The compute row stored at each packed position in fragment order. Inside every block of 32 rows, code j of
+    word c (position 8c + j) holds row 8(j % 4) + 2c + j // 4: word c holds rows {2c, 2c + 1} + 8i (i = 0..3), the
+    rows one lane of a wgmma A fragment holds, so the weight-left kernel unpacks straight into that layout with no
+    shared-memory round trip; and codes j and j + 4, the two 16-bit halves of the word shifted right by 4j, are
+    rows 2c + 8j and 2c + 8j + 1, the adjacent pair one 32-bit register of that fragment holds, so one and-or per
+    pair of codes builds the register (LEFT_PACKED). In bits of the position within the block: (c, j // 4, j % 4)
+    become (j % 4, c, j // 4). The kernels compute the same map (gptq_triton_common.compute_rows)."""
+    return (positions & ~31) | ((positions & 3) << 3) | (((positions >> 3) & 3) << 1) | ((positions >> 2) & 1)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from qtool.kernels.gptq_gemm_triton import (
 )
 from qtool.kernels.gptq_gemm_left_triton import (
     LEFT_DENORMAL,
+    LEFT_PACKED,
     LEFT_DEQUANT,
     LEFT_PAIRS,
     LeftGemmConfig,
@@ -181,8 +182,12 @@ def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
 # side BM is the wgmma N (16 at least in Triton); the weight side BN is a multiple of 64 rows per warpgroup. Mode
 # NATURAL is the dtype's natural-order unpacking: DENORMAL for bfloat16 (its best candidate beat DEQUANT's on 15 of
 # 16 rows at M = 16..1024 in run 12, by 1.03-1.23x; the DEQUANT shape kept below won the other, 70B o_proj at
-# M = 64), DEQUANT for float16, which cannot hold DENORMAL's scaled tile.
+# M = 64), DEQUANT for float16, which cannot hold DENORMAL's scaled tile. Layers in fragment order also try every
+# NATURAL shape of up to PACKED_MAX_BM tokens as PACKED (a third of DENORMAL's instructions per value saved; 1.15-1.33x
+# faster at M = 16 on five layer shapes, not faster with 128-token tiles, whose per-tile epilogue is as large as
+# the unpacking: bench/RESULTS.md).
 NATURAL = -1
+PACKED_MAX_BM = 64
 LEFT_SKINNY_SHAPES = (
     (16, 64, 128, NATURAL, 4, 4, 4), (16, 64, 128, NATURAL, 4, 5, 4), (16, 64, 128, NATURAL, 4, 4, 8),
     (16, 64, 64, NATURAL, 4, 5, 8), (16, 128, 128, NATURAL, 8, 3, 4), (16, 128, 128, NATURAL, 8, 4, 4),
@@ -216,14 +221,18 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
         if mode == LEFT_PAIRS and weight.fragment_order:
             continue  # PAIRS gathers x in fragment order: 1.4-2x slower than in plain order (run 16), never picked
+        modes = [natural if mode == NATURAL else mode]
+        if mode == NATURAL and bm <= PACKED_MAX_BM:
+            modes.append(LEFT_PACKED)  # left_config_valid drops it for layers not in fragment order
         # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
         # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
         for within in (False, True):
             tile_k, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within)
-            config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split,
-                                    mode=natural if mode == NATURAL else mode, num_warps=warps, num_stages=stages)
-            if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
-                plans.append(Plan("left", config))
+            for tile_mode in modes:
+                config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
+                                        num_warps=warps, num_stages=stages)
+                if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
+                    plans.append(Plan("left", config))
     return plans
 
 

@@ -23,9 +23,10 @@ from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kern
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
-LEFT = dict(X_IN_BOUNDS=False)  # act order (HAS_PERM): x is gathered with masks
+LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True)  # act order (HAS_PERM): x is gathered with masks
+FLOAT16 = {"x_ptr": "*fp16", "out_ptr": "*fp16"}
 FRAGMENT = dict(COMMON, FRAGMENT=True)
-CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
+CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types other than POINTER_TYPES])
     ("gemv denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True, EVEN_UNITS=True,
                                                    ROW_SUM_EACH_TILE=True, PREFETCH=True, DENORMAL=True, ROWS=1, **FRAGMENT), 4, 1),
     ("gemv two rows denormal 4-bit", gptq_gemv_kernel, dict(BITS=4, UNITS=4, BLOCK_N=1024, SPLIT_K=4, EVEN_N=True,
@@ -66,6 +67,13 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
     ("left fragment pairs 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=64, SPLIT_K=1, MODE=0,
                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
                                                               TILES_PER_GROUP=2, **FRAGMENT, **LEFT), 4, 3),
+    ("left fragment packed 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=16, BN=64, BK=128, SPLIT_K=2, MODE=3,
+                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
+                                                               TILES_PER_GROUP=1, **FRAGMENT, **LEFT), 4, 4),
+    ("left fragment packed 4-bit float16", gptq_gemm_left_kernel, dict(BITS=4, BM=32, BN=64, BK=64, SPLIT_K=1, MODE=3,
+                                                                       IS_BF16=False, DOT_IN_F32=False, EVEN_N=False,
+                                                                       EVEN_K=False, TILES_PER_GROUP=2, **FRAGMENT,
+                                                                       **LEFT), 4, 3, FLOAT16),
     ("left denormal 2-bit", gptq_gemm_left_kernel, dict(BITS=2, BM=16, BN=64, BK=128, SPLIT_K=4, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=False, EVEN_K=False, TILES_PER_GROUP=1,
                                                         **COMMON, **LEFT), 4, 4),
@@ -75,12 +83,19 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
                                                                        IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
                                                                        EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
                                                                        HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True,
-                                                                       X_IN_BOUNDS=True),
+                                                                       X_IN_BOUNDS=True, PACKED_ASM=True),
+     8, 3),
+    ("left tuned fragment packed 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=64, BN=128, BK=128, SPLIT_K=4, MODE=3,
+                                                                     IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
+                                                                     EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
+                                                                     HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True,
+                                                                     X_IN_BOUNDS=True, PACKED_ASM=True),
      8, 3),
     ("left tuned denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=128, BK=64, SPLIT_K=1, MODE=2,
                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
                                                               TILES_PER_GROUP=2, HAS_PERM=False, HAS_ZEROS=True,
-                                                              HAS_BIAS=False, FRAGMENT=False, X_IN_BOUNDS=True),
+                                                              HAS_BIAS=False, FRAGMENT=False, X_IN_BOUNDS=True,
+                                                              PACKED_ASM=True),
      8, 4),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,
@@ -88,7 +103,7 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages)
 ]
 
 
-def signature(kernel, constexprs: dict) -> dict:
+def signature(kernel, constexprs: dict, pointer_types: dict) -> dict:
     missing = [p.name for p in kernel.params if p.is_constexpr and p.name not in constexprs]
     if missing:  # it would compile as a runtime argument, branches and all, and not be the kernel the GPU runs
         raise ValueError(f"{kernel.fn.__name__}: no value for constexpr {missing}")
@@ -96,8 +111,8 @@ def signature(kernel, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in POINTER_TYPES:
-            sig[name] = POINTER_TYPES[name]
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
         else:
             sig[name] = "fp32" if name == "zero_const" else "i32"
     return sig
@@ -125,17 +140,19 @@ def wgmma_serialized(ptx: str) -> bool:
 
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
-    for name, kernel, constexprs, warps, stages in CASES:
+    for name, kernel, constexprs, warps, stages, *pointers in CASES:
         record = {"kernel": name}
         try:
-            source = ASTSource(kernel, signature(kernel, constexprs), constexprs=constexprs,
+            pointer_types = dict(POINTER_TYPES, **(pointers[0] if pointers else {}))
+            source = ASTSource(kernel, signature(kernel, constexprs, pointer_types), constexprs=constexprs,
                                attrs=divisible_by_16(kernel) if "tuned" in name else None)
             compiled = triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
             ptx = compiled.asm["ptx"]
             record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
                           mma_sync=ptx.count("mma.sync"), ldmatrix_trans=ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
                           local_memory=".local" in ptx, wgmma_serialized=wgmma_serialized(ptx),
-                          flushes_subnormals=".ftz" in ptx)
+                          flushes_subnormals=".ftz" in ptx,
+                          paired_fma=ptx.count("fma.rn.bf16x2") + ptx.count("fma.rn.f16x2"))
         except Exception as exc:  # report and go on: the test names every kernel that failed
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")
         print(json.dumps(record), flush=True)

@@ -24,6 +24,7 @@ from qtool.kernels.gptq_gemm_triton import (  # noqa: E402
 from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
     LEFT_DENORMAL,
     LEFT_DEQUANT,
+    LEFT_PACKED,
     LEFT_PAIRS,
     LeftGemmConfig,
     gptq_gemm_left,
@@ -137,8 +138,19 @@ LEFT_CASES = [
 ]
 
 
+# PACKED (4-bit in fragment order only): both 16-bit types, act order, sym and asym, per-channel, partial tiles
+PACKED_CASES = [
+    (4, 64, True, True, "gptq", torch.bfloat16, 1, LeftGemmConfig(16, 32, 64, split_k=2, mode=LEFT_PACKED)),
+    (4, 32, False, True, "gptq_v2", torch.float16, 17, LeftGemmConfig(16, 32, 32, split_k=3, mode=LEFT_PACKED)),
+    (4, 96, True, False, "gptq", torch.float16, 64, LeftGemmConfig(32, 32, 32, mode=LEFT_PACKED)),
+    (4, -1, False, True, "gptq_v2", torch.bfloat16, 3, LeftGemmConfig(16, 16, 128, split_k=2, mode=LEFT_PACKED)),
+    (4, -1, False, False, "gptq", torch.bfloat16, 32, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_PACKED)),
+]
+
+
 @pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config,fragment_order",
-                         [c + (True,) for c in LEFT_CASES] + [c + (False,) for c in LEFT_CASES if c[0] == 4])
+                         [c + (True,) for c in LEFT_CASES + PACKED_CASES]
+                         + [c + (False,) for c in LEFT_CASES if c[0] == 4])
 def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config,
                                                     fragment_order):
     """N = 80 leaves a partial weight tile (block_n 32), K = 160 a partial last group for group sizes 64 and 96;
@@ -184,6 +196,11 @@ def test_weight_left_refuses_what_it_cannot_compute_exactly():
         assert not left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=mode), torch.bfloat16)
         assert left_config_valid(w4_plain, LeftGemmConfig(16, 32, 16, mode=mode), torch.bfloat16)
     assert left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=LEFT_PAIRS), torch.float16)
+    # PACKED's code pairs are the fragment's row pairs only in fragment order, which only 4-bit layers have
+    packed = LeftGemmConfig(16, 32, 32, mode=LEFT_PACKED)
+    assert left_config_valid(w4, packed, torch.bfloat16) and left_config_valid(w4, packed, torch.float16)
+    assert not left_config_valid(w4_plain, packed, torch.bfloat16) and not left_config_valid(w8, packed, torch.float16)
+    assert not left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=LEFT_PACKED), torch.bfloat16)
     with pytest.raises(ValueError, match="cannot run"):
         gptq_gemm_left(torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE), w8, pairs,
                        torch.empty(2, 32, dtype=torch.bfloat16, device=DEVICE), torch.zeros(64, device=DEVICE),
@@ -234,6 +251,11 @@ def test_fragment_order_layers_are_not_tuned_over_the_gathering_plans():
             plans = candidate_plans(fragment, m, dtype, 132)
             assert plans and all(p.kind in ("gemv", "left", "dequant") for p in plans)
             assert not any(p.kind == "left" and p.config.mode == LEFT_PAIRS for p in plans)
+            # PACKED (fragment order only) on token tiles of up to 64
+            packed = [p.config for p in plans if p.kind == "left" and p.config.mode == LEFT_PACKED]
+            assert (len(packed) > 0) == (m <= 128) and all(c.block_m <= 64 for c in packed)
+            assert not any(p.kind == "left" and p.config.mode == LEFT_PACKED
+                           for p in candidate_plans(plain, m, dtype, 132) + candidate_plans(wide, m, dtype, 132))
             assert (Plan("dequant") in plans) == (m >= 32)
             assert any(p.kind == "gemm" for p in candidate_plans(plain, m, dtype, 132))
             assert any(p.kind == "gemm" for p in candidate_plans(wide, m, dtype, 132))

@@ -150,8 +150,8 @@ def test_denormal_codes_keep_precision_at_extreme_activations(bits, magnitude):
 @pytest.mark.parametrize("fragment_order", [False, True])
 def test_repack_sorts_groups_contiguous(fragment_order):
     """After the repack, compute row r belongs to group r // group_rows and reads input column perm[r]; packed
-    position q holds compute row q, or in fragment order row q with bit fields [1:3) and [3:5) swapped (written
-    out here bit by bit, not with the repack's own function)."""
+    position q holds compute row q, or in fragment order (code j of word c of a block of 32) row 8(j % 4) + 2c +
+    j // 4 (written out here from the wgmma fragment it serves, not with the repack's own function)."""
     n, k, bits = 32, 160, 4
     codes, scales, zeros, g_idx, t, _ = random_gptq_layer(n, k, bits, 64, True, True, "gptq", seed=3)
     weight = repack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, "gptq", fragment_order=fragment_order)
@@ -162,8 +162,14 @@ def test_repack_sorts_groups_contiguous(fragment_order):
     shifts = torch.arange(0, 32, bits)
     unpacked = ((weight.qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(k, n)
     rows = list(range(k))
-    if fragment_order:  # word c of each block of 32 holds rows 2c, 2c + 1, 2c + 8, 2c + 9, ..., 2c + 25
-        rows = [32 * (q // 32) + 8 * ((q % 8) // 2) + 2 * ((q % 32) // 8) + q % 2 for q in range(k)]
+    if fragment_order:
+        # word c of each block of 32 holds rows 2c + 8i (codes i = 0..3) and 2c + 8i + 1 (codes i + 4): shifted
+        # right by 4i, its two 16-bit halves start with the row pair one A-fragment register holds
+        rows = []
+        for block in range(k // 32):
+            for c in range(4):
+                rows += [32 * block + 2 * c + 8 * i for i in range(4)] + [32 * block + 2 * c + 8 * i + 1 for i in range(4)]
+        assert sorted(rows) == list(range(k))
     assert torch.equal(unpacked, codes.T[perm][rows].to(unpacked.dtype))
 
 

@@ -53,6 +53,15 @@ def test_fragment_order_tiles_skip_the_shared_memory_round_trip(compiled_kernels
     has no transposing ldmatrix (the plain-order tile goes registers -> shared memory -> ldmatrix.trans on every K
     step to reach that layout)."""
     by_name = {r["kernel"]: r for r in compiled_kernels}
-    fragment = [by_name["left fragment denormal 4-bit"], by_name["left fragment dequant 4-bit"]]
+    fragment = [by_name["left fragment denormal 4-bit"], by_name["left fragment dequant 4-bit"],
+                by_name["left fragment packed 4-bit"], by_name["left fragment packed 4-bit float16"]]
     assert all(r["ok"] and r["ldmatrix_trans"] == 0 for r in fragment), fragment
     assert by_name["left denormal 4-bit"]["ldmatrix_trans"] > 0
+
+
+def test_packed_tiles_are_built_by_paired_fma_without_spilling(compiled_kernels):
+    """LEFT_PACKED's GPU path: the inline PTX (an and-or and a paired 16-bit FMA per two codes) reaches the kernel
+    for both 16-bit types, and the tile plus its per-tile product fit in registers."""
+    packed = [r for r in compiled_kernels if "packed" in r["kernel"]]
+    assert len(packed) == 3 and all(r["ok"] and r["paired_fma"] > 0 and not r["local_memory"] for r in packed), packed
+    assert not any(r.get("paired_fma") for r in compiled_kernels if "packed" not in r["kernel"])
