@@ -7,13 +7,13 @@ import logging
 
 import pytest
 import torch
+from kernel_env import DEVICE
 
 from qtool.configs.errors import QtoolError
 from qtool.kernels.exl2_backends import Exl2LinearTensors, Exl2TorchBackend, Exl2TritonBackend
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend, set_exl2_model_backend
 from qtool.kernels.registry import BackendRegistry, default_registry, select_backend
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
 
@@ -113,13 +113,6 @@ def test_triton_on_cpu_without_the_interpreter_falls_back(monkeypatch, caplog, r
         layer(torch.randn(2, 64))
     assert reason.startswith("torch: fallback") and "only under TRITON_INTERPRET=1" in reason
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
-
-
-@pytest.fixture
-def kernels_can_run():
-    from qtool.kernels.exl2_triton import triton_interpreted
-
-    assert DEVICE == "cuda" or triton_interpreted(), "qtool.kernels.exl2_triton was imported before TRITON_INTERPRET=1 was set"
 
 
 @pytest.mark.usefixtures("kernels_can_run")

@@ -6,21 +6,17 @@ import os
 
 import pytest
 import torch
+from kernel_env import DEVICE
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
 from qtool.convert.exl2_format import exl2_tensors_from_weight  # noqa: E402
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2  # noqa: E402
-from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2, triton_interpreted  # noqa: E402
+from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def kernels_can_run():
-    assert DEVICE == "cuda" or triton_interpreted(), "qtool.kernels.exl2_triton was imported before TRITON_INTERPRET=1 was set"
+pytestmark = pytest.mark.usefixtures("kernels_can_run")
 
 
 @pytest.fixture(scope="module")

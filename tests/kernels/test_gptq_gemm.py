@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, reference_weight, relative_error
+from kernel_env import DEVICE
 
 if not torch.cuda.is_available():
     # before the kernel modules are imported: triton.jit reads it when a kernel is defined
@@ -43,16 +44,8 @@ from qtool.kernels.triton_backend import (  # noqa: E402
     weight_copies,
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def kernels_can_run():
-    assert DEVICE == "cuda" or triton_interpreted(), (
-        "qtool.kernels were imported before TRITON_INTERPRET=1 was set; on a CPU-only machine set it in "
-        "tests/conftest.py or the environment"
-    )
+pytestmark = pytest.mark.usefixtures("kernels_can_run")
 
 
 def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed):

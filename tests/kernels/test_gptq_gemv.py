@@ -7,27 +7,19 @@ import os
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, relative_error
+from kernel_env import DEVICE
 
 if not torch.cuda.is_available():
     # before the kernel modules are imported: triton.jit reads it when a kernel is defined
     os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels.gptq_gemm_triton import triton_interpreted  # noqa: E402
 from qtool.kernels.gptq_gemv_triton import GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
 from qtool.kernels.triton_backend import TritonBackend  # noqa: E402
 from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def kernels_can_run():
-    assert DEVICE == "cuda" or triton_interpreted(), (
-        "qtool.kernels were imported before TRITON_INTERPRET=1 was set; on a CPU-only machine set it in "
-        "tests/conftest.py or the environment"
-    )
+pytestmark = pytest.mark.usefixtures("kernels_can_run")
 
 
 def random_gptq_layer(n, k, bits, group_size, act_order, asym, checkpoint_format, seed, irregular=False):
