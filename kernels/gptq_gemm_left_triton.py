@@ -163,6 +163,15 @@ def _in_row_order(values, FRAGMENT: tl.constexpr):
     return tl.reshape(values, (BN, U * V))
 
 
+# PACKED's pair of codes (the word shifted right by 4i, $2) -> BASE + q in both 16-bit halves by one and-or, then
+# minus BASE + z ($3 in both halves) by one paired FMA, returned as the two halves ($0, $1); BASE = 128 for bfloat16
+# (0x4300), 1024 for float16 (0x6400)
+_PAIR_ASM = ("{{ .reg .b32 t, one, z; mov.b32 one, {one}; mov.b32 z, {{$3, $3}}; "
+             "lop3.b32 t, $2, 0x000F000F, {base}, 0xea; fma.rn.{type}x2 t, t, one, z; mov.b32 {{$0, $1}}, t; }}")
+_PAIR_ASM_BF16 = tl.constexpr(_PAIR_ASM.format(one="0x3F803F80", base="0x43004300", type="bf16"))
+_PAIR_ASM_F16 = tl.constexpr(_PAIR_ASM.format(one="0x3C003C00", base="0x64006400", type="f16"))
+
+
 @triton.jit
 def _packed_tile(words, zero, IS_BF16: tl.constexpr, ASM: tl.constexpr):
     """4-bit words [BN, U] in fragment order -> the 16-bit codes minus zero points, q - z, [BN, U*8] in row order
@@ -179,18 +188,12 @@ def _packed_tile(words, zero, IS_BF16: tl.constexpr, ASM: tl.constexpr):
         # chosen layout puts side by side in a thread)
         if IS_BF16:
             minus_base_zero = (-(128.0 + zero)).to(tl.bfloat16)
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, z; mov.b32 one, 0x3F803F80; mov.b32 z, {$3, $3}; "
-                "lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 t, t, one, z; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,h", [shifted, minus_base_zero[:, None, None]],
-                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            asm: tl.constexpr = _PAIR_ASM_BF16
         else:
             minus_base_zero = (-(1024.0 + zero)).to(tl.float16)
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, one, z; mov.b32 one, 0x3C003C00; mov.b32 z, {$3, $3}; "
-                "lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xea; fma.rn.f16x2 t, t, one, z; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,h", [shifted, minus_base_zero[:, None, None]],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+            asm: tl.constexpr = _PAIR_ASM_F16
+        lo, hi = tl.inline_asm_elementwise(asm, "=h,=h,r,h", [shifted, minus_base_zero[:, None, None]],
+                                           dtype=(minus_base_zero.dtype, minus_base_zero.dtype), is_pure=True, pack=1)
         pairs = tl.join(lo, hi)
     else:
         lo = (shifted & 0xF).to(tl.float32) - zero[:, None, None]
