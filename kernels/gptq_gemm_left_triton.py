@@ -47,6 +47,7 @@ from qtool.kernels.gptq_triton_common import (
     split_k_sizes,
     split_tile_range,
     tile_scale_zero,
+    tile_zero,
     weight_flags,
 )
 from qtool.kernels.repack import GptqComputeWeight
@@ -173,6 +174,19 @@ _PAIR_ASM_F16 = tl.constexpr(_PAIR_ASM.format(one="0x3C003C00", base="0x64006400
 
 
 @triton.jit
+def _keep_load_layout(words):
+    """words, unchanged. Taken apart from a broadcast copy, the tile's register layout is no longer propagated back
+    to its load, so the words go to shared memory in the coalesced layout, 4 per thread (16-byte cp.async), and are
+    read from there in the unpacking's layout; otherwise Triton loads them straight in that layout, one word per
+    thread (4-byte cp.async, the bank-conflicted copies ncu showed in run 23). Fewer instructions in every mode
+    (SASS, Triton 3.6: PACKED 3.83 -> 3.30 per value at 16x64x128, DENORMAL 5.58 -> 5.02), but on the H200 it paid
+    only in PACKED's 64x128x128 tiles and 70B gate_up's 16x64x128 ones (run 34); DEQUANT's 64x128x128 tiles came
+    out NaN with it, so the GPU kernel tests run every tuning candidate."""
+    kept, _copy = tl.split(tl.broadcast_to(words[:, :, None], words.shape + (2,)))
+    return kept
+
+
+@triton.jit
 def _packed_tile(words, zero, IS_BF16: tl.constexpr, ASM: tl.constexpr):
     """4-bit words [BN, U] in fragment order -> the 16-bit codes minus zero points, q - z, [BN, U*8] in row order
     (exact: |q - z| <= 15). Pair i of a word (shifted right by 4i) holds codes i and i + 4, rows 8i + 2c and
@@ -215,12 +229,14 @@ def gptq_gemm_left_kernel(
     MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
-    PACKED_ASM: tl.constexpr,
+    PACKED_ASM: tl.constexpr, STAGED_WORDS: tl.constexpr, SCALE_AHEAD: tl.constexpr,
 ):
     """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
     each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
     is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9); PACKED_ASM
-    (off in the interpreter) builds PACKED tiles with inline PTX."""
+    (off in the interpreter) builds PACKED tiles with inline PTX. STAGED_WORDS and SCALE_AHEAD (PACKED only) copy
+    the word tile to shared memory 16 bytes per thread (see _keep_load_layout) and load the scales one tile ahead.
+    Neither changes a value; which is faster depends on the tile shape (the tuner times them)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_n = tl.cdiv(N, BN)
@@ -242,6 +258,10 @@ def gptq_gemm_left_kernel(
     acc = tl.zeros((BN, BM), dtype=tl.float32)
 
     t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
+    if SCALE_AHEAD:
+        # PACKED uses the scales only in the epilogue, in the accumulator's layout, where the software pipeline
+        # does not copy them ahead (ncu, run 32: the loop waited on them)
+        scale_ahead = tl.load(scales_ptr + (t_begin // TILES_PER_GROUP) * N + offs_n, mask=n_ok, other=0.0)
     for t in range(t_begin, t_end):
         # PAIRS reads x in packed order (gathered in fragment order); the other modes put the tile in row order
         rows = compute_rows(t * BK + tile_rows, FRAGMENT and MODE == 0)
@@ -254,41 +274,51 @@ def gptq_gemm_left_kernel(
             units_ok = (t * UNITS + unit_ids) * V < num_rows
             words = tl.load(w_ptrs, mask=n_ok[:, None] & units_ok[None, :], other=0)
         words = words.to(tl.uint32, bitcast=True)
-
-        # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
-        scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
-                                      HAS_ZEROS)
+        if STAGED_WORDS:
+            words = _keep_load_layout(words)
 
         if MODE == 3:
+            if SCALE_AHEAD:
+                scale = scale_ahead.to(tl.float32)
+                t_ahead = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads its own scales (in bounds, cached)
+                scale_ahead = tl.load(scales_ptr + (t_ahead // TILES_PER_GROUP) * N + offs_n, mask=n_ok, other=0.0)
+                zero = tile_zero(zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const, HAS_ZEROS)
+            else:
+                scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N,
+                                              zero_const, HAS_ZEROS)
             w = _packed_tile(words, zero, IS_BF16, PACKED_ASM)
             if DOT_IN_F32:
                 part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(w, xt)
             acc += scale[:, None] * part
-        elif MODE == 0:
-            # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
-            # on the way to shared memory, so x is still read contiguously
-            xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
-            w = _pair_tile(words, BITS, IS_BF16)
-            if DOT_IN_F32:
-                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(w, xt)
-            x_sum = tl.sum(xt.to(tl.float32), axis=0)
-            acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
         else:
-            if MODE == 1:
-                f32 = _natural_tile(words, BITS)
-                w = f32 * (scale * DIV)[:, None, None] - (scale * (DIV + zero))[:, None, None]
+            # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
+            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
+                                          HAS_ZEROS)
+            if MODE == 0:
+                # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
+                # on the way to shared memory, so x is still read contiguously
+                xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
+                w = _pair_tile(words, BITS, IS_BF16)
+                if DOT_IN_F32:
+                    part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w, xt)
+                x_sum = tl.sum(xt.to(tl.float32), axis=0)
+                acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
             else:
-                SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
-                w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
-            w = _in_row_order(w, FRAGMENT).to(x_ptr.dtype.element_ty)
-            if DOT_IN_F32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
+                if MODE == 1:
+                    f32 = _natural_tile(words, BITS)
+                    w = f32 * (scale * DIV)[:, None, None] - (scale * (DIV + zero))[:, None, None]
+                else:
+                    SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
+                    w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
+                w = _in_row_order(w, FRAGMENT).to(x_ptr.dtype.element_ty)
+                if DOT_IN_F32:
+                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w, xt, acc)
 
     if MODE == 2:
         UNSCALE: tl.constexpr = 2.0 ** LEFT_DENORMAL_EXP
@@ -309,6 +339,8 @@ class LeftGemmConfig:
     mode: int = LEFT_PAIRS
     num_warps: int = 4
     num_stages: int = 3
+    staged_words: bool = False
+    scale_ahead: bool = False
 
 
 def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: torch.dtype) -> bool:
@@ -327,6 +359,11 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
         return False  # the code pairs are the fragment's row pairs only in fragment order (4-bit)
     if weight.fragment_order and config.mode != LEFT_PAIRS and config.block_k % 32:
         return False  # the fragment-order tile is built from whole blocks of 32 rows
+    if config.staged_words and config.mode != LEFT_PACKED:
+        # DENORMAL staged never won (0.98-1.39x of unstaged), DEQUANT's 64x128x128 split-K tiles came out NaN (run 34)
+        return False
+    if config.scale_ahead and config.mode != LEFT_PACKED:
+        return False  # the other modes use the scales while they build the tile
     return config.block_m >= 16 and config.block_n >= 16
 
 
@@ -358,6 +395,7 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
         X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k),
         TILES_PER_GROUP=weight.group_rows // config.block_k, PACKED_ASM=not triton_interpreted(),
+        STAGED_WORDS=config.staged_words, SCALE_AHEAD=config.scale_ahead,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -123,6 +123,17 @@ def code_rows(unit_row0, J: tl.constexpr, FRAGMENT: tl.constexpr):
 
 
 @triton.jit
+def tile_zero(zeros_ptr, group, offs_n, n_ok, N, zero_const, HAS_ZEROS: tl.constexpr):
+    """The zero points float32 [BLOCK_N] of a group: zero_const for every column when the layer has no zero
+    tensor (without reading the scales, unlike tile_scale_zero)."""
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_ok, other=0).to(tl.float32)
+    else:
+        zero = tl.zeros(offs_n.shape, dtype=tl.float32) + zero_const
+    return zero
+
+
+@triton.jit
 def tile_scale_zero(scales_ptr, zeros_ptr, group, offs_n, n_ok, N, zero_const, HAS_ZEROS: tl.constexpr):
     """(scale, zero) float32 [BLOCK_N] of a group; zero is zero_const for every column when the layer has no zero
     tensor."""

@@ -229,10 +229,14 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
         for within in (False, True):
             tile_k, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within)
             for tile_mode in modes:
-                config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
-                                        num_warps=warps, num_stages=stages)
-                if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
-                    plans.append(Plan("left", config))
+                # PACKED's ways of feeding its loop, which change no value (left_config_valid drops them for the
+                # other modes): each won on some tile shape and none on all; staged words alone never won (run 34)
+                for staged, ahead in ((False, False), (False, True), (True, True)):
+                    config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
+                                            num_warps=warps, num_stages=stages, staged_words=staged,
+                                            scale_ahead=ahead)
+                    if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
+                        plans.append(Plan("left", config))
     return plans
 
 

@@ -23,7 +23,8 @@ from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kern
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
-LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True)  # act order (HAS_PERM): x is gathered with masks
+LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False)  # act order: x gathered with masks
+TUNED_FEED = dict(PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False)
 FLOAT16 = {"x_ptr": "*fp16", "out_ptr": "*fp16"}
 FRAGMENT = dict(COMMON, FRAGMENT=True)
 CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types other than POINTER_TYPES])
@@ -83,19 +84,21 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types ot
                                                                        IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
                                                                        EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
                                                                        HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True,
-                                                                       X_IN_BOUNDS=True, PACKED_ASM=True),
+                                                                       X_IN_BOUNDS=True, **TUNED_FEED),
      8, 3),
     ("left tuned fragment packed 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=64, BN=128, BK=128, SPLIT_K=4, MODE=3,
                                                                      IS_BF16=True, DOT_IN_F32=False, EVEN_N=True,
                                                                      EVEN_K=True, TILES_PER_GROUP=1, HAS_PERM=False,
                                                                      HAS_ZEROS=True, HAS_BIAS=False, FRAGMENT=True,
-                                                                     X_IN_BOUNDS=True, PACKED_ASM=True),
+                                                                     X_IN_BOUNDS=True,
+                                                                     **dict(TUNED_FEED, STAGED_WORDS=True,
+                                                                            SCALE_AHEAD=True)),
      8, 3),
     ("left tuned denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=256, BN=128, BK=64, SPLIT_K=1, MODE=2,
                                                               IS_BF16=True, DOT_IN_F32=False, EVEN_N=True, EVEN_K=True,
                                                               TILES_PER_GROUP=2, HAS_PERM=False, HAS_ZEROS=True,
                                                               HAS_BIAS=False, FRAGMENT=False, X_IN_BOUNDS=True,
-                                                              PACKED_ASM=True),
+                                                              **TUNED_FEED),
      8, 4),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,

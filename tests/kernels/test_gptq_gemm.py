@@ -132,12 +132,18 @@ LEFT_CASES = [
 
 
 # PACKED (4-bit in fragment order only): both 16-bit types, act order, sym and asym, per-channel, partial tiles
+# (scale_ahead: the scales one tile ahead across group boundaries and split-K ranges; staged_words changes only
+# the GPU's copy layout, here it checks the identity it is built from)
 PACKED_CASES = [
     (4, 64, True, True, "gptq", torch.bfloat16, 1, LeftGemmConfig(16, 32, 64, split_k=2, mode=LEFT_PACKED)),
-    (4, 32, False, True, "gptq_v2", torch.float16, 17, LeftGemmConfig(16, 32, 32, split_k=3, mode=LEFT_PACKED)),
-    (4, 96, True, False, "gptq", torch.float16, 64, LeftGemmConfig(32, 32, 32, mode=LEFT_PACKED)),
-    (4, -1, False, True, "gptq_v2", torch.bfloat16, 3, LeftGemmConfig(16, 16, 128, split_k=2, mode=LEFT_PACKED)),
-    (4, -1, False, False, "gptq", torch.bfloat16, 32, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_PACKED)),
+    (4, 32, False, True, "gptq_v2", torch.float16, 17,
+     LeftGemmConfig(16, 32, 32, split_k=3, mode=LEFT_PACKED, scale_ahead=True)),
+    (4, 96, True, False, "gptq", torch.float16, 64,
+     LeftGemmConfig(32, 32, 32, mode=LEFT_PACKED, staged_words=True, scale_ahead=True)),
+    (4, -1, False, True, "gptq_v2", torch.bfloat16, 3,
+     LeftGemmConfig(16, 16, 128, split_k=2, mode=LEFT_PACKED, scale_ahead=True)),
+    (4, -1, False, False, "gptq", torch.bfloat16, 32,
+     LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_PACKED, staged_words=True)),
 ]
 
 
@@ -194,6 +200,13 @@ def test_weight_left_refuses_what_it_cannot_compute_exactly():
     assert left_config_valid(w4, packed, torch.bfloat16) and left_config_valid(w4, packed, torch.float16)
     assert not left_config_valid(w4_plain, packed, torch.bfloat16) and not left_config_valid(w8, packed, torch.float16)
     assert not left_config_valid(w4, LeftGemmConfig(16, 32, 16, mode=LEFT_PACKED), torch.bfloat16)
+    # staged words and scales ahead: PACKED only
+    for staged, ahead in ((True, False), (False, True), (True, True)):
+        assert left_config_valid(w4, LeftGemmConfig(16, 32, 32, mode=LEFT_PACKED, staged_words=staged,
+                                                    scale_ahead=ahead), torch.float16)
+        for mode in (LEFT_PAIRS, LEFT_DEQUANT, LEFT_DENORMAL):
+            assert not left_config_valid(w4, LeftGemmConfig(16, 32, 32, mode=mode, staged_words=staged,
+                                                            scale_ahead=ahead), torch.bfloat16)
     with pytest.raises(ValueError, match="cannot run"):
         gptq_gemm_left(torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE), w8, pairs,
                        torch.empty(2, 32, dtype=torch.bfloat16, device=DEVICE), torch.zeros(64, device=DEVICE),
