@@ -88,7 +88,7 @@ class TorchBackend:
 GPTQ, EXL2 = "gptq", "exl2"  # the weight formats with backends
 # per format, name -> "module:attribute" of a zero-argument factory (imported only when first needed); read-only
 BACKEND_FACTORIES = MappingProxyType({  # GPTQ's
-    "triton": "qtool.kernels.triton_backend:TritonBackend",
+    "triton": "qtool.kernels.triton_backend:default_triton_backend",
     "torch": "qtool.kernels.registry:TorchBackend",
 })
 EXL2_BACKEND_FACTORIES = MappingProxyType({

@@ -1,6 +1,7 @@
 """The Triton matmul backend for GPTQ linears: repacks a layer once, then serves y = x @ W^T by M bucket with
 the GEMV kernel (M = 1), split-K tl.dot (skinny M), tl.dot tiles or dequantize + cuBLAS (large M); the config
-for each (M bucket, shape, bits, group) is chosen once by timing and cached on the backend object."""
+for each (M bucket, shape, bits, group) is chosen once by timing and cached on the backend object and, through the
+registry's factory, on disk for the next process (kernels/plan_store.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,6 +39,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
 )
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
+from qtool.kernels.plan_store import PlanStore, default_cache_dir, kernel_fingerprint
 from qtool.kernels.registry import triton_device_problem
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
 
@@ -65,6 +68,10 @@ class Plan:
             return self.kind
         fields = ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
         return f"{self.kind}({fields})"
+
+
+# the config class of each plan kind, for plans read back from the disk cache
+PLAN_TYPES = {"gemv": GemvConfig, "gemm": GemmConfig, "left": LeftGemmConfig, "dequant": None}
 
 
 @dataclass(frozen=True)
@@ -342,6 +349,26 @@ def weight_copies(weight: GptqComputeWeight, count: int) -> list[GptqComputeWeig
     return [weight] + clones
 
 
+def kernel_plan_store(directory: Path | None) -> PlanStore | None:
+    """The on-disk plan cache in `directory` (None: no cache) for this package's kernels as they are now."""
+    if directory is None:
+        return None
+    versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": str(torch.version.cuda)}
+    return PlanStore(directory, kernel_fingerprint(Path(__file__).parent.glob("*.py"), versions), PLAN_TYPES, Plan)
+
+
+def stored_plan(store: PlanStore | None, device_name: str, key: TuneKey, candidates: list[Plan]) -> Plan | None:
+    """The plan the cache holds for `key`, if it is still one of the candidates (else the layer is re-tuned)."""
+    if store is None:
+        return None
+    plan = store.get(device_name, key)
+    return plan if plan in candidates else None
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -352,13 +379,15 @@ class TritonBackend:
     """GPTQ matmul through the Triton kernels of this package. State (tuned plans, split-K workspaces) lives on
     the instance: share one instance across layers. The first call of each M bucket tunes (and may grow the
     workspace), so run every bucket once before capturing CUDA graphs. Layers share one workspace per device:
-    calls must not run concurrently on different streams."""
+    calls must not run concurrently on different streams. plan_store: where tuned plans are read from before
+    timing and written to after (None: this process only)."""
 
     name = "triton"
 
-    def __init__(self, tune: bool = True, tuner: KernelTuner | None = None):
+    def __init__(self, tune: bool = True, tuner: KernelTuner | None = None, plan_store: PlanStore | None = None):
         self.tune = tune
         self.tuner = tuner or KernelTuner()
+        self.plan_store = plan_store
         self._workspaces: dict[str, SplitKWorkspace] = {}
 
     def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
@@ -415,6 +444,12 @@ class TritonBackend:
         if not self.tune:
             self.tuner.plans[key] = candidates[0]
             return candidates[0]
+        device_name = _device_name(x.device)
+        stored = stored_plan(self.plan_store, device_name, key, candidates)
+        if stored is not None:
+            logger.info("triton GPTQ: %s -> %s (tuned before: %s)", key, stored.describe(), self.plan_store.path)
+            self.tuner.plans[key] = stored
+            return stored
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # timing needs its own graphs: serve this capture with the default plan, tune on an eager call
             return candidates[0]
@@ -426,6 +461,10 @@ class TritonBackend:
             timing_calls=lambda plan: [lambda w=w: self.run_plan(plan, x, w) for w in copies],
         )
         del copies
+        timings = self.tuner.timings.get(key, [])
+        timed = any(name == plan.describe() and isinstance(ms, float) for name, ms in timings)
+        if self.plan_store is not None and timed:  # not the fallback of a tuning in which nothing ran
+            self.plan_store.put(device_name, key, plan)
         return plan
 
     def matmul(self, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
@@ -443,3 +482,9 @@ class TritonBackend:
         else:
             y = self.run_plan(self.plan_for(x2, weight), x2, weight)
         return y.reshape(*lead, weight.out_features)
+
+
+def default_triton_backend() -> TritonBackend:
+    """The registry's factory: plans tuned once per GPU model and kernel version, kept under qtool's cache root
+    ($QTOOL_CACHE_DIR/tuning, default ~/.cache/qtool/tuning; QTOOL_CACHE_DIR=off: none)."""
+    return TritonBackend(plan_store=kernel_plan_store(default_cache_dir()))

@@ -8,25 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from qtool.configs.cache_root import cache_root
 from qtool.convert.output_dir import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARK = "qtool-cache-complete"
-
-
-def cache_root() -> Path | None:
-    """$QTOOL_CACHE_DIR, else ~/.cache/qtool; QTOOL_CACHE_DIR=off disables the cache."""
-    configured = os.environ.get("QTOOL_CACHE_DIR")
-    if configured is not None and configured.lower() in ("", "0", "off", "none"):
-        return None
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qtool"
 
 
 def cached_float_dir(gguf_file: Path) -> Path | None:

@@ -3,24 +3,12 @@ second load reads the copy and gives the same weights and tokenizer as the first
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from qtool.runtime import gguf_cache
 from qtool.runtime.sources import load_model
-
-
-def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("QTOOL_CACHE_DIR", str(tmp_path / "c"))
-    assert gguf_cache.cache_root() == tmp_path / "c"
-    monkeypatch.setenv("QTOOL_CACHE_DIR", "off")
-    assert gguf_cache.cache_root() is None
-    monkeypatch.delenv("QTOOL_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert gguf_cache.cache_root() == tmp_path / "xdg" / "qtool"
 
 
 def test_key_changes_with_the_file(monkeypatch, tmp_path):
