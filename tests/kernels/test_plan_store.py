@@ -4,23 +4,19 @@ a candidate is re-tuned, and a broken or unwritable cache costs one warning, nev
 
 import json
 import logging
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from qtool.kernels.gptq_gemm_left_triton import LEFT_PACKED, LeftGemmConfig  # noqa: E402
-from qtool.kernels.gptq_gemm_triton import GemmConfig  # noqa: E402
-from qtool.kernels.gptq_gemv_triton import GemvConfig  # noqa: E402
-from qtool.kernels.plan_store import PlanStore, kernel_fingerprint  # noqa: E402
-from qtool.kernels.registry import BackendRegistry, GptqLinearTensors  # noqa: E402
-from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import (  # noqa: E402
+from qtool.kernels.gptq_gemm_left_triton import LEFT_PACKED, LeftGemmConfig
+from qtool.kernels.gptq_gemm_triton import GemmConfig
+from qtool.kernels.gptq_gemv_triton import GemvConfig
+from qtool.kernels.plan_store import PlanStore, kernel_fingerprint
+from qtool.kernels.registry import BackendRegistry, GptqLinearTensors
+from qtool.kernels.repack import repack_gptq
+from qtool.kernels.triton_backend import (
     PLAN_TYPES,
     Plan,
     TritonBackend,
