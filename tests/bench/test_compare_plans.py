@@ -2,18 +2,10 @@
 of each family and the old/new ratios come out of the timings put in, failed candidates are left out."""
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("compare_plans", BENCH / "compare_plans.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_scripts import load_bench_script
 
 
 def left(mode, bn, staged=False, ahead=False):
@@ -31,7 +23,7 @@ def write_run(path: Path, candidates: list, gz: bool = False) -> str:
 
 
 def test_families_and_their_best_times(tmp_path):
-    compare = load_module()
+    compare = load_bench_script("compare_plans")
     assert compare.plan_family(left(3, 64, True, True)) == "left:3+staged+ahead"
     assert compare.plan_family(left(2, 64)) == "left:2"
     assert compare.plan_family("gemv(block_n=1024, units=4, split_k=64, num_warps=4)") == "gemv"
@@ -47,7 +39,7 @@ def test_families_and_their_best_times(tmp_path):
 
 
 def test_two_runs_compare_family_by_family(tmp_path):
-    compare = load_module()
+    compare = load_bench_script("compare_plans")
     old = write_run(tmp_path / "old.json", [[left(3, 64), 0.010], [left(3, 128), 0.020], [left(2, 64), 0.020]])
     new = write_run(tmp_path / "new.json", [[left(3, 64), 0.012], [left(3, 128), 0.010], [left(2, 64), 0.030],
                                             [left(3, 64, ahead=True), 0.001]])

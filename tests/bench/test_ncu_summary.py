@@ -1,18 +1,9 @@
 """bench/ncu_summary.py on a small export written here in Nsight Compute's source-page CSV layout: stall shares,
 the instruction mix per weight value and the bank-conflict lines come out of the numbers put in."""
 
-import importlib.util
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def load_summary_module():
-    spec = importlib.util.spec_from_file_location("ncu_summary", BENCH / "ncu_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from bench_scripts import load_bench_script
 
 HEADER = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
           "L1 Wavefronts Shared Excessive", "L1 Wavefronts Shared", "stall_long_sb", "stall_wait",
@@ -26,7 +17,7 @@ def write_export(path: Path, rows: list[list[str]]) -> None:
 
 
 def test_summary_reports_the_counts_it_was_given(tmp_path):
-    summary = load_summary_module()
+    summary = load_bench_script("ncu_summary")
     export = tmp_path / "k.sass.csv"
     write_export(export, [
         ["0x10", "      LOP3.LUT R1, R2, 0xf, RZ, 0xc0, !PT", "30", "1,000", "0", "0", "30", "0", "30"],
@@ -44,7 +35,7 @@ def test_summary_reports_the_counts_it_was_given(tmp_path):
 
 
 def test_summary_refuses_a_file_that_is_not_an_export(tmp_path, capsys):
-    summary = load_summary_module()
+    summary = load_bench_script("ncu_summary")
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
     assert summary.main([str(other)]) == 1
