@@ -277,48 +277,46 @@ def gptq_gemm_left_kernel(
         if STAGED_WORDS:
             words = _keep_load_layout(words)
 
+        if SCALE_AHEAD:
+            scale = scale_ahead.to(tl.float32)
+            t_ahead = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads its own scales (in bounds, cached)
+            scale_ahead = tl.load(scales_ptr + (t_ahead // TILES_PER_GROUP) * N + offs_n, mask=n_ok, other=0.0)
+            zero = tile_zero(zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const, HAS_ZEROS)
+        else:
+            # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
+            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
+                                          HAS_ZEROS)
+
         if MODE == 3:
-            if SCALE_AHEAD:
-                scale = scale_ahead.to(tl.float32)
-                t_ahead = tl.minimum(t + 1, t_end - 1)  # the last tile re-reads its own scales (in bounds, cached)
-                scale_ahead = tl.load(scales_ptr + (t_ahead // TILES_PER_GROUP) * N + offs_n, mask=n_ok, other=0.0)
-                zero = tile_zero(zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const, HAS_ZEROS)
-            else:
-                scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N,
-                                              zero_const, HAS_ZEROS)
             w = _packed_tile(words, zero, IS_BF16, PACKED_ASM)
             if DOT_IN_F32:
                 part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
             else:
                 part = tl.dot(w, xt)
             acc += scale[:, None] * part
-        else:
-            # a constexpr divisor: the group of a tile costs a shift or a multiply, not an integer division
-            scale, zero = tile_scale_zero(scales_ptr, zeros_ptr, t // TILES_PER_GROUP, offs_n, n_ok, N, zero_const,
-                                          HAS_ZEROS)
-            if MODE == 0:
-                # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
-                # on the way to shared memory, so x is still read contiguously
-                xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
-                w = _pair_tile(words, BITS, IS_BF16)
-                if DOT_IN_F32:
-                    part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-                else:
-                    part = tl.dot(w, xt)
-                x_sum = tl.sum(xt.to(tl.float32), axis=0)
-                acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
+        elif MODE == 0:
+            # x rows into the pair order of the weight tile's columns (see _pair_tile): a register permutation
+            # on the way to shared memory, so x is still read contiguously
+            xt = tl.reshape(tl.permute(tl.reshape(xt, (UNITS, 2, V // 2, BM)), (0, 2, 1, 3)), (BK, BM))
+            w = _pair_tile(words, BITS, IS_BF16)
+            if DOT_IN_F32:
+                part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
             else:
-                if MODE == 1:
-                    f32 = _natural_tile(words, BITS)
-                    w = f32 * (scale * DIV)[:, None, None] - (scale * (DIV + zero))[:, None, None]
-                else:
-                    SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
-                    w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
-                w = _in_row_order(w, FRAGMENT).to(x_ptr.dtype.element_ty)
-                if DOT_IN_F32:
-                    acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(w, xt, acc)
+                part = tl.dot(w, xt)
+            x_sum = tl.sum(xt.to(tl.float32), axis=0)
+            acc += scale[:, None] * part - (scale * (BASE + zero))[:, None] * x_sum[None, :]
+        else:
+            if MODE == 1:
+                f32 = _natural_tile(words, BITS)
+                w = f32 * (scale * DIV)[:, None, None] - (scale * (DIV + zero))[:, None, None]
+            else:
+                SCALED_ZERO: tl.constexpr = 2.0 ** -LEFT_DENORMAL_EXP
+                w = _pieces(words, scale, scale * zero * SCALED_ZERO, BITS, 0, V, True)
+            w = _in_row_order(w, FRAGMENT).to(x_ptr.dtype.element_ty)
+            if DOT_IN_F32:
+                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
 
     if MODE == 2:
         UNSCALE: tl.constexpr = 2.0 ** LEFT_DENORMAL_EXP
