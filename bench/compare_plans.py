@@ -4,7 +4,8 @@ the best time of each family per row, and between two runs the change of each fa
     python3 bench/compare_plans.py bench/results/kernels_h200_run34_2026-12-02.json.gz
     python3 bench/compare_plans.py OLD.json.gz NEW.json --family left:3   # only families starting with left:3
 
-A family is "gemv", "dequant", "gemm:<mode>" or "left:<mode>" plus "+staged" / "+ahead" for the knobs that are on.
+A family is "gemv", "dequant", "gemm:<mode>" or "left:<mode>" plus "+staged" / "+ahead" for the knobs that are on
+and "+stream" for stream-K launches.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def plan_family(plan: str) -> str:
     fields = dict(re.findall(r"(\w+)=(\w+)", plan))
     if "mode" in fields:
         kind += f":{fields['mode']}"
-    return kind + "".join(f"+{short}" for name, short in KNOBS if fields.get(name) == "True")
+    knobs = "".join(f"+{short}" for name, short in KNOBS if fields.get(name) == "True")
+    return kind + knobs + ("+stream" if fields.get("stream_programs", "0") != "0" else "")
 
 
 def best_by_family(timed: dict[str, float]) -> dict[str, float]:

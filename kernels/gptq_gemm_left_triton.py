@@ -38,13 +38,14 @@ import triton.language as tl
 from qtool.kernels.gptq_gemm_triton import triton_interpreted
 from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
-    check_split_workspace,
     code_as_denormal,
     compute_rows,
+    finish_shared_tile,
     finish_tile,
     kernel_tensors,
     load_x_tile,
     split_k_sizes,
+    stream_k_sizes,
     split_tile_range,
     tile_scale_zero,
     tile_zero,
@@ -222,28 +223,14 @@ def _packed_tile(words, zero, IS_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def gptq_gemm_left_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
-    M, N, K_X, num_rows, zero_const, tiles_per_split, stride_xm, stride_om,
-    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-    MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
-    PACKED_ASM: tl.constexpr, STAGED_WORDS: tl.constexpr, SCALE_AHEAD: tl.constexpr,
-):
-    """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
-    each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
-    is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9); PACKED_ASM
-    (off in the interpreter) builds PACKED tiles with inline PTX. STAGED_WORDS and SCALE_AHEAD (PACKED only) copy
-    the word tile to shared memory 16 bytes per thread (see _keep_load_layout) and load the scales one tile ahead.
-    Neither changes a value; which is faster depends on the tile shape (the tuner times them)."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    grid_n = tl.cdiv(N, BN)
-    pid_m = pid // grid_n
-    pid_n = pid % grid_n
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+def _tile_sum(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, M, N, K_X, num_rows, zero_const,
+              t_begin, t_end, stride_xm,
+              BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr,
+              IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr, HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              FRAGMENT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr,
+              TILES_PER_GROUP: tl.constexpr, PACKED_ASM: tl.constexpr, STAGED_WORDS: tl.constexpr,
+              SCALE_AHEAD: tl.constexpr):
+    """out^T tile [BN, BM] (float32) of rows offs_n and tokens offs_m, summed over K tiles [t_begin, t_end)."""
     m_ok = offs_m < M
     n_ok = offs_n < N
     V: tl.constexpr = 32 // BITS
@@ -256,8 +243,6 @@ def gptq_gemm_left_kernel(
     tile_rows = tl.arange(0, BK)
     unit_ids = tl.arange(0, UNITS)
     acc = tl.zeros((BN, BM), dtype=tl.float32)
-
-    t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
     if SCALE_AHEAD:
         # PACKED uses the scales only in the epilogue, in the accumulator's layout, where the software pipeline
         # does not copy them ahead (ncu, run 32: the loop waited on them)
@@ -321,9 +306,63 @@ def gptq_gemm_left_kernel(
     if MODE == 2:
         UNSCALE: tl.constexpr = 2.0 ** LEFT_DENORMAL_EXP
         acc = acc * UNSCALE
-    tile_id = pid_m * grid_n + pid_n
-    finish_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                SPLIT_K, HAS_BIAS)
+    return acc
+
+
+@triton.jit
+def gptq_gemm_left_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K_X, num_rows, zero_const, tiles_per_split, stride_xm, stride_om,
+    BITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, IS_BF16: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, FRAGMENT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, X_IN_BOUNDS: tl.constexpr, TILES_PER_GROUP: tl.constexpr,
+    PACKED_ASM: tl.constexpr, STAGED_WORDS: tl.constexpr, SCALE_AHEAD: tl.constexpr, STREAM_K: tl.constexpr,
+):
+    """Program (tile, pid_k): out tile [BM, BN] over K tiles [pid_k*tiles_per_split, ...) of BK compute rows,
+    each inside one group. Tiles run along N fastest, so programs that share an x block run together. DOT_IN_F32
+    is for the interpreter only, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9); PACKED_ASM
+    (off in the interpreter) builds PACKED tiles with inline PTX. STAGED_WORDS and SCALE_AHEAD (PACKED only) copy
+    the word tile to shared memory 16 bytes per thread (see _keep_load_layout) and load the scales one tile ahead.
+    Neither changes a value; which is faster depends on the tile shape (the tuner times them).
+    STREAM_K (stream-K): program p instead takes the (tile, K tile) units [p*tiles_per_split, (p+1)*tiles_per_split)
+    of all tiles' K tiles laid end to end, so every program gets the same work however many tiles there are; a tile
+    split between programs is summed in the workspace like a split-K tile."""
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BN)
+    if STREAM_K:
+        k_tiles = tl.cdiv(num_rows, BK)
+        u = pid * tiles_per_split
+        u_end = tl.minimum(u + tiles_per_split, tl.cdiv(M, BM) * grid_n * k_tiles)
+        while u < u_end:
+            tile_id = u // k_tiles
+            t_begin = u - tile_id * k_tiles
+            t_end = tl.minimum(k_tiles, t_begin + (u_end - u))
+            tl.assume(t_end > t_begin)  # see split_tile_range
+            offs_m = (tile_id // grid_n) * BM + tl.arange(0, BM)
+            offs_n = (tile_id % grid_n) * BN + tl.arange(0, BN)
+            acc = _tile_sum(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, M, N, K_X,
+                            num_rows, zero_const, t_begin, t_end, stride_xm, BITS, BM, BN, BK, MODE, IS_BF16, DOT_IN_F32,
+                            HAS_PERM, HAS_ZEROS, FRAGMENT, EVEN_N, EVEN_K, X_IN_BOUNDS, TILES_PER_GROUP, PACKED_ASM,
+                            STAGED_WORDS, SCALE_AHEAD)
+            # the programs whose unit ranges meet this tile's
+            sharing = (tile_id * k_tiles + k_tiles - 1) // tiles_per_split - (tile_id * k_tiles) // tiles_per_split + 1
+            finish_shared_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+                               counter_ptr, tile_id, sharing, HAS_BIAS)
+            u += t_end - t_begin
+    else:
+        pid_k = tl.program_id(1)
+        pid_m = pid // grid_n
+        pid_n = pid % grid_n
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        t_begin, t_end = split_tile_range(num_rows, pid_k, tiles_per_split, BK)
+        acc = _tile_sum(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_n, M, N, K_X, num_rows,
+                        zero_const, t_begin, t_end, stride_xm, BITS, BM, BN, BK, MODE, IS_BF16, DOT_IN_F32, HAS_PERM,
+                        HAS_ZEROS, FRAGMENT, EVEN_N, EVEN_K, X_IN_BOUNDS, TILES_PER_GROUP, PACKED_ASM, STAGED_WORDS,
+                        SCALE_AHEAD)
+        finish_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr,
+                    pid_m * grid_n + pid_n, SPLIT_K, HAS_BIAS)
 
 
 @dataclass(frozen=True)
@@ -339,6 +378,9 @@ class LeftGemmConfig:
     num_stages: int = 3
     staged_words: bool = False
     scale_ahead: bool = False
+    # > 0: that many persistent programs share all tiles' K tiles evenly (stream-K) instead of a (tile, split)
+    # grid; split_k must then be 1
+    stream_programs: int = 0
 
 
 def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: torch.dtype) -> bool:
@@ -362,6 +404,8 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
         return False
     if config.scale_ahead and config.mode != LEFT_PACKED:
         return False  # the other modes use the scales while they build the tile
+    if config.stream_programs < 0 or (config.stream_programs and config.split_k != 1):
+        return False  # stream-K chooses each program's K range itself
     return config.block_m >= 16 and config.block_n >= 16
 
 
@@ -372,18 +416,39 @@ def x_in_bounds(x: torch.Tensor, weight: GptqComputeWeight, block_m: int, block_
             and x.shape[0] % block_m == 0)
 
 
+def left_workspace(m: int, weight: GptqComputeWeight, config: LeftGemmConfig) -> tuple[int, int]:
+    """(float32 partial sums, int32 counters) a launch needs: [M, N] sums and a counter per tile where programs
+    share tiles (split-K; stream-K unless every program's range is whole tiles), else none."""
+    n = weight.out_features
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    k_tiles = triton.cdiv(weight.k_rows, config.block_k)
+    if config.stream_programs:
+        shares = stream_k_sizes(tiles, k_tiles, config.stream_programs)[0] % k_tiles != 0
+    else:
+        shares = split_k_sizes(k_tiles, config.split_k)[1] > 1
+    return (m * n, tiles) if shares else (0, 0)
+
+
 def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmConfig, out: torch.Tensor,
                    workspace: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """out[M, N] = x[M, K] @ W^T (+ bias). With split_k > 1, workspace float32 [>= M*N] and counters int32
-    [>= tiles] must be zero on entry; they are zero again on return."""
+    """out[M, N] = x[M, K] @ W^T (+ bias). With split_k > 1 or stream_programs, workspace float32 [>= M*N] and
+    counters int32 [>= tiles] must be zero on entry; they are zero again on return."""
     check_matmul_input(x, weight, "gptq_gemm_left")
     if not left_config_valid(weight, config, x.dtype):
         raise ValueError(f"config {config} cannot run on this {weight.bits}-bit layer with {x.dtype} input")
     m, n = x.shape[0], weight.out_features
-    tiles_per_split, split_k = split_k_sizes(triton.cdiv(weight.k_rows, config.block_k), config.split_k)
     grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
-    check_split_workspace(split_k, workspace, counters, m * n, grid_m * grid_n)
-    gptq_gemm_left_kernel[(grid_m * grid_n, split_k)](
+    k_tiles = triton.cdiv(weight.k_rows, config.block_k)
+    if config.stream_programs:
+        tiles_per_split, programs = stream_k_sizes(grid_m * grid_n, k_tiles, config.stream_programs)
+        grid, split_k = (programs, 1), 1
+    else:
+        tiles_per_split, split_k = split_k_sizes(k_tiles, config.split_k)
+        grid = (grid_m * grid_n, split_k)
+    partials, flags = left_workspace(m, weight, config)
+    if workspace.numel() < partials or counters.numel() < flags:
+        raise ValueError(f"workspace too small for {config}: {partials} partial sums and {flags} counters needed")
+    gptq_gemm_left_kernel[grid](
         *kernel_tensors(x, weight, out, workspace, counters),
         m, n, weight.in_features, weight.k_rows, weight.zero_const, tiles_per_split,
         x.stride(0), out.stride(0),
@@ -393,7 +458,7 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
         X_IN_BOUNDS=x_in_bounds(x, weight, config.block_m, config.block_k),
         TILES_PER_GROUP=weight.group_rows // config.block_k, PACKED_ASM=not triton_interpreted(),
-        STAGED_WORDS=config.staged_words, SCALE_AHEAD=config.scale_ahead,
+        STAGED_WORDS=config.staged_words, SCALE_AHEAD=config.scale_ahead, STREAM_K=config.stream_programs > 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

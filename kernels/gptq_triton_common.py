@@ -219,16 +219,36 @@ def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
     if SPLIT_K == 1:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
-        ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
-        if arrived == SPLIT_K - 1:
-            # the sums are read by atomics (adding zero: vector atomics, a quarter of the operations of one
-            # exchange per element): a plain load here returned sums that had not all arrived on the H200, while
-            # atomics see every other program's atomic adds (bench/split_k_reduction.py, run 22)
-            total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
-            tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
-            total = tl.where(mask, total, 0.0)
-            store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-            tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
+        reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                            SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def finish_shared_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                       sharing, HAS_BIAS: tl.constexpr):
+    """finish_tile for a tile whose K range `sharing` programs divide between them (a runtime count: stream-K)."""
+    if sharing == 1:
+        store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+    else:
+        reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                            sharing, HAS_BIAS)
+
+
+@triton.jit
+def reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
+                        parts, HAS_BIAS: tl.constexpr):
+    """Adds one of a tile's `parts` partial sums into the workspace; the last to arrive writes the output and
+    leaves workspace and counter zero."""
+    ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
+    if arrived == parts - 1:
+        # the sums are read by atomics (adding zero: vector atomics, a quarter of the operations of one
+        # exchange per element): a plain load here returned sums that had not all arrived on the H200, while
+        # atomics see every other program's atomic adds (bench/split_k_reduction.py, run 22)
+        total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
+        tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
+        total = tl.where(mask, total, 0.0)
+        store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        tl.atomic_xchg(counter_ptr + tile_id, 0, sem="relaxed")
 
 
 def kernel_tensors(x: torch.Tensor, weight: GptqComputeWeight, out: torch.Tensor, workspace: torch.Tensor,
@@ -254,6 +274,14 @@ def split_k_sizes(total_tiles: int, requested_split: int) -> tuple[int, int]:
     """(tiles per split, splits) for `requested_split` splits of total_tiles K tiles, with no split left empty."""
     tiles_per_split = triton.cdiv(total_tiles, requested_split)
     return tiles_per_split, triton.cdiv(total_tiles, tiles_per_split)
+
+
+def stream_k_sizes(tiles: int, k_tiles: int, requested_programs: int) -> tuple[int, int]:
+    """(units per program, programs) for stream-K: the tiles' K tiles laid end to end (tiles * k_tiles units)
+    in equal contiguous ranges over at most requested_programs programs, with no program left empty."""
+    units = tiles * k_tiles
+    per_program = triton.cdiv(units, max(1, min(requested_programs, units)))
+    return per_program, triton.cdiv(units, per_program)
 
 
 def check_split_workspace(split_k: int, workspace: torch.Tensor, counters: torch.Tensor, partials: int,

@@ -36,6 +36,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
     LeftGemmConfig,
     gptq_gemm_left,
     left_config_valid,
+    left_workspace,
 )
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
@@ -213,6 +214,13 @@ LEFT_LARGE_SHAPES = (
 )
 
 
+def _few_waves(m: int, weight: GptqComputeWeight, bm: int, bn: int, resident: int) -> bool:
+    """Whether a grid of whole output tiles is under four waves and not a whole number of them: the last wave
+    leaves SMs idle for a large share of the run."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+    return tiles < 4 * resident and tiles % resident != 0
+
+
 def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
     if m <= SKINNY_MAX_M:
         shapes = LEFT_SKINNY_SHAPES
@@ -233,15 +241,19 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
             modes.append(LEFT_PACKED)  # left_config_valid drops it for layers not in fragment order
         # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
         # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
-        for within in (False, True):
-            tile_k, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within)
+        launches = [_tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within) + (0,) for within in (False, True)]
+        if per_sm and m > 64 and _few_waves(m, weight, bm, bn, per_sm * num_sms):
+            # stream-K: every resident program gets the same share of all tiles' K tiles, where whole tiles would
+            # leave SMs idle (7B qkv at M = 256: 96 tiles of 256x128 for 132 SMs)
+            launches.append((launches[0][0], 1, per_sm * num_sms))
+        for tile_k, split, programs in launches:
             for tile_mode in modes:
                 # PACKED's ways of feeding its loop, which change no value (left_config_valid drops them for the
                 # other modes): each won on some tile shape and none on all; staged words alone never won (run 34)
                 for staged, ahead in ((False, False), (False, True), (True, True)):
                     config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
                                             num_warps=warps, num_stages=stages, staged_words=staged,
-                                            scale_ahead=ahead)
+                                            scale_ahead=ahead, stream_programs=programs)
                     if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
                         plans.append(Plan("left", config))
     return plans
@@ -422,7 +434,9 @@ class TritonBackend:
             return gptq_matmul_dequant(x, weight)
         m, n = x.shape[0], weight.out_features
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        if plan.config.split_k > 1:
+        if plan.kind == "left":
+            ws = self._workspace(x.device, *(max(1, size) for size in left_workspace(m, weight, plan.config)))
+        elif plan.config.split_k > 1:
             ws = self._workspace(x.device, m * n, triton.cdiv(m, 16) * triton.cdiv(n, 16))
         else:  # unused by the kernel; any zeroed buffers do
             ws = self._workspace(x.device, 1, 1)

@@ -26,6 +26,8 @@ def test_families_and_their_best_times(tmp_path):
     compare = load_bench_script("compare_plans")
     assert compare.plan_family(left(3, 64, True, True)) == "left:3+staged+ahead"
     assert compare.plan_family(left(2, 64)) == "left:2"
+    assert compare.plan_family(left(2, 64) + ", stream_programs=0") == "left:2"
+    assert compare.plan_family(left(2, 64).replace(")", ", stream_programs=132)")) == "left:2+stream"
     assert compare.plan_family("gemv(block_n=1024, units=4, split_k=64, num_warps=4)") == "gemv"
     assert compare.plan_family("dequant") == "dequant"
     run = write_run(tmp_path / "a.json.gz", [

@@ -23,8 +23,8 @@ from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kern
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
                  "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
-LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False)  # act order: x gathered with masks
-TUNED_FEED = dict(PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False)
+LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False, STREAM_K=False)  # act order: x gathered with masks
+TUNED_FEED = dict(PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False, STREAM_K=False)
 FLOAT16 = {"x_ptr": "*fp16", "out_ptr": "*fp16"}
 FRAGMENT = dict(COMMON, FRAGMENT=True)
 CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types other than POINTER_TYPES])
@@ -100,6 +100,14 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types ot
                                                               HAS_BIAS=False, FRAGMENT=False, X_IN_BOUNDS=True,
                                                               **TUNED_FEED),
      8, 4),
+    # stream-K: the K loop inside the loop over a program's tiles must not be serialized either
+    ("left tuned stream-K denormal 4-bit", gptq_gemm_left_kernel, dict(BITS=4, BM=128, BN=128, BK=128, SPLIT_K=1,
+                                                                       MODE=2, IS_BF16=True, DOT_IN_F32=False,
+                                                                       EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1,
+                                                                       HAS_PERM=False, HAS_ZEROS=True, HAS_BIAS=False,
+                                                                       FRAGMENT=True, X_IN_BOUNDS=True,
+                                                                       **dict(TUNED_FEED, STREAM_K=True)),
+     8, 3),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,
                                                         **COMMON, **LEFT), 8, 3),

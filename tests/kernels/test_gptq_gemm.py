@@ -30,6 +30,7 @@ from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
     LeftGemmConfig,
     gptq_gemm_left,
     left_config_valid,
+    left_workspace,
     x_in_bounds,
 )
 from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
@@ -147,8 +148,23 @@ PACKED_CASES = [
 ]
 
 
+# stream-K on N = 80, K = 160: with 16x32 tiles and 32-row K tiles, M = 17 has 6 tiles x 5 K tiles = 30 units and
+# M = 3 has 15. 4 programs (8 units each) share tiles two ways; 7 requested give 5 programs of 3 units, so a tile is
+# summed by up to 3 programs and a program sums pieces of 2 tiles; 3 programs take 2 whole tiles each (no
+# workspace); 40 requested give 30 programs of one unit (tiles summed by 5). 32-row M tiles with 64-row K tiles:
+# 6 tiles x 3 units over 4 programs of 5 units.
+STREAM_CASES = [
+    (4, 32, True, True, "gptq", torch.bfloat16, 17, LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL, stream_programs=4)),
+    (4, -1, False, False, "gptq_v2", torch.float16, 3,
+     LeftGemmConfig(16, 32, 32, mode=LEFT_PACKED, scale_ahead=True, stream_programs=7)),
+    (4, 64, False, True, "gptq_v2", torch.bfloat16, 64, LeftGemmConfig(32, 32, 64, mode=LEFT_PACKED, stream_programs=4)),
+    (8, 32, True, True, "gptq_v2", torch.float16, 17, LeftGemmConfig(16, 32, 32, mode=LEFT_DEQUANT, stream_programs=3)),
+    (2, -1, False, True, "gptq", torch.bfloat16, 32, LeftGemmConfig(16, 32, 32, mode=LEFT_PAIRS, stream_programs=40)),
+]
+
+
 @pytest.mark.parametrize("bits,group_size,act_order,asym,fmt,dtype,m,config,fragment_order",
-                         [c + (True,) for c in LEFT_CASES + PACKED_CASES]
+                         [c + (True,) for c in LEFT_CASES + PACKED_CASES + STREAM_CASES]
                          + [c + (False,) for c in LEFT_CASES if c[0] == 4])
 def test_weight_left_gemm_matches_float64_reference(bits, group_size, act_order, asym, fmt, dtype, m, config,
                                                     fragment_order):
@@ -244,6 +260,48 @@ def test_backend_serves_a_weight_left_plan():
     for _ in range(2):  # the second call reuses the workspace the first must have left clean
         y = backend.run_plan(plan, x, layer)
         assert relative_error(y, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[torch.float16]
+
+
+def test_stream_k_is_tried_where_whole_tiles_leave_sms_idle():
+    """From M = 65, tile shapes whose grid of whole tiles ends in a partial wave (under four waves) are also tried
+    as stream-K with one program per resident slot; a grid of whole waves, or skinny M, is not."""
+    *_, t = random_gptq_layer(12288, 128, 4, 128, False, True, "gptq_v2", seed=5)  # 7B qkv's N
+    layer = repacked(t)
+    stream = [p.config for p in candidate_plans(layer, 256, torch.bfloat16, 132)
+              if p.kind == "left" and p.config.stream_programs]
+    # 96 tiles of 256x128 and 192 of 128x128, for 132 SMs holding one 8-warp program each
+    assert {(c.block_m, c.block_n) for c in stream} == {(256, 128), (128, 128)}
+    assert all(c.stream_programs == 132 and c.split_k == 1 for c in stream)
+    assert not any(p.kind == "left" and p.config.stream_programs
+                   for m in (16, 64) for p in candidate_plans(layer, m, torch.bfloat16, 132))
+    # 96 SMs: 96 tiles of 256x128 and 192 of 128x128 are whole waves
+    assert not any(p.kind == "left" and p.config.stream_programs
+                   for p in candidate_plans(layer, 256, torch.bfloat16, 96))
+
+
+def test_stream_k_needs_no_split():
+    w4 = repacked(random_gptq_layer(64, 128, 4, 32, False, True, "gptq_v2", seed=5)[-1])
+    assert left_config_valid(w4, LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL, stream_programs=8), torch.bfloat16)
+    assert not left_config_valid(w4, LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL, stream_programs=8),
+                                 torch.bfloat16)
+
+
+def test_backend_serves_a_stream_k_plan_with_its_workspace():
+    """run_plan gives a stream-K plan the shared workspace (3 programs over 2 x 2 tiles of 4 K tiles, 6 units each:
+    the second tile is summed by two programs) and it is left clean for the next call and for a split-K plan."""
+    codes, scales, zeros, g_idx, t = random_gptq_layer(64, 128, 4, 32, False, True, "gptq_v2", seed=13)
+    backend = TritonBackend(tune=False)
+    layer = backend.prepare(t)
+    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16).to(DEVICE)
+    plan = Plan("left", LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL, stream_programs=3))
+    assert left_workspace(20, layer, plan.config) == (20 * 64, 4)
+    split = Plan("left", LeftGemmConfig(16, 32, 32, split_k=2, mode=LEFT_DENORMAL))
+    for run in (plan, plan, split):
+        y = backend.run_plan(run, x, layer)
+        assert relative_error(y, reference(x, codes, scales, zeros, g_idx, t.bias)) < TOLERANCE[torch.bfloat16]
+    # whole tiles per program (4 programs of 4 units) need no workspace; split-K needs [M, N] and a counter per tile
+    assert left_workspace(20, layer, LeftGemmConfig(16, 32, 32, mode=LEFT_DENORMAL, stream_programs=4)) == (0, 0)
+    assert left_workspace(20, layer, split.config) == (20 * 64, 4)
 
 
 def test_fragment_order_layers_are_not_tuned_over_the_gathering_plans():
