@@ -40,7 +40,6 @@ from qtool.kernels.gptq_triton_common import (
     check_matmul_input,
     code_as_denormal,
     compute_rows,
-    finish_shared_tile,
     finish_tile,
     kernel_tensors,
     load_x_tile,
@@ -347,8 +346,8 @@ def gptq_gemm_left_kernel(
                             STAGED_WORDS, SCALE_AHEAD)
             # the programs whose unit ranges meet this tile's
             sharing = (tile_id * k_tiles + k_tiles - 1) // tiles_per_split - (tile_id * k_tiles) // tiles_per_split + 1
-            finish_shared_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
-                               counter_ptr, tile_id, sharing, HAS_BIAS)
+            finish_tile(tl.trans(acc), offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+                        counter_ptr, tile_id, sharing, HAS_BIAS)
             u += t_end - t_begin
     else:
         pid_k = tl.program_id(1)

@@ -210,28 +210,17 @@ def add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id):
 
 
 @triton.jit
-def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write one output tile. With SPLIT_K > 1 every split adds its partial sum into the float32 workspace
-    [M, N]; the last split of the tile to arrive (by an atomic counter) reads the total back and zeroes the
-    workspace, writes the output and resets the counter, so both are zero again for the next call and no
-    memset launch is needed."""
-    if SPLIT_K == 1:
+def finish_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id, parts,
+                HAS_BIAS: tl.constexpr):
+    """Write one output tile, or one of the `parts` partial sums the tile's K range is divided into (split-K
+    passes its constexpr SPLIT_K, stream-K a runtime count): every part is added into the float32 workspace
+    [M, N]; the last to arrive (by an atomic counter) reads the total back and zeroes the workspace, writes the
+    output and resets the counter, so both are zero again for the next call and no memset launch is needed."""
+    if parts == 1:
         store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
     else:
         reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                            SPLIT_K, HAS_BIAS)
-
-
-@triton.jit
-def finish_shared_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                       sharing, HAS_BIAS: tl.constexpr):
-    """finish_tile for a tile whose K range `sharing` programs divide between them (a runtime count: stream-K)."""
-    if sharing == 1:
-        store_output(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-    else:
-        reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, counter_ptr, tile_id,
-                            sharing, HAS_BIAS)
+                            parts, HAS_BIAS)
 
 
 @triton.jit
