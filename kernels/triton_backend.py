@@ -242,10 +242,12 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
         # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
         # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
         launches = [_tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within) + (0,) for within in (False, True)]
-        if per_sm and m > 64 and _few_waves(m, weight, bm, bn, per_sm * num_sms):
-            # stream-K: every resident program gets the same share of all tiles' K tiles, where whole tiles would
-            # leave SMs idle (7B qkv at M = 256: 96 tiles of 256x128 for 132 SMs)
-            launches.append((launches[0][0], 1, per_sm * num_sms))
+        if per_sm == 1 and m > 64 and _few_waves(m, weight, bm, bn, num_sms):
+            # stream-K: every SM's program gets the same share of all tiles' K tiles, where whole tiles would leave
+            # SMs idle (70B qkv at M = 256: 80 tiles of 256x128 for 132 SMs). Only the one-program-per-SM tiles:
+            # the 64-token shapes as stream-K, two or four programs per SM, ran 1.17-1.46x behind the best plan of
+            # every M = 128 row (run 38)
+            launches.append((launches[0][0], 1, num_sms))
         for tile_k, split, programs in launches:
             for tile_mode in modes:
                 # PACKED's ways of feeding its loop, which change no value (left_config_valid drops them for the

@@ -263,8 +263,8 @@ def test_backend_serves_a_weight_left_plan():
 
 
 def test_stream_k_is_tried_where_whole_tiles_leave_sms_idle():
-    """From M = 65, tile shapes whose grid of whole tiles ends in a partial wave (under four waves) are also tried
-    as stream-K with one program per resident slot; a grid of whole waves, or skinny M, is not."""
+    """From M = 65, the one-program-per-SM tile shapes whose grid of whole tiles ends in a partial wave (under four
+    waves) are also tried as stream-K with one program per SM; a grid of whole waves, or skinny M, is not."""
     *_, t = random_gptq_layer(12288, 128, 4, 128, False, True, "gptq_v2", seed=5)  # 7B qkv's N
     layer = repacked(t)
     stream = [p.config for p in candidate_plans(layer, 256, torch.bfloat16, 132)
@@ -274,6 +274,10 @@ def test_stream_k_is_tried_where_whole_tiles_leave_sms_idle():
     assert all(c.stream_programs == 132 and c.split_k == 1 for c in stream)
     assert not any(p.kind == "left" and p.config.stream_programs
                    for m in (16, 64) for p in candidate_plans(layer, m, torch.bfloat16, 132))
+    # M = 128: the large tiles only (one program per SM), not the 64-token ones
+    stream = [p.config for p in candidate_plans(layer, 128, torch.bfloat16, 132)
+              if p.kind == "left" and p.config.stream_programs]
+    assert stream and all(c.block_m == 128 and c.num_warps == 8 for c in stream)
     # 96 SMs: 96 tiles of 256x128 and 192 of 128x128 are whole waves
     assert not any(p.kind == "left" and p.config.stream_programs
                    for p in candidate_plans(layer, 256, torch.bfloat16, 96))
