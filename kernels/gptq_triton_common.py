@@ -234,6 +234,8 @@ def reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr,
         # exchange per element): a plain load here returned sums that had not all arrived on the H200, while
         # atomics see every other program's atomic adds (bench/split_k_reduction.py, run 22)
         total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
+        # no barrier needed: the read-back and the zeroing store share ws_ptrs and so its layout, and each thread
+        # zeroes only what it has read (a zeroing store in another layout than its load raced in run 37)
         tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
         total = tl.where(mask, total, 0.0)
         store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
