@@ -415,17 +415,38 @@ def x_in_bounds(x: torch.Tensor, weight: GptqComputeWeight, block_m: int, block_
             and x.shape[0] % block_m == 0)
 
 
-def left_workspace(m: int, weight: GptqComputeWeight, config: LeftGemmConfig) -> tuple[int, int]:
-    """(float32 partial sums, int32 counters) a launch needs: [M, N] sums and a counter per tile where programs
-    share tiles (split-K; stream-K unless every program's range is whole tiles), else none."""
+@dataclass(frozen=True)
+class _LeftLaunch:
+    """How a config launches on an M x N layer: the grid, K tiles per split (units per program for stream-K), the
+    SPLIT_K constexpr, and the workspace its programs need to share tiles."""
+
+    grid: tuple[int, int]
+    tiles_per_split: int
+    split_k: int
+    partials: int
+    counters: int
+
+
+def _left_launch(m: int, weight: GptqComputeWeight, config: LeftGemmConfig) -> _LeftLaunch:
     n = weight.out_features
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(weight.k_rows, config.block_k)
     if config.stream_programs:
-        shares = stream_k_sizes(tiles, k_tiles, config.stream_programs)[0] % k_tiles != 0
+        tiles_per_split, programs = stream_k_sizes(tiles, k_tiles, config.stream_programs)
+        grid, split_k = (programs, 1), 1
+        shares = tiles_per_split % k_tiles != 0  # unless every program's range is whole tiles
     else:
-        shares = split_k_sizes(k_tiles, config.split_k)[1] > 1
-    return (m * n, tiles) if shares else (0, 0)
+        tiles_per_split, split_k = split_k_sizes(k_tiles, config.split_k)
+        grid, shares = (tiles, split_k), split_k > 1
+    partials, counters = (m * n, tiles) if shares else (0, 0)
+    return _LeftLaunch(grid, tiles_per_split, split_k, partials, counters)
+
+
+def left_workspace(m: int, weight: GptqComputeWeight, config: LeftGemmConfig) -> tuple[int, int]:
+    """(float32 partial sums, int32 counters) a launch needs: [M, N] sums and a counter per tile where programs
+    share tiles (split-K; stream-K unless every program's range is whole tiles), else none."""
+    launch = _left_launch(m, weight, config)
+    return launch.partials, launch.counters
 
 
 def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmConfig, out: torch.Tensor,
@@ -436,22 +457,15 @@ def gptq_gemm_left(x: torch.Tensor, weight: GptqComputeWeight, config: LeftGemmC
     if not left_config_valid(weight, config, x.dtype):
         raise ValueError(f"config {config} cannot run on this {weight.bits}-bit layer with {x.dtype} input")
     m, n = x.shape[0], weight.out_features
-    grid_m, grid_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
-    k_tiles = triton.cdiv(weight.k_rows, config.block_k)
-    if config.stream_programs:
-        tiles_per_split, programs = stream_k_sizes(grid_m * grid_n, k_tiles, config.stream_programs)
-        grid, split_k = (programs, 1), 1
-    else:
-        tiles_per_split, split_k = split_k_sizes(k_tiles, config.split_k)
-        grid = (grid_m * grid_n, split_k)
-    partials, flags = left_workspace(m, weight, config)
-    if workspace.numel() < partials or counters.numel() < flags:
-        raise ValueError(f"workspace too small for {config}: {partials} partial sums and {flags} counters needed")
-    gptq_gemm_left_kernel[grid](
+    launch = _left_launch(m, weight, config)
+    if workspace.numel() < launch.partials or counters.numel() < launch.counters:
+        raise ValueError(f"workspace too small for {config}: {launch.partials} partial sums and {launch.counters} "
+                         "counters needed")
+    gptq_gemm_left_kernel[launch.grid](
         *kernel_tensors(x, weight, out, workspace, counters),
-        m, n, weight.in_features, weight.k_rows, weight.zero_const, tiles_per_split,
+        m, n, weight.in_features, weight.k_rows, weight.zero_const, launch.tiles_per_split,
         x.stride(0), out.stride(0),
-        BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, SPLIT_K=split_k,
+        BITS=weight.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k, SPLIT_K=launch.split_k,
         MODE=config.mode, IS_BF16=x.dtype == torch.bfloat16,
         DOT_IN_F32=x.dtype == torch.bfloat16 and triton_interpreted(), **weight_flags(weight),
         EVEN_N=n % config.block_n == 0, EVEN_K=weight.k_rows % config.block_k == 0,
