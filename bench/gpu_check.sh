@@ -3,6 +3,7 @@
 #   tests   the kernel tests compiled (TRITON_INTERPRET unset)
 #   decode  bench/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
 #   eval    `qtool eval` perplexity of a GPTQ checkpoint with --backend torch and --backend triton
+#   floor   bench/read_floor.py: a read-only kernel over each layer's 4-bit bytes, bf16 and ours at M = 1 and 16
 #   reduce  bench/split_k_reduction.py: the split-K reduction alone, each way of finishing a tile (~30 s)
 #   profile Nsight Compute (ncu) on one launch of each bench/profile_kernels.py case (PROFILE_CASES narrows them):
 #           counters, stall reasons per SASS instruction, exported as text
@@ -72,6 +73,14 @@ if has_stage tests || has_stage quick; then
         >"$WORK/tests.log" 2>&1
     stage_done tests $?
     tail -25 "$WORK/tests.log"
+fi
+
+if has_stage floor; then
+    # shellcheck disable=SC2086
+    timeout "${FLOOR_TIMEOUT_S:-300}" "$PYTHON" bench/read_floor.py --out "$WORK" ${FLOOR_ARGS:-} >"$WORK/read_floor.log" 2>&1
+    stage_done floor $?
+    sed -n '/^| model/,$p' "$WORK/read_floor.log"
+    tail -3 "$WORK/read_floor.log"
 fi
 
 if has_stage reduce; then
