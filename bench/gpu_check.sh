@@ -78,9 +78,10 @@ fi
 if has_stage floor; then
     # shellcheck disable=SC2086
     timeout "${FLOOR_TIMEOUT_S:-300}" "$PYTHON" bench/read_floor.py --out "$WORK" ${FLOOR_ARGS:-} >"$WORK/read_floor.log" 2>&1
-    stage_done floor $?
-    sed -n '/^| model/,$p' "$WORK/read_floor.log"
-    tail -3 "$WORK/read_floor.log"
+    floor_status=$?
+    stage_done floor $floor_status
+    # the table, or on failure the end of the log
+    if (( floor_status == 0 )); then sed -n '/^| model/,$p' "$WORK/read_floor.log"; else tail -5 "$WORK/read_floor.log"; fi
 fi
 
 if has_stage reduce; then

@@ -22,7 +22,7 @@ from qtool.kernels.gptq_gemv_triton import GemvConfig
 from qtool.kernels.triton_backend import Plan, TritonBackend
 
 
-def _bench_kernels_module():
+def bench_kernels_module():
     """bench/kernels.py loaded by path (bench/ is not a package, and a bare `kernels` would shadow qtool's)."""
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
     module = importlib.util.module_from_spec(spec)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.values:
         print(CASES[args.case][0] * CASES[args.case][1])
         return 0
-    bench = _bench_kernels_module()
+    bench = bench_kernels_module()
     k, n, m, plan = CASES[args.case]
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)

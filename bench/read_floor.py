@@ -11,12 +11,10 @@ machine: a kernel that does its math for free still has to read its weights. Nee
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,15 +23,6 @@ import triton.language as tl
 
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
 from qtool.kernels.triton_backend import TritonBackend
-
-
-def _load_bench_kernels():
-    # bench/ is not a package and its kernels.py must not shadow qtool.kernels: load it under its own name
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 @triton.jit
@@ -81,13 +70,16 @@ def launch_read(src: torch.Tensor, out: torch.Tensor, block: int, warps: int, pr
     return full_grid
 
 
+def words_xor(src: torch.Tensor) -> int:
+    """The XOR of every word of src, on the host: what a kernel that reads each word once folds to."""
+    return int(np.bitwise_xor.reduce(src.cpu().numpy()))
+
+
 def check_read_covers_buffer(src: torch.Tensor, out: torch.Tensor, block: int, warps: int, programs: int,
-                             grid: int | None = None):
-    """The per-program XORs must fold to the XOR of the whole buffer, or the timing is of a kernel that skips words."""
+                             want: int, grid: int | None = None):
+    """The per-program XORs must fold to want (words_xor(src)), or the timing is of a kernel that skips words."""
     full_grid = launch_read(src, out, block, warps, programs, grid)
-    got = np.bitwise_xor.reduce(out[:full_grid].cpu().numpy())
-    want = np.bitwise_xor.reduce(src.cpu().numpy())
-    if got != want:
+    if int(np.bitwise_xor.reduce(out[:full_grid].cpu().numpy())) != want:
         raise RuntimeError(f"read-only kernel BLOCK={block} programs={programs} skipped words")
 
 
@@ -97,9 +89,10 @@ def time_read_only(nbytes: int, device: torch.device, num_sms: int) -> dict:
     copies = copies_to_defeat_l2(n_words * 4, device)
     bufs = [torch.randint(-(1 << 31), 1 << 31, (n_words,), dtype=torch.int32, device=device) for _ in range(copies)]
     out = torch.empty(triton.cdiv(n_words, min(READ_BLOCKS)), dtype=torch.int32, device=device)
+    want = words_xor(bufs[0])  # once: the buffer is up to 246 MB
     timings = []
     for block, warps, programs in read_configs(n_words, num_sms):
-        check_read_covers_buffer(bufs[0], out, block, warps, programs)
+        check_read_covers_buffer(bufs[0], out, block, warps, programs, want)
         us = time_calls_in_graph([lambda b=b: launch_read(b, out, block, warps, programs) for b in bufs])
         timings.append({"block": block, "warps": warps, "programs": programs, "us": us})
     torch_us = time_calls_in_graph([lambda b=b: torch.amax(b) for b in bufs])
@@ -116,7 +109,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/read_floor.py needs a CUDA device", file=sys.stderr)
         return 2
-    bench = _load_bench_kernels()
+    from profile_kernels import bench_kernels_module  # a sibling script: bench/ is this script's sys.path[0]
+
+    bench = bench_kernels_module()
     began = time.time()
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
