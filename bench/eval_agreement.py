@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from qtool.eval.datasets import load_eval_text
+from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
-from qtool.runtime.sources import load_model
+from qtool.checkpoints.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"

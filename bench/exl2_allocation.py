@@ -35,15 +35,15 @@ import time
 
 import torch
 
-from qtool.eval.datasets import calibration_windows, load_eval_text
+from qtool.data.text import calibration_windows, load_eval_text
 from qtool.eval.perplexity import perplexity
 from qtool.quant.exl2_optimize import LinearMeasurement, MeasuredCandidate, measurement_from_dict, measurement_to_dict, optimize, weighed
 from qtool.quant.exl2_pipeline import SENSITIVITY_WINDOWS, _exl2_layout_check, measure_layer, quantize_exl2_layer, weigh_linears
 from qtool.quant.exl2_solver import Exl2Candidate
 from qtool.quant.pipeline import split_quantizable, storage_device
-from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
-from qtool.runtime.layerwise import capture_layer_inputs
-from qtool.runtime.sources import load_model
+from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
+from qtool.models.layerwise import capture_layer_inputs
+from qtool.checkpoints.sources import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COSTS = {

@@ -217,7 +217,7 @@ def per_position_rel(mine: torch.Tensor, reference: torch.Tensor) -> list[float]
 
 def random_mixed_exl2(model, seed: int):
     """Random codes and scales over layouts using every EXL2 width, random permutations, head quantized."""
-    from qtool.convert.exl2_format import Exl2Weight
+    from qtool.formats.exl2 import Exl2Weight
 
     gen = torch.Generator().manual_seed(seed)
     layouts = {256: [(8, 32), (6, 32), (5, 64), (4, 64), (3, 32), (2, 32)], 512: [(6, 128), (4, 256), (3, 64), (2, 64)]}
@@ -271,7 +271,7 @@ def compare(directory: Path, ids: torch.Tensor) -> dict:
     """ExLlamaV2 vs qtool on one EXL2 directory: every quantized linear's float16 weight, and the logits."""
     from exllamav2.linear import ExLlamaV2Linear
 
-    from qtool.convert.exl2_checkpoint import load_exl2_model
+    from qtool.checkpoints.exl2_checkpoint import load_exl2_model
     from qtool.kernels.exl2_linear import Exl2Linear
 
     keys_added = legacy_config_keys(directory)
@@ -431,7 +431,7 @@ def main() -> None:
     def qtool_converted():
         from transformers import AutoModelForCausalLM
 
-        from qtool.convert.checkpoint import save_quantized_model
+        from qtool.checkpoints.gptq_checkpoint import save_quantized_model
         from qtool.convert.convert import convert_checkpoint
         from qtool.quant.rtn import rtn_quantize
 
@@ -445,7 +445,7 @@ def main() -> None:
     def qtool_mixed():
         from transformers import AutoModelForCausalLM
 
-        from qtool.convert.exl2_checkpoint import save_exl2_model
+        from qtool.checkpoints.exl2_checkpoint import save_exl2_model
 
         model = AutoModelForCausalLM.from_pretrained(str(work / "float"), dtype=torch.float32)
         save_exl2_model(work / "qtool_mixed", model, random_mixed_exl2(model, 1), {"calibration": {"dataset": "random codes"}}, force=True)

@@ -25,8 +25,8 @@ import traceback
 import torch
 import triton
 
-from qtool.convert.gptq_format import unpack_qzeros
-from qtool.convert.pack import unpack_rows
+from qtool.formats.gptq import unpack_qzeros
+from qtool.formats.bitpack import unpack_rows
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.registry import GptqLinearTensors
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph

@@ -2,7 +2,7 @@
 
     /work/venv-peer/bin/python bench/peer_gptqmodel.py [--out /work/peer-out/smollm2-gptq-4bit-g128] [--ppl-windows 40]
 
-Calibration mirrors qtool.eval.datasets.calibration_windows (tokenize the whole file once without special tokens,
+Calibration mirrors qtool.data.text.calibration_windows (tokenize the whole file once without special tokens,
 torch.Generator(seed) -> randint start offsets), and perplexity mirrors qtool.eval.perplexity (non-overlapping
 2048-token windows of wiki.test.raw from its start, no special tokens), so the numbers compare with qtool's.
 Prints one JSON object; --json-out also writes it to a file.

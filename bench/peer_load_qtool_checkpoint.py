@@ -56,7 +56,7 @@ def build_tokenizer():
 
 
 def random_quantized_weight(out_features, in_features, bits, group_size, symmetric, act_order, min_zero, gen):
-    from qtool.quant.types import QuantizedWeight
+    from qtool.formats.quantized_weight import QuantizedWeight
 
     groups = 1 if group_size == -1 else -(-in_features // group_size)
     width = in_features if group_size == -1 else group_size
@@ -78,7 +78,7 @@ def random_quantized_weight(out_features, in_features, bits, group_size, symmetr
 def write_case(out: Path, name: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qtool.convert.checkpoint import load_quantized_model, save_quantized_model
+    from qtool.checkpoints.gptq_checkpoint import load_quantized_model, save_quantized_model
 
     bits, group_size, fmt, symmetric, act_order, hidden, intermediate = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))

@@ -37,13 +37,13 @@ import time
 
 import torch
 
-from qtool.configs.schema import CalibrationConfig, QuantConfig, check_config
-from qtool.eval.datasets import load_eval_text
+from qtool.core.config import CalibrationConfig, QuantConfig, check_config
+from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
-from qtool.eval.footprint import model_footprint
+from qtool.checkpoints.footprint import model_footprint
 from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.pipeline import quantize_model
-from qtool.runtime.sources import load_model, resolve_source
+from qtool.checkpoints.sources import load_model, resolve_source
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CALIBRATION = DATA / "wikitext-2" / "wiki.valid.tokens"
@@ -222,7 +222,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     entries = [grid_entry(spec) for spec in args.grid]
     if args.defaults:
-        from qtool.configs.schema import QUANTIZE_DEFAULT_PRESET, read_config_file
+        from qtool.core.config import QUANTIZE_DEFAULT_PRESET, read_config_file
 
         entries.insert(0, ("defaults", dataclasses.replace(read_config_file(QUANTIZE_DEFAULT_PRESET), calibration=protocol_calibration())))
     for bpw in filter(None, (args.exl2_curve or "").split(",")):

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     # is defined: it must be set before any test module imports qtool.kernels (torch does not import triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tests share one float copy of the GGUF model per session (qtool.runtime.gguf_cache), never the user's cache.
+# Tests share one float copy of the GGUF model per session (qtool.checkpoints.gguf_cache), never the user's cache.
 os.environ["QTOOL_CACHE_DIR"] = os.environ.get("QTOOL_TEST_CACHE_DIR") or __import__("tempfile").mkdtemp(prefix="qtool-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def independently_read_float_model(checkpoint: Path) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     from qtool.kernels.quant_linear import QuantLinear
-    from qtool.runtime.sources import load_model
+    from qtool.checkpoints.sources import load_model
 
     quantization = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
     tensors = {}
@@ -226,7 +226,7 @@ def independent_float_model():
 
 def random_exl2_layout(in_features: int, gen: torch.Generator) -> list[tuple[int, int]]:
     """Random widths (widest first) over groups of 32 or 64 rows."""
-    from qtool.convert.exl2_format import EXL2_BITS
+    from qtool.formats.exl2 import EXL2_BITS
 
     sizes, left = [], in_features
     while left:
@@ -240,7 +240,7 @@ def random_exl2_layout(in_features: int, gen: torch.Generator) -> list[tuple[int
 def random_exl2_weight(layout: list[tuple[int, int]], out_features: int, gen: torch.Generator):
     """One Exl2Weight of layout [(bits, rows), ...]: codes, qscale levels 1..16, scale_max in [0.01, 0.21) and a
     permutation of the layout's rows, drawn from gen in that order (callers may draw more from gen after it)."""
-    from qtool.convert.exl2_format import Exl2Weight
+    from qtool.formats.exl2 import Exl2Weight
 
     return Exl2Weight(
         codes=torch.cat([torch.randint(0, 1 << b, (r, out_features), generator=gen) for b, r in layout]).to(torch.int32),
@@ -255,7 +255,7 @@ def random_exl2_weight(layout: list[tuple[int, int]], out_features: int, gen: to
 def random_exl2_weights(model: torch.nn.Module, seed: int, include_head: bool = False) -> dict:
     """{linear name: Exl2Weight} with a random layout per linear (the head only when include_head), all drawn
     from one generator seeded with `seed` in module order."""
-    from qtool.convert.exl2_format import Exl2Weight
+    from qtool.formats.exl2 import Exl2Weight
 
     gen = torch.Generator().manual_seed(seed)
     weights = {}

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
-from qtool.convert.checkpoint import save_quantized_model
+from qtool.checkpoints.gptq_checkpoint import save_quantized_model
 from qtool.quant.rtn import rtn_quantize
 
 runner = CliRunner()

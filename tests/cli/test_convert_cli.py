@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
-from qtool.convert.checkpoint import save_quantized_model
-from qtool.convert.exl2_checkpoint import load_exl2_model
+from qtool.checkpoints.gptq_checkpoint import save_quantized_model
+from qtool.checkpoints.exl2_checkpoint import load_exl2_model
 from qtool.eval.perplexity import perplexity
 from qtool.quant.rtn import rtn_quantize
 
@@ -118,7 +118,7 @@ def test_requantize_to_a_new_bpw(tmp_path, gptq_dir, text_file, tokenizer):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 4.5 and config["calibration"]["rows"] == 4
     # the reported logits change is the one measured here
-    from qtool.convert.checkpoint import load_quantized_model
+    from qtool.checkpoints.gptq_checkpoint import load_quantized_model
     from qtool.convert.convert import check_ids
 
     source = load_quantized_model(gptq_dir, dtype=torch.float32)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from qtool.configs.errors import QtoolError
-from qtool.convert.checkpoint import load_quantized_model, save_quantized_model
+from qtool.core.errors import QtoolError
+from qtool.checkpoints.gptq_checkpoint import load_quantized_model, save_quantized_model
 from qtool.convert.convert import check_ids, convert_checkpoint
-from qtool.convert.exl2_checkpoint import exl2_weights_of, load_exl2_model, save_exl2_model
-from qtool.convert.exl2_format import Exl2Weight
+from qtool.checkpoints.exl2_checkpoint import exl2_weights_of, load_exl2_model, save_exl2_model
+from qtool.formats.exl2 import Exl2Weight
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.quant.gptq import gptq_quantize
@@ -224,7 +224,7 @@ def test_output_rules(tmp_path, make_tiny_llama):
 def test_smollm2_round_trip(tmp_path, smollm2_path):
     """The real model (tied embeddings, 576-wide with groups of 128 leaving 64 rows): GPTQ -> EXL2 -> GPTQ, the
     second step lossless, and `load_model` on the EXL2 output (what `qtool eval` uses)."""
-    from qtool.runtime.sources import load_model
+    from qtool.checkpoints.sources import load_model
 
     loaded = load_model(str(smollm2_path), device="cpu", dtype="float32")
     model = loaded.model

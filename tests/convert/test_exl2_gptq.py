@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
-from qtool.convert.exl2_format import Exl2Weight, exl2_scales, exl2_tensors_from_weight
+from qtool.core.errors import QtoolError
+from qtool.formats.exl2 import Exl2Weight, exl2_scales, exl2_tensors_from_weight
 from qtool.convert.exl2_gptq import aligned_group_size, exl2_from_gptq, fit_exl2_scales, gptq_from_exl2, nearest_gptq_bits
-from qtool.convert.gptq_format import gptq_tensors_from_quantized, quantized_from_gptq_tensors
+from qtool.formats.gptq import gptq_tensors_from_quantized, quantized_from_gptq_tensors
 from qtool.quant.rtn import rtn_quantize
-from qtool.quant.types import QuantizedWeight
+from qtool.formats.quantized_weight import QuantizedWeight
 
 
 def random_exl2(in_features, out_features, layout, seed):

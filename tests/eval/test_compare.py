@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.eval.compare import ModelReport, compare_models, recommend
 
 from perplexity_reference import reference_perplexity

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.eval.perplexity import choose_seqlen, cut_windows, perplexity
 
 from perplexity_reference import reference_perplexity
@@ -91,8 +91,8 @@ def test_no_bos_is_inserted(make_tiny_llama, tokenizer, tiny_words):
 @pytest.mark.slow
 def test_smollm2_wikitext_first_40_windows(smollm2_path):
     """The float SmolLM2 baseline, measured independently by the project: 20.57 on the first 40 windows."""
-    from qtool.eval.datasets import load_eval_text
-    from qtool.runtime.sources import load_model
+    from qtool.data.text import load_eval_text
+    from qtool.checkpoints.sources import load_model
 
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     text = load_eval_text(WIKITEXT_TEST)

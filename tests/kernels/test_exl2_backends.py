@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_env import DEVICE
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels.exl2_backends import Exl2LinearTensors, Exl2TorchBackend, Exl2TritonBackend
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend, set_exl2_model_backend
 from qtool.kernels.registry import BackendRegistry, default_registry, select_backend
@@ -173,7 +173,7 @@ def test_forms_are_built_once_and_follow_reloaded_buffers(random_weight):
 
 @pytest.mark.usefixtures("kernels_can_run")
 def test_loaded_checkpoint_routes_every_layer_through_the_request(tmp_path, make_tiny_llama, caplog, random_weight):
-    from qtool.convert.exl2_checkpoint import load_exl2_model, save_exl2_model
+    from qtool.checkpoints.exl2_checkpoint import load_exl2_model, save_exl2_model
 
     model = make_tiny_llama(seed=11)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}

@@ -4,7 +4,7 @@ weight the writer was given (float64 reference), in float32, float16 and bfloat1
 import pytest
 import torch
 
-from qtool.convert.exl2_format import exl2_tensors_from_weight
+from qtool.formats.exl2 import exl2_tensors_from_weight
 from qtool.kernels.exl2_linear import Exl2Linear
 
 

@@ -11,7 +11,7 @@ from kernel_env import DEVICE
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.convert.exl2_format import exl2_tensors_from_weight  # noqa: E402
+from qtool.formats.exl2 import exl2_tensors_from_weight  # noqa: E402
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2  # noqa: E402
 from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2  # noqa: E402
 

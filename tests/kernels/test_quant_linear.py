@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.quant_linear import QuantLinear
-from qtool.quant.types import QuantizedWeight
+from qtool.formats.quantized_weight import QuantizedWeight
 
 
 def random_quantized(out_features, in_features, bits, group_size, act_order, seed):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.kernels.registry import BackendRegistry, GptqLinearTensors, TorchBackend, default_registry, select_backend
-from qtool.quant.types import QuantizedWeight
+from qtool.formats.quantized_weight import QuantizedWeight
 
 
 class FakeBackend:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.quant.exl2_optimize import (
     DEFAULT_CANDIDATES,
     HEAD_CANDIDATES,

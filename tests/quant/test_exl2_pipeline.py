@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
-from qtool.configs.schema import CalibrationConfig, QuantConfig
-from qtool.convert.exl2_checkpoint import exl2_weights_of, load_exl2_model
+from qtool.core.errors import QtoolError
+from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.checkpoints.exl2_checkpoint import exl2_weights_of, load_exl2_model
 from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.work_state import WorkState
-from qtool.runtime.sources import load_model
+from qtool.checkpoints.sources import load_model
 
 
 class Interrupted(Exception):
@@ -169,8 +169,8 @@ def test_one_group_hessian_pass_stops_early_and_equals_the_full_pass(make_tiny_l
     same Hessian as a full forward gives, and nothing after that linear runs."""
     from qtool.quant.exl2_pipeline import _exl2_layout_check, _group_hessian, _group_hessians
     from qtool.quant.pipeline import split_quantizable
-    from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
-    from qtool.runtime.layerwise import capture_layer_inputs
+    from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
+    from qtool.models.layerwise import capture_layer_inputs
 
     model = make_tiny_llama(seed=4)
     spec = get_architecture(model)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
-from qtool.convert.exl2_format import exl2_scales, exl2_tensors_from_weight, weight_from_exl2_tensors
+from qtool.core.errors import QtoolError
+from qtool.formats.exl2 import exl2_scales, exl2_tensors_from_weight, weight_from_exl2_tensors
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize, fit_group_scales
 
 
@@ -150,7 +150,7 @@ def test_refit_keeps_codes_and_never_raises_the_error(layout, improves):
 def test_grid_maxima_search_puts_a_common_optimum_on_the_grid():
     """When every output of a group wants the same scale c, the searched q_scale_max makes c a grid value (level 16
     with q_scale_max = c), where the old maximum 1.37c left it between levels."""
-    from qtool.convert.exl2_format import exl2_scales
+    from qtool.formats.exl2 import exl2_scales
     from qtool.quant.exl2_solver import _nearest_grid_maxima
 
     c = torch.tensor([0.013, 0.002])

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.rtn import rtn_quantize
 

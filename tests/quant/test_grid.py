@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.quant.grid import (
     dequantize_codes,
     fit_grid,

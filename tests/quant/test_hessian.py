@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.quant.hessian import HessianAccumulator
 
 

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qtool.configs.schema import QuantConfig
+from qtool.core.config import QuantConfig
 from qtool.quant.layer_quantizer import quantize_layer
-from qtool.runtime.architectures import decoder_layers, get_architecture, resolve_layer_groups
-from qtool.runtime.layerwise import capture_layer_inputs, run_layer
+from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
+from qtool.models.layerwise import capture_layer_inputs, run_layer
 
 
 def layer_job(model, index: int = 0):

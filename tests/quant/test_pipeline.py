@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qtool.configs.errors import QtoolError
-from qtool.configs.schema import CalibrationConfig, QuantConfig
+from qtool.core.errors import QtoolError
+from qtool.core.config import CalibrationConfig, QuantConfig
 from qtool.quant.pipeline import quantize_model
 from qtool.quant.work_state import WorkState
-from qtool.runtime.sources import load_model
+from qtool.checkpoints.sources import load_model
 
 
 def job(calibration_text: Path, samples: int = 8, seqlen: int = 32, **fields) -> QuantConfig:

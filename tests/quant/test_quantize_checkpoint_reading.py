@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
-from qtool.configs.schema import CalibrationConfig, QuantConfig
-from qtool.eval.datasets import load_eval_text
+from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.quant.pipeline import quantize_model
-from qtool.runtime.sources import load_model
+from qtool.checkpoints.sources import load_model
 
 
 def read_tensors(out: Path) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.configs.errors import QtoolError
+from qtool.core.errors import QtoolError
 from qtool.runtime.generate import GenerationSettings, generate, prompt_ids
 
 
@@ -131,7 +131,7 @@ def test_bad_settings(model, tokenizer, settings, match):
 
 @pytest.mark.slow
 def test_smollm2_knows_the_capital_of_france(smollm2_path):
-    from qtool.runtime.sources import load_model
+    from qtool.checkpoints.sources import load_model
 
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     messages = [{"role": "user", "content": "What is the capital of France?"}]

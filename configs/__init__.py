@@ -1,1 +1,0 @@
-"""qtool.configs"""

@@ -1,0 +1,205 @@
+"""Whole EXL2 checkpoints: write a model plus its EXL2 linears as the Hugging Face directory ExLlamaV2 loads
+(config.json with quantization_config quant_method "exl2", measurement.json beside), and load one back with
+Exl2Linear modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtool.core.errors import QtoolError
+from qtool.checkpoints.gptq_checkpoint import (
+    DEFAULT_MAX_SHARD_SIZE_BYTES,
+    checkpoint_state,
+    checkpoint_weight_files,
+    empty_model,
+    load_checkpoint_state,
+    model_config_dict,
+    read_checkpoint_tensors,
+    write_model_files,
+)
+from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, Exl2Weight, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
+from qtool.formats.gptq_config import CONFIG_FILE, qtool_version
+from qtool.core.output_dir import atomic_output_dir
+from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend
+
+MEASUREMENT_FILE = "measurement.json"
+EXL2_LAYOUT_VERSION = "0.3.2"  # the ExLlamaV2 release whose layout qtool writes (its converter writes its version)
+HEAD_NAMES = ("lm_head",)
+
+
+# ---- config ----
+
+
+def build_exl2_config(quantized: dict[str, Exl2Weight], user: dict[str, Any] | None = None) -> dict[str, Any]:
+    """quantization_config as ExLlamaV2's converter writes it (quant_method, version, bits, head_bits,
+    calibration) plus who wrote it. bits defaults to the measured bits per weight of the linears other than the
+    head; head_bits to the head's mean code width, 0 when the head stays float."""
+    if not quantized:
+        raise QtoolError("no EXL2 linears to save", "quantize at least one linear before saving an EXL2 checkpoint")
+    user = dict(user or {})
+    method = str(user.pop("quant_method", "exl2")).lower()
+    if method != "exl2":
+        raise QtoolError(f"quantization_config.quant_method {method!r} cannot be saved as an EXL2 checkpoint", "use quant_method exl2")
+    body = {n: w for n, w in quantized.items() if n.rpartition(".")[2] not in HEAD_NAMES} or quantized
+    bits = sum(w.storage_bits() for w in body.values()) / sum(w.in_features * w.out_features for w in body.values())
+    heads = [w for n, w in quantized.items() if n.rpartition(".")[2] in HEAD_NAMES]
+    head_bits = round(sum(w.code_bits() for w in heads) / sum(w.in_features * w.out_features for w in heads)) if heads else 0
+    config: dict[str, Any] = {
+        "quant_method": "exl2",
+        "version": EXL2_LAYOUT_VERSION,
+        "bits": round(bits, 2),
+        "head_bits": head_bits,
+        "calibration": {"rows": None, "length": None, "dataset": None},
+    }
+    config.update(user)
+    config["quant_method"] = "exl2"
+    config["quantized_by"] = f"qtool:{qtool_version()}"
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        raise QtoolError(f"quantization_config cannot be written as JSON: {exc}", "pass plain numbers, strings, lists and dicts") from exc
+    return config
+
+
+def read_exl2_config(directory: Path) -> dict[str, Any] | None:
+    """config.json's quantization_config when it declares quant_method exl2, else None."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
+    section = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(section, dict) and str(section.get("quant_method", "")).lower() == "exl2":
+        return section
+    return None
+
+
+def is_exl2_checkpoint(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and read_exl2_config(path) is not None
+
+
+# ---- saving ----
+
+
+def exl2_checkpoint_tensors(model: nn.Module, quantized: dict[str, Exl2Weight]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every tensor to write in the model's order (float ones as float16, each EXL2 linear's weight replaced by
+    its EXL2 tensors) and whether the written config must untie the embeddings."""
+    modules = dict(model.named_modules())
+    for name, w in quantized.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (w.out_features, w.in_features):
+            raise QtoolError(f"EXL2 weight {name!r} ({w.out_features}x{w.in_features}) names no linear of that shape in the model", "use the module names of model.named_modules()")
+    return checkpoint_state(model, {name: exl2_tensors_from_weight(w, name) for name, w in quantized.items()})
+
+
+def write_exl2_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    quantized: dict[str, Exl2Weight],
+    quantization_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    measurement: dict[str, Any] | None = None,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+) -> None:
+    """Write the checkpoint's files into an existing, empty directory (not atomic: see save_exl2_model)."""
+    directory = Path(directory)
+    config = build_exl2_config(quantized, quantization_config)
+    tensors, untie = exl2_checkpoint_tensors(model, quantized)
+    model_config = model_config_dict(model, config, untie)
+    write_model_files(directory, model, tensors, model_config, tokenizer, max_shard_size_bytes)
+    if measurement is not None:
+        (directory / MEASUREMENT_FILE).write_text(json.dumps(measurement, indent=2) + "\n")
+
+
+def save_exl2_model(
+    output: Path,
+    model: nn.Module,
+    quantized: dict[str, Exl2Weight],
+    quantization_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    measurement: dict[str, Any] | None = None,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+    force: bool = False,
+) -> Path:
+    """Write an EXL2 checkpoint directory at `output`, atomically (an existing one only with force)."""
+    output = Path(output)
+    with atomic_output_dir(output, force) as staging:
+        write_exl2_checkpoint(staging, model, quantized, quantization_config, tokenizer, measurement, max_shard_size_bytes)
+    return output
+
+
+def read_measurement(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / MEASUREMENT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "re-create it with a new measurement pass") from exc
+
+
+# ---- loading ----
+
+
+def _install_exl2_linears(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, Path]) -> list[str]:
+    """Replace each nn.Linear with a .q_weight in the checkpoint by an empty Exl2Linear of the stored group
+    layout, after checking its tensors; add q_perm where the file has none (ExLlamaV2 does not write it)."""
+    names = sorted(key.removesuffix(".q_weight") for key in tensors if key.endswith(".q_weight"))
+    for name in names:
+        file = origin[f"{name}.q_weight"].name
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise QtoolError(f"{file}: tensor {name}.q_weight names no module of {type(model).__name__}", "the config.json does not match the weights") from None
+        if not isinstance(module, nn.Linear):
+            raise QtoolError(f"{file}: {name} is a {type(module).__name__}, not a Linear", "qtool loads EXL2-quantized nn.Linear layers only")
+        parts = {suffix: tensors[f"{name}.{suffix}"] for suffix in EXL2_TENSOR_SUFFIXES + ("q_perm",) if f"{name}.{suffix}" in tensors}
+        try:
+            weight = weight_from_exl2_tensors(parts, module.out_features, name)  # every check of the reader
+        except QtoolError as exc:
+            raise QtoolError(f"{file}: {exc.message}", exc.hint) from None
+        if weight.in_features != module.in_features:
+            raise QtoolError(f"{file}: {name} stores {weight.in_features} input rows but the linear has {module.in_features}", "the config.json does not match the weights")
+        if "q_perm" not in parts:
+            tensors[f"{name}.q_perm"] = weight.perm.to(torch.int32)
+        bits, sizes = group_layout_from_tensors(parts["q_groups"], parts["q_weight"].shape[0], name)
+        has_bias = f"{name}.bias" in tensors
+        replacement = Exl2Linear(module.in_features, module.out_features, bits, sizes, bias=has_bias)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, replacement)
+    return names
+
+
+def load_exl2_model(path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
+    """An EXL2 checkpoint directory (qtool's or ExLlamaV2's) as its transformers model with Exl2Linear modules
+    whose matmuls use `backend` (auto, torch, triton), float tensors in `dtype`, on `device`, in eval mode."""
+    check_exl2_backend(backend)
+    directory = Path(path)
+    if not directory.is_dir():
+        raise QtoolError(f"{directory} is not a directory", "pass an EXL2 checkpoint directory")
+    if read_exl2_config(directory) is None:
+        raise QtoolError(f"{directory} declares no EXL2 quantization", "config.json needs quantization_config with quant_method exl2")
+    tensors, origin = read_checkpoint_tensors(checkpoint_weight_files(directory))
+    if not any(key.endswith(".q_weight") for key in tensors):
+        raise QtoolError(f"{directory}: config.json declares EXL2 but no tensor ends in .q_weight", "point at the quantized checkpoint")
+    model = empty_model(directory, dtype, "EXL2")
+    _install_exl2_linears(model, tensors, origin)
+    load_checkpoint_state(model, directory, tensors, origin, (Exl2Linear,))
+    from qtool.kernels.exl2_linear import set_exl2_model_backend
+
+    model = model.to(device).eval()
+    set_exl2_model_backend(model, backend)  # on the model's device: forms are built where they will run
+    return model
+
+
+def exl2_weights_of(model: nn.Module) -> dict[str, Exl2Weight]:
+    """Every Exl2Linear of a loaded model as its unpacked weight."""
+    return {name: module.exl2_weight() for name, module in model.named_modules() if isinstance(module, Exl2Linear)}

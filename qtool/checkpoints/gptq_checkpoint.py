@@ -1,0 +1,367 @@
+"""Whole GPTQ checkpoints: save a model plus its quantized linears as a Hugging Face directory that AutoGPTQ,
+GPTQModel and transformers read, and load such a directory back with QuantLinear modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qtool.core.errors import QtoolError
+from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
+from qtool.core.output_dir import atomic_output_dir
+from qtool.kernels.quant_linear import QuantLinear, check_backend_name, set_model_backend
+from qtool.formats.quantized_weight import QuantizedWeight
+from qtool.checkpoints.weight_init import skipped_weight_init
+
+MODEL_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 10**9  # transformers' default "5GB"
+# Buffers older checkpoints carry that current transformers models recompute (not an error to find them).
+IGNORED_UNEXPECTED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
+
+
+# ---- saving ----
+
+
+def tied_weight_pairs(model: nn.Module) -> dict[str, str]:
+    """{tied parameter name: the parameter it shares} as transformers ties them for this model and config."""
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers >= 5
+        return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or inputs is None:
+        return {}
+    return {f"{names[id(output)]}.weight": f"{names[id(inputs)]}.weight"}
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share memory: give views (of a fused or tied tensor) their own storage."""
+    tensor = tensor.contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def _check_quantized_modules(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    modules = dict(model.named_modules())
+    for name, qw in quantized.items():
+        module = modules.get(name)
+        weight = getattr(module, "weight", None)
+        if module is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise QtoolError(f"quantized weight {name!r} names no linear of the model", "use the module names of model.named_modules()")
+        if tuple(weight.shape) != (qw.out_features, qw.in_features):
+            raise QtoolError(
+                f"{name}: quantized weight is {qw.out_features}x{qw.in_features} but the linear's weight is {tuple(weight.shape)}",
+                "quantize the linear of this model",
+            )
+
+
+def checkpoint_tensors(
+    model: nn.Module, quantized: dict[str, QuantizedWeight], checkpoint_format: str
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every tensor of a GPTQ checkpoint (see checkpoint_state) and whether the written config must untie the
+    embeddings."""
+    _check_quantized_modules(model, quantized)
+    packed = {name: gptq_tensors_from_quantized(q, checkpoint_format, name) for name, q in quantized.items()}
+    return checkpoint_state(model, packed)
+
+
+def checkpoint_state(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Every tensor to write, in the model's order: float ones as float16 (a tied copy once, as transformers writes
+    it), and each quantized linear's weight replaced by its packed tensors (`packed[name][suffix]` written as
+    name.suffix); and whether the written config must untie the embeddings."""
+    state = model.state_dict()
+    replaced = {f"{name}.weight": name for name in packed}
+    dropped: set[str] = set()
+    untie = False
+    for target, source in tied_weight_pairs(model).items():
+        if target not in state or source not in state:
+            continue
+        if target in replaced or source in replaced:
+            untie = True  # the quantized side keeps its own tensors, so the two are no longer one weight
+        elif state[target].data_ptr() == state[source].data_ptr() or torch.equal(state[target], state[source]):
+            dropped.add(target)
+        else:
+            untie = True
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key in dropped:
+            continue
+        if key in replaced:
+            name = replaced[key]
+            for suffix, part in packed[name].items():
+                tensors[f"{name}.{suffix}"] = part.detach().cpu().contiguous()
+            continue
+        if tensor.device.type == "meta":
+            raise QtoolError(f"tensor {key} has no data (it is on the meta device)", "materialise the model's weights before saving")
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            half = tensor.to(torch.float16)
+            if not bool(torch.isfinite(half).all()) and bool(torch.isfinite(tensor).all()):
+                raise QtoolError(f"tensor {key} overflows float16", "its values exceed 65504; this model cannot be stored in float16")
+            tensor = half
+        tensors[key] = _own_storage(tensor)
+    return tensors, untie
+
+
+def model_config_dict(model: nn.Module, quantization_config: dict[str, Any], untie: bool) -> dict[str, Any]:
+    """config.json's content: the model's config with our quantization_config, never a loader's own quantization
+    marker (a model read from GGUF carries quant_method gguf), plus the keys older readers look for."""
+    data = model.config.to_dict()
+    data.pop("quantization_config", None)
+    data = {key: value for key, value in data.items() if not key.startswith("_")}  # local paths, runtime flags
+    if not data.get("architectures"):
+        data["architectures"] = [type(model).__name__]
+    rope = data.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in data:
+        data["rope_theta"] = rope["rope_theta"]  # transformers 5 nests it; ExLlamaV2 and older readers want it on top
+    data["dtype"] = "float16"
+    data["torch_dtype"] = "float16"  # the key transformers 4 and other readers know
+    if untie:
+        data["tie_word_embeddings"] = False
+    data["quantization_config"] = quantization_config
+    return data
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size_bytes: int) -> list[str]:
+    """Write tensors as model.safetensors, or as numbered shards plus model.safetensors.index.json when they
+    exceed max_shard_size_bytes; return the file names."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / MODEL_FILE), metadata=metadata)
+        return [MODEL_FILE]
+    names, weight_map = [], {}
+    for number, shard in enumerate(shards, start=1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        names.append(name)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def save_quantized_model(
+    output: Path,
+    model: nn.Module,
+    quantized: dict[str, QuantizedWeight],
+    quantization_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    checkpoint_format: str | None = None,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+    force: bool = False,
+) -> Path:
+    """Write a GPTQ checkpoint directory at `output` (atomically; an existing one only with force). `quantized`
+    maps module names to their quantized weights; checkpoint_format ("gptq" or "gptq_v2") defaults to the one in
+    quantization_config, else "gptq"."""
+    output = Path(output)
+    config = build_quantization_config(quantized, quantization_config, checkpoint_format)
+    tensors, untie = checkpoint_tensors(model, quantized, config["checkpoint_format"])
+    model_config = model_config_dict(model, config, untie)
+    with atomic_output_dir(output, force) as staging:
+        write_model_files(staging, model, tensors, model_config, tokenizer, max_shard_size_bytes)
+        (staging / QUANTIZE_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return output
+
+
+def write_model_files(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor], model_config: dict[str, Any], tokenizer: Any,
+                      max_shard_size_bytes: int) -> None:
+    """The files every checkpoint directory has: the safetensors, config.json, the tokenizer's files and the
+    generation config."""
+    write_safetensors(directory, tensors, max_shard_size_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(directory))
+    (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+
+
+# ---- loading ----
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    """Whether `path` is a directory whose config declares GPTQ quantization."""
+    path = Path(path)
+    return path.is_dir() and read_gptq_config(path) is not None
+
+
+def checkpoint_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's shards, else model.safetensors, else every
+    *.safetensors file (AutoGPTQ named them after the quantization, e.g. gptq_model-4bit-128g.safetensors)."""
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise QtoolError(f"{index_path} is not a valid shard index: {exc}", "restore or re-create the file") from exc
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.exists():
+                raise QtoolError(f"{file} is listed in {index_path.name} but missing", "copy the complete checkpoint")
+        return files
+    if (directory / MODEL_FILE).exists():
+        return [directory / MODEL_FILE]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise QtoolError(f"{directory} has no *.safetensors file", "point at a complete GPTQ checkpoint directory")
+    return files
+
+
+def read_checkpoint_tensors(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of the files (on CPU) and the file each came from."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if key in tensors:
+                        raise QtoolError(f"tensor {key} is in both {origin[key].name} and {file.name}", "the checkpoint is corrupt: re-export it")
+                    tensors[key] = handle.get_tensor(key)
+                    origin[key] = file
+        except (SafetensorError, OSError) as exc:
+            raise QtoolError(f"cannot read {file}: {exc}", "the file is damaged or not a safetensors file: re-export or re-download it") from exc
+    return tensors, origin
+
+
+def empty_model(directory: Path, dtype: torch.dtype, format_name: str) -> nn.Module:
+    """The causal LM of config.json with uninitialised weights (they are all about to be loaded) and without its
+    quantization_config (qtool installs the quantized linears; transformers must not build its own quantizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise QtoolError(f"{directory} has no {CONFIG_FILE}", f"a {format_name} checkpoint needs the model's config.json next to its weights")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError) as exc:
+        raise QtoolError(f"cannot read {config_path}: {str(exc).splitlines()[0]}", "check model_type and the fields of config.json") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with skipped_weight_init():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError) as exc:
+        raise QtoolError(f"{config_path}: cannot build a causal LM from it: {str(exc).splitlines()[0]}", "qtool loads causal language models") from exc
+
+
+def _install_quant_linears(
+    model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, Path], quant: GPTQCheckpointConfig
+) -> list[str]:
+    """Replace each nn.Linear that has a .qweight in the checkpoint by an empty QuantLinear; return their names."""
+    names = sorted(key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight"))
+    for name in names:
+        file = origin[f"{name}.qweight"].name
+        settings = quant.settings_for(name)
+        if settings is None:
+            raise QtoolError(f"{file}: {name}.qweight exists but {quant.source} excludes {name} from quantization (dynamic)", "the config does not match the weights")
+        bits, group_size = settings
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise QtoolError(f"{file}: tensor {name}.qweight names no module of {type(model).__name__}", "the config.json does not match the weights") from None
+        if not isinstance(module, nn.Linear):
+            raise QtoolError(f"{file}: {name} is a {type(module).__name__}, not a Linear", "qtool loads GPTQ-quantized nn.Linear layers only")
+        missing = [f"{name}.{suffix}" for suffix in GPTQ_TENSOR_SUFFIXES if f"{name}.{suffix}" not in tensors]
+        if missing:
+            raise QtoolError(f"{file}: {', '.join(missing)} missing", "the checkpoint is incomplete: re-export it")
+        parts = {suffix: tensors[f"{name}.{suffix}"] for suffix in GPTQ_TENSOR_SUFFIXES}
+        try:
+            check_gptq_layout(module.in_features, module.out_features, bits, group_size, name)
+            check_gptq_shapes(parts, module.in_features, module.out_features, bits, group_size, name)
+        except QtoolError as exc:
+            raise QtoolError(f"{file}: {exc.message}", exc.hint) from None
+        g_idx = parts["g_idx"]
+        groups = num_groups(module.in_features, group_size)
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+            raise QtoolError(f"{file}: {name}.g_idx holds a group outside 0..{groups - 1}", "the checkpoint is corrupt: re-export it")
+        replacement = QuantLinear(
+            module.in_features, module.out_features, bits, group_size, bias=module.bias is not None, checkpoint_format=quant.checkpoint_format
+        )
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attribute, replacement)
+    return names
+
+
+def tie_missing(model: nn.Module, present: set[str], quantized_types: tuple[type, ...]) -> set[str]:
+    """Tie each tied pair where the checkpoint holds only one side (normally the embedding); return the names now
+    tied, which the checkpoint may lack. A quantized head (one of `quantized_types`) keeps its own tensors."""
+    tied: set[str] = set()
+    for target, source in tied_weight_pairs(model).items():
+        if target in present and source not in present:
+            target, source = source, target
+        if target in present or source not in present:
+            continue
+        parent_name, _, attribute = target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, quantized_types):
+            continue
+        setattr(parent, attribute, model.get_parameter(source))
+        tied.add(target)
+    return tied
+
+
+def load_checkpoint_state(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor], origin: dict[str, Path],
+                          quantized_types: tuple[type, ...]) -> None:
+    """Load a checkpoint's tensors into `model`, whose quantized linears are already installed: tied weights the
+    file holds once are tied, and tensors that do not fit, are missing or have no place give one-line errors."""
+    tied = tie_missing(model, set(tensors), quantized_types)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise QtoolError(f"{directory}: tensors do not fit {type(model).__name__}: {detail}", "the config.json does not match the weights") from None
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise QtoolError(f"{directory}: tensor(s) missing from the checkpoint: {shown}", "the checkpoint is incomplete: re-export it")
+    unexpected = sorted(key for key in result.unexpected_keys if not key.endswith(IGNORED_UNEXPECTED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(f"{key} ({origin[key].name if key in origin else '?'})" for key in unexpected[:5])
+        raise QtoolError(f"{directory}: tensor(s) that {type(model).__name__} has no place for: {shown}", "the config.json does not match the weights")
+
+
+def load_quantized_model(
+    path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float16, backend: str = "auto"
+) -> nn.Module:
+    """A GPTQ checkpoint directory (qtool, GPTQModel, AutoGPTQ; gptq or gptq_v2) as its transformers model with
+    QuantLinear modules, float tensors in `dtype`, on `device`, in eval mode. Each QuantLinear's matmul goes
+    through `backend` (auto, torch, triton; see qtool.kernels.registry), whose layer form is built here, once."""
+    check_backend_name(backend)
+    directory = Path(path)
+    if not directory.is_dir():
+        raise QtoolError(f"{directory} is not a directory", "pass a GPTQ checkpoint directory")
+    quant = read_gptq_config(directory)
+    if quant is None:
+        raise QtoolError(f"{directory} declares no GPTQ quantization", "add quantization_config to config.json, or load it as a float model")
+    files = checkpoint_weight_files(directory)
+    tensors, origin = read_checkpoint_tensors(files)
+    if not any(key.endswith(".qweight") for key in tensors):
+        raise QtoolError(f"{directory}: {quant.source} declares GPTQ but no tensor ends in .qweight", "point at the quantized checkpoint")
+    model = empty_model(directory, dtype, "GPTQ")
+    _install_quant_linears(model, tensors, origin, quant)
+    load_checkpoint_state(model, directory, tensors, origin, (QuantLinear,))
+    model = model.to(device).eval()
+    set_model_backend(model, backend)
+    return model

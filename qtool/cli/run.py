@@ -1,0 +1,119 @@
+"""`qtool run MODEL`: chat with a model. One reply for --prompt (or a prompt piped on stdin), streamed to stdout;
+an interactive multi-turn chat when stdin is a terminal and no prompt is given."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import typer
+
+from qtool.cli.render import handle_errors, print_json, stderr, stdout
+from qtool.core.errors import QtoolError
+from qtool.kernels.registry import BACKEND_HELP, check_backend_name
+from qtool.runtime.generate import GenerationResult, GenerationSettings, Message, generate, has_chat_template
+from qtool.checkpoints.sources import DTYPES, load_model, resolve_device
+
+EXIT_WORDS = {"/exit", "/quit"}
+
+
+def stream_to_stdout(text: str) -> None:
+    stdout.out(text, end="", highlight=False)
+
+
+def report_speed(result: GenerationResult) -> None:
+    stderr.print(f"[dim]{result.tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s[/]")
+
+
+def start_history(system: str | None, raw: bool) -> str | list[Message]:
+    """An empty conversation: raw mode is one growing text (a system text first), chat mode a message list."""
+    if raw:
+        return f"{system}\n\n" if system else ""
+    return [{"role": "system", "content": system}] if system else []
+
+
+def with_user_turn(history: str | list[Message], text: str) -> str | list[Message]:
+    return history + text if isinstance(history, str) else history + [{"role": "user", "content": text}]
+
+
+def with_reply(conversation: str | list[Message], reply: str) -> str | list[Message]:
+    return conversation + reply if isinstance(conversation, str) else conversation + [{"role": "assistant", "content": reply}]
+
+
+def chat_loop(model, tokenizer, settings: GenerationSettings, system: str | None, raw: bool, read_line: Callable[[], str | None]) -> int:
+    """Multi-turn chat: each reply joins the history the next turn is generated from. `read_line` returns the
+    next user input, None at end of input; /exit or /quit stop, /reset clears the history. Returns the turns."""
+    history = start_history(system, raw)
+    turns = 0
+    while True:
+        line = read_line()
+        if line is None or line.strip() in EXIT_WORDS:
+            return turns
+        if line.strip() == "/reset":
+            history = start_history(system, raw)
+            stderr.print("[dim]history cleared[/]")
+            continue
+        if not line.strip():
+            continue
+        conversation = with_user_turn(history, line)
+        result = generate(model, tokenizer, conversation, settings, on_text=stream_to_stdout)
+        stdout.out("")
+        report_speed(result)
+        history = with_reply(conversation, result.text)
+        turns += 1
+
+
+def read_terminal_line() -> str | None:
+    try:
+        return stderr.input("[bold cyan]you>[/] ")
+    except EOFError:
+        return None
+
+
+@handle_errors
+def run(
+    model: str = typer.Argument(..., help="The model (directory, .gguf, Hub id or alias)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt; without it: a chat on a terminal, else the prompt is read from stdin."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message (chat mode) or a preamble (--raw)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per reply."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy decoding."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass; 1 switches it off."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the K likeliest tokens; 0 switches it off."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable replies."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as it is, without the chat template."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print {text, tokens, seconds, tokens_per_second} instead of streaming."),
+) -> None:
+    """Generate text from a prompt, or chat."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    settings.check()
+    if dtype is not None and dtype not in DTYPES:
+        raise QtoolError(f"--dtype {dtype} is not valid", "use " + ", ".join(DTYPES))
+    check_backend_name(backend)
+    resolve_device(device)
+    interactive = prompt is None and sys.stdin.isatty()
+    if interactive and as_json:
+        raise QtoolError("--json needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read().rstrip("\n")
+        if not prompt.strip():
+            raise QtoolError("no prompt: --prompt was not given and stdin is empty", "pass --prompt TEXT or pipe the prompt on stdin")
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    if loaded.tokenizer is None:
+        raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
+    if not raw and not has_chat_template(loaded.tokenizer):
+        stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
+        raw = True
+    if interactive:
+        stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
+        chat_loop(loaded.model, loaded.tokenizer, settings, system, raw, read_terminal_line)
+        return
+    conversation = with_user_turn(start_history(system, raw), prompt)
+    if as_json:
+        print_json(generate(loaded.model, loaded.tokenizer, conversation, settings).to_dict())
+        return
+    result = generate(loaded.model, loaded.tokenizer, conversation, settings, on_text=stream_to_stdout)
+    stdout.out("")
+    report_speed(result)

@@ -1,0 +1,31 @@
+"""`qtool validate PATH`: check a config file, a quantized checkpoint or a float model directory, and show the
+findings as a table or JSON. Exit 0 when clean or only warnings, 1 on errors, 2 when PATH cannot be read."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from qtool.cli.render import findings_table, handle_errors, print_json, stdout
+from qtool.validate.inspect_checkpoint import validate_path
+
+
+@handle_errors
+def validate(
+    path: str = typer.Argument(..., help="A config file (.yaml/.json/.toml), a preset name, or a model directory."),
+    config: Optional[str] = typer.Option(None, "--config", help="With a float model directory: check this config against the model and the device."),
+    device: str = typer.Option("auto", "--device", help="Device whose free memory the --config check uses: auto, cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Validate a config file, a quantized checkpoint or a float model directory."""
+    report = validate_path(path, config_file=config, device=device)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        title = f"{report.kind.replace('_', ' ')} {report.path}: " + ("ok" if report.ok else "errors found")
+        if report.findings:
+            stdout.print(findings_table(report.findings, title))
+        else:
+            stdout.print(f"{title}, nothing to report")
+    raise typer.Exit(0 if report.ok else 1)

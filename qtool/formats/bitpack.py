@@ -1,0 +1,109 @@
+"""Bit-packing of small unsigned integers into int32 words, as GPTQ checkpoints store them: a little-endian bit
+stream along one axis, value j of a run at bit offset j*bits (3-bit values straddle word boundaries)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qtool.core.errors import QtoolError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+WORD_BITS = 32
+_WORD_MASK = (1 << WORD_BITS) - 1
+
+
+def values_per_block(bits: int) -> int:
+    """How many values fill a whole number of words (32 for 3-bit, 32/bits otherwise)."""
+    return WORD_BITS // math.gcd(bits, WORD_BITS)
+
+
+def words_per_block(bits: int) -> int:
+    return bits // math.gcd(bits, WORD_BITS)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise QtoolError(f"cannot pack {bits}-bit values", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+
+
+def _block_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each value of a block: the word its low bits land in, their bit offset there, and whether the value
+    spills into the next word."""
+    starts = torch.arange(values_per_block(bits), dtype=torch.int64) * bits
+    word = starts // WORD_BITS
+    shift = starts % WORD_BITS
+    spills = shift + bits > WORD_BITS
+    return word, shift, spills
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
+    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values int [K, N] in 0..2**bits-1 -> int32 [K*bits/32, N], packed along K (GPTQ qweight layout)."""
+    _check_bits(bits)
+    if values.dim() != 2:
+        raise QtoolError(f"pack_rows expects a 2-D tensor, got shape {tuple(values.shape)}")
+    rows, cols = values.shape
+    block = values_per_block(bits)
+    if rows % block:
+        raise QtoolError(f"cannot pack {rows} rows of {bits}-bit values", f"the row count must be a multiple of {block}")
+    if values.is_floating_point():
+        raise QtoolError(f"pack_rows expects integer codes, got {values.dtype}")
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
+        raise QtoolError(f"values out of range for {bits}-bit packing: min {int(v.min())}, max {int(v.max())}", f"values must lie in 0..{(1 << bits) - 1}")
+    word, shift, spills = _block_layout(bits)
+    n_words = words_per_block(bits)
+    v = v.reshape(rows // block, block, cols)
+    # Bit fields never overlap, so adding the shifted parts is the same as OR-ing them.
+    words = torch.zeros(rows // block, n_words, cols, dtype=torch.int64, device=values.device)
+    low = (v << shift.to(v.device)[None, :, None]) & _WORD_MASK
+    words.index_add_(1, word.to(v.device), low)
+    if bool(spills.any()):
+        spill_idx = spills.nonzero().flatten().to(v.device)
+        high = v[:, spill_idx] >> (WORD_BITS - shift.to(v.device)[spill_idx])[None, :, None]
+        words.index_add_(1, word.to(v.device)[spill_idx] + 1, high)
+    return _to_int32(words.reshape(rows // block * n_words, cols))
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, num_rows: int) -> torch.Tensor:
+    """int32 [num_rows*bits/32, N] -> int32 [num_rows, N] values; the inverse of pack_rows."""
+    _check_bits(bits)
+    if packed.dim() != 2:
+        raise QtoolError(f"unpack_rows expects a 2-D tensor, got shape {tuple(packed.shape)}")
+    block, n_words = values_per_block(bits), words_per_block(bits)
+    if num_rows % block or packed.shape[0] * block != num_rows * n_words:
+        raise QtoolError(
+            f"{packed.shape[0]} packed rows cannot hold {num_rows} rows of {bits}-bit values",
+            f"expected {num_rows * bits // WORD_BITS} packed rows and a row count that is a multiple of {block}",
+        )
+    cols = packed.shape[1]
+    mask = (1 << bits) - 1
+    if n_words == 1:
+        # No value straddles a word: one broadcast shift. An arithmetic shift of int32 is fine, the mask drops
+        # the sign bits.
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=packed.device)
+        values = (packed.to(torch.int32)[:, None, :] >> shifts[None, :, None]) & mask
+        return values.reshape(num_rows, cols)
+    words = (packed.to(torch.int64) & _WORD_MASK).reshape(num_rows // block, n_words, cols)
+    word, shift, spills = _block_layout(bits)
+    values = words[:, word.to(packed.device)] >> shift.to(packed.device)[None, :, None]
+    # Values that straddle two words take their high bits from the start of the next word.
+    for j in spills.nonzero().flatten().tolist():
+        values[:, j] |= words[:, int(word[j]) + 1] << (WORD_BITS - int(shift[j]))
+    return (values & mask).to(torch.int32).reshape(num_rows, cols)
+
+
+def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values int [G, N] -> int32 [G, N*bits/32], packed along N (GPTQ qzeros layout)."""
+    return pack_rows(values.T, bits).T.contiguous()
+
+
+def unpack_columns(packed: torch.Tensor, bits: int, num_columns: int) -> torch.Tensor:
+    """int32 [G, num_columns*bits/32] -> int32 [G, num_columns]; the inverse of pack_columns."""
+    return unpack_rows(packed.T, bits, num_columns).T.contiguous()

@@ -1,0 +1,162 @@
+"""The GPTQ on-disk tensors of one linear (qweight, qzeros, scales, g_idx), as AutoGPTQ/GPTQModel write them, to
+and from a QuantizedWeight; v1 ("gptq") stores zero-1 in qzeros, v2 ("gptq_v2") the true zero."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qtool.core.errors import QtoolError
+from qtool.formats.bitpack import SUPPORTED_BITS, WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows
+from qtool.formats.quantized_weight import QuantizedWeight
+
+GPTQ_TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+PACK_ALIGNMENT = 32  # in and out features must be multiples of this for the int32 layout (3-bit packs 32 rows)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def check_gptq_layout(in_features: int, out_features: int, bits: int, group_size: int, name: str = "linear") -> None:
+    """Raise QtoolError unless a linear of this shape can be stored in the GPTQ layout with these settings."""
+    if bits not in SUPPORTED_BITS:
+        raise QtoolError(f"{name}: {bits}-bit GPTQ is not supported", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size != -1 and group_size <= 0:
+        raise QtoolError(f"{name}: group_size {group_size} is invalid", "use a positive group size or -1 (one group per output channel)")
+    for what, width in (("in_features", in_features), ("out_features", out_features)):
+        if width % PACK_ALIGNMENT:
+            raise QtoolError(
+                f"{name}: {what} {width} is not a multiple of {PACK_ALIGNMENT}, so it cannot be packed in the GPTQ layout",
+                "leave this linear unquantized (GPTQModel does the same)",
+            )
+
+
+def check_checkpoint_format(checkpoint_format: str) -> None:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise QtoolError(f"checkpoint_format {checkpoint_format!r} is not supported", f"use one of {', '.join(CHECKPOINT_FORMATS)}")
+
+
+def expected_gptq_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Tensor suffix -> (shape, dtype) that a GPTQ linear of this size must have."""
+    groups = num_groups(in_features, group_size)
+    return {
+        "qweight": ((in_features * bits // WORD_BITS, out_features), torch.int32),
+        "qzeros": ((groups, out_features * bits // WORD_BITS), torch.int32),
+        "scales": ((groups, out_features), torch.float16),
+        "g_idx": ((in_features,), torch.int32),
+    }
+
+
+def _v1_offset_word(bits: int) -> int:
+    """The int32 word with a 1 in every bit field: adding it adds 1 to each packed 2/4/8-bit zero."""
+    return sum(1 << (bits * j) for j in range(WORD_BITS // bits))
+
+
+def pack_qzeros(zeros: torch.Tensor, bits: int, checkpoint_format: str, name: str = "qzeros") -> torch.Tensor:
+    """True zero points int [G, N] -> the qzeros tensor of the given checkpoint format."""
+    check_checkpoint_format(checkpoint_format)
+    if checkpoint_format == "gptq":
+        if bool((zeros == 0).any()):
+            raise QtoolError(
+                f"{name}: a zero point of 0 cannot be stored in checkpoint_format gptq (v1 stores zero-1)",
+                "save with checkpoint_format gptq_v2, or clamp zero points to at least 1 when quantizing",
+            )
+        zeros = zeros - 1
+    return pack_columns(zeros, bits)
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, num_columns: int, checkpoint_format: str) -> torch.Tensor:
+    """The qzeros tensor of a checkpoint -> true zero points int32 [G, num_columns].
+
+    v1 adds 1 the way GPTQModel does when it reads a v1 file: for 2/4/8 bits one add per int32 word (a carry
+    crosses fields), which exactly undoes GPTQModel's word-wise subtract when a zero of 0 was wrapped; for 3 bits
+    per field, modulo 8. Both equal the plain per-field +1 whenever no stored field wrapped.
+    """
+    check_checkpoint_format(checkpoint_format)
+    if checkpoint_format == "gptq" and bits != 3:
+        words = (qzeros.to(torch.int64) + _v1_offset_word(bits)) & ((1 << WORD_BITS) - 1)
+        qzeros = torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
+        return unpack_columns(qzeros, bits, num_columns)
+    zeros = unpack_columns(qzeros, bits, num_columns)
+    if checkpoint_format == "gptq":
+        zeros = (zeros + 1) & ((1 << bits) - 1)
+    return zeros
+
+
+def gptq_tensors_from_quantized(qw: QuantizedWeight, checkpoint_format: str = "gptq", name: str = "linear") -> dict[str, torch.Tensor]:
+    """The qweight, qzeros, scales (float16) and g_idx tensors of one quantized linear; `name` (the module's
+    name) only labels errors."""
+    check_checkpoint_format(checkpoint_format)
+    check_gptq_layout(qw.in_features, qw.out_features, qw.bits, qw.group_size, name)
+    groups = num_groups(qw.in_features, qw.group_size)
+    if tuple(qw.scales.shape) != (groups, qw.out_features) or tuple(qw.zeros.shape) != (groups, qw.out_features):
+        raise QtoolError(
+            f"{name}: scales {tuple(qw.scales.shape)} / zeros {tuple(qw.zeros.shape)} do not match {groups} groups x {qw.out_features} outputs",
+            f"group_size {qw.group_size} on {qw.in_features} inputs needs {groups} groups",
+        )
+    if tuple(qw.g_idx.shape) != (qw.in_features,) or (qw.g_idx.numel() and (int(qw.g_idx.min()) < 0 or int(qw.g_idx.max()) >= groups)):
+        raise QtoolError(f"{name}: g_idx must hold one group index in 0..{groups - 1} per input row")
+    scales = qw.scales.to(torch.float16)
+    if not bool(torch.isfinite(scales).all()):
+        raise QtoolError(f"{name}.scales: a scale is not finite in float16", "check the quantizer output (scales above 65504 overflow float16)")
+    return {
+        "qweight": pack_rows(qw.codes.T.contiguous(), qw.bits),
+        "qzeros": pack_qzeros(qw.zeros, qw.bits, checkpoint_format, f"{name}.qzeros"),
+        "scales": scales.contiguous(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def quantized_from_gptq_tensors(
+    tensors: dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq", name: str = "linear"
+) -> QuantizedWeight:
+    """The QuantizedWeight stored in one linear's GPTQ tensors (keys as GPTQ_TENSOR_SUFFIXES; scales kept as
+    float32 of the stored values)."""
+    check_checkpoint_format(checkpoint_format)
+    missing = [suffix for suffix in GPTQ_TENSOR_SUFFIXES if suffix not in tensors]
+    if missing:
+        raise QtoolError(f"{name}: missing GPTQ tensor(s) {', '.join(f'{name}.{m}' for m in missing)}", "the checkpoint is incomplete: re-export it")
+    if tensors["g_idx"].dim() != 1 or tensors["qweight"].dim() != 2:
+        raise QtoolError(f"{name}: g_idx must be 1-D and qweight 2-D, got {tuple(tensors['g_idx'].shape)} and {tuple(tensors['qweight'].shape)}", "the checkpoint is corrupt: re-export it")
+    in_features = tensors["g_idx"].shape[0]
+    out_features = tensors["qweight"].shape[1]
+    check_gptq_layout(in_features, out_features, bits, group_size, name)
+    check_gptq_shapes(tensors, in_features, out_features, bits, group_size, name)
+    g_idx = tensors["g_idx"].to(torch.int32)
+    groups = num_groups(in_features, group_size)
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise QtoolError(f"{name}.g_idx: group index out of range 0..{groups - 1}", "the checkpoint is corrupt: re-export it")
+    return QuantizedWeight(
+        codes=unpack_rows(tensors["qweight"], bits, in_features).T.contiguous(),
+        scales=tensors["scales"].to(torch.float32),
+        zeros=unpack_qzeros(tensors["qzeros"], bits, out_features, checkpoint_format),
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def check_gptq_shapes(
+    tensors: dict[str, torch.Tensor], in_features: int, out_features: int, bits: int, group_size: int, name: str = "linear"
+) -> None:
+    """Raise QtoolError naming the first tensor whose shape is not what bits and group size imply. Integer
+    tensors must be int32 (g_idx may be int64 in old files); scales any float type."""
+    for suffix, (shape, dtype) in expected_gptq_shapes(in_features, out_features, bits, group_size).items():
+        if suffix not in tensors:
+            continue
+        tensor = tensors[suffix]
+        if tuple(tensor.shape) != shape:
+            raise QtoolError(
+                f"{name}.{suffix} has shape {tuple(tensor.shape)}, expected {shape}",
+                f"bits {bits} and group_size {group_size} on a {in_features}->{out_features} linear imply that shape; check the quantization config",
+            )
+        allowed = (torch.int32, torch.int64) if suffix == "g_idx" else (dtype,)
+        if dtype == torch.float16:
+            ok = tensor.is_floating_point()
+        else:
+            ok = tensor.dtype in allowed
+        if not ok:
+            raise QtoolError(f"{name}.{suffix} has dtype {tensor.dtype}, expected {dtype}", "the checkpoint is corrupt: re-export it")

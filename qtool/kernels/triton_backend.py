@@ -1,0 +1,506 @@
+"""The Triton matmul backend for GPTQ linears: repacks a layer once, then serves y = x @ W^T by M bucket with
+the GEMV kernel (M = 1), split-K tl.dot (skinny M), tl.dot tiles or dequantize + cuBLAS (large M); the config
+for each (M bucket, shape, bits, group) is chosen once by timing and cached on the backend object and, through the
+registry's factory, on disk for the next process (kernels/plan_store.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+
+from qtool.core.errors import QtoolError
+from qtool.kernels.gptq_gemm_triton import (
+    MODE_DEQUANT,
+    MODE_MAGIC,
+    UNPACK_POINTER,
+    UNPACK_RESHAPE,
+    GemmConfig,
+    gemm_config_valid,
+    gptq_dequantize,
+    gptq_gemm,
+    gptq_matmul_dequant,
+    triton_interpreted,
+)
+from qtool.kernels.gptq_gemm_left_triton import (
+    LEFT_DENORMAL,
+    LEFT_PACKED,
+    LEFT_DEQUANT,
+    LEFT_PAIRS,
+    LeftGemmConfig,
+    gptq_gemm_left,
+    left_config_valid,
+    left_workspace,
+)
+from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
+from qtool.kernels.repack import GptqComputeWeight, repack_gptq
+from qtool.kernels.plan_store import PlanStore, default_cache_dir, kernel_fingerprint
+from qtool.kernels.registry import triton_device_problem
+from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
+
+logger = logging.getLogger(__name__)
+
+SKINNY_MAX_M = 16  # M up to this is "skinny": BM = 16 tiles; prepare() reserves split-K workspace for it
+MAX_M_BUCKET = 4096
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def m_bucket(m: int) -> int:
+    """The M bucket a call is tuned under: the next power of two, capped."""
+    return min(1 << max(m - 1, 0).bit_length(), MAX_M_BUCKET)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call is served: kind "gemv" | "gemm" | "left" (Triton kernels) | "dequant" (dequantize +
+    torch.matmul)."""
+
+    kind: str
+    config: GemvConfig | GemmConfig | LeftGemmConfig | None = None
+
+    def describe(self) -> str:
+        if self.config is None:
+            return self.kind
+        fields = ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
+        return f"{self.kind}({fields})"
+
+
+# the config class of each plan kind, for plans read back from the disk cache
+PLAN_TYPES = {"gemv": GemvConfig, "gemm": GemmConfig, "left": LeftGemmConfig, "dequant": None}
+
+
+@dataclass(frozen=True)
+class TuneKey:
+    m_bucket: int
+    out_features: int
+    k_rows: int
+    bits: int
+    group_rows: int
+    has_perm: bool
+    has_zeros: bool
+    dtype: str
+    device: str
+
+
+def tune_key(weight: GptqComputeWeight, m: int, dtype: torch.dtype, device: torch.device) -> TuneKey:
+    return TuneKey(m_bucket(m), weight.out_features, weight.k_rows, weight.bits, weight.group_rows,
+                   weight.perm is not None, weight.zeros is not None, str(dtype), str(device))
+
+
+def _split_for(tiles_mn: int, k_tiles: int, target_programs: int, within: bool = False) -> int:
+    """Splits along K that bring the grid near target_programs without leaving a split empty; within: the most
+    splits whose grid stays at or below target_programs."""
+    wanted = target_programs // max(tiles_mn, 1) if within else round(target_programs / max(tiles_mn, 1))
+    split = max(1, min(k_tiles, wanted))
+    per_split = math.ceil(k_tiles / split)
+    return math.ceil(k_tiles / per_split)
+
+
+def _tile_k_and_split(weight: GptqComputeWeight, m: int, bm: int, bn: int, bk: int, per_sm: int,
+                      num_sms: int, within: bool = False) -> tuple[int, int]:
+    """(K tile, splits) of a tl.dot shape: the K tile halved until it fits inside a group; K split so the grid
+    holds about per_sm programs per SM (per_sm 0: no split; within: at most per_sm)."""
+    while bk > 32 and weight.group_rows % bk:
+        bk //= 2
+    if not per_sm:
+        return bk, 1
+    tiles_mn = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+    return bk, _split_for(tiles_mn, triton.cdiv(weight.k_rows, bk), per_sm * num_sms, within)
+
+
+# (block_n, K rows per tile, warps, sum rows every tile, programs per SM, prefetch). block_n = 128*warps puts the
+# warps side by side along N so each thread holds whole columns of the tile: the per-column scale needs no layout
+# conversion and rows are summed in-thread every tile. block_n <= 128 stacks the warps along K instead. Prefetch
+# (tile t+1 loaded while tile t is computed) pays with longer loops, hence fewer programs per SM.
+GEMV_SHAPES = (
+    (128, 128, 4, False, 4, False), (1024, 32, 4, True, 4, False), (512, 32, 2, True, 4, False),
+    (256, 128, 4, False, 4, False), (128, 64, 4, False, 8, False), (64, 128, 2, False, 8, False),
+    (128, 128, 4, False, 2, True), (128, 64, 4, False, 4, True), (1024, 32, 4, True, 2, True),
+    (1024, 16, 4, True, 4, True), (256, 64, 4, False, 2, True), (512, 32, 4, True, 2, True),
+)
+# the 3-D multi-row GEMV (3 <= M <= MAX_GEMV_ROWS): each thread's FMA work grows with M, so narrower tiles
+GEMV_ROWS_SHAPES = (
+    (256, 32, 4, True, 4, False), (512, 32, 4, True, 2, False), (256, 64, 4, False, 4, False),
+    (128, 64, 4, False, 8, False),
+)
+
+
+def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Plan]:
+    rows_per_unit = unit_rows(weight.bits)
+    num_units = weight.k_rows // rows_per_unit
+    plans = []
+    # the denormal unpacking (2/4/8 bits) throughout: 1.32-1.52x faster than the mantissa one at 4 bits and
+    # 1.12-1.24x at 8 bits on every layer of bench/kernels.py (H200, run 8 in bench/RESULTS.md)
+    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m <= MAX_TWO_D_ROWS else GEMV_ROWS_SHAPES):
+        units = max(1, tile_rows // rows_per_unit)
+        while units > 1 and not gemv_tile_fits(weight, units):
+            units //= 2
+        if not gemv_tile_fits(weight, units):
+            continue
+        tiles_n = triton.cdiv(weight.out_features, block_n)
+        split = _split_for(tiles_n, triton.cdiv(num_units, units), per_sm * num_sms)
+        plan = Plan("gemv", GemvConfig(block_n=block_n, units=units, split_k=split, num_warps=warps,
+                                       row_sum_each_tile=row_sum, prefetch=prefetch))
+        if plan not in plans:
+            plans.append(plan)
+    return plans
+
+
+def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    magic_ok = not (dtype == torch.bfloat16 and weight.bits > 7)
+    mode_small = MODE_MAGIC if magic_ok else MODE_DEQUANT
+    if m <= SKINNY_MAX_M:
+        shapes = [  # (BM, BN, BK, unpack, mode, warps, stages, programs per SM)
+            (16, 64, 128, UNPACK_RESHAPE, mode_small, 4, 2, 4), (16, 64, 128, UNPACK_POINTER, mode_small, 4, 2, 4),
+            (16, 128, 128, UNPACK_RESHAPE, mode_small, 4, 2, 2), (16, 64, 256, UNPACK_RESHAPE, mode_small, 4, 2, 4),
+            (16, 128, 64, UNPACK_POINTER, mode_small, 4, 3, 4), (16, 32, 128, UNPACK_RESHAPE, mode_small, 2, 2, 8),
+            (16, 64, 64, UNPACK_RESHAPE, mode_small, 4, 3, 8),
+        ]
+    elif m <= 128:
+        shapes = [
+            (32, 64, 64, UNPACK_POINTER, mode_small, 4, 3, 2), (32, 128, 64, UNPACK_RESHAPE, mode_small, 4, 3, 2),
+            (64, 64, 64, UNPACK_POINTER, MODE_DEQUANT, 4, 3, 2), (64, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 4, 3, 0),
+            (64, 128, 128, UNPACK_RESHAPE, mode_small, 8, 3, 0), (128, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+        ]
+    else:
+        # the weight tile is dequantized once per program and used for BM rows: BM = 256 halves that cost per
+        # flop, which is what keeps the tensor cores fed at large M
+        shapes = [
+            (128, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0), (256, 128, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+            (256, 128, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 3, 0), (128, 256, 64, UNPACK_POINTER, MODE_DEQUANT, 8, 3, 0),
+            (128, 128, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 4, 0), (256, 64, 64, UNPACK_RESHAPE, MODE_DEQUANT, 8, 4, 0),
+        ]
+    plans = []
+    for bm, bn, bk, unpack, mode, warps, stages, per_sm in shapes:
+        bk, split = _tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms)
+        config = GemmConfig(block_m=bm, block_n=bn, block_k=bk, split_k=split, mode=mode, unpack=unpack,
+                            num_warps=warps, num_stages=stages)
+        if gemm_config_valid(weight, config, dtype) and Plan("gemm", config) not in plans:
+            plans.append(Plan("gemm", config))
+    return plans
+
+
+# Weight-left tl.dot (2/4/8 bits): (BM, BN, BK, mode, warps, stages, programs per SM; 0 = no split-K). The token
+# side BM is the wgmma N (16 at least in Triton); the weight side BN is a multiple of 64 rows per warpgroup. Mode
+# NATURAL is the dtype's natural-order unpacking: DENORMAL for bfloat16 (its best candidate beat DEQUANT's on 15 of
+# 16 rows at M = 16..1024 in run 12, by 1.03-1.23x; the DEQUANT shape kept below won the other, 70B o_proj at
+# M = 64), DEQUANT for float16, which cannot hold DENORMAL's scaled tile. Layers in fragment order also try every
+# NATURAL shape of up to PACKED_MAX_BM tokens as PACKED (a third of DENORMAL's instructions per value saved; 1.15-1.33x
+# faster at M = 16 on five layer shapes, not faster with 128-token tiles, whose per-tile epilogue is as large as
+# the unpacking: bench/RESULTS.md).
+NATURAL = -1
+PACKED_MAX_BM = 64
+LEFT_SKINNY_SHAPES = (
+    (16, 64, 128, NATURAL, 4, 4, 4), (16, 64, 128, NATURAL, 4, 5, 4), (16, 64, 128, NATURAL, 4, 4, 8),
+    (16, 64, 64, NATURAL, 4, 5, 8), (16, 128, 128, NATURAL, 8, 3, 4), (16, 128, 128, NATURAL, 8, 4, 4),
+    (16, 128, 128, NATURAL, 4, 3, 2), (16, 64, 128, LEFT_PAIRS, 4, 4, 4), (16, 128, 64, LEFT_PAIRS, 4, 4, 4),
+)
+LEFT_MID_SHAPES = (
+    (64, 128, 128, NATURAL, 8, 3, 2), (64, 128, 128, NATURAL, 8, 4, 2), (64, 64, 128, NATURAL, 4, 4, 4),
+    (32, 64, 128, NATURAL, 4, 4, 4), (64, 128, 64, NATURAL, 4, 3, 2), (32, 128, 128, NATURAL, 8, 3, 2),
+    (64, 64, 64, NATURAL, 4, 3, 2), (64, 64, 64, NATURAL, 4, 3, 4), (64, 128, 128, LEFT_DEQUANT, 8, 3, 2),
+    (64, 128, 128, LEFT_PAIRS, 8, 3, 2),
+)
+# large M: split K only as far as it takes to give every SM a program (few output tiles on narrow layers)
+LEFT_LARGE_SHAPES = (
+    (128, 128, 64, NATURAL, 8, 3, 1), (128, 128, 128, NATURAL, 8, 3, 1), (256, 128, 64, NATURAL, 8, 3, 1),
+    (256, 128, 64, NATURAL, 8, 4, 1), (128, 128, 64, NATURAL, 8, 4, 1),
+)
+
+
+def _few_waves(m: int, weight: GptqComputeWeight, bm: int, bn: int, resident: int) -> bool:
+    """Whether a grid of whole output tiles is under four waves and not a whole number of them: the last wave
+    leaves SMs idle for a large share of the run."""
+    tiles = triton.cdiv(m, bm) * triton.cdiv(weight.out_features, bn)
+    return tiles < 4 * resident and tiles % resident != 0
+
+
+def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    if m <= SKINNY_MAX_M:
+        shapes = LEFT_SKINNY_SHAPES
+    elif m <= 64:
+        shapes = LEFT_MID_SHAPES
+    elif m <= 128:
+        # 64-row tiles dequantize every weight tile twice at M = 128 (0.54-1.01x bf16, run 24): the large tiles too
+        shapes = LEFT_MID_SHAPES + tuple(shape for shape in LEFT_LARGE_SHAPES if shape[0] <= 128)
+    else:
+        shapes = LEFT_LARGE_SHAPES
+    natural = LEFT_DENORMAL if dtype == torch.bfloat16 else LEFT_DEQUANT
+    plans = []
+    for bm, bn, bk, mode, warps, stages, per_sm in shapes:
+        if mode == LEFT_PAIRS and weight.fragment_order:
+            continue  # PAIRS gathers x in fragment order: 1.4-2x slower than in plain order (run 16), never picked
+        modes = [natural if mode == NATURAL else mode]
+        if mode == NATURAL and bm <= PACKED_MAX_BM:
+            modes.append(LEFT_PACKED)  # left_config_valid drops it for layers not in fragment order
+        # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
+        # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
+        launches = [_tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within) + (0,) for within in (False, True)]
+        if per_sm == 1 and m > 64 and _few_waves(m, weight, bm, bn, num_sms):
+            # stream-K: every SM's program gets the same share of all tiles' K tiles, where whole tiles would leave
+            # SMs idle (70B qkv at M = 256: 80 tiles of 256x128 for 132 SMs). Only the one-program-per-SM tiles:
+            # the 64-token shapes as stream-K, two or four programs per SM, ran 1.17-1.46x behind the best plan of
+            # every M = 128 row (run 38)
+            launches.append((launches[0][0], 1, num_sms))
+        for tile_k, split, programs in launches:
+            for tile_mode in modes:
+                # PACKED's ways of feeding its loop, which change no value (left_config_valid drops them for the
+                # other modes): each won on some tile shape and none on all; staged words alone never won (run 34)
+                for staged, ahead in ((False, False), (False, True), (True, True)):
+                    config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
+                                            num_warps=warps, num_stages=stages, staged_words=staged,
+                                            scale_ahead=ahead, stream_programs=programs)
+                    if left_config_valid(weight, config, dtype) and Plan("left", config) not in plans:
+                        plans.append(Plan("left", config))
+    return plans
+
+
+def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    """Plans worth timing for a call with M rows; the first is the untimed default."""
+    gemv = _gemv_candidates(weight, m, num_sms) if m <= MAX_GEMV_ROWS else []
+    left = _left_candidates(weight, m, dtype, num_sms)
+    # the default (first) plan: the GEMV for one row, the tensor-core kernel from two rows on
+    plans = gemv + left if m == 1 else left + gemv
+    # in fragment order the x-left tl.dot kernel gathers x in pairs of rows: its best plan ran 2-14x slower than the
+    # best plan on the H200 (run 16), and it was never the fastest for a 4-bit layer in runs 12-16
+    if not weight.fragment_order:
+        plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
+    if m >= 32:
+        plans.append(Plan("dequant"))
+    return plans
+
+
+def interpreter_plan(weight: GptqComputeWeight, m: int, dtype: torch.dtype) -> Plan:
+    """One small fixed plan for TRITON_INTERPRET runs (split-K on, so the reduction path is exercised)."""
+    if m <= MAX_GEMV_ROWS:
+        units = max(1, 32 // unit_rows(weight.bits))
+        while units > 1 and not gemv_tile_fits(weight, units):
+            units //= 2
+        return Plan("gemv", GemvConfig(block_n=32, units=units, split_k=2, num_warps=1, prefetch=m == 1))
+    mode = MODE_DEQUANT if dtype == torch.bfloat16 and weight.bits > 7 else MODE_MAGIC
+    if m <= SKINNY_MAX_M:
+        return Plan("gemm", GemmConfig(16, 32, 32, split_k=2, mode=mode, num_warps=1))
+    return Plan("gemm", GemmConfig(32, 32, 32, split_k=1, mode=mode, num_warps=1))
+
+
+@dataclass
+class SplitKWorkspace:
+    """Zeroed float32 partial sums and int32 arrival counters of one device; the kernels leave them zero."""
+
+    partials: torch.Tensor
+    counters: torch.Tensor
+
+    @classmethod
+    def allocate(cls, device: torch.device, partials: int, counters: int) -> "SplitKWorkspace":
+        return cls(torch.zeros(partials, dtype=torch.float32, device=device),
+                   torch.zeros(counters, dtype=torch.int32, device=device))
+
+    def fits(self, partials: int, counters: int) -> bool:
+        return self.partials.numel() >= partials and self.counters.numel() >= counters
+
+
+def _graph_ms(calls: list[Callable[[], object]]) -> float:
+    # a few milliseconds of back-to-back calls rank candidates as well as long runs, and tuning stays quick
+    return time_calls_in_graph(calls, target_ms=3.0, replays=3) / 1e3
+
+
+@dataclass
+class KernelTuner:
+    """Chooses a plan per TuneKey once (timing every candidate that computes the right result) and caches it.
+    timer(calls) -> milliseconds per call, the calls run in turn (the same op on different weight copies)."""
+
+    timer: Callable[[list[Callable[[], object]]], float] = _graph_ms
+    plans: dict[TuneKey, Plan] = field(default_factory=dict)
+    timings: dict[TuneKey, list[tuple[str, float | str]]] = field(default_factory=dict)
+
+    def choose(self, key: TuneKey, candidates: list[Plan], run: Callable[[Plan], torch.Tensor],
+               reference: Callable[[], torch.Tensor],
+               timing_calls: Callable[[Plan], list[Callable[[], object]]] | None = None) -> Plan:
+        if key in self.plans:
+            return self.plans[key]
+        expected = reference().float()
+        scale = expected.norm().item() or 1.0
+        results: list[tuple[str, float | str]] = []
+        best, best_ms = None, math.inf
+        for plan in candidates:
+            try:
+                got = run(plan).float()
+                error = (got - expected).norm().item() / scale
+                if not math.isfinite(error) or error > 2e-2:
+                    results.append((plan.describe(), f"wrong result (relative error {error:.2e})"))
+                    continue
+                calls = timing_calls(plan) if timing_calls else [lambda: run(plan)]
+                ms = self.timer(calls)
+            except Exception as exc:  # a config that fails to compile or launch is skipped, not fatal
+                results.append((plan.describe(), f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+                continue
+            results.append((plan.describe(), ms))
+            if ms < best_ms:
+                best, best_ms = plan, ms
+        if best is None:
+            best = Plan("dequant")
+            logger.warning("triton GPTQ: no kernel config worked for %s; using dequantize + torch.matmul", key)
+        else:
+            logger.info("triton GPTQ: %s -> %s (%.1f us)", key, best.describe(), best_ms * 1e3)
+        self.plans[key] = best
+        self.timings[key] = results
+        return best
+
+
+def weight_copies(weight: GptqComputeWeight, count: int) -> list[GptqComputeWeight]:
+    """weight plus count - 1 copies of its streamed tensors (codes, scales, zeros), for timing from DRAM."""
+    clones = [
+        dataclasses.replace(weight, qweight=weight.qweight.clone(), scales=weight.scales.clone(),
+                            zeros=None if weight.zeros is None else weight.zeros.clone())
+        for _ in range(count - 1)
+    ]
+    return [weight] + clones
+
+
+def kernel_plan_store(directory: Path | None) -> PlanStore | None:
+    """The on-disk plan cache in `directory` (None: no cache) for this package's kernels as they are now."""
+    if directory is None:
+        return None
+    versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": str(torch.version.cuda)}
+    return PlanStore(directory, kernel_fingerprint(Path(__file__).parent.glob("*.py"), versions), PLAN_TYPES, Plan)
+
+
+def stored_plan(store: PlanStore | None, device_name: str, key: TuneKey, candidates: list[Plan]) -> Plan | None:
+    """The plan the cache holds for `key`, if it is still one of the candidates (else the layer is re-tuned)."""
+    if store is None:
+        return None
+    plan = store.get(device_name, key)
+    return plan if plan in candidates else None
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+class TritonBackend:
+    """GPTQ matmul through the Triton kernels of this package. State (tuned plans, split-K workspaces) lives on
+    the instance: share one instance across layers. The first call of each M bucket tunes (and may grow the
+    workspace), so run every bucket once before capturing CUDA graphs. Layers share one workspace per device:
+    calls must not run concurrently on different streams. plan_store: where tuned plans are read from before
+    timing and written to after (None: this process only)."""
+
+    name = "triton"
+
+    def __init__(self, tune: bool = True, tuner: KernelTuner | None = None, plan_store: PlanStore | None = None):
+        self.tune = tune
+        self.tuner = tuner or KernelTuner()
+        self.plan_store = plan_store
+        self._workspaces: dict[str, SplitKWorkspace] = {}
+
+    def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
+        """None when this backend can serve such a layer, else why not."""
+        device = torch.device(device)
+        if bits not in (2, 3, 4, 8):
+            return f"{bits}-bit weights are not supported (2, 3, 4, 8 are)"
+        return triton_device_problem(device, triton_interpreted())
+
+    def prepare(self, tensors) -> GptqComputeWeight:
+        """Repack one layer (a GptqLinearTensors) into the compute layout; reserves its split-K workspace."""
+        weight = repack_gptq(tensors.qweight, tensors.qzeros, tensors.scales, tensors.g_idx, tensors.bits,
+                             tensors.checkpoint_format, tensors.bias)
+        self._workspace(weight.qweight.device, SKINNY_MAX_M * weight.out_features,
+                        triton.cdiv(weight.out_features, 16))
+        return weight
+
+    def _workspace(self, device: torch.device, partials: int, counters: int) -> SplitKWorkspace:
+        key = str(device)
+        current = self._workspaces.get(key)
+        if current is None or not current.fits(partials, counters):
+            if current is not None:
+                partials = max(partials, current.partials.numel())
+                counters = max(counters, current.counters.numel())
+            current = SplitKWorkspace.allocate(device, partials, counters)
+            self._workspaces[key] = current
+        return current
+
+    def run_plan(self, plan: Plan, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
+        """y [M, N] for a 2-D x with unit column stride, served exactly as `plan` says."""
+        if plan.kind == "dequant":
+            return gptq_matmul_dequant(x, weight)
+        m, n = x.shape[0], weight.out_features
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if plan.kind == "left":
+            ws = self._workspace(x.device, *(max(1, size) for size in left_workspace(m, weight, plan.config)))
+        elif plan.config.split_k > 1:
+            ws = self._workspace(x.device, m * n, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+        else:  # unused by the kernel; any zeroed buffers do
+            ws = self._workspace(x.device, 1, 1)
+        if plan.kind == "gemv":
+            return gptq_gemv(x, weight, plan.config, out, ws.partials, ws.counters)
+        if plan.kind == "left":
+            return gptq_gemm_left(x, weight, plan.config, out, ws.partials, ws.counters)
+        return gptq_gemm(x, weight, plan.config, out, ws.partials, ws.counters)
+
+    def plan_for(self, x: torch.Tensor, weight: GptqComputeWeight) -> Plan:
+        m = x.shape[0]
+        if triton_interpreted():
+            return interpreter_plan(weight, m, x.dtype)
+        key = tune_key(weight, m, x.dtype, x.device)
+        cached = self.tuner.plans.get(key)  # the common case: decided before; build nothing per call
+        if cached is not None:
+            return cached
+        candidates = candidate_plans(weight, m, x.dtype, _num_sms(x.device))
+        if not self.tune:
+            self.tuner.plans[key] = candidates[0]
+            return candidates[0]
+        device_name = _device_name(x.device)
+        stored = stored_plan(self.plan_store, device_name, key, candidates)
+        if stored is not None:
+            logger.info("triton GPTQ: %s -> %s (tuned before: %s)", key, stored.describe(), self.plan_store.path)
+            self.tuner.plans[key] = stored
+            return stored
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # timing needs its own graphs: serve this capture with the default plan, tune on an eager call
+            return candidates[0]
+        copies = weight_copies(weight, copies_to_defeat_l2(weight.nbytes(), x.device))
+        plan = self.tuner.choose(
+            key, candidates, lambda plan: self.run_plan(plan, x, weight),
+            lambda: torch.matmul(x.float(), gptq_dequantize(weight, torch.float32))
+            + (0 if weight.bias is None else weight.bias.float()),
+            timing_calls=lambda plan: [lambda w=w: self.run_plan(plan, x, w) for w in copies],
+        )
+        del copies
+        timings = self.tuner.timings.get(key, [])
+        timed = any(name == plan.describe() and isinstance(ms, float) for name, ms in timings)
+        if self.plan_store is not None and timed:  # not the fallback of a tuning in which nothing ran
+            self.plan_store.put(device_name, key, plan)
+        return plan
+
+    def matmul(self, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
+        """y[..., N] = x[..., K] @ W^T + bias, in x's dtype."""
+        if x.shape[-1] != weight.in_features:
+            raise QtoolError(f"input has {x.shape[-1]} features, the quantized linear expects {weight.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, weight.in_features)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, weight.out_features)
+        if x2.stride(-1) != 1 or (x2.shape[0] == 1 and not x2.is_contiguous()):
+            x2 = x2.contiguous()
+        if x.dtype not in KERNEL_DTYPES:
+            y = gptq_matmul_dequant(x2, weight)
+        else:
+            y = self.run_plan(self.plan_for(x2, weight), x2, weight)
+        return y.reshape(*lead, weight.out_features)
+
+
+def default_triton_backend() -> TritonBackend:
+    """The registry's factory: plans tuned once per GPU model and kernel version, kept under qtool's cache root
+    ($QTOOL_CACHE_DIR/tuning, default ~/.cache/qtool/tuning; QTOOL_CACHE_DIR=off: none)."""
+    return TritonBackend(plan_store=kernel_plan_store(default_cache_dir()))

@@ -1,0 +1,221 @@
+"""The GPTQ solver for one linear layer (Frantar et al. 2022, with the act-order, static-group and damping
+refinements of GPTQModel): quantize W column by column, feeding each column's error back into the columns not
+yet quantized through the Cholesky factor of the inverse Hessian."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qtool.core.errors import QtoolError
+from qtool.quant.grid import check_grid_options, dequantize_codes, fit_grid, fit_group_grids, natural_g_idx, round_to_grid
+from qtool.formats.quantized_weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+# Below torch's parallel grain (32768 elements) an elementwise op runs on the calling thread.
+_SERIAL_ELEMENTS = 32768
+
+
+@dataclass
+class GPTQResult:
+    """What a solver returns for one weight [out_features, in_features]."""
+
+    quantized: QuantizedWeight
+    dequantized: torch.Tensor  # float32 [out, in], equal bit for bit to quantized.dequantize()
+    # GPTQ: 1/2 * sum over columns of (w - q)^2 / [H^-1]_ii (as GPTQModel sums its losses, before it divides by
+    # the sample count), which equals 1/2 * tr((W - Q) H_damped (W - Q)^T). RTN: sum of squared weight errors.
+    error: float
+    damp_percent: float  # the damping that made the Hessian invertible (0 for RTN)
+    seconds: float
+
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor, damp_percent: float, damp_auto_increment: float
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so H^-1 = U^T U) and the damp used.
+
+    When a factorization fails the damp is raised by damp_auto_increment and tried again, while it stays below 1."""
+    mean_diag = hessian.diagonal().mean()
+    attempt = 0
+    while True:
+        damp = damp_percent + attempt * damp_auto_increment
+        # With J the index reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper
+        # with a positive diagonal, hence the factor wanted: one Cholesky and one triangular solve, no inverse.
+        damped = hessian.flip(0, 1)
+        damped.diagonal().add_(damp * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
+            if bool(torch.isfinite(upper).all()):
+                return upper, damp
+        next_damp = damp_percent + (attempt + 1) * damp_auto_increment
+        if damp_auto_increment <= 0 or next_damp >= 1.0:
+            raise QtoolError(
+                f"the Hessian is not positive definite even with damp_percent={damp:.4f}",
+                "calibrate on more (or more varied) tokens, raise damp_percent / damp_auto_increment, or use method rtn",
+            )
+        log.info("Hessian Cholesky failed at damp_percent=%.4f; retrying with %.4f", damp, next_damp)
+        attempt += 1
+
+
+def _check_options(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, min_zero: int,
+                   damp_percent: float, damp_auto_increment: float, block_size: int) -> None:
+    check_grid_options(weight, bits, group_size, min_zero)
+    k = weight.shape[1]
+    if tuple(hessian.shape) != (k, k):
+        raise QtoolError(f"Hessian has shape {tuple(hessian.shape)}, the weight has {k} input features", f"pass a [{k}, {k}] Hessian of this linear's inputs")
+    if not 0 <= damp_percent < 1:
+        raise QtoolError(f"damp_percent={damp_percent} is out of range", "use a value in [0, 1), e.g. 0.01")
+    if not 0 <= damp_auto_increment < 1:
+        raise QtoolError(f"damp_auto_increment={damp_auto_increment} is out of range", "use a value in [0, 1), e.g. 0.0025")
+    if block_size < 1:
+        raise QtoolError(f"block_size={block_size} is not valid", "use a positive integer, e.g. 128")
+    if not torch.isfinite(hessian).all():
+        raise QtoolError("the Hessian holds NaN or infinite values", "check the calibration activations of this linear")
+
+
+def _solve_columns(
+    work: torch.Tensor,
+    upper: torch.Tensor,
+    bounds: list[int],
+    grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ sweep over the rows of work = W^T [K, N] (updated in place), with blocks [bounds[i], bounds[i+1])
+    and upper = the Cholesky factor of H^-1. grid_at(position) gives (scale, zero) for that column.
+    Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors."""
+    cols, rows = work.shape
+    codes_t = torch.empty_like(work)
+    deq_t = torch.empty_like(work)
+    loss = torch.zeros((), dtype=torch.float32, device=work.device)
+    # Inside a block, rank-1 updates reach only the next few columns (a sub-block small enough that torch runs
+    # them on the calling thread: per-column parallel regions stall when the cores are shared); each sub-block
+    # then updates the rest of its block with one matmul, and each block the columns after it.
+    sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        block_err = torch.empty(end - start, rows, dtype=torch.float32, device=work.device)
+        for sub_start in range(start, end, sub_width):
+            sub_end = min(sub_start + sub_width, end)
+            for pos in range(sub_start, sub_end):
+                scale, zero = grid_at(pos)
+                column = work[pos]
+                codes = round_to_grid(column, scale, zero, bits)
+                deq = dequantize_codes(codes, scale, zero)
+                codes_t[pos] = codes
+                deq_t[pos] = deq
+                err = (column - deq) / upper[pos, pos]
+                block_err[pos - start] = err
+                work[pos + 1 : sub_end].addr_(upper[pos, pos + 1 : sub_end], err, alpha=-1.0)
+            if sub_end < end:
+                sub_err = block_err[sub_start - start : sub_end - start]
+                work[sub_end:end].addmm_(upper[sub_start:sub_end, sub_end:end].T, sub_err, alpha=-1.0)
+        if end < cols:
+            work[end:].addmm_(upper[start:end, end:].T, block_err, alpha=-1.0)
+        loss += block_err.square().sum()
+    return codes_t, deq_t, loss
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    desc_act: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    damp_auto_increment: float = 0.0025,
+    mse: bool = False,
+    min_zero: int = 0,
+    block_size: int = 128,
+) -> GPTQResult:
+    """GPTQ-quantize weight [N, K] given the Hessian [K, K] of its inputs (neither is modified).
+
+    Groups are fitted when the solver reaches their first column, from the weights as updated by every column
+    quantized before (exactly, whatever block_size: blocks are split at group starts). desc_act quantizes the
+    columns by descending Hessian diagonal, and its groups are consecutive in that order unless static_groups,
+    where groups are fitted up front on the original weight in natural order. Runs on weight's device."""
+    started = time.perf_counter()
+    _check_options(weight, hessian, bits, group_size, min_zero, damp_percent, damp_auto_increment, block_size)
+    device = weight.device
+    rows, cols = weight.shape
+    width = cols if group_size == -1 else group_size
+    num_groups = math.ceil(cols / width)
+
+    w = weight.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    dead = h.diagonal() == 0
+    if bool(dead.all()):
+        raise QtoolError("the Hessian is all zero: no calibration token reached this linear", "check the calibration data, or use method rtn")
+    # An input that is always 0 leaves its weight free: GPTQ zeroes it and gives H a unit pivot there.
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+
+    if static_groups:
+        # GPTQModel's static groups: fitted now, on the weight as it is, in natural column order.
+        fixed_scales, fixed_zeros = fit_group_grids(w, group_size, bits, sym, mse=mse, min_zero=min_zero)
+    if desc_act:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    upper, damp_used = inverse_hessian_cholesky(h, damp_percent, damp_auto_increment)
+    del h
+
+    # Work on W^T so that a column of W is a contiguous row.
+    work = w.T.contiguous()
+    del w
+    if static_groups:
+        scales, zeros = fixed_scales, fixed_zeros
+        float_zeros = zeros.to(torch.float32)
+        order = perm.tolist() if desc_act else range(cols)
+        group_of_position = [c // width for c in order]
+
+        def grid_at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+            group = group_of_position[pos]
+            return scales[group], float_zeros[group]
+
+        group_starts: list[int] = []
+    else:
+        scales = torch.empty(num_groups, rows, dtype=torch.float32, device=device)
+        zeros = torch.empty(num_groups, rows, dtype=torch.int32, device=device)
+        current: list[torch.Tensor] = []
+
+        def grid_at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if pos % width == 0:
+                # Called at a block start (see bounds), so the group's columns hold every earlier update.
+                group = pos // width
+                scales[group], zeros[group] = fit_grid(work[pos : pos + width].T, bits, sym, mse=mse, min_zero=min_zero)
+                current[:] = [scales[group], zeros[group].to(torch.float32)]
+            return current[0], current[1]
+
+        group_starts = list(range(0, cols, width))
+    bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
+    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits)
+
+    error = 0.5 * float(loss)
+    if not math.isfinite(error):
+        raise QtoolError("GPTQ produced a non-finite error", "check the weight and the calibration activations of this linear")
+
+    if desc_act:
+        inverse = torch.argsort(perm)
+        codes_t, deq_t = codes_t[inverse], deq_t[inverse]
+        position_groups = torch.arange(cols, device=device, dtype=torch.int32) // width
+        g_idx = natural_g_idx(cols, group_size, device) if static_groups else position_groups[inverse]
+    else:
+        g_idx = natural_g_idx(cols, group_size, device)
+    quantized = QuantizedWeight(
+        codes=codes_t.T.to(torch.int32).contiguous(),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx.to(torch.int32).contiguous(),
+        bits=bits,
+        group_size=group_size,
+    )
+    return GPTQResult(quantized, deq_t.T.contiguous(), error, damp_used, time.perf_counter() - started)

@@ -1,0 +1,260 @@
+"""Quantize the linears of one decoder layer in the registry's order (true-sequential: each group sees the
+outputs of the groups quantized before it) and produce the layer's outputs for the next layer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qtool.core.config import QuantConfig
+from qtool.quant.gptq import gptq_quantize
+from qtool.quant.hessian import HessianAccumulator
+from qtool.quant.refine import refine_group_scales
+from qtool.quant.replay import ProjectionRecorder, RecordingModule, ReplayModule, StopLayerForward, swapped_modules
+from qtool.quant.rtn import rtn_quantize
+from qtool.formats.quantized_weight import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+# Runs the layer on batch i of its inputs and returns the layer's output hidden states.
+LayerRunner = Callable[[int], torch.Tensor]
+
+
+@dataclass
+class ModuleReport:
+    name: str
+    in_features: int
+    out_features: int
+    error: float
+    damp_percent: float
+    seconds: float
+
+
+def min_zero_for(config: QuantConfig) -> int:
+    # GPTQ v1 files store zero - 1, so an asym zero point of 0 cannot be written there.
+    return 1 if (not config.sym and config.checkpoint_format == "gptq") else 0
+
+
+def solve_group(
+    linears: list[tuple[str, nn.Linear]], hessian: torch.Tensor | None, config: QuantConfig
+) -> tuple[dict[str, QuantizedWeight], list[ModuleReport]]:
+    """Quantize linears that share one input (hence one Hessian) in one solve: GPTQ treats output rows
+    independently, so stacking their weights gives each the result it would get alone, at a fraction of the
+    Python overhead."""
+    weights = [linear.weight.data.float() for _, linear in linears]
+    stacked = torch.cat(weights, dim=0)
+    started = time.perf_counter()
+    common = dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse, min_zero=min_zero_for(config))
+    if config.method == "rtn" or hessian is None:
+        result = rtn_quantize(stacked, **common)
+    else:
+        result = gptq_quantize(
+            stacked,
+            hessian,
+            desc_act=config.desc_act,
+            static_groups=config.static_groups,
+            damp_percent=config.damp_percent,
+            damp_auto_increment=config.damp_auto_increment,
+            **common,
+        )
+    if config.refine_scales and hessian is not None:
+        refined, dequantized = refine_group_scales(stacked, result.quantized, hessian)
+        result = replace(result, quantized=refined, dequantized=dequantized)
+    seconds = time.perf_counter() - started
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: list[ModuleReport] = []
+    start = 0
+    q = result.quantized
+    for (name, linear), weight in zip(linears, weights):
+        rows = slice(start, start + weight.shape[0])
+        start += weight.shape[0]
+        quantized[name] = QuantizedWeight(
+            codes=q.codes[rows].contiguous(),
+            scales=q.scales[:, rows].contiguous(),
+            zeros=q.zeros[:, rows].contiguous(),
+            g_idx=q.g_idx.clone(),
+            bits=q.bits,
+            group_size=q.group_size,
+        )
+        # The layer goes on with the weights it will have once loaded: the fake-quantized ones.
+        linear.weight.data = result.dequantized[rows].to(linear.weight.dtype).to(linear.weight.device)
+        share = weight.shape[0] / stacked.shape[0]
+        reports.append(ModuleReport(name, linear.in_features, linear.out_features, float(getattr(result, "error", 0.0)) * share, float(getattr(result, "damp_percent", 0.0)), seconds * share))
+    return quantized, reports
+
+
+def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype config.compute_dtype names. auto is bfloat16 on CPUs that multiply it natively (about twice
+    float32's speed there, where the forwards are most of a run), float32 elsewhere: emulated bfloat16 is slower
+    than float32, and on a GPU the forwards are a small part of the time (SmolLM2 4-bit on an H200: ppl 24.85 in
+    float32, 25.04 with bfloat16 forwards, for no gain in time)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for the calibration forwards when the compute dtype is not float32: matmuls and attention in that
+    dtype, norms and the residual stream in float32, the weights untouched (GPTQ solves the float32 ones)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _accumulator(dtype: torch.dtype, group: list[tuple[str, nn.Linear]]) -> HessianAccumulator:
+    linear = group[0][1]
+    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype)
+
+
+def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
+    def hook(module: nn.Module, args: tuple) -> None:
+        accumulator.add_batch(args[0].detach())
+        if keep_inputs is not None:
+            keep_inputs.append(args[0].detach().to(store_device))
+        if stop:
+            raise StopLayerForward
+
+    return hook
+
+
+def _usable_hessian(accumulator: HessianAccumulator, group: list[tuple[str, nn.Linear]]) -> torch.Tensor | None:
+    """The group's Hessian, or None (round to nearest) when no calibration token reached it, e.g. an MoE expert
+    the router never picked."""
+    if accumulator.num_tokens == 0:
+        log.warning("%s: no calibration token reached this input; rounding to nearest", ", ".join(n for n, _ in group))
+        return None
+    return accumulator.hessian
+
+
+def _final_children(
+    layer: nn.Module, call_order: list[str], quantized_names: set[str], all_names: set[str]
+) -> list[str]:
+    """Direct children of the layer whose output can no longer change: the longest run, in call order, of children
+    whose linears are all quantized (everything before them then is too)."""
+    final = []
+    for child in call_order:
+        inside = {name for name in all_names if name.startswith(child + ".")}
+        if not inside <= quantized_names:
+            break
+        final.append(child)
+    return final
+
+
+def quantize_layer(
+    layer: nn.Module,
+    groups: list[list[tuple[str, nn.Linear]]],
+    num_batches: int,
+    run_batch: LayerRunner,
+    config: QuantConfig,
+    store_device: torch.device,
+    replay: bool = True,
+    on_group: Callable[[str], None] | None = None,
+    output_projections: tuple[tuple[str, str], ...] = (),
+) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
+    """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
+    layer's outputs per batch).
+
+    True-sequential: one pass per group, stopped as soon as the group's input is seen. Linears quantized in an
+    earlier group, and whole children of the layer that can no longer change (the input norm, then the attention
+    block once its linears are done), are recorded the next time they run and replayed afterwards.
+    `output_projections` ((child, its last linear), relative names) lets a child that became final be recorded
+    without computing it: its linear applied to the inputs seen while that linear was quantized (ProjectionRecorder).
+    Otherwise: one pass gathers every group's Hessian from the float layer."""
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: list[ModuleReport] = []
+    recorders: dict[str, RecordingModule] = {}
+    call_order: list[str] = []
+    children = dict(layer.named_children())
+    all_names = {name for group in groups for name, _ in group}
+    device = next(layer.parameters()).device
+    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    projection = {child: linear for child, linear in output_projections if child in children and linear in all_names}
+    projection_of = {linear: child for child, linear in projection.items()}
+    projection_inputs: dict[str, list[torch.Tensor]] = {}  # child -> inputs of its output linear, per batch
+
+    def note_call(child: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if child not in call_order:
+                call_order.append(child)
+
+        return hook
+
+    def run_pass(hooked: list[tuple[nn.Module, Callable]], swaps: dict[str, nn.Module]) -> list[torch.Tensor]:
+        handles = [module.register_forward_pre_hook(hook) for module, hook in hooked]
+        handles += [module.register_forward_pre_hook(note_call(name)) for name, module in children.items()]
+        outputs: list[torch.Tensor] = []
+        try:
+            with swapped_modules(layer, swaps), torch.inference_mode(), compute_context(dtype, device):
+                for i in range(num_batches):
+                    try:
+                        outputs.append(run_batch(i))
+                    except StopLayerForward:
+                        pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def next_swaps(record: bool = True) -> dict[str, nn.Module]:
+        """What is final and recorded replays; what became final since the last pass records (unless this is the
+        last pass, whose recordings nothing would replay)."""
+        if not replay:
+            return {}
+        final = set(_final_children(layer, call_order, set(quantized), all_names)) | set(quantized)
+        swaps: dict[str, nn.Module] = {}
+        for name in sorted(final):
+            recorder = recorders.get(name)
+            if recorder is None and not record:
+                continue
+            if recorder is None:
+                if name in projection_inputs:
+                    linear = layer.get_submodule(projection[name])
+                    recorder = ProjectionRecorder(layer.get_submodule(name), linear, projection_inputs.pop(name), store_device)
+                else:
+                    recorder = RecordingModule(layer.get_submodule(name), store_device)
+                recorders[name] = recorder
+                swaps[name] = recorder
+            elif recorder.outputs:
+                swaps[name] = ReplayModule(recorder)
+            else:  # recorded in a pass that stopped before reaching it
+                swaps[name] = recorder
+        return swaps
+
+    if config.method != "gptq":
+        for group in groups:
+            q, r = solve_group(group, None, config)
+            quantized.update(q)
+            reports.extend(r)
+        return quantized, reports, run_pass([], {})
+
+    if not config.true_sequential:
+        accumulators = [_accumulator(dtype, group) for group in groups]
+        run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
+        for group, accumulator in zip(groups, accumulators):
+            q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+            quantized.update(q)
+            reports.extend(r)
+        return quantized, reports, run_pass([], {})
+
+    for group in groups:
+        if on_group is not None:
+            on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
+        accumulator = _accumulator(dtype, group)
+        child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
+        kept = projection_inputs.setdefault(child, []) if child else None
+        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
+        q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+        del accumulator
+        quantized.update(q)
+        reports.extend(r)
+    # Final pass: what is recorded replays, the rest computes; what comes out feeds the next layer.
+    outputs = run_pass([], next_swaps(record=False))
+    return quantized, reports, outputs

@@ -1,0 +1,135 @@
+"""Text generation for `qtool run`: a prompt or a chat (through the tokenizer's chat template), greedy or
+sampled, streamed to a callback as the text forms."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import GenerationConfig, TextStreamer
+
+from qtool.core.errors import QtoolError
+
+Message = dict[str, str]
+TextCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 0.9
+    top_k: int = 0  # 0 switches top-k filtering off
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise QtoolError(f"--max-new-tokens {self.max_new_tokens} must be at least 1", "e.g. --max-new-tokens 256")
+        if self.temperature < 0:
+            raise QtoolError(f"--temperature {self.temperature} must not be negative", "0 is greedy; 0.2 to 1.0 samples")
+        if not 0 < self.top_p <= 1:
+            raise QtoolError(f"--top-p {self.top_p} must be in (0, 1]", "1 switches nucleus sampling off")
+        if self.top_k < 0:
+            raise QtoolError(f"--top-k {self.top_k} must not be negative", "0 switches top-k off")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: int  # new tokens generated, the stop token included when one ended the reply
+    seconds: float
+    tokens_per_second: float
+    token_ids: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `qtool run --json` prints (no ids)."""
+        return {"text": self.text, "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens_per_second}
+
+
+class CallbackStreamer(TextStreamer):
+    """transformers' TextStreamer (it holds text back until words and UTF-8 characters are complete), handing
+    each finished piece to a callback instead of printing it."""
+
+    def __init__(self, tokenizer: Any, on_text: TextCallback):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer: Any, conversation: str | list[Message]) -> torch.Tensor:
+    """[1, n] input ids: a str is used as it is (the tokenizer's own BOS rule applies); a message list goes
+    through the chat template, ending with the assistant's turn."""
+    if isinstance(conversation, str):
+        return tokenizer(conversation, return_tensors="pt")["input_ids"]
+    if not has_chat_template(tokenizer):
+        raise QtoolError("the tokenizer has no chat template, so a conversation cannot be formatted", "use --raw to send the prompt text as it is")
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    # The template already wrote every special token the model expects.
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config, without duplicates."""
+    found: list[int] = []
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and token not in found:
+                found.append(int(token))
+    return found
+
+
+def generation_config(model: Any, tokenizer: Any, settings: GenerationSettings, max_new_tokens: int) -> GenerationConfig:
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+    if settings.greedy:
+        sampling = dict(do_sample=False)
+    else:
+        # top_k=0 must be passed as 0: None would fall back to transformers' default of 50.
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad, **sampling)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    conversation: str | list[Message],
+    settings: GenerationSettings = GenerationSettings(),
+    on_text: TextCallback | None = None,
+) -> GenerationResult:
+    """Generate a reply to `conversation` (raw prompt text, or chat messages {"role", "content"}); `on_text`
+    receives the reply piece by piece as it is generated."""
+    settings.check()
+    device = next(model.parameters()).device
+    input_ids = prompt_ids(tokenizer, conversation).to(device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and input_ids.shape[1] >= context:
+        raise QtoolError(f"the prompt is {input_ids.shape[1]} tokens, the model's context is {context}", "shorten the prompt (or the conversation)")
+    # Never run past the context: the reply is cut where the model's positions end.
+    max_new = min(settings.max_new_tokens, context - input_ids.shape[1]) if context else settings.max_new_tokens
+    config = generation_config(model, tokenizer, settings, max_new)
+    streamer = CallbackStreamer(tokenizer, on_text) if on_text is not None else None
+    # A seed must not leak into the caller's random state: fork it for the duration of the call.
+    cuda_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices, enabled=settings.seed is not None), torch.inference_mode():
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        start = time.perf_counter()
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer)
+        seconds = time.perf_counter() - start
+    new_ids = output[0, input_ids.shape[1] :]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    tokens = int(new_ids.numel())
+    return GenerationResult(text, tokens, seconds, tokens / seconds if seconds > 0 else float("inf"), new_ids.tolist())

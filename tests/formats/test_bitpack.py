@@ -1,0 +1,95 @@
+"""Bit packing: round trips, and the layout checked bit by bit against packers written here from the format
+description (a little-endian bit stream per column) and from GPTQModel's explicit 3-bit word formulas."""
+
+import pytest
+import torch
+
+from qtool.core.errors import QtoolError
+from qtool.formats.bitpack import pack_columns, pack_rows, unpack_columns, unpack_rows
+
+BITS = (2, 3, 4, 8)
+
+
+def bitwise_pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference packer, one bit at a time: bit t of row i lands at stream position i*bits+t of its column."""
+    rows, cols = values.shape
+    words = [[0] * cols for _ in range(rows * bits // 32)]
+    for c in range(cols):
+        for i in range(rows):
+            value = int(values[i, c])
+            for t in range(bits):
+                position = i * bits + t
+                words[position // 32][c] |= ((value >> t) & 1) << (position % 32)
+    as_signed = [[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words]
+    return torch.tensor(as_signed, dtype=torch.int32)
+
+
+def random_codes(rows: int, cols: int, bits: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 1 << bits, (rows, cols), generator=gen, dtype=torch.int32)
+    values[0, 0], values[-1, -1] = 0, (1 << bits) - 1  # both extremes, incl. the sign bit of the last word
+    return values
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,cols", [(32, 32), (96, 160), (224, 96)])
+def test_round_trip(bits, rows, cols):
+    values = random_codes(rows, cols, bits, seed=rows * 7 + bits)
+    packed = pack_rows(values, bits)
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (rows * bits // 32, cols)
+    assert torch.equal(unpack_rows(packed, bits, rows), values)
+    packed_cols = pack_columns(values, bits)
+    assert packed_cols.dtype == torch.int32 and tuple(packed_cols.shape) == (rows, cols * bits // 32)
+    assert torch.equal(unpack_columns(packed_cols, bits, cols), values)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_rows_match_bitwise_reference(bits):
+    values = random_codes(96, 5, bits, seed=bits)
+    assert torch.equal(pack_rows(values, bits), bitwise_pack_rows(values, bits))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_columns_match_bitwise_reference(bits):
+    values = random_codes(3, 64, bits, seed=10 + bits)
+    assert torch.equal(pack_columns(values, bits), bitwise_pack_rows(values.T, bits).T)
+
+
+def test_three_bit_matches_gptqmodel_word_formulas():
+    """GPTQModel packs 32 3-bit rows into 3 words: 10 values, 2 low bits of the 11th | its top bit, 10 values,
+    the low bit of the 22nd | its 2 top bits, 10 values."""
+    x = random_codes(32, 7, 3, seed=3).to(torch.int64)
+    mask = (1 << 32) - 1
+    a = sum(x[i] << (3 * i) for i in range(10)) | ((x[10] << 30) & mask)
+    b = ((x[10] >> 2) & 1) | sum(x[11 + i] << (3 * i + 1) for i in range(10)) | ((x[21] << 31) & mask)
+    c = ((x[21] >> 1) & 3) | sum(x[22 + i] << (3 * i + 2) for i in range(10))
+    expected = torch.stack([a, b, c]) & mask
+    assert torch.equal(pack_rows(x, 3).to(torch.int64) & mask, expected)
+
+
+def test_word_with_top_bit_set_is_a_negative_int32():
+    values = torch.full((8, 1), 15, dtype=torch.int32)
+    assert int(pack_rows(values, 4)[0, 0]) == -1
+
+
+@pytest.mark.parametrize("bits,rows", [(3, 16), (4, 12), (2, 8)])
+def test_row_count_not_a_whole_block_is_refused(bits, rows):
+    with pytest.raises(QtoolError, match="multiple of"):
+        pack_rows(torch.zeros(rows, 4, dtype=torch.int32), bits)
+
+
+def test_out_of_range_values_are_refused():
+    values = torch.zeros(32, 2, dtype=torch.int32)
+    values[3, 1] = 16
+    with pytest.raises(QtoolError, match="out of range"):
+        pack_rows(values, 4)
+    with pytest.raises(QtoolError, match="out of range"):
+        pack_rows(-values, 4)
+
+
+def test_unsupported_bits_and_wrong_row_count_are_refused():
+    with pytest.raises(QtoolError, match="5-bit"):
+        pack_rows(torch.zeros(32, 2, dtype=torch.int32), 5)
+    packed = pack_rows(torch.zeros(64, 2, dtype=torch.int32), 4)
+    with pytest.raises(QtoolError, match="cannot hold 96 rows"):
+        unpack_rows(packed, 4, 96)
