@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from qtool.cli.render import findings_table, handle_errors, print_json, stdout
-from qtool.validate.inspect_checkpoint import validate_path
+from qtool.validate.dispatch import validate_path
 
 
 @handle_errors

@@ -1,5 +1,5 @@
-"""Check the GPTQ tensors of a checkpoint: every quantized layer complete, shapes and dtypes as bits and group
-size imply, and the values that loaders trust (scales, g_idx, zero points) possible."""
+"""`qtool validate` on a GPTQ checkpoint: every quantized layer complete, shapes and dtypes as bits and group
+size (and GPTQModel's `dynamic` overrides) imply, and the values loaders trust (scales, g_idx, zero points) possible."""
 
 from __future__ import annotations
 
@@ -7,20 +7,22 @@ import dataclasses
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
-from qtool.core.findings import Finding, error, has_errors, warning
 from qtool.core.config import QuantConfig
-from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, expected_gptq_shapes, num_groups, unpack_qzeros
+from qtool.core.errors import QtoolError
+from qtool.core.findings import Finding, error, has_errors, info, warning
 from qtool.formats.bitpack import unpack_columns
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, expected_gptq_shapes, num_groups, unpack_qzeros
+from qtool.formats.gptq_config import parse_gptq_config
 from qtool.formats.safetensors_header import TensorHeader
+from qtool.validate.checkpoint_tensors import FLOAT_DTYPES, REEXPORT, TensorReader
+from qtool.validate.directory_configs import DirectoryConfigs
+from qtool.validate.report import ValidationReport
 
 DTYPE_NAMES = {torch.float16: "F16", torch.int32: "I32"}
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-REEXPORT = "the checkpoint is corrupt: re-export it"
 
 
 def group_gptq_tensors(tensors: dict[str, TensorHeader]) -> dict[str, dict[str, TensorHeader]]:
@@ -195,15 +197,42 @@ def check_gptq_tensors(
         if not has_errors(shape_findings) and all(parts[s].file in readable_files for s in ("qzeros", "scales", "g_idx")):
             to_check.append((prefix, parts, layer_config))
     with ExitStack() as stack:
-        handles: dict[str, object] = {}
-
-        def value(tensor: TensorHeader) -> torch.Tensor:
-            if tensor.file not in handles:  # memory-mapped: opening is cheap, reading loads one tensor
-                handles[tensor.file] = stack.enter_context(safe_open(str(directory / tensor.file), framework="pt"))
-            return handles[tensor.file].get_tensor(tensor.name)
-
+        value = TensorReader(directory, readable_files, stack)
         for prefix, parts, layer_config in to_check:
             found += _check_scales(parts["scales"].name, value(parts["scales"]))
             found += _check_g_idx(parts["g_idx"].name, value(parts["g_idx"]), layer_config)
             found += _check_zeros(parts["qzeros"].name, value(parts["qzeros"]), parts["scales"].shape[1], layer_config)
     return found, sum(1 for parts in layers.values() if "qweight" in parts)
+
+
+def dynamic_settings(quant_data: Any, where: str) -> tuple[LayerSettings | None, list[Finding]]:
+    """Per-module bits and group size from GPTQModel's `dynamic` overrides, read as qtool's loader reads them."""
+    if not isinstance(quant_data, dict) or not quant_data.get("dynamic"):
+        return None, []
+    try:
+        parsed = parse_gptq_config(quant_data, where)
+    except QtoolError as exc:
+        return None, [error(f"{where}.dynamic", exc.message, exc.hint or "")]
+    return (parsed.settings_for if parsed is not None else None), []
+
+
+def add_gptq_findings(report: ValidationReport, path: Path, configs: DirectoryConfigs, quant_config: QuantConfig | None,
+                      tensors: dict[str, TensorHeader], readable: set[str]) -> None:
+    """The GPTQ layers' findings, with `dynamic`'s per-module bits and group size, and the summary; the layers are
+    only checked against a usable quantization_config."""
+    layer_settings, dynamic_findings = dynamic_settings(configs.quant_data, configs.quant_where)
+    report.findings += dynamic_findings
+    if quant_config is not None and not has_errors(dynamic_findings):
+        layer_findings, layer_count = check_gptq_tensors(path, tensors, readable, quant_config, layer_settings)
+        report.findings += layer_findings
+        report.summary.update(quantized_layers=layer_count, bits=quant_config.bits, group_size=quant_config.group_size,
+                              sym=quant_config.sym, desc_act=quant_config.desc_act, checkpoint_format=quant_config.checkpoint_format)
+        if layer_count == 0 and tensors:
+            report.findings.append(error("tensors", f"{configs.quant_where} declares GPTQ but no tensor ends in .qweight", "point at the quantized checkpoint, or remove quantization_config"))
+        else:
+            group = "per channel" if quant_config.group_size == -1 else f"group size {quant_config.group_size}"
+            report.findings.append(info(
+                "summary",
+                f"GPTQ {quant_config.bits}-bit, {group}, {quant_config.checkpoint_format} format: {layer_count} quantized layers, "
+                f"{report.summary['tensors']} tensors in {report.summary['files']} file(s)",
+            ))

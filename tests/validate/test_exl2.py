@@ -1,7 +1,7 @@
-"""`qtool validate` on EXL2 checkpoints through the Typer app: checkpoints qtool writes (and ExLlamaV2's file
-layout) pass with exit 0; each way of breaking one (a tensor deleted or added, q_groups that do not fit q_weight,
-a q_perm that is no permutation, a quantization_config out of range) gives exit 1 and an error at the tensor or
-key."""
+"""validate/exl2.py and exl2_config.py, as `qtool validate` runs them on EXL2 checkpoints through the Typer app:
+checkpoints qtool writes (and ExLlamaV2's file layout) pass with exit 0; each way of breaking one (a tensor deleted
+or added, q_groups that do not fit q_weight, a q_perm that is no permutation, a quantization_config out of range)
+gives exit 1 and an error at the tensor or key."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from qtool.cli.main import app
 from qtool.checkpoints.exl2_checkpoint import save_exl2_model
 from qtool.formats.exl2 import Exl2Weight
-from qtool.validate.inspect_checkpoint import check_quantization_config
 
 runner = CliRunner()
 QUANT = "config.json:quantization_config"
@@ -253,12 +252,3 @@ def test_head_bits_that_the_tensors_contradict_is_a_warning(exl2_dir):
     code, data = report(exl2_dir)
     assert code == 0
     assert [where for where, _ in found(data, "warning")] == [f"{QUANT}.head_bits"]
-
-
-def test_quantization_config_alone_takes_exllamav2s_ranges():
-    """Without tensors to hold it against, bits must lie in 2.0..8.0 and head_bits be 0, 6 or 8."""
-    good = {"quant_method": "exl2", "bits": 4.0, "head_bits": 6, "version": "0.2.8+cu121"}
-    assert check_quantization_config(good, "q") == (None, [])
-    config, findings = check_quantization_config({**good, "bits": 8.13, "head_bits": 4}, "q")
-    assert config is None
-    assert [(f.level.value, f.where) for f in findings] == [("error", "q.bits"), ("error", "q.head_bits")]

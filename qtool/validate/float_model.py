@@ -1,0 +1,108 @@
+"""`qtool validate` on a float model directory: no quantized tensors without a quantization_config, and with
+--config the config's rules against the model's linears and the device's memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qtool.checkpoints.sources import resolve_device
+from qtool.core.config import validate_config
+from qtool.core.errors import QtoolError
+from qtool.core.findings import Finding, error, info, warning
+from qtool.formats.safetensors_header import TensorHeader
+from qtool.models.architectures import get_architecture
+from qtool.models.rules import LAYER_INDEX, ModelStats, estimate_peak_memory, validate_for_hardware, validate_for_model
+from qtool.validate.config_file import read_config
+from qtool.validate.gptq import group_gptq_tensors
+from qtool.validate.report import ValidationReport
+
+LINEAR_SUFFIX = ".weight"
+
+
+def linear_shapes_from_headers(tensors: dict[str, TensorHeader], model_config: Any = None) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of the linears a quantization run visits: with a model config of a type in the
+    architecture table, its sequential groups in every decoder layer; otherwise every 2-D weight inside a numbered
+    block. Embeddings and the LM head sit outside the blocks and stay float."""
+    spec = None
+    if model_config is not None:
+        try:
+            spec = get_architecture(model_config)
+        except QtoolError:
+            spec = None
+    if spec is not None:
+        members = [m for group in spec.groups_for(model_config) for m in group if m not in spec.excluded_linears]
+        layer_count = int(model_config.get_text_config().num_hidden_layers)
+        names = [f"{spec.layers_path}.{i}.{m}" for i in range(layer_count) for m in members]
+        headers = {name: tensors.get(name + LINEAR_SUFFIX) for name in names}
+        return {name: (t.shape[1], t.shape[0]) for name, t in headers.items() if t is not None and len(t.shape) == 2}
+    shapes = {}
+    for name, tensor in tensors.items():
+        if name.endswith(LINEAR_SUFFIX) and len(tensor.shape) == 2 and LAYER_INDEX.search(name):
+            shapes[name.removesuffix(LINEAR_SUFFIX)] = (tensor.shape[1], tensor.shape[0])
+    return shapes
+
+
+def float_model_report(path: Path, hf_config: dict[str, Any] | None, tensors: dict[str, TensorHeader], findings: list[Finding],
+                        summary: dict[str, Any], config_file: str | Path | None, device: str) -> ValidationReport:
+    report = ValidationReport("float_model", str(path), findings, summary)
+    gptq_layers = [p for p, parts in group_gptq_tensors(tensors).items() if "qweight" in parts]
+    if gptq_layers:
+        report.findings.append(error(
+            "config.json",
+            f"has no quantization_config but {len(gptq_layers)} layers hold GPTQ tensors (first: {gptq_layers[0]})",
+            "add the quantization_config the checkpoint was written with",
+        ))
+    exl2_layers = sorted(name.removesuffix(".q_weight") for name in tensors if name.endswith(".q_weight"))
+    if exl2_layers:
+        report.findings.append(error(
+            "config.json",
+            f"has no quantization_config but {len(exl2_layers)} layers hold EXL2 tensors (first: {exl2_layers[0]})",
+            'add the quantization_config the checkpoint was written with ("quant_method": "exl2", bits, head_bits, version)',
+        ))
+    dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(summary["dtypes"].items()))
+    report.findings.append(info(
+        "summary",
+        f"float model: {summary['tensors']} tensors, {summary['params']:,} parameters in {summary['files']} file(s) ({dtypes or 'no tensors'})",
+    ))
+    if config_file is not None:
+        report.findings += model_aware_findings(path, hf_config, tensors, config_file, device, report.summary)
+    return report
+
+
+def model_aware_findings(path: Path, hf_config: dict[str, Any] | None, tensors: dict[str, TensorHeader],
+                          config_file: str | Path, device: str, summary: dict[str, Any]) -> list[Finding]:
+    """The config's own rules, then its group size against the model's linears, then memory on the device."""
+    config, findings = read_config(config_file)
+    if config is None:
+        return findings
+    findings = validate_config(config)
+    model_config = transformers_config(hf_config)
+    shapes = linear_shapes_from_headers(tensors, model_config)
+    findings += validate_for_model(config, shapes)
+    summary["linears"] = len(shapes)
+    if model_config is None:
+        findings.append(warning("config.json", "cannot be read as a transformers config: the memory check is skipped", "check model_type and the model's fields"))
+        return findings
+    try:
+        stats = ModelStats.from_config(model_config, {n: t.shape for n, t in tensors.items()})
+    except (AttributeError, TypeError, ValueError) as exc:
+        findings.append(warning("config.json", f"cannot estimate memory: {str(exc).splitlines()[0]}", "the memory check is skipped"))
+        return findings
+    torch_device = resolve_device(device)
+    findings += validate_for_hardware(config, stats, torch_device)
+    summary["memory_estimate"] = estimate_peak_memory(config, stats, torch_device)
+    return findings
+
+
+def transformers_config(hf_config: dict[str, Any] | None) -> Any:
+    """config.json as a transformers config object (attribute names resolved), or None."""
+    if not hf_config or "model_type" not in hf_config:
+        return None
+    from transformers import AutoConfig
+
+    fields = dict(hf_config)
+    try:
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (ValueError, KeyError, TypeError):
+        return None
