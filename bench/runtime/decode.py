@@ -2,8 +2,8 @@
 g128 QuantLinear served by a qtool backend, against the same model in bf16 (weights dequantized from the 4-bit
 ones, so both compute one function), one token per step from a static KV cache, each step one CUDA graph.
 
-    python bench/decode.py [--layers 32] [--backend triton] [--steps 200] [--context 512] [--out DIR]
-    python bench/decode.py --tiny --device cpu --steps 3      # smoke test of the code path, no timing value
+    python bench/runtime/decode.py [--layers 32] [--backend triton] [--steps 200] [--context 512] [--out DIR]
+    python bench/runtime/decode.py --tiny --device cpu --steps 3      # smoke test of the code path, no timing value
 
 The model is written here (gpt-fast style: fused qkv and gate/up linears, as both variants use them) rather than
 taken from transformers, so that a whole step captures into one graph. Attention reads the whole static cache
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench/decode.py needs CUDA (or --tiny --device cpu)", file=sys.stderr)
+        print("bench/runtime/decode.py needs CUDA (or --tiny --device cpu)", file=sys.stderr)
         return 2
     base = TINY if args.tiny else Shape(layers=args.layers)
     runs = [measure(Shape(**{**asdict(base), "layers": depth}), args, device) for depth in (0, base.layers)]

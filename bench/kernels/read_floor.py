@@ -1,11 +1,11 @@
 """How fast can any kernel read a layer's 4-bit weights on this GPU? A read-only Triton kernel streams exactly the
-bytes our kernels read for each Llama-2 layer shape of bench/kernels.py (codes, scales, zeros: one flat buffer),
+bytes our kernels read for each Llama-2 layer shape of bench/kernels/kernels.py (codes, scales, zeros: one flat buffer),
 best of several grids, plus torch's own max-reduction over the same bytes; bf16 cuBLAS and our tuned kernel at
 M = 1 and 16 are timed in the same run, the same way (kernels/timing.py: graph replay over enough copies to
 defeat the L2). bf16 / read-only is the most any weight-only 4-bit kernel could gain over bf16 at that M on this
 machine: a kernel that does its math for free still has to read its weights. Needs CUDA.
 
-    python bench/read_floor.py [--out DIR] [--m 1,16]
+    python bench/kernels/read_floor.py [--out DIR] [--m 1,16]
 """
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--m", default="1,16", help="comma-separated M values for bf16 and our kernel")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/read_floor.py needs a CUDA device", file=sys.stderr)
+        print("bench/kernels/read_floor.py needs a CUDA device", file=sys.stderr)
         return 2
-    from profile_kernels import bench_kernels_module  # a sibling script: bench/ is this script's sys.path[0]
+    from profile_kernels import bench_kernels_module  # a sibling script: bench/kernels/ is this script's sys.path[0]
 
     bench = bench_kernels_module()
     began = time.time()

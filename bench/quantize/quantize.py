@@ -2,15 +2,15 @@
 seeded windows of 512 tokens of wiki.valid.tokens, report perplexity on the first windows of 2048 tokens of
 wiki.test.raw, checkpoint size and quantization time. One JSON line per configuration.
 
-    .venv/bin/python bench/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
-    .venv/bin/python bench/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
-    .venv/bin/python bench/quantize.py --speed [--peer-python /work/venv-peer/bin/python]
-    .venv/bin/python bench/quantize.py --exl2-curve 2.5,3,3.5,4,4.5,5,6 --windows 40 [--measurement M.json]
+    .venv/bin/python bench/quantize/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
+    .venv/bin/python bench/quantize/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
+    .venv/bin/python bench/quantize/quantize.py --speed [--peer-python /work/venv-peer/bin/python]
+    .venv/bin/python bench/quantize/quantize.py --exl2-curve 2.5,3,3.5,4,4.5,5,6 --windows 40 [--measurement M.json]
 
 --speed times the protocol command (`qtool quantize smollm2-135m --bits 4 --group-size 128 ...`) as a whole
 process, once with an empty qtool cache (cold) and once after it (warm: the same for GGUF families that qtool
 reads directly, which keep no cache), and in the same run GPTQModel's quantization of the same model with the
-same calibration (bench/peer_gptqmodel.py, in the venv made by bench/setup_peer.sh), and prints the ratios.
+same calibration (bench/peers/peer_gptqmodel.py, in the venv made by bench/peers/setup_peer.sh), and prints the ratios.
 
 A grid entry is NAME=field=value,...; fields are QuantConfig's (bits, group_size, sym, desc_act, static_groups,
 mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format; output_format=exl2 with bpw and
@@ -22,18 +22,14 @@ checkpoint loaded by qtool with its linears dequantized once (float speed); --qt
 on the checkpoint, which dequantizes on the fly.
 """
 
-import sys
-from pathlib import Path
-
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # bench/kernels.py must not shadow installed packages
-
 import argparse
 import dataclasses
 import json
 import platform
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,7 +41,7 @@ from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.pipeline import quantize_model
 from qtool.checkpoints.sources import load_model, resolve_source
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo
 CALIBRATION = DATA / "wikitext-2" / "wiki.valid.tokens"
 EVAL_TEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -181,7 +177,7 @@ def speed(args) -> None:
         rows["qtool_reported_s"] = json.loads(printed)["seconds"]
         if args.peer_python:
             peer_json = Path(tmp) / "peer.json"
-            peer_script = Path(__file__).resolve().parent / "peer_gptqmodel.py"
+            peer_script = Path(__file__).resolve().parents[1] / "peers" / "peer_gptqmodel.py"
             rows["peer_process_s"], _ = timed([args.peer_python, str(peer_script), "--out", str(Path(tmp) / "peer-w4"), "--json-out", str(peer_json)])
             peer = json.loads(peer_json.read_text())
             rows["peer_quantize_run_s"] = peer["quantize_run_s"]  # GGUF export + load + quantize + save
@@ -207,7 +203,7 @@ def main() -> None:
     parser.add_argument("--qtool-eval", action="store_true", help="also run `qtool eval` on each checkpoint")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--speed", action="store_true", help="time the protocol command (cold and warm cache) and the peer")
-    parser.add_argument("--peer-python", default=None, help="python of the GPTQModel venv (bench/setup_peer.sh)")
+    parser.add_argument("--peer-python", default=None, help="python of the GPTQModel venv (bench/peers/setup_peer.sh)")
     parser.add_argument("--model", default="smollm2-135m", help="the float model (alias, directory or .gguf)")
     parser.add_argument("--data", default=None, help="folder holding wikitext-2/ and wikitext-2-raw/ (default ../shared/data)")
     parser.add_argument("--exl2-curve", default=None, help="comma-separated EXL2 bpw targets, e.g. 2.5,3,3.5,4,4.5,5,6")

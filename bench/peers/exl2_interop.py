@@ -3,8 +3,8 @@ builds on first import): qtool-written EXL2 models loaded by ExLlamaV2, and a mo
 converter loaded by qtool. Each pair is compared per linear (ExLlamaV2's reconstructed float16 weight against
 qtool's dequantization, bit for bit) and by logits on fixed ids. Prints one JSON summary and writes it to --out.
 
-    python bench/exl2_interop.py --work /tmp/exl2_interop --out $OUT/exl2_interop.json [--skip-converter]
-    (bench/exl2_interop.sh installs the wheels and runs it on the lent GPU machine)
+    python bench/peers/exl2_interop.py --work /tmp/exl2_interop --out $OUT/exl2_interop.json [--skip-converter]
+    (bench/device/exl2_interop.sh installs the wheels and runs it on the lent GPU machine)
 
 Seen on an H200 (torch 2.11+cu130, exllamav2 0.3.2 built in 116 s), 2026-12-01: every quantized linear of the
 qtool-written models reconstructs bit for bit in ExLlamaV2 (mixed 8/6/5/4/3/2-bit with act order and a quantized

@@ -1,26 +1,26 @@
 #!/usr/bin/env bash
 # On a CUDA machine, in stages (each under its own time limit, one stage failing does not stop the next):
 #   tests   the kernel tests compiled (TRITON_INTERPRET unset)
-#   decode  bench/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
+#   decode  bench/runtime/decode.py: 32-layer 7B-shaped decode, 4-bit QuantLinear (triton) vs bf16, CUDA graphs
 #   eval    `qtool eval` perplexity of a GPTQ checkpoint with --backend torch and --backend triton
-#   floor   bench/read_floor.py: a read-only kernel over each layer's 4-bit bytes, bf16 and ours at M = 1 and 16
-#   reduce  bench/split_k_reduction.py: the split-K reduction alone, each way of finishing a tile (~30 s)
-#   profile Nsight Compute (ncu) on one launch of each bench/profile_kernels.py case (PROFILE_CASES narrows them):
-#           counters, stall reasons per SASS instruction, exported as text
-#   bench   bench/kernels.py (the issue's shape/M grid) with whatever time is left before DEADLINE_S
+#   floor   bench/kernels/read_floor.py: a read-only kernel over each layer's 4-bit bytes, bf16 and ours at M = 1 and 16
+#   reduce  bench/kernels/split_k_reduction.py: the split-K reduction alone, each way of finishing a tile (~30 s)
+#   profile Nsight Compute (ncu) on one launch of each bench/kernels/profile_kernels.py case (PROFILE_CASES narrows
+#           them): counters, stall reasons per SASS instruction, exported as text
+#   bench   bench/kernels/kernels.py (the issue's shape/M grid) with whatever time is left before DEADLINE_S
 #   quick   tests + bench --quick
 # Everything is written to $WORK (default /tmp/qtool_gpu) and packed into $OUT/results.tgz.
 #
-#   DEADLINE_S=560 bash bench/gpu_check.sh tests decode eval bench
-#   BENCH_ARGS="--m 1,2,4,8" bash bench/gpu_check.sh bench
+#   DEADLINE_S=560 bash bench/device/gpu_check.sh tests decode eval bench
+#   BENCH_ARGS="--m 1,2,4,8" bash bench/device/gpu_check.sh bench
 #
 # eval reads the checkpoint from $CKPT (a directory), or assembles it from split parts: $CKPT_PARTS (files whose
 # concatenation is model.safetensors, checked against model.sha256) plus the small files of $CKPT_SMALL.
-# The repo need not be installed: it is pip-installed editable without dependencies, and if that fails a
-# PYTHONPATH shim maps the package name qtool onto the top-level folders instead.
+# The repo need not be installed: it is pip-installed editable without dependencies, and if that fails the repo
+# root goes on PYTHONPATH instead (the package is its qtool/ folder).
 set -uo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
 OUT="${OUT:-/tmp/qtool_gpu_out}"
 WORK="${WORK:-/tmp/qtool_gpu}"
 PYTHON="${PYTHON:-python3}"
@@ -48,13 +48,10 @@ if ! "$PYTHON" -c 'import qtool.kernels.registry' 2>/dev/null; then
         && "$PYTHON" -c 'import qtool.kernels.registry' >>"$WORK/install.log" 2>&1; then
         echo "qtool: pip install -e . worked" | tee -a "$WORK/versions.txt"
     else
-        # qtool is a namespace package: qtool/<pkg> links to each top-level folder
-        SHIM="$(mktemp -d)/qtool_shim"
-        mkdir -p "$SHIM/qtool"
-        for pkg in cli quant convert eval runtime kernels configs; do ln -s "$REPO/$pkg" "$SHIM/qtool/$pkg"; done
-        export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+        # the package is the repo's qtool/ folder: the repo root on PYTHONPATH imports it as it stands
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
         "$PYTHON" -c 'import qtool.kernels.registry' || { echo "qtool cannot be imported" | tee -a "$WORK/versions.txt"; exit 1; }
-        echo "qtool: via PYTHONPATH shim $SHIM (pip install failed, see install.log)" | tee -a "$WORK/versions.txt"
+        echo "qtool: via PYTHONPATH=$REPO (pip install failed, see install.log)" | tee -a "$WORK/versions.txt"
     fi
 fi
 
@@ -77,7 +74,7 @@ fi
 
 if has_stage floor; then
     # shellcheck disable=SC2086
-    timeout "${FLOOR_TIMEOUT_S:-300}" "$PYTHON" bench/read_floor.py --out "$WORK" ${FLOOR_ARGS:-} >"$WORK/read_floor.log" 2>&1
+    timeout "${FLOOR_TIMEOUT_S:-300}" "$PYTHON" bench/kernels/read_floor.py --out "$WORK" ${FLOOR_ARGS:-} >"$WORK/read_floor.log" 2>&1
     floor_status=$?
     stage_done floor $floor_status
     # the table, or on failure the end of the log
@@ -85,7 +82,7 @@ if has_stage floor; then
 fi
 
 if has_stage reduce; then
-    timeout 120 "$PYTHON" bench/split_k_reduction.py --out "$WORK" >"$WORK/split_k_reduction.log" 2>&1
+    timeout 120 "$PYTHON" bench/kernels/split_k_reduction.py --out "$WORK" >"$WORK/split_k_reduction.log" 2>&1
     stage_done reduce $?
     cat "$WORK/split_k_reduction.log"
 fi
@@ -93,26 +90,26 @@ fi
 if has_stage profile; then
     mkdir -p "$WORK/profile"
     ncu --version >"$WORK/profile/ncu_version.txt" 2>&1
-    for case in ${PROFILE_CASES:-$("$PYTHON" bench/profile_kernels.py --list)}; do
+    for case in ${PROFILE_CASES:-$("$PYTHON" bench/kernels/profile_kernels.py --list)}; do
         (( $(left) < 40 )) && { echo "profile: no time left for $case" | tee -a "$WORK/stages.txt"; break; }
         rep="$WORK/profile/$case"
         timeout 120 ncu --clock-control none -k regex:gptq --launch-skip 1 --launch-count 1 \
             --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
             --section SourceCounters --import-source no -f -o "$rep" \
-            "$PYTHON" bench/profile_kernels.py --case "$case" >"$rep.log" 2>&1
+            "$PYTHON" bench/kernels/profile_kernels.py --case "$case" >"$rep.log" 2>&1
         stage_done "profile-$case" $?
         ncu -i "$rep.ncu-rep" --page details >"$rep.details.txt" 2>&1
         ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.sass.csv" 2>&1
-        "$PYTHON" bench/ncu_summary.py "$rep.sass.csv" \
-            --values "$("$PYTHON" bench/profile_kernels.py --case "$case" --values)" >"$rep.summary.txt" 2>&1
+        "$PYTHON" bench/kernels/ncu_summary.py "$rep.sass.csv" \
+            --values "$("$PYTHON" bench/kernels/profile_kernels.py --case "$case" --values)" >"$rep.summary.txt" 2>&1
         grep -E "relative error|Duration|Issue Slots Busy|Eligible Warps" "$rep.log" "$rep.details.txt"
         head -3 "$rep.summary.txt"
     done
 fi
 
 if has_stage decode; then
-    timeout 200 "$PYTHON" bench/decode.py --layers 32 --steps 200 --out "$WORK" >"$WORK/decode.log" 2>&1
+    timeout 200 "$PYTHON" bench/runtime/decode.py --layers 32 --steps 200 --out "$WORK" >"$WORK/decode.log" 2>&1
     stage_done decode $?
     tail -5 "$WORK/decode.log"
 fi
@@ -149,7 +146,7 @@ if has_stage bench || has_stage quick; then
         quick=()
         has_stage quick && quick=(--quick)
         # shellcheck disable=SC2086
-        timeout $((budget + 40)) "$PYTHON" bench/kernels.py ${quick[@]+"${quick[@]}"} ${BENCH_ARGS:-} --budget-s "$budget" --out "$WORK" \
+        timeout $((budget + 40)) "$PYTHON" bench/kernels/kernels.py ${quick[@]+"${quick[@]}"} ${BENCH_ARGS:-} --budget-s "$budget" --out "$WORK" \
             >"$WORK/bench.log" 2>&1
         stage_done bench $?
         sed -n '/^copy bandwidth/,$p' "$WORK/bench.log"

@@ -2,22 +2,16 @@
 and in GPTQModel itself with the same logits as qtool's own loader and as a plain dequantized float model.
 
 Run in the peer venv (it calls the main venv for the qtool side):
-    /work/venv-peer/bin/python bench/peer_load_qtool_checkpoint.py [--work /tmp/qtool-interop] [--json-out FILE]
-The qtool side alone (main venv):  /work/venv/bin/python bench/peer_load_qtool_checkpoint.py write DIR
+    /work/venv-peer/bin/python bench/peers/peer_load_qtool_checkpoint.py [--work /tmp/qtool-interop] [--json-out FILE]
+The qtool side alone (main venv):  /work/venv/bin/python bench/peers/peer_load_qtool_checkpoint.py write DIR
 """
-
-import sys
-from pathlib import Path
-
-# Python puts this script's folder first on sys.path, and bench/ holds modules named like installed packages
-# (bench/kernels.py shadows the `kernels` package that transformers probes for, which breaks its import).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import argparse
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 

@@ -1,9 +1,9 @@
 """Summarizes Nsight Compute's per-instruction export of one kernel (`ncu -i R.ncu-rep --page source --csv
---print-source sass`, written by bench/gpu_check.sh's `profile` stage): where the sampled warps stalled, the
+--print-source sass`, written by bench/device/gpu_check.sh's `profile` stage): where the sampled warps stalled, the
 instructions that drew the most samples, the executed instruction mix per weight value, and the instructions
 with bank-conflicted shared-memory accesses. Runs anywhere (plain Python, no ncu needed).
 
-    python bench/ncu_summary.py profile/left_7b_qkv_m16.sass.csv --values 50331648
+    python bench/kernels/ncu_summary.py profile/left_7b_qkv_m16.sass.csv --values 50331648
 """
 
 from __future__ import annotations

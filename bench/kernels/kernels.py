@@ -2,7 +2,7 @@
 (cuBLAS) and torch's int4 tinygemm: median µs, speedup over bf16, % of the memory-bandwidth floor. Every kernel
 is checked against a float64 reference on the GPU before it is timed. Needs CUDA.
 
-    python bench/kernels.py [--quick] [--out DIR] [--timer graph|dobench] [--budget-s 420]
+    python bench/kernels/kernels.py [--quick] [--out DIR] [--timer graph|dobench] [--budget-s 420]
 
 Timing: each measured op cycles through enough copies of its weights (and inputs) that they do not fit in L2,
 the calls are captured in one CUDA graph (no launch gaps), and the median per-call time over several replays
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--m", default=None, help="comma-separated M values to run, in this order (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA device", file=sys.stderr)
+        print("bench/kernels/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
     began = time.time()
     device = torch.device("cuda")

@@ -3,8 +3,8 @@ optimizer picks candidates under several objectives, each allocation is quantize
 `qtool quantize --format exl2`, in memory: the model keeps the dequantized weights) and scored by the protocol
 perplexity. One JSON line per objective.
 
-    .venv/bin/python bench/exl2_allocation.py --measurement M.json --bpw 4.0 --objectives sum,numel,log
-    bash bench/gpu_grid.sh with SCRIPT=bench/exl2_allocation.py (see its header) to run it on the lent GPU
+    .venv/bin/python bench/quantize/exl2_allocation.py --measurement M.json --bpw 4.0 --objectives sum,numel,log
+    bash bench/device/gpu_grid.sh with SCRIPT=bench/quantize/exl2_allocation.py (see its header) to run it on the lent GPU
 
 Objectives (each linear's measured relative output error e of each candidate becomes the cost summed):
   sum    e (relative errors of all linears count alike: the optimizer before sensitivities)
@@ -21,17 +21,12 @@ Objectives (each linear's measured relative output error e of each candidate bec
 candidate) on the float model first and adds them to the measurement (--save-measurement keeps the result).
 """
 
-import sys
-from pathlib import Path
-
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import copy
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,7 +40,7 @@ from qtool.models.architectures import decoder_layers, get_architecture, resolve
 from qtool.models.layerwise import capture_layer_inputs
 from qtool.checkpoints.sources import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repo
 COSTS = {
     "sum": lambda e, m: e,
     "numel": lambda e, m: e * m.numel,

@@ -15,7 +15,7 @@ not all arrived (the "correct" column, and the kernel tests on the GPU, failed):
 programs' atomics wrote here. Adding zero atomically was correct on every shape and 0.3-3.7 us faster than the
 exchange (run 22), so the kernels now read that way.
 
-    python bench/split_k_reduction.py [--out DIR]
+    python bench/kernels/split_k_reduction.py [--out DIR]
 """
 
 from __future__ import annotations

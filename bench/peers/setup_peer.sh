@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the peer venv (GPTQModel 7.7.0 on CPU torch 2.13) used by bench/peer_*.py and the interop fixtures.
+# Creates the peer venv (GPTQModel 7.7.0 on CPU torch 2.13) used by bench/peers/peer_*.py and the interop fixtures.
 #
 # GPTQModel 7.7.0 declares torch>=2.14.1, but this machine only has the CPU wheel of torch 2.13.0 (and a CUDA
 # torch from PyPI is several GB). 7.7.0's pin bump is a blanket bump of every requirement; the only code that

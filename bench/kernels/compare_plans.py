@@ -1,8 +1,8 @@
-"""What the tuner's timings in bench/kernels.py's JSON say about plan families (kind, tile mode, feeding knobs):
+"""What the tuner's timings in bench/kernels/kernels.py's JSON say about plan families (kind, tile mode, feeding knobs):
 the best time of each family per row, and between two runs the change of each family on the candidates both timed.
 
-    python3 bench/compare_plans.py bench/results/kernels_h200_run34_2026-12-02.json.gz
-    python3 bench/compare_plans.py OLD.json.gz NEW.json --family left:3   # only families starting with left:3
+    python3 bench/kernels/compare_plans.py bench/results/kernels_h200_run34_2026-12-02.json.gz
+    python3 bench/kernels/compare_plans.py OLD.json.gz NEW.json --family left:3   # only families starting with left:3
 
 A family is "gemv", "dequant", "gemm:<mode>" or "left:<mode>" plus "+staged" / "+ahead" for the knobs that are on
 and "+stream" for stream-K launches.
