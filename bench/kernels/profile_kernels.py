@@ -1,9 +1,11 @@
-"""One kernel launch per case, fixed plan, no tuning: the program Nsight Compute profiles (bench/device/gpu_check.sh,
-stage `profile`). Each case is a layer shape of bench/kernels/kernels.py, an M and the plan the tuner picked for that row
-in bench/RESULTS.md, so the counters describe the kernels the tables time. Needs CUDA.
+"""One kernel launch per case, fixed plan, no tuning: the program Nsight Compute profiles
+(bench/device/gpu_check.sh, stage `profile`). Each case is a layer shape of bench/kernels/kernels.py, an M and the
+plan the tuner picked for that row in bench/RESULTS.md, so the counters describe the kernels the tables time.
+Needs CUDA.
 
     python bench/kernels/profile_kernels.py --list
-    ncu -k regex:gptq --launch-skip 1 --launch-count 1 ... python bench/kernels/profile_kernels.py --case left_7b_qkv_m16
+    ncu -k regex:gptq --launch-skip 1 --launch-count 1 ... \
+        python bench/kernels/profile_kernels.py --case left_7b_qkv_m16
 
 The kernel runs twice (compile + first launch, then the profiled one) and is checked against float64.
 """

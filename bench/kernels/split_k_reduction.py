@@ -6,14 +6,13 @@ a kernel whose programs only finish their tile, the way the GEMM/GEMV kernels do
              workspace; the last split to arrive (by an acq_rel counter) reads the sums by adding zero atomically
              (vector atomics) and stores zeros
   exchange   the same adds; the last split takes the sums out by one scalar atomic exchange per element (what the
-             kernels did up to run 21)
+             kernels did before the atomic read-back)
   load_zero  the same adds; the last split loads the sums from L2 (ld.global.cg) and stores zeros
   slices     every split stores its partial tile to its own workspace slice; the last to arrive loads the slices
              and sums them (the workspace is SPLIT_K times larger)
-On the H200 (2026-12-01) load_zero and slices were faster than exchange but load_zero read partial sums that had
-not all arrived (the "correct" column, and the kernel tests on the GPU, failed): only atomics read back what other
-programs' atomics wrote here. Adding zero atomically was correct on every shape and 0.3-3.7 us faster than the
-exchange (run 22), so the kernels now read that way.
+Each way is also checked against the sum it should read (the "correct" column), because a faster read-back is only
+usable if it sees every other program's atomic adds. What each way cost and which were correct: bench/RESULTS.md
+("Kernels", split-K reduction) and bench/kernels/notes.md.
 
     python bench/kernels/split_k_reduction.py [--out DIR]
 """

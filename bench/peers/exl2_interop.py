@@ -6,17 +6,11 @@ qtool's dequantization, bit for bit) and by logits on fixed ids. Prints one JSON
     python bench/peers/exl2_interop.py --work /tmp/exl2_interop --out $OUT/exl2_interop.json [--skip-converter]
     (bench/device/exl2_interop.sh installs the wheels and runs it on the lent GPU machine)
 
-Seen on an H200 (torch 2.11+cu130, exllamav2 0.3.2 built in 116 s), 2026-12-01: every quantized linear of the
-qtool-written models reconstructs bit for bit in ExLlamaV2 (mixed 8/6/5/4/3/2-bit with act order and a quantized
-head: 15/15; GPTQ->EXL2 conversion: 14/14), once ExLlamaV2's MLP permutation folding is accounted for; a model
-from ExLlamaV2's converter read by qtool: attention and head 9/9 bit-equal (its MLP linears were compared before
-that accounting existed). Logits were NOT comparable: the unquantized float16 model already differed between
-transformers and ExLlamaV2 on this tiny config (relative 1.05, no top-1 agreement).
-
-Why (read in exllamav2 v0.3.2's source; a CPU run of its `_attn_torch` with the extension stubbed agrees): with no
-flash-attn and no xformers installed, and a torch that has `causal_lower_right`, attention goes through
-attn.py `_attn_torch`'s SDPA branch, where `if self.layer_idx in attn_params.block_diag_layers or causal:` (added
-in commit 2e630ae, in every release since 0.2.9) takes `get_block_diag_mask()`, which is None without packed
+Why ExLlamaV2 runs with no_sdpa here (read in exllamav2 v0.3.2's source; a CPU run of its `_attn_torch` with the
+extension stubbed agrees): with no flash-attn and no xformers installed, and a torch that has `causal_lower_right`,
+attention goes through attn.py `_attn_torch`'s SDPA branch, where
+`if self.layer_idx in attn_params.block_diag_layers or causal:` (added in commit 2e630ae, in every release since
+0.2.9) takes `get_block_diag_mask()`, which is None without packed
 sequences, so `scaled_dot_product_attention` runs with no mask: every position attends to the whole sequence.
 Setting `config.no_sdpa` takes the matmul branch, which adds the causal mask of attn_params.py
 `build_single_attn_mask`. So every ExLlamaV2 here runs with no_sdpa (see `exllamav2_model`), the float stage
@@ -24,6 +18,8 @@ measures both settings against transformers and against a float32 reference with
 and `float_model_per_module` compares ExLlamaV2's state after every module with that reference. The config is
 read as transformers means it (`exllamav2_config_check`); transformers 5 writes rope_theta only inside
 rope_parameters, where ExLlamaV2 does not look, so `legacy_config_keys` copies it to the top level.
+
+What it measured (per linear, logits, device and date): bench/RESULTS.md, "Interop".
 """
 
 from __future__ import annotations

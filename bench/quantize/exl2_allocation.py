@@ -4,7 +4,7 @@ optimizer picks candidates under several objectives, each allocation is quantize
 perplexity. One JSON line per objective.
 
     .venv/bin/python bench/quantize/exl2_allocation.py --measurement M.json --bpw 4.0 --objectives sum,numel,log
-    bash bench/device/gpu_grid.sh with SCRIPT=bench/quantize/exl2_allocation.py (see its header) to run it on the lent GPU
+    SCRIPT=bench/quantize/exl2_allocation.py bash bench/device/gpu_grid.sh ...   (on the lent GPU: see its header)
 
 Objectives (each linear's measured relative output error e of each candidate becomes the cost summed):
   sum    e (relative errors of all linears count alike: the optimizer before sensitivities)

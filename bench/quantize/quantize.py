@@ -3,14 +3,15 @@ seeded windows of 512 tokens of wiki.valid.tokens, report perplexity on the firs
 wiki.test.raw, checkpoint size and quantization time. One JSON line per configuration.
 
     .venv/bin/python bench/quantize/quantize.py --grid 'w4-sym=bits=4,sym=1' 'w4-asym=bits=4,sym=0' --windows 40
-    .venv/bin/python bench/quantize/quantize.py --defaults --windows 40 --qtool-eval     (what qtool ships, and `qtool eval`)
+    .venv/bin/python bench/quantize/quantize.py --defaults --windows 40 --qtool-eval   (what qtool ships; `qtool eval`)
     .venv/bin/python bench/quantize/quantize.py --speed [--peer-python /work/venv-peer/bin/python]
     .venv/bin/python bench/quantize/quantize.py --exl2-curve 2.5,3,3.5,4,4.5,5,6 --windows 40 [--measurement M.json]
 
 --speed times the protocol command (`qtool quantize smollm2-135m --bits 4 --group-size 128 ...`) as a whole
 process, once with an empty qtool cache (cold) and once after it (warm: the same for GGUF families that qtool
 reads directly, which keep no cache), and in the same run GPTQModel's quantization of the same model with the
-same calibration (bench/peers/peer_gptqmodel.py, in the venv made by bench/peers/setup_peer.sh), and prints the ratios.
+same calibration (bench/peers/peer_gptqmodel.py, in the venv made by bench/peers/setup_peer.sh), and prints the
+ratios.
 
 A grid entry is NAME=field=value,...; fields are QuantConfig's (bits, group_size, sym, desc_act, static_groups,
 mse, refine_scales, damp_percent, method, true_sequential, checkpoint_format; output_format=exl2 with bpw and
