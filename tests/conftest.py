@@ -193,7 +193,7 @@ def gptq_file_dequantizer():
 def independently_read_float_model(checkpoint: Path) -> torch.nn.Module:
     """A float model of a GPTQ checkpoint whose quantized linears hold the weights (and biases) that
     dequantize_gptq_file_tensors reads from its safetensors; the other tensors as qtool loads them. Also used by
-    bench/eval_agreement.py."""
+    bench/quantize/eval_agreement.py."""
     import json
 
     from safetensors.torch import load_file

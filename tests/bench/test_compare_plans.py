@@ -1,4 +1,4 @@
-"""bench/compare_plans.py on small bench JSONs written here: families are named from the plan strings, the best
+"""bench/kernels/compare_plans.py on small bench JSONs written here: families are named from the plan strings, the best
 of each family and the old/new ratios come out of the timings put in, failed candidates are left out."""
 
 import gzip
@@ -23,7 +23,7 @@ def write_run(path: Path, candidates: list, gz: bool = False) -> str:
 
 
 def test_families_and_their_best_times(tmp_path):
-    compare = load_bench_script("compare_plans")
+    compare = load_bench_script("kernels/compare_plans")
     assert compare.plan_family(left(3, 64, True, True)) == "left:3+staged+ahead"
     assert compare.plan_family(left(2, 64)) == "left:2"
     assert compare.plan_family(left(2, 64) + ", stream_programs=0") == "left:2"
@@ -41,7 +41,7 @@ def test_families_and_their_best_times(tmp_path):
 
 
 def test_two_runs_compare_family_by_family(tmp_path):
-    compare = load_bench_script("compare_plans")
+    compare = load_bench_script("kernels/compare_plans")
     old = write_run(tmp_path / "old.json", [[left(3, 64), 0.010], [left(3, 128), 0.020], [left(2, 64), 0.020]])
     new = write_run(tmp_path / "new.json", [[left(3, 64), 0.012], [left(3, 128), 0.010], [left(2, 64), 0.030],
                                             [left(3, 64, ahead=True), 0.001]])

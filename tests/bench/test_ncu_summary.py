@@ -1,4 +1,4 @@
-"""bench/ncu_summary.py on a small export written here in Nsight Compute's source-page CSV layout: stall shares,
+"""bench/kernels/ncu_summary.py on a small export written here in Nsight Compute's source-page CSV layout: stall shares,
 the instruction mix per weight value and the bank-conflict lines come out of the numbers put in."""
 
 from pathlib import Path
@@ -17,7 +17,7 @@ def write_export(path: Path, rows: list[list[str]]) -> None:
 
 
 def test_summary_reports_the_counts_it_was_given(tmp_path):
-    summary = load_bench_script("ncu_summary")
+    summary = load_bench_script("kernels/ncu_summary")
     export = tmp_path / "k.sass.csv"
     write_export(export, [
         ["0x10", "      LOP3.LUT R1, R2, 0xf, RZ, 0xc0, !PT", "30", "1,000", "0", "0", "30", "0", "30"],
@@ -35,7 +35,7 @@ def test_summary_reports_the_counts_it_was_given(tmp_path):
 
 
 def test_summary_refuses_a_file_that_is_not_an_export(tmp_path, capsys):
-    summary = load_bench_script("ncu_summary")
+    summary = load_bench_script("kernels/ncu_summary")
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
     assert summary.main([str(other)]) == 1

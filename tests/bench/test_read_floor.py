@@ -1,5 +1,5 @@
-"""bench/read_floor.py's read-only kernel (under the interpreter on a CPU): every grid it is timed with reads every
-word of the buffer once, whatever the buffer's length against the block, or its time would not be a floor."""
+"""bench/kernels/read_floor.py's read-only kernel (under the interpreter on a CPU): every grid it is timed with reads
+every word of the buffer once, whatever the buffer's length against the block, or its time would not be a floor."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="module")
 def read_floor():
-    return load_bench_script("read_floor")
+    return load_bench_script("kernels/read_floor")
 
 
 @pytest.mark.parametrize("n_words", [2048 * 3, 2048 * 5 + 7, 8192 * 2 + 2048, 300])
