@@ -28,7 +28,7 @@ import triton
 from qtool.formats.gptq import unpack_qzeros
 from qtool.formats.bitpack import unpack_rows
 from qtool.kernels.dequant_ref import dequantize_gptq
-from qtool.kernels.registry import GptqLinearTensors
+from qtool.kernels.linear_tensors import GptqLinearTensors
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
 from qtool.kernels.triton_backend import TritonBackend, tune_key, weight_copies
 

@@ -16,7 +16,8 @@ from qtool.core.errors import QtoolError
 from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
 from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
 from qtool.core.output_dir import atomic_output_dir
-from qtool.kernels.quant_linear import QuantLinear, check_backend_name, set_model_backend
+from qtool.kernels.quant_linear import QuantLinear, set_model_backend
+from qtool.kernels.registry import check_backend_name
 from qtool.formats.quantized_weight import QuantizedWeight
 from qtool.checkpoints.weight_init import skipped_weight_init
 

@@ -234,7 +234,7 @@ def load_model(
     triton, see qtool.kernels.registry)."""
     from transformers import AutoModelForCausalLM
 
-    from qtool.kernels.quant_linear import check_backend_name
+    from qtool.kernels.registry import check_backend_name
 
     check_backend_name(backend)
 

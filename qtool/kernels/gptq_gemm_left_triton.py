@@ -11,7 +11,7 @@ Three ways to form the weight tile:
   scaled once per K tile: acc += s * (dot(BASE + q, x) - (BASE + z) * sum(x)).
 - DEQUANT: codes in natural order become float32 1 + q/2^b by bit placement, one FMA gives s*(q - z), rounded
   once to the input dtype; tl.dot accumulates over K without a per-tile epilogue. Twice the instructions of
-  PAIRS, yet faster on the H200 at every M measured: PAIRS waits for each tile's MMA before its epilogue
+  PAIRS, yet faster at every M measured: PAIRS waits for each tile's MMA before its epilogue
   (bench/kernels_notes.md).
 - DENORMAL (bfloat16): a code masked in place is the float32 subnormal q * 2^(offset - 149); one FMA with the
   row's factor s * 2^(109 - offset) gives s*(q - z) * 2^-40 with DEQUANT's single rounding (one AND per code
@@ -178,10 +178,9 @@ def _keep_load_layout(words):
     """words, unchanged. Taken apart from a broadcast copy, the tile's register layout is no longer propagated back
     to its load, so the words go to shared memory in the coalesced layout, 4 per thread (16-byte cp.async), and are
     read from there in the unpacking's layout; otherwise Triton loads them straight in that layout, one word per
-    thread (4-byte cp.async, the bank-conflicted copies ncu showed in run 23). Fewer instructions in every mode
-    (SASS, Triton 3.6: PACKED 3.83 -> 3.30 per value at 16x64x128, DENORMAL 5.58 -> 5.02), but on the H200 it paid
-    only in PACKED's 64x128x128 tiles and 70B gate_up's 16x64x128 ones (run 34); DEQUANT's 64x128x128 tiles came
-    out NaN with it, so the GPU kernel tests run every tuning candidate."""
+    thread (4-byte cp.async, copies that conflict on shared-memory banks). Fewer instructions per value in every
+    mode, but faster only for some of PACKED's tile shapes (bench/RESULTS.md), so PACKED tries it as a tuning
+    choice; DEQUANT's 64x128x128 tiles came out NaN with it, so the GPU kernel tests run every tuning candidate."""
     kept, _copy = tl.split(tl.broadcast_to(words[:, :, None], words.shape + (2,)))
     return kept
 
@@ -244,7 +243,7 @@ def _tile_sum(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, offs_
     acc = tl.zeros((BN, BM), dtype=tl.float32)
     if SCALE_AHEAD:
         # PACKED uses the scales only in the epilogue, in the accumulator's layout, where the software pipeline
-        # does not copy them ahead (ncu, run 32: the loop waited on them)
+        # does not copy them ahead, so the loop would wait on them
         scale_ahead = tl.load(scales_ptr + (t_begin // TILES_PER_GROUP) * N + offs_n, mask=n_ok, other=0.0)
     for t in range(t_begin, t_end):
         # PAIRS reads x in packed order (gathered in fragment order); the other modes put the tile in row order
@@ -399,7 +398,7 @@ def left_config_valid(weight: GptqComputeWeight, config: LeftGemmConfig, dtype: 
     if weight.fragment_order and config.mode != LEFT_PAIRS and config.block_k % 32:
         return False  # the fragment-order tile is built from whole blocks of 32 rows
     if config.staged_words and config.mode != LEFT_PACKED:
-        # DENORMAL staged never won (0.98-1.39x of unstaged), DEQUANT's 64x128x128 split-K tiles came out NaN (run 34)
+        # DENORMAL staged was never faster than unstaged, and DEQUANT's 64x128x128 split-K tiles came out NaN
         return False
     if config.scale_ahead and config.mode != LEFT_PACKED:
         return False  # the other modes use the scales while they build the tile

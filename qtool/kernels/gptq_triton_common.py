@@ -162,9 +162,9 @@ def load_x_tile(x_ptr, perm_ptr, rows, offs_m, m_ok, stride_xm, num_rows, K_X,
                 HAS_PERM: tl.constexpr, K_MAJOR: tl.constexpr, IN_BOUNDS: tl.constexpr = False):
     """x at rows offs_m and the input columns of compute rows `rows`, as [BM, BK] ([BK, BM] with K_MAJOR); zero
     for padding rows of the permutation, rows past K and rows past M. IN_BOUNDS: the caller knows every row and
-    column is inside x (no permutation, M and K multiples of the tile), so the load needs no mask: at M = 256
-    the per-element mask and zero-fill selects cost 1.2 instructions per weight value, half of what unpacking
-    the value costs (ncu, run 23)."""
+    column is inside x (no permutation, M and K multiples of the tile), so the load needs no mask: at large M
+    the per-element mask and zero-fill selects cost about half as many instructions per weight value as
+    unpacking the value does."""
     if HAS_PERM:
         cols = tl.load(perm_ptr + rows, mask=rows < num_rows, other=-1)
         ok = cols >= 0
@@ -231,11 +231,11 @@ def reduce_partial_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr,
     ws_ptrs, mask, arrived = add_partial_tile(acc, offs_m, offs_n, M, N, ws_ptr, counter_ptr, tile_id)
     if arrived == parts - 1:
         # the sums are read by atomics (adding zero: vector atomics, a quarter of the operations of one
-        # exchange per element): a plain load here returned sums that had not all arrived on the H200, while
-        # atomics see every other program's atomic adds (bench/split_k_reduction.py, run 22)
+        # exchange per element): a plain load here can return sums that have not all arrived, while atomics see
+        # every other program's atomic adds (bench/split_k_reduction.py)
         total = tl.atomic_add(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask, sem="relaxed")
         # no barrier needed: the read-back and the zeroing store share ws_ptrs and so its layout, and each thread
-        # zeroes only what it has read (a zeroing store in another layout than its load raced in run 37)
+        # zeroes only what it has read (a zeroing store in another layout than its load races with the reads)
         tl.store(ws_ptrs, tl.zeros(acc.shape, dtype=tl.float32), mask=mask)
         total = tl.where(mask, total, 0.0)
         store_output(total, offs_m, offs_n, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)

@@ -1,57 +1,28 @@
-"""Matmul backends of quantized linears and the choice between them, per weight format: GPTQ (QuantLinear) and
-EXL2 (Exl2Linear) each have "triton" (CUDA, or CPU under TRITON_INTERPRET=1) and "torch" (the reference, any
-device). A backend that cannot serve a layer falls back to the next one with one log line, never an error. Each
-further backend is one module named in its format's factories (BACKEND_FACTORIES, EXL2_BACKEND_FACTORIES)."""
+"""Which matmul backends each weight format (GPTQ, EXL2) has, as names of factories, and the choice between them
+per layer and call shape; a backend that cannot serve falls back to the next one with one log line, never an error.
+"torch" (the reference, any device) of both formats is in torch_backends.py; "triton" is triton_backend.py (GPTQ)
+and exl2_triton_backend.py (EXL2)."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
-from torch import nn
 
 from qtool.core.errors import QtoolError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GptqLinearTensors:
-    """The GPTQ tensors and settings of one linear, as QuantLinear holds them."""
-
-    qweight: torch.Tensor
-    qzeros: torch.Tensor
-    scales: torch.Tensor
-    g_idx: torch.Tensor
-    bias: torch.Tensor | None
-    bits: int
-    group_size: int
-    checkpoint_format: str = "gptq"
-
-    @property
-    def in_features(self) -> int:
-        return self.g_idx.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[1]
-
-    @classmethod
-    def from_module(cls, module: Any) -> "GptqLinearTensors":
-        """Read the buffers and attributes of a QuantLinear (or anything with the same names)."""
-        return cls(module.qweight, module.qzeros, module.scales, module.g_idx, getattr(module, "bias", None),
-                   module.bits, module.group_size, module.checkpoint_format)
-
-
 class Backend(Protocol):
-    """What a matmul backend provides. prepare runs once per layer (load time); matmul on every forward. For GPTQ,
-    bits and group_size are the layer's; for EXL2, bits is the tuple of the layer's widths (widest first) and
-    group_size the tuple of its group sizes (EXL2 groups differ in width and rows)."""
+    """What a matmul backend provides. prepare runs once per layer (load time) and again whenever the layer's
+    buffers change (routed_linear.py); matmul on every forward. For GPTQ, bits and group_size are the layer's; for
+    EXL2, bits is the tuple of the layer's widths (widest first) and group_size the tuple of its group sizes (EXL2
+    groups differ in width and rows)."""
 
     name: str
 
@@ -65,35 +36,15 @@ class Backend(Protocol):
         """y[..., out_features] = x[..., in_features] @ W^T + bias, in x's dtype."""
 
 
-class TorchBackend:
-    """The reference: dequantize the whole weight in x's dtype on every call, then nn.functional.linear."""
-
-    name = "torch"
-
-    def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
-        return None
-
-    def prepare(self, tensors: GptqLinearTensors) -> GptqLinearTensors:
-        return tensors
-
-    def matmul(self, x: torch.Tensor, packed_layer: GptqLinearTensors) -> torch.Tensor:
-        from qtool.kernels.dequant_ref import dequantize_gptq
-
-        t = packed_layer
-        weight = dequantize_gptq(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits, t.checkpoint_format, x.dtype)
-        bias = None if t.bias is None else t.bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
-
-
 GPTQ, EXL2 = "gptq", "exl2"  # the weight formats with backends
 # per format, name -> "module:attribute" of a zero-argument factory (imported only when first needed); read-only
 BACKEND_FACTORIES = MappingProxyType({  # GPTQ's
     "triton": "qtool.kernels.triton_backend:default_triton_backend",
-    "torch": "qtool.kernels.registry:TorchBackend",
+    "torch": "qtool.kernels.torch_backends:GptqTorchBackend",
 })
 EXL2_BACKEND_FACTORIES = MappingProxyType({
-    "triton": "qtool.kernels.exl2_backends:Exl2TritonBackend",
-    "torch": "qtool.kernels.exl2_backends:Exl2TorchBackend",
+    "triton": "qtool.kernels.exl2_triton_backend:Exl2TritonBackend",
+    "torch": "qtool.kernels.torch_backends:Exl2TorchBackend",
 })
 FORMAT_FACTORIES = MappingProxyType({GPTQ: BACKEND_FACTORIES, EXL2: EXL2_BACKEND_FACTORIES})
 # what --backend accepts besides "auto": the names of any format (one option serves GPTQ and EXL2 models)
@@ -232,43 +183,3 @@ def select_backend(device: torch.device | str, bits: Any, group_size: Any, m: in
     """(backend, reason) for a layer of `bits`/`group_size` on `device` called with M rows; `registry` or the
     default one of `fmt`."""
     return (registry or default_registry(fmt)).select(device, bits, group_size, m, requested)
-
-
-def rows_of(x: torch.Tensor) -> int:
-    """M of a call: the rows x holds once flattened to [M, in_features] (at least 1)."""
-    return max(x.numel() // max(x.shape[-1], 1) if x.dim() else 1, 1)
-
-
-def route_bucket(m: int) -> int:
-    """Calls are routed per power-of-two bucket of M, so a layer keeps a handful of routes, not one per length."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
-def cached_route(routes: dict, x: torch.Tensor, select: Callable[[torch.device, int], tuple[Any, str]]) -> Any:
-    """The backend serving an input shaped like x, chosen by select(device, M) once per device and M bucket and
-    kept in `routes` (a quantized linear's own dict)."""
-    m = rows_of(x)
-    key = (str(x.device), route_bucket(m))
-    backend = routes.get(key)
-    if backend is None:
-        backend, _ = select(x.device, m)
-        routes[key] = backend
-    return backend
-
-
-def set_backends_of(model: nn.Module, linear_type: type, requested: str, registry: "BackendRegistry | None", label: str) -> dict[str, int]:
-    """Route every `linear_type` module of `model` through `requested` (its set_backend builds each backend's form
-    now, on the layer's current device) and log one line naming the backends chosen for decode (M = 1) and why;
-    returns {backend name: layers}."""
-    chosen: dict[str, int] = {}
-    reasons: dict[str, str] = {}
-    for module in model.modules():
-        if isinstance(module, linear_type):
-            reason = module.set_backend(requested, registry)
-            name = reason.split(":", 1)[0]
-            chosen[name] = chosen.get(name, 0) + 1
-            reasons.setdefault(name, reason)
-    if chosen:
-        summary = "; ".join(f"{count} layers -> {reasons[name]}" for name, count in chosen.items())
-        logger.info("%s matmul backend (requested %s): %s", label, requested, summary)
-    return chosen

@@ -135,8 +135,8 @@ def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Pl
     rows_per_unit = unit_rows(weight.bits)
     num_units = weight.k_rows // rows_per_unit
     plans = []
-    # the denormal unpacking (2/4/8 bits) throughout: 1.32-1.52x faster than the mantissa one at 4 bits and
-    # 1.12-1.24x at 8 bits on every layer of bench/kernels.py (H200, run 8 in bench/RESULTS.md)
+    # the denormal unpacking (2/4/8 bits) throughout: faster than the mantissa one at 4 and 8 bits on every
+    # layer of bench/kernels.py (bench/RESULTS.md)
     for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m <= MAX_TWO_D_ROWS else GEMV_ROWS_SHAPES):
         units = max(1, tile_rows // rows_per_unit)
         while units > 1 and not gemv_tile_fits(weight, units):
@@ -188,12 +188,11 @@ def _gemm_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
 
 # Weight-left tl.dot (2/4/8 bits): (BM, BN, BK, mode, warps, stages, programs per SM; 0 = no split-K). The token
 # side BM is the wgmma N (16 at least in Triton); the weight side BN is a multiple of 64 rows per warpgroup. Mode
-# NATURAL is the dtype's natural-order unpacking: DENORMAL for bfloat16 (its best candidate beat DEQUANT's on 15 of
-# 16 rows at M = 16..1024 in run 12, by 1.03-1.23x; the DEQUANT shape kept below won the other, 70B o_proj at
-# M = 64), DEQUANT for float16, which cannot hold DENORMAL's scaled tile. Layers in fragment order also try every
-# NATURAL shape of up to PACKED_MAX_BM tokens as PACKED (a third of DENORMAL's instructions per value saved; 1.15-1.33x
-# faster at M = 16 on five layer shapes, not faster with 128-token tiles, whose per-tile epilogue is as large as
-# the unpacking: bench/RESULTS.md).
+# NATURAL is the dtype's natural-order unpacking: DENORMAL for bfloat16 (its best candidate beat DEQUANT's at every
+# layer and M from 16 to 1024 but one; the DEQUANT shape kept below won that one), DEQUANT for float16, which
+# cannot hold DENORMAL's scaled tile. Layers in fragment order also try every NATURAL shape of up to PACKED_MAX_BM
+# tokens as PACKED (a third of DENORMAL's instructions per value saved; faster at M = 16, not with 128-token
+# tiles, whose per-tile epilogue is as large as the unpacking: bench/RESULTS.md).
 NATURAL = -1
 PACKED_MAX_BM = 64
 LEFT_SKINNY_SHAPES = (
@@ -227,7 +226,7 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     elif m <= 64:
         shapes = LEFT_MID_SHAPES
     elif m <= 128:
-        # 64-row tiles dequantize every weight tile twice at M = 128 (0.54-1.01x bf16, run 24): the large tiles too
+        # 64-row tiles dequantize every weight tile twice at M = 128 and fell behind bf16 there: the large tiles too
         shapes = LEFT_MID_SHAPES + tuple(shape for shape in LEFT_LARGE_SHAPES if shape[0] <= 128)
     else:
         shapes = LEFT_LARGE_SHAPES
@@ -235,23 +234,22 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     plans = []
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
         if mode == LEFT_PAIRS and weight.fragment_order:
-            continue  # PAIRS gathers x in fragment order: 1.4-2x slower than in plain order (run 16), never picked
+            continue  # PAIRS gathering x in fragment order was always slower than in plain order: never picked
         modes = [natural if mode == NATURAL else mode]
         if mode == NATURAL and bm <= PACKED_MAX_BM:
             modes.append(LEFT_PACKED)  # left_config_valid drops it for layers not in fragment order
         # the grid rounded to the nearest and rounded down to per_sm programs per SM: a grid just past what the
-        # SMs hold at once runs a short tail wave (7B qkv at M = 16: 576 programs, 528 resident; ncu, run 23)
+        # SMs hold at once runs a short tail wave
         launches = [_tile_k_and_split(weight, m, bm, bn, bk, per_sm, num_sms, within) + (0,) for within in (False, True)]
         if per_sm == 1 and m > 64 and _few_waves(m, weight, bm, bn, num_sms):
             # stream-K: every SM's program gets the same share of all tiles' K tiles, where whole tiles would leave
-            # SMs idle (70B qkv at M = 256: 80 tiles of 256x128 for 132 SMs). Only the one-program-per-SM tiles:
-            # the 64-token shapes as stream-K, two or four programs per SM, ran 1.17-1.46x behind the best plan of
-            # every M = 128 row (run 38)
+            # SMs idle (70B qkv at M = 256: 80 tiles of 256x128 for 132 SMs). Only the one-program-per-SM tile
+            # shapes: the 64-token shapes (two or four programs per SM) lost to the best plan as stream-K
             launches.append((launches[0][0], 1, num_sms))
         for tile_k, split, programs in launches:
             for tile_mode in modes:
                 # PACKED's ways of feeding its loop, which change no value (left_config_valid drops them for the
-                # other modes): each won on some tile shape and none on all; staged words alone never won (run 34)
+                # other modes): each won on some tile shape and none on all; staged words alone never won
                 for staged, ahead in ((False, False), (False, True), (True, True)):
                     config = LeftGemmConfig(block_m=bm, block_n=bn, block_k=tile_k, split_k=split, mode=tile_mode,
                                             num_warps=warps, num_stages=stages, staged_words=staged,
@@ -267,8 +265,8 @@ def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_s
     left = _left_candidates(weight, m, dtype, num_sms)
     # the default (first) plan: the GEMV for one row, the tensor-core kernel from two rows on
     plans = gemv + left if m == 1 else left + gemv
-    # in fragment order the x-left tl.dot kernel gathers x in pairs of rows: its best plan ran 2-14x slower than the
-    # best plan on the H200 (run 16), and it was never the fastest for a 4-bit layer in runs 12-16
+    # in fragment order the x-left tl.dot kernel gathers x in pairs of rows: its best plan was always far behind the
+    # best plan, and even in plain order it was never the fastest for a 4-bit layer
     if not weight.fragment_order:
         plans += _gemm_candidates(weight, max(m, 2), dtype, num_sms)
     if m >= 32:

@@ -10,9 +10,11 @@ import torch
 from kernel_env import DEVICE
 
 from qtool.core.errors import QtoolError
-from qtool.kernels.exl2_backends import Exl2LinearTensors, Exl2TorchBackend, Exl2TritonBackend
+from qtool.kernels.exl2_triton_backend import Exl2TritonBackend
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend, set_exl2_model_backend
+from qtool.kernels.linear_tensors import Exl2LinearTensors
 from qtool.kernels.registry import BackendRegistry, default_registry, select_backend
+from qtool.kernels.torch_backends import Exl2TorchBackend
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -156,10 +158,10 @@ def test_forms_are_built_once_and_follow_reloaded_buffers(random_weight):
     layer.load_state_dict(Exl2Linear.from_weight(first).state_dict())
     layer.set_backend("triton")
     x = torch.randn(3, 128, dtype=torch.float16).to(DEVICE)
-    packed = layer._packed(layer.route(x))
+    packed = layer.prepared_form(layer.route(x))
     for m in (1, 1, 3):
         layer(x[:m])
-    assert layer._packed(layer.route(x)) is packed  # no rebuild per call
+    assert layer.prepared_form(layer.route(x)) is packed  # no rebuild per call
     assert_matches(layer(x), reference(x, first, None, torch.float16), torch.float16)
     # reloaded in place (load_state_dict copies into the buffers): the form is rebuilt from the new tensors
     same_layout = random_weight(128, 40, seed=7, layout=list(zip(first.group_bits, first.group_sizes)))

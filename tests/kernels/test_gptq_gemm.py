@@ -33,7 +33,7 @@ from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
     left_workspace,
     x_in_bounds,
 )
-from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
+from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
 from qtool.kernels.triton_backend import (  # noqa: E402
     KernelTuner,

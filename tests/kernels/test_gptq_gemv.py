@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 from qtool.kernels.gptq_gemv_triton import GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
 from qtool.kernels.triton_backend import TritonBackend  # noqa: E402
-from qtool.kernels.registry import GptqLinearTensors  # noqa: E402
+from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 pytestmark = pytest.mark.usefixtures("kernels_can_run")

@@ -14,7 +14,8 @@ from qtool.kernels.gptq_gemm_left_triton import LEFT_PACKED, LeftGemmConfig
 from qtool.kernels.gptq_gemm_triton import GemmConfig
 from qtool.kernels.gptq_gemv_triton import GemvConfig
 from qtool.kernels.plan_store import PlanStore, kernel_fingerprint
-from qtool.kernels.registry import BackendRegistry, GptqLinearTensors
+from qtool.kernels.linear_tensors import GptqLinearTensors
+from qtool.kernels.registry import BackendRegistry
 from qtool.kernels.repack import repack_gptq
 from qtool.kernels.triton_backend import (
     PLAN_TYPES,

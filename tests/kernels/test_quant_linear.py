@@ -116,10 +116,11 @@ def device_for_tests() -> str:
 def untuned_registry():
     """The default backends, Triton with each M bucket's default plan: on CUDA the tuner would compile every
     candidate of every case (test_gptq_gemm checks each candidate on its own)."""
-    from qtool.kernels.registry import BackendRegistry, TorchBackend
+    from qtool.kernels.registry import BackendRegistry
+    from qtool.kernels.torch_backends import GptqTorchBackend
     from qtool.kernels.triton_backend import TritonBackend
 
-    return BackendRegistry(factories={"triton": lambda: TritonBackend(tune=False), "torch": TorchBackend})
+    return BackendRegistry(factories={"triton": lambda: TritonBackend(tune=False), "torch": GptqTorchBackend})
 
 
 @pytest.mark.parametrize("backend,bits,group_size,act_order,m,dtype", BACKEND_CASES)
@@ -148,12 +149,38 @@ def test_backend_form_is_built_once_and_stays_out_of_the_state_dict():
     layer.set_backend("triton", untuned_registry())
     probe = torch.zeros(1, 128, device=device)
     assert layer.route(probe).name == "triton"
-    packed = layer._packed(layer.route(probe))
+    packed = layer.prepared_form(layer.route(probe))
     for m in (1, 1, 3):
         layer(torch.randn(m, 128, dtype=torch.float16, device=device))
-    assert layer._packed(layer.route(probe)) is packed  # no repack per call
+    assert layer.prepared_form(layer.route(probe)) is packed  # no repack per call
     assert set(layer.state_dict()) == keys
     assert "backend=triton" in repr(layer)
+
+
+def test_backend_form_follows_tensors_loaded_after_the_first_forward():
+    """The Triton form is a repack (a copy): new tensors copied into the buffers, or buffers replaced, after the
+    first forward are served without another set_backend."""
+    first = random_quantized(64, 128, 4, 32, act_order=True, seed=22)
+    second = random_quantized(64, 128, 4, 32, act_order=True, seed=23)
+    device = device_for_tests()
+    layer = QuantLinear.from_quantized(first).to(device)
+    layer.set_backend("triton", untuned_registry())
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(24))
+    x_dev = x.half().to(device)
+
+    def assert_serves(qw):
+        expected = x.half().double() @ reference_weight(qw).T
+        error = ((layer(x_dev).double().cpu() - expected).norm() / expected.norm()).item()
+        assert error < TOLERANCE[torch.float16], f"relative error {error:.2e}"
+
+    assert_serves(first)
+    # copied in place (load_state_dict copies into the buffers): the form is rebuilt from the new tensors
+    layer.load_state_dict(QuantLinear.from_quantized(second).state_dict())
+    assert_serves(second)
+    # buffers replaced by new tensors
+    layer.load_state_dict({k: v.to(device) for k, v in QuantLinear.from_quantized(first).state_dict().items()}, assign=True)
+    assert_serves(first)
+    assert layer.route(x_dev).name == "triton"
 
 
 class RefusingBackend:
@@ -166,10 +193,11 @@ class RefusingBackend:
 
 
 def test_unservable_backend_falls_back_to_torch_with_one_log_line(caplog):
-    from qtool.kernels.registry import BackendRegistry, TorchBackend
+    from qtool.kernels.registry import BackendRegistry
+    from qtool.kernels.torch_backends import GptqTorchBackend
     from qtool.kernels.quant_linear import set_model_backend
 
-    registry = BackendRegistry(factories={"fast": RefusingBackend, "torch": TorchBackend}, auto_order={"cpu": ("torch",)})
+    registry = BackendRegistry(factories={"fast": RefusingBackend, "torch": GptqTorchBackend}, auto_order={"cpu": ("torch",)})
     model = torch.nn.Sequential(*[QuantLinear.from_quantized(random_quantized(32, 32, 4, 32, False, seed=s)) for s in range(3)])
     with caplog.at_level(logging.INFO, logger="qtool.kernels"):
         chosen = set_model_backend(model, "fast", registry)

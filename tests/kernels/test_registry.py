@@ -9,7 +9,9 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.kernels.quant_linear import QuantLinear
-from qtool.kernels.registry import BackendRegistry, GptqLinearTensors, TorchBackend, default_registry, select_backend
+from qtool.kernels.linear_tensors import GptqLinearTensors
+from qtool.kernels.registry import BackendRegistry, default_registry, select_backend
+from qtool.kernels.torch_backends import GptqTorchBackend
 from qtool.formats.quantized_weight import QuantizedWeight
 
 
@@ -52,11 +54,11 @@ def test_explicit_request_falls_back_with_a_warning(caplog):
 
 def test_a_backend_that_fails_to_load_is_skipped(caplog):
     registry = BackendRegistry(
-        factories={"missing": "qtool.kernels.no_such_backend:Backend", "torch": "qtool.kernels.registry:TorchBackend"},
+        factories={"missing": "qtool.kernels.no_such_backend:Backend", "torch": "qtool.kernels.torch_backends:GptqTorchBackend"},
         auto_order={"cpu": ("missing", "torch")},
     )
     backend, reason = registry.select("cpu", 4, 128)
-    assert isinstance(backend, TorchBackend) and "could not be loaded" in reason
+    assert isinstance(backend, GptqTorchBackend) and "could not be loaded" in reason
 
 
 def test_unknown_backend_name_is_a_user_error():

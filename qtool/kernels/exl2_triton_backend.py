@@ -1,70 +1,18 @@
-"""The matmul backends of EXL2 linears, as qtool.kernels.registry serves them (format "exl2"): "torch", the
-reference (dequantize the whole weight, then nn.functional.linear), and "triton", the kernels of exl2_triton.py
-(CUDA, or CPU under TRITON_INTERPRET=1 for tests). Triton is imported only when the Triton backend is used, so a
-machine without it still serves EXL2 layers through torch (the registry falls back with one log line)."""
+"""The Triton matmul backend of EXL2 linears (format "exl2", name "triton"): exl2_triton.py's kernels on CUDA, or
+on CPU under TRITON_INTERPRET=1; Triton is imported only when used, so without it the registry falls back to torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS
-from qtool.kernels.exl2_dequant_ref import dequantize_exl2
+from qtool.kernels.linear_tensors import Exl2LinearTensors, check_input_features
 from qtool.kernels.registry import triton_device_problem
 
 # the dtypes the fused kernel multiplies in; others (float64) get the dequantized weight and torch.matmul
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass
-class Exl2LinearTensors:
-    """The EXL2 tensors of one linear, as Exl2Linear holds them (q_perm is left out: argsort(q_invperm) is it)."""
-
-    q_weight: torch.Tensor
-    q_invperm: torch.Tensor
-    q_scale: torch.Tensor
-    q_scale_max: torch.Tensor
-    q_groups: torch.Tensor
-    bias: torch.Tensor | None
-    out_features: int
-
-    @property
-    def in_features(self) -> int:
-        return self.q_invperm.shape[0]
-
-    @classmethod
-    def from_module(cls, module: Any) -> "Exl2LinearTensors":
-        """Read the buffers and out_features of an Exl2Linear (or anything with the same names)."""
-        return cls(module.q_weight, module.q_invperm, module.q_scale, module.q_scale_max, module.q_groups,
-                   getattr(module, "bias", None), module.out_features)
-
-
-def _check_features(x: torch.Tensor, in_features: int) -> None:
-    if x.shape[-1] != in_features:
-        raise QtoolError(f"input has {x.shape[-1]} features, the EXL2 linear expects {in_features}")
-
-
-class Exl2TorchBackend:
-    """The reference: dequantize the whole weight in x's dtype on every call, then nn.functional.linear."""
-
-    name = "torch"
-
-    def supports(self, device: torch.device | str, bits: Any, group_size: Any, m: int = 1) -> str | None:
-        return None
-
-    def prepare(self, tensors: Exl2LinearTensors) -> Exl2LinearTensors:
-        return tensors
-
-    def matmul(self, x: torch.Tensor, packed_layer: Exl2LinearTensors) -> torch.Tensor:
-        t = packed_layer
-        _check_features(x, t.in_features)
-        weight = dequantize_exl2(t.q_weight, t.q_invperm, t.q_scale, t.q_scale_max, t.q_groups, t.out_features, x.dtype)
-        bias = None if t.bias is None else t.bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
 
 
 class Exl2TritonBackend:
@@ -98,7 +46,7 @@ class Exl2TritonBackend:
         from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton
 
         layout = packed_layer
-        _check_features(x, layout.in_features)
+        check_input_features(x, layout.in_features, "EXL2 linear")
         lead = x.shape[:-1]
         if x.numel() == 0:  # no rows: an empty grid is not a launch
             return x.new_empty(*lead, layout.out_features)
