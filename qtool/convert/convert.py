@@ -29,9 +29,8 @@ from qtool.convert.exl2_gptq import (
     nearest_gptq_bits,
     relative_error,
 )
-from qtool.formats.gptq import PACK_ALIGNMENT, quantized_from_gptq_tensors
+from qtool.formats.gptq import GPTQ_BITS, GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, quantized_from_gptq_tensors
 from qtool.core.output_dir import atomic_output_dir
-from qtool.formats.bitpack import SUPPORTED_BITS as GPTQ_BITS
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -185,7 +184,7 @@ def gptq_weights_of(model: nn.Module) -> dict[str, QuantizedWeight]:
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            tensors = {suffix: getattr(module, suffix) for suffix in ("qweight", "qzeros", "scales", "g_idx")}
+            tensors = {suffix: getattr(module, suffix) for suffix in GPTQ_TENSOR_SUFFIXES}
             weights[name] = quantized_from_gptq_tensors(tensors, module.bits, module.group_size, module.checkpoint_format, name)
     return weights
 
