@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.quant_linear import QuantLinear, set_model_backend
 
@@ -142,7 +143,7 @@ def build_pair(shape: Shape, context: int, bits: int, group_size: int, dtype, de
         quantized.embed.weight.normal_(0, 1, generator=gen)
     pending = iter([m for m in quantized.modules() if isinstance(m, QuantLinear)])
     dense = Decoder(shape, context, lambda k, n: dense_copy(next(pending), dtype), dtype, device)
-    dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}, strict=False)
+    dense.load_state_dict({k: v for k, v in quantized.state_dict().items() if not k.endswith(GPTQ_TENSOR_SUFFIXES)}, strict=False)
     return quantized.eval(), dense.eval()
 
 

@@ -22,7 +22,7 @@ from qtool.checkpoints.gptq_checkpoint import (
     read_checkpoint_tensors,
     write_model_files,
 )
-from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, Exl2Weight, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
+from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
 from qtool.formats.gptq_config import CONFIG_FILE, qtool_version
 from qtool.core.output_dir import atomic_output_dir
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend
@@ -161,7 +161,7 @@ def _install_exl2_linears(model: nn.Module, tensors: dict[str, torch.Tensor], or
             raise QtoolError(f"{file}: tensor {name}.q_weight names no module of {type(model).__name__}", "the config.json does not match the weights") from None
         if not isinstance(module, nn.Linear):
             raise QtoolError(f"{file}: {name} is a {type(module).__name__}, not a Linear", "qtool loads EXL2-quantized nn.Linear layers only")
-        parts = {suffix: tensors[f"{name}.{suffix}"] for suffix in EXL2_TENSOR_SUFFIXES + ("q_perm",) if f"{name}.{suffix}" in tensors}
+        parts = {suffix: tensors[f"{name}.{suffix}"] for suffix in EXL2_TENSOR_SUFFIXES + OPTIONAL_SUFFIXES if f"{name}.{suffix}" in tensors}
         try:
             weight = weight_from_exl2_tensors(parts, module.out_features, name)  # every check of the reader
         except QtoolError as exc:

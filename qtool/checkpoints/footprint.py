@@ -10,12 +10,12 @@ from typing import Any, Mapping, Protocol
 from qtool.core.errors import QtoolError
 from qtool.checkpoints.exl2_checkpoint import HEAD_NAMES
 from qtool.formats.exl2 import SCALE_BITS, WORD_BITS
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES
 from qtool.checkpoints.sources import PICKLE_SUFFIXES, ModelSource
 
 SAFETENSORS_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 SAFETENSORS_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 # Bits ExLlamaV2 counts per group besides its 4-bit scales (qparams.py total_bits): a float16 q_scale_max and a
 # (bits, first row) pair of int16 in q_groups; and per input row a 32-bit q_invperm entry.
 EXL2_SCALE_MAX_BITS = 16
@@ -82,7 +82,7 @@ def gptq_bits_per_weight(tensors: dict[str, TensorInfo], bits: int) -> float | N
         if not name.endswith(".qweight"):
             continue
         prefix = name[: -len("qweight")]
-        stored_bits += sum(tensors[prefix + part].bits for part in GPTQ_PARTS if prefix + part in tensors)
+        stored_bits += sum(tensors[prefix + part].bits for part in GPTQ_TENSOR_SUFFIXES if prefix + part in tensors)
         g_idx = tensors.get(prefix + "g_idx")
         # qweight is [in * bits / 32, out] int32; g_idx (one entry per input column) gives `in` directly.
         in_features = g_idx.numel if g_idx is not None else qweight.shape[0] * 32 // bits

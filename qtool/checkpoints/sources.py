@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.formats.registry import QUANT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def load_model(
         if backend not in EXL2_BACKENDS:
             notes.append(f"--backend {backend} serves GPTQ only: EXL2 linears use auto")
         model = load_exl2_model(source.path, device=str(torch_device), dtype=torch_dtype, backend=backend if backend in EXL2_BACKENDS else "auto")
-    elif quantization_config and quantization_config.get("quant_method") not in (None, "gptq", "exl2"):
+    elif quantization_config and quantization_config.get("quant_method") not in (None, *QUANT_FORMATS):
         raise QtoolError(
             f"{source.path}: quantization method '{quantization_config.get('quant_method')}' is not supported",
             "qtool loads float models and GPTQ checkpoints",
@@ -277,7 +278,7 @@ def load_model(
             ).to(torch_device)
         except (ValueError, OSError, RuntimeError) as exc:
             raise QtoolError(f"cannot load model from {source.path}: {str(exc).splitlines()[0]}", "check the directory holds a complete Hugging Face model") from exc
-    if backend != "auto" and not (quantization_config and quantization_config.get("quant_method") in ("gptq", "exl2")):
+    if backend != "auto" and not (quantization_config and quantization_config.get("quant_method") in QUANT_FORMATS):
         notes.append(f"--backend {backend} ignored: the model has no quantized linears")
     model.eval()
     tokenizer = load_tokenizer(source, trust_remote_code) if with_tokenizer else None

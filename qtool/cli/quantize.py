@@ -12,6 +12,7 @@ from rich.table import Table
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.core.config import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
+from qtool.formats.gptq import GPTQ_BITS
 from qtool.quant.exl2_pipeline import Exl2QuantizeResult, quantize_model_exl2
 from qtool.quant.pipeline import QuantizeResult, quantize_model
 from qtool.checkpoints.sources import resolve_device
@@ -79,7 +80,7 @@ def quantize(
     model: str = typer.Argument(..., help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m)."),
     output: str = typer.Option(..., "--output", "-o", help="Directory to write the checkpoint to (appears only when complete)."),
     method: Optional[str] = typer.Option(None, "--method", help="gptq (error feedback, needs calibration) or rtn (round to nearest)."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="2, 3, 4 or 8."),
+    bits: Optional[int] = typer.Option(None, "--bits", help=f"{', '.join(map(str, GPTQ_BITS[:-1]))} or {GPTQ_BITS[-1]}."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale/zero (-1: one group per output channel)."),
     sym: Optional[bool] = typer.Option(None, "--sym/--no-sym", help="Symmetric grid (zero point fixed at the middle) or asymmetric."),
     desc_act: Optional[bool] = typer.Option(None, "--desc-act/--no-desc-act", help="Act order: quantize columns by descending Hessian diagonal."),

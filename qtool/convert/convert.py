@@ -29,14 +29,14 @@ from qtool.convert.exl2_gptq import (
     nearest_gptq_bits,
     relative_error,
 )
-from qtool.formats.gptq import PACK_ALIGNMENT, quantized_from_gptq_tensors
+from qtool.formats.gptq import GPTQ_BITS, GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, quantized_from_gptq_tensors
 from qtool.core.output_dir import atomic_output_dir
-from qtool.formats.bitpack import SUPPORTED_BITS as GPTQ_BITS
+from qtool.formats.registry import QUANT_FORMATS
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.formats.quantized_weight import QuantizedWeight
 
-SOURCE_FORMATS = ("gptq", "exl2")
+SOURCE_FORMATS = tuple(QUANT_FORMATS)
 TARGET_FORMATS = ("gptq", "exl2", "float")
 CHECK_PROMPT = "The capital of France is Paris. The quick brown fox jumps over the lazy dog, and 12 + 30 = 42."
 CHECK_TOKENS = 32  # without a tokenizer: a fixed id sequence of this length
@@ -185,7 +185,7 @@ def gptq_weights_of(model: nn.Module) -> dict[str, QuantizedWeight]:
     weights = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            tensors = {suffix: getattr(module, suffix) for suffix in ("qweight", "qzeros", "scales", "g_idx")}
+            tensors = {suffix: getattr(module, suffix) for suffix in GPTQ_TENSOR_SUFFIXES}
             weights[name] = quantized_from_gptq_tensors(tensors, module.bits, module.group_size, module.checkpoint_format, name)
     return weights
 

@@ -21,7 +21,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_weight, exl2_scales
-from qtool.formats.bitpack import SUPPORTED_BITS as GPTQ_BITS
+from qtool.formats.gptq import GPTQ_BITS
 from qtool.formats.quantized_weight import QuantizedWeight
 
 

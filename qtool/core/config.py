@@ -15,24 +15,28 @@ import yaml
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, info, raise_first_error, warning
+# The GPTQ widths, group-size rule and checkpoint formats are the format's; they sit in core so that this
+# validator, which core holds, checks the very rules the format layer (formats/gptq.py) enforces.
+from qtool.core.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
 
 SCHEMA_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
+BITS = GPTQ_BITS
 OUTPUT_FORMATS = ("gptq", "exl2")
 # EXL2: the average bits per weight of the decoder linears, and the widths the output head may take (0: float16)
 EXL2_BPW_RANGE = (2.0, 8.0)
 EXL2_HEAD_BITS = (0, 6, 8)
 # fields that only GPTQ output reads: with EXL2 the optimizer picks widths and groups per linear
 GPTQ_ONLY_FIELDS = ("bits", "group_size", "sym", "static_groups", "mse", "checkpoint_format")
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+CHECKPOINT_FORMATS = GPTQ_CHECKPOINT_FORMATS
 # dtype of the calibration forward passes and of the Hessian products (weights are always solved in float32);
 # auto: bfloat16 where the hardware multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json", ".toml")
-# GPTQ packs 32 input rows per 32-bit word run; smaller groups cost more in scales than they win.
+# qtool's own floor on top of the format's group-size rule (any positive size): smaller groups cost more in
+# scales than they win, so a config asking for them is refused (a checkpoint holding them still loads).
 MIN_GROUP_SIZE = 16
 # What `qtool quantize` starts from when no --config is given: asym + act order with static groups + scale
 # refinement measured best on SmolLM2 (bench/RESULTS.md: ppl 24.85 at 4-bit g128, GPTQModel 25.97-27.61).
@@ -244,9 +248,10 @@ def _validate_gptq(config: QuantConfig) -> list[Finding | None]:
         _choice("bits", config.bits, BITS),
         _choice("checkpoint_format", config.checkpoint_format, CHECKPOINT_FORMATS),
     ]
-    if config.group_size != -1 and config.group_size < MIN_GROUP_SIZE:
+    grouped = config.group_size != PER_CHANNEL_GROUP_SIZE
+    if not is_valid_group_size(config.group_size) or (grouped and config.group_size < MIN_GROUP_SIZE):
         found.append(error("group_size", f"{config.group_size} is not valid", f"use -1 (per channel) or an integer >= {MIN_GROUP_SIZE}, e.g. 128"))
-    elif config.group_size != -1 and config.group_size % 32:
+    elif grouped and config.group_size % 32:
         found.append(warning("group_size", f"{config.group_size} is not a multiple of 32", "fast kernels need multiples of 32; the torch backend will be used"))
     if config.static_groups and not config.desc_act:
         found.append(warning("static_groups", "has no effect without desc_act", "add --desc-act or drop --static-groups"))

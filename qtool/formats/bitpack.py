@@ -1,5 +1,5 @@
-"""Bit-packing of small unsigned integers into int32 words, as GPTQ checkpoints store them: a little-endian bit
-stream along one axis, value j of a run at bit offset j*bits (3-bit values straddle word boundaries)."""
+"""Bit-packing of small unsigned integers into int32 words, as GPTQ and EXL2 checkpoints store them: a little-endian
+bit stream along one axis, value j of a run at bit offset j*bits (3-, 5-, 6- and 7-bit values straddle words)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.core.gptq_settings import GPTQ_BITS
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+STREAM_BITS = tuple(range(1, 9))  # any width the stream packers take; GPTQ uses 2/3/4/8, EXL2 2..6 and 8
 WORD_BITS = 32
 _WORD_MASK = (1 << WORD_BITS) - 1
 
@@ -23,9 +24,9 @@ def words_per_block(bits: int) -> int:
     return bits // math.gcd(bits, WORD_BITS)
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"cannot pack {bits}-bit values", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+def _check_bits(bits: int, allowed: tuple[int, ...], rule: str) -> None:
+    if not isinstance(bits, int) or bits not in allowed:
+        raise QtoolError(f"cannot pack {bits}-bit values", rule)
 
 
 def _block_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,22 +39,20 @@ def _block_layout(bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return word, shift, spills
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+def words_to_int32(words: torch.Tensor) -> torch.Tensor:
     """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
     return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
 
 
-def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """values int [K, N] in 0..2**bits-1 -> int32 [K*bits/32, N], packed along K (GPTQ qweight layout)."""
-    _check_bits(bits)
+def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     if values.dim() != 2:
-        raise QtoolError(f"pack_rows expects a 2-D tensor, got shape {tuple(values.shape)}")
+        raise QtoolError(f"bit packing expects a 2-D tensor, got shape {tuple(values.shape)}")
     rows, cols = values.shape
     block = values_per_block(bits)
     if rows % block:
-        raise QtoolError(f"cannot pack {rows} rows of {bits}-bit values", f"the row count must be a multiple of {block}")
+        raise QtoolError(f"cannot pack {rows} rows of {bits}-bit values into whole int32 words", f"the row count must be a multiple of {block}")
     if values.is_floating_point():
-        raise QtoolError(f"pack_rows expects integer codes, got {values.dtype}")
+        raise QtoolError(f"bit packing expects integer codes, got {values.dtype}")
     v = values.to(torch.int64)
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
         raise QtoolError(f"values out of range for {bits}-bit packing: min {int(v.min())}, max {int(v.max())}", f"values must lie in 0..{(1 << bits) - 1}")
@@ -68,18 +67,14 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
         spill_idx = spills.nonzero().flatten().to(v.device)
         high = v[:, spill_idx] >> (WORD_BITS - shift.to(v.device)[spill_idx])[None, :, None]
         words.index_add_(1, word.to(v.device)[spill_idx] + 1, high)
-    return _to_int32(words.reshape(rows // block * n_words, cols))
+    return words_to_int32(words.reshape(rows // block * n_words, cols))
 
 
-def unpack_rows(packed: torch.Tensor, bits: int, num_rows: int) -> torch.Tensor:
-    """int32 [num_rows*bits/32, N] -> int32 [num_rows, N] values; the inverse of pack_rows."""
-    _check_bits(bits)
-    if packed.dim() != 2:
-        raise QtoolError(f"unpack_rows expects a 2-D tensor, got shape {tuple(packed.shape)}")
+def _unpack(packed: torch.Tensor, bits: int, num_rows: int) -> torch.Tensor:
     block, n_words = values_per_block(bits), words_per_block(bits)
-    if num_rows % block or packed.shape[0] * block != num_rows * n_words:
+    if packed.dim() != 2 or num_rows % block or packed.shape[0] * block != num_rows * n_words:
         raise QtoolError(
-            f"{packed.shape[0]} packed rows cannot hold {num_rows} rows of {bits}-bit values",
+            f"packed words of shape {tuple(packed.shape)} cannot hold {num_rows} rows of {bits}-bit values",
             f"expected {num_rows * bits // WORD_BITS} packed rows and a row count that is a multiple of {block}",
         )
     cols = packed.shape[1]
@@ -97,6 +92,35 @@ def unpack_rows(packed: torch.Tensor, bits: int, num_rows: int) -> torch.Tensor:
     for j in spills.nonzero().flatten().tolist():
         values[:, j] |= words[:, int(word[j]) + 1] << (WORD_BITS - int(shift[j]))
     return (values & mask).to(torch.int32).reshape(num_rows, cols)
+
+
+def pack_bitstream_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values int [R, C] in 0..2**bits-1, bits 1..8 -> int32 [R*bits/32, C]: each column a little-endian bit
+    stream, value j at bit j*bits (R a multiple of values_per_block(bits)). EXL2 packs each group so."""
+    _check_bits(bits, STREAM_BITS, "bit widths run from 1 to 8")
+    return _pack(values, bits)
+
+
+def unpack_bitstream_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """int32 [rows*bits/32, C] -> int32 [rows, C]; the inverse of pack_bitstream_rows."""
+    _check_bits(bits, STREAM_BITS, "bit widths run from 1 to 8")
+    return _unpack(packed, bits, rows)
+
+
+# GPTQ's layouts are the same stream, refused for widths GPTQ does not have (a 5-bit qweight is a bug upstream).
+_GPTQ_RULE = f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))}"
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values int [K, N] in 0..2**bits-1 -> int32 [K*bits/32, N], packed along K (GPTQ qweight layout)."""
+    _check_bits(bits, GPTQ_BITS, _GPTQ_RULE)
+    return _pack(values, bits)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, num_rows: int) -> torch.Tensor:
+    """int32 [num_rows*bits/32, N] -> int32 [num_rows, N] values; the inverse of pack_rows."""
+    _check_bits(bits, GPTQ_BITS, _GPTQ_RULE)
+    return _unpack(packed, bits, num_rows)
 
 
 def pack_columns(values: torch.Tensor, bits: int) -> torch.Tensor:

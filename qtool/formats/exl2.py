@@ -17,87 +17,22 @@ cuda/q_matrix.cu, ext.py make_q_matrix):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from qtool.core.errors import QtoolError
+# q_weight's groups and q_scale's fields are the same little-endian int32 bit streams as GPTQ's qweight and qzeros.
+from qtool.formats.bitpack import WORD_BITS, pack_bitstream_rows, unpack_bitstream_rows, values_per_block
 
 EXL2_BITS = (8, 6, 5, 4, 3, 2)  # the widths ExLlamaV2's kernels unpack (no 7-bit), in the order they must appear
 EXL2_TENSOR_SUFFIXES = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
 OPTIONAL_SUFFIXES = ("q_perm",)  # qtool writes it; ExLlamaV2 recomputes it from q_invperm
-WORD_BITS = 32
 ROW_ALIGNMENT = 32  # in_features and every group's row count (3- and 5-bit groups pack 32 rows)
 COLUMN_ALIGNMENT = 32  # ExLlamaV2 pads output features to this
 SCALE_BITS = 4
 SCALE_LEVELS = 1 << SCALE_BITS  # qs + 1 runs 1..16
 MAX_IN_FEATURES = 1 << 16  # q_perm is uint16 in the kernels
-_WORD_MASK = (1 << WORD_BITS) - 1
-
-
-# ---- bit streams of any width 1..8 (GPTQ's pack.py covers 2/3/4/8; EXL2 adds 5 and 6) ----
-
-
-def _stream_block(bits: int) -> tuple[int, int]:
-    """(values, words) of the smallest run of values that fills whole int32 words."""
-    g = math.gcd(bits, WORD_BITS)
-    return WORD_BITS // g, bits // g
-
-
-def _check_stream_bits(bits: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise QtoolError(f"cannot pack {bits}-bit values", "bit widths run from 1 to 8")
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    return torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
-
-
-def pack_bitstream_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """values int [R, C] in 0..2**bits-1 -> int32 [R*bits/32, C]: each column a little-endian bit stream, value
-    j at bit j*bits (R*bits must be a multiple of 32)."""
-    _check_stream_bits(bits)
-    if values.dim() != 2 or values.is_floating_point():
-        raise QtoolError(f"pack_bitstream_rows expects a 2-D integer tensor, got {values.dtype} {tuple(values.shape)}")
-    rows, cols = values.shape
-    block, words_per_block = _stream_block(bits)
-    if rows % block:
-        raise QtoolError(f"cannot pack {rows} rows of {bits}-bit values into whole int32 words", f"the row count must be a multiple of {block}")
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
-        raise QtoolError(f"values out of range for {bits}-bit packing: min {int(v.min())}, max {int(v.max())}", f"values must lie in 0..{(1 << bits) - 1}")
-    v = v.reshape(rows // block, block, cols)
-    words = torch.zeros(rows // block, words_per_block, cols, dtype=torch.int64, device=values.device)
-    for j in range(block):
-        start = j * bits
-        word, shift = divmod(start, WORD_BITS)
-        # Fields never overlap, so adding is OR-ing; a field crossing a word puts its high bits in the next one.
-        words[:, word] += (v[:, j] << shift) & _WORD_MASK
-        if shift + bits > WORD_BITS:
-            words[:, word + 1] += v[:, j] >> (WORD_BITS - shift)
-    return _to_int32(words.reshape(rows // block * words_per_block, cols))
-
-
-def unpack_bitstream_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """int32 [rows*bits/32, C] -> int32 [rows, C]; the inverse of pack_bitstream_rows."""
-    _check_stream_bits(bits)
-    block, words_per_block = _stream_block(bits)
-    if packed.dim() != 2 or rows % block or packed.shape[0] * block != rows * words_per_block:
-        raise QtoolError(
-            f"{tuple(packed.shape)} packed words cannot hold {rows} rows of {bits}-bit values",
-            f"expected {rows * bits // WORD_BITS} packed rows and a row count that is a multiple of {block}",
-        )
-    cols = packed.shape[1]
-    words = (packed.to(torch.int64) & _WORD_MASK).reshape(rows // block, words_per_block, cols)
-    out = torch.empty(rows // block, block, cols, dtype=torch.int64, device=packed.device)
-    for j in range(block):
-        word, shift = divmod(j * bits, WORD_BITS)
-        value = words[:, word] >> shift
-        if shift + bits > WORD_BITS:
-            value = value | (words[:, word + 1] << (WORD_BITS - shift))
-        out[:, j] = value
-    return (out & ((1 << bits) - 1)).to(torch.int32).reshape(rows, cols)
 
 
 # ---- 4-bit scales ----
@@ -105,22 +40,19 @@ def unpack_bitstream_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.T
 
 def pack_qscale(qscale: torch.Tensor) -> torch.Tensor:
     """qs+1 values int [G, C] in 1..16 (C a multiple of 8) -> int32 [G, C/8]: field i of a word holds column
-    8w+i minus 1 at bit 4i."""
+    8w+i minus 1 at bit 4i (a 4-bit stream along the columns)."""
     if qscale.dim() != 2 or qscale.shape[1] % 8:
         raise QtoolError(f"q_scale needs a 2-D tensor with a multiple of 8 columns, got {tuple(qscale.shape)}")
     q = qscale.to(torch.int64)
     if q.numel() and (int(q.min()) < 1 or int(q.max()) > SCALE_LEVELS):
         raise QtoolError(f"EXL2 scale levels must lie in 1..{SCALE_LEVELS}, got {int(q.min())}..{int(q.max())}")
-    fields = (q - 1).reshape(q.shape[0], -1, 8)
-    shifts = torch.arange(0, WORD_BITS, SCALE_BITS, dtype=torch.int64, device=q.device)
-    return _to_int32((fields << shifts).sum(dim=2))
+    return pack_bitstream_rows((q - 1).T, SCALE_BITS).T.contiguous()
 
 
 def unpack_qscale(packed: torch.Tensor) -> torch.Tensor:
     """int32 [G, C/8] -> int32 [G, C] levels qs+1 in 1..16."""
-    shifts = torch.arange(0, WORD_BITS, SCALE_BITS, dtype=torch.int64, device=packed.device)
-    fields = ((packed.to(torch.int64) & _WORD_MASK)[:, :, None] >> shifts) & (SCALE_LEVELS - 1)
-    return (fields + 1).to(torch.int32).reshape(packed.shape[0], -1)
+    columns = packed.shape[1] * WORD_BITS // SCALE_BITS
+    return (unpack_bitstream_rows(packed.T, SCALE_BITS, columns).T + 1).contiguous()
 
 
 def exl2_scale_unit(scale_max: torch.Tensor) -> torch.Tensor:
@@ -299,7 +231,7 @@ def group_layout_from_tensors(q_groups: torch.Tensor, q_weight_rows: int, name: 
         if b not in EXL2_BITS:
             raise QtoolError(f"{name}.q_groups: group {g} has {b} bits", f"EXL2 widths are {', '.join(map(str, sorted(EXL2_BITS)))}")
         q_rows = starts[g + 1] - starts[g]
-        if q_rows <= 0 or (q_rows * WORD_BITS) % b or (q_rows * WORD_BITS // b) % _stream_block(b)[0]:
+        if q_rows <= 0 or (q_rows * WORD_BITS) % b or (q_rows * WORD_BITS // b) % values_per_block(b):
             raise QtoolError(f"{name}.q_groups: group {g} spans {q_rows} packed rows, which is no whole number of {b}-bit rows", "the checkpoint is corrupt: re-export it")
         sizes.append(q_rows * WORD_BITS // b)
     if any(later > earlier for earlier, later in zip(bits, bits[1:])):

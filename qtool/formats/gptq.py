@@ -1,5 +1,5 @@
-"""The GPTQ on-disk tensors of one linear (qweight, qzeros, scales, g_idx), as AutoGPTQ/GPTQModel write them, to
-and from a QuantizedWeight; v1 ("gptq") stores zero-1 in qzeros, v2 ("gptq_v2") the true zero."""
+"""The GPTQ format: the settings it allows (bit widths, group sizes, checkpoint formats) and the on-disk tensors of
+one linear (qweight, qzeros, scales, g_idx) as AutoGPTQ/GPTQModel write them, to and from a QuantizedWeight."""
 
 from __future__ import annotations
 
@@ -8,24 +8,37 @@ import math
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.formats.bitpack import SUPPORTED_BITS, WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows
+# The GPTQ settings a quantization config names are defined in core so that the config validator checks the same
+# rules (see core/gptq_settings.py); this module is their public home for everything above core.
+from qtool.core.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GROUP_SIZE_RULE, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+from qtool.formats.bitpack import WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows, words_to_int32
 from qtool.formats.quantized_weight import QuantizedWeight
 
 GPTQ_TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 PACK_ALIGNMENT = 32  # in and out features must be multiples of this for the int32 layout (3-bit packs 32 rows)
 
 
 def num_groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+    return 1 if group_size == PER_CHANNEL_GROUP_SIZE else math.ceil(in_features / group_size)
+
+
+def check_gptq_bits(bits: int, where: str) -> None:
+    """Raise QtoolError unless GPTQ stores codes of this width; `where` (a module, a file) labels the error."""
+    if bits not in GPTQ_BITS:
+        raise QtoolError(f"{where}: {bits}-bit GPTQ is not supported", f"bits must be one of {', '.join(map(str, GPTQ_BITS))}")
+
+
+def check_group_size(group_size: int, where: str) -> None:
+    """Raise QtoolError unless GPTQ can store groups of this size: the one group-size rule of every reader,
+    writer and quantizer (the config validator applies is_valid_group_size, the same rule)."""
+    if not is_valid_group_size(group_size):
+        raise QtoolError(f"{where}: group_size {group_size} is not valid", f"use {GROUP_SIZE_RULE}, e.g. 128")
 
 
 def check_gptq_layout(in_features: int, out_features: int, bits: int, group_size: int, name: str = "linear") -> None:
     """Raise QtoolError unless a linear of this shape can be stored in the GPTQ layout with these settings."""
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"{name}: {bits}-bit GPTQ is not supported", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size != -1 and group_size <= 0:
-        raise QtoolError(f"{name}: group_size {group_size} is invalid", "use a positive group size or -1 (one group per output channel)")
+    check_gptq_bits(bits, name)
+    check_group_size(group_size, name)
     for what, width in (("in_features", in_features), ("out_features", out_features)):
         if width % PACK_ALIGNMENT:
             raise QtoolError(
@@ -35,8 +48,9 @@ def check_gptq_layout(in_features: int, out_features: int, bits: int, group_size
 
 
 def check_checkpoint_format(checkpoint_format: str) -> None:
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise QtoolError(f"checkpoint_format {checkpoint_format!r} is not supported", f"use one of {', '.join(CHECKPOINT_FORMATS)}")
+    """v1 ("gptq") stores zero-1 in qzeros, v2 ("gptq_v2") the true zero."""
+    if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+        raise QtoolError(f"checkpoint_format {checkpoint_format!r} is not supported", f"use one of {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
 
 
 def expected_gptq_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -78,8 +92,7 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, num_columns: int, checkpoint_
     check_checkpoint_format(checkpoint_format)
     if checkpoint_format == "gptq" and bits != 3:
         words = (qzeros.to(torch.int64) + _v1_offset_word(bits)) & ((1 << WORD_BITS) - 1)
-        qzeros = torch.where(words >= 1 << 31, words - (1 << WORD_BITS), words).to(torch.int32)
-        return unpack_columns(qzeros, bits, num_columns)
+        return unpack_columns(words_to_int32(words), bits, num_columns)
     zeros = unpack_columns(qzeros, bits, num_columns)
     if checkpoint_format == "gptq":
         zeros = (zeros + 1) & ((1 << bits) - 1)

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.formats.gptq import CHECKPOINT_FORMATS, check_checkpoint_format
-from qtool.formats.bitpack import SUPPORTED_BITS
+from qtool.formats.gptq import GPTQ_CHECKPOINT_FORMATS, check_checkpoint_format, check_gptq_bits, check_group_size
 from qtool.formats.quantized_weight import QuantizedWeight
 
 CONFIG_FILE = "config.json"
@@ -141,8 +140,8 @@ def parse_gptq_config(data: dict[str, Any], where: str) -> GPTQCheckpointConfig 
     if data.get("is_marlin_format"):
         raise QtoolError(f"{where}: Marlin-format GPTQ checkpoints (is_marlin_format) are not supported", "use a checkpoint saved in the gptq or gptq_v2 format")
     fmt = str(data.get("checkpoint_format") or data.get("format") or "gptq").lower()
-    if fmt not in CHECKPOINT_FORMATS:
-        raise QtoolError(f"{where}: checkpoint_format {fmt!r} is not supported", f"qtool loads {' and '.join(CHECKPOINT_FORMATS)} checkpoints")
+    if fmt not in GPTQ_CHECKPOINT_FORMATS:
+        raise QtoolError(f"{where}: checkpoint_format {fmt!r} is not supported", f"qtool loads {' and '.join(GPTQ_CHECKPOINT_FORMATS)} checkpoints")
     pack_dtype = str(data.get("pack_dtype", "int32")).removeprefix("torch.")
     if pack_dtype != "int32":
         raise QtoolError(f"{where}: pack_dtype {pack_dtype} is not supported", "qtool loads GPTQ tensors packed in int32 words")
@@ -152,10 +151,8 @@ def parse_gptq_config(data: dict[str, Any], where: str) -> GPTQCheckpointConfig 
         raise QtoolError(f"{where}: quantization config has no {exc.args[0]!r}", "add the value the checkpoint was quantized with") from exc
     except (TypeError, ValueError) as exc:
         raise QtoolError(f"{where}: bits and group_size must be integers, got {data.get('bits')!r} and {data.get('group_size')!r}") from exc
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"{where}: {bits}-bit GPTQ is not supported", f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size != -1 and group_size <= 0:
-        raise QtoolError(f"{where}: group_size {group_size} is invalid", "use a positive group size or -1")
+    check_gptq_bits(bits, where)
+    check_group_size(group_size, where)
     dynamic = data.get("dynamic") or {}
     if not isinstance(dynamic, dict):
         raise QtoolError(f"{where}: dynamic must be a mapping of module patterns to overrides")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from qtool.formats.exl2 import WORD_BITS, exl2_scales, unpack_bitstream_rows, unpack_qscale
+from qtool.formats.bitpack import WORD_BITS, unpack_bitstream_rows
+from qtool.formats.exl2 import exl2_scales, unpack_qscale
 
 
 def group_rows(q_groups: torch.Tensor, q_weight_rows: int) -> list[tuple[int, int, int]]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.formats.gptq import unpack_qzeros
-from qtool.formats.bitpack import SUPPORTED_BITS, pack_rows, unpack_rows
+from qtool.formats.gptq import GPTQ_BITS, unpack_qzeros
+from qtool.formats.bitpack import pack_rows, unpack_rows
 
 # Rows of a group in the compute layout are a multiple of this, so a kernel tile of 32 rows (one 3-bit block,
 # the smallest tl.dot K after unpacking) never straddles two groups.
@@ -102,8 +102,8 @@ def repack_gptq(
 ) -> GptqComputeWeight:
     """The compute layout of one GPTQ linear, on the device of qweight. Runs once at load time. fragment_order: store
     4-bit codes in fragment order where the compute rows come in whole blocks of 32."""
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"the Triton GPTQ kernels do not support {bits}-bit weights", f"bits must be one of {SUPPORTED_BITS}")
+    if bits not in GPTQ_BITS:
+        raise QtoolError(f"the Triton GPTQ kernels do not support {bits}-bit weights", f"bits must be one of {GPTQ_BITS}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise QtoolError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
     in_features, out_features = g_idx.numel(), qweight.shape[1]

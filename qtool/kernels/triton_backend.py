@@ -16,6 +16,7 @@ import torch
 import triton
 
 from qtool.core.errors import QtoolError
+from qtool.formats.gptq import GPTQ_BITS
 from qtool.kernels.gptq_gemm_triton import (
     MODE_DEQUANT,
     MODE_MAGIC,
@@ -405,8 +406,8 @@ class TritonBackend:
     def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
         """None when this backend can serve such a layer, else why not."""
         device = torch.device(device)
-        if bits not in (2, 3, 4, 8):
-            return f"{bits}-bit weights are not supported (2, 3, 4, 8 are)"
+        if bits not in GPTQ_BITS:
+            return f"{bits}-bit weights are not supported ({', '.join(map(str, GPTQ_BITS))} are)"
         return triton_device_problem(device, triton_interpreted())
 
     def prepare(self, tensors) -> GptqComputeWeight:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from qtool.core.errors import QtoolError
-
-SUPPORTED_BITS = (2, 3, 4, 8)
+from qtool.formats.gptq import PER_CHANNEL_GROUP_SIZE, check_gptq_bits, check_group_size
 
 # GPTQ's clipping search: shrink factors 1, 0.99, ... (grid steps, down to 1 - max_shrink), scored by sum |err|^norm.
 DEFAULT_MSE_NORM = 2.4
@@ -80,8 +79,7 @@ def fit_grid(
     """Scale (float32 [rows], > 0) and true zero point (int32 [rows], in min_zero..2**bits-1) per row of w
     [rows, cols]. With mse, the range is shrunk by factors 1, 1 - 1/grid, ... and each row keeps the factor with
     the smallest sum |w - dequant|**mse_norm (factor 1, the min/max grid, is always a candidate)."""
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"bits={bits} is not supported by the quantization grid", f"use one of {SUPPORTED_BITS}")
+    check_gptq_bits(bits, "quantization grid")
     w = w.to(torch.float32)
     xmin, xmax = _row_ranges(w, sym)
     scale, zero = _params_for_range(xmin, xmax, bits, sym, min_zero)
@@ -122,7 +120,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def natural_g_idx(in_features: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """g_idx (int32 [in_features]) of consecutive groups: column i belongs to group i // group_size."""
-    width = in_features if group_size == -1 else group_size
+    width = in_features if group_size == PER_CHANNEL_GROUP_SIZE else group_size
     return torch.arange(in_features, dtype=torch.int32, device=device) // width
 
 
@@ -132,7 +130,7 @@ def fit_group_grids(
     """fit_grid on each group of consecutive columns of w [rows, cols] (group_size -1: one group; the last
     group may be partial): scales float32 [groups, rows], zeros int32 [groups, rows]."""
     rows, cols = w.shape
-    width = cols if group_size == -1 else group_size
+    width = cols if group_size == PER_CHANNEL_GROUP_SIZE else group_size
     full = cols // width
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
@@ -153,10 +151,8 @@ def check_grid_options(weight: torch.Tensor, bits: int, group_size: int, min_zer
     """Raise QtoolError unless weight is a finite 2-D tensor and the grid options are valid for it."""
     if weight.dim() != 2:
         raise QtoolError(f"weight has shape {tuple(weight.shape)}", "pass a 2-D weight [out_features, in_features]")
-    if bits not in SUPPORTED_BITS:
-        raise QtoolError(f"bits={bits} is not supported", f"use one of {SUPPORTED_BITS}")
-    if group_size != -1 and group_size < 1:
-        raise QtoolError(f"group_size={group_size} is not valid", "use -1 (one group per output channel) or a positive integer, e.g. 128")
+    check_gptq_bits(bits, "quantization grid")
+    check_group_size(group_size, "quantization grid")
     if not 0 <= min_zero < max_code(bits):
         raise QtoolError(f"min_zero={min_zero} is out of range for {bits}-bit codes", "use 0, or 1 for GPTQ v1 files with asym")
     if not torch.isfinite(weight).all():

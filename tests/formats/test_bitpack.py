@@ -1,11 +1,13 @@
 """Bit packing: round trips, and the layout checked bit by bit against packers written here from the format
-description (a little-endian bit stream per column) and from GPTQModel's explicit 3-bit word formulas."""
+description (a little-endian bit stream per column) and from GPTQModel's explicit 3-bit word formulas; the
+streams of every width 1..8 (EXL2's groups) as well as GPTQ's 2/3/4/8."""
 
+import numpy as np
 import pytest
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.formats.bitpack import pack_columns, pack_rows, unpack_columns, unpack_rows
+from qtool.formats.bitpack import pack_bitstream_rows, pack_columns, pack_rows, unpack_bitstream_rows, unpack_columns, unpack_rows
 
 BITS = (2, 3, 4, 8)
 
@@ -93,3 +95,42 @@ def test_unsupported_bits_and_wrong_row_count_are_refused():
     packed = pack_rows(torch.zeros(64, 2, dtype=torch.int32), 4)
     with pytest.raises(QtoolError, match="cannot hold 96 rows"):
         unpack_rows(packed, 4, 96)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitstream_round_trip_every_width(bits):
+    gen = torch.Generator().manual_seed(bits)
+    rows = 64 if bits != 7 else 32  # any multiple of 32 fills whole words
+    values = torch.randint(0, 1 << bits, (rows, 13), generator=gen)
+    packed = pack_bitstream_rows(values, bits)
+    assert packed.shape == (rows * bits // 32, 13) and packed.dtype == torch.int32
+    assert torch.equal(unpack_bitstream_rows(packed, bits, rows), values.to(torch.int32))
+    # value j sits at bit j*bits of its column's stream
+    words = packed.numpy().view(np.uint32).astype(np.uint64)
+    j, col = rows - 1, 5
+    value = sum(int((words[(j * bits + t) // 32, col] >> np.uint64((j * bits + t) % 32)) & np.uint64(1)) << t for t in range(bits))
+    assert value == int(values[j, col])
+
+
+def test_top_bit_words_survive():
+    """All-ones fields fill the sign bit of int32 words."""
+    for bits in (2, 3, 4, 5, 6, 8):
+        values = torch.full((32, 3), (1 << bits) - 1)
+        packed = pack_bitstream_rows(values, bits)
+        assert bool((packed == -1).all())
+        assert torch.equal(unpack_bitstream_rows(packed, bits, 32), values.to(torch.int32))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bitstream_matches_bitwise_reference(bits):
+    values = random_codes(64 if bits != 7 else 32, 5, bits, seed=20 + bits)
+    assert torch.equal(pack_bitstream_rows(values, bits), bitwise_pack_rows(values, bits))
+
+
+def test_gptq_layout_refuses_what_only_the_stream_packs():
+    values = torch.zeros(32, 2, dtype=torch.int32)
+    assert pack_bitstream_rows(values, 5).shape == (5, 2)
+    with pytest.raises(QtoolError, match="GPTQ bits must be one of 2, 3, 4, 8"):
+        unpack_rows(pack_bitstream_rows(values, 5), 5, 32)
+    with pytest.raises(QtoolError, match="9-bit"):
+        pack_bitstream_rows(values, 9)

@@ -1,6 +1,6 @@
 """EXL2 tensors of one linear: read back by a dequantizer written here from the layout description alone (bit by
-bit, numpy float16 for the scale arithmetic), compared with what the writer was given; bit streams of every
-width; mixed widths, odd output widths (padding), permutations; and the reader's refusals."""
+bit, numpy float16 for the scale arithmetic), compared with what the writer was given; mixed widths,
+odd output widths (padding), permutations; and the reader's refusals. (The bit streams: test_bitpack.py.)"""
 
 import numpy as np
 import pytest
@@ -11,8 +11,6 @@ from qtool.formats.exl2 import (
     Exl2Weight,
     exl2_tensors_from_weight,
     expected_exl2_shapes,
-    pack_bitstream_rows,
-    unpack_bitstream_rows,
     weight_from_exl2_tensors,
 )
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2
@@ -117,30 +115,6 @@ def test_file_without_q_perm_reads_the_same():
     tensors = exl2_tensors_from_weight(w)
     del tensors["q_perm"]
     assert torch.equal(weight_from_exl2_tensors(tensors, 40).dequantize(), w.dequantize())
-
-
-@pytest.mark.parametrize("bits", range(1, 9))
-def test_bitstream_round_trip_every_width(bits):
-    gen = torch.Generator().manual_seed(bits)
-    rows = 64 if bits != 7 else 32  # any multiple of 32 fills whole words
-    values = torch.randint(0, 1 << bits, (rows, 13), generator=gen)
-    packed = pack_bitstream_rows(values, bits)
-    assert packed.shape == (rows * bits // 32, 13) and packed.dtype == torch.int32
-    assert torch.equal(unpack_bitstream_rows(packed, bits, rows), values.to(torch.int32))
-    # value j sits at bit j*bits of its column's stream
-    words = packed.numpy().view(np.uint32).astype(np.uint64)
-    j, col = rows - 1, 5
-    value = sum(int((words[(j * bits + t) // 32, col] >> np.uint64((j * bits + t) % 32)) & np.uint64(1)) << t for t in range(bits))
-    assert value == int(values[j, col])
-
-
-def test_top_bit_words_survive():
-    """All-ones fields fill the sign bit of int32 words."""
-    for bits in (2, 3, 4, 5, 6, 8):
-        values = torch.full((32, 3), (1 << bits) - 1)
-        packed = pack_bitstream_rows(values, bits)
-        assert bool((packed == -1).all())
-        assert torch.equal(unpack_bitstream_rows(packed, bits, 32), values.to(torch.int32))
 
 
 def bad(tensors, **changes):

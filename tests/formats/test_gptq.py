@@ -11,11 +11,14 @@ import torch
 from qtool.core.errors import QtoolError
 from qtool.formats.gptq import (
     GPTQ_TENSOR_SUFFIXES,
+    check_gptq_layout,
+    check_group_size,
     expected_gptq_shapes,
     gptq_tensors_from_quantized,
     quantized_from_gptq_tensors,
     unpack_qzeros,
 )
+from qtool.formats.gptq_config import parse_gptq_config
 from qtool.formats.quantized_weight import QuantizedWeight
 
 
@@ -167,3 +170,22 @@ def test_unknown_checkpoint_format_is_refused():
     qw = random_quantized(32, 32, 4, 32, sym=True, act_order=False, seed=2)
     with pytest.raises(QtoolError, match="marlin"):
         gptq_tensors_from_quantized(qw, "marlin")
+
+
+@pytest.mark.parametrize("group_size", [-1, 1, 8, 32, 48, 4096])
+def test_group_sizes_gptq_stores_pass_every_check(group_size):
+    check_group_size(group_size, "q")
+    check_gptq_layout(64, 32, 4, group_size, "q")
+    assert parse_gptq_config({"bits": 4, "group_size": group_size}, "q.json").group_size == group_size
+
+
+@pytest.mark.parametrize("group_size", [0, -2, -128])
+def test_group_sizes_gptq_cannot_store_fail_every_check(group_size):
+    for check in (
+        lambda: check_group_size(group_size, "q"),
+        lambda: check_gptq_layout(64, 32, 4, group_size, "q"),
+        lambda: parse_gptq_config({"bits": 4, "group_size": group_size}, "q"),
+    ):
+        with pytest.raises(QtoolError, match=f"q: group_size {group_size} is not valid") as excinfo:
+            check()
+        assert "-1 (one group per output channel) or a positive integer" in excinfo.value.hint

@@ -10,6 +10,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.quant.grid import (
+    check_grid_options,
     dequantize_codes,
     fit_grid,
     fit_group_grids,
@@ -186,3 +187,12 @@ def test_codes_are_clamped_to_the_bit_range():
 def test_unsupported_bits_are_rejected():
     with pytest.raises(QtoolError):
         fit_grid(torch.randn(2, 8), 5, sym=True)
+
+
+def test_group_sizes_follow_the_gptq_format_rule():
+    weight = torch.randn(4, 32)
+    for group_size in (-1, 1, 8, 32):  # any size GPTQ stores (the config's floor of 16 is the validator's)
+        check_grid_options(weight, 4, group_size, 0)
+    for group_size in (0, -2):
+        with pytest.raises(QtoolError, match=f"group_size {group_size} is not valid"):
+            check_grid_options(weight, 4, group_size, 0)

@@ -1,0 +1,20 @@
+"""The GPTQ settings a quantization config names and a GPTQ checkpoint stores: the bit widths, the group-size
+rule and the checkpoint formats, as plain values (no tensors, no file layout)."""
+
+# Why core and not formats: the config validator (core/config.py) must apply the same rules as the GPTQ format,
+# and core may import nothing above it. A hook handed to the validator by its callers was the alternative: every
+# caller (cli, convert, quant, validate, bench) would thread formats' rules into a core function, and one that
+# forgot would skip the checks silently. qtool/formats/gptq.py re-exports these as the GPTQ format's public API:
+# code above core imports them from there.
+
+from __future__ import annotations
+
+GPTQ_BITS = (2, 3, 4, 8)  # the widths GPTQ's int32 packing and kernels (AutoGPTQ, GPTQModel, qtool's) handle
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 stores zero - 1 in qzeros, v2 the zero itself
+PER_CHANNEL_GROUP_SIZE = -1  # one group spanning all input columns: one scale and zero per output channel
+GROUP_SIZE_RULE = "-1 (one group per output channel) or a positive integer"
+
+
+def is_valid_group_size(group_size: int) -> bool:
+    """Whether GPTQ can store groups of this many input columns (the last group may be partial)."""
+    return group_size == PER_CHANNEL_GROUP_SIZE or group_size >= 1
