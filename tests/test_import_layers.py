@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qtool"
 LAYERS = (
     ("core",),
     ("formats",),
+    ("config",),
     ("kernels",),
     ("checkpoints", "models", "data"),
     ("quant", "eval", "runtime", "validate"),

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.core.config import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
+from qtool.config.schema import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
 from qtool.formats.gptq import GPTQ_BITS
 from qtool.quant.exl2_pipeline import Exl2QuantizeResult, quantize_model_exl2
 from qtool.quant.pipeline import QuantizeResult, quantize_model

@@ -16,7 +16,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import raise_first_error
-from qtool.core.config import CalibrationConfig, QuantConfig, validate_config
+from qtool.config.schema import CalibrationConfig, QuantConfig, validate_config
 from qtool.checkpoints.gptq_checkpoint import load_quantized_model, save_quantized_model
 from qtool.checkpoints.exl2_checkpoint import exl2_weights_of, load_exl2_model, write_exl2_checkpoint
 from qtool.formats.exl2 import Exl2Weight

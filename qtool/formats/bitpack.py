@@ -8,7 +8,7 @@ import math
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.core.gptq_settings import GPTQ_BITS
+from qtool.formats.gptq_settings import GPTQ_BITS
 
 STREAM_BITS = tuple(range(1, 9))  # any width the stream packers take; GPTQ uses 2/3/4/8, EXL2 2..6 and 8
 WORD_BITS = 32

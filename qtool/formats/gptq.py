@@ -8,9 +8,8 @@ import math
 import torch
 
 from qtool.core.errors import QtoolError
-# The GPTQ settings a quantization config names are defined in core so that the config validator checks the same
-# rules (see core/gptq_settings.py); this module is their public home for everything above core.
-from qtool.core.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GROUP_SIZE_RULE, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+# The plain GPTQ settings sit in gptq_settings.py so that bitpack.py can read them; this module is their public home.
+from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GROUP_SIZE_RULE, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
 from qtool.formats.bitpack import WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows, words_to_int32
 from qtool.formats.quantized_weight import QuantizedWeight
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from qtool.core.findings import Finding, error, info, warning
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import MAX_IN_FEATURES as EXL2_MAX_IN_FEATURES
 from qtool.formats.exl2 import ROW_ALIGNMENT as EXL2_ROW_ALIGNMENT

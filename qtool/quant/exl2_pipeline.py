@@ -27,7 +27,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
-from qtool.core.config import EXL2_BPW_RANGE, QuantConfig, validate_config
+from qtool.config.schema import EXL2_BPW_RANGE, QuantConfig, validate_config
 from qtool.checkpoints.exl2_checkpoint import MEASUREMENT_FILE, save_exl2_model
 from qtool.formats.exl2 import Exl2Weight, check_exl2_layout
 from qtool.formats.gptq_config import qtool_version

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.refine import refine_group_scales

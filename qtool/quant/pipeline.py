@@ -20,7 +20,7 @@ from torch import nn
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
 from qtool.models.rules import ModelStats, validate_for_hardware, validate_for_model
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import save_quantized_model
 from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qtool.core.config import PRESETS_DIR, QuantConfig, read_config_file, validate_config
+from qtool.config.schema import PRESETS_DIR, QuantConfig, read_config_file, validate_config
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding
 from qtool.validate.report import ValidationReport, finding_from_error

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from qtool.core.config import CONFIG_SUFFIXES, PRESETS_DIR, QuantConfig, preset_names
+from qtool.config.schema import CONFIG_SUFFIXES, PRESETS_DIR, QuantConfig, preset_names
 from qtool.core.errors import QtoolError
 from qtool.core.findings import warning
 from qtool.formats.safetensors_header import INDEX_NAME, read_checkpoint_headers

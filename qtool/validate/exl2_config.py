@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qtool.checkpoints.footprint import exl2_bits_per_weight, exl2_head_code_bits
-from qtool.core.config import EXL2_BPW_RANGE, EXL2_HEAD_BITS
+from qtool.config.schema import EXL2_BPW_RANGE, EXL2_HEAD_BITS
 from qtool.core.findings import Finding, error, warning
 from qtool.formats.safetensors_header import TensorHeader
 

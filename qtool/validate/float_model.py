@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.checkpoints.sources import resolve_device
-from qtool.core.config import validate_config
+from qtool.config.schema import validate_config
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, info, warning
 from qtool.formats.safetensors_header import TensorHeader

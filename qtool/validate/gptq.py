@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, has_errors, info, warning
 from qtool.formats.bitpack import unpack_columns

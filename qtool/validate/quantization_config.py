@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qtool.core.config import QuantConfig, config_from_dict, validate_config
+from qtool.config.schema import QuantConfig, config_from_dict, validate_config
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, has_errors
 from qtool.validate.exl2_config import check_exl2_quantization_config

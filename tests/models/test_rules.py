@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 from qtool.core.findings import Level
 from qtool.models.rules import ModelStats, estimate_peak_memory, validate_for_hardware, validate_for_model
-from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.config.schema import CalibrationConfig, QuantConfig
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 query heads and 3 key/value heads of 64, 30 layers.
 SMOLLM2_LINEARS = {

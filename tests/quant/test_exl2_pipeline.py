@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.config.schema import CalibrationConfig, QuantConfig
 from qtool.checkpoints.exl2_checkpoint import exl2_weights_of, load_exl2_model
 from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.work_state import WorkState

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.quant.layer_quantizer import quantize_layer
 from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
 from qtool.models.layerwise import capture_layer_inputs, run_layer

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from qtool.core.errors import QtoolError
-from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.config.schema import CalibrationConfig, QuantConfig
 from qtool.quant.pipeline import quantize_model
 from qtool.quant.work_state import WorkState
 from qtool.checkpoints.sources import load_model

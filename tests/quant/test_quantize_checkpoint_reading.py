@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
-from qtool.core.config import CalibrationConfig, QuantConfig
+from qtool.config.schema import CalibrationConfig, QuantConfig
 from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
 from qtool.kernels.quant_linear import QuantLinear

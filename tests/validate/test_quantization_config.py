@@ -3,7 +3,7 @@ each problem; an EXL2 one alone takes ExLlamaV2's ranges."""
 
 from __future__ import annotations
 
-from qtool.core.config import QuantConfig
+from qtool.config.schema import QuantConfig
 from qtool.validate.quantization_config import check_quantization_config
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Level
-from qtool.core.config import (
+from qtool.config.schema import (
     BITS,
     CHECKPOINT_FORMATS,
     SCHEMA_VERSION,
@@ -298,3 +298,12 @@ def test_read_config_file_path_in_messages(tmp_path: Path):
     with pytest.raises(QtoolError) as raised:
         read_config_file(path)
     assert raised.value.message == f"{path}.calibration.samples must be an integer, got 'lots'"
+
+
+def test_the_validator_applies_the_format_layers_values():
+    from qtool.config.schema import BITS, CHECKPOINT_FORMATS, OUTPUT_FORMATS
+    from qtool.formats.gptq import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS
+    from qtool.formats.registry import QUANT_FORMATS
+
+    assert BITS is GPTQ_BITS and CHECKPOINT_FORMATS is GPTQ_CHECKPOINT_FORMATS
+    assert OUTPUT_FORMATS == tuple(QUANT_FORMATS)

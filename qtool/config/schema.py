@@ -15,16 +15,17 @@ import yaml
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, info, raise_first_error, warning
-# The GPTQ widths, group-size rule and checkpoint formats are the format's; they sit in core so that this
-# validator, which core holds, checks the very rules the format layer (formats/gptq.py) enforces.
-from qtool.core.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+# The widths, the group-size rule and the format names are the format layer's: this validator applies them, it
+# does not restate them.
+from qtool.formats.gptq import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+from qtool.formats.registry import QUANT_FORMATS
 
 SCHEMA_VERSION = 1
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 METHODS = ("gptq", "rtn")
 BITS = GPTQ_BITS
-OUTPUT_FORMATS = ("gptq", "exl2")
+OUTPUT_FORMATS = tuple(QUANT_FORMATS)
 # EXL2: the average bits per weight of the decoder linears, and the widths the output head may take (0: float16)
 EXL2_BPW_RANGE = (2.0, 8.0)
 EXL2_HEAD_BITS = (0, 6, 8)

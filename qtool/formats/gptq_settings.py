@@ -1,11 +1,8 @@
 """The GPTQ settings a quantization config names and a GPTQ checkpoint stores: the bit widths, the group-size
 rule and the checkpoint formats, as plain values (no tensors, no file layout)."""
 
-# Why core and not formats: the config validator (core/config.py) must apply the same rules as the GPTQ format,
-# and core may import nothing above it. A hook handed to the validator by its callers was the alternative: every
-# caller (cli, convert, quant, validate, bench) would thread formats' rules into a core function, and one that
-# forgot would skip the checks silently. qtool/formats/gptq.py re-exports these as the GPTQ format's public API:
-# code above core imports them from there.
+# A module of its own so that bitpack.py (which gptq.py imports) can read the widths too; everything outside
+# formats/ imports them from formats/gptq.py, the GPTQ format's public face.
 
 from __future__ import annotations
 
