@@ -43,14 +43,16 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
       torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "")' 2>&1 | tee "$WORK/versions.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv >>"$WORK/versions.txt" 2>&1
 
-if ! "$PYTHON" -c 'import qtool.kernels.registry' 2>/dev/null; then
+# asked from / so that the repo root (the cwd) does not make qtool importable here and nowhere else (subprocesses
+# that tests start run scripts by path, without the cwd on sys.path)
+if ! (cd / && "$PYTHON" -c 'import qtool.kernels.registry' 2>/dev/null); then
     if "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >"$WORK/install.log" 2>&1 \
-        && "$PYTHON" -c 'import qtool.kernels.registry' >>"$WORK/install.log" 2>&1; then
+        && (cd / && "$PYTHON" -c 'import qtool.kernels.registry') >>"$WORK/install.log" 2>&1; then
         echo "qtool: pip install -e . worked" | tee -a "$WORK/versions.txt"
     else
         # the package is the repo's qtool/ folder: the repo root on PYTHONPATH imports it as it stands
         export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-        "$PYTHON" -c 'import qtool.kernels.registry' || { echo "qtool cannot be imported" | tee -a "$WORK/versions.txt"; exit 1; }
+        (cd / && "$PYTHON" -c 'import qtool.kernels.registry') || { echo "qtool cannot be imported" | tee -a "$WORK/versions.txt"; exit 1; }
         echo "qtool: via PYTHONPATH=$REPO (pip install failed, see install.log)" | tee -a "$WORK/versions.txt"
     fi
 fi
@@ -61,9 +63,10 @@ stage_done() { echo "== $1: exit $2 at $((SECONDS - BEGAN)) s" | tee -a "$WORK/s
 if has_stage tests || has_stage quick; then
     # every tuning candidate is compiled once for the bench's own case (4-bit g128 bf16); the other cases of that
     # test compile ~100 more kernels
-    # KERNEL_TESTS narrows the run, e.g. KERNEL_TESTS=tests/kernels/test_gptq_gemm.py
+    # KERNEL_TESTS narrows the run, e.g. KERNEL_TESTS=tests/kernels/test_gptq_gemm.py; TESTS_ARGS adds pytest
+    # options (TESTS_ARGS="-n 4" compiles in 4 pytest-xdist workers where the image has xdist); TESTS_TIMEOUT_S caps it
     # shellcheck disable=SC2086
-    timeout 240 "$PYTHON" -m pytest ${KERNEL_TESTS:-tests/kernels} -q -p no:cacheprovider --durations=15 -rfE \
+    timeout "${TESTS_TIMEOUT_S:-240}" "$PYTHON" -m pytest ${KERNEL_TESTS:-tests/kernels} ${TESTS_ARGS:-} -q -p no:cacheprovider --durations=15 -rfE \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[4-32-True-dtype1]" \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[3-128-False-dtype2]" \
         --deselect "tests/kernels/test_gptq_gemm.py::test_every_tuning_candidate_on_gpu[8--1-False-dtype3]" \
