@@ -4,11 +4,12 @@ was kept exactly, what was rounded, and the logits check."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from qtool.cli.choices import GptqBits, HeadBits, SourceFormat, TargetFormat, plain
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.convert.convert import ConversionReport, Requantize, check_request, convert_checkpoint
@@ -48,30 +49,34 @@ def worst_table(report: ConversionReport) -> Table | None:
 
 @handle_errors
 def convert(
-    src_format: str = typer.Argument(..., metavar="SRC_FORMAT", help="Format of SRC: gptq or exl2."),
-    dst_format: str = typer.Argument(..., metavar="DST_FORMAT", help="Format to write: exl2, gptq or float (float16)."),
-    src: str = typer.Argument(..., metavar="SRC", help="The checkpoint directory to convert."),
-    out: str = typer.Argument(..., metavar="OUT", help="The output directory (appears only when complete and checked)."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="exl2 -> gptq: the GPTQ width (default: the model's own if uniform, else the nearest)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="exl2 -> gptq: GPTQ group size (default: the largest that cuts every EXL2 group)."),
-    bpw: Optional[float] = typer.Option(None, "--bpw", help="gptq -> exl2: quantize again to this bits per weight (2.0..8.0) instead of repacking; needs --calibration."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="With --bpw: `wikitext` or a text file."),
-    samples: int = typer.Option(128, "--samples", help="With --bpw: calibration windows."),
-    seqlen: int = typer.Option(512, "--seqlen", help="With --bpw: tokens per calibration window."),
-    seed: int = typer.Option(0, "--seed", help="With --bpw: seed of the window choice."),
-    head_bits: int = typer.Option(0, "--head-bits", help="With --bpw: bits of the output head (0 keeps it float16, 6 or 8)."),
-    target_vram: Optional[float] = typer.Option(None, "--target-vram", help="gptq -> exl2: quantize again to the bpw at which weights + KV cache fit this many GB; needs --calibration."),
-    context_length: int = typer.Option(0, "--context-length", help="With --target-vram: tokens of KV cache to fit (default: the model's maximum)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print only the report as JSON."),
+    src_format: Annotated[SourceFormat, typer.Argument(metavar="SRC_FORMAT", case_sensitive=False, help="Format of SRC (a float model is quantized with qtool quantize).")],
+    dst_format: Annotated[TargetFormat, typer.Argument(metavar="DST_FORMAT", case_sensitive=False, help="Format to write (float: float16).")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="The checkpoint directory to convert.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="The output directory (appears only when complete and checked).")],
+    bits: Annotated[Optional[GptqBits], typer.Option("--bits", help="exl2 -> gptq: the GPTQ width (default: the model's own if uniform, else the nearest).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="exl2 -> gptq: GPTQ group size (default: the largest that cuts every EXL2 group).")] = None,
+    bpw: Annotated[Optional[float], typer.Option("--bpw", help="gptq -> exl2: quantize again to this bits per weight (2.0..8.0) instead of repacking; needs --calibration.")] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", help="With --bpw: `wikitext` or a text file.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="With --bpw: calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="With --bpw: tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="With --bpw: seed of the window choice.")] = 0,
+    head_bits: Annotated[HeadBits, typer.Option("--head-bits", help="With --bpw: bits of the output head (0 keeps it float16).")] = HeadBits(0),
+    target_vram: Annotated[Optional[float], typer.Option("--target-vram", help="gptq -> exl2: quantize again to the bpw at which weights + KV cache fit this many GB; needs --calibration.")] = None,
+    context_length: Annotated[int, typer.Option("--context-length", help="With --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the report as JSON.")] = False,
 ) -> None:
-    """Convert a quantized checkpoint to another format; the result is loaded back and its logits on a fixed
-    prompt compared with the source's (bit-equal when no weight changed)."""
+    """Convert a quantized checkpoint to another format, checked by logits.
+
+    The result is loaded back and its logits on a fixed prompt compared with the source's (bit-equal when no weight changed).
+    """
     if bpw is None and target_vram is None and calibration is not None:
         raise QtoolError("--calibration applies with --bpw or --target-vram only", "add --bpw X to quantize again, or drop --calibration")
+    src_format, dst_format, bits = plain(src_format), plain(dst_format), plain(bits)
     requantize = None
     if bpw is not None or target_vram is not None:
-        requantize = Requantize(bpw, calibration or "", samples, seqlen, seed, head_bits, target_vram or 0.0, context_length)
+        requantize = Requantize(bpw=bpw, calibration=calibration or "", samples=samples, seqlen=seqlen, seed=seed, head_bits=plain(head_bits),
+                                target_vram_gb=target_vram or 0.0, context_length=context_length)
     check_request(src_format, dst_format, Path(src), Path(out), force, bits, group_size, requantize)  # fail before any bar shows
     with progress_bar("converting", enabled=not as_json) as update:
         report = convert_checkpoint(src_format, dst_format, src, out, force=force, bits=bits, group_size=group_size, progress=update, requantize=requantize)

@@ -3,23 +3,20 @@ by the standard protocol, as a table or JSON; progress on stderr."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
+from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.kernels.registry import BACKEND_HELP, check_backend_name
+from qtool.kernels.registry import BACKEND_HELP
 from qtool.eval.compare import CompareResult, compare_models, human_size
 from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import PerplexityResult, perplexity
-from qtool.checkpoints.sources import DTYPES, load_model, resolve_device
-
-
-def check_dtype(dtype: str | None) -> None:
-    if dtype is not None and dtype not in DTYPES:
-        raise QtoolError(f"--dtype {dtype} is not valid", "use " + ", ".join(DTYPES))
+from qtool.checkpoints.sources import load_model, resolve_device
 
 
 def single_table(model: str, result: PerplexityResult) -> Table:
@@ -44,15 +41,15 @@ def compare_table(result: CompareResult) -> Table:
 
 @handle_errors
 def eval_model(
-    models: Optional[list[str]] = typer.Argument(None, metavar="MODEL", help="The model to evaluate (directory, .gguf, Hub id or alias); several with --compare."),
-    compare: bool = typer.Option(False, "--compare", help="Evaluate every MODEL on the same windows and recommend one."),
-    text_source: str = typer.Option(..., "--perplexity", help="`wikitext` (wikitext-2-raw-v1 test split, needs the Hub or its cache) or a text file."),
-    windows: Optional[int] = typer.Option(None, "--windows", help="Use only the first N windows (default: all)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per window (default 2048, or the model's context if shorter)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print only the result as JSON."),
+    models: Annotated[Optional[list[str]], typer.Argument(metavar="MODEL", help="The model to evaluate (directory, .gguf, Hub id or alias); several with --compare.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Evaluate every MODEL on the same windows and recommend one.")] = False,
+    text_source: Annotated[str, typer.Option("--perplexity", help="`wikitext` (wikitext-2-raw-v1 test split, needs the Hub or its cache) or a text file.")] = ...,
+    windows: Annotated[Optional[int], typer.Option("--windows", help="Use only the first N windows (default: all).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window (default 2048, or the model's context if shorter).")] = None,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
 ) -> None:
     """Measure perplexity: exp(mean NLL) over non-overlapping windows of the tokenized text."""
     models = models or []
@@ -60,8 +57,7 @@ def eval_model(
         raise QtoolError("no model given", "qtool eval MODEL --perplexity wikitext|PATH, or --compare A B ...")
     if len(models) > 1 and not compare:
         raise QtoolError(f"{len(models)} models given without --compare", "add --compare to evaluate them side by side")
-    check_dtype(dtype)
-    check_backend_name(backend)
+    dtype, backend = plain(dtype), plain(backend)
     if compare and backend != "auto":
         raise QtoolError("--backend cannot be combined with --compare yet", "compare with the default --backend auto, or evaluate each model on its own")
     resolve_device(device)  # a bad --device fails before minutes of loading

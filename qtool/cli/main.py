@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import version as package_version
+from typing import Annotated
 
 import typer
 
@@ -17,7 +18,7 @@ app = typer.Typer(
     name="qtool",
     help="Quantize, convert, validate, evaluate and run large language models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion: the shell completes commands, flags and choices
     pretty_exceptions_enable=False,
 )
 
@@ -30,9 +31,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what qtool decides (INFO level)."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what qtool decides (INFO level).")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:

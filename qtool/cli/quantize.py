@@ -4,15 +4,16 @@ combination fails before any work; the library call does the rest; a rich bar sh
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from qtool.cli.choices import Bits, CheckpointFormat, ComputeDtype, HeadBits, Method, OutputFormat, complete_device
+from qtool.cli.config_flags import config_overrides, flag_of
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.config.schema import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
-from qtool.formats.gptq import GPTQ_BITS
 from qtool.quant.exl2_pipeline import Exl2QuantizeResult, quantize_model_exl2
 from qtool.quant.pipeline import QuantizeResult, quantize_model
 from qtool.checkpoints.sources import resolve_device
@@ -65,60 +66,60 @@ def exl2_summary_table(result: Exl2QuantizeResult) -> Table:
     return table
 
 
+# --help groups the flags by what they set, so that each panel's columns fit 80 characters
+QUANTIZATION = "Quantization"
+GPTQ_OUTPUT = "GPTQ output (--format gptq)"
+EXL2_OUTPUT = "EXL2 output (--format exl2)"
+CALIBRATION = "Calibration"
+
+
 def _refuse_gptq_flags(overrides: dict, output_format: str) -> None:
     """With EXL2 the optimizer picks widths and groups per linear: a GPTQ-only flag given there is a mistake."""
     if output_format != "exl2":
         return
-    given = [key for key in GPTQ_ONLY_FIELDS if overrides.get(key) is not None]
+    given = [field for field in GPTQ_ONLY_FIELDS if overrides.get(field) is not None]
     if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise QtoolError(f"{flag} does not apply to --format exl2", "EXL2 chooses widths and groups per linear: set --bpw (or --target-vram) instead")
+        raise QtoolError(f"{flag_of(given[0])} does not apply to {flag_of('output_format')} exl2",
+                         f"EXL2 chooses widths and groups per linear: set {flag_of('bpw')} (or {flag_of('target_vram_gb')}) instead")
 
 
 @handle_errors
 def quantize(
-    model: str = typer.Argument(..., help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m)."),
-    output: str = typer.Option(..., "--output", "-o", help="Directory to write the checkpoint to (appears only when complete)."),
-    method: Optional[str] = typer.Option(None, "--method", help="gptq (error feedback, needs calibration) or rtn (round to nearest)."),
-    bits: Optional[int] = typer.Option(None, "--bits", help=f"{', '.join(map(str, GPTQ_BITS[:-1]))} or {GPTQ_BITS[-1]}."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Input columns per scale/zero (-1: one group per output channel)."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--no-sym", help="Symmetric grid (zero point fixed at the middle) or asymmetric."),
-    desc_act: Optional[bool] = typer.Option(None, "--desc-act/--no-desc-act", help="Act order: quantize columns by descending Hessian diagonal."),
-    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups", help="With act order: fix each group's grid before the columns move."),
-    true_sequential: Optional[bool] = typer.Option(None, "--true-sequential/--no-true-sequential", help="Each group of linears sees the outputs of those quantized before it."),
-    damp: Optional[float] = typer.Option(None, "--damp", help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed)."),
-    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="Search a clipped grid per group that minimises the weight error."),
-    refine_scales: Optional[bool] = typer.Option(None, "--refine-scales/--no-refine-scales", help="After GPTQ, refit group scales to the layer's output error."),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="auto, float32, bfloat16 or float16: dtype of the calibration forwards and Hessian products (the solve stays float32); auto = bfloat16 where the hardware has it."),
-    checkpoint_format: Optional[str] = typer.Option(None, "--checkpoint-format", help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0)."),
-    output_format: Optional[str] = typer.Option(None, "--format", help="gptq (uniform width) or exl2 (mixed widths per linear for a target --bpw)."),
-    bpw: Optional[float] = typer.Option(None, "--bpw", help="exl2: average bits per weight of the decoder linears, 2.0 to 8.0 (default 4.0)."),
-    head_bits: Optional[int] = typer.Option(None, "--head-bits", help="exl2: bits of the output head: 0 keeps it float16, 6 or 8."),
-    measurement: Optional[str] = typer.Option(None, "--measurement", help="exl2: reuse the measurement.json of an earlier run of this model (skips the measurement pass)."),
-    target_vram: Optional[float] = typer.Option(None, "--target-vram", help="exl2: choose the bpw so that weights + KV cache fit this many GB of GPU memory."),
-    context_length: Optional[int] = typer.Option(None, "--context-length", help="exl2 with --target-vram: tokens of KV cache to fit (default: the model's maximum)."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="`wikitext` (needs the Hub or its cache) or a text file."),
-    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Tokens per calibration window (default 512)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random window offsets."),
-    config_file: Optional[str] = typer.Option(None, "--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N: where each layer is quantized."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    verbose: bool = typer.Option(False, "--verbose", help="Log each module's error and damping."),
-    as_json: bool = typer.Option(False, "--json", help="Print only the result as JSON."),
+    model: Annotated[str, typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")],
+    method: Annotated[Optional[Method], typer.Option("--method", rich_help_panel=QUANTIZATION, help="gptq (error feedback, needs calibration) or rtn (round to nearest).")] = None,
+    bits: Annotated[Optional[Bits], typer.Option("--bits", rich_help_panel=GPTQ_OUTPUT, help="Bits per weight of each GPTQ linear.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", rich_help_panel=GPTQ_OUTPUT, help="Input columns per scale/zero (-1: one group per output channel).")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--no-sym", rich_help_panel=GPTQ_OUTPUT, help="Symmetric grid (zero point fixed at the middle) or asymmetric.")] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", rich_help_panel=QUANTIZATION, help="Act order: quantize columns by descending Hessian diagonal.")] = None,
+    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", rich_help_panel=GPTQ_OUTPUT, help="With act order: fix each group's grid before the columns move.")] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=QUANTIZATION, help="Each group of linears sees the outputs of those quantized before it.")] = None,
+    damp: Annotated[Optional[float], typer.Option("--damp", rich_help_panel=QUANTIZATION, help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed).")] = None,
+    mse: Annotated[Optional[bool], typer.Option("--mse/--no-mse", rich_help_panel=GPTQ_OUTPUT, help="Search a clipped grid per group that minimises the weight error.")] = None,
+    refine_scales: Annotated[Optional[bool], typer.Option("--refine-scales/--no-refine-scales", rich_help_panel=QUANTIZATION, help="After GPTQ, refit group scales to the layer's output error.")] = None,
+    checkpoint_format: Annotated[Optional[CheckpointFormat], typer.Option("--checkpoint-format", rich_help_panel=GPTQ_OUTPUT, help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0).")] = None,
+    output_format: Annotated[Optional[OutputFormat], typer.Option("--format", help="gptq (uniform width) or exl2 (mixed widths per linear for a target --bpw).")] = None,
+    bpw: Annotated[Optional[float], typer.Option("--bpw", rich_help_panel=EXL2_OUTPUT, help="exl2: average bits per weight of the decoder linears, 2.0 to 8.0 (default 4.0).")] = None,
+    head_bits: Annotated[Optional[HeadBits], typer.Option("--head-bits", rich_help_panel=EXL2_OUTPUT, help="exl2: bits of the output head (0 keeps it float16).")] = None,
+    measurement: Annotated[Optional[str], typer.Option("--measurement", rich_help_panel=EXL2_OUTPUT, help="exl2: reuse the measurement.json of an earlier run of this model (skips the measurement pass).")] = None,
+    target_vram: Annotated[Optional[float], typer.Option("--target-vram", rich_help_panel=EXL2_OUTPUT, help="exl2: choose the bpw so that weights + KV cache fit this many GB of GPU memory.")] = None,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", rich_help_panel=EXL2_OUTPUT, help="exl2 with --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = None,
+    compute_dtype: Annotated[Optional[ComputeDtype], typer.Option("--compute-dtype", rich_help_panel=CALIBRATION, help="Dtype of the calibration forwards and Hessian products (the solve stays float32); auto = bfloat16 where the hardware has it.")] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", rich_help_panel=CALIBRATION, help="`wikitext` (needs the Hub or its cache) or a text file.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", rich_help_panel=CALIBRATION, help="Calibration windows (default 128).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", rich_help_panel=CALIBRATION, help="Tokens per calibration window (default 512).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
+    config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
+    device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
 ) -> None:
     """Quantize a float model into a GPTQ or EXL2 checkpoint (layer by layer, resumable)."""
-    overrides = {
-        "method": method, "bits": bits, "group_size": group_size, "sym": sym, "desc_act": desc_act,
-        "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp, "mse": mse,
-        "refine_scales": refine_scales, "compute_dtype": compute_dtype,
-        "checkpoint_format": checkpoint_format, "calibration_source": calibration, "samples": samples,
-        "seqlen": seqlen, "seed": seed, "output_format": output_format, "bpw": bpw, "head_bits": head_bits,
-        "target_vram_gb": target_vram, "context_length": context_length,
-    }
+    overrides = config_overrides(locals())  # first statement: locals() holds exactly the parsed arguments
     if bpw is not None and target_vram is not None:
         raise QtoolError("--bpw and --target-vram both choose the bits per weight", "give one of them")
-    preset = QUANTIZE_EXL2_PRESET if output_format == "exl2" else QUANTIZE_DEFAULT_PRESET
+    preset = QUANTIZE_EXL2_PRESET if overrides["output_format"] == "exl2" else QUANTIZE_DEFAULT_PRESET
     config, findings = resolve_config(config_file or preset, overrides)
     _refuse_gptq_flags(overrides, config.output_format)
     if config.output_format != "exl2" and measurement is not None:

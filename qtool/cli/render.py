@@ -24,6 +24,9 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ProgressCallback = Callable[[int, int, str], None]
 LEVEL_STYLES = {Level.ERROR: "bold red", Level.WARNING: "yellow", Level.INFO: "cyan"}
+# --help panel of the options that say where and how a model is loaded (eval, run): a panel of its own keeps the
+# long lists of choices readable at 80 columns
+MODEL_LOADING = "Model loading"
 
 
 def debug_enabled() -> bool:

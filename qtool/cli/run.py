@@ -4,15 +4,17 @@ an interactive multi-turn chat when stdin is a terminal and no prompt is given."
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
+from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
+from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.kernels.registry import BACKEND_HELP, check_backend_name
+from qtool.kernels.registry import BACKEND_HELP
 from qtool.runtime.generate import GenerationResult, GenerationSettings, Message, generate, has_chat_template
-from qtool.checkpoints.sources import DTYPES, load_model, resolve_device
+from qtool.checkpoints.sources import load_model, resolve_device
 
 EXIT_WORDS = {"/exit", "/quit"}
 
@@ -72,26 +74,24 @@ def read_terminal_line() -> str | None:
 
 @handle_errors
 def run(
-    model: str = typer.Argument(..., help="The model (directory, .gguf, Hub id or alias)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One prompt; without it: a chat on a terminal, else the prompt is read from stdin."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message (chat mode) or a preamble (--raw)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens to generate per reply."),
-    temperature: float = typer.Option(0.7, "--temperature", help="0 is greedy decoding."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass; 1 switches it off."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample from the K likeliest tokens; 0 switches it off."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling, for repeatable replies."),
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as it is, without the chat template."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)."),
-    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print {text, tokens, seconds, tokens_per_second} instead of streaming."),
+    model: Annotated[str, typer.Argument(help="The model (directory, .gguf, Hub id or alias).")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One prompt; without it: a chat on a terminal, else the prompt is read from stdin.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message (chat mode) or a preamble (--raw).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per reply.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy decoding.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 switches it off.")] = 0.9,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens; 0 switches it off.")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling, for repeatable replies.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
+    device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second} instead of streaming.")] = False,
 ) -> None:
     """Generate text from a prompt, or chat."""
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
-    if dtype is not None and dtype not in DTYPES:
-        raise QtoolError(f"--dtype {dtype} is not valid", "use " + ", ".join(DTYPES))
-    check_backend_name(backend)
+    dtype, backend = plain(dtype), plain(backend)
     resolve_device(device)
     interactive = prompt is None and sys.stdin.isatty()
     if interactive and as_json:

@@ -3,20 +3,21 @@ findings as a table or JSON. Exit 0 when clean or only warnings, 1 on errors, 2 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from qtool.cli.choices import complete_device
 from qtool.cli.render import findings_table, handle_errors, print_json, stdout
 from qtool.validate.dispatch import validate_path
 
 
 @handle_errors
 def validate(
-    path: str = typer.Argument(..., help="A config file (.yaml/.json/.toml), a preset name, or a model directory."),
-    config: Optional[str] = typer.Option(None, "--config", help="With a float model directory: check this config against the model and the device."),
-    device: str = typer.Option("auto", "--device", help="Device whose free memory the --config check uses: auto, cpu, cuda, cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    path: Annotated[str, typer.Argument(help="A config file (.yaml/.json/.toml), a preset name, or a model directory.")],
+    config: Annotated[Optional[str], typer.Option("--config", help="With a float model directory: check this config against the model and the device.")] = None,
+    device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="Device whose free memory the --config check uses: auto, cpu, cuda, cuda:N.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a config file, a quantized checkpoint or a float model directory."""
     report = validate_path(path, config_file=config, device=device)
