@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from qtool.core.config import CalibrationConfig, QuantConfig, check_config
+from qtool.config.schema import CalibrationConfig, QuantConfig, check_config
 from qtool.data.text import load_eval_text
 from qtool.eval.perplexity import perplexity
 from qtool.checkpoints.footprint import model_footprint
@@ -219,7 +219,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     entries = [grid_entry(spec) for spec in args.grid]
     if args.defaults:
-        from qtool.core.config import QUANTIZE_DEFAULT_PRESET, read_config_file
+        from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, read_config_file
 
         entries.insert(0, ("defaults", dataclasses.replace(read_config_file(QUANTIZE_DEFAULT_PRESET), calibration=protocol_calibration())))
     for bpw in filter(None, (args.exl2_curve or "").split(",")):

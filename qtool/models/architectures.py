@@ -113,6 +113,13 @@ QWEN_EXPERTS = (
 )
 
 
+def _moe_in_mlp(num_experts_field: str = "num_experts", fused_experts=QWEN_EXPERTS, **fields: Any) -> MoeSpec:
+    """The sparse block as transformers 5 lays it out in every MoE family of the table: `mlp` holding a `gate`
+    router and fused `experts`."""
+    return MoeSpec(num_experts_field=num_experts_field, block_path="mlp", router_path="mlp.gate",
+                   experts_path="mlp.experts", fused_experts=fused_experts, **fields)
+
+
 def _llama_like(model_type: str, **fields: Any) -> ArchitectureSpec:
     fields.setdefault("sequential_groups", LLAMA_GROUPS)
     fields.setdefault("fusable_groups", LLAMA_FUSABLE)
@@ -169,11 +176,8 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         model_types=("mixtral",),
         sequential_groups=(QKV, O_PROJ),
         fusable_groups=(FUSE_QKV,),
-        moe=MoeSpec(
-            num_experts_field="num_local_experts",
-            block_path="mlp",
-            router_path="mlp.gate",
-            experts_path="mlp.experts",
+        moe=_moe_in_mlp(
+            "num_local_experts",
             fused_experts=(
                 ("gate_up_proj", ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3")),
                 ("down_proj", ("block_sparse_moe.experts.{e}.w2",)),
@@ -194,40 +198,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         ),
         # a [hidden -> 1] sigmoid gate scaling the shared expert: router-like, kept in float
         excluded_linears=("mlp.shared_expert_gate",),
-        moe=MoeSpec(
-            num_experts_field="num_experts",
-            block_path="mlp",
-            router_path="mlp.gate",
-            experts_path="mlp.experts",
-            fused_experts=QWEN_EXPERTS,
-            shared_expert_path="mlp.shared_expert",
-            dense_mlp_groups=(GATE_UP, DOWN),
-        ),
+        moe=_moe_in_mlp(shared_expert_path="mlp.shared_expert", dense_mlp_groups=(GATE_UP, DOWN)),
     ),
     ArchitectureSpec(
         model_types=("qwen3_moe",),
         sequential_groups=(QKV, O_PROJ),
         fusable_groups=(FUSE_QKV,),
-        moe=MoeSpec(
-            num_experts_field="num_experts",
-            block_path="mlp",
-            router_path="mlp.gate",
-            experts_path="mlp.experts",
-            fused_experts=QWEN_EXPERTS,
-            dense_mlp_groups=(GATE_UP, DOWN),
-        ),
+        moe=_moe_in_mlp(dense_mlp_groups=(GATE_UP, DOWN)),
     ),
     ArchitectureSpec(
         model_types=("olmoe",),
         sequential_groups=(QKV, O_PROJ),
         fusable_groups=(FUSE_QKV,),
-        moe=MoeSpec(
-            num_experts_field="num_experts",
-            block_path="mlp",
-            router_path="mlp.gate",
-            experts_path="mlp.experts",
-            fused_experts=QWEN_EXPERTS,
-        ),
+        moe=_moe_in_mlp(),
     ),
 )
 
