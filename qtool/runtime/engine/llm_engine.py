@@ -100,8 +100,8 @@ class Engine:
         if self.config.kv_cache_bytes is not None:
             blocks = self.config.kv_cache_bytes // per_block
             if blocks < 1:
-                raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} bytes",
-                                 hint="raise kv_cache_bytes or lower block_size")
+                raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} "
+                                 "bytes", hint="raise kv_cache_bytes or lower block_size")
             return blocks
         context = getattr(model.config, "max_position_embeddings", 4096)
         full = self.config.max_num_seqs * math.ceil(context / self.config.block_size)
@@ -182,7 +182,8 @@ class Engine:
         batch = [prompts] if single else list(prompts)
         per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(batch):
-            raise QtoolError(f"{len(per_prompt)} sampling params for {len(batch)} prompts", hint="give one per prompt, or one for all")
+            raise QtoolError(f"{len(per_prompt)} sampling params for {len(batch)} prompts",
+                             hint="give one per prompt, or one for all")
         ids = [self.add_request(prompt, p) for prompt, p in zip(batch, per_prompt)]
         done: dict[int, RequestOutput] = {}
         while self.has_unfinished():

@@ -74,10 +74,8 @@ def engine_support(model: nn.Module) -> str | None:
         attention = decoder_layers(model, spec)[0].self_attn
     except (QtoolError, AttributeError) as exc:
         return f"the model's module tree is not the one the engine expects ({exc})"
-    if any(hasattr(attention, name) for name in ("qkv_proj",)) or not all(
-        hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
-    ):
-        return "its attention has no separate q/k/v/o projections"
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
+        return "its attention has no separate q/k/v/o projections (a fused projection is not split yet)"
     return None
 
 
@@ -155,7 +153,7 @@ class ModelRunner:
         hidden = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
-        # the model's own rotary module: rope scaling variants (llama3, yarn, linear) come out as the model computes them
+        # the model's own rotary module: rope scaling variants (llama3, yarn, linear) come out as the model's do
         cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
         for index, layer in enumerate(self.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, batch)

@@ -36,8 +36,10 @@ class SamplingParams:
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k, "an int >= 0; 0 switches it off")
         _check(0 <= self.min_p < 1, "min_p", self.min_p, "in [0, 1); 0 switches it off")
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "above 0; 1 switches it off")
-        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", self.seed, "an int >= 0 or None")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "token ids >= 0")
+        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "seed", self.seed,
+               "an int >= 0 or None")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "token ids >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
 
     @property
@@ -92,6 +94,10 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
 
 
+def _per_row(params: list[SamplingParams], field: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(p, field) for p in params], dtype=dtype, device=device)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], contexts: list[list[int]],
            generators: list[torch.Generator]) -> list[int]:
     """One token per row of logits [n, V]: row i uses params[i], the token ids in contexts[i] (for the repetition
@@ -99,18 +105,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], contexts: list[li
     if not torch.isfinite(logits).all():
         bad = sorted({int(r) for r in (~torch.isfinite(logits)).nonzero()[:, 0]})
         raise QtoolError(f"the model produced NaN or infinite logits for batch rows {bad}",
-                         hint="the weights or the KV cache overflowed: try float32 or bfloat16, or check the checkpoint")
+                         hint="the weights or the KV cache overflowed: try float32 or bfloat16, or check the model")
     logits = apply_repetition_penalty(logits.float(), contexts, [p.repetition_penalty for p in params])
     tokens = logits.argmax(dim=1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = logits[sampled]
-        column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)  # noqa: E731
         chosen = [params[i] for i in sampled]
-        filtered = filter_logits(rows, column([p.temperature for p in chosen], torch.float32),
-                                 column([p.top_k for p in chosen], torch.int64),
-                                 column([p.top_p for p in chosen], torch.float32),
-                                 column([p.min_p for p in chosen], torch.float32))
+        filtered = filter_logits(logits[sampled], _per_row(chosen, "temperature", torch.float32, logits.device),
+                                 _per_row(chosen, "top_k", torch.int64, logits.device),
+                                 _per_row(chosen, "top_p", torch.float32, logits.device),
+                                 _per_row(chosen, "min_p", torch.float32, logits.device))
         probs = filtered.softmax(dim=1)
         # Gumbel-max in its exponential form: argmax(p / E) with E ~ Exp(1) draws from p; each row's noise comes
         # from its own generator, so a request's draw does not depend on its neighbours

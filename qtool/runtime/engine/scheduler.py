@@ -1,5 +1,5 @@
-"""Continuous batching: each step picks which sequences compute how many tokens under a token budget (running
-decodes first, then running prefills, then new requests, prefills chunked), preempting by recompute when blocks run out."""
+"""Continuous batching: each step picks which sequences compute how many tokens under a token budget (decodes
+first, then running prefills, then new requests; prefills chunked), preempting by recompute when blocks run out."""
 
 from __future__ import annotations
 

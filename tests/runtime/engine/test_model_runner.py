@@ -1,5 +1,5 @@
 """The executor against transformers: greedy output token-identical to `generate` for every family it takes (tiny
-random models, prompts longer than the sliding windows, prefills chunked), a GPTQ-quantized llama, and the refusals."""
+random models, prompts longer than the sliding windows, prefills chunked), GPTQ and EXL2 llamas, and the refusals."""
 
 from __future__ import annotations
 
@@ -92,3 +92,15 @@ def test_logits_only_for_chunks_that_reach_the_last_token(tiny_llama):
     chunks = engine.scheduler.schedule()
     assert [c.num_tokens for c in chunks] == [4] and not chunks[0].samples
     assert engine.runner.execute(chunks).shape == (0, tiny_llama.config.vocab_size)
+
+
+def test_greedy_of_an_exl2_llama_matches_transformers(tiny_llama, make_random_exl2_weights, reference_greedy):
+    from qtool.kernels.exl2_linear import Exl2Linear
+
+    for name, weight in make_random_exl2_weights(tiny_llama, seed=3).items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(tiny_llama.get_submodule(parent), attribute, Exl2Linear.from_weight(weight))
+    assert isinstance(tiny_llama.model.layers[1].mlp.down_proj, Exl2Linear)
+    eos = [tiny_llama.generation_config.eos_token_id]
+    expected = [reference_greedy(tiny_llama, prompt, NEW_TOKENS, eos) for prompt in PROMPTS]
+    assert engine_greedy(tiny_llama, PROMPTS) == expected
