@@ -109,14 +109,13 @@ class BlockManager:
     def register_full_blocks(self, seq: Sequence) -> None:
         """Key seq's blocks that are now full and written, so later requests can reuse them. A block whose content
         is already cached elsewhere (two requests computed it at once) stays unkeyed and is recycled when freed."""
-        tokens = seq.token_ids
         key = None
         for index in range(seq.num_cached_tokens // self.block_size):
             block = self.blocks[seq.block_table[index]]
             if block.key is not None:  # a keyed block's key is the chain hash up to it
                 key = block.key
                 continue
-            chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
+            chunk = tuple(seq.token_slice(index * self.block_size, (index + 1) * self.block_size))
             key = chain_hash(key, chunk)
             if key not in self._by_key:
                 block.key, block.token_ids = key, chunk

@@ -145,6 +145,8 @@ class Engine:
         """Run one batch step; the requests that finished in it."""
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.has_unfinished():  # a bug, not a user error: never spin on a queue that cannot move
+                raise RuntimeError("the scheduler placed no request although some are unfinished")
             return []
         logits = self.runner.execute(chunks)
         sampling = [chunk.seq for chunk in chunks if chunk.samples]

@@ -138,7 +138,7 @@ class ModelRunner:
         ids, positions = [], []
         for chunk in chunks:
             stop = chunk.start + chunk.num_tokens
-            ids += chunk.seq.token_ids[chunk.start : stop]
+            ids += chunk.seq.token_slice(chunk.start, stop)
             positions += range(chunk.start, stop)
         batch = AttentionBatch.build([c.seq.block_table for c in chunks], [c.start + c.num_tokens for c in chunks],
                                      [c.num_tokens for c in chunks], self.cache.block_size, self.device)

@@ -90,3 +90,10 @@ def test_a_preempted_sequence_waits_at_the_front_and_no_new_request_overtakes_it
     while b.status is not SequenceStatus.PREEMPTED and scheduler.has_unfinished():
         step(scheduler)
     assert scheduler.waiting[0] is b and c in scheduler.waiting
+
+
+def test_token_slice_spans_prompt_and_output():
+    s = seq(0, 4)
+    s.output_ids = [90, 91, 92]
+    assert [s.token_slice(a, b) for a, b in [(0, 7), (2, 6), (5, 7), (4, 5)]] == [
+        s.token_ids[a:b] for a, b in [(0, 7), (2, 6), (5, 7), (4, 5)]]
