@@ -8,7 +8,8 @@ Design, one role per file:
   chunked); when blocks run out the latest-arrived running sequence is preempted (freed, requeued first, recomputed).
 - attention.py: the KV cache tensors and the torch reference paged attention (gather by block table, causal, GQA, window).
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
-  linears just work), RoPE from its rotary module, K/V written to the slots of the block tables; `engine_support(model)`.
+  linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
+  it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
 - detokenizer.py: incremental text and stop strings. llm_engine.py: Engine (add_request / step / generate, stats).
 """

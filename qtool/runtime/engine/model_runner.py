@@ -34,15 +34,19 @@ ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
     "qwen3": FamilyRecipe(sliding_window="attention"),  # q_norm/k_norm per head: the attention's own modules
     "gemma": FamilyRecipe(),  # scaled embeddings and (1 + w) norms live in the modules it calls
     "helium": FamilyRecipe(),
+    "olmo": FamilyRecipe(),  # parameter-free LayerNorms are its own modules; clip_qkv is refused in engine_support
     "starcoder2": FamilyRecipe(sliding_window="config"),
     "granite": FamilyRecipe(embedding_multiplier_field="embedding_multiplier",
                             residual_multiplier_field="residual_multiplier"),
+    # mixture of experts: the sparse block is the layer's `mlp`, routing each token on its own
+    "mixtral": FamilyRecipe(sliding_window="config"),
+    "qwen2_moe": FamilyRecipe(sliding_window="attention"),
+    "qwen3_moe": FamilyRecipe(sliding_window="attention"),
 }
 # Families of the architecture table the executor does not take, and what it would need for them.
 NOT_TAKEN: dict[str, str] = {
     "gemma2": "attention logit softcapping and sandwich (pre/post feed-forward) norms",
     "gemma3_text": "sandwich norms and a second rotary embedding for local layers",
-    "olmo": "clip_qkv clamping of q/k/v",
     "olmo2": "post-norm layers and q/k norms over the whole projection",
     "olmo3": "post-norm layers and q/k norms over the whole projection",
     "cohere": "a parallel residual and interleaved rotary embeddings",
@@ -51,6 +55,7 @@ NOT_TAKEN: dict[str, str] = {
     "phi": "partial rotary embeddings and a parallel residual",
     "phi3": "a fused qkv_proj",
     "gpt_neox": "a fused query_key_value and partial rotary embeddings",
+    "olmoe": "q/k norms over the whole projection and clip_qkv clamping",
 }
 QK_NORMS = ("q_norm", "k_norm")
 
@@ -61,8 +66,10 @@ def engine_support(model: nn.Module) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in ENGINE_FAMILIES:
         why = NOT_TAKEN.get(model_type) or ("a family outside the architecture table" if model_type not in REGISTRY
-                                           else "a family the engine has no recipe for (MoE blocks among them)")
+                                           else "a recipe in ENGINE_FAMILIES")
         return f"the engine does not run model type '{model_type}' yet: it needs {why}"
+    if getattr(config, "clip_qkv", None) is not None:
+        return "clip_qkv clamping of q/k/v is not in the engine's attention yet"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "dynamic":
         return "dynamic RoPE scaling depends on each sequence's length, which a flattened batch does not keep"
@@ -182,4 +189,6 @@ class ModelRunner:
         write_kv(key_cache, value_cache, batch.slots, k, v)
         attended = paged_attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index])
         hidden = hidden + attention.o_proj(attended.reshape(tokens, -1)) * self.residual_multiplier
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)) * self.residual_multiplier
+        # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
+        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden).unsqueeze(0)).squeeze(0)
+        return hidden + mlp_out * self.residual_multiplier

@@ -8,7 +8,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams, engine_support
-from qtool.runtime.engine.model_runner import ENGINE_FAMILIES, ModelRunner
+from qtool.runtime.engine.model_runner import ENGINE_FAMILIES, NOT_TAKEN, ModelRunner
 
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1, 77]]
 NEW_TOKENS = 8
@@ -26,6 +26,7 @@ def test_engine_families_are_in_the_architecture_table():
 
     assert set(ENGINE_FAMILIES) <= set(REGISTRY)
     assert {"llama", "mistral", "qwen2", "qwen3"} <= set(ENGINE_FAMILIES)
+    assert not set(ENGINE_FAMILIES) & set(NOT_TAKEN)
 
 
 def test_greedy_matches_transformers_generate_or_is_refused(tiny_family, build_family, reference_greedy):
@@ -84,6 +85,11 @@ def test_llama3_rope_scaling_comes_from_the_model(make_tiny_llama, reference_gre
 def test_dynamic_rope_is_refused(make_tiny_llama):
     model = make_tiny_llama(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
     assert "dynamic" in engine_support(model)
+
+
+def test_olmo_with_clip_qkv_is_refused(build_family):
+    assert engine_support(build_family("olmo")) is None
+    assert "clip_qkv" in engine_support(build_family("olmo", clip_qkv=8.0))
 
 
 def test_logits_only_for_chunks_that_reach_the_last_token(tiny_llama):
