@@ -1,0 +1,98 @@
+"""The paged KV cache tensors (per layer: [num_blocks, block_size, kv_heads, head_dim]) and the torch reference
+attention over them: each sequence's keys gathered through its block table, causal within the new chunk, GQA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    key: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, head_dim]
+    value: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[2]
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key[index], self.value[index]
+
+
+@dataclass
+class AttentionBatch:
+    """Where each sequence's new tokens sit in the flattened batch and in the cache. Sequence i's queries are rows
+    query_starts[i] : query_starts[i] + query_lens[i]; they are its last query_lens[i] of context_lens[i] tokens."""
+
+    query_starts: list[int]
+    query_lens: list[int]
+    context_lens: list[int]  # tokens with K/V in the cache once this step's are written
+    block_tables: list[list[int]]
+    slots: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
+              device: torch.device | str = "cpu") -> "AttentionBatch":
+        starts, slots, offset = [], [], 0
+        for table, context, count in zip(block_tables, context_lens, query_lens):
+            starts.append(offset)
+            offset += count
+            slots.append(cache_slots(table, range(context - count, context), block_size))
+        return cls(starts, list(query_lens), list(context_lens), block_tables,
+                   torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.long, device=device))
+
+
+def cache_slots(block_table: list[int], positions, block_size: int) -> torch.Tensor:
+    """The flat cache slot of each position of a sequence, through its block table."""
+    positions = torch.as_tensor(list(positions), dtype=torch.long)
+    table = torch.as_tensor(block_table, dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+             value: torch.Tensor) -> None:
+    """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype)."""
+    kv_heads, head_dim = key_cache.shape[-2:]
+    key_cache.view(-1, kv_heads, head_dim)[slots] = key.to(key_cache.dtype)
+    value_cache.view(-1, kv_heads, head_dim)[slots] = value.to(value_cache.dtype)
+
+
+def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: AttentionBatch,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v for every sequence of a ragged batch, q [T, heads, head_dim] -> same shape.
+    A query at position p sees the keys at positions j <= p, and with a sliding window only j > p - window (the
+    window counts the query itself, as transformers' masks do). Scores and softmax are float32."""
+    heads, head_dim = query.shape[1:]
+    kv_heads = key_cache.shape[-2]
+    group = heads // kv_heads
+    flat_keys = key_cache.view(-1, kv_heads, head_dim)
+    flat_values = value_cache.view(-1, kv_heads, head_dim)
+    out = torch.empty_like(query)
+    for start, count, context, table in zip(batch.query_starts, batch.query_lens, batch.context_lens,
+                                            batch.block_tables):
+        slots = cache_slots(table, range(context), key_cache.shape[1]).to(query.device)
+        # [context, kv_heads, d] -> [heads, context, d]: query head h reads kv head h // group
+        keys = flat_keys[slots].to(query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        values = flat_values[slots].to(query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
+        scores = torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale
+        q_pos = torch.arange(context - count, context, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(context, device=query.device).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(query.dtype)
+        out[start : start + count] = torch.matmul(weights, values).transpose(0, 1)
+    return out

@@ -1,0 +1,208 @@
+"""The engine's front: requests in (text or token ids, each with its SamplingParams), one step at a time through
+scheduler, model runner and sampler, results out (text, ids, finish reason, timings) with cache and preemption stats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence as Seq
+
+import torch
+from torch import nn
+
+from qtool.core.errors import QtoolError
+from qtool.runtime.engine.block_manager import BlockManager
+from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
+from qtool.runtime.engine.model_runner import ModelRunner
+from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample
+from qtool.runtime.engine.scheduler import Scheduler
+from qtool.runtime.engine.sequence import Sequence
+from qtool.runtime.generate import stop_token_ids
+
+# KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
+DEFAULT_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV cache block (and per prefix-cache key)
+    num_blocks: int | None = None  # KV cache blocks; or size the cache by kv_cache_bytes
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64  # sequences in the running batch at most
+    max_num_batched_tokens: int = 2048  # tokens computed per step at most (prefills are chunked to fit)
+    kv_dtype: torch.dtype | None = None  # None: the model's dtype
+
+    def __post_init__(self) -> None:
+        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
+        if self.num_blocks is not None and self.kv_cache_bytes is not None:
+            raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
+        for field in ("num_blocks", "kv_cache_bytes"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated ids, the stop token included when one ended the request
+    text: str  # the generated text (special tokens skipped), cut before a stop string
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens or the model's context)
+    time_to_first_token_s: float
+    seconds: float  # from add_request to the finish
+    tokens_per_second: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EngineStats:
+    prefix_hit_requests: int
+    saved_prompt_tokens: int
+    preemptions: int
+    evictions: int
+    blocks_used: int
+    blocks_free: int
+    num_blocks: int
+    steps: int
+    generated_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Engine:
+    """Paged-KV, prefix-caching, continuously batching generation over an already-loaded model (float, GPTQ or
+    EXL2 linears alike). `engine_support(model)` says beforehand whether its family can run here."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: EngineConfig = EngineConfig()):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype)
+        self.blocks = BlockManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_ids = tuple(self._eos_ids())
+        self.max_context = getattr(model.config, "max_position_embeddings", None)
+        self._next_id = 0
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._steps = 0
+        self._generated = 0
+
+    def _blocks_for_budget(self, model: nn.Module) -> int:
+        per_block = ModelRunner.kv_bytes_per_block(model, self.config.block_size, self.config.kv_dtype)
+        if self.config.kv_cache_bytes is not None:
+            blocks = self.config.kv_cache_bytes // per_block
+            if blocks < 1:
+                raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} "
+                                 "bytes", hint="raise kv_cache_bytes or lower block_size")
+            return blocks
+        context = getattr(model.config, "max_position_embeddings", 4096)
+        full = self.config.max_num_seqs * math.ceil(context / self.config.block_size)
+        return max(1, min(full, DEFAULT_KV_CACHE_BYTES // per_block))
+
+    def _eos_ids(self) -> list[int]:
+        if self.tokenizer is not None:
+            return stop_token_ids(self.model, self.tokenizer)
+        value = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return [int(t) for t in (value if isinstance(value, (list, tuple)) else [value]) if t is not None]
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams()) -> int:
+        """Queue a request (text goes through the tokenizer, its BOS rule included); returns its id."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise QtoolError("a text prompt needs a tokenizer", hint="pass tokenizer= to Engine, or token ids")
+            prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise QtoolError("the prompt is empty", hint="give at least one token")
+        if self.max_context and len(prompt_ids) >= self.max_context:
+            raise QtoolError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {self.max_context}",
+                             hint="shorten the prompt")
+        seq = Sequence(self._next_id, prompt_ids, params, request_generator(params.seed, self.runner.device),
+                       eos_ids=self.eos_ids, max_context=self.max_context)
+        needed = self.blocks.blocks_for(seq.token_limit())
+        if needed > self.num_blocks:
+            raise QtoolError(f"request {seq.seq_id} may need {needed} KV cache blocks, the cache has {self.num_blocks}",
+                             hint="lower max_tokens or give the engine more num_blocks / kv_cache_bytes")
+        self._next_id += 1
+        if self.tokenizer is not None:
+            self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch step; the requests that finished in it."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            if self.has_unfinished():  # a bug, not a user error: never spin on a queue that cannot move
+                raise RuntimeError("the scheduler placed no request although some are unfinished")
+            return []
+        logits = self.runner.execute(chunks)
+        sampling = [chunk.seq for chunk in chunks if chunk.samples]
+        contexts = [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in sampling]
+        tokens = sample(logits, [s.params for s in sampling], contexts, [s.generator for s in sampling])
+        self.scheduler.update(chunks, tokens)
+        self._steps += 1
+        self._generated += len(tokens)
+        for seq, token in zip(sampling, tokens):
+            detokenizer = self._detokenizers.get(seq.seq_id)
+            if detokenizer is not None and not seq.stops_on(token) and detokenizer.add(token):
+                seq.finish("stop")  # a stop string: its tokens stay in token_ids, the text ends before it
+        return [self._output(seq) for seq in self.scheduler.retire_finished()]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        detokenizer = self._detokenizers.pop(seq.seq_id, None)
+        if detokenizer is not None:
+            detokenizer.flush()
+        seconds = seq.finish_time - seq.arrival_time
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=detokenizer.text if detokenizer is not None else "",
+            finish_reason=seq.finish_reason,
+            time_to_first_token_s=seq.first_token_time - seq.arrival_time,
+            seconds=seconds,
+            tokens_per_second=len(seq.output_ids) / seconds if seconds > 0 else float("inf"),
+        )
+
+    def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],
+                 params: SamplingParams | Seq[SamplingParams] = SamplingParams()) -> list[RequestOutput]:
+        """Run prompts (one or a list; text or token ids) to completion, batched; results in prompt order."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        per_prompt = [params] * len(batch) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(batch):
+            raise QtoolError(f"{len(per_prompt)} sampling params for {len(batch)} prompts",
+                             hint="give one per prompt, or one for all")
+        ids = [self.add_request(prompt, p) for prompt, p in zip(batch, per_prompt)]
+        done: dict[int, RequestOutput] = {}
+        while self.has_unfinished():
+            for output in self.step():
+                done[output.request_id] = output
+        return [done[i] for i in ids]
+
+    def stats(self) -> EngineStats:
+        cache = self.blocks.stats()
+        return EngineStats(
+            prefix_hit_requests=cache.prefix_hit_requests,
+            saved_prompt_tokens=cache.saved_prompt_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            evictions=cache.evictions,
+            blocks_used=cache.blocks_used,
+            blocks_free=cache.blocks_free,
+            num_blocks=self.num_blocks,
+            steps=self._steps,
+            generated_tokens=self._generated,
+        )

@@ -1,0 +1,194 @@
+"""The decoder executor: runs an already-loaded HF model's own modules (embedding, norms, q/k/v/o, MLP, head: float
+or quantized linears alike) over one flattened ragged batch, with RoPE from the model's rotary module and paged KV."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtool.core.errors import QtoolError
+from qtool.models.architectures import REGISTRY, decoder_layers, get_module
+from qtool.models.layerwise import head_logits
+from qtool.runtime.engine.attention import AttentionBatch, KVCache, paged_attention, write_kv
+from qtool.runtime.engine.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """What differs between the standard pre-norm attention + MLP families the executor takes."""
+
+    # where a layer's sliding window is read: "attention" (the module's own per-layer attribute), "config"
+    # (config.sliding_window for every layer), or None (no window)
+    sliding_window: str | None = None
+    embedding_multiplier_field: str | None = None  # config field scaling the embeddings (Granite)
+    residual_multiplier_field: str | None = None  # config field scaling each branch before the residual add (Granite)
+
+
+ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
+    "llama": FamilyRecipe(),
+    "mistral": FamilyRecipe(sliding_window="config"),
+    "qwen2": FamilyRecipe(sliding_window="attention"),
+    "qwen3": FamilyRecipe(sliding_window="attention"),  # q_norm/k_norm per head: the attention's own modules
+    "gemma": FamilyRecipe(),  # scaled embeddings and (1 + w) norms live in the modules it calls
+    "helium": FamilyRecipe(),
+    "olmo": FamilyRecipe(),  # parameter-free LayerNorms are its own modules; clip_qkv is refused in engine_support
+    "starcoder2": FamilyRecipe(sliding_window="config"),
+    "granite": FamilyRecipe(embedding_multiplier_field="embedding_multiplier",
+                            residual_multiplier_field="residual_multiplier"),
+    # mixture of experts: the sparse block is the layer's `mlp`, routing each token on its own
+    "mixtral": FamilyRecipe(sliding_window="config"),
+    "qwen2_moe": FamilyRecipe(sliding_window="attention"),
+    "qwen3_moe": FamilyRecipe(sliding_window="attention"),
+}
+# Families of the architecture table the executor does not take, and what it would need for them.
+NOT_TAKEN: dict[str, str] = {
+    "gemma2": "attention logit softcapping and sandwich (pre/post feed-forward) norms",
+    "gemma3_text": "sandwich norms and a second rotary embedding for local layers",
+    "olmo2": "post-norm layers and q/k norms over the whole projection",
+    "olmo3": "post-norm layers and q/k norms over the whole projection",
+    "cohere": "a parallel residual and interleaved rotary embeddings",
+    "cohere2": "a parallel residual and interleaved rotary embeddings",
+    "stablelm": "partial rotary embeddings (and an optional parallel residual)",
+    "phi": "partial rotary embeddings and a parallel residual",
+    "phi3": "a fused qkv_proj",
+    "gpt_neox": "a fused query_key_value and partial rotary embeddings",
+    "olmoe": "q/k norms over the whole projection and clip_qkv clamping",
+}
+QK_NORMS = ("q_norm", "k_norm")
+
+
+def engine_support(model: nn.Module) -> str | None:
+    """None when the engine can run `model`, else why not (callers fall back to transformers' generate)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ENGINE_FAMILIES:
+        why = NOT_TAKEN.get(model_type) or ("a family outside the architecture table" if model_type not in REGISTRY
+                                           else "a recipe in ENGINE_FAMILIES")
+        return f"the engine does not run model type '{model_type}' yet: it needs {why}"
+    if getattr(config, "clip_qkv", None) is not None:
+        return "clip_qkv clamping of q/k/v is not in the engine's attention yet"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "dynamic":
+        return "dynamic RoPE scaling depends on each sequence's length, which a flattened batch does not keep"
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings are not in the engine's attention yet"
+    spec = REGISTRY[model_type]
+    try:
+        get_module(model, spec.layers_path.rpartition(".")[0] + ".rotary_emb")
+        attention = decoder_layers(model, spec)[0].self_attn
+    except (QtoolError, AttributeError) as exc:
+        return f"the model's module tree is not the one the engine expects ({exc})"
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
+        return "its attention has no separate q/k/v/o projections (a fused projection is not split yet)"
+    return None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] rotated by cos/sin [T, d] (the rotate-half layout of the families taken)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class ModelRunner:
+    """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
+
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+        reason = engine_support(model)
+        if reason is not None:
+            raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
+        self.model = model
+        self.config = model.config
+        self.spec = REGISTRY[self.config.model_type]
+        self.recipe = ENGINE_FAMILIES[self.config.model_type]
+        self.layers = decoder_layers(model, self.spec)
+        self.embed = get_module(model, self.spec.embed_path)
+        self.rotary = get_module(model, self.spec.layers_path.rpartition(".")[0] + ".rotary_emb")
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.kv_heads = self.config.num_key_value_heads
+        self.kv_dtype = kv_dtype or self.dtype
+        self.cache = KVCache.allocate(len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim,
+                                      self.kv_dtype, self.device)
+        self.windows = [self._sliding_window(layer) for layer in self.layers]
+        self.embedding_multiplier = self._config_multiplier(self.recipe.embedding_multiplier_field)
+        self.residual_multiplier = self._config_multiplier(self.recipe.residual_multiplier_field)
+
+    @staticmethod
+    def kv_bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+        config = model.config
+        attention = decoder_layers(model)[0].self_attn
+        dtype = kv_dtype or model.get_input_embeddings().weight.dtype
+        return KVCache.bytes_per_block(config.num_hidden_layers, block_size, config.num_key_value_heads,
+                                       attention.head_dim, dtype)
+
+    def _sliding_window(self, layer: nn.Module) -> int | None:
+        if self.recipe.sliding_window == "attention":
+            return getattr(layer.self_attn, "sliding_window", None)
+        if self.recipe.sliding_window == "config":
+            return getattr(self.config, "sliding_window", None)
+        return None
+
+    def _config_multiplier(self, field: str | None) -> float:
+        return 1.0 if field is None else float(getattr(self.config, field))
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """Token ids [T], positions [T] and the attention metadata of the flattened batch (no padding)."""
+        ids, positions = [], []
+        for chunk in chunks:
+            stop = chunk.start + chunk.num_tokens
+            ids += chunk.seq.token_slice(chunk.start, stop)
+            positions += range(chunk.start, stop)
+        batch = AttentionBatch.build([c.seq.block_table for c in chunks], [c.start + c.num_tokens for c in chunks],
+                                     [c.num_tokens for c in chunks], self.cache.block_size, self.device)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), batch
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Compute the chunks' K/V into the cache and return the logits [n, vocab] (float32) of the chunks that
+        reach their sequence's last token, in chunk order."""
+        input_ids, positions, batch = self.prepare(chunks)
+        hidden = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        # the model's own rotary module: rope scaling variants (llama3, yarn, linear) come out as the model's do
+        cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
+        for index, layer in enumerate(self.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, batch)
+        last_rows, row = [], -1
+        for chunk in chunks:
+            row += chunk.num_tokens
+            if chunk.samples:
+                last_rows.append(row)
+        if not last_rows:
+            return torch.empty(0, self.config.vocab_size, device=self.device)
+        rows = torch.tensor(last_rows, device=self.device)
+        return head_logits(self.model, hidden[rows], spec=self.spec).float()
+
+    def _layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               batch: AttentionBatch) -> torch.Tensor:
+        attention = layer.self_attn
+        tokens = hidden.shape[0]
+        x = layer.input_layernorm(hidden)
+        q = attention.q_proj(x).view(tokens, -1, self.head_dim)
+        k = attention.k_proj(x).view(tokens, -1, self.head_dim)
+        v = attention.v_proj(x).view(tokens, -1, self.head_dim)
+        if all(hasattr(attention, name) for name in QK_NORMS):  # Qwen3: RMSNorm over each head, before RoPE
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_cache, value_cache = self.cache.layer(index)
+        write_kv(key_cache, value_cache, batch.slots, k, v)
+        attended = paged_attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index])
+        hidden = hidden + attention.o_proj(attended.reshape(tokens, -1)) * self.residual_multiplier
+        # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
+        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden).unsqueeze(0)).squeeze(0)
+        return hidden + mlp_out * self.residual_multiplier

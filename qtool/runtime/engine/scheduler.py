@@ -1,0 +1,114 @@
+"""Continuous batching: each step picks which sequences compute how many tokens under a token budget (decodes
+first, then running prefills, then new requests; prefills chunked), preempting by recompute when blocks run out."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from qtool.runtime.engine.block_manager import BlockManager
+from qtool.runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_tokens` of seq's tokens, from its first uncached one, computed this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_cached_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether the chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()  # new and preempted sequences, in the order they will be admitted
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        """This step's chunks. A running sequence that cannot get a block preempts the latest-arrived running
+        sequence not yet scheduled this step (itself if it is the latest); new requests wait while that happens."""
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[int] = set()
+        preempted = False
+        # decodes (one uncached token) first, so a long prompt never stalls the replies under way
+        for seq in sorted(self.running, key=lambda s: (s.num_uncached_tokens > 1, s.seq_id)):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            count = min(seq.num_uncached_tokens, budget)
+            while not self.blocks.can_grow(seq, seq.num_cached_tokens + count):
+                victim = max((s for s in self.running if s.seq_id not in scheduled), key=lambda s: s.seq_id)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.blocks.grow(seq, seq.num_cached_tokens + count)
+                chunks.append(ScheduledChunk(seq, count))
+                scheduled.add(seq.seq_id)
+                budget -= count
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            matched = self.blocks.match_prefix(seq)
+            cached = len(matched) * self.blocks.block_size
+            count = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_admit(matched, cached + count):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.blocks.admit(seq, matched)
+            self.blocks.grow(seq, cached + count)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, count))
+            budget -= count
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and put it at the front of the queue; it keeps its tokens (prompt and output so far)
+        and recomputes their K/V when readmitted, reusing whatever of them is still in the prefix cache."""
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, chunks: list[ScheduledChunk], tokens: list[int]) -> None:
+        """Record a finished step: the chunks' K/V are in the cache, and each sampling chunk's sequence gets its
+        token (tokens in the order of the sampling chunks)."""
+        sampled = iter(tokens)
+        for chunk in chunks:
+            seq = chunk.seq
+            samples = chunk.samples  # read before the cached count moves
+            seq.num_cached_tokens += chunk.num_tokens
+            self.blocks.register_full_blocks(seq)
+            if samples:
+                seq.append_token(next(sampled))
+
+    def retire_finished(self) -> list[Sequence]:
+        """Sequences with a finish reason leave the batch and release their blocks (keyed ones stay cached)."""
+        done = [seq for seq in self.running if seq.finish_reason is not None]
+        for seq in done:
+            self.blocks.free(seq)
+            seq.status = SequenceStatus.FINISHED
+            self.running.remove(seq)
+        return done
