@@ -154,7 +154,9 @@ def _check_weight_files(directory: Path, allow_pickle: bool) -> None:
     if not has_safetensors and pickles and not allow_pickle:
         raise QtoolError(
             f"{directory} holds only pickled weights ({pickles[0].name}); qtool does not unpickle by default",
-            "convert them to safetensors, or pass --allow-pickle to load them weights-only",
+            # no qtool command loads pickles (unpickling runs code): the user converts them once, knowingly
+            "if you trust the files, convert them to safetensors once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True), then pass OUT",
         )
     if not has_safetensors and not pickles:
         raise QtoolError(f"{directory} has no weight files (*.safetensors)", "point at a complete model directory")
