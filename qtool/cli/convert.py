@@ -4,7 +4,7 @@ was kept exactly, what was rounded, and the logits check."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -12,7 +12,9 @@ from rich.table import Table
 from qtool.cli.choices import GptqBits, HeadBits, SourceFormat, TargetFormat, plain
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.convert.convert import ConversionReport, Requantize, check_request, convert_checkpoint
+
+if TYPE_CHECKING:  # the conversions import torch: the command imports them when it runs
+    from qtool.convert.convert import ConversionReport
 
 WORST_SHOWN = 8
 
@@ -57,12 +59,12 @@ def convert(
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="exl2 -> gptq: GPTQ group size (default: the largest that cuts every EXL2 group).")] = None,
     bpw: Annotated[Optional[float], typer.Option("--bpw", help="gptq -> exl2: quantize again to this bits per weight (2.0..8.0) instead of repacking; needs --calibration.")] = None,
     calibration: Annotated[Optional[str], typer.Option("--calibration", help="With --bpw: `wikitext` or a text file.")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="With --bpw: calibration windows.")] = 128,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="With --bpw: tokens per calibration window.")] = 512,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="With --bpw: calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option("--seqlen", min=1, help="With --bpw: tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option("--seed", help="With --bpw: seed of the window choice.")] = 0,
     head_bits: Annotated[HeadBits, typer.Option("--head-bits", help="With --bpw: bits of the output head (0 keeps it float16).")] = HeadBits(0),
     target_vram: Annotated[Optional[float], typer.Option("--target-vram", help="gptq -> exl2: quantize again to the bpw at which weights + KV cache fit this many GB; needs --calibration.")] = None,
-    context_length: Annotated[int, typer.Option("--context-length", help="With --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = 0,
+    context_length: Annotated[int, typer.Option("--context-length", min=0, help="With --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the report as JSON.")] = False,
 ) -> None:
@@ -73,6 +75,8 @@ def convert(
     if bpw is None and target_vram is None and calibration is not None:
         raise QtoolError("--calibration applies with --bpw or --target-vram only", "add --bpw X to quantize again, or drop --calibration")
     src_format, dst_format, bits = plain(src_format), plain(dst_format), plain(bits)
+    from qtool.convert.convert import Requantize, check_request, convert_checkpoint
+
     requantize = None
     if bpw is not None or target_vram is not None:
         requantize = Requantize(bpw=bpw, calibration=calibration or "", samples=samples, seqlen=seqlen, seed=seed, head_bits=plain(head_bits),

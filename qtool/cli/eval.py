@@ -3,7 +3,7 @@ by the standard protocol, as a table or JSON; progress on stderr."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -12,11 +12,11 @@ from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.kernels.registry import BACKEND_HELP
-from qtool.eval.compare import CompareResult, compare_models, human_size
-from qtool.data.text import load_eval_text
-from qtool.eval.perplexity import PerplexityResult, perplexity
-from qtool.checkpoints.sources import load_model, resolve_device
+from qtool.kernels.backend_names import BACKEND_HELP
+
+if TYPE_CHECKING:  # these import torch: the command imports them when it runs
+    from qtool.eval.compare import CompareResult
+    from qtool.eval.perplexity import PerplexityResult
 
 
 def single_table(model: str, result: PerplexityResult) -> Table:
@@ -28,6 +28,8 @@ def single_table(model: str, result: PerplexityResult) -> Table:
 
 
 def compare_table(result: CompareResult) -> Table:
+    from qtool.eval.compare import human_size
+
     table = Table(title=f"perplexity over {result.windows} windows of {result.seqlen} tokens")
     table.add_column("model", overflow="fold")
     table.add_column("format")
@@ -44,8 +46,8 @@ def eval_model(
     models: Annotated[Optional[list[str]], typer.Argument(metavar="MODEL", help="The model to evaluate (directory, .gguf, Hub id or alias); several with --compare.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Evaluate every MODEL on the same windows and recommend one.")] = False,
     text_source: Annotated[str, typer.Option("--perplexity", help="`wikitext` (wikitext-2-raw-v1 test split, needs the Hub or its cache) or a text file.")] = ...,
-    windows: Annotated[Optional[int], typer.Option("--windows", help="Use only the first N windows (default: all).")] = None,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="Tokens per window (default 2048, or the model's context if shorter).")] = None,
+    windows: Annotated[Optional[int], typer.Option("--windows", min=1, help="Use only the first N windows (default: all).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", min=1, help="Tokens per window (default 2048, or the model's context if shorter).")] = None,
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
@@ -60,6 +62,11 @@ def eval_model(
     dtype, backend = plain(dtype), plain(backend)
     if compare and backend != "auto":
         raise QtoolError("--backend cannot be combined with --compare yet", "compare with the default --backend auto, or evaluate each model on its own")
+    from qtool.checkpoints.sources import load_model, resolve_device
+    from qtool.data.text import load_eval_text
+    from qtool.eval.compare import compare_models
+    from qtool.eval.perplexity import perplexity
+
     resolve_device(device)  # a bad --device fails before minutes of loading
     text = load_eval_text(text_source)
     if compare:

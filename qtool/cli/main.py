@@ -1,9 +1,11 @@
-"""The qtool command line: one Typer app; each command lives in its own module and calls one library function."""
+"""The qtool command line: one Typer app; each command lives in its own module and calls one library function.
+Built without torch or transformers: each command imports the library when it runs (`qtool --help` is instant)."""
 
 from __future__ import annotations
 
 import logging
-from importlib.metadata import version as package_version
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -13,9 +15,12 @@ from qtool.cli import eval as eval_command
 from qtool.cli import quantize as quantize_command
 from qtool.cli import run as run_command
 from qtool.cli import validate as validate_command
+from qtool.cli.exits import begin_run
+from qtool.cli.help_format import QtoolCommand, QtoolGroup
 
 app = typer.Typer(
     name="qtool",
+    cls=QtoolGroup,
     help="Quantize, convert, validate, evaluate and run large language models.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion: the shell completes commands, flags and choices
@@ -25,8 +30,22 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
+        from importlib.metadata import version as package_version  # ~50 ms of imports (email, zipfile) only --version needs
+
         typer.echo(f"qtool {package_version('qtool')}")
         raise typer.Exit()
+
+
+def quiet_transformers_progress() -> None:
+    """qtool draws its own progress bars; transformers' per-tensor loading bars would interleave with them."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    else:
+        # not imported yet (and not imported here, for start-up time): both transformers and huggingface_hub read
+        # this when they are; a value the user set wins
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.callback()
@@ -35,16 +54,14 @@ def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what qtool decides (INFO level).")] = False,
 ) -> None:
+    begin_run(debug)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        # qtool draws its own progress bars; transformers' per-tensor loading bars would interleave with them.
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+        quiet_transformers_progress()
 
 
-app.command("quantize")(quantize_command.quantize)
-app.command("convert")(convert_command.convert)
-app.command("validate")(validate_command.validate)
-app.command("eval")(eval_command.eval_model)
-app.command("run")(run_command.run)
+app.command("quantize", cls=QtoolCommand)(quantize_command.quantize)
+app.command("convert", cls=QtoolCommand)(convert_command.convert)
+app.command("validate", cls=QtoolCommand)(validate_command.validate)
+app.command("eval", cls=QtoolCommand)(eval_command.eval_model)
+app.command("run", cls=QtoolCommand)(run_command.run)

@@ -4,19 +4,21 @@ combination fails before any work; the library call does the rest; a rich bar sh
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from qtool.cli.choices import Bits, CheckpointFormat, ComputeDtype, HeadBits, Method, OutputFormat, complete_device
 from qtool.cli.config_flags import config_overrides, flag_of
+from qtool.cli.preset_defaults import exl2_default, gptq_default, shared_default
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.config.schema import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
-from qtool.quant.exl2_pipeline import Exl2QuantizeResult, quantize_model_exl2
-from qtool.quant.pipeline import QuantizeResult, quantize_model
-from qtool.checkpoints.sources import resolve_device
+
+if TYPE_CHECKING:  # the pipelines import torch: the command imports them when it runs
+    from qtool.quant.exl2_pipeline import Exl2QuantizeResult
+    from qtool.quant.pipeline import QuantizeResult
 
 
 def summary_table(result: QuantizeResult) -> Table:
@@ -66,11 +68,13 @@ def exl2_summary_table(result: Exl2QuantizeResult) -> Table:
     return table
 
 
-# --help groups the flags by what they set, so that each panel's columns fit 80 characters
-QUANTIZATION = "Quantization"
+# --help groups the options by what they set, and the --x/--no-x switches apart: a panel's columns (names, the
+# negative names, types, help) share 80 characters, and a switch's two long names beside a long type leave the help
+# too narrow and cut names with "…" (tests/cli/test_help_layout.py renders each at 80 columns)
+SWITCHES = "Switches"
 GPTQ_OUTPUT = "GPTQ output (--format gptq)"
 EXL2_OUTPUT = "EXL2 output (--format exl2)"
-CALIBRATION = "Calibration"
+CALIBRATION = "Calibration and Hessian"
 
 
 def _refuse_gptq_flags(overrides: dict, output_format: str) -> None:
@@ -87,28 +91,28 @@ def _refuse_gptq_flags(overrides: dict, output_format: str) -> None:
 def quantize(
     model: Annotated[str, typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")],
-    method: Annotated[Optional[Method], typer.Option("--method", rich_help_panel=QUANTIZATION, help="gptq (error feedback, needs calibration) or rtn (round to nearest).")] = None,
-    bits: Annotated[Optional[Bits], typer.Option("--bits", rich_help_panel=GPTQ_OUTPUT, help="Bits per weight of each GPTQ linear.")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", rich_help_panel=GPTQ_OUTPUT, help="Input columns per scale/zero (-1: one group per output channel).")] = None,
-    sym: Annotated[Optional[bool], typer.Option("--sym/--no-sym", rich_help_panel=GPTQ_OUTPUT, help="Symmetric grid (zero point fixed at the middle) or asymmetric.")] = None,
-    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", rich_help_panel=QUANTIZATION, help="Act order: quantize columns by descending Hessian diagonal.")] = None,
-    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", rich_help_panel=GPTQ_OUTPUT, help="With act order: fix each group's grid before the columns move.")] = None,
-    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=QUANTIZATION, help="Each group of linears sees the outputs of those quantized before it.")] = None,
-    damp: Annotated[Optional[float], typer.Option("--damp", rich_help_panel=QUANTIZATION, help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed).")] = None,
-    mse: Annotated[Optional[bool], typer.Option("--mse/--no-mse", rich_help_panel=GPTQ_OUTPUT, help="Search a clipped grid per group that minimises the weight error.")] = None,
-    refine_scales: Annotated[Optional[bool], typer.Option("--refine-scales/--no-refine-scales", rich_help_panel=QUANTIZATION, help="After GPTQ, refit group scales to the layer's output error.")] = None,
-    checkpoint_format: Annotated[Optional[CheckpointFormat], typer.Option("--checkpoint-format", rich_help_panel=GPTQ_OUTPUT, help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0).")] = None,
     output_format: Annotated[Optional[OutputFormat], typer.Option("--format", help="gptq (uniform width) or exl2 (mixed widths per linear for a target --bpw).")] = None,
-    bpw: Annotated[Optional[float], typer.Option("--bpw", rich_help_panel=EXL2_OUTPUT, help="exl2: average bits per weight of the decoder linears, 2.0 to 8.0 (default 4.0).")] = None,
-    head_bits: Annotated[Optional[HeadBits], typer.Option("--head-bits", rich_help_panel=EXL2_OUTPUT, help="exl2: bits of the output head (0 keeps it float16).")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", show_default=shared_default("method"), help="gptq (error feedback, needs calibration) or rtn (round to nearest).")] = None,
+    bits: Annotated[Optional[Bits], typer.Option("--bits", show_default=gptq_default("bits"), rich_help_panel=GPTQ_OUTPUT, help="Bits per weight of each GPTQ linear.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", show_default=gptq_default("group_size"), rich_help_panel=GPTQ_OUTPUT, help="Input columns per scale/zero (-1: one group per output channel).")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--no-sym", show_default=gptq_default("sym"), rich_help_panel=SWITCHES, help="gptq: symmetric grid (zero point fixed at the middle) or asymmetric.")] = None,
+    desc_act: Annotated[Optional[bool], typer.Option("--desc-act/--no-desc-act", show_default=shared_default("desc_act"), rich_help_panel=SWITCHES, help="Act order: quantize columns by descending Hessian diagonal.")] = None,
+    static_groups: Annotated[Optional[bool], typer.Option("--static-groups/--no-static-groups", show_default=gptq_default("static_groups"), rich_help_panel=SWITCHES, help="gptq, with act order: fix each group's grid before the columns move.")] = None,
+    true_sequential: Annotated[Optional[bool], typer.Option("--true-sequential/--no-true-sequential", show_default=shared_default("true_sequential"), rich_help_panel=SWITCHES, help="Each group of linears sees the outputs of those quantized before it.")] = None,
+    damp: Annotated[Optional[float], typer.Option("--damp", show_default=shared_default("damp"), rich_help_panel=CALIBRATION, help="Hessian damping as a fraction of its mean diagonal (raised automatically when needed).")] = None,
+    mse: Annotated[Optional[bool], typer.Option("--mse/--no-mse", show_default=gptq_default("mse"), rich_help_panel=SWITCHES, help="gptq: search a clipped grid per group that minimises the weight error.")] = None,
+    refine_scales: Annotated[Optional[bool], typer.Option("--refine-scales/--no-refine-scales", show_default=shared_default("refine_scales"), rich_help_panel=SWITCHES, help="After GPTQ, refit group scales to the layer's output error.")] = None,
+    checkpoint_format: Annotated[Optional[CheckpointFormat], typer.Option("--checkpoint-format", show_default=gptq_default("checkpoint_format"), rich_help_panel=GPTQ_OUTPUT, help="gptq (v1 zeros, read everywhere) or gptq_v2 (keeps asym zero 0).")] = None,
+    bpw: Annotated[Optional[float], typer.Option("--bpw", show_default=exl2_default("bpw"), rich_help_panel=EXL2_OUTPUT, help="exl2: average bits per weight of the decoder linears, 2.0 to 8.0.")] = None,
+    head_bits: Annotated[Optional[HeadBits], typer.Option("--head-bits", show_default=exl2_default("head_bits"), rich_help_panel=EXL2_OUTPUT, help="exl2: bits of the output head (0 keeps it float16).")] = None,
     measurement: Annotated[Optional[str], typer.Option("--measurement", rich_help_panel=EXL2_OUTPUT, help="exl2: reuse the measurement.json of an earlier run of this model (skips the measurement pass).")] = None,
     target_vram: Annotated[Optional[float], typer.Option("--target-vram", rich_help_panel=EXL2_OUTPUT, help="exl2: choose the bpw so that weights + KV cache fit this many GB of GPU memory.")] = None,
-    context_length: Annotated[Optional[int], typer.Option("--context-length", rich_help_panel=EXL2_OUTPUT, help="exl2 with --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = None,
-    compute_dtype: Annotated[Optional[ComputeDtype], typer.Option("--compute-dtype", rich_help_panel=CALIBRATION, help="Dtype of the calibration forwards and Hessian products (the solve stays float32); auto = bfloat16 where the hardware has it.")] = None,
-    calibration: Annotated[Optional[str], typer.Option("--calibration", rich_help_panel=CALIBRATION, help="`wikitext` (needs the Hub or its cache) or a text file.")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", rich_help_panel=CALIBRATION, help="Calibration windows (default 128).")] = None,
-    seqlen: Annotated[Optional[int], typer.Option("--seqlen", rich_help_panel=CALIBRATION, help="Tokens per calibration window (default 512).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
+    context_length: Annotated[Optional[int], typer.Option("--context-length", min=0, rich_help_panel=EXL2_OUTPUT, help="exl2 with --target-vram: tokens of KV cache to fit (default: the model's maximum).")] = None,
+    compute_dtype: Annotated[Optional[ComputeDtype], typer.Option("--compute-dtype", show_default=shared_default("compute_dtype"), rich_help_panel=CALIBRATION, help="Dtype of the calibration forwards and Hessian products (the solve stays float32); auto = bfloat16 where the hardware has it.")] = None,
+    calibration: Annotated[Optional[str], typer.Option("--calibration", show_default=shared_default("calibration"), rich_help_panel=CALIBRATION, help="`wikitext` (needs the Hub or its cache) or a text file.")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, show_default=shared_default("samples"), rich_help_panel=CALIBRATION, help="Calibration windows.")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", min=1, show_default=shared_default("seqlen"), rich_help_panel=CALIBRATION, help="Tokens per calibration window.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", show_default=shared_default("seed"), rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
@@ -124,6 +128,10 @@ def quantize(
     _refuse_gptq_flags(overrides, config.output_format)
     if config.output_format != "exl2" and measurement is not None:
         raise QtoolError("--measurement applies to --format exl2 only", "add --format exl2, or drop --measurement")
+    from qtool.checkpoints.sources import resolve_device
+    from qtool.quant.exl2_pipeline import quantize_model_exl2
+    from qtool.quant.pipeline import quantize_model
+
     resolve_device(device)
     if not as_json:
         print_findings(findings)

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from qtool.cli.exits import EXIT_INTERRUPTED, debug_enabled, report_interrupt
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, Level
 
@@ -29,17 +28,9 @@ LEVEL_STYLES = {Level.ERROR: "bold red", Level.WARNING: "yellow", Level.INFO: "c
 MODEL_LOADING = "Model loading"
 
 
-def debug_enabled() -> bool:
-    """--debug on the root command, or QTOOL_DEBUG=1 in the environment."""
-    context = click.get_current_context(silent=True)
-    if context is not None and context.find_root().params.get("debug"):
-        return True
-    return os.environ.get("QTOOL_DEBUG", "") not in ("", "0")
-
-
 def handle_errors(command: Callable) -> Callable:
     """Turn QtoolError into one red line on stderr and its exit code; --debug (QTOOL_DEBUG=1) re-raises so the
-    traceback shows. Ctrl-C exits 130 without a traceback."""
+    traceback shows. Ctrl-C exits 130 with one line. Any other exception goes on to the entry point's guard."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,8 +42,8 @@ def handle_errors(command: Callable) -> Callable:
             stderr.print(f"[bold red]error:[/] {exc.one_line()}", markup=True, highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            stderr.print("[red]interrupted[/]: nothing was written to the output")
-            raise typer.Exit(130) from None
+            report_interrupt("nothing was written to the output")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 

@@ -4,7 +4,7 @@ an interactive multi-turn chat when stdin is a terminal and no prompt is given."
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
@@ -12,9 +12,10 @@ from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, stderr, stdout
 from qtool.core.errors import QtoolError
-from qtool.kernels.registry import BACKEND_HELP
-from qtool.runtime.generate import GenerationResult, GenerationSettings, Message, generate, has_chat_template
-from qtool.checkpoints.sources import load_model, resolve_device
+from qtool.kernels.backend_names import BACKEND_HELP
+
+if TYPE_CHECKING:  # generate.py imports torch and transformers: the command imports it when it runs
+    from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
 
 EXIT_WORDS = {"/exit", "/quit"}
 
@@ -45,6 +46,8 @@ def with_reply(conversation: str | list[Message], reply: str) -> str | list[Mess
 def chat_loop(model, tokenizer, settings: GenerationSettings, system: str | None, raw: bool, read_line: Callable[[], str | None]) -> int:
     """Multi-turn chat: each reply joins the history the next turn is generated from. `read_line` returns the
     next user input, None at end of input; /exit or /quit stop, /reset clears the history. Returns the turns."""
+    from qtool.runtime.generate import generate
+
     history = start_history(system, raw)
     turns = 0
     while True:
@@ -77,10 +80,10 @@ def run(
     model: Annotated[str, typer.Argument(help="The model (directory, .gguf, Hub id or alias).")],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One prompt; without it: a chat on a terminal, else the prompt is read from stdin.")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message (chat mode) or a preamble (--raw).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per reply.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per reply.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy decoding.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass; 1 switches it off.")] = 0.9,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the K likeliest tokens; 0 switches it off.")] = 0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the K likeliest tokens; 0 switches it off.")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling, for repeatable replies.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -89,6 +92,9 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second} instead of streaming.")] = False,
 ) -> None:
     """Generate text from a prompt, or chat."""
+    from qtool.checkpoints.sources import load_model, resolve_device
+    from qtool.runtime.generate import GenerationSettings, generate, has_chat_template
+
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
     dtype, backend = plain(dtype), plain(backend)

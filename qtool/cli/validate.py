@@ -9,7 +9,6 @@ import typer
 
 from qtool.cli.choices import complete_device
 from qtool.cli.render import findings_table, handle_errors, print_json, stdout
-from qtool.validate.dispatch import validate_path
 
 
 @handle_errors
@@ -20,6 +19,9 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a config file, a quantized checkpoint or a float model directory."""
+    # dispatch imports torch only for model directories, so a config file or preset validates without it
+    from qtool.validate.dispatch import validate_path
+
     report = validate_path(path, config_file=config, device=device)
     if as_json:
         print_json(report.to_dict())

@@ -16,8 +16,8 @@ import yaml
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, info, raise_first_error, warning
 # The widths, the group-size rule and the format names are the format layer's: this validator applies them, it
-# does not restate them.
-from qtool.formats.gptq import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+# does not restate them. gptq_settings is gptq.py's torch-free half: reading a config must not import torch.
+from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
 from qtool.formats.registry import QUANT_FORMATS
 
 SCHEMA_VERSION = 1

@@ -31,13 +31,11 @@ from qtool.convert.exl2_gptq import (
 )
 from qtool.formats.gptq import GPTQ_BITS, GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, quantized_from_gptq_tensors
 from qtool.core.output_dir import atomic_output_dir
-from qtool.formats.registry import QUANT_FORMATS
+from qtool.convert.format_names import SOURCE_FORMATS, TARGET_FORMATS  # torch-free, for the CLI
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.formats.quantized_weight import QuantizedWeight
 
-SOURCE_FORMATS = tuple(QUANT_FORMATS)
-TARGET_FORMATS = ("gptq", "exl2", "float")
 CHECK_PROMPT = "The capital of France is Paris. The quick brown fox jumps over the lazy dog, and 12 + 30 = 42."
 CHECK_TOKENS = 32  # without a tokenizer: a fixed id sequence of this length
 

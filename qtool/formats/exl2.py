@@ -24,10 +24,8 @@ import torch
 from qtool.core.errors import QtoolError
 # q_weight's groups and q_scale's fields are the same little-endian int32 bit streams as GPTQ's qweight and qzeros.
 from qtool.formats.bitpack import WORD_BITS, pack_bitstream_rows, unpack_bitstream_rows, values_per_block
+from qtool.formats.exl2_settings import EXL2_BITS, EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES
 
-EXL2_BITS = (8, 6, 5, 4, 3, 2)  # the widths ExLlamaV2's kernels unpack (no 7-bit), in the order they must appear
-EXL2_TENSOR_SUFFIXES = ("q_weight", "q_invperm", "q_scale", "q_scale_max", "q_groups")
-OPTIONAL_SUFFIXES = ("q_perm",)  # qtool writes it; ExLlamaV2 recomputes it from q_invperm
 ROW_ALIGNMENT = 32  # in_features and every group's row count (3- and 5-bit groups pack 32 rows)
 COLUMN_ALIGNMENT = 32  # ExLlamaV2 pads output features to this
 SCALE_BITS = 4

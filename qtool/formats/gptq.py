@@ -9,11 +9,10 @@ import torch
 
 from qtool.core.errors import QtoolError
 # The plain GPTQ settings sit in gptq_settings.py so that bitpack.py can read them; this module is their public home.
-from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GROUP_SIZE_RULE, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
+from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_TENSOR_SUFFIXES, GROUP_SIZE_RULE, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
 from qtool.formats.bitpack import WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows, words_to_int32
 from qtool.formats.quantized_weight import QuantizedWeight
 
-GPTQ_TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 PACK_ALIGNMENT = 32  # in and out features must be multiples of this for the int32 layout (3-bit packs 32 rows)
 
 

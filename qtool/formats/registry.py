@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qtool.formats.exl2 import EXL2_BITS, EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES
-from qtool.formats.gptq import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_TENSOR_SUFFIXES
+# the torch-free halves of exl2.py and gptq.py: the config schema and the CLI read this registry at start-up
+from qtool.formats.exl2_settings import EXL2_BITS, EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES
+from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_TENSOR_SUFFIXES
 
 
 @dataclass(frozen=True)

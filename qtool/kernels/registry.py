@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from qtool.core.errors import QtoolError
+# the names live in a torch-free module (the CLI builds --backend from them); re-exported here for the kernels
+from qtool.kernels.backend_names import BACKEND_CHOICES, BACKEND_FACTORIES, BACKEND_HELP, EXL2, EXL2_BACKEND_FACTORIES, FORMAT_FACTORIES, GPTQ  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +38,6 @@ class Backend(Protocol):
         """y[..., out_features] = x[..., in_features] @ W^T + bias, in x's dtype."""
 
 
-GPTQ, EXL2 = "gptq", "exl2"  # the weight formats with backends
-# per format, name -> "module:attribute" of a zero-argument factory (imported only when first needed); read-only
-BACKEND_FACTORIES = MappingProxyType({  # GPTQ's
-    "triton": "qtool.kernels.triton_backend:default_triton_backend",
-    "torch": "qtool.kernels.torch_backends:GptqTorchBackend",
-})
-EXL2_BACKEND_FACTORIES = MappingProxyType({
-    "triton": "qtool.kernels.exl2_triton_backend:Exl2TritonBackend",
-    "torch": "qtool.kernels.torch_backends:Exl2TorchBackend",
-})
-FORMAT_FACTORIES = MappingProxyType({GPTQ: BACKEND_FACTORIES, EXL2: EXL2_BACKEND_FACTORIES})
-# what --backend accepts besides "auto": the names of any format (one option serves GPTQ and EXL2 models)
-BACKEND_CHOICES = tuple(dict.fromkeys(name for factories in FORMAT_FACTORIES.values() for name in factories))
-BACKEND_HELP = ("Matmul backend of quantized linears (GPTQ and EXL2): auto (triton on CUDA, else torch), "
-                + ", ".join(BACKEND_CHOICES) + ".")
 # per device type, the backends "auto" tries, best first (every format); the Triton interpreter on CPU is for
 # tests, so it serves only an explicit request
 AUTO_ORDER = MappingProxyType({"cuda": ("triton", "torch"), "cpu": ("torch",)})

@@ -3,6 +3,7 @@ sampled, streamed to a callback as the text forms."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,9 +28,12 @@ class GenerationSettings:
     def check(self) -> None:
         if self.max_new_tokens < 1:
             raise QtoolError(f"--max-new-tokens {self.max_new_tokens} must be at least 1", "e.g. --max-new-tokens 256")
+        # nan passes `< 0` (it compares false with everything) and would reach sampling as nan probabilities
+        if not math.isfinite(self.temperature):
+            raise QtoolError(f"--temperature {self.temperature} must be a finite number", "0 is greedy; 0.2 to 1.0 samples")
         if self.temperature < 0:
             raise QtoolError(f"--temperature {self.temperature} must not be negative", "0 is greedy; 0.2 to 1.0 samples")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # false for nan too
             raise QtoolError(f"--top-p {self.top_p} must be in (0, 1]", "1 switches nucleus sampling off")
         if self.top_k < 0:
             raise QtoolError(f"--top-k {self.top_k} must not be negative", "0 switches top-k off")

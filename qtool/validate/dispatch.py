@@ -11,13 +11,7 @@ from typing import Any
 from qtool.config.schema import CONFIG_SUFFIXES, PRESETS_DIR, QuantConfig, preset_names
 from qtool.core.errors import QtoolError
 from qtool.core.findings import warning
-from qtool.formats.safetensors_header import INDEX_NAME, read_checkpoint_headers
 from qtool.validate.config_file import validate_config_file
-from qtool.validate.directory_configs import LEGACY_QUANT_FILE, read_directory_configs
-from qtool.validate.exl2 import add_exl2_findings
-from qtool.validate.float_model import float_model_report
-from qtool.validate.gptq import add_gptq_findings
-from qtool.validate.quantization_config import check_quantization_config
 from qtool.validate.report import ValidationReport
 
 
@@ -37,6 +31,15 @@ def validate_path(path: str | Path, config_file: str | Path | None = None, devic
 
 
 def _validate_directory(path: Path, config_file: str | Path | None, device: str) -> ValidationReport:
+    # The checkers of directories read tensors with torch; imported here so that validating a config file (the
+    # branch above) stays torch-free and fast.
+    from qtool.formats.safetensors_header import INDEX_NAME, read_checkpoint_headers
+    from qtool.validate.directory_configs import LEGACY_QUANT_FILE, read_directory_configs
+    from qtool.validate.exl2 import add_exl2_findings
+    from qtool.validate.float_model import float_model_report
+    from qtool.validate.gptq import add_gptq_findings
+    from qtool.validate.quantization_config import check_quantization_config
+
     has_model_files = any((path / n).exists() for n in ("config.json", LEGACY_QUANT_FILE, INDEX_NAME)) or any(path.glob("*.safetensors"))
     if not has_model_files:
         ggufs = sorted(path.glob("*.gguf"))

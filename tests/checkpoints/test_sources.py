@@ -41,7 +41,7 @@ def test_pickle_only_refused_without_flag(tmp_path, tiny_llama):
     for weights in tmp_path.glob("*.safetensors"):
         weights.unlink()
     torch.save(tiny_llama.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(QtoolError, match="only pickled weights.*--allow-pickle"):
+    with pytest.raises(QtoolError, match="only pickled weights.*safe_serialization=True"):
         load_model(tmp_path, with_tokenizer=False)
     loaded = load_model(tmp_path, with_tokenizer=False, allow_pickle=True)
     ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 5))

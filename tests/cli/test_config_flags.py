@@ -11,11 +11,12 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from qtool.cli import quantize as quantize_command
 from qtool.cli.config_flags import QUANT_CONFIG_FLAGS, flag_of
 from qtool.cli.main import app
 from qtool.config.schema import GPTQ_ONLY_FIELDS, QuantConfig
 from qtool.core.errors import QtoolError
+from qtool.quant import exl2_pipeline
+from qtool.quant import pipeline as quantize_pipeline
 
 runner = CliRunner()
 
@@ -57,8 +58,9 @@ def received(monkeypatch):
         configs.append(config)
         raise QtoolError("stopped by the test")
 
-    monkeypatch.setattr(quantize_command, "quantize_model", pipeline)
-    monkeypatch.setattr(quantize_command, "quantize_model_exl2", pipeline)
+    # the command imports the pipelines when it runs (start-up stays torch-free), so they are replaced where they live
+    monkeypatch.setattr(quantize_pipeline, "quantize_model", pipeline)
+    monkeypatch.setattr(exl2_pipeline, "quantize_model_exl2", pipeline)
 
     def run(tmp_path, *flags: str) -> QuantConfig:
         result = runner.invoke(app, ["quantize", str(tmp_path / "model"), "--output", str(tmp_path / "out"), *flags])

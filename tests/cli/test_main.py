@@ -7,6 +7,7 @@ from importlib.metadata import version
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
+from qtool.core.errors import QtoolError
 
 runner = CliRunner()
 
@@ -25,3 +26,15 @@ def test_help_lists_registered_commands_only():
         assert name in result.output
     for absent in ("finetune",):
         assert absent not in listed
+
+
+def test_debug_lets_the_error_through_with_its_traceback(tmp_path):
+    quiet = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert quiet.exit_code == 2 and quiet.stderr.startswith("error: config file")
+    loud = runner.invoke(app, ["--debug", "validate", str(tmp_path / "missing.yaml")])
+    assert isinstance(loud.exception, QtoolError) and "does not exist" in str(loud.exception)
+
+
+def test_debug_is_forgotten_by_the_next_run(tmp_path):
+    runner.invoke(app, ["--debug", "validate", str(tmp_path / "missing.yaml")])
+    assert runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")]).exit_code == 2
