@@ -1,5 +1,5 @@
-"""Text generation for `qtool run`: a prompt or a chat (through the tokenizer's chat template), greedy or
-sampled, streamed to a callback as the text forms."""
+"""Text generation through transformers' generate: a prompt or a chat (through the tokenizer's chat template),
+greedy or sampled, streamed to a callback as the text forms; the fallback of `runtime/reply.py` and `runtime/batch.py`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from qtool.core.errors import QtoolError
+from qtool.runtime.stop_strings import StopStringCutter, first_stop
 
 Message = dict[str, str]
 TextCallback = Callable[[str], None]
@@ -23,7 +24,13 @@ class GenerationSettings:
     temperature: float = 0.7  # 0 means greedy decoding
     top_p: float = 0.9
     top_k: int = 0  # 0 switches top-k filtering off
-    seed: int | None = None
+    seed: int | None = None  # None: drawn from torch's global random state; a seed leaves that state alone
+    min_p: float = 0.0  # 0 switches min-p filtering off
+    repetition_penalty: float = 1.0  # 1 switches it off
+    stop: tuple[str, ...] = ()  # stop strings: the reply ends before the first one
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +44,12 @@ class GenerationSettings:
             raise QtoolError(f"--top-p {self.top_p} must be in (0, 1]", "1 switches nucleus sampling off")
         if self.top_k < 0:
             raise QtoolError(f"--top-k {self.top_k} must not be negative", "0 switches top-k off")
+        if not 0 <= self.min_p < 1:
+            raise QtoolError(f"--min-p {self.min_p} must be in [0, 1)", "0 switches min-p off")
+        if self.repetition_penalty <= 0:
+            raise QtoolError(f"--repetition-penalty {self.repetition_penalty} must be above 0", "1 switches it off")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise QtoolError(f"--stop {list(self.stop)!r} must be non-empty strings", "e.g. --stop '###'")
 
     @property
     def greedy(self) -> bool:
@@ -50,23 +63,48 @@ class GenerationResult:
     seconds: float
     tokens_per_second: float
     token_ids: list[int]
+    time_to_first_token: float = 0.0  # seconds from the start of the call to the first new token
+    finish_reason: str = "length"  # "stop" (a stop token or string) or "length" (max_new_tokens or the context)
 
     def to_dict(self) -> dict[str, Any]:
         """What `qtool run --json` prints (no ids)."""
-        return {"text": self.text, "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens_per_second}
+        return {"text": self.text, "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens_per_second,
+                "time_to_first_token": self.time_to_first_token, "finish_reason": self.finish_reason}
 
 
 class CallbackStreamer(TextStreamer):
     """transformers' TextStreamer (it holds text back until words and UTF-8 characters are complete), handing
-    each finished piece to a callback instead of printing it."""
+    each finished piece to a callback instead of printing it, never a stop string nor an end that may still become
+    one; it also notes when the first new token came."""
 
-    def __init__(self, tokenizer: Any, on_text: TextCallback):
+    def __init__(self, tokenizer: Any, on_text: TextCallback | None, stop: tuple[str, ...] = ()):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.on_text = on_text
+        self.cutter = StopStringCutter(stop)
+        self.first_token_time: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt and self.first_token_time is None:  # the first put is the prompt
+            self.first_token_time = time.perf_counter()
+        super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.on_text(text)
+        self.cutter.add(text)
+        piece = self.cutter.take(final=stream_end)
+        if piece and self.on_text is not None:
+            self.on_text(piece)
+
+
+class StopStringCriteria(StoppingCriteria):
+    """Ends generation (batch of one) once the decoded reply contains a stop string: the token where the engine's
+    incremental text meets it too."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, stop: tuple[str, ...]):
+        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
+        return torch.full((input_ids.shape[0],), first_stop(text, self.stop) is not None, dtype=torch.bool, device=input_ids.device)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -95,6 +133,15 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return found
 
 
+def reply_budget(model: Any, prompt_length: int, max_new_tokens: int) -> int:
+    """The most new tokens a reply to a prompt of prompt_length tokens may have: max_new_tokens, cut where the
+    model's positions end; a prompt that fills the context is refused."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and prompt_length >= context:
+        raise QtoolError(f"the prompt is {prompt_length} tokens, the model's context is {context}", "shorten the prompt (or the conversation)")
+    return min(max_new_tokens, context - prompt_length) if context else max_new_tokens
+
+
 def generation_config(model: Any, tokenizer: Any, settings: GenerationSettings, max_new_tokens: int) -> GenerationConfig:
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
@@ -102,8 +149,10 @@ def generation_config(model: Any, tokenizer: Any, settings: GenerationSettings, 
         sampling = dict(do_sample=False)
     else:
         # top_k=0 must be passed as 0: None would fall back to transformers' default of 50.
-        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad, **sampling)
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                        min_p=settings.min_p or None)
+    penalty = dict(repetition_penalty=settings.repetition_penalty) if settings.repetition_penalty != 1.0 else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops or None, pad_token_id=pad, **sampling, **penalty)
 
 
 def generate(
@@ -118,22 +167,27 @@ def generate(
     settings.check()
     device = next(model.parameters()).device
     input_ids = prompt_ids(tokenizer, conversation).to(device)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and input_ids.shape[1] >= context:
-        raise QtoolError(f"the prompt is {input_ids.shape[1]} tokens, the model's context is {context}", "shorten the prompt (or the conversation)")
     # Never run past the context: the reply is cut where the model's positions end.
-    max_new = min(settings.max_new_tokens, context - input_ids.shape[1]) if context else settings.max_new_tokens
+    max_new = reply_budget(model, input_ids.shape[1], settings.max_new_tokens)
     config = generation_config(model, tokenizer, settings, max_new)
-    streamer = CallbackStreamer(tokenizer, on_text) if on_text is not None else None
+    # the streamer also times the first token, so it runs even when nobody reads the text
+    streamer = CallbackStreamer(tokenizer, on_text, settings.stop)
+    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, input_ids.shape[1], settings.stop)] if settings.stop else [])
     # A seed must not leak into the caller's random state: fork it for the duration of the call.
     cuda_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices, enabled=settings.seed is not None), torch.inference_mode():
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         start = time.perf_counter()
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer)
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer,
+                                stopping_criteria=criteria)
         seconds = time.perf_counter() - start
-    new_ids = output[0, input_ids.shape[1] :]
+    new_ids = output[0, input_ids.shape[1] :].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    tokens = int(new_ids.numel())
-    return GenerationResult(text, tokens, seconds, tokens / seconds if seconds > 0 else float("inf"), new_ids.tolist())
+    cut = first_stop(text, settings.stop)
+    text = text if cut is None else text[:cut]
+    stopped = cut is not None or (bool(new_ids) and new_ids[-1] in (config.eos_token_id or []))
+    first = streamer.first_token_time - start if streamer.first_token_time is not None else seconds
+    tokens = len(new_ids)
+    return GenerationResult(text, tokens, seconds, tokens / seconds if seconds > 0 else float("inf"), new_ids,
+                            time_to_first_token=first, finish_reason="stop" if stopped else "length")

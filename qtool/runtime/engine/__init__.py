@@ -11,7 +11,13 @@ Design, one role per file:
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
   it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
-- detokenizer.py: incremental text and stop strings. llm_engine.py: Engine (add_request / step / generate, stats).
+- detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
+- llm_engine.py: Engine (add_request / step / generate / abort_request, stats). add_request(..., on_text=callback)
+  streams that request's reply during step(): complete characters only, never a stop string nor an end that may still
+  become one; the pieces concatenate to the RequestOutput's text.
+
+Callers: runtime/reply.py (one reply, or a chat holding its engine across turns; falls back to transformers' generate
+when engine_support names a reason) and runtime/batch.py (a JSONL batch through one engine).
 """
 
 from qtool.runtime.engine.llm_engine import Engine, EngineConfig, EngineStats, RequestOutput

@@ -1,9 +1,11 @@
 """Incremental detokenization: a sequence's text grows token by token without re-decoding the whole output, holding
-back pieces until their characters are complete, and ends before the first stop string it meets."""
+back pieces until their characters are complete, ends before the first stop string and streams what is safe to show."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from qtool.runtime.stop_strings import StopStringCutter
 
 INCOMPLETE = "\ufffd"  # what decoding gives for a UTF-8 character whose bytes have not all arrived
 
@@ -15,12 +17,20 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
-        self.stop = stop
+        self.stop = tuple(stop)
         self.tokens: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
-        self.text = ""
-        self.stopped = False  # a stop string was found: the text is final
+        self.cutter = StopStringCutter(self.stop)
+
+    @property
+    def text(self) -> str:
+        return self.cutter.text
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was found: the text is final."""
+        return self.cutter.stopped
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -36,22 +46,16 @@ class IncrementalDetokenizer:
             return False
         new = window[len(seen) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        return self._append(new)
+        return self.cutter.add(new)
 
     def flush(self) -> None:
         """At the end, whatever was held back (an incomplete character included)."""
         if not self.stopped and self.read_offset < len(self.tokens):
             seen = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-            self._append(self._decode(self.tokens[self.prefix_offset :])[len(seen) :])
+            self.cutter.add(self._decode(self.tokens[self.prefix_offset :])[len(seen) :])
             self.read_offset = len(self.tokens)
 
-    def _append(self, new: str) -> bool:
-        # a stop string may straddle the old text and the new piece: search from where it could start
-        search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
-        self.text += new
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            return True
-        return False
+    def stream_piece(self, final: bool = False) -> str:
+        """Text not streamed yet that is safe to show: never a stop string or an end that may still become one
+        (`final`: after flush, everything left). The pieces concatenate to the final text."""
+        return self.cutter.take(final)

@@ -1,11 +1,11 @@
 """The engine's front: requests in (text or token ids, each with its SamplingParams), one step at a time through
-scheduler, model runner and sampler, results out (text, ids, finish reason, timings) with cache and preemption stats."""
+scheduler, model runner and sampler, text streamed per request as it forms, results out with cache and preemption stats."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from qtool.runtime.generate import stop_token_ids
 
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
 DEFAULT_KV_CACHE_BYTES = 2 << 30
+TextCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Engine:
         self.max_context = getattr(model.config, "max_position_embeddings", None)
         self._next_id = 0
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._streams: dict[int, TextCallback] = {}  # request id -> its on_text callback
         self._steps = 0
         self._generated = 0
 
@@ -113,8 +115,13 @@ class Engine:
         value = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         return [int(t) for t in (value if isinstance(value, (list, tuple)) else [value]) if t is not None]
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a request (text goes through the tokenizer, its BOS rule included); returns its id."""
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
+                    on_text: TextCallback | None = None) -> int:
+        """Queue a request (text goes through the tokenizer, its BOS rule included); returns its id. `on_text`
+        receives the reply piece by piece during step() as its text forms: complete characters only, never a stop
+        string nor an end that may still become one; the pieces concatenate to the output's text."""
+        if on_text is not None and self.tokenizer is None:
+            raise QtoolError("streaming text needs a tokenizer", hint="pass tokenizer= to Engine, or no on_text")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise QtoolError("a text prompt needs a tokenizer", hint="pass tokenizer= to Engine, or token ids")
@@ -135,8 +142,21 @@ class Engine:
         self._next_id += 1
         if self.tokenizer is not None:
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        if on_text is not None:
+            self._streams[seq.seq_id] = on_text
         self.scheduler.add(seq)
         return seq.seq_id
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can reach in this KV cache."""
+        return self.num_blocks * self.config.block_size
+
+    def abort_request(self, request_id: int) -> None:
+        """Drop a request that is not finished (an interrupted reply): no output, no more text to its on_text."""
+        self.scheduler.abort(request_id)
+        self._detokenizers.pop(request_id, None)
+        self._streams.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -159,10 +179,21 @@ class Engine:
             detokenizer = self._detokenizers.get(seq.seq_id)
             if detokenizer is not None and not seq.stops_on(token) and detokenizer.add(token):
                 seq.finish("stop")  # a stop string: its tokens stay in token_ids, the text ends before it
-        return [self._output(seq) for seq in self.scheduler.retire_finished()]
+        finished = self.scheduler.retire_finished()
+        outputs = [self._output(seq) for seq in finished]
+        pieces = [(self._streams[seq.seq_id], self._detokenizers[seq.seq_id].stream_piece(final=seq.is_finished))
+                  for seq in sampling if seq.seq_id in self._streams]
+        for seq in finished:
+            self._detokenizers.pop(seq.seq_id, None)
+            self._streams.pop(seq.seq_id, None)
+        # callbacks last, once every request's state is up to date: one that raises (Ctrl-C) leaves none half-done
+        for stream, piece in pieces:
+            if piece:
+                stream(piece)
+        return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        detokenizer = self._detokenizers.pop(seq.seq_id, None)
+        detokenizer = self._detokenizers.get(seq.seq_id)
         if detokenizer is not None:
             detokenizer.flush()
         seconds = seq.finish_time - seq.arrival_time

@@ -104,6 +104,22 @@ class Scheduler:
             if samples:
                 seq.append_token(next(sampled))
 
+    def abort(self, seq_id: int) -> bool:
+        """Drop an unfinished sequence (its blocks released, keyed ones stay cached); False when none has that id."""
+        for seq in self.running:
+            if seq.seq_id == seq_id:
+                self.blocks.free(seq)
+                self.running.remove(seq)
+                break
+        else:
+            seq = next((s for s in self.waiting if s.seq_id == seq_id), None)
+            if seq is None:
+                return False
+            self.waiting.remove(seq)  # waiting and preempted sequences hold no blocks
+        seq.finish("abort")
+        seq.status = SequenceStatus.FINISHED
+        return True
+
     def retire_finished(self) -> list[Sequence]:
         """Sequences with a finish reason leave the batch and release their blocks (keyed ones stay cached)."""
         done = [seq for seq in self.running if seq.finish_reason is not None]

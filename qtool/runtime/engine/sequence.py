@@ -31,7 +31,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # cache block ids, in position order
     num_cached_tokens: int = 0  # leading tokens whose K/V are in the cache blocks
-    finish_reason: str | None = None  # "stop" (token or string) or "length"
+    finish_reason: str | None = None  # "stop" (token or string), "length" or "abort" (dropped by the caller)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
