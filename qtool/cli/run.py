@@ -1,21 +1,24 @@
-"""`qtool run MODEL`: chat with a model. One reply for --prompt (or a prompt piped on stdin), streamed to stdout;
-an interactive multi-turn chat when stdin is a terminal and no prompt is given."""
+"""`qtool run MODEL`: chat with a model through qtool's engine (transformers' generate for a family it cannot take).
+One reply for --prompt (or a prompt piped on stdin), streamed to stdout; an interactive multi-turn chat when stdin
+is a terminal and no prompt is given; `--batch FILE --output OUT` runs a JSONL file of requests as one batch."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
 from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
-from qtool.cli.render import handle_errors, print_json, stderr, stdout
+from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.kernels.backend_names import BACKEND_HELP
 
-if TYPE_CHECKING:  # generate.py imports torch and transformers: the command imports it when it runs
+if TYPE_CHECKING:  # the runtime imports torch and transformers: the command imports it when it runs
     from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
+    from qtool.runtime.reply import ReplyGenerator
 
 EXIT_WORDS = {"/exit", "/quit"}
 
@@ -25,7 +28,8 @@ def stream_to_stdout(text: str) -> None:
 
 
 def report_speed(result: GenerationResult) -> None:
-    stderr.print(f"[dim]{result.tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s[/]")
+    stderr.print(f"[dim]{result.tokens} tokens in {result.seconds:.2f} s, first after {result.time_to_first_token:.2f} s, "
+                 f"{result.tokens_per_second:.1f} tokens/s[/]")
 
 
 def start_history(system: str | None, raw: bool) -> str | list[Message]:
@@ -43,11 +47,10 @@ def with_reply(conversation: str | list[Message], reply: str) -> str | list[Mess
     return conversation + reply if isinstance(conversation, str) else conversation + [{"role": "assistant", "content": reply}]
 
 
-def chat_loop(model, tokenizer, settings: GenerationSettings, system: str | None, raw: bool, read_line: Callable[[], str | None]) -> int:
-    """Multi-turn chat: each reply joins the history the next turn is generated from. `read_line` returns the
-    next user input, None at end of input; /exit or /quit stop, /reset clears the history. Returns the turns."""
-    from qtool.runtime.generate import generate
-
+def chat_loop(replies: ReplyGenerator, settings: GenerationSettings, system: str | None, raw: bool, read_line: Callable[[], str | None]) -> int:
+    """Multi-turn chat: each reply joins the history the next turn is generated from (one ReplyGenerator for all
+    turns, so the engine's prefix cache skips the turns already seen). `read_line` returns the next user input,
+    None at end of input; /exit or /quit stop, /reset clears the history. Returns the turns."""
     history = start_history(system, raw)
     turns = 0
     while True:
@@ -61,7 +64,7 @@ def chat_loop(model, tokenizer, settings: GenerationSettings, system: str | None
         if not line.strip():
             continue
         conversation = with_user_turn(history, line)
-        result = generate(model, tokenizer, conversation, settings, on_text=stream_to_stdout)
+        result = replies.reply(conversation, settings, on_text=stream_to_stdout)
         stdout.out("")
         report_speed(result)
         history = with_reply(conversation, result.text)
@@ -86,19 +89,28 @@ def run(
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the K likeliest tokens; 0 switches it off.")] = 0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling, for repeatable replies.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
+    batch: Annotated[Optional[Path], typer.Option("--batch", help="A JSONL file of requests ({id, prompt or messages, sampling fields}), run as one batch; needs --output.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With --batch: the JSONL file of replies ({id, text, tokens, timings}, in input order).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --batch: replace an existing --output.")] = False,
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second} instead of streaming.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
 ) -> None:
-    """Generate text from a prompt, or chat."""
+    """Generate text from a prompt, chat, or run a batch of requests."""
     from qtool.checkpoints.sources import load_model, resolve_device
-    from qtool.runtime.generate import GenerationSettings, generate, has_chat_template
+    from qtool.runtime.generate import GenerationSettings, has_chat_template
+    from qtool.runtime.reply import ReplyGenerator
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
     dtype, backend = plain(dtype), plain(backend)
     resolve_device(device)
+    if batch is not None:
+        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json)
+        return
+    if output is not None:
+        raise QtoolError("--output goes with --batch", "pass --batch FILE, or drop --output")
     interactive = prompt is None and sys.stdin.isatty()
     if interactive and as_json:
         raise QtoolError("--json needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
@@ -112,14 +124,41 @@ def run(
     if not raw and not has_chat_template(loaded.tokenizer):
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
+    replies = ReplyGenerator(loaded.model, loaded.tokenizer)
     if interactive:
         stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
-        chat_loop(loaded.model, loaded.tokenizer, settings, system, raw, read_terminal_line)
+        chat_loop(replies, settings, system, raw, read_terminal_line)
         return
     conversation = with_user_turn(start_history(system, raw), prompt)
     if as_json:
-        print_json(generate(loaded.model, loaded.tokenizer, conversation, settings).to_dict())
+        print_json(replies.reply(conversation, settings).to_dict())
         return
-    result = generate(loaded.model, loaded.tokenizer, conversation, settings, on_text=stream_to_stdout)
+    result = replies.reply(conversation, settings, on_text=stream_to_stdout)
     stdout.out("")
     report_speed(result)
+
+
+def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,
+                   device: str, dtype: str | None, backend: str, as_json: bool) -> None:
+    """--batch: every request of the file through one engine; the run's flags are each request's defaults."""
+    from qtool.checkpoints.sources import load_model
+    from qtool.runtime.batch import run_batch, write_batch_outputs
+    from qtool.runtime.batch_file import read_batch_requests
+
+    if output is None:
+        raise QtoolError("--batch needs --output", "e.g. --output replies.jsonl")
+    if output.exists() and not force:
+        raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another --output")
+    requests = read_batch_requests(batch)  # before the model loads: a bad file fails at once
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    if loaded.tokenizer is None:
+        raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
+    with progress_bar("batch", enabled=not as_json) as update:
+        result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update)
+    write_batch_outputs(output, result, force=force)
+    totals = result.totals
+    if as_json:
+        print_json(totals.to_dict())
+        return
+    stderr.print(f"{totals.requests} replies written to {output}: {totals.output_tokens} tokens in {totals.seconds:.2f} s, "
+                 f"{totals.tokens_per_second:.1f} tokens/s")

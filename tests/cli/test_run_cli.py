@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from qtool.cli.main import app
 from qtool.cli.run import chat_loop
+from qtool.runtime.reply import ReplyGenerator
 from qtool.runtime.generate import GenerationSettings, generate
 
 from cli_checks import one_line_error
@@ -82,7 +83,7 @@ def test_missing_chat_template_falls_back_to_raw(tmp_path, model, make_tiny_toke
 def test_chat_loop_keeps_history_and_reset_forgets_it(model, tokenizer, capsys):
     settings = GenerationSettings(max_new_tokens=6, temperature=0)
     lines = iter(["the fox", "what is the capital", "/reset", "what is the capital", "/exit", "never read"])
-    turns = chat_loop(model, tokenizer, settings, "be brief", False, lambda: next(lines))
+    turns = chat_loop(ReplyGenerator(model, tokenizer), settings, "be brief", False, lambda: next(lines))
     assert turns == 3
     system = [{"role": "system", "content": "be brief"}]
     first = greedy_reply(model, tokenizer, system + [{"role": "user", "content": "the fox"}])
@@ -95,7 +96,7 @@ def test_chat_loop_keeps_history_and_reset_forgets_it(model, tokenizer, capsys):
 
 def test_raw_chat_loop_continues_the_text(model, tokenizer, capsys):
     lines = iter(["the fox", " and the dog", None])
-    assert chat_loop(model, tokenizer, GenerationSettings(max_new_tokens=6, temperature=0), None, True, lambda: next(lines)) == 2
+    assert chat_loop(ReplyGenerator(model, tokenizer), GenerationSettings(max_new_tokens=6, temperature=0), None, True, lambda: next(lines)) == 2
     first = greedy_reply(model, tokenizer, "the fox")
     second = greedy_reply(model, tokenizer, "the fox" + first + " and the dog")
     assert capsys.readouterr().out == f"{first}\n{second}\n"
@@ -117,3 +118,27 @@ def test_bad_inputs_are_one_line_errors(model_dir, extra, match):
 
 def test_missing_model_is_one_line():
     assert "not found" in one_line_error(runner.invoke(app, ["run", "./no/such/model", "--prompt", "hi", "--device", "cpu"]))
+
+
+def test_batch_file_replies_in_input_order_equal_each_prompt_alone(tmp_path, model_dir, model, tokenizer):
+    requests = tmp_path / "requests.jsonl"
+    prompts = ["the fox", "what is the capital", "the dog"]
+    requests.write_text("".join(json.dumps({"id": f"r{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)))
+    output = tmp_path / "replies.jsonl"
+    result = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output), "--json"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["requests"] == 3
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["r0", "r1", "r2"]
+    assert [row["text"] for row in rows] == [greedy_reply(model, tokenizer, text) for text in prompts]
+    again = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output)] + GREEDY)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_batch_needs_an_output_and_output_needs_a_batch(tmp_path, model_dir):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    no_output = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests)] + GREEDY)
+    assert no_output.exit_code == 2 and "--batch needs --output" in no_output.output
+    no_batch = runner.invoke(app, ["run", str(model_dir), "--prompt", "hi", "--output", str(tmp_path / "o.jsonl")] + GREEDY)
+    assert no_batch.exit_code == 2 and "--output goes with --batch" in no_batch.output
