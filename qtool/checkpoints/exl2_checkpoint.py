@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from qtool.core.errors import QtoolError
+from qtool.core.text_file import read_utf8
 from qtool.checkpoints.gptq_checkpoint import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
     checkpoint_state,
@@ -72,7 +73,7 @@ def read_exl2_config(directory: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
     section = config.get("quantization_config") if isinstance(config, dict) else None
@@ -141,7 +142,7 @@ def read_measurement(directory: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "re-create it with a new measurement pass") from exc
 

@@ -23,6 +23,11 @@ DEFAULT_ALIGNMENT = 32
 STRING, ARRAY = 8, 9
 # fixed-size value types: struct format per type id
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# ggml tensors have at most 4 dimensions (GGML_MAX_DIMS)
+MAX_DIMS = 4
+# the fewest bytes a key-value pair (empty key, u32 type, one-byte value) and a tensor entry (empty name, u32
+# dims, u32 type, u64 offset) take: a count needing more than the file holds is refused before any loop runs
+MIN_KV_BYTES, MIN_TENSOR_BYTES = 8 + 4 + 1, 8 + 4 + 4 + 8
 
 
 class GgufFormatError(ValueError):
@@ -88,6 +93,8 @@ class _Cursor:
                 self.position += length
         else:
             raise GgufFormatError(f"arrays of metadata type {value_type} are not supported")
+        if self.position > len(self.buffer):
+            raise GgufFormatError(f"an array of {count} elements runs past the end of the file")
 
     def value(self, value_type: int) -> Any:
         if value_type in SCALAR_FORMATS:
@@ -114,6 +121,8 @@ def stored_nbytes(ggml_type: int, shape: tuple[int, ...], path: Path, name: str)
 
 
 def read_gguf_header(path: Path) -> GgufHeader:
+    if path.stat().st_size < len(MAGIC):
+        raise GgufFormatError("not a GGUF file (shorter than the GGUF magic)")
     with open(path, "rb") as handle:
         mapped = np.memmap(handle, dtype=np.uint8, mode="r")
     cursor = _Cursor(memoryview(mapped), path)
@@ -124,6 +133,9 @@ def read_gguf_header(path: Path) -> GgufHeader:
     if version not in SUPPORTED_VERSIONS:
         raise GgufFormatError(f"GGUF version {version} is not supported (only 2 and 3)")
     tensor_count, kv_count = cursor.unpack("<Q"), cursor.unpack("<Q")
+    left = len(mapped) - cursor.position
+    if kv_count * MIN_KV_BYTES > left or tensor_count * MIN_TENSOR_BYTES > left:
+        raise GgufFormatError(f"the header counts {kv_count} metadata keys and {tensor_count} tensors, more than the file's {len(mapped)} bytes can hold")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = cursor.string()
@@ -131,14 +143,23 @@ def read_gguf_header(path: Path) -> GgufHeader:
     infos = []
     for _ in range(tensor_count):
         name = cursor.string()
-        dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
+        n_dims = cursor.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise GgufFormatError(f"tensor {name} has {n_dims} dimensions (GGUF allows at most {MAX_DIMS})")
+        dims = [cursor.unpack("<Q") for _ in range(n_dims)]
         infos.append((name, tuple(reversed(dims)), cursor.unpack("<I"), cursor.unpack("<Q")))
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GgufFormatError(f"general.alignment is {alignment!r}, not a power of two")
     data_start = -(-cursor.position // alignment) * alignment
     tensors = []
+    expected = 0  # llama.cpp's rule: each tensor starts where the previous one ends, rounded up to the alignment
     for name, shape, ggml_type, offset in infos:
         nbytes = stored_nbytes(ggml_type, shape, path, name)
+        if offset != expected:
+            raise GgufFormatError(f"tensor {name} starts at data offset {offset}, expected {expected} (tensors overlap or leave a gap)")
         if data_start + offset + nbytes > len(mapped):
             raise GgufFormatError(f"tensor {name} runs past the end of the file (truncated download?)")
         tensors.append(GgufTensor(name, shape, ggml_type, data_start + offset, nbytes))
+        expected = -(-(offset + nbytes) // alignment) * alignment
     return GgufHeader(path, version, metadata, tuple(tensors), mapped)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qtool.checkpoints.gguf_file import ArrayValue, GgufHeader, read_gguf_header
+from qtool.checkpoints.gguf_file import ArrayValue, GgufFormatError, GgufHeader, read_gguf_header
 from qtool.checkpoints.weight_init import skipped_weight_init
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,28 @@ def read_gguf_state(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Te
     fields = config_fields(header.metadata, family, architecture, {tensor.name for tensor in header.tensors})
     if fields is None:
         return None
+    check_fields_against_tensors(fields, header, architecture)
     state = float_state_dict(header, family, fields)
     return None if state is None else (family.model_type, fields, state)
+
+
+def check_fields_against_tensors(fields: dict[str, Any], header: GgufHeader, architecture: str) -> None:
+    """The widths and counts the metadata gives must be positive integers that the tensor table bears out: a
+    corrupted block_count of 2**32 would otherwise have transformers build four billion layers."""
+    for name, value in fields.items():
+        if name in ("rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings"):
+            continue
+        lowest = 0 if name.endswith("_token_id") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise GgufFormatError(f"metadata {name} is {value!r}, not an integer >= {lowest}")
+    blocks = {tensor.name.split(".")[1] for tensor in header.tensors if tensor.name.startswith("blk.")}
+    if fields["num_hidden_layers"] != len(blocks):
+        raise GgufFormatError(f"{architecture}.block_count is {fields['num_hidden_layers']} but the file holds tensors of {len(blocks)} blocks")
+    embedding = next((tensor for tensor in header.tensors if tensor.name == "token_embd.weight"), None)
+    if embedding is not None and embedding.shape != (fields["vocab_size"], fields["hidden_size"]):
+        raise GgufFormatError(
+            f"token_embd.weight is {list(embedding.shape)} but the metadata gives vocab_size {fields['vocab_size']} and embedding_length {fields['hidden_size']}"
+        )
 
 
 def float_state_dict(header: GgufHeader, family: GgufFamily, fields: dict[str, Any]) -> dict[str, torch.Tensor] | None:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtool.core.errors import QtoolError
+from qtool.core.text_file import read_utf8
 from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
 from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
 from qtool.core.output_dir import atomic_output_dir
@@ -213,7 +214,7 @@ def checkpoint_weight_files(directory: Path) -> list[Path]:
     index_path = directory / INDEX_FILE
     if index_path.exists():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = json.loads(read_utf8(index_path))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise QtoolError(f"{index_path} is not a valid shard index: {exc}", "restore or re-create the file") from exc
         files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -254,16 +255,21 @@ def empty_model(directory: Path, dtype: torch.dtype, format_name: str) -> nn.Mod
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise QtoolError(f"{directory} has no {CONFIG_FILE}", f"a {format_name} checkpoint needs the model's config.json next to its weights")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(str(directory))
-    except (ValueError, KeyError, OSError) as exc:
+    # transformers' config classes check field types (StrictDataclassError: e.g. "hidden_size": null)
+    # AttributeError: a quantization_config that is not an object (transformers calls .to_dict() on it)
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError) as exc:
         raise QtoolError(f"cannot read {config_path}: {str(exc).splitlines()[0]}", "check model_type and the fields of config.json") from exc
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     try:
         with skipped_weight_init():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, KeyError) as exc:
+    # RuntimeError: widths torch cannot allocate (a negative intermediate_size, a vocab_size of 2**31)
+    except (ValueError, KeyError, RuntimeError) as exc:
         raise QtoolError(f"{config_path}: cannot build a causal LM from it: {str(exc).splitlines()[0]}", "qtool loads causal language models") from exc
 
 

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from qtool.checkpoints.dtype_names import DTYPE_NAMES
 from qtool.core.errors import QtoolError
+from qtool.core.text_file import read_utf8
 from qtool.formats.registry import QUANT_FORMATS
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ def read_quantization_config(directory: Path) -> dict[str, Any] | None:
     config_path = directory / "config.json"
     if config_path.exists():
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(read_utf8(config_path))
         except json.JSONDecodeError as exc:
             raise QtoolError(f"{config_path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
         if isinstance(config, dict) and isinstance(config.get("quantization_config"), dict):
@@ -64,7 +67,7 @@ def read_quantization_config(directory: Path) -> dict[str, Any] | None:
     legacy = directory / "quantize_config.json"
     if legacy.exists():
         try:
-            data = json.loads(legacy.read_text())
+            data = json.loads(read_utf8(legacy))
         except json.JSONDecodeError as exc:
             raise QtoolError(f"{legacy} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
         return {"quant_method": "gptq", **data} if isinstance(data, dict) else None
@@ -279,7 +282,10 @@ def load_model(
                 use_safetensors=not allow_pickle or None,
                 trust_remote_code=trust_remote_code,
             ).to(torch_device)
-        except (ValueError, OSError, RuntimeError) as exc:
+        # SafetensorError: a weight file whose header the safetensors library refuses
+        # StrictDataclassError: config.json has a field of the wrong type (e.g. "hidden_size": null); AttributeError:
+        # a quantization_config that is not an object
+        except (ValueError, OSError, RuntimeError, TypeError, AttributeError, SafetensorError, StrictDataclassError) as exc:
             raise QtoolError(f"cannot load model from {source.path}: {str(exc).splitlines()[0]}", "check the directory holds a complete Hugging Face model") from exc
     if backend != "auto" and not (quantization_config and quantization_config.get("quant_method") in QUANT_FORMATS):
         notes.append(f"--backend {backend} ignored: the model has no quantized linears")

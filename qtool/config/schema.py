@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 
 from qtool.core.errors import QtoolError
-from qtool.core.findings import Finding, error, info, raise_first_error, warning
+from qtool.core.findings import Finding, Level, error, info, raise_first_error, warning
+from qtool.core.text_file import read_utf8
 # The widths, the group-size rule and the format names are the format layer's: this validator applies them, it
 # does not restate them. gptq_settings is gptq.py's torch-free half: reading a config must not import torch.
 from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, PER_CHANNEL_GROUP_SIZE, is_valid_group_size
@@ -168,7 +169,7 @@ def read_config_file(path: str | Path) -> QuantConfig:
         )
     if path.suffix not in CONFIG_SUFFIXES:
         raise QtoolError(f"config file {path} has an unknown type '{path.suffix}'", "use .yaml, .json or .toml")
-    text = path.read_text()
+    text = read_utf8(path)
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -239,7 +240,7 @@ def _validate_calibration(calibration: CalibrationConfig) -> list[Finding | None
         found.append(error("calibration.seqlen", f"{calibration.seqlen} is out of range", "use at least 8 tokens (512 or 2048 are usual)"))
     if calibration.seed < 0:
         found.append(error("calibration.seed", f"{calibration.seed} is negative", "use a seed >= 0"))
-    if calibration.source != "wikitext" and not Path(calibration.source).exists():
+    if calibration.source != "wikitext" and not Path(calibration.source).is_file():
         found.append(error("calibration.source", f"file {calibration.source} does not exist", "pass 'wikitext' or the path of a text file"))
     return found
 
@@ -288,4 +289,12 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
     """Defaults, then the file (or preset), then the flags; validated. What every command that quantizes uses."""
     base = read_config_file(config_file) if config_file else QuantConfig()
     config = apply_overrides(base, overrides)
-    return config, check_config(config)
+    findings = validate_config(config)
+    if config_file:
+        # an error in a field no flag set comes from the file: say which file, or the user hunts for it
+        flagged = {key.removeprefix("calibration_") for key, value in overrides.items() if value is not None}
+        findings = [
+            f if f.level is not Level.ERROR or f.where.split(".")[-1] in flagged else dataclasses.replace(f, where=f"{config_file}: {f.where}")
+            for f in findings
+        ]
+    return config, raise_first_error(findings)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.core.text_file import read_utf8
 from qtool.formats.gptq import GPTQ_CHECKPOINT_FORMATS, check_checkpoint_format, check_gptq_bits, check_group_size
 from qtool.formats.quantized_weight import QuantizedWeight
 
@@ -116,7 +117,7 @@ def build_quantization_config(
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
     except OSError as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtool.core.findings import Finding, error, warning
+from qtool.core.text_file import read_utf8
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -19,8 +20,11 @@ DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
     "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
     "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1,
 }
+# dtypes the safetensors library reads whose size is not whole bytes per element: not size-checked here; any
+# other dtype the library refuses to load the file
+SUB_BYTE_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,9 @@ def read_file_header(path: Path) -> tuple[FileHeader, list[Finding]]:
         return broken, [error(file, f"header is not valid JSON ({reason})", "the file is corrupt: copy or download it again")]
     if not isinstance(header, dict):
         return broken, [error(file, "header is not a JSON object", "the file is corrupt: copy or download it again")]
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        return broken, [error(file, "header __metadata__ is not a map of strings", "the file is corrupt: re-save it")]
     findings: list[Finding] = []
     tensors: dict[str, TensorHeader] = {}
     for name, entry in header.items():
@@ -89,7 +95,9 @@ def read_file_header(path: Path) -> tuple[FileHeader, list[Finding]]:
             continue
         tensors[name] = tensor
         itemsize = DTYPE_BYTES.get(tensor.dtype)
-        if itemsize is None:
+        if itemsize is None and tensor.dtype not in SUB_BYTE_DTYPES:
+            findings.append(error(name, f"dtype {tensor.dtype!r} in {file} is not a safetensors dtype", "the file is corrupt: re-save it"))
+        elif itemsize is None:
             findings.append(warning(name, f"dtype {tensor.dtype} in {file} is not known to qtool: its size is not checked"))
         elif tensor.numel * itemsize != tensor.end - tensor.begin:
             findings.append(error(
@@ -126,7 +134,7 @@ def _check_data_layout(file: str, tensors: list[TensorHeader], data_size: int) -
 def _read_index(directory: Path) -> tuple[dict[str, str] | None, list[Finding]]:
     path = directory / INDEX_NAME
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         return None, [error(INDEX_NAME, f"is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the index")]
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.core.findings import Finding, error
+from qtool.core.text_file import read_utf8
 from qtool.validate.quantization_config import QUANT_KEYS
 
 LEGACY_QUANT_FILE = "quantize_config.json"
@@ -16,7 +17,7 @@ LEGACY_QUANT_FILE = "quantize_config.json"
 
 def read_json(path: Path) -> tuple[Any, list[Finding]]:
     try:
-        return json.loads(path.read_text()), []
+        return json.loads(read_utf8(path)), []
     except json.JSONDecodeError as exc:
         return None, [error(path.name, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "restore or re-create the file")]
 
@@ -48,7 +49,7 @@ def read_directory_configs(path: Path) -> DirectoryConfigs:
     read = DirectoryConfigs()
     if (path / "config.json").exists():
         read.hf_config, read.findings = read_json(path / "config.json")
-        if read.hf_config is not None and not isinstance(read.hf_config, dict):
+        if not read.findings and not isinstance(read.hf_config, dict):  # null, a list, a number: not a config
             read.findings.append(error("config.json", "must be a JSON object", "restore or re-create the file"))
             read.hf_config = None
     else:
