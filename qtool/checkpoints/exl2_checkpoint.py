@@ -132,7 +132,7 @@ def save_exl2_model(
 ) -> Path:
     """Write an EXL2 checkpoint directory at `output`, atomically (an existing one only with force)."""
     output = Path(output)
-    with atomic_output_dir(output, force) as staging:
+    with atomic_output_dir(output, force, what="exl2 checkpoint") as staging:
         write_exl2_checkpoint(staging, model, quantized, quantization_config, tokenizer, measurement, max_shard_size_bytes)
     return output
 

@@ -180,7 +180,7 @@ def save_quantized_model(
     config = build_quantization_config(quantized, quantization_config, checkpoint_format)
     tensors, untie = checkpoint_tensors(model, quantized, config["checkpoint_format"])
     model_config = model_config_dict(model, config, untie)
-    with atomic_output_dir(output, force) as staging:
+    with atomic_output_dir(output, force, what=f"gptq checkpoint ({config['checkpoint_format']})") as staging:
         write_model_files(staging, model, tensors, model_config, tokenizer, max_shard_size_bytes)
         (staging / QUANTIZE_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return output

@@ -116,6 +116,7 @@ def quantize(
     config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    discard_resume: Annotated[bool, typer.Option("--discard-resume", help="Throw away the saved state of an interrupted run into this output and start over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
 ) -> None:
@@ -139,7 +140,7 @@ def quantize(
         logging.getLogger("qtool.quant").setLevel(logging.DEBUG)
     if config.output_format == "exl2":
         with progress_bar("quantize", enabled=not as_json) as update:
-            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update)
+            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume)
         if as_json:
             print_json(exl2_result.to_dict())
             return
@@ -150,7 +151,7 @@ def quantize(
         stdout.print(exl2_summary_table(exl2_result))
         return
     with progress_bar("quantize", enabled=not as_json) as update:
-        result = quantize_model(model, config, output, device=device, force=force, progress=update)
+        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume)
     if as_json:
         print_json(result.to_dict())
         return

@@ -30,8 +30,11 @@ from qtool.convert.exl2_gptq import (
     relative_error,
 )
 from qtool.formats.gptq import GPTQ_BITS, GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, quantized_from_gptq_tensors
+from qtool.core.output_claim import claimed_output
 from qtool.core.output_dir import atomic_output_dir
 from qtool.convert.format_names import SOURCE_FORMATS, TARGET_FORMATS  # torch-free, for the CLI
+from qtool.core.output_marker import check_replaceable
+from qtool.core.output_path import check_output_path
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -143,10 +146,7 @@ def check_request(
     found = detect_format(Path(source))
     if found != source_format:
         raise QtoolError(f"{source} is a {found} checkpoint, not {source_format}", f"run qtool convert {found} {target_format} ..." if found in SOURCE_FORMATS else "pass a GPTQ or EXL2 checkpoint")
-    if Path(output).exists() and not force:
-        raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another output path")
-    if Path(output).resolve() == Path(source).resolve():
-        raise QtoolError("the output would replace the source checkpoint", "choose another output path")
+    check_replaceable(check_output_path(output, [source]), force)
     return source_format, target_format
 
 
@@ -313,8 +313,15 @@ def convert_checkpoint(
     source, output = Path(source), Path(output)
     source_format, target_format = check_request(source_format, target_format, source, output, force, bits, group_size, requantize)
     progress = progress or (lambda done, total, detail="": None)
-    if requantize is not None:
-        return _requantized(source, output, requantize, force, progress, started)
+    with claimed_output(output, force, [source]) as output:
+        if requantize is not None:
+            return _requantized(source, output, requantize, force, progress, started)
+        return _repacked(source_format, target_format, source, output, force, bits, group_size, progress, started)
+
+
+def _repacked(source_format: str, target_format: str, source: Path, output: Path, force: bool, bits: int | None, group_size: int | None,
+              progress: Progress, started: float) -> ConversionReport:
+    """The conversions that keep the weights (or repack them to the nearest layout), written and checked by logits."""
     # Float16 output is checked in float16 (where the source's dequantized weights round exactly as stored);
     # quantized output in float32, where both sides' weights are exact. Both sides are loaded the same way in
     # that dtype (casting a loaded model would also round buffers such as rotary frequencies).
@@ -324,7 +331,7 @@ def convert_checkpoint(
     ids = check_ids(tokenizer, model.config.vocab_size)
     reference = None if target_format == "float" else logits_of(model, ids)
     notes: list[str] = []
-    with atomic_output_dir(output, force) as staging:
+    with atomic_output_dir(output, force, what=f"{target_format} checkpoint converted from {source_format}") as staging:
         if target_format == "exl2":
             weights, linears = _exl2_target(model, progress)
             dequantize_linears(model)
@@ -397,7 +404,10 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.float-", dir=output.parent) as scratch:
         convert_checkpoint("gptq", "float", source, Path(scratch) / "float")
         _copy_generation_config(source, Path(scratch) / "float")
-        result = quantize_model_exl2(Path(scratch) / "float", job.to_config(), output, force=force, progress=progress)
+        # quantized into the scratch folder (this run holds the output's lock), then moved into place whole
+        result = quantize_model_exl2(Path(scratch) / "float", job.to_config(), Path(scratch) / "exl2", progress=progress)
+        with atomic_output_dir(output, force, what="exl2 checkpoint re-quantized from gptq") as staging:
+            _flatten_into(staging, Path(scratch) / "exl2")
     model = _load_source("gptq", source, torch.float32)
     ids = check_ids(_load_tokenizer(source), model.config.vocab_size)
     reference = logits_of(model, ids)

@@ -1,5 +1,5 @@
 """Atomic output directories: writers fill a temporary sibling directory that replaces the target only once the
-whole write succeeded, so a failed or interrupted run never leaves a half-written or half-replaced output."""
+whole write succeeded (with qtool's marker in it), so a failed run never leaves a half-written or half-replaced output."""
 
 from __future__ import annotations
 
@@ -11,18 +11,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qtool.core.errors import QtoolError
+from qtool.core.output_marker import check_replaceable, write_marker
+from qtool.core.output_path import check_output_path
 
 _DIR_MODE = 0o755  # mkdtemp creates 0o700; outputs should be readable like any directory a tool writes
 
 
 @contextmanager
-def atomic_output_dir(path: Path, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `path`; on success it is renamed to `path` (an existing
-    `path` is replaced only then, and only with force); on an exception it is removed and `path` left as it was."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise QtoolError(f"output {path} already exists", "pass --force to replace it, or choose another output path")
-    parent = path.parent if str(path.parent) else Path(".")
+def atomic_output_dir(path: Path, force: bool = False, what: str = "output") -> Iterator[Path]:
+    """Yield an empty temporary directory next to `path`; on success it gets the marker (saying `what` it
+    holds) and is renamed to `path` (an existing `path` is replaced only then, only with force and only if qtool
+    wrote it); on an exception it is removed and `path` left as it was."""
+    path = check_output_path(path)
+    check_replaceable(path, force)
+    parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=parent))
@@ -31,6 +33,7 @@ def atomic_output_dir(path: Path, force: bool = False) -> Iterator[Path]:
     try:
         os.chmod(staging, _DIR_MODE)
         yield staging
+        write_marker(staging, what)
         _replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,6 +27,8 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.output_claim import claimed_output
+from qtool.core.output_path import check_output_path
 from qtool.config.schema import EXL2_BPW_RANGE, QuantConfig, validate_config
 from qtool.checkpoints.exl2_checkpoint import MEASUREMENT_FILE, save_exl2_model
 from qtool.formats.exl2 import Exl2Weight, check_exl2_layout
@@ -48,11 +50,11 @@ from qtool.quant.exl2_optimize import (
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.sensitivity import linear_sensitivities
-from qtool.quant.pipeline import check_against_model, check_output, peak_memory_bytes, source_identity, split_quantizable, storage_device
+from qtool.quant.pipeline import check_against_model, peak_memory_bytes, source_identity, source_inputs, split_quantizable, storage_device
 from qtool.quant.work_state import WorkState, job_fingerprint
 from qtool.models.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
 from qtool.models.layerwise import LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
-from qtool.checkpoints.sources import load_model, resolve_device, resolve_source
+from qtool.checkpoints.sources import ModelSource, load_model, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
 MEASURE_P_GRID = 24  # a coarser scale search while measuring: 4x cheaper, errors ranked the same way
@@ -279,21 +281,29 @@ def quantize_model_exl2(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
-    checkpoint_interval_s: float = 30.0,
+    discard_resume: bool = False,
 ) -> Exl2QuantizeResult:
     """Quantize a float model to EXL2 at config.bpw (the head at config.head_bits: 0 = float16, 6 or 8), reusing
-    `measurement` (an earlier run's measurement.json) when given. Work is saved beside the output at least every
-    `checkpoint_interval_s` seconds (0: after every step)."""
+    `measurement` (an earlier run's measurement.json) when given. Work is saved beside the output after every
+    step and resumed by the next run with the same arguments (unless `discard_resume`); the output is locked
+    against other runs until the checkpoint is written."""
     started = time.perf_counter()
-    output = Path(output)
+    check_output_path(output)  # a refused path fails before a Hub model is fetched
     if config.output_format != "exl2":
         raise QtoolError(f"output_format {config.output_format!r} is not written by the EXL2 pipeline", "use output_format exl2 (--format exl2)")
     findings = raise_first_error(validate_config(config))
-    check_output(output, force)
     reused, measurement_digest = _read_measurement(measurement)
     compute = resolve_device(device)
-    report = progress or (lambda done, total, detail="": None)
     source = resolve_source(model_spec)
+    with claimed_output(output, force, source_inputs(source, config.calibration.source, measurement)) as output:
+        return _quantize_exl2(model_spec, source, config, output, reused, measurement, measurement_digest, compute, force, progress,
+                              discard_resume, findings, started)
+
+
+def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantConfig, output: Path, reused, measurement, measurement_digest: str | None,
+                   compute: torch.device, force: bool, progress: Progress | None, discard_resume: bool, findings: list,
+                   started: float) -> Exl2QuantizeResult:
+    report = progress or (lambda done, total, detail="": None)
     loaded = load_model(source, device="cpu", dtype="float32")
     if loaded.quantization_config:
         raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")
@@ -328,7 +338,7 @@ def quantize_model_exl2(
         "format": "exl2", "config": config.to_dict(), "model": source_identity(source), "measurement": measurement_digest,
         "qtool": qtool_version(), "torch": torch.__version__, "device": compute.type,
     })
-    state = WorkState.open(output, fingerprint)
+    state = WorkState.open(output, fingerprint, discard=discard_resume)
     weigh_steps = 0 if reused is not None and weighed(reused) else 1
     measure_steps = 0 if reused is not None else num_layers
     first_measure, first_quantize = weigh_steps, weigh_steps + measure_steps
@@ -344,22 +354,12 @@ def quantize_model_exl2(
         log.info("resuming %s after step %d of %d", output, resumed_from, total_steps)
         layer = resumed_from - first_measure if resumed_from < first_quantize else resumed_from - first_quantize
         inputs = LayerInputs(layer, tuple(h.to(storage) for h in state.load_hidden()), inputs.calls)
-    last_saved = time.monotonic()
-
-    def save(step: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], outputs: list[torch.Tensor]) -> None:
-        nonlocal last_saved
-        # the hidden states are the bulk of a step's state: save them when enough work would be lost without them
-        due = time.monotonic() - last_saved >= checkpoint_interval_s or step in (first_quantize - 1, total_steps - 1)
-        state.save_step(step, tensors, metadata, outputs if due else None)
-        if due:
-            last_saved = time.monotonic()
-
     for step in range(max(resumed_from, first_measure), first_quantize):
         index = step - first_measure
         report(step, total_steps, f"measuring layer {index + 1}/{num_layers}")
         measured, outputs = measure_layer(layers[index], layer_groups[index], inputs, compute, config.damp_percent)
         outputs = [h.to(storage) for h in outputs]
-        save(step, *_measurement_step(measured), outputs)
+        state.save_step(step, *_measurement_step(measured), outputs)
         inputs = inputs.advanced(outputs)
     measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.load_step(step)[1])]
     if weigh_steps:
@@ -379,7 +379,7 @@ def quantize_model_exl2(
         weights, errors, outputs = quantize_exl2_layer(layers[index], layer_groups[index], inputs, allocation.choices, compute, config.damp_percent,
                                                        refine=config.refine_scales)
         outputs = [h.to(storage) for h in outputs]
-        save(step, *_weights_step(weights, errors), outputs)
+        state.save_step(step, *_weights_step(weights, errors), outputs)
         inputs = inputs.advanced(outputs)
 
     # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.

@@ -19,6 +19,8 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.output_claim import claimed_output
+from qtool.core.output_path import check_output_path
 from qtool.models.rules import ModelStats, validate_for_hardware, validate_for_model
 from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import save_quantized_model
@@ -162,11 +164,12 @@ def _relative(groups: list[list[tuple[str, nn.Linear]]], prefix: str) -> list[li
     return [[(name.removeprefix(prefix), linear) for name, linear in group] for group in groups]
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another output path")
-    if output.exists() and not output.is_dir():
-        raise QtoolError(f"output {output} is a file", "choose a directory path for the checkpoint")
+def source_inputs(source: ModelSource, calibration_source: str, *others: str | Path | None) -> list[Path]:
+    """The local files and folders a run reads, which its output must neither be, sit inside nor hold."""
+    inputs = [source.path / source.gguf_file] if source.gguf_file else ([source.path] if source.path is not None else [])
+    if Path(calibration_source).exists():  # `wikitext` names a data set, not a path
+        inputs.append(Path(calibration_source))
+    return inputs + [Path(other) for other in others if other is not None]
 
 
 @dataclass
@@ -230,19 +233,24 @@ def quantize_model(
     progress: Progress | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    checkpoint_interval_s: float = 30.0,
+    discard_resume: bool = False,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
-    beside the output is saved at least every `checkpoint_interval_s` seconds of work (0: after every layer)."""
+    beside the output is saved after every layer and resumed by the next run with the same arguments (unless
+    `discard_resume`); the output is locked against other runs until the checkpoint is written."""
     started = time.perf_counter()
-    output = Path(output)
-    check_output(output, force)
+    check_output_path(output)  # a refused path fails before a Hub model is fetched
     compute = resolve_device(device)
-    report = progress or (lambda done, total, detail="": None)
     if config.output_format != "gptq":
         raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
-
     source = resolve_source(model_spec)
+    with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
+        return _quantize(model_spec, source, config, output, compute, force, progress, allow_pickle, trust_remote_code, discard_resume, started)
+
+
+def _quantize(model_spec: str | Path, source: ModelSource, config: QuantConfig, output: Path, compute: torch.device, force: bool,
+              progress: Progress | None, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool, started: float) -> QuantizeResult:
+    report = progress or (lambda done, total, detail="": None)
     # The float model stays on the CPU in float32; each layer visits the compute device while it is quantized.
     loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if loaded.quantization_config:
@@ -276,7 +284,7 @@ def quantize_model(
         "torch": torch.__version__,
         "device": compute.type,
     })
-    state = WorkState.open(output, fingerprint)
+    state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
     if resumed_from:
         log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
@@ -289,7 +297,6 @@ def quantize_model(
     quantized: dict[str, QuantizedWeight] = {}
     skipped: dict[str, str] = {}
     modules: list[ModuleReport] = []
-    last_saved = time.monotonic()
     for index in range(num_layers):
         prefix = f"{spec.layers_path}.{index}."
         groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
@@ -319,12 +326,8 @@ def quantize_model(
             log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
         modules.extend(layer_reports)
         next_hidden = [h.to(storage) for h in outputs]
-        # The hidden states are the bulk of the saved state (128 x 512 x hidden floats): save them when enough
-        # work would be lost without them, and after the last layer.
-        due = time.monotonic() - last_saved >= checkpoint_interval_s or index == num_layers - 1
-        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden if due else None)
-        if due:
-            last_saved = time.monotonic()
+        # After every layer: any interruption loses at most the layer in progress.
+        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden)
         inputs = inputs.advanced(next_hidden)
         report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 

@@ -5,81 +5,108 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qtool.core.errors import QtoolError
 from qtool.formats.quantized_weight import QuantizedWeight
 
 STATE_FILE = "job.json"
-HIDDEN_FILE = "hidden.safetensors"
+CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def job_fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_atomically(path: Path, write) -> None:
+    """Write through a temporary name, flushed to disk before the rename: the name never shows a partial file."""
     temporary = path.with_name(path.name + ".tmp")
     write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
 @dataclass
 class WorkState:
-    """A folder beside the output: job.json (fingerprint, steps done), one file of results per finished step
-    (a layer quantized or measured), and the hidden states that feed the next step."""
+    """A folder beside the output: job.json (fingerprint, steps done, the sha256 of every file they rest on),
+    one file of results per finished step (a layer quantized or measured), and the hidden states that feed the
+    next step. The caller holds the output's lock, so no other run writes here."""
 
     path: Path
     fingerprint: str
     completed_layers: int = 0
+    hidden_file: str | None = None  # the hidden states after the last completed step
+    checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
     @staticmethod
     def folder_for(output: Path) -> Path:
         return output.parent / f".{output.name}.qtool-partial"
 
     @classmethod
-    def open(cls, output: Path, fingerprint: str) -> "WorkState":
-        """Resume a matching unfinished run, or start afresh (discarding state left by different arguments)."""
+    def open(cls, output: Path, fingerprint: str, discard: bool = False) -> "WorkState":
+        """Resume a matching unfinished run whose files are intact, or start afresh: state left by other
+        arguments, a damaged one or one the caller discards is removed, with one warning line saying why."""
         path = cls.folder_for(output)
-        state_file = path / STATE_FILE
-        if state_file.exists():
-            try:
-                saved = json.loads(state_file.read_text())
-            except json.JSONDecodeError:
-                saved = {}
-            if saved.get("fingerprint") == fingerprint and (path / HIDDEN_FILE).exists():
-                return cls(path, fingerprint, int(saved.get("completed_layers", 0)))
+        if path.exists():
+            problem = "discarded (--discard-resume)" if discard else _problem(path, fingerprint)
+            if problem is None:
+                saved = json.loads((path / STATE_FILE).read_text())
+                return cls(path, fingerprint, saved["completed_layers"], saved["hidden_file"], saved["checksums"])
+            log.warning("the saved state of an interrupted run in %s is %s: starting over", path, problem)
             shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = cls(path, fingerprint, 0)
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise QtoolError(f"cannot create the resume state {path}: {exc.strerror or exc}", "choose an output in a folder you can write to") from exc
+        state = cls(path, fingerprint)
         state._write_state()
         return state
 
     def _write_state(self) -> None:
-        data = {"fingerprint": self.fingerprint, "completed_layers": self.completed_layers}
+        data = {"fingerprint": self.fingerprint, "completed_layers": self.completed_layers, "hidden_file": self.hidden_file,
+                "checksums": self.checksums}
         _write_atomically(self.path / STATE_FILE, lambda p: p.write_text(json.dumps(data)))
 
     def layer_file(self, index: int) -> Path:
         return self.path / f"layer-{index:04d}.safetensors"
 
-    def save_step(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], next_hidden: list[torch.Tensor] | None) -> None:
-        """Write the result of step `index` (a layer's tensors and string metadata); with `next_hidden` (the
-        inputs of the next step) also record every step up to `index` as done. The files are written before
-        job.json moves on, so an interruption at any point leaves a consistent state; steps written without
-        hidden states are redone on resume."""
+    def save_step(self, index: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str], next_hidden: list[torch.Tensor]) -> None:
+        """Write the result of step `index` (a layer's tensors and string metadata) and the inputs of the next
+        step, then record every step up to `index` as done. The new files are written (under new names for the
+        hidden states) before job.json moves on, and the old hidden states removed after it, so an interruption
+        at any point leaves job.json naming intact files."""
+        layer = self.layer_file(index)
         tensors = {name: t.contiguous() for name, t in tensors.items()}
-        _write_atomically(self.layer_file(index), lambda p: save_file(tensors, str(p), metadata=metadata))
-        if next_hidden is None:
-            return
+        _write_atomically(layer, lambda p: save_file(tensors, str(p), metadata=metadata))
+        hidden_file = f"hidden-{index + 1:04d}.safetensors"
         hidden = {f"batch.{i}": h.contiguous() for i, h in enumerate(next_hidden)}
-        _write_atomically(self.path / HIDDEN_FILE, lambda p: save_file(hidden, str(p)))
-        self.completed_layers = index + 1
+        _write_atomically(self.path / hidden_file, lambda p: save_file(hidden, str(p)))
+        previous = self.hidden_file
+        self.checksums.pop(previous, None)
+        self.checksums[layer.name] = sha256_of(layer)
+        self.checksums[hidden_file] = sha256_of(self.path / hidden_file)
+        self.completed_layers, self.hidden_file = index + 1, hidden_file
         self._write_state()
+        if previous is not None and previous != hidden_file:
+            (self.path / previous).unlink(missing_ok=True)
 
     def load_step(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         from safetensors import safe_open
@@ -88,7 +115,7 @@ class WorkState:
             metadata = handle.metadata() or {}
         return load_file(str(self.layer_file(index))), metadata
 
-    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor] | None) -> None:
+    def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor]) -> None:
         """save_step for a layer of GPTQ weights."""
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {}
@@ -116,8 +143,26 @@ class WorkState:
         return quantized
 
     def load_hidden(self) -> list[torch.Tensor]:
-        tensors = load_file(str(self.path / HIDDEN_FILE))
+        tensors = load_file(str(self.path / self.hidden_file))
         return [tensors[f"batch.{i}"] for i in range(len(tensors))]
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _problem(path: Path, fingerprint: str) -> str | None:
+    """Why the state in `path` can't be resumed by the run of `fingerprint` (None: it can)."""
+    try:
+        saved = json.loads((path / STATE_FILE).read_text())
+        completed, hidden_file, checksums = int(saved["completed_layers"]), saved["hidden_file"], dict(saved["checksums"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable ({STATE_FILE} is missing, damaged or from an older qtool)"
+    if saved.get("fingerprint") != fingerprint:
+        return "from a run with other arguments, model or qtool version"
+    needed = [f"layer-{index:04d}.safetensors" for index in range(completed)] + ([hidden_file] if completed else [])
+    for name in needed:
+        if name not in checksums or not (path / name).is_file():
+            return f"missing {name}"
+        if sha256_of(path / name) != checksums[name]:
+            return f"damaged ({name} does not match its checksum)"
+    return None

@@ -217,7 +217,17 @@ def test_output_rules(tmp_path, make_tiny_llama):
         convert_checkpoint("gptq", "exl2", tmp_path / "g", tmp_path / "x", bits=4)
     with pytest.raises(QtoolError, match="not a checkpoint directory"):
         convert_checkpoint("gptq", "exl2", tmp_path / "missing", tmp_path / "y")
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left behind
+    source_files = sorted(p.name for p in (tmp_path / "g").iterdir())
+    for output, says in [(tmp_path / "g", "is the input"), (tmp_path / "g" / "inner", "inside the input"), (tmp_path, "is inside the output")]:
+        with pytest.raises(QtoolError, match=says):
+            convert_checkpoint("gptq", "float", tmp_path / "g", output, force=True)
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == source_files
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(QtoolError, match="qtool did not write"):
+        convert_checkpoint("gptq", "float", tmp_path / "g", tmp_path / "notes", force=True)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging or lock left behind
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(setup, stop_at):
             raise Interrupted(detail)
 
     with pytest.raises(Interrupted):
-        quantize_model_exl2(root / "float", job, out, device="cpu", progress=stop, checkpoint_interval_s=0)
+        quantize_model_exl2(root / "float", job, out, device="cpu", progress=stop)
     assert not out.exists()
     saved = json.loads((WorkState.folder_for(out) / "job.json").read_text())["completed_layers"]
     # steps: weigh the linears, measure 2 layers, then quantize 2

@@ -1,0 +1,57 @@
+"""WorkState on its own: checksums recorded as steps are saved, a damaged, missing or foreign state discarded
+with one warning line, --discard-resume honoured, and a resumable state reopened as it was."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from qtool.quant.work_state import STATE_FILE, WorkState
+
+
+def saved_state(tmp_path, steps: int = 3) -> WorkState:
+    state = WorkState.open(tmp_path / "out", "job-a")
+    for index in range(steps):
+        state.save_step(index, {"w": torch.full((4,), float(index))}, {"i": str(index)}, [torch.full((2, 3), float(index + 1))])
+    return state
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_every_step_is_saved_with_its_checksum(tmp_path, caplog):
+    state = saved_state(tmp_path)
+    saved = json.loads((state.path / STATE_FILE).read_text())
+    assert saved["completed_layers"] == 3 and saved["hidden_file"] == "hidden-0003.safetensors"
+    assert sorted(saved["checksums"]) == ["hidden-0003.safetensors", "layer-0000.safetensors", "layer-0001.safetensors", "layer-0002.safetensors"]
+    assert sorted(p.name for p in state.path.iterdir()) == sorted([STATE_FILE, *saved["checksums"]])  # old hidden states gone
+    reopened = WorkState.open(tmp_path / "out", "job-a")
+    assert reopened.completed_layers == 3 and torch.equal(reopened.load_hidden()[0], torch.full((2, 3), 3.0))
+    assert torch.equal(reopened.load_step(1)[0]["w"], torch.full((4,), 1.0))
+    assert warnings(caplog) == []
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda path: (path / "layer-0001.safetensors").write_bytes((path / "layer-0001.safetensors").read_bytes()[:50]),
+     "damaged (layer-0001.safetensors does not match its checksum)"),
+    (lambda path: (path / "hidden-0003.safetensors").unlink(), "missing hidden-0003.safetensors"),
+    (lambda path: (path / STATE_FILE).write_text("{\"finger"), "unreadable"),
+])
+def test_a_damaged_state_starts_over_with_one_warning(tmp_path, caplog, damage, says):
+    state = saved_state(tmp_path)
+    damage(state.path)
+    reopened = WorkState.open(tmp_path / "out", "job-a")
+    assert reopened.completed_layers == 0 and [p.name for p in reopened.path.iterdir()] == [STATE_FILE]
+    [line] = warnings(caplog)
+    assert says in line and str(state.path) in line and "starting over" in line
+
+
+def test_other_arguments_and_discard_start_over(tmp_path, caplog):
+    saved_state(tmp_path)
+    assert WorkState.open(tmp_path / "out", "job-b").completed_layers == 0
+    assert "from a run with other arguments" in warnings(caplog)[-1]
+    saved_state(tmp_path / "again")
+    assert WorkState.open(tmp_path / "again" / "out", "job-a", discard=True).completed_layers == 0
+    assert "discarded (--discard-resume)" in warnings(caplog)[-1]
