@@ -112,8 +112,8 @@ def run(
         return
     conversation = with_user_turn(start_history(system, raw), prompt)
     if as_json:
-        print_json(generate(loaded.model, loaded.tokenizer, conversation, settings).to_dict())
+        print_json(generate(loaded.model, loaded.tokenizer, conversation, settings, name=model).to_dict())
         return
-    result = generate(loaded.model, loaded.tokenizer, conversation, settings, on_text=stream_to_stdout)
+    result = generate(loaded.model, loaded.tokenizer, conversation, settings, on_text=stream_to_stdout, name=model)
     stdout.out("")
     report_speed(result)

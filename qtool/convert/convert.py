@@ -34,6 +34,7 @@ from qtool.core.output_dir import atomic_output_dir
 from qtool.formats.registry import QUANT_FORMATS
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
+from qtool.models.finite_outputs import non_finite_logits_error
 from qtool.formats.quantized_weight import QuantizedWeight
 
 SOURCE_FORMATS = tuple(QUANT_FORMATS)
@@ -220,8 +221,16 @@ def check_ids(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).logits.to(torch.float64)
+def logits_of(model: nn.Module, ids: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """The check prompt's logits in float64; NaN or infinite ones raise an error naming `name` (the source), or
+    when None the converted model's: no check can pass on them."""
+    logits = model(ids).logits.to(torch.float64)
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    if name is not None:
+        raise non_finite_logits_error(name)
+    raise QtoolError("conversion check failed: the converted model's logits hold NaN or infinite values although the source's are finite",
+                     "nothing was written; report this as a qtool bug (run with --debug)")
 
 
 # ---- the conversions ----
@@ -324,7 +333,7 @@ def convert_checkpoint(
     model = _load_source(source_format, source, check_dtype)
     tokenizer = _load_tokenizer(source)
     ids = check_ids(tokenizer, model.config.vocab_size)
-    reference = None if target_format == "float" else logits_of(model, ids)
+    reference = None if target_format == "float" else logits_of(model, ids, str(source))
     notes: list[str] = []
     with atomic_output_dir(output, force) as staging:
         if target_format == "exl2":
@@ -344,7 +353,7 @@ def convert_checkpoint(
             names = dequantize_linears(model, torch.float16)
             # The reference is the source's weights as its kernels dequantize them in float16, held as nn.Linear:
             # its own forward may multiply a transposed view, which rounds differently in a float16 GEMM.
-            reference = logits_of(model, ids)
+            reference = logits_of(model, ids, str(source))
             linears = [LinearConversion(name, True, 0.0, source_format, "float16") for name in names]
             progress(len(names), len(names), "")
             model.save_pretrained(str(staging))
@@ -402,7 +411,7 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
         result = quantize_model_exl2(Path(scratch) / "float", job.to_config(), output, force=force, progress=progress)
     model = _load_source("gptq", source, torch.float32)
     ids = check_ids(_load_tokenizer(source), model.config.vocab_size)
-    reference = logits_of(model, ids)
+    reference = logits_of(model, ids, str(source))
     gptq = {name: module.dequantized_weight(torch.float32) for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     converted = load_exl2_model(output, device="cpu", dtype=torch.float32)
     result_logits = logits_of(converted, ids)

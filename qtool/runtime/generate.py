@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers import GenerationConfig, TextStreamer
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextStreamer
 
 from qtool.core.errors import QtoolError
+from qtool.models.finite_outputs import model_name, non_finite_logits_error
 
 Message = dict[str, str]
 TextCallback = Callable[[str], None]
@@ -65,6 +66,20 @@ class CallbackStreamer(TextStreamer):
             self.on_text(text)
 
 
+class FiniteLogitsCheck(LogitsProcessor):
+    """Stops generation at the first step whose logits hold a NaN or +inf: greedy decoding would pick an arbitrary
+    token and sampling would fail inside torch. It runs before temperature and top-k/top-p, whose -inf for
+    filtered tokens is legitimate."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
+            raise non_finite_logits_error(self.name)
+        return scores
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -108,9 +123,11 @@ def generate(
     conversation: str | list[Message],
     settings: GenerationSettings = GenerationSettings(),
     on_text: TextCallback | None = None,
+    name: str | None = None,
 ) -> GenerationResult:
     """Generate a reply to `conversation` (raw prompt text, or chat messages {"role", "content"}); `on_text`
-    receives the reply piece by piece as it is generated."""
+    receives the reply piece by piece as it is generated. NaN logits raise an error naming `name` (default: where
+    the model was loaded from)."""
     settings.check()
     device = next(model.parameters()).device
     input_ids = prompt_ids(tokenizer, conversation).to(device)
@@ -127,7 +144,8 @@ def generate(
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         start = time.perf_counter()
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer)
+        checks = LogitsProcessorList([FiniteLogitsCheck(name or model_name(model))])
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer, logits_processor=checks)
         seconds = time.perf_counter() - start
     new_ids = output[0, input_ids.shape[1] :]
     text = tokenizer.decode(new_ids, skip_special_tokens=True)

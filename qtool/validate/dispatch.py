@@ -17,6 +17,7 @@ from qtool.validate.directory_configs import LEGACY_QUANT_FILE, read_directory_c
 from qtool.validate.exl2 import add_exl2_findings
 from qtool.validate.float_model import float_model_report
 from qtool.validate.gptq import add_gptq_findings
+from qtool.validate.model_tensors import model_tensor_findings
 from qtool.validate.quantization_config import check_quantization_config
 from qtool.validate.report import ValidationReport
 
@@ -61,6 +62,7 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
     if configs.quant_data is None:
         return float_model_report(path, configs.hf_config, tensors, findings, summary, config_file, device)
     report = ValidationReport("checkpoint", str(path), findings, summary)
+    report.findings += model_tensor_findings(configs.hf_config, tensors, check_missing=False)
     readable = {h.file for h in headers if h.readable}
     if declares_exl2:
         add_exl2_findings(report, path, configs, tensors, readable)
