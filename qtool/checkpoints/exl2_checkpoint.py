@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from qtool.core.errors import QtoolError
-from qtool.core.text_file import read_utf8
 from qtool.checkpoints.gptq_checkpoint import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
     checkpoint_state,
+    check_config_shapes,
     checkpoint_weight_files,
     empty_model,
     load_checkpoint_state,
@@ -23,8 +23,9 @@ from qtool.checkpoints.gptq_checkpoint import (
     read_checkpoint_tensors,
     write_model_files,
 )
-from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
-from qtool.formats.gptq_config import CONFIG_FILE, qtool_version
+from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, check_exl2_scale_max, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
+from qtool.core.json_file import read_json_file
+from qtool.formats.gptq_config import CONFIG_FILE, RESTORE_FILE, qtool_version
 from qtool.core.output_dir import atomic_output_dir
 from qtool.kernels.exl2_linear import Exl2Linear, check_exl2_backend
 
@@ -72,11 +73,7 @@ def read_exl2_config(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         return None
-    try:
-        config = json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
-    section = config.get("quantization_config") if isinstance(config, dict) else None
+    section = read_json_file(path, RESTORE_FILE).get("quantization_config")
     if isinstance(section, dict) and str(section.get("quant_method", "")).lower() == "exl2":
         return section
     return None
@@ -141,10 +138,7 @@ def read_measurement(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / MEASUREMENT_FILE
     if not path.exists():
         return None
-    try:
-        return json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "re-create it with a new measurement pass") from exc
+    return read_json_file(path, "re-create it with a new measurement pass")
 
 
 # ---- loading ----
@@ -163,6 +157,8 @@ def _install_exl2_linears(model: nn.Module, tensors: dict[str, torch.Tensor], or
         if not isinstance(module, nn.Linear):
             raise QtoolError(f"{file}: {name} is a {type(module).__name__}, not a Linear", "qtool loads EXL2-quantized nn.Linear layers only")
         parts = {suffix: tensors[f"{name}.{suffix}"] for suffix in EXL2_TENSOR_SUFFIXES + OPTIONAL_SUFFIXES if f"{name}.{suffix}" in tensors}
+        if "q_scale_max" in parts:  # the same words as validate's finding, which names the tensor's own file
+            check_exl2_scale_max(parts["q_scale_max"], f"{name}.q_scale_max", origin[f"{name}.q_scale_max"].name)
         try:
             weight = weight_from_exl2_tensors(parts, module.out_features, name)  # every check of the reader
         except QtoolError as exc:
@@ -192,6 +188,7 @@ def load_exl2_model(path: Path, device: str | torch.device = "cpu", dtype: torch
     if not any(key.endswith(".q_weight") for key in tensors):
         raise QtoolError(f"{directory}: config.json declares EXL2 but no tensor ends in .q_weight", "point at the quantized checkpoint")
     model = empty_model(directory, dtype, "EXL2")
+    check_config_shapes(model, tensors, origin)
     _install_exl2_linears(model, tensors, origin)
     load_checkpoint_state(model, directory, tensors, origin, (Exl2Linear,))
     from qtool.kernels.exl2_linear import set_exl2_model_backend

@@ -13,37 +13,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qtool.core.errors import QtoolError
-from qtool.core.text_file import read_utf8
-from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
-from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
+from qtool.core.json_file import read_json_file
+from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, RESTORE_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_scales, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
 from qtool.core.output_dir import atomic_output_dir
 from qtool.kernels.quant_linear import QuantLinear, set_model_backend
 from qtool.kernels.registry import check_backend_name
 from qtool.formats.quantized_weight import QuantizedWeight
+from qtool.checkpoints.config_shapes import config_shape_error
+from qtool.checkpoints.expected_tensors import IGNORED_UNEXPECTED_SUFFIXES, expected_tensor_shapes, missing_tensors_error, tied_weight_pairs
 from qtool.checkpoints.weight_init import skipped_weight_init
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE_BYTES = 5 * 10**9  # transformers' default "5GB"
-# Buffers older checkpoints carry that current transformers models recompute (not an error to find them).
-IGNORED_UNEXPECTED_SUFFIXES = ("rotary_emb.inv_freq", "position_ids")
 
 
 # ---- saving ----
-
-
-def tied_weight_pairs(model: nn.Module) -> dict[str, str]:
-    """{tied parameter name: the parameter it shares} as transformers ties them for this model and config."""
-    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers >= 5
-        return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
-    config = getattr(model, "config", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        return {}
-    names = {id(module): name for name, module in model.named_modules()}
-    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is None or inputs is None:
-        return {}
-    return {f"{names[id(output)]}.weight": f"{names[id(inputs)]}.weight"}
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -213,10 +199,9 @@ def checkpoint_weight_files(directory: Path) -> list[Path]:
     *.safetensors file (AutoGPTQ named them after the quantization, e.g. gptq_model-4bit-128g.safetensors)."""
     index_path = directory / INDEX_FILE
     if index_path.exists():
-        try:
-            weight_map = json.loads(read_utf8(index_path))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise QtoolError(f"{index_path} is not a valid shard index: {exc}", "restore or re-create the file") from exc
+        weight_map = read_json_file(index_path, RESTORE_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+            raise QtoolError(f"{index_path} has no weight_map of tensor names to shard files", RESTORE_FILE)
         files = [directory / name for name in sorted(set(weight_map.values()))]
         for file in files:
             if not file.exists():
@@ -299,6 +284,7 @@ def _install_quant_linears(
             check_gptq_shapes(parts, module.in_features, module.out_features, bits, group_size, name)
         except QtoolError as exc:
             raise QtoolError(f"{file}: {exc.message}", exc.hint) from None
+        check_gptq_scales(parts["scales"], f"{name}.scales", origin[f"{name}.scales"].name)
         g_idx = parts["g_idx"]
         groups = num_groups(module.in_features, group_size)
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
@@ -329,6 +315,15 @@ def tie_missing(model: nn.Module, present: set[str], quantized_types: tuple[type
     return tied
 
 
+def check_config_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+    """Raise the error validate gives when config.json's sizes contradict the stored float tensors; `model` is
+    the empty model built from that config, before its quantized linears are installed."""
+    stored = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    problem = config_shape_error(model.config, expected_tensor_shapes(model), stored, {name: file.name for name, file in origin.items()})
+    if problem is not None:
+        raise problem
+
+
 def load_checkpoint_state(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor], origin: dict[str, Path],
                           quantized_types: tuple[type, ...]) -> None:
     """Load a checkpoint's tensors into `model`, whose quantized linears are already installed: tied weights the
@@ -339,10 +334,9 @@ def load_checkpoint_state(model: nn.Module, directory: Path, tensors: dict[str, 
     except RuntimeError as exc:
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
         raise QtoolError(f"{directory}: tensors do not fit {type(model).__name__}: {detail}", "the config.json does not match the weights") from None
-    missing = sorted(set(result.missing_keys) - tied)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise QtoolError(f"{directory}: tensor(s) missing from the checkpoint: {shown}", "the checkpoint is incomplete: re-export it")
+    missing = missing_tensors_error(type(model).__name__, sorted(set(result.missing_keys) - tied))
+    if missing is not None:
+        raise missing
     unexpected = sorted(key for key in result.unexpected_keys if not key.endswith(IGNORED_UNEXPECTED_SUFFIXES))
     if unexpected:
         shown = ", ".join(f"{key} ({origin[key].name if key in origin else '?'})" for key in unexpected[:5])
@@ -367,6 +361,7 @@ def load_quantized_model(
     if not any(key.endswith(".qweight") for key in tensors):
         raise QtoolError(f"{directory}: {quant.source} declares GPTQ but no tensor ends in .qweight", "point at the quantized checkpoint")
     model = empty_model(directory, dtype, "GPTQ")
+    check_config_shapes(model, tensors, origin)
     _install_quant_linears(model, tensors, origin, quant)
     load_checkpoint_state(model, directory, tensors, origin, (QuantLinear,))
     model = model.to(device).eval()

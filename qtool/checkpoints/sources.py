@@ -4,7 +4,6 @@ a Hub id, or an alias. Every command loads models through `load_model`."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -17,8 +16,10 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from qtool.checkpoints.dtype_names import DTYPE_NAMES
+from qtool.checkpoints.float_model_files import check_before_loading, check_loading_info
 from qtool.core.errors import QtoolError
-from qtool.core.text_file import read_utf8
+from qtool.core.json_file import read_json_file
+from qtool.formats.gptq_config import RESTORE_FILE
 from qtool.formats.registry import QUANT_FORMATS
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,12 @@ def read_quantization_config(directory: Path) -> dict[str, Any] | None:
     """The quantization config a checkpoint declares (config.json, else quantize_config.json), or None."""
     config_path = directory / "config.json"
     if config_path.exists():
-        try:
-            config = json.loads(read_utf8(config_path))
-        except json.JSONDecodeError as exc:
-            raise QtoolError(f"{config_path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
-        if isinstance(config, dict) and isinstance(config.get("quantization_config"), dict):
+        config = read_json_file(config_path, RESTORE_FILE)
+        if isinstance(config.get("quantization_config"), dict):
             return config["quantization_config"]
     legacy = directory / "quantize_config.json"
     if legacy.exists():
-        try:
-            data = json.loads(read_utf8(legacy))
-        except json.JSONDecodeError as exc:
-            raise QtoolError(f"{legacy} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
-        return {"quant_method": "gptq", **data} if isinstance(data, dict) else None
+        return {"quant_method": "gptq", **read_json_file(legacy, RESTORE_FILE)}
     return None
 
 
@@ -275,18 +269,22 @@ def load_model(
         notes.append("GGUF weights dequantized to float")
     else:
         _check_weight_files(source.path, allow_pickle)
+        check_before_loading(source.path, trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
                 str(source.path),
                 dtype=torch_dtype,
                 use_safetensors=not allow_pickle or None,
                 trust_remote_code=trust_remote_code,
-            ).to(torch_device)
+                output_loading_info=True,
+            )
         # SafetensorError: a weight file whose header the safetensors library refuses
         # StrictDataclassError: config.json has a field of the wrong type (e.g. "hidden_size": null); AttributeError:
         # a quantization_config that is not an object
         except (ValueError, OSError, RuntimeError, TypeError, AttributeError, SafetensorError, StrictDataclassError) as exc:
             raise QtoolError(f"cannot load model from {source.path}: {str(exc).splitlines()[0]}", "check the directory holds a complete Hugging Face model") from exc
+        check_loading_info(model, loading_info)
+        model = model.to(torch_device)
     if backend != "auto" and not (quantization_config and quantization_config.get("quant_method") in QUANT_FORMATS):
         notes.append(f"--backend {backend} ignored: the model has no quantized linears")
     model.eval()

@@ -84,7 +84,7 @@ def eval_model(
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{models[0]}' has no tokenizer", "the model directory needs its tokenizer files to tokenize the text")
     with progress_bar("perplexity", enabled=not as_json) as update:
-        result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, windows=windows, progress=update)
+        result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, windows=windows, progress=update, name=models[0])
     if as_json:
         print_json({"model": models[0], **result.to_dict()})
         return

@@ -37,6 +37,7 @@ from qtool.core.output_marker import check_replaceable
 from qtool.core.output_path import check_output_path
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
+from qtool.models.finite_outputs import non_finite_logits_error
 from qtool.formats.quantized_weight import QuantizedWeight
 
 CHECK_PROMPT = "The capital of France is Paris. The quick brown fox jumps over the lazy dog, and 12 + 30 = 42."
@@ -218,8 +219,16 @@ def check_ids(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).logits.to(torch.float64)
+def logits_of(model: nn.Module, ids: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """The check prompt's logits in float64; NaN or infinite ones raise an error naming `name` (the source), or
+    when None the converted model's: no check can pass on them."""
+    logits = model(ids).logits.to(torch.float64)
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    if name is not None:
+        raise non_finite_logits_error(name)
+    raise QtoolError("conversion check failed: the converted model's logits hold NaN or infinite values although the source's are finite",
+                     "nothing was written; report this as a qtool bug (run with --debug)")
 
 
 # ---- the conversions ----
@@ -329,7 +338,7 @@ def _repacked(source_format: str, target_format: str, source: Path, output: Path
     model = _load_source(source_format, source, check_dtype)
     tokenizer = _load_tokenizer(source)
     ids = check_ids(tokenizer, model.config.vocab_size)
-    reference = None if target_format == "float" else logits_of(model, ids)
+    reference = None if target_format == "float" else logits_of(model, ids, str(source))
     notes: list[str] = []
     with atomic_output_dir(output, force, what=f"{target_format} checkpoint converted from {source_format}") as staging:
         if target_format == "exl2":
@@ -349,7 +358,7 @@ def _repacked(source_format: str, target_format: str, source: Path, output: Path
             names = dequantize_linears(model, torch.float16)
             # The reference is the source's weights as its kernels dequantize them in float16, held as nn.Linear:
             # its own forward may multiply a transposed view, which rounds differently in a float16 GEMM.
-            reference = logits_of(model, ids)
+            reference = logits_of(model, ids, str(source))
             linears = [LinearConversion(name, True, 0.0, source_format, "float16") for name in names]
             progress(len(names), len(names), "")
             model.save_pretrained(str(staging))
@@ -410,7 +419,7 @@ def _requantized(source: Path, output: Path, job: Requantize, force: bool, progr
             _flatten_into(staging, Path(scratch) / "exl2")
     model = _load_source("gptq", source, torch.float32)
     ids = check_ids(_load_tokenizer(source), model.config.vocab_size)
-    reference = logits_of(model, ids)
+    reference = logits_of(model, ids, str(source))
     gptq = {name: module.dequantized_weight(torch.float32) for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     converted = load_exl2_model(output, device="cpu", dtype=torch.float32)
     result_logits = logits_of(converted, ids)

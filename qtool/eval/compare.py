@@ -121,7 +121,7 @@ def compare_models(
         else:
             choose_seqlen(loaded.model, seqlen)  # the shared window must fit every model's context
         count = token_windows.shape[0]
-        result = perplexity_of_windows(loaded.model, token_windows, progress=overall_progress(progress, index * count, len(specs) * count, spec))
+        result = perplexity_of_windows(loaded.model, token_windows, progress=overall_progress(progress, index * count, len(specs) * count, spec), name=spec)
         footprint = model_footprint(loaded.source, loaded.quantization_config)
         reports.append(ModelReport(model=spec, **asdict(result), size_bytes=footprint.size_bytes, bits_per_weight=footprint.bits_per_weight, format=footprint.format))
         release(loaded)

@@ -12,6 +12,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.data.text import tokenize_text
+from qtool.models.finite_outputs import model_name, non_finite_logits_error
 
 DEFAULT_SEQLEN = 2048
 ProgressCallback = Callable[[int, int, str], None]
@@ -83,12 +84,14 @@ def perplexity(
     windows: int | None = None,
     device: str | torch.device | None = None,
     progress: ProgressCallback | None = None,
+    name: str | None = None,
 ) -> PerplexityResult:
     """exp(mean NLL) of `model` over the first `windows` windows of `text` (all when None). `seqlen=None` picks
-    2048 or the model's context if shorter; `device` defaults to where the model's weights are."""
+    2048 or the model's context if shorter; `device` defaults to where the model's weights are; `name` (default:
+    where the model was loaded from) names it in the error for NaN or infinite logits."""
     seqlen = choose_seqlen(model, seqlen)
     token_windows = cut_windows(tokenize_text(tokenizer, text), seqlen, windows)
-    return perplexity_of_windows(model, token_windows, device=device, progress=progress)
+    return perplexity_of_windows(model, token_windows, device=device, progress=progress, name=name)
 
 
 def perplexity_of_windows(
@@ -96,8 +99,10 @@ def perplexity_of_windows(
     windows: torch.Tensor,
     device: str | torch.device | None = None,
     progress: ProgressCallback | None = None,
+    name: str | None = None,
 ) -> PerplexityResult:
-    """Perplexity over already cut [n, seqlen] windows (compare feeds the same windows to every model)."""
+    """Perplexity over already cut [n, seqlen] windows (compare feeds the same windows to every model). A window
+    whose NLL is not finite (NaN or infinite logits) raises non_finite_logits_error naming `name`."""
     target = torch.device(device) if device is not None else model_device(model)
     count, seqlen = windows.shape
     total_nll = 0.0
@@ -105,7 +110,10 @@ def perplexity_of_windows(
         progress(0, count, "")
     start = time.perf_counter()
     for index in range(count):
-        total_nll += window_nll(model, windows[index].to(target))
+        nll = window_nll(model, windows[index].to(target))
+        if not math.isfinite(nll):  # NaN logits give a NaN loss: never a perplexity
+            raise non_finite_logits_error(name or model_name(model))
+        total_nll += nll
         if progress is not None:
             predicted = (index + 1) * (seqlen - 1)
             progress(index + 1, count, f"ppl {math.exp(total_nll / predicted):.3f}")

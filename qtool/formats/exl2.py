@@ -59,6 +59,23 @@ def exl2_scale_unit(scale_max: torch.Tensor) -> torch.Tensor:
     return (scale_max.to(torch.float32) / 256).to(torch.float16).to(torch.float32)
 
 
+def check_exl2_scale_max(scale_max: torch.Tensor, name: str, file: str | None = None) -> None:
+    """Raise QtoolError unless every q_scale_max is finite and positive: it scales every level of its group, so a
+    NaN or inf spreads to every output, a negative one flips the group's weights and a zero one erases them.
+    `name` is the tensor, `file` the file it came from; validate turns the same error into its finding."""
+    values = scale_max.detach().reshape(-1)
+    good = (values > 0) & (values < float("inf"))  # one pass: NaN fails both comparisons
+    if bool(good.all()):
+        return
+    bad = ~good
+    first = int(bad.nonzero()[0])
+    where = f" in {file}" if file else ""
+    raise QtoolError(
+        f"{name}: {int(bad.sum())} of {values.numel()} values{where} are zero, negative or not finite (first: group {first}, {float(values[first]):g})",
+        "the checkpoint is corrupt: re-export it",
+    )
+
+
 def exl2_scales(qscale: torch.Tensor, scale_max: torch.Tensor) -> torch.Tensor:
     """The float16 scales [G, C] the kernels use: fp16(level**2 * fp16(q_scale_max / 256)).
 
@@ -166,8 +183,7 @@ def check_exl2_weight(w: Exl2Weight, name: str = "linear") -> None:
         raise QtoolError(f"{name}: qscale {tuple(w.qscale.shape)} / scale_max {tuple(w.scale_max.shape)} do not match {groups} groups x {w.out_features} outputs")
     if w.qscale.numel() and (int(w.qscale.min()) < 1 or int(w.qscale.max()) > SCALE_LEVELS):
         raise QtoolError(f"{name}: scale levels must lie in 1..{SCALE_LEVELS}")
-    if not bool(torch.isfinite(w.scale_max.to(torch.float16)).all()) or bool((w.scale_max < 0).any()):
-        raise QtoolError(f"{name}: q_scale_max must be finite and non-negative in float16")
+    check_exl2_scale_max(w.scale_max.to(torch.float16), f"{name}.q_scale_max")  # what readers would refuse
     _check_permutation(w.perm, w.in_features, f"{name}.perm")
     bits = w.row_bits()[:, None]
     if w.codes.numel() and (bool((w.codes < 0).any()) or bool((w.codes >= torch.pow(2, bits)).any())):
@@ -259,8 +275,7 @@ def weight_from_exl2_tensors(tensors: dict[str, torch.Tensor], out_features: int
     scale_max = tensors["q_scale_max"]
     if tuple(scale_max.shape) != (groups,) or not scale_max.is_floating_point():
         raise QtoolError(f"{name}.q_scale_max has {scale_max.dtype} {tuple(scale_max.shape)}, expected float16 ({groups},)", "the checkpoint is corrupt: re-export it")
-    if not bool(torch.isfinite(scale_max).all()):
-        raise QtoolError(f"{name}.q_scale_max holds a value that is not finite", "the checkpoint is corrupt: re-export it")
+    check_exl2_scale_max(scale_max, f"{name}.q_scale_max")
     in_features = sum(sizes)
     invperm = tensors["q_invperm"]
     _check_permutation(invperm, in_features, f"{name}.q_invperm")

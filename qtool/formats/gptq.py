@@ -13,6 +13,7 @@ from qtool.formats.gptq_settings import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ
 from qtool.formats.bitpack import WORD_BITS, pack_columns, pack_rows, unpack_columns, unpack_rows, words_to_int32
 from qtool.formats.quantized_weight import QuantizedWeight
 
+CORRUPT_CHECKPOINT = "the checkpoint is corrupt: re-export it"
 PACK_ALIGNMENT = 32  # in and out features must be multiples of this for the int32 layout (3-bit packs 32 rows)
 
 
@@ -49,6 +50,25 @@ def check_checkpoint_format(checkpoint_format: str) -> None:
     """v1 ("gptq") stores zero-1 in qzeros, v2 ("gptq_v2") the true zero."""
     if checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
         raise QtoolError(f"checkpoint_format {checkpoint_format!r} is not supported", f"use one of {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+
+
+def check_gptq_scales(scales: torch.Tensor, name: str, file: str | None = None) -> None:
+    """Raise QtoolError unless every scale is finite and positive: GPTQ multiplies each code by its group's scale,
+    so a NaN spreads to every output and a negative one flips weights without any error. `name` is the tensor,
+    `file` the file it came from; validate turns the same error into its finding."""
+    values = scales.detach()
+    good = (values > 0) & (values < float("inf"))  # one pass: NaN fails both comparisons
+    if bool(good.all()):
+        return
+    where = f" in {file}" if file else ""
+    not_finite = ~torch.isfinite(values)
+    if bool(not_finite.any()):
+        first = [int(i) for i in not_finite.nonzero()[0]]
+        raise QtoolError(f"{name}: {int(not_finite.sum())} of {values.numel()} scales{where} are NaN or infinite (first at {first})", CORRUPT_CHECKPOINT)
+    bad = ~good
+    first = [int(i) for i in bad.nonzero()[0]]
+    value = float(values[tuple(first)])
+    raise QtoolError(f"{name}: {int(bad.sum())} of {values.numel()} scales{where} are zero or negative (first at {first}, value {value:g})", CORRUPT_CHECKPOINT)
 
 
 def expected_gptq_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -136,6 +156,7 @@ def quantized_from_gptq_tensors(
     out_features = tensors["qweight"].shape[1]
     check_gptq_layout(in_features, out_features, bits, group_size, name)
     check_gptq_shapes(tensors, in_features, out_features, bits, group_size, name)
+    check_gptq_scales(tensors["scales"], f"{name}.scales")
     g_idx = tensors["g_idx"].to(torch.int32)
     groups = num_groups(in_features, group_size)
     if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:

@@ -13,13 +13,14 @@ from typing import Any
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.core.text_file import read_utf8
+from qtool.core.json_file import read_json_file
 from qtool.formats.gptq import GPTQ_CHECKPOINT_FORMATS, check_checkpoint_format, check_gptq_bits, check_group_size
 from qtool.formats.quantized_weight import QuantizedWeight
 
 CONFIG_FILE = "config.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 LEGACY_QUANTIZE_CONFIG_FILES = (QUANTIZE_CONFIG_FILE, "quant_config.json")
+RESTORE_FILE = "restore or re-create the file"
 DEFAULT_FIELDS = {"desc_act": False, "sym": True, "static_groups": False, "true_sequential": True, "damp_percent": 0.01}
 
 
@@ -115,15 +116,6 @@ def build_quantization_config(
     return config
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(read_utf8(path))
-    except json.JSONDecodeError as exc:
-        raise QtoolError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}", "restore or re-create the file") from exc
-    except OSError as exc:
-        raise QtoolError(f"cannot read {path}: {exc.strerror or exc}", "check the file and its permissions") from exc
-
-
 def _as_bool(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -177,9 +169,7 @@ def read_gptq_config(directory: Path) -> GPTQCheckpointConfig | None:
     other_method = None
     config_path = directory / CONFIG_FILE
     if config_path.exists():
-        config = _read_json(config_path)
-        if not isinstance(config, dict):
-            raise QtoolError(f"{config_path} must hold a JSON object", "restore or re-create the file")
+        config = read_json_file(config_path, RESTORE_FILE)
         section = config.get("quantization_config")
         if isinstance(section, dict):
             parsed = parse_gptq_config(section, f"{config_path} (quantization_config)")
@@ -190,9 +180,7 @@ def read_gptq_config(directory: Path) -> GPTQCheckpointConfig | None:
     for name in LEGACY_QUANTIZE_CONFIG_FILES:
         legacy_path = directory / name
         if legacy_path.exists():
-            data = _read_json(legacy_path)
-            if not isinstance(data, dict):
-                raise QtoolError(f"{legacy_path} must hold a JSON object", "restore or re-create the file")
+            data = read_json_file(legacy_path, RESTORE_FILE)
             parsed = parse_gptq_config(data, str(legacy_path))
             if parsed is not None:
                 found.append(parsed)

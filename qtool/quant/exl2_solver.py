@@ -21,6 +21,7 @@ from qtool.quant.gptq import inverse_hessian_cholesky
 # sum |w - dequant|**3.5 over the group.
 MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
 _SEARCH_ELEMENTS = 1 << 23  # elements of one p-chunk temporary
+SMALLEST_FLOAT16 = 2.0**-24  # the smallest positive (subnormal) float16
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def fit_group_scales(x: torch.Tensor, bits: int, p_grid: int = P_GRID) -> tuple[
         miss = (q * scale - xf[None]).abs()
         errors[start : start + chunk] = (miss.square() * miss * miss.sqrt()).sum(dim=(1, 2))  # |err|**3.5 without pow
     best = ps[int(torch.argmin(errors))]
-    scale_max = (top * best).to(torch.float16)
+    # An all-zero group would round to a q_scale_max of 0, which readers refuse: the smallest float16 keeps it
+    # positive and still dequantizes to zero (q_scale_max / 256 rounds to 0).
+    scale_max = (top * best).to(torch.float16).clamp_min(SMALLEST_FLOAT16)
     levels = levels.to(torch.int32)
     return levels, scale_max, exl2_scales(levels[None], scale_max.reshape(1))[0]
 
@@ -205,12 +208,14 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
         end = start + rows
         level, scale_max, scale = fit_group_scales(w[start:end], bits, p_grid)
         scale = scale.to(torch.float32)
+        # A group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0 = NaN.
+        divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
         levels.append(level)
         maxima.append(scale_max)
         zero = 1 << (bits - 1)
         errors = torch.empty(rows, w.shape[1], dtype=torch.float32, device=w.device)
         for i in range(start, end):
-            q = torch.clamp(torch.round(w[i] / scale), -zero, zero - 1)
+            q = torch.clamp(torch.round(w[i] / divisor), -zero, zero - 1)
             codes[i] = (q + zero).to(torch.int32)
             err = (w[i] - q * scale) / upper[i, i]
             errors[i - start] = err

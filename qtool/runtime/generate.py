@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from qtool.core.errors import QtoolError
+from qtool.models.finite_outputs import model_name, non_finite_logits_error
 from qtool.runtime.stop_strings import StopStringCutter, first_stop
 
 Message = dict[str, str]
@@ -107,6 +108,20 @@ class StopStringCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), first_stop(text, self.stop) is not None, dtype=torch.bool, device=input_ids.device)
 
 
+class FiniteLogitsCheck(LogitsProcessor):
+    """Stops generation at the first step whose logits hold a NaN or +inf: greedy decoding would pick an arbitrary
+    token and sampling would fail inside torch. It runs before temperature and top-k/top-p, whose -inf for
+    filtered tokens is legitimate."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if bool((torch.isnan(scores) | torch.isposinf(scores)).any()):
+            raise non_finite_logits_error(self.name)
+        return scores
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -161,9 +176,11 @@ def generate(
     conversation: str | list[Message],
     settings: GenerationSettings = GenerationSettings(),
     on_text: TextCallback | None = None,
+    name: str | None = None,
 ) -> GenerationResult:
     """Generate a reply to `conversation` (raw prompt text, or chat messages {"role", "content"}); `on_text`
-    receives the reply piece by piece as it is generated."""
+    receives the reply piece by piece as it is generated. NaN logits raise an error naming `name` (default: where
+    the model was loaded from)."""
     settings.check()
     device = next(model.parameters()).device
     input_ids = prompt_ids(tokenizer, conversation).to(device)
@@ -179,8 +196,9 @@ def generate(
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         start = time.perf_counter()
+        checks = LogitsProcessorList([FiniteLogitsCheck(name or model_name(model))])
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer,
-                                stopping_criteria=criteria)
+                                stopping_criteria=criteria, logits_processor=checks)
         seconds = time.perf_counter() - start
     new_ids = output[0, input_ids.shape[1] :].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)

@@ -3,23 +3,24 @@ older AutoGPTQ quantize_config.json, and where the two disagree."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error
-from qtool.core.text_file import read_utf8
+from qtool.core.json_file import read_json_file
 from qtool.validate.quantization_config import QUANT_KEYS
 
 LEGACY_QUANT_FILE = "quantize_config.json"
 
 
-def read_json(path: Path) -> tuple[Any, list[Finding]]:
+def read_json(path: Path) -> tuple[dict[str, Any] | None, list[Finding]]:
+    """The JSON object in `path`, or None and the finding (named by the file's name) the shared reader gives."""
     try:
-        return json.loads(read_utf8(path)), []
-    except json.JSONDecodeError as exc:
-        return None, [error(path.name, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "restore or re-create the file")]
+        return read_json_file(path, "restore or re-create the file"), []
+    except QtoolError as exc:
+        return None, [error(path.name, exc.message.removeprefix(str(path)).lstrip(), exc.hint or "")]
 
 
 def compare_quant_files(main: dict[str, Any], legacy: dict[str, Any]) -> list[Finding]:
@@ -49,9 +50,6 @@ def read_directory_configs(path: Path) -> DirectoryConfigs:
     read = DirectoryConfigs()
     if (path / "config.json").exists():
         read.hf_config, read.findings = read_json(path / "config.json")
-        if not read.findings and not isinstance(read.hf_config, dict):  # null, a list, a number: not a config
-            read.findings.append(error("config.json", "must be a JSON object", "restore or re-create the file"))
-            read.hf_config = None
     else:
         read.findings.append(error("config.json", "is missing", "copy the model's config.json into the directory"))
     legacy = None

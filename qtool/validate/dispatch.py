@@ -39,6 +39,7 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
     from qtool.validate.float_model import float_model_report
     from qtool.validate.gptq import add_gptq_findings
     from qtool.validate.quantization_config import check_quantization_config
+    from qtool.validate.model_tensors import model_tensor_findings
 
     has_model_files = any((path / n).exists() for n in ("config.json", LEGACY_QUANT_FILE, INDEX_NAME)) or any(path.glob("*.safetensors"))
     if not has_model_files:
@@ -64,6 +65,7 @@ def _validate_directory(path: Path, config_file: str | Path | None, device: str)
     if configs.quant_data is None:
         return float_model_report(path, configs.hf_config, tensors, findings, summary, config_file, device)
     report = ValidationReport("checkpoint", str(path), findings, summary)
+    report.findings += model_tensor_findings(configs.hf_config, tensors, check_missing=False)
     readable = {h.file for h in headers if h.readable}
     if declares_exl2:
         add_exl2_findings(report, path, configs, tensors, readable)

@@ -16,6 +16,7 @@ from qtool.formats.exl2 import (
     EXL2_TENSOR_SUFFIXES,
     OPTIONAL_SUFFIXES,
     check_exl2_layout,
+    check_exl2_scale_max,
     expected_exl2_shapes,
     group_layout_from_tensors,
 )
@@ -23,7 +24,7 @@ from qtool.formats.safetensors_header import TensorHeader
 from qtool.validate.checkpoint_tensors import FLOAT_DTYPES, REEXPORT, TensorReader
 from qtool.validate.directory_configs import DirectoryConfigs
 from qtool.validate.exl2_config import check_exl2_quantization_config, exl2_stored
-from qtool.validate.report import ValidationReport
+from qtool.validate.report import ValidationReport, finding_from_error
 
 EXL2_LINEAR_SUFFIXES = EXL2_TENSOR_SUFFIXES + OPTIONAL_SUFFIXES + ("bias",)
 # The dtypes ExLlamaV2 writes (exl2_format.expected_exl2_shapes); qtool's reader also takes the index tensors in
@@ -184,7 +185,7 @@ def _exl2_bias(bias: TensorHeader | None, columns: int) -> list[Finding]:
 
 def _exl2_values(parts: dict[str, TensorHeader], read: TensorReader) -> list[Finding]:
     """q_invperm and q_perm are permutations of the input rows and inverse to each other; q_scale_max finite
-    and not negative (qtool's reader and ExLlamaV2's scales need both)."""
+    and positive (qtool's reader and ExLlamaV2's scales need both)."""
     invperm, perm = parts["q_invperm"], parts.get("q_perm")
     invperm_values = read(invperm)
     found = _permutation_findings(invperm, invperm_values)
@@ -196,11 +197,10 @@ def _exl2_values(parts: dict[str, TensorHeader], read: TensorReader) -> list[Fin
             if not torch.equal(perm_values.to(torch.int64), inverse):
                 found.append(error(perm.name, f"is not the inverse of {invperm.name}", "stored row k holds input row q_perm[k] and q_invperm[q_perm[k]] = k: " + REEXPORT))
     scale_max = parts["q_scale_max"]
-    values = read(scale_max).to(torch.float32)
-    bad = ~torch.isfinite(values) | (values < 0)
-    if bad.any():
-        first = int(bad.nonzero()[0])
-        found.append(error(scale_max.name, f"{int(bad.sum())} of {values.numel()} values are negative or not finite (first: group {first}, {values[first].item():g})", REEXPORT))
+    try:
+        check_exl2_scale_max(read(scale_max), scale_max.name, scale_max.file)  # the loaders' own check
+    except QtoolError as exc:
+        found.append(finding_from_error(exc, scale_max.name))
     return found
 
 

@@ -1,5 +1,6 @@
-"""`qtool validate` on a float model directory: no quantized tensors without a quantization_config, and with
---config the config's rules against the model's linears and the device's memory."""
+"""`qtool validate` on a float model directory: no quantized tensors without a quantization_config, every tensor
+the model class expects present, config.json's sizes matching the tensors, and with --config the config's rules
+against the model's linears and the device's memory."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from qtool.checkpoints.sources import resolve_device
+from qtool.checkpoints.undeclared_quantization import undeclared_quantization_errors
 from qtool.config.schema import validate_config
 from qtool.core.errors import QtoolError
-from qtool.core.findings import Finding, error, info, warning
+from qtool.core.findings import Finding, info, warning
 from qtool.formats.safetensors_header import TensorHeader
 from qtool.models.architectures import get_architecture
 from qtool.models.rules import LAYER_INDEX, ModelStats, estimate_peak_memory, validate_for_hardware, validate_for_model
 from qtool.validate.config_file import read_config
-from qtool.validate.gptq import group_gptq_tensors
-from qtool.validate.report import ValidationReport
+from qtool.validate.model_tensors import CONFIG_WHERE, model_tensor_findings, transformers_config
+from qtool.validate.report import ValidationReport, finding_from_error
 
 LINEAR_SUFFIX = ".weight"
 
@@ -46,20 +48,8 @@ def linear_shapes_from_headers(tensors: dict[str, TensorHeader], model_config: A
 def float_model_report(path: Path, hf_config: dict[str, Any] | None, tensors: dict[str, TensorHeader], findings: list[Finding],
                         summary: dict[str, Any], config_file: str | Path | None, device: str) -> ValidationReport:
     report = ValidationReport("float_model", str(path), findings, summary)
-    gptq_layers = [p for p, parts in group_gptq_tensors(tensors).items() if "qweight" in parts]
-    if gptq_layers:
-        report.findings.append(error(
-            "config.json",
-            f"has no quantization_config but {len(gptq_layers)} layers hold GPTQ tensors (first: {gptq_layers[0]})",
-            "add the quantization_config the checkpoint was written with",
-        ))
-    exl2_layers = sorted(name.removesuffix(".q_weight") for name in tensors if name.endswith(".q_weight"))
-    if exl2_layers:
-        report.findings.append(error(
-            "config.json",
-            f"has no quantization_config but {len(exl2_layers)} layers hold EXL2 tensors (first: {exl2_layers[0]})",
-            'add the quantization_config the checkpoint was written with ("quant_method": "exl2", bits, head_bits, version)',
-        ))
+    report.findings += [finding_from_error(problem, CONFIG_WHERE) for problem in undeclared_quantization_errors(tensors)]
+    report.findings += model_tensor_findings(hf_config, tensors, check_missing=True)
     dtypes = ", ".join(f"{d} ×{n}" for d, n in sorted(summary["dtypes"].items()))
     report.findings.append(info(
         "summary",
@@ -93,16 +83,3 @@ def model_aware_findings(path: Path, hf_config: dict[str, Any] | None, tensors: 
     findings += validate_for_hardware(config, stats, torch_device)
     summary["memory_estimate"] = estimate_peak_memory(config, stats, torch_device)
     return findings
-
-
-def transformers_config(hf_config: dict[str, Any] | None) -> Any:
-    """config.json as a transformers config object (attribute names resolved), or None."""
-    if not hf_config or "model_type" not in hf_config:
-        return None
-    from transformers import AutoConfig
-
-    fields = dict(hf_config)
-    try:
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    except (ValueError, KeyError, TypeError):
-        return None

@@ -15,12 +15,12 @@ from qtool.config.schema import QuantConfig
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, error, has_errors, info, warning
 from qtool.formats.bitpack import unpack_columns
-from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, expected_gptq_shapes, num_groups, unpack_qzeros
+from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, PACK_ALIGNMENT, check_gptq_scales, expected_gptq_shapes, num_groups, unpack_qzeros
 from qtool.formats.gptq_config import parse_gptq_config
 from qtool.formats.safetensors_header import TensorHeader
 from qtool.validate.checkpoint_tensors import FLOAT_DTYPES, REEXPORT, TensorReader
 from qtool.validate.directory_configs import DirectoryConfigs
-from qtool.validate.report import ValidationReport
+from qtool.validate.report import ValidationReport, finding_from_error
 
 DTYPE_NAMES = {torch.float16: "F16", torch.int32: "I32"}
 
@@ -105,16 +105,12 @@ def _check_dtype(tensor: TensorHeader, suffix: str, expected: str) -> list[Findi
     return [error(tensor.name, f"dtype {tensor.dtype} but GPTQ stores {suffix} as {expected}", REEXPORT)]
 
 
-def _check_scales(name: str, scales: torch.Tensor) -> list[Finding]:
-    values = scales.float()
-    not_finite = ~torch.isfinite(values)
-    if not_finite.any():
-        first = [int(i) for i in not_finite.nonzero()[0]]
-        return [error(name, f"{int(not_finite.sum())} of {values.numel()} scales are NaN or infinite (first at {first})", REEXPORT)]
-    not_positive = values <= 0
-    if not_positive.any():
-        first = [int(i) for i in not_positive.nonzero()[0]]
-        return [error(name, f"{int(not_positive.sum())} of {values.numel()} scales are zero or negative (first at {first}, value {values[tuple(first)].item():g})", REEXPORT)]
+def _check_scales(tensor: TensorHeader, scales: torch.Tensor) -> list[Finding]:
+    """The loaders' own scale check (formats.gptq.check_gptq_scales), its error as a finding."""
+    try:
+        check_gptq_scales(scales, tensor.name, tensor.file)
+    except QtoolError as exc:
+        return [finding_from_error(exc, tensor.name)]
     return []
 
 
@@ -199,7 +195,7 @@ def check_gptq_tensors(
     with ExitStack() as stack:
         value = TensorReader(directory, readable_files, stack)
         for prefix, parts, layer_config in to_check:
-            found += _check_scales(parts["scales"].name, value(parts["scales"]))
+            found += _check_scales(parts["scales"], value(parts["scales"]))
             found += _check_g_idx(parts["g_idx"].name, value(parts["g_idx"]), layer_config)
             found += _check_zeros(parts["qzeros"].name, value(parts["qzeros"]), parts["scales"].shape[1], layer_config)
     return found, sum(1 for parts in layers.values() if "qweight" in parts)

@@ -27,6 +27,7 @@ class ValidationReport:
 
 
 def finding_from_error(exc: QtoolError, where: str) -> Finding:
-    """A QtoolError of the config reader as a finding; its message starts with `where`, which is dropped."""
+    """A QtoolError of one of qtool's readers or checks as a finding; its message starts with `where`, which is
+    dropped, so that the finding's line is the error's line."""
     message = exc.message.removeprefix(where).lstrip(":. ") if exc.message.startswith(where) else exc.message
     return error(where, message, exc.hint or "")

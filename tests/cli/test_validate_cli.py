@@ -4,13 +4,14 @@ one-line finding and exit code (0 clean or warnings, 1 errors, 2 unreadable PATH
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
@@ -94,13 +95,17 @@ def write_checkpoint(directory: Path, bits: int = 4, group_size: int = 64, sym: 
     return directory
 
 
+def float_model_shapes() -> dict[str, tuple[int, ...]]:
+    """Every tensor a LlamaForCausalLM of hf_config() loads from its files (validate reports one missing)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**hf_config(None)))
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
 def write_float_model(directory: Path) -> Path:
     gen = torch.Generator().manual_seed(1)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=gen), "model.norm.weight": torch.ones(HIDDEN)}
-    for layer in range(LAYERS):
-        for linear, (k, n) in LINEARS.items():
-            tensors[f"model.layers.{layer}.{linear}.weight"] = torch.randn(n, k, generator=gen)
+    tensors = {name: torch.randn(shape, generator=gen) for name, shape in float_model_shapes().items()}
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(hf_config(None)))
     return directory
@@ -191,7 +196,7 @@ def test_table_output_for_errors(checkpoint):
 def test_float_model_summary(tmp_path):
     code, data = report(write_float_model(tmp_path / "float"))
     assert code == 0 and data["kind"] == "float_model"
-    expected_params = VOCAB * HIDDEN + HIDDEN + LAYERS * sum(k * n for k, n in LINEARS.values())
+    expected_params = sum(math.prod(shape) for shape in float_model_shapes().values())
     assert data["summary"]["params"] == expected_params
     assert any(f"{expected_params:,} parameters" in line for line in lines(data, "info"))
 
@@ -386,10 +391,10 @@ def test_qweight_wrong_dtype(checkpoint):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (-0.5, "1 of 192 scales are zero or negative (first at [1, 5], value -0.5)"),
-        (0.0, "1 of 192 scales are zero or negative (first at [1, 5], value 0)"),
-        (float("nan"), "1 of 192 scales are NaN or infinite (first at [1, 5])"),
-        (float("inf"), "1 of 192 scales are NaN or infinite (first at [1, 5])"),
+        (-0.5, f"1 of 192 scales in {SHARD1} are zero or negative (first at [1, 5], value -0.5)"),
+        (0.0, f"1 of 192 scales in {SHARD1} are zero or negative (first at [1, 5], value 0)"),
+        (float("nan"), f"1 of 192 scales in {SHARD1} are NaN or infinite (first at [1, 5])"),
+        (float("inf"), f"1 of 192 scales in {SHARD1} are NaN or infinite (first at [1, 5])"),
     ],
     ids=["negative", "zero", "nan", "inf"],
 )
@@ -686,10 +691,11 @@ def test_config_against_float_model_partial_groups_are_info(tmp_path):
     code, found = report(model, "--config", config, "--device", "cpu")
     assert code == 0, found["findings"]
     infos = lines(found, "info")
-    assert "model.layers.*.self_attn.q_proj (2 linears): 96 = 1×64 + 32: last group has 32 columns" in infos
+    six = "model.layers.*.mlp.gate_proj, model.layers.*.mlp.up_proj, model.layers.*.self_attn.k_proj, model.layers.*.self_attn.o_proj and 2 more"
+    assert f"{six} (12 linears): 96 = 1×64 + 32: last group has 32 columns" in infos
     assert "model.layers.*.mlp.down_proj (2 linears): 160 = 2×64 + 32: last group has 32 columns" in infos
     assert any(line.startswith("memory (cpu): estimated peak") for line in infos)
-    assert found["summary"]["linears"] == LAYERS * len(LINEARS)
+    assert found["summary"]["linears"] == LAYERS * 7  # q, k, v, o, gate, up, down
 
 
 def test_config_against_float_model_group_larger_than_width_warns(tmp_path):
@@ -697,7 +703,8 @@ def test_config_against_float_model_group_larger_than_width_warns(tmp_path):
     config = _config(tmp_path, "group_size: 128\ncalibration:\n  samples: 2\n  seqlen: 16\n")
     code, found = report(model, "--config", config, "--device", "cpu")
     assert code == 0
-    assert lines(found, "warning") == ["model.layers.*.self_attn.q_proj (2 linears): group size 128 is larger than the 96 input columns: one group per row"]
+    six = "model.layers.*.mlp.gate_proj, model.layers.*.mlp.up_proj, model.layers.*.self_attn.k_proj, model.layers.*.self_attn.o_proj and 2 more"
+    assert lines(found, "warning") == [f"{six} (12 linears): group size 128 is larger than the 96 input columns: one group per row"]
 
 
 def test_config_against_float_model_bad_config(tmp_path):
@@ -759,3 +766,25 @@ def test_broken_config_file_for_a_float_model_is_a_finding(tmp_path):
     code, found = report(model, "--config", config, "--device", "cpu")
     assert code == 1
     assert lines(found, "error") == [f"{config}: unknown key 'bitz'"]
+
+
+# ---------------------------------------------------------------- float model tensors against its config
+
+
+def test_float_model_missing_a_tensor(tmp_path):
+    directory = write_float_model(tmp_path / "float")
+    edit_tensors(directory / "model.safetensors", lambda t: [t.pop(f"model.layers.1.self_attn.{p}_proj.weight") for p in "kv"])
+    code, found = report(directory)
+    assert code == 1
+    assert lines(found, "error") == ["model.layers.1.self_attn.k_proj.weight: LlamaForCausalLM expects this tensor but the weight files lack it (2 missing in all)"]
+
+
+def test_float_model_config_contradicting_the_tensors(tmp_path):
+    directory = write_float_model(tmp_path / "float")
+    edit_config(directory, lambda c: c.update(hidden_size=192, head_dim=32))
+    code, found = report(directory)
+    assert code == 1
+    assert lines(found, "error") == [
+        "config.json: hidden_size is 192 but model.embed_tokens.weight in model.safetensors has shape [320, 96] "
+        "(the config implies [320, 192]; 20 more tensors disagree)"
+    ]

@@ -101,3 +101,16 @@ def test_smollm2_wikitext_first_40_windows(smollm2_path):
     print(f"SmolLM2 wikitext-2 ppl {result.ppl:.4f} over {result.windows}x{result.seqlen} in {time.perf_counter() - start:.1f} s")
     assert result.windows == 40 and result.tokens == 40 * 2047
     assert result.ppl == pytest.approx(20.57, abs=0.02)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_logits_are_an_error_not_a_perplexity(make_tiny_llama, tokenizer, tiny_words, value):
+    model = make_tiny_llama(seed=3, vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.model.norm.weight[3] = value
+    with pytest.raises(QtoolError) as caught:
+        perplexity(model, tokenizer, random_text(tiny_words, 1, 400), seqlen=32, windows=2, name="models/broken")
+    assert caught.value.one_line() == (
+        "the logits of models/broken hold NaN or infinite values, so no result is given "
+        "(its weights or config are broken: run `qtool validate models/broken`)"
+    )

@@ -161,3 +161,13 @@ def test_grid_maxima_search_puts_a_common_optimum_on_the_grid():
     assert torch.allclose(on_grid, c, rtol=2e-3)
     old_grid = exl2_scales(torch.arange(1, 17)[:, None].repeat(1, 2).T.reshape(2, 16), (1.37 * c).to(torch.float16)).to(torch.float32)
     assert float((old_grid - c[:, None]).abs().min(dim=1).values.max() / c.min()) > 0.01
+
+
+def test_an_all_zero_group_keeps_a_positive_q_scale_max_that_readers_accept():
+    weight = torch.randn(32, 64) * 0.05
+    weight[:, :32] = 0.0  # the first group of 32 input rows is all zero
+    hessian = torch.eye(64)
+    result = exl2_quantize(weight, hessian, group_bits=(4, 4), group_sizes=(32, 32), act_order=False).weight
+    assert bool((result.scale_max > 0).all())
+    loaded = weight_from_exl2_tensors(exl2_tensors_from_weight(result))  # the reader's checks pass
+    assert bool((loaded.dequantize()[:, :32] == 0).all())

@@ -138,3 +138,14 @@ def test_smollm2_knows_the_capital_of_france(smollm2_path):
     result = generate(loaded.model, loaded.tokenizer, messages, GenerationSettings(max_new_tokens=40, temperature=0))
     print(f"SmolLM2: {result.text!r} ({result.tokens} tokens, {result.tokens_per_second:.1f} tokens/s)")
     assert "Paris" in result.text
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=4, temperature=0), GenerationSettings(max_new_tokens=4, seed=1)],
+                         ids=["greedy", "sampled"])
+def test_nan_logits_stop_generation_with_an_error(model, tokenizer, settings):
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    pieces = []
+    with pytest.raises(QtoolError, match=r"^the logits of models/broken hold NaN or infinite values"):
+        generate(model, tokenizer, "the fox", settings, on_text=pieces.append, name="models/broken")
+    assert pieces == []  # refused at the first step: nothing was streamed

@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence as Seq
 import torch
 from torch import nn
 
+from qtool.models.finite_outputs import check_finite_logits, model_name
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine.block_manager import BlockManager
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
@@ -169,6 +170,8 @@ class Engine:
                 raise RuntimeError("the scheduler placed no request although some are unfinished")
             return []
         logits = self.runner.execute(chunks)
+        # the same refusal, in the same words, as every other path that computes from this model's logits
+        check_finite_logits(logits, model_name(self.model))
         sampling = [chunk.seq for chunk in chunks if chunk.samples]
         contexts = [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in sampling]
         tokens = sample(logits, [s.params for s in sampling], contexts, [s.generator for s in sampling])
