@@ -130,10 +130,13 @@ def quantize(
     if config.output_format != "exl2" and measurement is not None:
         raise QtoolError("--measurement applies to --format exl2 only", "add --format exl2, or drop --measurement")
     from qtool.checkpoints.sources import resolve_device
+    from qtool.core.output_path import check_output_path
     from qtool.quant.exl2_pipeline import quantize_model_exl2
     from qtool.quant.pipeline import quantize_model
 
     resolve_device(device)
+    # the pipelines check again with their inputs; checked here too so that a refused output fails before the bar
+    check_output_path(output)
     if not as_json:
         print_findings(findings)
     if verbose:
