@@ -32,16 +32,17 @@ def tied_weight_pairs(model: nn.Module) -> dict[str, str]:
 def meta_model(config: Any, trust_remote_code: bool = False) -> nn.Module | None:
     """The causal LM of a transformers config built on the meta device (no memory, no initialisation), without
     its quantization_config; None when transformers cannot build one (the loaders then give their own error)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     from qtool.checkpoints.weight_init import skipped_weight_init
 
-    if getattr(config, "quantization_config", None) is not None:
-        config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     try:
+        if getattr(config, "quantization_config", None) is not None:
+            config = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
         with torch.device("meta"), skipped_weight_init():
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError, OSError):
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError, OSError, StrictDataclassError):
         # a model class may fail in its own way on a config: the loader that builds it for real reports that
         return None
 

@@ -21,10 +21,12 @@ def transformers_config(hf_config: dict[str, Any] | None) -> Any:
         return None
     from transformers import AutoConfig
 
+    from huggingface_hub.errors import StrictDataclassError
+
     fields = dict(hf_config)
     try:
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, StrictDataclassError):  # the last: a field of the wrong type (null)
         return None
 
 
