@@ -18,6 +18,7 @@ from qtool.formats.safetensors_header import read_checkpoint_headers
 def check_before_loading(directory: Path, trust_remote_code: bool = False) -> None:
     """Raise the error `qtool validate` gives for quantized tensors without a quantization config, or for a
     config.json that contradicts the stored shapes. Files that cannot be read are left to the loader's own error."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     tensors, _, _ = read_checkpoint_headers(directory)
@@ -27,8 +28,8 @@ def check_before_loading(directory: Path, trust_remote_code: bool = False) -> No
         raise problem
     try:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError, TypeError):
-        return  # from_pretrained gives the error
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, StrictDataclassError):
+        return  # from_pretrained gives the error (sources.load_model turns these into one line)
     model = meta_model(config, trust_remote_code)
     if model is None:
         return

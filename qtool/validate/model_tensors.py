@@ -26,7 +26,7 @@ def transformers_config(hf_config: dict[str, Any] | None) -> Any:
     fields = dict(hf_config)
     try:
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    except (ValueError, KeyError, TypeError, StrictDataclassError):  # the last: a field of the wrong type (null)
+    except (ValueError, KeyError, TypeError, AttributeError, StrictDataclassError):  # a field of the wrong type or value
         return None
 
 
