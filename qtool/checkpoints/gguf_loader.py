@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from qtool.checkpoints.expected_tensors import missing_tensors_error
 from qtool.checkpoints.gguf_file import ArrayValue, GgufFormatError, GgufHeader, read_gguf_header
+from qtool.core.errors import QtoolError
 from qtool.checkpoints.weight_init import skipped_weight_init
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,10 @@ def load_gguf_direct(path: Path) -> Any | None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
+    if missing and not unexpected:
+        # the file lacks tensors it should hold (names all known): transformers' loader would fill them at random
+        problem = missing_tensors_error(type(model).__name__, missing)
+        raise QtoolError(f"{path}: {problem.message}", problem.hint)
     if missing or unexpected:
         log.info("GGUF tensors do not match a %s model (missing %s, unexpected %s): loading through transformers", model_type, missing[:3], unexpected[:3])
         return None

@@ -31,6 +31,14 @@ class PerplexityResult:
         return asdict(self)
 
 
+def exp_or_inf(nll: float) -> float:
+    """exp(nll), inf where it overflows a float (a mean NLL above ~709: a broken model, which the caller refuses)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 def model_context_length(model: Any) -> int | None:
     """The longest sequence the model's config declares, or None when it declares none."""
     value = getattr(model.config, "max_position_embeddings", None)
@@ -116,11 +124,16 @@ def perplexity_of_windows(
         total_nll += nll
         if progress is not None:
             predicted = (index + 1) * (seqlen - 1)
-            progress(index + 1, count, f"ppl {math.exp(total_nll / predicted):.3f}")
+            progress(index + 1, count, f"ppl {exp_or_inf(total_nll / predicted):.3f}")
     seconds = time.perf_counter() - start
     tokens = count * (seqlen - 1)
+    ppl = exp_or_inf(total_nll / tokens)
+    if not math.isfinite(ppl):  # finite logits so far apart that exp(mean NLL) overflows: not a result either
+        label = name or model_name(model)
+        raise QtoolError(f"the perplexity of {label} overflows (mean NLL {total_nll / tokens:.4g} per token), so no result is given",
+                         f"its weights or config are broken: run `qtool validate {label}`")
     return PerplexityResult(
-        ppl=math.exp(total_nll / tokens),
+        ppl=ppl,
         windows=count,
         seqlen=seqlen,
         tokens=tokens,
