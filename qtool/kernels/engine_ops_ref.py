@@ -1,0 +1,75 @@
+"""Torch references of the engine's per-token operations (the ground truth the Triton versions in
+engine_ops_triton.py are tested against, and the path on the CPU): paged decode attention, residual add + RMSNorm,
+SiLU times up, and RoPE fused with the KV cache write. Each works on whole tensors (no Python loop over
+sequences), so a decode step built from them can be captured as a CUDA graph."""
+
+from __future__ import annotations
+
+import torch
+
+
+def paged_decode_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence: query [B, heads, d] attends to its sequence's first context_lens[b] cached
+    tokens (its own K/V already written at position context_lens[b] - 1), read through block_tables [B, max_blocks]
+    (int) from key_cache/value_cache [num_blocks, block_size, kv_heads, d]. Query head h reads kv head
+    h // (heads // kv_heads). With a sliding window only the last `sliding_window` positions count (the query's
+    own included). A row with context_lens 0 (a padded slot of a captured batch) gives zeros. Scores and softmax
+    in float32; out [B, heads, d] in query's dtype."""
+    batch, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    max_context = block_tables.shape[1] * block_size
+    positions = torch.arange(max_context, device=query.device)
+    blocks = block_tables.long()[:, positions // block_size]  # [B, max_context]
+    slots = blocks * block_size + positions % block_size
+    keys = key_cache.reshape(-1, kv_heads, head_dim)[slots].float()  # [B, ctx, kv_heads, d]
+    values = value_cache.reshape(-1, kv_heads, head_dim)[slots].float()
+    group = heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, head_dim)
+    scores = torch.einsum("bkgd,bckd->bkgc", q, keys) * scale
+    lens = context_lens.long().view(batch, 1)
+    allowed = positions.view(1, -1) < lens
+    if sliding_window is not None:
+        allowed &= positions.view(1, -1) >= lens - sliding_window
+    scores = scores.masked_fill(~allowed.view(batch, 1, 1, -1), float("-inf"))
+    weights = torch.nan_to_num(scores.softmax(dim=-1))  # an empty row (context 0) is all -inf: NaN -> 0
+    out = torch.einsum("bkgc,bckd->bkgd", weights, values)
+    return out.reshape(batch, heads, head_dim).to(query.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """summed = x + residual (x alone when residual is None), then RMSNorm of summed over the last dim with
+    weight (+ weight_offset: Gemma's norms scale by 1 + w). The norm is computed in float32 and cast to x's dtype
+    once at the end. Returns (normed, summed); summed is the next residual."""
+    summed = x if residual is None else x + residual
+    hidden = summed.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (hidden * (weight.float() + weight_offset)).to(x.dtype), summed
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise (the gated MLP's activation), in float32, cast to gate's dtype."""
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+
+
+def rope_and_cache_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:
+    """Rotate query [T, heads, d] and key [T, kv_heads, d] by cos/sin [T, d] (the rotate-half layout), store the
+    rotated key and value [T, kv_heads, d] at their flat cache slots [T] (block * block_size + offset; a slot < 0
+    is a padded row and is not stored), and return the rotated query."""
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x.float() * cos.float().unsqueeze(1) + rotated.float() * sin.float().unsqueeze(1)).to(x.dtype)
+
+    kv_heads, head_dim = key_cache.shape[-2:]
+    keep = slots >= 0
+    flat_keys = key_cache.view(-1, kv_heads, head_dim)
+    flat_values = value_cache.view(-1, kv_heads, head_dim)
+    flat_keys[slots[keep]] = rotate(key)[keep].to(key_cache.dtype)
+    flat_values[slots[keep]] = value[keep].to(value_cache.dtype)
+    return rotate(query)
