@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from qtool.cli.choices import Backend, ModelDtype, complete_device, plain
+from qtool.cli.choices import Backend, KvCache, ModelDtype, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
@@ -16,7 +16,9 @@ from qtool.kernels.backend_names import BACKEND_HELP
 
 if TYPE_CHECKING:  # these import torch: the command imports them when it runs
     from qtool.eval.compare import CompareResult
-    from qtool.eval.perplexity import PerplexityResult
+    from qtool.eval.perplexity import PerplexityResult, WindowLogits
+
+ENGINE_BLOCK_SIZE = 16  # tokens per KV cache block of --engine's runner (the engine's default)
 
 
 def single_table(model: str, result: PerplexityResult) -> Table:
@@ -41,6 +43,19 @@ def compare_table(result: CompareResult) -> Table:
     return table
 
 
+def engine_window_logits(model: object, seqlen: int, kv_cache: str) -> WindowLogits:
+    """--engine: each window's logits from the engine's model runner (its attention, its paged KV cache of kind
+    kv_cache), which eval itself cannot import; the runner's cache holds one window."""
+    from qtool.runtime.engine import engine_support
+    from qtool.runtime.engine.model_runner import ModelRunner
+
+    reason = engine_support(model)
+    if reason is not None:
+        raise QtoolError(f"--engine: {reason}", "drop --engine to evaluate it through the model's own forward")
+    runner = ModelRunner(model, num_blocks=-(-seqlen // ENGINE_BLOCK_SIZE), block_size=ENGINE_BLOCK_SIZE, kv_cache=kv_cache)
+    return runner.prompt_logits
+
+
 @handle_errors
 def eval_model(
     models: Annotated[Optional[list[str]], typer.Argument(metavar="MODEL", help="The model to evaluate (directory, .gguf, Hub id or alias); several with --compare.")] = None,
@@ -51,6 +66,8 @@ def eval_model(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    engine: Annotated[bool, typer.Option("--engine", help="Compute the logits through qtool's engine (its attention and paged KV cache) instead of the model's own forward.")] = False,
+    kv_cache: Annotated[Optional[KvCache], typer.Option("--kv-cache", help="With --engine: the KV cache's storage, auto (the model's dtype), fp16, bf16, or quantized q8 / q4.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
 ) -> None:
     """Measure perplexity: exp(mean NLL) over non-overlapping windows of the tokenized text."""
@@ -59,13 +76,17 @@ def eval_model(
         raise QtoolError("no model given", "qtool eval MODEL --perplexity wikitext|PATH, or --compare A B ...")
     if len(models) > 1 and not compare:
         raise QtoolError(f"{len(models)} models given without --compare", "add --compare to evaluate them side by side")
-    dtype, backend = plain(dtype), plain(backend)
+    dtype, backend, kv_cache = plain(dtype), plain(backend), plain(kv_cache)
     if compare and backend != "auto":
         raise QtoolError("--backend cannot be combined with --compare yet", "compare with the default --backend auto, or evaluate each model on its own")
+    if kv_cache is not None and not engine:
+        raise QtoolError("--kv-cache goes with --engine", "add --engine, or drop --kv-cache")
+    if compare and engine:
+        raise QtoolError("--engine cannot be combined with --compare yet", "evaluate each model on its own with --engine")
     from qtool.checkpoints.sources import load_model, resolve_device
     from qtool.data.text import load_eval_text
     from qtool.eval.compare import compare_models
-    from qtool.eval.perplexity import perplexity
+    from qtool.eval.perplexity import choose_seqlen, perplexity
 
     resolve_device(device)  # a bad --device fails before minutes of loading
     text = load_eval_text(text_source)
@@ -83,9 +104,15 @@ def eval_model(
     loaded = load_model(models[0], device=device, dtype=dtype, backend=backend)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{models[0]}' has no tokenizer", "the model directory needs its tokenizer files to tokenize the text")
+    window_logits = None
+    if engine:
+        seqlen = choose_seqlen(loaded.model, seqlen)
+        window_logits = engine_window_logits(loaded.model, seqlen, kv_cache or "auto")
     with progress_bar("perplexity", enabled=not as_json) as update:
-        result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, windows=windows, progress=update, name=models[0])
+        result = perplexity(loaded.model, loaded.tokenizer, text, seqlen=seqlen, windows=windows, progress=update, name=models[0],
+                            window_logits=window_logits)
+    through = {"engine": True, "kv_cache": kv_cache or "auto"} if engine else {}
     if as_json:
-        print_json({"model": models[0], **result.to_dict()})
+        print_json({"model": models[0], **result.to_dict(), **through})
         return
-    stdout.print(single_table(models[0], result))
+    stdout.print(single_table(models[0] + (f" (engine, kv cache {through['kv_cache']})" if engine else ""), result))

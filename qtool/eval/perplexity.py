@@ -16,6 +16,9 @@ from qtool.models.finite_outputs import model_name, non_finite_logits_error
 
 DEFAULT_SEQLEN = 2048
 ProgressCallback = Callable[[int, int, str], None]
+# window token ids [T] -> logits [T, vocab]: another executor of the same model (the CLI builds the engine's, which
+# eval cannot import), in place of the model's own forward
+WindowLogits = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -77,9 +80,13 @@ def model_device(model: Any) -> torch.device:
 
 
 @torch.inference_mode()
-def window_nll(model: Any, window: torch.Tensor) -> float:
-    """Summed NLL (float64) of tokens 1..seqlen-1 of one window, each predicted from the tokens before it."""
-    logits = model(window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+def window_nll(model: Any, window: torch.Tensor, window_logits: WindowLogits | None = None) -> float:
+    """Summed NLL (float64) of tokens 1..seqlen-1 of one window, each predicted from the tokens before it (by the
+    model's forward, or by window_logits when given)."""
+    if window_logits is not None:
+        logits = window_logits(window)[:-1].float()
+    else:
+        logits = model(window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
     return nll.double().sum().item()
 
@@ -93,13 +100,16 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: ProgressCallback | None = None,
     name: str | None = None,
+    window_logits: WindowLogits | None = None,
 ) -> PerplexityResult:
     """exp(mean NLL) of `model` over the first `windows` windows of `text` (all when None). `seqlen=None` picks
     2048 or the model's context if shorter; `device` defaults to where the model's weights are; `name` (default:
-    where the model was loaded from) names it in the error for NaN or infinite logits."""
+    where the model was loaded from) names it in the error for NaN or infinite logits; `window_logits` computes
+    each window's logits instead of the model's forward (the engine's executor: `qtool eval --engine`)."""
     seqlen = choose_seqlen(model, seqlen)
     token_windows = cut_windows(tokenize_text(tokenizer, text), seqlen, windows)
-    return perplexity_of_windows(model, token_windows, device=device, progress=progress, name=name)
+    return perplexity_of_windows(model, token_windows, device=device, progress=progress, name=name,
+                                 window_logits=window_logits)
 
 
 def perplexity_of_windows(
@@ -108,6 +118,7 @@ def perplexity_of_windows(
     device: str | torch.device | None = None,
     progress: ProgressCallback | None = None,
     name: str | None = None,
+    window_logits: WindowLogits | None = None,
 ) -> PerplexityResult:
     """Perplexity over already cut [n, seqlen] windows (compare feeds the same windows to every model). A window
     whose NLL is not finite (NaN or infinite logits) raises non_finite_logits_error naming `name`."""
@@ -118,7 +129,7 @@ def perplexity_of_windows(
         progress(0, count, "")
     start = time.perf_counter()
     for index in range(count):
-        nll = window_nll(model, windows[index].to(target))
+        nll = window_nll(model, windows[index].to(target), window_logits)
         if not math.isfinite(nll):  # NaN logits give a NaN loss: never a perplexity
             raise non_finite_logits_error(name or model_name(model))
         total_nll += nll

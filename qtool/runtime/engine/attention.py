@@ -1,5 +1,7 @@
 """The paged KV cache tensors (per layer: [num_blocks, block_size, kv_heads, head_dim]) and the torch reference
-attention over them: each sequence's keys gathered through its block table, causal within the new chunk, GQA."""
+attention over them: each sequence's keys gathered through its block table, causal within the new chunk, GQA.
+A cache is float (KVCache: plain tensors in its dtype) or quantized (kv_quant.QuantizedKVCache: codes and scales);
+write_kv and paged_attention take either layer kind."""
 
 from __future__ import annotations
 
@@ -7,11 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
+from qtool.runtime.engine.kv_quant import QuantizedCacheLayer, QuantizedKVCache
+from qtool.runtime.kv_cache_names import FLOAT_KV_CACHES, QUANTIZED_KV_CACHES, check_kv_cache
+
+FLOAT_KV_DTYPES = dict(zip(FLOAT_KV_CACHES, (torch.float16, torch.bfloat16)))
+
 
 @dataclass
 class KVCache:
     key: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, head_dim]
     value: torch.Tensor
+    is_quantized = False  # the fast float paths (Triton, CUDA graphs) read it directly
 
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
@@ -27,8 +35,45 @@ class KVCache:
     def block_size(self) -> int:
         return self.key.shape[2]
 
+    @property
+    def num_blocks(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the allocated tensors."""
+        return self.key.nbytes + self.value.nbytes
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key[index], self.value[index]
+
+
+def allocate_kv_cache(kind: str, model_dtype: torch.dtype, num_layers: int, num_blocks: int, block_size: int,
+                      kv_heads: int, head_dim: int, device: torch.device | str) -> KVCache | QuantizedKVCache:
+    """The cache of a kind of KV_CACHE_KINDS: auto (model_dtype), fp16, bf16 (float tensors), q8 or q4."""
+    if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
+        return QuantizedKVCache.allocate(kind, num_layers, num_blocks, block_size, kv_heads, head_dim, device)
+    return KVCache.allocate(num_layers, num_blocks, block_size, kv_heads, head_dim,
+                            FLOAT_KV_DTYPES.get(kind, model_dtype), device)
+
+
+def kv_cache_bytes_per_block(kind: str, model_dtype: torch.dtype, num_layers: int, block_size: int, kv_heads: int,
+                             head_dim: int) -> int:
+    """Bytes one block takes in allocate_kv_cache's cache of that kind (codes and scales for the quantized kinds)."""
+    if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
+        return QuantizedKVCache.bytes_per_block(kind, num_layers, block_size, kv_heads, head_dim)
+    return KVCache.bytes_per_block(num_layers, block_size, kv_heads, head_dim, FLOAT_KV_DTYPES.get(kind, model_dtype))
+
+
+CacheLayer = torch.Tensor | QuantizedCacheLayer  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+
+
+def read_kv(cache: CacheLayer, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The keys (or values) [len(slots), kv_heads, head_dim] at flat cache slots, in dtype."""
+    if isinstance(cache, QuantizedCacheLayer):
+        return cache.read(slots, dtype)
+    kv_heads, head_dim = cache.shape[-2:]
+    return cache.view(-1, kv_heads, head_dim)[slots].to(dtype)
 
 
 @dataclass
@@ -61,31 +106,33 @@ def cache_slots(block_table: list[int], positions, block_size: int) -> torch.Ten
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+def write_kv(key_cache: CacheLayer, value_cache: CacheLayer, slots: torch.Tensor, key: torch.Tensor,
              value: torch.Tensor) -> None:
-    """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype)."""
+    """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype, or quantized)."""
+    if isinstance(key_cache, QuantizedCacheLayer):
+        key_cache.write(slots, key)
+        value_cache.write(slots, value)
+        return
     kv_heads, head_dim = key_cache.shape[-2:]
     key_cache.view(-1, kv_heads, head_dim)[slots] = key.to(key_cache.dtype)
     value_cache.view(-1, kv_heads, head_dim)[slots] = value.to(value_cache.dtype)
 
 
-def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: AttentionBatch,
+def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: CacheLayer, batch: AttentionBatch,
                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for every sequence of a ragged batch, q [T, heads, head_dim] -> same shape.
     A query at position p sees the keys at positions j <= p, and with a sliding window only j > p - window (the
     window counts the query itself, as transformers' masks do). Scores and softmax are float32."""
-    heads, head_dim = query.shape[1:]
+    heads = query.shape[1]
     kv_heads = key_cache.shape[-2]
     group = heads // kv_heads
-    flat_keys = key_cache.view(-1, kv_heads, head_dim)
-    flat_values = value_cache.view(-1, kv_heads, head_dim)
     out = torch.empty_like(query)
     for start, count, context, table in zip(batch.query_starts, batch.query_lens, batch.context_lens,
                                             batch.block_tables):
         slots = cache_slots(table, range(context), key_cache.shape[1]).to(query.device)
         # [context, kv_heads, d] -> [heads, context, d]: query head h reads kv head h // group
-        keys = flat_keys[slots].to(query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
-        values = flat_values[slots].to(query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        keys = read_kv(key_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        values = read_kv(value_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
         scores = torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale
         q_pos = torch.arange(context - count, context, device=query.device).unsqueeze(1)

@@ -19,6 +19,7 @@ from qtool.runtime.engine.sampling import SamplingParams, request_generator, sam
 from qtool.runtime.engine.scheduler import Scheduler
 from qtool.runtime.engine.sequence import Sequence
 from qtool.runtime.generate import stop_token_ids
+from qtool.runtime.kv_cache_names import check_kv_cache
 
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
 DEFAULT_KV_CACHE_BYTES = 2 << 30
@@ -32,13 +33,18 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 2048  # tokens computed per step at most (prefills are chunked to fit)
-    kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    kv_dtype: torch.dtype | None = None  # a float cache's dtype (None: the model's); kv_cache names the others
+    kv_cache: str = "auto"  # auto (the model's dtype, or kv_dtype), fp16, bf16, q8 or q4 (quantized, torch attention)
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
+        check_kv_cache(self.kv_cache, "engine setting kv_cache")
+        if self.kv_dtype is not None and self.kv_cache != "auto":
+            raise QtoolError(f"engine settings kv_dtype and kv_cache={self.kv_cache!r} are both set",
+                             hint="give one of them (kv_cache fp16 or bf16 names a float cache's dtype)")
         if self.num_blocks is not None and self.kv_cache_bytes is not None:
             raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
         for field in ("num_blocks", "kv_cache_bytes"):
@@ -87,7 +93,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache)
         self.blocks = BlockManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = tuple(self._eos_ids())
@@ -99,7 +105,8 @@ class Engine:
         self._generated = 0
 
     def _blocks_for_budget(self, model: nn.Module) -> int:
-        per_block = ModelRunner.kv_bytes_per_block(model, self.config.block_size, self.config.kv_dtype)
+        per_block = ModelRunner.kv_bytes_per_block(model, self.config.block_size, self.config.kv_dtype,
+                                                   self.config.kv_cache)
         if self.config.kv_cache_bytes is not None:
             blocks = self.config.kv_cache_bytes // per_block
             if blocks < 1:

@@ -12,7 +12,8 @@ from torch import nn
 from qtool.core.errors import QtoolError
 from qtool.models.architectures import REGISTRY, decoder_layers, get_module
 from qtool.models.layerwise import head_logits
-from qtool.runtime.engine.attention import AttentionBatch, KVCache, paged_attention, write_kv
+from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, kv_cache_bytes_per_block,
+                                           paged_attention, write_kv)
 from qtool.runtime.engine.scheduler import ScheduledChunk
 
 
@@ -99,7 +100,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
+                 kv_cache: str = "auto"):
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -115,20 +117,21 @@ class ModelRunner:
         attention = self.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.kv_heads = self.config.num_key_value_heads
-        self.kv_dtype = kv_dtype or self.dtype
-        self.cache = KVCache.allocate(len(self.layers), num_blocks, block_size, self.kv_heads, self.head_dim,
-                                      self.kv_dtype, self.device)
+        self.kv_dtype = kv_dtype or self.dtype  # a float cache's dtype ("auto"); fp16/bf16/q8/q4 via kv_cache
+        self.cache = allocate_kv_cache(kv_cache, self.kv_dtype, len(self.layers), num_blocks, block_size,
+                                       self.kv_heads, self.head_dim, self.device)
         self.windows = [self._sliding_window(layer) for layer in self.layers]
         self.embedding_multiplier = self._config_multiplier(self.recipe.embedding_multiplier_field)
         self.residual_multiplier = self._config_multiplier(self.recipe.residual_multiplier_field)
 
     @staticmethod
-    def kv_bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
+    def kv_bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None,
+                           kv_cache: str = "auto") -> int:
         config = model.config
         attention = decoder_layers(model)[0].self_attn
         dtype = kv_dtype or model.get_input_embeddings().weight.dtype
-        return KVCache.bytes_per_block(config.num_hidden_layers, block_size, config.num_key_value_heads,
-                                       attention.head_dim, dtype)
+        return kv_cache_bytes_per_block(kv_cache, dtype, config.num_hidden_layers, block_size,
+                                        config.num_key_value_heads, attention.head_dim)
 
     def _sliding_window(self, layer: nn.Module) -> int | None:
         if self.recipe.sliding_window == "attention":
@@ -192,3 +195,27 @@ class ModelRunner:
         # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
         mlp_out = layer.mlp(layer.post_attention_layernorm(hidden).unsqueeze(0)).squeeze(0)
         return hidden + mlp_out * self.residual_multiplier
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int] | torch.Tensor, block_table: list[int] | None = None) -> torch.Tensor:
+        """The logits [T, vocab] (float32) at every position of one prompt, its prefill run as one chunk through
+        the paged cache as the engine runs it (its attention, its cache kind). Its K/V go to `block_table`'s blocks,
+        by default the cache's first ones: a runner that serves an engine must be given blocks it has reserved."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(self.device)
+        count, block_size = ids.numel(), self.cache.block_size
+        needed = -(-count // block_size)
+        if block_table is None:
+            num_blocks = self.cache.num_blocks
+            if needed > num_blocks:
+                raise QtoolError(f"a prompt of {count} tokens needs {needed} KV cache blocks of {block_size} tokens, "
+                                 f"the runner has {num_blocks}", hint="give the ModelRunner more num_blocks")
+            block_table = list(range(needed))
+        batch = AttentionBatch.build([block_table], [count], [count], block_size, self.device)
+        hidden = self.embed(ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        positions = torch.arange(count, device=self.device)
+        cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
+        for index, layer in enumerate(self.layers):
+            hidden = self._layer(index, layer, hidden, cos, sin, batch)
+        return head_logits(self.model, hidden, spec=self.spec).float()
