@@ -15,6 +15,7 @@ from qtool.convert.convert import SOURCE_FORMATS, TARGET_FORMATS
 from qtool.config.schema import BITS, CHECKPOINT_FORMATS, COMPUTE_DTYPES, EXL2_HEAD_BITS, METHODS, OUTPUT_FORMATS
 from qtool.convert.exl2_gptq import GPTQ_BITS
 from qtool.kernels.registry import BACKEND_CHOICES
+from qtool.runtime.kv_cache_names import KV_CACHE_KINDS
 
 from cli_checks import refused_choice
 
@@ -35,8 +36,10 @@ CHOICES = [
     ("convert", "--head-bits", EXL2_HEAD_BITS),
     ("eval", "--dtype", tuple(DTYPES)),
     ("eval", "--backend", BACKENDS),
+    ("eval", "--kv-cache", KV_CACHE_KINDS),
     ("run", "--dtype", tuple(DTYPES)),
     ("run", "--backend", BACKENDS),
+    ("run", "--kv-cache", KV_CACHE_KINDS),
 ]
 
 
@@ -80,6 +83,8 @@ INVOCATIONS = {
         ("eval", "--backend", "marlin", BACKENDS),
         ("run", "--dtype", "int4", tuple(DTYPES)),
         ("run", "--backend", "marlin", BACKENDS),
+        ("eval", "--kv-cache", "int8", KV_CACHE_KINDS),
+        ("run", "--kv-cache", "q2", KV_CACHE_KINDS),
     ],
 )
 def test_an_invalid_option_value_is_refused_by_typer(tmp_path, command, name, value, choices):

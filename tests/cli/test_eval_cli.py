@@ -107,3 +107,64 @@ def test_compare_needs_two_models(model_dir, text_file):
 
 def test_missing_model_is_one_line(text_file):
     assert "not found" in one_line_error(runner.invoke(app, ["eval", "./no/such/model", "--perplexity", str(text_file), "--device", "cpu"]))
+
+
+# --engine: the logits come from the engine's model runner (its attention, its paged KV cache). float32 on the
+# CPU computes the same sums in another order: equal within float rounding.
+ENGINE_ARGS = ["--seqlen", "40", "--windows", "2", "--device", "cpu", "--json"]
+
+
+def engine_ppl(model_dir, text_file, *extra):
+    result = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), *ENGINE_ARGS, "--engine", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_engine_ppl_equals_the_forwards(model_dir, text_file, make_tiny_llama, tokenizer):
+    data = engine_ppl(model_dir, text_file)
+    assert (data["engine"], data["kv_cache"], data["windows"], data["tokens"]) == (True, "auto", 2, 78)
+    ids = tokenizer.backend_tokenizer.encode(text_file.read_text(), add_special_tokens=False).ids
+    expected, _ = reference_perplexity(make_tiny_llama(seed=21, vocab_size=len(tokenizer)), ids, 40, 2)
+    assert data["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_engine_ppl_with_quantized_kv_caches(model_dir, text_file):
+    """Stated bounds on the ppl's change, from the logit bounds of tests/runtime/engine/test_kv_cache_kinds.py:
+    |delta logit| <= 1.4% (q8) or 24% (q4) of the largest |logit|, under 0.85 on this tiny model. A token's NLL
+    (logsumexp of the logits minus its own) moves by at most twice the largest logit change, so the ppl ratio stays
+    within exp(2 * 0.014 * 0.85) < 1.024 (q8) and exp(2 * 0.24 * 0.85) < 1.51 (q4). Measured: 0.02% and 0.1%."""
+    base = engine_ppl(model_dir, text_file)["ppl"]
+    q8, q4 = (engine_ppl(model_dir, text_file, "--kv-cache", kind) for kind in ("q8", "q4"))
+    assert q8["kv_cache"] == "q8" and q4["kv_cache"] == "q4"
+    assert q8["ppl"] != base and q4["ppl"] != base  # the cache kind is in the path
+    assert abs(q8["ppl"] / base - 1) <= 0.024
+    assert abs(q4["ppl"] / base - 1) <= 0.51
+
+
+def test_engine_table_names_the_cache(model_dir, text_file):
+    result = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), *ENGINE_ARGS[:-1], "--engine", "--kv-cache", "q8"])
+    assert result.exit_code == 0, result.output
+    assert "(engine, kv cache q8)" in result.stdout
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--kv-cache", "q8"], "--kv-cache goes with --engine"),
+    (["--engine", "--compare", "{model}"], "--engine cannot be combined with --compare yet"),
+])
+def test_engine_flag_misuse_is_one_line(model_dir, text_file, extra, match):
+    args = ["eval", str(model_dir), "--perplexity", str(text_file), "--device", "cpu"] + [a.format(model=model_dir) for a in extra]
+    assert match in one_line_error(runner.invoke(app, args))
+
+
+def test_engine_refuses_a_family_it_cannot_take(tmp_path, text_file, tokenizer):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    directory = tmp_path / "phi3"
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    Phi3ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    args = ["eval", str(directory), "--perplexity", str(text_file), *ENGINE_ARGS[:-1], "--engine"]
+    line = one_line_error(runner.invoke(app, args))
+    assert "--engine: the engine does not run model type 'phi3' yet" in line and "drop --engine" in line

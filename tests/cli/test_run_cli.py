@@ -142,3 +142,16 @@ def test_batch_needs_an_output_and_output_needs_a_batch(tmp_path, model_dir):
     assert no_output.exit_code == 2 and "--batch needs --output" in no_output.output
     no_batch = runner.invoke(app, ["run", str(model_dir), "--prompt", "hi", "--output", str(tmp_path / "o.jsonl")] + GREEDY)
     assert no_batch.exit_code == 2 and "--output goes with --batch" in no_batch.output
+
+
+def test_kv_cache_flag_reaches_the_engine(model_dir, model, tokenizer):
+    from dataclasses import replace
+
+    from qtool.runtime.reply import CHAT_ENGINE_CONFIG
+
+    replies = ReplyGenerator(model, tokenizer, replace(CHAT_ENGINE_CONFIG, kv_cache="q4"))
+    expected = replies.reply([{"role": "user", "content": "the fox"}], GenerationSettings(max_new_tokens=6, temperature=0))
+    assert replies.engine.runner.cache.is_quantized
+    result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--kv-cache", "q4", "--json"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"] == expected.text

@@ -114,3 +114,21 @@ def test_non_finite_logits_are_an_error_not_a_perplexity(make_tiny_llama, tokeni
         "the logits of models/broken hold NaN or infinite values, so no result is given "
         "(its weights or config are broken: run `qtool validate models/broken`)"
     )
+
+
+def test_window_logits_replace_the_models_forward(make_tiny_llama, tokenizer, tiny_words):
+    """An injected logits function (what `eval --engine` passes) is what the perplexity is computed from."""
+    model, other = (make_tiny_llama(seed=s, vocab_size=len(tokenizer)) for s in (4, 5))
+    text = random_text(tiny_words, 4, 200)
+    ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    seen = []
+
+    def other_logits(window):
+        seen.append(window.shape)
+        return other(window.unsqueeze(0), use_cache=False).logits[0]
+
+    result = perplexity(model, tokenizer, text, seqlen=30, windows=3, window_logits=other_logits)
+    expected, _ = reference_perplexity(other, ids, 30, 3)
+    assert result.ppl == pytest.approx(expected, rel=1e-5)
+    assert result.ppl != pytest.approx(reference_perplexity(model, ids, 30, 3)[0], rel=1e-3)
+    assert seen == [torch.Size([30])] * 3

@@ -7,9 +7,13 @@ Design, one role per file:
 - scheduler.py: per step, running decodes, then running prefills, then waiting requests, under a token budget (prefills
   chunked); when blocks run out the latest-arrived running sequence is preempted (freed, requeued first, recomputed).
 - attention.py: the KV cache tensors and the torch reference paged attention (gather by block table, causal, GQA, window).
+- kv_quant.py: the quantized cache kinds (EngineConfig.kv_cache q8 / q4): codes + float16 scales of rotated (token, kv
+  head) vectors, written and read through the same write_kv / paged_attention; `cache.is_quantized` keeps fast float
+  paths away from them.
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
   it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
+  `prompt_logits(ids)` gives the logits at every position of one prompt (what `qtool eval --engine` uses).
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
 - llm_engine.py: Engine (add_request / step / generate / abort_request, stats). add_request(..., on_text=callback)
