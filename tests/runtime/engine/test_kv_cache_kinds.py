@@ -4,6 +4,8 @@ ModelRunner.prompt_logits equal to the model's own forward at every position."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +132,27 @@ def test_prompt_logits_refuses_a_prompt_its_cache_cannot_hold(tiny_llama):
     runner = ModelRunner(tiny_llama, num_blocks=2, block_size=4)
     with pytest.raises(QtoolError, match="a prompt of 9 tokens needs 3 KV cache blocks of 4 tokens, the runner has 2"):
         runner.prompt_logits(list(range(1, 10)))
+
+
+@pytest.mark.slow
+def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
+    """SmolLM2-135M on the first 4 windows of 1024 tokens of wikitext-2's test split: the engine's perplexity
+    equals the model's own forward within float32 rounding, and a q8 cache costs at most +0.02 (the issue's goal).
+    q4 is left out: it costs about +1 here (keys at 4 bits per token are too coarse for this model)."""
+    from qtool.checkpoints.sources import load_model
+    from qtool.data.text import load_eval_text
+    from qtool.eval.perplexity import perplexity
+
+    text = load_eval_text(Path(__file__).resolve().parents[4] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
+
+    def ppl(window_logits=None):
+        return perplexity(loaded.model, loaded.tokenizer, text, seqlen=1024, windows=4,
+                          window_logits=window_logits).ppl
+
+    plain = ppl()
+    engine = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16).prompt_logits)
+    q8 = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16, kv_cache="q8").prompt_logits)
+    print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}")
+    assert engine == pytest.approx(plain, rel=1e-5)
+    assert q8 != engine and abs(q8 - engine) <= 0.02
