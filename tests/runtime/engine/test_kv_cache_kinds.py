@@ -156,3 +156,18 @@ def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}")
     assert engine == pytest.approx(plain, rel=1e-5)
     assert q8 != engine and abs(q8 - engine) <= 0.02
+
+
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_a_quantized_cache_keeps_batched_equal_to_alone(tiny_llama, kind):
+    """Attention reads every key from the cache, the chunk's own included: a request's output does not depend on
+    how its prefill was chunked nor on what else is in the batch."""
+    prompts = [[1, 5, 9, 14, 3, 8, 21], list(range(40, 53)), [1, 77]]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    def run(batch, **settings):
+        engine = Engine(tiny_llama, None, EngineConfig(block_size=4, num_blocks=64, kv_cache=kind, **settings))
+        return [out.token_ids for out in engine.generate(batch, greedy)]
+
+    alone = [run([prompt])[0] for prompt in prompts]
+    assert run(prompts, max_num_batched_tokens=5) == alone  # the 13-token prompt in three chunks
