@@ -22,6 +22,28 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def _output(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
+    """A new contiguous output, or the caller's buffer (a captured step's static tensor) after checking it."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise QtoolError(f"{what}: out is {tuple(out.shape)} {out.dtype} on {out.device}; it must be a contiguous "
+                         f"{tuple(shape)} {dtype} on {device}")
+    return out
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """float32 -> dtype rounding to nearest even. bfloat16 is rounded by hand: the interpreter (Triton 3.9)
+    truncates float32 -> bfloat16; on a GPU this gives the hardware conversion's bits (NaN and inf stay so)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # paged decode attention
 
@@ -32,11 +54,15 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
                          qk_scale, window, tokens_per_split,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+                         ROUND_P: tl.constexpr):
     """Program (b, kv head, split): the GROUP query heads of this kv head against context tokens
     [split * tokens_per_split, (split + 1) * tokens_per_split) of sequence b (clipped to its length and window),
     online softmax in float32 on log2-scaled scores. With one split the normalised rows go to out; else the
-    unnormalised-then-divided partial row, its running max and sum go to the split workspace for the reduce."""
+    unnormalised-then-divided partial row, its running max and sum go to the split workspace for the reduce.
+    DOT_F32: both products in float32 (a float32 or mixed-dtype query/cache, and bfloat16 under the interpreter,
+    whose tl.dot multiplies bfloat16's raw bits); ROUND_P then rounds the weights to the values' dtype first, as
+    the native path does."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -87,6 +113,8 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
         p = tl.exp2(scores - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DOT_F32:
+            if ROUND_P:
+                p = _cast(p, v_ptr.dtype.element_ty).to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -95,7 +123,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
     out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # context 0: acc is 0, the row stays 0
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
-                 out_rows.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+                 _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
         # workspace [B, heads, NUM_SPLITS, BLOCK_D] and [B, heads, NUM_SPLITS, 2] (max, sum), contiguous
         row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
@@ -125,7 +153,7 @@ def _split_reduce_kernel(part_o_ptr, part_ml_ptr, out_ptr, o_sb, o_sh, heads,
                 other=0.0)
     total = tl.sum(w, axis=0)
     out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, _cast(out, out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def decode_tile_tokens(head_dim: int) -> int:
@@ -156,9 +184,10 @@ def paged_decode_attention_problem(query: torch.Tensor, key_cache: torch.Tensor)
 
 def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                  sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                                  sliding_window: int | None = None, num_splits: int | None = None,
+                                  out: torch.Tensor | None = None) -> torch.Tensor:
     """engine_ops_ref.paged_decode_attention_ref on the GPU. num_splits None: decode_splits' rule (the argument
-    exists for tests)."""
+    exists for tests). out: a contiguous [B, heads, d] buffer of query's dtype to write into."""
     batch, heads, head_dim = query.shape
     num_blocks, block_size, kv_heads, cache_dim = key_cache.shape
     if cache_dim != head_dim or value_cache.shape != key_cache.shape or heads % kv_heads:
@@ -178,8 +207,10 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
         num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
     # each split's token range is a whole number of tiles, so tiles never straddle two splits
     tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
-    dot_f32 = not (query.dtype == key_cache.dtype == value_cache.dtype and query.dtype != torch.float32)
-    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    native = query.dtype == key_cache.dtype == value_cache.dtype and query.dtype != torch.float32
+    round_p = native and query.dtype == torch.bfloat16 and triton_interpreted()
+    dot_f32 = not native or round_p
+    out = _output(out, query.shape, query.dtype, query.device, "paged decode attention")
     if batch == 0:
         return out
     if num_splits > 1:
@@ -194,7 +225,7 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), float(scale) * LOG2E, window, tokens_per_split,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32, ROUND_P=round_p,
         num_warps=4 if block_d <= 128 else 8, num_stages=2)
     if num_splits > 1:
         _split_reduce_kernel[(batch, heads)](
@@ -217,12 +248,12 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, normed_ptr, summed_ptr, x_s, r_s, 
     x = tl.load(x_ptr + row * x_s + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + row * r_s + cols, mask=ok, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(summed_ptr.dtype.element_ty)
+        x = _cast(x.to(tl.float32) + r.to(tl.float32), summed_ptr.dtype.element_ty)
         tl.store(summed_ptr + row * s_s + cols, x, mask=ok)
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / hidden + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(normed_ptr + row * n_s + cols, (h * rstd * (w + offset)).to(normed_ptr.dtype.element_ty), mask=ok)
+    tl.store(normed_ptr + row * n_s + cols, _cast(h * rstd * (w + offset), normed_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -232,20 +263,23 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                        weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """engine_ops_ref.add_rms_norm_ref on the GPU: one program per row."""
+                        weight_offset: float = 0.0,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine_ops_ref.add_rms_norm_ref on the GPU: one program per row. out: (normed, summed) buffers to write
+    into (summed is not written without a residual: x is returned as it, as the reference does)."""
     hidden = x.shape[-1]
     if weight.shape != (hidden,) or (residual is not None and residual.shape != x.shape):
         raise QtoolError(f"add_rms_norm: x {tuple(x.shape)}, residual "
                          f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)} "
                          "(residual the shape of x, weight [hidden])")
     x2 = _rows(x, hidden)
-    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = _output(out and out[0], x.shape, x.dtype, x.device, "add_rms_norm")
     if residual is None:
         r2, summed = x2, x
     else:
         r2 = _rows(residual, hidden)
-        summed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        summed = _output(out and out[1], x.shape, torch.promote_types(x.dtype, residual.dtype), x.device,
+                         "add_rms_norm")
     s2, n2 = summed.view(-1, hidden), normed.view(-1, hidden)
     if x2.shape[0] == 0:
         return normed, summed
@@ -268,17 +302,17 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, g_s, u_s, o_s, width, BLOCK: tl.conste
     ok = cols < width
     g = tl.load(g_ptr + row * g_s + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_s + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(o_ptr + row * o_s + cols, (g * tl.sigmoid(g) * u).to(o_ptr.dtype.element_ty), mask=ok)
+    tl.store(o_ptr + row * o_s + cols, _cast(g * tl.sigmoid(g) * u, o_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """engine_ops_ref.silu_mul_ref on the GPU. gate and up may be row-strided views (the halves of a fused
-    gate/up projection's output); one program per (row, BLOCK columns)."""
+    gate/up projection's output); one program per (row, BLOCK columns). out: a buffer to write into."""
     if gate.shape != up.shape:
         raise QtoolError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     width = gate.shape[-1] if gate.dim() else 1
     g2, u2 = _rows(gate, width), _rows(up, width)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    out = _output(out, gate.shape, gate.dtype, gate.device, "silu_mul")
     o2 = out.view(-1, width)
     if o2.numel() == 0:
         return out
@@ -312,8 +346,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr,
         x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
         dst = qo_ptr + t * qo_st + h * qo_sh
-        tl.store(dst + d, (x1 * cos1 - x2 * sin1).to(qo_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF + d, (x2 * cos2 + x1 * sin2).to(qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
     else:
         kvh = h - heads
         slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -324,8 +358,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr,
         x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
         # rounded to the key's dtype first, then the cache's (as the reference does)
-        r1 = (x1 * cos1 - x2 * sin1).to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
-        r2 = (x2 * cos2 + x1 * sin2).to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)
+        r1 = _cast(_cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
+        r2 = _cast(_cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
         kdst = kc_ptr + block * kc_sn + offset * kc_sb + kvh * kc_sh
         tl.store(kdst + d, r1, mask=keep)
         tl.store(kdst + HALF + d, r2, mask=keep)
@@ -333,15 +367,16 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr,
         vdst = vc_ptr + block * vc_sn + offset * vc_sb + kvh * vc_sh
         v1 = tl.load(vsrc + d, mask=keep, other=0.0)
         v2 = tl.load(vsrc + HALF + d, mask=keep, other=0.0)
-        tl.store(vdst + d, v1.to(vc_ptr.dtype.element_ty), mask=keep)
-        tl.store(vdst + HALF + d, v2.to(vc_ptr.dtype.element_ty), mask=keep)
+        tl.store(vdst + d, _cast(v1, vc_ptr.dtype.element_ty), mask=keep)
+        tl.store(vdst + HALF + d, _cast(v2, vc_ptr.dtype.element_ty), mask=keep)
 
 
 def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                          slots: torch.Tensor) -> torch.Tensor:
+                          slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """engine_ops_ref.rope_and_cache_ref on the GPU in one launch: program (token, head) over the query heads
-    and then the kv heads. query/key/value may be strided views of a fused QKV output (unit last stride)."""
+    and then the kv heads. query/key/value may be strided views of a fused QKV output (unit last stride). out:
+    a buffer for the rotated query."""
     tokens, heads, head_dim = query.shape
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     if (head_dim % 2 or key.shape != (tokens, kv_heads, head_dim) or value.shape != key.shape
@@ -353,7 +388,7 @@ def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise QtoolError("rope_and_cache: the caches need a unit stride in head_dim (they are written in place)")
     query, key, value, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin))
-    out = torch.empty((tokens, heads, head_dim), dtype=query.dtype, device=query.device)
+    out = _output(out, (tokens, heads, head_dim), query.dtype, query.device, "rope_and_cache")
     if tokens == 0:
         return out
     half = head_dim // 2
