@@ -203,6 +203,7 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
     block_d = max(_pow2(head_dim), 16)
     block_n = decode_tile_tokens(head_dim)
     if num_splits is None:
+        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
         num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
         num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
     # each split's token range is a whole number of tiles, so tiles never straddle two splits

@@ -408,3 +408,20 @@ def test_engine_ops_route_cuda_tensors_to_triton_and_capture_in_a_graph():
     case.lens = lens.cpu()
     case.contexts = case.lens.tolist()
     close(out, case.ref(), ATTENTION_TOLERANCE[torch.bfloat16])
+
+
+def test_paged_decode_attention_refuses_what_the_kernel_cannot_take():
+    """A head_dim over the kernel's limit is named (the dispatch then runs the reference), and a query that does
+    not fit the cache is a one-line QtoolError."""
+    from qtool.core.errors import QtoolError
+
+    wide = torch.zeros(1, 2, 512)
+    cache = torch.zeros(2, 16, 1, 512)
+    assert "head_dim 512" in engine_ops_triton.paged_decode_attention_problem(wide, cache)
+    assert engine_ops.paged_decode_attention_problem(wide, cache) is not None
+    with pytest.raises(QtoolError, match="head_dim 512"):
+        paged_decode_attention_triton(wide, cache, cache, torch.zeros(1, 1, dtype=torch.int32),
+                                      torch.ones(1, dtype=torch.int32), 1.0)
+    with pytest.raises(QtoolError, match="does not fit"):
+        paged_decode_attention_triton(torch.zeros(1, 3, 16), torch.zeros(2, 16, 2, 16), torch.zeros(2, 16, 2, 16),
+                                      torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
