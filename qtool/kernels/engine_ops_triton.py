@@ -196,8 +196,8 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
     problem = paged_decode_attention_problem(query, key_cache)
     if problem:
         raise QtoolError(problem)
-    query, key_cache, value_cache, block_tables = (t if t.stride(-1) == 1 else t.contiguous()
-                                                   for t in (query, key_cache, value_cache, block_tables))
+    query, key_cache, value_cache, block_tables, context_lens = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key_cache, value_cache, block_tables, context_lens))
     group = heads // kv_heads
     max_blocks = block_tables.shape[1]
     block_d = max(_pow2(head_dim), 16)
@@ -388,7 +388,8 @@ def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
                          f"{tuple(key_cache.shape)} (key/value [T, kv_heads, d], cos/sin [T, d], d even)")
     if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise QtoolError("rope_and_cache: the caches need a unit stride in head_dim (they are written in place)")
-    query, key, value, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin))
+    query, key, value, cos, sin, slots = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin, slots))
     out = _output(out, (tokens, heads, head_dim), query.dtype, query.device, "rope_and_cache")
     if tokens == 0:
         return out
