@@ -5,7 +5,6 @@ Llama so that every path runs on a CPU in seconds."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -112,35 +111,33 @@ def synthetic_tokenizer(vocab_size: int):
 
 def write_random_exl2(model: nn.Module, directory: Path, seed: int = 0) -> dict:
     """An EXL2 checkpoint of `model`'s shape (float embedding, norms and head from `model`, random 4-bit decoder
-    linears) at `directory`, readable by ExLlamaV2 0.3.2; returns its bits per weight and the seconds it took."""
-    from qtool.checkpoints.exl2_checkpoint import save_exl2_model
+    linears) at `directory`, readable by ExLlamaV2 0.3.2; returns its bits per weight and the seconds it took.
+    Each linear is packed as soon as it is drawn: a 7B model's unpacked int32 codes would take 26 GB."""
+    from qtool.checkpoints.exl2_checkpoint import build_exl2_config
+    from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, checkpoint_state, model_config_dict, write_model_files
+    from qtool.formats.exl2 import exl2_tensors_from_weight
 
     began = time.perf_counter()
     device = model.lm_head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    weights = {}
+    packed, bits, weights, first = {}, 0, 0, None
     for index, layer in enumerate(model.model.layers):
         for path in DECODER_LINEARS:
-            linear = layer.get_submodule(path)
-            weights[f"model.layers.{index}.{path}"] = random_exl2_weight(linear.in_features, linear.out_features,
-                                                                          device, gen)
-    bpw = sum(w.storage_bits() for w in weights.values()) / sum(w.in_features * w.out_features for w in weights.values())
-    tokenizer = synthetic_tokenizer(model.config.vocab_size)
-    save_exl2_model(directory, model, weights, {"calibration": {"dataset": "random codes (benchmark)"}},
-                    tokenizer=tokenizer, force=True)
-    legacy_rope_theta(directory)
+            linear, name = layer.get_submodule(path), f"model.layers.{index}.{path}"
+            weight = random_exl2_weight(linear.in_features, linear.out_features, device, gen)
+            packed[name] = {k: v.cpu() for k, v in exl2_tensors_from_weight(weight, name).items()}
+            bits += weight.storage_bits()
+            weights += weight.in_features * weight.out_features
+            first = first or (name, weight)
+            del weight
+    bpw = bits / weights
+    # quantization_config as ExLlamaV2's converter writes it; bits measured over every linear above
+    quantization = build_exl2_config(dict([first]), {"bits": round(bpw, 2), "calibration": {"dataset": "random codes"}})
+    tensors, untie = checkpoint_state(model, packed)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_model_files(directory, model, tensors, model_config_dict(model, quantization, untie),
+                      synthetic_tokenizer(model.config.vocab_size), DEFAULT_MAX_SHARD_SIZE_BYTES)
     return {"bits_per_weight": round(bpw, 3), "write_s": round(time.perf_counter() - began, 1)}
-
-
-def legacy_rope_theta(directory: Path) -> None:
-    """ExLlamaV2 0.3.2 reads rope_theta at config.json's top level, transformers 5 writes it inside
-    rope_parameters (bench/peers/exl2_interop.py legacy_config_keys says more)."""
-    path = Path(directory) / "config.json"
-    config = json.loads(path.read_text())
-    theta = (config.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None and "rope_theta" not in config:
-        config["rope_theta"] = theta
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---- SmolLM2 (or a tiny stand-in) ----

@@ -4,6 +4,7 @@ Each returns what it measured (wall seconds, tokens, per-request rates); none ex
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
 from pathlib import Path
@@ -87,17 +88,16 @@ def hf_generate(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad
 def exllamav2_available() -> str | None:
     """None when exllamav2 imports with its extension, else why not."""
     try:
-        import exllamav2  # noqa: F401
-        from exllamav2.ext import exllamav2_ext  # noqa: F401
+        importlib.import_module("exllamav2.ext")  # builds the extension on first import
     except Exception as exc:  # an unbuilt extension raises whatever its build raised
         return f"exllamav2 not importable: {type(exc).__name__}: {str(exc)[:300]}"
     return None
 
 
 def exllamav2_dynamic(directory: Path, prompts: list[list[int]], new_tokens: int, max_seq_len: int,
-                      deadline_s: float | None = None) -> dict:
+                      cache_bytes: int, deadline_s: float | None = None) -> dict:
     """ExLlamaV2 0.3.2's dynamic generator on an EXL2 directory: paged (batched) when flash-attn >= 2.5.7 is there,
-    else its unpaged mode, which runs one sequence at a time. Attention without flash-attn goes through its matmul
+    else its unpaged mode, which runs one sequence at a time. Paged, its cache gets the engine's byte budget. Attention without flash-attn goes through its matmul
     path (config.no_sdpa): its SDPA path drops the causal mask (bench/peers/exl2_interop.py says why)."""
     from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
     from exllamav2 import attn as ex_attn
@@ -109,12 +109,16 @@ def exllamav2_dynamic(directory: Path, prompts: list[list[int]], new_tokens: int
     config.no_sdpa = not ex_attn.has_flash_attn
     began_load = time.perf_counter()
     model = ExLlamaV2(config)
-    cache_tokens = max_seq_len * (len(prompts) if paged else 1)
+    # float16 keys and values of every layer
+    token_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    cache_tokens = max(max_seq_len, cache_bytes // token_bytes) if paged else max_seq_len
     cache = ExLlamaV2Cache(model, max_seq_len=-(-cache_tokens // 256) * 256, lazy=True)
     model.load_autosplit(cache)
     tokenizer = ExLlamaV2Tokenizer(config)
+    # its own cap: max_batch_size * max_q_size (16) within the model's max_batch_size * max_input_len
+    batch = min(len(prompts), config.max_batch_size * config.max_input_len // 16) if paged else 1
     generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=paged,
-                                          max_batch_size=len(prompts) if paged else 1)
+                                          max_batch_size=batch)
     load_s = time.perf_counter() - began_load
     generator.warmup()
     settings = ExLlamaV2Sampler.Settings.greedy()
@@ -147,7 +151,7 @@ def exllamav2_dynamic(directory: Path, prompts: list[list[int]], new_tokens: int
     total = sum(tokens.values())
     model.unload()
     return {"requests": len(prompts), "finished": len(per_request), "complete": complete, "wall_s": wall,
-            "output_tokens": total, "output_tok_s": total / wall, "load_s": load_s, "paged": paged,
+            "output_tokens": total, "output_tok_s": total / wall, "load_s": load_s, "paged": paged, "cache_tokens": cache_tokens,
             "flash_attn": bool(ex_attn.has_flash_attn), "no_sdpa": bool(config.no_sdpa),
             "per_request_tok_s_mean": statistics.fmean(per_request) if per_request else None,
             "ttft_s": [first[i] for i in sorted(first)]}

@@ -58,7 +58,7 @@ SPECULATIVE_GUESSES = ({"speculative": "prompt_lookup"}, {"speculative": "ngram"
 # ---- what every line carries ----
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, argv: list[str]) -> dict:
     import transformers
 
     try:
@@ -77,7 +77,7 @@ def environment(device: torch.device) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
         "python": platform.python_version(), "git_commit": commit or os.environ.get("QTOOL_COMMIT"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": " ".join(shlex.quote(a) for a in ["bench/runtime/runtime_bench.py", *argv]),
     }
 
 
@@ -307,7 +307,8 @@ def throughput(ctx: Context) -> None:
         return
     try:
         ex = bench_peers.exllamav2_dynamic(ctx.exl2_dir, prompts[: args.exl2_requests], new,
-                                           max_seq_len=high + new + 256, deadline_s=args.exl2_budget_s)
+                                           max_seq_len=high + new + 256, cache_bytes=kv_bytes,
+                                           deadline_s=args.exl2_budget_s)
     except Exception as exc:  # the row says what failed
         ctx.record("throughput", "exllamav2 dynamic", f"failed: {type(exc).__name__}: {str(exc)[:200]}",
                    error=traceback.format_exc()[-3000:])
@@ -323,7 +324,7 @@ def prefix(ctx: Context) -> None:
     model = ctx.llama()
     vocab = model.config.vocab_size
     rng = random.Random(args.seed + 7)
-    shared_len = 200 if args.tiny else args.prefix_tokens
+    shared_len = 100 if args.tiny else args.prefix_tokens
     shared = [rng.randrange(3, vocab) for _ in range(shared_len)]
     prompts = [shared + [rng.randrange(3, vocab) for _ in range(32)] for _ in range(args.prefix_requests)]
     from qtool.runtime.engine import Engine, SamplingParams
@@ -362,17 +363,22 @@ def kv_capacity(ctx: Context) -> None:
         raise SkipScenario("EngineConfig has no kv_cache field yet (fp16/q8/q4 cache)")
     args, device = ctx.args, ctx.device
     model = ctx.llama()
-    budget = int((1 if args.tiny else args.kv_capacity_mib) * (1 << 20))
-    prompt_len = 48 if args.tiny else 512
+    budget = int((0.25 if args.tiny else args.kv_capacity_mib) * (1 << 20))
+    block = 16
+    prompt_len = (3 if args.tiny else 32) * block - 2  # + 2 new tokens: whole blocks
     rows = {}
     for kind in KV_CACHE_KINDS:
         free_memory()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        engine = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind))
+        probe = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block))
+        capacity, num_blocks = probe.capacity_tokens, probe.num_blocks
         allocated = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
-        capacity = engine.capacity_tokens
-        # fill it: as many requests of prompt_len + 2 tokens as 90% of the capacity holds, all at once
-        count = max(1, int(0.9 * capacity) // (prompt_len + 2 + engine.config.block_size))
+        del probe
+        free_memory()
+        # fill it: as many requests of prompt_len + 2 tokens as the blocks hold, all admitted in one step
+        count = num_blocks // ((prompt_len + 2) // block)
+        engine = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block,
+                                                   max_num_seqs=count, max_num_batched_tokens=count * prompt_len))
         prompts = random_prompts(count, prompt_len, prompt_len, model.config.vocab_size, args.seed + 3)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for p in prompts:
@@ -385,11 +391,11 @@ def kv_capacity(ctx: Context) -> None:
         rows[kind] = capacity
         ratio = capacity / rows["fp16"]
         ctx.record("kv-capacity", f"engine kv_cache={kind}",
-                   f"{capacity} tokens in {budget >> 20} MiB ({ratio:.2f}x fp16); filled to "
-                   f"{peak * engine.config.block_size} tokens at once, {stats.preemptions} preemptions",
+                   f"{capacity} tokens in {budget / (1 << 20):g} MiB ({ratio:.2f}x fp16); filled to "
+                   f"{peak * block} tokens at once by {count} requests, {stats.preemptions} preemptions",
                    kv_cache=kind, budget_bytes=budget, capacity_tokens=capacity, ratio_to_fp16=ratio,
                    allocated_bytes=allocated, fill_requests=count, fill_prompt_tokens=prompt_len,
-                   peak_tokens_held=peak * engine.config.block_size, stats=stats.to_dict())
+                   peak_tokens_held=peak * block, stats=stats.to_dict())
         del engine
     free_memory()
 
@@ -518,7 +524,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: pass --device cpu (with --tiny for a quick run)", file=sys.stderr)
         return 2
-    record = Recorder(args.out, environment(device), args.tiny)
+    record = Recorder(args.out, environment(device, sys.argv[1:] if argv is None else list(argv)), args.tiny)
     ctx = Context(args, record)
     print("| scenario | system | result |\n|---|---|---|", flush=True)
     failed = 0
