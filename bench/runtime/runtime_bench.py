@@ -78,6 +78,8 @@ def environment(device: torch.device, argv: list[str]) -> dict:
         "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
         "python": platform.python_version(), "git_commit": commit or os.environ.get("QTOOL_COMMIT"),
         "command": " ".join(shlex.quote(a) for a in ["bench/runtime/runtime_bench.py", *argv]),
+        # what else ran on the machine meanwhile (bench/device/runtime_bench.sh says when it builds ExLlamaV2)
+        "note": os.environ.get("RUNTIME_BENCH_NOTE"),
     }
 
 
@@ -252,9 +254,9 @@ def speculative(ctx: Context) -> None:
     text = copy_text(args, args.spec_words)
     request = f"Copy the following text exactly, word for word:\n\n{text}"
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
-                                               tokenize=True)
-        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
     else:
         prompt = tokenizer(request + "\n\n")["input_ids"]
     new = min(args.spec_new_tokens, len(tokenizer(text)["input_ids"]) + 16)
@@ -300,7 +302,7 @@ def throughput(ctx: Context) -> None:
                f"engine/HF {engine['output_tok_s'] / hf['output_tok_s']:.1f}x", new_tokens=new, **strip(hf))
     free_memory()
     if args.skip_exllamav2:
-        ctx.record("throughput", "exllamav2 dynamic", "not run (--skip-exllamav2)")
+        ctx.record("throughput", "exllamav2 dynamic", f"not run: {args.skip_exllamav2}", error=args.skip_exllamav2)
         return
     if ctx.exl2_dir is None:
         ctx.record("throughput", "exllamav2 dynamic", f"not run: {ctx.exl2_note}", error=ctx.exl2_note)
@@ -486,7 +488,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--exl2-requests", type=int, default=8, help="ExLlamaV2 runs one at a time without flash-attn")
-    p.add_argument("--skip-exllamav2", action="store_true")
+    p.add_argument("--skip-exllamav2", nargs="?", const="--skip-exllamav2", default=None, metavar="REASON",
+                   help="do not run ExLlamaV2 (the reason goes into its row)")
     p.add_argument("--kv-gib", type=float, default=30.0, help="throughput: engine KV cache bytes")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
