@@ -93,7 +93,7 @@ if [[ ! -f $SITE/.exl2_built ]]; then
 fi
 group "${SMOL_LIMIT_S:-150}" smollm2 --scenario smollm2-run --scenario speculative
 group "${PREFIX_LIMIT_S:-100}" prefix-kv --scenario prefix --scenario kv-capacity
-group "${DECODE_LIMIT_S:-100}" decode-7b --scenario decode-7b
+group "${DECODE_LIMIT_S:-200}" decode-7b --scenario decode-7b
 if [[ -n $build ]]; then
     wait "$build"
     unset RUNTIME_BENCH_NOTE
