@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # bench/runtime/runtime_bench.py on the lent GPU machine (no network), from what bench/device/prepare_carry.sh put in
 # .device-data/runtime-p1, .device-data/runtime-p2 and .whl/runtime. Stages:
-#   prep   install the wheels (gguf, exllamav2 0.3.2) into /tmp/runtime_site and build ExLlamaV2's extension in the
-#          foreground (kept on the machine for the next call while it stays warm)
-#   bench  the scenarios, each group in its own process under its own time limit (one hanging or failing leaves the
-#          others to run): smollm2-run+speculative, prefix+kv-capacity, decode-7b, throughput (last: ExLlamaV2 runs
-#          there). When prep did not build the extension on this machine, it is built in the background meanwhile
-#          (every row then carries that note) and throughput waits for it.
-#   all    prep's install, then bench (default)
-# The SmolLM2 GGUF (98 MB) exceeds one call's 64 MiB: it travels in two halves, p1 with a first call (prep) and p2
-# with the second; both stay on the warm machine. Without both halves the SmolLM2 rows say so.
-#   bash bench/device/runtime_bench.sh prep
-#   bash bench/device/runtime_bench.sh bench [extra runtime_bench.py args, e.g. --requests 128]
+#   carry  install the wheels (gguf, exllamav2 0.3.2) into /tmp/runtime_site; nothing else (a first call that only
+#          brings the GGUF's first half)
+#   prep   the same, then build ExLlamaV2's extension in the foreground (kept on the machine while it stays warm)
+#   bench  (default) the scenarios, each group in its own process under its own time limit (one hanging or failing
+#          leaves the others to run): smollm2-run+speculative, prefix+kv-capacity, decode-7b, then throughput
+#          (ExLlamaV2 runs there). Where no earlier call built the extension on this machine, it is built in the
+#          background meanwhile (MAX_JOBS=8; every row then carries that note) and throughput waits for it.
+# The SmolLM2 GGUF (98 MB) exceeds one call's 64 MiB: it travels in two halves, p1 with a first call (carry or
+# prep) and p2 with the second, on the same warm machine. Without both halves the SmolLM2 rows say so.
+#   bash bench/device/runtime_bench.sh carry|prep          (carry: .device-data/runtime-p1 .whl/runtime)
+#   bash bench/device/runtime_bench.sh bench [runtime_bench.py args, e.g. --requests 128]
+#                                                          (carry: .device-data/runtime-p2 .whl/runtime)
 # Results: $OUT/runtime_bench.jsonl, $OUT/runtime_bench.log, $OUT/exl2_build.log.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
@@ -21,7 +22,7 @@ WORK=/tmp/runtime_work
 GGUF=/tmp/runtime_data/SmolLM2-135M-Instruct.Q4_1.gguf
 P1="$REPO/.device-data/runtime-p1"
 P2="$REPO/.device-data/runtime-p2"
-STAGE="${1:-all}"
+STAGE="${1:-bench}"
 [[ $# -gt 0 ]] && shift
 mkdir -p "$OUT" "$WORK" "$(dirname "$GGUF")"
 cd "$REPO"
@@ -75,10 +76,12 @@ group() {  # group SECONDS NAME [args...]: one runtime_bench.py process under it
 }
 
 install
-if [[ $STAGE == prep ]]; then
-    log "building the ExLlamaV2 extension"
-    build_exl2
-    tail -3 "$OUT/exl2_build.log"
+if [[ $STAGE == carry || $STAGE == prep ]]; then
+    if [[ $STAGE == prep ]]; then
+        log "building the ExLlamaV2 extension"
+        build_exl2
+        tail -3 "$OUT/exl2_build.log"
+    fi
     ls -la "$P1" 2>&1 | tail -2
     exit 0
 fi
