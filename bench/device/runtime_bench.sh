@@ -13,6 +13,8 @@
 #   bash bench/device/runtime_bench.sh carry|prep          (carry: .device-data/runtime-p1 .whl/runtime)
 #   bash bench/device/runtime_bench.sh bench [runtime_bench.py args, e.g. --requests 128]
 #                                                          (carry: .device-data/runtime-p2 .whl/runtime)
+# The groups' limits (SMOL_LIMIT_S 120, PREFIX_LIMIT_S 90, DECODE_LIMIT_S 150, THROUGHPUT_LIMIT_S 230) add up to 590 s:
+# bench fits one 600 s command whatever hangs.
 # Results: $OUT/runtime_bench.jsonl, $OUT/runtime_bench.log, $OUT/exl2_build.log.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
@@ -94,9 +96,9 @@ if [[ ! -f $SITE/.exl2_built ]]; then
     build_exl2 &
     build=$!
 fi
-group "${SMOL_LIMIT_S:-150}" smollm2 --scenario smollm2-run --scenario speculative
-group "${PREFIX_LIMIT_S:-100}" prefix-kv --scenario prefix --scenario kv-capacity
-group "${DECODE_LIMIT_S:-200}" decode-7b --scenario decode-7b
+group "${SMOL_LIMIT_S:-120}" smollm2 --scenario smollm2-run --scenario speculative
+group "${PREFIX_LIMIT_S:-90}" prefix-kv --scenario prefix --scenario kv-capacity
+group "${DECODE_LIMIT_S:-150}" decode-7b --scenario decode-7b
 if [[ -n $build ]]; then
     wait "$build"
     unset RUNTIME_BENCH_NOTE
@@ -104,6 +106,6 @@ fi
 tail -2 "$OUT/exl2_build.log"
 skip=()
 [[ -f $SITE/.exl2_built ]] || skip=(--skip-exllamav2 "its extension did not build (exl2_build.log: $(tail -1 "$OUT/exl2_build.log"))")
-group "${THROUGHPUT_LIMIT_S:-240}" throughput --scenario throughput "${skip[@]}"
+group "${THROUGHPUT_LIMIT_S:-230}" throughput --scenario throughput "${skip[@]}"
 log "done"
 exit 0

@@ -266,10 +266,13 @@ def speculative(ctx: Context) -> None:
         runs[label] = bench_peers.engine_run(model, [prompt], new, config, device, tokenizer=tokenizer, ignore_eos=False)
     plain, spec = runs["plain"], runs["prompt-lookup"]
     accept = {k: v for k, v in spec["stats"].items() if re.search(r"accept|draft|propos|spec", k)}
+    rates = [f"{name} acceptance {d['acceptance_rate']:.0%} ({d.get('accepted')}/{d.get('drafted')} drafted tokens)"
+             for name, d in (accept.get("speculation") or {}).items() if isinstance(d, dict) and "acceptance_rate" in d]
     ctx.record("speculative", "engine plain", f"{plain['output_tok_s']:.1f} tok/s ({plain['output_tokens']} tokens)",
                prompt_tokens=len(prompt), **strip(plain))
     ctx.record("speculative", "engine prompt-lookup",
-               f"{spec['output_tok_s']:.1f} tok/s, {spec['output_tok_s'] / plain['output_tok_s']:.2f}x plain; {accept}",
+               f"{spec['output_tok_s']:.1f} tok/s, {spec['output_tok_s'] / plain['output_tok_s']:.2f}x plain; "
+               f"{'; '.join(rates) or accept}",
                settings=settings, prompt_tokens=len(prompt), acceptance=accept,
                same_tokens_as_plain=spec["token_ids"] == plain["token_ids"], **strip(spec))
     del model
@@ -496,14 +499,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--hf-requests", type=int, default=32)
-    p.add_argument("--exl2-requests", type=int, default=8, help="ExLlamaV2 runs one at a time without flash-attn")
+    p.add_argument("--exl2-requests", type=int, default=4, help="ExLlamaV2 runs one at a time without flash-attn")
     p.add_argument("--skip-exllamav2", nargs="?", const="--skip-exllamav2", default=None, metavar="REASON",
                    help="do not run ExLlamaV2 (the reason goes into its row)")
     p.add_argument("--kv-gib", type=float, default=30.0, help="throughput: engine KV cache bytes")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
-    p.add_argument("--engine-budget-s", type=float, default=180.0, help="throughput: stop the engine run after this")
-    p.add_argument("--exl2-budget-s", type=float, default=90.0)
+    p.add_argument("--engine-budget-s", type=float, default=100.0, help="throughput: stop the engine run after this")
+    p.add_argument("--exl2-budget-s", type=float, default=40.0)
     p.add_argument("--prefix-tokens", type=int, default=2000)
     p.add_argument("--prefix-requests", type=int, default=32)
     p.add_argument("--kv-capacity-mib", type=float, default=1024)
@@ -514,7 +517,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-new-tokens", type=int, default=128)
     p.add_argument("--engine-decode-args", default="--repeats 2",
                    help="more arguments for bench/runtime/engine_decode.py, which decode-7b runs where it exists")
-    p.add_argument("--engine-decode-timeout-s", type=float, default=170.0)
+    p.add_argument("--engine-decode-timeout-s", type=float, default=140.0)
     args = p.parse_args(argv)
     args.scenario = args.scenario or list(SCENARIOS)
     if args.tiny:
