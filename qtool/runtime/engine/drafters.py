@@ -14,6 +14,7 @@ from torch import nn
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine.block_manager import BlockManager
 from qtool.runtime.engine.model_runner import ModelRunner, engine_support
+from qtool.runtime.engine.sampling import sample
 from qtool.runtime.engine.scheduler import ScheduledChunk
 from qtool.runtime.engine.sequence import Sequence, SequenceStatus
 
@@ -26,6 +27,10 @@ class Drafter(Protocol):
 
     def propose(self, requests: list[DraftRequest]) -> dict[int, list[int]]:
         """seq id -> up to k proposed tokens (fewer, or none: that sequence decodes plainly this step)."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Drop what the drafter holds for a finished or aborted request."""
         ...
 
 
@@ -65,6 +70,9 @@ class NgramDrafter:
             if draft:
                 proposals[seq.seq_id] = draft
         return proposals
+
+    def release(self, seq_id: int) -> None:
+        pass  # prompt lookup holds nothing per request
 
 
 def check_draft_model(target: nn.Module, tokenizer: Any, draft: nn.Module, draft_tokenizer: Any) -> None:
@@ -120,7 +128,12 @@ class DraftModelDrafter:
         proposals: dict[int, list[int]] = {mirror.seq_id: [] for mirror, _ in active}
         while active:
             chunks = [ScheduledChunk(mirror, mirror.num_uncached_tokens) for mirror, _ in active]
-            tokens = self.runner.execute(chunks)[:, : self.vocab_size].argmax(dim=1).tolist()
+            logits = self.runner.execute(chunks)[:, : self.vocab_size]
+            # the request's own greedy rule (its repetition penalty included), so a draft agreeing with the
+            # target proposes what the target will choose
+            mirrors = [mirror for mirror, _ in active]
+            contexts = [m.token_ids if m.params.repetition_penalty != 1.0 else [] for m in mirrors]
+            tokens = sample(logits, [m.params for m in mirrors], contexts, [m.generator for m in mirrors])
             self.forward_passes += 1
             still = []
             for chunk, (mirror, k), token in zip(chunks, active, tokens):
@@ -145,13 +158,19 @@ class DraftModelDrafter:
         del mirror.output_ids[agreed:]
         mirror.output_ids.extend(theirs[agreed:])
         entry.synced = len(theirs)
-        mirror.num_cached_tokens = min(mirror.num_cached_tokens, len(mirror.prompt_ids) + agreed)
+        # the last token is recomputed even when cached (a draft the target took as its own token): its logits
+        # give the first proposal
+        mirror.num_cached_tokens = min(mirror.num_cached_tokens, len(mirror.prompt_ids) + agreed, mirror.num_tokens - 1)
         self.blocks.release_tail(mirror, mirror.num_tokens)
         return mirror
 
+    def release(self, seq_id: int) -> None:
+        entry = self._mirrors.pop(seq_id, None)
+        if entry is not None:
+            self.blocks.free(entry.seq)
+
     def _release_stale(self) -> None:
-        """Forget the mirrors of sequences that finished or were preempted (a preempted one starts over)."""
+        """Forget the mirrors of sequences no longer running (a preempted one starts over when readmitted)."""
         for seq_id, entry in list(self._mirrors.items()):
             if entry.target.status is not SequenceStatus.RUNNING:
-                self.blocks.free(entry.seq)
-                del self._mirrors[seq_id]
+                self.release(seq_id)

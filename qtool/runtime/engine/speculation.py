@@ -107,12 +107,13 @@ class Speculator:
         self._stats.drafted += len(draft)
         self._stats.accepted += accepted
         self._stats.rounds += 1
-        self._lengths[seq.seq_id].record(len(draft), accepted)
+        self._lengths.setdefault(seq.seq_id, DraftLength(self.max_draft_tokens)).record(len(draft), accepted)
         return list(draft[:accepted]) + [choices[accepted]]
 
     def release(self, seq_id: int) -> None:
-        """Forget a finished or aborted request's draft length."""
+        """Forget a finished or aborted request's draft length and the drafter's state for it."""
         self._lengths.pop(seq_id, None)
+        self.drafter.release(seq_id)
 
     def stats(self) -> SpeculationStats:
         return SpeculationStats(self._stats.drafted, self._stats.accepted, self._stats.rounds,
