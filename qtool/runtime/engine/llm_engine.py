@@ -20,7 +20,7 @@ from qtool.runtime.engine.model_runner import ModelRunner
 from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample
 from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
-from qtool.runtime.engine.speculation import Speculator
+from qtool.runtime.engine.speculation import Speculator, verification_contexts
 from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
 
@@ -237,24 +237,24 @@ class Engine:
         return outputs
 
     def _next_tokens(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[int | list[int]]:
-        """Per sampling chunk (logits: chunk.num_logits rows each): a sampled token, or a speculating chunk's
-        verified run."""
-        starts, row = [], 0
+        """Per sampling chunk (logits: chunk.num_logits rows each, all sampled in one call): a sampled token, or a
+        speculating chunk's verified run."""
+        params, contexts, generators = [], [], []
         for chunk in chunks:
-            starts.append(row)
-            row += chunk.num_logits
-        plain = [i for i, chunk in enumerate(chunks) if not chunk.draft_ids]
-        seqs = [chunks[i].seq for i in plain]
-        contexts = [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in seqs]
-        tokens: list[int | list[int]] = list(range(len(chunks)))
-        sampled = sample(logits[[starts[i] for i in plain]], [s.params for s in seqs], contexts,
-                         [s.generator for s in seqs]) if plain else []
-        for i, token in zip(plain, sampled):
-            tokens[i] = token
-        for i, chunk in enumerate(chunks):
+            seq = chunk.seq
+            params += [seq.params] * chunk.num_logits
+            generators += [seq.generator] * chunk.num_logits
             if chunk.draft_ids:
-                rows = logits[starts[i] : starts[i] + chunk.num_logits]
-                tokens[i] = self.speculator.verify(chunk.seq, chunk.draft_ids, rows)
+                contexts += verification_contexts(seq, chunk.draft_ids)
+            else:
+                contexts.append(seq.token_ids if seq.params.repetition_penalty != 1.0 else [])
+        choices = sample(logits, params, contexts, generators)
+        tokens: list[int | list[int]] = []
+        row = 0
+        for chunk in chunks:
+            rows = choices[row : row + chunk.num_logits]
+            row += chunk.num_logits
+            tokens.append(self.speculator.verify(chunk.seq, chunk.draft_ids, rows) if chunk.draft_ids else rows[0])
         return tokens
 
     def _on_token(self, seq: Sequence, token: int) -> None:

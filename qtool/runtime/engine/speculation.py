@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from qtool.runtime.engine.drafters import Drafter
-from qtool.runtime.engine.sampling import sample
 from qtool.runtime.engine.sequence import Sequence, SequenceStatus
 
 ACCEPTANCE_SMOOTHING = 0.5  # weight of the latest round in the acceptance EMA
 MIN_ACCEPTANCE = 0.25  # below this EMA a request pauses drafting: verifying rejected drafts only costs time
 FIRST_PAUSE = 4  # plain decode steps of the first pause; each pause that follows a failed probe doubles, up to
 MAX_PAUSE = 64
+
+
+def verification_contexts(seq: Sequence, draft: tuple[int, ...]) -> list[list[int]]:
+    """The context of each of the len(draft) + 1 verified positions, for the repetition penalty (the sampler's
+    rule: empty when there is none): the sequence's tokens and the drafts before that position."""
+    if seq.params.repetition_penalty == 1.0:
+        return [[] for _ in range(len(draft) + 1)]
+    tokens = seq.token_ids
+    return [tokens + list(draft[:i]) for i in range(len(draft) + 1)]
 
 
 @dataclass
@@ -93,14 +99,10 @@ class Speculator:
                 requests.append((seq, k))
         return self.drafter.propose(requests) if requests else {}
 
-    def verify(self, seq: Sequence, draft: tuple[int, ...], logits: torch.Tensor) -> list[int]:
-        """The accepted run from the target's logits [len(draft) + 1, vocab] at the last token and at each draft:
-        the longest prefix of draft the target's greedy choice agrees with, then the target's own token after it."""
-        rows = len(draft) + 1
-        penalised = seq.params.repetition_penalty != 1.0
-        tokens = seq.token_ids if penalised else []
-        contexts = [tokens + list(draft[:i]) if penalised else [] for i in range(rows)]
-        choices = sample(logits, [seq.params] * rows, contexts, [seq.generator] * rows)
+    def verify(self, seq: Sequence, draft: tuple[int, ...], choices: list[int]) -> list[int]:
+        """The accepted run from the target's greedy choices at the last token and after each draft token
+        (len(draft) + 1 of them, see verification_contexts): the longest prefix of draft the target agrees with,
+        then the target's own token after it."""
         accepted = 0
         while accepted < len(draft) and draft[accepted] == choices[accepted]:
             accepted += 1
