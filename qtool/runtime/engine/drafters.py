@@ -101,11 +101,13 @@ class _Mirror:
 class DraftModelDrafter:
     """A smaller model with the same tokenizer proposes k tokens greedily. It keeps its own paged KV cache (its own
     BlockManager) holding a mirror of each drafting sequence; each round first catches the mirror up on the tokens
-    the target accepted since, reusing the K/V of drafts the target agreed with."""
+    the target accepted since, reusing the K/V of drafts the target agreed with; a long catch-up (a new request's
+    prompt) is chunked to `max_forward_tokens` per forward, as the target's prefill is."""
 
     name = "draft"
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, vocab_size: int):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, vocab_size: int, max_forward_tokens: int):
+        self.max_forward_tokens = max_forward_tokens
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.blocks = BlockManager(num_blocks, block_size)
         self.vocab_size = min(vocab_size, model.config.vocab_size)  # ids the target can take
@@ -127,19 +129,26 @@ class DraftModelDrafter:
             active.append((mirror, k))
         proposals: dict[int, list[int]] = {mirror.seq_id: [] for mirror, _ in active}
         while active:
-            chunks = [ScheduledChunk(mirror, mirror.num_uncached_tokens) for mirror, _ in active]
+            chunks, budget = [], self.max_forward_tokens
+            for mirror, _ in active:  # those past the budget wait for the next forward
+                if budget > 0:
+                    chunks.append(ScheduledChunk(mirror, min(mirror.num_uncached_tokens, budget)))
+                    budget -= chunks[-1].num_tokens
+            sampling = [chunk.seq for chunk in chunks if chunk.samples]
             logits = self.runner.execute(chunks)[:, : self.vocab_size]
             # the request's own greedy rule (its repetition penalty included), so a draft agreeing with the
             # target proposes what the target will choose
-            mirrors = [mirror for mirror, _ in active]
-            contexts = [m.token_ids if m.params.repetition_penalty != 1.0 else [] for m in mirrors]
-            tokens = sample(logits, [m.params for m in mirrors], contexts, [m.generator for m in mirrors])
+            contexts = [m.token_ids if m.params.repetition_penalty != 1.0 else [] for m in sampling]
+            tokens = dict(zip((m.seq_id for m in sampling), sample(logits, [m.params for m in sampling], contexts,
+                                                                   [m.generator for m in sampling])))
             self.forward_passes += 1
+            for chunk in chunks:
+                chunk.seq.num_cached_tokens += chunk.num_tokens
             still = []
-            for chunk, (mirror, k), token in zip(chunks, active, tokens):
-                mirror.num_cached_tokens += chunk.num_tokens
-                mirror.output_ids.append(token)
-                proposals[mirror.seq_id].append(token)
+            for mirror, k in active:
+                if mirror.seq_id in tokens:
+                    mirror.output_ids.append(tokens[mirror.seq_id])
+                    proposals[mirror.seq_id].append(tokens[mirror.seq_id])
                 if len(proposals[mirror.seq_id]) < k:
                     still.append((mirror, k))
             active = still
