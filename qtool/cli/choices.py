@@ -13,6 +13,7 @@ from qtool.config.schema import BITS, CHECKPOINT_FORMATS, COMPUTE_DTYPES, EXL2_H
 from qtool.convert.format_names import SOURCE_FORMATS, TARGET_FORMATS
 from qtool.formats.gptq_settings import GPTQ_BITS
 from qtool.kernels.backend_names import BACKEND_CHOICES
+from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 
 
 def choice_enum(name: str, values: Iterable[Any]) -> type[Enum]:
@@ -43,6 +44,7 @@ GptqBits = choice_enum("GptqBits", GPTQ_BITS)
 # qtool eval / run: what a model is loaded in and which kernels serve its quantized linears
 ModelDtype = choice_enum("ModelDtype", DTYPE_NAMES)
 Backend = choice_enum("Backend", ("auto", *BACKEND_CHOICES))
+Speculate = choice_enum("Speculate", SPECULATIVE_METHODS)  # qtool run --speculate
 
 # --device stays text: cuda:N names any GPU. The shell still completes the kinds.
 DEVICE_KINDS = ("auto", "cpu", "cuda")

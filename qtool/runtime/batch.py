@@ -64,8 +64,10 @@ class BatchResult:
 
 
 def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults: GenerationSettings = GenerationSettings(),
-              progress: ProgressCallback | None = None, engine_config: EngineConfig = EngineConfig()) -> BatchResult:
-    """Generate every request's reply (its own settings over `defaults`); every request is checked before any runs."""
+              progress: ProgressCallback | None = None, engine_config: EngineConfig = EngineConfig(),
+              draft_model: Any = None, draft_tokenizer: Any = None) -> BatchResult:
+    """Generate every request's reply (its own settings over `defaults`); every request is checked before any runs.
+    A draft model (engine_config.speculative="draft") drafts for the greedy requests."""
     if not requests:
         raise QtoolError("the batch holds no requests", "give at least one request")
     settings = []
@@ -82,7 +84,7 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
         with _naming(request):
             prompts.append(prompt_ids(tokenizer, request.conversation)[0].tolist())
             params.append(sampling_params(setting, reply_budget(model, len(prompts[-1]), setting.max_new_tokens)))
-    engine = Engine(model, tokenizer, engine_config)
+    engine = Engine(model, tokenizer, engine_config, draft_model, draft_tokenizer)
     start = time.perf_counter()
     index = {}
     for i, (request, prompt, param) in enumerate(zip(requests, prompts, params)):

@@ -15,6 +15,7 @@ from qtool.convert.convert import SOURCE_FORMATS, TARGET_FORMATS
 from qtool.config.schema import BITS, CHECKPOINT_FORMATS, COMPUTE_DTYPES, EXL2_HEAD_BITS, METHODS, OUTPUT_FORMATS
 from qtool.convert.exl2_gptq import GPTQ_BITS
 from qtool.kernels.registry import BACKEND_CHOICES
+from qtool.runtime.engine.llm_engine import SPECULATIVE_METHODS
 
 from cli_checks import refused_choice
 
@@ -37,6 +38,7 @@ CHOICES = [
     ("eval", "--backend", BACKENDS),
     ("run", "--dtype", tuple(DTYPES)),
     ("run", "--backend", BACKENDS),
+    ("run", "--speculate", SPECULATIVE_METHODS),
 ]
 
 

@@ -12,6 +12,12 @@ Design, one role per file:
   it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
+- drafters.py: speculative decoding's drafters: prompt lookup (n-gram) and a draft model with its own ModelRunner and
+  BlockManager (a mirror sequence per request, caught up on accepted tokens each round).
+- speculation.py: which greedy decodes draft how many tokens (adaptive length per request, paused while acceptance is
+  low), and verification (the longest prefix the target's greedy choice agrees with, then the target's own token).
+  A speculating decode is one chunk of k+1 positions (ScheduledChunk.draft_ids) with logits at each; only accepted
+  tokens count as cached, so rejected slots are never keyed and the blocks grown for them are released.
 - llm_engine.py: Engine (add_request / step / generate / abort_request, stats). add_request(..., on_text=callback)
   streams that request's reply during step(): complete characters only, never a stop string nor an end that may still
   become one; the pieces concatenate to the RequestOutput's text.

@@ -136,15 +136,24 @@ class BlockManager:
         """Drop seq's references. Keyed blocks stay cached until a free block is needed; the table is released
         from its end, so a sequence's tail is evicted before its (more shareable) head."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.key is not None:
-                    self._cached_lru[block_id] = None
-                else:
-                    self._empty.append(block_id)
+            self._drop_reference(block_id)
         seq.block_table = []
         seq.num_cached_tokens = 0
+
+    def release_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop seq's blocks past those covering its first `num_tokens` tokens (room grown for rejected drafts:
+        never full, never keyed)."""
+        while len(seq.block_table) > self.blocks_for(num_tokens):
+            self._drop_reference(seq.block_table.pop())
+
+    def _drop_reference(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.key is not None:
+                self._cached_lru[block_id] = None
+            else:
+                self._empty.append(block_id)
 
     def _take_block(self) -> int:
         if self._empty:

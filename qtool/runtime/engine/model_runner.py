@@ -145,7 +145,7 @@ class ModelRunner:
         ids, positions = [], []
         for chunk in chunks:
             stop = chunk.start + chunk.num_tokens
-            ids += chunk.seq.token_slice(chunk.start, stop)
+            ids += chunk.token_ids()
             positions += range(chunk.start, stop)
         batch = AttentionBatch.build([c.seq.block_table for c in chunks], [c.start + c.num_tokens for c in chunks],
                                      [c.num_tokens for c in chunks], self.cache.block_size, self.device)
@@ -155,7 +155,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Compute the chunks' K/V into the cache and return the logits [n, vocab] (float32) of the chunks that
-        reach their sequence's last token, in chunk order."""
+        reach their sequence's last token, in chunk order: chunk.num_logits trailing rows each (one, or one per
+        position of a speculating chunk)."""
         input_ids, positions, batch = self.prepare(chunks)
         hidden = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
@@ -167,8 +168,7 @@ class ModelRunner:
         last_rows, row = [], -1
         for chunk in chunks:
             row += chunk.num_tokens
-            if chunk.samples:
-                last_rows.append(row)
+            last_rows += range(row - chunk.num_logits + 1, row + 1)
         if not last_rows:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         rows = torch.tensor(last_rows, device=self.device)
