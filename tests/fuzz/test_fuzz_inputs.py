@@ -3,7 +3,6 @@ the commands that read that kind; fuzz_property says what must hold."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from hypothesis import given
