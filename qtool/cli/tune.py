@@ -47,8 +47,9 @@ def tune(
 ) -> None:
     """Tune the Triton GPTQ kernels for a model ahead of use (run and eval read the plans)."""
     sizes = parse_batch_sizes(batch_sizes)
-    from qtool.runtime.kernel_tuning import tune_model
+    from qtool.runtime.kernel_tuning import tune_model, tuning_device
 
+    tuning_device(device)  # no GPU: one line before any bar is drawn
     with progress_bar("tuning", enabled=not as_json) as update:
         result = tune_model(model, sizes, device=device, dtype=plain(dtype), progress=update)
     if as_json:

@@ -100,7 +100,7 @@ def tune_layers(model: nn.Module, batch_sizes: list[int] | tuple[int, ...], back
         if progress is not None:
             progress(index, total, f"{weight.in_features}->{weight.out_features} M={m}")
         key = tune_key(weight, m, dtype, device)
-        x = torch.randn(m, weight.in_features, dtype=dtype, device=device)
+        x = torch.randn(m, weight.in_features, dtype=dtype, device=weight.qweight.device)
         had_timings = key in backend.tuner.timings
         plan = backend.decide_plan(key, x, weight, gpu)
         if key in backend.tuner.timings and not had_timings:
@@ -125,10 +125,9 @@ def tune_layers(model: nn.Module, batch_sizes: list[int] | tuple[int, ...], back
     return result
 
 
-def tune_model(model: str, batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES, device: str = "auto",
-               dtype: str | None = None, progress: ProgressCallback | None = None) -> TuneResult:
-    """Load a GPTQ checkpoint on a CUDA GPU and tune its layers' plans into qtool's plan cache."""
-    from qtool.checkpoints.sources import load_model, resolve_device
+def tuning_device(device: str = "auto") -> torch.device:
+    """The CUDA device `--device` names (auto: the current one), or a QtoolError: timing needs a GPU."""
+    from qtool.checkpoints.sources import resolve_device
     from qtool.kernels.gptq_gemm_triton import triton_interpreted
 
     torch_device = resolve_device(device)
@@ -139,13 +138,20 @@ def tune_model(model: str, batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BA
     if triton_interpreted():
         raise QtoolError("the Triton kernels were built by the interpreter (TRITON_INTERPRET=1), which cannot be timed",
                          "unset TRITON_INTERPRET")
+    return torch_device if torch_device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def tune_model(model: str, batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES, device: str = "auto",
+               dtype: str | None = None, progress: ProgressCallback | None = None) -> TuneResult:
+    """Load a GPTQ checkpoint on a CUDA GPU and tune its layers' plans into qtool's plan cache."""
+    from qtool.checkpoints.sources import load_model
+
+    torch_device = tuning_device(device)
     store = kernel_plan_store(default_cache_dir())
     if store is None:
         raise QtoolError("the tuned-plan cache is off (QTOOL_CACHE_DIR=off): the plans would be lost",
                          "unset QTOOL_CACHE_DIR, or set it to a writable directory")
     m_buckets(batch_sizes)  # a bad list fails before the model loads
-    if torch_device.index is None:
-        torch_device = torch.device("cuda", torch.cuda.current_device())
     # the torch backend at load: the tuner builds its own Triton form of each distinct layer
     loaded = load_model(model, device=str(torch_device), dtype=dtype, backend="torch", with_tokenizer=False)
     model_dtype = loaded.model.get_input_embeddings().weight.dtype
