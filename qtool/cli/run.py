@@ -17,10 +17,12 @@ from qtool.core.errors import QtoolError
 from qtool.kernels.backend_names import BACKEND_HELP
 
 if TYPE_CHECKING:  # the runtime imports torch and transformers: the command imports it when it runs
+    from qtool.runtime.engine_sizing import EngineSizing
     from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
     from qtool.runtime.reply import ReplyGenerator
 
 EXIT_WORDS = {"/exit", "/quit"}
+ENGINE = "Engine"  # the help panel of the engine's sizes
 
 
 def stream_to_stdout(text: str) -> None:
@@ -95,19 +97,24 @@ def run(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, rich_help_panel=ENGINE, help="Most requests the engine decodes at once (with --batch).")] = None,
+    cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (default: the batch's full contexts, at most 2 GiB).")] = None,
+    gpu_memory_fraction: Annotated[Optional[float], typer.Option("--gpu-memory-fraction", rich_help_panel=ENGINE, help="Size the KV cache to what is left of this fraction of the GPU's memory once the model is loaded, 0 < F <= 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
 ) -> None:
     """Generate text from a prompt, chat, or run a batch of requests."""
     from qtool.checkpoints.sources import load_model, resolve_device
     from qtool.runtime.generate import GenerationSettings, has_chat_template
-    from qtool.runtime.reply import ReplyGenerator
+    from qtool.runtime.engine_sizing import EngineSizing, engine_report
+    from qtool.runtime.reply import CHAT_ENGINE_CONFIG, ReplyGenerator
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
     dtype, backend = plain(dtype), plain(backend)
-    resolve_device(device)
+    sizing = EngineSizing(max_batch, cache_blocks, gpu_memory_fraction)
+    sizing.check(resolve_device(device))
     if batch is not None:
-        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json)
+        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, sizing)
         return
     if output is not None:
         raise QtoolError("--output goes with --batch", "pass --batch FILE, or drop --output")
@@ -124,14 +131,15 @@ def run(
     if not raw and not has_chat_template(loaded.tokenizer):
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
-    replies = ReplyGenerator(loaded.model, loaded.tokenizer)
+    replies = ReplyGenerator(loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, CHAT_ENGINE_CONFIG))
     if interactive:
         stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
         chat_loop(replies, settings, system, raw, read_terminal_line)
         return
     conversation = with_user_turn(start_history(system, raw), prompt)
     if as_json:
-        print_json(replies.reply(conversation, settings).to_dict())
+        reply = replies.reply(conversation, settings).to_dict()
+        print_json({**reply, "engine": engine_report(replies.engine_config, replies.engine and replies.engine.num_blocks, sizing)})
         return
     result = replies.reply(conversation, settings, on_text=stream_to_stdout)
     stdout.out("")
@@ -139,11 +147,13 @@ def run(
 
 
 def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,
-                   device: str, dtype: str | None, backend: str, as_json: bool) -> None:
+                   device: str, dtype: str | None, backend: str, as_json: bool, sizing: EngineSizing) -> None:
     """--batch: every request of the file through one engine; the run's flags are each request's defaults."""
     from qtool.checkpoints.sources import load_model
     from qtool.runtime.batch import run_batch, write_batch_outputs
     from qtool.runtime.batch_file import read_batch_requests
+    from qtool.runtime.engine import EngineConfig
+    from qtool.runtime.engine_sizing import engine_report
 
     if output is None:
         raise QtoolError("--batch needs --output", "e.g. --output replies.jsonl")
@@ -153,12 +163,13 @@ def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, se
     loaded = load_model(model, device=device, dtype=dtype, backend=backend)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
+    config = sizing.engine_config(loaded.model, EngineConfig())
     with progress_bar("batch", enabled=not as_json) as update:
-        result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update)
+        result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update, engine_config=config)
     write_batch_outputs(output, result, force=force)
     totals = result.totals
     if as_json:
-        print_json(totals.to_dict())
+        print_json({**totals.to_dict(), "engine": engine_report(config, totals.cache_blocks, sizing)})
         return
     stderr.print(f"{totals.requests} replies written to {output}: {totals.output_tokens} tokens in {totals.seconds:.2f} s, "
                  f"{totals.tokens_per_second:.1f} tokens/s")
