@@ -192,3 +192,34 @@ def test_a_tuning_backend_stores_what_it_timed_for_the_next_default_backend(tmp_
     # a plan tuned at the bucket's M serves every M of the bucket in the next process too
     assert decide(serving, weight, 33) == tuned[64]
     assert not serving_tuner.calls and not serving.default_keys
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the default plans; needs CUDA")
+@pytest.mark.parametrize("bits,group_size,act_order,dtype", [
+    (4, 128, False, torch.bfloat16), (4, 32, True, torch.float16), (3, 128, False, torch.bfloat16),
+    (8, -1, False, torch.float16), (2, 64, False, torch.bfloat16),
+])
+def test_every_default_plan_computes_the_right_result_on_gpu(bits, group_size, act_order, dtype):
+    """What a user gets without tuning, compiled on this GPU, against float64 (two calls: split-K leaves its
+    workspace clean)."""
+    from gptq_reference import reference, relative_error
+
+    from qtool.kernels.linear_tensors import GptqLinearTensors
+
+    gpu = GpuFacts.of(torch.device("cuda"))
+    codes = random_gptq_codes(768, 1024, bits, group_size, act_order, True, "gptq_v2", seed=bits)
+    tensors = GptqLinearTensors(*(t.cuda() for t in (codes.qweight, codes.qzeros, codes.scales, codes.g_idx,
+                                                     codes.bias)), bits, group_size, "gptq_v2")
+    backend = TritonBackend(tune=False)
+    weight = backend.prepare(tensors)
+    failures = []
+    for m in (1, 2, 3, 8, 16, 32, 64, 100, 256, 1024):
+        x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).to(dtype).cuda()
+        expected = reference(x, codes.codes, codes.scales, codes.zeros, codes.g_idx, codes.bias)
+        plan = default_plan(weight, m, dtype, gpu)
+        for attempt in range(2):
+            error = relative_error(backend.run_plan(plan, x, weight), expected)
+            if not error < (1e-2 if dtype == torch.bfloat16 else 2e-3):
+                failures.append(f"M={m} call {attempt}: {plan.describe()}: relative error {error:.2e}")
+    assert not failures, "\n".join(failures)
