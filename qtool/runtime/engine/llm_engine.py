@@ -151,8 +151,13 @@ class Engine:
 
     @property
     def capacity_tokens(self) -> int:
-        """The most tokens (prompt + output) one request can reach in this KV cache."""
-        return self.num_blocks * self.config.block_size
+        """The most tokens (prompt + output) one request can reach in this KV cache: with a sliding window on every
+        layer its blocks stay bounded, so up to the model's context once the window's blocks fit."""
+        full = self.num_blocks * self.config.block_size
+        limit = self.max_context or full
+        if self.blocks.most_blocks(limit, self.config.max_num_batched_tokens) <= self.num_blocks:
+            return max(full, limit)
+        return full
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request that is not finished (an interrupted reply): no output, no more text to its on_text."""

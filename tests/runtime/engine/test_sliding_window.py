@@ -56,6 +56,8 @@ def test_a_long_generation_holds_a_bounded_cache_and_matches_generate(build_fami
     assert tokens == reference_greedy(model, prompt, NEW_TOKENS, None)
     assert len(tokens) == NEW_TOKENS and peak <= bound < math.ceil((len(prompt) + NEW_TOKENS) / BLOCK)
     assert engine.stats().preemptions == 0
+    # a reply may run to the model's context in this cache (the chat path falls back to generate beyond capacity)
+    assert engine.capacity_tokens == model.config.max_position_embeddings > bound * BLOCK
 
 
 def test_a_mixed_model_keeps_every_block(build_family, reference_greedy):
@@ -65,6 +67,7 @@ def test_a_mixed_model_keeps_every_block(build_family, reference_greedy):
     tokens, peak = run_alone(engine, prompt, SamplingParams(max_tokens=20, temperature=0))
     assert tokens == reference_greedy(model, prompt, 20, None)
     assert peak == math.ceil((len(prompt) + 20 - 1) / BLOCK)  # the last token's K/V is never computed
+    assert engine.capacity_tokens == 64 * BLOCK
 
 
 def test_the_prefix_cache_still_hits_and_stays_exact(build_family, reference_greedy):
