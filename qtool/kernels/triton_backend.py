@@ -548,8 +548,8 @@ class TritonBackend:
         if self.default_keys:
             return
         family = gpu_family(gpu.capability)
-        rules = (f"rules measured on {family} (H100/H200)" if rules_for(gpu.capability)
-                 else f"no measured rules for {family}: each layer's first candidate")
+        rules = (f"by the measured rules for {family}" if rules_for(gpu.capability)
+                 else f"each layer's first candidate: no measured rules for {family}")
         where = self.plan_store.path if self.plan_store is not None else "nowhere (QTOOL_CACHE_DIR=off)"
         logger.warning("triton GPTQ kernels on %s: default plans (%s) for layer shapes without a tuned plan; "
                        "`qtool tune MODEL` tunes them ahead into %s", gpu.name, rules, where)
