@@ -18,10 +18,12 @@ from qtool.kernels.backend_names import BACKEND_HELP
 
 if TYPE_CHECKING:  # the runtime imports torch and transformers: the command imports it when it runs
     from qtool.runtime.engine import EngineConfig
+    from qtool.runtime.engine_sizing import EngineSizing
     from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
     from qtool.runtime.reply import ReplyGenerator
 
 EXIT_WORDS = {"/exit", "/quit"}
+ENGINE = "Engine"  # the help panel of the engine's sizes
 
 
 def stream_to_stdout(text: str) -> None:
@@ -123,21 +125,27 @@ def run(
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
     speculate: Annotated[Optional[Speculate], typer.Option("--speculate", help="Speculative decoding of greedy replies: ngram drafts by looking the last tokens up in the prompt and reply so far; draft needs --draft.")] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="A smaller draft model with the same tokenizer (directory, .gguf, Hub id or alias) proposing tokens the model verifies, for greedy replies; implies --speculate draft.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, rich_help_panel=ENGINE, help="Most requests the engine decodes at once (with --batch).")] = None,
+    cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (default: the batch's full contexts, at most 2 GiB).")] = None,
+    gpu_memory_fraction: Annotated[Optional[float], typer.Option("--gpu-memory-fraction", rich_help_panel=ENGINE, help="Size the KV cache to what is left of this fraction of the GPU's memory once the model is loaded, 0 < F <= 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
 ) -> None:
     """Generate text from a prompt, chat, or run a batch of requests."""
     from qtool.checkpoints.sources import load_model, resolve_device
     from qtool.runtime.engine import EngineConfig
     from qtool.runtime.generate import GenerationSettings, has_chat_template
+    from qtool.runtime.engine_sizing import EngineSizing, engine_report
     from qtool.runtime.reply import CHAT_ENGINE_CONFIG, ReplyGenerator
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
     dtype, backend, speculate = plain(dtype), plain(backend), plain(speculate)
-    resolve_device(device)
+    sizing = EngineSizing(max_batch, cache_blocks, gpu_memory_fraction)
+    sizing.check(resolve_device(device))
     if batch is not None:
         engine_config = speculative_config(EngineConfig(), speculate, draft, temperature)
-        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, engine_config, draft)
+        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, engine_config, draft,
+                       sizing)
         return
     engine_config = speculative_config(CHAT_ENGINE_CONFIG, speculate, draft, temperature)
     if output is not None:
@@ -156,15 +164,16 @@ def run(
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
     drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
-    replies = ReplyGenerator(loaded.model, loaded.tokenizer, engine_config, getattr(drafter, "model", None),
-                             getattr(drafter, "tokenizer", None))
+    replies = ReplyGenerator(loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, engine_config),
+                             getattr(drafter, "model", None), getattr(drafter, "tokenizer", None))
     if interactive:
         stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
         chat_loop(replies, settings, system, raw, read_terminal_line)
         return
     conversation = with_user_turn(start_history(system, raw), prompt)
     if as_json:
-        print_json(replies.reply(conversation, settings).to_dict())
+        reply = replies.reply(conversation, settings).to_dict()
+        print_json({**reply, "engine": engine_report(replies.engine_config, replies.engine and replies.engine.num_blocks, sizing)})
         return
     result = replies.reply(conversation, settings, on_text=stream_to_stdout)
     stdout.out("")
@@ -174,11 +183,12 @@ def run(
 
 def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,
                    device: str, dtype: str | None, backend: str, as_json: bool, engine_config: EngineConfig,
-                   draft: str | None) -> None:
+                   draft: str | None, sizing: EngineSizing) -> None:
     """--batch: every request of the file through one engine; the run's flags are each request's defaults."""
     from qtool.checkpoints.sources import load_model
     from qtool.runtime.batch import run_batch, write_batch_outputs
     from qtool.runtime.batch_file import read_batch_requests
+    from qtool.runtime.engine_sizing import engine_report
 
     if output is None:
         raise QtoolError("--batch needs --output", "e.g. --output replies.jsonl")
@@ -189,14 +199,15 @@ def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, se
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
     drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
+    config = sizing.engine_config(loaded.model, engine_config)
     with progress_bar("batch", enabled=not as_json) as update:
         result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update,
-                           engine_config=engine_config, draft_model=getattr(drafter, "model", None),
+                           engine_config=config, draft_model=getattr(drafter, "model", None),
                            draft_tokenizer=getattr(drafter, "tokenizer", None))
     write_batch_outputs(output, result, force=force)
     totals = result.totals
     if as_json:
-        print_json(totals.to_dict())
+        print_json({**totals.to_dict(), "engine": engine_report(config, totals.cache_blocks, sizing)})
         return
     stderr.print(f"{totals.requests} replies written to {output}: {totals.output_tokens} tokens in {totals.seconds:.2f} s, "
                  f"{totals.tokens_per_second:.1f} tokens/s")

@@ -49,6 +49,7 @@ class BatchTotals:
     saved_prompt_tokens: int  # prompt tokens those hits did not recompute
     preemptions: int
     backend: str  # "engine", or "transformers" for a model the engine cannot take
+    cache_blocks: int | None = None  # the engine's KV cache blocks (None: no engine ran)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -101,8 +102,10 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
             if progress is not None:
                 progress(finished, len(requests))
     stats = engine.stats()
-    return BatchResult(outputs, _totals(outputs, time.perf_counter() - start, stats.prefix_hit_requests,
-                                        stats.saved_prompt_tokens, stats.preemptions, "engine"))
+    totals = _totals(outputs, time.perf_counter() - start, stats.prefix_hit_requests, stats.saved_prompt_tokens,
+                     stats.preemptions, "engine")
+    totals.cache_blocks = stats.num_blocks
+    return BatchResult(outputs, totals)
 
 
 def _run_with_generate(model: Any, tokenizer: Any, requests: list[BatchRequest], settings: list[GenerationSettings],

@@ -45,7 +45,7 @@ def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):
     result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--system", "be brief", "--json"] + GREEDY)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"text", "tokens", "seconds", "tokens_per_second", "time_to_first_token", "finish_reason"}
+    assert set(data) == {"text", "tokens", "seconds", "tokens_per_second", "time_to_first_token", "finish_reason", "engine"}
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
     assert data["text"] == greedy_reply(model, tokenizer, messages)
     assert data["tokens"] == 6

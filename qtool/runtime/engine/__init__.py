@@ -3,7 +3,8 @@
 Design, one role per file:
 - sequence.py: a request (prompt + output ids, SamplingParams, its own seeded generator, status, block table, cached count).
 - block_manager.py: cache blocks of block_size tokens; full blocks keyed by a chain hash and shared by refcount, freed
-  blocks kept cached and evicted LRU only when a block is needed; the block holding a prompt's last token is never reused.
+  blocks kept cached and evicted LRU only when a block is needed; the block holding a prompt's last token is never reused;
+  when every layer has a sliding window, blocks wholly before a sequence's window are released (mixed models keep all).
 - scheduler.py: per step, running decodes, then running prefills, then waiting requests, under a token budget (prefills
   chunked); when blocks run out the latest-arrived running sequence is preempted (freed, requeued first, recomputed).
 - attention.py: the KV cache tensors and the torch reference paged attention (gather by block table, causal, GQA, window).

@@ -13,7 +13,7 @@ from torch import nn
 
 from qtool.models.finite_outputs import check_finite_logits, model_name
 from qtool.core.errors import QtoolError
-from qtool.runtime.engine.block_manager import BlockManager
+from qtool.runtime.engine.block_manager import BlockManager, cache_window
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
 from qtool.runtime.engine.drafters import DraftModelDrafter, NgramDrafter, check_draft_model
 from qtool.runtime.engine.model_runner import ModelRunner
@@ -109,7 +109,8 @@ class Engine:
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype)
-        self.blocks = BlockManager(self.num_blocks, config.block_size)
+        # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
+        self.blocks = BlockManager(self.num_blocks, config.block_size, cache_window(self.runner.windows))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = tuple(self._eos_ids())
         self.max_context = getattr(model.config, "max_position_embeddings", None)
@@ -177,7 +178,7 @@ class Engine:
                              hint="shorten the prompt")
         seq = Sequence(self._next_id, prompt_ids, params, request_generator(params.seed, self.runner.device),
                        eos_ids=self.eos_ids, max_context=self.max_context)
-        needed = self.blocks.blocks_for(seq.token_limit())
+        needed = self.blocks.most_blocks(seq.token_limit(), self.config.max_num_batched_tokens)
         if needed > self.num_blocks:
             raise QtoolError(f"request {seq.seq_id} may need {needed} KV cache blocks, the cache has {self.num_blocks}",
                              hint="lower max_tokens or give the engine more num_blocks / kv_cache_bytes")
@@ -191,8 +192,13 @@ class Engine:
 
     @property
     def capacity_tokens(self) -> int:
-        """The most tokens (prompt + output) one request can reach in this KV cache."""
-        return self.num_blocks * self.config.block_size
+        """The most tokens (prompt + output) one request can reach in this KV cache: with a sliding window on every
+        layer its blocks stay bounded, so up to the model's context once the window's blocks fit."""
+        full = self.num_blocks * self.config.block_size
+        limit = self.max_context or full
+        if self.blocks.most_blocks(limit, self.config.max_num_batched_tokens) <= self.num_blocks:
+            return max(full, limit)
+        return full
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request that is not finished (an interrupted reply): no output, no more text to its on_text."""
