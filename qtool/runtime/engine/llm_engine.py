@@ -33,6 +33,10 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 2048  # tokens computed per step at most (prefills are chunked to fit)
     kv_dtype: torch.dtype | None = None  # None: the model's dtype
+    # one-token steps through the whole-tensor decode step where the model allows it (decode_step.py); None: on CUDA
+    fast_decode: bool | None = None
+    cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
+    max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -41,7 +45,7 @@ class EngineConfig:
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
         if self.num_blocks is not None and self.kv_cache_bytes is not None:
             raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
-        for field in ("num_blocks", "kv_cache_bytes"):
+        for field in ("num_blocks", "kv_cache_bytes", "max_graph_batch"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
@@ -87,7 +91,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.fast_decode)
+        graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
+        self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         self.blocks = BlockManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = tuple(self._eos_ids())
