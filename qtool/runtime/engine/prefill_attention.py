@@ -9,7 +9,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention.varlen import varlen_attn
 
 from qtool.runtime.engine.attention import AttentionBatch
 
@@ -74,6 +73,8 @@ def varlen_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
                      sliding_window: int | None, gathered: GatheredBatch) -> torch.Tensor:
     """paged_attention through torch's flash varlen kernel (CUDA, fp16/bf16): causal from the bottom right (a
     sequence's queries are the last of its context), the window counting the query itself."""
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+
     kv_heads, head_dim = key_cache.shape[-2:]
     keys = key_cache.view(-1, kv_heads, head_dim)[gathered.context_slots].to(query.dtype)
     values = value_cache.view(-1, kv_heads, head_dim)[gathered.context_slots].to(query.dtype)
@@ -103,7 +104,8 @@ class PrefillAttention:
         if self.use_varlen and query.is_cuda and query.dtype in FLASH_DTYPES:
             try:
                 return varlen_attention(query, key_cache, value_cache, scale, sliding_window, gathered)
-            except RuntimeError as exc:  # no flash kernel for this GPU or head size: the SDPA path from now on
+            except (ImportError, TypeError, RuntimeError) as exc:  # an older torch, or no flash kernel for this
+                # GPU or head size: the SDPA path from now on
                 self.use_varlen = False
                 logger.info("engine: torch's varlen flash attention cannot run here (%s); prefill attention "
                             "through scaled_dot_product_attention per sequence", str(exc).splitlines()[0][:200])
