@@ -84,7 +84,7 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
     blocks = -(-(args.context + args.new_tokens) // args.block_size) + 2
     began = time.perf_counter()
     engine = Engine(model, None, EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=1,
-                                              max_num_batched_tokens=args.context, **WAYS[way]))
+                                              max_num_batched_tokens=args.prefill_chunk, **WAYS[way]))
     if model.model.embed_tokens.weight.is_cuda:
         torch.cuda.synchronize()
     start_s = time.perf_counter() - began
@@ -108,14 +108,20 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
     return result
 
 
-def run_model(label: str, model: nn.Module, args, vocab: int) -> list[dict]:
-    rows = []
+def run_model(label: str, model: nn.Module, args, vocab: int, report: dict) -> None:
     for way in args.ways:
         row = {"model": label, **measure(model, way, args, vocab)}
         print(f"  {label:<10} {way:<8} first {row['first_request_tok_s']:>8.1f} tok/s   median "
               f"{row['median_tok_s']:>8.1f} tok/s   start {row['engine_start_s']:>6.1f} s", flush=True)
-        rows.append(row)
-    return rows
+        report["rows"].append(row)
+        write(report, args.out)  # after every row: a run cut short keeps what it measured
+
+
+def write(report: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 def main(argv=None) -> int:
@@ -128,6 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="triton", help="backend of the 4-bit linears (auto, torch, triton)")
     parser.add_argument("--context", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-chunk", type=int, default=16,
+                        help="tokens per engine step (max_num_batched_tokens): the engine's start tunes the 4-bit "
+                             "linears at every power of two up to it, so a small one keeps the start short")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
@@ -142,7 +151,8 @@ def main(argv=None) -> int:
         return 2
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-              "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": []}
+              "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "prefill_chunk": args.prefill_chunk, "rows": []}
     print(f"engine batch-1 decode, {args.context}-token context, {args.new_tokens} new tokens, on {report['device']}")
     if args.model:
         from qtool.checkpoints.sources import load_model
@@ -150,24 +160,21 @@ def main(argv=None) -> int:
         loaded = load_model(args.model, device=str(device), dtype=args.dtype, with_tokenizer=False,
                             backend=args.backend)
         report["model"] = args.model
-        report["rows"] += run_model(Path(args.model).name[:10], loaded.model.eval(), args, loaded.model.config.vocab_size)
+        run_model(Path(args.model).name[:10], loaded.model.eval(), args, loaded.model.config.vocab_size, report)
     else:
         shape = TINY if args.tiny else LLAMA2_7B
         layers = 2 if args.tiny else args.layers
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         report["model"] = f"random Llama-2-7B shape, {layers} layers" if not args.tiny else "random tiny llama"
         model = random_llama(shape, layers, dtype, device, args.seed)
-        report["rows"] += run_model(str(dtype).replace("torch.", ""), model, args, shape["vocab_size"])
+        run_model(str(dtype).replace("torch.", ""), model, args, shape["vocab_size"], report)
         report["backend_layers"] = quantize_randomly(model, args.bits, args.group_size, args.backend, args.seed)
-        report["rows"] += run_model(f"gptq-{args.bits}bit", model, args, shape["vocab_size"])
+        run_model(f"gptq-{args.bits}bit", model, args, shape["vocab_size"], report)
     print(f"\n{'model':<12}{'way':<9}{'first tok/s':>12}{'median tok/s':>14}{'start s':>9}")
     for row in report["rows"]:
         print(f"{row['model']:<12}{row['way']:<9}{row['first_request_tok_s']:>12.1f}{row['median_tok_s']:>14.1f}"
               f"{row['engine_start_s']:>9.1f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write(report, args.out)
     return 0
 
 
