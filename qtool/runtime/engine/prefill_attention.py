@@ -5,6 +5,8 @@ scaled_dot_product_attention per sequence. The CPU keeps attention.paged_attenti
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -78,9 +80,29 @@ def varlen_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     kv_heads, head_dim = key_cache.shape[-2:]
     keys = key_cache.view(-1, kv_heads, head_dim)[gathered.context_slots].to(query.dtype)
     values = value_cache.view(-1, kv_heads, head_dim)[gathered.context_slots].to(query.dtype)
-    window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    options = dict(varlen_options(varlen_attn, sliding_window) or {})
+    if not options:
+        raise TypeError("this torch's varlen_attn has no window_size for a sliding window")
+    if "enable_gqa" not in options and kv_heads != query.shape[1]:  # before torch's enable_gqa: whole heads
+        keys = keys.repeat_interleave(query.shape[1] // kv_heads, dim=1)
+        values = values.repeat_interleave(query.shape[1] // kv_heads, dim=1)
     return varlen_attn(query.contiguous(), keys, values, gathered.cu_queries, gathered.cu_contexts,
-                       gathered.max_query, gathered.max_context, scale=scale, window_size=window, enable_gqa=True)
+                       gathered.max_query, gathered.max_context, scale=scale, **options)
+
+
+@functools.lru_cache(maxsize=None)  # read once per window, not per layer and step
+def varlen_options(varlen_attn, sliding_window: int | None) -> dict | None:
+    """The keyword arguments for causal (windowed) GQA attention in this torch's varlen_attn (its arguments
+    changed across torch versions: is_causal, then window_size; enable_gqa later), or None when it cannot."""
+    parameters = inspect.signature(varlen_attn).parameters
+    options: dict = {"enable_gqa": True} if "enable_gqa" in parameters else {}
+    if "window_size" in parameters:
+        options["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    elif sliding_window is None and "is_causal" in parameters:
+        options["is_causal"] = True  # bottom-right aligned in flash attention 2
+    else:
+        return None
+    return options
 
 
 class PrefillAttention:
