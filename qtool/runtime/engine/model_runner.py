@@ -173,7 +173,8 @@ class ModelRunner:
         with torch.inference_mode():
             for size in graph_batch_sizes(max_num_seqs):  # the batch buckets that run eagerly
                 if size > largest_graph:
-                    self.decode_step(DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size).to_inputs(self.device))
+                    rows = DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size)
+                    self.decode_step(rows.to_inputs(self.device))
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None) -> int:

@@ -40,7 +40,7 @@ class GatheredBatch:
         sequence = torch.repeat_interleave(torch.arange(len(lens)), lens)
         position = torch.arange(total) - starts[sequence]
         slots = tables[sequence, position // block_size] * block_size + position % block_size
-        offsets = lambda counts: torch.tensor([0, *counts], dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
+        offsets = lambda counts: torch.tensor([0, *counts]).cumsum(0).to(torch.int32)  # noqa: E731
         return cls(slots.to(device), offsets(batch.query_lens).to(device), offsets(batch.context_lens).to(device),
                    max(batch.query_lens), max(batch.context_lens))
 
