@@ -11,6 +11,13 @@ Design, one role per file:
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
   it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
+- decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
+  add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
+  module); taken per model when probing its modules finds the plain form (RMSNorm, gated MLP), with a reason line.
+- cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
+  every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request).
+- prefill_attention.py: attention of prefill/mixed steps on the GPU (torch's flash varlen kernel over contexts gathered
+  from the paged cache; SDPA per sequence where it cannot run); the CPU keeps attention.py's reference.
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
 - drafters.py: speculative decoding's drafters: prompt lookup (n-gram) and a draft model with its own ModelRunner and

@@ -42,6 +42,10 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # the most draft tokens per step (each request's adaptive length stays under it)
     prompt_lookup_max: int = 3  # prompt lookup matches the last n tokens, n from this down to prompt_lookup_min
     prompt_lookup_min: int = 1
+    # one-token steps through the whole-tensor decode step where the model allows it (decode_step.py); None: on CUDA
+    fast_decode: bool | None = None
+    cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
+    max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
@@ -57,7 +61,7 @@ class EngineConfig:
                              f"{self.prompt_lookup_max} are invalid", hint="prompt_lookup_min must be <= prompt_lookup_max")
         if self.num_blocks is not None and self.kv_cache_bytes is not None:
             raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
-        for field in ("num_blocks", "kv_cache_bytes"):
+        for field in ("num_blocks", "kv_cache_bytes", "max_graph_batch"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
@@ -108,7 +112,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.fast_decode)
+        graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
+        self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
         self.blocks = BlockManager(self.num_blocks, config.block_size, cache_window(self.runner.windows))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
