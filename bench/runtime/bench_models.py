@@ -173,6 +173,18 @@ def tiny_float_dir(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def random_float_dir(shape_dir: Path, directory: Path, seed: int = 0) -> Path:
+    """A float model directory with `shape_dir`'s config and tokenizer and random weights (transformers' own
+    initialisation, seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(shape_dir)))
+    model.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(str(shape_dir)).save_pretrained(str(directory))
+    return directory
+
+
 def prepare_smollm2(float_source: str, calibration_file: Path, work: Path, device: torch.device, samples: int,
                     seqlen: int) -> SmolModels:
     """GPTQ 4-bit g128 of the float model through qtool's library API (the calibration's size only moves the

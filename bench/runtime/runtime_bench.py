@@ -151,6 +151,13 @@ class Context:
                 calibration = self.work / "calibration.txt"
                 calibration.write_text("once upon a time there lived a king and a queen who had no children " * 40)
                 self._smol = bench_models.prepare_smollm2(source, calibration, self.work, self.device, 4, 32)
+            elif args.smol_shape:
+                # SmolLM2's config and tokenizer with random weights (its GGUF exceeds one device call's carry):
+                # the tokens per second of a fixed-length greedy run do not depend on the weights' values
+                source = str(bench_models.random_float_dir(Path(args.smol_shape), self.work / "smol-random", args.seed))
+                calibration = Path(args.data) / "wiki.valid.tokens"
+                self._smol = bench_models.prepare_smollm2(source, calibration, self.work, self.device,
+                                                          args.calibration_samples, 512)
             else:
                 if not args.gguf or not Path(args.gguf).is_file():
                     raise SkipScenario(f"SmolLM2 GGUF not found at {args.gguf!r} (carry it: bench/device/prepare_carry.sh)")
@@ -492,6 +499,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "runtime_bench.jsonl")
     p.add_argument("--work", type=Path, default=None, help="folder for checkpoints made here (default: a temp dir)")
     p.add_argument("--gguf", default=None, help="SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--smol-shape", default=None, help="a folder with SmolLM2's config and tokenizer: random weights "
+                   "of that shape stand in for the GGUF's (speed rows only)")
     p.add_argument("--data", default=None, help="folder with wiki.valid.tokens (calibration) and grimm-test.txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
