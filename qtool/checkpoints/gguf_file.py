@@ -79,7 +79,7 @@ class _Cursor:
     def string(self) -> str:
         length = self.unpack("<Q")
         if self.position + length > len(self.buffer):
-            raise GgufFormatError(f"a string runs past the end of the file")
+            raise GgufFormatError("a string runs past the end of the file")
         text = bytes(self.buffer[self.position : self.position + length]).decode("utf-8", errors="replace")
         self.position += length
         return text
@@ -162,4 +162,12 @@ def read_gguf_header(path: Path) -> GgufHeader:
             raise GgufFormatError(f"tensor {name} runs past the end of the file (truncated download?)")
         tensors.append(GgufTensor(name, shape, ggml_type, data_start + offset, nbytes))
         expected = -(-(offset + nbytes) // alignment) * alignment
+    # The data section ends with the last tensor (and its padding, which writers may keep or drop). More bytes mean
+    # the table lost entries: a tensor count cut by one starts the data section earlier, so every tensor would be
+    # read from the wrong bytes and the model would load with shifted weights.
+    if len(mapped) > data_start + expected:
+        raise GgufFormatError(
+            f"{len(mapped) - data_start - expected} bytes follow the last of the {len(tensors)} tensors the header lists: "
+            "its tensor table does not cover the file's data (a corrupted tensor count?)"
+        )
     return GgufHeader(path, version, metadata, tuple(tensors), mapped)

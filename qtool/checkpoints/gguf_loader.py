@@ -170,6 +170,13 @@ def check_fields_against_tensors(fields: dict[str, Any], header: GgufHeader, arc
         lowest = 0 if name.endswith("_token_id") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise GgufFormatError(f"metadata {name} is {value!r}, not an integer >= {lowest}")
+    # a special token's id indexes the embedding rows and the tokenizer's token list (transformers' GGUF tokenizer
+    # reads tokens[id] and fails with a bare IndexError past the end)
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    vocabulary = min(fields["vocab_size"], tokens.length) if isinstance(tokens, ArrayValue) else fields["vocab_size"]
+    for name, value in fields.items():
+        if name.endswith("_token_id") and value >= vocabulary:
+            raise GgufFormatError(f"metadata {name} is {value}, outside the vocabulary of {vocabulary} tokens")
     blocks = {tensor.name.split(".")[1] for tensor in header.tensors if tensor.name.startswith("blk.")}
     if fields["num_hidden_layers"] != len(blocks):
         raise GgufFormatError(f"{architecture}.block_count is {fields['num_hidden_layers']} but the file holds tensors of {len(blocks)} blocks")

@@ -202,6 +202,9 @@ def load_gguf_tokenizer(source: ModelSource) -> Any:
     except (OSError, ValueError, KeyError) as exc:
         log.info("no tokenizer in %s: %s", source.gguf_file, exc)
         return None
+    except IndexError as exc:  # a special token id past the token list (families qtool's loader does not check)
+        raise QtoolError(f"cannot read the tokenizer of GGUF file {source.path / source.gguf_file}: a token id is outside its token list ({exc})",
+                         "check the file is a complete GGUF model") from exc
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:

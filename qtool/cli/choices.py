@@ -14,6 +14,7 @@ from qtool.convert.format_names import SOURCE_FORMATS, TARGET_FORMATS
 from qtool.formats.gptq_settings import GPTQ_BITS
 from qtool.kernels.backend_names import BACKEND_CHOICES
 from qtool.runtime.kv_cache_names import KV_CACHE_KINDS
+from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 
 
 def choice_enum(name: str, values: Iterable[Any]) -> type[Enum]:
@@ -45,6 +46,7 @@ GptqBits = choice_enum("GptqBits", GPTQ_BITS)
 ModelDtype = choice_enum("ModelDtype", DTYPE_NAMES)
 Backend = choice_enum("Backend", ("auto", *BACKEND_CHOICES))
 KvCache = choice_enum("KvCache", KV_CACHE_KINDS)  # the engine's KV cache storage (qtool run, qtool eval --engine)
+Speculate = choice_enum("Speculate", SPECULATIVE_METHODS)  # qtool run --speculate
 
 # --device stays text: cuda:N names any GPU. The shell still completes the kinds.
 DEVICE_KINDS = ("auto", "cpu", "cuda")

@@ -52,7 +52,9 @@ def engine_window_logits(model: object, seqlen: int, kv_cache: str) -> WindowLog
     reason = engine_support(model)
     if reason is not None:
         raise QtoolError(f"--engine: {reason}", "drop --engine to evaluate it through the model's own forward")
-    runner = ModelRunner(model, num_blocks=-(-seqlen // ENGINE_BLOCK_SIZE), block_size=ENGINE_BLOCK_SIZE, kv_cache=kv_cache)
+    # prefills only: no decode step to plan
+    runner = ModelRunner(model, num_blocks=-(-seqlen // ENGINE_BLOCK_SIZE), block_size=ENGINE_BLOCK_SIZE, kv_cache=kv_cache,
+                         fast_decode=False)
     return runner.prompt_logits
 
 

@@ -14,6 +14,7 @@ from qtool.cli import convert as convert_command
 from qtool.cli import eval as eval_command
 from qtool.cli import quantize as quantize_command
 from qtool.cli import run as run_command
+from qtool.cli import tune as tune_command
 from qtool.cli import validate as validate_command
 from qtool.cli.exits import begin_run
 from qtool.cli.help_format import QtoolCommand, QtoolGroup
@@ -65,3 +66,4 @@ app.command("convert", cls=QtoolCommand)(convert_command.convert)
 app.command("validate", cls=QtoolCommand)(validate_command.validate)
 app.command("eval", cls=QtoolCommand)(eval_command.eval_model)
 app.command("run", cls=QtoolCommand)(run_command.run)
+app.command("tune", cls=QtoolCommand)(tune_command.tune)

@@ -11,17 +11,20 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
-from qtool.cli.choices import Backend, KvCache, ModelDtype, complete_device, plain
+from qtool.cli.choices import Backend, KvCache, ModelDtype, Speculate, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.kernels.backend_names import BACKEND_HELP
 
 if TYPE_CHECKING:  # the runtime imports torch and transformers: the command imports it when it runs
+    from qtool.runtime.engine import EngineConfig
+    from qtool.runtime.engine_sizing import EngineSizing
     from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
     from qtool.runtime.reply import ReplyGenerator
 
 EXIT_WORDS = {"/exit", "/quit"}
+ENGINE = "Engine"  # the help panel of the engine's sizes
 
 
 def stream_to_stdout(text: str) -> None:
@@ -72,6 +75,31 @@ def chat_loop(replies: ReplyGenerator, settings: GenerationSettings, system: str
         turns += 1
 
 
+def speculative_config(base: EngineConfig, speculate: str | None, draft: str | None,
+                       temperature: float) -> EngineConfig:
+    """The engine settings for --speculate / --draft (a draft model implies --speculate draft)."""
+    import dataclasses
+
+    if draft is not None and speculate not in (None, "draft"):
+        raise QtoolError(f"--draft goes with --speculate draft, not --speculate {speculate}", "drop one of them")
+    if speculate == "draft" and draft is None:
+        raise QtoolError("--speculate draft needs --draft MODEL", "pass --draft MODEL, or --speculate ngram")
+    method = "draft" if draft is not None else speculate
+    if method is None:
+        return base
+    if temperature > 0:
+        stderr.print("[yellow]warning:[/] speculative decoding speeds up greedy replies only (--temperature 0); "
+                     "sampled replies decode plainly")
+    return dataclasses.replace(base, speculative=method)
+
+
+def report_speculation(replies: ReplyGenerator) -> None:
+    stats = replies.stats()
+    for drafter, counts in (stats.speculation if stats is not None else {}).items():
+        stderr.print(f"[dim]speculative decoding ({drafter}): {counts['accepted']} of {counts['drafted']} drafted "
+                     f"tokens accepted ({100 * counts['acceptance_rate']:.0f}%)[/]")
+
+
 def read_terminal_line() -> str | None:
     try:
         return stderr.input("[bold cyan]you>[/] ")
@@ -97,20 +125,31 @@ def run(
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
     kv_cache: Annotated[KvCache, typer.Option("--kv-cache", help="The engine's KV cache: auto (the model's dtype), fp16, bf16, or quantized q8 / q4 (about 2x / 3.5x the tokens in the same memory).")] = KvCache("auto"),
+    speculate: Annotated[Optional[Speculate], typer.Option("--speculate", help="Speculative decoding of greedy replies: ngram drafts by looking the last tokens up in the prompt and reply so far; draft needs --draft.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="A smaller draft model with the same tokenizer (directory, .gguf, Hub id or alias) proposing tokens the model verifies, for greedy replies; implies --speculate draft.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, rich_help_panel=ENGINE, help="Most requests the engine decodes at once (with --batch).")] = None,
+    cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (default: the batch's full contexts, at most 2 GiB).")] = None,
+    gpu_memory_fraction: Annotated[Optional[float], typer.Option("--gpu-memory-fraction", rich_help_panel=ENGINE, help="Size the KV cache to what is left of this fraction of the GPU's memory once the model is loaded, 0 < F <= 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
 ) -> None:
     """Generate text from a prompt, chat, or run a batch of requests."""
     from qtool.checkpoints.sources import load_model, resolve_device
+    from qtool.runtime.engine import EngineConfig
     from qtool.runtime.generate import GenerationSettings, has_chat_template
+    from qtool.runtime.engine_sizing import EngineSizing, engine_report
     from qtool.runtime.reply import CHAT_ENGINE_CONFIG, ReplyGenerator
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
-    dtype, backend, kv_cache = plain(dtype), plain(backend), plain(kv_cache)
-    resolve_device(device)
+    dtype, backend, speculate, kv_cache = plain(dtype), plain(backend), plain(speculate), plain(kv_cache)
+    sizing = EngineSizing(max_batch, cache_blocks, gpu_memory_fraction)
+    sizing.check(resolve_device(device))
     if batch is not None:
-        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, kv_cache)
+        engine_config = speculative_config(EngineConfig(kv_cache=kv_cache), speculate, draft, temperature)
+        run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, engine_config, draft,
+                       sizing)
         return
+    engine_config = speculative_config(replace(CHAT_ENGINE_CONFIG, kv_cache=kv_cache), speculate, draft, temperature)
     if output is not None:
         raise QtoolError("--output goes with --batch", "pass --batch FILE, or drop --output")
     interactive = prompt is None and sys.stdin.isatty()
@@ -126,27 +165,32 @@ def run(
     if not raw and not has_chat_template(loaded.tokenizer):
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
-    replies = ReplyGenerator(loaded.model, loaded.tokenizer, replace(CHAT_ENGINE_CONFIG, kv_cache=kv_cache))
+    drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
+    replies = ReplyGenerator(loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, engine_config),
+                             getattr(drafter, "model", None), getattr(drafter, "tokenizer", None))
     if interactive:
         stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
         chat_loop(replies, settings, system, raw, read_terminal_line)
         return
     conversation = with_user_turn(start_history(system, raw), prompt)
     if as_json:
-        print_json(replies.reply(conversation, settings).to_dict())
+        reply = replies.reply(conversation, settings).to_dict()
+        print_json({**reply, "engine": engine_report(replies.engine_config, replies.engine and replies.engine.num_blocks, sizing)})
         return
     result = replies.reply(conversation, settings, on_text=stream_to_stdout)
     stdout.out("")
     report_speed(result)
+    report_speculation(replies)
 
 
 def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,
-                   device: str, dtype: str | None, backend: str, as_json: bool, kv_cache: str = "auto") -> None:
+                   device: str, dtype: str | None, backend: str, as_json: bool, engine_config: EngineConfig,
+                   draft: str | None, sizing: EngineSizing) -> None:
     """--batch: every request of the file through one engine; the run's flags are each request's defaults."""
     from qtool.checkpoints.sources import load_model
     from qtool.runtime.batch import run_batch, write_batch_outputs
     from qtool.runtime.batch_file import read_batch_requests
-    from qtool.runtime.engine import EngineConfig
+    from qtool.runtime.engine_sizing import engine_report
 
     if output is None:
         raise QtoolError("--batch needs --output", "e.g. --output replies.jsonl")
@@ -156,13 +200,16 @@ def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, se
     loaded = load_model(model, device=device, dtype=dtype, backend=backend)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
+    drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
+    config = sizing.engine_config(loaded.model, engine_config)
     with progress_bar("batch", enabled=not as_json) as update:
         result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update,
-                           engine_config=EngineConfig(kv_cache=kv_cache))
+                           engine_config=config, draft_model=getattr(drafter, "model", None),
+                           draft_tokenizer=getattr(drafter, "tokenizer", None))
     write_batch_outputs(output, result, force=force)
     totals = result.totals
     if as_json:
-        print_json(totals.to_dict())
+        print_json({**totals.to_dict(), "engine": engine_report(config, totals.cache_blocks, sizing)})
         return
     stderr.print(f"{totals.requests} replies written to {output}: {totals.output_tokens} tokens in {totals.seconds:.2f} s, "
                  f"{totals.tokens_per_second:.1f} tokens/s")

@@ -1,13 +1,79 @@
-"""The engine's per-token operations, each routed to its Triton kernel on a CUDA tensor and to its torch
-reference (engine_ops_ref.py) elsewhere. Signatures and semantics are the references'."""
+"""The engine's per-token operations, each routed to its Triton kernel (engine_ops_triton.py) on a CUDA tensor of
+a GPU the kernels run on, and to its torch reference (engine_ops_ref.py) elsewhere: CPU tensors, and kernels
+built by the Triton interpreter (TRITON_INTERPRET=1 is for CPU tests, never a user's path). Signatures and
+semantics are the references'. The choice depends only on devices, dtypes and shapes, so a captured CUDA graph
+keeps it."""
 
 from __future__ import annotations
 
-from qtool.kernels.engine_ops_ref import (
-    add_rms_norm_ref as add_rms_norm,
-    paged_decode_attention_ref as paged_decode_attention,
-    rope_and_cache_ref as rope_and_cache,
-    silu_mul_ref as silu_mul,
-)
+import torch
 
-__all__ = ["add_rms_norm", "paged_decode_attention", "rope_and_cache", "silu_mul"]
+from qtool.kernels.engine_ops_ref import add_rms_norm_ref, paged_decode_attention_ref, rope_and_cache_ref, silu_mul_ref
+from qtool.kernels.registry import triton_device_problem
+
+
+def triton_problem(tensor: torch.Tensor) -> str | None:
+    """Why the engine's Triton kernels do not serve this tensor's device, or None when they do."""
+    if not tensor.is_cuda:
+        return f"the tensor is on {tensor.device.type} (the Triton kernels serve CUDA tensors)"
+    from qtool.kernels import engine_ops_triton
+
+    return triton_device_problem(tensor.device, engine_ops_triton.triton_interpreted())
+
+
+def paged_decode_attention_problem(query: torch.Tensor, key_cache: torch.Tensor) -> str | None:
+    """Why paged_decode_attention runs its torch reference for these tensors, or None (the Triton kernel): a
+    caller logs it once when it builds its step."""
+    problem = triton_problem(query)
+    if problem:
+        return problem
+    from qtool.kernels.engine_ops_triton import paged_decode_attention_problem as kernel_problem
+
+    return kernel_problem(query, key_cache)
+
+
+def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    if paged_decode_attention_problem(query, key_cache) is None:
+        from qtool.kernels.engine_ops_triton import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                             sliding_window)
+    return paged_decode_attention_ref(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                      sliding_window)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton_problem(x) is None:
+        from qtool.kernels.engine_ops_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps, weight_offset)
+    return add_rms_norm_ref(x, residual, weight, eps, weight_offset)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if triton_problem(gate) is None:
+        from qtool.kernels.engine_ops_triton import silu_mul_triton
+
+        return silu_mul_triton(gate, up)
+    return silu_mul_ref(gate, up)
+
+
+def rope_and_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   key_cache: torch.Tensor, value_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    if triton_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import rope_and_cache_triton
+
+        return rope_and_cache_triton(query, key, value, cos, sin, key_cache, value_cache, slots)
+    return rope_and_cache_ref(query, key, value, cos, sin, key_cache, value_cache, slots)
+
+
+for _op, _ref in ((paged_decode_attention, paged_decode_attention_ref), (add_rms_norm, add_rms_norm_ref),
+                  (silu_mul, silu_mul_ref), (rope_and_cache, rope_and_cache_ref)):
+    _op.__doc__ = _ref.__doc__  # one statement of each contract: the reference's
+del _op, _ref
+
+__all__ = ["add_rms_norm", "paged_decode_attention", "paged_decode_attention_problem", "rope_and_cache", "silu_mul",
+           "triton_problem"]

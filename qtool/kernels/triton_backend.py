@@ -1,7 +1,8 @@
 """The Triton matmul backend for GPTQ linears: repacks a layer once, then serves y = x @ W^T by M bucket with
-the GEMV kernel (M = 1), split-K tl.dot (skinny M), tl.dot tiles or dequantize + cuBLAS (large M); the config
-for each (M bucket, shape, bits, group) is chosen once by timing and cached on the backend object and, through the
-registry's factory, on disk for the next process (kernels/plan_store.py)."""
+the GEMV kernel (M = 1), split-K tl.dot (skinny M), tl.dot tiles or dequantize + cuBLAS (large M). The config for
+each (M bucket, shape, bits, group) is decided once per backend: a plan tuned before and kept on disk
+(kernels/plan_store.py; `qtool tune` writes them), else, for a tuning backend, the fastest candidate by timing,
+else a default plan by rule per GPU family (kernels/default_plans.py), which is what users get without tuning."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
 )
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
+from qtool.kernels.default_plans import PACKED, Pick, gpu_family, rule_for, rules_for
 from qtool.kernels.plan_store import PlanStore, default_cache_dir, kernel_fingerprint
 from qtool.kernels.registry import triton_device_problem
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
@@ -132,13 +134,16 @@ GEMV_ROWS_SHAPES = (
 )
 
 
-def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int) -> list[Plan]:
+def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int, shapes: tuple | None = None) -> list[Plan]:
+    """The GEMV plans of the table for M rows (or of `shapes`, entries in the tables' layout)."""
     rows_per_unit = unit_rows(weight.bits)
     num_units = weight.k_rows // rows_per_unit
     plans = []
+    if shapes is None:
+        shapes = GEMV_SHAPES if m <= MAX_TWO_D_ROWS else GEMV_ROWS_SHAPES
     # the denormal unpacking (2/4/8 bits) throughout: faster than the mantissa one at 4 and 8 bits on every
     # layer of bench/kernels.py (bench/RESULTS.md)
-    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in (GEMV_SHAPES if m <= MAX_TWO_D_ROWS else GEMV_ROWS_SHAPES):
+    for block_n, tile_rows, warps, row_sum, per_sm, prefetch in shapes:
         units = max(1, tile_rows // rows_per_unit)
         while units > 1 and not gemv_tile_fits(weight, units):
             units //= 2
@@ -221,16 +226,22 @@ def _few_waves(m: int, weight: GptqComputeWeight, bm: int, bn: int, resident: in
     return tiles < 4 * resident and tiles % resident != 0
 
 
-def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+def _left_shapes(m: int) -> tuple:
     if m <= SKINNY_MAX_M:
-        shapes = LEFT_SKINNY_SHAPES
-    elif m <= 64:
-        shapes = LEFT_MID_SHAPES
-    elif m <= 128:
+        return LEFT_SKINNY_SHAPES
+    if m <= 64:
+        return LEFT_MID_SHAPES
+    if m <= 128:
         # 64-row tiles dequantize every weight tile twice at M = 128 and fell behind bf16 there: the large tiles too
-        shapes = LEFT_MID_SHAPES + tuple(shape for shape in LEFT_LARGE_SHAPES if shape[0] <= 128)
-    else:
-        shapes = LEFT_LARGE_SHAPES
+        return LEFT_MID_SHAPES + tuple(shape for shape in LEFT_LARGE_SHAPES if shape[0] <= 128)
+    return LEFT_LARGE_SHAPES
+
+
+def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int,
+                     shapes: tuple | None = None) -> list[Plan]:
+    """The weight-left plans of the tables for M rows (or of `shapes`, entries in the tables' layout)."""
+    if shapes is None:
+        shapes = _left_shapes(m)
     natural = LEFT_DENORMAL if dtype == torch.bfloat16 else LEFT_DEQUANT
     plans = []
     for bm, bn, bk, mode, warps, stages, per_sm in shapes:
@@ -273,6 +284,50 @@ def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_s
     if m >= 32:
         plans.append(Plan("dequant"))
     return plans
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """What plans depend on besides the layer: the GPU's name (tuned plans are kept per name), compute capability
+    (default plans are chosen per family) and SM count (grids are sized by it)."""
+
+    name: str
+    capability: tuple[int, int]
+    num_sms: int
+
+    @classmethod
+    def of(cls, device: torch.device) -> "GpuFacts":
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            return cls(props.name, (props.major, props.minor), props.multi_processor_count)
+        return cls(device.type, (0, 0), 4)
+
+
+def _built_pick(pick: Pick, weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
+    """The plans the tuner's builders make from one pick (several launches of one shape: the first is taken)."""
+    if pick.kind == "dequant":
+        return [Plan("dequant")]
+    if pick.kind == "gemv":
+        return _gemv_candidates(weight, m, num_sms, (pick.shape,))
+    mode = LEFT_PACKED if pick.mode == PACKED else (LEFT_DENORMAL if dtype == torch.bfloat16 else LEFT_DEQUANT)
+    return [plan for plan in _left_candidates(weight, m, dtype, num_sms, (pick.shape,))
+            if plan.config.mode == mode and plan.config.staged_words == pick.staged_words
+            and plan.config.scale_ahead == pick.scale_ahead and (plan.config.stream_programs > 0) == pick.stream_k]
+
+
+def default_plan(weight: GptqComputeWeight, m: int, dtype: torch.dtype, gpu: GpuFacts,
+                 candidates: list[Plan] | None = None) -> Plan:
+    """The plan a layer gets without timing: the first pick of the GPU family's rule (default_plans.py) that is a
+    candidate for it, else the candidates' first (the GEMV for one row, the tensor-core kernel from two), else
+    dequantize + torch.matmul (which serves every layer). `candidates`: candidate_plans' list, if built already."""
+    if candidates is None:
+        candidates = candidate_plans(weight, m, dtype, gpu.num_sms)
+    rule = rule_for(rules_for(gpu.capability), m_bucket(m), weight.out_features, weight.k_rows, weight.bits)
+    for pick in rule.picks if rule is not None else ():
+        for plan in _built_pick(pick, weight, m, dtype, gpu.num_sms)[:1]:
+            if plan in candidates:
+                return plan
+    return candidates[0] if candidates else Plan("dequant")
 
 
 def interpreter_plan(weight: GptqComputeWeight, m: int, dtype: torch.dtype) -> Plan:
@@ -378,22 +433,15 @@ def stored_plan(store: PlanStore | None, device_name: str, key: TuneKey, candida
     return plan if plan in candidates else None
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 class TritonBackend:
-    """GPTQ matmul through the Triton kernels of this package. State (tuned plans, split-K workspaces) lives on
-    the instance: share one instance across layers. The first call of each M bucket tunes (and may grow the
-    workspace), so run every bucket once before capturing CUDA graphs. Layers share one workspace per device:
-    calls must not run concurrently on different streams. plan_store: where tuned plans are read from before
-    timing and written to after (None: this process only)."""
+    """GPTQ matmul through the Triton kernels of this package. State (plans, split-K workspaces) lives on the
+    instance: share one instance across layers. The plan of each M bucket is decided at its first call: a plan
+    stored in `plan_store` (tuned before, by `qtool tune` or a tuning backend), else with tune a timing of every
+    candidate (stored for the next process), else a default plan by rule (default_plans.py), with one log line per
+    backend saying so. That first call may grow the workspace, so run every bucket once before capturing CUDA
+    graphs. Layers share one workspace per device: calls must not run concurrently on different streams.
+    plan_store None: nothing read or written. Built directly (tests, benchmarks) the backend tunes; the registry's
+    (default_triton_backend) does not: timing never lands inside a user's request."""
 
     name = "triton"
 
@@ -401,6 +449,8 @@ class TritonBackend:
         self.tune = tune
         self.tuner = tuner or KernelTuner()
         self.plan_store = plan_store
+        self.plans: dict[TuneKey, Plan] = {}  # decided plans (stored, tuned or default), by key
+        self.default_keys: set[TuneKey] = set()  # the keys served by a default plan
         self._workspaces: dict[str, SplitKWorkspace] = {}
 
     def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
@@ -452,35 +502,57 @@ class TritonBackend:
         if triton_interpreted():
             return interpreter_plan(weight, m, x.dtype)
         key = tune_key(weight, m, x.dtype, x.device)
-        cached = self.tuner.plans.get(key)  # the common case: decided before; build nothing per call
+        cached = self.plans.get(key)  # the common case: decided before; build nothing per call
         if cached is not None:
             return cached
-        candidates = candidate_plans(weight, m, x.dtype, _num_sms(x.device))
-        if not self.tune:
-            self.tuner.plans[key] = candidates[0]
-            return candidates[0]
-        device_name = _device_name(x.device)
-        stored = stored_plan(self.plan_store, device_name, key, candidates)
+        return self.decide_plan(key, x, weight, GpuFacts.of(x.device))
+
+    def decide_plan(self, key: TuneKey, x: torch.Tensor, weight: GptqComputeWeight, gpu: GpuFacts) -> Plan:
+        """The plan of a key seen for the first time: stored, else tuned (with tune), else the default by rule.
+        Candidates are built for the bucket's M, so a plan tuned at the bucket serves every M inside it."""
+        candidates = candidate_plans(weight, key.m_bucket, x.dtype, gpu.num_sms)
+        stored = stored_plan(self.plan_store, gpu.name, key, candidates)
         if stored is not None:
             logger.info("triton GPTQ: %s -> %s (tuned before: %s)", key, stored.describe(), self.plan_store.path)
-            self.tuner.plans[key] = stored
+            self.plans[key] = stored
             return stored
+        fallback = default_plan(weight, key.m_bucket, x.dtype, gpu, candidates)
+        if not self.tune:
+            self._note_defaults(gpu)
+            self.plans[key] = fallback
+            self.default_keys.add(key)
+            return fallback
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             # timing needs its own graphs: serve this capture with the default plan, tune on an eager call
-            return candidates[0]
-        copies = weight_copies(weight, copies_to_defeat_l2(weight.nbytes(), x.device))
-        plan = self.tuner.choose(
+            return fallback
+        plan = self._tune(key, x, weight, candidates)
+        self.plans[key] = plan
+        timings = self.tuner.timings.get(key, [])
+        timed = any(name == plan.describe() and isinstance(ms, float) for name, ms in timings)
+        if self.plan_store is not None and timed:  # not the fallback of a tuning in which nothing ran
+            self.plan_store.put(gpu.name, key, plan)
+        return plan
+
+    def _tune(self, key: TuneKey, x: torch.Tensor, weight: GptqComputeWeight, candidates: list[Plan]) -> Plan:
+        # on the GPU the timed calls cycle through weight copies so that each reads its weight from DRAM
+        copies = weight_copies(weight, copies_to_defeat_l2(weight.nbytes(), x.device)) if x.is_cuda else [weight]
+        return self.tuner.choose(
             key, candidates, lambda plan: self.run_plan(plan, x, weight),
             lambda: torch.matmul(x.float(), gptq_dequantize(weight, torch.float32))
             + (0 if weight.bias is None else weight.bias.float()),
             timing_calls=lambda plan: [lambda w=w: self.run_plan(plan, x, w) for w in copies],
         )
-        del copies
-        timings = self.tuner.timings.get(key, [])
-        timed = any(name == plan.describe() and isinstance(ms, float) for name, ms in timings)
-        if self.plan_store is not None and timed:  # not the fallback of a tuning in which nothing ran
-            self.plan_store.put(device_name, key, plan)
-        return plan
+
+    def _note_defaults(self, gpu: GpuFacts) -> None:
+        """One log line per backend (the registry keeps one per process) the first time a default plan serves."""
+        if self.default_keys:
+            return
+        family = gpu_family(gpu.capability)
+        rules = (f"by the measured rules for {family}" if rules_for(gpu.capability)
+                 else f"each layer's first candidate: no measured rules for {family}")
+        where = self.plan_store.path if self.plan_store is not None else "nowhere (QTOOL_CACHE_DIR=off)"
+        logger.warning("triton GPTQ kernels on %s: default plans (%s) for layer shapes without a tuned plan; "
+                       "`qtool tune MODEL` tunes them ahead into %s", gpu.name, rules, where)
 
     def matmul(self, x: torch.Tensor, weight: GptqComputeWeight) -> torch.Tensor:
         """y[..., N] = x[..., K] @ W^T + bias, in x's dtype."""
@@ -500,6 +572,13 @@ class TritonBackend:
 
 
 def default_triton_backend() -> TritonBackend:
-    """The registry's factory: plans tuned once per GPU model and kernel version, kept under qtool's cache root
-    ($QTOOL_CACHE_DIR/tuning, default ~/.cache/qtool/tuning; QTOOL_CACHE_DIR=off: none)."""
-    return TritonBackend(plan_store=kernel_plan_store(default_cache_dir()))
+    """The registry's factory: plans tuned ahead (`qtool tune`) per GPU model and kernel version, read from qtool's
+    cache root ($QTOOL_CACHE_DIR/tuning, default ~/.cache/qtool/tuning; QTOOL_CACHE_DIR=off: none), else default
+    plans by rule: no timing inside a user's request."""
+    return TritonBackend(tune=False, plan_store=kernel_plan_store(default_cache_dir()))
+
+
+def tuning_triton_backend(plan_store: PlanStore | None) -> TritonBackend:
+    """A backend that times every new key's candidates and stores the winner in `plan_store` (what `qtool tune`
+    runs)."""
+    return TritonBackend(tune=True, plan_store=plan_store)

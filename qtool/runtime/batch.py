@@ -49,6 +49,7 @@ class BatchTotals:
     saved_prompt_tokens: int  # prompt tokens those hits did not recompute
     preemptions: int
     backend: str  # "engine", or "transformers" for a model the engine cannot take
+    cache_blocks: int | None = None  # the engine's KV cache blocks (None: no engine ran)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -64,8 +65,10 @@ class BatchResult:
 
 
 def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults: GenerationSettings = GenerationSettings(),
-              progress: ProgressCallback | None = None, engine_config: EngineConfig = EngineConfig()) -> BatchResult:
-    """Generate every request's reply (its own settings over `defaults`); every request is checked before any runs."""
+              progress: ProgressCallback | None = None, engine_config: EngineConfig = EngineConfig(),
+              draft_model: Any = None, draft_tokenizer: Any = None) -> BatchResult:
+    """Generate every request's reply (its own settings over `defaults`); every request is checked before any runs.
+    A draft model (engine_config.speculative="draft") drafts for the greedy requests."""
     if not requests:
         raise QtoolError("the batch holds no requests", "give at least one request")
     settings = []
@@ -82,7 +85,7 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
         with _naming(request):
             prompts.append(prompt_ids(tokenizer, request.conversation)[0].tolist())
             params.append(sampling_params(setting, reply_budget(model, len(prompts[-1]), setting.max_new_tokens)))
-    engine = Engine(model, tokenizer, engine_config)
+    engine = Engine(model, tokenizer, engine_config, draft_model, draft_tokenizer)
     start = time.perf_counter()
     index = {}
     for i, (request, prompt, param) in enumerate(zip(requests, prompts, params)):
@@ -99,8 +102,10 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
             if progress is not None:
                 progress(finished, len(requests))
     stats = engine.stats()
-    return BatchResult(outputs, _totals(outputs, time.perf_counter() - start, stats.prefix_hit_requests,
-                                        stats.saved_prompt_tokens, stats.preemptions, "engine"))
+    totals = _totals(outputs, time.perf_counter() - start, stats.prefix_hit_requests, stats.saved_prompt_tokens,
+                     stats.preemptions, "engine")
+    totals.cache_blocks = stats.num_blocks
+    return BatchResult(outputs, totals)
 
 
 def _run_with_generate(model: Any, tokenizer: Any, requests: list[BatchRequest], settings: list[GenerationSettings],

@@ -28,12 +28,15 @@ def sampling_params(settings: GenerationSettings, max_new_tokens: int) -> Sampli
 class ReplyGenerator:
     """Replies from one loaded model. The engine (and its KV cache) is built at the first reply and kept, so a chat's
     next turn reuses the cached blocks of the conversation so far; a model the engine cannot take goes through
-    transformers' generate, said once in the log."""
+    transformers' generate, said once in the log. A draft model (engine_config.speculative="draft") drafts for
+    the engine's greedy replies."""
 
-    def __init__(self, model: Any, tokenizer: Any, engine_config: EngineConfig = CHAT_ENGINE_CONFIG):
+    def __init__(self, model: Any, tokenizer: Any, engine_config: EngineConfig = CHAT_ENGINE_CONFIG,
+                 draft_model: Any = None, draft_tokenizer: Any = None):
         self.model = model
         self.tokenizer = tokenizer
         self.engine_config = engine_config
+        self.draft_model, self.draft_tokenizer = draft_model, draft_tokenizer
         self.fallback_reason = engine_support(model)  # None: the engine runs it
         self.engine: Engine | None = None
         if self.fallback_reason is not None:
@@ -53,7 +56,7 @@ class ReplyGenerator:
         ids = prompt_ids(self.tokenizer, conversation)[0].tolist()
         max_new = reply_budget(self.model, len(ids), settings.max_new_tokens)
         if self.engine is None:
-            self.engine = Engine(self.model, self.tokenizer, self.engine_config)
+            self.engine = Engine(self.model, self.tokenizer, self.engine_config, self.draft_model, self.draft_tokenizer)
         if len(ids) + max_new > self.engine.capacity_tokens:
             # a conversation longer than the capped KV cache: transformers' cache grows as needed
             logger.warning("generating with transformers' generate: %d prompt + %d new tokens exceed the engine's KV "

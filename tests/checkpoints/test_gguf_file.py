@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import struct
+
 from qtool.core.errors import QtoolError
 from qtool.checkpoints.gguf_file import ArrayValue, GgufFormatError, read_gguf_header
 from qtool.checkpoints.sources import load_model
@@ -77,3 +79,34 @@ def test_damaged_files_are_refused_with_the_file_named(tmp_path):
     not_gguf.write_bytes(b"GGML" + good[4:])
     with pytest.raises(QtoolError, match="other.gguf.*no GGUF magic"):
         load_model(str(not_gguf), with_tokenizer=False)
+
+
+def test_a_tensor_table_that_does_not_cover_the_data_is_refused(tmp_path):
+    """A tensor count cut by one drops the last entry and starts the data section one entry earlier: every tensor
+    would be read from shifted bytes. The bytes left after the last listed tensor give it away; a writer's padding
+    after the last tensor (up to the alignment) does not."""
+    good = write_mixed_gguf(tmp_path / "good.gguf").read_bytes()
+    (count,) = struct.unpack_from("<Q", good, 8)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good[:8] + struct.pack("<Q", count - 1) + good[16:])
+    with pytest.raises(GgufFormatError, match=f"follow the last of the {count - 1} tensors"):
+        read_gguf_header(cut)
+    appended = tmp_path / "appended.gguf"
+    appended.write_bytes(good + bytes(32))
+    with pytest.raises(GgufFormatError, match="32 bytes follow"):
+        read_gguf_header(appended)
+
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(tmp_path / "odd.gguf"), arch="llama")
+    writer.add_tensor("output_norm.weight", np.random.default_rng(2).standard_normal(33).astype(np.float32))  # 132 bytes
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    padded = (tmp_path / "odd.gguf").read_bytes()  # gguf-py pads the last tensor to the alignment too
+    last = read_gguf_header(tmp_path / "odd.gguf").tensors[-1]
+    assert len(padded) > last.offset + last.nbytes
+    unpadded = tmp_path / "unpadded.gguf"
+    unpadded.write_bytes(padded[: last.offset + last.nbytes])
+    assert read_gguf_header(unpadded).tensors == (last,)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qtool.checkpoints.gguf_loader import load_gguf_direct, read_gguf_state, uninterleave_rotary_rows
-from qtool.checkpoints.sources import ModelSource, load_gguf_float_model, load_gguf_tokenizer
+from qtool.checkpoints.sources import ModelSource, load_gguf_float_model, load_gguf_tokenizer, load_model
+from qtool.core.errors import QtoolError
 
 HF_TO_GGUF_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -42,7 +43,7 @@ def gguf_names(config) -> dict[str, str]:
     return names
 
 
-def write_llama_gguf(path: Path, model, block_quantized: dict[str, str], arch: str = "llama", extra_keys: dict | None = None) -> Path:
+def write_llama_gguf(path: Path, model, block_quantized: dict[str, str], arch: str = "llama", extra_keys: dict | None = None, bos_token_id: int = 1) -> Path:
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
@@ -61,7 +62,7 @@ def write_llama_gguf(path: Path, model, block_quantized: dict[str, str], arch: s
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", bos_token_id)
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
     for key, value in (extra_keys or {}).items():
         writer.add_float32(key, value)
@@ -160,6 +161,53 @@ def test_loader_falls_back_and_gives_the_same_model(tmp_path, make_tiny_llama, m
     monkeypatch.setattr(gguf_loader, "FAMILIES", {})
     fallback = load_gguf_float_model(source).state_dict()
     assert direct.keys() == fallback.keys() and all(torch.equal(direct[k], fallback[k]) for k in direct)
+
+
+def test_a_tensor_count_cut_by_one_is_refused_not_loaded_as_a_tied_model(tmp_path, make_tiny_llama):
+    """The fuzz case: the count of an untied model's file cut from 21 to 20 drops output.weight (written last), which
+    reads as a tied head, and starts the data section earlier, so every tensor came from shifted bytes (exit 0)."""
+    import struct
+
+    path = write_llama_gguf(tmp_path / "cut.gguf", make_tiny_llama(seed=9), {})
+    data = bytearray(path.read_bytes())
+    (count,) = struct.unpack_from("<Q", data, 8)
+    struct.pack_into("<Q", data, 8, count - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(QtoolError, match=r"cut\.gguf.*bytes follow the last of the"):
+        load_model(str(path), with_tokenizer=False)
+
+
+def test_special_token_ids_outside_the_vocabulary_are_refused(tmp_path, make_tiny_llama):
+    model = make_tiny_llama(seed=10)
+    vocab = model.config.vocab_size
+    assert load_gguf_direct(write_llama_gguf(tmp_path / "last.gguf", model, {}, bos_token_id=vocab - 1)).config.bos_token_id == vocab - 1
+    path = write_llama_gguf(tmp_path / "past.gguf", model, {}, bos_token_id=vocab)
+    with pytest.raises(QtoolError, match=rf"past\.gguf.*bos_token_id is {vocab}, outside the vocabulary of {vocab} tokens"):
+        load_model(str(path), with_tokenizer=False)
+
+
+def test_a_tokenizer_token_id_past_its_token_list_is_refused_naming_the_file(tmp_path):
+    """Files of families qtool's loader does not map reach transformers' GGUF tokenizer unchecked: it indexes the
+    token list with the special ids and raised a bare IndexError."""
+    from gguf import GGUFWriter
+
+    def write(name: str, eos_token_id: int) -> ModelSource:
+        writer = GGUFWriter(str(tmp_path / name), arch="falcon")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(["a", "b", "ab", "<s>"])
+        writer.add_token_types([1, 1, 1, 3])
+        writer.add_token_merges(["a b"])
+        writer.add_bos_token_id(3)
+        writer.add_eos_token_id(eos_token_id)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return ModelSource("gguf", tmp_path, gguf_file=name)
+
+    assert load_gguf_tokenizer(write("inside.gguf", 3)).eos_token == "<s>"
+    with pytest.raises(QtoolError, match=r"past\.gguf: a token id is outside its token list"):
+        load_gguf_tokenizer(write("past.gguf", 4))
 
 
 def test_qwen2_keeps_its_row_order_and_biases(tmp_path):

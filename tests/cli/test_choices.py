@@ -16,6 +16,7 @@ from qtool.config.schema import BITS, CHECKPOINT_FORMATS, COMPUTE_DTYPES, EXL2_H
 from qtool.convert.exl2_gptq import GPTQ_BITS
 from qtool.kernels.registry import BACKEND_CHOICES
 from qtool.runtime.kv_cache_names import KV_CACHE_KINDS
+from qtool.runtime.engine.llm_engine import SPECULATIVE_METHODS
 
 from cli_checks import refused_choice
 
@@ -40,6 +41,7 @@ CHOICES = [
     ("run", "--dtype", tuple(DTYPES)),
     ("run", "--backend", BACKENDS),
     ("run", "--kv-cache", KV_CACHE_KINDS),
+    ("run", "--speculate", SPECULATIVE_METHODS),
 ]
 
 

@@ -18,7 +18,7 @@ from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, r
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ("quantize", "convert", "validate", "eval", "run")
+COMMANDS = ("quantize", "convert", "validate", "eval", "run", "tune")
 WIDE = {"COLUMNS": "240", "TERMINAL_WIDTH": "240"}
 
 

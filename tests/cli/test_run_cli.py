@@ -45,7 +45,7 @@ def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):
     result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--system", "be brief", "--json"] + GREEDY)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == {"text", "tokens", "seconds", "tokens_per_second", "time_to_first_token", "finish_reason"}
+    assert set(data) == {"text", "tokens", "seconds", "tokens_per_second", "time_to_first_token", "finish_reason", "engine"}
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox"}]
     assert data["text"] == greedy_reply(model, tokenizer, messages)
     assert data["tokens"] == 6
@@ -155,3 +155,26 @@ def test_kv_cache_flag_reaches_the_engine(model_dir, model, tokenizer):
     result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--kv-cache", "q4", "--json"] + GREEDY)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["text"] == expected.text
+
+
+def test_kv_cache_flag_reaches_a_batch(tmp_path, model_dir, model, tokenizer):
+    from qtool.runtime.batch import run_batch
+    from qtool.runtime.batch_file import read_batch_requests
+    from qtool.runtime.engine import EngineConfig
+
+    requests = tmp_path / "requests.jsonl"
+    prompts = ["the fox", "what is the capital", "the dog"]
+    requests.write_text("".join(json.dumps({"id": i, "prompt": text}) + "\n" for i, text in enumerate(prompts)))
+    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+
+    def replies(kind: str) -> list[str]:
+        result = run_batch(model, tokenizer, read_batch_requests(requests), settings, engine_config=EngineConfig(kv_cache=kind))
+        return [output.text for output in result.outputs]
+
+    expected = replies("q4")
+    assert expected != replies("auto"), "this model's q4 replies differ from the float cache's: the test can tell"
+    output = tmp_path / "replies.jsonl"
+    result = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output),
+                                 "--kv-cache", "q4", "--json"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == expected

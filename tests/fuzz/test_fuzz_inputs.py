@@ -3,7 +3,6 @@ the commands that read that kind; fuzz_property says what must hold."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from hypothesis import given
@@ -31,13 +30,7 @@ def mutations_of(originals, kind: str) -> st.SearchStrategy:
     return checkpoint_config_mutations(content)
 
 
-# The gguf kind passes run alone (`pytest tests/fuzz -k gguf`) but fails after the other kinds in a whole-suite run:
-# an open bug (state shared across kinds, likely the session's GGUF float cache), reported in the stop's note. Its
-# regression files still replay in test_fuzz_regressions.py.
-GGUF_AFTER_OTHER_KINDS = pytest.mark.xfail(reason="open: fails after the other kinds in a whole-suite run", strict=False)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=GGUF_AFTER_OTHER_KINDS) if k == "gguf" else k for k in sorted(COMMANDS_OF_KIND)])
+@pytest.mark.parametrize("kind", sorted(COMMANDS_OF_KIND))
 def test_malformed_input_is_refused_cleanly(originals, kind):
     @FUZZ_SETTINGS
     @given(data=st.data())

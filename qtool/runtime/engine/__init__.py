@@ -3,19 +3,33 @@
 Design, one role per file:
 - sequence.py: a request (prompt + output ids, SamplingParams, its own seeded generator, status, block table, cached count).
 - block_manager.py: cache blocks of block_size tokens; full blocks keyed by a chain hash and shared by refcount, freed
-  blocks kept cached and evicted LRU only when a block is needed; the block holding a prompt's last token is never reused.
+  blocks kept cached and evicted LRU only when a block is needed; the block holding a prompt's last token is never reused;
+  when every layer has a sliding window, blocks wholly before a sequence's window are released (mixed models keep all).
 - scheduler.py: per step, running decodes, then running prefills, then waiting requests, under a token budget (prefills
   chunked); when blocks run out the latest-arrived running sequence is preempted (freed, requeued first, recomputed).
 - attention.py: the KV cache tensors and the torch reference paged attention (gather by block table, causal, GQA, window).
 - kv_quant.py: the quantized cache kinds (EngineConfig.kv_cache q8 / q4): codes + float16 scales of rotated (token, kv
-  head) vectors, written and read through the same write_kv / paged_attention; `cache.is_quantized` keeps fast float
-  paths away from them.
+  head) vectors, written and read through the same write_kv / read_kv (paged_attention, and the GPU prefill attention
+  dequantizing what it gathers); `cache.is_quantized` makes the decode step and its CUDA graphs decline them.
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
   it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
   `prompt_logits(ids)` gives the logits at every position of one prompt (what `qtool eval --engine` uses).
+- decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
+  add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
+  module); taken per model when probing its modules finds the plain form (RMSNorm, gated MLP), with a reason line.
+- cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
+  every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request).
+- prefill_attention.py: attention of prefill/mixed steps on the GPU (torch's flash varlen kernel over contexts gathered
+  from the paged cache; SDPA per sequence where it cannot run); the CPU keeps attention.py's reference.
 - sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
+- drafters.py: speculative decoding's drafters: prompt lookup (n-gram) and a draft model with its own ModelRunner and
+  BlockManager (a mirror sequence per request, caught up on accepted tokens each round).
+- speculation.py: which greedy decodes draft how many tokens (adaptive length per request, paused while acceptance is
+  low), and verification (the longest prefix the target's greedy choice agrees with, then the target's own token).
+  A speculating decode is one chunk of k+1 positions (ScheduledChunk.draft_ids) with logits at each; only accepted
+  tokens count as cached, so rejected slots are never keyed and the blocks grown for them are released.
 - llm_engine.py: Engine (add_request / step / generate / abort_request, stats). add_request(..., on_text=callback)
   streams that request's reply during step(): complete characters only, never a stop string nor an end that may still
   become one; the pieces concatenate to the RequestOutput's text.

@@ -129,14 +129,16 @@ def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cac
     out = torch.empty_like(query)
     for start, count, context, table in zip(batch.query_starts, batch.query_lens, batch.context_lens,
                                             batch.block_tables):
-        slots = cache_slots(table, range(context), key_cache.shape[1]).to(query.device)
+        # keys from the first query's window on: blocks before it may be released (block_manager.RELEASED)
+        first = 0 if sliding_window is None else max(0, context - count - sliding_window + 1)
+        slots = cache_slots(table, range(first, context), key_cache.shape[1]).to(query.device)
         # [context, kv_heads, d] -> [heads, context, d]: query head h reads kv head h // group
         keys = read_kv(key_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         values = read_kv(value_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
         scores = torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale
         q_pos = torch.arange(context - count, context, device=query.device).unsqueeze(1)
-        k_pos = torch.arange(context, device=query.device).unsqueeze(0)
+        k_pos = torch.arange(first, context, device=query.device).unsqueeze(0)
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window

@@ -150,7 +150,8 @@ class QuantizedCacheLayer:
 @dataclass
 class QuantizedKVCache:
     """The quantized counterpart of attention.KVCache: per layer a QuantizedCacheLayer for keys and one for values.
-    Only the torch paged attention reads it (is_quantized routes the fast float paths away from it)."""
+    The torch paged attention and the GPU prefill attention read it through attention.read_kv; is_quantized makes
+    the whole-tensor decode step (engine_ops: float caches only) and its CUDA graphs decline it."""
 
     kind: str
     head_dim: int

@@ -3,6 +3,7 @@ scheduler, model runner and sampler, text streamed per request as it forms, resu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence as Seq
@@ -12,12 +13,15 @@ from torch import nn
 
 from qtool.models.finite_outputs import check_finite_logits, model_name
 from qtool.core.errors import QtoolError
-from qtool.runtime.engine.block_manager import BlockManager
+from qtool.runtime.engine.block_manager import BlockManager, cache_window
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
+from qtool.runtime.engine.drafters import DraftModelDrafter, NgramDrafter, check_draft_model
 from qtool.runtime.engine.model_runner import ModelRunner
 from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample
-from qtool.runtime.engine.scheduler import Scheduler
+from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
+from qtool.runtime.engine.speculation import Speculator, verification_contexts
+from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
 from qtool.runtime.kv_cache_names import check_kv_cache
 
@@ -34,10 +38,20 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 2048  # tokens computed per step at most (prefills are chunked to fit)
     kv_dtype: torch.dtype | None = None  # a float cache's dtype (None: the model's); kv_cache names the others
-    kv_cache: str = "auto"  # auto (the model's dtype, or kv_dtype), fp16, bf16, q8 or q4 (quantized, torch attention)
+    kv_cache: str = "auto"  # auto (the model's dtype, or kv_dtype), fp16, bf16, q8 or q4 (quantized: no fast decode)
+    # speculative decoding of greedy requests: None, "ngram" (prompt lookup) or "draft" (a draft model given to Engine)
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # the most draft tokens per step (each request's adaptive length stays under it)
+    prompt_lookup_max: int = 3  # prompt lookup matches the last n tokens, n from this down to prompt_lookup_min
+    prompt_lookup_min: int = 1
+    # one-token steps through the whole-tensor decode step where the model allows it (decode_step.py); None: on CUDA
+    fast_decode: bool | None = None
+    cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
+    max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
 
     def __post_init__(self) -> None:
-        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
+                      "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
@@ -45,9 +59,15 @@ class EngineConfig:
         if self.kv_dtype is not None and self.kv_cache != "auto":
             raise QtoolError(f"engine settings kv_dtype and kv_cache={self.kv_cache!r} are both set",
                              hint="give one of them (kv_cache fp16 or bf16 names a float cache's dtype)")
+        if self.speculative not in (None, *SPECULATIVE_METHODS):
+            raise QtoolError(f"engine setting speculative={self.speculative!r} is invalid",
+                             hint=f"speculative must be None or one of {', '.join(SPECULATIVE_METHODS)}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise QtoolError(f"engine settings prompt_lookup_min={self.prompt_lookup_min} and prompt_lookup_max="
+                             f"{self.prompt_lookup_max} are invalid", hint="prompt_lookup_min must be <= prompt_lookup_max")
         if self.num_blocks is not None and self.kv_cache_bytes is not None:
             raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
-        for field in ("num_blocks", "kv_cache_bytes"):
+        for field in ("num_blocks", "kv_cache_bytes", "max_graph_batch"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise QtoolError(f"engine setting {field}={value!r} is invalid", hint=f"{field} must be an int >= 1")
@@ -79,22 +99,31 @@ class EngineStats:
     num_blocks: int
     steps: int
     generated_tokens: int
+    # per drafter (the engine's one, by name): drafted, accepted, acceptance_rate, rounds, draft_forward_passes
+    speculation: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 class Engine:
     """Paged-KV, prefix-caching, continuously batching generation over an already-loaded model (float, GPTQ or
-    EXL2 linears alike). `engine_support(model)` says beforehand whether its family can run here."""
+    EXL2 linears alike). `engine_support(model)` says beforehand whether its family can run here. With
+    config.speculative="draft", `draft_model` (same tokenizer; `draft_tokenizer` to check it) drafts for greedy
+    requests; "ngram" drafts by prompt lookup."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: nn.Module, tokenizer: Any = None, config: EngineConfig = EngineConfig(),
+                 draft_model: nn.Module | None = None, draft_tokenizer: Any = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache)
-        self.blocks = BlockManager(self.num_blocks, config.block_size)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
+                                  config.fast_decode)
+        graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
+        self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
+        # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
+        self.blocks = BlockManager(self.num_blocks, config.block_size, cache_window(self.runner.windows))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = tuple(self._eos_ids())
         self.max_context = getattr(model.config, "max_position_embeddings", None)
@@ -103,6 +132,26 @@ class Engine:
         self._streams: dict[int, TextCallback] = {}  # request id -> its on_text callback
         self._steps = 0
         self._generated = 0
+        self.speculator = self._speculator(draft_model, draft_tokenizer)
+
+    def _speculator(self, draft_model: nn.Module | None, draft_tokenizer: Any) -> Speculator | None:
+        method = self.config.speculative
+        if draft_model is not None and method != "draft":
+            raise QtoolError(f"a draft model was given with speculative={method!r}",
+                             hint="set speculative='draft' to use it, or give no draft model")
+        if method is None:
+            return None
+        if method == "ngram":
+            return Speculator(NgramDrafter(self.config.prompt_lookup_max, self.config.prompt_lookup_min),
+                              self.config.num_speculative_tokens)
+        if draft_model is None:
+            raise QtoolError("speculative='draft' needs a draft model", hint="pass draft_model= (qtool run --draft MODEL)")
+        check_draft_model(self.model, self.tokenizer, draft_model, draft_tokenizer)
+        # the mirrors of all running sequences, each with room for a full draft past its target's blocks
+        extra = self.config.max_num_seqs * (self.blocks.blocks_for(self.config.num_speculative_tokens) + 1)
+        drafter = DraftModelDrafter(draft_model.eval(), self.num_blocks + extra, self.config.block_size,
+                                    self.model.config.vocab_size, self.config.max_num_batched_tokens)
+        return Speculator(drafter, self.config.num_speculative_tokens)
 
     def _blocks_for_budget(self, model: nn.Module) -> int:
         per_block = ModelRunner.kv_bytes_per_block(model, self.config.block_size, self.config.kv_dtype,
@@ -143,7 +192,7 @@ class Engine:
                              hint="shorten the prompt")
         seq = Sequence(self._next_id, prompt_ids, params, request_generator(params.seed, self.runner.device),
                        eos_ids=self.eos_ids, max_context=self.max_context)
-        needed = self.blocks.blocks_for(seq.token_limit())
+        needed = self.blocks.most_blocks(seq.token_limit(), self.config.max_num_batched_tokens)
         if needed > self.num_blocks:
             raise QtoolError(f"request {seq.seq_id} may need {needed} KV cache blocks, the cache has {self.num_blocks}",
                              hint="lower max_tokens or give the engine more num_blocks / kv_cache_bytes")
@@ -157,12 +206,19 @@ class Engine:
 
     @property
     def capacity_tokens(self) -> int:
-        """The most tokens (prompt + output) one request can reach in this KV cache."""
-        return self.num_blocks * self.config.block_size
+        """The most tokens (prompt + output) one request can reach in this KV cache: with a sliding window on every
+        layer its blocks stay bounded, so up to the model's context once the window's blocks fit."""
+        full = self.num_blocks * self.config.block_size
+        limit = self.max_context or full
+        if self.blocks.most_blocks(limit, self.config.max_num_batched_tokens) <= self.num_blocks:
+            return max(full, limit)
+        return full
 
     def abort_request(self, request_id: int) -> None:
         """Drop a request that is not finished (an interrupted reply): no output, no more text to its on_text."""
         self.scheduler.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
         self._detokenizers.pop(request_id, None)
         self._streams.pop(request_id, None)
 
@@ -171,7 +227,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch step; the requests that finished in it."""
-        chunks = self.scheduler.schedule()
+        drafts = self.speculator.propose(self.scheduler.running) if self.speculator is not None else None
+        chunks = self.scheduler.schedule(drafts)
         if not chunks:
             if self.has_unfinished():  # a bug, not a user error: never spin on a queue that cannot move
                 raise RuntimeError("the scheduler placed no request although some are unfinished")
@@ -179,17 +236,14 @@ class Engine:
         logits = self.runner.execute(chunks)
         # the same refusal, in the same words, as every other path that computes from this model's logits
         check_finite_logits(logits, model_name(self.model))
-        sampling = [chunk.seq for chunk in chunks if chunk.samples]
-        contexts = [s.token_ids if s.params.repetition_penalty != 1.0 else [] for s in sampling]
-        tokens = sample(logits, [s.params for s in sampling], contexts, [s.generator for s in sampling])
-        self.scheduler.update(chunks, tokens)
+        sampling_chunks = [chunk for chunk in chunks if chunk.samples]
+        sampling = [chunk.seq for chunk in sampling_chunks]
+        self.scheduler.update(chunks, self._next_tokens(sampling_chunks, logits), on_token=self._on_token)
         self._steps += 1
-        self._generated += len(tokens)
-        for seq, token in zip(sampling, tokens):
-            detokenizer = self._detokenizers.get(seq.seq_id)
-            if detokenizer is not None and not seq.stops_on(token) and detokenizer.add(token):
-                seq.finish("stop")  # a stop string: its tokens stay in token_ids, the text ends before it
         finished = self.scheduler.retire_finished()
+        if self.speculator is not None:
+            for seq in finished:
+                self.speculator.release(seq.seq_id)
         outputs = [self._output(seq) for seq in finished]
         pieces = [(self._streams[seq.seq_id], self._detokenizers[seq.seq_id].stream_piece(final=seq.is_finished))
                   for seq in sampling if seq.seq_id in self._streams]
@@ -201,6 +255,34 @@ class Engine:
             if piece:
                 stream(piece)
         return outputs
+
+    def _next_tokens(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[int | list[int]]:
+        """Per sampling chunk (logits: chunk.num_logits rows each, all sampled in one call): a sampled token, or a
+        speculating chunk's verified run."""
+        params, contexts, generators = [], [], []
+        for chunk in chunks:
+            seq = chunk.seq
+            params += [seq.params] * chunk.num_logits
+            generators += [seq.generator] * chunk.num_logits
+            if chunk.draft_ids:
+                contexts += verification_contexts(seq, chunk.draft_ids)
+            else:
+                contexts.append(seq.token_ids if seq.params.repetition_penalty != 1.0 else [])
+        choices = sample(logits, params, contexts, generators)
+        tokens: list[int | list[int]] = []
+        row = 0
+        for chunk in chunks:
+            rows = choices[row : row + chunk.num_logits]
+            row += chunk.num_logits
+            tokens.append(self.speculator.verify(chunk.seq, chunk.draft_ids, rows) if chunk.draft_ids else rows[0])
+        return tokens
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        """Each token a sequence keeps, as it is appended: counted, and checked for a stop string."""
+        self._generated += 1
+        detokenizer = self._detokenizers.get(seq.seq_id)
+        if detokenizer is not None and not seq.stops_on(token) and detokenizer.add(token):
+            seq.finish("stop")  # a stop string: its tokens stay in token_ids, the text ends before it
 
     def _output(self, seq: Sequence) -> RequestOutput:
         detokenizer = self._detokenizers.get(seq.seq_id)
@@ -246,4 +328,6 @@ class Engine:
             num_blocks=self.num_blocks,
             steps=self._steps,
             generated_tokens=self._generated,
+            speculation={} if self.speculator is None else
+            {self.speculator.drafter.name: self.speculator.stats().to_dict()},
         )

@@ -1,10 +1,12 @@
 """The decoder executor: runs an already-loaded HF model's own modules (embedding, norms, q/k/v/o, MLP, head: float
-or quantized linears alike) over one flattened ragged batch, with RoPE from the model's rotary module and paged KV."""
+or quantized linears alike) over one flattened ragged batch, with RoPE from the model's rotary module and paged KV.
+A step of one-token decodes goes through the whole-tensor decode step (decode_step.py) where the model allows it,
+replayed from CUDA graphs (cuda_graphs.py) on the GPU; prefill attention on the GPU is prefill_attention.py's."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,12 @@ from qtool.models.architectures import REGISTRY, decoder_layers, get_module
 from qtool.models.layerwise import head_logits
 from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, kv_cache_bytes_per_block,
                                            paged_attention, write_kv)
+from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from qtool.runtime.engine.decode_step import DecodeRows, plan_decode_step
+from qtool.runtime.engine.prefill_attention import PrefillAttention
 from qtool.runtime.engine.scheduler import ScheduledChunk
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,10 @@ class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 kv_cache: str = "auto"):
+                 kv_cache: str = "auto", fast_decode: bool | None = None):
+        """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
+        through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
+        on the CPU the module path stays the reference)."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -123,6 +133,50 @@ class ModelRunner:
         self.windows = [self._sliding_window(layer) for layer in self.layers]
         self.embedding_multiplier = self._config_multiplier(self.recipe.embedding_multiplier_field)
         self.residual_multiplier = self._config_multiplier(self.recipe.residual_multiplier_field)
+        self.attention = paged_attention if self.device.type == "cpu" else PrefillAttention(block_size, self.device)
+        self.decode_step, self.decode_step_reason = None, "fast decode is off"
+        if fast_decode or (fast_decode is None and self.device.type == "cuda"):
+            self.decode_step, self.decode_step_reason = plan_decode_step(self, self._max_positions())
+            if self.decode_step is None:
+                self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
+        logger.info("engine: %s", self.decode_step_reason)
+        self.decode_graphs: DecodeGraphs | None = None
+        self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
+
+    def _max_positions(self) -> int:
+        """Positions a sequence can reach: the model's context, and no more than the cache holds."""
+        capacity = self.cache.num_blocks * self.cache.block_size
+        context = getattr(self.config, "max_position_embeddings", None)
+        return min(capacity, context) if context else capacity
+
+    def warm_up(self, max_num_batched_tokens: int, max_num_seqs: int, max_graph_batch: int = 0) -> None:
+        """Engine start on CUDA (nothing elsewhere): one step at every token-count bucket a request can bring and at
+        every decode batch bucket, so quantized linears tune their plans and kernels compile now, never inside a
+        request; then the decode step's CUDA graphs at batch sizes up to max_graph_batch (0: none). It writes the
+        cache's block 0: call it before any request."""
+        if self.device.type != "cuda":
+            return
+        block_size = self.cache.block_size
+        with torch.inference_mode():
+            for tokens in sorted({min(1 << k, max_num_batched_tokens)
+                                  for k in range(max_num_batched_tokens.bit_length() + 1)}):
+                batch = AttentionBatch.build([[0] * -(-tokens // block_size)], [tokens], [tokens], block_size,
+                                             self.device)
+                positions = torch.arange(tokens, device=self.device) % self._max_positions()
+                self._forward_tokens(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, batch)
+        if self.decode_step is None:
+            return
+        if max_graph_batch >= 1:
+            max_blocks = min(self.cache.num_blocks, -(-self._max_positions() // block_size))
+            self.decode_graphs = DecodeGraphs(self.decode_step, graph_batch_sizes(min(max_graph_batch, max_num_seqs)),
+                                              max_blocks, self.device)
+            self.decode_graphs.capture()  # warms up each of its sizes before capturing
+        largest_graph = self.decode_graphs.largest if self.decode_graphs and self.decode_graphs.graphs else 0
+        with torch.inference_mode():
+            for size in graph_batch_sizes(max_num_seqs):  # the batch buckets that run eagerly
+                if size > largest_graph:
+                    rows = DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size)
+                    self.decode_step(rows.to_inputs(self.device))
 
     @staticmethod
     def kv_bytes_per_block(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None,
@@ -148,7 +202,7 @@ class ModelRunner:
         ids, positions = [], []
         for chunk in chunks:
             stop = chunk.start + chunk.num_tokens
-            ids += chunk.seq.token_slice(chunk.start, stop)
+            ids += chunk.token_ids()
             positions += range(chunk.start, stop)
         batch = AttentionBatch.build([c.seq.block_table for c in chunks], [c.start + c.num_tokens for c in chunks],
                                      [c.num_tokens for c in chunks], self.cache.block_size, self.device)
@@ -158,8 +212,39 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Compute the chunks' K/V into the cache and return the logits [n, vocab] (float32) of the chunks that
-        reach their sequence's last token, in chunk order."""
+        reach their sequence's last token, in chunk order: chunk.num_logits trailing rows each (one, or one per
+        position of a speculating chunk)."""
+        if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
+            logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
+            sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
+            return logits if len(sampling) == len(chunks) else logits[sampling]
+        return self.execute_modules(chunks)
+
+    def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor:
+        graphs = self.decode_graphs
+        self.fast_decode_steps += 1
+        if graphs is not None and graphs.bucket(len(rows)) is not None:
+            if max(len(table) for table in rows.block_tables) <= graphs.max_blocks:
+                return graphs.run(rows)
+        return self.decode_step(rows.to_inputs(self.device))
+
+    @torch.inference_mode()
+    def execute_modules(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """execute() through the model's modules, whatever the chunks are (the reference of the decode step)."""
         input_ids, positions, batch = self.prepare(chunks)
+        hidden = self._forward_tokens(input_ids, positions, batch)
+        last_rows, row = [], -1
+        for chunk in chunks:
+            row += chunk.num_tokens
+            last_rows += range(row - chunk.num_logits + 1, row + 1)
+        if not last_rows:
+            return torch.empty(0, self.config.vocab_size, device=self.device)
+        rows = torch.tensor(last_rows, device=self.device)
+        return head_logits(self.model, hidden[rows], spec=self.spec).float()
+
+    def _forward_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        batch: AttentionBatch) -> torch.Tensor:
+        """The last layer's hidden states [T, hidden] of a flattened batch (its K/V written to the cache)."""
         hidden = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
@@ -167,15 +252,7 @@ class ModelRunner:
         cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
         for index, layer in enumerate(self.layers):
             hidden = self._layer(index, layer, hidden, cos, sin, batch)
-        last_rows, row = [], -1
-        for chunk in chunks:
-            row += chunk.num_tokens
-            if chunk.samples:
-                last_rows.append(row)
-        if not last_rows:
-            return torch.empty(0, self.config.vocab_size, device=self.device)
-        rows = torch.tensor(last_rows, device=self.device)
-        return head_logits(self.model, hidden[rows], spec=self.spec).float()
+        return hidden
 
     def _layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                batch: AttentionBatch) -> torch.Tensor:
@@ -190,7 +267,7 @@ class ModelRunner:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         key_cache, value_cache = self.cache.layer(index)
         write_kv(key_cache, value_cache, batch.slots, k, v)
-        attended = paged_attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index])
+        attended = self.attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index])
         hidden = hidden + attention.o_proj(attended.reshape(tokens, -1)) * self.residual_multiplier
         # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
         mlp_out = layer.mlp(layer.post_attention_layernorm(hidden).unsqueeze(0)).squeeze(0)
@@ -211,11 +288,5 @@ class ModelRunner:
                                  f"the runner has {num_blocks}", hint="give the ModelRunner more num_blocks")
             block_table = list(range(needed))
         batch = AttentionBatch.build([block_table], [count], [count], block_size, self.device)
-        hidden = self.embed(ids)
-        if self.embedding_multiplier != 1.0:
-            hidden = hidden * self.embedding_multiplier
-        positions = torch.arange(count, device=self.device)
-        cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
-        for index, layer in enumerate(self.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, batch)
+        hidden = self._forward_tokens(ids, torch.arange(count, device=self.device), batch)
         return head_logits(self.model, hidden, spec=self.spec).float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence as Seq
 
 from qtool.runtime.engine.block_manager import BlockManager
 from qtool.runtime.engine.sequence import Sequence, SequenceStatus
@@ -12,10 +13,12 @@ from qtool.runtime.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """`num_tokens` of seq's tokens, from its first uncached one, computed this step."""
+    """`num_tokens` positions of seq from its first uncached one, computed this step: its own tokens, then (for a
+    speculating decode) `draft_ids`, tokens proposed after its last one whose logits verify them."""
 
     seq: Sequence
     num_tokens: int
+    draft_ids: tuple[int, ...] = ()
 
     @property
     def start(self) -> int:
@@ -24,7 +27,16 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """Whether the chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens - len(self.draft_ids) == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Trailing rows whose logits are wanted: the last token's and each draft token's, or none."""
+        return 1 + len(self.draft_ids) if self.samples else 0
+
+    def token_ids(self) -> list[int]:
+        """The chunk's input ids: seq's tokens from `start`, then the drafts."""
+        return self.seq.token_slice(self.start, self.start + self.num_tokens - len(self.draft_ids)) + list(self.draft_ids)
 
 
 class Scheduler:
@@ -42,13 +54,17 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self, drafts: Mapping[int, Seq[int]] | None = None) -> list[ScheduledChunk]:
         """This step's chunks. A running sequence that cannot get a block preempts the latest-arrived running
-        sequence not yet scheduled this step (itself if it is the latest); new requests wait while that happens."""
+        sequence not yet scheduled this step (itself if it is the latest); new requests wait while that happens.
+        `drafts` (seq id -> proposed tokens) makes a decode verify them too, at one token of budget each; a draft
+        is cut to the budget and dropped rather than preempt anyone for its blocks."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[int] = set()
         preempted = False
+        for seq in self.running:  # with a sliding window, blocks no query will read go back to the pool first
+            self.blocks.release_out_of_window(seq)
         # decodes (one uncached token) first, so a long prompt never stalls the replies under way
         for seq in sorted(self.running, key=lambda s: (s.num_uncached_tokens > 1, s.seq_id)):
             if budget == 0:
@@ -56,6 +72,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             count = min(seq.num_uncached_tokens, budget)
+            draft = tuple(drafts.get(seq.seq_id, ()))[: budget - count] if drafts and seq.num_uncached_tokens == 1 else ()
+            if draft and self.blocks.can_grow(seq, seq.num_cached_tokens + count + len(draft)):
+                count += len(draft)
+            else:
+                draft = ()
             while not self.blocks.can_grow(seq, seq.num_cached_tokens + count):
                 victim = max((s for s in self.running if s.seq_id not in scheduled), key=lambda s: s.seq_id)
                 self._preempt(victim)
@@ -64,7 +85,7 @@ class Scheduler:
                     break
             if seq.status is SequenceStatus.RUNNING:
                 self.blocks.grow(seq, seq.num_cached_tokens + count)
-                chunks.append(ScheduledChunk(seq, count))
+                chunks.append(ScheduledChunk(seq, count, draft))
                 scheduled.add(seq.seq_id)
                 budget -= count
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
@@ -92,17 +113,40 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, chunks: list[ScheduledChunk], tokens: list[int]) -> None:
+    def update(self, chunks: list[ScheduledChunk], tokens: Seq[int | Seq[int]],
+               on_token: Callable[[Sequence, int], None] | None = None) -> None:
         """Record a finished step: the chunks' K/V are in the cache, and each sampling chunk's sequence gets its
-        token (tokens in the order of the sampling chunks)."""
-        sampled = iter(tokens)
+        token, or for a speculating chunk its run (the accepted drafts, then the target's own token), in the order
+        of the sampling chunks. Tokens are appended one by one, each followed by on_token (which may finish the
+        sequence: a stop string), and none after the sequence finishes. Only K/V of tokens the sequence keeps
+        count as cached, so a rejected draft's slots are never keyed for the prefix cache and are overwritten."""
+        runs = iter(tokens)
         for chunk in chunks:
             seq = chunk.seq
             samples = chunk.samples  # read before the cached count moves
-            seq.num_cached_tokens += chunk.num_tokens
+            own = chunk.num_tokens - len(chunk.draft_ids)
+            if not samples:
+                seq.num_cached_tokens += own
+                self.blocks.register_full_blocks(seq)
+                continue
+            run = next(runs)
+            run = [run] if isinstance(run, int) else list(run)
+            accepted = len(run) - 1
+            assert tuple(run[:accepted]) == chunk.draft_ids[:accepted], "a run is accepted drafts and one more token"
+            before = seq.num_tokens
+            appended = 0
+            for token in run:
+                seq.append_token(token)
+                appended += 1
+                if on_token is not None:
+                    on_token(seq, token)
+                if seq.finish_reason is not None:
+                    break
+            # K/V are in the cache for the sequence's own tokens and the accepted drafts it kept
+            seq.num_cached_tokens = before + min(accepted, appended)
             self.blocks.register_full_blocks(seq)
-            if samples:
-                seq.append_token(next(sampled))
+            if chunk.draft_ids:
+                self.blocks.release_tail(seq, seq.num_tokens)  # blocks grown for rejected drafts
 
     def abort(self, seq_id: int) -> bool:
         """Drop an unfinished sequence (its blocks released, keyed ones stay cached); False when none has that id."""

@@ -1,0 +1,408 @@
+"""Triton versions of the engine's per-token operations (engine_ops_ref.py holds their torch references, the
+signatures and the semantics): paged decode attention (GQA, optional split-K over the context), residual add +
+RMSNorm, SiLU times up, and RoPE fused with the KV cache write. Every launch is CUDA-graph safe: no host sync, grid
+sizes and split counts from static shapes only, data-dependent bounds (context lengths, slots) read on the GPU."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from qtool.core.errors import QtoolError
+
+LOG2E = 1.4426950408889634
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # one K/V tile row in registers; wider heads go to the reference
+MAX_SPLITS = 64
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _output(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
+    """A new contiguous output, or the caller's buffer (a captured step's static tensor) after checking it."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise QtoolError(f"{what}: out is {tuple(out.shape)} {out.dtype} on {out.device}; it must be a contiguous "
+                         f"{tuple(shape)} {dtype} on {device}")
+    return out
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """float32 -> dtype rounding to nearest even. bfloat16 is rounded by hand: the interpreter (Triton 3.9)
+    truncates float32 -> bfloat16; on a GPU this gives the hardware conversion's bits (NaN and inf stay so)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# paged decode attention
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+                         q_sb, q_sh, k_sn, k_sb, k_sh, v_sn, v_sb, v_sh, t_sb, o_sb, o_sh,
+                         qk_scale, window, tokens_per_split,
+                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+                         ROUND_P: tl.constexpr):
+    """Program (b, kv head, split): the GROUP query heads of this kv head against context tokens
+    [split * tokens_per_split, (split + 1) * tokens_per_split) of sequence b (clipped to its length and window),
+    online softmax in float32 on log2-scaled scores. With one split the normalised rows go to out; else the
+    unnormalised-then-divided partial row, its running max and sum go to the split workspace for the reduce.
+    DOT_F32: both products in float32 (a float32 or mixed-dtype query/cache, and bfloat16 under the interpreter,
+    whose tl.dot multiplies bfloat16's raw bits); ROUND_P then rounds the weights to the values' dtype first, as
+    the native path does."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    context = tl.load(lens_ptr + b).to(tl.int32)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(context - window, 0)
+    begin = split * tokens_per_split
+    end = tl.minimum(begin + tokens_per_split, context)
+    # start at the tile holding the window's first token (tiles stay aligned to BLOCK_N, as splits are)
+    begin = tl.maximum(begin, (lo // BLOCK_N) * BLOCK_N)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    table_row = table_ptr + b.to(tl.int64) * t_sb
+    for start in range(begin, end, BLOCK_N):
+        pos = start + n
+        valid = (pos < end) & (pos >= lo)
+        block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + block[:, None] * k_sn + offset[:, None] * k_sb + kvh * k_sh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + block[:, None] * v_sn + offset[:, None] * v_sb + kvh * v_sh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        if DOT_F32:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays empty, not NaN
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(scores - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            if ROUND_P:
+                p = _cast(p, v_ptr.dtype.element_ty).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # context 0: acc is 0, the row stays 0
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+                 _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # workspace [B, heads, NUM_SPLITS, BLOCK_D] and [B, heads, NUM_SPLITS, 2] (max, sum), contiguous
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * BLOCK_D + d[None, :], out_rows, mask=g_ok[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_ok)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_ok)
+
+
+@triton.jit
+def _split_reduce_kernel(part_o_ptr, part_ml_ptr, out_ptr, o_sb, o_sh, heads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Program (b, head): the splits' partial rows weighted by sum * 2^(max - overall max); all splits empty
+    (context 0) gives a row of zeros."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    row = (b.to(tl.int64) * heads + h) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(l_s > 0.0, l_s * tl.exp2(m - m_max), 0.0)
+    o = tl.load(part_o_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None] & (l_s > 0.0)[:, None],
+                other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * o_sb + h * o_sh + d, _cast(out, out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_tile_tokens(head_dim: int) -> int:
+    """Context tokens one program reads per loop step (a K and a V tile of BLOCK_N x head_dim in registers)."""
+    return 64 if _pow2(head_dim) <= 128 else 32
+
+
+def decode_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, head_dim: int, num_sms: int) -> int:
+    """How many programs share one sequence's context (flash-decoding), from static sizes only so a captured
+    graph keeps it: enough (batch x kv_heads x splits) programs for about two per SM, each split keeping at least
+    two K/V tiles of the longest context the block table can hold. Batches that fill the GPU get one split."""
+    programs = batch * kv_heads
+    if programs >= num_sms:
+        return 1
+    tiles = triton.cdiv(max_blocks * block_size, decode_tile_tokens(head_dim))
+    wanted = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(wanted, tiles // 2, MAX_SPLITS))
+
+
+def paged_decode_attention_problem(query: torch.Tensor, key_cache: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take these tensors (then the reference runs), or None."""
+    if query.dtype not in KERNEL_DTYPES or key_cache.dtype not in KERNEL_DTYPES:
+        return f"paged decode attention: query {query.dtype} / cache {key_cache.dtype} (kernel: float16, bfloat16, float32)"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"paged decode attention: head_dim {query.shape[-1]} is over the kernel's {MAX_HEAD_DIM}"
+    return None
+
+
+def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  sliding_window: int | None = None, num_splits: int | None = None,
+                                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """engine_ops_ref.paged_decode_attention_ref on the GPU. num_splits None: decode_splits' rule (the argument
+    exists for tests). out: a contiguous [B, heads, d] buffer of query's dtype to write into."""
+    batch, heads, head_dim = query.shape
+    num_blocks, block_size, kv_heads, cache_dim = key_cache.shape
+    if cache_dim != head_dim or value_cache.shape != key_cache.shape or heads % kv_heads:
+        raise QtoolError(f"paged decode attention: query {tuple(query.shape)} does not fit cache "
+                         f"{tuple(key_cache.shape)} / {tuple(value_cache.shape)} (heads a multiple of kv_heads)")
+    problem = paged_decode_attention_problem(query, key_cache)
+    if problem:
+        raise QtoolError(problem)
+    query, key_cache, value_cache, block_tables, context_lens = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key_cache, value_cache, block_tables, context_lens))
+    group = heads // kv_heads
+    max_blocks = block_tables.shape[1]
+    block_d = max(_pow2(head_dim), 16)
+    block_n = decode_tile_tokens(head_dim)
+    if num_splits is None:
+        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
+        num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
+        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
+    # each split's token range is a whole number of tiles, so tiles never straddle two splits
+    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    native = query.dtype == key_cache.dtype == value_cache.dtype and query.dtype != torch.float32
+    round_p = native and query.dtype == torch.bfloat16 and triton_interpreted()
+    dot_f32 = not native or round_p
+    out = _output(out, query.shape, query.dtype, query.device, "paged decode attention")
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_ml = out  # unused
+    window = int(sliding_window) if sliding_window is not None else 0
+    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        query, key_cache, value_cache, block_tables, context_lens, out, part_o, part_ml,
+        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), float(scale) * LOG2E, window, tokens_per_split,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32, ROUND_P=round_p,
+        num_warps=4 if block_d <= 128 else 8, num_stages=2)
+    if num_splits > 1:
+        _split_reduce_kernel[(batch, heads)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# residual add + RMSNorm
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, normed_ptr, summed_ptr, x_s, r_s, n_s, s_s, hidden, eps, offset,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: summed = x + r rounded to x's dtype (as torch adds), its RMSNorm in float32 times (w + offset)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < hidden
+    x = tl.load(x_ptr + row * x_s + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * r_s + cols, mask=ok, other=0.0)
+        x = _cast(x.to(tl.float32) + r.to(tl.float32), summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + row * s_s + cols, x, mask=ok)
+    h = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / hidden + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * n_s + cols, _cast(h * rstd * (w + offset), normed_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as [rows, width] with unit column stride (a view where possible)."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                        weight_offset: float = 0.0,
+                        out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine_ops_ref.add_rms_norm_ref on the GPU: one program per row. out: (normed, summed) buffers to write
+    into (summed is not written without a residual: x is returned as it, as the reference does)."""
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,) or (residual is not None and residual.shape != x.shape):
+        raise QtoolError(f"add_rms_norm: x {tuple(x.shape)}, residual "
+                         f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)} "
+                         "(residual the shape of x, weight [hidden])")
+    x2 = _rows(x, hidden)
+    normed = _output(out and out[0], x.shape, x.dtype, x.device, "add_rms_norm")
+    if residual is None:
+        r2, summed = x2, x
+    else:
+        r2 = _rows(residual, hidden)
+        summed = _output(out and out[1], x.shape, torch.promote_types(x.dtype, residual.dtype), x.device,
+                         "add_rms_norm")
+    s2, n2 = summed.view(-1, hidden), normed.view(-1, hidden)
+    if x2.shape[0] == 0:
+        return normed, summed
+    block = _pow2(hidden)
+    _add_rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight, n2, s2, x2.stride(0), r2.stride(0), n2.stride(0), s2.stride(0), hidden, float(eps),
+        float(weight_offset), HAS_RESIDUAL=residual is not None, BLOCK=block,
+        num_warps=min(max(block // 512, 1), 16))
+    return normed, summed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SiLU(gate) * up
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, g_s, u_s, o_s, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    g = tl.load(g_ptr + row * g_s + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_s + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * o_s + cols, _cast(g * tl.sigmoid(g) * u, o_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """engine_ops_ref.silu_mul_ref on the GPU. gate and up may be row-strided views (the halves of a fused
+    gate/up projection's output); one program per (row, BLOCK columns). out: a buffer to write into."""
+    if gate.shape != up.shape:
+        raise QtoolError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    width = gate.shape[-1] if gate.dim() else 1
+    g2, u2 = _rows(gate, width), _rows(up, width)
+    out = _output(out, gate.shape, gate.dtype, gate.device, "silu_mul")
+    o2 = out.view(-1, width)
+    if o2.numel() == 0:
+        return out
+    block = min(_pow2(width), 1024)
+    _silu_mul_kernel[(o2.shape[0], triton.cdiv(width, block))](
+        g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), width, BLOCK=block, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE + KV cache write
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, qo_ptr,
+                       q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_sn, kc_sb, kc_sh, vc_sn, vc_sb, vc_sh,
+                       qo_st, qo_sh, heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """Program (token, head): heads [0, heads) rotate a query head into qo; the rest rotate kv head
+    (head - heads) of the key and store it and the value at the token's cache slot unless the slot is < 0."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_HALF)
+    ok = d < HALF
+    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    if h < heads:
+        src = q_ptr + t * q_st + h * q_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        dst = qo_ptr + t * qo_st + h * qo_sh
+        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
+    else:
+        kvh = h - heads
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        keep = ok & ((slot + tl.zeros_like(d)) >= 0)
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        src = k_ptr + t * k_st + kvh * k_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        # rounded to the key's dtype first, then the cache's (as the reference does)
+        r1 = _cast(_cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
+        r2 = _cast(_cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
+        kdst = kc_ptr + block * kc_sn + offset * kc_sb + kvh * kc_sh
+        tl.store(kdst + d, r1, mask=keep)
+        tl.store(kdst + HALF + d, r2, mask=keep)
+        vsrc = v_ptr + t * v_st + kvh * v_sh
+        vdst = vc_ptr + block * vc_sn + offset * vc_sb + kvh * vc_sh
+        v1 = tl.load(vsrc + d, mask=keep, other=0.0)
+        v2 = tl.load(vsrc + HALF + d, mask=keep, other=0.0)
+        tl.store(vdst + d, _cast(v1, vc_ptr.dtype.element_ty), mask=keep)
+        tl.store(vdst + HALF + d, _cast(v2, vc_ptr.dtype.element_ty), mask=keep)
+
+
+def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          slots: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """engine_ops_ref.rope_and_cache_ref on the GPU in one launch: program (token, head) over the query heads
+    and then the kv heads. query/key/value may be strided views of a fused QKV output (unit last stride). out:
+    a buffer for the rotated query."""
+    tokens, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if (head_dim % 2 or key.shape != (tokens, kv_heads, head_dim) or value.shape != key.shape
+            or cos.shape != (tokens, head_dim) or sin.shape != cos.shape or slots.shape != (tokens,)
+            or key_cache.shape[-1] != head_dim or value_cache.shape != key_cache.shape):
+        raise QtoolError(f"rope_and_cache: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}, cos/sin {tuple(cos.shape)}, slots {tuple(slots.shape)}, cache "
+                         f"{tuple(key_cache.shape)} (key/value [T, kv_heads, d], cos/sin [T, d], d even)")
+    if key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
+        raise QtoolError("rope_and_cache: the caches need a unit stride in head_dim (they are written in place)")
+    query, key, value, cos, sin, slots = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin, slots))
+    out = _output(out, (tokens, heads, head_dim), query.dtype, query.device, "rope_and_cache")
+    if tokens == 0:
+        return out
+    half = head_dim // 2
+    _rope_cache_kernel[(tokens, heads + kv_heads)](
+        query, key, value, cos, sin, slots, key_cache, value_cache, out,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos.stride(0), sin.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1), heads,
+        HALF=half, BLOCK_HALF=_pow2(half), BLOCK_SIZE=block_size, num_warps=1 if half <= 64 else 2)
+    return out
+
+
+def triton_interpreted() -> bool:
+    """True when these kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_paged_decode_kernel, JITFunction)

@@ -1,0 +1,290 @@
+"""The fast decode step: one new token per sequence, made only of whole-tensor ops over fixed-shape inputs (no
+Python loop over sequences, no host sync), so that it can be captured as a CUDA graph (cuda_graphs.py). It runs the
+model's own linear modules (float, GPTQ or EXL2) and embedding, and the engine's per-token ops (kernels/engine_ops):
+embed -> per layer [add_rms_norm -> q/k/v -> (q/k norms) -> rope_and_cache -> paged_decode_attention -> o_proj ->
+add_rms_norm -> gate/up -> silu_mul -> down] -> final add_rms_norm -> head. RoPE comes from a cos/sin table computed
+once from the model's rotary module. Whether a model's layers have this plain form is decided once, by probing its
+modules (plan_decode_step); otherwise every step runs through model_runner's module path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from qtool.kernels.engine_ops import add_rms_norm, paged_decode_attention, rope_and_cache, silu_mul
+from qtool.kernels.engine_ops_ref import add_rms_norm_ref
+from qtool.models.layerwise import head_logits, head_modules
+from qtool.runtime.engine.scheduler import ScheduledChunk
+
+if TYPE_CHECKING:
+    from qtool.runtime.engine.model_runner import ModelRunner
+
+NORM_WEIGHT_OFFSETS = (0.0, 1.0)  # weight as is (Llama), or 1 + weight (Gemma)
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+@dataclass(frozen=True)
+class RmsNorm:
+    """An RMSNorm module as add_rms_norm's arguments."""
+
+    weight: torch.Tensor
+    eps: float
+    weight_offset: float
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(x, residual, self.weight, self.eps, self.weight_offset)
+
+
+def rms_norm_form(module: nn.Module) -> RmsNorm | None:
+    """The module as an RMSNorm (weight, eps, weight offset) if it computes one, else None. Decided by running it
+    on a random float32 input against the reference for each known weight offset: whatever its class is called."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, (int, float)):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    probe = (torch.randn(3, weight.numel(), generator=generator) * 3).to(weight.device)
+    with torch.no_grad():
+        got = module(probe).float()
+        for offset in NORM_WEIGHT_OFFSETS:
+            expected, _ = add_rms_norm_ref(probe, None, weight, float(eps), offset)
+            if got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
+                return RmsNorm(weight, float(eps), offset)
+    return None
+
+
+def gated_mlp_activation(mlp: nn.Module, hidden_size: int, dtype: torch.dtype,
+                         device: torch.device) -> tuple[nn.Module | None, str | None]:
+    """(activation, None) when mlp(x) is down(act(gate(x)) * up(x)): activation None means SiLU (the fused
+    silu_mul), else the module's own act_fn (another elementwise activation, e.g. Gemma's tanh GELU, run as is).
+    (None, why not) otherwise."""
+    if not all(hasattr(mlp, name) for name in MLP_PARTS):
+        return None, f"its MLP ({type(mlp).__name__}) is not gate_proj/up_proj/down_proj with act_fn"
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, hidden_size, generator=generator).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        expected = mlp(probe).float()
+        composed = mlp.down_proj(mlp.act_fn(mlp.gate_proj(probe)) * mlp.up_proj(probe)).float()
+        if (composed - expected).norm() > 1e-3 * expected.norm():
+            return None, f"its MLP ({type(mlp).__name__}) computes something else than down(act(gate) * up)"
+        grid = torch.linspace(-8, 8, 257)
+        is_silu = torch.allclose(mlp.act_fn(grid.to(device)).float().cpu(), nn.functional.silu(grid), atol=1e-6)
+    return (None if is_silu else mlp.act_fn), None
+
+
+@dataclass(frozen=True)
+class DecodeLayer:
+    """One decoder layer as the decode step calls it."""
+
+    input_norm: RmsNorm
+    post_attention_norm: RmsNorm
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
+    q_norm: RmsNorm | None  # Qwen3: RMSNorm over each head before RoPE
+    k_norm: RmsNorm | None
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    activation: nn.Module | None  # None: SiLU through the fused silu_mul
+    scale: float
+    sliding_window: int | None
+
+
+def rope_table(rotary: nn.Module, num_positions: int, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_positions, head_dim] of the model's own rotary module at positions 0..num_positions-1 (rope
+    scaling variants come out as the model's do), in the model's dtype as the module gives them."""
+    positions = torch.arange(num_positions, device=device).unsqueeze(0)
+    with torch.no_grad():
+        cos, sin = rotary(torch.empty(1, 1, 1, dtype=dtype, device=device), positions)
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def rope_table_problem(rotary: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """None when the table equals the rotary module called on a few position sets of their own, else why not (a
+    rotary embedding that depends on more than the position, e.g. longrope's switch on the longest position)."""
+    last = cos.shape[0] - 1
+    for chosen in ([0, 1, 2, 3, 4, 5, 6, 7], [last], [0, last // 2, last]):
+        positions = torch.tensor([chosen], device=cos.device).clamp(max=last)
+        with torch.no_grad():
+            module_cos, module_sin = rotary(torch.empty(1, 1, 1, dtype=cos.dtype, device=cos.device), positions)
+        index = positions[0]
+        if not (torch.equal(module_cos[0], cos[index]) and torch.equal(module_sin[0], sin[index])):
+            return (f"its rotary embedding ({type(rotary).__name__}) at positions {positions[0].tolist()} differs "
+                    "from a table of all positions")
+    return None
+
+
+@dataclass
+class DecodeInputs:
+    """The decode step's inputs, one row per sequence (padded rows: slot -1, context 0: no cache write, zero
+    attention)."""
+
+    input_ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64: the new token's position (its context length - 1)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: tokens with K/V in the cache once the new one is written
+    slots: torch.Tensor  # [B] int64: the new token's flat cache slot
+
+
+@dataclass
+class DecodeRows:
+    """A decode batch on the host: what DecodeInputs holds, as lists."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+
+    @classmethod
+    def from_chunks(cls, chunks: list[ScheduledChunk], block_size: int) -> "DecodeRows":
+        """Rows of one-token chunks (each computes its sequence's token at position chunk.start)."""
+        ids, positions, slots, tables = [], [], [], []
+        for chunk in chunks:
+            position = chunk.start
+            table = chunk.seq.block_table
+            ids.append(chunk.seq.token_slice(position, position + 1)[0])
+            positions.append(position)
+            slots.append(table[position // block_size] * block_size + position % block_size)
+            tables.append(table)
+        return cls(ids, positions, slots, tables)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def to_inputs(self, device: torch.device, width: int | None = None) -> DecodeInputs:
+        """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table)."""
+        width = width or max(len(table) for table in self.block_tables)
+        tables = torch.zeros(len(self), width, dtype=torch.int32)
+        for row, table in enumerate(self.block_tables):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return DecodeInputs(as_long(self.input_ids).to(device), as_long(self.positions).to(device), tables.to(device),
+                            (as_long(self.positions) + 1).to(torch.int32).to(device), as_long(self.slots).to(device))
+
+
+class DecodeStep:
+    """The decode step of one model (build it with plan_decode_step). Calling it with DecodeInputs of B rows writes
+    each row's new K/V into the runner's cache and returns logits [B, vocab] (float32)."""
+
+    def __init__(self, runner: "ModelRunner", layers: list[DecodeLayer], final_norm: RmsNorm | None,
+                 cos: torch.Tensor, sin: torch.Tensor):
+        self.runner = runner
+        self.layers = layers
+        self.final_norm = final_norm  # None: the model's head_logits (its final norm module and logit transforms)
+        self.cos, self.sin = cos, sin
+        self.embed = runner.embed
+        self.head = head_modules(runner.model, runner.spec)[1]
+        self.head_dim = runner.head_dim
+        self.embedding_multiplier = runner.embedding_multiplier
+        self.residual_multiplier = runner.residual_multiplier
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos.shape[0]
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
+
+    def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
+        batch = inputs.input_ids.shape[0]
+        hidden = self.embed(inputs.input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
+        cos, sin = self.cos[inputs.positions], self.sin[inputs.positions]
+        residual = None
+        for index, layer in enumerate(self.layers):
+            # the previous branch's residual add, fused with this layer's input norm
+            normed, residual = layer.input_norm(hidden, residual)
+            q = layer.q_proj(normed).view(batch, -1, self.head_dim)
+            k = layer.k_proj(normed).view(batch, -1, self.head_dim)
+            v = layer.v_proj(normed).view(batch, -1, self.head_dim)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q)[0], layer.k_norm(k)[0]
+            key_cache, value_cache = self.runner.cache.layer(index)
+            q = rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, inputs.slots)
+            attended = paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
+                                              layer.scale, layer.sliding_window)
+            normed, residual = layer.post_attention_norm(self._scaled(layer.o_proj(attended.reshape(batch, -1))),
+                                                         residual)
+            gate, up = layer.gate_proj(normed), layer.up_proj(normed)
+            activated = silu_mul(gate, up) if layer.activation is None else layer.activation(gate) * up
+            hidden = self._scaled(layer.down_proj(activated))
+        if self.final_norm is None:
+            return head_logits(self.runner.model, hidden + residual, spec=self.runner.spec).float()
+        normed, _ = self.final_norm(hidden, residual)
+        return self.head(normed).float()
+
+
+def _norm_or_reason(module: nn.Module | None, where: str) -> tuple[RmsNorm | None, str | None]:
+    form = None if module is None else rms_norm_form(module)
+    if form is None:
+        return None, f"{where} ({type(module).__name__}) is not an RMSNorm of weight and eps"
+    return form, None
+
+
+def _decode_layer(runner: "ModelRunner", index: int) -> tuple[DecodeLayer | None, str | None]:
+    layer = runner.layers[index]
+    attention = layer.self_attn
+    where = f"layer {index}"
+    input_norm, why = _norm_or_reason(getattr(layer, "input_layernorm", None), f"{where}'s input norm")
+    if why:
+        return None, why
+    post_norm, why = _norm_or_reason(getattr(layer, "post_attention_layernorm", None), f"{where}'s MLP norm")
+    if why:
+        return None, why
+    q_norm = k_norm = None
+    if hasattr(attention, "q_norm") and hasattr(attention, "k_norm"):
+        q_norm, why = _norm_or_reason(attention.q_norm, f"{where}'s q_norm")
+        k_norm, why_k = _norm_or_reason(attention.k_norm, f"{where}'s k_norm")
+        if why or why_k:
+            return None, why or why_k
+    activation, why = gated_mlp_activation(layer.mlp, runner.config.hidden_size, runner.dtype, runner.device)
+    if why:
+        return None, f"{where}: {why}"
+    mlp = layer.mlp
+    return DecodeLayer(input_norm, post_norm, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                       q_norm, k_norm, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation,
+                       float(attention.scaling), runner.windows[index]), None
+
+
+def _applies_logit_transforms(runner: "ModelRunner") -> bool:
+    return any(getattr(runner.config, field, None) is not None for _, field in runner.spec.logit_transforms)
+
+
+def plan_decode_step(runner: "ModelRunner", max_positions: int) -> tuple[DecodeStep | None, str]:
+    """The runner's model as a DecodeStep over positions 0..max_positions-1, and a line saying what it runs; or
+    (None, why the model's decode steps stay on the module path). Decided once, by probing the modules."""
+    if runner.cache.is_quantized:  # engine_ops read and write float caches only
+        return None, "a quantized KV cache (q8/q4) is read by the torch attention"
+    layers: list[DecodeLayer] = []
+    for index in range(len(runner.layers)):
+        layer, why = _decode_layer(runner, index)
+        if why:
+            return None, why
+        layers.append(layer)
+    final_norm = None
+    if not _applies_logit_transforms(runner):
+        final_norm, why = _norm_or_reason(head_modules(runner.model, runner.spec)[0], "the final norm")
+        if why:
+            return None, why
+    cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
+    why = rope_table_problem(runner.rotary, cos, sin)
+    if why:
+        return None, why
+    activation = layers[0].activation
+    mlp = "silu_mul" if activation is None else f"{type(activation).__name__}(gate) * up, unfused"
+    extras = [name for name, present in (("q/k norms", layers[0].q_norm is not None),
+                                         ("logit transforms by the head module", final_norm is None),
+                                         ("sliding windows", any(l.sliding_window for l in layers))) if present]
+    offset = layers[0].input_norm.weight_offset
+    description = (f"whole-tensor decode step: RMSNorm{' (1 + w)' if offset else ''} fused with the residual add, "
+                   f"gated MLP ({mlp}), RoPE table of {max_positions} positions"
+                   + (f", {', '.join(extras)}" if extras else ""))
+    return DecodeStep(runner, layers, final_norm, cos, sin), description
+

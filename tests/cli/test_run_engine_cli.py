@@ -1,0 +1,105 @@
+"""`qtool run`'s engine flags through the Typer app: --max-batch and --cache-blocks reach the engine and its --json
+stats (one reply and --batch), replies unchanged; bad values and --gpu-memory-fraction on a CPU are refused in one
+line before the model loads."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from qtool.checkpoints import sources
+from qtool.cli.main import app
+from qtool.runtime.engine import EngineConfig
+from qtool.runtime.generate import GenerationSettings, generate
+
+from cli_checks import one_line_error
+
+runner = CliRunner()
+GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(make_tiny_tokenizer, tiny_chat_template):
+    return make_tiny_tokenizer(chat_template=tiny_chat_template)
+
+
+@pytest.fixture
+def model(make_tiny_llama, tokenizer):
+    return make_tiny_llama(seed=33, vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def model_dir(tmp_path, model, tokenizer):
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy(model, tokenizer, conversation) -> str:
+    return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
+
+
+def test_one_reply_reports_the_engine_it_had(model_dir, model, tokenizer):
+    result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--json", "--cache-blocks", "37",
+                                 "--max-batch", "2"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["engine"] == {"max_batch": 2, "cache_blocks": 37, "gpu_memory_fraction": None}
+    assert data["text"] == greedy(model, tokenizer, [{"role": "user", "content": "the fox"}])
+    default = json.loads(runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--json"] + GREEDY).stdout)
+    assert default["engine"]["cache_blocks"] not in (None, 37) and default["engine"]["max_batch"] == 1
+
+
+def test_a_batch_runs_under_the_given_cap_and_cache(tmp_path, model_dir, model, tokenizer):
+    requests = tmp_path / "requests.jsonl"
+    prompts = ["the fox", "what is the capital", "the dog", "a cat"]
+    requests.write_text("".join(json.dumps({"id": i, "prompt": text}) + "\n" for i, text in enumerate(prompts)))
+    output = tmp_path / "replies.jsonl"
+    result = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output), "--json",
+                                 "--max-batch", "1", "--cache-blocks", "9"] + GREEDY)
+    assert result.exit_code == 0, result.output
+    totals = json.loads(result.stdout)
+    assert totals["engine"] == {"max_batch": 1, "cache_blocks": 9, "gpu_memory_fraction": None}
+    assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == \
+        [greedy(model, tokenizer, text) for text in prompts]
+
+
+def test_the_help_names_the_engines_block_size():
+    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"}).stdout.split())
+    assert re.search(rf"in blocks of {EngineConfig().block_size} tokens", text)
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    loaded: list[str] = []
+
+    def load_model(source, **kwargs):
+        loaded.append(str(source))
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sources, "load_model", load_model)
+    return loaded
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpu-memory-fraction", "0.8"], "--gpu-memory-fraction sizes the KV cache from a GPU's memory"),
+    (["--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction 1.5 must be in (0, 1]"),
+    (["--gpu-memory-fraction", "nan"], "--gpu-memory-fraction nan must be in (0, 1]"),
+    (["--gpu-memory-fraction", "0"], "--gpu-memory-fraction 0.0 must be in (0, 1]"),
+    (["--gpu-memory-fraction", "0.5", "--cache-blocks", "8"], "both size the KV cache"),
+])
+def test_bad_engine_sizes_are_one_line_before_the_model_loads(loads, extra, message):
+    result = runner.invoke(app, ["run", "some-model", "--prompt", "hi", "--device", "cpu", *extra])
+    assert message in one_line_error(result)
+    assert loads == []
+
+
+@pytest.mark.parametrize("option", ["--max-batch", "--cache-blocks"])
+def test_counts_are_refused_by_typer(loads, option):
+    result = runner.invoke(app, ["run", "some-model", "--prompt", "hi", "--device", "cpu", option, "0"])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
+    assert loads == []

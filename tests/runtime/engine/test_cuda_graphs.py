@@ -1,0 +1,87 @@
+"""The decode step's CUDA graphs on the device (gpu): replay equal to the eager step (padded rows included), greedy
+output with graphs on equal to graphs off and to the module path, and no kernel tuning inside the first request
+after start-up (every token-count and batch bucket is warmed up when the engine starts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.runtime.engine import Engine, EngineConfig, SamplingParams
+from qtool.runtime.engine.decode_step import DecodeRows
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")]
+
+PROMPTS = [[1, 5, 9], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57],
+           [1, 77, 78, 79, 80, 81, 82], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68]]
+# a llama big enough for every Triton kernel's tiles (head_dim 64, widths multiples of 128)
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+
+
+def engine_on_gpu(model, **settings) -> Engine:
+    config = dict(block_size=16, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64)
+    config.update(settings)
+    return Engine(model, None, EngineConfig(**config))
+
+
+def test_graph_replay_equals_the_eager_step(make_tiny_llama):
+    model = make_tiny_llama(**SHAPE).to("cuda")
+    engine = engine_on_gpu(model)
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8}, "every bucket captured"
+    for prompt in PROMPTS + [[1, 2, 3, 4, 5]]:
+        engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.step()  # the prefills
+    chunks = engine.scheduler.schedule()
+    cache = engine.runner.cache
+    saved = cache.key.clone(), cache.value.clone()
+    for count in range(1, len(chunks) + 1):  # 5 rows replay the graph of 8: three padded rows
+        rows = DecodeRows.from_chunks(chunks[:count], cache.block_size)
+        with torch.inference_mode():
+            replayed = graphs.run(rows)
+            replayed_cache = cache.key.clone(), cache.value.clone()
+            cache.key.copy_(saved[0]), cache.value.copy_(saved[1])
+            eager = engine.runner.decode_step(rows.to_inputs(engine.runner.device))
+        torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(replayed_cache[0], cache.key, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(replayed_cache[1], cache.value, rtol=1e-5, atol=1e-5)
+        cache.key.copy_(saved[0]), cache.value.copy_(saved[1])
+
+
+def test_greedy_with_graphs_on_equals_graphs_off_and_the_module_path(make_tiny_llama):
+    model = make_tiny_llama(**SHAPE).to("cuda")  # float32: no rounding between the paths to flip a near tie
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 17, 30)]
+    outputs = {}
+    for name, settings in {"graphs": {}, "eager": dict(cuda_graphs=False),
+                           "modules": dict(fast_decode=False)}.items():
+        engine = engine_on_gpu(model, **settings)
+        outputs[name] = [out.token_ids for out in engine.generate(PROMPTS, params)]
+        assert (engine.runner.decode_graphs is not None) == (name == "graphs")
+        assert (engine.runner.fast_decode_steps > 0) == (name != "modules")
+    assert outputs["graphs"] == outputs["eager"] == outputs["modules"]
+
+
+def test_no_kernel_tuning_inside_the_first_request(make_tiny_llama):
+    from qtool.kernels.quant_linear import QuantLinear, set_model_backend
+    from qtool.kernels.registry import BackendRegistry
+    from qtool.kernels.triton_backend import TritonBackend
+    from qtool.quant.rtn import rtn_quantize
+
+    model = make_tiny_llama(**SHAPE).to("cuda", torch.float16)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent, _, attribute = name.rpartition(".")
+            quantized = QuantLinear.from_quantized(rtn_quantize(module.weight.data.float(), 4, 128).quantized)
+            setattr(model.model.layers.get_submodule(parent), attribute, quantized.to("cuda"))
+    backend = TritonBackend()  # tunes afresh: no plan store
+    registry = BackendRegistry({"triton": lambda: backend, "torch": "qtool.kernels.torch_backends:GptqTorchBackend"})
+    set_model_backend(model, "triton", registry)
+    assert not backend.tuner.plans
+    engine = engine_on_gpu(model)
+    tuned = dict(backend.tuner.plans)
+    assert tuned, "the engine's start tuned the linears"
+    timings = len(backend.tuner.timings)
+    # prompts of every length class the step budget brings (whole, chunked) and 1..4 running decodes
+    prompts = [[1] + list(range(10, 10 + n)) for n in (2, 37, 90, 15)]
+    engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert backend.tuner.plans == tuned and len(backend.tuner.timings) == timings, "no tuning in the request"
