@@ -83,10 +83,10 @@ ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
 }
 # Families of the architecture table the executor does not take, and what it would need for them.
 NOT_TAKEN: dict[str, str] = {
-    "cohere": "a parallel residual and interleaved rotary embeddings",
-    "cohere2": "a parallel residual and interleaved rotary embeddings",
+    "cohere": "a parallel residual, and interleaved RoPE whose cos/sin table is interleaved too (a third layout)",
+    "cohere2": "a parallel residual, and interleaved RoPE whose cos/sin table is interleaved too (a third layout)",
     "stablelm": "an optional parallel residual (use_parallel_residual) and per-head LayerNorm q/k",
-    "phi": "a parallel residual",
+    "phi": "a parallel residual and its `dense` output projection",
     "gpt_neox": "a fused query_key_value in per-head order and a parallel residual",
 }
 QK_NORMS = ("q_norm", "k_norm")
@@ -353,10 +353,14 @@ class ModelRunner:
         if placement != "pre":
             attention_out = layer.post_attention_layernorm(attention_out)
         hidden = hidden + attention_out * self.residual_multiplier
-        mlp_in = {"pre": layer.post_attention_layernorm, "sandwich": getattr(layer, "pre_feedforward_layernorm", None),
-                  "post": None}[placement]
+        if placement == "pre":
+            mlp_in = layer.post_attention_layernorm(hidden)
+        elif placement == "sandwich":
+            mlp_in = layer.pre_feedforward_layernorm(hidden)
+        else:
+            mlp_in = hidden
         # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
-        mlp_out = layer.mlp((hidden if mlp_in is None else mlp_in(hidden)).unsqueeze(0)).squeeze(0)
+        mlp_out = layer.mlp(mlp_in.unsqueeze(0)).squeeze(0)
         if placement != "pre":
             mlp_out = layer.post_feedforward_layernorm(mlp_out)
         return hidden + mlp_out * self.residual_multiplier
