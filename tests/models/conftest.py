@@ -42,7 +42,7 @@ TINY_FAMILIES = {
     "cohere": ("CohereConfig", dict(GQA, logit_scale=4.0)),
     "cohere2": ("Cohere2Config", dict(GQA, logit_scale=4.0, **MIXED_LAYERS)),
     "phi3": ("Phi3Config", dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=1,
-                                partial_rotary_factor=0.5)),
+                                partial_rotary_factor=0.5, sliding_window=4)),
     "phi": ("PhiConfig", GQA),
     "starcoder2": ("Starcoder2Config", dict(GQA, sliding_window=4)),
     "gpt_neox": ("GPTNeoXConfig", {}),
