@@ -9,7 +9,8 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams, engine_support
-from qtool.runtime.engine.model_runner import ENGINE_FAMILIES, NOT_TAKEN, ModelRunner, apply_rope
+from qtool.runtime.engine.model_runner import (ENGINE_FAMILIES, NORM_PLACEMENTS, NOT_TAKEN, QK_NORM_SCOPES, ROPE_LAYOUTS,
+                                               ModelRunner, apply_rope)
 
 PROMPTS = [[1, 5, 9, 14, 3], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1, 77]]
 NEW_TOKENS = 8
@@ -30,6 +31,9 @@ def test_engine_families_are_in_the_architecture_table():
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite",
             "mixtral"} <= set(ENGINE_FAMILIES)
     assert not set(ENGINE_FAMILIES) & set(NOT_TAKEN)
+    for recipe in ENGINE_FAMILIES.values():  # every recipe names forms _layer and apply_rope know
+        assert recipe.norm_placement in NORM_PLACEMENTS and recipe.rope_layout in ROPE_LAYOUTS
+        assert recipe.qk_norm in (None, *QK_NORM_SCOPES)
 
 
 def test_greedy_matches_transformers_generate_or_is_refused(tiny_family, build_family, reference_greedy):
