@@ -157,14 +157,14 @@ def test_engine_flag_misuse_is_one_line(model_dir, text_file, extra, match):
 
 
 def test_engine_refuses_a_family_it_cannot_take(tmp_path, text_file, tokenizer):
-    from transformers import Phi3Config, Phi3ForCausalLM
+    from transformers import PhiConfig, PhiForCausalLM
 
-    directory = tmp_path / "phi3"
-    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2)
-    Phi3ForCausalLM(config).save_pretrained(directory)
+    directory = tmp_path / "phi"
+    config = PhiConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    PhiForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     args = ["eval", str(directory), "--perplexity", str(text_file), *ENGINE_ARGS[:-1], "--engine"]
     line = one_line_error(runner.invoke(app, args))
-    assert "--engine: the engine does not run model type 'phi3' yet" in line and "drop --engine" in line
+    assert "--engine: the engine does not run model type 'phi' yet" in line and "drop --engine" in line

@@ -12,12 +12,14 @@ Design, one role per file:
   head) vectors, written and read through the same write_kv / read_kv (paged_attention, and the GPU prefill attention
   dequantizing what it gathers); `cache.is_quantized` makes the decode step and its CUDA graphs decline them.
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
-  linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; a family
-  it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
+  linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; what differs
+  between families is data (FamilyRecipe: norm placement, q/k norm scope, fused qkv, attention softcap, RoPE layout);
+  a family it cannot take is named by `engine_support(model)` (a reason, or None) so callers fall back to transformers.
   `prompt_logits(ids)` gives the logits at every position of one prompt (what `qtool eval --engine` uses).
 - decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
   add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
-  module); taken per model when probing its modules finds the plain form (RMSNorm, gated MLP), with a reason line.
+  module); taken per model when its recipe is the plain pre-norm form and probing its modules finds RMSNorms and a
+  gated MLP, with a reason line.
 - cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
   every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request).
 - prefill_attention.py: attention of prefill/mixed steps on the GPU (torch's flash varlen kernel over contexts gathered

@@ -118,11 +118,16 @@ def write_kv(key_cache: CacheLayer, value_cache: CacheLayer, slots: torch.Tensor
     value_cache.view(-1, kv_heads, head_dim)[slots] = value.to(value_cache.dtype)
 
 
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit softcapping, softcap * tanh(scores / softcap), applied before the mask."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: CacheLayer, batch: AttentionBatch,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v for every sequence of a ragged batch, q [T, heads, head_dim] -> same shape.
-    A query at position p sees the keys at positions j <= p, and with a sliding window only j > p - window (the
-    window counts the query itself, as transformers' masks do). Scores and softmax are float32."""
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """softmax(softcap(q k^T * scale) + mask) v for every sequence of a ragged batch, q [T, heads, head_dim] -> same
+    shape. A query at position p sees the keys at positions j <= p, and with a sliding window only j > p - window
+    (the window counts the query itself, as transformers' masks do). Scores and softmax are float32."""
     heads = query.shape[1]
     kv_heads = key_cache.shape[-2]
     group = heads // kv_heads
@@ -136,7 +141,7 @@ def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cac
         keys = read_kv(key_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         values = read_kv(value_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
-        scores = torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale
+        scores = softcapped(torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale, softcap)
         q_pos = torch.arange(context - count, context, device=query.device).unsqueeze(1)
         k_pos = torch.arange(first, context, device=query.device).unsqueeze(0)
         allowed = k_pos <= q_pos

@@ -257,11 +257,28 @@ def _applies_logit_transforms(runner: "ModelRunner") -> bool:
     return any(getattr(runner.config, field, None) is not None for _, field in runner.spec.logit_transforms)
 
 
+def _recipe_problem(runner: "ModelRunner") -> str | None:
+    """What of the family's recipe (model_runner.FamilyRecipe) the decode step's ops cannot express, or None."""
+    recipe = runner.recipe
+    lacking = [what for what, present in (
+        (f"{recipe.norm_placement}-norm layers (norms on each branch's output)", recipe.norm_placement != "pre"),
+        ("q/k norms over the whole projection", recipe.qk_norm == "projection"),
+        (f"a fused {recipe.fused_qkv}", recipe.fused_qkv is not None),
+        ("attention logit softcapping", runner.attention_softcap is not None),
+        (f"{recipe.rope_layout} RoPE pairs (rope_and_cache rotates halves)", recipe.rope_layout != "half"),
+        ("a rotary embedding per layer type", recipe.rope_per_layer_type),
+    ) if present]
+    return f"its family needs what the decode step's ops lack: {', '.join(lacking)}" if lacking else None
+
+
 def plan_decode_step(runner: "ModelRunner", max_positions: int) -> tuple[DecodeStep | None, str]:
     """The runner's model as a DecodeStep over positions 0..max_positions-1, and a line saying what it runs; or
     (None, why the model's decode steps stay on the module path). Decided once, by probing the modules."""
     if runner.cache.is_quantized:  # engine_ops read and write float caches only
         return None, "a quantized KV cache (q8/q4) is read by the torch attention"
+    why = _recipe_problem(runner)
+    if why:
+        return None, why
     layers: list[DecodeLayer] = []
     for index in range(len(runner.layers)):
         layer, why = _decode_layer(runner, index)
@@ -275,6 +292,8 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int) -> tuple[DecodeS
             return None, why
     cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
     why = rope_table_problem(runner.rotary, cos, sin)
+    if why is None and cos.shape[-1] != runner.head_dim:
+        why = f"its rotary embedding covers {cos.shape[-1]} of {runner.head_dim} head dims (partial rotary)"
     if why:
         return None, why
     activation = layers[0].activation

@@ -6,7 +6,7 @@ replayed from CUDA graphs (cuda_graphs.py) on the GPU; prefill attention on the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -24,48 +24,78 @@ from qtool.runtime.engine.scheduler import ScheduledChunk
 logger = logging.getLogger(__name__)
 
 
+NORM_PLACEMENTS = ("pre", "sandwich", "post")
+QK_NORM_SCOPES = ("head", "projection")
+ROPE_LAYOUTS = ("half", "interleaved")
+
+
 @dataclass(frozen=True)
 class FamilyRecipe:
-    """What differs between the standard pre-norm attention + MLP families the executor takes."""
+    """What differs between the attention + MLP families the executor takes."""
 
     # where a layer's sliding window is read: "attention" (the module's own per-layer attribute), "config"
     # (config.sliding_window for every layer), or None (no window)
     sliding_window: str | None = None
     embedding_multiplier_field: str | None = None  # config field scaling the embeddings (Granite)
     residual_multiplier_field: str | None = None  # config field scaling each branch before the residual add (Granite)
+    # where a layer's norms sit (NORM_PLACEMENTS): "pre": input_layernorm before attention, post_attention_layernorm
+    # before the MLP; "sandwich" (Gemma 2/3): input_layernorm, then post_attention_layernorm on the attention's
+    # output, pre_feedforward_layernorm before the MLP and post_feedforward_layernorm on its output; "post" (OLMo 2):
+    # no norm before a branch, post_attention_layernorm and post_feedforward_layernorm on each branch's output
+    norm_placement: str = "pre"
+    # the attention's q_norm/k_norm (QK_NORM_SCOPES): "head" (RMSNorm over each head, Qwen3, Gemma 3), "projection"
+    # (over the whole q/k projection before its split into heads, OLMo 2), or None (none)
+    qk_norm: str | None = None
+    fused_qkv: str | None = None  # the attention's one q/k/v projection, split by the head counts (Phi-3's qkv_proj)
+    attention_softcap_field: str | None = None  # config field: scores -> cap * tanh(scores / cap) (Gemma 2)
+    # RoPE pairs (ROPE_LAYOUTS): "half" rotates (x[i], x[i + d/2]); "interleaved" rotates (x[2i], x[2i + 1]), the
+    # rotary module's cos/sin [f0..f(d/2-1), f0..f(d/2-1)] read as [f0, f0, f1, f1, ...] (Helium)
+    rope_layout: str = "half"
+    # the rotary module is called per layer type (config.layer_types): a local RoPE base for sliding layers (Gemma 3)
+    rope_per_layer_type: bool = False
 
 
+GEMMA2 = FamilyRecipe(sliding_window="attention", norm_placement="sandwich",
+                      attention_softcap_field="attn_logit_softcapping")
+OLMO2 = FamilyRecipe(norm_placement="post", qk_norm="projection")
 ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
     "llama": FamilyRecipe(),
     "mistral": FamilyRecipe(sliding_window="config"),
     "qwen2": FamilyRecipe(sliding_window="attention"),
-    "qwen3": FamilyRecipe(sliding_window="attention"),  # q_norm/k_norm per head: the attention's own modules
+    "qwen3": FamilyRecipe(sliding_window="attention", qk_norm="head"),
     "gemma": FamilyRecipe(),  # scaled embeddings and (1 + w) norms live in the modules it calls
-    "helium": FamilyRecipe(),
+    "gemma2": GEMMA2,  # query_pre_attn_scalar is the attention's own `scaling`; the final softcap is head_logits'
+    # Gemma 3's config keeps attn_logit_softcapping, its attention does not apply it
+    "gemma3_text": replace(GEMMA2, attention_softcap_field=None, qk_norm="head", rope_per_layer_type=True),
+    "helium": FamilyRecipe(rope_layout="interleaved"),
     "olmo": FamilyRecipe(),  # parameter-free LayerNorms are its own modules; clip_qkv is refused in engine_support
+    "olmo2": OLMO2,
+    "olmo3": replace(OLMO2, sliding_window="attention", rope_per_layer_type=True),
+    "phi3": FamilyRecipe(sliding_window="config", fused_qkv="qkv_proj"),  # gate_up_proj is inside its own MLP
     "starcoder2": FamilyRecipe(sliding_window="config"),
     "granite": FamilyRecipe(embedding_multiplier_field="embedding_multiplier",
                             residual_multiplier_field="residual_multiplier"),
     # mixture of experts: the sparse block is the layer's `mlp`, routing each token on its own
     "mixtral": FamilyRecipe(sliding_window="config"),
     "qwen2_moe": FamilyRecipe(sliding_window="attention"),
-    "qwen3_moe": FamilyRecipe(sliding_window="attention"),
+    "qwen3_moe": FamilyRecipe(sliding_window="attention", qk_norm="head"),
+    "olmoe": FamilyRecipe(qk_norm="projection"),  # clip_qkv, where set, is refused in engine_support
 }
 # Families of the architecture table the executor does not take, and what it would need for them.
 NOT_TAKEN: dict[str, str] = {
-    "gemma2": "attention logit softcapping and sandwich (pre/post feed-forward) norms",
-    "gemma3_text": "sandwich norms and a second rotary embedding for local layers",
-    "olmo2": "post-norm layers and q/k norms over the whole projection",
-    "olmo3": "post-norm layers and q/k norms over the whole projection",
-    "cohere": "a parallel residual and interleaved rotary embeddings",
-    "cohere2": "a parallel residual and interleaved rotary embeddings",
-    "stablelm": "partial rotary embeddings (and an optional parallel residual)",
-    "phi": "partial rotary embeddings and a parallel residual",
-    "phi3": "a fused qkv_proj",
-    "gpt_neox": "a fused query_key_value and partial rotary embeddings",
-    "olmoe": "q/k norms over the whole projection and clip_qkv clamping",
+    "cohere": "a parallel residual, and interleaved RoPE whose cos/sin table is interleaved too (a third layout)",
+    "cohere2": "a parallel residual, and interleaved RoPE whose cos/sin table is interleaved too (a third layout)",
+    "stablelm": "an optional parallel residual (use_parallel_residual) and per-head LayerNorm q/k",
+    "phi": "a parallel residual and its `dense` output projection",
+    "gpt_neox": "a fused query_key_value in per-head order and a parallel residual",
 }
 QK_NORMS = ("q_norm", "k_norm")
+LAYER_NORMS = {  # the layer's norm modules each placement calls
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
 
 
 def engine_support(model: nn.Module) -> str | None:
@@ -76,21 +106,29 @@ def engine_support(model: nn.Module) -> str | None:
         why = NOT_TAKEN.get(model_type) or ("a family outside the architecture table" if model_type not in REGISTRY
                                            else "a recipe in ENGINE_FAMILIES")
         return f"the engine does not run model type '{model_type}' yet: it needs {why}"
+    recipe = ENGINE_FAMILIES[model_type]
     if getattr(config, "clip_qkv", None) is not None:
         return "clip_qkv clamping of q/k/v is not in the engine's attention yet"
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type") == "dynamic":
+    rope_types = [rope.get("rope_type")] + [part.get("rope_type") for part in rope.values() if isinstance(part, dict)]
+    if "dynamic" in rope_types:
         return "dynamic RoPE scaling depends on each sequence's length, which a flattened batch does not keep"
-    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
-        return "partial rotary embeddings are not in the engine's attention yet"
     spec = REGISTRY[model_type]
     try:
         get_module(model, spec.layers_path.rpartition(".")[0] + ".rotary_emb")
-        attention = decoder_layers(model, spec)[0].self_attn
+        layer = decoder_layers(model, spec)[0]
+        attention = layer.self_attn
     except (QtoolError, AttributeError) as exc:
         return f"the model's module tree is not the one the engine expects ({exc})"
-    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")):
-        return "its attention has no separate q/k/v/o projections (a fused projection is not split yet)"
+    projections = (recipe.fused_qkv,) if recipe.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    if not all(hasattr(attention, name) for name in (*projections, "o_proj", "scaling", "head_dim")):
+        return f"its attention has no {'/'.join(projections)}/o_proj projections with scaling and head_dim"
+    if not all(hasattr(layer, name) for name in LAYER_NORMS[recipe.norm_placement]):
+        return f"its layers lack the norms of a {recipe.norm_placement}-norm layer ({LAYER_NORMS[recipe.norm_placement]})"
+    if (recipe.qk_norm is not None) != all(hasattr(attention, name) for name in QK_NORMS):
+        return "its attention's q_norm/k_norm modules are not the ones its family's recipe places"
+    if recipe.rope_per_layer_type and not getattr(config, "layer_types", None):
+        return "its rotary embedding is per layer type, and the config has no layer_types"
     return None
 
 
@@ -99,9 +137,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d] rotated by cos/sin [T, d] (the rotate-half layout of the families taken)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """x [T, heads, d] rotated by cos/sin [T, r] (the rotary module's, in ROPE_LAYOUTS' `layout`): the first r
+    dims of each head (r < d: a partial rotary embedding, Phi-3's), the others passed through."""
+    width = cos.shape[-1]
+    rotated, passed = x[..., :width], x[..., width:]
+    if layout == "interleaved":
+        cos = cos[..., : width // 2].repeat_interleave(2, dim=-1)
+        sin = sin[..., : width // 2].repeat_interleave(2, dim=-1)
+        rotated = rotated * cos.unsqueeze(1) + rotate_pairs(rotated) * sin.unsqueeze(1)
+    else:
+        rotated = rotated * cos.unsqueeze(1) + rotate_half(rotated) * sin.unsqueeze(1)
+    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
 
 
 class ModelRunner:
@@ -131,6 +183,9 @@ class ModelRunner:
         self.cache = allocate_kv_cache(kv_cache, self.kv_dtype, len(self.layers), num_blocks, block_size,
                                        self.kv_heads, self.head_dim, self.device)
         self.windows = [self._sliding_window(layer) for layer in self.layers]
+        softcap_field = self.recipe.attention_softcap_field
+        softcap = None if softcap_field is None else getattr(self.config, softcap_field, None)
+        self.attention_softcap = None if softcap is None else float(softcap)
         self.embedding_multiplier = self._config_multiplier(self.recipe.embedding_multiplier_field)
         self.residual_multiplier = self._config_multiplier(self.recipe.residual_multiplier_field)
         self.attention = paged_attention if self.device.type == "cpu" else PrefillAttention(block_size, self.device)
@@ -248,29 +303,66 @@ class ModelRunner:
         hidden = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
-        # the model's own rotary module: rope scaling variants (llama3, yarn, linear) come out as the model's do
-        cos, sin = (t[0] for t in self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0)))
+        ropes = self._rope_per_layer(hidden, positions)
         for index, layer in enumerate(self.layers):
-            hidden = self._layer(index, layer, hidden, cos, sin, batch)
+            hidden = self._layer(index, layer, hidden, *ropes[index], batch)
         return hidden
+
+    def _rope_per_layer(self, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) [T, rotary dims] of each layer, from the model's own rotary module: rope scaling variants
+        (llama3, yarn, linear) come out as the model's do; one table per layer type where the family has several."""
+        def rope(*layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = self.rotary(hidden.unsqueeze(0), positions.unsqueeze(0), *layer_type)
+            return cos[0], sin[0]
+
+        if not self.recipe.rope_per_layer_type:
+            return [rope()] * len(self.layers)
+        layer_types = list(self.config.layer_types)
+        tables = {layer_type: rope(layer_type) for layer_type in set(layer_types)}
+        return [tables[layer_type] for layer_type in layer_types]
+
+    def _qkv(self, attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [T, heads, head_dim] of the attention's input, its q/k norms applied (RoPE not yet)."""
+        tokens = x.shape[0]
+        if self.recipe.fused_qkv:
+            q_size = self.config.num_attention_heads * self.head_dim
+            kv_size = self.kv_heads * self.head_dim
+            q, k, v = getattr(attention, self.recipe.fused_qkv)(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+        if self.recipe.qk_norm == "projection":  # OLMo 2: one RMSNorm over all heads' q (and k)
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k, v = (t.reshape(tokens, -1, self.head_dim) for t in (q, k, v))
+        if self.recipe.qk_norm == "head":  # Qwen3, Gemma 3: RMSNorm over each head
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        return q, k, v
 
     def _layer(self, index: int, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                batch: AttentionBatch) -> torch.Tensor:
         attention = layer.self_attn
         tokens = hidden.shape[0]
-        x = layer.input_layernorm(hidden)
-        q = attention.q_proj(x).view(tokens, -1, self.head_dim)
-        k = attention.k_proj(x).view(tokens, -1, self.head_dim)
-        v = attention.v_proj(x).view(tokens, -1, self.head_dim)
-        if all(hasattr(attention, name) for name in QK_NORMS):  # Qwen3: RMSNorm over each head, before RoPE
-            q, k = attention.q_norm(q), attention.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        placement = self.recipe.norm_placement
+        q, k, v = self._qkv(attention, hidden if placement == "post" else layer.input_layernorm(hidden))
+        layout = self.recipe.rope_layout
+        q, k = apply_rope(q, cos, sin, layout), apply_rope(k, cos, sin, layout)
         key_cache, value_cache = self.cache.layer(index)
         write_kv(key_cache, value_cache, batch.slots, k, v)
-        attended = self.attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index])
-        hidden = hidden + attention.o_proj(attended.reshape(tokens, -1)) * self.residual_multiplier
+        attended = self.attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index],
+                                  softcap=self.attention_softcap)
+        attention_out = attention.o_proj(attended.reshape(tokens, -1))
+        if placement != "pre":
+            attention_out = layer.post_attention_layernorm(attention_out)
+        hidden = hidden + attention_out * self.residual_multiplier
+        if placement == "pre":
+            mlp_in = layer.post_attention_layernorm(hidden)
+        elif placement == "sandwich":
+            mlp_in = layer.pre_feedforward_layernorm(hidden)
+        else:
+            mlp_in = hidden
         # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
-        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden).unsqueeze(0)).squeeze(0)
+        mlp_out = layer.mlp(mlp_in.unsqueeze(0)).squeeze(0)
+        if placement != "pre":
+            mlp_out = layer.post_feedforward_layernorm(mlp_out)
         return hidden + mlp_out * self.residual_multiplier
 
     @torch.inference_mode()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.runtime.engine.attention import AttentionBatch, CacheLayer, read_kv
+from qtool.runtime.engine.attention import AttentionBatch, CacheLayer, read_kv, softcapped
 
 logger = logging.getLogger(__name__)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -48,8 +48,9 @@ class GatheredBatch:
 
 def sdpa_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: CacheLayer, batch: AttentionBatch,
                    scale: float, sliding_window: int | None = None,
-                   gathered: GatheredBatch | None = None) -> torch.Tensor:
-    """paged_attention through scaled_dot_product_attention, one call per sequence (any device and dtype)."""
+                   gathered: GatheredBatch | None = None, softcap: float | None = None) -> torch.Tensor:
+    """paged_attention through scaled_dot_product_attention, one call per sequence (any device and dtype). With a
+    softcap (which SDPA cannot apply) the scores are formed explicitly, in float32, as paged_attention does."""
     gathered = gathered or GatheredBatch.build(batch, key_cache.shape[1], query.device)
     keys = read_kv(key_cache, gathered.context_slots, query.dtype)  # a q8/q4 cache's dequantized
     values = read_kv(value_cache, gathered.context_slots, query.dtype)
@@ -64,8 +65,15 @@ def sdpa_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cach
         k = keys[context_start : context_start + context].transpose(0, 1)  # [kv_heads, context, d]
         v = values[context_start : context_start + context].transpose(0, 1)
         q = query[start : start + count].transpose(0, 1)
-        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
-                                                                    enable_gqa=True)
+        if softcap is None:
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                                                        enable_gqa=True)
+        else:
+            group = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+            scores = softcapped(torch.matmul(q.float(), k.float().transpose(1, 2)) * scale, softcap)
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(q.dtype)
+            attended = torch.matmul(weights, v)
         out[start : start + count] = attended.transpose(0, 1)
         context_start += context
     return out
@@ -121,9 +129,11 @@ class PrefillAttention:
         return self._layout[1]
 
     def __call__(self, query: torch.Tensor, key_cache: CacheLayer, value_cache: CacheLayer,
-                 batch: AttentionBatch, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                 batch: AttentionBatch, scale: float, sliding_window: int | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
         gathered = self._gathered(batch)
-        if self.use_varlen and query.is_cuda and query.dtype in FLASH_DTYPES:
+        # the varlen kernel has no logit softcap (Gemma 2): those layers take the per-sequence path
+        if self.use_varlen and softcap is None and query.is_cuda and query.dtype in FLASH_DTYPES:
             try:
                 return varlen_attention(query, key_cache, value_cache, scale, sliding_window, gathered)
             except (ImportError, TypeError, RuntimeError) as exc:  # an older torch, or no flash kernel for this
@@ -131,4 +141,4 @@ class PrefillAttention:
                 self.use_varlen = False
                 logger.info("engine: torch's varlen flash attention cannot run here (%s); prefill attention "
                             "through scaled_dot_product_attention per sequence", str(exc).splitlines()[0][:200])
-        return sdpa_attention(query, key_cache, value_cache, batch, scale, sliding_window, gathered)
+        return sdpa_attention(query, key_cache, value_cache, batch, scale, sliding_window, gathered, softcap)

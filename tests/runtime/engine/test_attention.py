@@ -1,5 +1,5 @@
 """The paged attention against plain causal attention on the same q/k/v: ragged chunks of several sequences, block
-tables in scrambled order, GQA, sliding windows; and the slots new tokens are written to."""
+tables in scrambled order, GQA, sliding windows, Gemma 2's logit softcap; and the slots new tokens are written to."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from qtool.runtime.engine.attention import AttentionBatch, KVCache, cache_slots,
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 8, 4
 
 
-def dense_attention(q, k, v, scale, window=None):
-    """Causal attention of one sequence's last q.shape[0] positions over all of k/v [ctx, kv_heads, d]."""
+def dense_attention(q, k, v, scale, window=None, softcap=None):
+    """Causal attention of one sequence's last q.shape[0] positions over all of k/v [ctx, kv_heads, d] (float64
+    scores written out where a softcap applies: cap * tanh(scores / cap) before the mask)."""
     context, count = k.shape[0], q.shape[0]
     group = HEADS // KV_HEADS
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -21,13 +22,17 @@ def dense_attention(q, k, v, scale, window=None):
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    if softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+        return out.transpose(0, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~mask, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).to(q.dtype)
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_paged_attention_equals_dense_causal_attention(window):
+@pytest.mark.parametrize("window, softcap", [(None, None), (3, None), (None, 0.7), (3, 0.7)])
+def test_paged_attention_equals_dense_causal_attention(window, softcap):
     gen = torch.Generator().manual_seed(0)
     # (context length, new tokens): a whole prompt, a middle chunk, a decode, a prompt ending on a block edge
     shapes = [(7, 7), (10, 5), (9, 1), (8, 8)]
@@ -45,9 +50,13 @@ def test_paged_attention_equals_dense_causal_attention(window):
         write_kv(key_cache, value_cache, slots, keys[-1], values[-1])
     queries = [torch.randn(count, HEADS, HEAD_DIM, generator=gen) for _, count in shapes]
     batch = AttentionBatch.build(tables, [c for c, _ in shapes], [n for _, n in shapes], BLOCK)
-    out = paged_attention(torch.cat(queries), key_cache, value_cache, batch, scale=0.3, sliding_window=window)
-    expected = torch.cat([dense_attention(q, k, v, 0.3, window) for q, k, v in zip(queries, keys, values)])
+    out = paged_attention(torch.cat(queries), key_cache, value_cache, batch, scale=0.3, sliding_window=window,
+                          softcap=softcap)
+    expected = torch.cat([dense_attention(q, k, v, 0.3, window, softcap) for q, k, v in zip(queries, keys, values)])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if softcap is not None:  # the cap changes the result at these score sizes
+        uncapped = paged_attention(torch.cat(queries), key_cache, value_cache, batch, scale=0.3, sliding_window=window)
+        assert (uncapped - out).abs().max() > 1e-2
 
 
 def test_new_tokens_are_written_at_their_block_table_slots():

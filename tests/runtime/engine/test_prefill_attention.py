@@ -1,5 +1,5 @@
 """The GPU's prefill attention against the torch reference (attention.paged_attention): ragged chunks, a cached
-prefix before a chunk, one-token decodes mixed in, GQA, sliding windows. SDPA per sequence runs here; torch's flash
+prefix before a chunk, one-token decodes mixed in, GQA, sliding windows, Gemma 2's logit softcap. SDPA per sequence runs here; torch's flash
 varlen kernel on the device (gpu)."""
 
 from __future__ import annotations
@@ -62,6 +62,18 @@ def test_prefill_attention_on_the_cpu_is_sdpa():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_softcap_takes_the_explicit_path_and_equals_the_reference(window):
+    query, key_cache, value_cache, batch = random_step(6)
+    expected = paged_attention(query, key_cache, value_cache, batch, 0.3, window, softcap=0.6)
+    assert (expected - paged_attention(query, key_cache, value_cache, batch, 0.3, window)).abs().max() > 1e-2
+    torch.testing.assert_close(sdpa_attention(query, key_cache, value_cache, batch, 0.3, window, softcap=0.6),
+                               expected, rtol=1e-5, atol=1e-5)
+    attention = PrefillAttention(BLOCK_SIZE, torch.device("cpu"))
+    torch.testing.assert_close(attention(query, key_cache, value_cache, batch, 0.3, window, softcap=0.6), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def quantized_layer(kind: str, floats: torch.Tensor):
     """floats [num_blocks, block_size, kv_heads, d] written into one layer of a q8/q4 cache."""
     cache = QuantizedKVCache.allocate(kind, 1, *floats.shape, floats.device)
@@ -98,6 +110,16 @@ def test_varlen_attention_equals_the_reference(window, dtype):
     got = attention(query, key_cache, value_cache, batch, 0.25, window)
     assert attention.use_varlen, "the flash varlen kernel ran"
     expected = paged_attention(query.float(), key_cache.float(), value_cache.float(), batch, 0.25, window)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the softcap's per-sequence path on the GPU")
+def test_a_softcap_on_the_gpu_equals_the_reference():
+    query, key_cache, value_cache, batch = random_step(7, "cuda", torch.bfloat16)
+    attention = PrefillAttention(BLOCK_SIZE, torch.device("cuda"))
+    got = attention(query, key_cache, value_cache, batch, 0.25, 4, softcap=0.6)
+    expected = paged_attention(query.float(), key_cache.float(), value_cache.float(), batch, 0.25, 4, softcap=0.6)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
