@@ -141,7 +141,7 @@ def test_prompt_logits_refuses_a_prompt_its_cache_cannot_hold(tiny_llama):
 def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     """SmolLM2-135M on the first 4 windows of 1024 tokens of wikitext-2's test split: the engine's perplexity
     equals the model's own forward within float32 rounding, and a q8 cache costs at most +0.02 (the issue's goal).
-    q4 is left out: it costs about +1 here (keys at 4 bits per token are too coarse for this model)."""
+    q4 is left out: it costs about +1 here (bench/RESULTS.md: 4-bit codes are too coarse for this model)."""
     from qtool.checkpoints.sources import load_model
     from qtool.data.text import load_eval_text
     from qtool.eval.perplexity import perplexity
