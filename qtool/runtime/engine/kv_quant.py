@@ -302,10 +302,9 @@ class ChannelQuantizedKeys:
         codes = self.codes.view(-1, *self.codes.shape[2:])[slots]
         keys = dequantize_q4_channels(codes, self.zeros[blocks], self.scales[blocks]) @ self.rotation.T
         if self.table.block_slot:
-            slot_of = torch.full((self.codes.shape[0],), -1, dtype=torch.long)
-            for block, slot in self.table.block_slot.items():
-                slot_of[block] = slot
-            staged = slot_of.to(slots.device)[blocks]
+            unique, inverse = torch.unique(blocks, return_inverse=True)
+            slot_of = [self.table.block_slot.get(block, -1) for block in unique.tolist()]
+            staged = torch.tensor(slot_of, dtype=torch.long, device=slots.device)[inverse]
             rows = (staged.clamp_min(0) * block_size + slots % block_size)
             from_staging = self.staging.view(-1, *self.staging.shape[2:])[rows].float()
             keys = torch.where((staged >= 0)[:, None, None], from_staging, keys)
