@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.runtime.engine.kv_quant import QuantizedCacheLayer, QuantizedKVCache
+from qtool.runtime.engine.kv_quant import ChannelQuantizedKeys, QuantizedCacheLayer, QuantizedKVCache
 from qtool.runtime.kv_cache_names import FLOAT_KV_CACHES, QUANTIZED_KV_CACHES, check_kv_cache
 
 FLOAT_KV_DTYPES = dict(zip(FLOAT_KV_CACHES, (torch.float16, torch.bfloat16)))
@@ -49,10 +49,13 @@ class KVCache:
 
 
 def allocate_kv_cache(kind: str, model_dtype: torch.dtype, num_layers: int, num_blocks: int, block_size: int,
-                      kv_heads: int, head_dim: int, device: torch.device | str) -> KVCache | QuantizedKVCache:
-    """The cache of a kind of KV_CACHE_KINDS: auto (model_dtype), fp16, bf16 (float tensors), q8 or q4."""
+                      kv_heads: int, head_dim: int, device: torch.device | str,
+                      staging_slots: int = 1) -> KVCache | QuantizedKVCache:
+    """The cache of a kind of KV_CACHE_KINDS: auto (model_dtype), fp16, bf16 (float tensors), q8 or q4 (whose keys
+    keep staging_slots blocks being filled as written, in model_dtype: give it the running sequences at most)."""
     if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
-        return QuantizedKVCache.allocate(kind, num_layers, num_blocks, block_size, kv_heads, head_dim, device)
+        return QuantizedKVCache.allocate(kind, num_layers, num_blocks, block_size, kv_heads, head_dim, device,
+                                         staging_slots, model_dtype)
     return KVCache.allocate(num_layers, num_blocks, block_size, kv_heads, head_dim,
                             FLOAT_KV_DTYPES.get(kind, model_dtype), device)
 
@@ -65,12 +68,22 @@ def kv_cache_bytes_per_block(kind: str, model_dtype: torch.dtype, num_layers: in
     return KVCache.bytes_per_block(num_layers, block_size, kv_heads, head_dim, FLOAT_KV_DTYPES.get(kind, model_dtype))
 
 
-CacheLayer = torch.Tensor | QuantizedCacheLayer  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+def kv_cache_fixed_bytes(kind: str, model_dtype: torch.dtype, num_layers: int, block_size: int, kv_heads: int,
+                         head_dim: int, staging_slots: int) -> int:
+    """Bytes allocate_kv_cache's cache takes besides its blocks: a q4 cache's key staging slots (else none)."""
+    if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
+        return QuantizedKVCache.staging_bytes(kind, num_layers, block_size, kv_heads, head_dim, staging_slots,
+                                              model_dtype)
+    return 0
+
+
+QUANTIZED_LAYERS = (QuantizedCacheLayer, ChannelQuantizedKeys)
+CacheLayer = torch.Tensor | QuantizedCacheLayer | ChannelQuantizedKeys  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
 
 
 def read_kv(cache: CacheLayer, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The keys (or values) [len(slots), kv_heads, head_dim] at flat cache slots, in dtype."""
-    if isinstance(cache, QuantizedCacheLayer):
+    if isinstance(cache, QUANTIZED_LAYERS):
         return cache.read(slots, dtype)
     kv_heads, head_dim = cache.shape[-2:]
     return cache.view(-1, kv_heads, head_dim)[slots].to(dtype)
@@ -109,7 +122,7 @@ def cache_slots(block_table: list[int], positions, block_size: int) -> torch.Ten
 def write_kv(key_cache: CacheLayer, value_cache: CacheLayer, slots: torch.Tensor, key: torch.Tensor,
              value: torch.Tensor) -> None:
     """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype, or quantized)."""
-    if isinstance(key_cache, QuantizedCacheLayer):
+    if isinstance(key_cache, QUANTIZED_LAYERS):
         key_cache.write(slots, key)
         value_cache.write(slots, value)
         return

@@ -119,7 +119,7 @@ class Engine:
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
-                                  config.fast_decode)
+                                  config.fast_decode, config.max_num_seqs)
         graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
@@ -156,15 +156,18 @@ class Engine:
     def _blocks_for_budget(self, model: nn.Module) -> int:
         per_block = ModelRunner.kv_bytes_per_block(model, self.config.block_size, self.config.kv_dtype,
                                                    self.config.kv_cache)
+        fixed = ModelRunner.kv_fixed_bytes(model, self.config.block_size, self.config.kv_dtype, self.config.kv_cache,
+                                           self.config.max_num_seqs)
         if self.config.kv_cache_bytes is not None:
-            blocks = self.config.kv_cache_bytes // per_block
+            blocks = (self.config.kv_cache_bytes - fixed) // per_block
             if blocks < 1:
+                staging = f" besides {fixed} bytes of q4 key staging (max_num_seqs blocks)" if fixed else ""
                 raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} "
-                                 "bytes", hint="raise kv_cache_bytes or lower block_size")
+                                 f"bytes{staging}", hint="raise kv_cache_bytes or lower block_size")
             return blocks
         context = getattr(model.config, "max_position_embeddings", 4096)
         full = self.config.max_num_seqs * math.ceil(context / self.config.block_size)
-        return max(1, min(full, DEFAULT_KV_CACHE_BYTES // per_block))
+        return max(1, min(full, (DEFAULT_KV_CACHE_BYTES - fixed) // per_block))
 
     def _eos_ids(self) -> list[int]:
         if self.tokenizer is not None:

@@ -15,7 +15,7 @@ from qtool.core.errors import QtoolError
 from qtool.models.architectures import REGISTRY, decoder_layers, get_module
 from qtool.models.layerwise import head_logits
 from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, kv_cache_bytes_per_block,
-                                           paged_attention, write_kv)
+                                           kv_cache_fixed_bytes, paged_attention, write_kv)
 from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from qtool.runtime.engine.decode_step import DecodeRows, plan_decode_step
 from qtool.runtime.engine.prefill_attention import PrefillAttention
@@ -160,10 +160,11 @@ class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 kv_cache: str = "auto", fast_decode: bool | None = None):
+                 kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
-        on the CPU the module path stays the reference)."""
+        on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
+        many blocks being filled at full precision)."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -181,7 +182,7 @@ class ModelRunner:
         self.kv_heads = self.config.num_key_value_heads
         self.kv_dtype = kv_dtype or self.dtype  # a float cache's dtype ("auto"); fp16/bf16/q8/q4 via kv_cache
         self.cache = allocate_kv_cache(kv_cache, self.kv_dtype, len(self.layers), num_blocks, block_size,
-                                       self.kv_heads, self.head_dim, self.device)
+                                       self.kv_heads, self.head_dim, self.device, staging_slots=max_num_seqs)
         self.windows = [self._sliding_window(layer) for layer in self.layers]
         softcap_field = self.recipe.attention_softcap_field
         softcap = None if softcap_field is None else getattr(self.config, softcap_field, None)
@@ -241,6 +242,15 @@ class ModelRunner:
         dtype = kv_dtype or model.get_input_embeddings().weight.dtype
         return kv_cache_bytes_per_block(kv_cache, dtype, config.num_hidden_layers, block_size,
                                         config.num_key_value_heads, attention.head_dim)
+
+    @staticmethod
+    def kv_fixed_bytes(model: nn.Module, block_size: int, kv_dtype: torch.dtype | None = None,
+                       kv_cache: str = "auto", max_num_seqs: int = 1) -> int:
+        """Bytes the cache takes besides its blocks (a q4 cache's staging: max_num_seqs blocks of keys)."""
+        config = model.config
+        dtype = kv_dtype or model.get_input_embeddings().weight.dtype
+        return kv_cache_fixed_bytes(kv_cache, dtype, config.num_hidden_layers, block_size, config.num_key_value_heads,
+                                    decoder_layers(model)[0].self_attn.head_dim, max_num_seqs)
 
     def _sliding_window(self, layer: nn.Module) -> int | None:
         if self.recipe.sliding_window == "attention":

@@ -89,8 +89,11 @@ def test_the_legacy_kv_dtype_still_names_a_float_cache(tiny_llama):
 
 
 def test_q4_holds_at_least_3_5x_the_tokens_of_fp16_in_the_same_bytes(make_tiny_llama):
-    model = make_tiny_llama(head_dim=64)  # SmolLM2's head_dim; 128 gives the same ratio (a scale and a minimum per 64 codes)
-    budget = 3 << 20
+    """Per block q4 takes 1 / 3.55 of fp16's bytes; its key staging (max_num_seqs blocks of keys in the model's
+    dtype, here 64 x 16 KiB in float32) is a fixed 1 MiB, so the budget is one where it is under 1.5%, as it is in
+    any real cache (SmolLM2, 64 sequences, bf16: 11.8 MB of the default 2 GiB)."""
+    model = make_tiny_llama(head_dim=64)  # SmolLM2's head_dim
+    budget = 80 << 20
     tokens, allocated = {}, {}
     for kind in ("fp16", "q8", "q4"):
         engine = Engine(model, None, EngineConfig(block_size=16, kv_cache_bytes=budget, kv_cache=kind))
@@ -135,7 +138,7 @@ def test_prompt_logits_refuses_a_prompt_its_cache_cannot_hold(tiny_llama):
 def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     """SmolLM2-135M on the first 4 windows of 1024 tokens of wikitext-2's test split: the engine's perplexity
     equals the model's own forward within float32 rounding, and a q8 cache costs at most +0.02 (the issue's goal).
-    q4 is left out: it costs about +1 here (keys at 4 bits per token are too coarse for this model)."""
+    q4 is left out: it costs about +1 here (bench/RESULTS.md: 4-bit codes are too coarse for this model)."""
     from qtool.checkpoints.sources import load_model
     from qtool.data.text import load_eval_text
     from qtool.eval.perplexity import perplexity

@@ -9,7 +9,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, cache_slots, kv_cache_bytes_per_block,
-                                            paged_attention, read_kv, write_kv)
+                                            kv_cache_fixed_bytes, paged_attention, read_kv, write_kv)
 from qtool.runtime.engine.kv_quant import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8, rotation
 from qtool.runtime.kv_cache_names import KV_CACHE_KINDS, check_kv_cache
 
@@ -132,7 +132,9 @@ def test_cache_write_then_read_at_scrambled_slots(kind, shape):
         if kind in FLOAT_BOUNDS:
             assert ((read - written).abs() <= written.abs() * FLOAT_BOUNDS[kind]).all()
             continue
-        # stored: the rotated vectors within half a step each; read: rotated back, so the error vector of each
+        if kind == "q4" and layer is key_cache:  # per channel over each full block: test_kv_quant_channels.py
+            continue
+        # (values, and q8 keys) stored: the rotated vectors within half a step each; read: rotated back, so the error vector of each
         # (token, kv head) keeps its length (the rotation is orthogonal), whatever channel it lands on
         rotated = written @ rotation(head_dim).double()
         half_steps = q8_half_steps(rotated) if kind == "q8" else q4_half_steps(rotated)
@@ -176,8 +178,11 @@ def test_paged_attention_over_a_quantized_cache_is_attention_over_what_it_holds(
 @pytest.mark.parametrize("kind", KV_CACHE_KINDS)
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_bytes_per_block_is_what_the_cache_allocates(kind, head_dim):
-    cache = allocate_kv_cache(kind, torch.float32, 3, 5, 8, 2, head_dim, "cpu")
-    assert cache.nbytes == 5 * kv_cache_bytes_per_block(kind, torch.float32, 3, 8, 2, head_dim)
+    """Blocks plus the fixed part: a q4 cache's key staging slots (float32 here, as the model's dtype)."""
+    cache = allocate_kv_cache(kind, torch.float32, 3, 5, 8, 2, head_dim, "cpu", staging_slots=2)
+    fixed = kv_cache_fixed_bytes(kind, torch.float32, 3, 8, 2, head_dim, staging_slots=2)
+    assert cache.nbytes == 5 * kv_cache_bytes_per_block(kind, torch.float32, 3, 8, 2, head_dim) + fixed
+    assert fixed == (3 * 2 * 8 * 2 * head_dim * 4 if kind == "q4" else 0)
     assert (cache.num_blocks, cache.block_size) == (5, 8)
 
 
