@@ -377,19 +377,23 @@ def kv_capacity(ctx: Context) -> None:
     budget = int((0.25 if args.tiny else args.kv_capacity_mib) * (1 << 20))
     block = 16
     prompt_len = (3 if args.tiny else 32) * block - 2  # + 2 new tokens: whole blocks
+    # one cap on running sequences for the probe and the fill: q4 stages one filling block of keys per sequence
+    # inside the budget, so the cap moves the block count
+    seqs = 8 if args.tiny else 64
     rows = {}
     for kind in KV_CACHE_KINDS:
         free_memory()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        probe = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block))
+        probe = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block,
+                                                  max_num_seqs=seqs))
         capacity, num_blocks = probe.capacity_tokens, probe.num_blocks
         allocated = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
         del probe
         free_memory()
         # fill it: as many requests of prompt_len + 2 tokens as the blocks hold, all admitted in one step
-        count = num_blocks // ((prompt_len + 2) // block)
+        count = min(seqs, num_blocks // ((prompt_len + 2) // block))
         engine = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block,
-                                                   max_num_seqs=count, max_num_batched_tokens=count * prompt_len))
+                                                   max_num_seqs=seqs, max_num_batched_tokens=count * prompt_len))
         prompts = random_prompts(count, prompt_len, prompt_len, model.config.vocab_size, args.seed + 3)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for p in prompts:
