@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from qtool.cli.main import app
 from qtool.cli.run import chat_loop
 from qtool.runtime.reply import ReplyGenerator
-from qtool.runtime.generate import GenerationSettings, generate
+from qtool.runtime.generate import GenerationSettings
 
-from cli_checks import one_line_error
+from cli_checks import greedy_reply, one_line_error, save_model_dir
 
 runner = CliRunner()
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
@@ -31,14 +31,8 @@ def model(make_tiny_llama, tokenizer):
 
 @pytest.fixture
 def model_dir(tmp_path, model, tokenizer):
-    directory = tmp_path / "tiny"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(tmp_path / "tiny", model, tokenizer)
 
-
-def greedy_reply(model, tokenizer, conversation) -> str:
-    return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
 
 
 def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):

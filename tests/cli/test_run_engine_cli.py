@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 from qtool.checkpoints import sources
 from qtool.cli.main import app
 from qtool.runtime.engine import EngineConfig
-from qtool.runtime.generate import GenerationSettings, generate
 
-from cli_checks import one_line_error
+from cli_checks import greedy_reply, one_line_error, save_model_dir
 
 runner = CliRunner()
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
@@ -33,14 +32,8 @@ def model(make_tiny_llama, tokenizer):
 
 @pytest.fixture
 def model_dir(tmp_path, model, tokenizer):
-    directory = tmp_path / "tiny"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(tmp_path / "tiny", model, tokenizer)
 
-
-def greedy(model, tokenizer, conversation) -> str:
-    return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
 
 
 def test_one_reply_reports_the_engine_it_had(model_dir, model, tokenizer):
@@ -49,7 +42,7 @@ def test_one_reply_reports_the_engine_it_had(model_dir, model, tokenizer):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["engine"] == {"max_batch": 2, "cache_blocks": 37, "gpu_memory_fraction": None}
-    assert data["text"] == greedy(model, tokenizer, [{"role": "user", "content": "the fox"}])
+    assert data["text"] == greedy_reply(model, tokenizer, [{"role": "user", "content": "the fox"}])
     default = json.loads(runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--json"] + GREEDY).stdout)
     assert default["engine"]["cache_blocks"] not in (None, 37) and default["engine"]["max_batch"] == 1
 
@@ -65,7 +58,7 @@ def test_a_batch_runs_under_the_given_cap_and_cache(tmp_path, model_dir, model, 
     totals = json.loads(result.stdout)
     assert totals["engine"] == {"max_batch": 1, "cache_blocks": 9, "gpu_memory_fraction": None}
     assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == \
-        [greedy(model, tokenizer, text) for text in prompts]
+        [greedy_reply(model, tokenizer, text) for text in prompts]
 
 
 def test_the_help_names_the_engines_block_size():

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from qtool.cli.main import app
 from qtool.runtime.generate import GenerationSettings, generate
 
-from cli_checks import one_line_error
+from cli_checks import one_line_error, save_model_dir
 
 runner = CliRunner()
 GREEDY = ["--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "--raw"]
@@ -30,10 +30,7 @@ def model(make_tiny_llama, tokenizer):
 
 @pytest.fixture
 def model_dir(tmp_path, model, tokenizer):
-    directory = tmp_path / "tiny"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(tmp_path / "tiny", model, tokenizer)
 
 
 def greedy_text(model, tokenizer) -> str:

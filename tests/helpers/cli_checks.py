@@ -25,3 +25,17 @@ def refused_choice(result, name: str, value: str, choices) -> str:
     assert f"Invalid value for '{name}'" in text, text
     assert f"'{value}'" in text and all(f"'{choice}'" in text for choice in choices), text
     return text
+
+
+def save_model_dir(directory, model, tokenizer):
+    """A model directory the CLI can load: the model's weights and config beside its tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def greedy_reply(model, tokenizer, conversation) -> str:
+    """The reply transformers' generate gives greedily (6 new tokens): what `qtool run` must print."""
+    from qtool.runtime.generate import GenerationSettings, generate
+
+    return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
