@@ -16,6 +16,7 @@ from gptq_reference import random_gptq_codes
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
 
+from counting_tuner import CountingTuner  # noqa: E402
 from qtool.kernels.default_plans import FAMILY_RULES, PACKED, gpu_family, rule_for, rules_for  # noqa: E402
 from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LEFT_DEQUANT, LEFT_PACKED  # noqa: E402
 from qtool.kernels.registry import BackendRegistry  # noqa: E402
@@ -27,7 +28,6 @@ from qtool.kernels.triton_backend import (  # noqa: E402
     LEFT_MID_SHAPES,
     LEFT_SKINNY_SHAPES,
     GpuFacts,
-    KernelTuner,
     Plan,
     TritonBackend,
     candidate_plans,
@@ -50,19 +50,6 @@ def shaped_like(weight, in_features, out_features):
     """`weight` as a layer of another size (what plans are chosen from: sizes, widths, groups, layout; the tensors
     are never read)."""
     return dataclasses.replace(weight, in_features=in_features, out_features=out_features, k_rows=in_features)
-
-
-@dataclasses.dataclass
-class CountingTuner(KernelTuner):
-    """Times nothing: records each choose() and 'picks' the last candidate, as if timed at 1 ms."""
-
-    calls: list = dataclasses.field(default_factory=list)
-
-    def choose(self, key, candidates, run, reference, timing_calls=None):
-        self.calls.append(key)
-        best = candidates[-1]
-        self.plans[key], self.timings[key] = best, [(best.describe(), 1.0)]
-        return best
 
 
 def test_every_pick_is_an_entry_of_the_tuners_tables():

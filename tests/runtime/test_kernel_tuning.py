@@ -4,7 +4,6 @@ and a second run finds them there; a model without GPTQ linears, a float32 run a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -13,26 +12,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
 
+from counting_tuner import CountingTuner  # noqa: E402
 from qtool.core.errors import QtoolError  # noqa: E402
 from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
-from qtool.kernels.triton_backend import GpuFacts, KernelTuner, TritonBackend, kernel_plan_store  # noqa: E402
+from qtool.kernels.triton_backend import GpuFacts, TritonBackend, kernel_plan_store  # noqa: E402
 from qtool.runtime.kernel_tuning import m_buckets, tune_layers  # noqa: E402
 
 H100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 132)
 CUDA = torch.device("cuda", 0)  # what the keys name; nothing runs on it
-
-
-@dataclasses.dataclass
-class CountingTuner(KernelTuner):
-    """Times nothing: records each choose() and 'picks' the last candidate, as if timed at 1 ms."""
-
-    calls: list = dataclasses.field(default_factory=list)
-
-    def choose(self, key, candidates, run, reference, timing_calls=None):
-        self.calls.append(key)
-        best = candidates[-1]
-        self.plans[key], self.timings[key] = best, [(best.describe(), 1.0)]
-        return best
 
 
 def gptq_llama(model, bits=4, group_size=32):
