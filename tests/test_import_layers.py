@@ -16,8 +16,8 @@ LAYERS = (
     ("config",),
     ("kernels",),
     ("checkpoints", "models", "data"),
-    ("quant", "eval", "runtime", "validate"),
-    ("convert",),
+    ("quant", "eval", "runtime", "validate", "finetune"),
+    ("convert", "serve"),
     ("cli",),
 )
 LAYER_OF = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
