@@ -59,12 +59,16 @@ class EngineSizing:
                 memory_info = torch.cuda.mem_get_info
             free, total = memory_info(device)
             budget = kv_cache_budget(self.gpu_memory_fraction, free, total)
+            max_seqs = changes.get("max_num_seqs", base.max_num_seqs)
             per_block = ModelRunner.kv_bytes_per_block(model, base.block_size, base.kv_dtype, base.kv_cache)
-            if budget < per_block:
+            # q4 stages the block each running sequence is filling outside the blocks (Engine._blocks_for_budget's rule)
+            fixed = ModelRunner.kv_fixed_bytes(model, base.block_size, base.kv_dtype, base.kv_cache, max_seqs)
+            if budget - fixed < per_block:
+                staging = f" besides {fixed} bytes of q4 key staging" if fixed else ""
                 raise QtoolError(f"--gpu-memory-fraction {self.gpu_memory_fraction} leaves {budget / GIB:.2f} GiB "
-                                 f"for the KV cache, less than one block ({per_block} bytes)",
+                                 f"for the KV cache, less than one block ({per_block} bytes){staging}",
                                  "raise --gpu-memory-fraction, or give --cache-blocks N")
-            changes.update(num_blocks=budget // per_block, kv_cache_bytes=None)
+            changes.update(num_blocks=(budget - fixed) // per_block, kv_cache_bytes=None)
         return dataclasses.replace(base, **changes)
 
     def to_dict(self) -> dict[str, Any]:

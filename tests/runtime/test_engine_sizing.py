@@ -50,8 +50,22 @@ def test_a_quantized_cache_gets_the_blocks_its_bytes_allow(tiny_llama, kind):
     config = EngineSizing(gpu_memory_fraction=0.5).engine_config(tiny_llama, EngineConfig(kv_cache=kind),
                                                                  lambda device: (total - used, total))
     per_block = ModelRunner.kv_bytes_per_block(tiny_llama, 16, kv_cache=kind)
+    fixed = ModelRunner.kv_fixed_bytes(tiny_llama, 16, None, kind, EngineConfig().max_num_seqs)
     assert per_block < ModelRunner.kv_bytes_per_block(tiny_llama, 16), "a quantized block is smaller"
-    assert config.kv_cache == kind and config.num_blocks == (total // 2 - used) // per_block
+    assert (fixed > 0) == (kind == "q4"), "q4 alone stages the filling block of each running sequence"
+    assert config.kv_cache == kind and config.num_blocks == (total // 2 - used - fixed) // per_block
+
+
+def test_the_fraction_gives_the_engine_as_many_blocks_as_its_own_byte_budget(tiny_llama):
+    """--gpu-memory-fraction and EngineConfig.kv_cache_bytes share one rule: the same bytes give the same blocks."""
+    from qtool.runtime.engine import Engine
+
+    total, used = 1 << 24, (1 << 22) + 777
+    sizing = EngineSizing(gpu_memory_fraction=0.5, max_batch=3)
+    from_fraction = sizing.engine_config(tiny_llama, EngineConfig(kv_cache="q4"), lambda device: (total - used, total))
+    by_bytes = Engine(tiny_llama, config=EngineConfig(kv_cache="q4", max_num_seqs=3,
+                                                      kv_cache_bytes=total // 2 - used)).num_blocks
+    assert from_fraction.num_blocks == by_bytes > 0
 
 
 def test_nothing_left_is_an_error(tiny_llama):
