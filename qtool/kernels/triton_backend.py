@@ -452,6 +452,9 @@ class TritonBackend:
         self.plans: dict[TuneKey, Plan] = {}  # decided plans (stored, tuned or default), by key
         self.default_keys: set[TuneKey] = set()  # the keys served by a default plan
         self._workspaces: dict[str, SplitKWorkspace] = {}
+        # Outgrown workspaces stay alive: a CUDA graph captured earlier replays into the buffers it saw, and freeing
+        # them would hand that memory to other tensors the replay would then overwrite.
+        self._outgrown_workspaces: list[SplitKWorkspace] = []
 
     def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
         """None when this backend can serve such a layer, else why not."""
@@ -475,6 +478,7 @@ class TritonBackend:
             if current is not None:
                 partials = max(partials, current.partials.numel())
                 counters = max(counters, current.counters.numel())
+                self._outgrown_workspaces.append(current)
             current = SplitKWorkspace.allocate(device, partials, counters)
             self._workspaces[key] = current
         return current

@@ -450,3 +450,17 @@ def test_every_tuning_candidate_on_gpu(bits, group_size, act_order, dtype):
                 if not error < TOLERANCE[dtype]:
                     failures.append(f"M={m} call {attempt}: {plan.describe()}: relative error {error:.2e}")
     assert not failures, "\n".join(failures)
+
+
+def test_an_outgrown_workspace_stays_alive_for_graphs_captured_over_it():
+    """A CUDA graph replays into the buffers it was captured with: growing the workspace must not free the old one."""
+    import gc
+    import weakref
+
+    backend = TritonBackend(tune=False)
+    small = backend._workspace(torch.device("cpu"), 8, 2)
+    seen = weakref.ref(small.partials)
+    grown = backend._workspace(torch.device("cpu"), 800, 2)
+    del small
+    gc.collect()
+    assert grown.partials.numel() >= 800 and seen() is not None
