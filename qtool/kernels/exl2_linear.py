@@ -49,6 +49,12 @@ class Exl2Linear(RoutedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
 
     @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes under the name PEFT looks for on a quantized layer to place its adapters beside it
+        (an EXL2 linear has no parameter PEFT could read the device from)."""
+        return self.q_weight
+
+    @property
     def bit_widths(self) -> tuple[int, ...]:
         """The layer's distinct widths, widest first: what backends are selected by."""
         return tuple(sorted(set(self.group_bits), reverse=True))
