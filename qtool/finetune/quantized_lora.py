@@ -44,6 +44,9 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=kwargs.get("target_name", ""))
 
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features  # PEFT's generic lookup would warn about an unknown type
+
     def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
         # PEFT would take the packed int32 codes' dtype; the adapters keep their own
         return getattr(base_layer, base_layer.weight_buffer).device, self.lora_dtype

@@ -1,6 +1,6 @@
 """A quantized linear as an autograd function of its input: the forward is the layer's routed matmul (whatever
 backend serves the call shape), the backward dX = dY @ dequant(W) through the format's grad-input kernel where
-Triton runs (CUDA, or the forward's own Triton backend under the interpreter) and the torch reference elsewhere.
+the forward ran on the Triton backend (a GPU, or the interpreter on request) and the torch reference elsewhere.
 The packed buffers are frozen: they get no gradient. What LoRA/QLoRA over GPTQ and EXL2 bases trains through."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from qtool.kernels.grad_input_ref import exl2_grad_input_ref, gptq_grad_input_ref
-from qtool.kernels.registry import triton_device_problem
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the grad-input kernels multiply in
 
@@ -34,14 +33,11 @@ class QuantizedLinearFunction(torch.autograd.Function):
         return grad_input.to(ctx.x_dtype), None, None
 
 
-def _kernel_serves(grad_output: torch.Tensor, backend: Any, interpreted: Any) -> bool:
-    """Whether the Triton grad-input kernel runs this backward: on a GPU Triton can use, or wherever the forward
-    itself ran on the Triton backend (the interpreter, in tests); in the dtypes the kernel multiplies in."""
-    if grad_output.dtype not in KERNEL_DTYPES:
-        return False
-    if backend.name == "triton":
-        return True
-    return grad_output.is_cuda and triton_device_problem(grad_output.device, interpreted()) is None
+def _kernel_serves(grad_output: torch.Tensor, backend: Any) -> bool:
+    """Whether the Triton grad-input kernel runs this backward: where the forward ran on the Triton backend (auto
+    picks it on a GPU that can run Triton; the interpreter only on request), in the dtypes the kernel multiplies
+    in. A forward on the torch reference gets the reference backward, so the two paths stay comparable."""
+    return backend.name == "triton" and grad_output.dtype in KERNEL_DTYPES
 
 
 class _GptqGradForm:
@@ -56,35 +52,9 @@ class _GptqGradForm:
         return prepare_gptq_grad(tensors)
 
 
-class _Exl2GradForm:
-    """The EXL2 grad-input kernel's form of a layer (the Triton forward's layout), for layers whose forward runs
-    on another backend."""
-
-    name = "exl2-grad-input"
-
-    @staticmethod
-    def prepare(tensors: Any) -> Any:
-        from qtool.kernels.exl2_triton import prepare_exl2
-
-        t = tensors
-        return prepare_exl2(t.q_weight, t.q_invperm, t.q_scale, t.q_scale_max, t.q_groups, t.out_features)
-
-
-def _gptq_interpreted() -> bool:
-    from qtool.kernels.gptq_grad_input_triton import triton_interpreted
-
-    return triton_interpreted()
-
-
-def _exl2_interpreted() -> bool:
-    from qtool.kernels.exl2_grad_input_triton import triton_interpreted
-
-    return triton_interpreted()
-
-
 def gptq_layer_grad_input(layer: Any, grad_output: torch.Tensor, backend: Any) -> torch.Tensor:
     """dX of a QuantLinear for dY = grad_output, in grad_output's dtype (see _kernel_serves for which path)."""
-    if _kernel_serves(grad_output, backend, _gptq_interpreted):
+    if _kernel_serves(grad_output, backend):
         from qtool.kernels.gptq_grad_input_triton import gptq_grad_input
 
         return gptq_grad_input(grad_output, layer.prepared_form(_GptqGradForm))
@@ -93,9 +63,8 @@ def gptq_layer_grad_input(layer: Any, grad_output: torch.Tensor, backend: Any) -
 
 def exl2_layer_grad_input(layer: Any, grad_output: torch.Tensor, backend: Any) -> torch.Tensor:
     """dX of an Exl2Linear for dY = grad_output, in grad_output's dtype (see _kernel_serves for which path)."""
-    if _kernel_serves(grad_output, backend, _exl2_interpreted):
+    if _kernel_serves(grad_output, backend):
         from qtool.kernels.exl2_grad_input_triton import exl2_grad_input
 
-        layout = layer.prepared_form(backend if backend.name == "triton" else _Exl2GradForm)
-        return exl2_grad_input(grad_output, layout)
+        return exl2_grad_input(grad_output, layer.prepared_form(backend))  # the Triton forward's layout
     return exl2_grad_input_ref(grad_output, layer.backend_tensors())
