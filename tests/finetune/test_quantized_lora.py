@@ -258,3 +258,21 @@ def test_all_linear_skips_the_head_and_dora_works_on_float_targets(make_tiny_lla
     assert set(names) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     peft_model = get_peft_model(float_model, lora_config_for(float_model, 4, 8, 0.0, "q_proj,v_proj", use_dora=True))
     assert any("lora_magnitude_vector" in name for name, _ in peft_model.named_parameters())
+
+
+def test_rslora_scaling_and_bfloat16_adapters(gptq_llama):
+    model = gptq_llama(seed=4)
+    config = lora_config_for(model, 16, 8, 0.1, ["v_proj"], use_rslora=True, lora_dtype="bfloat16")
+    peft_model = get_peft_model(model, config)
+    layers = [m for m in peft_model.modules() if isinstance(m, QuantizedLoraLinear)]
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.scaling["default"] == pytest.approx(8 / 16 ** 0.5)
+        assert layer.lora_A["default"].weight.dtype == torch.bfloat16
+        assert isinstance(layer.lora_dropout["default"], nn.Dropout)
+    peft_model.train()
+    tokens = token_batch(seed=8, batch=1, length=12)
+    loss = peft_model(input_ids=tokens, labels=tokens).loss
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(layer.lora_B["default"].weight.grad is not None for layer in layers)
