@@ -148,11 +148,11 @@ def build_system(system: str, shape: dict, device: torch.device, dtype: torch.dt
         model = llama_skeleton(shape, device, dtype, gptq_factory(device, dtype))
         set_model_backend(model, "triton" if system == "qtool-triton" else "torch")
         config = lora_config_for(model, rank, 2 * rank, 0.0, "all-linear", lora_dtype=lora_dtype)
-    peft_model = get_peft_model(model, config)
-    if system == "bnb-nf4" and lora_dtype == "float32":
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.float()
+    # the adapters in lora_dtype in every system (PEFT would upcast bfloat16 ones to float32 by default)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(getattr(torch, lora_dtype))
     peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model.enable_input_require_grads()
     peft_model.config.use_cache = False

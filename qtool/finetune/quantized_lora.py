@@ -141,7 +141,8 @@ def lora_config_for(model: nn.Module, rank: int, alpha: float, dropout: float, t
     """A PEFT LoraConfig for `model` (float, GPTQ or EXL2 linears) with qtool's quantized layers registered:
     pass it to peft.get_peft_model. target_modules: all-linear or linear leaf names (q_proj, ...). use_dora only
     on float targets (DoRA needs a dense weight). lora_dtype: float32 or bfloat16 for A and B on quantized
-    targets (float targets follow PEFT: the base weight's dtype)."""
+    targets (float targets follow PEFT: the base weight's dtype); bfloat16 adapters stay so only with
+    get_peft_model(..., autocast_adapter_dtype=False), as PEFT otherwise upcasts them to float32."""
     _check_numbers(rank, alpha, dropout)
     targets = resolve_target_modules(model, target_modules)
     if use_dora:

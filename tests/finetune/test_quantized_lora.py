@@ -263,7 +263,7 @@ def test_all_linear_skips_the_head_and_dora_works_on_float_targets(make_tiny_lla
 def test_rslora_scaling_and_bfloat16_adapters(gptq_llama):
     model = gptq_llama(seed=4)
     config = lora_config_for(model, 16, 8, 0.1, ["v_proj"], use_rslora=True, lora_dtype="bfloat16")
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)  # PEFT would upcast them to float32
     layers = [m for m in peft_model.modules() if isinstance(m, QuantizedLoraLinear)]
     assert len(layers) == 2
     for layer in layers:
