@@ -11,7 +11,8 @@ memory of a LoRA step (rank 16, every decoder linear targeted, gradient checkpoi
 Every system: the same shapes, bf16 base (embeddings, norms, head), LoRA A/B in --lora-dtype, batch 1 x --seqlen
 tokens of random ids (labels = ids), --warmup untimed steps, then --steps timed ones. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (weights included). One JSON line per system to --out, then
-one comparison line (qtool-triton against each other system), each with the device, versions and command.
+one comparison line (qtool-triton's speed and peak memory as ratios of each other system's, and its first loss
+minus qtool-torch's on the same base), each with the device, versions and command.
 
 GPU:  python3 bench/finetune/qlora_step.py --out $OUT/qlora_step.jsonl
       (bitsandbytes from a carried wheel: pip install --no-deps --target /tmp/bnb_site .whl/finetune/*.whl and
@@ -229,6 +230,9 @@ def comparison(rows: list[dict]) -> dict:
         result[f"speed_vs_{name}"] = round(ours["tokens_per_s"] / other["tokens_per_s"], 3)
         if "peak_gib" in ours and "peak_gib" in other:
             result[f"memory_vs_{name}"] = round(ours["peak_gib"] / other["peak_gib"], 3)
+    if "qtool-torch" in by_system:
+        # the same GPTQ base and adapters: the first losses differ only by the kernels' rounding
+        result["first_loss_vs_qtool-torch"] = round(ours["losses"][0] - by_system["qtool-torch"]["losses"][0], 5)
     return result
 
 

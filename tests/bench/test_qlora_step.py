@@ -45,3 +45,4 @@ def test_both_qtool_paths_start_from_the_same_loss(rows):
 def test_comparison_is_the_ratio_of_speeds(rows):
     expected = rows["qtool-triton"]["tokens_per_s"] / rows["qtool-torch"]["tokens_per_s"]
     assert rows["comparison"]["speed_vs_qtool-torch"] == pytest.approx(expected, rel=1e-2)
+    assert abs(rows["comparison"]["first_loss_vs_qtool-torch"]) < 1e-3
