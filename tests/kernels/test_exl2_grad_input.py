@@ -50,3 +50,14 @@ def test_grad_input_matches_float64(name, dtype, m, out_features, make_random_ex
     tensors = Exl2LinearTensors(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], None,
                                 out_features)
     assert relative_error(exl2_grad_input_ref(dy.to(DEVICE), tensors, torch.float64), expected) < 1e-12
+
+
+def test_default_launch_config(make_random_exl2_weight):
+    """The tiles a GPU run uses (GradInputConfig()), with M and N not multiples of 64."""
+    gen = torch.Generator().manual_seed(12)
+    weight = make_random_exl2_weight(LAYOUTS["every width"], 70, gen)
+    t = {key: value.to(DEVICE) for key, value in exl2_tensors_from_weight(weight).items()}
+    layout = prepare_exl2(t["q_weight"], t["q_invperm"], t["q_scale"], t["q_scale_max"], t["q_groups"], 70)
+    dy = torch.randn(67, 70, generator=gen).to(torch.bfloat16)
+    got = exl2_grad_input(dy.to(DEVICE), layout)
+    assert relative_error(got, dy.double() @ weight.dequantize(torch.float64)) < TOLERANCE[torch.bfloat16]

@@ -77,3 +77,13 @@ def test_wrong_width_is_refused():
     layer = random_gptq_codes(32, 64, 4, 32, False, True, "gptq", seed=2)
     with pytest.raises(ValueError, match="32 outputs"):
         gptq_grad_input(torch.zeros(3, 64, device=DEVICE), prepare_gptq_grad(layer_tensors(layer, 4, 32, "gptq")))
+
+
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True)])
+def test_default_launch_config(group_size, act_order):
+    """The tiles a GPU run uses (GradInputConfig()), with M, N and K none of them multiples of 64."""
+    layer = random_gptq_codes(96, 160, 4, group_size, act_order, True, "gptq", seed=group_size)
+    dy = torch.randn(70, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    got = gptq_grad_input(dy.to(DEVICE), prepare_gptq_grad(layer_tensors(layer, 4, group_size, "gptq")))
+    expected = dy.double() @ reference_weight(layer.codes, layer.scales, layer.zeros, layer.g_idx)
+    assert relative_error(got, expected) < TOLERANCE[torch.bfloat16]
