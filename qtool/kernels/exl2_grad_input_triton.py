@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from qtool.kernels.exl2_triton import Exl2ComputeLayout, _codes, _round_to
-from qtool.kernels.gptq_grad_input_triton import KERNEL_DTYPES, GradInputConfig
+from qtool.kernels.gptq_grad_input_triton import KERNEL_DTYPES, GradInputConfig, default_grad_config
 
 
 def triton_interpreted() -> bool:
@@ -59,8 +59,8 @@ def exl2_grad_input_kernel(
 
 
 def exl2_grad_input(grad_output: torch.Tensor, layout: Exl2ComputeLayout, config: GradInputConfig | None = None) -> torch.Tensor:
-    """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32), in input-feature order."""
-    config = config or GradInputConfig()
+    """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32), in input-feature order;
+    config: the tiles (default: default_grad_config of dY's rows)."""
     n, k = layout.out_features, layout.in_features
     if grad_output.shape[-1] != n:
         raise ValueError(f"grad_output has {grad_output.shape[-1]} features, the layer has {n} outputs")
@@ -71,6 +71,7 @@ def exl2_grad_input(grad_output: torch.Tensor, layout: Exl2ComputeLayout, config
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     m = dy.shape[0]
+    config = config or default_grad_config(m)
     dx = torch.empty(m, k, dtype=grad_output.dtype, device=grad_output.device)
     if m == 0:
         return dx.reshape(*lead, k)

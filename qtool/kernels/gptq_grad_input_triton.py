@@ -31,6 +31,15 @@ class GradInputConfig:
     num_stages: int = 3
 
 
+def default_grad_config(m: int) -> GradInputConfig:
+    """The tiles for M rows of dY, by rule (untuned: no GPU measurement yet). Unpacking a weight tile costs the
+    same whatever BM is, so long inputs (a training step's thousands of tokens) take tall tiles that share each
+    unpacked tile among more rows."""
+    if m >= 1024:
+        return GradInputConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
+    return GradInputConfig()
+
+
 @dataclass
 class GptqGradForm:
     """What the kernel reads of one layer, built once per layer (buffers unchanged): the packed codes as stored,
@@ -132,8 +141,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gptq_grad_input(grad_output: torch.Tensor, form: GptqGradForm, config: GradInputConfig | None = None) -> torch.Tensor:
-    """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32)."""
-    config = config or GradInputConfig()
+    """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32); config: the tiles
+    (default: default_grad_config of dY's rows)."""
     if grad_output.shape[-1] != form.out_features:
         raise ValueError(f"grad_output has {grad_output.shape[-1]} features, the layer has {form.out_features} outputs")
     if grad_output.dtype not in KERNEL_DTYPES:
@@ -143,6 +152,7 @@ def gptq_grad_input(grad_output: torch.Tensor, form: GptqGradForm, config: GradI
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     m, n, k = dy.shape[0], form.out_features, form.in_features
+    config = config or default_grad_config(m)
     dx = torch.empty(m, k, dtype=grad_output.dtype, device=grad_output.device)
     if m == 0:
         return dx.reshape(*lead, k)

@@ -79,11 +79,12 @@ def test_wrong_width_is_refused():
         gptq_grad_input(torch.zeros(3, 64, device=DEVICE), prepare_gptq_grad(layer_tensors(layer, 4, 32, "gptq")))
 
 
-@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True)])
-def test_default_launch_config(group_size, act_order):
-    """The tiles a GPU run uses (GradInputConfig()), with M, N and K none of them multiples of 64."""
+@pytest.mark.parametrize("group_size,act_order,m", [(128, False, 70), (32, True, 70), (128, False, 1030)])
+def test_default_launch_config(group_size, act_order, m):
+    """The tiles a GPU run uses (default_grad_config: short and long inputs), with M, N and K none of them
+    multiples of the tile."""
     layer = random_gptq_codes(96, 160, 4, group_size, act_order, True, "gptq", seed=group_size)
-    dy = torch.randn(70, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    dy = torch.randn(m, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     got = gptq_grad_input(dy.to(DEVICE), prepare_gptq_grad(layer_tensors(layer, 4, group_size, "gptq")))
     expected = dy.double() @ reference_weight(layer.codes, layer.scales, layer.zeros, layer.g_idx)
     assert relative_error(got, expected) < TOLERANCE[torch.bfloat16]
