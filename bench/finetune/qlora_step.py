@@ -266,6 +266,14 @@ def main(argv=None) -> int:
     env = environment(device, argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+
+    def record(row: dict) -> None:
+        # one line at a time: a run cut off by its time limit keeps the systems it measured
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with args.out.open("a") as out:
+            out.write(json.dumps(env | row) + "\n")
+
     for system in args.systems.split(","):
         try:
             row = measure(system, args, device)
@@ -274,13 +282,8 @@ def main(argv=None) -> int:
         gc.collect()  # the system's model and optimizer state went out of scope with measure()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    rows.append(comparison(rows))
-    print(json.dumps(rows[-1]), flush=True)
-    with args.out.open("a") as out:
-        for row in rows:
-            out.write(json.dumps(env | row) + "\n")
+        record(row)
+    record(comparison(rows))
     return 0
 
 
