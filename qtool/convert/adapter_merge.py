@@ -135,6 +135,9 @@ def plan_merge(
     base_format, quantization, read = _base_format(base)
     config_path, _ = adapter_files(Path(adapter_dir))
     read_lora_config(config_path)
+    skeleton = model_skeleton(Path(base))
+    if skeleton is not None:
+        check_adapter(adapter_dir, skeleton)  # a mismatched adapter fails before the weights are read
     quant_flags = {"--bits": bits, "--group-size": group_size, "--bpw": bpw, "--calibration": calibration, "--samples": samples,
                    "--seqlen": seqlen, "--config": config_file}
     config = origin = None
@@ -160,6 +163,23 @@ def plan_merge(
 
 
 # ---- models ----
+
+
+def model_skeleton(base: Path) -> nn.Module | None:
+    """The base's module tree on the meta device (shapes, no weights) from its config.json, without its
+    quantization_config: the quantized linears' float shapes. None when the base is not such a folder."""
+    if not (base.is_dir() and (base / "config.json").is_file()):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError, TypeError, RuntimeError):
+        return None  # the loader says what is wrong with the base, in its own words
 
 
 def load_float_base(base: Path) -> LoadedModel:
