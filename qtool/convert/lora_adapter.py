@@ -167,6 +167,8 @@ def check_adapter(adapter_dir: Path | str, model: nn.Module) -> AdapterSummary:
             if shape != expected:
                 raise QtoolError(f"{weights_name}: tensor {key} is {list(shape)} but {name} with rank {rank} needs {list(expected)}", FIX_ADAPTER)
             found.setdefault(name, set()).add(factor)
+        elif suffix.startswith("lora_magnitude_vector") and hasattr(module, "out_features") and shape != (module.out_features,):
+            raise QtoolError(f"{weights_name}: tensor {key} is {list(shape)} but {name} has {module.out_features} outputs (DoRA magnitudes: one per output)", FIX_ADAPTER)
     for name in targeted:
         have = found.get(name, set())
         if have != {"A", "B"}:

@@ -127,6 +127,25 @@ def test_float_base_merge_is_peft_merge_and_float64_reference(setup):
     assert (out / "tokenizer.json").exists()
 
 
+def test_dora_rslora_rank_pattern_and_modules_to_save_merge_as_peft_does(setup, tmp_path):
+    model = float_model(setup / "float")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], use_dora=True, use_rslora=True, rank_pattern={"up_proj": 2},
+                        modules_to_save=["lm_head"])
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    report = merge_adapter(setup / "float", tmp_path / "adapter", tmp_path / "out")
+    assert report.adapter_summary.dora and report.adapter_summary.rslora and report.adapter_summary.modules_to_save == ["lm_head"]
+    ids = fresh_ids(5)
+    reference = logits(peft_merged(float_model(setup / "float"), tmp_path / "adapter"), ids)
+    assert torch.allclose(logits(float_model(tmp_path / "out"), ids), reference, rtol=0, atol=1e-5)
+    assert rel(logits(float_model(setup / "float"), ids), reference) > 0.05
+
+
 def test_gptq_base_requantized_with_its_own_config(setup, make_tiny_tokenizer):
     out = setup / "gptq-merged"
     report = merge_adapter(setup / "gptq", setup / "adapter", out, requantize="gptq", perplexity_text=setup / "eval.txt", device="cpu")
