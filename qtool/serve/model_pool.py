@@ -104,6 +104,12 @@ class EngineWorker:
                 self._thread = threading.Thread(target=self._run, name=f"qtool-engine-{self.name}", daemon=True)
                 self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started by the first request or the app's start-up, ended by stop())."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def stop(self, timeout: float | None = 10.0) -> None:
         """Abort what is left and end the thread."""
         with self._lock:
