@@ -19,7 +19,6 @@ import asyncio
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,17 +182,33 @@ def main(argv=None) -> int:
         return clients_main(*argv[1:4])
     import torch
 
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return run(args, argv, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str], threads: int) -> int:
+    import torch
+
     import bench_models
+    import bench_peers
     import runtime_bench
     from qtool.runtime.engine import EngineConfig
 
-    args = parse_args(argv)
+    if args.tiny:
+        # one intra-op thread for both systems: the engine's worker thread runs torch ops on its own thread, and an
+        # oversubscribed CPU makes the main thread's OpenMP team many times slower than that (tiny matmuls only)
+        torch.set_num_threads(1)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: pass --device cpu (with --tiny for a quick run)", file=sys.stderr)
         return 2
     env = runtime_bench.environment(device, argv)
     env["command"] = " ".join(["bench/serve/serve_bench.py", *argv])
+    env["torch_threads"] = torch.get_num_threads()
     record = runtime_bench.Recorder(args.out, env, args.tiny)
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -213,7 +228,6 @@ def main(argv=None) -> int:
     common = dict(new_tokens=args.new_tokens,
                   prompt_tokens=sum(len(p) for p in prompts), kv_cache_bytes=config.kv_cache_bytes,
                   max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens)
-    import bench_peers
 
     bench_peers.engine_run(model, prompts[:2], 2, config, device, tokenizer=tokenizer)  # compile and tune first
     base = offline(model, tokenizer, prompts, args.new_tokens, config, device)

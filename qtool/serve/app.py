@@ -186,14 +186,22 @@ async def wait_disconnect(request: Request) -> None:
         pass
 
 
-async def next_event(completion: Completion, gone: asyncio.Future) -> tuple[int, str, Any]:
-    """The completion's next event, or ClientGone when the client left first."""
-    get = asyncio.ensure_future(completion.queue.get())
-    done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if get in done:
-        return get.result()
-    get.cancel()
-    raise ClientGone
+async def next_events(completion: Completion, gone: asyncio.Future) -> list[tuple[int, str, Any]]:
+    """The completion's events that have come (waiting for at least one), or ClientGone when the client left."""
+    if gone.done():
+        raise ClientGone
+    if completion.queue.empty():
+        get = asyncio.ensure_future(completion.queue.get())
+        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if get not in done:
+            get.cancel()
+            raise ClientGone
+        events = [get.result()]
+    else:
+        events = []
+    while not completion.queue.empty():
+        events.append(completion.queue.get_nowait())
+    return events
 
 
 def failure(kind: str, payload: BaseException) -> ApiError:
@@ -228,13 +236,13 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         backlog = []
         accepted = 0
         while accepted < parsed.n:
-            event = await next_event(completion, gone)
-            if event[1] in ("refused", "failed"):
-                raise failure(event[1], event[2])
-            if event[1] == "accepted":
-                accepted += 1
-            else:
-                backlog.append(event)
+            for event in await next_events(completion, gone):
+                if event[1] in ("refused", "failed"):
+                    raise failure(event[1], event[2])
+                if event[1] == "accepted":
+                    accepted += 1
+                else:
+                    backlog.append(event)
     except ClientGone:
         served.worker.abort(completion)
         metrics.aborted[served.name] += 1
@@ -252,7 +260,8 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         for event in backlog:
             reply.add(event)
         while not reply.finished:
-            reply.add(await next_event(completion, gone))
+            for event in await next_events(completion, gone):
+                reply.add(event)
     except ClientGone:
         served.worker.abort(completion)
         metrics.aborted[served.name] += 1
@@ -349,17 +358,23 @@ async def stream_events(app: FastAPI, served: ServedModel, completion: Completio
     status = 200
     try:
         if reply.chat:
-            for index in range(reply.request.n):
-                yield sse(reply.chunk(index, role=True))
-        pending = list(backlog)
-        while not reply.finished:
-            event = pending.pop(0) if pending else await next_event(completion, gone)
-            reply.add(event)
-            index, kind, payload = event
-            if kind == "text" and payload:
-                yield sse(reply.chunk(index, text=payload))
-            elif kind == "done":
-                yield sse(reply.chunk(index, finish_reason=payload.finish_reason))
+            yield b"".join(sse(reply.chunk(index, role=True)) for index in range(reply.request.n))
+        events = list(backlog)
+        while True:
+            # what came since the last send goes out in one write: with many clients, a step's tokens together
+            out = []
+            for event in events:
+                reply.add(event)
+                index, kind, payload = event
+                if kind == "text" and payload:
+                    out.append(sse(reply.chunk(index, text=payload)))
+                elif kind == "done":
+                    out.append(sse(reply.chunk(index, finish_reason=payload.finish_reason)))
+            if out:
+                yield b"".join(out)
+            if reply.finished:
+                break
+            events = await next_events(completion, gone)
         if reply.request.include_usage:
             yield sse(reply.usage_chunk())
         yield sse("[DONE]")

@@ -75,14 +75,12 @@ class Completion:
         self.loop = loop
         self.n = n
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = 0  # choices done or failed (event loop side)
 
-    def put(self, index: int, kind: str, payload: Any) -> None:
-        """From the engine's thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, payload))
-        except RuntimeError:  # the loop closed: nobody listens any more
-            pass
+
+def _deliver(events: list[tuple[Completion, tuple]]) -> None:
+    """On the event loop: a batch of the engine thread's events into their completions' queues."""
+    for completion, event in events:
+        completion.queue.put_nowait(event)
 
 
 class EngineWorker:
@@ -96,6 +94,7 @@ class EngineWorker:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, tuple[Completion, int]] = {}  # engine id -> (its completion, choice index)
         self._rate: deque[tuple[float, int]] = deque()
+        self._outbox: list[tuple[Completion, tuple]] = []  # events of this round, handed over in one call per loop
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._take_snapshot()
@@ -138,36 +137,64 @@ class EngineWorker:
 
     def _run(self) -> None:
         while True:
-            busy = self.engine.has_unfinished()
             try:
-                command = self._commands.get(block=not busy)
+                if not self._round():
+                    return
+            except Exception as exc:  # a bug outside a step: fail what is in flight, keep the thread serving
+                logger.exception("the engine thread of model %s failed", self.name)
+                self._abort_all(exc)
+                self._flush()
+
+    def _round(self) -> bool:
+        """Apply the queued commands (waiting for one when idle), then one step; False once told to stop."""
+        busy = self.engine.has_unfinished()
+        try:
+            command = self._commands.get(block=not busy)
+        except queue.Empty:
+            command = None
+        while command is not None:
+            if command is _STOP:
+                self._abort_all(QtoolError("the server is shutting down", "send the request again later"))
+                self._flush()
+                self._take_snapshot()
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
-            while command is not None:
-                if command is _STOP:
-                    self._abort_all(QtoolError("the server is shutting down", "send the request again later"))
-                    self._take_snapshot()
-                    return
-                self._apply(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if self.engine.has_unfinished():
-                self._step()
-            self._take_snapshot()
+        if self.engine.has_unfinished():
+            self._step()
+        self._flush()
+        self._take_snapshot()
+        return True
+
+    def _emit(self, completion: Completion, index: int, kind: str, payload: Any) -> None:
+        self._outbox.append((completion, (index, kind, payload)))
+
+    def _flush(self) -> None:
+        """Hand this round's events to their event loops: one wake-up per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for completion, event in self._outbox:
+            by_loop.setdefault(completion.loop, []).append((completion, event))
+        self._outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, events)
+            except RuntimeError:  # the loop closed: nobody listens any more
+                pass
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "add":
             _, completion, index, prompt_ids, params = command
             try:
-                request_id = self.engine.add_request(prompt_ids, params,
-                                                     on_text=lambda piece: completion.put(index, "text", piece))
+                request_id = self.engine.add_request(
+                    prompt_ids, params, on_text=lambda piece: self._emit(completion, index, "text", piece))
             except QtoolError as exc:
-                completion.put(index, "refused", exc)
+                self._emit(completion, index, "refused", exc)
                 return
             self._active[request_id] = (completion, index)
-            completion.put(index, "accepted", request_id)
+            self._emit(completion, index, "accepted", request_id)
         else:
             _, completion = command
             for request_id in [rid for rid, (c, _) in self._active.items() if c is completion]:
@@ -188,12 +215,12 @@ class EngineWorker:
         for output in outputs:
             completion, index = self._active.pop(output.request_id, (None, 0))
             if completion is not None:
-                completion.put(index, "done", output)
+                self._emit(completion, index, "done", output)
 
     def _abort_all(self, exc: BaseException) -> None:
         for request_id, (completion, index) in list(self._active.items()):
             self.engine.abort_request(request_id)
-            completion.put(index, "failed", exc)
+            self._emit(completion, index, "failed", exc)
         self._active.clear()
 
     def _take_snapshot(self) -> None:
