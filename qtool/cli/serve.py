@@ -22,7 +22,7 @@ def serve(
     name: Annotated[Optional[list[str]], typer.Option("--name", help="The name a request's `model` field uses, one per model in order (default: the model as given).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback needs --api-key.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="QTOOL_API_KEY", show_envvar=True, help="Bearer key every /v1 and /metrics request must send.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="QTOOL_API_KEY", show_envvar=True, help="Bearer key every request but /health must send.")] = None,
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the models in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),

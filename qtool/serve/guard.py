@@ -1,5 +1,5 @@
 """The ASGI layer in front of every route: refuses new requests while the server drains (503), checks the Bearer
-key on the API paths (401), refuses a declared body over the limit (413), and turns any exception a route lets
+key on every path but the public ones (401), refuses a declared body over the limit (413), and turns any exception a route lets
 escape into OpenAI's error shape (500, logged) instead of a traceback. Pure ASGI, so streamed responses and client
 disconnects pass through untouched."""
 
@@ -8,14 +8,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from qtool.serve.api_errors import ApiError, error_body
 
 logger = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES = ("/v1/", "/metrics")  # what needs the API key; /health and the studio page do not
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -23,10 +22,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 @dataclass
 class ServerState:
-    """What the guard and the routes share: whether the server drains, and how many requests are in flight."""
+    """What the guard and the routes share: whether the server drains, how many requests are in flight, and which
+    paths need no API key (exact paths, and prefixes: routes added beside the API, such as a page and its static
+    files, add theirs; everything else needs the key when one is set)."""
 
     draining: bool = False
     in_flight: int = 0
+    public_paths: set[str] = field(default_factory=lambda: {"/health"})
+    public_prefixes: list[str] = field(default_factory=list)
+
+    def is_public(self, path: str) -> bool:
+        return path in self.public_paths or any(path.startswith(prefix) for prefix in self.public_prefixes)
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -57,12 +63,16 @@ class Guard:
             await send_json(send, 503, error_body(503, "the server is shutting down: no new requests",
                                                   code="draining"), [(b"connection", b"close")])
             return
-        if self.api_key and path.startswith(PROTECTED_PREFIXES) and not bearer_ok(headers, self.api_key):
+        if self.api_key and not self.state.is_public(path) and not bearer_ok(headers, self.api_key):
             await send_json(send, 401, error_body(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
                                                   code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        if length is not None and not length.isdigit():
+            await send_json(send, 400, error_body(400, "the Content-Length header is not a number",
+                                                  code="invalid_content_length"))
+            return
+        if length is not None and int(length) > self.max_body_bytes:
             await send_json(send, 413, error_body(413, f"the request body is {length.decode('latin-1')} bytes, the "
                                                   f"limit is {self.max_body_bytes}", code="body_too_large"))
             return

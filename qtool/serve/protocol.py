@@ -6,7 +6,8 @@ stream_options.include_usage; beyond OpenAI's (vLLM's spelling): top_k, min_p, r
 Accepted only at their neutral values (the engine has no such feature): frequency_penalty and presence_penalty 0,
 logit_bias empty, logprobs false/null, top_logprobs 0/null, tools empty, tool_choice "none", response_format
 {"type": "text"}; completions: echo false, best_of 1, suffix null.
-Ignored (they change nothing about the reply): user, metadata, store, service_tier, parallel_tool_calls."""
+Ignored (they change nothing about the reply): user, metadata, store, service_tier, parallel_tool_calls, and a
+message's name. Roles: system, developer (as system), user, assistant; content is text or a list of text parts."""
 
 from __future__ import annotations
 

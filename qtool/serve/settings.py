@@ -15,7 +15,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None  # Bearer token every /v1 and /metrics call must carry (None: no auth, loopback only)
+    api_key: str | None = None  # Bearer token every call but /health must carry (None: no auth, loopback only)
     max_body_bytes: int = 1 << 20  # a larger request body is refused with 413
     max_tokens_limit: int = 4096  # the most max_tokens a request may ask; also the default, cut at the context
     max_n: int = 8  # the most choices (n) one request may ask

@@ -184,3 +184,29 @@ def test_draining_refuses_new_requests_with_503(server):
     finally:
         state.draining = False
     assert post(server, GOOD)[0] == 200
+
+
+def test_the_other_accepted_spellings(server):
+    parts = {**GOOD, "messages": [{"role": "developer", "content": "be brief"},
+                                  {"role": "user", "content": [{"type": "text", "text": "the quick "},
+                                                               {"type": "text", "text": "brown fox"}], "name": "ann"}],
+             "stop": "\n\n", "top_k": -1, "n": None, "user": "ann", "stream": False}
+    status, data, text = post(server, parts)
+    assert status == 200, text
+    same = {**GOOD, "messages": [{"role": "system", "content": "be brief"},
+                                 {"role": "user", "content": "the quick brown fox"}], "stop": ["\n\n"]}
+    assert post(server, same)[1]["choices"] == data["choices"]
+    status, data, text = post(server, {"model": "tiny", "prompt": [[5, 6, 7]], "max_tokens": 2}, path="/v1/completions")
+    assert status == 200 and data["usage"]["prompt_tokens"] == 3, text
+
+
+def test_every_path_needs_the_key_unless_made_public(server):
+    # a 404 for a path nobody may see is still a 401 without the key: nothing is learnt about the routes
+    assert_error(*call(server, "GET", "/anything", key=None), 401)
+    state = server.app.state.server
+    state.public_prefixes.append("/pub/")
+    try:
+        assert_error(*call(server, "GET", "/pub/page", key=None), 404)
+    finally:
+        state.public_prefixes.remove("/pub/")
+    assert_error(*call(server, "GET", "/pub/page", key=None), 401)
