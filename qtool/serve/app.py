@@ -204,6 +204,22 @@ async def next_events(completion: Completion, gone: asyncio.Future) -> list[tupl
     return events
 
 
+async def accepted(completion: Completion, gone: asyncio.Future, n: int) -> list[tuple[int, str, Any]]:
+    """Wait until the engine took all n choices (before any status goes out, so a refusal is still a 400); the
+    other events that came meanwhile, in order."""
+    backlog = []
+    taken = 0
+    while taken < n:
+        for event in await next_events(completion, gone):
+            if event[1] in ("refused", "failed"):
+                raise failure(event[1], event[2])
+            if event[1] == "accepted":
+                taken += 1
+            else:
+                backlog.append(event)
+    return backlog
+
+
 def failure(kind: str, payload: BaseException) -> ApiError:
     """An error event of the engine's thread as the API reports it: a request the engine refused (400), or a step
     that failed (500; a QtoolError says why in one line, anything else is in the server's log)."""
@@ -231,48 +247,29 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         served.worker.submit(completion, index, ids, choice_params)
     gone = asyncio.ensure_future(wait_disconnect(request))
     reply = Reply(parsed, served.name, len(ids))
+    streaming = False
     try:
-        # every choice accepted (or refused) before a status goes out: a refusal is still a 400
-        backlog = []
-        accepted = 0
-        while accepted < parsed.n:
-            for event in await next_events(completion, gone):
-                if event[1] in ("refused", "failed"):
-                    raise failure(event[1], event[2])
-                if event[1] == "accepted":
-                    accepted += 1
-                else:
-                    backlog.append(event)
-    except ClientGone:
-        served.worker.abort(completion)
-        metrics.aborted[served.name] += 1
-        metrics.count(endpoint, 499)
-        gone.cancel()
-        return Response(status_code=499)
-    except ApiError as exc:
-        served.worker.abort(completion)
-        metrics.count(endpoint, exc.status)
-        gone.cancel()
-        raise
-    if parsed.stream:
-        return EventStream(stream_events(app, served, completion, reply, backlog, gone, endpoint))
-    try:
+        backlog = await accepted(completion, gone, parsed.n)
+        if parsed.stream:
+            streaming = True  # from here the stream owns `gone` and the abort
+            return EventStream(stream_events(app, served, completion, reply, backlog, gone, endpoint))
         for event in backlog:
             reply.add(event)
         while not reply.finished:
             for event in await next_events(completion, gone):
                 reply.add(event)
     except ClientGone:
-        served.worker.abort(completion)
         metrics.aborted[served.name] += 1
         metrics.count(endpoint, 499)
         return Response(status_code=499)
     except ApiError as exc:
-        served.worker.abort(completion)
         metrics.count(endpoint, exc.status)
         raise
     finally:
-        gone.cancel()
+        if not streaming:
+            gone.cancel()
+            if not reply.finished:  # refused, failed, client gone or the task cancelled: free what is left
+                served.worker.abort(completion)
     metrics.count(endpoint, 200)
     metrics.prompt_tokens[served.name] += reply.prompt_tokens
     metrics.completion_tokens[served.name] += reply.completion_tokens
