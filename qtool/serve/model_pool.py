@@ -59,7 +59,7 @@ class WorkerSnapshot:
     waiting: int = 0
     running: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
-    output_tokens_per_s: float = 0.0  # over the last RATE_WINDOW_S seconds
+    output_tokens_per_s: float = 0.0  # over the last rate_window_s seconds (back to 0 within it once idle)
     busy_s: float = 0.0  # seconds spent in engine steps
     steps_failed: int = 0
     peak_running: int = 0  # the most sequences in the running batch at once, since start
@@ -87,9 +87,10 @@ class EngineWorker:
     """The one thread that owns an engine: applies queued adds and aborts between steps, steps while anything is
     unfinished, sleeps on the command queue when idle."""
 
-    def __init__(self, engine: Engine, name: str):
+    def __init__(self, engine: Engine, name: str, rate_window_s: float = RATE_WINDOW_S):
         self.engine = engine
         self.name = name
+        self.rate_window_s = rate_window_s
         self.snapshot = WorkerSnapshot()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, tuple[Completion, int]] = {}  # engine id -> (its completion, choice index)
@@ -148,8 +149,10 @@ class EngineWorker:
     def _round(self) -> bool:
         """Apply the queued commands (waiting for one when idle), then one step; False once told to stop."""
         busy = self.engine.has_unfinished()
+        # idle: sleep until a command comes, waking a few times per window while the recent rate is not 0 yet
+        recent = self.snapshot.output_tokens_per_s > 0
         try:
-            command = self._commands.get(block=not busy)
+            command = self._commands.get(block=not busy, timeout=self.rate_window_s / 4 if recent else None)
         except queue.Empty:
             command = None
         while command is not None:
@@ -227,7 +230,7 @@ class EngineWorker:
         stats = self.engine.stats()
         now = time.perf_counter()
         self._rate.append((now, stats.generated_tokens))
-        while len(self._rate) > 2 and self._rate[1][0] < now - RATE_WINDOW_S:
+        while len(self._rate) > 2 and self._rate[1][0] < now - self.rate_window_s:
             self._rate.popleft()
         first_time, first_tokens = self._rate[0]
         span = now - first_time

@@ -120,3 +120,17 @@ def test_ctrl_c_drains_requests_in_flight(one_thread, make_served, start_server)
     assert not model.worker.alive  # the lifespan stopped the engine's thread
     with pytest.raises(OSError):
         open_request(port, LONG).getresponse()  # nothing listens any more
+
+
+def test_output_rate_falls_back_to_zero_when_idle(one_thread, make_served, start_server):
+    model = make_served("tiny")
+    model.worker.rate_window_s = 0.4
+    server = start_server([model])
+    connection = open_request(server.server.port, {**LONG, "max_tokens": 30})
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 30
+    assert model.worker.snapshot.output_tokens_per_s > 0
+    wait_until(lambda: model.worker.snapshot.output_tokens_per_s == 0, "the idle rate stayed above 0", timeout=10)
+    status = http.client.HTTPConnection("127.0.0.1", server.server.port, timeout=10)
+    status.request("GET", "/metrics")
+    assert json.loads(status.getresponse().read())["models"]["tiny"]["output_tokens_per_s"] == 0
