@@ -71,10 +71,13 @@ async def one_client(client, body: dict) -> dict:
 
 
 async def all_clients(url: str, bodies: list[dict]) -> list[dict]:
-    import httpx2
+    try:
+        import httpx2 as httpx  # the project's venv (the openai client's HTTP library)
+    except ImportError:
+        import httpx  # the GPU machine's image
 
-    limits = httpx2.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
-    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=3600) as client:
+    limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=3600) as client:
         return await asyncio.gather(*[one_client(client, body) for body in bodies])
 
 
