@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import GenerationConfig
 
-from qtool.serve.app import prepare
+from qtool.serve.completions import prepare
 from qtool.serve.model_pool import SamplingDefaults
 from qtool.serve.protocol import parse_chat_request
 from qtool.serve.settings import ServeSettings
