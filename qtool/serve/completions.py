@@ -137,11 +137,11 @@ async def accepted(completion: Completion, gone: asyncio.Future, n: int) -> list
 
 
 def failure(kind: str, payload: BaseException) -> ApiError:
-    """An error event of the engine's thread as the API reports it: a request the engine refused (400), or a step
-    that failed (500; a QtoolError says why in one line, anything else is in the server's log)."""
-    if kind == "refused":
-        return ApiError(400, payload.one_line() if isinstance(payload, QtoolError) else str(payload),
-                        code="invalid_value")
+    """An error event of the engine's thread as the API reports it: a request the engine refused for a reason the
+    user can fix (a QtoolError: 400), or anything else, a failed step included (500; its one line when it is a
+    QtoolError, else only in the server's log)."""
+    if kind == "refused" and isinstance(payload, QtoolError):
+        return ApiError(400, payload.one_line(), code="invalid_value")
     why = payload.one_line() if isinstance(payload, QtoolError) else "logged on the server"
     return ApiError(500, f"the engine failed on this request ({why})", code="engine_error")
 

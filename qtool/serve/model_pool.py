@@ -193,7 +193,9 @@ class EngineWorker:
             try:
                 request_id = self.engine.add_request(
                     prompt_ids, params, on_text=lambda piece: self._emit(completion, index, "text", piece))
-            except QtoolError as exc:
+            except Exception as exc:  # refused before the engine changed: this request alone fails
+                if not isinstance(exc, QtoolError):
+                    logger.exception("model %s could not take a request", self.name)
                 self._emit(completion, index, "refused", exc)
                 return
             self._active[request_id] = (completion, index)

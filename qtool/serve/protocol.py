@@ -49,7 +49,7 @@ SAMPLING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_k": (lambda v: _int(v) and v >= -1, "an integer >= 0 (0 or -1 switch it off)"),
     "min_p": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "repetition_penalty": (lambda v: _number(v) and v > 0, "a number above 0 (1 switches it off)"),
-    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _int(v) and 0 <= v < 2**63, "an integer in 0..2**63-1"),
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
 }
 # accepted only at these values: what the engine does anyway

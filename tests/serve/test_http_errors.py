@@ -109,7 +109,7 @@ def test_oversize_body_is_413(server):
 @pytest.mark.parametrize("field,value", [("max_tokens", -1), ("max_tokens", 0), ("max_tokens", 65), ("max_tokens", 2.5),
                                          ("max_completion_tokens", -5), ("temperature", -0.1), ("top_p", 0),
                                          ("top_p", 1.5), ("top_k", -2), ("min_p", 1), ("repetition_penalty", 0),
-                                         ("seed", -1), ("n", 0), ("n", 3), ("n", -1), ("stop", ""), ("stop", [1]),
+                                         ("seed", -1), ("seed", 2**64), ("n", 0), ("n", 3), ("n", -1), ("stop", ""), ("stop", [1]),
                                          ("stream", "yes"), ("temperature", "hot"), ("messages", []),
                                          ("messages", [{"role": "wizard", "content": "hi"}]),
                                          ("messages", [{"role": "user", "content": [{"type": "image_url"}]}]),
