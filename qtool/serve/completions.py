@@ -48,8 +48,8 @@ async def read_json(request: Request, limit: int) -> Any:
             raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", code="body_too_large")
     try:
         return json.loads(bytes(data))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
+        raise ApiError(400, f"the request body is not valid JSON: {exc}"[:300], code="invalid_json") from None
 
 
 def prepare(served: ServedModel, request: CompletionRequest, settings: ServeSettings) -> tuple[list[int], list[SamplingParams]]:

@@ -68,7 +68,7 @@ def test_a_good_request_passes(server):
     assert data["choices"][0]["message"]["role"] == "assistant"
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null"])
+@pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null", b"[" * 1500 + b"]" * 1500])
 def test_bad_json_or_not_an_object(server, body):
     error = assert_error(*post(server, body), 400)
     assert error["code"] == "invalid_json"
