@@ -42,7 +42,13 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     app.state.settings = settings
     app.state.metrics = ServerMetrics()
     app.state.server = ServerState()
-    app.add_middleware(Guard, state=app.state.server, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    known = {CHAT, COMPLETIONS, "/v1/models", "/metrics", "/health"}
+
+    def count_refusal(path: str, status: int) -> None:  # any other path as "other": a scan cannot grow the counts
+        app.state.metrics.count(path if path in known else "other", status)
+
+    app.add_middleware(Guard, state=app.state.server, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       count=count_refusal)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

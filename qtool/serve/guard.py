@@ -50,8 +50,10 @@ def bearer_ok(headers: dict[bytes, bytes], api_key: str) -> bool:
 
 
 class Guard:
-    def __init__(self, app: Callable, state: ServerState, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app: Callable, state: ServerState, api_key: str | None, max_body_bytes: int,
+                 count: Callable[[str, int], None] = lambda path, status: None):
         self.app, self.state, self.api_key, self.max_body_bytes = app, state, api_key, max_body_bytes
+        self.count = count  # (path, status) of each request the guard answers itself
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,21 +62,23 @@ class Guard:
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
         if self.state.draining and path != "/health":
-            await send_json(send, 503, error_body(503, "the server is shutting down: no new requests",
-                                                  code="draining"), [(b"connection", b"close")])
+            await self._refuse(send, path, 503, error_body(503, "the server is shutting down: no new requests",
+                                                           code="draining"), [(b"connection", b"close")])
             return
         if self.api_key and not self.state.is_public(path) and not bearer_ok(headers, self.api_key):
-            await send_json(send, 401, error_body(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                                  code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+            await self._refuse(send, path, 401, error_body(401, "missing or wrong API key: send 'Authorization: "
+                                                           "Bearer KEY'", code="invalid_api_key"),
+                               [(b"www-authenticate", b"Bearer")])
             return
         length = headers.get(b"content-length")
         if length is not None and not length.isdigit():
-            await send_json(send, 400, error_body(400, "the Content-Length header is not a number",
-                                                  code="invalid_content_length"))
+            await self._refuse(send, path, 400, error_body(400, "the Content-Length header is not a number",
+                                                           code="invalid_content_length"))
             return
         if length is not None and int(length) > self.max_body_bytes:
-            await send_json(send, 413, error_body(413, f"the request body is {length.decode('latin-1')} bytes, the "
-                                                  f"limit is {self.max_body_bytes}", code="body_too_large"))
+            await self._refuse(send, path, 413, error_body(413, f"the request body is {length.decode('latin-1')} "
+                                                           f"bytes, the limit is {self.max_body_bytes}",
+                                                           code="body_too_large"))
             return
         started = False
 
@@ -92,7 +96,12 @@ class Guard:
         except Exception:
             logger.exception("request %s %s failed", scope.get("method"), path)
             if not started:
-                await send_json(send, 500, error_body(500, "internal server error (logged on the server)",
-                                                      code="internal_error"))
+                await self._refuse(send, path, 500, error_body(500, "internal server error (logged on the server)",
+                                                               code="internal_error"))
         finally:
             self.state.in_flight -= 1
+
+    async def _refuse(self, send: Send, path: str, status: int, body: dict[str, Any],
+                      headers: list[tuple[bytes, bytes]] = ()) -> None:
+        self.count(path, status)
+        await send_json(send, status, body, headers)

@@ -15,7 +15,7 @@ from qtool.serve.model_pool import ServedModel
 @dataclass
 class ServerMetrics:
     started: float = field(default_factory=time.time)
-    requests: Counter = field(default_factory=Counter)  # (endpoint, status) -> count
+    requests: Counter = field(default_factory=Counter)  # (endpoint or path, status) -> count
     prompt_tokens: Counter = field(default_factory=Counter)  # model -> tokens
     completion_tokens: Counter = field(default_factory=Counter)  # model -> tokens
     aborted: Counter = field(default_factory=Counter)  # model -> requests whose client left before the end

@@ -167,6 +167,7 @@ def test_metrics_json_and_prometheus(server):
     model = data["models"]["tiny"]
     assert model["completion_tokens"] >= 1 and model["num_blocks"] == 256
     assert any(row["status"] == 400 for row in data["requests"])
+    assert {"endpoint": CHAT, "status": 401} in [{k: r[k] for k in ("endpoint", "status")} for r in data["requests"]]
     assert not any(row["status"] >= 500 for row in data["requests"] if row["endpoint"] == CHAT)
     status, _, text = call(server, "GET", "/metrics?format=prometheus")
     assert status == 200 and 'qtool_completion_tokens_total{model="tiny"}' in text
