@@ -1,0 +1,250 @@
+"""The models a server holds: each with ONE engine, stepped by one background thread while requests are pending, so
+every request to a model shares its continuous batch. The event loop talks to the thread through a command queue
+(add, abort) and hears back through per-request asyncio queues (accepted, text pieces, the output, an error): the
+engine is only ever touched from its own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+from qtool.core.errors import QtoolError
+from qtool.runtime.engine import Engine, EngineConfig, SamplingParams, engine_support
+from qtool.runtime.engine_sizing import EngineSizing
+
+logger = logging.getLogger(__name__)
+
+# the sampling fields a model's generation_config.json may recommend (the rest come from the engine's defaults)
+DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+RATE_WINDOW_S = 10.0  # output tokens/s is measured over this much recent time
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for a field it does not set: the model's generation_config.json where it ships the
+    field, else the engine's default; `sources` says which, per field."""
+
+    values: dict[str, float | int]
+    sources: dict[str, str]
+
+    @classmethod
+    def from_model(cls, model: Any) -> "SamplingDefaults":
+        engine = {f.name: f.default for f in fields(SamplingParams) if f.name in DEFAULT_FIELDS}
+        config = getattr(model, "generation_config", None)
+        # to_diff_dict: only what differs from transformers' own defaults, i.e. what the model's file set
+        shipped = config.to_diff_dict() if config is not None else {}
+        values, sources = {}, {}
+        for name, default in engine.items():
+            value = shipped.get(name)
+            usable = value is not None and isinstance(value, (int, float)) and not isinstance(value, bool)
+            values[name] = value if usable else default
+            sources[name] = "generation_config.json" if usable else "engine default"
+        return cls(values, sources)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": dict(self.values), "sources": dict(self.sources)}
+
+
+@dataclass
+class WorkerSnapshot:
+    """The engine's state as its thread last saw it (read by /metrics without touching the engine)."""
+
+    waiting: int = 0
+    running: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    output_tokens_per_s: float = 0.0  # over the last RATE_WINDOW_S seconds
+    busy_s: float = 0.0  # seconds spent in engine steps
+    steps_failed: int = 0
+
+
+class Completion:
+    """One request (its n choices) as the event loop sees it: events arrive on `queue` as (choice index, kind,
+    payload) with kind "accepted" (engine id), "text" (a piece), "done" (RequestOutput) or "error" (an exception)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1):
+        self.loop = loop
+        self.n = n
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = 0  # choices done or failed (event loop side)
+
+    def put(self, index: int, kind: str, payload: Any) -> None:
+        """From the engine's thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, kind, payload))
+        except RuntimeError:  # the loop closed: nobody listens any more
+            pass
+
+
+class EngineWorker:
+    """The one thread that owns an engine: applies queued adds and aborts between steps, steps while anything is
+    unfinished, sleeps on the command queue when idle."""
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine = engine
+        self.name = name
+        self.snapshot = WorkerSnapshot()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[int, tuple[Completion, int]] = {}  # engine id -> (its completion, choice index)
+        self._rate: deque[tuple[float, int]] = deque()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._take_snapshot()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=f"qtool-engine-{self.name}", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Abort what is left and end the thread."""
+        with self._lock:
+            thread = self._thread
+            self._thread = None
+        if thread is not None and thread.is_alive():
+            self._commands.put(_STOP)
+            thread.join(timeout)
+
+    def submit(self, completion: Completion, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.start()
+        self._commands.put(("add", completion, index, prompt_ids, params))
+
+    def abort(self, completion: Completion) -> None:
+        """Free every choice of `completion` still in the engine (before its next step)."""
+        self._commands.put(("abort", completion))
+
+    # ---- the engine's thread ----
+
+    def _run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            try:
+                command = self._commands.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command is _STOP:
+                    self._abort_all(QtoolError("the server is shutting down", "send the request again later"))
+                    self._take_snapshot()
+                    return
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.engine.has_unfinished():
+                self._step()
+            self._take_snapshot()
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, completion, index, prompt_ids, params = command
+            try:
+                request_id = self.engine.add_request(prompt_ids, params,
+                                                     on_text=lambda piece: completion.put(index, "text", piece))
+            except QtoolError as exc:
+                completion.put(index, "error", exc)
+                return
+            self._active[request_id] = (completion, index)
+            completion.put(index, "accepted", request_id)
+        else:
+            _, completion = command
+            for request_id in [rid for rid, (c, _) in self._active.items() if c is completion]:
+                self.engine.abort_request(request_id)
+                del self._active[request_id]
+
+    def _step(self) -> None:
+        began = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed step fails the requests in it; the server and the other models go on
+            logger.exception("engine step of model %s failed", self.name)
+            self.snapshot.steps_failed += 1
+            self._abort_all(exc)
+            return
+        finally:
+            self.snapshot.busy_s += time.perf_counter() - began
+        for output in outputs:
+            completion, index = self._active.pop(output.request_id, (None, 0))
+            if completion is not None:
+                completion.put(index, "done", output)
+
+    def _abort_all(self, exc: BaseException) -> None:
+        for request_id, (completion, index) in list(self._active.items()):
+            self.engine.abort_request(request_id)
+            completion.put(index, "error", exc)
+        self._active.clear()
+
+    def _take_snapshot(self) -> None:
+        stats = self.engine.stats()
+        now = time.perf_counter()
+        self._rate.append((now, stats.generated_tokens))
+        while len(self._rate) > 2 and self._rate[1][0] < now - RATE_WINDOW_S:
+            self._rate.popleft()
+        first_time, first_tokens = self._rate[0]
+        span = now - first_time
+        rate = (stats.generated_tokens - first_tokens) / span if span > 0 else 0.0
+        scheduler = self.engine.scheduler
+        self.snapshot = WorkerSnapshot(waiting=len(scheduler.waiting), running=len(scheduler.running),
+                                       stats=stats.to_dict(), output_tokens_per_s=rate, busy_s=self.snapshot.busy_s,
+                                       steps_failed=self.snapshot.steps_failed)
+
+
+class ServedModel:
+    """A loaded model under a name: its tokenizer, its sampling defaults, and its engine with the thread driving it."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, engine_config: EngineConfig = EngineConfig(),
+                 source: str | None = None):
+        if tokenizer is None:
+            raise QtoolError(f"model '{name}' has no tokenizer", "the model directory needs its tokenizer files")
+        reason = engine_support(model)
+        if reason is not None:
+            raise QtoolError(f"model '{name}' cannot be served: {reason}",
+                             "qtool serve runs every model on the engine; `qtool run` falls back to generate")
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source or name
+        self.defaults = SamplingDefaults.from_model(model)
+        self.created = int(time.time())
+        self.engine = Engine(model, tokenizer, engine_config)
+        self.worker = EngineWorker(self.engine, name)
+
+    @property
+    def context_length(self) -> int | None:
+        return self.engine.max_context
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+
+def load_served_models(specs: Sequence[str], names: Sequence[str] | None = None,
+                       engine_config: EngineConfig = EngineConfig(), sizing: EngineSizing = EngineSizing(),
+                       device: str = "auto", dtype: str | None = None, backend: str = "auto") -> list[ServedModel]:
+    """Load each model spec (directory, GGUF, Hub id or alias) and give it an engine sized by `sizing`. `names`
+    (one per spec) are what requests' `model` field routes by; default: the spec as given. Names must differ."""
+    from qtool.checkpoints.sources import load_model, resolve_device
+
+    names = list(names) if names else list(specs)
+    if len(names) != len(specs):
+        raise QtoolError(f"{len(names)} --name for {len(specs)} models", "give one --name per model, or none")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise QtoolError(f"model name {repeated[0]!r} is given twice", "give each model its own --name")
+    sizing.check(resolve_device(device))
+    served = []
+    for spec, name in zip(specs, names):
+        loaded = load_model(spec, device=device, dtype=dtype, backend=backend)
+        served.append(ServedModel(name, loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, engine_config),
+                                  source=str(spec)))
+    return served
