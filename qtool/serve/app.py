@@ -28,6 +28,7 @@ from qtool.serve.metrics import ServerMetrics, prometheus_text
 from qtool.serve.model_pool import Completion, ServedModel
 from qtool.serve.protocol import CompletionRequest, parse_chat_request, parse_completion_request
 from qtool.serve.settings import ServeSettings
+from qtool.serve.studio_routes import studio_router
 
 logger = logging.getLogger(__name__)
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -108,6 +109,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     async def completions(request: Request) -> Response:
         return await complete(app, request, COMPLETIONS)
 
+    app.include_router(studio_router(models, settings))  # the studio page at / and its /studio/api routes
     return app
 
 
