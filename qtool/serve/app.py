@@ -198,11 +198,14 @@ async def next_event(completion: Completion, gone: asyncio.Future) -> tuple[int,
     raise ClientGone
 
 
-def failure(payload: BaseException) -> ApiError:
-    """An error event of the engine's thread as the API reports it: the user's (400) or the server's (500)."""
-    if isinstance(payload, QtoolError):
-        return ApiError(400, payload.one_line(), code="invalid_value")
-    return ApiError(500, "the engine failed on this request (logged on the server)", code="internal_error")
+def failure(kind: str, payload: BaseException) -> ApiError:
+    """An error event of the engine's thread as the API reports it: a request the engine refused (400), or a step
+    that failed (500; a QtoolError says why in one line, anything else is in the server's log)."""
+    if kind == "refused":
+        return ApiError(400, payload.one_line() if isinstance(payload, QtoolError) else str(payload),
+                        code="invalid_value")
+    why = payload.one_line() if isinstance(payload, QtoolError) else "logged on the server"
+    return ApiError(500, f"the engine failed on this request ({why})", code="engine_error")
 
 
 async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
@@ -228,8 +231,8 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         accepted = 0
         while accepted < parsed.n:
             event = await next_event(completion, gone)
-            if event[1] == "error":
-                raise failure(event[2])
+            if event[1] in ("refused", "failed"):
+                raise failure(event[1], event[2])
             if event[1] == "accepted":
                 accepted += 1
             else:
@@ -294,8 +297,8 @@ class Reply:
             self.texts[index] += payload
         elif kind == "done":
             self.outputs[index] = payload
-        elif kind == "error":
-            raise failure(payload)
+        elif kind in ("refused", "failed"):
+            raise failure(kind, payload)
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,

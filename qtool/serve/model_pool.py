@@ -66,7 +66,8 @@ class WorkerSnapshot:
 
 class Completion:
     """One request (its n choices) as the event loop sees it: events arrive on `queue` as (choice index, kind,
-    payload) with kind "accepted" (engine id), "text" (a piece), "done" (RequestOutput) or "error" (an exception)."""
+    payload) with kind "accepted" (engine id), "text" (a piece), "done" (RequestOutput), "refused" (the engine
+    would not take it: a QtoolError) or "failed" (a step failed or the server stops: an exception)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1):
         self.loop = loop
@@ -150,7 +151,7 @@ class EngineWorker:
                 request_id = self.engine.add_request(prompt_ids, params,
                                                      on_text=lambda piece: completion.put(index, "text", piece))
             except QtoolError as exc:
-                completion.put(index, "error", exc)
+                completion.put(index, "refused", exc)
                 return
             self._active[request_id] = (completion, index)
             completion.put(index, "accepted", request_id)
@@ -179,7 +180,7 @@ class EngineWorker:
     def _abort_all(self, exc: BaseException) -> None:
         for request_id, (completion, index) in list(self._active.items()):
             self.engine.abort_request(request_id)
-            completion.put(index, "error", exc)
+            completion.put(index, "failed", exc)
         self._active.clear()
 
     def _take_snapshot(self) -> None:
