@@ -157,7 +157,7 @@ def fit_context(tokenizer: Any, messages: list[Message], files: list[ContextFile
     budget = context_length - reserve_tokens
     if budget < 1:
         raise QtoolError(f"the reply's {reserve_tokens} tokens leave no room in the model's context of {context_length}",
-                         "ask for fewer new tokens (--max-new-tokens)")
+                         "ask for fewer new tokens (--max-new-tokens, or max_tokens)")
     turns, kept = list(messages), list(files)
     total = original
     # 1. the oldest turns: a user message with the replies after it (so the conversation still starts with a user

@@ -49,10 +49,10 @@ class StudioState:
         self.votes_lock = threading.Lock()
 
 
-def studio_router(models: Sequence[ServedModel], settings: ServeSettings, votes_path: Path | None = None) -> APIRouter:
-    """The page and its routes for `models`; arena votes go to `votes_path` (default ./arena-votes.jsonl)."""
+def studio_router(models: Sequence[ServedModel], settings: ServeSettings) -> APIRouter:
+    """The page and its routes for `models`; arena votes go to settings.arena_votes (default ./arena-votes.jsonl)."""
     served = {m.name: m for m in models}
-    state = StudioState(Path(votes_path) if votes_path is not None else DEFAULT_VOTES_FILE)
+    state = StudioState(Path(settings.arena_votes) if settings.arena_votes else DEFAULT_VOTES_FILE)
 
     def authorized(request: Request) -> None:
         if settings.api_key and not bearer_ok(dict(request.scope.get("headers") or []), settings.api_key):

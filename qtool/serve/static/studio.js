@@ -72,6 +72,8 @@ function modelChanged() {
   const m = currentModel();
   if (!m) return;
   $("model-info").textContent = `context ${m.context_length ?? "?"} tokens · template: ${m.template_origin}`;
+  // a reply budget that leaves most of a small context to the prompt, until the user sets one
+  if (!$("max_tokens").dataset.touched && m.context_length) $("max_tokens").value = Math.min(256, Math.floor(m.context_length / 4));
   const box = $("sampling");
   box.innerHTML = "";
   for (const field of SAMPLING_FIELDS) {
@@ -366,7 +368,8 @@ async function loadTemplate() {
   if (!model) return;
   try {
     const data = await api("/studio/api/template?model=" + encodeURIComponent(model));
-    $("template-origin").textContent = `${data.origin}: ${data.reason}`;
+    $("template-origin").textContent = data.reason;
+    $("template-origin").dataset.origin = data.origin;
     $("template-editor").value = data.template;
     state.templateLoaded = data.template;
     $("template-save").disabled = !data.can_save;
@@ -429,7 +432,7 @@ function wire() {
   $("chat-input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } });
   $("chat-input").addEventListener("input", () => { if (state.files.length) refreshFit(); });
   $("system").addEventListener("input", () => { if (state.files.length) refreshFit(); });
-  $("max_tokens").addEventListener("input", () => { if (state.files.length) refreshFit(); });
+  $("max_tokens").addEventListener("input", () => { $("max_tokens").dataset.touched = "1"; if (state.files.length) refreshFit(); });
   $("file-input").onchange = (e) => { addFiles([...e.target.files]); e.target.value = ""; };
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
