@@ -71,7 +71,8 @@ async function loadModels() {
 function modelChanged() {
   const m = currentModel();
   if (!m) return;
-  $("model-info").textContent = `context ${m.context_length ?? "?"} tokens · template: ${m.template_origin}`;
+  $("model-info").textContent = `context ${m.context_length ?? "?"} tokens · template: ${m.template_origin}` +
+    (m.has_chat_template ? "" : " (none shipped: the Chat template tab can use qtool's pick for this session)");
   // a reply budget that leaves most of a small context to the prompt, until the user sets one
   if (!$("max_tokens").dataset.touched && m.context_length) $("max_tokens").value = Math.min(256, Math.floor(m.context_length / 4));
   const box = $("sampling");
@@ -122,7 +123,7 @@ async function streamChat(model, messages, onText, signal) {
   }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
-  let buffer = "", text = "", ttft = null, tokens = null, finish = null;
+  let buffer = "", text = "", ttft = null, tokens = null, promptTokens = null, finish = null;
   for (;;) {
     const {value, done} = await reader.read();
     if (done) break;
@@ -137,7 +138,7 @@ async function streamChat(model, messages, onText, signal) {
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
-        if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        if (chunk.usage) { tokens = chunk.usage.completion_tokens; promptTokens = chunk.usage.prompt_tokens; }
         for (const choice of chunk.choices || []) {
           const piece = choice.delta && choice.delta.content;
           if (piece) {
@@ -151,13 +152,14 @@ async function streamChat(model, messages, onText, signal) {
     }
   }
   const seconds = (performance.now() - started) / 1000;
-  return {text, ttft, seconds, tokens, finish};
+  return {text, ttft, seconds, tokens, promptTokens, finish};
 }
 
 function speedLine(r) {
   const tps = r.tokens && r.seconds > 0 ? (r.tokens / r.seconds).toFixed(1) : "?";
   const ttft = r.ttft === null ? "?" : r.ttft.toFixed(2) + " s";
-  return `${r.tokens ?? "?"} tokens · first token ${ttft} · ${tps} tokens/s · ${r.finish || ""}`;
+  const prompt = r.promptTokens === null || r.promptTokens === undefined ? "" : ` · prompt ${r.promptTokens} tokens`;
+  return `${r.tokens ?? "?"} tokens · first token ${ttft} · ${tps} tokens/s · ${r.finish || ""}${prompt}`;
 }
 
 // ---- chat ----
@@ -199,10 +201,11 @@ async function send() {
     banner(err.message);
     return;
   }
+  const attached = state.files.map((f) => f.name);
   $("chat-input").value = "";
   state.files = [];
   renderFiles();
-  addMessage("user", text + (messages[messages.length - 1].content !== text ? "  [+ files]" : ""));
+  addMessage("user", text + (attached.length ? `  [+ ${attached.join(", ")}]` : ""));
   const target = addMessage("assistant", "");
   target.parentElement.classList.add("streaming");
   state.abort = new AbortController();
