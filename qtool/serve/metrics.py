@@ -31,6 +31,7 @@ class ServerMetrics:
             blocks = stats.get("num_blocks") or 0
             per_model[served.name] = {
                 "waiting": snap.waiting, "running": snap.running,
+                "peak_waiting": snap.peak_waiting, "peak_running": snap.peak_running,
                 "output_tokens_per_s": round(snap.output_tokens_per_s, 3),
                 "busy_s": round(snap.busy_s, 3),
                 "prompt_tokens": self.prompt_tokens[served.name],

@@ -62,6 +62,8 @@ class WorkerSnapshot:
     output_tokens_per_s: float = 0.0  # over the last RATE_WINDOW_S seconds
     busy_s: float = 0.0  # seconds spent in engine steps
     steps_failed: int = 0
+    peak_running: int = 0  # the most sequences in the running batch at once, since start
+    peak_waiting: int = 0
 
 
 class Completion:
@@ -103,6 +105,17 @@ class EngineWorker:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name=f"qtool-engine-{self.name}", daemon=True)
                 self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests (choices) handed to the engine and not finished, failed or aborted yet."""
+        return len(self._active)
+
+    @property
+    def alive(self) -> bool:
+        """Its thread runs (started by the first request or the app's start-up, ended by stop())."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Abort what is left and end the thread."""
@@ -193,9 +206,12 @@ class EngineWorker:
         span = now - first_time
         rate = (stats.generated_tokens - first_tokens) / span if span > 0 else 0.0
         scheduler = self.engine.scheduler
-        self.snapshot = WorkerSnapshot(waiting=len(scheduler.waiting), running=len(scheduler.running),
-                                       stats=stats.to_dict(), output_tokens_per_s=rate, busy_s=self.snapshot.busy_s,
-                                       steps_failed=self.snapshot.steps_failed)
+        old = self.snapshot
+        waiting, running = len(scheduler.waiting), len(scheduler.running)
+        self.snapshot = WorkerSnapshot(waiting=waiting, running=running, stats=stats.to_dict(),
+                                       output_tokens_per_s=rate, busy_s=old.busy_s, steps_failed=old.steps_failed,
+                                       peak_running=max(old.peak_running, running),
+                                       peak_waiting=max(old.peak_waiting, waiting))
 
 
 class ServedModel:

@@ -27,7 +27,10 @@ class DrainingServer(uvicorn.Server):
         if not state.draining:
             state.draining = True
             logger.warning("draining: %d request(s) in flight; new requests get 503", state.in_flight)
-        super().handle_exit(sig, frame)
+        super().handle_exit(sig, frame)  # a second Ctrl-C forces the exit
+        # the drain answers the signal: uvicorn would raise it again once it returns (a KeyboardInterrupt, or death
+        # by SIGTERM), and a drained server exits 0
+        self._captured_signals.clear()
 
     @property
     def port(self) -> int:
