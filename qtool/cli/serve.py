@@ -33,12 +33,14 @@ def serve(
     max_tokens_limit: Annotated[int, typer.Option("--max-tokens-limit", min=1, rich_help_panel=LIMITS, help="The most max_tokens a request may ask (also the default, cut at the context).")] = 4096,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, rich_help_panel=LIMITS, help="Larger request bodies are refused (413).")] = 1 << 20,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0, rich_help_panel=LIMITS, help="On Ctrl-C, seconds the requests in flight may still run.")] = 30.0,
+    arena_votes: Annotated[Optional[str], typer.Option("--arena-votes", help="The studio page's arena votes, appended as JSONL (default: ./arena-votes.jsonl).")] = None,
 ) -> None:
     """Serve models over an OpenAI-compatible HTTP API (chat and completions, streamed or not)."""
     from qtool.serve.settings import ServeSettings
 
     settings = ServeSettings(host=host, port=port, api_key=api_key, max_body_bytes=max_body_bytes,
-                             max_tokens_limit=max_tokens_limit, drain_timeout_s=drain_timeout)
+                             max_tokens_limit=max_tokens_limit, drain_timeout_s=drain_timeout,
+                             arena_votes=arena_votes)
     settings.check()  # an unsafe address is refused before any model loads
 
     from qtool.runtime.engine import EngineConfig
@@ -56,4 +58,5 @@ def serve(
     shown = f"[{host}]" if ":" in host else host
     stderr.print(f"serving {', '.join(m.name for m in served)} at http://{shown}:{port}/v1 "
                  f"({'API key required' if api_key else 'no API key: loopback only'}); Ctrl-C drains and exits")
+    stderr.print(f"studio page: http://{shown}:{port}/")
     run_server(create_app(served, settings), settings)

@@ -20,6 +20,7 @@ from qtool.serve.guard import Guard, ServerState
 from qtool.serve.metrics import ServerMetrics, prometheus_text
 from qtool.serve.model_pool import ServedModel
 from qtool.serve.settings import ServeSettings
+from qtool.serve.studio_routes import studio_router
 
 
 def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -99,6 +100,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     async def completions(request: Request) -> Response:
         return await complete(app, request, COMPLETIONS)
 
+    app.include_router(studio_router(models, settings))  # the studio page at / and its /studio/api routes
     return app
 
 

@@ -20,6 +20,7 @@ class ServeSettings:
     max_tokens_limit: int = 4096  # the most max_tokens a request may ask; also the default, cut at the context
     max_n: int = 8  # the most choices (n) one request may ask
     drain_timeout_s: float = 30.0  # on Ctrl-C / SIGTERM, how long in-flight requests may still run
+    arena_votes: str | None = None  # the studio's arena votes file (JSONL, appended); None: ./arena-votes.jsonl
 
     def check(self) -> None:
         """One-line errors for unsafe or impossible settings: any address but loopback needs an API key."""
