@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= out/smollm2-gptq-4bit
 
-.PHONY: setup demo test
+.PHONY: setup browser demo test
 
 $(BIN)/qtool: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,14 @@ $(BIN)/qtool: pyproject.toml
 
 setup: $(BIN)/qtool
 
+# Debian's chromium for the studio page's browser tests (Playwright drives it by path; no browser download)
+browser:
+	sh scripts/install_browser.sh
+
 demo: setup
 	$(BIN)/qtool quantize smollm2-135m --bits 4 --group-size 128 --calibration ../shared/data/wikitext-2/wiki.valid.tokens \
 		--samples 128 --seqlen 512 --seed 0 --output $(DEMO_OUT) --force
 	$(BIN)/qtool eval $(DEMO_OUT) --perplexity ../shared/data/wikitext-2-raw/wiki.test.raw --windows 40
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
