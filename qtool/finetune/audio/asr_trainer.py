@@ -185,7 +185,7 @@ def train_asr(model: str | Path, data: str | Path, output: str | Path, *, max_st
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
             progress(step + 1, max_steps, f"loss {losses[-1]:.3f}")
     net.eval()

@@ -3,9 +3,15 @@ until every sequence has produced <|endoftext|> (or the length budget ends)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import WhisperForConditionalGeneration
 
 from qtool.finetune.audio.transcripts import DecoderPrompt
+
+# transformers 5 renamed the forward's `past_key_values` to `cache` (and the output's field with it).
+_CACHE = "cache" if "cache" in inspect.signature(WhisperForConditionalGeneration.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -18,8 +24,8 @@ def greedy_transcribe(model, features: torch.Tensor, prompt: DecoderPrompt, max_
     finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
     cache, generated = None, []
     for _ in range(max_new_tokens):
-        out = model(encoder_outputs=(encoded,), decoder_input_ids=step_input, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(encoder_outputs=(encoded,), decoder_input_ids=step_input, use_cache=True, **{_CACHE: cache})
+        cache = out[_CACHE]
         next_ids = out.logits[:, -1].argmax(dim=-1).masked_fill(finished, prompt.eos_id)
         generated.append(next_ids)
         finished |= next_ids == prompt.eos_id
