@@ -37,6 +37,7 @@ def finetune_audio(
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Speech JSONL to measure loss and WER on (default: the training data).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffling and of any randomness in training.")] = 0,
     language: Annotated[str, typer.Option("--language", help="Language token for multilingual Whisper models (ignored by English-only ones).")] = "en",
+    freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="Train the decoder only, on encoder outputs computed once (pretrained models, little data; much faster).")] = False,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an output qtool wrote before.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -46,10 +47,11 @@ def finetune_audio(
 
     with progress_bar("fine-tuning", enabled=not as_json) as update:
         report = train_asr(model, data, output, max_steps=max_steps, lr=lr, batch_size=batch_size, eval_data=eval_data,
-                           seed=seed, progress=update, device=device, language=language, force=force)
+                           seed=seed, progress=update, device=device, language=language,
+                           freeze_encoder=freeze_encoder, force=force)
     if as_json:
         print_json(report.to_dict())
         return
     stdout.print(report_table(report))
-    stderr.print(f"{report.steps} steps on {report.train_examples} clips in {report.seconds:.1f} s on {report.device}; "
+    stderr.print(f"{report.steps} steps ({report.trained}) on {report.train_examples} clips in {report.seconds:.1f} s on {report.device}; "
                  f"train loss {report.train_loss_first:.3f} -> {report.train_loss_last:.3f}; saved to {report.output}")

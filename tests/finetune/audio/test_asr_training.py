@@ -80,3 +80,15 @@ def test_existing_output_and_non_whisper_models_are_refused_before_training(tiny
         train_asr(tmp_path / "llama", tmp_path / "data.jsonl", tmp_path / "out", max_steps=1)
     with pytest.raises(QtoolError, match="--lr 0.0"):
         train_asr(tiny_whisper_dir, tmp_path / "data.jsonl", tmp_path / "out", max_steps=1, lr=0.0)
+
+
+def test_a_frozen_encoder_stays_as_it_was_while_the_decoder_learns(tiny_whisper_dir, tmp_path):
+    write_wav(tmp_path / "a.wav", tone(0.8, 22050), 22050)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "a tone"}) + "\n")
+    report = train_asr(tiny_whisper_dir, tmp_path / "data.jsonl", tmp_path / "out", max_steps=8, lr=3e-3, batch_size=1, freeze_encoder=True, device="cpu")
+    assert report.trained == "decoder (encoder frozen)" and report.loss_after < report.loss_before
+    before = WhisperForConditionalGeneration.from_pretrained(tiny_whisper_dir).state_dict()
+    after = WhisperForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    encoder = [name for name in before if name.startswith("model.encoder.")]
+    assert encoder and all(torch.equal(before[name], after[name]) for name in encoder)
+    assert not torch.equal(before["model.decoder.layers.0.fc1.weight"], after["model.decoder.layers.0.fc1.weight"])
