@@ -50,7 +50,9 @@ def read_ct2_variables(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
     version = reader.take("I")
     if version < 5:
         raise QtoolError(f"{path} is CTranslate2 model format {version}", "convert the model with CTranslate2 3.x or later (format 5 or 6)")
-    spec, _revision, count = reader.name(), reader.take("I"), reader.take("I")
+    spec = reader.name()
+    reader.take("I")  # the spec revision: the variable names below say all this reader needs
+    count = reader.take("I")
     variables = {}
     for _ in range(count):
         name = reader.name()
