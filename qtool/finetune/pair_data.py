@@ -53,7 +53,7 @@ def read_pairs(path: str | Path) -> PairData:
         raise QtoolError(f"pair data {path}: unknown file type {path.suffix or '(none)'!r}", f"give a {', '.join(DATA_SUFFIXES)} file")
     if not path.is_file():
         raise QtoolError(f"pair data {path} does not exist", "give a JSONL, JSON, CSV or Parquet file of pairs or triplets")
-    rows, columns = _load_rows(path, builder)
+    rows, columns = _load_rows(path, builder) if _has_rows(path, builder) else ([], [])
     if not rows:
         raise QtoolError(f"pair data {path} holds no rows", "give at least two pairs")
     if all(column in columns for column in SEED_TASK_COLUMNS):
@@ -101,6 +101,17 @@ def _load_rows(path: Path, builder: str) -> tuple[list[dict[str, Any]], list[str
         except Exception as exc:  # datasets wraps pyarrow's and pandas' parse errors in its own types
             raise QtoolError(f"pair data {path}: {_parse_problem(path, builder, exc)}", f"give valid {builder.upper()} rows of pairs or triplets") from exc
     return table.to_list(), list(table.column_names)
+
+
+def _has_rows(path: Path, builder: str) -> bool:
+    """False for a text file with nothing past its (CSV) header, which `datasets` refuses with a puzzling error."""
+    if builder == "parquet":
+        return True
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        if builder == "csv":
+            rows = csv.reader(handle)
+            return next(rows, None) is not None and next(rows, None) is not None
+        return any(line.strip() for line in handle)
 
 
 def _csv_header(path: Path) -> list[str]:

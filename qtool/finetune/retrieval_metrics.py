@@ -33,14 +33,14 @@ def similarity_scores(queries: torch.Tensor, documents: torch.Tensor, similarity
     return queries @ documents.T
 
 
-def relevant_ranks(queries: torch.Tensor, documents: torch.Tensor, relevant: torch.Tensor, similarity: str) -> torch.Tensor:
+def relevant_ranks(queries: torch.Tensor, documents: torch.Tensor, relevant: torch.Tensor, similarity: str, chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """1-based rank of each query's relevant document. A document scoring the same as the relevant one counts as
     ranked above it (ties never flatter the model)."""
     relevant = torch.as_tensor(relevant, dtype=torch.long, device=queries.device)
     ranks = []
-    for start in range(0, len(queries), QUERY_CHUNK):
-        scores = similarity_scores(queries[start : start + QUERY_CHUNK].float(), documents.float(), similarity)
-        target = scores.gather(1, relevant[start : start + QUERY_CHUNK, None])
+    for start in range(0, len(queries), chunk):
+        scores = similarity_scores(queries[start : start + chunk].float(), documents.float(), similarity)
+        target = scores.gather(1, relevant[start : start + chunk, None])
         ranks.append((scores >= target).sum(dim=1))
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
