@@ -15,6 +15,8 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.core.output_dir import atomic_output_dir
+from qtool.core.output_marker import check_replaceable
+from qtool.core.output_path import check_output_path
 from qtool.finetune.embedding_models import load_embedding_model
 from qtool.finetune.pair_data import PairData, read_pairs, split_pairs
 from qtool.finetune.retrieval_metrics import RetrievalMetrics, retrieval_metrics, similarity_scores
@@ -142,6 +144,9 @@ def train_embeddings(model: str | Path | Any, data: str | Path | PairData, outpu
     on the pairs or triplets in `data` and save it to `output`. `max_steps`, when given, replaces `epochs`. The
     retrieval metrics are measured on `eval_fraction` of the rows, held out by `seed`, before and after."""
     check_settings(epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, temperature=temperature, similarity=similarity)
+    # refused outputs fail here, not after the training
+    sources = [source for source in (model, data) if isinstance(source, (str, Path)) and Path(source).exists()]
+    check_replaceable(check_output_path(output, sources), force)
     pairs = data if isinstance(data, PairData) else read_pairs(data)
     train, held_out = split_pairs(pairs, eval_fraction, seed)
     if len(train) < 2:
