@@ -115,6 +115,7 @@ def quantize(
     seed: Annotated[Optional[int], typer.Option("--seed", show_default=shared_default("seed"), rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="gptq: processes sharing the calibration (one GPU each with cuda, gloo on the CPU); the checkpoint is the one-process one.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     discard_resume: Annotated[bool, typer.Option("--discard-resume", help="Throw away the saved state of an interrupted run into this output and start over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
@@ -127,6 +128,8 @@ def quantize(
     preset = QUANTIZE_EXL2_PRESET if overrides["output_format"] == "exl2" else QUANTIZE_DEFAULT_PRESET
     config, findings = resolve_config(config_file or preset, overrides)
     _refuse_gptq_flags(overrides, config.output_format)
+    if config.output_format == "exl2" and nproc > 1:
+        raise QtoolError(f"--nproc {nproc} applies to {flag_of('output_format')} gptq only", "drop --nproc for EXL2")
     if config.output_format != "exl2" and measurement is not None:
         raise QtoolError("--measurement applies to --format exl2 only", "add --format exl2, or drop --measurement")
     from qtool.checkpoints.sources import resolve_device
@@ -154,7 +157,7 @@ def quantize(
         stdout.print(exl2_summary_table(exl2_result))
         return
     with progress_bar("quantize", enabled=not as_json) as update:
-        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume)
+        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume, nproc=nproc)
     if as_json:
         print_json(result.to_dict())
         return

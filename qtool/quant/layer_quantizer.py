@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qtool.config.schema import QuantConfig
+from qtool.quant.distributed import SINGLE_PROCESS, Collective
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.refine import refine_group_scales
@@ -111,7 +112,23 @@ def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.Abst
 
 def _accumulator(dtype: torch.dtype, group: list[tuple[str, nn.Linear]]) -> HessianAccumulator:
     linear = group[0][1]
-    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype)
+    # float64 sums: the Hessian is then the same whether one process saw every batch or several saw some each
+    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype, float64_sum=True)
+
+
+def solve_shared(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumulator | None, config: QuantConfig,
+                 collective: Collective) -> tuple[dict[str, QuantizedWeight], list[ModuleReport]]:
+    """solve_group once for the whole process group: the Hessian summed over the processes, solved on rank 0,
+    the fake-quantized weights it leaves in the linears broadcast to the others (which return nothing: rank 0
+    writes)."""
+    hessian = None
+    if accumulator is not None:
+        accumulator.all_reduce(collective.sum_)
+        hessian = _usable_hessian(accumulator, group) if collective.is_main else None
+    quantized, reports = solve_group(group, hessian, config) if collective.is_main else ({}, [])
+    for _, linear in group:
+        collective.broadcast_(linear.weight.data)
+    return quantized, reports
 
 
 def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
@@ -158,6 +175,7 @@ def quantize_layer(
     replay: bool = True,
     on_group: Callable[[str], None] | None = None,
     output_projections: tuple[tuple[str, str], ...] = (),
+    collective: Collective = SINGLE_PROCESS,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
     layer's outputs per batch).
@@ -167,7 +185,10 @@ def quantize_layer(
     block once its linears are done), are recorded the next time they run and replayed afterwards.
     `output_projections` ((child, its last linear), relative names) lets a child that became final be recorded
     without computing it: its linear applied to the inputs seen while that linear was quantized (ProjectionRecorder).
-    Otherwise: one pass gathers every group's Hessian from the float layer."""
+    Otherwise: one pass gathers every group's Hessian from the float layer.
+
+    With several processes (`collective`), `run_batch` runs this process's batches, each group's Hessian is summed
+    over the processes and solved on rank 0 (solve_shared); only rank 0 returns weights and reports."""
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
     recorders: dict[str, RecordingModule] = {}
@@ -230,7 +251,7 @@ def quantize_layer(
 
     if config.method != "gptq":
         for group in groups:
-            q, r = solve_group(group, None, config)
+            q, r = solve_shared(group, None, config, collective)
             quantized.update(q)
             reports.extend(r)
         return quantized, reports, run_pass([], {})
@@ -239,7 +260,7 @@ def quantize_layer(
         accumulators = [_accumulator(dtype, group) for group in groups]
         run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
         for group, accumulator in zip(groups, accumulators):
-            q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+            q, r = solve_shared(group, accumulator, config, collective)
             quantized.update(q)
             reports.extend(r)
         return quantized, reports, run_pass([], {})
@@ -251,7 +272,7 @@ def quantize_layer(
         child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
         kept = projection_inputs.setdefault(child, []) if child else None
         run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
-        q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+        q, r = solve_shared(group, accumulator, config, collective)
         del accumulator
         quantized.update(q)
         reports.extend(r)
