@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from qtool.cli.choices import Bits, CheckpointFormat, ComputeDtype, HeadBits, Method, OutputFormat, complete_device
-from qtool.cli.config_flags import config_overrides, flag_of
+from qtool.cli.config_flags import QUANT_CONFIG_FLAGS, config_overrides, flag_of
 from qtool.cli.preset_defaults import exl2_default, gptq_default, shared_default
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
@@ -89,8 +89,8 @@ def _refuse_gptq_flags(overrides: dict, output_format: str) -> None:
 
 @handle_errors
 def quantize(
-    model: Annotated[str, typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")],
+    model: Annotated[Optional[str], typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")] = None,
     output_format: Annotated[Optional[OutputFormat], typer.Option("--format", help="gptq (uniform width) or exl2 (mixed widths per linear for a target --bpw).")] = None,
     method: Annotated[Optional[Method], typer.Option("--method", show_default=shared_default("method"), help="gptq (error feedback, needs calibration) or rtn (round to nearest).")] = None,
     bits: Annotated[Optional[Bits], typer.Option("--bits", show_default=gptq_default("bits"), rich_help_panel=GPTQ_OUTPUT, help="Bits per weight of each GPTQ linear.")] = None,
@@ -120,9 +120,21 @@ def quantize(
     discard_resume: Annotated[bool, typer.Option("--discard-resume", help="Throw away the saved state of an interrupted run into this output and start over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
+    jobs: Annotated[Optional[str], typer.Option("--jobs", help="A jobs file (a `jobs:` list of model, output and config fields): every job in turn, then eval --compare over the outputs.")] = None,
 ) -> None:
     """Quantize a float model into a GPTQ or EXL2 checkpoint (layer by layer, resumable)."""
     overrides = config_overrides(locals())  # first statement: locals() holds exactly the parsed arguments
+    if jobs is not None:
+        given = [entry.flag for entry in QUANT_CONFIG_FLAGS if overrides[entry.override_key] is not None]
+        given += [name for name, value in (("MODEL", model), ("--output", output), ("--config", config_file), ("--measurement", measurement)) if value is not None]
+        if given:
+            raise QtoolError(f"{given[0]} cannot be combined with --jobs", "set it per job (or under defaults:) in the jobs file")
+        from qtool.cli.quantize_jobs import run_jobs_command
+
+        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json)
+        return
+    if model is None or output is None:
+        raise QtoolError("no model given" if model is None else "--output is missing", "qtool quantize MODEL --output DIR, or qtool quantize --jobs FILE")
     if bpw is not None and target_vram is not None:
         raise QtoolError("--bpw and --target-vram both choose the bits per weight", "give one of them")
     preset = QUANTIZE_EXL2_PRESET if overrides["output_format"] == "exl2" else QUANTIZE_DEFAULT_PRESET

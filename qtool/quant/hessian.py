@@ -103,3 +103,12 @@ class HessianAccumulator:
         sum_in_place(self._sum)
         self.num_tokens = int(count.item())
         self._stale = True
+
+    def copy(self, device: torch.device | str | None = None) -> "HessianAccumulator":
+        """An independent accumulator holding the same tokens (float64_sum only), e.g. kept for another job."""
+        if self._sum is None:
+            raise ValueError("copy needs an accumulator made with float64_sum=True")
+        twin = HessianAccumulator(self.in_features, device=device or self.device, product_dtype=self.product_dtype, float64_sum=True)
+        twin._sum.copy_(self._sum)
+        twin.num_tokens, twin._stale = self.num_tokens, True
+        return twin

@@ -176,6 +176,7 @@ def quantize_layer(
     on_group: Callable[[str], None] | None = None,
     output_projections: tuple[tuple[str, str], ...] = (),
     collective: Collective = SINGLE_PROCESS,
+    float_hessians: dict[str, HessianAccumulator] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
     layer's outputs per batch).
@@ -188,7 +189,12 @@ def quantize_layer(
     Otherwise: one pass gathers every group's Hessian from the float layer.
 
     With several processes (`collective`), `run_batch` runs this process's batches, each group's Hessian is summed
-    over the processes and solved on rank 0 (solve_shared); only rank 0 returns weights and reports."""
+    over the processes and solved on rank 0 (solve_shared); only rank 0 returns weights and reports.
+
+    `float_hessians` (group name -> accumulator, kept on the CPU), given for a layer whose inputs are the float
+    model's (layer 0): the Hessians of the groups whose inputs are still those of the float layer (the first group
+    in true-sequential order; every group without it) are taken from there when present, skipping their pass, and
+    stored there otherwise, for the next job on the same model and calibration."""
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
     recorders: dict[str, RecordingModule] = {}
@@ -256,22 +262,43 @@ def quantize_layer(
             reports.extend(r)
         return quantized, reports, run_pass([], {})
 
+    def key(group: list[tuple[str, nn.Linear]]) -> str:
+        return "+".join(name for name, _ in group)
+
+    def shared(group: list[tuple[str, nn.Linear]]) -> HessianAccumulator | None:
+        cached = float_hessians.get(key(group)) if float_hessians is not None else None
+        return cached.copy(device) if cached is not None else None
+
+    def share(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumulator) -> None:
+        if float_hessians is not None:
+            float_hessians[key(group)] = accumulator.copy("cpu")  # before the solve, which may change H in place
+
     if not config.true_sequential:
-        accumulators = [_accumulator(dtype, group) for group in groups]
-        run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
+        if float_hessians is not None and all(key(group) in float_hessians for group in groups):
+            accumulators = [shared(group) for group in groups]
+        else:
+            accumulators = [_accumulator(dtype, group) for group in groups]
+            run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
+            for group, accumulator in zip(groups, accumulators):
+                share(group, accumulator)
         for group, accumulator in zip(groups, accumulators):
             q, r = solve_shared(group, accumulator, config, collective)
             quantized.update(q)
             reports.extend(r)
         return quantized, reports, run_pass([], {})
 
-    for group in groups:
+    for position, group in enumerate(groups):
         if on_group is not None:
             on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
-        accumulator = _accumulator(dtype, group)
         child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
-        kept = projection_inputs.setdefault(child, []) if child else None
-        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
+        # only the first group sees the float layer's inputs; a projection's group also keeps its inputs in its pass
+        accumulator = shared(group) if position == 0 and child is None else None
+        if accumulator is None:
+            accumulator = _accumulator(dtype, group)
+            kept = projection_inputs.setdefault(child, []) if child else None
+            run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
+            if position == 0 and child is None:
+                share(group, accumulator)
         q, r = solve_shared(group, accumulator, config, collective)
         del accumulator
         quantized.update(q)

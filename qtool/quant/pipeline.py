@@ -28,6 +28,7 @@ from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
 from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
+from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
 from qtool.quant.work_state import WorkState, job_fingerprint, read_hidden
@@ -236,6 +237,7 @@ def quantize_model(
     trust_remote_code: bool = False,
     discard_resume: bool = False,
     nproc: int = 1,
+    shared: SharedCalibration | None = None,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
     beside the output is saved after every layer and resumed by the next run with the same arguments (unless
@@ -243,7 +245,10 @@ def quantize_model(
 
     `nproc` > 1 spawns that many processes (gloo on the CPU, nccl with one GPU each): the calibration batches are
     split between them, each group's Hessian summed over them, each GPTQ solve run once (rank 0) and broadcast,
-    and rank 0 writes; the checkpoint and the resume state are those of a one-process run."""
+    and rank 0 writes; the checkpoint and the resume state are those of a one-process run.
+
+    `shared` (one process only) carries what jobs on the same model reuse: the tokenized calibration windows and
+    the Hessians of layer 0's float inputs (see qtool.quant.shared_calibration); the bytes written are the same."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     compute = resolve_device(device)
@@ -256,7 +261,7 @@ def quantize_model(
     with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
         args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started)
         if nproc == 1:
-            return _quantize(SINGLE_PROCESS, progress, *args)
+            return _quantize(SINGLE_PROCESS, progress, *args, shared=shared)
         return launch(nproc, compute.type, _quantize, args, progress)
 
 
@@ -273,7 +278,7 @@ def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInpu
 
 def _quantize(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource, config: QuantConfig,
               output: Path, compute: torch.device, force: bool, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool,
-              started: float) -> QuantizeResult | None:
+              started: float, shared: SharedCalibration | None = None) -> QuantizeResult | None:
     """One process's part of quantize_model (the whole of it in a one-process run); rank 0 returns the result."""
     report = progress or (lambda done, total, detail="": None)
     if collective.world_size > 1:
@@ -297,7 +302,14 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
         return _round_to_nearest(job, spec)
 
     calibration = config.calibration
-    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+    calibration_key = job_fingerprint({"model": source_identity(source), "calibration": asdict(calibration)})
+    if shared is not None and calibration_key in shared.windows:
+        windows = shared.windows[calibration_key]
+        shared.windows_reused += 1
+    else:
+        windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+        if shared is not None:
+            shared.windows[calibration_key] = windows
     calibration_tokens = sum(w.numel() for w in windows)
     hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
 
@@ -349,9 +361,12 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
         def on_group(modules: str, index: int = index) -> None:
             report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
 
+        float_hessians = None
+        if shared is not None and index == 0:
+            float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
         layer_quantized, layer_reports, batch_outputs = quantize_layer(
             layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
-            output_projections=spec.output_projections, collective=collective,
+            output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
         )
         outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
         layers[index] = layer.to("cpu")
