@@ -13,6 +13,7 @@ from qtool.cli.choices import Bits, CheckpointFormat, ComputeDtype, HeadBits, Me
 from qtool.cli.config_flags import QUANT_CONFIG_FLAGS, config_overrides, flag_of
 from qtool.cli.preset_defaults import exl2_default, gptq_default, shared_default
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
+from qtool.core.byte_sizes import parse_byte_size
 from qtool.core.errors import QtoolError
 from qtool.config.schema import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
 
@@ -120,10 +121,12 @@ def quantize(
     discard_resume: Annotated[bool, typer.Option("--discard-resume", help="Throw away the saved state of an interrupted run into this output and start over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file of the output, e.g. 5GB, 500MB, 2GiB (more: numbered shards and an index, as transformers writes).")] = "5GB",
     jobs: Annotated[Optional[str], typer.Option("--jobs", help="A jobs file (a `jobs:` list of model, output and config fields): every job in turn, then eval --compare over the outputs.")] = None,
 ) -> None:
     """Quantize a float model into a GPTQ or EXL2 checkpoint (layer by layer, resumable)."""
     overrides = config_overrides(locals())  # first statement: locals() holds exactly the parsed arguments
+    max_shard_size_bytes = parse_byte_size(max_shard_size, "--max-shard-size")
     if jobs is not None:
         given = [entry.flag for entry in QUANT_CONFIG_FLAGS if overrides[entry.override_key] is not None]
         given += [name for name, value in (("MODEL", model), ("--output", output), ("--config", config_file), ("--measurement", measurement)) if value is not None]
@@ -131,7 +134,7 @@ def quantize(
             raise QtoolError(f"{given[0]} cannot be combined with --jobs", "set it per job (or under defaults:) in the jobs file")
         from qtool.cli.quantize_jobs import run_jobs_command
 
-        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json)
+        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json, max_shard_size_bytes)
         return
     if model is None or output is None:
         raise QtoolError("no model given" if model is None else "--output is missing", "qtool quantize MODEL --output DIR, or qtool quantize --jobs FILE")
@@ -158,7 +161,8 @@ def quantize(
         logging.getLogger("qtool.quant").setLevel(logging.DEBUG)
     if config.output_format == "exl2":
         with progress_bar("quantize", enabled=not as_json) as update:
-            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume)
+            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume,
+                                              max_shard_size_bytes=max_shard_size_bytes)
         if as_json:
             print_json(exl2_result.to_dict())
             return
@@ -169,7 +173,8 @@ def quantize(
         stdout.print(exl2_summary_table(exl2_result))
         return
     with progress_bar("quantize", enabled=not as_json) as update:
-        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume, nproc=nproc)
+        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume, nproc=nproc,
+                                max_shard_size_bytes=max_shard_size_bytes)
     if as_json:
         print_json(result.to_dict())
         return

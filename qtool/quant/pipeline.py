@@ -23,7 +23,7 @@ from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.models.rules import ModelStats, validate_for_hardware, validate_for_model
 from qtool.config.schema import QuantConfig
-from qtool.checkpoints.gptq_checkpoint import save_quantized_model
+from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
@@ -190,6 +190,7 @@ class _QuantizeJob:
     findings: list[Finding]
     num_layers: int
     model_name: str
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES
 
     def write_checkpoint(self, quantized: dict[str, QuantizedWeight], skipped: dict[str, str],
                          modules: list[ModuleReport], calibration_tokens: int = 0, compute_dtype: str = "float32",
@@ -202,6 +203,7 @@ class _QuantizeJob:
             self.output, self.model, quantized,
             quantization_config=checkpoint_quantization_config(self.config, skipped, calibration_tokens, compute_dtype),
             tokenizer=self.tokenizer, checkpoint_format=self.config.checkpoint_format, force=self.force,
+            max_shard_size_bytes=self.max_shard_size_bytes,
         )
         return QuantizeResult(
             output=str(self.output), config=self.config, layers=self.num_layers, quantized_linears=len(quantized),
@@ -238,6 +240,7 @@ def quantize_model(
     discard_resume: bool = False,
     nproc: int = 1,
     shared: SharedCalibration | None = None,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
     beside the output is saved after every layer and resumed by the next run with the same arguments (unless
@@ -246,6 +249,9 @@ def quantize_model(
     `nproc` > 1 spawns that many processes (gloo on the CPU, nccl with one GPU each): the calibration batches are
     split between them, each group's Hessian summed over them, each GPTQ solve run once (rank 0) and broadcast,
     and rank 0 writes; the checkpoint and the resume state are those of a one-process run.
+
+    The checkpoint's safetensors are cut into shards of at most `max_shard_size_bytes` (a larger tensor has a
+    shard of its own), listed in model.safetensors.index.json, as transformers writes them.
 
     `shared` (one process only) carries what jobs on the same model reuse: the tokenized calibration windows and
     the Hessians of layer 0's float inputs (see qtool.quant.shared_calibration); the bytes written are the same."""
@@ -259,7 +265,8 @@ def quantize_model(
         raise QtoolError(f"--nproc {nproc} with method {config.method}: round to nearest has no calibration to split", "use --nproc 1, or method gptq")
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
-        args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started)
+        args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started,
+                max_shard_size_bytes)
         if nproc == 1:
             return _quantize(SINGLE_PROCESS, progress, *args, shared=shared)
         return launch(nproc, compute.type, _quantize, args, progress)
@@ -278,7 +285,7 @@ def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInpu
 
 def _quantize(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource, config: QuantConfig,
               output: Path, compute: torch.device, force: bool, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool,
-              started: float, shared: SharedCalibration | None = None) -> QuantizeResult | None:
+              started: float, max_shard_size_bytes: int, shared: SharedCalibration | None = None) -> QuantizeResult | None:
     """One process's part of quantize_model (the whole of it in a one-process run); rank 0 returns the result."""
     report = progress or (lambda done, total, detail="": None)
     if collective.world_size > 1:
@@ -296,7 +303,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     findings = check_against_model(config, model, spec, compute)
 
     job = _QuantizeJob(model, tokenizer, config, output, force, report, started, compute, findings, num_layers,
-                       str(model_spec))
+                       str(model_spec), max_shard_size_bytes)
     if config.method == "rtn":
         # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
         return _round_to_nearest(job, spec)

@@ -66,3 +66,12 @@ def test_a_failed_job_exits_2_after_the_others(tmp_path, tiny_model_dir, calibra
     line = one_line_error(result)
     assert "1 of 3 jobs failed; jobs[2]" in line and "not found" in line
     assert (tmp_path / "r4").exists() and (tmp_path / "r8").exists() and "recommended:" in result.stdout
+
+
+def test_max_shard_size(tmp_path, tiny_model_dir, calibration_text):
+    common = [str(tiny_model_dir), "--method", "rtn", "--group-size", "32", "--device", "cpu"]
+    assert "--max-shard-size '5XB' is not a size" in one_line_error(invoke(*common, "--output", str(tmp_path / "x"), "--max-shard-size", "5XB"))
+    result = invoke(*common, "--output", str(tmp_path / "s"), "--max-shard-size", "70kB")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "model.safetensors.index.json").exists() and not (tmp_path / "s" / "model.safetensors").exists()
+    assert all(p.stat().st_size <= 70_000 + 10_000 for p in (tmp_path / "s").glob("*.safetensors"))  # cap + header
