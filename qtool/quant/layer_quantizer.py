@@ -133,7 +133,11 @@ def solve_shared(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumul
 
 def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
     def hook(module: nn.Module, args: tuple) -> None:
-        accumulator.add_batch(args[0].detach())
+        # One product per sample, in sample order: the Hessian is then the same however the samples are batched
+        # (the memory ladder's one-sample batches) or split between processes.
+        inputs = args[0].detach()
+        for sample in (inputs if inputs.dim() == 3 else (inputs,)):
+            accumulator.add_batch(sample)
         if keep_inputs is not None:
             keep_inputs.append(args[0].detach().to(store_device))
         if stop:

@@ -28,6 +28,7 @@ from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
 from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
+from qtool.quant.memory_ladder import Rung, climb_down, ladder
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -350,6 +351,10 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     quantized: dict[str, QuantizedWeight] = {}
     skipped: dict[str, str] = {}
     modules: list[ModuleReport] = []
+    # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
+    # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
+    rungs = ladder(compute, storage) if collective.world_size == 1 else ladder(compute, storage)[:1]
+    rung_index = 0
     for index in range(num_layers):
         prefix = f"{spec.layers_path}.{index}."
         groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
@@ -357,25 +362,40 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
         if index < resumed_from:
             continue
         report(index, num_layers, f"layer {index + 1}/{num_layers}")
-        layer = layers[index].to(compute)
-        layer_inputs = inputs
-        batches = sample_batches(layer_inputs)
-        moved: dict = {}
+        original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
-        def run_batch(batch: int) -> torch.Tensor:
-            return run_layer_batch(layer, layer_inputs, batches[batch], device=compute, moved=moved)
+        def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
+            nonlocal inputs, storage
+            if rung.storage != storage:  # from here on the activations stay where this rung keeps them
+                inputs = LayerInputs(inputs.layer_index, tuple(h.to(rung.storage) for h in inputs.hidden_states), inputs.calls)
+                storage = rung.storage
+            layer = layers[index].to(rung.compute)
+            layer_inputs = inputs
+            batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
+            moved: dict = {}
 
-        def on_group(modules: str, index: int = index) -> None:
-            report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+            def run_batch(batch: int) -> torch.Tensor:
+                return run_layer_batch(layer, layer_inputs, batches[batch], device=rung.compute, moved=moved)
 
-        float_hessians = None
-        if shared is not None and index == 0:
-            float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
-        layer_quantized, layer_reports, batch_outputs = quantize_layer(
-            layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
-            output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
-        )
-        outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+            def on_group(modules: str) -> None:
+                report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+
+            float_hessians = None
+            if shared is not None and index == 0 and rung.compute == compute:
+                float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
+            layer_quantized, layer_reports, batch_outputs = quantize_layer(
+                layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
+                output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
+            )
+            outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+            return layer, layer_quantized, layer_reports, outputs
+
+        def restore(index: int = index, original: dict = original) -> None:
+            layers[index].load_state_dict(original)
+            layers[index].to("cpu")
+
+        (layer, layer_quantized, layer_reports, outputs), rung_index = climb_down(
+            rungs, rung_index, attempt, restore, f"layer {index + 1}/{num_layers}")
         layers[index] = layer.to("cpu")
         for module_report in layer_reports:
             module_report.name = prefix + module_report.name
