@@ -34,7 +34,8 @@ def summary_table(result: QuantizeResult) -> Table:
         ("calibration", f"{config.calibration.samples} x {config.calibration.seqlen} tokens of {config.calibration.source}"),
         ("layers", f"{result.layers}" + (f" (resumed after layer {result.resumed_from_layer})" if result.resumed_from_layer else "")),
         ("time", f"{result.seconds:.1f} s on {result.device}"),
-        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"),
+        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"
+                        + (f" (estimated {result.estimated_peak_memory_bytes / 2**30:.2f} GiB before the run)" if result.estimated_peak_memory_bytes else "")),
     ]
     for name, value in rows:
         table.add_row(name, value)

@@ -21,7 +21,7 @@ from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
-from qtool.models.rules import ModelStats, validate_for_hardware, validate_for_model
+from qtool.models.rules import ModelStats, estimate_peak_memory, format_bytes, validate_for_hardware, validate_for_model
 from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
@@ -59,6 +59,8 @@ class QuantizeResult:
     device: str
     calibration_tokens: int
     compute_dtype: str = "float32"  # what config.compute_dtype resolved to on this machine
+    # validate's estimate of peak_memory_bytes, made before the run (one process's, on the device that does the work)
+    estimated_peak_memory_bytes: int = 0
     modules: list[ModuleReport] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -149,7 +151,7 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
     return data
 
 
-def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device) -> list[Finding]:
+def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -159,7 +161,7 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
         for name, linear in group
     }
     findings = validate_for_model(config, shapes)
-    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute)
+    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes)
     return raise_first_error(findings)
 
 
@@ -192,6 +194,7 @@ class _QuantizeJob:
     num_layers: int
     model_name: str
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES
+    estimated_peak_bytes: int = 0
 
     def write_checkpoint(self, quantized: dict[str, QuantizedWeight], skipped: dict[str, str],
                          modules: list[ModuleReport], calibration_tokens: int = 0, compute_dtype: str = "float32",
@@ -211,6 +214,7 @@ class _QuantizeJob:
             skipped_linears=skipped, resumed_from_layer=resumed_from, seconds=time.perf_counter() - self.started,
             peak_memory_bytes=peak_memory_bytes(self.compute) if peak is None else peak, device=str(self.compute),
             calibration_tokens=calibration_tokens, compute_dtype=compute_dtype, modules=modules, findings=self.findings,
+            estimated_peak_memory_bytes=self.estimated_peak_bytes,
         )
 
 
@@ -301,10 +305,16 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     spec = get_architecture(model)
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
-    findings = check_against_model(config, model, spec, compute)
+    findings = check_against_model(config, model, spec, compute, collective.world_size)
+    # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
+    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size)
+    estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
+    report(0, num_layers, f"estimated peak memory {format_bytes(estimated_peak)} on {compute.type}")
+    log.info("estimated peak memory %s on %s (%s)", format_bytes(estimated_peak), compute,
+             ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
 
     job = _QuantizeJob(model, tokenizer, config, output, force, report, started, compute, findings, num_layers,
-                       str(model_spec), max_shard_size_bytes)
+                       str(model_spec), max_shard_size_bytes, estimated_peak)
     if config.method == "rtn":
         # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
         return _round_to_nearest(job, spec)

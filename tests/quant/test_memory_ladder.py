@@ -71,3 +71,25 @@ def test_oom_inside_a_layer_redoes_it_to_the_same_bytes(tmp_path, make_tiny_mode
         "layer 2/3: out of GPU memory as planned; redoing it with one sample per batch"]
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "squeezed" / name).read_bytes() == (tmp_path / "free" / name).read_bytes(), name
+
+
+def test_peak_estimate_is_reported_before_the_run_and_is_validates(tmp_path, tiny_model_dir, calibration_text):
+    from qtool.checkpoints.sources import load_model
+    from qtool.models.rules import ModelStats, estimate_peak_memory, validate_for_hardware
+
+    config = replace(QuantConfig(calibration=CalibrationConfig(source=str(calibration_text), samples=5, seqlen=32)), bits=4, group_size=32)
+    seen: list[str] = []
+    result = quantize_model(str(tiny_model_dir), config, tmp_path / "out", device="cpu", progress=lambda d, t, detail="": seen.append(detail))
+    stats = ModelStats.from_config(load_model(str(tiny_model_dir), with_tokenizer=False).model.config)
+    estimate = estimate_peak_memory(config, stats, "cpu")
+    assert result.estimated_peak_memory_bytes == estimate["cpu_bytes"] > 0
+    first_layer = next(i for i, detail in enumerate(seen) if detail.startswith("layer"))
+    assert any(detail.startswith("estimated peak memory") for detail in seen[:first_layer])
+    # validate's rule judges that same number
+    (fits,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate["cpu_bytes"])
+    (short,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate["cpu_bytes"] - 1)
+    assert fits.level.name == "INFO" and short.level.name == "ERROR"
+    # two processes: each holds the float model and half the samples (rounded up)
+    two = estimate_peak_memory(config, stats, "cuda", processes=2)
+    one = estimate_peak_memory(replace(config, calibration=replace(config.calibration, samples=3)), stats, "cuda")
+    assert two["cpu_bytes"] == 2 * one["cpu_bytes"] and two["device_bytes"] == one["device_bytes"]
