@@ -141,3 +141,13 @@ def test_nproc_refusals(tmp_path, calibration_text, tiny_model_dir):
         quantize_model(str(tiny_model_dir), job(calibration_text, method="rtn"), tmp_path / "out", device="cpu", nproc=2)
     with pytest.raises(QtoolError, match="--nproc 0"):
         quantize_model(str(tiny_model_dir), job(calibration_text), tmp_path / "out", device="cpu", nproc=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_nccl_processes_write_the_one_gpu_checkpoint(tmp_path, calibration_text, make_tiny_model_dir):
+    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=2)
+    config = job(calibration_text, bits=4, group_size=32, desc_act=True)
+    quantize_model(str(model_dir), config, tmp_path / "one", device="cuda")
+    quantize_model(str(model_dir), config, tmp_path / "two", device="cuda", nproc=2)
+    assert written_files(tmp_path / "one") == written_files(tmp_path / "two")
