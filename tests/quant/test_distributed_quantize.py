@@ -107,6 +107,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # two more process launches (each imports torch and transformers)
 def test_interrupted_two_process_run_resumes_in_one_process(tmp_path, calibration_text, make_tiny_model_dir):
     """Two processes leave the state one process leaves (every sample's hidden states): either resumes it."""
     model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=2, seed=4)
@@ -127,6 +128,7 @@ def test_interrupted_two_process_run_resumes_in_one_process(tmp_path, calibratio
     assert written_files(out) == written_files(tmp_path / "straight")
 
 
+@pytest.mark.slow  # a process launch
 def test_a_process_error_is_one_line(tmp_path, calibration_text, make_tiny_model_dir):
     model_dir = make_tiny_model_dir(tmp_path / "model")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
