@@ -17,7 +17,7 @@ LAYERS = (
     ("kernels",),
     ("checkpoints", "models", "data"),
     ("quant", "eval", "runtime", "validate", "finetune"),
-    ("convert", "serve"),
+    ("convert", "serve", "batch"),
     ("cli",),
 )
 LAYER_OF = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}

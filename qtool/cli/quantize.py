@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from qtool.cli.choices import Bits, CheckpointFormat, ComputeDtype, HeadBits, Method, OutputFormat, complete_device
-from qtool.cli.config_flags import config_overrides, flag_of
+from qtool.cli.config_flags import QUANT_CONFIG_FLAGS, config_overrides, flag_of
 from qtool.cli.preset_defaults import exl2_default, gptq_default, shared_default
 from qtool.cli.render import handle_errors, print_findings, print_json, progress_bar, stderr, stdout
+from qtool.core.byte_sizes import parse_byte_size
 from qtool.core.errors import QtoolError
 from qtool.config.schema import GPTQ_ONLY_FIELDS, QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
 
@@ -33,7 +34,8 @@ def summary_table(result: QuantizeResult) -> Table:
         ("calibration", f"{config.calibration.samples} x {config.calibration.seqlen} tokens of {config.calibration.source}"),
         ("layers", f"{result.layers}" + (f" (resumed after layer {result.resumed_from_layer})" if result.resumed_from_layer else "")),
         ("time", f"{result.seconds:.1f} s on {result.device}"),
-        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"),
+        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"
+                        + (f" (estimated {result.estimated_peak_memory_bytes / 2**30:.2f} GiB before the run)" if result.estimated_peak_memory_bytes else "")),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -89,8 +91,8 @@ def _refuse_gptq_flags(overrides: dict, output_format: str) -> None:
 
 @handle_errors
 def quantize(
-    model: Annotated[str, typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")],
+    model: Annotated[Optional[str], typer.Argument(help="The float model: a directory, a .gguf file, a Hub id or an alias (smollm2-135m).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Directory to write the checkpoint to (appears only when complete).")] = None,
     output_format: Annotated[Optional[OutputFormat], typer.Option("--format", help="gptq (uniform width) or exl2 (mixed widths per linear for a target --bpw).")] = None,
     method: Annotated[Optional[Method], typer.Option("--method", show_default=shared_default("method"), help="gptq (error feedback, needs calibration) or rtn (round to nearest).")] = None,
     bits: Annotated[Optional[Bits], typer.Option("--bits", show_default=gptq_default("bits"), rich_help_panel=GPTQ_OUTPUT, help="Bits per weight of each GPTQ linear.")] = None,
@@ -115,18 +117,35 @@ def quantize(
     seed: Annotated[Optional[int], typer.Option("--seed", show_default=shared_default("seed"), rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="gptq: processes sharing the calibration (one GPU each with cuda, gloo on the CPU); the checkpoint is the one-process one.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     discard_resume: Annotated[bool, typer.Option("--discard-resume", help="Throw away the saved state of an interrupted run into this output and start over.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file of the output, e.g. 5GB, 500MB, 2GiB (more: numbered shards and an index, as transformers writes).")] = "5GB",
+    jobs: Annotated[Optional[str], typer.Option("--jobs", help="A jobs file (a `jobs:` list of model, output and config fields): every job in turn, then eval --compare over the outputs.")] = None,
 ) -> None:
     """Quantize a float model into a GPTQ or EXL2 checkpoint (layer by layer, resumable)."""
     overrides = config_overrides(locals())  # first statement: locals() holds exactly the parsed arguments
+    max_shard_size_bytes = parse_byte_size(max_shard_size, "--max-shard-size")
+    if jobs is not None:
+        given = [entry.flag for entry in QUANT_CONFIG_FLAGS if overrides[entry.override_key] is not None]
+        given += [name for name, value in (("MODEL", model), ("--output", output), ("--config", config_file), ("--measurement", measurement)) if value is not None]
+        if given:
+            raise QtoolError(f"{given[0]} cannot be combined with --jobs", "set it per job (or under defaults:) in the jobs file")
+        from qtool.cli.quantize_jobs import run_jobs_command
+
+        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json, max_shard_size_bytes)
+        return
+    if model is None or output is None:
+        raise QtoolError("no model given" if model is None else "--output is missing", "qtool quantize MODEL --output DIR, or qtool quantize --jobs FILE")
     if bpw is not None and target_vram is not None:
         raise QtoolError("--bpw and --target-vram both choose the bits per weight", "give one of them")
     preset = QUANTIZE_EXL2_PRESET if overrides["output_format"] == "exl2" else QUANTIZE_DEFAULT_PRESET
     config, findings = resolve_config(config_file or preset, overrides)
     _refuse_gptq_flags(overrides, config.output_format)
+    if config.output_format == "exl2" and nproc > 1:
+        raise QtoolError(f"--nproc {nproc} applies to {flag_of('output_format')} gptq only", "drop --nproc for EXL2")
     if config.output_format != "exl2" and measurement is not None:
         raise QtoolError("--measurement applies to --format exl2 only", "add --format exl2, or drop --measurement")
     from qtool.checkpoints.sources import resolve_device
@@ -143,7 +162,8 @@ def quantize(
         logging.getLogger("qtool.quant").setLevel(logging.DEBUG)
     if config.output_format == "exl2":
         with progress_bar("quantize", enabled=not as_json) as update:
-            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume)
+            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume,
+                                              max_shard_size_bytes=max_shard_size_bytes)
         if as_json:
             print_json(exl2_result.to_dict())
             return
@@ -154,7 +174,8 @@ def quantize(
         stdout.print(exl2_summary_table(exl2_result))
         return
     with progress_bar("quantize", enabled=not as_json) as update:
-        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume)
+        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume, nproc=nproc,
+                                max_shard_size_bytes=max_shard_size_bytes)
     if as_json:
         print_json(result.to_dict())
         return

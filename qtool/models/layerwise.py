@@ -50,6 +50,11 @@ class LayerInputs:
         return replace(self, layer_index=self.layer_index + 1, hidden_states=tuple(hidden_states))
 
 
+def subset_inputs(inputs: LayerInputs, samples: list[int]) -> LayerInputs:
+    """The inputs of the given samples only (in that order), e.g. one process's share of the calibration set."""
+    return LayerInputs(inputs.layer_index, tuple(inputs.hidden_states[i] for i in samples), tuple(inputs.calls[i] for i in samples))
+
+
 class _StopForward(Exception):
     """Raised by the last recorder: nothing after the decoder layers is needed."""
 

@@ -20,8 +20,9 @@ from qtool.formats.exl2 import ROW_ALIGNMENT as EXL2_ROW_ALIGNMENT
 from qtool.formats.exl2 import check_exl2_layout
 from qtool.formats.gptq import PACK_ALIGNMENT
 
-# The Hessian of the widest linear and its inverse Cholesky factor live side by side during the solve.
-HESSIAN_COPIES = 2
+# The widest linear's Hessian: its float64 sum (two float32's worth), the float32 Hessian read from it and its
+# inverse Cholesky factor, side by side during the solve.
+HESSIAN_COPIES = 4
 # Layer inputs and outputs for all calibration samples are held at once.
 ACTIVATION_COPIES = 2
 FLOAT32_BYTES = 4
@@ -159,11 +160,13 @@ class ModelStats:
         )
 
 
-def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu") -> dict[str, Any]:
+def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1) -> dict[str, Any]:
     """Bytes a quantization run holds at its peak: the float32 model on the CPU, and where the work runs one
-    layer, the calibration activations, the Hessians and one sample's forward scratch."""
+    layer, the calibration activations, the Hessians and one sample's forward scratch. With several processes
+    (`--nproc`) the figures are one process's (its share of the samples; device_bytes per GPU) except cpu_bytes,
+    the host's total: every process holds the float model."""
     device = torch.device(device)
-    samples, seqlen = config.calibration.samples, config.calibration.seqlen
+    samples, seqlen = math.ceil(config.calibration.samples / processes), config.calibration.seqlen
     components = {
         "weights": stats.params * FLOAT32_BYTES,
         "layer": stats.layer_params * FLOAT32_BYTES if device.type != "cpu" else 0,  # on the CPU it is in weights
@@ -174,8 +177,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     }
     work = components["layer"] + components["activations"] + components["hessians"] + components["forward_scratch"]
     if device.type == "cpu":
-        return {"device": str(device), "components": components, "cpu_bytes": components["weights"] + work, "device_bytes": 0}
-    return {"device": str(device), "components": components, "cpu_bytes": components["weights"], "device_bytes": work}
+        return {"device": str(device), "components": components, "cpu_bytes": (components["weights"] + work) * processes, "device_bytes": 0}
+    return {"device": str(device), "components": components, "cpu_bytes": components["weights"] * processes, "device_bytes": work}
 
 
 def cpu_free_memory() -> int | None:
@@ -229,10 +232,11 @@ def validate_for_hardware(
     device: torch.device | str,
     cpu_free_bytes: int | None = None,
     device_free_bytes: int | None = None,
+    processes: int = 1,
 ) -> list[Finding]:
     """Compare the estimated peak memory with the free memory (read from the machine unless given)."""
     device = torch.device(device)
-    estimate = estimate_peak_memory(config, stats, device)
+    estimate = estimate_peak_memory(config, stats, device, processes)
     cpu_free = cpu_free_bytes if cpu_free_bytes is not None else cpu_free_memory()
     found: list[Finding] = []
     pools = [("cpu", estimate["cpu_bytes"], cpu_free)]

@@ -31,6 +31,7 @@ from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.config.schema import EXL2_BPW_RANGE, QuantConfig, validate_config
 from qtool.checkpoints.exl2_checkpoint import MEASUREMENT_FILE, save_exl2_model
+from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES
 from qtool.formats.exl2 import Exl2Weight, check_exl2_layout
 from qtool.formats.gptq_config import qtool_version
 from qtool.data.text import calibration_windows
@@ -282,6 +283,7 @@ def quantize_model_exl2(
     force: bool = False,
     progress: Progress | None = None,
     discard_resume: bool = False,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
 ) -> Exl2QuantizeResult:
     """Quantize a float model to EXL2 at config.bpw (the head at config.head_bits: 0 = float16, 6 or 8), reusing
     `measurement` (an earlier run's measurement.json) when given. Work is saved beside the output after every
@@ -297,12 +299,12 @@ def quantize_model_exl2(
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source, measurement)) as output:
         return _quantize_exl2(model_spec, source, config, output, reused, measurement, measurement_digest, compute, force, progress,
-                              discard_resume, findings, started)
+                              discard_resume, findings, started, max_shard_size_bytes)
 
 
 def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantConfig, output: Path, reused, measurement, measurement_digest: str | None,
                    compute: torch.device, force: bool, progress: Progress | None, discard_resume: bool, findings: list,
-                   started: float) -> Exl2QuantizeResult:
+                   started: float, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES) -> Exl2QuantizeResult:
     report = progress or (lambda done, total, detail="": None)
     loaded = load_model(source, device="cpu", dtype="float32")
     if loaded.quantization_config:
@@ -397,7 +399,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     report(total_steps, total_steps, "writing checkpoint")
     meta = {"model": str(model_spec), "calibration": asdict(calibration)}
     save_exl2_model(output, model, weights, _checkpoint_config(config, calibration_tokens, allocation.bits_per_weight), loaded.tokenizer,
-                    measurement=measurement_to_dict(measurements, meta), force=force)
+                    measurement=measurement_to_dict(measurements, meta), max_shard_size_bytes=max_shard_size_bytes, force=force)
     state.remove()
     log.info("wrote %s with %s", output, MEASUREMENT_FILE)
     return Exl2QuantizeResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from qtool.core.errors import QtoolError
@@ -15,9 +17,15 @@ class HessianAccumulator:
     """Running H = 2/n * X^T X (float32 [in_features, in_features]) over every token passed to add_batch.
 
     Each batch rescales the running mean and adds its own tokens in one addmm, as GPTQ does, so H keeps the
-    scale of one token's contribution however many tokens come."""
+    scale of one token's contribution however many tokens come.
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, product_dtype: torch.dtype = torch.float32):
+    With `float64_sum` it keeps instead the plain sum of the batches' products in float64 (each product computed
+    in the product dtype as before) and divides only when H is read: the sums of several processes that each saw
+    some of the batches can then be added (`all_reduce`), and H, rounded to float32 once at the end, does not
+    depend on how the batches were split (float64 carries 29 bits more than the float32 result keeps)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, product_dtype: torch.dtype = torch.float32,
+                 float64_sum: bool = False):
         self.in_features = in_features
         self.num_tokens = 0
         # bfloat16/float16 products run about twice as fast on CPUs with bf16 dot products and on GPUs; each batch's
@@ -30,6 +38,8 @@ class HessianAccumulator:
         self._row_blocks = list(zip(edges[:-1], edges[1:]))
         self._hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self._symmetric = True
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if float64_sum else None
+        self._stale = False  # _hessian lags behind _sum
 
     @property
     def device(self) -> torch.device:
@@ -38,6 +48,11 @@ class HessianAccumulator:
     @property
     def hessian(self) -> torch.Tensor:
         """The accumulated H itself (not a copy): all zeros until a token was added."""
+        if self._sum is not None and self._stale:
+            self._fill_lower(self._sum)
+            self._hessian = (self._sum * (2.0 / self.num_tokens)).to(torch.float32) if self.num_tokens else self._hessian.zero_()
+            self._stale = False
+            return self._hessian
         if not self._symmetric:
             for start, end in self._row_blocks[1:]:
                 self._hessian[start:end, :start] = self._hessian[:start, start:end].T
@@ -56,6 +71,12 @@ class HessianAccumulator:
         if count == 0:
             return
         tokens = tokens.to(device=self._hessian.device, dtype=self.product_dtype)
+        if self._sum is not None:
+            for start, end in self._row_blocks:
+                self._sum[start:end, start:].add_(tokens[:, start:end].T @ tokens[:, start:])
+            self.num_tokens += count
+            self._stale = True
+            return
         total = self.num_tokens + count
         # H_new = n/(n+m) * H_old + 2/(n+m) * X^T X, one fused call per row block of the upper triangle.
         beta, alpha = self.num_tokens / total, 2.0 / total
@@ -67,3 +88,27 @@ class HessianAccumulator:
                 target.mul_(beta).add_(tokens[:, start:end].T @ tokens[:, start:], alpha=alpha)
         self._symmetric = len(self._row_blocks) == 1
         self.num_tokens = total
+
+    def _fill_lower(self, matrix: torch.Tensor) -> None:
+        for start, end in self._row_blocks[1:]:
+            matrix[start:end, :start] = matrix[:start, start:end].T
+
+    def all_reduce(self, sum_in_place: Callable[[torch.Tensor], None]) -> None:
+        """Add the sums of the other processes' accumulators of the same linear (float64_sum only):
+        `sum_in_place` replaces a tensor by its sum over the processes (torch.distributed.all_reduce)."""
+        if self._sum is None:
+            raise ValueError("all_reduce needs an accumulator made with float64_sum=True")
+        count = torch.tensor([float(self.num_tokens)], dtype=torch.float64, device=self._sum.device)
+        sum_in_place(count)
+        sum_in_place(self._sum)
+        self.num_tokens = int(count.item())
+        self._stale = True
+
+    def copy(self, device: torch.device | str | None = None) -> "HessianAccumulator":
+        """An independent accumulator holding the same tokens (float64_sum only), e.g. kept for another job."""
+        if self._sum is None:
+            raise ValueError("copy needs an accumulator made with float64_sum=True")
+        twin = HessianAccumulator(self.in_features, device=device or self.device, product_dtype=self.product_dtype, float64_sum=True)
+        twin._sum.copy_(self._sum)
+        twin.num_tokens, twin._stale = self.num_tokens, True
+        return twin

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qtool.config.schema import QuantConfig
+from qtool.quant.distributed import SINGLE_PROCESS, Collective
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.refine import refine_group_scales
@@ -111,12 +112,32 @@ def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.Abst
 
 def _accumulator(dtype: torch.dtype, group: list[tuple[str, nn.Linear]]) -> HessianAccumulator:
     linear = group[0][1]
-    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype)
+    # float64 sums: the Hessian is then the same whether one process saw every batch or several saw some each
+    return HessianAccumulator(linear.in_features, device=linear.weight.device, product_dtype=dtype, float64_sum=True)
+
+
+def solve_shared(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumulator | None, config: QuantConfig,
+                 collective: Collective) -> tuple[dict[str, QuantizedWeight], list[ModuleReport]]:
+    """solve_group once for the whole process group: the Hessian summed over the processes, solved on rank 0,
+    the fake-quantized weights it leaves in the linears broadcast to the others (which return nothing: rank 0
+    writes)."""
+    hessian = None
+    if accumulator is not None:
+        accumulator.all_reduce(collective.sum_)
+        hessian = _usable_hessian(accumulator, group) if collective.is_main else None
+    quantized, reports = solve_group(group, hessian, config) if collective.is_main else ({}, [])
+    for _, linear in group:
+        collective.broadcast_(linear.weight.data)
+    return quantized, reports
 
 
 def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
     def hook(module: nn.Module, args: tuple) -> None:
-        accumulator.add_batch(args[0].detach())
+        # One product per sample, in sample order: the Hessian is then the same however the samples are batched
+        # (the memory ladder's one-sample batches) or split between processes.
+        inputs = args[0].detach()
+        for sample in (inputs if inputs.dim() == 3 else (inputs,)):
+            accumulator.add_batch(sample)
         if keep_inputs is not None:
             keep_inputs.append(args[0].detach().to(store_device))
         if stop:
@@ -158,6 +179,8 @@ def quantize_layer(
     replay: bool = True,
     on_group: Callable[[str], None] | None = None,
     output_projections: tuple[tuple[str, str], ...] = (),
+    collective: Collective = SINGLE_PROCESS,
+    float_hessians: dict[str, HessianAccumulator] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
     layer's outputs per batch).
@@ -167,7 +190,15 @@ def quantize_layer(
     block once its linears are done), are recorded the next time they run and replayed afterwards.
     `output_projections` ((child, its last linear), relative names) lets a child that became final be recorded
     without computing it: its linear applied to the inputs seen while that linear was quantized (ProjectionRecorder).
-    Otherwise: one pass gathers every group's Hessian from the float layer."""
+    Otherwise: one pass gathers every group's Hessian from the float layer.
+
+    With several processes (`collective`), `run_batch` runs this process's batches, each group's Hessian is summed
+    over the processes and solved on rank 0 (solve_shared); only rank 0 returns weights and reports.
+
+    `float_hessians` (group name -> accumulator, kept on the CPU), given for a layer whose inputs are the float
+    model's (layer 0): the Hessians of the groups whose inputs are still those of the float layer (the first group
+    in true-sequential order; every group without it) are taken from there when present, skipping their pass, and
+    stored there otherwise, for the next job on the same model and calibration."""
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
     recorders: dict[str, RecordingModule] = {}
@@ -230,28 +261,49 @@ def quantize_layer(
 
     if config.method != "gptq":
         for group in groups:
-            q, r = solve_group(group, None, config)
+            q, r = solve_shared(group, None, config, collective)
             quantized.update(q)
             reports.extend(r)
         return quantized, reports, run_pass([], {})
+
+    def key(group: list[tuple[str, nn.Linear]]) -> str:
+        return "+".join(name for name, _ in group)
+
+    def shared(group: list[tuple[str, nn.Linear]]) -> HessianAccumulator | None:
+        cached = float_hessians.get(key(group)) if float_hessians is not None else None
+        return cached.copy(device) if cached is not None else None
+
+    def share(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumulator) -> None:
+        if float_hessians is not None:
+            float_hessians[key(group)] = accumulator.copy("cpu")  # before the solve, which may change H in place
 
     if not config.true_sequential:
-        accumulators = [_accumulator(dtype, group) for group in groups]
-        run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
+        if float_hessians is not None and all(key(group) in float_hessians for group in groups):
+            accumulators = [shared(group) for group in groups]
+        else:
+            accumulators = [_accumulator(dtype, group) for group in groups]
+            run_pass([(group[0][1], _hessian_hook(acc, stop=False)) for group, acc in zip(groups, accumulators)], {})
+            for group, accumulator in zip(groups, accumulators):
+                share(group, accumulator)
         for group, accumulator in zip(groups, accumulators):
-            q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+            q, r = solve_shared(group, accumulator, config, collective)
             quantized.update(q)
             reports.extend(r)
         return quantized, reports, run_pass([], {})
 
-    for group in groups:
+    for position, group in enumerate(groups):
         if on_group is not None:
             on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
-        accumulator = _accumulator(dtype, group)
         child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
-        kept = projection_inputs.setdefault(child, []) if child else None
-        run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
-        q, r = solve_group(group, _usable_hessian(accumulator, group), config)
+        # only the first group sees the float layer's inputs; a projection's group also keeps its inputs in its pass
+        accumulator = shared(group) if position == 0 and child is None else None
+        if accumulator is None:
+            accumulator = _accumulator(dtype, group)
+            kept = projection_inputs.setdefault(child, []) if child else None
+            run_pass([(group[0][1], _hessian_hook(accumulator, stop=True, keep_inputs=kept, store_device=store_device))], next_swaps())
+            if position == 0 and child is None:
+                share(group, accumulator)
+        q, r = solve_shared(group, accumulator, config, collective)
         del accumulator
         quantized.update(q)
         reports.extend(r)

@@ -21,17 +21,20 @@ from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
-from qtool.models.rules import ModelStats, validate_for_hardware, validate_for_model
+from qtool.models.rules import ModelStats, estimate_peak_memory, format_bytes, validate_for_hardware, validate_for_model
 from qtool.config.schema import QuantConfig
-from qtool.checkpoints.gptq_checkpoint import save_quantized_model
+from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
+from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
+from qtool.quant.memory_ladder import Rung, climb_down, ladder
+from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
-from qtool.quant.work_state import WorkState, job_fingerprint
+from qtool.quant.work_state import WorkState, job_fingerprint, read_hidden
 from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
-from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch
+from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
 from qtool.checkpoints.sources import ModelSource, load_model, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ class QuantizeResult:
     device: str
     calibration_tokens: int
     compute_dtype: str = "float32"  # what config.compute_dtype resolved to on this machine
+    # validate's estimate of peak_memory_bytes, made before the run (one process's, on the device that does the work)
+    estimated_peak_memory_bytes: int = 0
     modules: list[ModuleReport] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -146,7 +151,7 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
     return data
 
 
-def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device) -> list[Finding]:
+def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -156,7 +161,7 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
         for name, linear in group
     }
     findings = validate_for_model(config, shapes)
-    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute)
+    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes)
     return raise_first_error(findings)
 
 
@@ -188,10 +193,12 @@ class _QuantizeJob:
     findings: list[Finding]
     num_layers: int
     model_name: str
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES
+    estimated_peak_bytes: int = 0
 
     def write_checkpoint(self, quantized: dict[str, QuantizedWeight], skipped: dict[str, str],
                          modules: list[ModuleReport], calibration_tokens: int = 0, compute_dtype: str = "float32",
-                         resumed_from: int = 0) -> QuantizeResult:
+                         resumed_from: int = 0, peak: int | None = None) -> QuantizeResult:
         if not quantized:
             raise QtoolError(f"no linear of {self.model_name} can be stored in the GPTQ layout",
                              "GPTQ needs input and output widths that are multiples of 32")
@@ -200,12 +207,14 @@ class _QuantizeJob:
             self.output, self.model, quantized,
             quantization_config=checkpoint_quantization_config(self.config, skipped, calibration_tokens, compute_dtype),
             tokenizer=self.tokenizer, checkpoint_format=self.config.checkpoint_format, force=self.force,
+            max_shard_size_bytes=self.max_shard_size_bytes,
         )
         return QuantizeResult(
             output=str(self.output), config=self.config, layers=self.num_layers, quantized_linears=len(quantized),
             skipped_linears=skipped, resumed_from_layer=resumed_from, seconds=time.perf_counter() - self.started,
-            peak_memory_bytes=peak_memory_bytes(self.compute), device=str(self.compute),
+            peak_memory_bytes=peak_memory_bytes(self.compute) if peak is None else peak, device=str(self.compute),
             calibration_tokens=calibration_tokens, compute_dtype=compute_dtype, modules=modules, findings=self.findings,
+            estimated_peak_memory_bytes=self.estimated_peak_bytes,
         )
 
 
@@ -234,23 +243,58 @@ def quantize_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     discard_resume: bool = False,
+    nproc: int = 1,
+    shared: SharedCalibration | None = None,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
     beside the output is saved after every layer and resumed by the next run with the same arguments (unless
-    `discard_resume`); the output is locked against other runs until the checkpoint is written."""
+    `discard_resume`); the output is locked against other runs until the checkpoint is written.
+
+    `nproc` > 1 spawns that many processes (gloo on the CPU, nccl with one GPU each): the calibration batches are
+    split between them, each group's Hessian summed over them, each GPTQ solve run once (rank 0) and broadcast,
+    and rank 0 writes; the checkpoint and the resume state are those of a one-process run.
+
+    The checkpoint's safetensors are cut into shards of at most `max_shard_size_bytes` (a larger tensor has a
+    shard of its own), listed in model.safetensors.index.json, as transformers writes them.
+
+    `shared` (one process only) carries what jobs on the same model reuse: the tokenized calibration windows and
+    the Hessians of layer 0's float inputs (see qtool.quant.shared_calibration); the bytes written are the same."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     compute = resolve_device(device)
     if config.output_format != "gptq":
         raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
+    check_nproc(nproc, compute)
+    if nproc > 1 and config.method != "gptq":
+        raise QtoolError(f"--nproc {nproc} with method {config.method}: round to nearest has no calibration to split", "use --nproc 1, or method gptq")
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
-        return _quantize(model_spec, source, config, output, compute, force, progress, allow_pickle, trust_remote_code, discard_resume, started)
+        args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started,
+                max_shard_size_bytes)
+        if nproc == 1:
+            return _quantize(SINGLE_PROCESS, progress, *args, shared=shared)
+        return launch(nproc, compute.type, _quantize, args, progress)
 
 
-def _quantize(model_spec: str | Path, source: ModelSource, config: QuantConfig, output: Path, compute: torch.device, force: bool,
-              progress: Progress | None, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool, started: float) -> QuantizeResult:
+def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInputs, list[int], list[list[int]]]:
+    """This process's share of the calibration samples: whole batches of the one-process run (so every batch, and
+    every product computed from it, is the one that run computes), contiguous, about equal in tokens. Returns the
+    share, its sample indices, and every process's sample indices."""
+    batches = sample_batches(inputs)
+    tokens = [sum(inputs.hidden_states[i].shape[0] * inputs.hidden_states[i].shape[1] for i in batch) for batch in batches]
+    shares = [[i for b in share for i in batches[b]] for share in contiguous_shares(tokens, collective.world_size)]
+    mine = shares[collective.rank]
+    return subset_inputs(inputs, mine), mine, shares
+
+
+def _quantize(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource, config: QuantConfig,
+              output: Path, compute: torch.device, force: bool, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool,
+              started: float, max_shard_size_bytes: int, shared: SharedCalibration | None = None) -> QuantizeResult | None:
+    """One process's part of quantize_model (the whole of it in a one-process run); rank 0 returns the result."""
     report = progress or (lambda done, total, detail="": None)
+    if collective.world_size > 1:
+        compute = collective.device
     # The float model stays on the CPU in float32; each layer visits the compute device while it is quantized.
     loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if loaded.quantization_config:
@@ -261,21 +305,34 @@ def _quantize(model_spec: str | Path, source: ModelSource, config: QuantConfig, 
     spec = get_architecture(model)
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
-    findings = check_against_model(config, model, spec, compute)
+    findings = check_against_model(config, model, spec, compute, collective.world_size)
+    # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
+    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size)
+    estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
+    report(0, num_layers, f"estimated peak memory {format_bytes(estimated_peak)} on {compute.type}")
+    log.info("estimated peak memory %s on %s (%s)", format_bytes(estimated_peak), compute,
+             ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
 
     job = _QuantizeJob(model, tokenizer, config, output, force, report, started, compute, findings, num_layers,
-                       str(model_spec))
+                       str(model_spec), max_shard_size_bytes, estimated_peak)
     if config.method == "rtn":
         # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
         return _round_to_nearest(job, spec)
 
     calibration = config.calibration
-    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+    calibration_key = job_fingerprint({"model": source_identity(source), "calibration": asdict(calibration)})
+    if shared is not None and calibration_key in shared.windows:
+        windows = shared.windows[calibration_key]
+        shared.windows_reused += 1
+    else:
+        windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+        if shared is not None:
+            shared.windows[calibration_key] = windows
     calibration_tokens = sum(w.numel() for w in windows)
     hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
-    storage = storage_device(compute, len(windows), calibration.seqlen, hidden_size)
 
     compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute)).removeprefix("torch.")
+    # The process count is not part of the job: N processes leave the state one process would, so either resumes it.
     fingerprint = job_fingerprint({
         "config": config.to_dict(),
         "compute_dtype": compute_dtype,
@@ -284,19 +341,30 @@ def _quantize(model_spec: str | Path, source: ModelSource, config: QuantConfig, 
         "torch": torch.__version__,
         "device": compute.type,
     })
-    state = WorkState.open(output, fingerprint, discard=discard_resume)
-    resumed_from = state.completed_layers
-    if resumed_from:
+    state = WorkState.open(output, fingerprint, discard=discard_resume) if collective.is_main else None
+    resumed_from, hidden_file = collective.broadcast_object(
+        (state.completed_layers, state.hidden_file and str(state.path / state.hidden_file)) if state else None)
+    if resumed_from and collective.is_main:
         log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
 
     report(0, num_layers, "capturing calibration inputs")
-    inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device=storage, spec=spec)
+    inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
     if resumed_from:
-        inputs = LayerInputs(resumed_from, tuple(h.to(storage) for h in state.load_hidden()), inputs.calls)
+        # the saved hidden states are every sample's, as a one-process run leaves them
+        inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
+    sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
+    inputs, mine, shares = _rank_inputs(inputs, collective)
+    storage = storage_device(compute, len(mine), calibration.seqlen, hidden_size)
+    inputs = LayerInputs(inputs.layer_index, tuple(h.to(storage) for h in inputs.hidden_states), inputs.calls)
+    collective.barrier()  # every process has read the saved state before rank 0 moves it on
 
     quantized: dict[str, QuantizedWeight] = {}
     skipped: dict[str, str] = {}
     modules: list[ModuleReport] = []
+    # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
+    # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
+    rungs = ladder(compute, storage) if collective.world_size == 1 else ladder(compute, storage)[:1]
+    rung_index = 0
     for index in range(num_layers):
         prefix = f"{spec.layers_path}.{index}."
         groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
@@ -304,36 +372,62 @@ def _quantize(model_spec: str | Path, source: ModelSource, config: QuantConfig, 
         if index < resumed_from:
             continue
         report(index, num_layers, f"layer {index + 1}/{num_layers}")
-        layer = layers[index].to(compute)
-        layer_inputs = inputs
-        batches = sample_batches(layer_inputs)
-        moved: dict = {}
+        original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
-        def run_batch(batch: int) -> torch.Tensor:
-            return run_layer_batch(layer, layer_inputs, batches[batch], device=compute, moved=moved)
+        def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
+            nonlocal inputs, storage
+            if rung.storage != storage:  # from here on the activations stay where this rung keeps them
+                inputs = LayerInputs(inputs.layer_index, tuple(h.to(rung.storage) for h in inputs.hidden_states), inputs.calls)
+                storage = rung.storage
+            layer = layers[index].to(rung.compute)
+            layer_inputs = inputs
+            batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
+            moved: dict = {}
 
-        def on_group(modules: str, index: int = index) -> None:
-            report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+            def run_batch(batch: int) -> torch.Tensor:
+                return run_layer_batch(layer, layer_inputs, batches[batch], device=rung.compute, moved=moved)
 
-        layer_quantized, layer_reports, batch_outputs = quantize_layer(
-            layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
-            output_projections=spec.output_projections,
-        )
-        outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+            def on_group(modules: str) -> None:
+                report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+
+            float_hessians = None
+            if shared is not None and index == 0 and rung.compute == compute:
+                float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
+            layer_quantized, layer_reports, batch_outputs = quantize_layer(
+                layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
+                output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
+            )
+            outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+            return layer, layer_quantized, layer_reports, outputs
+
+        def restore(index: int = index, original: dict = original) -> None:
+            layers[index].load_state_dict(original)
+            layers[index].to("cpu")
+
+        (layer, layer_quantized, layer_reports, outputs), rung_index = climb_down(
+            rungs, rung_index, attempt, restore, f"layer {index + 1}/{num_layers}")
         layers[index] = layer.to("cpu")
         for module_report in layer_reports:
             module_report.name = prefix + module_report.name
             log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
         modules.extend(layer_reports)
         next_hidden = [h.to(storage) for h in outputs]
-        # After every layer: any interruption loses at most the layer in progress.
-        state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, next_hidden)
+        # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's.
+        dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
+        every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, storage)
+        if state is not None:
+            # After every layer: any interruption loses at most the layer in progress.
+            state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)
         inputs = inputs.advanced(next_hidden)
         report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 
+    peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)
+    collective.max_(peak)  # the largest of the processes' peaks
+    if state is None:
+        return None
     # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
     for index in range(num_layers):
         quantized.update(state.load_layer(index))
-    result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from)
+    result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from, peak=int(peak.item()))
     state.remove()
     return result

@@ -143,11 +143,16 @@ class WorkState:
         return quantized
 
     def load_hidden(self) -> list[torch.Tensor]:
-        tensors = load_file(str(self.path / self.hidden_file))
-        return [tensors[f"batch.{i}"] for i in range(len(tensors))]
+        return read_hidden(self.path / self.hidden_file)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_hidden(path: Path) -> list[torch.Tensor]:
+    """The hidden states a step saved, in sample order (what the other processes of a run read)."""
+    tensors = load_file(str(path))
+    return [tensors[f"batch.{i}"] for i in range(len(tensors))]
 
 
 def _problem(path: Path, fingerprint: str) -> str | None:

@@ -23,7 +23,8 @@ runner = CliRunner()
 # set only in a config file: no flag on purpose
 FLAGLESS_FIELDS = {"schema_version", "damp_auto_increment"}
 # options of `qtool quantize` that are not config fields
-NOT_CONFIG_PARAMETERS = {"model", "output", "measurement", "config_file", "device", "force", "discard_resume", "verbose", "as_json", "help"}
+NOT_CONFIG_PARAMETERS = {"model", "output", "measurement", "config_file", "device", "force", "discard_resume", "verbose", "as_json", "help",
+                         "nproc", "jobs", "max_shard_size"}
 
 
 def config_fields() -> set[str]:

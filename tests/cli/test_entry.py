@@ -79,7 +79,7 @@ def test_a_qtool_error_stays_one_red_line_and_exit_2(capsys, tmp_path):
 
 
 def test_a_usage_error_stays_exit_2(capsys):
-    code, _, err = run_entry(capsys, "quantize")
+    code, _, err = run_entry(capsys, "tune")
     assert code == 2 and "Missing argument" in err and "internal error" not in err
 
 
