@@ -10,6 +10,7 @@ GPTQ, EXL2 = "gptq", "exl2"  # the weight formats with backends
 BACKEND_FACTORIES = MappingProxyType({  # GPTQ's
     "triton": "qtool.kernels.triton_backend:default_triton_backend",
     "torch": "qtool.kernels.torch_backends:GptqTorchBackend",
+    "cpu-int4": "qtool.kernels.cpu_int4_backend:GptqCpuInt4Backend",
 })
 EXL2_BACKEND_FACTORIES = MappingProxyType({
     "triton": "qtool.kernels.exl2_triton_backend:Exl2TritonBackend",
