@@ -14,6 +14,7 @@ from qtool.cli import convert as convert_command
 from qtool.cli import eval as eval_command
 from qtool.cli import quantize as quantize_command
 from qtool.cli import run as run_command
+from qtool.cli import serve as serve_command
 from qtool.cli import tune as tune_command
 from qtool.cli import validate as validate_command
 from qtool.cli.exits import begin_run
@@ -67,3 +68,4 @@ app.command("validate", cls=QtoolCommand)(validate_command.validate)
 app.command("eval", cls=QtoolCommand)(eval_command.eval_model)
 app.command("run", cls=QtoolCommand)(run_command.run)
 app.command("tune", cls=QtoolCommand)(tune_command.tune)
+app.command("serve", cls=QtoolCommand)(serve_command.serve)

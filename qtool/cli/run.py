@@ -1,13 +1,14 @@
 """`qtool run MODEL`: chat with a model through qtool's engine (transformers' generate for a family it cannot take).
 One reply for --prompt (or a prompt piped on stdin), streamed to stdout; an interactive multi-turn chat when stdin
-is a terminal and no prompt is given; `--batch FILE --output OUT` runs a JSONL file of requests as one batch."""
+is a terminal and no prompt is given; `--batch FILE --output OUT` runs a JSONL file of requests as one batch;
+`--file` puts files in front of the prompt; `--arena A B` sends the prompt to each model and prints one table."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
@@ -18,6 +19,7 @@ from qtool.core.errors import QtoolError
 from qtool.kernels.backend_names import BACKEND_HELP
 
 if TYPE_CHECKING:  # the runtime imports torch and transformers: the command imports it when it runs
+    from qtool.runtime.context_files import ContextFile, ContextFit
     from qtool.runtime.engine import EngineConfig
     from qtool.runtime.engine_sizing import EngineSizing
     from qtool.runtime.generate import GenerationResult, GenerationSettings, Message
@@ -109,7 +111,7 @@ def read_terminal_line() -> str | None:
 
 @handle_errors
 def run(
-    model: Annotated[str, typer.Argument(help="The model (directory, .gguf, Hub id or alias).")],
+    model: Annotated[list[str], typer.Argument(help="The model (directory, .gguf, Hub id or alias); with --arena, two or more.", show_default=False)],
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="One prompt; without it: a chat on a terminal, else the prompt is read from stdin.")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message (chat mode) or a preamble (--raw).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate per reply.")] = 256,
@@ -131,6 +133,9 @@ def run(
     cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (default: the batch's full contexts, at most 2 GiB).")] = None,
     gpu_memory_fraction: Annotated[Optional[float], typer.Option("--gpu-memory-fraction", rich_help_panel=ENGINE, help="Size the KV cache to what is left of this fraction of the GPU's memory once the model is loaded, 0 < F <= 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
+    file: Annotated[Optional[list[Path]], typer.Option("--file", help="A text or code file put in front of the prompt as a labelled block (repeat for several); what does not fit the context is cut from the file tails, said on stderr.")] = None,
+    arena: Annotated[bool, typer.Option("--arena", help="Send the prompt to every MODEL in turn (qtool run --arena A B --prompt ...) and print one table of the replies and their speeds.")] = False,
+    chat_template: Annotated[Optional[Path], typer.Option("--chat-template", help="A jinja2 chat template file used instead of the tokenizer's (checked by rendering a sample conversation first).")] = None,
 ) -> None:
     """Generate text from a prompt, chat, or run a batch of requests."""
     from qtool.checkpoints.sources import load_model, resolve_device
@@ -141,6 +146,22 @@ def run(
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     settings.check()
+    files = read_files(file or [])
+    if chat_template is not None and raw:
+        raise QtoolError("--chat-template and --raw exclude each other", "--raw sends the prompt without any template")
+    if arena:
+        from qtool.cli.run_arena import run_arena_command
+
+        if batch is not None or draft is not None or speculate is not None:
+            raise QtoolError("--arena compares plain replies", "drop --batch, --draft and --speculate")
+        prompt = prompt if prompt is not None else read_piped_prompt(interactive=sys.stdin.isatty())
+        run_arena_command(model, prompt, system, raw, files, chat_template, settings, device, plain(dtype),
+                          plain(backend), replace(CHAT_ENGINE_CONFIG, kv_cache=plain(kv_cache)),
+                          EngineSizing(max_batch, cache_blocks, gpu_memory_fraction), as_json)
+        return
+    if len(model) != 1:
+        raise QtoolError(f"qtool run takes one MODEL, got {len(model)}: {' '.join(model)}", "pass --arena to compare several")
+    model = model[0]
     dtype, backend, speculate, kv_cache = plain(dtype), plain(backend), plain(speculate), plain(kv_cache)
     sizing = EngineSizing(max_batch, cache_blocks, gpu_memory_fraction)
     sizing.check(resolve_device(device))
@@ -155,13 +176,14 @@ def run(
     interactive = prompt is None and sys.stdin.isatty()
     if interactive and as_json:
         raise QtoolError("--json needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
+    if interactive and files:
+        raise QtoolError("--file needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
     if prompt is None and not interactive:
-        prompt = sys.stdin.read().rstrip("\n")
-        if not prompt.strip():
-            raise QtoolError("no prompt: --prompt was not given and stdin is empty", "pass --prompt TEXT or pipe the prompt on stdin")
+        prompt = read_piped_prompt(interactive)
     loaded = load_model(model, device=device, dtype=dtype, backend=backend)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
+    use_template_file(loaded.tokenizer, chat_template)
     if not raw and not has_chat_template(loaded.tokenizer):
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
@@ -172,15 +194,56 @@ def run(
         stderr.print("[dim]chat: /reset clears the history, /exit or Ctrl-D quits[/]")
         chat_loop(replies, settings, system, raw, read_terminal_line)
         return
-    conversation = with_user_turn(start_history(system, raw), prompt)
+    conversation, context = conversation_with_files(loaded, system, prompt, raw, files, max_new_tokens)
     if as_json:
         reply = replies.reply(conversation, settings).to_dict()
-        print_json({**reply, "engine": engine_report(replies.engine_config, replies.engine and replies.engine.num_blocks, sizing)})
+        extra = {"context": context.to_dict()} if context is not None else {}
+        print_json({**reply, **extra, "engine": engine_report(replies.engine_config, replies.engine and replies.engine.num_blocks, sizing)})
         return
     result = replies.reply(conversation, settings, on_text=stream_to_stdout)
     stdout.out("")
     report_speed(result)
     report_speculation(replies)
+
+
+def read_piped_prompt(interactive: bool) -> str:
+    """The prompt piped on stdin (a terminal gives none)."""
+    prompt = "" if interactive else sys.stdin.read().rstrip("\n")
+    if not prompt.strip():
+        raise QtoolError("no prompt: --prompt was not given and stdin is empty", "pass --prompt TEXT or pipe the prompt on stdin")
+    return prompt
+
+
+def read_files(paths: list[Path]) -> list[ContextFile]:
+    """--file: each file read before any model loads, so a bad one fails at once."""
+    from qtool.runtime.context_files import read_context_file
+
+    return [read_context_file(path) for path in paths]
+
+
+def use_template_file(tokenizer: Any, chat_template: Path | None) -> None:
+    """--chat-template: the file's template replaces the tokenizer's for this run."""
+    if chat_template is not None:
+        from qtool.runtime.chat_template_source import read_template_file
+
+        tokenizer.chat_template = read_template_file(chat_template, tokenizer)
+
+
+def conversation_with_files(loaded: Any, system: str | None, prompt: str, raw: bool, files: list[ContextFile],
+                            max_new_tokens: int) -> tuple[str | list[Message], ContextFit | None]:
+    """The first turn's conversation; with --file, the files in front of the prompt, cut to fit the model's context
+    with room for the reply (each cut said on stderr)."""
+    conversation = with_user_turn(start_history(system, raw), prompt)
+    if not files:
+        return conversation, None
+    from qtool.runtime.context_files import fit_context, model_context_length, raw_text
+
+    messages = [{"role": "system", "content": system}] if system else []
+    fit = fit_context(loaded.tokenizer, messages + [{"role": "user", "content": prompt}], files,
+                      model_context_length(loaded.model), max_new_tokens, raw=raw)
+    for cut in fit.cuts:
+        stderr.print(f"[yellow]context:[/] {cut} (the prompt is {fit.prompt_tokens} tokens, the context {fit.context_length})")
+    return (raw_text(fit.messages) if raw else fit.messages), fit
 
 
 def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,

@@ -9,7 +9,8 @@ from torch import nn
 from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, check_exl2_layout, exl2_tensors_from_weight, expected_exl2_shapes, weight_from_exl2_tensors
 from qtool.kernels.exl2_dequant_ref import dequantize_exl2
 from qtool.kernels.linear_tensors import Exl2LinearTensors
-from qtool.kernels.registry import EXL2, EXL2_BACKEND_FACTORIES, BackendRegistry
+from qtool.kernels.quantized_autograd import exl2_layer_grad_input
+from qtool.kernels.registry import EXL2, EXL2_BACKEND_FACTORIES, Backend, BackendRegistry
 from qtool.kernels.routed_linear import RoutedLinear, set_backends_of
 
 EXL2_BACKENDS = ("auto", *EXL2_BACKEND_FACTORIES)  # what an EXL2 linear accepts as its backend
@@ -48,6 +49,12 @@ class Exl2Linear(RoutedLinear):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device) if bias else None)
 
     @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes under the name PEFT looks for on a quantized layer to place its adapters beside it
+        (an EXL2 linear has no parameter PEFT could read the device from)."""
+        return self.q_weight
+
+    @property
     def bit_widths(self) -> tuple[int, ...]:
         """The layer's distinct widths, widest first: what backends are selected by."""
         return tuple(sorted(set(self.group_bits), reverse=True))
@@ -74,6 +81,9 @@ class Exl2Linear(RoutedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_exl2(self.q_weight, self.q_invperm, self.q_scale, self.q_scale_max, self.q_groups, self.out_features, dtype)
+
+    def grad_input(self, grad_output: torch.Tensor, backend: Backend) -> torch.Tensor:
+        return exl2_layer_grad_input(self, grad_output, backend)
 
     def bits_summary(self) -> str:
         return "/".join(map(str, self.bit_widths))

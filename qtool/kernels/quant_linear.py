@@ -14,7 +14,8 @@ from qtool.formats.gptq import (
 )
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.linear_tensors import GptqLinearTensors
-from qtool.kernels.registry import GPTQ, BackendRegistry
+from qtool.kernels.quantized_autograd import gptq_layer_grad_input
+from qtool.kernels.registry import GPTQ, Backend, BackendRegistry
 from qtool.kernels.routed_linear import RoutedLinear, set_backends_of
 from qtool.formats.quantized_weight import QuantizedWeight
 
@@ -65,6 +66,9 @@ class QuantLinear(RoutedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format, dtype)
+
+    def grad_input(self, grad_output: torch.Tensor, backend: Backend) -> torch.Tensor:
+        return gptq_layer_grad_input(self, grad_output, backend)
 
     def extra_repr(self) -> str:
         return (

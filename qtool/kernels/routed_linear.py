@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qtool.kernels.linear_tensors import check_input_features
+from qtool.kernels.quantized_autograd import QuantizedLinearFunction
 from qtool.kernels.registry import Backend, BackendRegistry, check_backend_name, default_registry
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class RoutedLinear(nn.Module):
         """The float weight [out_features, in_features] in `dtype`."""
         raise NotImplementedError
 
+    def grad_input(self, grad_output: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """dX = grad_output @ W, in grad_output's dtype, for a forward that `backend` served (the backward of
+        quantized_autograd.QuantizedLinearFunction)."""
+        raise NotImplementedError
+
     def set_backend(self, requested: str = "auto", registry: BackendRegistry | None = None, warm: bool = True) -> str:
         """Route this layer's matmuls through `requested` (auto, torch, triton, ...), falling back per the registry
         (default: the process-wide one of the format). With warm, the backend for M = 1 on the layer's device is
@@ -120,6 +126,9 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_features(x, self.in_features, self.linear_label)
         backend = self.route(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            # training through a frozen quantized base (LoRA): differentiable in x only; inference takes no detour
+            return QuantizedLinearFunction.apply(x, self, backend)
         return backend.matmul(x, self.prepared_form(backend))
 
 

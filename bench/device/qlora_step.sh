@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# bench/finetune/qlora_step.py on the lent GPU machine (no network), after the grad-input kernel tests compiled.
+# bitsandbytes comes from a carried wheel (it is not in the machine's image); prepare it here once:
+#   mkdir -p .whl/finetune && cp /tmp/pd/bitsandbytes-*.whl .whl/finetune/      (carry: .whl/finetune)
+#   bash bench/device/qlora_step.sh [qlora_step.py args, e.g. --steps 3 --systems qtool-triton,bnb-nf4]
+# Results: $OUT/qlora_step.jsonl (one line per system and a comparison line) and $OUT/qlora_step.log.
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
+OUT="${OUT:-/tmp/qlora_step_out}"
+SITE=/tmp/qlora_site
+LOG="$OUT/qlora_step.log"
+mkdir -p "$OUT"
+cd "$REPO"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+if ! python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/finetune/bitsandbytes-*.whl >>"$LOG" 2>&1; then
+    echo "bitsandbytes wheel not installed (.whl/finetune carried?): its row will say it is missing" | tee -a "$LOG"
+fi
+export PYTHONPATH="$REPO:$SITE"
+echo "== kernel tests" | tee -a "$LOG"
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gptq_grad_input.py \
+    tests/kernels/test_exl2_grad_input.py tests/kernels/test_quantized_autograd.py 2>&1 | tail -15 | tee -a "$LOG"
+echo "== bench" | tee -a "$LOG"
+timeout 400 python3 bench/finetune/qlora_step.py --out "$OUT/qlora_step.jsonl" "$@" 2>&1 | grep -v Warning | tee -a "$LOG"
