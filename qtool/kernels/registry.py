@@ -40,7 +40,7 @@ class Backend(Protocol):
 
 # per device type, the backends "auto" tries, best first (every format); the Triton interpreter on CPU is for
 # tests, so it serves only an explicit request
-AUTO_ORDER = MappingProxyType({"cuda": ("triton", "torch"), "cpu": ("cpu-int4", "torch")})
+AUTO_ORDER = MappingProxyType({"cuda": ("triton", "torch"), "cpu": ("torch",)})
 DEFAULT_AUTO_ORDER = ("torch",)
 
 

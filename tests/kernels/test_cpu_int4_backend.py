@@ -67,3 +67,17 @@ def test_what_it_cannot_serve_falls_back_with_a_reason(device, bits, group_size,
     registry = BackendRegistry(auto_order={"cpu": ("cpu-int4", "torch")})
     backend, reason = registry.select("cpu", bits, group_size)
     assert backend.name == "torch" and why in reason
+
+
+def test_generation_on_the_cpu_moves_the_layers_the_kernel_serves():
+    """run/serve load with for_generation: 4-bit layers go through cpu-int4, others keep the exact reference."""
+    from torch import nn
+
+    from qtool.kernels.quant_linear import QuantLinear, prefer_cpu_int4
+
+    model = nn.Sequential(QuantLinear(64, 32, 4, 32), QuantLinear(64, 32, 3, 32), QuantLinear(64, 32, 4, 16),
+                          QuantLinear(64, 32, 4, 32, backend="torch"))
+    x = torch.randn(1, 64)
+    assert [layer.route(x).name for layer in model] == ["torch"] * 4  # auto on the CPU: the reference
+    assert prefer_cpu_int4(model) == 1  # not 3-bit, not groups of 16, not a layer the user routed to torch
+    assert [layer.route(x).name for layer in model] == ["cpu-int4", "torch", "torch", "torch"]
