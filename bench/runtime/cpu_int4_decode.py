@@ -2,7 +2,7 @@
 int4 kernel), the torch reference backend (dequantize every call), and the float model it came from, interleaved in
 one process so that load on the machine hits all three alike; plus the tokens/s of `generate` for each.
 
-    PYTHONPATH=. python bench/kernels/cpu_int4_bench.py GPTQ_DIR [--float smollm2-135m] [--repeats 5] [--out FILE]
+    PYTHONPATH=. python bench/runtime/cpu_int4_decode.py GPTQ_DIR [--float smollm2-135m] [--repeats 5] [--threads N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the three models")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared machine, where "
+                        "OpenMP's barriers stall each matmul for milliseconds")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     quantized = load_model(args.gptq_dir, device="cpu").model
     reference = load_model(args.float, device="cpu").model
