@@ -232,10 +232,12 @@ def load_model(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
     backend: str = "auto",
+    for_generation: bool = False,
 ) -> LoadedModel:
     """Load a model for any command: float HF directories, GGUF files (dequantized), Hub ids, and qtool/GPTQ
-    quantized checkpoints (quantized linears kept quantized, their matmuls served by `backend`: auto, torch or
-    triton, see qtool.kernels.registry)."""
+    quantized checkpoints (quantized linears kept quantized, their matmuls served by `backend`: auto, torch,
+    triton or cpu-int4, see qtool.kernels.registry). for_generation (run, serve): on the CPU, auto serves 4-bit GPTQ
+    layers through torch's int4 kernel rather than the exact reference (kernels.quant_linear.prefer_cpu_int4)."""
     from transformers import AutoModelForCausalLM
 
     from qtool.kernels.registry import check_backend_name
@@ -255,6 +257,10 @@ def load_model(
         from qtool.checkpoints.gptq_checkpoint import load_quantized_model
 
         model = load_quantized_model(source.path, device=str(torch_device), dtype=torch_dtype, backend=backend)
+        if for_generation and backend == "auto" and torch_device.type == "cpu":
+            from qtool.kernels.quant_linear import prefer_cpu_int4
+
+            prefer_cpu_int4(model)
     elif quantization_config and quantization_config.get("quant_method") == "exl2":
         from qtool.checkpoints.exl2_checkpoint import load_exl2_model
         from qtool.kernels.exl2_linear import EXL2_BACKENDS

@@ -180,14 +180,14 @@ def run(
         raise QtoolError("--file needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
     if prompt is None and not interactive:
         prompt = read_piped_prompt(interactive)
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
     use_template_file(loaded.tokenizer, chat_template)
     if not raw and not has_chat_template(loaded.tokenizer):
         stderr.print("[yellow]warning:[/] the tokenizer has no chat template; sending the prompt as it is (--raw)")
         raw = True
-    drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
+    drafter = load_model(draft, device=device, dtype=dtype, backend=backend, for_generation=True) if draft is not None else None
     replies = ReplyGenerator(loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, engine_config),
                              getattr(drafter, "model", None), getattr(drafter, "tokenizer", None))
     if interactive:
@@ -260,10 +260,10 @@ def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, se
     if output.exists() and not force:
         raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another --output")
     requests = read_batch_requests(batch)  # before the model loads: a bad file fails at once
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
-    drafter = load_model(draft, device=device, dtype=dtype, backend=backend) if draft is not None else None
+    drafter = load_model(draft, device=device, dtype=dtype, backend=backend, for_generation=True) if draft is not None else None
     config = sizing.engine_config(loaded.model, engine_config)
     with progress_bar("batch", enabled=not as_json) as update:
         result = run_batch(loaded.model, loaded.tokenizer, requests, settings, progress=update,

@@ -47,7 +47,7 @@ def run_arena_command(models: list[str], prompt: str, system: str | None, raw: b
     sizing.check(resolve_device(device))
     contenders, contexts = [], {}
     for spec in models:
-        loaded = load_model(spec, device=device, dtype=dtype, backend=backend)
+        loaded = load_model(spec, device=device, dtype=dtype, backend=backend, for_generation=True)
         if loaded.tokenizer is None:
             raise QtoolError(f"model '{spec}' has no tokenizer", "the model directory needs its tokenizer files")
         use_template_file(loaded.tokenizer, chat_template)

@@ -10,6 +10,7 @@ GPTQ, EXL2 = "gptq", "exl2"  # the weight formats with backends
 BACKEND_FACTORIES = MappingProxyType({  # GPTQ's
     "triton": "qtool.kernels.triton_backend:default_triton_backend",
     "torch": "qtool.kernels.torch_backends:GptqTorchBackend",
+    "cpu-int4": "qtool.kernels.cpu_int4_backend:GptqCpuInt4Backend",
 })
 EXL2_BACKEND_FACTORIES = MappingProxyType({
     "triton": "qtool.kernels.exl2_triton_backend:Exl2TritonBackend",
@@ -18,5 +19,6 @@ EXL2_BACKEND_FACTORIES = MappingProxyType({
 FORMAT_FACTORIES = MappingProxyType({GPTQ: BACKEND_FACTORIES, EXL2: EXL2_BACKEND_FACTORIES})
 # what --backend accepts besides "auto": the names of any format (one option serves GPTQ and EXL2 models)
 BACKEND_CHOICES = tuple(dict.fromkeys(name for factories in FORMAT_FACTORIES.values() for name in factories))
-BACKEND_HELP = ("Matmul backend of quantized linears (GPTQ and EXL2): auto (triton on CUDA, else torch), "
+BACKEND_HELP = ("Matmul backend of quantized linears (GPTQ and EXL2): auto (triton on CUDA, else torch; run and serve "
+                "on the CPU: cpu-int4 for 4-bit GPTQ), "
                 + ", ".join(BACKEND_CHOICES) + ".")

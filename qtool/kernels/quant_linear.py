@@ -3,6 +3,8 @@ GPTQ side of RoutedLinear (routing and each backend's form of the layer live the
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -15,9 +17,11 @@ from qtool.formats.gptq import (
 from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.linear_tensors import GptqLinearTensors
 from qtool.kernels.quantized_autograd import gptq_layer_grad_input
-from qtool.kernels.registry import GPTQ, Backend, BackendRegistry
+from qtool.kernels.registry import GPTQ, Backend, BackendRegistry, default_registry
 from qtool.kernels.routed_linear import RoutedLinear, set_backends_of
 from qtool.formats.quantized_weight import QuantizedWeight
+
+logger = logging.getLogger(__name__)
 
 
 class QuantLinear(RoutedLinear):
@@ -82,3 +86,23 @@ def set_model_backend(model: nn.Module, requested: str = "auto", registry: Backe
     """Route every QuantLinear of `model` through `requested` and build each backend's form now (one-time repack
     at load, on the layers' current device); one log line; returns {backend name: layers}."""
     return set_backends_of(model, QuantLinear, requested, registry)
+
+
+def prefer_cpu_int4(model: nn.Module, registry: BackendRegistry | None = None) -> int:
+    """For generation on the CPU (run, serve) with backend auto: every QuantLinear that torch's CPU int4 kernel can
+    serve (4-bit, groups of a multiple of 32) goes through it, the others keep their backend; returns how many moved.
+    auto alone stays the exact reference (quantize, eval and convert compare against it); generation takes the
+    kernel's bfloat16 inputs for a several-fold faster token."""
+    registry = registry or default_registry()
+    if "cpu-int4" not in registry.factories:
+        return 0
+    backend = registry.get("cpu-int4")
+    moved = 0
+    for module in model.modules():
+        if (isinstance(module, QuantLinear) and module.backend == "auto" and module.qweight.device.type == "cpu"
+                and backend.supports("cpu", module.bits, module.group_size) is None):
+            module.set_backend("cpu-int4", registry)
+            moved += 1
+    if moved:
+        logger.info("GPTQ matmul backend for generation on the CPU: %d layers -> cpu-int4 (torch's int4 kernel)", moved)
+    return moved

@@ -119,7 +119,8 @@ class BackendRegistry:
         device = torch.device(device)
         if requested != "auto" and requested not in self.factories:
             raise QtoolError(f"unknown matmul backend {requested!r}", f"use auto or one of {', '.join(self.factories)}")
-        order = self.auto_order.get(device.type, self.default_order)
+        # the device's order names the backends of every format; this format's are the ones it has
+        order = tuple(n for n in self.auto_order.get(device.type, self.default_order) if n in self.factories)
         names = order if requested == "auto" else (requested, *[n for n in order if n != requested])
         layer = f"{device.type} {bits_label(bits)}-bit"
         causes: list[tuple[str, str]] = []  # (backend, why it cannot serve) of each backend passed over

@@ -293,7 +293,7 @@ def load_served_models(specs: Sequence[str], names: Sequence[str] | None = None,
     sizing.check(resolve_device(device))
     served = []
     for spec, name in zip(specs, names):
-        loaded = load_model(spec, device=device, dtype=dtype, backend=backend)
+        loaded = load_model(spec, device=device, dtype=dtype, backend=backend, for_generation=True)
         served.append(ServedModel(name, loaded.model, loaded.tokenizer, sizing.engine_config(loaded.model, engine_config),
                                   source=str(spec)))
     return served
