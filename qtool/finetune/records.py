@@ -114,7 +114,8 @@ def _read_file(path: Path, option: str) -> list[dict[str, Any]]:
             raise QtoolError(f"{option} {path}: cannot be read as {builder}: {first}", f"check the file is valid {builder}") from exc
         rows = dataset.to_list()
     if builder == "text":
-        rows = [row for row in rows if row["text"].strip()]
+        # a paragraph's rows keep their line breaks, not the blank line that ends the paragraph
+        rows = [{"text": row["text"].strip("\n")} for row in rows if row["text"].strip()]
     return rows
 
 
