@@ -97,6 +97,7 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in OUTPUT-checkpoints/.")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="A YAML/JSON/TOML file of settings (its `finetune:` section, or the whole file); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes of one torch.distributed group on this host (gloo on the CPU, one GPU each with NCCL), the global batch split between them.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output (and an earlier run's checkpoints).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only a JSON summary (steps, losses, tokens/s, peak memory, output).")] = False,
 ) -> None:
@@ -105,6 +106,7 @@ def finetune(
 
     from qtool.config.finetune_schema import resolve_finetune_config
     from qtool.cli.render import print_findings
+    from qtool.finetune.distributed import check_nproc, run_distributed
     from qtool.finetune.job import FinetuneJob, run_finetune
 
     overrides = {"method": plain(method), "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
@@ -116,13 +118,18 @@ def finetune(
     if not as_json:
         print_findings(findings)
     job = FinetuneJob(model=model, data=data, output=output, config=settings, eval_data=eval_data, resume=resume, force=force, device=device)
+    check_nproc(nproc, device)
+
+    def start(progress: Any = None) -> FinetuneResult:
+        return run_finetune(job, progress=progress) if nproc == 1 else run_distributed(job, nproc, progress=progress)
+
     if as_json:
-        print_json(run_finetune(job).to_dict())
+        print_json(start().to_dict())
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=False) as progress:
-        result = run_finetune(job, progress=StepDisplay(progress))
+        result = start(StepDisplay(progress))
     for note in result.notes:
         stderr.print(f"[dim]note: {note}[/]")
     for line in summary_lines(result):

@@ -107,11 +107,17 @@ def _examples(source: str, tokenizer: Any, config: FinetuneConfig, option: str) 
     return load_examples(source, tokenizer, config.seqlen, option)
 
 
-def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None = None, available_memory: int | None = None) -> FinetuneResult:
+def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None = None, available_memory: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> FinetuneResult:
+    """The whole job in this process; with world_size > 1 this is process `rank` of a torch.distributed group
+    (qtool.finetune.distributed starts them): each trains on its share of every batch, rank 0 writes."""
     config = job.config
     device = resolve_device(job.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", rank)
     source = resolve_source(job.model)  # a bad MODEL fails before anything else
-    output = check_output_path(job.output, [p for p in (source.path if source.kind == "hf_dir" else None, Path(job.data)) if p is not None and Path(p).exists()])
+    inputs = [p for p in (source.path if source.kind == "hf_dir" else None, Path(job.data)) if p is not None and Path(p).exists()]
+    output = check_output_path(job.output, inputs)
     check_replaceable(output, job.force)
     folder = checkpoints_dir(output)
     loaded = load_model(source, device=str(device), dtype=load_dtype(config, device))
@@ -131,16 +137,18 @@ def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None
         notes.append(f"{data.truncated} examples were cut to seqlen {config.seqlen}")
     if data.dropped:
         notes.append(f"{data.dropped} examples had no token to learn within seqlen {config.seqlen} and were left out")
-    with claimed_output(output, job.force):
-        _check_checkpoint_folder(job, folder)
-        run = TrainingRun(model=model, config=config, rows=rows, pad_id=pad_id, device=device,
-                          eval_rows=make_rows(eval_data.examples, config.seqlen, config.packing) if eval_data else None,
-                          checkpoint_dir=folder,
-                          resume=job.resume, progress=progress)
+    run = TrainingRun(model=model, config=config, rows=rows, pad_id=pad_id, device=device,
+                      eval_rows=make_rows(eval_data.examples, config.seqlen, config.packing) if eval_data else None,
+                      checkpoint_dir=folder, resume=job.resume, progress=progress, rank=rank, world_size=world_size)
+    if rank != 0:
         trained = train(run)
-        model.eval()
-        with atomic_output_dir(output, job.force, what=f"finetune {config.method} output") as staging:
-            write_output(staging, model, loaded.tokenizer, config, job.model)
+    else:
+        with claimed_output(output, job.force):
+            _check_checkpoint_folder(job, folder)
+            trained = train(run)
+            model.eval()
+            with atomic_output_dir(output, job.force, what=f"finetune {config.method} output") as staging:
+                write_output(staging, model, loaded.tokenizer, config, job.model)
     return FinetuneResult(output=str(output), method=config.method, data_kind=data.kind, examples=len(data.examples),
                           rows=len(rows), train=trained, memory_estimate=estimate,
                           checkpoints=str(folder) if step_dirs(folder) else None, notes=notes)
