@@ -70,17 +70,24 @@ def loss_on(model, tokenizer, path: Path, settings: FinetuneConfig, device: torc
     return evaluate(model, make_rows(data.examples, settings.seqlen, packing=False), settings, pad, device)
 
 
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def grimm_rows(args, device: torch.device) -> dict:
     loaded = load_model(args.base, device=str(device))
     method = "qlora" if quantized_format(loaded.model) else "lora"
     test_text = (GRIMM / "test.txt").read_text()
     before = perplexity(loaded.model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+    say(f"grimm: ppl before {before.ppl:.3f}")
     settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.steps,
                               seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.steps // 5))
     started = time.perf_counter()
     model, result = train_lora(loaded.model, loaded.tokenizer, GRIMM / "train.txt", settings, device)
     seconds = time.perf_counter() - started
+    say(f"grimm: trained {args.steps} steps, losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     after = perplexity(model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+    say(f"grimm: ppl after {after.ppl:.3f}")
     return {"base": args.base, "method": method, "steps": args.steps, "seqlen": args.seqlen, "batch_tokens": args.batch_tokens,
             "rank": args.rank, "lr": args.lr, "eval_seqlen": before.seqlen, "eval_windows": before.windows,
             "ppl_before": before.ppl, "ppl_after": after.ppl, "first_loss": result.losses[0], "last_loss": result.losses[-1],
@@ -97,8 +104,10 @@ def chat_rows(args, device: torch.device, work: Path) -> dict:
     settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.chat_steps,
                               seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.chat_steps // 5))
     before = loss_on(loaded.model, loaded.tokenizer, held_out, settings, device)
+    say(f"chat: held-out answer loss before {before:.4f}")
     model, result = train_lora(loaded.model, loaded.tokenizer, training, settings, device)
     after = loss_on(model, loaded.tokenizer, held_out, settings, device)
+    say(f"chat: held-out answer loss after {after:.4f}")
     return {"base": args.base, "method": method, "steps": args.chat_steps, "train_tasks": len(chats) - HELD_OUT_TASKS,
             "held_out_tasks": HELD_OUT_TASKS, "answer_loss_before": before, "answer_loss_after": after,
             "first_loss": result.losses[0], "last_loss": result.losses[-1]}
