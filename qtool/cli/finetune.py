@@ -49,7 +49,7 @@ class StepDisplay:
         self.task = progress.add_task("finetune", total=None, detail="")
 
     def __call__(self, report: StepReport) -> None:
-        detail = (f"loss {report.loss:.4f}  lr {report.lr:.2e}  {report.tokens_per_second:,.0f} tok/s  "
+        detail = (f"loss {report.loss:.4f}  lr {report.lr:.1e}  {report.tokens_per_second:,.0f} tok/s  "
                   f"peak {report.peak_memory_bytes / 2**30:.2f} GiB")
         self.progress.update(self.task, completed=report.step, total=report.total_steps, detail=detail)
         if report.eval_loss is not None:
@@ -102,7 +102,7 @@ def finetune(
     as_json: Annotated[bool, typer.Option("--json", help="Print only a JSON summary (steps, losses, tokens/s, peak memory, output).")] = False,
 ) -> None:
     """Fine-tune MODEL on --data and write an adapter (lora) or a model (full) to --output."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from qtool.config.finetune_schema import resolve_finetune_config
     from qtool.cli.render import print_findings
@@ -126,8 +126,9 @@ def finetune(
     if as_json:
         print_json(start().to_dict())
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    # no bar: step/total and the ETA say as much, and the line keeps within 80 columns
+    columns = (TextColumn("[bold]{task.description}"), MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+               TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=False) as progress:
         result = start(StepDisplay(progress))
     for note in result.notes:
