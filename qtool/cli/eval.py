@@ -3,6 +3,7 @@ by the standard protocol, as a table or JSON; progress on stderr."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -68,6 +69,7 @@ def eval_model(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output) merged into the float base before evaluating.")] = None,
     engine: Annotated[bool, typer.Option("--engine", help="Compute the logits through qtool's engine (its attention and paged KV cache) instead of the model's own forward.")] = False,
     kv_cache: Annotated[Optional[KvCache], typer.Option("--kv-cache", help="With --engine: the KV cache's storage, auto (the model's dtype), fp16, bf16, or quantized q8 / q4.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
@@ -83,6 +85,8 @@ def eval_model(
         raise QtoolError("--backend cannot be combined with --compare yet", "compare with the default --backend auto, or evaluate each model on its own")
     if kv_cache is not None and not engine:
         raise QtoolError("--kv-cache goes with --engine", "add --engine, or drop --kv-cache")
+    if compare and adapter is not None:
+        raise QtoolError("--adapter cannot be combined with --compare yet", "evaluate the adapted model on its own")
     if compare and engine:
         raise QtoolError("--engine cannot be combined with --compare yet", "evaluate each model on its own with --engine")
     from qtool.checkpoints.sources import load_model, resolve_device
@@ -106,6 +110,10 @@ def eval_model(
     loaded = load_model(models[0], device=device, dtype=dtype, backend=backend)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{models[0]}' has no tokenizer", "the model directory needs its tokenizer files to tokenize the text")
+    if adapter is not None:
+        from qtool.checkpoints.adapters import apply_adapter
+
+        loaded.model = apply_adapter(loaded.model, adapter, quantized=loaded.quantization_config is not None)
     window_logits = None
     if engine:
         seqlen = choose_seqlen(loaded.model, seqlen)

@@ -12,6 +12,7 @@ import typer
 
 from qtool.cli import convert as convert_command
 from qtool.cli import eval as eval_command
+from qtool.cli import finetune as finetune_command
 from qtool.cli import quantize as quantize_command
 from qtool.cli import run as run_command
 from qtool.cli import serve as serve_command
@@ -69,3 +70,4 @@ app.command("eval", cls=QtoolCommand)(eval_command.eval_model)
 app.command("run", cls=QtoolCommand)(run_command.run)
 app.command("tune", cls=QtoolCommand)(tune_command.tune)
 app.command("serve", cls=QtoolCommand)(serve_command.serve)
+app.add_typer(finetune_command.finetune_app, name="finetune")

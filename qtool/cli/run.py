@@ -102,6 +102,15 @@ def report_speculation(replies: ReplyGenerator) -> None:
                      f"tokens accepted ({100 * counts['acceptance_rate']:.0f}%)[/]")
 
 
+def with_adapter(loaded: Any, adapter: Path | None) -> Any:
+    """--adapter: the LoRA adapter merged into the loaded float base."""
+    if adapter is not None:
+        from qtool.checkpoints.adapters import apply_adapter
+
+        loaded.model = apply_adapter(loaded.model, adapter, quantized=loaded.quantization_config is not None)
+    return loaded
+
+
 def read_terminal_line() -> str | None:
     try:
         return stderr.input("[bold cyan]you>[/] ")
@@ -126,6 +135,7 @@ def run(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output) merged into the float base.")] = None,
     kv_cache: Annotated[KvCache, typer.Option("--kv-cache", help="The engine's KV cache: auto (the model's dtype), fp16, bf16, or quantized q8 / q4 (about 2x / 3.5x the tokens in the same memory).")] = KvCache("auto"),
     speculate: Annotated[Optional[Speculate], typer.Option("--speculate", help="Speculative decoding of greedy replies: ngram drafts by looking the last tokens up in the prompt and reply so far; draft needs --draft.")] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="A smaller draft model with the same tokenizer (directory, .gguf, Hub id or alias) proposing tokens the model verifies, for greedy replies; implies --speculate draft.")] = None,
@@ -168,7 +178,7 @@ def run(
     if batch is not None:
         engine_config = speculative_config(EngineConfig(kv_cache=kv_cache), speculate, draft, temperature)
         run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, engine_config, draft,
-                       sizing)
+                       sizing, adapter)
         return
     engine_config = speculative_config(replace(CHAT_ENGINE_CONFIG, kv_cache=kv_cache), speculate, draft, temperature)
     if output is not None:
@@ -180,7 +190,7 @@ def run(
         raise QtoolError("--file needs a prompt", "pass --prompt TEXT or pipe the prompt on stdin")
     if prompt is None and not interactive:
         prompt = read_piped_prompt(interactive)
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True)
+    loaded = with_adapter(load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True), adapter)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
     use_template_file(loaded.tokenizer, chat_template)
@@ -248,7 +258,7 @@ def conversation_with_files(loaded: Any, system: str | None, prompt: str, raw: b
 
 def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, settings: GenerationSettings,
                    device: str, dtype: str | None, backend: str, as_json: bool, engine_config: EngineConfig,
-                   draft: str | None, sizing: EngineSizing) -> None:
+                   draft: str | None, sizing: EngineSizing, adapter: Path | None = None) -> None:
     """--batch: every request of the file through one engine; the run's flags are each request's defaults."""
     from qtool.checkpoints.sources import load_model
     from qtool.runtime.batch import run_batch, write_batch_outputs
@@ -260,7 +270,7 @@ def run_batch_file(model: str, batch: Path, output: Path | None, force: bool, se
     if output.exists() and not force:
         raise QtoolError(f"output {output} already exists", "pass --force to replace it, or choose another --output")
     requests = read_batch_requests(batch)  # before the model loads: a bad file fails at once
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True)
+    loaded = with_adapter(load_model(model, device=device, dtype=dtype, backend=backend, for_generation=True), adapter)
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{model}' has no tokenizer", "the model directory needs its tokenizer files")
     drafter = load_model(draft, device=device, dtype=dtype, backend=backend, for_generation=True) if draft is not None else None

@@ -1,0 +1,159 @@
+"""Fine-tuning quality on SmolLM2 (CPU, minutes), the same steps for every row so the gain is read honestly:
+
+1. domain adaptation: LoRA trained on ../shared/data/grimm/train.txt, perplexity on grimm/test.txt before and
+   after (the GPTQ base's rows: pass --base GPTQ_DIR once LoRA on quantized bases is in this build);
+2. chat: LoRA on the Alpaca seed tasks rendered as chat messages (loss on the answers only), the answer loss of
+   held-out tasks before and after.
+
+    python bench/finetune/grimm_quality.py --steps 30 --json bench/results/finetune_grimm.json
+    python bench/finetune/grimm_quality.py --tiny      # a tiny random model: checks the script runs (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from qtool.checkpoints.sources import load_model  # noqa: E402
+from qtool.config.finetune_schema import FinetuneConfig  # noqa: E402
+from qtool.eval.perplexity import perplexity  # noqa: E402
+from qtool.finetune.data import load_examples  # noqa: E402
+from qtool.finetune.job import prepare_model  # noqa: E402
+from qtool.finetune.lora_setup import quantized_format  # noqa: E402
+from qtool.finetune.packing import make_rows  # noqa: E402
+from qtool.finetune.trainer import TrainingRun, evaluate, train  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+GRIMM = DATA / "grimm"
+ALPACA = DATA / "alpaca-seed" / "seed_tasks.jsonl"
+HELD_OUT_TASKS = 25
+
+
+def seed_task_chats(path: Path) -> list[dict]:
+    """Each seed task's first instance as one user/assistant exchange."""
+    chats = []
+    for line in path.read_text().splitlines():
+        task = json.loads(line)
+        instance = task["instances"][0]
+        question = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
+        chats.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": instance["output"]}]})
+    return chats
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def train_lora(model, tokenizer, data_path: Path, settings: FinetuneConfig, device: torch.device):
+    data = load_examples(data_path, tokenizer, settings.seqlen)
+    peft_model = prepare_model(model, settings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = train(TrainingRun(model=peft_model, config=settings, rows=make_rows(data.examples, settings.seqlen, settings.packing),
+                               pad_id=pad, device=device))
+    return peft_model.eval(), result
+
+
+def loss_on(model, tokenizer, path: Path, settings: FinetuneConfig, device: torch.device) -> float:
+    data = load_examples(path, tokenizer, settings.seqlen)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return evaluate(model, make_rows(data.examples, settings.seqlen, packing=False), settings, pad, device)
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def grimm_rows(args, device: torch.device) -> dict:
+    loaded = load_model(args.base, device=str(device))
+    method = "qlora" if quantized_format(loaded.model) else "lora"
+    test_text = (GRIMM / "test.txt").read_text()
+    before = perplexity(loaded.model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+    say(f"grimm: ppl before {before.ppl:.3f}")
+    settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.steps,
+                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.steps // 5))
+    started = time.perf_counter()
+    model, result = train_lora(loaded.model, loaded.tokenizer, GRIMM / "train.txt", settings, device)
+    seconds = time.perf_counter() - started
+    say(f"grimm: trained {args.steps} steps, losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    after = perplexity(model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+    say(f"grimm: ppl after {after.ppl:.3f}")
+    return {"base": args.base, "method": method, "steps": args.steps, "seqlen": args.seqlen, "batch_tokens": args.batch_tokens,
+            "rank": args.rank, "lr": args.lr, "eval_seqlen": before.seqlen, "eval_windows": before.windows,
+            "ppl_before": before.ppl, "ppl_after": after.ppl, "first_loss": result.losses[0], "last_loss": result.losses[-1],
+            "train_seconds": seconds, "tokens_per_second": result.tokens_per_second}
+
+
+def chat_rows(args, device: torch.device, work: Path) -> dict:
+    chats = seed_task_chats(ALPACA)
+    random.Random(0).shuffle(chats)
+    held_out = write_jsonl(work / "held_out.jsonl", chats[:HELD_OUT_TASKS])
+    training = write_jsonl(work / "train.jsonl", chats[HELD_OUT_TASKS:])
+    loaded = load_model(args.base, device=str(device))
+    method = "qlora" if quantized_format(loaded.model) else "lora"
+    settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.chat_steps,
+                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.chat_steps // 5))
+    before = loss_on(loaded.model, loaded.tokenizer, held_out, settings, device)
+    say(f"chat: held-out answer loss before {before:.4f}")
+    model, result = train_lora(loaded.model, loaded.tokenizer, training, settings, device)
+    after = loss_on(model, loaded.tokenizer, held_out, settings, device)
+    say(f"chat: held-out answer loss after {after:.4f}")
+    return {"base": args.base, "method": method, "steps": args.chat_steps, "train_tasks": len(chats) - HELD_OUT_TASKS,
+            "held_out_tasks": HELD_OUT_TASKS, "answer_loss_before": before, "answer_loss_after": after,
+            "first_loss": result.losses[0], "last_loss": result.losses[-1]}
+
+
+def tiny_base(directory: Path) -> str:
+    """A tiny random Llama with a ChatML tokenizer (tests/conftest.py's), for --tiny."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import TINY_CHAT_TEMPLATE, build_tiny_llama, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(chat_template=TINY_CHAT_TEMPLATE)
+    build_tiny_llama(vocab_size=len(tokenizer), initializer_range=0.2).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2-135m", help="float model, or a GPTQ/EXL2 directory (qlora)")
+    parser.add_argument("--steps", type=int, default=30, help="LoRA steps on grimm/train.txt")
+    parser.add_argument("--chat-steps", type=int, default=30, help="LoRA steps on the seed tasks")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--batch-tokens", type=int, default=2048)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=None, help="first N windows of grimm/test.txt (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and 3 steps: the script runs")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="grimm-quality-") as work:
+        if args.tiny:
+            args.base = tiny_base(Path(work) / "tiny")
+            args.steps = args.chat_steps = 3
+            args.seqlen, args.batch_tokens, args.eval_seqlen, args.eval_windows = 64, 128, 64, 2
+        figures = {"grimm": grimm_rows(args, device), "chat": chat_rows(args, device, Path(work))}
+    if args.tiny:
+        figures["grimm"]["base"] = figures["chat"]["base"] = "tiny random llama"
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    main()

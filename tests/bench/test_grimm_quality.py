@@ -1,0 +1,31 @@
+"""bench/finetune/grimm_quality.py --tiny: the script runs end to end on a tiny random model and reports each
+figure it promises."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench_scripts import load_bench_script
+
+
+@pytest.mark.slow
+def test_tiny_mode_reports_every_figure(tmp_path):
+    script = load_bench_script("finetune/grimm_quality")
+    figures = script.main(["--tiny", "--json", str(tmp_path / "out.json")])
+    assert (tmp_path / "out.json").is_file()
+    for key in ("ppl_before", "ppl_after", "first_loss", "last_loss", "tokens_per_second"):
+        assert math.isfinite(figures["grimm"][key]) and figures["grimm"][key] > 0, key
+    assert figures["grimm"]["method"] == "lora" and figures["grimm"]["steps"] == 3
+    assert figures["chat"]["held_out_tasks"] == 25 and figures["chat"]["train_tasks"] == 150
+    assert math.isfinite(figures["chat"]["answer_loss_before"]) and math.isfinite(figures["chat"]["answer_loss_after"])
+
+
+def test_seed_tasks_become_one_exchange_each():
+    script = load_bench_script("finetune/grimm_quality")
+    chats = script.seed_task_chats(script.ALPACA)
+    assert len(chats) == 175
+    roles = {tuple(m["role"] for m in chat["messages"]) for chat in chats}
+    assert roles == {("user", "assistant")}
+    assert chats[1]["messages"][0]["content"] == "What is the relation between the given pairs?\n\nNight : Day :: Right : Left"

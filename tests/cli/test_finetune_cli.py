@@ -1,0 +1,115 @@
+"""`qtool finetune` through Typer's CliRunner: the default command behind the group, the JSON summary, refusals
+as one line, a subcommand beside the default one, and the adapter read back by `qtool eval --adapter`."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from qtool.cli.finetune import DefaultCommandGroup
+from qtool.cli.main import app
+
+from cli_checks import one_line_error
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, make_tiny_model_dir):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny", seed=7, num_hidden_layers=1, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory, tiny_words):
+    rng = random.Random(5)
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(tiny_words) for _ in range(8)) for _ in range(12)))
+    return path
+
+
+def finetune_args(model_dir, text_file, output, *extra):
+    return ["finetune", str(model_dir), "--data", str(text_file), "--output", str(output), "--max-steps", "3",
+            "--seqlen", "32", "--batch-tokens", "64", "--rank", "4", "--lr", "0.02", "--device", "cpu", *extra]
+
+
+def test_json_summary_and_the_adapter_in_eval(tmp_path, model_dir, text_file):
+    output = tmp_path / "adapter"
+    result = runner.invoke(app, finetune_args(model_dir, text_file, output, "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["steps"], summary["method"], summary["data_kind"], summary["output"]) == (3, "lora", "text", str(output))
+    assert len(summary["losses"]) == 3 and summary["final_loss"] == summary["losses"][-1]
+    assert summary["tokens_per_second"] > 0 and summary["peak_memory_bytes"] > 0
+    assert (output / "adapter_config.json").is_file()
+    assert json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+
+    plain = runner.invoke(app, ["eval", str(model_dir), "--perplexity", str(text_file), "--seqlen", "32", "--device", "cpu", "--json"])
+    adapted = runner.invoke(app, ["eval", str(model_dir), "--adapter", str(output), "--perplexity", str(text_file), "--seqlen", "32", "--device", "cpu", "--json"])
+    assert plain.exit_code == 0 and adapted.exit_code == 0, adapted.output
+    # trained on this very text: the adapter must lower its perplexity
+    assert json.loads(adapted.stdout)["ppl"] < json.loads(plain.stdout)["ppl"]
+
+
+def test_progress_display_and_summary_lines(tmp_path, model_dir, text_file):
+    result = runner.invoke(app, finetune_args(model_dir, text_file, tmp_path / "out", "--eval-data", str(text_file), "--eval-every", "2"))
+    assert result.exit_code == 0, result.output
+    assert "3/3" in result.stderr and "loss" in result.stderr and "tok/s" in result.stderr
+    assert "step 2: eval loss" in result.stderr
+    assert f"lora fine-tune written to {tmp_path / 'out'}: 3 steps" in result.stdout and "eval loss" in result.stdout
+
+
+def test_the_train_subcommand_is_the_default_one(tmp_path, model_dir, text_file):
+    args = finetune_args(model_dir, text_file, tmp_path / "out", "--json")
+    result = runner.invoke(app, ["finetune", "train", *args[1:]])
+    assert result.exit_code == 0, result.output
+
+
+def test_refusals_are_one_line(tmp_path, model_dir, text_file):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    assert "already exists" in one_line_error(runner.invoke(app, finetune_args(model_dir, text_file, existing)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    assert f"{bad}: row 2: no 'text'" in one_line_error(runner.invoke(app, finetune_args(model_dir, bad, tmp_path / "o")))
+    config = tmp_path / "ft.yaml"
+    config.write_text("finetune:\n  rnak: 3\n")
+    line = one_line_error(runner.invoke(app, finetune_args(model_dir, text_file, tmp_path / "o", "--config", str(config))))
+    assert "unknown key 'rnak'" in line and "did you mean 'rank'" in line
+    line = one_line_error(runner.invoke(app, finetune_args(model_dir, text_file, tmp_path / "o", "--method", "qlora")))
+    assert "qlora needs a quantized base" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_group_with_a_default_command_routes_names_and_lists_subcommands():
+    group = typer.Typer(cls=DefaultCommandGroup)
+    calls = []
+
+    @group.command("train")
+    def train_command(model: str, rank: int = 1) -> None:
+        calls.append(("train", model, rank))
+
+    @group.command("merge")
+    def merge_command(base: str, adapter: str, out: str) -> None:
+        calls.append(("merge", base, adapter, out))
+
+    outer = typer.Typer()
+    outer.add_typer(group, name="finetune")
+    outer.command("other")(lambda: None)
+    assert runner.invoke(outer, ["finetune", "some/model", "--rank", "3"]).exit_code == 0
+    assert runner.invoke(outer, ["finetune", "--rank", "2", "m"]).exit_code == 0
+    assert runner.invoke(outer, ["finetune", "merge", "b", "a", "o"]).exit_code == 0
+    assert calls == [("train", "some/model", 3), ("train", "m", 2), ("merge", "b", "a", "o")]
+    listing = runner.invoke(outer, ["finetune", "--help"])
+    assert listing.exit_code == 0 and "merge" in listing.output and "train" in listing.output
+
+
+def test_adapter_refusals_in_eval_and_run(tmp_path, model_dir, text_file):
+    line = one_line_error(runner.invoke(app, ["eval", str(model_dir), "--adapter", str(tmp_path), "--perplexity", str(text_file), "--device", "cpu"]))
+    assert "no adapter_config.json" in line
+    line = one_line_error(runner.invoke(app, ["run", str(model_dir), "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"]))
+    assert "no adapter_config.json" in line
