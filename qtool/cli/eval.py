@@ -69,7 +69,7 @@ def eval_model(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output) merged into the float base before evaluating.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output): merged into a float base, run beside a GPTQ/EXL2 base's packed weights.")] = None,
     engine: Annotated[bool, typer.Option("--engine", help="Compute the logits through qtool's engine (its attention and paged KV cache) instead of the model's own forward.")] = False,
     kv_cache: Annotated[Optional[KvCache], typer.Option("--kv-cache", help="With --engine: the KV cache's storage, auto (the model's dtype), fp16, bf16, or quantized q8 / q4.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
@@ -111,9 +111,9 @@ def eval_model(
     if loaded.tokenizer is None:
         raise QtoolError(f"model '{models[0]}' has no tokenizer", "the model directory needs its tokenizer files to tokenize the text")
     if adapter is not None:
-        from qtool.checkpoints.adapters import apply_adapter
+        from qtool.cli.adapter_option import with_adapter
 
-        loaded.model = apply_adapter(loaded.model, adapter, quantized=loaded.quantization_config is not None)
+        with_adapter(loaded, adapter)
     window_logits = None
     if engine:
         seqlen = choose_seqlen(loaded.model, seqlen)

@@ -31,7 +31,7 @@ def retrieval_table(report: EmbeddingReport) -> Table:
 @handle_errors
 def finetune_embeddings(
     model: Annotated[str, typer.Argument(help="The sentence-embedding model: all-minilm-l6-v2 (bundled) or a sentence-transformers directory.")],
-    data: Annotated[str, typer.Option("--data", help="Pairs or triplets: JSONL/JSON/CSV/Parquet with anchor/positive[/negative], query/document or instruction/output columns, or Alpaca seed tasks.")],
+    data: Annotated[str, typer.Option("--data", help="Pairs or triplets: JSONL/JSON/CSV/Parquet with anchor/positive (+ negative), query/document or instruction/output columns, or Alpaca seed tasks.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Directory to save the fine-tuned model to (loadable by SentenceTransformer; appears only when complete).")],
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training pairs.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train this many batches instead of --epochs passes.")] = None,

@@ -12,6 +12,9 @@ import typer
 
 from qtool.cli import convert as convert_command
 from qtool.cli import eval as eval_command
+from qtool.cli import finetune_audio as finetune_audio_command
+from qtool.cli import finetune_embeddings as finetune_embeddings_command
+from qtool.cli import finetune_merge as finetune_merge_command
 from qtool.cli import finetune as finetune_command
 from qtool.cli import quantize as quantize_command
 from qtool.cli import run as run_command
@@ -70,4 +73,8 @@ app.command("eval", cls=QtoolCommand)(eval_command.eval_model)
 app.command("run", cls=QtoolCommand)(run_command.run)
 app.command("tune", cls=QtoolCommand)(tune_command.tune)
 app.command("serve", cls=QtoolCommand)(serve_command.serve)
+# `qtool finetune MODEL ...` trains a causal LM; its other jobs are subcommands of the same group
+finetune_command.finetune_app.command("merge", cls=QtoolCommand, help="Merge a LoRA adapter into its base and quantize it again (--requantize gptq|exl2).")(finetune_merge_command.merge)
+finetune_command.finetune_app.command("embeddings", cls=QtoolCommand, help="Contrastive fine-tuning of a sentence-embedding model on pairs/triplets (recall@k and MRR before/after).")(finetune_embeddings_command.finetune_embeddings)
+finetune_command.finetune_app.command("asr", cls=QtoolCommand, help="Fine-tune a Whisper speech-recognition model on audio + transcript rows (WER before/after).")(finetune_audio_command.finetune_audio)
 app.add_typer(finetune_command.finetune_app, name="finetune")

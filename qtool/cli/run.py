@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
+from qtool.cli.adapter_option import with_adapter
 from qtool.cli.choices import Backend, KvCache, ModelDtype, Speculate, complete_device, plain
 from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
@@ -102,15 +103,6 @@ def report_speculation(replies: ReplyGenerator) -> None:
                      f"tokens accepted ({100 * counts['acceptance_rate']:.0f}%)[/]")
 
 
-def with_adapter(loaded: Any, adapter: Path | None) -> Any:
-    """--adapter: the LoRA adapter merged into the loaded float base."""
-    if adapter is not None:
-        from qtool.checkpoints.adapters import apply_adapter
-
-        loaded.model = apply_adapter(loaded.model, adapter, quantized=loaded.quantization_config is not None)
-    return loaded
-
-
 def read_terminal_line() -> str | None:
     try:
         return stderr.input("[bold cyan]you>[/] ")
@@ -135,7 +127,7 @@ def run(
     device: Annotated[str, typer.Option("--device", rich_help_panel=MODEL_LOADING, autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output) merged into the float base.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output): merged into a float base, run beside a GPTQ/EXL2 base's packed weights.")] = None,
     kv_cache: Annotated[KvCache, typer.Option("--kv-cache", help="The engine's KV cache: auto (the model's dtype), fp16, bf16, or quantized q8 / q4 (about 2x / 3.5x the tokens in the same memory).")] = KvCache("auto"),
     speculate: Annotated[Optional[Speculate], typer.Option("--speculate", help="Speculative decoding of greedy replies: ngram drafts by looking the last tokens up in the prompt and reply so far; draft needs --draft.")] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="A smaller draft model with the same tokenizer (directory, .gguf, Hub id or alias) proposing tokens the model verifies, for greedy replies; implies --speculate draft.")] = None,

@@ -43,7 +43,7 @@ def load_examples(source: str | Path, tokenizer: Any, seqlen: int, option: str =
 def tokenize_records(records: Records, tokenizer: Any, seqlen: int) -> TokenizedData:
     if records.kind not in LM_KINDS:
         raise QtoolError(f"{records.source}: {records.kind} data (anchor/positive) trains sentence embeddings, not a causal LM",
-                         "pass text, prompt/completion or chat messages")
+                         "pass text, prompt/completion or chat messages; for pairs/triplets: qtool finetune embeddings MODEL --data FILE")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise QtoolError("the tokenizer has no end-of-sequence token", "use a model whose tokenizer defines eos_token")

@@ -113,3 +113,19 @@ def test_adapter_refusals_in_eval_and_run(tmp_path, model_dir, text_file):
     assert "no adapter_config.json" in line
     line = one_line_error(runner.invoke(app, ["run", str(model_dir), "--adapter", str(tmp_path), "--prompt", "hi", "--device", "cpu"]))
     assert "no adapter_config.json" in line
+
+
+def test_the_finetune_group_routes_its_subcommands_through_the_main_app():
+    """merge, embeddings and asr are subcommands of `qtool finetune`; anything else is the training command."""
+    from typer.testing import CliRunner
+
+    from qtool.cli.main import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["finetune", "--help"])
+    assert listing.exit_code == 0
+    for name in ("train", "merge", "embeddings", "asr"):
+        assert name in listing.output
+    for name, flag in (("merge", "--requantize"), ("embeddings", "--temperature"), ("asr", "--freeze-encoder")):
+        result = runner.invoke(app, ["finetune", name, "--help"])
+        assert result.exit_code == 0 and flag in result.output, (name, result.output)
