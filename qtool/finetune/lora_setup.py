@@ -1,10 +1,9 @@
 """The one place a model gets its LoRA adapter: PEFT's LoraConfig on a float base; on a GPTQ/EXL2 base the
 config comes from qtool.finetune.quantized_lora (which registers qtool's LoRA layer for quantized linears with
-PEFT) when that module is present."""
+PEFT)."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -13,9 +12,6 @@ from qtool.config.finetune_schema import ALL_LINEAR, FinetuneConfig
 from qtool.core.errors import QtoolError
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
-
-QUANTIZED_LORA_MODULE = "qtool.finetune.quantized_lora"
-
 
 def quantized_format(model: torch.nn.Module) -> str | None:
     """"gptq" or "exl2" when the model holds qtool's quantized linears, else None."""
@@ -37,10 +33,8 @@ def lora_config(model: torch.nn.Module, config: FinetuneConfig) -> Any:
 
     kind = quantized_format(model)
     if kind is not None:
-        if importlib.util.find_spec(QUANTIZED_LORA_MODULE) is None:
-            raise QtoolError(f"LoRA on a {kind.upper()} base is not available in this build (no {QUANTIZED_LORA_MODULE})",
-                             "fine-tune the float model with --method lora")
-        quantized_lora = importlib.import_module(QUANTIZED_LORA_MODULE)
+        from qtool.finetune import quantized_lora
+
         return quantized_lora.lora_config_for(model, config.rank, config.alpha, config.dropout, _targets(config),
                                               config.use_rslora, config.use_dora)
     return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=_targets(config),

@@ -129,3 +129,22 @@ def test_the_finetune_group_routes_its_subcommands_through_the_main_app():
     for name, flag in (("merge", "--requantize"), ("embeddings", "--temperature"), ("asr", "--freeze-encoder")):
         result = runner.invoke(app, ["finetune", name, "--help"])
         assert result.exit_code == 0 and flag in result.output, (name, result.output)
+
+
+def test_qlora_on_a_gptq_base_end_to_end(tmp_path, model_dir, text_file):
+    """quantize -> finetune --method qlora (packed weights frozen) -> eval --adapter on the same GPTQ base."""
+    from qtool.config.schema import CalibrationConfig, QuantConfig
+    from qtool.quant.pipeline import quantize_model
+
+    gptq = tmp_path / "gptq"
+    config = QuantConfig(bits=4, group_size=32, calibration=CalibrationConfig(source=str(text_file), samples=4, seqlen=16))
+    quantize_model(str(model_dir), config, gptq, device="cpu")
+    output = tmp_path / "qlora"
+    result = runner.invoke(app, finetune_args(gptq, text_file, output, "--method", "qlora", "--json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "qlora" and (output / "adapter_model.safetensors").is_file()
+    eval_args = ["--perplexity", str(text_file), "--seqlen", "32", "--device", "cpu", "--json"]
+    plain = runner.invoke(app, ["eval", str(gptq), *eval_args])
+    adapted = runner.invoke(app, ["eval", str(gptq), "--adapter", str(output), *eval_args])
+    assert plain.exit_code == 0 and adapted.exit_code == 0, adapted.output
+    assert json.loads(adapted.stdout)["ppl"] < json.loads(plain.stdout)["ppl"]
