@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from qtool.config.schema import CONFIG_SUFFIXES, _choice, _coerce, _unknown_key
+from qtool.config.schema import _choice, _coerce, _unknown_key, parse_config_file
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, Level, error, raise_first_error, warning
-from qtool.core.text_file import read_utf8
 
 FINETUNE_SCHEMA_VERSION = 1
 FINETUNE_SECTION = "finetune"
@@ -106,20 +103,7 @@ def read_finetune_config_file(path: str | Path) -> FinetuneConfig:
     path = Path(path)
     if not path.is_file():
         raise QtoolError(f"config file {path} does not exist", "pass a .yaml, .json or .toml file")
-    if path.suffix not in CONFIG_SUFFIXES:
-        raise QtoolError(f"config file {path} has an unknown type '{path.suffix}'", "use .yaml, .json or .toml")
-    text = read_utf8(path)
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QtoolError(f"config file {path} cannot be parsed: {first}", "fix the syntax") from exc
-    data = {} if data is None else data
+    data = parse_config_file(path)
     if isinstance(data, dict) and FINETUNE_SECTION in data:
         return finetune_config_from_dict(data[FINETUNE_SECTION] or {}, where=f"{path}: {FINETUNE_SECTION}")
     return finetune_config_from_dict(data, where=str(path))

@@ -167,6 +167,12 @@ def read_config_file(path: str | Path) -> QuantConfig:
             f"config file {path} does not exist",
             f"{guess}pass a .yaml/.json/.toml file or a preset: {', '.join(preset_names())}",
         )
+    return config_from_dict(parse_config_file(path), where=str(path))
+
+
+def parse_config_file(path: Path) -> Any:
+    """The data of an existing YAML/JSON/TOML config file, by its suffix ({} for an empty one); one-line errors for
+    an unknown suffix and for a syntax error. Every config of qtool (quantization, fine-tuning, jobs) reads this way."""
     if path.suffix not in CONFIG_SUFFIXES:
         raise QtoolError(f"config file {path} has an unknown type '{path.suffix}'", "use .yaml, .json or .toml")
     text = read_utf8(path)
@@ -180,9 +186,7 @@ def read_config_file(path: str | Path) -> QuantConfig:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise QtoolError(f"config file {path} cannot be parsed: {first}", "fix the syntax") from exc
-    if data is None:
-        data = {}
-    return config_from_dict(data, where=str(path))
+    return {} if data is None else data
 
 
 def apply_overrides(config: QuantConfig, overrides: dict[str, Any]) -> QuantConfig:
