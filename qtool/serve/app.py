@@ -101,6 +101,9 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
         return await complete(app, request, COMPLETIONS)
 
     app.include_router(studio_router(models, settings))  # the studio page at / and its /studio/api routes
+    # the page and its files carry no secrets and ask for the key themselves; /studio/api stays behind it
+    app.state.server.public_paths.add("/")
+    app.state.server.public_prefixes.append("/static/")
     return app
 
 
