@@ -97,15 +97,38 @@ def api_reply(server, model: str, messages) -> str:
         return json.loads(response.read())["choices"][0]["message"]["content"]
 
 
+def api_stream_prefixes(server, model: str, messages) -> list[str]:
+    """The text the server's own stream has after each of its text deltas: what the page must show, piece by piece
+    (how many pieces depends on the reply: the engine holds back text that ends inside a character)."""
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0, "max_tokens": REPLY_TOKENS,
+                       "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    prefixes, text = [], ""
+    with urllib.request.urlopen(request, timeout=60) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("data: {"):
+                piece = json.loads(line[6:])["choices"][0]["delta"].get("content")
+                if piece:
+                    text += piece
+                    prefixes.append(text)
+    return prefixes
+
+
 def record_text_growth(page, selector: str) -> None:
-    """Keeps every distinct text the element under `selector` shows (window.growth[selector]) as it changes."""
+    """Keeps every distinct text the element under `selector` shows (window.growth[selector]) as it changes. Read
+    from each mutation record, not from the element when the observer runs: a fast server's pieces can all arrive
+    in one network read and be rendered within one task, and the observer then runs once, after the last."""
     page.evaluate("""(selector) => {
         window.growth = window.growth || {};
         window.growth[selector] = [];
-        new MutationObserver(() => {
-            for (const el of document.querySelectorAll(selector)) {
-                const seen = window.growth[selector];
-                if (seen[seen.length - 1] !== el.textContent) seen.push(el.textContent);
+        const seen = window.growth[selector];
+        const keep = (text) => { if (seen[seen.length - 1] !== text) seen.push(text); };
+        new MutationObserver((records) => {
+            for (const record of records) {
+                const el = record.target.nodeType === Node.TEXT_NODE ? record.target.parentElement : record.target;
+                if (!el || !el.matches(selector)) continue;
+                if (record.type === "characterData") keep(record.target.data);
+                for (const node of record.addedNodes) keep(node.textContent);
             }
         }).observe(document.body, {subtree: true, childList: true, characterData: true});
     }""", selector)
@@ -122,9 +145,11 @@ def test_chat_streams_the_reply(page, server, artifacts):
     shown = page.locator(".msg.assistant .content").inner_text()
     growth = page.evaluate("window.growth['.msg.assistant .content']")
     assert page.locator(".msg.assistant .content").evaluate("el => el.textContent") == expected
-    # streamed: the text arrived in several pieces, each a prefix of the whole
+    # streamed: the page showed the text after each of the server's stream pieces, in order
     pieces = [text for text in growth if text]
-    assert len(pieces) >= 2 and all(expected.startswith(text) for text in pieces), pieces
+    assert pieces == api_stream_prefixes(server, "tiny-a", [{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": "the quick fox"}]), pieces
+    assert pieces[-1] == expected
     assert shown.strip() or expected.strip() == ""
     assert f"{REPLY_TOKENS} tokens" in page.inner_text("#chat-stats")
     page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
@@ -144,7 +169,8 @@ def test_arena_streams_both_models_and_saves_a_vote(page, server, artifacts):
         assert column.locator(".content").evaluate("el => el.textContent") == api_reply(server, name, messages)
         stats = column.locator(".stats").inner_text()
         assert f"{REPLY_TOKENS} tokens" in stats and "first token" in stats and "tokens/s" in stats
-        assert len([t for t in page.evaluate(f"window.growth['.arena-col[data-model={name}] .content']") if t]) >= 2
+        shown_pieces = [t for t in page.evaluate(f"window.growth['.arena-col[data-model={name}] .content']") if t]
+        assert shown_pieces == api_stream_prefixes(server, name, messages), shown_pieces
     page.screenshot(path=str(artifacts / "arena.png"), full_page=True)
     page.click("#arena-vote button[data-vote=tiny-b]")
     page.wait_for_selector("#vote-status:has-text('saved to')")
