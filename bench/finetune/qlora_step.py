@@ -227,9 +227,9 @@ def comparison(rows: list[dict]) -> dict:
     for name, other in by_system.items():
         if name == "qtool-triton":
             continue
-        result[f"speed_vs_{name}"] = round(ours["tokens_per_s"] / other["tokens_per_s"], 3)
+        result[f"speed_vs_{name}"] = float(f"{ours['tokens_per_s'] / other['tokens_per_s']:.4g}")  # 4 significant digits: ratios far below 1 too
         if "peak_gib" in ours and "peak_gib" in other:
-            result[f"memory_vs_{name}"] = round(ours["peak_gib"] / other["peak_gib"], 3)
+            result[f"memory_vs_{name}"] = float(f"{ours['peak_gib'] / other['peak_gib']:.4g}")
     if "qtool-torch" in by_system:
         # the same GPTQ base and adapters: the first losses differ only by the kernels' rounding
         result["first_loss_vs_qtool-torch"] = round(ours["losses"][0] - by_system["qtool-torch"]["losses"][0], 5)
