@@ -165,3 +165,27 @@ def test_bad_completion_logprobs_are_400_naming_the_field(client, value):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, logprobs=value)
     assert caught.value.param == "logprobs" and "0..20" in caught.value.message
+
+
+@pytest.mark.slow
+def test_smollm2_logprobs_equal_its_forward_logits(one_thread, smollm2_path, start_server):
+    from qtool.runtime.engine import EngineConfig
+    from qtool.runtime.engine_sizing import EngineSizing
+    from qtool.serve.model_pool import load_served_models
+    from qtool.serve.settings import ServeSettings
+
+    (served,) = load_served_models(["smollm2-135m"], ["smol"], EngineConfig(), EngineSizing(8, 256), device="cpu",
+                                   dtype="float32")
+    server = start_server([served], ServeSettings(port=0))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="smol", messages=question, max_tokens=16, temperature=0.7, seed=1,
+                                           logprobs=True, top_logprobs=4)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    ids = [token_id(served.tokenizer, entry.bytes) for entry in content]
+    reference = reference_logprobs(served.model, prompt_ids(served.tokenizer, question)[0].tolist(), ids)
+    for row, token, entry in zip(reference, ids, content):
+        assert entry.token == served.tokenizer.decode([token])
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
