@@ -160,7 +160,8 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
     except ApiError as exc:
         metrics.count(endpoint, exc.status)
         raise
-    completion = Completion(asyncio.get_running_loop(), parsed.n)
+    completion = Completion(asyncio.get_running_loop(), parsed.n,
+                            stream_logprobs=parsed.stream and parsed.logprobs is not None)
     for index, choice_params in enumerate(params):
         served.worker.submit(completion, index, ids, choice_params)
     gone = asyncio.ensure_future(wait_disconnect(request))

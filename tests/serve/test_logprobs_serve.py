@@ -189,3 +189,24 @@ def test_smollm2_logprobs_equal_its_forward_logits(one_thread, smollm2_path, sta
         assert entry.token == served.tokenizer.decode([token])
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
         assert [top.logprob for top in entry.top_logprobs] == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
+
+
+def test_raw_bodies_validate_against_the_clients_own_types(client):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=USER, max_tokens=3, temperature=0,
+                                                           logprobs=True, top_logprobs=2).http_response.json()
+    reply = ChatCompletion.model_validate(raw)  # validated, not constructed: a wrong type fails here
+    assert set(raw["choices"][0]["logprobs"]) == {"content", "refusal"}
+    assert set(raw["choices"][0]["logprobs"]["content"][0]) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert len(reply.choices[0].logprobs.content[0].top_logprobs) == 2
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
+                                                      logprobs=2).http_response.json()
+    Completion.model_validate(raw)
+    assert set(raw["choices"][0]["logprobs"]) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    with client.chat.completions.with_streaming_response.create(model="tiny", messages=USER, max_tokens=3,
+                                                                temperature=0, logprobs=True, stream=True) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: {")]
+    chunks = [ChatCompletionChunk.model_validate_json(event) for event in events]
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs) >= 1
