@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,6 +15,7 @@ from qtool.runtime.batch_file import BatchRequest, read_batch_requests, write_js
 from qtool.runtime.engine import Engine, EngineConfig, engine_support
 from qtool.runtime.generate import GenerationSettings, generate, prompt_ids, reply_budget
 from qtool.runtime.reply import sampling_params
+from qtool.runtime.token_logprobs import TokenLogprob, TokenTexts
 
 __all__ = ["BatchOutput", "BatchRequest", "BatchResult", "BatchTotals", "read_batch_requests", "run_batch",
            "write_batch_outputs"]
@@ -32,11 +33,17 @@ class BatchOutput:
     time_to_first_token: float  # seconds from the batch's start (queueing included) to the request's first token
     seconds: float  # from the batch's start to the request's finish
     token_ids: list[int]
+    # when the request asked: per new token {token_id, token (its text), logprob, top_logprobs [{token_id, token,
+    # logprob}]}, the model's own log-softmax (runtime/token_logprobs.py)
+    logprobs: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """One line of the outputs file (no ids)."""
-        return {"id": self.id, "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-                "time_to_first_token": self.time_to_first_token, "seconds": self.seconds}
+        """One line of the outputs file (no ids; logprobs only when asked)."""
+        row = {"id": self.id, "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+               "time_to_first_token": self.time_to_first_token, "seconds": self.seconds}
+        if self.logprobs is not None:
+            row["logprobs"] = self.logprobs
+        return row
 
 
 @dataclass
@@ -77,6 +84,11 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
             settings.append(request.settings_over(defaults))
             settings[-1].check()
     reason = engine_support(model)
+    asking = next((request for request in requests if request.logprobs is not None), None)
+    if reason is not None and asking is not None:
+        with _naming(asking):
+            raise QtoolError(f"logprobs need the engine, and this model runs through transformers' generate: {reason}",
+                             "drop the 'logprobs' field, or use a model the engine takes")
     if reason is not None:
         logger.warning("running the batch one request at a time through transformers' generate: %s", reason)
         return _run_with_generate(model, tokenizer, requests, settings, progress)
@@ -84,8 +96,10 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
     for request, setting in zip(requests, settings):
         with _naming(request):
             prompts.append(prompt_ids(tokenizer, request.conversation)[0].tolist())
-            params.append(sampling_params(setting, reply_budget(model, len(prompts[-1]), setting.max_new_tokens)))
+            params.append(replace(sampling_params(setting, reply_budget(model, len(prompts[-1]), setting.max_new_tokens)),
+                                  logprobs=request.logprobs))
     engine = Engine(model, tokenizer, engine_config, draft_model, draft_tokenizer)
+    texts = TokenTexts(tokenizer)
     start = time.perf_counter()
     index = {}
     for i, (request, prompt, param) in enumerate(zip(requests, prompts, params)):
@@ -97,7 +111,8 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
         for out in engine.step():
             i = index[out.request_id]
             outputs[i] = BatchOutput(requests[i].id, out.text, len(out.token_ids), out.finish_reason,
-                                     out.time_to_first_token_s, out.seconds, out.token_ids)
+                                     out.time_to_first_token_s, out.seconds, out.token_ids,
+                                     None if out.logprobs is None else _logprob_rows(out.logprobs, texts))
             finished += 1
             if progress is not None:
                 progress(finished, len(requests))
@@ -106,6 +121,14 @@ def run_batch(model: Any, tokenizer: Any, requests: list[BatchRequest], defaults
                      stats.preemptions, "engine")
     totals.cache_blocks = stats.num_blocks
     return BatchResult(outputs, totals)
+
+
+def _logprob_rows(entries: list[TokenLogprob], texts: TokenTexts) -> list[dict[str, Any]]:
+    def token(token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token_id": token_id, "token": texts.text(token_id), "logprob": logprob}
+
+    return [{**token(entry.token_id, entry.logprob), "top_logprobs": [token(t, lp) for t, lp in entry.top]}
+            for entry in entries]
 
 
 def _run_with_generate(model: Any, tokenizer: Any, requests: list[BatchRequest], settings: list[GenerationSettings],

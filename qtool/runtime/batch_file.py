@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from qtool.core.errors import QtoolError
 from qtool.runtime.generate import GenerationSettings, Message
+from qtool.runtime.token_logprobs import MAX_TOP_LOGPROBS, valid_top_logprobs
 
 
 def _number(value: Any) -> bool:
@@ -36,7 +37,7 @@ SAMPLING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
              "a non-empty string or a list of them"),
 }
 FIELDS_HINT = ("each line is one JSON object: \"id\" (unique), \"prompt\" (text) or \"messages\" ([{\"role\", \"content\"}]), "
-               "and optionally " + ", ".join(SAMPLING_FIELDS))
+               "and optionally " + ", ".join(SAMPLING_FIELDS) + f", logprobs (0..{MAX_TOP_LOGPROBS} alternatives per token)")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class BatchRequest:
     messages: list[Message] | None = None  # a chat, through the tokenizer's chat template
     settings: dict[str, Any] = field(default_factory=dict)  # this request's own values of SAMPLING_FIELDS
     line: int = 0  # where it was read (0: built in code)
+    logprobs: int | None = None  # k: each output token's logprob and its k most likely alternatives (engine only)
 
     @property
     def conversation(self) -> str | list[Message]:
@@ -90,7 +92,7 @@ def _parse_line(path: Path, number: int, line: str) -> BatchRequest:
         raise refuse(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(data, dict):
         raise refuse(f"expected a JSON object, got {type(data).__name__}")
-    unknown = [key for key in data if key not in ("id", "prompt", "messages", *SAMPLING_FIELDS)]
+    unknown = [key for key in data if key not in ("id", "prompt", "messages", "logprobs", *SAMPLING_FIELDS)]
     if unknown:
         raise refuse(f"unknown field '{unknown[0]}'")
     if "id" not in data:
@@ -109,8 +111,12 @@ def _parse_line(path: Path, number: int, line: str) -> BatchRequest:
     for name, (valid, what) in SAMPLING_FIELDS.items():
         if name in data and not valid(data[name]):
             raise refuse(f"field '{name}' must be {what}, got {data[name]!r}")
+    logprobs = data.get("logprobs")
+    if logprobs is not None and not valid_top_logprobs(logprobs):
+        raise refuse(f"field 'logprobs' must be an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token) or null, "
+                     f"got {logprobs!r}")
     settings = {name: data[name] for name in SAMPLING_FIELDS if name in data}
-    return BatchRequest(request_id, prompt, messages, settings, number)
+    return BatchRequest(request_id, prompt, messages, settings, number, logprobs)
 
 
 def write_jsonl_atomically(path: str | Path, rows: Iterable[dict[str, Any]], force: bool = False) -> None:

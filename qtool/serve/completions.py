@@ -18,8 +18,10 @@ from starlette.responses import JSONResponse, Response
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine import RequestOutput, SamplingParams
 from qtool.runtime.generate import has_chat_template, prompt_ids
+from qtool.runtime.token_logprobs import TokenTexts
 from qtool.serve.api_errors import ApiError
 from qtool.serve.event_stream import EventStream, sse
+from qtool.serve.logprobs_format import chat_logprobs, completion_logprobs, text_length
 from qtool.serve.metrics import ServerMetrics
 from qtool.serve.model_pool import Completion, ServedModel
 from qtool.serve.protocol import CompletionRequest, parse_chat_request, parse_completion_request
@@ -91,7 +93,7 @@ def prepare(served: ServedModel, request: CompletionRequest, settings: ServeSett
         seed = sampling.get("seed")
         fields = {**sampling, "seed": None if seed is None else seed + index}  # n choices: n different draws
         try:
-            params.append(SamplingParams(max_tokens=max_tokens, **fields))
+            params.append(SamplingParams(max_tokens=max_tokens, logprobs=request.logprobs, **fields))
         except QtoolError as exc:
             raise ApiError(400, exc.one_line(), code="invalid_value") from None
     return ids, params
@@ -158,11 +160,12 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
     except ApiError as exc:
         metrics.count(endpoint, exc.status)
         raise
-    completion = Completion(asyncio.get_running_loop(), parsed.n)
+    completion = Completion(asyncio.get_running_loop(), parsed.n,
+                            stream_logprobs=parsed.stream and parsed.logprobs is not None)
     for index, choice_params in enumerate(params):
         served.worker.submit(completion, index, ids, choice_params)
     gone = asyncio.ensure_future(wait_disconnect(request))
-    reply = Reply(parsed, served.name, len(ids))
+    reply = Reply(parsed, served.name, len(ids), TokenTexts(served.tokenizer))
     streaming = False
     try:
         backlog = await accepted(completion, gone, parsed.n)
@@ -193,15 +196,19 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
 
 
 class Reply:
-    """The reply as it forms: each choice's text and its output, built into OpenAI's whole response or chunks."""
+    """The reply as it forms: each choice's text and its output, built into OpenAI's whole response or chunks;
+    with logprobs, each choice's entries not streamed yet (a chunk carries those of the tokens behind its text)."""
 
-    def __init__(self, request: CompletionRequest, model: str, prompt_tokens: int):
+    def __init__(self, request: CompletionRequest, model: str, prompt_tokens: int, token_texts: TokenTexts):
         self.request, self.model, self.prompt_tokens = request, model, prompt_tokens
+        self.token_texts = token_texts
         self.chat = request.kind == "chat"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.texts = [""] * request.n
         self.outputs: list[RequestOutput | None] = [None] * request.n
+        self.unsent_logprobs: list[list] = [[] for _ in range(request.n)]
+        self.logprob_offsets = [0] * request.n  # completions' text_offset where a choice's next chunk starts
 
     @property
     def finished(self) -> bool:
@@ -215,6 +222,8 @@ class Reply:
         index, kind, payload = event
         if kind == "text":
             self.texts[index] += payload
+        elif kind == "logprobs":
+            self.unsent_logprobs[index] += payload
         elif kind == "done":
             self.outputs[index] = payload
         elif kind in ("refused", "failed"):
@@ -228,7 +237,8 @@ class Reply:
         choices = []
         for index, output in enumerate(self.outputs):
             # the output's text is the whole reply; the streamed pieces concatenate to it
-            choice = {"index": index, "finish_reason": output.finish_reason, "logprobs": None}
+            choice = {"index": index, "finish_reason": output.finish_reason,
+                      "logprobs": None if output.logprobs is None else self._logprobs(output.logprobs)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": output.text}
             else:
@@ -237,15 +247,29 @@ class Reply:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage()}
 
+    def _logprobs(self, entries: list, offset: int = 0) -> dict[str, Any]:
+        if self.chat:
+            return chat_logprobs(entries, self.token_texts)
+        return completion_logprobs(entries, self.token_texts, offset)
+
+    def take_logprobs(self, index: int) -> dict[str, Any] | None:
+        """A stream chunk's logprobs: the choice's entries not sent yet (None when the request did not ask)."""
+        if self.request.logprobs is None:
+            return None
+        entries, self.unsent_logprobs[index] = self.unsent_logprobs[index], []
+        out = self._logprobs(entries, self.logprob_offsets[index])
+        self.logprob_offsets[index] += text_length(entries, self.token_texts)
+        return out
+
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
+              role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
         else:
-            choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return self._chunk([choice])
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -276,9 +300,10 @@ async def stream_events(app: FastAPI, served: ServedModel, completion: Completio
                 reply.add(event)
                 index, kind, payload = event
                 if kind == "text" and payload:
-                    out.append(sse(reply.chunk(index, text=payload)))
+                    out.append(sse(reply.chunk(index, text=payload, logprobs=reply.take_logprobs(index))))
                 elif kind == "done":
-                    out.append(sse(reply.chunk(index, finish_reason=payload.finish_reason)))
+                    out.append(sse(reply.chunk(index, finish_reason=payload.finish_reason,
+                                               logprobs=reply.take_logprobs(index))))
             if out:
                 yield b"".join(out)
             if reply.finished:

@@ -68,12 +68,15 @@ class WorkerSnapshot:
 
 class Completion:
     """One request (its n choices) as the event loop sees it: events arrive on `queue` as (choice index, kind,
-    payload) with kind "accepted" (engine id), "text" (a piece), "done" (RequestOutput), "refused" (the engine
-    would not take it: a QtoolError) or "failed" (a step failed or the server stops: an exception)."""
+    payload) with kind "accepted" (engine id), "text" (a piece), "logprobs" (a step's TokenLogprobs, before its
+    text; only for `stream_logprobs`: a whole reply reads them from the output), "done" (RequestOutput),
+    "refused" (the engine would not take it: a QtoolError) or "failed" (a step failed or the server stops: an
+    exception)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1):
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False):
         self.loop = loop
         self.n = n
+        self.stream_logprobs = stream_logprobs
         self.queue: asyncio.Queue = asyncio.Queue()
 
 
@@ -191,8 +194,11 @@ class EngineWorker:
         if command[0] == "add":
             _, completion, index, prompt_ids, params = command
             try:
+                on_logprobs = (lambda entries: self._emit(completion, index, "logprobs", entries)) \
+                    if completion.stream_logprobs and params.logprobs is not None else None
                 request_id = self.engine.add_request(
-                    prompt_ids, params, on_text=lambda piece: self._emit(completion, index, "text", piece))
+                    prompt_ids, params, on_text=lambda piece: self._emit(completion, index, "text", piece),
+                    on_logprobs=on_logprobs)
             except Exception as exc:  # refused before the engine changed: this request alone fails
                 if not isinstance(exc, QtoolError):
                     logger.exception("model %s could not take a request", self.name)

@@ -3,9 +3,11 @@ into a CompletionRequest; anything it cannot honour is a 400 naming the field. T
 
 Sampling fields: temperature, top_p, seed, stop, max_tokens (chat: also max_completion_tokens), n, stream and
 stream_options.include_usage; beyond OpenAI's (vLLM's spelling): top_k, min_p, repetition_penalty, ignore_eos.
+Logprobs (runtime/token_logprobs.py: the model's own log-softmax, every generated token): chat's logprobs true with
+top_logprobs 0..20 (top_logprobs above 0 needs logprobs true); completions' logprobs 0..20 (alternatives per token).
 Accepted only at their neutral values (the engine has no such feature): frequency_penalty and presence_penalty 0,
-logit_bias empty, logprobs false/null, top_logprobs 0/null, tools empty, tool_choice "none", response_format
-{"type": "text"}; completions: echo false, best_of 1, suffix null.
+logit_bias empty, tools empty, tool_choice "none", response_format {"type": "text"}; completions: echo false,
+best_of 1, suffix null.
 Ignored (they change nothing about the reply): user, metadata, store, service_tier, parallel_tool_calls, and a
 message's name. Roles: system, developer (as system), user, assistant; content is text or a list of text parts."""
 
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from qtool.runtime.token_logprobs import MAX_TOP_LOGPROBS, valid_top_logprobs
 from qtool.serve.api_errors import ApiError
 
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
@@ -32,6 +35,7 @@ class CompletionRequest:
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
 
 
 def _number(v: Any) -> bool:
@@ -57,24 +61,21 @@ NEUTRAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (lambda v: _number(v) and v == 0, "0: not served; use repetition_penalty"),
     "presence_penalty": (lambda v: _number(v) and v == 0, "0: not served; use repetition_penalty"),
     "logit_bias": (lambda v: v == {}, "empty: logit_bias is not served"),
-    "top_logprobs": (lambda v: _int(v) and v == 0, "0: logprobs are not served"),
 }
 CHAT_NEUTRAL = {
-    "logprobs": (lambda v: v is False, "false: logprobs are not served"),
     "tools": (lambda v: v == [], "empty: tool calls are not served"),
     "functions": (lambda v: v == [], "empty: function calls are not served"),
     "tool_choice": (lambda v: v == "none", '"none": tool calls are not served'),
     "response_format": (lambda v: v == {"type": "text"}, '{"type": "text"}: structured output is not served'),
 }
 COMPLETION_NEUTRAL = {
-    "logprobs": (lambda v: _int(v) and v == 0, "null: logprobs are not served"),
     "echo": (lambda v: v is False, "false: echo is not served"),
     "best_of": (lambda v: _int(v) and v == 1, "1: best_of is not served"),
     "suffix": (lambda v: False, "null: suffix is not served"),
 }
 COMMON = {"model", "stream", "stream_options", "stop", "max_tokens", "n"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"} | set(SAMPLING_FIELDS) | set(NEUTRAL_FIELDS) | set(CHAT_NEUTRAL) | set(IGNORED_FIELDS)
-COMPLETION_FIELDS = COMMON | {"prompt"} | set(SAMPLING_FIELDS) | set(NEUTRAL_FIELDS) | set(COMPLETION_NEUTRAL) | set(IGNORED_FIELDS)
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"} | set(SAMPLING_FIELDS) | set(NEUTRAL_FIELDS) | set(CHAT_NEUTRAL) | set(IGNORED_FIELDS)
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs"} | set(SAMPLING_FIELDS) | set(NEUTRAL_FIELDS) | set(COMPLETION_NEUTRAL) | set(IGNORED_FIELDS)
 
 
 def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
@@ -89,6 +90,7 @@ def parse_chat_request(body: Any, max_n: int, max_tokens_limit: int) -> Completi
     if tokens is None:
         tokens = body.get("max_tokens")
     return CompletionRequest("chat", _model(body), messages=_messages(body.get("messages")),
+                             logprobs=_chat_logprobs(body.get("logprobs"), body.get("top_logprobs")),
                              **_common(body, tokens, "max_completion_tokens" if body.get("max_completion_tokens")
                                        is not None else "max_tokens", max_n, max_tokens_limit))
 
@@ -97,8 +99,23 @@ def parse_completion_request(body: Any, max_n: int, max_tokens_limit: int) -> Co
     body = _object(body)
     _known_fields(body, COMPLETION_FIELDS, "/v1/completions")
     _neutral(body, COMPLETION_NEUTRAL)
-    return CompletionRequest("completion", _model(body), prompt=_prompt(body.get("prompt")),
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not valid_top_logprobs(logprobs):
+        raise bad("logprobs", f"logprobs={logprobs!r} is invalid: it must be null or an integer in 0..{MAX_TOP_LOGPROBS} "
+                  "(the most likely alternatives listed per token)")
+    return CompletionRequest("completion", _model(body), prompt=_prompt(body.get("prompt")), logprobs=logprobs,
                              **_common(body, body.get("max_tokens"), "max_tokens", max_n, max_tokens_limit))
+
+
+def _chat_logprobs(logprobs: Any, top: Any) -> int | None:
+    """Chat's pair: logprobs (true: serve them) and top_logprobs (alternatives per token) -> the engine's count."""
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad("logprobs", f"logprobs={logprobs!r} is invalid: it must be true or false")
+    if top is not None and not valid_top_logprobs(top):
+        raise bad("top_logprobs", f"top_logprobs={top!r} is invalid: it must be an integer in 0..{MAX_TOP_LOGPROBS}")
+    if top and not logprobs:
+        raise bad("top_logprobs", f"top_logprobs={top} needs logprobs: true")
+    return (top or 0) if logprobs else None
 
 
 def _object(body: Any) -> dict[str, Any]:

@@ -53,8 +53,8 @@ def _tests_conftest():
     return module
 
 
-def served_tiny(name: str, make_tiny_tokenizer, tiny_chat_template, seed: int = 0, engine=SMALL_ENGINE):
-    model = _tests_conftest().build_tiny_llama(seed=seed)
+def served_tiny(name: str, make_tiny_tokenizer, tiny_chat_template, seed: int = 0, engine=SMALL_ENGINE, **overrides):
+    model = _tests_conftest().build_tiny_llama(seed=seed, **overrides)
     tokenizer = make_tiny_tokenizer(chat_template=tiny_chat_template)
     return ServedModel(name, model, tokenizer, engine)
 
@@ -69,9 +69,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def make_served(make_tiny_tokenizer, tiny_chat_template):
-    """make_served(name, seed=0, engine=SMALL_ENGINE) -> a ServedModel of a tiny random Llama."""
-    def make(name: str, seed: int = 0, engine: EngineConfig = SMALL_ENGINE) -> ServedModel:
-        return served_tiny(name, make_tiny_tokenizer, tiny_chat_template, seed, engine)
+    """make_served(name, seed=0, engine=SMALL_ENGINE, **config overrides) -> a ServedModel of a tiny random Llama."""
+    def make(name: str, seed: int = 0, engine: EngineConfig = SMALL_ENGINE, **overrides) -> ServedModel:
+        return served_tiny(name, make_tiny_tokenizer, tiny_chat_template, seed, engine, **overrides)
     return make
 
 

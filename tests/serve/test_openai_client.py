@@ -1,6 +1,7 @@
 """The official openai client, unchanged, against `qtool serve`'s app on a loopback port: chat and completions,
-streamed and whole, stop strings, max_tokens, seeded sampling, n > 1, routing by model. Greedy replies are checked
-against transformers' own generate on a separately built copy of the same weights."""
+streamed and whole, stop strings, max_tokens, seeded sampling, n > 1, routing by model (logprobs in
+test_logprobs_serve.py). Greedy replies are checked against transformers' own generate on a separately built copy
+of the same weights."""
 
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def test_unknown_model_is_a_not_found_error(client):
 
 def test_unsupported_fields_are_bad_requests(client):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, logprobs=True)
-    assert caught.value.param == "logprobs"
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, logit_bias={"5": 10})
+    assert caught.value.param == "logit_bias"
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="tiny", messages=USER, max_tokens=4, frequency_penalty=0.5)
     assert caught.value.param == "frequency_penalty" and "repetition_penalty" in caught.value.message

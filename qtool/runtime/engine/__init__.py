@@ -24,7 +24,9 @@ Design, one role per file:
   every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request).
 - prefill_attention.py: attention of prefill/mixed steps on the GPU (torch's flash varlen kernel over contexts gathered
   from the paged cache; SDPA per sequence where it cannot run); the CPU keeps attention.py's reference.
-- sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused).
+- sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused);
+  token_logprobs: the chosen tokens' log-softmax and top-k, computed only for the rows of requests with logprobs set
+  (the model's own distribution: runtime/token_logprobs.py; a speculating run's token i from its row i).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
 - drafters.py: speculative decoding's drafters: prompt lookup (n-gram) and a draft model with its own ModelRunner and
   BlockManager (a mirror sequence per request, caught up on accepted tokens each round).
@@ -34,7 +36,8 @@ Design, one role per file:
   tokens count as cached, so rejected slots are never keyed and the blocks grown for them are released.
 - llm_engine.py: Engine (add_request / step / generate / abort_request, stats). add_request(..., on_text=callback)
   streams that request's reply during step(): complete characters only, never a stop string nor an end that may still
-  become one; the pieces concatenate to the RequestOutput's text.
+  become one; the pieces concatenate to the RequestOutput's text. on_logprobs=callback streams its TokenLogprobs
+  (params.logprobs set), each step's before its text piece; RequestOutput.logprobs holds them all.
 
 Callers: runtime/reply.py (one reply, or a chat holding its engine across turns; falls back to transformers' generate
 when engine_support names a reason) and runtime/batch.py (a JSONL batch through one engine).

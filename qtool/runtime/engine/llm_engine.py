@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence as Seq
+from typing import Any, Callable, Iterator, Sequence as Seq
 
 import torch
 from torch import nn
@@ -17,17 +17,19 @@ from qtool.runtime.engine.block_manager import BlockManager, cache_window
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
 from qtool.runtime.engine.drafters import DraftModelDrafter, NgramDrafter, check_draft_model
 from qtool.runtime.engine.model_runner import ModelRunner
-from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample
+from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample, token_logprobs
 from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
 from qtool.runtime.engine.speculation import Speculator, verification_contexts
 from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
 from qtool.runtime.kv_cache_names import check_kv_cache
+from qtool.runtime.token_logprobs import TokenLogprob
 
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 TextCallback = Callable[[str], None]
+LogprobsCallback = Callable[[list[TokenLogprob]], None]
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,11 @@ class RequestOutput:
     time_to_first_token_s: float
     seconds: float  # from add_request to the finish
     tokens_per_second: float
+    logprobs: list[TokenLogprob] | None = None  # one per token id when the request asked (params.logprobs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        logprobs = None if self.logprobs is None else [entry.to_dict() for entry in self.logprobs]
+        return {**self.__dict__, "logprobs": logprobs}
 
 
 @dataclass
@@ -130,6 +134,7 @@ class Engine:
         self._next_id = 0
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._streams: dict[int, TextCallback] = {}  # request id -> its on_text callback
+        self._logprob_streams: dict[int, LogprobsCallback] = {}  # request id -> its on_logprobs callback
         self._steps = 0
         self._generated = 0
         self.speculator = self._speculator(draft_model, draft_tokenizer)
@@ -176,10 +181,15 @@ class Engine:
         return [int(t) for t in (value if isinstance(value, (list, tuple)) else [value]) if t is not None]
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams = SamplingParams(),
-                    on_text: TextCallback | None = None) -> int:
+                    on_text: TextCallback | None = None, on_logprobs: LogprobsCallback | None = None) -> int:
         """Queue a request (text goes through the tokenizer, its BOS rule included); returns its id. `on_text`
         receives the reply piece by piece during step() as its text forms: complete characters only, never a stop
-        string nor an end that may still become one; the pieces concatenate to the output's text."""
+        string nor an end that may still become one; the pieces concatenate to the output's text. With
+        params.logprobs set, `on_logprobs` receives each step's new TokenLogprobs, before that step's text piece;
+        they concatenate to the output's logprobs."""
+        if on_logprobs is not None and params.logprobs is None:
+            raise QtoolError("on_logprobs was given for a request without logprobs",
+                             hint="set SamplingParams(logprobs=k), or give no on_logprobs")
         if on_text is not None and self.tokenizer is None:
             raise QtoolError("streaming text needs a tokenizer", hint="pass tokenizer= to Engine, or no on_text")
         if isinstance(prompt, str):
@@ -204,6 +214,8 @@ class Engine:
             self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         if on_text is not None:
             self._streams[seq.seq_id] = on_text
+        if on_logprobs is not None:
+            self._logprob_streams[seq.seq_id] = on_logprobs
         self.scheduler.add(seq)
         return seq.seq_id
 
@@ -224,6 +236,7 @@ class Engine:
             self.speculator.release(request_id)
         self._detokenizers.pop(request_id, None)
         self._streams.pop(request_id, None)
+        self._logprob_streams.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -241,7 +254,10 @@ class Engine:
         check_finite_logits(logits, model_name(self.model))
         sampling_chunks = [chunk for chunk in chunks if chunk.samples]
         sampling = [chunk.seq for chunk in sampling_chunks]
-        self.scheduler.update(chunks, self._next_tokens(sampling_chunks, logits), on_token=self._on_token)
+        tokens = self._next_tokens(sampling_chunks, logits)
+        logprobs = self._token_logprobs(sampling_chunks, logits, tokens)
+        logprobs_before = {seq.seq_id: len(seq.logprobs) for seq in sampling if seq.seq_id in self._logprob_streams}
+        self.scheduler.update(chunks, tokens, on_token=lambda seq, token: self._on_token(seq, token, logprobs))
         self._steps += 1
         finished = self.scheduler.retire_finished()
         if self.speculator is not None:
@@ -250,9 +266,13 @@ class Engine:
         outputs = [self._output(seq) for seq in finished]
         pieces = [(self._streams[seq.seq_id], self._detokenizers[seq.seq_id].stream_piece(final=seq.is_finished))
                   for seq in sampling if seq.seq_id in self._streams]
+        # a step's logprobs go out before its text, so a streamed text piece can carry the tokens it came from
+        pieces[:0] = [(self._logprob_streams[seq.seq_id], seq.logprobs[logprobs_before[seq.seq_id]:])
+                      for seq in sampling if seq.seq_id in logprobs_before]
         for seq in finished:
             self._detokenizers.pop(seq.seq_id, None)
             self._streams.pop(seq.seq_id, None)
+            self._logprob_streams.pop(seq.seq_id, None)
         # callbacks last, once every request's state is up to date: one that raises (Ctrl-C) leaves none half-done
         for stream, piece in pieces:
             if piece:
@@ -280,8 +300,32 @@ class Engine:
             tokens.append(self.speculator.verify(chunk.seq, chunk.draft_ids, rows) if chunk.draft_ids else rows[0])
         return tokens
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
-        """Each token a sequence keeps, as it is appended: counted, and checked for a stop string."""
+    def _token_logprobs(self, chunks: list[ScheduledChunk], logits: torch.Tensor,
+                        tokens: list[int | list[int]]) -> dict[int, Iterator[TokenLogprob]]:
+        """seq id -> the logprobs of its step's tokens in order, for the requests that ask (only their rows are
+        computed; none when no request asks). Token i of a speculating chunk's run was chosen at its row i: the
+        row after the accepted drafts before it."""
+        rows, chosen, counts, owners = [], [], [], []
+        row = 0
+        for chunk, run in zip(chunks, tokens):
+            k = chunk.seq.params.logprobs
+            if k is not None:
+                run = [run] if isinstance(run, int) else list(run)
+                rows += range(row, row + len(run))
+                chosen += run
+                counts += [k] * len(run)
+                owners.append((chunk.seq.seq_id, len(run)))
+            row += chunk.num_logits
+        if not rows:
+            return {}
+        entries = iter(token_logprobs(logits[rows], chosen, counts))
+        return {seq_id: iter([next(entries) for _ in range(count)]) for seq_id, count in owners}
+
+    def _on_token(self, seq: Sequence, token: int, logprobs: dict[int, Iterator[TokenLogprob]]) -> None:
+        """Each token a sequence keeps, as it is appended: its logprob kept (when asked), counted, and checked for
+        a stop string."""
+        if seq.seq_id in logprobs:
+            seq.logprobs.append(next(logprobs[seq.seq_id]))
         self._generated += 1
         detokenizer = self._detokenizers.get(seq.seq_id)
         if detokenizer is not None and not seq.stops_on(token) and detokenizer.add(token):
@@ -301,6 +345,7 @@ class Engine:
             time_to_first_token_s=seq.first_token_time - seq.arrival_time,
             seconds=seconds,
             tokens_per_second=len(seq.output_ids) / seconds if seconds > 0 else float("inf"),
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
     def generate(self, prompts: str | Seq[int] | Seq[str | Seq[int]],

@@ -1,5 +1,6 @@
 """Per-request sampling settings (validated, one-line errors naming the field) and the batched sampler: one
-[n, vocab] logits tensor, each row with its own settings and its own seeded torch.Generator."""
+[n, vocab] logits tensor, each row with its own settings and its own seeded torch.Generator; and the log-probabilities
+of chosen tokens, for the requests that ask (runtime/token_logprobs.py says of which distribution)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.runtime.token_logprobs import MAX_TOP_LOGPROBS, TokenLogprob, valid_top_logprobs
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's end-of-sequence ids
     stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one found
     ignore_eos: bool = False  # keep going past the model's end-of-sequence ids (benchmarks)
+    # None: no logprobs (nothing computed); k: each output token's logprob under the model's own distribution and
+    # its k most likely alternatives (0..MAX_TOP_LOGPROBS)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # lists are accepted for convenience and kept as tuples, so params stay hashable and immutable
@@ -41,6 +46,8 @@ class SamplingParams:
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "token ids >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(self.logprobs is None or valid_top_logprobs(self.logprobs), "logprobs", self.logprobs,
+               f"None (off) or an int in 0..{MAX_TOP_LOGPROBS} (alternatives per token)")
 
     @property
     def greedy(self) -> bool:
@@ -122,3 +129,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], contexts: list[li
                              for i in sampled])
         tokens[sampled] = (probs / noise).argmax(dim=1)
     return tokens.tolist()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_counts: list[int]) -> list[TokenLogprob]:
+    """Row i's token tokens[i] with its log-probability under log_softmax(logits[i]) (float32, the raw logits: no
+    penalty, temperature or filter), and the top_counts[i] most likely tokens of that row with theirs."""
+    logprobs = logits.float().log_softmax(dim=1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device).unsqueeze(1))[:, 0].tolist()
+    k = min(max(top_counts), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(k, dim=1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(token, logprob, tuple(zip(ids[row][:count], values[row][:count])))
+            for row, (token, logprob, count) in enumerate(zip(tokens, chosen, top_counts))]

@@ -10,6 +10,7 @@ from enum import Enum
 import torch
 
 from qtool.runtime.engine.sampling import SamplingParams
+from qtool.runtime.token_logprobs import TokenLogprob
 
 
 class SequenceStatus(Enum):
@@ -28,6 +29,7 @@ class Sequence:
     eos_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids (ignored when params.ignore_eos)
     max_context: int | None = None  # the model's positions: a sequence never grows past them
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when params.logprobs is set
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)  # cache block ids, in position order
     num_cached_tokens: int = 0  # leading tokens whose K/V are in the cache blocks
