@@ -14,26 +14,10 @@ from qtool.checkpoints import sources
 from qtool.cli.main import app
 from qtool.runtime.engine import EngineConfig
 
-from cli_checks import greedy_reply, one_line_error, save_model_dir
+from cli_checks import GREEDY, chat_model_fixtures, greedy_reply, one_line_error
 
 runner = CliRunner()
-GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
-@pytest.fixture
-def model(make_tiny_llama, tokenizer):
-    return make_tiny_llama(seed=33, vocab_size=len(tokenizer))
-
-
-@pytest.fixture
-def model_dir(tmp_path, model, tokenizer):
-    return save_model_dir(tmp_path / "tiny", model, tokenizer)
-
+tokenizer, model, model_dir = chat_model_fixtures(seed=33)
 
 
 def test_one_reply_reports_the_engine_it_had(model_dir, model, tokenizer):

@@ -1,8 +1,14 @@
-"""What every CLI test expects of a refused input (Typer's CliRunner result)."""
+"""What every CLI test expects of a refused input (Typer's CliRunner result), and the tiny chat model the `qtool
+run` tests load."""
 
 from __future__ import annotations
 
 import re
+
+import pytest
+
+# `qtool run`'s flags for the reply greedy_reply computes (6 new tokens, greedy, on the CPU)
+GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
 
 
 def one_line_error(result) -> str:
@@ -35,7 +41,35 @@ def save_model_dir(directory, model, tokenizer):
 
 
 def greedy_reply(model, tokenizer, conversation) -> str:
-    """The reply transformers' generate gives greedily (6 new tokens): what `qtool run` must print."""
+    """The reply transformers' generate gives greedily (6 new tokens): what `qtool run` with GREEDY must
+    print."""
     from qtool.runtime.generate import GenerationSettings, generate
 
     return generate(model, tokenizer, conversation, GenerationSettings(max_new_tokens=6, temperature=0)).text
+
+
+def chat_tokenizer_fixture():
+    """A module's `tokenizer` fixture: the tiny tokenizer with the tiny chat template. Bind it at the top of a test
+    module: `tokenizer = chat_tokenizer_fixture()`."""
+
+    @pytest.fixture(scope="module", name="tokenizer")
+    def tokenizer_fixture(make_tiny_tokenizer, tiny_chat_template):
+        return make_tiny_tokenizer(chat_template=tiny_chat_template)
+
+    return tokenizer_fixture
+
+
+def chat_model_fixtures(seed: int):
+    """A module's `tokenizer`, `model` (a tiny llama of `seed` over that tokenizer's vocabulary) and `model_dir`
+    (both saved where the CLI loads them) fixtures. Bind them at the top of a test module:
+    `tokenizer, model, model_dir = chat_model_fixtures(31)`."""
+
+    @pytest.fixture(name="model")
+    def model_fixture(make_tiny_llama, tokenizer):
+        return make_tiny_llama(seed=seed, vocab_size=len(tokenizer))
+
+    @pytest.fixture(name="model_dir")
+    def model_dir_fixture(tmp_path, model, tokenizer):
+        return save_model_dir(tmp_path / "tiny", model, tokenizer)
+
+    return chat_tokenizer_fixture(), model_fixture, model_dir_fixture
