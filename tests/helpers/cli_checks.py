@@ -40,6 +40,21 @@ def save_model_dir(directory, model, tokenizer):
     return directory
 
 
+def save_rtn_gptq_dir(directory, model, tokenizer):
+    """A GPTQ directory the CLI can load: every linear but the head round-to-nearest 4-bit, groups of 32."""
+    import torch
+
+    from qtool.checkpoints.gptq_checkpoint import save_quantized_model
+    from qtool.quant.rtn import rtn_quantize
+
+    quantized = {
+        name: rtn_quantize(module.weight.detach(), 4, 32).quantized
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    return save_quantized_model(directory, model, quantized, tokenizer=tokenizer)
+
+
 def greedy_reply(model, tokenizer, conversation) -> str:
     """The reply transformers' generate gives greedily (6 new tokens): what `qtool run` with GREEDY must
     print."""
