@@ -22,15 +22,37 @@ def one_line_error(result) -> str:
     return errors[0]
 
 
-def refused_choice(result, name: str, value: str, choices) -> str:
-    """Typer refused a value outside a parameter's choices: exit 2, and an error that names the option (or the
-    argument's metavar), the value and every valid choice. Returns the error text, unwrapped from rich's box."""
+def refused_by_typer(result, name: str) -> str:
+    """Typer refused a parameter's value: exit 2, and an error that names the option (or the argument's metavar).
+    Returns the error text, unwrapped from rich's box."""
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
     assert f"Invalid value for '{name}'" in text, text
+    return text
+
+
+def refused_choice(result, name: str, value: str, choices) -> str:
+    """Typer refused a value outside a parameter's choices: refused_by_typer, and the error names the value and
+    every valid choice. Returns the error text, unwrapped from rich's box."""
+    text = refused_by_typer(result, name)
     assert f"'{value}'" in text and all(f"'{choice}'" in text for choice in choices), text
     return text
+
+
+def stop_model_loads(monkeypatch, error: Exception) -> list[str]:
+    """Replaces qtool's load_model (the commands import it when they run) by one that records the source and raises
+    `error`: returns the list of sources a command tried to load, so a test can check that a refusal came first."""
+    from qtool.checkpoints import sources
+
+    loaded: list[str] = []
+
+    def load_model(source, **kwargs):
+        loaded.append(str(source))
+        raise error
+
+    monkeypatch.setattr(sources, "load_model", load_model)
+    return loaded
 
 
 def save_model_dir(directory, model, tokenizer):
