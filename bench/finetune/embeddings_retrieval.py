@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +23,8 @@ from qtool.finetune.contrastive import train_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_TASKS = REPO.parent / "shared" / "data" / "alpaca-seed" / "seed_tasks.jsonl"
+sys.path.insert(0, str(REPO / "bench"))  # bench/ holds scripts, not packages: its shared modules import by name
+from run_metadata import git_commit  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,13 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for seed in (int(part) for part in args.seeds.split(",")):
@@ -58,7 +53,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                       eval_fraction=args.eval_fraction, seed=seed, device=args.device)
         row = {"seed": seed, **report.to_dict(), "settings": {k: v for k, v in vars(args).items() if k not in ("seeds", "results")},
                "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-               "commit": commit(), "date": time.strftime("%Y-%m-%d")}
+               "commit": git_commit(short=True) or "unknown", "date": time.strftime("%Y-%m-%d")}
         rows.append(row)
         before, after = report.before, report.after
         print(f"seed {seed}: {report.eval_pairs} held-out queries, {after.documents} documents, {report.train_pairs} training pairs, "

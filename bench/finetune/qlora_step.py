@@ -22,14 +22,9 @@ CPU:  python3 bench/finetune/qlora_step.py --tiny --device cpu --out rows.jsonl 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import json
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +36,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the package is the repo's qtool/ folder; no install needed
+sys.path.insert(0, str(HERE.parent))  # bench/ holds scripts, not packages: its shared modules import by name
+
+from run_metadata import run_metadata  # noqa: E402
 
 SYSTEMS = ("qtool-triton", "qtool-torch", "bnb-nf4")
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -48,24 +46,6 @@ LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
 TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def environment(device: torch.device, argv: list[str]) -> dict:
-    import peft
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "git_commit": commit or os.environ.get("QTOOL_COMMIT"),
-        "command": " ".join(shlex.quote(a) for a in ["bench/finetune/qlora_step.py", *argv]),
-    }
 
 
 # ---- the model: a llama skeleton whose decoder linears each system fills in its own way ----
@@ -263,7 +243,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = torch.device(args.device)
-    env = environment(device, argv)
+    env = run_metadata(device, __file__, argv, libraries=("transformers", "peft"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
 

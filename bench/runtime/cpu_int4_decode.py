@@ -11,14 +11,18 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
 from qtool.checkpoints.sources import load_model
 from qtool.kernels.quant_linear import set_model_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ holds scripts, not packages: shared modules by name
+from run_metadata import git_commit  # noqa: E402
 
 
 def token_forward_seconds(model, context: int, repeats: int) -> float:
@@ -57,9 +61,8 @@ def main() -> None:
             rows[name].append(token_forward_seconds(quantized, args.context, args.repeats))
         rows["float"].append(token_forward_seconds(reference, args.context, args.repeats))
     medians = {name: statistics.median(values) for name, values in rows.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "bench": "cpu_int4_decode", "date": date.today().isoformat(), "commit": commit,
+        "bench": "cpu_int4_decode", "date": date.today().isoformat(), "commit": git_commit(short=True),
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "model": args.gptq_dir, "context": args.context,
         "seconds_per_token": medians,

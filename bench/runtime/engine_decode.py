@@ -21,7 +21,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode.py beside this file: its random GPTQ linears
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: the modules every bench script shares
 from decode import random_quant_linear  # noqa: E402
+from run_metadata import run_metadata  # noqa: E402
 
 from qtool.kernels.quant_linear import set_model_backend  # noqa: E402
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -149,8 +150,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/runtime/engine_decode.py needs CUDA (or --tiny --device cpu)", file=sys.stderr)
         return 2
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    report = {**run_metadata(device, __file__, sys.argv[1:] if argv is None else list(argv)),
               "context": args.context, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "prefill_chunk": args.prefill_chunk, "rows": []}
     print(f"engine batch-1 decode, {args.context}-token context, {args.new_tokens} new tokens, on {report['device']}")

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -40,11 +38,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench/ holds scripts, not packages: the sibling modules import by name
+sys.path.insert(0, str(HERE.parent))  # and the modules every bench script shares
 
 import torch  # noqa: E402
 
 import bench_models  # noqa: E402
 import bench_peers  # noqa: E402
+from run_metadata import run_metadata  # noqa: E402
 
 SCENARIOS = ("smollm2-run", "speculative", "throughput", "prefix", "kv-capacity", "decode-7b")
 KV_CACHE_KINDS = ("fp16", "q8", "q4")
@@ -58,25 +58,8 @@ SPECULATIVE_GUESSES = ({"speculative": "ngram"}, {"speculative": "prompt_lookup"
 
 
 def environment(device: torch.device, argv: list[str]) -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-        "python": platform.python_version(), "git_commit": commit or os.environ.get("QTOOL_COMMIT"),
-        "command": " ".join(shlex.quote(a) for a in ["bench/runtime/runtime_bench.py", *argv]),
+        **run_metadata(device, __file__, argv, libraries=("triton", "transformers")),
         # what else ran on the machine meanwhile (bench/device/runtime_bench.sh says when it builds ExLlamaV2)
         "note": os.environ.get("RUNTIME_BENCH_NOTE"),
     }

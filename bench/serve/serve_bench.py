@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNTIME = HERE.parent / "runtime"
 sys.path.insert(0, str(RUNTIME))  # bench/ holds scripts, not packages: the runtime bench's modules import by name
+sys.path.insert(0, str(HERE.parent))  # and the modules every bench script shares
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -200,6 +201,7 @@ def run(args: argparse.Namespace, argv: list[str], threads: int) -> int:
     import bench_peers
     import runtime_bench
     from qtool.runtime.engine import EngineConfig
+    from run_metadata import run_metadata
 
     if args.tiny:
         # one intra-op thread for both systems: the engine's worker thread runs torch ops on its own thread, and an
@@ -209,8 +211,7 @@ def run(args: argparse.Namespace, argv: list[str], threads: int) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available: pass --device cpu (with --tiny for a quick run)", file=sys.stderr)
         return 2
-    env = runtime_bench.environment(device, argv)
-    env["command"] = " ".join(["bench/serve/serve_bench.py", *argv])
+    env = run_metadata(device, __file__, argv, libraries=("triton", "transformers"))
     env["torch_threads"] = torch.get_num_threads()
     record = runtime_bench.Recorder(args.out, env, args.tiny)
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))

@@ -1,5 +1,6 @@
-"""A jobs file for `qtool quantize --jobs FILE` (YAML or JSON): a `jobs:` list whose entries name a `model`, an
-`output` and any config field by its config-file name, checked by the one config validator before any work.
+"""A jobs file for `qtool quantize --jobs FILE` (YAML, JSON or TOML by suffix, parsed as every config file): a
+`jobs:` list whose entries name a `model`, an `output` and any config field by its config-file name, checked by
+the one config validator before any work.
 
     jobs:
       - {model: ./llama, output: ./llama-4b, bits: 4, group_size: 128}
@@ -17,17 +18,14 @@ as on the command line."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, QuantConfig, config_from_dict, read_config_file, validate_config
+from qtool.config.schema import (QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, QuantConfig, config_from_dict, parse_config_file,
+                                 read_config_file, validate_config)
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
-from qtool.core.text_file import read_utf8
 
 JOB_KEYS = ("model", "output", "config")
 TOP_KEYS = ("jobs", "defaults", "compare")
@@ -62,16 +60,6 @@ class JobsFile:
     path: str
     jobs: list[QuantJob]
     compare: CompareSettings | None  # None: the file turned the comparison off
-
-
-def _load(path: Path) -> Any:
-    if not path.is_file():
-        raise QtoolError(f"jobs file {path} does not exist", "pass a .yaml or .json file with a `jobs:` list")
-    text = read_utf8(path)
-    try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise QtoolError(f"jobs file {path} cannot be parsed: {str(exc).strip().splitlines()[0]}", "fix the syntax") from exc
 
 
 def _expanded(fields: dict[str, Any], where: str) -> dict[str, Any]:
@@ -145,7 +133,9 @@ def _compare(value: Any, path: Path) -> CompareSettings | None:
 def read_jobs_file(path: str | Path) -> JobsFile:
     """Every job of the file, validated (the first error raised as one line naming the job and field)."""
     path = Path(path)
-    data = _load(path)
+    if not path.is_file():
+        raise QtoolError(f"jobs file {path} does not exist", "pass a .yaml, .json or .toml file with a `jobs:` list")
+    data = parse_config_file(path)
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise QtoolError(f"jobs file {path} has no `jobs:` list", "write jobs: followed by one `- model: ..., output: ...` entry per job")
     for key in data:

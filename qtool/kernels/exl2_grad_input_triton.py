@@ -10,15 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from qtool.kernels.exl2_triton import Exl2ComputeLayout, _codes, _round_to
-from qtool.kernels.gptq_grad_input_triton import KERNEL_DTYPES, GradInputConfig, default_grad_config
-
-
-def triton_interpreted() -> bool:
-    """True when this kernel was built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(exl2_grad_input_kernel, JITFunction)
+from qtool.kernels.exl2_triton import Exl2ComputeLayout, _codes, _round_to, dot_accumulate, triton_interpreted
+from qtool.kernels.grad_input_launch import GradInputConfig, grad_input_call
 
 
 @triton.jit
@@ -47,12 +41,7 @@ def exl2_grad_input_kernel(
         scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
         w = _round_to((codes - (1 << (BITS - 1))).to(tl.float32) * scale, dy_ptr.dtype.element_ty)  # [BK, BN]
-        if DOT_IN_F32:
-            acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        elif dy_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w), acc)
+        acc = dot_accumulate(acc, a, tl.trans(w), DOT_IN_F32)
     feature = tl.load(perm_ptr + storage_row, mask=k_ok, other=0)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + feature[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
@@ -61,26 +50,16 @@ def exl2_grad_input_kernel(
 def exl2_grad_input(grad_output: torch.Tensor, layout: Exl2ComputeLayout, config: GradInputConfig | None = None) -> torch.Tensor:
     """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32), in input-feature order;
     config: the tiles (default: default_grad_config of dY's rows)."""
-    n, k = layout.out_features, layout.in_features
-    if grad_output.shape[-1] != n:
-        raise ValueError(f"grad_output has {grad_output.shape[-1]} features, the layer has {n} outputs")
-    if grad_output.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"exl2_grad_input takes {', '.join(map(str, KERNEL_DTYPES))}, not {grad_output.dtype}")
-    lead = grad_output.shape[:-1]
-    dy = grad_output.reshape(-1, n)
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    m = dy.shape[0]
-    config = config or default_grad_config(m)
-    dx = torch.empty(m, k, dtype=grad_output.dtype, device=grad_output.device)
-    if m == 0:
-        return dx.reshape(*lead, k)
+    call = grad_input_call(grad_output, layout.out_features, layout.in_features, config, "exl2_grad_input")
+    if call.rows == 0:
+        return call.result()
+    config = call.config
     for run in layout.runs:
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(run.rows, config.block_k))
-        exl2_grad_input_kernel[grid](
-            dy, layout.q_weight, layout.perm, layout.row_group, layout.scales, dx,
-            m, n, dy.stride(0), layout.q_weight.stride(0), dx.stride(0), run.row_start, run.rows, run.qrow_start,
+        exl2_grad_input_kernel[call.grid(run.rows)](
+            call.dy, layout.q_weight, layout.perm, layout.row_group, layout.scales, call.dx,
+            call.rows, layout.out_features, call.dy.stride(0), layout.q_weight.stride(0), call.dx.stride(0),
+            run.row_start, run.rows, run.qrow_start,
             BITS=run.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k,
             DOT_IN_F32=triton_interpreted(), num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return dx.reshape(*lead, k)
+    return call.result()

@@ -109,6 +109,19 @@ def _round_to(w, dtype: tl.constexpr):
 
 
 @triton.jit
+def dot_accumulate(acc, a, b, DOT_IN_F32: tl.constexpr):
+    """acc + a @ b in float32; float32 operands multiplied exactly (ieee, not tf32). DOT_IN_F32 is for the
+    interpreter, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9): both are widened first."""
+    if DOT_IN_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def exl2_matmul_kernel(
     x_ptr, qw_ptr, perm_ptr, group_ptr, scales_ptr, acc_ptr,
     M, N, stride_xm, stride_q, row_start, rows, qrow_start,
@@ -116,8 +129,8 @@ def exl2_matmul_kernel(
     ACCUMULATE: tl.constexpr, DOT_IN_F32: tl.constexpr,
 ):
     """acc[M, N] (float32) (+)= x[:, perm[run rows]] @ W[run rows] for one run of BITS-bit rows; the weight
-    tile is (code - 2**(BITS-1)) * scale rounded once to x's dtype, as the reference rounds it. DOT_IN_F32 is for
-    the interpreter, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
+    tile is (code - 2**(BITS-1)) * scale rounded once to x's dtype, as the reference rounds it. DOT_IN_F32: see
+    dot_accumulate."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -135,12 +148,7 @@ def exl2_matmul_kernel(
         group = tl.load(group_ptr + storage_row, mask=k_ok, other=0)
         scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         w = _round_to(((codes - (1 << (BITS - 1))).to(tl.float32) * scale), x_ptr.dtype.element_ty)
-        if DOT_IN_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif x_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot_accumulate(acc, a, w, DOT_IN_F32)
     out = acc_ptr + offs_m[:, None] * N + offs_n[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:

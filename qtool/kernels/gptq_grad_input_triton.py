@@ -13,31 +13,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
 from qtool.formats.gptq import unpack_qzeros
-from qtool.kernels.exl2_triton import _round_to
+from qtool.kernels.exl2_triton import _round_to, dot_accumulate, triton_interpreted
+from qtool.kernels.grad_input_launch import GradInputConfig, grad_input_call
 from qtool.kernels.linear_tensors import GptqLinearTensors
-
-
-@dataclass(frozen=True)
-class GradInputConfig:
-    """Launch parameters: the dX tile [block_m, block_k] and the N step block_n (all >= 16 for tl.dot)."""
-
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_grad_config(m: int) -> GradInputConfig:
-    """The tiles for M rows of dY, by rule (untuned: no GPU measurement yet). Unpacking a weight tile costs the
-    same whatever BM is, so long inputs (a training step's thousands of tokens) take tall tiles that share each
-    unpacked tile among more rows."""
-    if m >= 1024:
-        return GradInputConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)
-    return GradInputConfig()
 
 
 @dataclass
@@ -74,11 +54,6 @@ def prepare_gptq_grad(tensors: GptqLinearTensors) -> GptqGradForm:
     )
 
 
-def triton_interpreted() -> bool:
-    """True when this kernel was built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(gptq_grad_input_kernel, JITFunction)
-
-
 @triton.jit
 def gptq_grad_input_kernel(
     dy_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, dx_ptr,
@@ -87,8 +62,8 @@ def gptq_grad_input_kernel(
     GROUP_PER_TILE: tl.constexpr, DOT_IN_F32: tl.constexpr,
 ):
     """dx[m, k] = sum_n dy[m, n] * (code[k, n] - zero[g[k], n]) * scale[g[k], n], the weight value rounded once
-    to dy's dtype as the reference rounds it. Program (pid_m, pid_k) owns one [BM, BK] tile of dx. DOT_IN_F32
-    is for the interpreter, whose tl.dot multiplies the raw bits of bfloat16 operands (Triton 3.9)."""
+    to dy's dtype as the reference rounds it. Program (pid_m, pid_k) owns one [BM, BK] tile of dx. DOT_IN_F32:
+    see dot_accumulate."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -126,43 +101,24 @@ def gptq_grad_input_kernel(
             scale = tl.load(scales_ptr + group[None, :] * N + offs_n[:, None], mask=w_ok, other=0.0).to(tl.float32)
         # (code - zero) is a small integer and the product with a 16-bit scale is exact in float32: one rounding
         w = _round_to((codes - zero) * scale, dy_ptr.dtype.element_ty)  # [BN, BK]
-        if DOT_IN_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif dy_ptr.dtype.element_ty == tl.float32:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot_accumulate(acc, a, w, DOT_IN_F32)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
-
-
-# the dtypes the kernel multiplies in; others (float64) go through the reference
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gptq_grad_input(grad_output: torch.Tensor, form: GptqGradForm, config: GradInputConfig | None = None) -> torch.Tensor:
     """dX[..., K] = dY[..., N] @ dequant(W) in dY's dtype (float16, bfloat16 or float32); config: the tiles
     (default: default_grad_config of dY's rows)."""
-    if grad_output.shape[-1] != form.out_features:
-        raise ValueError(f"grad_output has {grad_output.shape[-1]} features, the layer has {form.out_features} outputs")
-    if grad_output.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"gptq_grad_input takes {', '.join(map(str, KERNEL_DTYPES))}, not {grad_output.dtype}")
-    lead = grad_output.shape[:-1]
-    dy = grad_output.reshape(-1, form.out_features)
-    if dy.stride(-1) != 1:
-        dy = dy.contiguous()
-    m, n, k = dy.shape[0], form.out_features, form.in_features
-    config = config or default_grad_config(m)
-    dx = torch.empty(m, k, dtype=grad_output.dtype, device=grad_output.device)
-    if m == 0:
-        return dx.reshape(*lead, k)
+    call = grad_input_call(grad_output, form.out_features, form.in_features, config, "gptq_grad_input")
+    if call.rows == 0:
+        return call.result()
+    config = call.config
     group_per_tile = form.group_size > 0 and form.group_size % config.block_k == 0
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(k, config.block_k))
-    gptq_grad_input_kernel[grid](
-        dy, form.qweight, form.zeros, form.scales, form.g_idx, dx,
-        m, n, k, max(form.group_size, 1), dy.stride(0), dx.stride(0),
+    gptq_grad_input_kernel[call.grid(form.in_features)](
+        call.dy, form.qweight, form.zeros, form.scales, form.g_idx, call.dx,
+        call.rows, form.out_features, form.in_features, max(form.group_size, 1), call.dy.stride(0), call.dx.stride(0),
         BITS=form.bits, BM=config.block_m, BN=config.block_n, BK=config.block_k,
         GROUP_PER_TILE=group_per_tile, DOT_IN_F32=triton_interpreted(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return dx.reshape(*lead, k)
+    return call.result()

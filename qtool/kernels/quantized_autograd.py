@@ -10,9 +10,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from qtool.kernels.grad_input_launch import KERNEL_DTYPES
 from qtool.kernels.grad_input_ref import exl2_grad_input_ref, gptq_grad_input_ref
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the grad-input kernels multiply in
 
 
 class QuantizedLinearFunction(torch.autograd.Function):

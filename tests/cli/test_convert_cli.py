@@ -9,11 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from qtool.cli.main import app
-from qtool.checkpoints.gptq_checkpoint import save_quantized_model
 from qtool.checkpoints.exl2_checkpoint import load_exl2_model
-from qtool.eval.perplexity import perplexity
-from qtool.quant.rtn import rtn_quantize
 
+from cli_checks import save_rtn_gptq_dir
 from perplexity_reference import reference_perplexity
 
 runner = CliRunner()
@@ -26,13 +24,7 @@ def tokenizer(make_tiny_tokenizer):
 
 @pytest.fixture
 def gptq_dir(tmp_path, make_tiny_llama, tokenizer):
-    model = make_tiny_llama(seed=4, vocab_size=len(tokenizer))
-    quantized = {
-        name: rtn_quantize(module.weight.detach(), 4, 32).quantized
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head"
-    }
-    return save_quantized_model(tmp_path / "gptq", model, quantized, tokenizer=tokenizer)
+    return save_rtn_gptq_dir(tmp_path / "gptq", make_tiny_llama(seed=4, vocab_size=len(tokenizer)), tokenizer)
 
 
 @pytest.fixture

@@ -3,39 +3,21 @@ settings that are not finite or out of range by one red line, exit 2."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from typer.testing import CliRunner
 
-from qtool.checkpoints import sources
 from qtool.cli.main import app
 from qtool.core.errors import QtoolError
 
-from cli_checks import one_line_error
+from cli_checks import one_line_error, refused_by_typer, stop_model_loads
 
 runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
 def loads(monkeypatch) -> list[str]:
-    """Models the commands load (the commands import load_model when they run); loading stops with an error."""
-    loaded: list[str] = []
-
-    def load_model(source, **kwargs):
-        loaded.append(str(source))
-        raise QtoolError("the test stops at the model load")
-
-    monkeypatch.setattr(sources, "load_model", load_model)
-    return loaded
-
-
-def refused_by_typer(result, option: str) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    text = " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
-    assert f"Invalid value for '{option}'" in text, text
-    return text
+    """Models the commands load; loading stops with an error."""
+    return stop_model_loads(monkeypatch, QtoolError("the test stops at the model load"))
 
 
 @pytest.fixture

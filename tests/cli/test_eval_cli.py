@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from qtool.cli.main import app
 
-from cli_checks import one_line_error
+from cli_checks import one_line_error, save_model_dir
 from perplexity_reference import reference_perplexity
 
 runner = CliRunner()
@@ -23,10 +23,7 @@ def tokenizer(make_tiny_tokenizer):
 
 @pytest.fixture
 def model_dir(tmp_path, make_tiny_llama, tokenizer):
-    directory = tmp_path / "tiny"
-    make_tiny_llama(seed=21, vocab_size=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(tmp_path / "tiny", make_tiny_llama(seed=21, vocab_size=len(tokenizer)), tokenizer)
 
 
 @pytest.fixture

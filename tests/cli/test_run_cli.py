@@ -13,26 +13,10 @@ from qtool.cli.run import chat_loop
 from qtool.runtime.reply import ReplyGenerator
 from qtool.runtime.generate import GenerationSettings
 
-from cli_checks import greedy_reply, one_line_error, save_model_dir
+from cli_checks import GREEDY, chat_model_fixtures, greedy_reply, one_line_error
 
 runner = CliRunner()
-GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
-@pytest.fixture
-def model(make_tiny_llama, tokenizer):
-    return make_tiny_llama(seed=31, vocab_size=len(tokenizer))
-
-
-@pytest.fixture
-def model_dir(tmp_path, model, tokenizer):
-    return save_model_dir(tmp_path / "tiny", model, tokenizer)
-
+tokenizer, model, model_dir = chat_model_fixtures(seed=31)
 
 
 def test_json_reply_is_the_greedy_chat_reply(model_dir, model, tokenizer):

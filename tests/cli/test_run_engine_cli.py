@@ -10,30 +10,13 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from qtool.checkpoints import sources
 from qtool.cli.main import app
 from qtool.runtime.engine import EngineConfig
 
-from cli_checks import greedy_reply, one_line_error, save_model_dir
+from cli_checks import GREEDY, chat_model_fixtures, greedy_reply, one_line_error, refused_by_typer, stop_model_loads
 
 runner = CliRunner()
-GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
-@pytest.fixture
-def model(make_tiny_llama, tokenizer):
-    return make_tiny_llama(seed=33, vocab_size=len(tokenizer))
-
-
-@pytest.fixture
-def model_dir(tmp_path, model, tokenizer):
-    return save_model_dir(tmp_path / "tiny", model, tokenizer)
-
+tokenizer, model, model_dir = chat_model_fixtures(seed=33)
 
 
 def test_one_reply_reports_the_engine_it_had(model_dir, model, tokenizer):
@@ -68,14 +51,7 @@ def test_the_help_names_the_engines_block_size():
 
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
-    loaded: list[str] = []
-
-    def load_model(source, **kwargs):
-        loaded.append(str(source))
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(sources, "load_model", load_model)
-    return loaded
+    return stop_model_loads(monkeypatch, AssertionError("the model was loaded"))
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -94,5 +70,5 @@ def test_bad_engine_sizes_are_one_line_before_the_model_loads(loads, extra, mess
 @pytest.mark.parametrize("option", ["--max-batch", "--cache-blocks"])
 def test_counts_are_refused_by_typer(loads, option):
     result = runner.invoke(app, ["run", "some-model", "--prompt", "hi", "--device", "cpu", option, "0"])
-    assert result.exit_code == 2 and f"Invalid value for '{option}'" in " ".join(re.sub("[│╭╮╰╯─]", " ", result.stderr).split())
+    refused_by_typer(result, option)
     assert loads == []

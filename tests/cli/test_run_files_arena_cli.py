@@ -11,15 +11,10 @@ from typer.testing import CliRunner
 
 from qtool.cli.main import app
 
-from cli_checks import greedy_reply, one_line_error, save_model_dir
+from cli_checks import GREEDY, chat_tokenizer_fixture, greedy_reply, one_line_error, save_model_dir
 
 runner = CliRunner()
-GREEDY = ["--temperature", "0", "--max-new-tokens", "6", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
+tokenizer = chat_tokenizer_fixture()
 
 
 @pytest.fixture

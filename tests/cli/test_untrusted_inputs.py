@@ -9,16 +9,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from qtool.checkpoints.exl2_checkpoint import save_exl2_model
-from qtool.checkpoints.gptq_checkpoint import save_quantized_model
 from qtool.cli.main import app
-from qtool.quant.rtn import rtn_quantize
 
-from cli_checks import one_line_error
+from cli_checks import chat_tokenizer_fixture, one_line_error, save_model_dir, save_rtn_gptq_dir
 
 runner = CliRunner()
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -50,9 +47,7 @@ def refused(args: list[str]) -> str:
     return one_line_error(runner.invoke(app, args)).removeprefix("error: ")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
+tokenizer = chat_tokenizer_fixture()
 
 
 @pytest.fixture
@@ -65,21 +60,12 @@ def text_file(tmp_path, tiny_words):
 
 @pytest.fixture
 def float_dir(tmp_path, make_tiny_llama, tokenizer):
-    directory = tmp_path / "float"
-    make_tiny_llama(seed=2, vocab_size=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model_dir(tmp_path / "float", make_tiny_llama(seed=2, vocab_size=len(tokenizer)), tokenizer)
 
 
 @pytest.fixture
 def gptq_dir(tmp_path, make_tiny_llama, tokenizer):
-    model = make_tiny_llama(seed=4, vocab_size=len(tokenizer))
-    quantized = {
-        name: rtn_quantize(module.weight.detach(), 4, 32).quantized
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name != "lm_head"
-    }
-    return save_quantized_model(tmp_path / "gptq", model, quantized, tokenizer=tokenizer)
+    return save_rtn_gptq_dir(tmp_path / "gptq", make_tiny_llama(seed=4, vocab_size=len(tokenizer)), tokenizer)
 
 
 @pytest.fixture

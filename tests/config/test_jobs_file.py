@@ -72,3 +72,12 @@ def test_mistakes_are_one_line_naming_job_and_field(tmp_path, monkeypatch, text,
 def test_missing_file(tmp_path):
     with pytest.raises(QtoolError, match="does not exist"):
         read_jobs_file(tmp_path / "nope.yaml")
+
+
+def test_toml_reads_like_yaml_and_other_suffixes_are_refused(tmp_path):
+    yaml_jobs = read_jobs_file(write(tmp_path, "jobs:\n  - {model: m, output: a, bits: 3, samples: 8}\n"))
+    toml_jobs = read_jobs_file(write(tmp_path, '[[jobs]]\nmodel = "m"\noutput = "a"\nbits = 3\nsamples = 8\n', "jobs.toml"))
+    assert toml_jobs.jobs[0].config == yaml_jobs.jobs[0].config
+    with pytest.raises(QtoolError, match=r"jobs\.txt has an unknown type '\.txt'") as caught:
+        read_jobs_file(write(tmp_path, "jobs:\n  - {model: m, output: a}\n", "jobs.txt"))
+    assert ".yaml, .json or .toml" in caught.value.one_line()

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 from qtool.formats.exl2 import exl2_tensors_from_weight  # noqa: E402
 from qtool.kernels.exl2_grad_input_triton import exl2_grad_input  # noqa: E402
 from qtool.kernels.exl2_triton import prepare_exl2  # noqa: E402
+from qtool.kernels.grad_input_launch import GradInputConfig  # noqa: E402
 from qtool.kernels.grad_input_ref import exl2_grad_input_ref  # noqa: E402
-from qtool.kernels.gptq_grad_input_triton import GradInputConfig  # noqa: E402
 from qtool.kernels.linear_tensors import Exl2LinearTensors  # noqa: E402
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}

@@ -13,8 +13,9 @@ from kernel_env import DEVICE
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
+from qtool.kernels.grad_input_launch import GradInputConfig  # noqa: E402
 from qtool.kernels.grad_input_ref import gptq_grad_input_ref  # noqa: E402
-from qtool.kernels.gptq_grad_input_triton import GradInputConfig, gptq_grad_input, prepare_gptq_grad  # noqa: E402
+from qtool.kernels.gptq_grad_input_triton import gptq_grad_input, prepare_gptq_grad  # noqa: E402
 from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
