@@ -24,7 +24,6 @@ its whole time x L/N. The ratio that compares tools is the one measured on the s
 Results: one JSON line per stage (--out) and a markdown table on stdout.
 """
 
-from __future__ import annotations
 
 import argparse
 import datetime
@@ -180,19 +179,23 @@ def _numel(dims: tuple[int, ...]) -> int:
 # ---------------------------------------------------------------- measuring a job from outside
 
 
-class GpuMemorySampler:
-    """The GPU's used memory (what nvidia-smi shows: every process, CUDA contexts included) sampled every
-    `interval` seconds while a child runs; max_bytes is None where no NVIDIA GPU answers."""
+class PeakSampler:
+    """Every `interval` seconds while a child runs: the GPU's used memory (what nvidia-smi shows: every process,
+    CUDA contexts included; None where no NVIDIA GPU answers) and the resident memory summed over the child's
+    process tree (from /proc; a peer's converter runs in a grandchild). wait4's ru_maxrss would not do: a child
+    forked from a large parent starts with the parent's resident set counted in its maximum."""
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
-        self.max_bytes: int | None = None
+        self.gpu_max_bytes: int | None = None
+        self.rss_max_bytes = 0
+        self.pid: int | None = None
         self._stop = threading.Event()
-        self._read = self._reader()
+        self._read_gpu = self._gpu_reader()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _reader() -> Callable[[], int] | None:
+    def _gpu_reader() -> Callable[[], int] | None:
         try:
             import pynvml
 
@@ -215,35 +218,84 @@ class GpuMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                used = self._read()
-                self.max_bytes = used if self.max_bytes is None else max(self.max_bytes, used)
-            except Exception:
-                pass
+            if self._read_gpu is not None:
+                try:
+                    used = self._read_gpu()
+                    self.gpu_max_bytes = used if self.gpu_max_bytes is None else max(self.gpu_max_bytes, used)
+                except Exception:
+                    pass
+            if self.pid is not None:
+                self.rss_max_bytes = max(self.rss_max_bytes, tree_rss_bytes(self.pid))
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> GpuMemorySampler:
-        if self._read is not None:
-            self._thread.start()
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
+
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of `root` and every process below it, now (0 for processes gone meanwhile)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1]) * PAGE_BYTES
+        except (OSError, ValueError, IndexError):
+            pass
+        stack += children.get(pid, [])
+    return total
+
+
+def own_peak_rss_bytes() -> int | None:
+    """This process's peak resident set since its exec (VmHWM: the memory map's own high-water mark)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_child(argv: list[str], timeout_s: float, env: dict[str, str] | None = None, log: Path | None = None) -> dict[str, Any]:
     """One stage in its own process: its JSON lines (the last one with "result" is its result; "progress" lines
-    survive a timeout), wall time, peak RSS (its own and its waited-for children's, from wait4) and the GPU's
-    used-memory peak while it ran."""
+    survive a timeout), wall time, peak host memory (the larger of the child's own high-water mark, which it
+    reports, and its process tree's sampled resident memory) and the GPU's used-memory peak while it ran."""
     started = time.perf_counter()
     lines: list[dict] = []
     handle = open(log, "a") if log else None
-    with GpuMemorySampler() as gpu:
+    killed = threading.Event()
+
+    def kill(proc: subprocess.Popen) -> None:
+        killed.set()
+        try:
+            os.killpg(proc.pid, 9)  # the child was started in its own session: this ends it and what it started
+        except ProcessLookupError:
+            pass
+
+    with PeakSampler() as peaks:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=handle or subprocess.DEVNULL, text=True,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
-        timer = threading.Timer(timeout_s, _kill_group, args=(proc,))
+        peaks.pid = proc.pid
+        timer = threading.Timer(timeout_s, kill, args=(proc,))
         timer.start()
         for line in proc.stdout:
             if handle:
@@ -254,30 +306,22 @@ def run_child(argv: list[str], timeout_s: float, env: dict[str, str] | None = No
                     lines.append(json.loads(line))
                 except json.JSONDecodeError:
                     pass
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        timed_out = not timer.is_alive() and proc.returncode != 0
+        proc.wait()
         timer.cancel()
     if handle:
         handle.close()
     results = [line["result"] for line in lines if "result" in line]
     row: dict[str, Any] = dict(results[-1]) if results else {}
     row["progress"] = [line["progress"] for line in lines if "progress" in line] or row.get("progress", [])
+    own = row.pop("own_peak_rss_bytes", None) or 0
     row.update({
-        "exit": proc.returncode, "timed_out": timed_out, "wall_s": round(time.perf_counter() - started, 2),
-        "host_peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 3),  # Linux reports KiB
-        "gpu_peak_smi_gib": None if gpu.max_bytes is None else round(gpu.max_bytes / GIB, 3),
+        "exit": proc.returncode, "timed_out": killed.is_set(), "wall_s": round(time.perf_counter() - started, 2),
+        "host_peak_rss_gib": round(max(own, peaks.rss_max_bytes) / GIB, 3),
+        "gpu_peak_smi_gib": None if peaks.gpu_max_bytes is None else round(peaks.gpu_max_bytes / GIB, 3),
     })
     if not results and "error" not in row:
-        row["error"] = f"no result (exit {proc.returncode}{', timed out after %.0f s' % timeout_s if timed_out else ''})"
+        row["error"] = f"no result (exit {proc.returncode}{', timed out after %.0f s' % timeout_s if killed.is_set() else ''})"
     return row
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, 9)  # the child was started in its own session: this ends it and what it started
-    except ProcessLookupError:
-        pass
 
 
 def emit(kind: str, payload: dict) -> None:
@@ -511,7 +555,7 @@ def run_stage(name: str, args) -> int:
     """The child side: one result line, or an error line; the exit status says which."""
     try:
         facts = STAGES[name](args)
-        emit("result", {**facts, **versions()})
+        emit("result", {**facts, **versions(), "own_peak_rss_bytes": own_peak_rss_bytes()})
         return 0
     except Exception as exc:  # a failing stage is a result too: the plan goes on with the next
         import traceback
