@@ -48,8 +48,8 @@ load_model("smollm2-135m", device="cpu", dtype="float32").tokenizer.save_pretrai
     # not there: datasets and its dill and multiprocess, torchao
     pip_get -d "$WHEELS/gptqmodel" torchao==0.18.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
     mkdir -p "$WHEELS/gptqmodel/lib" && cp -L /lib/x86_64-linux-gnu/libpcre2-8.so.0 "$WHEELS/gptqmodel/lib/"
-    cp /work/main/.whl/runtime/exllamav2-0.3.2-py3-none-any.whl "$WHEELS/exllamav2/" 2>/dev/null \
-        || pip_get -d "$WHEELS/exllamav2" exllamav2==0.3.2
+    # ExLlamaV2's converter reads its calibration parquet with fastparquet (and cramjam)
+    pip_get -d "$WHEELS/exllamav2" exllamav2==0.3.2 fastparquet==2026.9.0 cramjam==2.14.0
     rm -rf "$sdists"
     tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
     carried=$(du -sb "$DATA" "$WHEELS" | awk '{s += $1} END {print s}')
@@ -90,6 +90,7 @@ if [[ $PLAN == exl2-70b && -d /tmp/site_exllamav2 ]]; then
     # ExLlamaV2's extension compiles on first import (minutes, on the CPU cores): started now, its stage waits for
     # it (torch's build lock) and times only the converter
     log "building ExLlamaV2's extension in the background"
+    export BIG_BENCH_NOTE="ExLlamaV2's extension compiled in the background (MAX_JOBS=${MAX_JOBS:-12}) while this call's first stages ran"
     ( began=$SECONDS; MAX_JOBS="${MAX_JOBS:-12}" PYTHONPATH="/tmp/site_exllamav2" python3 -c 'import exllamav2.ext' >"$OUT/exl2_build.log" 2>&1
       echo "build exit $? after $((SECONDS - began)) s" >>"$OUT/exl2_build.log" ) &
     build=$!

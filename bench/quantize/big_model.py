@@ -472,7 +472,8 @@ def stage_qtool(args) -> dict[str, Any]:
 def stage_gptqmodel(args) -> dict[str, Any]:
     """GPTQModel's own pipeline on the same windows as qtool's (qtool.data.text.calibration_windows: same text,
     tokenizer, seed and offsets): load -> quantize -> save, each timed."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # 7.7.0 needs >= 2 on small hosts (bench/peers/peer_gptqmodel.py)
+    if (os.cpu_count() or 1) < 4:  # 7.7.0's pool sizing raises on 2-core hosts (bench/peers/peer_gptqmodel.py)
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
     from transformers import AutoTokenizer
 
@@ -508,13 +509,15 @@ def stage_gptqmodel(args) -> dict[str, Any]:
     }
 
 
-def write_calibration_parquet(text_file: Path, parquet: Path) -> None:
-    """The calibration text as ExLlamaV2's converter reads it: a parquet file with a `text` column (it joins the
-    rows and cuts its windows from the tokenized whole)."""
+def write_calibration_parquet(text_file: Path, parquet: Path, rows: int = 64) -> None:
+    """The calibration text as ExLlamaV2's converter reads it: a parquet file with a `text` column, whose rows it
+    tokenizes one by one and joins until it has rows x length tokens, cut in order (not at random offsets). The
+    text goes in `rows` pieces of whole lines (it concatenates a tensor per row: fewer rows, less of that)."""
     import pandas
 
-    rows = [line for line in text_file.read_text(encoding="utf-8").splitlines(keepends=True)]
-    pandas.DataFrame({"text": rows}).to_parquet(parquet)
+    lines = text_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    step = -(-len(lines) // rows)
+    pandas.DataFrame({"text": ["".join(lines[i:i + step]) for i in range(0, len(lines), step)]}).to_parquet(parquet)
 
 
 def stage_exllamav2(args) -> dict[str, Any]:
@@ -681,6 +684,8 @@ def run_plan(args) -> int:
     deadline = time.monotonic() + args.deadline_s
     common = {"plan": args.plan, "date": datetime.date.today().isoformat(), "commit": git_commit(), "tiny": args.tiny,
               "host": platform.node(), "cpus": os.cpu_count()}
+    if os.environ.get("BIG_BENCH_NOTE"):  # what else the machine was doing (bench/device/big_quantize.sh says)
+        common["note"] = os.environ["BIG_BENCH_NOTE"]
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -186,3 +186,14 @@ def test_the_tiny_plan_runs_every_stage_on_the_cpu(bench, tokenizer_dir, tmp_pat
     assert whole["layers_timed"] == 6 and whole["output_gib"] > 0 and whole["host_peak_rss_gib"] > 0
     peer = rows["GPTQModel 4-bit g128 tiny 2L"]
     assert "seconds" in peer or "gptqmodel" in peer["skipped"]
+
+
+def test_exllamav2_calibration_parquet_holds_the_whole_text_in_order(bench, tmp_path):
+    import pandas
+
+    rng = random.Random()
+    text = "".join(f"line {i} {rng.random()}\n" if rng.random() > 0.2 else "\n" for i in range(rng.randint(300, 500)))
+    (tmp_path / "text.txt").write_text(text)
+    bench.write_calibration_parquet(tmp_path / "text.txt", tmp_path / "cal.parquet", rows=7)
+    rows = pandas.read_parquet(tmp_path / "cal.parquet")["text"].tolist()
+    assert len(rows) <= 7 and "".join(rows) == text
