@@ -5,12 +5,14 @@
 #                                                     git-ignored .device-data/big (SmolLM2's tokenizer, WikiText-2
 #                                                     validation) and .whl/big (GPTQModel 7.7.0 + what the machine's
 #                                                     image lacks; ExLlamaV2 0.3.2), and prints the carry size
-#   bash bench/device/big_quantize.sh gptq            there: 7B-shaped first 4 layers, qtool then GPTQModel (the
-#                                                     same-job ratio), then the whole 7B through qtool (the goal)
-#   bash bench/device/big_quantize.sh exl2-70b        there: EXL2 4.0 bpw qtool vs ExLlamaV2's converter on the 7B's
-#                                                     first 2 layers (the extension builds in the background first),
-#                                                     70B-shaped first 2 layers under an 80 GiB cap, 7B layers under 24
-#   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (a third call, if wanted)
+#   bash bench/device/big_quantize.sh gptq            there: the 7B shape's first 4 layers, qtool under a 24 GiB cap
+#                                                     then GPTQModel (the same-job ratio), then the whole 7B through
+#                                                     qtool (the goal: <= 3 min, <= 12 GB)
+#   bash bench/device/big_quantize.sh exl2-70b        there: the 70B shape's first 2 layers under an 80 GiB cap, then
+#                                                     EXL2 4.0 bpw, qtool vs ExLlamaV2's converter, on the 7B's first
+#                                                     layer (the extension builds in the background from the start)
+#   bash bench/device/big_quantize.sh exl2            there: the EXL2 pair alone, with more time (if exl2-70b cut it)
+#   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 # Carry for the GPU plans: .device-data/big .whl/big. More big_model.py plan arguments after the plan's name
 # (e.g. --peer-layers 8, --deadline-s 500). Results: $OUT/big_<plan>.jsonl, $OUT/big_<plan>.log, $OUT/stages.log.
 set -uo pipefail
@@ -86,7 +88,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 free -g | head -2 | tee -a "$LOG"; df -h /tmp | tail -1 | tee -a "$LOG"
 
 build=""
-if [[ $PLAN == exl2-70b && -d /tmp/site_exllamav2 ]]; then
+if [[ $PLAN == exl2* && -d /tmp/site_exllamav2 ]]; then
     # ExLlamaV2's extension compiles on first import (minutes, on the CPU cores): started now, its stage waits for
     # it (torch's build lock) and times only the converter
     log "building ExLlamaV2's extension in the background"

@@ -550,7 +550,7 @@ def stage_exllamav2(args) -> dict[str, Any]:
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
-PLANS = ("gptq", "exl2-70b", "gptqmodel-7b")
+PLANS = ("gptq", "exl2-70b", "exl2", "gptqmodel-7b")
 STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2}
 
 
@@ -593,7 +593,7 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
     calibration = str(data / CALIBRATION_FILE)
     tokenizer = str(data / "tokenizer")
     full7 = SHAPES[seven].layers
-    # the first N layers (defaults: 4 of 7B for the peer's same-job ratio and the 24 GB cap, 2 for EXL2, 2 of 70B)
+    # the first N layers (defaults: 4 of 7B for GPTQModel's same-job ratio and the 24 GiB cap, 1 for EXL2, 2 of 70B)
     n_peer, n_exl2, n_70 = layers["peer"], layers["exl2"], layers["70b"]
 
     def model(shape: str, n: int) -> Path:
@@ -625,16 +625,19 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
                     model_layers=n, full_layers=SHAPES[shape].layers, shape=shape, min_s=60)
 
     if name == "gptq":
-        # the same job on the 7B's first layers for both tools (the ratio), then the whole 7B end to end (the goal)
-        # with what is left: cut short, its finished layers still give the per-layer time and a projection
-        return [write(seven, n_peer, 60), qtool(seven, n_peer, "gptq", 150), gptqmodel(seven, n_peer, 200),
+        # the same job on the 7B's first layers, qtool under a 24 GiB cap (the 7B-on-24-GB check; a cap that bites
+        # shows as time: the ratio is then the capped run's) and GPTQModel uncapped; then the whole 7B end to end
+        # (the goal) with what is left: cut short, its finished layers still give the per-layer time and a projection
+        return [write(seven, n_peer, 60), qtool(seven, n_peer, "gptq", 150, cap=24.0), gptqmodel(seven, n_peer, 200),
                 write(seven, full7, 120), qtool(seven, full7, "gptq", 540)]
     if name == "exl2-70b":
-        # EXL2 first (ExLlamaV2's extension builds in the background meanwhile), the 70B layers under an 80 GiB
-        # cap, the peer's converter, then the 7B layers under a 24 GiB cap
-        return [write(seven, n_exl2, 60), qtool(seven, n_exl2, "exl2", 200),
-                write(seventy, n_70, 90), qtool(seventy, n_70, "gptq", 200, cap=80.0),
-                exllamav2(seven, n_exl2, 240), qtool(seven, n_exl2, "gptq", 120, cap=24.0)]
+        # the 70B layers under an 80 GiB cap, then EXL2 on the 7B's first layer for both tools (ExLlamaV2's
+        # extension builds in the background from the start; the converter gets what is left)
+        return [write(seventy, n_70, 90), qtool(seventy, n_70, "gptq", 200, cap=80.0),
+                write(seven, n_exl2, 60), qtool(seven, n_exl2, "exl2", 200), exllamav2(seven, n_exl2, 300)]
+    if name == "exl2":
+        # the EXL2 pair alone, with room (when exl2-70b cut it short)
+        return [write(seven, n_exl2, 60), qtool(seven, n_exl2, "exl2", 300), exllamav2(seven, n_exl2, 300)]
     if name == "gptqmodel-7b":
         # GPTQModel on the whole 7B, alone in a call (its time on the 7B's first layers is in plan gptq)
         return [write(seven, full7, 120), gptqmodel(seven, full7, 540)]
@@ -663,7 +666,9 @@ def git_commit() -> str:
 def finish_row(step: Step, row: dict[str, Any]) -> dict[str, Any]:
     """The stage's figures with the per-layer summary and the extrapolation to the full model."""
     events = row.pop("events", None) or [p for p in row.get("progress", []) if "detail" in p and "done" in p]
-    row.pop("progress", None)
+    progress = row.pop("progress", None) or events
+    if progress:  # where a run cut short had got to
+        row["last_progress"] = f"{progress[-1]['detail']} at {progress[-1]['t']:.0f} s"
     if step.stage == "qtool" and events:
         total = row.get("seconds") if "error" not in row else None
         row.update(summarise_layers(events, total, step.model_layers, step.full_layers))
@@ -726,13 +731,14 @@ def run_plan(args) -> int:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """qtool's time over the peer's on the same model (same shape and layers), where both finished."""
+    """qtool's time over the peer's on the same model (same shape and layers), where both finished; each pair
+    named by its rows (a capped qtool run says so in its name)."""
     ratios = {}
     for peer in (r for r in rows if r["stage"] in ("gptqmodel", "exllamav2") and "seconds" in r and "error" not in r):
         fmt = "gptq" if peer["stage"] == "gptqmodel" else "exl2"
         for mine in rows:
             if (mine["stage"] == "qtool" and "seconds" in mine and "error" not in mine and mine["shape"] == peer["shape"]
-                    and mine["layers"] == peer["layers"] and fmt in mine["row"] and "cap" not in mine["row"]):
+                    and mine["layers"] == peer["layers"] and fmt in mine["row"]):
                 ratios[f"{mine['row']} / {peer['row']}"] = round(mine["seconds"] / peer["seconds"], 4)
     if rows and ratios:
         rows[-1]["ratios"] = ratios
@@ -754,7 +760,7 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         note = r.get("skipped") or r.get("error") or ""
         if r.get("timed_out"):
-            note = f"timed out after {r.get('limit_s')} s ({r.get('layers_timed', 0)} layers finished)"
+            note = f"timed out after {r.get('limit_s')} s ({r.get('layers_timed', 0)} layers finished; last: {r.get('last_progress', '-')})"
         if r.get("bits_per_weight"):
             note = (note + f" {r['bits_per_weight']:.3f} bpw").strip()
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
@@ -785,8 +791,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="cuda")
     plan.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, 8 x 64 calibration tokens")
     plan.add_argument("--deadline-s", type=float, default=530.0)
-    plan.add_argument("--peer-layers", type=int, default=4, help="layers of the 7B shape for the same-job ratio and the 24 GB cap")
-    plan.add_argument("--exl2-layers", type=int, default=2)
+    plan.add_argument("--peer-layers", type=int, default=4, help="layers of the 7B shape for GPTQModel's same-job ratio and the 24 GiB cap")
+    plan.add_argument("--exl2-layers", type=int, default=1, help="layers of the 7B shape for EXL2 (qtool and ExLlamaV2)")
     plan.add_argument("--layers-70b", type=int, default=2)
     plan.add_argument("--gptqmodel-site", default=None, help="a folder GPTQModel's wheels were installed into")
     plan.add_argument("--exllamav2-site", default=None, help="a folder ExLlamaV2's wheel was installed into")

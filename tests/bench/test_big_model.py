@@ -154,19 +154,24 @@ def test_a_child_stage_reports_its_result_peak_rss_and_timeout(bench, tmp_path):
 
 
 def test_the_ratio_is_qtools_time_over_the_peers_on_the_same_model(bench):
-    mine, peer = random.uniform(20, 60), random.uniform(60, 200)
+    mine, capped, peer = random.uniform(20, 60), random.uniform(20, 60), random.uniform(60, 200)
     rows = [
         {"row": "qtool gptq 4-bit g128 llama2-7b 4L", "stage": "qtool", "shape": "llama2-7b", "layers": 4, "full_layers": 32,
          "seconds": mine, "per_layer_s": 5.0, "extrapolated_s": 200.0},
         {"row": "qtool gptq 4-bit g128 llama2-7b 4L cap 24 GiB", "stage": "qtool", "shape": "llama2-7b", "layers": 4,
-         "full_layers": 32, "seconds": 1.0, "cap_gib": 24.0},
+         "full_layers": 32, "seconds": capped, "cap_gib": 24.0},
+        {"row": "qtool gptq 4-bit g128 llama2-7b 2L", "stage": "qtool", "shape": "llama2-7b", "layers": 2, "full_layers": 32,
+         "seconds": 1.0},
         {"row": "GPTQModel 4-bit g128 llama2-7b 4L", "stage": "gptqmodel", "shape": "llama2-7b", "layers": 4, "full_layers": 32,
          "seconds": peer},
         {"row": "GPTQModel 4-bit g128 llama2-7b 32L", "stage": "gptqmodel", "shape": "llama2-7b", "layers": 32, "full_layers": 32,
          "skipped": "no time left"},
     ]
     bench.add_ratios(rows)
-    assert rows[-1]["ratios"] == {"qtool gptq 4-bit g128 llama2-7b 4L / GPTQModel 4-bit g128 llama2-7b 4L": pytest.approx(mine / peer, abs=1e-4)}
+    assert rows[-1]["ratios"] == {  # the same model only: not the 2-layer run
+        "qtool gptq 4-bit g128 llama2-7b 4L / GPTQModel 4-bit g128 llama2-7b 4L": pytest.approx(mine / peer, abs=1e-4),
+        "qtool gptq 4-bit g128 llama2-7b 4L cap 24 GiB / GPTQModel 4-bit g128 llama2-7b 4L": pytest.approx(capped / peer, abs=1e-4),
+    }
     table = bench.markdown_table(rows)
     assert f"**{mine / peer:.3f}**" in table and "no time left" in table and "24 GiB" in table
 
