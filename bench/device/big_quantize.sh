@@ -104,6 +104,6 @@ PYTHONPATH="$REPO" timeout "${PLAN_TIMEOUT_S:-575}" python3 bench/quantize/big_m
     | grep -v '^{"progress"'
 log "plan $PLAN: exit ${PIPESTATUS[0]}"
 [[ -n $build ]] && { kill "$build" 2>/dev/null; tail -2 "$OUT/exl2_build.log"; }
-cp "$WORK/stages.log" "$OUT/" 2>/dev/null
+tail -c 8000000 "$WORK/stages.log" >"$OUT/stages.log" 2>/dev/null  # the stages' own output (GPTQModel's is long)
 ls -la "$WORK" | head -20
 exit 0

@@ -586,7 +586,8 @@ class Step:
     min_s: float = 30.0  # skipped (not started) with less time than this left
 
 
-def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites: dict[str, str], layers: dict[str, int]) -> list[Step]:
+def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites: dict[str, str], layers: dict[str, int],
+               qtool_sets: list[str] = ()) -> list[Step]:
     """The two device calls' plans (and --tiny's CPU versions of both): model directories under `work`."""
     seven, seventy = ("tiny", "tiny-wide") if tiny else ("llama2-7b", "llama2-70b")
     samples, seqlen = (8, 64) if tiny else (128, 2048)
@@ -609,7 +610,10 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
                 "--calibration", calibration, "--samples", str(samples), "--seqlen", str(seqlen), "--device", device]
         if cap:
             argv += ["--cap-gib", str(cap)]
-        label = f"qtool {'gptq 4-bit g128' if fmt == 'gptq' else 'exl2 4.0 bpw'} {shape} {n}L" + (f" cap {cap:g} GiB" if cap else "")
+        for pair in qtool_sets:
+            argv += ["--set", pair]
+        label = (f"qtool {'gptq 4-bit g128' if fmt == 'gptq' else 'exl2 4.0 bpw'} {shape} {n}L" + (f" cap {cap:g} GiB" if cap else "")
+                 + "".join(f" {pair}" for pair in qtool_sets))
         return Step(label, "qtool", argv, limit, model_layers=n, full_layers=SHAPES[shape].layers, shape=shape)
 
     def gptqmodel(shape: str, n: int, limit: float) -> Step:
@@ -683,7 +687,7 @@ def run_plan(args) -> int:
     device = "cpu" if args.tiny else args.device
     sites = {name: value for name, value in (("gptqmodel", args.gptqmodel_site), ("exllamav2", args.exllamav2_site)) if value}
     layers = {"peer": args.peer_layers, "exl2": args.exl2_layers, "70b": args.layers_70b}
-    steps = plan_steps(args.plan, work, data, args.tiny, device, sites, layers)
+    steps = plan_steps(args.plan, work, data, args.tiny, device, sites, layers, args.qtool_set)
     if args.only:
         steps = [s for s in steps if any(word in s.row for word in args.only)]
     deadline = time.monotonic() + args.deadline_s
@@ -796,6 +800,7 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--layers-70b", type=int, default=2)
     plan.add_argument("--gptqmodel-site", default=None, help="a folder GPTQModel's wheels were installed into")
     plan.add_argument("--exllamav2-site", default=None, help="a folder ExLlamaV2's wheel was installed into")
+    plan.add_argument("--qtool-set", action="append", default=[], help="FIELD=VALUE for every qtool stage (e.g. compute_dtype=bfloat16)")
     plan.add_argument("--only", nargs="*", default=None, help="only the steps whose row name contains one of these words")
 
     write = sub.add_parser("write")
