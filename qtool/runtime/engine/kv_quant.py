@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.runtime.engine.rope import KeyRope
 
 SCALE_DTYPE = torch.float16
 SCALE_BYTES = 2
@@ -245,6 +246,12 @@ class ChannelQuantizedKeys:
     staging: torch.Tensor  # [staging slots, block_size, kv_heads, head_dim], the keys as written (model dtype)
     table: StagingTable
     rotation: torch.Tensor
+    rope: KeyRope | None = None  # keys stored before RoPE (codes and staging alike), rotated by it when read
+
+    def _positions(self, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("q4 keys stored before RoPE are written and read with their tokens' positions")
+        return positions
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -255,8 +262,11 @@ class ChannelQuantizedKeys:
         codes = self.codes[block, :rows]
         return dequantize_q4_channels(codes, self.zeros[block], self.scales[block]) @ self.rotation.T
 
-    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Keys x [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one run)."""
+    def write(self, slots: torch.Tensor, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Keys x [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one run), after
+        RoPE at positions [T] (needed with a rope)."""
+        if self.rope is not None:
+            x = self.rope.unrotate(x, self._positions(positions))
         block_size = self.codes.shape[1]
         self.table.clock += 1
         by_block: dict[int, list[tuple[int, int]]] = {}
@@ -294,9 +304,9 @@ class ChannelQuantizedKeys:
             index = torch.tensor(blocks, dtype=torch.long, device=self.codes.device)
             self.codes[index], self.zeros[index], self.scales[index] = packed, zeros, scales
 
-    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, slots: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The keys [len(slots), kv_heads, head_dim] at the flat cache slots, in dtype: a staged block's as
-        written, a quantized block's dequantized."""
+        written, a quantized block's dequantized; with a rope, rotated by it at positions [len(slots)]."""
         block_size = self.codes.shape[1]
         blocks = torch.div(slots, block_size, rounding_mode="floor")
         codes = self.codes.view(-1, *self.codes.shape[2:])[slots]
@@ -308,6 +318,8 @@ class ChannelQuantizedKeys:
             rows = (staged.clamp_min(0) * block_size + slots % block_size)
             from_staging = self.staging.view(-1, *self.staging.shape[2:])[rows].float()
             keys = torch.where((staged >= 0)[:, None, None], from_staging, keys)
+        if self.rope is not None:
+            keys = self.rope.rotate(keys, self._positions(positions))
         return keys.to(dtype)
 
 
@@ -328,6 +340,8 @@ class QuantizedKVCache:
     key_zeros: torch.Tensor | None = None  # q4: [layers, num_blocks, kv_heads, head_dim] int8
     key_staging: torch.Tensor | None = None  # q4: [layers, staging slots, block_size, kv_heads, head_dim]
     tables: list[StagingTable] | None = None  # q4: one per layer
+    # q4: each layer's RoPE, set by the model runner: its keys are then stored before RoPE (see the module's doc)
+    key_ropes: list[KeyRope] | None = None
     is_quantized = True
 
     @classmethod
@@ -394,4 +408,4 @@ class QuantizedKVCache:
                                        self.rotation), values
         return ChannelQuantizedKeys(self.head_dim, self.key_codes[index], self.key_zeros[index],
                                     self.key_scales[index], self.key_staging[index], self.tables[index],
-                                    self.rotation), values
+                                    self.rotation, self.key_ropes[index] if self.key_ropes else None), values
