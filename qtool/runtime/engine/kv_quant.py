@@ -20,6 +20,14 @@ and the per-layer store the paged attention writes new keys/values to and reads 
   21.85, but those take 1.9 bits per key element and drop q4 under 3.5x fp16's tokens; symmetric per channel 22.47
   (the offsets need a zero point); a power-of-two factor per channel on the head's scale (2 more bits a channel,
   no room left for the staging) 22.03 unrotated, 22.12 rotated.
+- q4 keys are stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
+  (rope.KeyRope; a cache without one stores keys as written): RoPE turns each pair of channels by an angle growing
+  with the position, so after it a channel's offset sweeps a range over the block's 16 tokens; before it the offset
+  stays put and the zero point absorbs it. A write un-rotates the keys at their positions, a read rotates them back
+  (codes and staging alike, so a staged key reads back within float rounding of the staging dtype). Simulated on the
+  first 2 windows of 1024 (float cache 20.210, values q4 alone 20.310; bench/runtime/kv_q4_layouts.py): this layout
+  before RoPE 20.636; the same not rotated 21.364; a float16 scale + minimum per channel 20.645 after RoPE, 20.385
+  before it; zero points with a step of their own (not tied to the codes' step) before RoPE, rotated 20.731.
 - Bytes per (block, kv head) at block_size 16, head_dim 64: keys 512 + 64 + 2, values 512 + 64: q4 holds
   4096 / 1154 = 3.55x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks of keys
   in the model's dtype: SmolLM2 at 64 sequences in bf16 11.8 MB, 0.6% of a 2 GiB cache).

@@ -211,3 +211,17 @@ def test_the_runners_key_rope_is_the_models_own_on_every_family(tiny_family, bui
         rope = runner.cache.key_ropes[layer]
         torch.testing.assert_close(rope.rotate(x, positions), apply_rope(x, cos, sin, layout), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rope.unrotate(rope.rotate(x, positions), positions), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's prefill attention over a q4 cache")
+def test_q4_prompt_logits_on_the_gpu_match_the_cpu(make_tiny_llama):
+    """The GPU's gathered prefill attention reads q4 keys before RoPE at the positions the CPU reference does: both
+    float32, so the two differ only where float rounding moves a code (a step of one key), far under the q4 bound."""
+    import copy
+
+    model = make_tiny_llama(head_dim=64, seed=4)
+    ids = torch.randint(3, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(3))
+    cpu = ModelRunner(model, num_blocks=12, block_size=4, kv_cache="q4").prompt_logits(ids)
+    gpu = ModelRunner(copy.deepcopy(model).cuda(), num_blocks=12, block_size=4, kv_cache="q4").prompt_logits(ids)
+    assert (gpu.cpu() - cpu).abs().max() <= 0.02 * cpu.abs().max()
