@@ -4,10 +4,10 @@ wikitext-2 test. CPU only, float32.
 
     OMP_NUM_THREADS=1 python bench/runtime/kv_q4_layouts.py --windows 3 [--layouts NAME,...] [--json OUT]
 
-Read modes: "all" (every query reads every key quantized, the engine's one-chunk prefill before the own-block read)
-and "own" (a query reads the keys of its own block exact and older blocks quantized: what a token-by-token decode
-sees when the block being filled is kept exact). Calibration (per-channel key ranges, codebooks) uses the first
-windows of wikitext-2 *validation*, never the test windows measured."""
+Read modes: "all" (every query reads every key and value quantized, the last partial block's keys aside: the engine's
+one-chunk prefill, which `qtool eval --engine` runs) and "own" (a query reads its own block's keys and values exact,
+older blocks quantized: what a token-by-token decode would see if the block being filled were staged for values as
+the engine stages it for keys)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +24,6 @@ from qtool.runtime.engine.model_runner import ModelRunner, apply_rope
 
 BLOCK = 16
 TEST = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
-VALID = "/work/shared/data/wikitext-2/wiki.valid.tokens"
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:
@@ -38,26 +36,6 @@ def uniform(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int 
     return ((x - low) / step).round().clamp(0, levels - 1) * step + low
 
 
-def codebook_round(t: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Each element of t replaced by its nearest codebook entry (codebook sorted, 1-D)."""
-    mids = (codebook[1:] + codebook[:-1]) / 2
-    return codebook[torch.bucketize(t.contiguous(), mids)]
-
-
-def kmeans_1d(samples: torch.Tensor, k: int = 16, iters: int = 30) -> torch.Tensor:
-    """Lloyd's k-means on scalar samples, started at quantiles."""
-    samples = samples.flatten().double()
-    centers = torch.quantile(samples[torch.randperm(samples.numel())[:1_000_000]],
-                             torch.linspace(0.5 / k, 1 - 0.5 / k, k, dtype=torch.float64))
-    for _ in range(iters):
-        mids = (centers[1:] + centers[:-1]) / 2
-        assign = torch.bucketize(samples, mids)
-        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, samples)
-        counts = torch.zeros(k, dtype=torch.float64).index_add_(0, assign, torch.ones_like(samples))
-        centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers).sort().values
-    return centers.float()
-
-
 def per_token_asym(x: torch.Tensor, group: int = 64) -> torch.Tensor:
     """Per (token, head) groups along the last dim: fp16 scale + minimum, 16 levels."""
     shape = x.shape
@@ -67,41 +45,13 @@ def per_token_asym(x: torch.Tensor, group: int = 64) -> torch.Tensor:
     return uniform(g, low, low + 15 * step).reshape(shape)
 
 
-def per_token_codebook(x: torch.Tensor, codebook: torch.Tensor, group: int = 64) -> torch.Tensor:
-    """Per (token, head) group: t = (x - mid) / half-range in [-1, 1], rounded to the codebook (fp16 mid, half)."""
-    shape = x.shape
-    g = x.reshape(*shape[:-1], shape[-1] // group, group)
-    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    mid, half = fp16((high + low) / 2), fp16((high - low) / 2).clamp_min(1e-8)
-    return (codebook_round(((g - mid) / half).clamp(-1, 1), codebook) * half + mid).reshape(shape)
-
-
-def keep_outliers(x: torch.Tensor, quantized: torch.Tensor, count: int) -> torch.Tensor:
-    """quantized with the `count` largest-|x| entries of each vector (last dim) restored exactly."""
-    if count == 0:
-        return quantized
-    index = x.abs().topk(count, dim=-1).indices
-    return quantized.scatter(-1, index, x.gather(-1, index))
-
-
-@dataclass
-class Calibration:
-    """Per layer, pre-RoPE keys [n, kv_heads, d] and values of the calibration windows."""
-
-    keys_pre: list[torch.Tensor]
-    keys_post: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-
 class SimAttention:
     """The runner's attention: quantize-dequantize the layer's whole context by a layout, read it per mode."""
 
-    def __init__(self, runner: ModelRunner, layout: dict, calib: Calibration | None):
-        self.runner, self.layout, self.calib = runner, layout, calib
+    def __init__(self, runner: ModelRunner, layout: dict):
+        self.runner, self.layout = runner, layout
         self.layer = 0
         self.cos_sin = None
-        self.stats = {}
-        self.record: Calibration | None = None
         self.prepared: dict = {}
 
     def rope_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,51 +98,16 @@ class SimAttention:
             step = fp16((high - zero).amax(-1, keepdim=True) / 15).clamp_min(2**-24)
             deq = ((b - zero) / step).round().clamp(0, 15) * step + zero
             q = torch.cat(((deq @ rot.T).reshape(full, *x.shape[1:]), x[full:]))
-        elif kind == "static_channel":  # offline per-channel center/half-range (+ per-token scale + codebook)
-            center, half = self.prepared["key_center"][layer], self.prepared["key_half"][layer]
-            t = (x - center) / half
-            if spec.get("token_scale"):  # per (token, head): one fp16 absmax of t
-                s = fp16(t.abs().amax(-1, keepdim=True)).clamp_min(1e-8)
-            else:
-                s = torch.ones_like(t[..., :1])
-            u = (t / s).clamp(-1, 1)
-            codebook = self.prepared.get("key_codebook")
-            if codebook is not None:
-                uq = codebook_round(u, codebook[layer] if codebook.dim() == 2 else codebook)
-            else:
-                uq = uniform(u, torch.tensor(-1.0), torch.tensor(1.0))
-            q = uq * s * half + center
-            q = keep_outliers(x, q, 0) if not spec.get("outliers") else self._outliers(x, q, t / s, spec["outliers"])
-        elif kind == "token":
-            codebook = self.prepared.get("key_codebook_token")
-            scaled = x / self.prepared["key_half"][layer] if spec.get("channel_scale") else x
-            if codebook is not None:
-                q = per_token_codebook(scaled, codebook[layer], spec.get("group", 64))
-            else:
-                q = per_token_asym(scaled, spec.get("group", 64))
-            q = keep_outliers(scaled, q, spec.get("outliers", 0))
-            if spec.get("channel_scale"):
-                q = q * self.prepared["key_half"][layer]
         else:
             raise ValueError(kind)
         return apply_rope(q, cos, sin) if pre else q
-
-    def _outliers(self, x, q, u, count):
-        """Restore the `count` entries of each vector with the largest |u| (normalized) exactly."""
-        index = u.abs().topk(count, dim=-1).indices
-        return q.scatter(-1, index, x.gather(-1, index))
 
     def values(self, v: torch.Tensor, layer: int) -> torch.Tensor:
         spec = self.layout.get("values")
         if spec is None:
             return v
         x = v @ self.prepared["rotation"] if spec.get("rotate") else v
-        codebook = self.prepared.get("value_codebook")
-        if codebook is not None:
-            q = per_token_codebook(x, codebook[layer], spec.get("group", 64))
-        else:
-            q = per_token_asym(x, spec.get("group", 64))
-        q = keep_outliers(x, q, spec.get("outliers", 0))
+        q = per_token_asym(x, spec.get("group", 64))
         return q @ self.prepared["rotation"].T if spec.get("rotate") else q
 
     def __call__(self, query, key_cache, value_cache, batch, scale, sliding_window=None, softcap=None):
@@ -202,11 +117,6 @@ class SimAttention:
         kv_heads, d = key_cache.shape[-2:]
         k = key_cache.reshape(-1, kv_heads, d)[:n].float()
         v = value_cache.reshape(-1, kv_heads, d)[:n].float()
-        if self.record is not None:
-            cos, sin = self.rope_tables(n, k.device)
-            self.record.keys_pre[layer].append(apply_rope(k, cos, -sin))
-            self.record.keys_post[layer].append(k)
-            self.record.values[layer].append(v)
         kq, vq = self.keys(k, layer), self.values(v, layer)
         group = query.shape[1] // kv_heads
         q = query.float().transpose(0, 1)  # [heads, n, d]
@@ -235,89 +145,31 @@ def window_nll(runner: ModelRunner, ids: torch.Tensor) -> float:
     return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
 
 
-def prepare(layout: dict, calib: Calibration, head_dim: int) -> dict:
+def prepare(head_dim: int) -> dict:
     from qtool.runtime.engine.kv_quant import rotation
 
-    prepared = {"rotation": rotation(head_dim)}
-    keys = layout.get("keys") or {}
-    source = calib.keys_pre if keys.get("pre_rope") else calib.keys_post
-    if keys.get("kind") in ("static_channel", "token"):
-        q = keys.get("quantile", 1.0)
-        centers, halves = [], []
-        for layer in source:
-            x = torch.cat(layer)  # [n, kvh, d]
-            if q >= 1.0:
-                low, high = x.amin(0), x.amax(0)
-            else:
-                flat = x.reshape(x.shape[0], -1)
-                low = torch.quantile(flat, 1 - q, dim=0).reshape(x.shape[1:])
-                high = torch.quantile(flat, q, dim=0).reshape(x.shape[1:])
-            center = (high + low) / 2 if keys.get("center", True) else torch.zeros_like(low)
-            half = ((high - low) / 2 if keys.get("center", True) else torch.maximum(high.abs(), low.abs()))
-            if keys.get("pair_scale"):  # the same scale on both channels a RoPE pair rotates (commutes with RoPE)
-                d = half.shape[-1]
-                pair = torch.maximum(half[..., : d // 2], half[..., d // 2 :])
-                half = torch.cat((pair, pair), -1)
-            centers.append(fp16(center))
-            halves.append(fp16(half.clamp_min(1e-6)))
-        prepared["key_center"], prepared["key_half"] = centers, halves
-        if keys.get("nuq"):
-            books = []
-            for index, layer in enumerate(source):
-                x = torch.cat(layer)
-                t = (x - centers[index]) / halves[index]
-                if keys["kind"] == "token":
-                    g = t.reshape(*t.shape[:-1], 1, -1)
-                    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-                    u = ((g - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-8))
-                else:
-                    s = t.abs().amax(-1, keepdim=True) if keys.get("token_scale") else 1.0
-                    u = (t / s).clamp(-1, 1)
-                books.append(kmeans_1d(u))
-            prepared["key_codebook" if keys["kind"] == "static_channel" else "key_codebook_token"] = torch.stack(books)
-    values = layout.get("values") or {}
-    if values.get("nuq"):
-        books = []
-        for layer in calib.values:
-            x = torch.cat(layer)
-            if values.get("rotate"):
-                x = x @ prepared["rotation"]
-            group = values.get("group", 64)
-            g = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
-            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-            books.append(kmeans_1d((g - (hi + lo) / 2) / ((hi - lo) / 2).clamp_min(1e-8)))
-        prepared["value_codebook"] = torch.stack(books)
-    return prepared
+    return {"rotation": rotation(head_dim)}
 
 
+# name -> what is quantized and how; "values": per token, groups of 64, float16 scale + minimum (the engine's),
+# Hadamard-rotated. Figures: bench/RESULTS.md, "KV cache kinds".
 LAYOUTS = {
     "float": {},
-    "cur_vals_only": {"values": {"rotate": True}},
-    "kivi_post_vals": {"keys": {"kind": "block_channel"}, "values": {"rotate": True}},
-    "kivi_pre_vals": {"keys": {"kind": "block_channel", "pre_rope": True}, "values": {"rotate": True}},
-    "eng_post_rot": {"keys": {"kind": "engine_block", "rotate": True}, "values": {"rotate": True}},
-    "eng_pre_rot": {"keys": {"kind": "engine_block", "rotate": True, "pre_rope": True}, "values": {"rotate": True}},
-    "eng_pre": {"keys": {"kind": "engine_block", "pre_rope": True}, "values": {"rotate": True}},
-    "two_pre_rot": {"keys": {"kind": "two_step", "rotate": True, "pre_rope": True}, "values": {"rotate": True}},
-    "two_pre": {"keys": {"kind": "two_step", "pre_rope": True}, "values": {"rotate": True}},
-    "two_post_rot": {"keys": {"kind": "two_step", "rotate": True}, "values": {"rotate": True}},
-    "static_pre": {"keys": {"kind": "static_channel", "pre_rope": True}},
-    "static_pre_ts": {"keys": {"kind": "static_channel", "pre_rope": True, "token_scale": True}},
-    "static_pre_ts_nuq": {"keys": {"kind": "static_channel", "pre_rope": True, "token_scale": True, "nuq": True}},
-    "static_pre_nuq": {"keys": {"kind": "static_channel", "pre_rope": True, "nuq": True}},
-    "static_pre_nuq_o1": {"keys": {"kind": "static_channel", "pre_rope": True, "nuq": True, "outliers": 1}},
-    "tok_pre_cs": {"keys": {"kind": "token", "pre_rope": True, "channel_scale": True}},
-    "tok_post_pair": {"keys": {"kind": "token", "channel_scale": True, "pair_scale": True, "center": False}},
-    "tok_post": {"keys": {"kind": "token"}},
-    "vals_nuq": {"values": {"rotate": True, "nuq": True}},
-    "vals_g32": {"values": {"rotate": True, "group": 32}},
+    "values_only": {"values": {"rotate": True}},
+    "channel_fp16_after_rope": {"keys": {"kind": "block_channel"}, "values": {"rotate": True}},
+    "channel_fp16_before_rope": {"keys": {"kind": "block_channel", "pre_rope": True}, "values": {"rotate": True}},
+    "engine_after_rope": {"keys": {"kind": "engine_block", "rotate": True}, "values": {"rotate": True}},
+    "engine_before_rope": {"keys": {"kind": "engine_block", "rotate": True, "pre_rope": True},
+                           "values": {"rotate": True}},
+    "engine_before_rope_unrotated": {"keys": {"kind": "engine_block", "pre_rope": True}, "values": {"rotate": True}},
+    "zero_step_before_rope": {"keys": {"kind": "two_step", "rotate": True, "pre_rope": True},
+                              "values": {"rotate": True}},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--windows", type=int, default=3)
-    parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=1024)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--reads", default="all,own")
@@ -328,23 +180,14 @@ def main() -> None:
     runner = ModelRunner(model, num_blocks=-(-args.seqlen // BLOCK), block_size=BLOCK, fast_decode=False)
     test_ids = tokenize_text(tokenizer, open(TEST).read())
     windows = test_ids[: args.windows * args.seqlen].view(args.windows, args.seqlen)
-    valid_ids = tokenize_text(tokenizer, open(VALID).read())
-    calib_windows = valid_ids[: args.calib_windows * args.seqlen].view(args.calib_windows, args.seqlen)
-    layers = len(runner.layers)
-    record = SimAttention(runner, {}, None)
-    record.record = Calibration([[] for _ in range(layers)], [[] for _ in range(layers)], [[] for _ in range(layers)])
-    runner.attention = record
-    for ids in calib_windows:
-        runner.prompt_logits(ids)
-    calib = record.record
     results = []
     for name in args.layouts.split(","):
         for read in args.reads.split(","):
             if name == "float" and read != "all":
                 continue
             layout = dict(LAYOUTS[name], read=read)
-            attention = SimAttention(runner, layout, calib)
-            attention.prepared = prepare(layout, calib, runner.head_dim)
+            attention = SimAttention(runner, layout)
+            attention.prepared = prepare(runner.head_dim)
             runner.attention = attention
             start = time.time()
             nll = sum(window_nll(runner, ids) for ids in windows)
