@@ -23,6 +23,7 @@ from qtool.data.text import tokenize_text
 from qtool.runtime.engine.model_runner import ModelRunner, apply_rope
 
 BLOCK = 16
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 TEST = "/work/shared/data/wikitext-2-raw/wiki.test.raw"
 
 
@@ -36,13 +37,22 @@ def uniform(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int 
     return ((x - low) / step).round().clamp(0, levels - 1) * step + low
 
 
-def per_token_asym(x: torch.Tensor, group: int = 64) -> torch.Tensor:
-    """Per (token, head) groups along the last dim: fp16 scale + minimum, 16 levels."""
+def per_token_asym(x: torch.Tensor, group: int = 64, clip: bool = False) -> torch.Tensor:
+    """Per (token, head) groups along the last dim: fp16 scale + minimum, 16 levels; with clip, the range narrowed
+    about its middle by the ratio (of CLIP_RATIOS) of least squared error, group by group."""
     shape = x.shape
     g = x.reshape(*shape[:-1], shape[-1] // group, group)
-    low = fp16(g.amin(-1, keepdim=True))
-    step = fp16((g.amax(-1, keepdim=True) - low) / 15)
-    return uniform(g, low, low + 15 * step).reshape(shape)
+    best, best_error = None, None
+    for ratio in CLIP_RATIOS if clip else (1.0,):
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        middle, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+        low = fp16(middle - half)
+        step = fp16(2 * half / 15)
+        q = uniform(g, low, low + 15 * step)
+        error = (q - g).square().sum(-1, keepdim=True)
+        best = q if best is None else torch.where(error < best_error, q, best)
+        best_error = error if best_error is None else torch.minimum(error, best_error)
+    return best.reshape(shape)
 
 
 class SimAttention:
@@ -107,7 +117,7 @@ class SimAttention:
         if spec is None:
             return v
         x = v @ self.prepared["rotation"] if spec.get("rotate") else v
-        q = per_token_asym(x, spec.get("group", 64))
+        q = per_token_asym(x, spec.get("group", 64), spec.get("clip", False))
         return q @ self.prepared["rotation"].T if spec.get("rotate") else q
 
     def __call__(self, query, key_cache, value_cache, batch, scale, sliding_window=None, softcap=None):
@@ -156,6 +166,7 @@ def prepare(head_dim: int) -> dict:
 LAYOUTS = {
     "float": {},
     "values_only": {"values": {"rotate": True}},
+    "values_only_clipped": {"values": {"rotate": True, "clip": True}},
     "channel_fp16_after_rope": {"keys": {"kind": "block_channel"}, "values": {"rotate": True}},
     "channel_fp16_before_rope": {"keys": {"kind": "block_channel", "pre_rope": True}, "values": {"rotate": True}},
     "engine_after_rope": {"keys": {"kind": "engine_block", "rotate": True}, "values": {"rotate": True}},
