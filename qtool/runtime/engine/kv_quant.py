@@ -245,7 +245,11 @@ class ChannelQuantizedKeys:
     block's codes depend only on its tokens (not on how prefill was chunked). Staging slots are few (the engine's
     running sequences); when all are taken the block written longest ago is quantized as it stands, and a later
     write to a quantized block that is not full (that one, or a block whose speculative tail was rolled back)
-    restages its kept rows from their dequantized values: always correct, exact tails only while slots last."""
+    restages its kept rows from their dequantized values: always correct, exact tails only while slots last.
+    With a rope (the model runner always gives one) everything is held before RoPE: a write un-rotates the keys at
+    their positions, a read rotates the rows back at theirs (KVQuant, arXiv 2401.18079). A chunk that completes a
+    block reads that block quantized, where a one-token decode reads its own block staged: the two agree within the
+    q4 error, not bit for bit."""
 
     head_dim: int
     codes: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim / 2] uint8
