@@ -81,8 +81,12 @@ QUANTIZED_LAYERS = (QuantizedCacheLayer, ChannelQuantizedKeys)
 CacheLayer = torch.Tensor | QuantizedCacheLayer | ChannelQuantizedKeys  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
 
 
-def read_kv(cache: CacheLayer, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The keys (or values) [len(slots), kv_heads, head_dim] at flat cache slots, in dtype."""
+def read_kv(cache: CacheLayer, slots: torch.Tensor, dtype: torch.dtype,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys (or values) [len(slots), kv_heads, head_dim] at flat cache slots, in dtype. positions [len(slots)]:
+    the tokens' positions in their sequences, which q4 keys stored before RoPE need to be rotated back."""
+    if isinstance(cache, ChannelQuantizedKeys):
+        return cache.read(slots, dtype, positions)
     if isinstance(cache, QUANTIZED_LAYERS):
         return cache.read(slots, dtype)
     kv_heads, head_dim = cache.shape[-2:]
@@ -99,17 +103,20 @@ class AttentionBatch:
     context_lens: list[int]  # tokens with K/V in the cache once this step's are written
     block_tables: list[list[int]]
     slots: torch.Tensor  # [T] cache slot (block * block_size + offset) of each new token
+    positions: torch.Tensor | None = None  # [T] position of each new token in its sequence
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int,
               device: torch.device | str = "cpu") -> "AttentionBatch":
-        starts, slots, offset = [], [], 0
+        starts, slots, positions, offset = [], [], [], 0
         for table, context, count in zip(block_tables, context_lens, query_lens):
             starts.append(offset)
             offset += count
             slots.append(cache_slots(table, range(context - count, context), block_size))
-        return cls(starts, list(query_lens), list(context_lens), block_tables,
-                   torch.cat(slots).to(device) if slots else torch.empty(0, dtype=torch.long, device=device))
+            positions.append(torch.arange(context - count, context))
+        flat = lambda parts: (torch.cat(parts).to(device) if parts  # noqa: E731
+                              else torch.empty(0, dtype=torch.long, device=device))
+        return cls(starts, list(query_lens), list(context_lens), block_tables, flat(slots), flat(positions))
 
 
 def cache_slots(block_table: list[int], positions, block_size: int) -> torch.Tensor:
@@ -120,8 +127,13 @@ def cache_slots(block_table: list[int], positions, block_size: int) -> torch.Ten
 
 
 def write_kv(key_cache: CacheLayer, value_cache: CacheLayer, slots: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor) -> None:
-    """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype, or quantized)."""
+             value: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype, or quantized).
+    positions [T]: the tokens' positions, which q4 keys stored before RoPE need."""
+    if isinstance(key_cache, ChannelQuantizedKeys):
+        key_cache.write(slots, key, positions)
+        value_cache.write(slots, value)
+        return
     if isinstance(key_cache, QUANTIZED_LAYERS):
         key_cache.write(slots, key)
         value_cache.write(slots, value)
@@ -150,8 +162,9 @@ def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cac
         # keys from the first query's window on: blocks before it may be released (block_manager.RELEASED)
         first = 0 if sliding_window is None else max(0, context - count - sliding_window + 1)
         slots = cache_slots(table, range(first, context), key_cache.shape[1]).to(query.device)
+        positions = torch.arange(first, context, device=query.device)
         # [context, kv_heads, d] -> [heads, context, d]: query head h reads kv head h // group
-        keys = read_kv(key_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        keys = read_kv(key_cache, slots, query.dtype, positions).repeat_interleave(group, dim=1).transpose(0, 1)
         values = read_kv(value_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
         scores = softcapped(torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale, softcap)

@@ -20,6 +20,14 @@ and the per-layer store the paged attention writes new keys/values to and reads 
   21.85, but those take 1.9 bits per key element and drop q4 under 3.5x fp16's tokens; symmetric per channel 22.47
   (the offsets need a zero point); a power-of-two factor per channel on the head's scale (2 more bits a channel,
   no room left for the staging) 22.03 unrotated, 22.12 rotated.
+- q4 keys are stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
+  (rope.KeyRope; a cache without one stores keys as written): RoPE turns each pair of channels by an angle growing
+  with the position, so after it a channel's offset sweeps a range over the block's 16 tokens; before it the offset
+  stays put and the zero point absorbs it. A write un-rotates the keys at their positions, a read rotates them back
+  (codes and staging alike, so a staged key reads back within float rounding of the staging dtype). Simulated on the
+  first 2 windows of 1024 (float cache 20.210, values q4 alone 20.310; bench/runtime/kv_q4_layouts.py): this layout
+  before RoPE 20.636; the same not rotated 21.364; a float16 scale + minimum per channel 20.645 after RoPE, 20.385
+  before it; zero points with a step of their own (not tied to the codes' step) before RoPE, rotated 20.731.
 - Bytes per (block, kv head) at block_size 16, head_dim 64: keys 512 + 64 + 2, values 512 + 64: q4 holds
   4096 / 1154 = 3.55x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks of keys
   in the model's dtype: SmolLM2 at 64 sequences in bf16 11.8 MB, 0.6% of a 2 GiB cache).
@@ -35,6 +43,7 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.runtime.engine.rope import KeyRope
 
 SCALE_DTYPE = torch.float16
 SCALE_BYTES = 2
@@ -236,7 +245,11 @@ class ChannelQuantizedKeys:
     block's codes depend only on its tokens (not on how prefill was chunked). Staging slots are few (the engine's
     running sequences); when all are taken the block written longest ago is quantized as it stands, and a later
     write to a quantized block that is not full (that one, or a block whose speculative tail was rolled back)
-    restages its kept rows from their dequantized values: always correct, exact tails only while slots last."""
+    restages its kept rows from their dequantized values: always correct, exact tails only while slots last.
+    With a rope (the model runner always gives one) everything is held before RoPE: a write un-rotates the keys at
+    their positions, a read rotates the rows back at theirs (KVQuant, arXiv 2401.18079). A chunk that completes a
+    block reads that block quantized, where a one-token decode reads its own block staged: the two agree within the
+    q4 error, not bit for bit."""
 
     head_dim: int
     codes: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim / 2] uint8
@@ -245,6 +258,12 @@ class ChannelQuantizedKeys:
     staging: torch.Tensor  # [staging slots, block_size, kv_heads, head_dim], the keys as written (model dtype)
     table: StagingTable
     rotation: torch.Tensor
+    rope: KeyRope | None = None  # keys stored before RoPE (codes and staging alike), rotated by it when read
+
+    def _positions(self, positions: torch.Tensor | None) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("q4 keys stored before RoPE are written and read with their tokens' positions")
+        return positions
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -255,8 +274,11 @@ class ChannelQuantizedKeys:
         codes = self.codes[block, :rows]
         return dequantize_q4_channels(codes, self.zeros[block], self.scales[block]) @ self.rotation.T
 
-    def write(self, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Keys x [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one run)."""
+    def write(self, slots: torch.Tensor, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Keys x [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one run), after
+        RoPE at positions [T] (needed with a rope)."""
+        if self.rope is not None:
+            x = self.rope.unrotate(x, self._positions(positions))
         block_size = self.codes.shape[1]
         self.table.clock += 1
         by_block: dict[int, list[tuple[int, int]]] = {}
@@ -294,9 +316,9 @@ class ChannelQuantizedKeys:
             index = torch.tensor(blocks, dtype=torch.long, device=self.codes.device)
             self.codes[index], self.zeros[index], self.scales[index] = packed, zeros, scales
 
-    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, slots: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The keys [len(slots), kv_heads, head_dim] at the flat cache slots, in dtype: a staged block's as
-        written, a quantized block's dequantized."""
+        written, a quantized block's dequantized; with a rope, rotated by it at positions [len(slots)]."""
         block_size = self.codes.shape[1]
         blocks = torch.div(slots, block_size, rounding_mode="floor")
         codes = self.codes.view(-1, *self.codes.shape[2:])[slots]
@@ -308,6 +330,8 @@ class ChannelQuantizedKeys:
             rows = (staged.clamp_min(0) * block_size + slots % block_size)
             from_staging = self.staging.view(-1, *self.staging.shape[2:])[rows].float()
             keys = torch.where((staged >= 0)[:, None, None], from_staging, keys)
+        if self.rope is not None:
+            keys = self.rope.rotate(keys, self._positions(positions))
         return keys.to(dtype)
 
 
@@ -328,6 +352,8 @@ class QuantizedKVCache:
     key_zeros: torch.Tensor | None = None  # q4: [layers, num_blocks, kv_heads, head_dim] int8
     key_staging: torch.Tensor | None = None  # q4: [layers, staging slots, block_size, kv_heads, head_dim]
     tables: list[StagingTable] | None = None  # q4: one per layer
+    # q4: each layer's RoPE, set by the model runner: its keys are then stored before RoPE (see the module's doc)
+    key_ropes: list[KeyRope] | None = None
     is_quantized = True
 
     @classmethod
@@ -394,4 +420,4 @@ class QuantizedKVCache:
                                        self.rotation), values
         return ChannelQuantizedKeys(self.head_dim, self.key_codes[index], self.key_zeros[index],
                                     self.key_scales[index], self.key_staging[index], self.tables[index],
-                                    self.rotation), values
+                                    self.rotation, self.key_ropes[index] if self.key_ropes else None), values

@@ -18,7 +18,9 @@ from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, k
                                            kv_cache_fixed_bytes, paged_attention, write_kv)
 from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from qtool.runtime.engine.decode_step import DecodeRows, plan_decode_step
+from qtool.runtime.engine.kv_quant import QuantizedKVCache
 from qtool.runtime.engine.prefill_attention import PrefillAttention
+from qtool.runtime.engine.rope import KeyRope, apply_rope
 from qtool.runtime.engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
@@ -132,30 +134,6 @@ def engine_support(model: nn.Module) -> str | None:
     return None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
-    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
-    """x [T, heads, d] rotated by cos/sin [T, r] (the rotary module's, in ROPE_LAYOUTS' `layout`): the first r
-    dims of each head (r < d: a partial rotary embedding, Phi-3's), the others passed through."""
-    width = cos.shape[-1]
-    rotated, passed = x[..., :width], x[..., width:]
-    if layout == "interleaved":
-        cos = cos[..., : width // 2].repeat_interleave(2, dim=-1)
-        sin = sin[..., : width // 2].repeat_interleave(2, dim=-1)
-        rotated = rotated * cos.unsqueeze(1) + rotate_pairs(rotated) * sin.unsqueeze(1)
-    else:
-        rotated = rotated * cos.unsqueeze(1) + rotate_half(rotated) * sin.unsqueeze(1)
-    return rotated if passed.shape[-1] == 0 else torch.cat((rotated, passed), dim=-1)
-
-
 class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
@@ -183,6 +161,8 @@ class ModelRunner:
         self.kv_dtype = kv_dtype or self.dtype  # a float cache's dtype ("auto"); fp16/bf16/q8/q4 via kv_cache
         self.cache = allocate_kv_cache(kv_cache, self.kv_dtype, len(self.layers), num_blocks, block_size,
                                        self.kv_heads, self.head_dim, self.device, staging_slots=max_num_seqs)
+        if isinstance(self.cache, QuantizedKVCache) and self.cache.kind == "q4":  # keys quantized before RoPE
+            self.cache.key_ropes = self._key_ropes()
         self.windows = [self._sliding_window(layer) for layer in self.layers]
         softcap_field = self.recipe.attention_softcap_field
         softcap = None if softcap_field is None else getattr(self.config, softcap_field, None)
@@ -331,6 +311,20 @@ class ModelRunner:
         tables = {layer_type: rope(layer_type) for layer_type in set(layer_types)}
         return [tables[layer_type] for layer_type in layer_types]
 
+    def _key_ropes(self) -> list[KeyRope]:
+        """Each layer's RoPE as a function of positions, float32, from the model's own rotary module."""
+        probe = torch.zeros(1, device=self.device, dtype=torch.float32)  # the rotary module reads its dtype
+
+        def tables(*layer_type: str):
+            def at(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cos, sin = self.rotary(probe, positions.unsqueeze(0), *layer_type)
+                return cos[0], sin[0]
+            return at
+
+        if not self.recipe.rope_per_layer_type:
+            return [KeyRope(tables(), self.recipe.rope_layout)] * len(self.layers)
+        return [KeyRope(tables(layer_type), self.recipe.rope_layout) for layer_type in self.config.layer_types]
+
     def _qkv(self, attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [T, heads, head_dim] of the attention's input, its q/k norms applied (RoPE not yet)."""
         tokens = x.shape[0]
@@ -356,7 +350,7 @@ class ModelRunner:
         layout = self.recipe.rope_layout
         q, k = apply_rope(q, cos, sin, layout), apply_rope(k, cos, sin, layout)
         key_cache, value_cache = self.cache.layer(index)
-        write_kv(key_cache, value_cache, batch.slots, k, v)
+        write_kv(key_cache, value_cache, batch.slots, k, v, batch.positions)
         attended = self.attention(q, key_cache, value_cache, batch, attention.scaling, self.windows[index],
                                   softcap=self.attention_softcap)
         attention_out = attention.o_proj(attended.reshape(tokens, -1))

@@ -24,6 +24,7 @@ class GatheredBatch:
     """One step's layout for attention over gathered contexts, the same for every layer."""
 
     context_slots: torch.Tensor  # [sum of context lens] flat cache slot of every context token, sequence after sequence
+    context_positions: torch.Tensor  # [sum of context lens] each context token's position in its sequence
     cu_queries: torch.Tensor  # [N + 1] int32 offsets of each sequence's queries
     cu_contexts: torch.Tensor  # [N + 1] int32 offsets of each sequence's context in context_slots
     max_query: int
@@ -42,7 +43,7 @@ class GatheredBatch:
         position = torch.arange(total) - starts[sequence]
         slots = tables[sequence, position // block_size] * block_size + position % block_size
         offsets = lambda counts: torch.tensor([0, *counts]).cumsum(0).to(torch.int32)  # noqa: E731
-        return cls(slots.to(device), offsets(batch.query_lens).to(device), offsets(batch.context_lens).to(device),
+        return cls(slots.to(device), position.to(device), offsets(batch.query_lens).to(device), offsets(batch.context_lens).to(device),
                    max(batch.query_lens), max(batch.context_lens))
 
 
@@ -52,7 +53,7 @@ def sdpa_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cach
     """paged_attention through scaled_dot_product_attention, one call per sequence (any device and dtype). With a
     softcap (which SDPA cannot apply) the scores are formed explicitly, in float32, as paged_attention does."""
     gathered = gathered or GatheredBatch.build(batch, key_cache.shape[1], query.device)
-    keys = read_kv(key_cache, gathered.context_slots, query.dtype)  # a q8/q4 cache's dequantized
+    keys = read_kv(key_cache, gathered.context_slots, query.dtype, gathered.context_positions)  # q8/q4: dequantized
     values = read_kv(value_cache, gathered.context_slots, query.dtype)
     out = torch.empty_like(query)
     context_start = 0
@@ -86,7 +87,7 @@ def varlen_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Ca
     from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
 
     kv_heads = key_cache.shape[-2]
-    keys = read_kv(key_cache, gathered.context_slots, query.dtype)  # a q8/q4 cache's dequantized
+    keys = read_kv(key_cache, gathered.context_slots, query.dtype, gathered.context_positions)  # q8/q4: dequantized
     values = read_kv(value_cache, gathered.context_slots, query.dtype)
     options = dict(varlen_options(varlen_attn, sliding_window) or {})
     if not options:

@@ -1,7 +1,8 @@
 """The q4 cache's keys per channel (KIVI): the per-channel round trip within half a step against float64, a block
 being filled held exactly as written until its last row, a full block shared through the prefix cache never
-quantized again, a speculative tail rolled back and rewritten, staging slots running out, and the engine over a q4
-cache: preempted and resumed equal to uninterrupted."""
+quantized again, a speculative tail rolled back and rewritten, staging slots running out, keys stored before RoPE
+(KVQuant) and rotated back at their positions when read, the model runner's RoPE for them on every family, and the
+engine over a q4 cache: preempted and resumed equal to uninterrupted."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams
 from qtool.runtime.engine.attention import allocate_kv_cache, cache_slots, read_kv, write_kv
 from qtool.runtime.engine.kv_quant import dequantize_q4_channels, quantize_q4_channels, rotation
+from qtool.runtime.engine.model_runner import ENGINE_FAMILIES, ModelRunner
+from qtool.runtime.engine.rope import apply_rope
+from tests.helpers.key_rope import rope_float64, standard_key_rope
 
 
 def random_keys(shape, seed):
@@ -58,12 +62,13 @@ def q4_cache(num_blocks=8, block_size=4, kv_heads=2, head_dim=16, staging_slots=
 def write_keys(cache, table, positions, keys):
     key_cache, value_cache = cache.layer(0)
     slots = cache_slots(table, positions, cache.block_size)
-    write_kv(key_cache, value_cache, slots, keys.float(), keys.float())
+    write_kv(key_cache, value_cache, slots, keys.float(), keys.float(), torch.as_tensor(list(positions)))
     return slots
 
 
 def read_keys(cache, table, positions):
-    return read_kv(cache.layer(0)[0], cache_slots(table, positions, cache.block_size), torch.float64)
+    slots = cache_slots(table, positions, cache.block_size)
+    return read_kv(cache.layer(0)[0], slots, torch.float64, torch.as_tensor(list(positions)))
 
 
 def expected_block(keys_block, head_dim):
@@ -151,3 +156,72 @@ def test_q4_engine_preempted_and_resumed_equals_uninterrupted(tiny_llama):
 
     roomy, tight = run(64), run(9)
     assert tight[0] == roomy[0] and tight[1] > 0 and roomy[1] == 0
+
+
+def test_keys_are_stored_before_rope_and_rotated_back_at_their_positions():
+    cache, table = q4_cache(), [5, 2, 7]
+    cache.key_ropes = [standard_key_rope(16)]
+    before = random_keys((10, 2, 16), seed=7)  # channels with offsets of their own, as keys before RoPE have
+    positions = torch.arange(10)
+    after = rope_float64(before, positions)  # what attention computes and writes
+    write_keys(cache, table, range(7), after[:7])  # block 5 full, block 2 being filled
+    write_keys(cache, table, range(7, 10), after[7:])  # block 2 full, block 7 being filled
+    # the full blocks' codes are those of the keys before RoPE (rotated), each block quantized at once
+    for block, rows in ((5, slice(0, 4)), (2, slice(4, 8))):
+        packed, zeros, _ = quantize_q4_channels((before[rows].float() @ rotation(16)).unsqueeze(0),
+                                                torch.ones(1, 4, dtype=torch.bool))
+        assert torch.equal(cache.key_codes[0, block], packed[0]) and torch.equal(cache.key_zeros[0, block], zeros[0])
+    read = read_keys(cache, table, range(10))
+    # RoPE turns each pair of channels: an error vector keeps its length, so the bound before RoPE holds after it
+    for rows in (slice(0, 4), slice(4, 8)):
+        error = (read[rows] - after[rows]).norm(dim=-1)
+        assert (error <= expected_block(before[rows], 16) + 1e-5).all() and error.max() > 1e-3
+    torch.testing.assert_close(read[8:], after[8:], rtol=0, atol=1e-5)  # staged: exact up to float32's rounding
+    with pytest.raises(ValueError, match="positions"):
+        read_kv(cache.layer(0)[0], cache_slots(table, range(3), 4), torch.float32)
+
+
+def test_keys_before_rope_beat_keys_after_it_where_channels_have_offsets():
+    """The reason for storing keys before RoPE (KVQuant): a channel's offset stays put before RoPE and turns with
+    the position after it, widening each channel's range over a block. Same keys, same codes budget."""
+    gen = torch.Generator().manual_seed(8)
+    before = torch.randn(64, 2, 16, generator=gen, dtype=torch.float64) + 6 * torch.randn(16, generator=gen,
+                                                                                         dtype=torch.float64)
+    after = rope_float64(before, torch.arange(64))
+    errors = {}
+    for roped in (True, False):
+        cache, table = q4_cache(num_blocks=6, block_size=16), [4, 1, 3, 0]
+        if roped:
+            cache.key_ropes = [standard_key_rope(16)]
+        write_keys(cache, table, range(64), after)
+        errors[roped] = (read_keys(cache, table, range(64)) - after).norm(dim=-1).mean()
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_the_runners_key_rope_is_the_models_own_on_every_family(tiny_family, build_family):
+    if tiny_family not in ENGINE_FAMILIES:
+        pytest.skip("a family the engine does not take")
+    runner = ModelRunner(build_family(tiny_family), num_blocks=8, block_size=4, kv_cache="q4")
+    positions = torch.tensor([0, 3, 17, 40])
+    hidden = torch.zeros(len(positions), runner.config.hidden_size)
+    ropes = runner._rope_per_layer(hidden, positions)
+    x = torch.randn(len(positions), runner.kv_heads, runner.head_dim, generator=torch.Generator().manual_seed(9))
+    layout = ENGINE_FAMILIES[runner.config.model_type].rope_layout
+    for layer, (cos, sin) in enumerate(ropes):
+        rope = runner.cache.key_ropes[layer]
+        torch.testing.assert_close(rope.rotate(x, positions), apply_rope(x, cos, sin, layout), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rope.unrotate(rope.rotate(x, positions), positions), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's prefill attention over a q4 cache")
+def test_q4_prompt_logits_on_the_gpu_match_the_cpu(make_tiny_llama):
+    """The GPU's gathered prefill attention reads q4 keys before RoPE at the positions the CPU reference does: both
+    float32, so the two differ only where float rounding moves a code (a step of one key), far under the q4 bound."""
+    import copy
+
+    model = make_tiny_llama(head_dim=64, seed=4)
+    ids = torch.randint(3, model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(3))
+    cpu = ModelRunner(model, num_blocks=12, block_size=4, kv_cache="q4").prompt_logits(ids)
+    gpu = ModelRunner(copy.deepcopy(model).cuda(), num_blocks=12, block_size=4, kv_cache="q4").prompt_logits(ids)
+    assert (gpu.cpu() - cpu).abs().max() <= 0.02 * cpu.abs().max()

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtool.runtime.engine.attention import AttentionBatch, paged_attention
+from qtool.runtime.engine.attention import AttentionBatch, cache_slots, paged_attention, write_kv
 from qtool.runtime.engine.kv_quant import QuantizedKVCache
 from qtool.runtime.engine.prefill_attention import GatheredBatch, PrefillAttention, sdpa_attention, varlen_options
+from tests.helpers.key_rope import standard_key_rope
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
@@ -95,6 +96,48 @@ def test_quantized_cache_read_as_the_reference_reads_it(kind, window):
     from_floats = paged_attention(query, key_floats, value_floats, batch, 0.25, window)
     assert not torch.allclose(expected, from_floats, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(expected, from_floats, rtol=0, atol={"q8": 0.05, "q4": 0.5}[kind])
+
+
+def q4_layers_keys_before_rope(key_floats: torch.Tensor, value_floats: torch.Tensor, batch: AttentionBatch):
+    """A q4 layer (keys stored before RoPE, as the model runner sets it up) holding each sequence's context of the
+    float caches, written at the sequences' own positions; two staging slots for four sequences: some blocks being
+    filled are quantized as they stand."""
+    cache = QuantizedKVCache.allocate("q4", 1, *key_floats.shape, key_floats.device, staging_slots=2)
+    cache.key_ropes = [standard_key_rope(HEAD_DIM)]
+    keys, values = cache.layer(0)
+    for table, context in zip(batch.block_tables, batch.context_lens):
+        slots = cache_slots(table, range(context), BLOCK_SIZE).to(key_floats.device)
+        flat = lambda cache: cache.view(-1, KV_HEADS, HEAD_DIM)[slots]  # noqa: E731
+        write_kv(keys, values, slots, flat(key_floats), flat(value_floats),
+                 torch.arange(context, device=key_floats.device))
+    return keys, values
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_q4_keys_before_rope_gathered_as_the_reference_reads_them(window):
+    """The gathered path hands each context token's position in its own sequence to the cache's RoPE."""
+    query, key_floats, value_floats, batch = random_step(6)
+    key_cache, value_cache = q4_layers_keys_before_rope(key_floats, value_floats, batch)
+    expected = paged_attention(query, key_cache, value_cache, batch, 0.25, window)
+    attention = PrefillAttention(BLOCK_SIZE, torch.device("cpu"))
+    torch.testing.assert_close(attention(query, key_cache, value_cache, batch, 0.25, window), expected,
+                               rtol=1e-5, atol=1e-5)
+    from_floats = paged_attention(query, key_floats, value_floats, batch, 0.25, window)
+    assert not torch.allclose(expected, from_floats, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expected, from_floats, rtol=0, atol=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash varlen attention runs on CUDA")
+def test_varlen_attention_reads_q4_keys_before_rope():
+    pytest.importorskip("torch.nn.attention.varlen", reason="torch's varlen attention came in torch 2.10")
+    query, key_floats, value_floats, batch = random_step(8, "cuda")
+    key_cache, value_cache = q4_layers_keys_before_rope(key_floats, value_floats, batch)
+    attention = PrefillAttention(BLOCK_SIZE, torch.device("cuda"))
+    got = attention(query.bfloat16(), key_cache, value_cache, batch, 0.25)
+    assert attention.use_varlen, "the flash varlen kernel ran"
+    expected = paged_attention(query, key_cache, value_cache, batch, 0.25)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
