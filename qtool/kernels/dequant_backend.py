@@ -47,6 +47,8 @@ class DequantForm:
 def _stream_key(device: torch.device) -> tuple[str, int]:
     # layers sharing a scratch must run in one stream's order: a buffer per stream keeps other streams apart
     if device.type == "cuda":
+        if device.index is None:  # "cuda" and "cuda:0" must find the same buffer
+            device = torch.device("cuda", torch.cuda.current_device())
         return str(device), torch.cuda.current_stream(device).cuda_stream
     return str(device), 0
 
