@@ -63,15 +63,18 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The base matmul and the one active adapter in one function (kernels/low_rank_autograd.py), where the base
-        runs on the dequant backend, dropout is off and x is in the adapter's dtype; else None."""
+        runs on the dequant backend, dropout is off and x is in the adapter's dtype (or autocast's); else None."""
         if self.disable_adapters or not isinstance(self.base_layer, QuantLinear):
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1 or not isinstance(self.lora_dropout[active[0]], nn.Identity):
             return None
         name = active[0]
-        return dequant_linear_plus_low_rank(self.base_layer, x, self.lora_A[name].weight, self.lora_B[name].weight,
-                                            self.scaling[name])
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            # what autocast does to a linear's weight: the adapters' gradients flow back through the cast
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return dequant_linear_plus_low_rank(self.base_layer, x, a, b, self.scaling[name])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         fused = self._fused_forward(x)

@@ -30,7 +30,7 @@ class DequantLowRankFunction(torch.autograd.Function):
             y = torch.matmul(x2, w_t) if form.bias is None else torch.addmm(form.bias.to(x.dtype), x2, w_t)
         y.addmm_(xa, b.T, alpha=scaling)
         ctx.save_for_backward(x, a, b, xa)
-        ctx.scaling, ctx.layer, ctx.backend = scaling, layer, backend
+        ctx.scaling, ctx.form, ctx.backend = scaling, form, backend  # the form aliases the layer's buffers
         return y.reshape(*lead, form.out_features)
 
     @staticmethod
@@ -46,8 +46,7 @@ class DequantLowRankFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = torch.matmul(dxa.T, x2)
         if ctx.needs_input_grad[0]:
-            form = ctx.layer.prepared_form(ctx.backend)
-            with ctx.backend.scratch.weight_t(form, dy.dtype) as w_t:
+            with ctx.backend.scratch.weight_t(ctx.form, dy.dtype) as w_t:
                 dx = torch.matmul(dy, w_t.T)
             grad_x = dx.addmm_(dxa, a).reshape(x.shape)
         return grad_x, grad_a, grad_b, None, None, None
@@ -57,11 +56,13 @@ def dequant_linear_plus_low_rank(layer: Any, x: torch.Tensor, a: torch.Tensor, b
                                  scaling: float) -> torch.Tensor | None:
     """layer(x) + scaling * (x @ a^T) @ b^T through DequantLowRankFunction, or None where it does not apply: the
     layer's route for x is not the dequant backend, the dtypes differ (x, a, b must share one the dequantize kernel
-    writes) or autocast is on (it would recast inside the function); the caller then computes the two terms apart."""
+    writes) or autocast is on in another dtype (it would recast inside the function); the caller then computes the
+    two terms apart. Under autocast in x's dtype, pass a and b cast to it (as autocast casts a linear's weight)."""
     check_input_features(x, layer.in_features, layer.linear_label)
     backend = layer.route(x)
     if backend.name != DEQUANT_BACKEND or x.dtype not in DEQUANT_DTYPES or not (x.dtype == a.dtype == b.dtype):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != x.dtype:
         return None
     return DequantLowRankFunction.apply(x, a, b, float(scaling), layer, backend)

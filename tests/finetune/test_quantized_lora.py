@@ -156,6 +156,8 @@ def test_lora_gradients_through_the_dequant_backend_in_one_function(kernels_can_
     assert_gradients_match(net, torch.float32, 1e-5, backend="dequant")
     x = torch.randn(3, 96, requires_grad=True)
     assert "DequantLowRankFunction" in type(net.first(x).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a trainer's autocast over float32 adapters: still one function
+        assert "DequantLowRankFunction" in type(net.first(x.bfloat16()).grad_fn).__name__
 
 
 def test_training_backend_moves_only_cuda_layers(gptq_llama):

@@ -80,5 +80,25 @@ def test_declines_where_it_does_not_apply():
     on_dequant, _, _ = module_on("dequant", seed=5)
     assert dequant_linear_plus_low_rank(on_dequant, x.double(), a.double(), b.double(), 1.0) is None  # no kernel dtype
     assert dequant_linear_plus_low_rank(on_dequant, x.bfloat16(), a, b, 1.0) is None  # mixed dtypes
-    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # float32 x under bfloat16 autocast
         assert dequant_linear_plus_low_rank(on_dequant, x, a, b, 1.0) is None
+
+
+def test_under_autocast_in_x_dtype_float32_adapters_get_float32_gradients():
+    """What a trainer with bfloat16 autocast and float32 adapters runs: a and b cast to x's dtype on the way in."""
+    module, weight, bias = module_on("dequant", seed=6)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(11, 160, generator=gen).bfloat16().to(DEVICE)
+    a = (torch.randn(4, 160, generator=gen) * 0.1).to(DEVICE).requires_grad_()
+    b = (torch.randn(96, 4, generator=gen) * 0.1).to(DEVICE).requires_grad_()
+    dy = torch.randn(11, 96, generator=gen).bfloat16()
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = dequant_linear_plus_low_rank(module, x, a.to(x.dtype), b.to(x.dtype), 0.5)
+    assert y is not None and "DequantLowRankFunction" in type(y.grad_fn).__name__
+    y.backward(dy.to(DEVICE))
+    a64, b64 = [t.detach().bfloat16().double().cpu().requires_grad_() for t in (a, b)]
+    y64 = x.double().cpu() @ weight.T + bias + 0.5 * (x.double().cpu() @ a64.T) @ b64.T
+    y64.backward(dy.double())
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+    assert relative_error(a.grad, a64.grad) < TOLERANCE[torch.bfloat16]
+    assert relative_error(b.grad, b64.grad) < TOLERANCE[torch.bfloat16]
