@@ -3,8 +3,10 @@
 # bitsandbytes comes from a carried wheel (it is not in the machine's image); prepare it here once:
 #   mkdir -p .whl/finetune && cp /tmp/pd/bitsandbytes-*.whl .whl/finetune/      (carry: .whl/finetune)
 #   bash bench/device/qlora_step.sh [qlora_step.py args, e.g. --steps 3 --systems qtool-dequant,bnb-nf4 --profile]
-# Limits: TESTS_LIMIT_S (240; 0 skips the kernel tests), BENCH_LIMIT_S (400).
-# Results: $OUT/qlora_step.jsonl (one line per system and a comparison line) and $OUT/qlora_step.log; with
+# Limits: TESTS_LIMIT_S (240; 0 skips the kernel tests), LINEARS_LIMIT_S (120; 0 skips the per-linear timings of
+# bench/finetune/qlora_linears.py), BENCH_LIMIT_S (400).
+# Results: $OUT/qlora_step.jsonl (one line per system and a comparison line), $OUT/qlora_linears.jsonl (one line
+# per 7B linear shape: dense floor, dequantize kernel, dequant backend, fused LoRA, Triton path) and $OUT/qlora_step.log; with
 # --profile, $OUT/qlora_step_profile_<system>.txt (each system's ops by GPU time over one step).
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
@@ -23,5 +25,7 @@ echo "== kernel tests" | tee -a "$LOG"
 [[ "${TESTS_LIMIT_S:-240}" == 0 ]] || timeout "${TESTS_LIMIT_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gptq_grad_input.py \
     tests/kernels/test_exl2_grad_input.py tests/kernels/test_quantized_autograd.py tests/kernels/test_gptq_dequant.py \
     tests/kernels/test_low_rank_autograd.py 2>&1 | tail -15 | tee -a "$LOG"
+echo "== linears" | tee -a "$LOG"
+[[ "${LINEARS_LIMIT_S:-120}" == 0 ]] || timeout "${LINEARS_LIMIT_S:-120}" python3 bench/finetune/qlora_linears.py --out "$OUT/qlora_linears.jsonl" 2>&1 | grep -v Warning | tee -a "$LOG"
 echo "== bench" | tee -a "$LOG"
 timeout "${BENCH_LIMIT_S:-400}" python3 bench/finetune/qlora_step.py --out "$OUT/qlora_step.jsonl" "$@" 2>&1 | grep -v Warning | tee -a "$LOG"
