@@ -226,13 +226,17 @@ def measure(system: str, args: argparse.Namespace, device: torch.device) -> dict
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if args.profile:
-        row["profile"] = str(profile_step(step, system, args.out, device))
+        path, busy = profile_step(step, system, args.out, device, row["step_s"])
+        row["profile"] = str(path)
+        if busy is not None:
+            row["profile_gpu_busy"] = busy
     return row
 
 
-def profile_step(step, system: str, out: Path, device: torch.device) -> Path:
+def profile_step(step, system: str, out: Path, device: torch.device, step_s: float) -> tuple[Path, float | None]:
     """One more step under torch.profiler; its ops by self time on the device (CPU time on the CPU) as a table in
-    <out stem>_profile_<system>.txt, the 60 costliest."""
+    <out stem>_profile_<system>.txt, the 60 costliest; and on the GPU the kernels' time in that step as a share of
+    an unprofiled step's (step_s): well below 1, the step waits on Python launching ops, not on the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -241,8 +245,13 @@ def profile_step(step, system: str, out: Path, device: torch.device) -> Path:
         synchronize(device)
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path = out.with_name(f"{out.stem}_profile_{system}.txt")
-    path.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n")
-    return path
+    averages = prof.key_averages()
+    path.write_text(averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n")
+    if device.type != "cuda":
+        return path, None
+    # the device's own events (kernels, copies), each once: the CPU ops' device times would count them again
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return path, round(kernel_us / (step_s * 1e6), 3)
 
 
 def comparison(rows: list[dict], ours_name: str = "qtool-dequant") -> dict:
