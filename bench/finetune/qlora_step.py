@@ -1,6 +1,10 @@
 """QLoRA training-step speed and memory on a Llama-2-7B-shaped model with random weights: tokens/s and peak GPU
 memory of a LoRA step (rank 16, every decoder linear targeted, gradient checkpointing, AdamW on the adapters) for
 
+  qtool-dequant  the decoder linears as qtool GPTQ 4-bit g128 QuantLinear on the dequant backend, what `qtool
+                 finetune` trains through (finetune.quantized_lora.use_training_backend): each weight dequantized
+                 from the checkpoint's layout into one shared scratch, then cuBLAS, forward and dX; base matmul and
+                 adapter in one autograd function; one packed copy of the weights
   qtool-triton   the decoder linears as qtool GPTQ 4-bit g128 QuantLinear, forward on the Triton backend, backward
                  through the grad-input kernel (qtool.finetune.quantized_lora + PEFT)
   qtool-torch    the same GPTQ base through qtool's torch path: each weight dequantized per call, forward and
@@ -11,8 +15,9 @@ memory of a LoRA step (rank 16, every decoder linear targeted, gradient checkpoi
 Every system: the same shapes, bf16 base (embeddings, norms, head), LoRA A/B in --lora-dtype, batch 1 x --seqlen
 tokens of random ids (labels = ids), --warmup untimed steps, then --steps timed ones. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (weights included). One JSON line per system to --out, then
-one comparison line (qtool-triton's speed and peak memory as ratios of each other system's, and its first loss
-minus qtool-torch's on the same base), each with the device, versions and command.
+one comparison line (ours' speed and peak memory as ratios of each other system's, and its first loss
+minus qtool-torch's on the same base), each with the device, versions and command. "Ours" is --ours (qtool-dequant).
+--profile: one more step of each system under torch.profiler, its top kernels by GPU time written beside --out.
 
 GPU:  python3 bench/finetune/qlora_step.py --out $OUT/qlora_step.jsonl
       (bitsandbytes from a carried wheel: pip install --no-deps --target /tmp/bnb_site .whl/finetune/*.whl and
@@ -40,7 +45,8 @@ sys.path.insert(0, str(HERE.parent))  # bench/ holds scripts, not packages: its 
 
 from run_metadata import run_metadata  # noqa: E402
 
-SYSTEMS = ("qtool-triton", "qtool-torch", "bnb-nf4")
+SYSTEMS = ("qtool-dequant", "qtool-triton", "qtool-torch", "bnb-nf4")
+QTOOL_BACKENDS = {"qtool-dequant": "dequant", "qtool-triton": "triton", "qtool-torch": "torch"}
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -127,7 +133,7 @@ def build_system(system: str, shape: dict, device: torch.device, dtype: torch.dt
         from qtool.kernels.quant_linear import set_model_backend
 
         model = llama_skeleton(shape, device, dtype, gptq_factory(device, dtype))
-        set_model_backend(model, "triton" if system == "qtool-triton" else "torch")
+        set_model_backend(model, QTOOL_BACKENDS[system])
         config = lora_config_for(model, rank, 2 * rank, 0.0, "all-linear", lora_dtype=lora_dtype)
     # the adapters in lora_dtype in every system (PEFT would upcast bfloat16 ones to float32 by default)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
@@ -167,6 +173,11 @@ def measure(system: str, args: argparse.Namespace, device: torch.device) -> dict
     row["build_s"] = round(time.perf_counter() - started, 2)
     if device.type == "cuda":
         row["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+    if system == "qtool-dequant":
+        from qtool.kernels.registry import default_registry
+
+        # the one dequantized weight every layer shares (sized for the largest linear at set_backend)
+        row["scratch_mib"] = round(default_registry().get("dequant").scratch.nbytes(device) / 2**20, 1)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, shape["vocab_size"], (1, args.seqlen), device=device, generator=gen)
@@ -194,23 +205,49 @@ def measure(system: str, args: argparse.Namespace, device: torch.device) -> dict
             "trainable_params": sum(p.numel() for p in params)}
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if args.profile:
+        path, busy = profile_step(step, system, args.out, device, row["step_s"])
+        row["profile"] = str(path)
+        if busy is not None:
+            row["profile_gpu_busy"] = busy
     return row
 
 
-def comparison(rows: list[dict]) -> dict:
-    """qtool-triton's tokens/s and peak memory as ratios of each other measured system's."""
+def profile_step(step, system: str, out: Path, device: torch.device, step_s: float) -> tuple[Path, float | None]:
+    """One more step under torch.profiler; its ops by self time on the device (CPU time on the CPU) as a table in
+    <out stem>_profile_<system>.txt, the 60 costliest; and on the GPU the kernels' time in that step as a share of
+    an unprofiled step's (step_s): well below 1, the step waits on Python launching ops, not on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path = out.with_name(f"{out.stem}_profile_{system}.txt")
+    averages = prof.key_averages()
+    path.write_text(averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n")
+    if device.type != "cuda":
+        return path, None
+    # the device's own events (kernels, copies), each once: the CPU ops' device times would count them again
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return path, round(kernel_us / (step_s * 1e6), 3)
+
+
+def comparison(rows: list[dict], ours_name: str = "qtool-dequant") -> dict:
+    """`ours_name`'s tokens/s and peak memory as ratios of each other measured system's."""
     by_system = {row["system"]: row for row in rows if "tokens_per_s" in row}
-    ours = by_system.get("qtool-triton")
-    result = {"system": "comparison"}
+    ours = by_system.get(ours_name)
+    result = {"system": "comparison", "ours": ours_name}
     if ours is None:
-        return result | {"skipped": "qtool-triton was not measured"}
+        return result | {"skipped": f"{ours_name} was not measured"}
     for name, other in by_system.items():
-        if name == "qtool-triton":
+        if name == ours_name:
             continue
         result[f"speed_vs_{name}"] = float(f"{ours['tokens_per_s'] / other['tokens_per_s']:.4g}")  # 4 significant digits: ratios far below 1 too
         if "peak_gib" in ours and "peak_gib" in other:
             result[f"memory_vs_{name}"] = float(f"{ours['peak_gib'] / other['peak_gib']:.4g}")
-    if "qtool-torch" in by_system:
+    if "qtool-torch" in by_system and ours_name != "qtool-torch":
         # the same GPTQ base and adapters: the first losses differ only by the kernels' rounding
         result["first_loss_vs_qtool-torch"] = round(ours["losses"][0] - by_system["qtool-torch"]["losses"][0], 5)
     return result
@@ -228,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny llama: checks the script, measures nothing")
+    p.add_argument("--ours", choices=SYSTEMS, default="qtool-dequant", help="the system the comparison line is about")
+    p.add_argument("--profile", action="store_true", help="profile one more step of each system (tables beside --out)")
     args = p.parse_args(argv)
     args.seqlen = args.seqlen or (32 if args.tiny else 2048)
     args.steps = args.steps or (2 if args.tiny else 5)
@@ -263,7 +302,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         record(row)
-    record(comparison(rows))
+    record(comparison(rows, args.ours))
     return 0
 
 

@@ -46,6 +46,10 @@ def make_lora_model(model: torch.nn.Module, config: FinetuneConfig) -> Any:
     from peft import get_peft_model
 
     lora = lora_config(model, config)
+    if quantized_format(model) == "gptq":
+        from qtool.finetune.quantized_lora import use_training_backend
+
+        use_training_backend(model)  # dequantize + cuBLAS on CUDA; the Triton backend's repacked copies dropped
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:  # PEFT: no module matched the targets, or a target of a type it cannot adapt

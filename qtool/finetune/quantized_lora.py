@@ -18,7 +18,9 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.kernels.exl2_linear import Exl2Linear
+from qtool.kernels.low_rank_autograd import dequant_linear_plus_low_rank
 from qtool.kernels.quant_linear import QuantLinear
+from qtool.kernels.registry import BackendRegistry
 
 QUANTIZED_LINEARS = (QuantLinear, Exl2Linear)
 ALL_LINEAR = "all-linear"  # every linear of the model but its output head (PEFT's spelling)
@@ -59,7 +61,25 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
         raise QtoolError("a LoRA adapter cannot be merged into packed quantized weights in place",
                          "merge onto the dequantized float base and quantize again")
 
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base matmul and the one active adapter in one function (kernels/low_rank_autograd.py), where the base
+        runs on the dequant backend, dropout is off and x is in the adapter's dtype (or autocast's); else None."""
+        if self.disable_adapters or not isinstance(self.base_layer, QuantLinear):
+            return None
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if len(active) != 1 or not isinstance(self.lora_dropout[active[0]], nn.Identity):
+            return None
+        name = active[0]
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if a.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            # what autocast does to a linear's weight: the adapters' gradients flow back through the cast
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return dequant_linear_plus_low_rank(self.base_layer, x, a, b, self.scaling[name])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fused = self._fused_forward(x)
+        if fused is not None:
+            return fused
         result = self.base_layer(x)
         if self.disable_adapters:
             return result
@@ -154,6 +174,21 @@ def lora_config_for(model: nn.Module, rank: int, alpha: float, dropout: float, t
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=targets,
                         use_rslora=use_rslora, use_dora=use_dora, bias="none", task_type=task_type)
     return register_quantized_layers(config, lora_dtype)
+
+
+TRAINING_BACKEND = "dequant"  # kernels/dequant_backend.py: dequantize + cuBLAS, one packed copy of the weights
+
+
+def use_training_backend(model: nn.Module, registry: BackendRegistry | None = None) -> int:
+    """Route every GPTQ linear of `model` that sits on a CUDA device through the dequant backend (a training step's
+    thousands of rows run at cuBLAS's speed, forward and dX, and the Triton backend's repacked copy of each weight
+    is dropped: one packed copy stays). Layers elsewhere keep their backend. Returns how many moved."""
+    moved = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.qweight.device.type == "cuda":
+            module.set_backend(TRAINING_BACKEND, registry)
+            moved += 1
+    return moved
 
 
 def _adapter_dtype(adapter_dir: Path) -> str:

@@ -52,7 +52,10 @@ class _GptqGradForm:
 
 
 def gptq_layer_grad_input(layer: Any, grad_output: torch.Tensor, backend: Any) -> torch.Tensor:
-    """dX of a QuantLinear for dY = grad_output, in grad_output's dtype (see _kernel_serves for which path)."""
+    """dX of a QuantLinear for dY = grad_output, in grad_output's dtype: a forward on the dequant backend gets its
+    dequantize + matmul (the scratch it read), else see _kernel_serves."""
+    if backend.name == "dequant":
+        return backend.grad_input(grad_output, layer.prepared_form(backend))
     if _kernel_serves(grad_output, backend):
         from qtool.kernels.gptq_grad_input_triton import gptq_grad_input
 

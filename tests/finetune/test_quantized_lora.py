@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qtool.core.errors import QtoolError
-from qtool.finetune.quantized_lora import QuantizedLoraLinear, load_adapter_onto, lora_config_for, resolve_target_modules
+from qtool.finetune.quantized_lora import (QuantizedLoraLinear, load_adapter_onto, lora_config_for, resolve_target_modules,
+                                           use_training_backend)
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.quant.rtn import rtn_quantize
@@ -147,6 +148,28 @@ def test_lora_gradients_through_triton_grad_input_kernels(kind, kernels_can_run,
     else:
         net = Stack(exl2_layer(160, 160, seed=3), exl2_layer(45, 160, seed=4))
     assert_gradients_match(net, torch.float32, 1e-5, backend="triton")
+
+
+def test_lora_gradients_through_the_dequant_backend_in_one_function(kernels_can_run):
+    """float32 through the dequant backend: base and adapter as one function (kernels/low_rank_autograd.py)."""
+    net = Stack(gptq_layer(64, 96, 4, 32, True, "gptq", seed=9), gptq_layer(32, 64, 8, 32, False, "gptq_v2", seed=10))
+    assert_gradients_match(net, torch.float32, 1e-5, backend="dequant")
+    x = torch.randn(3, 96, requires_grad=True)
+    assert "DequantLowRankFunction" in type(net.first(x).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a trainer's autocast over float32 adapters: still one function
+        assert "DequantLowRankFunction" in type(net.first(x.bfloat16()).grad_fn).__name__
+
+
+def test_training_backend_moves_only_cuda_layers(gptq_llama):
+    model = gptq_llama(seed=3)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    moved = use_training_backend(model)
+    on_cuda = [m for m in layers if m.qweight.device.type == "cuda"]
+    assert moved == len(on_cuda) and all(m.backend == "dequant" for m in on_cuda)
+    assert all(m.backend == "auto" for m in layers if m not in on_cuda)
+    if torch.cuda.is_available():
+        model.cuda()
+        assert use_training_backend(model) == len(layers) and all(m.backend == "dequant" for m in layers)
 
 
 @pytest.fixture

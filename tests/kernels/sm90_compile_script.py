@@ -18,10 +18,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from qtool.kernels.gptq_gemm_left_triton import gptq_gemm_left_kernel  # noqa: E402
 from qtool.kernels.gptq_gemm_triton import gptq_dequant_kernel, gptq_gemm_kernel  # noqa: E402
+from qtool.kernels.gptq_dequant_triton import gptq_checkpoint_dequant_kernel  # noqa: E402
 from qtool.kernels.gptq_gemv_triton import gptq_gemv_kernel, gptq_gemv_rows_kernel  # noqa: E402
 
 POINTER_TYPES = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*fp16", "zeros_ptr": "*u8", "perm_ptr": "*i32",
-                 "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32"}
+                 "bias_ptr": "*fp16", "out_ptr": "*bf16", "ws_ptr": "*fp32", "counter_ptr": "*i32", "g_idx_ptr": "*i32"}
 COMMON = dict(HAS_PERM=True, HAS_ZEROS=True, HAS_BIAS=True, FRAGMENT=False)
 LEFT = dict(X_IN_BOUNDS=False, PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False, STREAM_K=False)  # act order: x gathered with masks
 TUNED_FEED = dict(PACKED_ASM=True, STAGED_WORDS=False, SCALE_AHEAD=False, STREAM_K=False)
@@ -108,6 +109,12 @@ CASES = [  # (name, kernel, constexprs, num_warps, num_stages[, pointer types ot
                                                                        FRAGMENT=True, X_IN_BOUNDS=True,
                                                                        **dict(TUNED_FEED, STREAM_K=True)),
      8, 3),
+    # the dequant backend's kernel on the checkpoint's layout, as the JIT specializes it for 7B's layers
+    ("tuned checkpoint dequantize 4-bit", gptq_checkpoint_dequant_kernel, dict(BITS=4, BK=64, BN=256, GROUP_PER_TILE=True,
+                                                                               ROUND_BY_HAND=False), 8, 1),
+    ("tuned checkpoint dequantize 3-bit act order", gptq_checkpoint_dequant_kernel, dict(BITS=3, BK=64, BN=256,
+                                                                                         GROUP_PER_TILE=False,
+                                                                                         ROUND_BY_HAND=False), 8, 1),
     ("left denormal 8-bit", gptq_gemm_left_kernel, dict(BITS=8, BM=32, BN=128, BK=64, SPLIT_K=1, MODE=2, IS_BF16=True,
                                                         DOT_IN_F32=False, EVEN_N=True, EVEN_K=True, TILES_PER_GROUP=1 << 24,
                                                         **COMMON, **LEFT), 8, 3),
@@ -162,7 +169,7 @@ def main() -> int:
             record.update(ok=bool(compiled.asm["cubin"]), wgmma=ptx.count("wgmma.mma_async"),
                           mma_sync=ptx.count("mma.sync"), ldmatrix_trans=ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans"),
                           local_memory=".local" in ptx, wgmma_serialized=wgmma_serialized(ptx),
-                          flushes_subnormals=".ftz" in ptx,
+                          flushes_subnormals=".ftz" in ptx, vector_stores=ptx.count("st.global.v4"),
                           paired_fma=ptx.count("fma.rn.bf16x2") + ptx.count("fma.rn.f16x2"))
         except Exception as exc:  # report and go on: the test names every kernel that failed
             record.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-400:]}")

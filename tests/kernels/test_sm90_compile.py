@@ -65,3 +65,9 @@ def test_packed_tiles_are_built_by_paired_fma_without_spilling(compiled_kernels)
     packed = [r for r in compiled_kernels if "packed" in r["kernel"]]
     assert len(packed) == 3 and all(r["ok"] and r["paired_fma"] > 0 and not r["local_memory"] for r in packed), packed
     assert not any(r.get("paired_fma") for r in compiled_kernels if "packed" not in r["kernel"])
+
+
+def test_checkpoint_dequantize_writes_whole_vectors(compiled_kernels):
+    """The dequant backend's kernel is bound by its bf16 writes: they must be 16-byte stores, and nothing spilled."""
+    dequant = [r for r in compiled_kernels if "checkpoint dequantize" in r["kernel"]]
+    assert len(dequant) == 2 and all(r["ok"] and r["vector_stores"] > 0 and not r["local_memory"] for r in dequant), dequant
