@@ -21,6 +21,7 @@ from qtool.runtime.engine.sampling import SamplingParams, request_generator, sam
 from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
 from qtool.runtime.engine.speculation import Speculator, verification_contexts
+from qtool.runtime.engine.step_phases import StepPhases
 from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
 from qtool.runtime.kv_cache_names import check_kv_cache
@@ -138,6 +139,12 @@ class Engine:
         self._steps = 0
         self._generated = 0
         self.speculator = self._speculator(draft_model, draft_tokenizer)
+        self.phases: StepPhases | None = None  # host time per step phase, when a profile attaches one
+
+    def record_phases(self, phases: StepPhases | None) -> None:
+        """Time every following step's phases into `phases` (None: stop); bench/runtime/engine_overhead.py reads it."""
+        self.phases = phases
+        self.runner.phases = phases
 
     def _speculator(self, draft_model: nn.Module | None, draft_tokenizer: Any) -> Speculator | None:
         method = self.config.speculative
@@ -243,12 +250,18 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch step; the requests that finished in it."""
+        phases = self.phases
+        if phases is not None:
+            phases.begin(self.runner.device)
         drafts = self.speculator.propose(self.scheduler.running) if self.speculator is not None else None
         chunks = self.scheduler.schedule(drafts)
         if not chunks:
             if self.has_unfinished():  # a bug, not a user error: never spin on a queue that cannot move
                 raise RuntimeError("the scheduler placed no request although some are unfinished")
             return []
+        if phases is not None:
+            phases.step_kind(all(chunk.num_tokens == 1 for chunk in chunks))
+            phases.mark("schedule")
         logits = self.runner.execute(chunks)
         # the same refusal, in the same words, as every other path that computes from this model's logits
         check_finite_logits(logits, model_name(self.model))
@@ -256,6 +269,8 @@ class Engine:
         sampling = [chunk.seq for chunk in sampling_chunks]
         tokens = self._next_tokens(sampling_chunks, logits)
         logprobs = self._token_logprobs(sampling_chunks, logits, tokens)
+        if phases is not None:
+            phases.mark("sample")
         logprobs_before = {seq.seq_id: len(seq.logprobs) for seq in sampling if seq.seq_id in self._logprob_streams}
         self.scheduler.update(chunks, tokens, on_token=lambda seq, token: self._on_token(seq, token, logprobs))
         self._steps += 1
@@ -277,6 +292,8 @@ class Engine:
         for stream, piece in pieces:
             if piece:
                 stream(piece)
+        if phases is not None:
+            phases.end()
         return outputs
 
     def _next_tokens(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[int | list[int]]:

@@ -20,6 +20,7 @@ from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from qtool.runtime.engine.decode_step import DecodeRows, plan_decode_step
 from qtool.runtime.engine.prefill_attention import PrefillAttention
 from qtool.runtime.engine.scheduler import ScheduledChunk
+from qtool.runtime.engine.step_phases import StepPhases
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,11 @@ class ModelRunner:
         logger.info("engine: %s", self.decode_step_reason)
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
+        self.phases: StepPhases | None = None  # the engine's, while a profile records step phases
+
+    def _mark(self, phase: str) -> None:
+        if self.phases is not None:
+            self.phases.mark(phase)
 
     def _max_positions(self) -> int:
         """Positions a sequence can reach: the model's context, and no more than the cache holds."""
@@ -282,21 +288,29 @@ class ModelRunner:
         if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
             logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
             sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
-            return logits if len(sampling) == len(chunks) else logits[sampling]
-        return self.execute_modules(chunks)
+            logits = logits if len(sampling) == len(chunks) else logits[sampling]
+        else:
+            logits = self.execute_modules(chunks)
+        self._mark("forward")
+        return logits
 
     def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor:
         graphs = self.decode_graphs
         self.fast_decode_steps += 1
         if graphs is not None and graphs.bucket(len(rows)) is not None:
             if max(len(table) for table in rows.block_tables) <= graphs.max_blocks:
-                return graphs.run(rows)
-        return self.decode_step(rows.to_inputs(self.device))
+                size = graphs.stage(rows)
+                self._mark("prepare")
+                return graphs.replay(size, len(rows))
+        inputs = rows.to_inputs(self.device)
+        self._mark("prepare")
+        return self.decode_step(inputs)
 
     @torch.inference_mode()
     def execute_modules(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """execute() through the model's modules, whatever the chunks are (the reference of the decode step)."""
         input_ids, positions, batch = self.prepare(chunks)
+        self._mark("prepare")
         hidden = self._forward_tokens(input_ids, positions, batch)
         last_rows, row = [], -1
         for chunk in chunks:
