@@ -14,7 +14,8 @@ the model's modules) runs on a freshly constructed engine: the first request's T
 captured inside a request shows there), then --requests timed requests of --new-tokens greedy tokens at --batch
 requests at once. Phases (Engine.record_phases, qtool/runtime/engine/step_phases.py): schedule, prepare (input tensors),
 forward (on CUDA: queued, its GPU time goes to sample unless --sync-phases), sample (finite check, sampler, the
-device->host copy of the ids), postprocess (sequence updates, stop checks, detokenizing, stream callbacks).
+device->host copy of the ids), postprocess (sequence updates, stop checks, detokenizing, stream callbacks). Each
+phase's figure is its median over the decode steps (the sum of the medians, and the mean step, in the total column).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torc
         "first_request_first_step_cpu_ms": first_step_cpu_ms[0],
         "first_step_cpu_ms_median": statistics.median(first_step_cpu_ms[1:]),
         "ttft_ms_median": statistics.median(ttfts) * 1e3,
-        "decode_us_per_step": phases.per_step_us("decode"), "decode_steps": phases.steps["decode"],
-        "other_us_per_step": phases.per_step_us("other"), "other_steps": phases.steps["other"],
+        "decode_us_per_step": phases.per_step_us("decode"), "decode_steps": phases.steps("decode"),
+        "decode_us_per_step_mean": phases.per_step_us("decode", "mean"),
+        "other_us_per_step": phases.per_step_us("other"), "other_steps": phases.steps("other"),
         "tok_s": tokens * len(walls) / sum(walls), "decode_tok_s_per_request": statistics.median(decode_rates),
         "streamed_chars": sum(map(len, pieces)),
     }
@@ -117,12 +119,12 @@ def synchronize(device: torch.device) -> None:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| path | " + " | ".join(PHASES) + " | total µs/decode step | prefill step µs | first step CPU ms: first "
+    head = ("| path | " + " | ".join(PHASES) + " | sum (mean) µs/decode step | prefill step µs | first step CPU ms: first "
             "request / later | TTFT wall ms: first / later | tok/s |")
     lines = [head, "|" + "---|" * (len(PHASES) + 7)]
     for r in results:
         d = r["decode_us_per_step"]
-        lines.append(f"| {r['path']} | " + " | ".join(f"{d[p]:.0f}" for p in PHASES) + f" | {d['total']:.0f} | "
+        lines.append(f"| {r['path']} | " + " | ".join(f"{d[p]:.0f}" for p in PHASES) + f" | {d['total']:.0f} ({r['decode_us_per_step_mean']['total']:.0f}) | "
                      f"{r['other_us_per_step']['total']:.0f} | {r['first_request_first_step_cpu_ms']:.2f} / "
                      f"{r['first_step_cpu_ms_median']:.2f} | {r['first_request_ttft_ms']:.1f} / "
                      f"{r['ttft_ms_median']:.1f} | {r['tok_s']:.0f} |")

@@ -118,8 +118,10 @@ class DecodeGraphs:
         self._stage(rows, size)
         return size
 
-    def replay(self, size: int, count: int) -> torch.Tensor:
-        """Replay the graph of `size` on the staged rows; logits of the first `count` rows (a copy)."""
+    def replay(self, size: int, count: int, copy: bool = True) -> torch.Tensor:
+        """Replay the graph of `size` on the staged rows; logits of the first `count` rows: a copy, or with
+        copy=False the graph's own output, valid until the next replay (a caller that is done with them by then
+        saves a kernel per step)."""
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:count].clone()
+        return logits[:count].clone() if copy else logits[:count]

@@ -158,14 +158,12 @@ class DecodeRows:
         return len(self.input_ids)
 
     def to_inputs(self, device: torch.device, width: int | None = None) -> DecodeInputs:
-        """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table)."""
+        """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table). Two
+        host->device copies: ids, positions and slots as one int64 tensor, the tables as one int32 tensor."""
         width = width or max(len(table) for table in self.block_tables)
-        tables = torch.zeros(len(self), width, dtype=torch.int32)
-        for row, table in enumerate(self.block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return DecodeInputs(as_long(self.input_ids).to(device), as_long(self.positions).to(device), tables.to(device),
-                            (as_long(self.positions) + 1).to(torch.int32).to(device), as_long(self.slots).to(device))
+        tables = torch.tensor([table + [0] * (width - len(table)) for table in self.block_tables], dtype=torch.int32)
+        longs = torch.tensor([self.input_ids, self.positions, self.slots], dtype=torch.long).to(device)
+        return DecodeInputs(longs[0], longs[1], tables.to(device), (longs[1] + 1).to(torch.int32), longs[2])
 
 
 class DecodeStep:

@@ -11,13 +11,13 @@ from typing import Any, Callable, Iterator, Sequence as Seq
 import torch
 from torch import nn
 
-from qtool.models.finite_outputs import check_finite_logits, model_name
+from qtool.models.finite_outputs import model_name, non_finite_logits_error
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine.block_manager import BlockManager, cache_window
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
 from qtool.runtime.engine.drafters import DraftModelDrafter, NgramDrafter, check_draft_model
 from qtool.runtime.engine.model_runner import ModelRunner
-from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample, token_logprobs
+from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample_finite, token_logprobs
 from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
 from qtool.runtime.engine.speculation import Speculator, verification_contexts
@@ -263,8 +263,6 @@ class Engine:
             phases.step_kind(all(chunk.num_tokens == 1 for chunk in chunks))
             phases.mark("schedule")
         logits = self.runner.execute(chunks)
-        # the same refusal, in the same words, as every other path that computes from this model's logits
-        check_finite_logits(logits, model_name(self.model))
         sampling_chunks = [chunk for chunk in chunks if chunk.samples]
         sampling = [chunk.seq for chunk in sampling_chunks]
         tokens = self._next_tokens(sampling_chunks, logits)
@@ -308,7 +306,9 @@ class Engine:
                 contexts += verification_contexts(seq, chunk.draft_ids)
             else:
                 contexts.append(seq.token_ids if seq.params.repetition_penalty != 1.0 else [])
-        choices = sample(logits, params, contexts, generators)
+        choices = sample_finite(logits, params, contexts, generators)
+        if choices is None:  # the same refusal, in the same words, as every path that computes from a model's logits
+            raise non_finite_logits_error(model_name(self.model))
         tokens: list[int | list[int]] = []
         row = 0
         for chunk in chunks:

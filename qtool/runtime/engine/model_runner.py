@@ -284,7 +284,8 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Compute the chunks' K/V into the cache and return the logits [n, vocab] (float32) of the chunks that
         reach their sequence's last token, in chunk order: chunk.num_logits trailing rows each (one, or one per
-        position of a speculating chunk)."""
+        position of a speculating chunk). They may be a CUDA graph's output buffer: read them before the next
+        execute()."""
         if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
             logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
             sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
@@ -301,7 +302,8 @@ class ModelRunner:
             if max(len(table) for table in rows.block_tables) <= graphs.max_blocks:
                 size = graphs.stage(rows)
                 self._mark("prepare")
-                return graphs.replay(size, len(rows))
+                # the graph's own output: the engine samples from it within the step, before any later replay
+                return graphs.replay(size, len(rows), copy=False)
         inputs = rows.to_inputs(self.device)
         self._mark("prepare")
         return self.decode_step(inputs)

@@ -6,6 +6,7 @@ the forward is queued, not waited for: its GPU time lands in the first phase tha
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +23,10 @@ class StepPhases:
     # "wall" (perf_counter), or "thread" (this thread's CPU time: on a shared CPU, other processes' load stays out;
     # on CUDA it misses the time spent waiting for the device)
     clock: str = "wall"
-    ns: dict[str, dict[str, int]] = field(default_factory=lambda: {kind: dict.fromkeys(PHASES, 0)
-                                                                  for kind in STEP_KINDS})
-    steps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STEP_KINDS, 0))
+    # kind -> phase -> nanoseconds of each step of that kind
+    ns: dict[str, dict[str, list[int]]] = field(default_factory=lambda: {kind: {phase: [] for phase in PHASES}
+                                                                        for kind in STEP_KINDS})
+    _step: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     _last: int = 0
     _kind: str = "other"
     _device: torch.device | None = None
@@ -38,6 +40,7 @@ class StepPhases:
         """A step starts now."""
         self._device = device
         self._kind = "other"
+        self._step = dict.fromkeys(PHASES, 0)
         self._last = self._now()
 
     def step_kind(self, decode: bool) -> None:
@@ -48,20 +51,19 @@ class StepPhases:
         if self.synchronize and self._device is not None and self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         now = self._now()
-        self.ns[self._kind][phase] += now - self._last
+        self._step[phase] += now - self._last
         self._last = now
 
     def end(self) -> None:
         self.mark("postprocess")
-        self.steps[self._kind] += 1
+        for phase, ns in self._step.items():
+            self.ns[self._kind][phase].append(ns)
 
-    def reset(self) -> None:
-        for kind in STEP_KINDS:
-            self.ns[kind] = dict.fromkeys(PHASES, 0)
-            self.steps[kind] = 0
+    def steps(self, kind: str = "decode") -> int:
+        return len(self.ns[kind]["schedule"])
 
-    def per_step_us(self, kind: str = "decode") -> dict[str, float]:
-        """Mean microseconds per step of `kind` in each phase, and their total."""
-        count = self.steps[kind]
-        means = {phase: (self.ns[kind][phase] / count / 1e3 if count else 0.0) for phase in PHASES}
-        return {**means, "total": sum(means.values())}
+    def per_step_us(self, kind: str = "decode", statistic: str = "median") -> dict[str, float]:
+        """Microseconds per step of `kind` in each phase ("median" or "mean" over the steps), and their sum."""
+        summary = {"median": statistics.median, "mean": statistics.fmean}[statistic]
+        values = {phase: (summary(ns) / 1e3 if ns else 0.0) for phase, ns in self.ns[kind].items()}
+        return {**values, "total": sum(values.values())}
