@@ -8,6 +8,8 @@ time. TTFT and tok/s are wall time.
     python bench/runtime/engine_overhead.py --stream                 # with a tokenizer and on_text streaming
     python bench/runtime/engine_overhead.py --tiny                   # a few tokens: the code path, no timing value
     python bench/runtime/engine_overhead.py --device cuda --sync-phases   # on a GPU: each phase owns its GPU time
+    python bench/runtime/engine_overhead.py --device cuda --model DIR --kernel-profile   # a real model (HF or GPTQ
+        directory, e.g. runtime_bench.py's --work/smollm2-gptq-4bit): its phases and the GPU kernels of a decode step
 
 Each path ("decode-step": the whole-tensor decode step, on CUDA replayed from CUDA graphs, the GPU's path; "modules":
 the model's modules) runs on a freshly constructed engine: the first request's TTFT (anything compiled, tuned or
@@ -62,6 +64,28 @@ def trained_tokenizer(vocab: int, text_file: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def kernel_profile(engine: Engine, params: SamplingParams, prompt: list[int], steps: int) -> list[dict]:
+    """The GPU kernels of `steps` decode steps (torch.profiler): per kernel name, launches and microseconds per
+    step, most time first. Where the decode step's GPU time goes (and why float may be slower than GPTQ)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request(prompt, params)
+    engine.step()  # the prefill
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+    rows = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if device_us and event.device_type.name == "CUDA":
+            rows.append({"kernel": event.key[:90], "launches_per_step": event.count / steps,
+                         "us_per_step": device_us / steps})
+    return sorted(rows, key=lambda row: -row["us_per_step"])
+
+
 def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torch.device) -> dict:
     config = EngineConfig(num_blocks=args.num_blocks, max_num_seqs=max(8, args.batch), cuda_graphs=True,
                           **PATHS[name])
@@ -98,7 +122,9 @@ def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torc
         ttfts += [o.time_to_first_token_s for o in outputs]
         decode_rates += [(len(o.token_ids) - 1) / (o.seconds - o.time_to_first_token_s) for o in outputs]
     tokens = args.batch * args.new_tokens
+    kernels = kernel_profile(engine, params, prompt, min(16, args.new_tokens - 2)) if args.kernel_profile else None
     return {
+        "kernels": kernels,
         "path": name, "engine_start_s": start_s, "fast_decode_steps": engine.runner.fast_decode_steps,
         "decode_step": engine.runner.decode_step_reason,
         "first_request_ttft_ms": first.time_to_first_token_s * 1e3,
@@ -145,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync-phases", action="store_true", help="CUDA: wait for the device at every phase mark")
     parser.add_argument("--path", choices=tuple(PATHS), action="append", help="only these paths (default: both)")
     parser.add_argument("--tiny", action="store_true", help="a few tokens, a small vocabulary: a smoke run")
+    parser.add_argument("--model", help="a model directory or alias instead of the tiny random one (its tokenizer "
+                        "streams with --stream)")
+    parser.add_argument("--dtype", default="bfloat16", help="--model's float dtype on CUDA")
+    parser.add_argument("--kernel-profile", action="store_true", help="CUDA: the GPU kernels of a decode step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the results as one JSON line")
     args = parser.parse_args(argv)
@@ -154,11 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.kernel_profile and device.type != "cuda":
+        parser.error("--kernel-profile needs --device cuda")
     tokenizer = None
-    if args.stream:
-        tokenizer = trained_tokenizer(args.vocab, GRIMM)
-        args.vocab = len(tokenizer)  # a small corpus may yield fewer merges than asked
-    model = tiny_model(args.vocab, device, args.seed)
+    if args.model:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_models  # beside this file: qtool's loader, GPTQ directories with their Triton linears
+
+        dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+        model, loaded_tokenizer = bench_models.load(args.model, device, dtype)
+        tokenizer = loaded_tokenizer if args.stream else None
+        args.vocab = model.config.vocab_size
+    else:
+        if args.stream:
+            tokenizer = trained_tokenizer(args.vocab, GRIMM)
+            args.vocab = len(tokenizer)  # a small corpus may yield fewer merges than asked
+        model = tiny_model(args.vocab, device, args.seed)
     results = [run_path(name, model, tokenizer, args, device) for name in (args.path or PATHS)]
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, vocab {args.vocab}, batch {args.batch}, "
@@ -166,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"{r['path']}: {r['decode_step']}; engine start {r['engine_start_s']:.2f} s")
+        if r["kernels"]:
+            total = sum(k["us_per_step"] for k in r["kernels"])
+            launches = sum(k["launches_per_step"] for k in r["kernels"])
+            print(f"  GPU kernels per decode step: {launches:.0f} launches, {total:.0f} µs; the most time:")
+            for k in r["kernels"][:15]:
+                print(f"    {k['us_per_step']:8.1f} µs  {k['launches_per_step']:5.1f}x  {k['kernel']}")
     if args.out:
         with args.out.open("a") as f:
             f.write(json.dumps({"argv": sys.argv[1:], "results": results}) + "\n")

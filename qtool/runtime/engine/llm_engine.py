@@ -127,6 +127,7 @@ class Engine:
                                   config.fast_decode, config.max_num_seqs)
         graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
+        self._warm_up_sampler()
         # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
         self.blocks = BlockManager(self.num_blocks, config.block_size, cache_window(self.runner.windows))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -145,6 +146,19 @@ class Engine:
         """Time every following step's phases into `phases` (None: stop); bench/runtime/engine_overhead.py reads it."""
         self.phases = phases
         self.runner.phases = phases
+
+    def _warm_up_sampler(self) -> None:
+        """On CUDA, the sampler's and logprobs' kernels run once now (greedy; sampled with every filter and a
+        penalty), so that loading them never lands inside the first request's time to first token."""
+        device = self.runner.device
+        if device.type != "cuda":
+            return
+        logits = torch.zeros(2, self.model.config.vocab_size, device=device)
+        params = [SamplingParams(temperature=0.0),
+                  SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1)]
+        generator = request_generator(0, device)
+        sample_finite(logits, params, [[], [1, 2]], [generator, generator])
+        token_logprobs(logits, [0, 1], [0, 2])
 
     def _speculator(self, draft_model: nn.Module | None, draft_tokenizer: Any) -> Speculator | None:
         method = self.config.speculative

@@ -225,7 +225,10 @@ class ModelRunner:
                 batch = AttentionBatch.build([[0] * -(-tokens // block_size)], [tokens], [tokens], block_size,
                                              self.device)
                 positions = torch.arange(tokens, device=self.device) % self._max_positions()
-                self._forward_tokens(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, batch)
+                hidden = self._forward_tokens(torch.zeros(tokens, dtype=torch.long, device=self.device), positions,
+                                              batch)
+            last = torch.tensor([tokens - 1], device=self.device)  # a prefill's last row, picked as execute_modules does
+            head_logits(self.model, hidden[last], spec=self.spec)
         if self.decode_step is None:
             return
         if max_graph_batch >= 1:
