@@ -51,6 +51,8 @@ class EngineConfig:
     fast_decode: bool | None = None
     cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
     max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
+    # where the decode step runs, prefill and mixed steps run through its fused ops too (False: the model's modules)
+    fast_prefill: bool = True
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
@@ -124,7 +126,7 @@ class Engine:
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
-                                  config.fast_decode, config.max_num_seqs)
+                                  config.fast_decode, config.max_num_seqs, config.fast_prefill)
         graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         self._warm_up_sampler()

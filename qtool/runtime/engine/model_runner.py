@@ -161,11 +161,13 @@ class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1):
+                 kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
+                 fast_prefill: bool = True):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
-        many blocks being filled at full precision)."""
+        many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules)."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -197,8 +199,10 @@ class ModelRunner:
             if self.decode_step is None:
                 self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
         logger.info("engine: %s", self.decode_step_reason)
+        self.fast_prefill = fast_prefill and self.decode_step is not None
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
+        self.fast_prefill_steps = 0  # prefill or mixed steps run through the decode step's ops
         self.phases: StepPhases | None = None  # the engine's, while a profile records step phases
 
     def _mark(self, phase: str) -> None:
@@ -225,10 +229,12 @@ class ModelRunner:
                 batch = AttentionBatch.build([[0] * -(-tokens // block_size)], [tokens], [tokens], block_size,
                                              self.device)
                 positions = torch.arange(tokens, device=self.device) % self._max_positions()
-                hidden = self._forward_tokens(torch.zeros(tokens, dtype=torch.long, device=self.device), positions,
-                                              batch)
-            last = torch.tensor([tokens - 1], device=self.device)  # a prefill's last row, picked as execute_modules does
-            head_logits(self.model, hidden[last], spec=self.spec)
+                ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+                last = torch.tensor([tokens - 1], device=self.device)  # a prefill's last row, through the head
+                if self.fast_prefill:
+                    self.decode_step.ragged(ids, positions, batch.slots, self._prefill_attend(batch), last)
+                else:
+                    head_logits(self.model, self._forward_tokens(ids, positions, batch)[last], spec=self.spec)
         if self.decode_step is None:
             return
         if max_graph_batch >= 1:
@@ -293,6 +299,8 @@ class ModelRunner:
             logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
             sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
             logits = logits if len(sampling) == len(chunks) else logits[sampling]
+        elif self.fast_prefill:
+            logits = self._execute_ragged(chunks)
         else:
             logits = self.execute_modules(chunks)
         self._mark("forward")
@@ -311,16 +319,38 @@ class ModelRunner:
         self._mark("prepare")
         return self.decode_step(inputs)
 
+    def _execute_ragged(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """execute() of a prefill or mixed step through the decode step's fused ops (DecodeStep.ragged)."""
+        input_ids, positions, batch = self.prepare(chunks)
+        last_rows = self._logit_rows(chunks)
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        self._mark("prepare")
+        self.fast_prefill_steps += 1
+        return self.decode_step.ragged(input_ids, positions, batch.slots, self._prefill_attend(batch), rows)
+
+    def _prefill_attend(self, batch: AttentionBatch):
+        """The decode step's attention callback for a ragged batch: the runner's prefill attention over the cache."""
+        def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+            return self.attention(q, key_cache, value_cache, batch, self.decode_step.layers[index].scale,
+                                  self.windows[index], softcap=self.attention_softcap)
+        return attend
+
+    @staticmethod
+    def _logit_rows(chunks: list[ScheduledChunk]) -> list[int]:
+        """Rows of the flattened batch whose logits are wanted: each chunk's num_logits trailing rows."""
+        last_rows, row = [], -1
+        for chunk in chunks:
+            row += chunk.num_tokens
+            last_rows += range(row - chunk.num_logits + 1, row + 1)
+        return last_rows
+
     @torch.inference_mode()
     def execute_modules(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """execute() through the model's modules, whatever the chunks are (the reference of the decode step)."""
         input_ids, positions, batch = self.prepare(chunks)
         self._mark("prepare")
         hidden = self._forward_tokens(input_ids, positions, batch)
-        last_rows, row = [], -1
-        for chunk in chunks:
-            row += chunk.num_tokens
-            last_rows += range(row - chunk.num_logits + 1, row + 1)
+        last_rows = self._logit_rows(chunks)
         if not last_rows:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         rows = torch.tensor(last_rows, device=self.device)
