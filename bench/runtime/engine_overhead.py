@@ -18,6 +18,9 @@ requests at once. Phases (Engine.record_phases, qtool/runtime/engine/step_phases
 forward (on CUDA: queued, its GPU time goes to sample unless --sync-phases), sample (finite check, sampler, the
 device->host copy of the ids), postprocess (sequence updates, stop checks, detokenizing, stream callbacks). Each
 phase's figure is its median over the decode steps (the sum of the medians, and the mean step, in the total column).
+The last column counts the torch operators a prefill step and a decode step dispatch from Python (each about one
+kernel launch on a GPU; on CUDA with graphs the decode step's forward is one replay; on the CPU the decode step's
+fused ops run their torch references, several operators each): exact where timings are noisy.
 """
 
 from __future__ import annotations
@@ -80,15 +83,44 @@ def kernel_profile(engine: Engine, params: SamplingParams, prompt: list[int], st
     rows = []
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if device_us and event.device_type.name == "CUDA":
+        if device_us and getattr(getattr(event, "device_type", None), "name", "") == "CUDA":
             rows.append({"kernel": event.key[:90], "launches_per_step": event.count / steps,
                          "us_per_step": device_us / steps})
     return sorted(rows, key=lambda row: -row["us_per_step"])
 
 
+def top_level_ops(steps) -> float:
+    """torch operators the steps dispatched from Python (not those an operator calls inside itself): on a GPU,
+    about one kernel launch each, the host's cost the CPU run can count exactly while its timings are noisy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        count = steps()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")) / count
+
+
+def op_counts(engine: Engine, params: SamplingParams, prompt: list[int], decode_steps: int) -> dict:
+    """Torch operators per prefill step (one request of `prompt`) and per decode step."""
+    engine.add_request(prompt, params)
+    prefill = top_level_ops(lambda: (engine.step(), 1)[1])
+
+    def decode() -> int:
+        for _ in range(decode_steps):
+            engine.step()
+        return decode_steps
+
+    per_decode = top_level_ops(decode)
+    while engine.has_unfinished():
+        engine.step()
+    return {"prefill_step": prefill, "decode_step": per_decode}
+
+
 def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torch.device) -> dict:
-    config = EngineConfig(num_blocks=args.num_blocks, max_num_seqs=max(8, args.batch), cuda_graphs=True,
-                          **PATHS[name])
+    fast_prefill = {"fast_prefill": False} if args.no_fast_prefill else {}  # absent before EngineConfig had it
+    config = EngineConfig(num_blocks=args.num_blocks, max_num_seqs=max(8, args.batch),
+                          cuda_graphs=not args.no_cuda_graphs,
+                          **PATHS[name], **fast_prefill)
     began = time.perf_counter()
     engine = Engine(model, tokenizer, config)
     start_s = time.perf_counter() - began
@@ -122,10 +154,19 @@ def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torc
         ttfts += [o.time_to_first_token_s for o in outputs]
         decode_rates += [(len(o.token_ids) - 1) / (o.seconds - o.time_to_first_token_s) for o in outputs]
     tokens = args.batch * args.new_tokens
-    kernels = kernel_profile(engine, params, prompt, min(16, args.new_tokens - 2)) if args.kernel_profile else None
+    kernels = None
+    if args.kernel_profile:
+        try:
+            kernels = kernel_profile(engine, params, prompt, min(16, args.new_tokens - 2))
+        except Exception as exc:  # the profiler's API moves between torch versions: the other figures still count
+            kernels = [{"kernel": f"profile failed: {type(exc).__name__}: {exc}"[:200], "launches_per_step": 0,
+                        "us_per_step": 0.0}]
+    ops = op_counts(engine, params, prompt, min(16, args.new_tokens - 2))
     return {
+        "torch_ops_per_step": ops,
         "kernels": kernels,
         "path": name, "engine_start_s": start_s, "fast_decode_steps": engine.runner.fast_decode_steps,
+        "fast_prefill_steps": getattr(engine.runner, "fast_prefill_steps", None),
         "decode_step": engine.runner.decode_step_reason,
         "first_request_ttft_ms": first.time_to_first_token_s * 1e3,
         "first_request_first_step_cpu_ms": first_step_cpu_ms[0],
@@ -146,14 +187,15 @@ def synchronize(device: torch.device) -> None:
 
 def table(results: list[dict]) -> str:
     head = ("| path | " + " | ".join(PHASES) + " | sum (mean) µs/decode step | prefill step µs | first step CPU ms: first "
-            "request / later | TTFT wall ms: first / later | tok/s |")
-    lines = [head, "|" + "---|" * (len(PHASES) + 7)]
+            "request / later | TTFT wall ms: first / later | tok/s | torch ops per prefill / decode step |")
+    lines = [head, "|" + "---|" * (len(PHASES) + 8)]
     for r in results:
         d = r["decode_us_per_step"]
         lines.append(f"| {r['path']} | " + " | ".join(f"{d[p]:.0f}" for p in PHASES) + f" | {d['total']:.0f} ({r['decode_us_per_step_mean']['total']:.0f}) | "
                      f"{r['other_us_per_step']['total']:.0f} | {r['first_request_first_step_cpu_ms']:.2f} / "
                      f"{r['first_step_cpu_ms_median']:.2f} | {r['first_request_ttft_ms']:.1f} / "
-                     f"{r['ttft_ms_median']:.1f} | {r['tok_s']:.0f} |")
+                     f"{r['ttft_ms_median']:.1f} | {r['tok_s']:.0f} | {r['torch_ops_per_step']['prefill_step']:.0f} / "
+                     f"{r['torch_ops_per_step']['decode_step']:.0f} |")
     return "\n".join(lines)
 
 
@@ -174,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a model directory or alias instead of the tiny random one (its tokenizer "
                         "streams with --stream)")
     parser.add_argument("--dtype", default="bfloat16", help="--model's float dtype on CUDA")
+    parser.add_argument("--no-fast-prefill", action="store_true",
+                        help="prefill steps through the model's modules even where the decode step runs")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: the decode step eager (its kernels "
+                        "one by one, for --kernel-profile where the profiler does not see inside graphs)")
     parser.add_argument("--kernel-profile", action="store_true", help="CUDA: the GPU kernels of a decode step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the results as one JSON line")
@@ -207,10 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"{r['path']}: {r['decode_step']}; engine start {r['engine_start_s']:.2f} s")
-        if r["kernels"]:
+        if r["kernels"] is not None:
             total = sum(k["us_per_step"] for k in r["kernels"])
             launches = sum(k["launches_per_step"] for k in r["kernels"])
-            print(f"  GPU kernels per decode step: {launches:.0f} launches, {total:.0f} µs; the most time:")
+            print(f"  GPU kernels per decode step: {launches:.0f} launches, {total:.0f} µs; the most time (none listed: "
+                  "the profiler saw no kernel, e.g. inside CUDA graphs: rerun with --no-cuda-graphs)" if not r["kernels"] else
+                  f"  GPU kernels per decode step: {launches:.0f} launches, {total:.0f} µs; the most time:")
             for k in r["kernels"][:15]:
                 print(f"    {k['us_per_step']:8.1f} µs  {k['launches_per_step']:5.1f}x  {k['kernel']}")
     if args.out:
