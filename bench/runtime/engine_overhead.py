@@ -153,6 +153,7 @@ def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torc
         walls.append(time.perf_counter() - began)
         ttfts += [o.time_to_first_token_s for o in outputs]
         decode_rates += [(len(o.token_ids) - 1) / (o.seconds - o.time_to_first_token_s) for o in outputs]
+    engine.record_phases(None)  # the profiles below are no timed steps
     tokens = args.batch * args.new_tokens
     kernels = None
     if args.kernel_profile:
