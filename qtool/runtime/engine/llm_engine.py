@@ -178,7 +178,8 @@ class Engine:
         # the mirrors of all running sequences, each with room for a full draft past its target's blocks
         extra = self.config.max_num_seqs * (self.blocks.blocks_for(self.config.num_speculative_tokens) + 1)
         drafter = DraftModelDrafter(draft_model.eval(), self.num_blocks + extra, self.config.block_size,
-                                    self.model.config.vocab_size, self.config.max_num_batched_tokens)
+                                    self.model.config.vocab_size, self.config.max_num_batched_tokens,
+                                    self.config.max_num_seqs)
         return Speculator(drafter, self.config.num_speculative_tokens)
 
     def _blocks_for_budget(self, model: nn.Module) -> int:
