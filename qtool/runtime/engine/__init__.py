@@ -21,14 +21,20 @@ Design, one role per file:
 - decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
   add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
   module); taken per model when its recipe is the plain pre-norm form and probing its modules finds RMSNorms and a
-  gated MLP, with a reason line.
+  gated MLP, with a reason line. Where it runs, prefill and mixed steps go through the same fused ops too
+  (DecodeStep.ragged, the runner's prefill attention; EngineConfig.fast_prefill): a few kernels per layer instead of
+  the modules' many small ones, so the host launches less before the first token.
 - cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
-  every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request).
+  every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request; the
+  sampler's kernels are loaded then too). Inputs staged through pinned buffers; the replay's logits are read in place.
 - prefill_attention.py: attention of prefill/mixed steps on the GPU (torch's flash varlen kernel over contexts gathered
   from the paged cache; SDPA per sequence where it cannot run); the CPU keeps attention.py's reference.
-- sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused);
+- sampling.py: SamplingParams and the batched sampler (per-row filters, per-request generator, NaN/inf refused; the
+  finite check and the sampled ids reach the host in one copy, a step's only wait for the device: sample_finite);
   token_logprobs: the chosen tokens' log-softmax and top-k, computed only for the rows of requests with logprobs set
   (the model's own distribution: runtime/token_logprobs.py; a speculating run's token i from its row i).
+- step_phases.py: where a step's host time goes (schedule, prepare, forward, sample, postprocess), recorded only when
+  a profile attaches one (Engine.record_phases; bench/runtime/engine_overhead.py).
 - detokenizer.py: incremental text and stop strings (runtime/stop_strings.py), and the piece of it safe to stream.
 - drafters.py: speculative decoding's drafters: prompt lookup (n-gram) and a draft model with its own ModelRunner and
   BlockManager (a mirror sequence per request, caught up on accepted tokens each round).

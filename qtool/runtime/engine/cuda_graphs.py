@@ -108,10 +108,20 @@ class DecodeGraphs:
 
     def run(self, rows: DecodeRows) -> torch.Tensor:
         """Logits [len(rows), vocab] (float32, a copy: the graph's output is overwritten by the next replay)."""
+        return self.replay(self.stage(rows), len(rows))
+
+    def stage(self, rows: DecodeRows) -> int:
+        """Copy rows into the static buffers; the captured size to replay."""
         size = self.bucket(len(rows))
         if size is None:
             raise ValueError(f"{len(rows)} rows exceed the largest captured batch ({self.largest})")
         self._stage(rows, size)
+        return size
+
+    def replay(self, size: int, count: int, copy: bool = True) -> torch.Tensor:
+        """Replay the graph of `size` on the staged rows; logits of the first `count` rows: a copy, or with
+        copy=False the graph's own output, valid until the next replay (a caller that is done with them by then
+        saves a kernel per step)."""
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[: len(rows)].clone()
+        return logits[:count].clone() if copy else logits[:count]

@@ -9,7 +9,7 @@ modules (plan_decode_step); otherwise every step runs through model_runner's mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from qtool.runtime.engine.scheduler import ScheduledChunk
 if TYPE_CHECKING:
     from qtool.runtime.engine.model_runner import ModelRunner
 
+# a layer's attention over the paged cache: (layer index, rotated queries [T, heads, d], its key and value cache)
+# -> [T, heads, d]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NORM_WEIGHT_OFFSETS = (0.0, 1.0)  # weight as is (Llama), or 1 + weight (Gemma)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -158,14 +161,12 @@ class DecodeRows:
         return len(self.input_ids)
 
     def to_inputs(self, device: torch.device, width: int | None = None) -> DecodeInputs:
-        """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table)."""
+        """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table). Two
+        host->device copies: ids, positions and slots as one int64 tensor, the tables as one int32 tensor."""
         width = width or max(len(table) for table in self.block_tables)
-        tables = torch.zeros(len(self), width, dtype=torch.int32)
-        for row, table in enumerate(self.block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return DecodeInputs(as_long(self.input_ids).to(device), as_long(self.positions).to(device), tables.to(device),
-                            (as_long(self.positions) + 1).to(torch.int32).to(device), as_long(self.slots).to(device))
+        tables = torch.tensor([table + [0] * (width - len(table)) for table in self.block_tables], dtype=torch.int32)
+        longs = torch.tensor([self.input_ids, self.positions, self.slots], dtype=torch.long).to(device)
+        return DecodeInputs(longs[0], longs[1], tables.to(device), (longs[1] + 1).to(torch.int32), longs[2])
 
 
 class DecodeStep:
@@ -192,11 +193,32 @@ class DecodeStep:
         return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
-        batch = inputs.input_ids.shape[0]
-        hidden = self.embed(inputs.input_ids)
+        def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[index]
+            return paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
+                                          layer.scale, layer.sliding_window)
+
+        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend)
+        return self._head(hidden, residual)
+
+    def ragged(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
+               rows: torch.Tensor) -> torch.Tensor:
+        """A prefill or mixed step (any number of tokens per sequence, flattened: [T] ids, positions, slots)
+        through the same fused ops, its attention by `attend` (the runner's prefill attention over the paged
+        cache, which holds the step's K/V when it is called); the logits [len(rows), vocab] of the batch's `rows`.
+        A few fused kernels per layer instead of the modules' many small ones: the host launches less before the
+        first token."""
+        hidden, residual = self._layers(input_ids, positions, slots, attend)
+        return self._head(hidden[rows], residual[rows])
+
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output and the residual stream before their add (fused with the final norm)."""
+        batch = input_ids.shape[0]
+        hidden = self.embed(input_ids)
         if self.embedding_multiplier != 1.0:
             hidden = hidden * self.embedding_multiplier
-        cos, sin = self.cos[inputs.positions], self.sin[inputs.positions]
+        cos, sin = self.cos[positions], self.sin[positions]
         residual = None
         for index, layer in enumerate(self.layers):
             # the previous branch's residual add, fused with this layer's input norm
@@ -207,14 +229,16 @@ class DecodeStep:
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q)[0], layer.k_norm(k)[0]
             key_cache, value_cache = self.runner.cache.layer(index)
-            q = rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, inputs.slots)
-            attended = paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
-                                              layer.scale, layer.sliding_window)
+            q = rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, slots)
+            attended = attend(index, q, key_cache, value_cache)
             normed, residual = layer.post_attention_norm(self._scaled(layer.o_proj(attended.reshape(batch, -1))),
                                                          residual)
             gate, up = layer.gate_proj(normed), layer.up_proj(normed)
             activated = silu_mul(gate, up) if layer.activation is None else layer.activation(gate) * up
             hidden = self._scaled(layer.down_proj(activated))
+        return hidden, residual
+
+    def _head(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.final_norm is None:
             return head_logits(self.runner.model, hidden + residual, spec=self.runner.spec).float()
         normed, _ = self.final_norm(hidden, residual)

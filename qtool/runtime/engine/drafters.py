@@ -106,9 +106,12 @@ class DraftModelDrafter:
 
     name = "draft"
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, vocab_size: int, max_forward_tokens: int):
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, vocab_size: int, max_forward_tokens: int,
+                 max_num_seqs: int = 1):
         self.max_forward_tokens = max_forward_tokens
         self.runner = ModelRunner(model, num_blocks, block_size)
+        # on CUDA its kernels compile (and quantized linears tune) at engine start too, never inside a request
+        self.runner.warm_up(max_forward_tokens, max_num_seqs)
         self.blocks = BlockManager(num_blocks, block_size)
         self.vocab_size = min(vocab_size, model.config.vocab_size)  # ids the target can take
         self.max_context = getattr(model.config, "max_position_embeddings", None)

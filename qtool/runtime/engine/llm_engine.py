@@ -11,16 +11,17 @@ from typing import Any, Callable, Iterator, Sequence as Seq
 import torch
 from torch import nn
 
-from qtool.models.finite_outputs import check_finite_logits, model_name
+from qtool.models.finite_outputs import model_name, non_finite_logits_error
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine.block_manager import BlockManager, cache_window
 from qtool.runtime.engine.detokenizer import IncrementalDetokenizer
 from qtool.runtime.engine.drafters import DraftModelDrafter, NgramDrafter, check_draft_model
 from qtool.runtime.engine.model_runner import ModelRunner
-from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample, token_logprobs
+from qtool.runtime.engine.sampling import SamplingParams, request_generator, sample_finite, token_logprobs
 from qtool.runtime.engine.scheduler import ScheduledChunk, Scheduler
 from qtool.runtime.engine.sequence import Sequence
 from qtool.runtime.engine.speculation import Speculator, verification_contexts
+from qtool.runtime.engine.step_phases import StepPhases
 from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
 from qtool.runtime.kv_cache_names import check_kv_cache
@@ -50,6 +51,8 @@ class EngineConfig:
     fast_decode: bool | None = None
     cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
     max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
+    # where the decode step runs, prefill and mixed steps run through its fused ops too (False: the model's modules)
+    fast_prefill: bool = True
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
@@ -123,9 +126,10 @@ class Engine:
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
-                                  config.fast_decode, config.max_num_seqs)
+                                  config.fast_decode, config.max_num_seqs, config.fast_prefill)
         graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
+        self._warm_up_sampler()
         # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all
         self.blocks = BlockManager(self.num_blocks, config.block_size, cache_window(self.runner.windows))
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -138,6 +142,25 @@ class Engine:
         self._steps = 0
         self._generated = 0
         self.speculator = self._speculator(draft_model, draft_tokenizer)
+        self.phases: StepPhases | None = None  # host time per step phase, when a profile attaches one
+
+    def record_phases(self, phases: StepPhases | None) -> None:
+        """Time every following step's phases into `phases` (None: stop); bench/runtime/engine_overhead.py reads it."""
+        self.phases = phases
+        self.runner.phases = phases
+
+    def _warm_up_sampler(self) -> None:
+        """On CUDA, the sampler's and logprobs' kernels run once now (greedy; sampled with every filter and a
+        penalty), so that loading them never lands inside the first request's time to first token."""
+        device = self.runner.device
+        if device.type != "cuda":
+            return
+        logits = torch.zeros(2, self.model.config.vocab_size, device=device)
+        params = [SamplingParams(temperature=0.0),
+                  SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.1)]
+        generator = request_generator(0, device)
+        sample_finite(logits, params, [[], [1, 2]], [generator, generator])
+        token_logprobs(logits, [0, 1], [0, 2])
 
     def _speculator(self, draft_model: nn.Module | None, draft_tokenizer: Any) -> Speculator | None:
         method = self.config.speculative
@@ -155,7 +178,8 @@ class Engine:
         # the mirrors of all running sequences, each with room for a full draft past its target's blocks
         extra = self.config.max_num_seqs * (self.blocks.blocks_for(self.config.num_speculative_tokens) + 1)
         drafter = DraftModelDrafter(draft_model.eval(), self.num_blocks + extra, self.config.block_size,
-                                    self.model.config.vocab_size, self.config.max_num_batched_tokens)
+                                    self.model.config.vocab_size, self.config.max_num_batched_tokens,
+                                    self.config.max_num_seqs)
         return Speculator(drafter, self.config.num_speculative_tokens)
 
     def _blocks_for_budget(self, model: nn.Module) -> int:
@@ -243,19 +267,25 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batch step; the requests that finished in it."""
+        phases = self.phases
+        if phases is not None:
+            phases.begin(self.runner.device)
         drafts = self.speculator.propose(self.scheduler.running) if self.speculator is not None else None
         chunks = self.scheduler.schedule(drafts)
         if not chunks:
             if self.has_unfinished():  # a bug, not a user error: never spin on a queue that cannot move
                 raise RuntimeError("the scheduler placed no request although some are unfinished")
             return []
+        if phases is not None:
+            phases.step_kind(all(chunk.num_tokens == 1 for chunk in chunks))
+            phases.mark("schedule")
         logits = self.runner.execute(chunks)
-        # the same refusal, in the same words, as every other path that computes from this model's logits
-        check_finite_logits(logits, model_name(self.model))
         sampling_chunks = [chunk for chunk in chunks if chunk.samples]
         sampling = [chunk.seq for chunk in sampling_chunks]
         tokens = self._next_tokens(sampling_chunks, logits)
         logprobs = self._token_logprobs(sampling_chunks, logits, tokens)
+        if phases is not None:
+            phases.mark("sample")
         logprobs_before = {seq.seq_id: len(seq.logprobs) for seq in sampling if seq.seq_id in self._logprob_streams}
         self.scheduler.update(chunks, tokens, on_token=lambda seq, token: self._on_token(seq, token, logprobs))
         self._steps += 1
@@ -277,6 +307,8 @@ class Engine:
         for stream, piece in pieces:
             if piece:
                 stream(piece)
+        if phases is not None:
+            phases.end()
         return outputs
 
     def _next_tokens(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[int | list[int]]:
@@ -291,7 +323,9 @@ class Engine:
                 contexts += verification_contexts(seq, chunk.draft_ids)
             else:
                 contexts.append(seq.token_ids if seq.params.repetition_penalty != 1.0 else [])
-        choices = sample(logits, params, contexts, generators)
+        choices = sample_finite(logits, params, contexts, generators)
+        if choices is None:  # the same refusal, in the same words, as every path that computes from a model's logits
+            raise non_finite_logits_error(model_name(self.model))
         tokens: list[int | list[int]] = []
         row = 0
         for chunk in chunks:

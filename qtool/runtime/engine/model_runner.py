@@ -22,6 +22,7 @@ from qtool.runtime.engine.kv_quant import QuantizedKVCache
 from qtool.runtime.engine.prefill_attention import PrefillAttention
 from qtool.runtime.engine.rope import KeyRope, apply_rope
 from qtool.runtime.engine.scheduler import ScheduledChunk
+from qtool.runtime.engine.step_phases import StepPhases
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,13 @@ class ModelRunner:
     """Owns the KV cache tensors and runs one step of the scheduler's chunks through the model."""
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
-                 kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1):
+                 kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
+                 fast_prefill: bool = True):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
-        many blocks being filled at full precision)."""
+        many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules)."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -176,8 +179,15 @@ class ModelRunner:
             if self.decode_step is None:
                 self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
         logger.info("engine: %s", self.decode_step_reason)
+        self.fast_prefill = fast_prefill and self.decode_step is not None
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
+        self.fast_prefill_steps = 0  # prefill or mixed steps run through the decode step's ops
+        self.phases: StepPhases | None = None  # the engine's, while a profile records step phases
+
+    def _mark(self, phase: str) -> None:
+        if self.phases is not None:
+            self.phases.mark(phase)
 
     def _max_positions(self) -> int:
         """Positions a sequence can reach: the model's context, and no more than the cache holds."""
@@ -199,7 +209,12 @@ class ModelRunner:
                 batch = AttentionBatch.build([[0] * -(-tokens // block_size)], [tokens], [tokens], block_size,
                                              self.device)
                 positions = torch.arange(tokens, device=self.device) % self._max_positions()
-                self._forward_tokens(torch.zeros(tokens, dtype=torch.long, device=self.device), positions, batch)
+                ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+                last = torch.tensor([tokens - 1], device=self.device)  # a prefill's last row, through the head
+                if self.fast_prefill:
+                    self.decode_step.ragged(ids, positions, batch.slots, self._prefill_attend(batch), last)
+                else:
+                    head_logits(self.model, self._forward_tokens(ids, positions, batch)[last], spec=self.spec)
         if self.decode_step is None:
             return
         if max_graph_batch >= 1:
@@ -258,30 +273,64 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Compute the chunks' K/V into the cache and return the logits [n, vocab] (float32) of the chunks that
         reach their sequence's last token, in chunk order: chunk.num_logits trailing rows each (one, or one per
-        position of a speculating chunk)."""
+        position of a speculating chunk). They may be a CUDA graph's output buffer: read them before the next
+        execute()."""
         if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
             logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
             sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
-            return logits if len(sampling) == len(chunks) else logits[sampling]
-        return self.execute_modules(chunks)
+            logits = logits if len(sampling) == len(chunks) else logits[sampling]
+        elif self.fast_prefill:
+            logits = self._execute_ragged(chunks)
+        else:
+            logits = self.execute_modules(chunks)
+        self._mark("forward")
+        return logits
 
     def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor:
         graphs = self.decode_graphs
         self.fast_decode_steps += 1
         if graphs is not None and graphs.bucket(len(rows)) is not None:
             if max(len(table) for table in rows.block_tables) <= graphs.max_blocks:
-                return graphs.run(rows)
-        return self.decode_step(rows.to_inputs(self.device))
+                size = graphs.stage(rows)
+                self._mark("prepare")
+                # the graph's own output: the engine samples from it within the step, before any later replay
+                return graphs.replay(size, len(rows), copy=False)
+        inputs = rows.to_inputs(self.device)
+        self._mark("prepare")
+        return self.decode_step(inputs)
+
+    def _execute_ragged(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """execute() of a prefill or mixed step through the decode step's fused ops (DecodeStep.ragged)."""
+        input_ids, positions, batch = self.prepare(chunks)
+        last_rows = self._logit_rows(chunks)
+        rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
+        self._mark("prepare")
+        self.fast_prefill_steps += 1
+        return self.decode_step.ragged(input_ids, positions, batch.slots, self._prefill_attend(batch), rows)
+
+    def _prefill_attend(self, batch: AttentionBatch):
+        """The decode step's attention callback for a ragged batch: the runner's prefill attention over the cache."""
+        def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+            return self.attention(q, key_cache, value_cache, batch, self.decode_step.layers[index].scale,
+                                  self.windows[index], softcap=self.attention_softcap)
+        return attend
+
+    @staticmethod
+    def _logit_rows(chunks: list[ScheduledChunk]) -> list[int]:
+        """Rows of the flattened batch whose logits are wanted: each chunk's num_logits trailing rows."""
+        last_rows, row = [], -1
+        for chunk in chunks:
+            row += chunk.num_tokens
+            last_rows += range(row - chunk.num_logits + 1, row + 1)
+        return last_rows
 
     @torch.inference_mode()
     def execute_modules(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """execute() through the model's modules, whatever the chunks are (the reference of the decode step)."""
         input_ids, positions, batch = self.prepare(chunks)
+        self._mark("prepare")
         hidden = self._forward_tokens(input_ids, positions, batch)
-        last_rows, row = [], -1
-        for chunk in chunks:
-            row += chunk.num_tokens
-            last_rows += range(row - chunk.num_logits + 1, row + 1)
+        last_rows = self._logit_rows(chunks)
         if not last_rows:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         rows = torch.tensor(last_rows, device=self.device)

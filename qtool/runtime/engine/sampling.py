@@ -109,11 +109,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], contexts: list[li
            generators: list[torch.Generator]) -> list[int]:
     """One token per row of logits [n, V]: row i uses params[i], the token ids in contexts[i] (for the repetition
     penalty) and generators[i]. Non-finite logits are refused: sampling from them would return garbage."""
-    if not torch.isfinite(logits).all():
+    tokens = sample_finite(logits, params, contexts, generators)
+    if tokens is None:
         bad = sorted({int(r) for r in (~torch.isfinite(logits)).nonzero()[:, 0]})
         raise QtoolError(f"the model produced NaN or infinite logits for batch rows {bad}",
                          hint="the weights or the KV cache overflowed: try float32 or bfloat16, or check the model")
-    logits = apply_repetition_penalty(logits.float(), contexts, [p.repetition_penalty for p in params])
+    return tokens
+
+
+def sample_finite(logits: torch.Tensor, params: list[SamplingParams], contexts: list[list[int]],
+                  generators: list[torch.Generator]) -> list[int] | None:
+    """sample()'s tokens, or None when a logit is NaN or infinite (the caller says whose). The check and the ids
+    reach the host in one copy: the step's only wait for the device."""
+    if logits.shape[0] == 0:
+        return []
+    finite = torch.isfinite(logits).all()
+    logits = logits.float()
+    penalties = [p.repetition_penalty for p in params]
+    if any(penalty != 1.0 for penalty in penalties):
+        logits = apply_repetition_penalty(logits, contexts, penalties)
     tokens = logits.argmax(dim=1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -128,7 +142,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], contexts: list[li
         noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=generators[i])
                              for i in sampled])
         tokens[sampled] = (probs / noise).argmax(dim=1)
-    return tokens.tolist()
+    *ids, all_finite = torch.cat((tokens, finite.reshape(1).to(tokens.dtype))).tolist()
+    return ids if all_finite else None
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top_counts: list[int]) -> list[TokenLogprob]:

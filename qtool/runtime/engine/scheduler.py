@@ -63,8 +63,9 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         scheduled: set[int] = set()
         preempted = False
-        for seq in self.running:  # with a sliding window, blocks no query will read go back to the pool first
-            self.blocks.release_out_of_window(seq)
+        if self.blocks.sliding_window is not None:  # blocks no query will read go back to the pool first
+            for seq in self.running:
+                self.blocks.release_out_of_window(seq)
         # decodes (one uncached token) first, so a long prompt never stalls the replies under way
         for seq in sorted(self.running, key=lambda s: (s.num_uncached_tokens > 1, s.seq_id)):
             if budget == 0:
