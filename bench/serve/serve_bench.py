@@ -163,19 +163,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "serve_bench.jsonl")
     p.add_argument("--work", type=Path, default=None, help="folder for the clients' request and result files")
-    p.add_argument("--clients-count", type=int, default=128, help="concurrent HTTP clients (= requests)")
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--min-prompt", type=int, default=128)
-    p.add_argument("--max-prompt", type=int, default=1024)
-    p.add_argument("--kv-gib", type=float, default=30.0)
+    # each default: (full, --tiny); a value given on the command line wins over both, so `--tiny --clients-count
+    # 128 --new-tokens 256` is the GPU's workload on a model so cheap that the host's own work is what is measured
+    defaults = {"clients_count": (128, 12), "new_tokens": (256, 8), "min_prompt": (128, 8), "max_prompt": (1024, 32),
+                "kv_gib": (30.0, 1 / 32)}
+    p.add_argument("--clients-count", type=int, help="concurrent HTTP clients (= requests); 128, --tiny 12")
+    p.add_argument("--new-tokens", type=int, help="tokens each request generates; 256, --tiny 8")
+    p.add_argument("--min-prompt", type=int, help="shortest random prompt; 128, --tiny 8")
+    p.add_argument("--max-prompt", type=int, help="longest random prompt; 1024, --tiny 32")
+    p.add_argument("--kv-gib", type=float, help="KV cache size in GiB; 30, --tiny 1/32")
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.tiny:
-        args.clients_count = min(args.clients_count, 12)
-        args.new_tokens = min(args.new_tokens, 8)
-        args.min_prompt, args.max_prompt = 8, 32
-        args.kv_gib = min(args.kv_gib, 1 / 32)
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
     return args
 
 

@@ -67,23 +67,57 @@ class WorkerSnapshot:
 
 
 class Completion:
-    """One request (its n choices) as the event loop sees it: events arrive on `queue` as (choice index, kind,
+    """One request (its n choices) as the event loop sees it: events arrive in `events` as (choice index, kind,
     payload) with kind "accepted" (engine id), "text" (a piece), "logprobs" (a step's TokenLogprobs, before its
     text; only for `stream_logprobs`: a whole reply reads them from the output), "done" (RequestOutput),
     "refused" (the engine would not take it: a QtoolError) or "failed" (a step failed or the server stops: an
-    exception)."""
+    exception). A plain list and one future per wait, not an asyncio.Queue: a step's events for a request are
+    appended together and wake its reader once (a Queue wakes a getter per event, and waiting on it beside the
+    client's disconnect took a task and asyncio.wait per token)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False):
         self.loop = loop
         self.n = n
         self.stream_logprobs = stream_logprobs
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.events: list[tuple[int, str, Any]] = []
+        self.gone = False  # the client disconnected
+        self._waiter: asyncio.Future | None = None
+
+    def push(self, events: list[tuple[int, str, Any]]) -> None:
+        """On the event loop: events for this request (in order), waking its reader."""
+        self.events += events
+        self._wake()
+
+    def leave(self) -> None:
+        """On the event loop: the client went away; its reader wakes to abort."""
+        self.gone = True
+        self._wake()
+
+    async def wait(self) -> None:
+        """Until an event is there or the client left (at once when so already)."""
+        if self.events or self.gone:
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> list[tuple[int, str, Any]]:
+        """The events that came since the last take, in order."""
+        events, self.events = self.events, []
+        return events
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
-def _deliver(events: list[tuple[Completion, tuple]]) -> None:
-    """On the event loop: a batch of the engine thread's events into their completions' queues."""
-    for completion, event in events:
-        completion.queue.put_nowait(event)
+def _deliver(batches: dict[Completion, list]) -> None:
+    """On the event loop: a round of the engine thread's events, each request's in one push."""
+    for completion, events in batches.items():
+        completion.push(events)
 
 
 class EngineWorker:
@@ -180,9 +214,9 @@ class EngineWorker:
 
     def _flush(self) -> None:
         """Hand this round's events to their event loops: one wake-up per loop, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, dict[Completion, list]] = {}
         for completion, event in self._outbox:
-            by_loop.setdefault(completion.loop, []).append((completion, event))
+            by_loop.setdefault(completion.loop, {}).setdefault(completion, []).append(event)
         self._outbox = []
         for loop, events in by_loop.items():
             try:
