@@ -153,7 +153,8 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         metrics.count(endpoint, exc.status)
         raise
     completion = Completion(asyncio.get_running_loop(), parsed.n,
-                            stream_logprobs=parsed.stream and parsed.logprobs is not None)
+                            stream_logprobs=parsed.stream and parsed.logprobs is not None,
+                            pacer=app.state.pacers[served.name] if parsed.stream else None)
     for index, choice_params in enumerate(params):
         served.worker.submit(completion, index, ids, choice_params)
     gone = asyncio.ensure_future(watch_disconnect(request, completion))

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams, engine_support
 from qtool.runtime.engine_sizing import EngineSizing
+from qtool.serve.stream_pacing import StreamPacer
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +76,32 @@ class Completion:
     appended together and wake its reader once (a Queue wakes a getter per event, and waiting on it beside the
     client's disconnect took a task and asyncio.wait per token)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False):
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False,
+                 pacer: StreamPacer | None = None):
         self.loop = loop
         self.n = n
         self.stream_logprobs = stream_logprobs
+        self.pacer = pacer  # None: every step's text wakes the reader
         self.events: list[tuple[int, str, Any]] = []
         self.gone = False  # the client disconnected
         self._waiter: asyncio.Future | None = None
+        self._woke_at = 0  # the pacer's delivery count when the reader last got text
+        self._texted = False  # the reader got text already (the first text is never held)
 
     def push(self, events: list[tuple[int, str, Any]]) -> None:
-        """On the event loop: events for this request (in order), waking its reader."""
+        """On the event loop: events for this request (in order), waking its reader unless the pacer holds text
+        back (then they wait in `events` and go out with a later step's)."""
         self.events += events
+        if self._waiter is None:  # the reader is busy: it takes them when it waits next
+            return
+        pacer = self.pacer
+        if pacer is not None and self._texted and not pacer.due(self._woke_at) \
+                and all(event[1] in ("text", "logprobs") for event in events):
+            pacer.held.add(self)
+            return
+        if pacer is not None:
+            self._woke_at = pacer.steps
+            self._texted = self._texted or any(event[1] == "text" for event in self.events)
         self._wake()
 
     def leave(self) -> None:
@@ -108,14 +124,30 @@ class Completion:
         events, self.events = self.events, []
         return events
 
+    def release(self) -> None:
+        """On the event loop: wake the reader for text the pacer held (its time came without a newer event)."""
+        self._woke_at = self.pacer.steps
+        self._wake()
+
     def _wake(self) -> None:
+        if self.pacer is not None:
+            self.pacer.held.discard(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
 
 def _deliver(batches: dict[Completion, list]) -> None:
-    """On the event loop: a round of the engine thread's events, each request's in one push."""
+    """On the event loop: a round of the engine thread's events, each request's in one push (after the pacers
+    of their streams counted the round)."""
+    pacers = {completion.pacer for completion in batches if completion.pacer is not None}
+    if pacers:
+        now, cpu = time.perf_counter(), time.thread_time()
+        for pacer in pacers:
+            pacer.tick(now, cpu)
+            # text held for a stream that this round brought nothing new (a preempted sequence) still goes out
+            for completion in [c for c in pacer.held if c not in batches and pacer.due(c._woke_at)]:
+                completion.release()
     for completion, events in batches.items():
         completion.push(events)
 
