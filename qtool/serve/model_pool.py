@@ -138,16 +138,18 @@ class Completion:
 
 
 def _deliver(batches: dict[Completion, list]) -> None:
-    """On the event loop: a round of the engine thread's events, each request's in one push (after the pacers
-    of their streams counted the round)."""
-    pacers = {completion.pacer for completion in batches if completion.pacer is not None}
-    if pacers:
-        now, cpu = time.perf_counter(), time.thread_time()
-        for pacer in pacers:
-            pacer.tick(now, cpu)
-            # text held for a stream that this round brought nothing new (a preempted sequence) still goes out
-            for completion in [c for c in pacer.held if c not in batches and pacer.due(c._woke_at)]:
-                completion.release()
+    """On the event loop: a round of the engine thread's events (the loop's clocks read once for the pacers)."""
+    deliver(batches, time.perf_counter(), time.thread_time())
+
+
+def deliver(batches: dict[Completion, list], now: float, cpu: float) -> None:
+    """On the event loop: each request's events of a round in one push, after the pacers of their streams counted
+    the round (`now`: the wall clock, `cpu`: the loop thread's CPU clock)."""
+    for pacer in {completion.pacer for completion in batches if completion.pacer is not None}:
+        pacer.tick(now, cpu)
+        # text held for a stream that this round brought nothing new (a preempted sequence) still goes out
+        for completion in [c for c in pacer.held if c not in batches and pacer.due(c._woke_at)]:
+            completion.release()
     for completion, events in batches.items():
         completion.push(events)
 
