@@ -87,7 +87,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
 
     @app.get("/metrics")
     async def metrics(request: Request, format: str | None = None) -> Response:
-        report = app.state.metrics.report(list(served.values()), app.state.server.in_flight)
+        report = app.state.metrics.report(list(served.values()), app.state.server.in_flight, app.state.pacers)
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("text/plain" in accept or "openmetrics" in accept)):
             return PlainTextResponse(prometheus_text(report), media_type="text/plain; version=0.0.4")
