@@ -6,10 +6,15 @@
                   settings
 Output tokens/s of each (output tokens over the wall time from the first request to the last token), the HTTP/offline
 ratio, and p50/p99 time to first token (offline: from add_request; HTTP: measured by the clients, from sending the
-request to the first text chunk). JSON lines with device, versions, commit, command and date.
+request to the first text chunk). Where the server's host time goes: the CPU seconds of its event loop's thread
+and of its engine's thread during the timed run (beside the offline engine's), the SSE chunks the clients got and
+the stream pacer's last state (serve/stream_pacing.py). JSON lines with device, versions, commit, command and date.
 
     python bench/serve/serve_bench.py --out serve.jsonl                   # 128 clients, 7B shape, on the GPU
     python bench/serve/serve_bench.py --tiny --device cpu --out /tmp/s.jsonl   # every path, tiny, on a CPU
+    python bench/serve/serve_bench.py --tiny --device cpu --clients-count 128 --new-tokens 128 --kv-gib 0.0625
+        # the GPU's client count on a model so cheap that the host's own work dominates (a CPU)
+    python bench/serve/serve_bench.py --stream-cpu-budget 1.0   # every stream sends every step's text (no pacing)
 """
 
 from __future__ import annotations
@@ -100,22 +105,30 @@ def run_clients(url: str, bodies: list[dict], work: Path) -> list[dict]:
 # ---- the measured systems ----
 
 
+def thread_cpu_s(thread: threading.Thread) -> float:
+    """The CPU seconds a running thread has used (its own clock: the other threads' and processes' not counted)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
 def offline(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, device) -> dict:
     import bench_peers
 
+    cpu = time.thread_time()
     result = bench_peers.engine_run(model, prompts, new_tokens, config, device, tokenizer=tokenizer)
+    result["engine_cpu_s"] = time.thread_time() - cpu
     result.pop("token_ids")
     ttft = result.pop("ttft_s", [])
     return {**result, "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99)}
 
 
-def served(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, work: Path) -> dict:
+def served(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, work: Path,
+           stream_cpu_budget: float) -> dict:
     from qtool.serve.app import create_app
     from qtool.serve.model_pool import ServedModel
     from qtool.serve.server import build_server
     from qtool.serve.settings import ServeSettings
 
-    settings = ServeSettings(port=0, max_tokens_limit=max(new_tokens, 16), max_n=1)
+    settings = ServeSettings(port=0, max_tokens_limit=max(new_tokens, 16), max_n=1, stream_cpu_budget=stream_cpu_budget)
     model_entry = ServedModel("bench", model, tokenizer, config)
     app = create_app([model_entry], settings)
     server = build_server(app, settings, log_level="warning")
@@ -133,7 +146,12 @@ def served(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, 
 
         run_clients(url, [body(p, 2) for p in prompts[:2]], work)  # compile and tune outside the timing
         generated_before = model_entry.worker.snapshot.stats["generated_tokens"]
+        # the server process's two busy threads: the event loop (HTTP, SSE) and the engine's (its steps)
+        engine_thread = next(t for t in threading.enumerate() if t.name == f"qtool-engine-{model_entry.name}")
+        cpu_before = thread_cpu_s(thread), thread_cpu_s(engine_thread)
         results = run_clients(url, [body(p, new_tokens) for p in prompts], work)
+        loop_cpu, engine_cpu = (thread_cpu_s(t) - before for t, before in zip((thread, engine_thread), cpu_before))
+        pacer = app.state.pacers[model_entry.name]
         stats = model_entry.worker.snapshot.stats
         peak = model_entry.worker.snapshot.peak_running
     finally:
@@ -149,7 +167,9 @@ def served(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, 
             "wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall if wall > 0 else None,
             "engine_generated_tokens": stats["generated_tokens"] - generated_before,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99), "peak_running": peak,
-            "stats": stats}
+            "loop_cpu_s": loop_cpu, "engine_cpu_s": engine_cpu, "sse_choice_chunks": sum(r["chunks"] for r in ok),
+            "stream_cpu_budget": stream_cpu_budget, "last_stream_every_steps": pacer.every,
+            "last_loop_cpu_share": pacer.loop_share, "stats": stats}
 
 
 # ---- the run ----
@@ -158,25 +178,31 @@ def served(model, tokenizer, prompts: list[list[int]], new_tokens: int, config, 
 def parse_args(argv=None) -> argparse.Namespace:
     import torch
 
+    from qtool.serve.settings import ServeSettings
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama, few clients, few tokens: every path on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "serve_bench.jsonl")
     p.add_argument("--work", type=Path, default=None, help="folder for the clients' request and result files")
-    p.add_argument("--clients-count", type=int, default=128, help="concurrent HTTP clients (= requests)")
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--min-prompt", type=int, default=128)
-    p.add_argument("--max-prompt", type=int, default=1024)
-    p.add_argument("--kv-gib", type=float, default=30.0)
+    # each default: (full, --tiny); a value given on the command line wins over both, so `--tiny --clients-count
+    # 128 --new-tokens 256` is the GPU's workload on a model so cheap that the host's own work is what is measured
+    defaults = {"clients_count": (128, 12), "new_tokens": (256, 8), "min_prompt": (128, 8), "max_prompt": (1024, 32),
+                "kv_gib": (30.0, 1 / 32)}
+    p.add_argument("--clients-count", type=int, help="concurrent HTTP clients (= requests); 128, --tiny 12")
+    p.add_argument("--new-tokens", type=int, help="tokens each request generates; 256, --tiny 8")
+    p.add_argument("--min-prompt", type=int, help="shortest random prompt; 128, --tiny 8")
+    p.add_argument("--max-prompt", type=int, help="longest random prompt; 1024, --tiny 32")
+    p.add_argument("--kv-gib", type=float, help="KV cache size in GiB; 30, --tiny 1/32")
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-cpu-budget", type=float, default=ServeSettings.stream_cpu_budget,
+                   help="the server's ServeSettings.stream_cpu_budget (1.0: every stream sends every step's text)")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.clients_count = min(args.clients_count, 12)
-        args.new_tokens = min(args.new_tokens, 8)
-        args.min_prompt, args.max_prompt = 8, 32
-        args.kv_gib = min(args.kv_gib, 1 / 32)
+    for name, (full, tiny) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
     return args
 
 
@@ -240,11 +266,12 @@ def run(args: argparse.Namespace, argv: list[str], threads: int) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    http = served(model, tokenizer, prompts, args.new_tokens, config, work)
+    http = served(model, tokenizer, prompts, args.new_tokens, config, work, args.stream_cpu_budget)
     ratio = http["output_tok_s"] / base["output_tok_s"] if http["output_tok_s"] else None
     record("serve", f"http serve ({args.clients_count} clients)",
            f"{http['output_tok_s'] or 0:.1f} output tok/s ({ratio or 0:.2f}x offline), TTFT p50 "
-           f"{http['ttft_p50_s'] or 0:.3f} s p99 {http['ttft_p99_s'] or 0:.3f} s"
+           f"{http['ttft_p50_s'] or 0:.3f} s p99 {http['ttft_p99_s'] or 0:.3f} s; CPU s loop {http['loop_cpu_s']:.2f} "
+           f"engine {http['engine_cpu_s']:.2f} (offline {base['engine_cpu_s']:.2f}); {http['sse_choice_chunks']} SSE chunks"
            f"{'' if http['complete'] else ' (incomplete: see failed/errors)'}",
            **common, ratio_to_offline=ratio, **runtime_bench.strip(http))
     return 0 if http["complete"] else 1

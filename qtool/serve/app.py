@@ -20,12 +20,14 @@ from qtool.serve.guard import Guard, ServerState
 from qtool.serve.metrics import ServerMetrics, prometheus_text
 from qtool.serve.model_pool import ServedModel
 from qtool.serve.settings import ServeSettings
+from qtool.serve.stream_pacing import StreamPacer
 from qtool.serve.studio_routes import studio_router
 
 
 def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The server app. app.state holds `served` (name -> ServedModel), `settings`, `metrics` (ServerMetrics) and
-    `server` (ServerState: draining, in-flight count) for the routes other modules add."""
+    """The server app. app.state holds `served` (name -> ServedModel), `settings`, `metrics` (ServerMetrics),
+    `server` (ServerState: draining, in-flight count) and `pacers` (name -> the StreamPacer of its streams) for the
+    routes other modules add."""
     served = {m.name: m for m in models}
     if len(served) != len(models):
         raise QtoolError("two served models share a name", "give each model its own name")
@@ -43,6 +45,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
     app.state.settings = settings
     app.state.metrics = ServerMetrics()
     app.state.server = ServerState()
+    app.state.pacers = {m.name: StreamPacer(cpu_budget=settings.stream_cpu_budget) for m in models}
     known = {CHAT, COMPLETIONS, "/v1/models", "/metrics", "/health"}
 
     def count_refusal(path: str, status: int) -> None:  # any other path as "other": a scan cannot grow the counts
@@ -84,7 +87,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings = ServeSet
 
     @app.get("/metrics")
     async def metrics(request: Request, format: str | None = None) -> Response:
-        report = app.state.metrics.report(list(served.values()), app.state.server.in_flight)
+        report = app.state.metrics.report(list(served.values()), app.state.server.in_flight, app.state.pacers)
         accept = request.headers.get("accept", "")
         if format == "prometheus" or (format is None and ("text/plain" in accept or "openmetrics" in accept)):
             return PlainTextResponse(prometheus_text(report), media_type="text/plain; version=0.0.4")

@@ -99,36 +99,28 @@ def prepare(served: ServedModel, request: CompletionRequest, settings: ServeSett
     return ids, params
 
 
-async def wait_disconnect(request: Request) -> None:
+async def watch_disconnect(request: Request, completion: Completion) -> None:
+    """Tell the completion when its client disconnects (the task is cancelled once the reply is complete)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    completion.leave()
 
 
-async def next_events(completion: Completion, gone: asyncio.Future) -> list[tuple[int, str, Any]]:
+async def next_events(completion: Completion) -> list[tuple[int, str, Any]]:
     """The completion's events that have come (waiting for at least one), or ClientGone when the client left."""
-    if gone.done():
+    await completion.wait()
+    if completion.gone:
         raise ClientGone
-    if completion.queue.empty():
-        get = asyncio.ensure_future(completion.queue.get())
-        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if get not in done:
-            get.cancel()
-            raise ClientGone
-        events = [get.result()]
-    else:
-        events = []
-    while not completion.queue.empty():
-        events.append(completion.queue.get_nowait())
-    return events
+    return completion.take()
 
 
-async def accepted(completion: Completion, gone: asyncio.Future, n: int) -> list[tuple[int, str, Any]]:
+async def accepted(completion: Completion, n: int) -> list[tuple[int, str, Any]]:
     """Wait until the engine took all n choices (before any status goes out, so a refusal is still a 400); the
     other events that came meanwhile, in order."""
     backlog = []
     taken = 0
     while taken < n:
-        for event in await next_events(completion, gone):
+        for event in await next_events(completion):
             if event[1] in ("refused", "failed"):
                 raise failure(event[1], event[2])
             if event[1] == "accepted":
@@ -161,21 +153,22 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
         metrics.count(endpoint, exc.status)
         raise
     completion = Completion(asyncio.get_running_loop(), parsed.n,
-                            stream_logprobs=parsed.stream and parsed.logprobs is not None)
+                            stream_logprobs=parsed.stream and parsed.logprobs is not None,
+                            pacer=app.state.pacers[served.name] if parsed.stream else None)
     for index, choice_params in enumerate(params):
         served.worker.submit(completion, index, ids, choice_params)
-    gone = asyncio.ensure_future(wait_disconnect(request))
+    gone = asyncio.ensure_future(watch_disconnect(request, completion))
     reply = Reply(parsed, served.name, len(ids), TokenTexts(served.tokenizer))
     streaming = False
     try:
-        backlog = await accepted(completion, gone, parsed.n)
+        backlog = await accepted(completion, parsed.n)
         if parsed.stream:
             streaming = True  # from here the stream owns `gone` and the abort
             return EventStream(stream_events(app, served, completion, reply, backlog, gone, endpoint))
         for event in backlog:
             reply.add(event)
         while not reply.finished:
-            for event in await next_events(completion, gone):
+            for event in await next_events(completion):
                 reply.add(event)
     except ClientGone:
         metrics.aborted[served.name] += 1
@@ -196,8 +189,8 @@ async def complete(app: FastAPI, request: Request, endpoint: str) -> Response:
 
 
 class Reply:
-    """The reply as it forms: each choice's text and its output, built into OpenAI's whole response or chunks;
-    with logprobs, each choice's entries not streamed yet (a chunk carries those of the tokens behind its text)."""
+    """The reply as it forms: each choice's output, built into OpenAI's whole response or stream chunks; with
+    logprobs, each choice's entries not streamed yet (a chunk carries those of the tokens behind its text)."""
 
     def __init__(self, request: CompletionRequest, model: str, prompt_tokens: int, token_texts: TokenTexts):
         self.request, self.model, self.prompt_tokens = request, model, prompt_tokens
@@ -205,10 +198,15 @@ class Reply:
         self.chat = request.kind == "chat"
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.texts = [""] * request.n
         self.outputs: list[RequestOutput | None] = [None] * request.n
         self.unsent_logprobs: list[list] = [[] for _ in range(request.n)]
         self.logprob_offsets = [0] * request.n  # completions' text_offset where a choice's next chunk starts
+        # a text chunk is most of what a stream sends (one per token and client): its JSON around the text and the
+        # logprobs, encoded once from the dict the other chunks use (test_serve_stream_encoding holds them equal)
+        head, _, tail = json.dumps(self._chunk([])).rpartition('"choices": []')
+        between = '"delta": {"content": ' if self.chat else '"text": '
+        self._text_chunk = ("data: " + head + '"choices": [{"index": %d, ' + between + "%s"
+                            + ("}" if self.chat else "") + ', "finish_reason": null, "logprobs": %s}]' + tail + "\n\n")
 
     @property
     def finished(self) -> bool:
@@ -220,9 +218,7 @@ class Reply:
 
     def add(self, event: tuple[int, str, Any]) -> None:
         index, kind, payload = event
-        if kind == "text":
-            self.texts[index] += payload
-        elif kind == "logprobs":
+        if kind == "logprobs":
             self.unsent_logprobs[index] += payload
         elif kind == "done":
             self.outputs[index] = payload
@@ -252,14 +248,51 @@ class Reply:
             return chat_logprobs(entries, self.token_texts)
         return completion_logprobs(entries, self.token_texts, offset)
 
-    def take_logprobs(self, index: int) -> dict[str, Any] | None:
-        """A stream chunk's logprobs: the choice's entries not sent yet (None when the request did not ask)."""
+    def take_logprobs(self, index: int) -> list | None:
+        """The choice's entries not sent yet, for its next chunk (None when the request did not ask)."""
         if self.request.logprobs is None:
             return None
         entries, self.unsent_logprobs[index] = self.unsent_logprobs[index], []
+        return entries
+
+    def stream_logprobs(self, index: int, entries: list | None) -> dict[str, Any] | None:
+        """A chunk's logprobs in the API's shape: its entries, after those of the choice's earlier chunks."""
+        if entries is None:
+            return None
         out = self._logprobs(entries, self.logprob_offsets[index])
         self.logprob_offsets[index] += text_length(entries, self.token_texts)
         return out
+
+    def stream(self, events: list[tuple[int, str, Any]]) -> bytes:
+        """The SSE bytes for the events that came since the last send: a choice's consecutive text pieces make
+        one chunk (a client that lags gets its backlog in one event, the same text) carrying the logprobs that
+        came up to its last piece; a finished choice's last chunk carries its finish reason and the rest."""
+        out: list[str] = []
+        texts: dict[int, list] = {}  # choice -> [its pieces not sent yet, their logprob entries]
+        for event in events:
+            self.add(event)
+            index, kind, payload = event
+            if kind == "text" and payload:
+                pending = texts.get(index)
+                if pending is None:
+                    texts[index] = [[payload], self.take_logprobs(index)]
+                else:
+                    pending[0].append(payload)
+                    if pending[1] is not None:
+                        pending[1] += self.take_logprobs(index)
+            elif kind == "done":
+                if index in texts:
+                    out.append(self._text_sse(index, *texts.pop(index)))
+                chunk = self.chunk(index, finish_reason=payload.finish_reason,
+                                   logprobs=self.stream_logprobs(index, self.take_logprobs(index)))
+                out.append(f"data: {json.dumps(chunk)}\n\n")
+        out += [self._text_sse(index, *pending) for index, pending in texts.items()]
+        return "".join(out).encode()
+
+    def _text_sse(self, index: int, pieces: list[str], entries: list | None) -> str:
+        logprobs = self.stream_logprobs(index, entries)
+        return self._text_chunk % (index, json.dumps("".join(pieces)),
+                                   "null" if logprobs is None else json.dumps(logprobs))
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
               role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -295,20 +328,12 @@ async def stream_events(app: FastAPI, served: ServedModel, completion: Completio
         events = list(backlog)
         while True:
             # what came since the last send goes out in one write: with many clients, a step's tokens together
-            out = []
-            for event in events:
-                reply.add(event)
-                index, kind, payload = event
-                if kind == "text" and payload:
-                    out.append(sse(reply.chunk(index, text=payload, logprobs=reply.take_logprobs(index))))
-                elif kind == "done":
-                    out.append(sse(reply.chunk(index, finish_reason=payload.finish_reason,
-                                               logprobs=reply.take_logprobs(index))))
-            if out:
-                yield b"".join(out)
+            data = reply.stream(events)
+            if data:
+                yield data
             if reply.finished:
                 break
-            events = await next_events(completion, gone)
+            events = await next_events(completion)
         if reply.request.include_usage:
             yield sse(reply.usage_chunk())
         yield sse("[DONE]")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from qtool.serve.model_pool import ServedModel
+from qtool.serve.stream_pacing import StreamPacer
 
 
 @dataclass
@@ -23,10 +24,12 @@ class ServerMetrics:
     def count(self, endpoint: str, status: int) -> None:
         self.requests[(endpoint, status)] += 1
 
-    def report(self, models: Sequence[ServedModel], in_flight: int) -> dict[str, Any]:
+    def report(self, models: Sequence[ServedModel], in_flight: int,
+               pacers: dict[str, StreamPacer] | None = None) -> dict[str, Any]:
         per_model = {}
         for served in models:
             snap = served.worker.snapshot
+            pacer = (pacers or {}).get(served.name) or StreamPacer()
             stats = snap.stats
             blocks = stats.get("num_blocks") or 0
             per_model[served.name] = {
@@ -43,6 +46,8 @@ class ServerMetrics:
                 "saved_prompt_tokens": stats.get("saved_prompt_tokens", 0),
                 "preemptions": stats.get("preemptions", 0), "steps": stats.get("steps", 0),
                 "generated_tokens": stats.get("generated_tokens", 0), "steps_failed": snap.steps_failed,
+                # streams' text goes out every this many engine steps (1 unless the event loop is over its budget)
+                "stream_every_steps": pacer.every, "loop_cpu_share": round(pacer.loop_share, 4),
             }
         return {
             "uptime_s": round(time.time() - self.started, 3),
@@ -65,6 +70,8 @@ PROMETHEUS_MODEL_GAUGES = {  # report key -> (metric name, type, help)
     "prefix_hit_requests": ("qtool_prefix_hit_requests_total", "counter", "Requests that reused cached prefix blocks"),
     "saved_prompt_tokens": ("qtool_prefix_saved_tokens_total", "counter", "Prompt tokens the prefix cache skipped"),
     "preemptions": ("qtool_preemptions_total", "counter", "Sequences preempted for KV cache blocks"),
+    "stream_every_steps": ("qtool_stream_every_steps", "gauge", "Engine steps a stream's text waits for (pacing)"),
+    "loop_cpu_share": ("qtool_event_loop_cpu_share", "gauge", "Event loop CPU time over engine step time, recent"),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from qtool.core.errors import QtoolError
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams, engine_support
 from qtool.runtime.engine_sizing import EngineSizing
+from qtool.serve.stream_pacing import StreamPacer
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +68,90 @@ class WorkerSnapshot:
 
 
 class Completion:
-    """One request (its n choices) as the event loop sees it: events arrive on `queue` as (choice index, kind,
+    """One request (its n choices) as the event loop sees it: events arrive in `events` as (choice index, kind,
     payload) with kind "accepted" (engine id), "text" (a piece), "logprobs" (a step's TokenLogprobs, before its
     text; only for `stream_logprobs`: a whole reply reads them from the output), "done" (RequestOutput),
     "refused" (the engine would not take it: a QtoolError) or "failed" (a step failed or the server stops: an
-    exception)."""
+    exception). A plain list and one future per wait, not an asyncio.Queue: a step's events for a request are
+    appended together and wake its reader once (a Queue wakes a getter per event, and waiting on it beside the
+    client's disconnect took a task and asyncio.wait per token)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False):
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int = 1, stream_logprobs: bool = False,
+                 pacer: StreamPacer | None = None):
         self.loop = loop
         self.n = n
         self.stream_logprobs = stream_logprobs
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pacer = pacer  # None: every step's text wakes the reader
+        self.events: list[tuple[int, str, Any]] = []
+        self.gone = False  # the client disconnected
+        self._waiter: asyncio.Future | None = None
+        self._woke_at = 0  # the pacer's delivery count when the reader last got text
+        self._texted = False  # the reader got text already (the first text is never held)
+
+    def push(self, events: list[tuple[int, str, Any]]) -> None:
+        """On the event loop: events for this request (in order), waking its reader unless the pacer holds text
+        back (then they wait in `events` and go out with a later step's)."""
+        self.events += events
+        if self._waiter is None:  # the reader is busy: it takes them when it waits next
+            return
+        pacer = self.pacer
+        if pacer is not None and self._texted and not pacer.due(self._woke_at) \
+                and all(event[1] in ("text", "logprobs") for event in events):
+            pacer.held.add(self)
+            return
+        if pacer is not None:
+            self._woke_at = pacer.steps
+            self._texted = self._texted or any(event[1] == "text" for event in self.events)
+        self._wake()
+
+    def leave(self) -> None:
+        """On the event loop: the client went away; its reader wakes to abort."""
+        self.gone = True
+        self._wake()
+
+    async def wait(self) -> None:
+        """Until an event is there or the client left (at once when so already)."""
+        if self.events or self.gone:
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def take(self) -> list[tuple[int, str, Any]]:
+        """The events that came since the last take, in order."""
+        events, self.events = self.events, []
+        return events
+
+    def release(self) -> None:
+        """On the event loop: wake the reader for text the pacer held (its time came without a newer event)."""
+        self._woke_at = self.pacer.steps
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.pacer is not None:
+            self.pacer.held.discard(self)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
-def _deliver(events: list[tuple[Completion, tuple]]) -> None:
-    """On the event loop: a batch of the engine thread's events into their completions' queues."""
-    for completion, event in events:
-        completion.queue.put_nowait(event)
+def _deliver(batches: dict[Completion, list]) -> None:
+    """On the event loop: a round of the engine thread's events (the loop's clocks read once for the pacers)."""
+    deliver(batches, time.perf_counter(), time.thread_time())
+
+
+def deliver(batches: dict[Completion, list], now: float, cpu: float) -> None:
+    """On the event loop: each request's events of a round in one push, after the pacers of their streams counted
+    the round (`now`: the wall clock, `cpu`: the loop thread's CPU clock)."""
+    for pacer in {completion.pacer for completion in batches if completion.pacer is not None}:
+        pacer.tick(now, cpu)
+        # text held for a stream that this round brought nothing new (a preempted sequence) still goes out
+        for completion in [c for c in pacer.held if c not in batches and pacer.due(c._woke_at)]:
+            completion.release()
+    for completion, events in batches.items():
+        completion.push(events)
 
 
 class EngineWorker:
@@ -180,9 +248,9 @@ class EngineWorker:
 
     def _flush(self) -> None:
         """Hand this round's events to their event loops: one wake-up per loop, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, dict[Completion, list]] = {}
         for completion, event in self._outbox:
-            by_loop.setdefault(completion.loop, []).append((completion, event))
+            by_loop.setdefault(completion.loop, {}).setdefault(completion, []).append(event)
         self._outbox = []
         for loop, events in by_loop.items():
             try:

@@ -20,6 +20,9 @@ class ServeSettings:
     max_tokens_limit: int = 4096  # the most max_tokens a request may ask; also the default, cut at the context
     max_n: int = 8  # the most choices (n) one request may ask
     drain_timeout_s: float = 30.0  # on Ctrl-C / SIGTERM, how long in-flight requests may still run
+    # of each engine step's wall time, the event loop's CPU time streams may take before their text is sent every
+    # few steps instead of every step (serve/stream_pacing.py); 1.0: always every step
+    stream_cpu_budget: float = 0.05
     arena_votes: str | None = None  # the studio's arena votes file (JSONL, appended); None: ./arena-votes.jsonl
 
     def check(self) -> None:
@@ -33,6 +36,9 @@ class ServeSettings:
                             ("max_n", self.max_n)):
             if not isinstance(value, int) or value < 1:
                 raise QtoolError(f"serve setting {name}={value!r} is invalid", f"{name} must be an int >= 1")
+        if not isinstance(self.stream_cpu_budget, (int, float)) or not 0 < self.stream_cpu_budget <= 1:
+            raise QtoolError(f"serve setting stream_cpu_budget={self.stream_cpu_budget!r} is invalid",
+                             "give a fraction in (0, 1] (1: stream every step's text)")
         if self.api_key is not None and not self.api_key.strip():
             raise QtoolError("--api-key is empty", "give a non-empty key, or none for a loopback-only server")
 
