@@ -201,8 +201,8 @@ class Reply:
         self.outputs: list[RequestOutput | None] = [None] * request.n
         self.unsent_logprobs: list[list] = [[] for _ in range(request.n)]
         self.logprob_offsets = [0] * request.n  # completions' text_offset where a choice's next chunk starts
-        # a text chunk is most of what a stream sends (one per token and client): its JSON around the text and the
-        # logprobs, encoded once from the dict the other chunks use (test_serve_stream_encoding holds them equal)
+        # a text chunk is most of what a stream sends (one per token and client): its JSON around the text and
+        # the logprobs, encoded once from the dict the other chunks use (test_stream_pacing.py holds them equal)
         head, _, tail = json.dumps(self._chunk([])).rpartition('"choices": []')
         between = '"delta": {"content": ' if self.chat else '"text": '
         self._text_chunk = ("data: " + head + '"choices": [{"index": %d, ' + between + "%s"
@@ -248,51 +248,32 @@ class Reply:
             return chat_logprobs(entries, self.token_texts)
         return completion_logprobs(entries, self.token_texts, offset)
 
-    def take_logprobs(self, index: int) -> list | None:
-        """The choice's entries not sent yet, for its next chunk (None when the request did not ask)."""
+    def take_logprobs(self, index: int) -> dict[str, Any] | None:
+        """A stream chunk's logprobs: the choice's entries not sent yet (None when the request did not ask)."""
         if self.request.logprobs is None:
             return None
         entries, self.unsent_logprobs[index] = self.unsent_logprobs[index], []
-        return entries
-
-    def stream_logprobs(self, index: int, entries: list | None) -> dict[str, Any] | None:
-        """A chunk's logprobs in the API's shape: its entries, after those of the choice's earlier chunks."""
-        if entries is None:
-            return None
         out = self._logprobs(entries, self.logprob_offsets[index])
         self.logprob_offsets[index] += text_length(entries, self.token_texts)
         return out
 
     def stream(self, events: list[tuple[int, str, Any]]) -> bytes:
-        """The SSE bytes for the events that came since the last send: a choice's consecutive text pieces make
-        one chunk (a client that lags gets its backlog in one event, the same text) carrying the logprobs that
-        came up to its last piece; a finished choice's last chunk carries its finish reason and the rest."""
+        """The SSE bytes for the events that came since the last send, one write: a chunk per text piece (with the
+        logprobs that came before it), as the engine made them whatever the timing, and a finished choice's last
+        chunk with its finish reason."""
         out: list[str] = []
-        texts: dict[int, list] = {}  # choice -> [its pieces not sent yet, their logprob entries]
         for event in events:
             self.add(event)
             index, kind, payload = event
             if kind == "text" and payload:
-                pending = texts.get(index)
-                if pending is None:
-                    texts[index] = [[payload], self.take_logprobs(index)]
-                else:
-                    pending[0].append(payload)
-                    if pending[1] is not None:
-                        pending[1] += self.take_logprobs(index)
+                logprobs = self.take_logprobs(index)
+                out.append(self._text_chunk % (index, json.dumps(payload),
+                                               "null" if logprobs is None else json.dumps(logprobs)))
             elif kind == "done":
-                if index in texts:
-                    out.append(self._text_sse(index, *texts.pop(index)))
                 chunk = self.chunk(index, finish_reason=payload.finish_reason,
-                                   logprobs=self.stream_logprobs(index, self.take_logprobs(index)))
+                                   logprobs=self.take_logprobs(index))
                 out.append(f"data: {json.dumps(chunk)}\n\n")
-        out += [self._text_sse(index, *pending) for index, pending in texts.items()]
         return "".join(out).encode()
-
-    def _text_sse(self, index: int, pieces: list[str], entries: list | None) -> str:
-        logprobs = self.stream_logprobs(index, entries)
-        return self._text_chunk % (index, json.dumps("".join(pieces)),
-                                   "null" if logprobs is None else json.dumps(logprobs))
 
     def chunk(self, index: int, text: str | None = None, finish_reason: str | None = None,
               role: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:

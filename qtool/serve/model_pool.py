@@ -85,7 +85,7 @@ class Completion:
         self.events: list[tuple[int, str, Any]] = []
         self.gone = False  # the client disconnected
         self._waiter: asyncio.Future | None = None
-        self._woke_at = 0  # the pacer's delivery count when the reader last got text
+        self.woke_at = 0  # the pacer's delivery count when the reader last got text
         self._texted = False  # the reader got text already (the first text is never held)
 
     def push(self, events: list[tuple[int, str, Any]]) -> None:
@@ -95,12 +95,12 @@ class Completion:
         if self._waiter is None:  # the reader is busy: it takes them when it waits next
             return
         pacer = self.pacer
-        if pacer is not None and self._texted and not pacer.due(self._woke_at) \
+        if pacer is not None and self._texted and not pacer.due(self.woke_at) \
                 and all(event[1] in ("text", "logprobs") for event in events):
             pacer.held.add(self)
             return
         if pacer is not None:
-            self._woke_at = pacer.steps
+            self.woke_at = pacer.steps
             self._texted = self._texted or any(event[1] == "text" for event in self.events)
         self._wake()
 
@@ -126,7 +126,7 @@ class Completion:
 
     def release(self) -> None:
         """On the event loop: wake the reader for text the pacer held (its time came without a newer event)."""
-        self._woke_at = self.pacer.steps
+        self.woke_at = self.pacer.steps
         self._wake()
 
     def _wake(self) -> None:
@@ -148,7 +148,7 @@ def deliver(batches: dict[Completion, list], now: float, cpu: float) -> None:
     for pacer in {completion.pacer for completion in batches if completion.pacer is not None}:
         pacer.tick(now, cpu)
         # text held for a stream that this round brought nothing new (a preempted sequence) still goes out
-        for completion in [c for c in pacer.held if c not in batches and pacer.due(c._woke_at)]:
+        for completion in [c for c in pacer.held if c not in batches and pacer.due(c.woke_at)]:
             completion.release()
     for completion, events in batches.items():
         completion.push(events)
