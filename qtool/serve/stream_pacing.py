@@ -1,7 +1,7 @@
 """How often a streamed reply's text goes out. The event loop and the engine's thread share one GIL, and with many
 streams the loop's work per engine step (a wake-up, a chunk and an HTTP write per client) slows the step itself. So
 the loop measures its own CPU time per engine step, and while that exceeds a budget (a fraction of the step's wall
-time) each stream's text is held for a few steps and sent as one chunk: the same text in fewer writes. A stream's
+time) each stream's text is held for a few steps and sent in one write: the same chunks in fewer writes. A stream's
 first text, its end and any error go out at once, so time to first token and completion are never held."""
 
 from __future__ import annotations
