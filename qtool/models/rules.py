@@ -174,7 +174,8 @@ class ModelStats:
 
 
 def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1,
-                         streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None) -> dict[str, Any]:
+                         streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
+                         tier: str | None = None) -> dict[str, Any]:
     """Bytes a quantization run holds at its peak, and where it keeps the calibration activations.
 
     The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized
@@ -185,8 +186,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     with, then without the replay, and last on disk (host memory then holds the outputs being built).
 
     With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
-    GPU) except cpu_bytes, the host's total. Returns the components, the plan (`activation_tier`, `replay`) and
-    cpu_bytes, device_bytes and disk_bytes."""
+    GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps to the plans of that tier.
+    Returns the components, the plan (`activation_tier`, `replay`) and cpu_bytes, device_bytes and disk_bytes."""
     device = torch.device(device)
     samples, seqlen = math.ceil(config.calibration.samples / processes), config.calibration.seqlen
     tokens = samples * seqlen
@@ -205,6 +206,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     on_gpu = device.type != "cpu"
     plans = [("device", True), ("device", False)] if on_gpu else []
     plans += [("host", True), ("host", False), ("disk", False)]
+    if tier is not None:  # on the CPU the compute device is host memory
+        plans = [plan for plan in plans if plan[0] == (tier if on_gpu or tier != "device" else "host")]
     for tier, replay in plans:
         held = components["activations"] + (components["recordings"] if replay else 0)
         if tier == "disk":

@@ -318,6 +318,8 @@ def quantize_model(
     if config.output_format != "gptq":
         raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
     check_nproc(nproc, compute)
+    if activation_tier is not None:
+        check_activation_tier(activation_tier)
     if nproc > 1 and config.method != "gptq":
         raise QtoolError(f"--nproc {nproc} with method {config.method}: round to nearest has no calibration to split", "use --nproc 1, or method gptq")
     source = resolve_source(model_spec)
@@ -360,10 +362,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     findings = check_against_model(config, model, spec, compute, collective.world_size, streaming=is_streamed)
     # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
     estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size, streaming=is_streamed,
-                                    cpu_free_bytes=cpu_free_memory(), device_free_bytes=device_free_memory(compute))
-    if activation_tier is not None:
-        check_activation_tier(activation_tier)
-        estimate["activation_tier"] = activation_tier
+                                    cpu_free_bytes=cpu_free_memory(), device_free_bytes=device_free_memory(compute), tier=activation_tier)
     estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
     report(0, num_layers, estimate_line(estimate, compute))
     log.info("%s (%s)", estimate_line(estimate, compute), ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
