@@ -186,9 +186,10 @@ def dequantized_tensor(layout: GgufLayout, name: str) -> torch.Tensor:
     from gguf.quants import dequantize
 
     tensor = layout.tensors[name]
-    values = dequantize(layout.header.tensor_bytes(tensor), GGMLQuantizationType(tensor.ggml_type))
-    if not values.flags.writeable:  # float tensors come back as views of the read-only file map
-        values = values.copy()
+    # read into memory of its own rather than through the header's file map, whose pages, once read, would stay
+    # in the process's resident memory as long as the map (a streamed model reads the whole file that way)
+    stored = np.fromfile(layout.header.path, dtype=np.uint8, count=tensor.nbytes, offset=tensor.offset)
+    values = dequantize(stored.reshape(*tensor.shape[:-1], -1), GGMLQuantizationType(tensor.ggml_type))
     weight = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(tensor.shape)
     fields = layout.fields
     rotary_heads = {"self_attn.q_proj.weight": fields["num_attention_heads"],

@@ -99,19 +99,18 @@ def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], describe
 
 
 class _SafetensorsFiles:
-    """Open handles on a checkpoint's safetensors files, each tensor read from the file the index names."""
+    """A checkpoint's safetensors files, each tensor read from the file the index names. The file is opened for
+    each read and closed after it: an open handle keeps its memory map, and the pages it has read would count in
+    the process's resident memory until the end (a header parse per tensor costs far less than its read)."""
 
     def __init__(self, directory: Path, where: dict[str, str]):
         self.directory, self.where = directory, where
-        self.handles: dict[str, Any] = {}
 
     def read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        file = self.where[name]
-        if file not in self.handles:
-            self.handles[file] = safe_open(str(self.directory / file), framework="pt", device="cpu")
-        return self.handles[file].get_tensor(name).to(torch.float32)
+        with safe_open(str(self.directory / self.where[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name).to(torch.float32)
 
 
 def open_streamed_safetensors(directory: Path, tokenizer: Any = None) -> StreamedModel | None:
