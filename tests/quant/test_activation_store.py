@@ -98,3 +98,19 @@ def test_an_interrupted_disk_run_leaves_no_activation_folder(tmp_path, tiny_mode
 def test_a_bad_tier_fails_before_any_work(tmp_path, tiny_model_dir, config):
     with pytest.raises(QtoolError, match="activation tier 'ram' is not known"):
         quantize_model(str(tiny_model_dir), config, tmp_path / "out", device="cpu", activation_tier="ram")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_each_tier_writes_the_same_checkpoint_on_the_gpu(tmp_path, tiny_model_dir, config):
+    for tier in ("device", "host", "disk"):
+        result = quantize_model(str(tiny_model_dir), config, tmp_path / tier, device="cuda", activation_tier=tier)
+        assert result.memory["estimate"]["activation_tier"] == tier and result.memory["peak_device_bytes"] > 0
+    reference = checkpoint_files(tmp_path / "device")
+    assert checkpoint_files(tmp_path / "host") == reference and checkpoint_files(tmp_path / "disk") == reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_tier_pins_its_tensors_for_a_gpu(tmp_path):
+    with ActivationStore("host", torch.device("cuda")) as store:
+        (stored,) = store.store([torch.randn(3, 7, 5, device="cuda")])
+        assert stored.device.type == "cpu" and stored.is_pinned() and store.describe() == "in pinned host memory"
