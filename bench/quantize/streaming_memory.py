@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
+    parser.add_argument("--sources", default="gguf,safetensors", help="which sources to run: gguf, safetensors or both")
     parser.add_argument("--tiers", default="", help="also force these activation tiers on the streamed safetensors source, e.g. host,disk")
     parser.add_argument("--max-shard", default="50MB", help="shard size of the float safetensors copy")
     parser.add_argument("--work", default=None, help="folder for the float copy and the outputs (default: a temporary one)")
@@ -126,26 +127,34 @@ def main() -> None:
         sources = {"safetensors": str(directory)}
         samples, seqlen = 4, 32
     else:
-        sources = {"gguf": options.model, "safetensors": str(float_directory(options.model, work, options.max_shard))}
+        wanted = options.sources.split(",")
+        sources = {"gguf": options.model} if "gguf" in wanted else {}
+        if "safetensors" in wanted:
+            sources["safetensors"] = str(float_directory(options.model, work, options.max_shard))
         calibration, samples, seqlen = CALIBRATION, options.samples, options.seqlen
     common = {"calibration": str(calibration), "samples": samples, "seqlen": seqlen, "device": options.device,
               "threads": options.threads, "tier": None}
-    rows = [run(sys.executable, "floor", common, work / "floor")]
+    machine = {"python": platform.python_version(), "machine": platform.machine(), "device": options.device, "samples": samples, "seqlen": seqlen}
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        """Keep the row and append it to the JSONL at once: a long run interrupted keeps what it measured."""
+        row["machine"] = machine
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "files"}), file=sys.stderr, flush=True)
+        if options.out:
+            Path(options.out).mkdir(parents=True, exist_ok=True)
+            with open(Path(options.out) / "streaming_memory.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    record(run(sys.executable, "floor", common, work / "floor"))
     for name, model in sources.items():
         for streaming in (False, True):
             variant = "streamed" if streaming else "whole"
-            rows.append(run(sys.executable, variant, dict(common, model=model, streaming=streaming, source_name=name), work / f"{name}-{variant}"))
+            record(run(sys.executable, variant, dict(common, model=model, streaming=streaming, source_name=name), work / f"{name}-{variant}"))
         for tier in filter(None, options.tiers.split(",")):
-            rows.append(run(sys.executable, f"streamed, activations {tier}",
-                            dict(common, model=model, streaming=True, tier=tier, source_name=name), work / f"{name}-{tier}"))
-    machine = {"python": platform.python_version(), "machine": platform.machine(), "device": options.device, "samples": samples, "seqlen": seqlen}
-    for row in rows:
-        row["machine"] = machine
-    if options.out:
-        Path(options.out).mkdir(parents=True, exist_ok=True)
-        with open(Path(options.out) / "streaming_memory.jsonl", "a") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
+            record(run(sys.executable, f"streamed, activations {tier}",
+                       dict(common, model=model, streaming=True, tier=tier, source_name=name), work / f"{name}-{tier}"))
     print(f"| source | weights | activations | host peak MiB | estimated host MiB | {options.device} peak MiB | s | same files as whole |")
     print("|---|---|---|---|---|---|---|---|")
     floor = rows[0]["peak_host_bytes"]

@@ -184,7 +184,7 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
 
 
 def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1,
-                        streaming: bool = False) -> list[Finding]:
+                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -194,7 +194,8 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
         for name, linear in group
     }
     findings = validate_for_model(config, shapes)
-    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes, streaming=streaming)
+    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes, streaming=streaming,
+                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes)
     return raise_first_error(findings)
 
 
@@ -359,10 +360,12 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
     is_streamed = float_model.streamed is not None
-    findings = check_against_model(config, model, spec, compute, collective.world_size, streaming=is_streamed)
+    # the free memory read once: the rule below and the plan the run follows judge the same figures
+    free = {"cpu_free_bytes": cpu_free_memory(), "device_free_bytes": device_free_memory(compute)}
+    findings = check_against_model(config, model, spec, compute, collective.world_size, streaming=is_streamed, **free)
     # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
     estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size, streaming=is_streamed,
-                                    cpu_free_bytes=cpu_free_memory(), device_free_bytes=device_free_memory(compute), tier=activation_tier)
+                                    tier=activation_tier, **free)
     estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
     report(0, num_layers, estimate_line(estimate, compute))
     log.info("%s (%s)", estimate_line(estimate, compute), ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
