@@ -366,6 +366,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
     estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size, streaming=is_streamed,
                                     tier=activation_tier, **free)
+    estimate = collective.broadcast_object(estimate)  # every process follows rank 0's plan
     estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
     report(0, num_layers, estimate_line(estimate, compute))
     log.info("%s (%s)", estimate_line(estimate, compute), ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
