@@ -53,18 +53,23 @@ def file_hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
+WRITE_FLOAT_COPY = r"""
+import sys, torch
+from qtool.checkpoints.sources import load_model
+model, target, max_shard = sys.argv[1:]
+loaded = load_model(model, dtype="float32")
+loaded.model.to(torch.bfloat16).save_pretrained(target, max_shard_size=max_shard)
+loaded.tokenizer.save_pretrained(target)
+"""
+
+
 def float_directory(model: str, work: Path, max_shard: str) -> Path:
-    """The GGUF model as a float HF directory (bfloat16 safetensors shards), written once."""
+    """The GGUF model as a float HF directory (bfloat16 safetensors shards), written once, by a process of its own:
+    Linux carries a process's peak resident size across exec, so the runs this script starts must come from a
+    process that never held a model."""
     target = work / "float-bf16"
-    if (target / "config.json").exists():
-        return target
-    import torch
-
-    from qtool.checkpoints.sources import load_model
-
-    loaded = load_model(model, dtype="float32")
-    loaded.model.to(torch.bfloat16).save_pretrained(str(target), max_shard_size=max_shard)
-    loaded.tokenizer.save_pretrained(str(target))
+    if not (target / "config.json").exists():
+        subprocess.run([sys.executable, "-c", WRITE_FLOAT_COPY, model, str(target), max_shard], check=True, cwd=REPO)
     return target
 
 
