@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qtool.checkpoints.expected_tensors import missing_tensors_error
-from qtool.checkpoints.gguf_file import ArrayValue, GgufFormatError, GgufHeader, read_gguf_header
+from qtool.checkpoints.gguf_file import ArrayValue, GgufFormatError, GgufHeader, GgufTensor, read_gguf_header
 from qtool.core.errors import QtoolError
 from qtool.checkpoints.weight_init import skipped_weight_init
 
@@ -142,8 +142,20 @@ def config_fields(metadata: dict[str, Any], family: GgufFamily, architecture: st
     return fields
 
 
-def read_gguf_state(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]] | None:
-    """(model type, config fields, float32 state dict) of a GGUF file this module can map, else None."""
+@dataclass(frozen=True)
+class GgufLayout:
+    """What a GGUF file this module can map holds: its family, the transformers config fields, and each tensor
+    under its transformers name (read one at a time by dequantized_tensor)."""
+
+    header: GgufHeader
+    family: GgufFamily
+    fields: dict[str, Any]
+    tensors: dict[str, GgufTensor]  # transformers name -> the file's tensor
+
+
+def read_gguf_layout(path: Path) -> GgufLayout | None:
+    """The layout of a GGUF file whose family, metadata and tensor names the table maps, else None (the caller
+    loads it through transformers). Reads the header only."""
     header = read_gguf_header(path)
     architecture = scalar_field(header.metadata, "general.architecture")
     family = FAMILIES.get(architecture)
@@ -157,8 +169,44 @@ def read_gguf_state(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Te
     if fields is None:
         return None
     check_fields_against_tensors(fields, header, architecture)
-    state = float_state_dict(header, family, fields)
-    return None if state is None else (family.model_type, fields, state)
+    tensors: dict[str, GgufTensor] = {}
+    for tensor in header.tensors:
+        name = transformers_name(tensor.name)
+        if name is None:
+            log.info("GGUF tensor %s is not in qtool's table: loading through transformers", tensor.name)
+            return None
+        tensors[name] = tensor
+    return GgufLayout(header, family, fields, tensors)
+
+
+def dequantized_tensor(layout: GgufLayout, name: str) -> torch.Tensor:
+    """The float32 tensor `name` (a transformers name) of the file, as transformers' model holds it (q/k rows
+    back in transformers' rotary order). gguf-py raises NotImplementedError for a type it cannot dequantize."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    tensor = layout.tensors[name]
+    # read into memory of its own rather than through the header's file map, whose pages, once read, would stay
+    # in the process's resident memory as long as the map (a streamed model reads the whole file that way)
+    stored = np.fromfile(layout.header.path, dtype=np.uint8, count=tensor.nbytes, offset=tensor.offset)
+    values = dequantize(stored.reshape(*tensor.shape[:-1], -1), GGMLQuantizationType(tensor.ggml_type))
+    weight = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(tensor.shape)
+    fields = layout.fields
+    rotary_heads = {"self_attn.q_proj.weight": fields["num_attention_heads"],
+                    "self_attn.k_proj.weight": fields.get("num_key_value_heads", fields["num_attention_heads"])}
+    suffix = name.split(".", 3)[-1]
+    if layout.family.rotary_rows_interleaved and suffix in rotary_heads:
+        weight = uninterleave_rotary_rows(weight, rotary_heads[suffix])
+    return weight
+
+
+def read_gguf_state(path: Path) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(model type, config fields, float32 state dict) of a GGUF file this module can map, else None."""
+    layout = read_gguf_layout(path)
+    if layout is None:
+        return None
+    state = float_state_dict(layout)
+    return None if state is None else (layout.family.model_type, layout.fields, state)
 
 
 def check_fields_against_tensors(fields: dict[str, Any], header: GgufHeader, architecture: str) -> None:
@@ -187,31 +235,14 @@ def check_fields_against_tensors(fields: dict[str, Any], header: GgufHeader, arc
         )
 
 
-def float_state_dict(header: GgufHeader, family: GgufFamily, fields: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    kv_heads = fields.get("num_key_value_heads", fields["num_attention_heads"])
-    rotary_heads = {"self_attn.q_proj.weight": fields["num_attention_heads"], "self_attn.k_proj.weight": kv_heads}
+def float_state_dict(layout: GgufLayout) -> dict[str, torch.Tensor] | None:
     state: dict[str, torch.Tensor] = {}
-    for tensor in header.tensors:
-        name = transformers_name(tensor.name)
-        if name is None:
-            log.info("GGUF tensor %s is not in qtool's table: loading through transformers", tensor.name)
-            return None
-        kind = GGMLQuantizationType(tensor.ggml_type)
+    for name, tensor in layout.tensors.items():
         try:
-            values = dequantize(header.tensor_bytes(tensor), kind)
+            state[name] = dequantized_tensor(layout, name)
         except NotImplementedError:
-            log.info("gguf-py cannot dequantize %s (%s): loading through transformers", tensor.name, kind.name)
+            log.info("gguf-py cannot dequantize %s (type %d): loading through transformers", tensor.name, tensor.ggml_type)
             return None
-        if not values.flags.writeable:  # float tensors come back as views of the read-only file map
-            values = values.copy()
-        weight = torch.from_numpy(values.astype(np.float32, copy=False)).reshape(tensor.shape)
-        suffix = name.split(".", 3)[-1]
-        if family.rotary_rows_interleaved and suffix in rotary_heads:
-            weight = uninterleave_rotary_rows(weight, rotary_heads[suffix])
-        state[name] = weight
     return state
 
 

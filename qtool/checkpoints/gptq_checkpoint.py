@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,21 +55,38 @@ def _check_quantized_modules(model: nn.Module, quantized: dict[str, QuantizedWei
 
 
 def checkpoint_tensors(
-    model: nn.Module, quantized: dict[str, QuantizedWeight], checkpoint_format: str
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], checkpoint_format: str
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Every tensor of a GPTQ checkpoint (see checkpoint_state) and whether the written config must untie the
     embeddings."""
+    items, untie = checkpoint_items(model, quantized, checkpoint_format)
+    return dict(items), untie
+
+
+def checkpoint_items(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], checkpoint_format: str,
+    float_tensor: Callable[[str], torch.Tensor] | None = None,
+) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
+    """checkpoint_tensors one tensor at a time: each quantized linear packed when its turn comes, each float
+    tensor taken from `float_tensor(name)` (default: the model's own; a streamed model reads those it released
+    from its files), so that only the tensors of the shard being written need be in memory."""
     _check_quantized_modules(model, quantized)
-    packed = {name: gptq_tensors_from_quantized(q, checkpoint_format, name) for name, q in quantized.items()}
-    return checkpoint_state(model, packed)
+    return _state_items(model, set(quantized), lambda name: gptq_tensors_from_quantized(quantized[name], checkpoint_format, name), float_tensor)
 
 
 def checkpoint_state(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
     """Every tensor to write, in the model's order: float ones as float16 (a tied copy once, as transformers writes
     it), and each quantized linear's weight replaced by its packed tensors (`packed[name][suffix]` written as
     name.suffix); and whether the written config must untie the embeddings."""
+    items, untie = _state_items(model, set(packed), packed.__getitem__, None)
+    return dict(items), untie
+
+
+def _state_items(model: nn.Module, packed_names: set[str], packed_of: Callable[[str], dict[str, torch.Tensor]],
+                 float_tensor: Callable[[str], torch.Tensor] | None) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
     state = model.state_dict()
-    replaced = {f"{name}.weight": name for name in packed}
+    value = float_tensor or state.__getitem__
+    replaced = {f"{name}.weight": name for name in packed_names}
     dropped: set[str] = set()
     untie = False
     for target, source in tied_weight_pairs(model).items():
@@ -77,29 +94,35 @@ def checkpoint_state(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]
             continue
         if target in replaced or source in replaced:
             untie = True  # the quantized side keeps its own tensors, so the two are no longer one weight
-        elif state[target].data_ptr() == state[source].data_ptr() or torch.equal(state[target], state[source]):
+        elif state[target].data_ptr() == state[source].data_ptr() and state[target].device.type != "meta":
+            dropped.add(target)
+        elif torch.equal(value(target), value(source)):
             dropped.add(target)
         else:
             untie = True
-    tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key in dropped:
-            continue
-        if key in replaced:
-            name = replaced[key]
-            for suffix, part in packed[name].items():
-                tensors[f"{name}.{suffix}"] = part.detach().cpu().contiguous()
-            continue
-        if tensor.device.type == "meta":
-            raise QtoolError(f"tensor {key} has no data (it is on the meta device)", "materialise the model's weights before saving")
-        tensor = tensor.detach().cpu()
-        if tensor.is_floating_point():
-            half = tensor.to(torch.float16)
-            if not bool(torch.isfinite(half).all()) and bool(torch.isfinite(tensor).all()):
-                raise QtoolError(f"tensor {key} overflows float16", "its values exceed 65504; this model cannot be stored in float16")
-            tensor = half
-        tensors[key] = _own_storage(tensor)
-    return tensors, untie
+
+    def items() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in state.items():
+            if key in dropped:
+                continue
+            if key in replaced:
+                name = replaced[key]
+                for suffix, part in packed_of(name).items():
+                    yield f"{name}.{suffix}", part.detach().cpu().contiguous()
+                continue
+            if tensor.device.type == "meta":
+                if float_tensor is None:
+                    raise QtoolError(f"tensor {key} has no data (it is on the meta device)", "materialise the model's weights before saving")
+                tensor = float_tensor(key)
+            tensor = tensor.detach().cpu()
+            if tensor.is_floating_point():
+                half = tensor.to(torch.float16)
+                if not bool(torch.isfinite(half).all()) and bool(torch.isfinite(tensor).all()):
+                    raise QtoolError(f"tensor {key} overflows float16", "its values exceed 65504; this model cannot be stored in float16")
+                tensor = half
+            yield key, _own_storage(tensor)
+
+    return items(), untie
 
 
 def model_config_dict(model: nn.Module, quantization_config: dict[str, Any], untie: bool) -> dict[str, Any]:
@@ -121,29 +144,42 @@ def model_config_dict(model: nn.Module, quantization_config: dict[str, Any], unt
     return data
 
 
-def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size_bytes: int) -> list[str]:
-    """Write tensors as model.safetensors, or as numbered shards plus model.safetensors.index.json when they
-    exceed max_shard_size_bytes; return the file names."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
+def write_safetensors(directory: Path, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                      max_shard_size_bytes: int) -> list[str]:
+    """Write tensors (a mapping, or (name, tensor) pairs produced one at a time) as model.safetensors, or as
+    numbered shards plus model.safetensors.index.json when they exceed max_shard_size_bytes; return the file
+    names. Each shard is written as soon as it is full, so only one shard's tensors are held at a time."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / MODEL_FILE), metadata=metadata)
+    written: list[tuple[str, list[str]]] = []  # (temporary name, tensor names) per shard
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        temporary = f"shard-{len(written) + 1:05d}.partial"
+        save_file(shard, str(directory / temporary), metadata=metadata)
+        written.append((temporary, list(shard)))
+        shard.clear()
+
+    for key, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_size_bytes:
+            flush()
+            size = 0
+        shard[key] = tensor
+        size += nbytes
+        total += nbytes
+    if shard or not written:
+        flush()
+    if len(written) == 1:
+        (directory / written[0][0]).rename(directory / MODEL_FILE)
         return [MODEL_FILE]
     names, weight_map = [], {}
-    for number, shard in enumerate(shards, start=1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
+    for number, (temporary, keys) in enumerate(written, start=1):
+        name = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        (directory / temporary).rename(directory / name)
         names.append(name)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({key: name for key in keys})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return names
@@ -158,13 +194,18 @@ def save_quantized_model(
     checkpoint_format: str | None = None,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
     force: bool = False,
+    float_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> Path:
     """Write a GPTQ checkpoint directory at `output` (atomically; an existing one only with force). `quantized`
     maps module names to their quantized weights; checkpoint_format ("gptq" or "gptq_v2") defaults to the one in
-    quantization_config, else "gptq"."""
+    quantization_config, else "gptq".
+
+    The tensors are produced and written shard by shard (checkpoint_items): `quantized` may be a mapping that
+    reads each weight when asked, and `float_tensor` gives the float tensors the model holds on the meta device
+    (a streamed model's released layers)."""
     output = Path(output)
     config = build_quantization_config(quantized, quantization_config, checkpoint_format)
-    tensors, untie = checkpoint_tensors(model, quantized, config["checkpoint_format"])
+    tensors, untie = checkpoint_items(model, quantized, config["checkpoint_format"], float_tensor)
     model_config = model_config_dict(model, config, untie)
     with atomic_output_dir(output, force, what=f"gptq checkpoint ({config['checkpoint_format']})") as staging:
         write_model_files(staging, model, tensors, model_config, tokenizer, max_shard_size_bytes)
@@ -172,7 +213,7 @@ def save_quantized_model(
     return output
 
 
-def write_model_files(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor], model_config: dict[str, Any], tokenizer: Any,
+def write_model_files(directory: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], model_config: dict[str, Any], tokenizer: Any,
                       max_shard_size_bytes: int) -> None:
     """The files every checkpoint directory has: the safetensors, config.json, the tokenizer's files and the
     generation config."""

@@ -4,7 +4,7 @@ combination fails before any work; the library call does the rest; a rich bar sh
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.table import Table
@@ -37,9 +37,30 @@ def summary_table(result: QuantizeResult) -> Table:
         ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"
                         + (f" (estimated {result.estimated_peak_memory_bytes / 2**30:.2f} GiB before the run)" if result.estimated_peak_memory_bytes else "")),
     ]
+    memory = result.memory
+    if memory:
+        estimate = memory["estimate"]
+        rows.append(("host memory", f"peak {memory['peak_host_bytes'] / 2**30:.2f} GiB (estimated {estimate['cpu_bytes'] / 2**30:.2f} GiB), weights "
+                                    + ("streamed layer by layer" if estimate["streaming"] else "loaded whole")
+                                    + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")))
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+ACTIVATION_PLACES = {"device": "on the compute device", "host": "in host memory", "disk": "on disk"}
+
+
+def printing_estimate(update: Callable[..., None], enabled: bool) -> Callable[..., None]:
+    """The progress callback, which also prints the pipeline's memory estimate as a line of its own before the run."""
+    from qtool.quant.pipeline import ESTIMATE_DETAIL
+
+    def report(done: int, total: int, detail: str = "") -> None:
+        if enabled and detail.startswith(ESTIMATE_DETAIL):
+            stderr.print(detail)
+        update(done, total, detail)
+
+    return report
 
 
 def exl2_summary_table(result: Exl2QuantizeResult) -> Table:
@@ -174,7 +195,8 @@ def quantize(
         stdout.print(exl2_summary_table(exl2_result))
         return
     with progress_bar("quantize", enabled=not as_json) as update:
-        result = quantize_model(model, config, output, device=device, force=force, progress=update, discard_resume=discard_resume, nproc=nproc,
+        result = quantize_model(model, config, output, device=device, force=force, progress=printing_estimate(update, not as_json),
+                                discard_resume=discard_resume, nproc=nproc,
                                 max_shard_size_bytes=max_shard_size_bytes)
     if as_json:
         print_json(result.to_dict())

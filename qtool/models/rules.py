@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -25,6 +25,13 @@ from qtool.formats.gptq import PACK_ALIGNMENT
 HESSIAN_COPIES = 4
 # Layer inputs and outputs for all calibration samples are held at once.
 ACTIVATION_COPIES = 2
+# Besides them, while a layer is quantized its replay (quant/replay.py) keeps every quantized linear's output and,
+# per token, four hidden-size vectors more: the two norms' outputs, the attention block's and its output
+# projection's inputs. For SmolLM2 with 128 x 512 tokens this puts the GPU peak at 2.11 GiB, what the H100 measured.
+RECORDED_HIDDEN_COPIES = 4
+# Where the calibration activations live between layers, best first: the compute device, host memory (pinned when
+# the compute device is a GPU), files on disk (memory-mapped, in a folder beside the output).
+ACTIVATION_TIERS = ("device", "host", "disk")
 FLOAT32_BYTES = 4
 # MLPs of these families have two matrices (up, down); the others (Llama, Mistral, Qwen...) are gated: three.
 UNGATED_MLP_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode")
@@ -111,6 +118,7 @@ class ModelStats:
     heads: int
     max_in_features: int
     layer_params: int  # the largest decoder layer
+    layer_outputs: int = 0  # the out_features of the largest layer's linears, summed (what its replay records per token)
 
     @classmethod
     def from_config(cls, hf_config: Any, tensor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "ModelStats":
@@ -128,6 +136,7 @@ class ModelStats:
         attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
         mlp_matrices = 2 if getattr(text, "model_type", "") in UNGATED_MLP_MODEL_TYPES else 3
         layer_params = attention + mlp_matrices * hidden * intermediate + 2 * hidden
+        layer_outputs = head_dim * (heads + 2 * kv_heads) + hidden + (mlp_matrices - 1) * intermediate + hidden
         embeddings = int(text.vocab_size) * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
         return cls(
             params=layers * layer_params + embeddings + hidden,
@@ -137,11 +146,13 @@ class ModelStats:
             heads=heads,
             max_in_features=max(hidden, intermediate, heads * head_dim),
             layer_params=layer_params,
+            layer_outputs=layer_outputs,
         )
 
     @classmethod
     def _from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], layers: int, hidden: int, intermediate: int, heads: int) -> "ModelStats":
         per_layer: dict[str, int] = defaultdict(int)
+        outputs: dict[str, int] = defaultdict(int)
         max_in = 0
         for name, shape in shapes.items():
             match = LAYER_INDEX.search(name)
@@ -149,6 +160,7 @@ class ModelStats:
                 per_layer[match.group(1)] += math.prod(shape)
                 if len(shape) == 2 and name.endswith(".weight"):
                     max_in = max(max_in, shape[1])
+                    outputs[match.group(1)] += shape[0]
         return cls(
             params=sum(math.prod(s) for s in shapes.values()),
             layers=layers,
@@ -157,28 +169,58 @@ class ModelStats:
             heads=heads,
             max_in_features=max_in or max(hidden, intermediate),
             layer_params=max(per_layer.values(), default=0),
+            layer_outputs=max(outputs.values(), default=0),
         )
 
 
-def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1) -> dict[str, Any]:
-    """Bytes a quantization run holds at its peak: the float32 model on the CPU, and where the work runs one
-    layer, the calibration activations, the Hessians and one sample's forward scratch. With several processes
-    (`--nproc`) the figures are one process's (its share of the samples; device_bytes per GPU) except cpu_bytes,
-    the host's total: every process holds the float model."""
+def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1,
+                         streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
+                         tier: str | None = None) -> dict[str, Any]:
+    """Bytes a quantization run holds at its peak, and where it keeps the calibration activations.
+
+    The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized
+    and the copy kept to redo it); where the work runs, one layer, the Hessians and one sample's forward scratch;
+    and the activations: the layer's inputs and outputs for every sample, and what the replay records while the
+    layer is quantized. They go to the first plan that fits the free memory given (None: assumed to fit): on the
+    compute device with the replay, there without it (each pass recomputes the layer instead), in host memory
+    with, then without the replay, and last on disk (host memory then holds the outputs being built).
+
+    With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
+    GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps to the plans of that tier.
+    Returns the components, the plan (`activation_tier`, `replay`) and cpu_bytes, device_bytes and disk_bytes."""
     device = torch.device(device)
     samples, seqlen = math.ceil(config.calibration.samples / processes), config.calibration.seqlen
+    tokens = samples * seqlen
+    layer = stats.layer_params * FLOAT32_BYTES
+    outside_layers = (stats.params - stats.layers * stats.layer_params) * FLOAT32_BYTES
     components = {
-        "weights": stats.params * FLOAT32_BYTES,
-        "layer": stats.layer_params * FLOAT32_BYTES if device.type != "cpu" else 0,  # on the CPU it is in weights
-        "activations": samples * seqlen * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES,
+        "weights": outside_layers + 2 * layer if streaming else stats.params * FLOAT32_BYTES,
+        "layer": layer if device.type != "cpu" else 0,  # on the CPU it is in weights
+        "activations": tokens * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES,
+        "recordings": tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         # one sample through the layer: MLP intermediates and the attention scores
         "forward_scratch": seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
     }
-    work = components["layer"] + components["activations"] + components["hessians"] + components["forward_scratch"]
-    if device.type == "cpu":
-        return {"device": str(device), "components": components, "cpu_bytes": (components["weights"] + work) * processes, "device_bytes": 0}
-    return {"device": str(device), "components": components, "cpu_bytes": components["weights"] * processes, "device_bytes": work}
+    work = components["layer"] + components["hessians"] + components["forward_scratch"]
+    on_gpu = device.type != "cpu"
+    plans = [("device", True), ("device", False)] if on_gpu else []
+    plans += [("host", True), ("host", False), ("disk", False)]
+    if tier is not None:  # on the CPU the compute device is host memory
+        plans = [plan for plan in plans if plan[0] == (tier if on_gpu or tier != "device" else "host")]
+    for tier, replay in plans:
+        held = components["activations"] + (components["recordings"] if replay else 0)
+        if tier == "disk":
+            held = components["activations"] // ACTIVATION_COPIES  # the outputs of the layer being quantized
+        device_bytes = work + (held if tier == "device" else 0) if on_gpu else 0
+        cpu_bytes = components["weights"] + (0 if on_gpu else work) + (0 if tier == "device" else held)
+        plan = {"activation_tier": tier, "replay": replay, "cpu_bytes": cpu_bytes * processes, "device_bytes": device_bytes,
+                "disk_bytes": components["activations"] * processes if tier == "disk" else 0}
+        fits_device = device_free_bytes is None or device_bytes <= device_free_bytes
+        fits_host = cpu_free_bytes is None or plan["cpu_bytes"] <= cpu_free_bytes
+        if fits_device and fits_host:
+            break
+    return {"device": str(device), "components": components, "streaming": streaming, "samples": samples, **plan}
 
 
 def cpu_free_memory() -> int | None:
@@ -206,19 +248,27 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _fewer_samples_fix(config: QuantConfig, stats: ModelStats, needed: int, free: int, device: torch.device) -> str:
-    """Name the largest samples (or seqlen) that would fit, and the other device."""
-    samples, seqlen = config.calibration.samples, config.calibration.seqlen
-    per_sample = seqlen * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES
-    others = needed - samples * per_sample
+def _largest_fitting(fits: Callable[[int], bool], below: int, lowest: int) -> int | None:
+    """The largest n in lowest..below-1 with fits(n) (fits grows false with n), or None."""
+    if below <= lowest or not fits(lowest):
+        return None
+    low, high = lowest, below - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _fewer_samples_fix(config: QuantConfig, fits: Callable[[QuantConfig], bool], device: torch.device) -> str:
+    """Name the largest samples (or seqlen) whose estimate fits, and the other device."""
+    calibration = config.calibration
     options = []
-    if free > others:
-        fitting_samples = (free - others) // per_sample
-        if fitting_samples >= 1:
-            options.append(f"--samples {fitting_samples}")
-        fitting_seqlen = (free - others) // (samples * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES)
-        if fitting_seqlen >= 8:
-            options.append(f"--seqlen {fitting_seqlen}")
+    samples = _largest_fitting(lambda n: fits(replace(config, calibration=replace(calibration, samples=n))), calibration.samples, 1)
+    if samples is not None:
+        options.append(f"--samples {samples}")
+    seqlen = _largest_fitting(lambda n: fits(replace(config, calibration=replace(calibration, seqlen=n))), calibration.seqlen, 8)
+    if seqlen is not None:
+        options.append(f"--seqlen {seqlen}")
     if device.type == "cpu" and torch.cuda.is_available():
         options.append("--device cuda")
     elif device.type != "cpu":
@@ -233,17 +283,26 @@ def validate_for_hardware(
     cpu_free_bytes: int | None = None,
     device_free_bytes: int | None = None,
     processes: int = 1,
+    streaming: bool = False,
 ) -> list[Finding]:
-    """Compare the estimated peak memory with the free memory (read from the machine unless given)."""
+    """Compare the estimated peak memory (estimate_peak_memory, its plan chosen for this free memory) with the
+    free memory (read from the machine unless given)."""
     device = torch.device(device)
-    estimate = estimate_peak_memory(config, stats, device, processes)
     cpu_free = cpu_free_bytes if cpu_free_bytes is not None else cpu_free_memory()
-    found: list[Finding] = []
-    pools = [("cpu", estimate["cpu_bytes"], cpu_free)]
+    device_free = None
     if device.type != "cpu":
-        free = device_free_bytes if device_free_bytes is not None else device_free_memory(device)
-        pools.append((str(device), estimate["device_bytes"], free))
-    for pool, needed, free in pools:
+        device_free = device_free_bytes if device_free_bytes is not None else device_free_memory(device)
+
+    def estimate_for(candidate: QuantConfig) -> dict[str, Any]:
+        return estimate_peak_memory(candidate, stats, device, processes, streaming, cpu_free, device_free)
+
+    estimate = estimate_for(config)
+    found: list[Finding] = []
+    pools = [("cpu", "cpu_bytes", cpu_free)]
+    if device.type != "cpu":
+        pools.append((str(device), "device_bytes", device_free))
+    for pool, key, free in pools:
+        needed = estimate[key]
         if free is None:
             found.append(info(f"memory ({pool})", f"estimated peak {format_bytes(needed)}; free memory unknown"))
         elif needed > free:
@@ -251,7 +310,7 @@ def validate_for_hardware(
             fix = (
                 "the float32 model alone does not fit: use a machine with more memory"
                 if weights_alone
-                else _fewer_samples_fix(config, stats, needed, free, device)
+                else _fewer_samples_fix(config, lambda candidate, key=key, free=free: estimate_for(candidate)[key] <= free, device)
             )
             found.append(error(
                 f"memory ({pool})",
@@ -259,5 +318,7 @@ def validate_for_hardware(
                 fix,
             ))
         else:
-            found.append(info(f"memory ({pool})", f"estimated peak {format_bytes(needed)} of {format_bytes(free)} free"))
+            where = {"device": f"on {device}", "host": "in host memory", "disk": "on disk"}[estimate["activation_tier"]]
+            found.append(info(f"memory ({pool})", f"estimated peak {format_bytes(needed)} of {format_bytes(free)} free "
+                                                  f"(activations {where}{'' if estimate['replay'] else ', no replay'})"))
     return found

@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -21,21 +21,24 @@ from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
-from qtool.models.rules import ModelStats, estimate_peak_memory, format_bytes, validate_for_hardware, validate_for_model
+from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes,
+                                validate_for_hardware, validate_for_model)
 from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
 from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
+from qtool.quant.activation_store import open_store
+from qtool.quant.float_source import FloatModel, open_float_model
 from qtool.quant.memory_ladder import Rung, climb_down, ladder
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
-from qtool.quant.work_state import WorkState, job_fingerprint, read_hidden
-from qtool.models.architectures import decoder_layers, get_architecture, resolve_layer_groups
+from qtool.quant.work_state import SavedWeights, WorkState, job_fingerprint, read_hidden
+from qtool.models.architectures import decoder_layers, resolve_layer_groups
 from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
-from qtool.checkpoints.sources import ModelSource, load_model, resolve_device, resolve_source
+from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class QuantizeResult:
     compute_dtype: str = "float32"  # what config.compute_dtype resolved to on this machine
     # validate's estimate of peak_memory_bytes, made before the run (one process's, on the device that does the work)
     estimated_peak_memory_bytes: int = 0
+    # the estimate in full (components, where the activations went, replay) and the measured peaks of host (resident
+    # set size) and device, beside whether the weights were streamed
+    memory: dict[str, Any] = field(default_factory=dict)
     modules: list[ModuleReport] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
 
@@ -92,10 +98,36 @@ def storage_device(compute: torch.device, samples: int, seqlen: int, hidden_size
     return compute if needed <= ACTIVATIONS_GPU_SHARE * free else torch.device("cpu")
 
 
+def check_activation_tier(tier: str) -> None:
+    if tier not in ACTIVATION_TIERS:
+        raise QtoolError(f"activation tier {tier!r} is not known", "use one of " + ", ".join(ACTIVATION_TIERS))
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    return peak_host_memory_bytes()
+
+
+def peak_host_memory_bytes() -> int:
+    """The process's peak resident set size so far."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+# the progress detail that carries the estimate, said before any layer (the CLI prints it as a line of its own)
+ESTIMATE_DETAIL = "estimated peak memory"
+
+
+def estimate_line(estimate: dict[str, Any], compute: torch.device) -> str:
+    """The estimate in one line: the peak on each pool and where the activations wait between layers."""
+    pools = [f"host {format_bytes(estimate['cpu_bytes'])}"]
+    if compute.type == "cuda":
+        pools.append(f"{compute} {format_bytes(estimate['device_bytes'])}")
+    if estimate["disk_bytes"]:
+        pools.append(f"disk {format_bytes(estimate['disk_bytes'])}")
+    where = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}[estimate["activation_tier"]]
+    return (f"{ESTIMATE_DETAIL}: {', '.join(pools)}; weights {'streamed layer by layer' if estimate['streaming'] else 'loaded whole'}, "
+            f"activations {where}" + ("" if estimate["replay"] else " (no replay)"))
 
 
 def split_quantizable(
@@ -151,7 +183,8 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
     return data
 
 
-def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1) -> list[Finding]:
+def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1,
+                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -161,7 +194,8 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
         for name, linear in group
     }
     findings = validate_for_model(config, shapes)
-    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes)
+    findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes, streaming=streaming,
+                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes)
     return raise_first_error(findings)
 
 
@@ -195,10 +229,12 @@ class _QuantizeJob:
     model_name: str
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES
     estimated_peak_bytes: int = 0
+    float_model: FloatModel | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
 
-    def write_checkpoint(self, quantized: dict[str, QuantizedWeight], skipped: dict[str, str],
+    def write_checkpoint(self, quantized: Mapping[str, QuantizedWeight], skipped: dict[str, str],
                          modules: list[ModuleReport], calibration_tokens: int = 0, compute_dtype: str = "float32",
-                         resumed_from: int = 0, peak: int | None = None) -> QuantizeResult:
+                         resumed_from: int = 0, peak: int | None = None, host_peak: int | None = None) -> QuantizeResult:
         if not quantized:
             raise QtoolError(f"no linear of {self.model_name} can be stored in the GPTQ layout",
                              "GPTQ needs input and output widths that are multiples of 32")
@@ -208,13 +244,21 @@ class _QuantizeJob:
             quantization_config=checkpoint_quantization_config(self.config, skipped, calibration_tokens, compute_dtype),
             tokenizer=self.tokenizer, checkpoint_format=self.config.checkpoint_format, force=self.force,
             max_shard_size_bytes=self.max_shard_size_bytes,
+            float_tensor=self.float_model.streamed.float_tensor if self.float_model and self.float_model.streamed else None,
         )
+        # the write itself may be the host's peak (one shard's tensors)
+        host_peak = max(host_peak or 0, peak_host_memory_bytes())
+        peak = peak_memory_bytes(self.compute) if peak is None else peak
+        if self.compute.type == "cpu":
+            peak = max(peak, host_peak)
+        memory = {"estimate": self.estimate, "peak_host_bytes": host_peak,
+                  "peak_device_bytes": peak if self.compute.type == "cuda" else 0}
         return QuantizeResult(
             output=str(self.output), config=self.config, layers=self.num_layers, quantized_linears=len(quantized),
             skipped_linears=skipped, resumed_from_layer=resumed_from, seconds=time.perf_counter() - self.started,
-            peak_memory_bytes=peak_memory_bytes(self.compute) if peak is None else peak, device=str(self.compute),
+            peak_memory_bytes=peak, device=str(self.compute),
             calibration_tokens=calibration_tokens, compute_dtype=compute_dtype, modules=modules, findings=self.findings,
-            estimated_peak_memory_bytes=self.estimated_peak_bytes,
+            estimated_peak_memory_bytes=self.estimated_peak_bytes, memory=memory,
         )
 
 
@@ -226,10 +270,12 @@ def _round_to_nearest(job: _QuantizeJob, spec) -> QuantizeResult:
         job.report(index, job.num_layers, f"layer {index + 1}/{job.num_layers}")
         groups, layer_skipped = split_quantizable(resolve_layer_groups(job.model, index, spec), gptq_layout_check(job.config))
         skipped.update(layer_skipped)
+        job.float_model.materialize_layer(index)
         for group in groups:
             layer_quantized, reports = solve_group(group, None, job.config)
             quantized.update(layer_quantized)
             modules.extend(reports)
+        job.float_model.release_layer(index)
     return job.write_checkpoint(quantized, skipped, modules)
 
 
@@ -246,6 +292,8 @@ def quantize_model(
     nproc: int = 1,
     shared: SharedCalibration | None = None,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+    streaming: bool | None = None,
+    activation_tier: str | None = None,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
     beside the output is saved after every layer and resumed by the next run with the same arguments (unless
@@ -259,19 +307,26 @@ def quantize_model(
     shard of its own), listed in model.safetensors.index.json, as transformers writes them.
 
     `shared` (one process only) carries what jobs on the same model reuse: the tokenized calibration windows and
-    the Hessians of layer 0's float inputs (see qtool.quant.shared_calibration); the bytes written are the same."""
+    the Hessians of layer 0's float inputs (see qtool.quant.shared_calibration); the bytes written are the same.
+
+    `streaming` (None: wherever the source allows, see qtool.quant.float_source) reads each decoder layer's weights
+    from the model's files just before it is quantized and drops them once it is saved, so host memory holds one
+    layer, not the model; the checkpoint is the same. `activation_tier` (device, host or disk; None: the memory
+    estimate's plan for the free memory) says where the calibration activations wait between layers."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     compute = resolve_device(device)
     if config.output_format != "gptq":
         raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
     check_nproc(nproc, compute)
+    if activation_tier is not None:
+        check_activation_tier(activation_tier)
     if nproc > 1 and config.method != "gptq":
         raise QtoolError(f"--nproc {nproc} with method {config.method}: round to nearest has no calibration to split", "use --nproc 1, or method gptq")
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
         args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started,
-                max_shard_size_bytes)
+                max_shard_size_bytes, streaming, activation_tier)
         if nproc == 1:
             return _quantize(SINGLE_PROCESS, progress, *args, shared=shared)
         return launch(nproc, compute.type, _quantize, args, progress)
@@ -290,31 +345,34 @@ def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInpu
 
 def _quantize(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource, config: QuantConfig,
               output: Path, compute: torch.device, force: bool, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool,
-              started: float, max_shard_size_bytes: int, shared: SharedCalibration | None = None) -> QuantizeResult | None:
+              started: float, max_shard_size_bytes: int, streaming: bool | None = None, activation_tier: str | None = None,
+              shared: SharedCalibration | None = None) -> QuantizeResult | None:
     """One process's part of quantize_model (the whole of it in a one-process run); rank 0 returns the result."""
     report = progress or (lambda done, total, detail="": None)
     if collective.world_size > 1:
         compute = collective.device
-    # The float model stays on the CPU in float32; each layer visits the compute device while it is quantized.
-    loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if loaded.quantization_config:
-        raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    # The float model stays on the CPU in float32 (streamed: one decoder layer of it at a time); each layer visits
+    # the compute device while it is quantized.
+    float_model = open_float_model(source, str(model_spec), allow_pickle, trust_remote_code, streaming)
+    model, tokenizer, spec = float_model.model, float_model.tokenizer, float_model.spec
     if tokenizer is None:
         raise QtoolError(f"model {model_spec} has no tokenizer", "calibration text must be tokenized: add the tokenizer files to the model directory")
-    spec = get_architecture(model)
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
-    findings = check_against_model(config, model, spec, compute, collective.world_size)
+    is_streamed = float_model.streamed is not None
+    # the free memory read once: the rule below and the plan the run follows judge the same figures
+    free = {"cpu_free_bytes": cpu_free_memory(), "device_free_bytes": device_free_memory(compute)}
+    findings = check_against_model(config, model, spec, compute, collective.world_size, streaming=is_streamed, **free)
     # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peak
-    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size)
+    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, collective.world_size, streaming=is_streamed,
+                                    tier=activation_tier, **free)
+    estimate = collective.broadcast_object(estimate)  # every process follows rank 0's plan
     estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"] // collective.world_size
-    report(0, num_layers, f"estimated peak memory {format_bytes(estimated_peak)} on {compute.type}")
-    log.info("estimated peak memory %s on %s (%s)", format_bytes(estimated_peak), compute,
-             ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
+    report(0, num_layers, estimate_line(estimate, compute))
+    log.info("%s (%s)", estimate_line(estimate, compute), ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
 
     job = _QuantizeJob(model, tokenizer, config, output, force, report, started, compute, findings, num_layers,
-                       str(model_spec), max_shard_size_bytes, estimated_peak)
+                       str(model_spec), max_shard_size_bytes, estimated_peak, float_model, estimate)
     if config.method == "rtn":
         # Round to nearest looks at the weights alone: no calibration, no forward passes, nothing to resume.
         return _round_to_nearest(job, spec)
@@ -329,7 +387,6 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
         if shared is not None:
             shared.windows[calibration_key] = windows
     calibration_tokens = sum(w.numel() for w in windows)
-    hidden_size = int(getattr(model.config, "hidden_size", 0) or 0)
 
     compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute)).removeprefix("torch.")
     # The process count is not part of the job: N processes leave the state one process would, so either resumes it.
@@ -347,87 +404,96 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     if resumed_from and collective.is_main:
         log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
 
-    report(0, num_layers, "capturing calibration inputs")
-    inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
-    if resumed_from:
-        # the saved hidden states are every sample's, as a one-process run leaves them
-        inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
-    sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
-    inputs, mine, shares = _rank_inputs(inputs, collective)
-    storage = storage_device(compute, len(mine), calibration.seqlen, hidden_size)
-    inputs = LayerInputs(inputs.layer_index, tuple(h.to(storage) for h in inputs.hidden_states), inputs.calls)
-    collective.barrier()  # every process has read the saved state before rank 0 moves it on
+    with open_store(estimate["activation_tier"], compute, output) as store:
+        report(0, num_layers, "capturing calibration inputs")
+        inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
+        if resumed_from:
+            # the saved hidden states are every sample's, as a one-process run leaves them
+            inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
+        sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
+        inputs, mine, shares = _rank_inputs(inputs, collective)
+        storage = store.device
+        inputs = LayerInputs(inputs.layer_index, store.store(inputs.hidden_states), inputs.calls)
+        collective.barrier()  # every process has read the saved state before rank 0 moves it on
 
-    quantized: dict[str, QuantizedWeight] = {}
-    skipped: dict[str, str] = {}
-    modules: list[ModuleReport] = []
-    # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
-    # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
-    rungs = ladder(compute, storage) if collective.world_size == 1 else ladder(compute, storage)[:1]
-    rung_index = 0
-    for index in range(num_layers):
-        prefix = f"{spec.layers_path}.{index}."
-        groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
-        skipped.update(layer_skipped)
-        if index < resumed_from:
-            continue
-        report(index, num_layers, f"layer {index + 1}/{num_layers}")
-        original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
+        skipped: dict[str, str] = {}
+        modules: list[ModuleReport] = []
+        # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
+        # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
+        rungs = ladder(compute, storage) if collective.world_size == 1 else ladder(compute, storage)[:1]
+        rung_index = 0
+        for index in range(num_layers):
+            prefix = f"{spec.layers_path}.{index}."
+            groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
+            skipped.update(layer_skipped)
+            if index < resumed_from:
+                continue
+            report(index, num_layers, f"layer {index + 1}/{num_layers}")
+            float_model.materialize_layer(index)
+            original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
-        def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
-            nonlocal inputs, storage
-            if rung.storage != storage:  # from here on the activations stay where this rung keeps them
-                inputs = LayerInputs(inputs.layer_index, tuple(h.to(rung.storage) for h in inputs.hidden_states), inputs.calls)
-                storage = rung.storage
-            layer = layers[index].to(rung.compute)
-            layer_inputs = inputs
-            batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
-            moved: dict = {}
+            def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
+                nonlocal inputs, storage, store
+                if rung.storage != storage:  # from here on the activations stay where this rung keeps them (host memory)
+                    store = open_store("host", compute)
+                    inputs = LayerInputs(inputs.layer_index, store.store(inputs.hidden_states), inputs.calls)
+                    storage = store.device
+                layer = layers[index].to(rung.compute)
+                layer_inputs = inputs
+                batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
+                moved: dict = {}
 
-            def run_batch(batch: int) -> torch.Tensor:
-                return run_layer_batch(layer, layer_inputs, batches[batch], device=rung.compute, moved=moved)
+                def run_batch(batch: int) -> torch.Tensor:
+                    return run_layer_batch(layer, layer_inputs, batches[batch], device=rung.compute, moved=moved)
 
-            def on_group(modules: str) -> None:
-                report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
+                def on_group(modules: str) -> None:
+                    report(index, num_layers, f"layer {index + 1}/{num_layers} {modules}")
 
-            float_hessians = None
-            if shared is not None and index == 0 and rung.compute == compute:
-                float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
-            layer_quantized, layer_reports, batch_outputs = quantize_layer(
-                layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
-                output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
-            )
-            outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
-            return layer, layer_quantized, layer_reports, outputs
+                float_hessians = None
+                if shared is not None and index == 0 and rung.compute == compute:
+                    float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
+                layer_quantized, layer_reports, batch_outputs = quantize_layer(
+                    layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
+                    output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
+                    replay=estimate["replay"],
+                )
+                outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+                return layer, layer_quantized, layer_reports, outputs
 
-        def restore(index: int = index, original: dict = original) -> None:
-            layers[index].load_state_dict(original)
-            layers[index].to("cpu")
+            def restore(index: int = index, original: dict = original) -> None:
+                layers[index].load_state_dict(original)
+                layers[index].to("cpu")
 
-        (layer, layer_quantized, layer_reports, outputs), rung_index = climb_down(
-            rungs, rung_index, attempt, restore, f"layer {index + 1}/{num_layers}")
-        layers[index] = layer.to("cpu")
-        for module_report in layer_reports:
-            module_report.name = prefix + module_report.name
-            log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
-        modules.extend(layer_reports)
-        next_hidden = [h.to(storage) for h in outputs]
-        # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's.
-        dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
-        every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, storage)
-        if state is not None:
-            # After every layer: any interruption loses at most the layer in progress.
-            state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)
-        inputs = inputs.advanced(next_hidden)
-        report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
+            (layer, layer_quantized, layer_reports, outputs), rung_index = climb_down(
+                rungs, rung_index, attempt, restore, f"layer {index + 1}/{num_layers}")
+            layers[index] = layer.to("cpu")
+            for module_report in layer_reports:
+                module_report.name = prefix + module_report.name
+                log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
+            modules.extend(layer_reports)
+            next_hidden = list(store.store(outputs))
+            del outputs
+            # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's.
+            dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
+            every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, storage)
+            if state is not None:
+                # After every layer: any interruption loses at most the layer in progress.
+                state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)
+            del original, restore, layer_quantized, layer
+            float_model.release_layer(index)
+            inputs = inputs.advanced(next_hidden)
+            report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 
-    peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)
-    collective.max_(peak)  # the largest of the processes' peaks
-    if state is None:
-        return None
-    # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
-    for index in range(num_layers):
-        quantized.update(state.load_layer(index))
-    result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from, peak=int(peak.item()))
-    state.remove()
-    return result
+        peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)
+        collective.max_(peak)  # the largest of the processes' peaks
+        host_peak = torch.tensor([float(peak_host_memory_bytes())], dtype=torch.float64)
+        collective.max_(host_peak)
+        if state is None:
+            return None
+        # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would; they
+        # are read one layer at a time while the checkpoint is written.
+        quantized = SavedWeights(state, num_layers)
+        result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from, peak=int(peak.item()),
+                                      host_peak=int(host_peak.item()))
+        state.remove()
+        return result

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,3 +172,33 @@ def _problem(path: Path, fingerprint: str) -> str | None:
         if sha256_of(path / name) != checksums[name]:
             return f"damaged ({name} does not match its checksum)"
     return None
+
+
+class SavedWeights(Mapping[str, QuantizedWeight]):
+    """The quantized weights of every saved layer, read from the state's files when asked and in layer order when
+    iterated, one layer's file held at a time: writing the checkpoint then never holds the whole quantized model
+    (whose codes take as much memory as the float32 model)."""
+
+    def __init__(self, state: WorkState, layers: int):
+        from safetensors import safe_open
+
+        self.state = state
+        self._layer_of: dict[str, int] = {}
+        for index in range(layers):
+            with safe_open(str(state.layer_file(index)), framework="pt") as handle:
+                for name in handle.metadata() or {}:
+                    self._layer_of[name] = index
+        self._cached: tuple[int, dict[str, QuantizedWeight]] | None = None
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        index = self._layer_of[name]
+        if self._cached is None or self._cached[0] != index:
+            self._cached = None  # drop the previous layer before reading the next
+            self._cached = (index, self.state.load_layer(index))
+        return self._cached[1][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layer_of)
+
+    def __len__(self) -> int:
+        return len(self._layer_of)

@@ -14,7 +14,8 @@ from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, info, warning
 from qtool.formats.safetensors_header import TensorHeader
 from qtool.models.architectures import get_architecture
-from qtool.models.rules import LAYER_INDEX, ModelStats, estimate_peak_memory, validate_for_hardware, validate_for_model
+from qtool.models.rules import (LAYER_INDEX, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, validate_for_hardware,
+                               validate_for_model)
 from qtool.validate.config_file import read_config
 from qtool.validate.model_tensors import CONFIG_WHERE, model_tensor_findings, transformers_config
 from qtool.validate.report import ValidationReport, finding_from_error
@@ -80,6 +81,8 @@ def model_aware_findings(path: Path, hf_config: dict[str, Any] | None, tensors: 
         findings.append(warning("config.json", f"cannot estimate memory: {str(exc).splitlines()[0]}", "the memory check is skipped"))
         return findings
     torch_device = resolve_device(device)
-    findings += validate_for_hardware(config, stats, torch_device)
-    summary["memory_estimate"] = estimate_peak_memory(config, stats, torch_device)
+    # quantize streams a local safetensors directory's weights layer by layer (qtool.quant.float_source)
+    free = {"cpu_free_bytes": cpu_free_memory(), "device_free_bytes": device_free_memory(torch_device)}
+    findings += validate_for_hardware(config, stats, torch_device, streaming=True, **free)
+    summary["memory_estimate"] = estimate_peak_memory(config, stats, torch_device, streaming=True, **free)
     return findings

@@ -81,13 +81,16 @@ def test_peak_estimate_is_reported_before_the_run_and_is_validates(tmp_path, tin
     seen: list[str] = []
     result = quantize_model(str(tiny_model_dir), config, tmp_path / "out", device="cpu", progress=lambda d, t, detail="": seen.append(detail))
     stats = ModelStats.from_config(load_model(str(tiny_model_dir), with_tokenizer=False).model.config)
-    estimate = estimate_peak_memory(config, stats, "cpu")
-    assert result.estimated_peak_memory_bytes == estimate["cpu_bytes"] > 0
+    estimate = estimate_peak_memory(config, stats, "cpu", streaming=True)  # the weights of a local directory are streamed
+    assert result.estimated_peak_memory_bytes == estimate["cpu_bytes"] == result.memory["estimate"]["cpu_bytes"] > 0
     first_layer = next(i for i, detail in enumerate(seen) if detail.startswith("layer"))
     assert any(detail.startswith("estimated peak memory") for detail in seen[:first_layer])
-    # validate's rule judges that same number
-    (fits,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate["cpu_bytes"])
-    (short,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate["cpu_bytes"] - 1)
+    # validate's rule judges that same number; with less memory it takes a plan that holds less, and fails only
+    # below the most frugal one (activations on disk)
+    (fits,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate["cpu_bytes"], streaming=True)
+    frugal = estimate_peak_memory(config, stats, "cpu", streaming=True, cpu_free_bytes=0)
+    assert frugal["activation_tier"] == "disk" and frugal["cpu_bytes"] < estimate["cpu_bytes"]
+    (short,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=frugal["cpu_bytes"] - 1, streaming=True)
     assert fits.level.name == "INFO" and short.level.name == "ERROR"
     # two processes: each holds the float model and half the samples (rounded up)
     two = estimate_peak_memory(config, stats, "cuda", processes=2)

@@ -1,0 +1,174 @@
+"""A float model whose weights stay in their files until a part of it is needed: the transformers model is built
+from the config with its parameters on the meta device (buffers such as rotary tables are computed as usual),
+and the tensors under a name prefix are read one by one from the (sharded) safetensors or the GGUF file when
+`materialize` is called, and dropped again by `release`. Quantizing layer by layer then holds one decoder layer
+in host memory, not the model.
+
+The values are those `load_model` gives (float32, GGUF tensors dequantized and q/k rows in transformers' order):
+streaming changes how much is in memory at once, not what is read."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from qtool.checkpoints.expected_tensors import missing_tensor_names, missing_tensors_error, tied_weight_pairs
+from qtool.checkpoints.weight_init import skipped_weight_init
+from qtool.core.errors import QtoolError
+from qtool.core.findings import has_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamedModel:
+    """The model (parameters on meta until materialized), its tokenizer, and how to read any of its tensors."""
+
+    model: nn.Module
+    tokenizer: Any
+    read: Callable[[str], torch.Tensor]  # a stored tensor by its name in the model's state dict, as float32
+    names: frozenset[str]  # the tensors the files hold
+    describe: str  # the files, for log lines
+    resident: set[str] = field(default_factory=set)  # the parameters read in and not released
+
+    def float_tensor(self, name: str) -> torch.Tensor:
+        """A tensor of the model's state dict: its value in memory, else read from the files (a released layer's
+        norm, a linear kept float); the tied copy of a tensor the files hold once is read as that tensor."""
+        tensor = self.model.state_dict()[name]
+        if tensor.device.type != "meta":
+            return tensor
+        if name not in self.names:
+            name = tied_weight_pairs(self.model).get(name, name)
+        return self.read(name)
+
+    def materialize(self, prefix: str = "", exclude: str | None = None) -> None:
+        """Read every parameter whose name starts with `prefix` (and not with `exclude`) that is still on meta."""
+        wanted = [name for name, p in self.model.named_parameters(remove_duplicate=False)
+                  if name.startswith(prefix) and not (exclude and name.startswith(exclude)) and p.device.type == "meta"]
+        tied = tied_weight_pairs(self.model)
+        state = {name: self.read(name) for name in wanted if name in self.names}
+        self.model.load_state_dict(state, strict=False, assign=True)
+        self.resident.update(state)
+        if any(name in tied for name in wanted if name not in self.names):
+            self.model.tie_weights()  # the head of tied embeddings shares the embedding just read
+
+    def release(self, prefix: str) -> None:
+        """Put the parameters under `prefix` back on the meta device, freeing their memory."""
+        for module_name, module in self.model.named_modules():
+            for key, parameter in list(module._parameters.items()):
+                name = f"{module_name}.{key}" if module_name else key
+                if parameter is not None and name.startswith(prefix) and parameter.device.type != "meta":
+                    module._parameters[key] = nn.Parameter(torch.empty_like(parameter, device="meta"), requires_grad=parameter.requires_grad)
+                    self.resident.discard(name)
+
+
+def _skeleton(config: Any) -> nn.Module:
+    """The causal LM of `config`, float32, parameters on meta and buffers computed (accelerate's empty-weights
+    context, which puts parameters only on meta), weights not initialised."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False), skipped_weight_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _check_names(model: nn.Module, stored: set[str], describe: str) -> bool:
+    """Whether the files name exactly the model's tensors (tied copies may be absent): then they can be read one
+    by one. Files in an older naming (transformers renames on load) or for another layout go through from_pretrained."""
+    missing = missing_tensor_names(model, stored)
+    if missing is None:
+        log.info("%s names tensors %s has no place for (an older naming?): loading it whole", describe, type(model).__name__)
+        return False
+    problem = missing_tensors_error(type(model).__name__, missing)
+    if problem is not None:
+        raise QtoolError(f"{describe}: {problem.message}", problem.hint)
+    return True
+
+
+def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], describe: str) -> None:
+    for name, tensor in model.state_dict().items():
+        if name in shapes and tuple(tensor.shape) != tuple(shapes[name]):
+            raise QtoolError(f"{describe}: {name} is stored as {list(shapes[name])} but config.json makes it {list(tensor.shape)}",
+                             "the config.json does not match the weights")
+
+
+class _SafetensorsFiles:
+    """A checkpoint's safetensors files, each tensor read from the file the index names. The file is opened for
+    each read and closed after it: an open handle keeps its memory map, and the pages it has read would count in
+    the process's resident memory until the end (a header parse per tensor costs far less than its read)."""
+
+    def __init__(self, directory: Path, where: dict[str, str]):
+        self.directory, self.where = directory, where
+
+    def read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.directory / self.where[name]), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name).to(torch.float32)
+
+
+def open_streamed_safetensors(directory: Path, tokenizer: Any = None) -> StreamedModel | None:
+    """A StreamedModel of a float Hugging Face directory with safetensors weights; None when its files cannot be
+    read tensor by tensor as they are (no safetensors, names transformers would rename, a config it cannot build)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from qtool.checkpoints.float_model_files import check_before_loading
+    from qtool.formats.safetensors_header import read_checkpoint_headers
+
+    headers, _, findings = read_checkpoint_headers(directory)
+    if not headers or has_errors(findings):
+        return None  # the whole-model loader gives the error about the files
+    check_before_loading(directory)  # undeclared quantized tensors, config sizes against stored shapes
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        model = _skeleton(config)
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, RuntimeError) as exc:
+        log.info("cannot build %s from its config (%s): loading it whole", directory, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    describe = f"{directory}"
+    if not _check_names(model, set(headers), describe):
+        return None
+    _check_shapes(model, {name: header.shape for name, header in headers.items()}, describe)
+    try:  # from_pretrained reads the generation config the directory ships, else keeps the one the config implies
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except OSError:
+        pass
+    files = _SafetensorsFiles(directory, {name: header.file for name, header in headers.items()})
+    return StreamedModel(model, tokenizer, files.read, frozenset(headers), describe)
+
+
+def open_streamed_gguf(path: Path, tokenizer: Any = None) -> StreamedModel | None:
+    """A StreamedModel of a GGUF file whose layout qtool's table maps (qtool.checkpoints.gguf_loader), each tensor
+    dequantized when read; None for the files load_model reads through transformers."""
+    from gguf.constants import GGMLQuantizationType
+    from transformers import AutoConfig
+
+    from qtool.checkpoints.gguf_loader import dequantized_tensor, read_gguf_layout
+
+    layout = read_gguf_layout(path)
+    if layout is None:
+        return None
+    # a type gguf-py cannot dequantize would fail in the middle of the run: try one row of each type now
+    for ggml_type in {tensor.ggml_type for tensor in layout.tensors.values()}:
+        tensor = next(t for t in layout.header.tensors if t.ggml_type == ggml_type)
+        try:
+            from gguf.quants import dequantize
+
+            rows = layout.header.tensor_bytes(tensor).reshape(-1, layout.header.tensor_bytes(tensor).shape[-1])
+            dequantize(rows[:1], GGMLQuantizationType(ggml_type))
+        except NotImplementedError:
+            log.info("gguf-py cannot dequantize %s: loading through transformers", GGMLQuantizationType(ggml_type).name)
+            return None
+    config = AutoConfig.for_model(layout.family.model_type, **layout.fields)
+    model = _skeleton(config)
+    describe = f"{path}"
+    if not _check_names(model, set(layout.tensors), describe):
+        return None
+    _check_shapes(model, {name: tensor.shape for name, tensor in layout.tensors.items()}, describe)
+    return StreamedModel(model, tokenizer, lambda name: dequantized_tensor(layout, name), frozenset(layout.tensors), describe)

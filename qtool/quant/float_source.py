@@ -1,0 +1,80 @@
+"""The float model a quantization run reads: streamed (qtool.checkpoints.streamed_model: the layers' weights read
+from the files one layer at a time) when the source is a local safetensors directory or a GGUF file qtool maps,
+else loaded whole through load_model (GGUF families only transformers reads, remote code, pickled weights)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from qtool.checkpoints.sources import ModelSource, download_from_hub, load_model, load_tokenizer
+from qtool.checkpoints.streamed_model import StreamedModel, open_streamed_gguf, open_streamed_safetensors
+from qtool.core.errors import QtoolError
+from qtool.models.architectures import ArchitectureSpec, get_architecture
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FloatModel:
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchitectureSpec
+    streamed: StreamedModel | None  # None: every weight is in memory
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.spec.layers_path}.{index}."
+
+    def materialize_layer(self, index: int) -> None:
+        """Read decoder layer `index`'s weights (nothing to do for a model loaded whole)."""
+        if self.streamed is not None:
+            self.streamed.materialize(self.layer_prefix(index))
+
+    def release_layer(self, index: int) -> None:
+        """Drop decoder layer `index`'s weights once its quantized form is saved (the checkpoint writer reads its
+        float tensors, e.g. the norms, from the files again)."""
+        if self.streamed is not None:
+            self.streamed.release(self.layer_prefix(index))
+
+
+def _why_not_streamed(source: ModelSource, trust_remote_code: bool) -> str | None:
+    if source.quantization_config:
+        return "it declares a quantization"  # the whole-model path gives the error about it
+    if trust_remote_code:
+        return "its model class is remote code, which may build its weights in its own way"
+    return None
+
+
+def open_float_model(source: ModelSource, model_spec: str, allow_pickle: bool = False, trust_remote_code: bool = False,
+                     streaming: bool | None = None) -> FloatModel:
+    """The float model of `source` with its tokenizer. `streaming` None streams where the source allows it, True
+    insists (a QtoolError says why it cannot), False loads the whole model."""
+    streamed = None
+    if streaming is not False:
+        if source.kind == "hub":
+            source = ModelSource("hf_dir", download_from_hub(source.repo_id), repo_id=source.repo_id, display=source.display)
+        reason = _why_not_streamed(source, trust_remote_code)
+        if reason is None:
+            tokenizer = load_tokenizer(source, trust_remote_code)
+            if source.kind == "gguf":
+                streamed = open_streamed_gguf(source.path / source.gguf_file, tokenizer)
+            else:
+                streamed = open_streamed_safetensors(source.path, tokenizer)
+            if streamed is None:
+                reason = "its files cannot be read tensor by tensor as they are (see the log)"
+        if streamed is None and streaming:
+            raise QtoolError(f"model {model_spec} cannot be streamed: {reason}", "leave streaming to its default (auto)")
+        if streamed is None:
+            log.info("loading %s whole: %s", model_spec, reason)
+    if streamed is not None:
+        spec = get_architecture(streamed.model)
+        # embeddings, final norm, head and any other weight outside the decoder layers stay in memory
+        streamed.materialize(exclude=f"{spec.layers_path}.")
+        return FloatModel(streamed.model, streamed.tokenizer, spec, streamed)
+    loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if loaded.quantization_config:
+        raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")
+    return FloatModel(loaded.model, loaded.tokenizer, get_architecture(loaded.model), None)

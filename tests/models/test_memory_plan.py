@@ -1,0 +1,96 @@
+"""The memory estimate's plan: streamed weights count the parts outside the decoder layers and one layer (twice:
+the copy kept to redo it), and the activations go to the first place that fits the free memory given, from the
+GPU with the replay down to files on disk; validate's rule judges the plan chosen and its fix names sizes whose
+estimate fits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qtool.config.schema import CalibrationConfig, QuantConfig
+from qtool.core.findings import Level
+from qtool.models.rules import ModelStats, estimate_peak_memory, validate_for_hardware
+
+GiB = 2**30
+
+
+def llama_like(layers: int = 7, hidden: int = 320, intermediate: int = 864, vocab: int = 5003) -> ModelStats:
+    """Stats of an odd-sized gated model, counted the way a reader would by hand."""
+    layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
+    return ModelStats(params=layers * layer + 2 * vocab * hidden + hidden, layers=layers, hidden=hidden, intermediate=intermediate,
+                      heads=5, max_in_features=intermediate, layer_params=layer, layer_outputs=4 * hidden + 2 * intermediate + hidden)
+
+
+def config(samples: int = 37, seqlen: int = 211) -> QuantConfig:
+    return replace(QuantConfig(calibration=CalibrationConfig(source="wikitext", samples=samples, seqlen=seqlen)))
+
+
+def test_streamed_weights_are_the_outside_and_one_layer_twice():
+    stats = llama_like()
+    whole = estimate_peak_memory(config(), stats, "cpu")
+    streamed = estimate_peak_memory(config(), stats, "cpu", streaming=True)
+    outside = (2 * 5003 * 320 + 320) * 4
+    assert streamed["components"]["weights"] == outside + 2 * stats.layer_params * 4
+    assert whole["components"]["weights"] == stats.params * 4
+    assert whole["cpu_bytes"] - streamed["cpu_bytes"] == (stats.layers - 2) * stats.layer_params * 4
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_plans_step_down_as_free_memory_shrinks(device):
+    stats, job = llama_like(), config()
+    tokens = 37 * 211
+    activations, recordings = tokens * 2 * 320 * 4, tokens * (stats.layer_outputs + 4 * 320) * 4
+    roomy = estimate_peak_memory(job, stats, device, streaming=True)
+    first = "device" if device == "cuda" else "host"
+    assert (roomy["activation_tier"], roomy["replay"]) == (first, True)
+    assert roomy["components"]["activations"] == activations and roomy["components"]["recordings"] == recordings
+    pool = "device_bytes" if device == "cuda" else "cpu_bytes"
+    other = "cpu_bytes" if device == "cuda" else "device_bytes"
+    seen = [(roomy["activation_tier"], roomy["replay"])]
+    # one byte short of each plan: the next one
+    free = roomy[pool] - 1
+    while True:
+        kwargs = {"device_free_bytes": free} if device == "cuda" else {"cpu_free_bytes": free}
+        plan = estimate_peak_memory(job, stats, device, streaming=True, **kwargs)
+        if (plan["activation_tier"], plan["replay"]) == seen[-1]:
+            break
+        seen.append((plan["activation_tier"], plan["replay"]))
+        if plan[pool] > free:
+            break
+        free = plan[pool] - 1
+    if device == "cuda":
+        # the GPU runs out: first without the replay there, then the activations leave it (the host has room)
+        assert seen[:3] == [("device", True), ("device", False), ("host", True)]
+    else:
+        assert seen == [("host", True), ("host", False), ("disk", False)]
+        disk = estimate_peak_memory(job, stats, device, streaming=True, cpu_free_bytes=0)
+        assert disk["disk_bytes"] == activations and disk["cpu_bytes"] == roomy["cpu_bytes"] - recordings - activations // 2
+    assert roomy[other] >= 0
+
+
+def test_validate_takes_the_plan_that_fits_and_its_fix_fits():
+    stats, job = llama_like(), config(samples=301, seqlen=1031)
+    disk = estimate_peak_memory(job, stats, "cpu", streaming=True, cpu_free_bytes=0)
+    (fits,) = validate_for_hardware(job, stats, "cpu", cpu_free_bytes=disk["cpu_bytes"], streaming=True)
+    assert fits.level is Level.INFO and fits.message.endswith("(activations on disk, no replay)")
+    free = disk["cpu_bytes"] - 12345
+    (short,) = validate_for_hardware(job, stats, "cpu", cpu_free_bytes=free, streaming=True)
+    assert short.level is Level.ERROR
+    options = dict(part.split(" ") for part in short.fix.removeprefix("use ").split(" or ") if part.startswith("--"))
+    samples, seqlen = int(options["--samples"]), int(options["--seqlen"])
+
+    def cpu(samples: int, seqlen: int) -> int:
+        return estimate_peak_memory(config(samples, seqlen), stats, "cpu", streaming=True, cpu_free_bytes=free)["cpu_bytes"]
+
+    assert cpu(samples, 1031) <= free < cpu(samples + 1, 1031)
+    assert cpu(301, seqlen) <= free < cpu(301, seqlen + 1)
+
+
+def test_several_processes_split_the_samples_and_each_holds_the_weights():
+    stats = llama_like()
+    two = estimate_peak_memory(config(samples=37), stats, torch.device("cuda"), processes=2, streaming=True)
+    one = estimate_peak_memory(config(samples=19), stats, torch.device("cuda"), streaming=True)
+    assert two["device_bytes"] == one["device_bytes"] and two["cpu_bytes"] == 2 * one["cpu_bytes"]

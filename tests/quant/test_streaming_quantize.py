@@ -1,0 +1,206 @@
+"""Quantizing with the float weights streamed from their files (the default for local models) writes the same
+bytes as loading the whole model first, from sharded safetensors (float16 and float32, tied and untied heads) and
+from GGUF; while it runs, at most the layer being quantized is in memory, and the streamed model reads exactly
+what load_model gives."""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qtool.checkpoints.sources import load_model, resolve_source
+from qtool.checkpoints.streamed_model import open_streamed_gguf, open_streamed_safetensors
+from qtool.config.schema import CalibrationConfig, QuantConfig
+from qtool.core.errors import QtoolError
+from qtool.quant.float_source import open_float_model
+from qtool.quant.pipeline import quantize_model
+
+from fuzz_gguf_writer import write_llama_gguf
+
+# GGUF tensors stored block-quantized, as llama.cpp files hold most of theirs: the streamed read dequantizes them
+BLOCK_QUANTIZED = {"blk.0.attn_k.weight": "Q4_1", "blk.1.attn_q.weight": "Q8_0", "blk.0.ffn_up.weight": "Q4_1", "token_embd.weight": "Q8_0"}
+
+
+@pytest.fixture
+def sharded_model_dir(make_tiny_llama, make_tiny_tokenizer):
+    def write(directory: Path, dtype: torch.dtype, seed: int, **overrides) -> Path:
+        """A tiny random Llama saved in shards of at most 20 kB (several tensors per shard, the index naming them)."""
+        model = make_tiny_llama(seed, **{"num_hidden_layers": 3, **overrides}).to(dtype)
+        model.save_pretrained(str(directory), max_shard_size="20KB")
+        make_tiny_tokenizer().save_pretrained(str(directory))
+        assert len(set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+        return directory
+
+    return write
+
+
+def block_quantized_gguf(path: Path, model, tokenizer) -> Path:
+    """fuzz_gguf_writer's tiny GGUF (tokenizer included) with some tensors block-quantized."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf.quants import quantize
+
+    plain = write_llama_gguf(path.with_suffix(".float.gguf"), model, tokenizer)
+    reader = GGUFReader(str(plain))
+    writer = GGUFWriter(str(path), arch="llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for tensor in reader.tensors:
+        values = np.array(tensor.data, dtype=np.float32).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        if tensor.name in BLOCK_QUANTIZED:
+            kind = GGMLQuantizationType[BLOCK_QUANTIZED[tensor.name]]
+            writer.add_tensor(tensor.name, quantize(values, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(tensor.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    plain.unlink()
+    return path
+
+
+def job(calibration: Path, **fields) -> QuantConfig:
+    return replace(QuantConfig(calibration=CalibrationConfig(source=str(calibration), samples=5, seqlen=27, seed=1)), bits=4, group_size=32, **fields)
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def resident_layers(model_type: type) -> set[int]:
+    """Indices of the decoder layers of live models of `model_type` whose weights are in memory (not on meta)."""
+    found: set[int] = set()
+    for obj in gc.get_objects():
+        if type(obj) is model_type:
+            for index, layer in enumerate(obj.model.layers):
+                if any(p.device.type != "meta" for p in layer.parameters()):
+                    found.add(index)
+    return found
+
+
+@pytest.mark.parametrize("dtype,tied,method", [(torch.float16, False, "gptq"), (torch.float32, True, "gptq"), (torch.float16, True, "rtn")])
+def test_streamed_and_whole_model_write_the_same_checkpoint(tmp_path, sharded_model_dir, make_calibration_text, dtype, tied, method):
+    source = sharded_model_dir(tmp_path / "model", dtype, seed=7, tie_word_embeddings=tied)
+    calibration = make_calibration_text(tmp_path / "calibration.txt")
+    config = job(calibration, method=method)
+    whole = quantize_model(str(source), config, tmp_path / "whole", device="cpu", streaming=False, max_shard_size_bytes=25_000)
+    streamed = quantize_model(str(source), config, tmp_path / "streamed", device="cpu", streaming=True, max_shard_size_bytes=25_000)
+    assert not whole.memory["estimate"]["streaming"] and streamed.memory["estimate"]["streaming"]
+    written = files_of(tmp_path / "streamed")
+    assert written == files_of(tmp_path / "whole")
+    assert sum(name.endswith(".safetensors") for name in written) > 2  # the output is sharded too
+    assert streamed.memory["peak_host_bytes"] > 0
+
+
+def test_only_the_layer_being_quantized_is_in_memory(tmp_path, sharded_model_dir, make_calibration_text):
+    from transformers import LlamaForCausalLM
+
+    source = sharded_model_dir(tmp_path / "model", torch.float32, seed=3, num_hidden_layers=4)
+    seen: list[tuple[str, set[int]]] = []
+
+    def watch(done: int, total: int, detail: str = "") -> None:
+        seen.append((detail, resident_layers(LlamaForCausalLM)))
+
+    quantize_model(str(source), job(make_calibration_text(tmp_path / "c.txt")), tmp_path / "out", device="cpu", progress=watch)
+    during = {detail: layers for detail, layers in seen if detail.startswith("layer ") and " " in detail[6:]}  # "layer 2/4 q_proj+..."
+    assert during, seen
+    for detail, layers in during.items():
+        assert layers == {int(detail.split()[1].split("/")[0]) - 1}, (detail, layers)
+    assert seen[-1][1] == set()  # nothing of the layers while the checkpoint is written
+
+
+def test_streamed_model_reads_what_load_model_gives(tmp_path, sharded_model_dir):
+    source = sharded_model_dir(tmp_path / "model", torch.bfloat16, seed=11)
+    reference = load_model(str(source), dtype="float32", with_tokenizer=False).model
+    streamed = open_streamed_safetensors(source)
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    streamed.materialize()
+    assert streamed.model.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(streamed.model.state_dict()[name], tensor), name
+    ids = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(streamed.model(ids).logits, reference(ids).logits)
+    streamed.release("model.layers.1.")
+    assert all(p.device.type == "meta" for p in streamed.model.model.layers[1].parameters())
+    assert torch.equal(streamed.float_tensor("model.layers.1.post_attention_layernorm.weight"),
+                       reference.state_dict()["model.layers.1.post_attention_layernorm.weight"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_gguf_reads_what_the_direct_loader_gives(tmp_path, make_tiny_llama, make_tiny_tokenizer, tied):
+    from qtool.checkpoints.gguf_loader import load_gguf_direct
+
+    model = make_tiny_llama(5, tie_word_embeddings=tied)
+    if tied:
+        del model.lm_head  # llama.cpp writes no output tensor for a tied head
+    path = block_quantized_gguf(tmp_path / "tiny.gguf", model, make_tiny_tokenizer())
+    reference = load_gguf_direct(path)
+    streamed = open_streamed_gguf(path)
+    streamed.materialize(exclude="model.layers.")
+    assert all(p.device.type == "meta" for p in streamed.model.model.layers.parameters())
+    streamed.materialize("model.layers.")
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(streamed.model.state_dict()[name], tensor), name
+    assert (streamed.model.lm_head.weight is streamed.model.model.embed_tokens.weight) == tied
+    assert streamed.model.config.to_dict() == reference.config.to_dict()
+
+
+def test_a_directory_transformers_would_rename_is_loaded_whole(tmp_path, sharded_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    source = sharded_model_dir(tmp_path / "model", torch.float32, seed=2)
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    old, new = "model.norm.weight", "model.norm.gamma"  # a name the model has no place for: only from_pretrained's renaming can judge it
+    shard = source / index["weight_map"].pop(old)
+    tensors = load_file(str(shard))
+    tensors[new] = tensors.pop(old)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"][new] = shard.name
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert open_streamed_safetensors(source) is None
+    with pytest.raises(QtoolError, match="cannot be streamed"):
+        open_float_model(resolve_source(str(source)), str(source), streaming=True)
+
+
+def test_a_missing_tensor_is_one_line_before_any_work(tmp_path, sharded_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    source = sharded_model_dir(tmp_path / "model", torch.float32, seed=2)
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = source / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(QtoolError, match=r"model\.layers\.2\.mlp\.down_proj\.weight: LlamaForCausalLM expects this tensor"):
+        open_float_model(resolve_source(str(source)), str(source))
+
+
+def test_gguf_streamed_and_whole_write_the_same_checkpoint(tmp_path, make_tiny_llama, make_tiny_tokenizer, make_calibration_text):
+    path = block_quantized_gguf(tmp_path / "tiny.gguf", make_tiny_llama(9, num_hidden_layers=3), make_tiny_tokenizer())
+    config = job(make_calibration_text(tmp_path / "calibration.txt"))
+    whole = quantize_model(str(path), config, tmp_path / "whole", device="cpu", streaming=False)
+    streamed = quantize_model(str(path), config, tmp_path / "streamed", device="cpu")  # the default for a GGUF file
+    assert streamed.memory["estimate"]["streaming"] and not whole.memory["estimate"]["streaming"]
+    assert files_of(tmp_path / "streamed") == files_of(tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_streamed_and_whole_write_the_same_checkpoint(tmp_path, smollm2_path, make_calibration_text):
+    calibration = make_calibration_text(tmp_path / "calibration.txt")
+    config = replace(QuantConfig(calibration=CalibrationConfig(source=str(calibration), samples=2, seqlen=32, seed=0)), bits=4, group_size=128)
+    whole = quantize_model(str(smollm2_path), config, tmp_path / "whole", device="cpu", streaming=False)
+    streamed = quantize_model(str(smollm2_path), config, tmp_path / "streamed", device="cpu", streaming=True)
+    assert streamed.memory["estimate"]["streaming"] and not whole.memory["estimate"]["streaming"]
+    assert files_of(tmp_path / "streamed") == files_of(tmp_path / "whole")
