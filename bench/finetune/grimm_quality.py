@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="grimm-quality-") as work:
         if args.tiny:
             args.base = tiny_base(Path(work) / "tiny")
-            args.steps = args.chat_steps = 3
+            args.steps, args.chat_steps = 3, min(args.chat_steps, 3)
             args.seqlen, args.batch_tokens, args.eval_seqlen, args.eval_windows = 64, 128, 64, 2
         figures = {"grimm": grimm_rows(args, device)}
         if args.chat_steps > 0:  # 0: the grimm rows only (a max_steps of 0 would mean whole epochs to the trainer)
