@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from qtool.cli.choices import complete_device
+from qtool.cli.finetune_options import Device, Force, JsonReport, OutputDir, PeakLr
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 
 if TYPE_CHECKING:  # imports torch: the command imports it when it runs
@@ -30,17 +30,17 @@ def report_table(report: AsrReport) -> Table:
 def finetune_audio(
     model: Annotated[str, typer.Argument(help="The Whisper model directory (weights, config, tokenizer).")],
     data: Annotated[Path, typer.Option("--data", help='Speech JSONL: one {"audio": "clip.wav", "text": "transcript"} per line; paths relative to the file.')],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the fine-tuned model (transformers' layout, with tokenizer and feature extractor).")],
+    output: OutputDir,
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW; warm-up over the first tenth, then linear decay).")] = 1e-4,
+    lr: PeakLr = 1e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Clips per step.")] = 8,
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Speech JSONL to measure loss and WER on (default: the training data).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffling and of any randomness in training.")] = 0,
     language: Annotated[str, typer.Option("--language", help="Language token for multilingual Whisper models (ignored by English-only ones).")] = "en",
     freeze_encoder: Annotated[bool, typer.Option("--freeze-encoder", help="Train the decoder only, on encoder outputs computed once (pretrained models, little data; much faster).")] = False,
-    device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace an output qtool wrote before.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Fine-tune a speech recognizer (Whisper architecture) and report WER before and after."""
     from qtool.finetune.audio.asr_trainer import train_asr

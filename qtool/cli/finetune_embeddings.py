@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from qtool.cli.choices import choice_enum, complete_device, plain
+from qtool.cli.choices import choice_enum, plain
+from qtool.cli.finetune_options import Device, Force, JsonReport, OutputDir, PeakLr
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.finetune.similarity_names import SIMILARITIES
 
@@ -32,18 +33,18 @@ def retrieval_table(report: EmbeddingReport) -> Table:
 def finetune_embeddings(
     model: Annotated[str, typer.Argument(help="The sentence-embedding model: all-minilm-l6-v2 (bundled) or a sentence-transformers directory.")],
     data: Annotated[str, typer.Option("--data", help="Pairs or triplets: JSONL/JSON/CSV/Parquet with anchor/positive (+ negative), query/document or instruction/output columns, or Alpaca seed tasks.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Directory to save the fine-tuned model to (loadable by SentenceTransformer; appears only when complete).")],
+    output: OutputDir,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training pairs.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Train this many batches instead of --epochs passes.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, linear warm-up over 10% of the steps, then linear decay).")] = 2e-5,
+    lr: PeakLr = 2e-5,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Pairs per batch; each anchor's negatives are the batch's other positives (and hard negatives).")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="Similarities are divided by it before the softmax (0.05 = scale 20).")] = 0.05,
     similarity: Annotated[Similarity, typer.Option("--similarity", help="Similarity of two embeddings, in training and in the retrieval metrics.")] = Similarity("cosine"),
     eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the rows held out for the retrieval metrics (0: none).")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the held-out split, the batch order and dropout.")] = 0,
-    device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N.")] = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    device: Device = "auto",
+    force: Force = False,
+    as_json: JsonReport = False,
 ) -> None:
     """Fine-tune a sentence-embedding model on pairs or triplets (InfoNCE with in-batch negatives)."""
     from qtool.finetune.contrastive import train_embeddings

@@ -72,14 +72,15 @@ def merge(
     The output is loaded back and its logits compared with the merged float model's (the cost of the round trip).
     """
     from qtool.checkpoints.sources import resolve_device
-    from qtool.convert.adapter_merge import merge_adapter, plan_merge
+    from qtool.convert.adapter_merge import MergeRequest, merge_adapter, plan_merge
 
     resolve_device(device)
-    options = dict(requantize=plain(requantize), bits=plain(bits), group_size=group_size, bpw=bpw, calibration=calibration, samples=samples,
-                   seqlen=seqlen, config_file=config, perplexity_text=perplexity, force=force)
-    plan_merge(base, adapter, output, **options)  # refuse a bad request before any bar shows
+    request = MergeRequest(base, adapter, output, requantize=plain(requantize), bits=plain(bits), group_size=group_size, bpw=bpw,
+                           calibration=calibration, samples=samples, seqlen=seqlen, config_file=config, perplexity_text=perplexity,
+                           force=force)
+    plan_merge(request)  # refuse a bad request before any bar shows
     with progress_bar("merging", enabled=not json_output) as update:
-        report = merge_adapter(base, adapter, output, **options, device=device, progress=update)
+        report = merge_adapter(request, device=device, progress=update)
     if json_output:
         print_json(report.to_dict())
         return

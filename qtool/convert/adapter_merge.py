@@ -88,6 +88,29 @@ class MergeReport:
 
 
 @dataclass(frozen=True)
+class MergeRequest:
+    """What `qtool finetune merge` is asked: the adapter folded into the base and written to output, as float when
+    requantize is None, else quantized to requantize (gptq or exl2) with the base's own config or config_file,
+    bits/group_size/bpw/calibration/samples/seqlen overriding it (those only with requantize); perplexity_text (a
+    file or `wikitext`) adds the perplexity of the merged float model and of the output; force replaces an output
+    qtool wrote."""
+
+    base: str | Path
+    adapter: str | Path
+    output: str | Path
+    requantize: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    bpw: float | None = None
+    calibration: str | None = None
+    samples: int | None = None
+    seqlen: int | None = None
+    config_file: str | Path | None = None
+    perplexity_text: str | Path | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """A request checked before any model is loaded."""
 
@@ -115,49 +138,37 @@ def _base_format(base: str | Path) -> tuple[str, dict[str, Any] | None, Path | N
     return method, quantization, read
 
 
-def plan_merge(
-    base: str | Path,
-    adapter_dir: str | Path,
-    output: str | Path,
-    requantize: str | None = None,
-    bits: int | None = None,
-    group_size: int | None = None,
-    bpw: float | None = None,
-    calibration: str | None = None,
-    samples: int | None = None,
-    seqlen: int | None = None,
-    config_file: str | Path | None = None,
-    perplexity_text: str | Path | None = None,
-    force: bool = False,
-) -> MergePlan:
+def plan_merge(request: MergeRequest) -> MergePlan:
     """Check everything that can be checked without loading a model: the base's format, the adapter's files and
     config, the target config (validated), that the output is free. Raises a one-line QtoolError."""
+    r = request
+    base, adapter_dir, output, requantize = r.base, r.adapter, r.output, r.requantize
     base_format, quantization, read = _base_format(base)
     config_path, _ = adapter_files(Path(adapter_dir))
     read_lora_config(config_path)
     skeleton = model_skeleton(Path(base))
     if skeleton is not None:
         check_adapter(adapter_dir, skeleton)  # a mismatched adapter fails before the weights are read
-    quant_flags = {"--bits": bits, "--group-size": group_size, "--bpw": bpw, "--calibration": calibration, "--samples": samples,
-                   "--seqlen": seqlen, "--config": config_file}
+    quant_flags = {"--bits": r.bits, "--group-size": r.group_size, "--bpw": r.bpw, "--calibration": r.calibration, "--samples": r.samples,
+                   "--seqlen": r.seqlen, "--config": r.config_file}
     config = origin = None
     if requantize is None:
         given = next((flag for flag, value in quant_flags.items() if value is not None), None)
         if given is not None:
             raise QtoolError(f"{given} applies with --requantize only", "add --requantize gptq|exl2 to quantize the merged model, or drop it")
     else:
-        overrides = {"bits": bits, "group_size": group_size, "bpw": bpw, "calibration_source": calibration, "calibration_samples": samples,
-                     "calibration_seqlen": seqlen}
-        target = merge_target(requantize.lower(), base_format, quantization, str(base), config_file, overrides)
+        overrides = {"bits": r.bits, "group_size": r.group_size, "bpw": r.bpw, "calibration_source": r.calibration,
+                     "calibration_samples": r.samples, "calibration_seqlen": r.seqlen}
+        target = merge_target(requantize.lower(), base_format, quantization, str(base), r.config_file, overrides)
         config, origin = target.config, target.origin
-    if perplexity_text is not None and str(perplexity_text) != "wikitext" and not Path(perplexity_text).is_file():
-        raise QtoolError(f"--perplexity {perplexity_text}: no such file", "pass a text file, or `wikitext`")
+    if r.perplexity_text is not None and str(r.perplexity_text) != "wikitext" and not Path(r.perplexity_text).is_file():
+        raise QtoolError(f"--perplexity {r.perplexity_text}: no such file", "pass a text file, or `wikitext`")
     inputs = [p for p in (read, Path(adapter_dir)) if p is not None]
-    for extra in (config.calibration.source if config is not None else None, perplexity_text, config_file):
+    for extra in (config.calibration.source if config is not None else None, r.perplexity_text, r.config_file):
         if extra is not None and Path(extra).exists():
             inputs.append(Path(extra))
     output = check_output_path(output, inputs)
-    check_replaceable(output, force)
+    check_replaceable(output, r.force)
     flags = tuple(flag for flag, value in quant_flags.items() if value is not None and flag != "--config")
     return MergePlan(Path(base), Path(adapter_dir), output, base_format, requantize.lower() if requantize else None, config, origin, tuple(inputs), flags)
 
@@ -290,31 +301,13 @@ def _flatten_into(staging: Path, inner: Path) -> None:
 # ---- the job ----
 
 
-def merge_adapter(
-    base: str | Path,
-    adapter_dir: str | Path,
-    output: str | Path,
-    *,
-    requantize: str | None = None,
-    bits: int | None = None,
-    group_size: int | None = None,
-    bpw: float | None = None,
-    calibration: str | None = None,
-    samples: int | None = None,
-    seqlen: int | None = None,
-    config_file: str | Path | None = None,
-    perplexity_text: str | Path | None = None,
-    force: bool = False,
-    device: str = "auto",
-    progress: Progress | None = None,
-) -> MergeReport:
-    """Merge the LoRA adapter at `adapter_dir` into `base` and write `output` atomically: the merged float model
-    when `requantize` is None, else the merged model quantized to `requantize` (gptq or exl2) with the config of
-    merge_target (the base's own when it has that format; bits/group_size/bpw/calibration/samples/seqlen and
-    config_file override it). `device` is where the quantization runs; merging and checks run on the CPU.
-    `perplexity_text` (a file or `wikitext`) adds the perplexity of the merged float model and of the output."""
+def merge_adapter(request: MergeRequest, device: str = "auto", progress: Progress | None = None) -> MergeReport:
+    """Do `request` (see MergeRequest), writing its output atomically; the quantization config is merge_target's
+    (the base's own when it has that format). `device` is where the quantization runs; merging and checks run on
+    the CPU."""
     started = time.perf_counter()
-    plan = plan_merge(base, adapter_dir, output, requantize, bits, group_size, bpw, calibration, samples, seqlen, config_file, perplexity_text, force)
+    plan = plan_merge(request)
+    force, perplexity_text = request.force, request.perplexity_text
     report = progress or (lambda done, total, detail="": None)
     with claimed_output(plan.output, force, plan.inputs) as output:
         report(0, 3, "loading the base")

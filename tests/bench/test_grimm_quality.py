@@ -22,6 +22,14 @@ def test_tiny_mode_reports_every_figure(tmp_path):
     assert math.isfinite(figures["chat"]["answer_loss_before"]) and math.isfinite(figures["chat"]["answer_loss_after"])
 
 
+@pytest.mark.slow
+def test_chat_steps_zero_reports_the_grimm_rows_only(tmp_path):
+    script = load_bench_script("finetune/grimm_quality")
+    figures = script.main(["--tiny", "--chat-steps", "0", "--json", str(tmp_path / "out.json")])
+    assert set(figures) == {"grimm"} and figures["grimm"]["steps"] == 3
+    assert math.isfinite(figures["grimm"]["ppl_after"])
+
+
 def test_seed_tasks_become_one_exchange_each():
     script = load_bench_script("finetune/grimm_quality")
     chats = script.seed_task_chats(script.ALPACA)

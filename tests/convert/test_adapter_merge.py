@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from qtool.checkpoints.sources import load_model
 from qtool.config.schema import CalibrationConfig, QuantConfig
-from qtool.convert.adapter_merge import CHECK_WINDOWS, merge_adapter
+from qtool.convert.adapter_merge import CHECK_WINDOWS, MergeRequest, merge_adapter
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Level
 from qtool.kernels.exl2_linear import Exl2Linear
@@ -106,7 +106,7 @@ def window_logits(model, windows):
 
 def test_float_base_merge_is_peft_merge_and_float64_reference(setup):
     out = setup / "float-merged"
-    report = merge_adapter(setup / "float", setup / "adapter", out)
+    report = merge_adapter(MergeRequest(setup / "float", setup / "adapter", out))
     merged = float_model(out)
     base = float_model(setup / "float")
     adapter = load_file(str(setup / "adapter" / "adapter_model.safetensors"))
@@ -138,7 +138,7 @@ def test_dora_rslora_rank_pattern_and_modules_to_save_merge_as_peft_does(setup, 
             if "lora_B" in name or "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.05)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    report = merge_adapter(setup / "float", tmp_path / "adapter", tmp_path / "out")
+    report = merge_adapter(MergeRequest(setup / "float", tmp_path / "adapter", tmp_path / "out"))
     assert report.adapter_summary.dora and report.adapter_summary.rslora and report.adapter_summary.modules_to_save == ["lm_head"]
     ids = fresh_ids(5)
     reference = logits(peft_merged(float_model(setup / "float"), tmp_path / "adapter"), ids)
@@ -148,7 +148,7 @@ def test_dora_rslora_rank_pattern_and_modules_to_save_merge_as_peft_does(setup, 
 
 def test_gptq_base_requantized_with_its_own_config(setup, make_tiny_tokenizer):
     out = setup / "gptq-merged"
-    report = merge_adapter(setup / "gptq", setup / "adapter", out, requantize="gptq", perplexity_text=setup / "eval.txt", device="cpu")
+    report = merge_adapter(MergeRequest(setup / "gptq", setup / "adapter", out, requantize="gptq", perplexity_text=setup / "eval.txt"), device="cpu")
     base_config = json.loads((setup / "gptq" / "config.json").read_text())["quantization_config"]
     out_config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert out_config == base_config
@@ -181,7 +181,7 @@ def test_gptq_base_requantized_with_its_own_config(setup, make_tiny_tokenizer):
 
 def test_gptq_base_without_requantize_writes_merged_float16(setup):
     out = setup / "gptq-float"
-    report = merge_adapter(setup / "gptq", setup / "adapter", out)
+    report = merge_adapter(MergeRequest(setup / "gptq", setup / "adapter", out))
     assert report.output_format == "float" and report.output_dtype == "float16"
     assert any("--requantize gptq" in note for note in report.notes)
     config = json.loads((out / "config.json").read_text())
@@ -196,12 +196,12 @@ def test_gptq_base_without_requantize_writes_merged_float16(setup):
 
 def test_flags_override_the_base_config(setup):
     out = setup / "gptq-8bit"
-    report = merge_adapter(setup / "gptq", setup / "adapter", out, requantize="gptq", bits=8, group_size=-1, device="cpu")
+    report = merge_adapter(MergeRequest(setup / "gptq", setup / "adapter", out, requantize="gptq", bits=8, group_size=-1), device="cpu")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["bits"], config["group_size"], config["sym"], config["desc_act"], config["checkpoint_format"]) == (8, -1, False, True, "gptq_v2")
     assert report.bits == 8 and any("--bits" in note and "--group-size" in note for note in report.notes)
     # 8 bits per channel keep the merged model closer than the base's 4 bits did (measured by the same check)
-    four = merge_adapter(setup / "gptq", setup / "adapter", setup / "gptq-4bit-again", requantize="gptq", device="cpu")
+    four = merge_adapter(MergeRequest(setup / "gptq", setup / "adapter", setup / "gptq-4bit-again", requantize="gptq"), device="cpu")
     assert report.logits.rel_diff < four.logits.rel_diff
 
 
@@ -217,7 +217,7 @@ def test_exl2_base_requantized_with_its_own_config(tmp_path, make_tiny_model_dir
     config = QuantConfig(output_format="exl2", desc_act=True, bpw=4.5, calibration=CalibrationConfig(source=str(calibration), samples=4, seqlen=32))
     quantize_model_exl2(str(tmp_path / "float"), config, tmp_path / "exl2", device="cpu")
     out = tmp_path / "merged"
-    report = merge_adapter(tmp_path / "exl2", tmp_path / "adapter", out, requantize="exl2", device="cpu")
+    report = merge_adapter(MergeRequest(tmp_path / "exl2", tmp_path / "adapter", out, requantize="exl2"), device="cpu")
     base_config = json.loads((tmp_path / "exl2" / "config.json").read_text())["quantization_config"]
     out_config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert out_config["meta"]["qtool_config"] == base_config["meta"]["qtool_config"]
@@ -241,7 +241,7 @@ def test_exl2_base_requantized_with_its_own_config(tmp_path, make_tiny_model_dir
 def refused(setup, adapter, match, **options):
     out = setup / "refused"
     with pytest.raises(QtoolError, match=match) as caught:
-        merge_adapter(setup / "float", adapter, out, **options)
+        merge_adapter(MergeRequest(setup / "float", adapter, out, **options))
     assert "\n" not in caught.value.one_line()
     assert not out.exists()
     return caught.value
@@ -347,17 +347,17 @@ def test_base_calibration_gone_names_the_base_and_the_flag(setup, tmp_path):
     config["quantization_config"]["meta"]["qtool_config"]["calibration"]["source"] = str(tmp_path / "gone.txt")
     path.write_text(json.dumps(config))
     with pytest.raises(QtoolError, match=r"the base's quantization_config .*calibration\.source: file .*gone\.txt does not exist.*--calibration"):
-        merge_adapter(base, setup / "adapter", tmp_path / "out", requantize="gptq")
+        merge_adapter(MergeRequest(base, setup / "adapter", tmp_path / "out", requantize="gptq"))
 
 
 def test_existing_output_needs_force(setup):
     out = setup / "forced"
-    merge_adapter(setup / "float", setup / "adapter", out)
+    merge_adapter(MergeRequest(setup / "float", setup / "adapter", out))
     with pytest.raises(QtoolError, match="already exists"):
-        merge_adapter(setup / "float", setup / "adapter", out)
-    merge_adapter(setup / "float", setup / "adapter", out, force=True)
+        merge_adapter(MergeRequest(setup / "float", setup / "adapter", out))
+    merge_adapter(MergeRequest(setup / "float", setup / "adapter", out, force=True))
     with pytest.raises(QtoolError, match="is the input"):
-        merge_adapter(setup / "float", setup / "adapter", setup / "adapter", force=True)
+        merge_adapter(MergeRequest(setup / "float", setup / "adapter", setup / "adapter", force=True))
 
 
 def test_mismatch_found_before_the_weights_are_read(setup, make_tiny_llama, tmp_path):
@@ -368,6 +368,6 @@ def test_mismatch_found_before_the_weights_are_read(setup, make_tiny_llama, tmp_
     shutil.copyfile(setup / "float" / "config.json", base / "config.json")
     other = make_adapter(tmp_path / "other-shape", make_tiny_llama(seed=SEED, intermediate_size=192))
     with pytest.raises(QtoolError, match=r"down_proj\.lora_A\.weight is \[4, 192\]"):
-        merge_adapter(base, other, tmp_path / "out")
+        merge_adapter(MergeRequest(base, other, tmp_path / "out"))
     with pytest.raises(QtoolError, match="has no weight files"):  # the right adapter reaches the loader
-        merge_adapter(base, setup / "adapter", tmp_path / "out")
+        merge_adapter(MergeRequest(base, setup / "adapter", tmp_path / "out"))

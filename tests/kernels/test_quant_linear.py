@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.kernels.dequant_ref import dequantize_gptq
+from qtool.kernels.dequant_ref import contiguous_group_size, dequantize_gptq
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.formats.quantized_weight import QuantizedWeight
 
@@ -54,6 +54,27 @@ def test_dequantize_gptq_matches_reference(bits):
     assert weight.shape == (64, 128)
     assert torch.equal(weight, reference_weight(qw))
     assert dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits).dtype == torch.float16
+
+
+@pytest.mark.parametrize("bits,group_size,checkpoint_format", list(itertools.product((2, 3, 4, 8), (64, 96, -1), ("gptq", "gptq_v2"))))
+def test_dequantize_consecutive_groups_rounds_once_in_every_dtype(bits, group_size, checkpoint_format):
+    # 224 rows: with groups of 64 or 96 the last group is short (32 rows), as GPTQ writes 576-wide layers at g128
+    qw = random_quantized(96, 224, bits, group_size, act_order=False, seed=bits + group_size)
+    layer = QuantLinear.from_quantized(qw, checkpoint_format=checkpoint_format)
+    assert contiguous_group_size(layer.g_idx, layer.scales.shape[0]) == (224 if group_size == -1 else group_size)
+    exact = reference_weight(qw)  # products of small integers and float16 scales: exact in float64
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        weight = dequantize_gptq(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, checkpoint_format, dtype)
+        assert weight.dtype == dtype and torch.equal(weight, exact.to(dtype))
+
+
+def test_contiguous_group_size_refuses_other_layouts():
+    in_order = torch.arange(224, dtype=torch.int32) // 64
+    assert contiguous_group_size(in_order, 4) == 64
+    assert contiguous_group_size(in_order, 5) == 0  # a group count the rows do not make
+    assert contiguous_group_size(in_order[torch.randperm(224, generator=torch.Generator().manual_seed(3))], 4) == 0
+    assert contiguous_group_size(torch.cat([in_order[64:128], in_order[:64], in_order[128:]]), 4) == 0
+    assert contiguous_group_size(torch.cat([in_order[:32], in_order[64:], in_order[32:64]]), 4) == 0
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
