@@ -21,9 +21,9 @@ Design, one role per file:
 - decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
   add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
   module); taken per model when its recipe is the plain pre-norm form and probing its modules finds RMSNorms and a
-  gated MLP, with a reason line. Where it runs, prefill and mixed steps go through the same fused ops too
-  (DecodeStep.ragged, the runner's prefill attention; EngineConfig.fast_prefill): a few kernels per layer instead of
-  the modules' many small ones, so the host launches less before the first token.
+  gated MLP, with a reason line. With EngineConfig.fast_prefill, prefill and mixed steps go through the same fused
+  ops too (DecodeStep.ragged, the runner's prefill attention): a few kernels per layer instead of the modules' many
+  small ones, so the host launches less before the first token (off by default until its CUDA test has run).
 - cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
   every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request; the
   sampler's kernels are loaded then too). Inputs staged through pinned buffers; the replay's logits are read in place.

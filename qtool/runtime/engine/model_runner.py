@@ -140,7 +140,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
                  kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
-                 fast_prefill: bool = True):
+                 fast_prefill: bool = False):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as

@@ -28,7 +28,7 @@ def _cache(runner) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _mixed_step_equals_the_module_path(model, **config) -> None:
-    engine = Engine(model, None, EngineConfig(fast_decode=True, **config))
+    engine = Engine(model, None, EngineConfig(fast_decode=True, fast_prefill=True, **config))
     runner = engine.runner
     assert runner.fast_prefill, runner.decode_step_reason
     for prompt in PROMPTS[:2]:
