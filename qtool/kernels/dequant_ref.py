@@ -29,7 +29,8 @@ def dequantize_gptq(
     # are formed in float32, where they are exact (8-bit integer times 11-bit mantissa), and rounded after.
     exact = dtype in (scales.dtype, torch.float32, torch.float64)
     compute = dtype if exact else torch.float32
-    group_size = contiguous_group_size(g_idx, zeros.shape[0])
+    # finding the runs reads g_idx on the host: on a GPU that is a sync per call, so there the gather path stays
+    group_size = contiguous_group_size(g_idx, zeros.shape[0]) if g_idx.device.type == "cpu" else 0
     if not group_size:  # act-order without static groups: each row's group is its own
         rows = g_idx.long()
         centered = (codes - zeros.index_select(0, rows)).to(compute)
