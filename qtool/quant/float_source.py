@@ -58,13 +58,20 @@ def open_float_model(source: ModelSource, model_spec: str, allow_pickle: bool = 
             source = ModelSource("hf_dir", download_from_hub(source.repo_id), repo_id=source.repo_id, display=source.display)
         reason = _why_not_streamed(source, trust_remote_code)
         if reason is None:
-            tokenizer = load_tokenizer(source, trust_remote_code)
-            if source.kind == "gguf":
-                streamed = open_streamed_gguf(source.path / source.gguf_file, tokenizer)
+            try:
+                tokenizer = load_tokenizer(source, trust_remote_code)
+                if source.kind == "gguf":
+                    streamed = open_streamed_gguf(source.path / source.gguf_file, tokenizer)
+                else:
+                    streamed = open_streamed_safetensors(source.path, tokenizer)
+            except Exception as exc:  # noqa: BLE001 - a damaged file: the whole-model loader names what is wrong
+                if streaming:
+                    raise
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                reason = f"reading it tensor by tensor failed ({first[:200]})"
             else:
-                streamed = open_streamed_safetensors(source.path, tokenizer)
-            if streamed is None:
-                reason = "its files cannot be read tensor by tensor as they are (see the log)"
+                if streamed is None:
+                    reason = "its files cannot be read tensor by tensor as they are (see the log)"
         if streamed is None and streaming:
             raise QtoolError(f"model {model_spec} cannot be streamed: {reason}", "leave streaming to its default (auto)")
         if streamed is None:

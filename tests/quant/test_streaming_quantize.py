@@ -76,11 +76,12 @@ def files_of(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
-def resident_layers(model_type: type) -> set[int]:
-    """Indices of the decoder layers of live models of `model_type` whose weights are in memory (not on meta)."""
+def resident_layers(model_type: type, ignore: frozenset[int] = frozenset()) -> set[int]:
+    """Indices of the decoder layers of live models of `model_type` whose weights are in memory (not on meta),
+    leaving out the objects whose ids are in `ignore` (models other tests left alive)."""
     found: set[int] = set()
     for obj in gc.get_objects():
-        if type(obj) is model_type:
+        if type(obj) is model_type and id(obj) not in ignore:
             for index, layer in enumerate(obj.model.layers):
                 if any(p.device.type != "meta" for p in layer.parameters()):
                     found.add(index)
@@ -106,9 +107,11 @@ def test_only_the_layer_being_quantized_is_in_memory(tmp_path, sharded_model_dir
 
     source = sharded_model_dir(tmp_path / "model", torch.float32, seed=3, num_hidden_layers=4)
     seen: list[tuple[str, set[int]]] = []
+    gc.collect()
+    earlier = frozenset(id(obj) for obj in gc.get_objects() if type(obj) is LlamaForCausalLM)
 
     def watch(done: int, total: int, detail: str = "") -> None:
-        seen.append((detail, resident_layers(LlamaForCausalLM)))
+        seen.append((detail, resident_layers(LlamaForCausalLM, earlier)))
 
     quantize_model(str(source), job(make_calibration_text(tmp_path / "c.txt")), tmp_path / "out", device="cpu", progress=watch)
     during = {detail: layers for detail, layers in seen if detail.startswith("layer ") and " " in detail[6:]}  # "layer 2/4 q_proj+..."
