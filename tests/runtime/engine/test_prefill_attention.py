@@ -88,14 +88,19 @@ def quantized_layer(kind: str, floats: torch.Tensor):
 def test_quantized_cache_read_as_the_reference_reads_it(kind, window):
     query, key_floats, value_floats, batch = random_step(4)
     key_cache, value_cache = quantized_layer(kind, key_floats), quantized_layer(kind, value_floats)
-    expected = paged_attention(query, key_cache, value_cache, batch, 0.25, window)
+    assert_read_as_the_reference_reads_it(query, (key_cache, value_cache), (key_floats, value_floats), batch, window,
+                                          {"q8": 0.05, "q4": 0.5}[kind])
+
+
+def assert_read_as_the_reference_reads_it(query, quantized, floats, batch, window, float_atol: float) -> None:
+    """The gathered attention over a quantized layer equals paged_attention's reading of it; both differ, a little
+    (within float_atol), from the float caches' attention: the codes hold the keys only to their precision."""
+    expected = paged_attention(query, *quantized, batch, 0.25, window)
     attention = PrefillAttention(BLOCK_SIZE, torch.device("cpu"))
-    torch.testing.assert_close(attention(query, key_cache, value_cache, batch, 0.25, window), expected,
-                               rtol=1e-5, atol=1e-5)
-    # the codes hold the keys only to their precision: the float cache's attention differs, a little
-    from_floats = paged_attention(query, key_floats, value_floats, batch, 0.25, window)
+    torch.testing.assert_close(attention(query, *quantized, batch, 0.25, window), expected, rtol=1e-5, atol=1e-5)
+    from_floats = paged_attention(query, *floats, batch, 0.25, window)
     assert not torch.allclose(expected, from_floats, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(expected, from_floats, rtol=0, atol={"q8": 0.05, "q4": 0.5}[kind])
+    torch.testing.assert_close(expected, from_floats, rtol=0, atol=float_atol)
 
 
 def q4_layers_keys_before_rope(key_floats: torch.Tensor, value_floats: torch.Tensor, batch: AttentionBatch):
@@ -117,14 +122,8 @@ def q4_layers_keys_before_rope(key_floats: torch.Tensor, value_floats: torch.Ten
 def test_q4_keys_before_rope_gathered_as_the_reference_reads_them(window):
     """The gathered path hands each context token's position in its own sequence to the cache's RoPE."""
     query, key_floats, value_floats, batch = random_step(6)
-    key_cache, value_cache = q4_layers_keys_before_rope(key_floats, value_floats, batch)
-    expected = paged_attention(query, key_cache, value_cache, batch, 0.25, window)
-    attention = PrefillAttention(BLOCK_SIZE, torch.device("cpu"))
-    torch.testing.assert_close(attention(query, key_cache, value_cache, batch, 0.25, window), expected,
-                               rtol=1e-5, atol=1e-5)
-    from_floats = paged_attention(query, key_floats, value_floats, batch, 0.25, window)
-    assert not torch.allclose(expected, from_floats, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(expected, from_floats, rtol=0, atol=0.5)
+    quantized = q4_layers_keys_before_rope(key_floats, value_floats, batch)
+    assert_read_as_the_reference_reads_it(query, quantized, (key_floats, value_floats), batch, window, 0.5)
 
 
 @pytest.mark.gpu
