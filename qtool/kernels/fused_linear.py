@@ -95,11 +95,23 @@ def _joined(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     for tensor in tensors:
         adjacent = adjacent and tensor.storage_offset() == offset
         offset += tensor.shape[dim] * first.stride(dim)
-    if adjacent:
-        shape = list(first.shape)
-        shape[dim] = sum(t.shape[dim] for t in tensors)
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    if adjacent and _without_overlap(shape, first.stride()):
         return first.as_strided(shape, first.stride(), first.storage_offset())
     return torch.cat(list(tensors), dim=dim)
+
+
+def _without_overlap(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """True when no two elements of a tensor of this shape and these strides share memory (each stride, smallest
+    first, steps past everything the smaller ones reach). Parts of distinct modules never share memory, so a view
+    over adjacent ones never does either; parts that overlap (one tensor's rows read as another's) get a copy."""
+    reach = 0
+    for stride, size in sorted((stride, size) for stride, size in zip(strides, shape) if size > 1):
+        if stride <= reach:
+            return False
+        reach += stride * (size - 1)
+    return True
 
 
 def _slices(joined: torch.Tensor, widths: Sequence[int], dim: int) -> list[torch.Tensor]:

@@ -60,6 +60,22 @@ def test_float_fused_output_is_the_parts_outputs_exactly(bias):
         assert relative_error(whole, reference) < 1e-6
 
 
+def test_adjacent_blocks_become_a_view_and_overlapping_ones_a_copy():
+    from qtool.kernels.fused_linear import _joined
+
+    rows = torch.arange(24.0).view(3, 8)
+    columns = _joined([rows[:, :5], rows[:, 5:]], 1)
+    assert same_storage(columns, rows) and torch.equal(columns, rows), "column blocks of one tensor"
+    assert same_storage(_joined([rows[:1], rows[1:]], 0), rows)
+    # k's first row is q's second: side by side by their offsets, but a view over both would read memory twice
+    storage = torch.arange(12.0)
+    q, k = storage.as_strided((2, 4), (4, 1), 0), storage.as_strided((2, 4), (4, 1), 4)
+    joined = _joined([q, k], 1)
+    assert not same_storage(joined, storage) and torch.equal(joined, torch.cat([q, k], 1))
+    apart = [torch.arange(8.0).view(2, 4), torch.arange(8.0).view(2, 4)]  # two storages
+    assert torch.equal(_joined(apart, 1), torch.cat(apart, 1))
+
+
 def test_fusing_fused_parts_again_makes_no_copy():
     torch.manual_seed(2)
     parts = [nn.Linear(64, n, bias=True) for n in (64, 32)]
@@ -172,6 +188,8 @@ def test_gptq_fused_layer_runs_through_the_parts_backend(backend, bits, group_si
     assert together.dtype == dtype
     assert relative_error(together, reference) < TOLERANCE[dtype]
     assert relative_error(together, separate.double().cpu()) < TOLERANCE[dtype]
+    # the parts, now views of the fused tensors, build their forms again and compute what they did
+    assert torch.equal(torch.cat([part(x.to(DEVICE)) for part in parts], -1), separate)
 
 
 GPTQ_REFUSALS = {

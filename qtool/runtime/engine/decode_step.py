@@ -19,6 +19,7 @@ from torch import nn
 from qtool.kernels.engine_ops import add_rms_norm, paged_decode_attention, rope_and_cache, silu_mul
 from qtool.kernels.engine_ops_ref import add_rms_norm_ref
 from qtool.kernels.fused_linear import FusedLinear, fuse_linears
+from qtool.models.architectures import GATE_UP, QKV
 from qtool.models.layerwise import head_logits, head_modules
 from qtool.runtime.engine.scheduler import ScheduledChunk
 
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NORM_WEIGHT_OFFSETS = (0.0, 1.0)  # weight as is (Llama), or 1 + weight (Gemma)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-QKV_NAMES = ("q_proj", "k_proj", "v_proj")
-GATE_UP_NAMES = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -318,16 +317,26 @@ def _fusion_phrase(what: str, fused: int, total: int, first_refusal: str | None)
     return f"fused {what} in {fused} of {total} layers ({first_refusal})"
 
 
-def fuse_layer_projections(layers: list[DecodeLayer]) -> tuple[list[DecodeLayer], str]:
-    """The layers with q/k/v and gate/up each fused into one linear where their parts allow it (the parts' tensors
-    become views of the fused ones: the model keeps one copy of its weights), and a phrase saying what was fused
-    and, where something was not, the first layer's reason."""
+def _fuse_group(parts: list[nn.Module], members: tuple[str, ...],
+                fusable: set[tuple[str, ...]]) -> tuple[FusedLinear | None, str | None]:
+    if members not in fusable:
+        return None, f"the family's table lists no fusable group of {', '.join(members)}"
+    return fuse_linears(parts, [member.rpartition(".")[2] for member in members])
+
+
+def fuse_layer_projections(layers: list[DecodeLayer],
+                           fusable_groups: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[list[DecodeLayer], str]:
+    """The layers with q/k/v and gate/up each fused into one linear where the family's table lists the group
+    (ArchitectureSpec.fusable_groups) and their parts allow it (the parts' tensors become views of the fused ones:
+    the model keeps one copy of its weights), and a phrase saying what was fused and, where something was not, the
+    first layer's reason."""
+    fusable = {members for _, members in fusable_groups}
     fused_layers: list[DecodeLayer] = []
     counts = {"q/k/v": 0, "gate/up": 0}
     refusals: dict[str, str] = {}
     for index, layer in enumerate(layers):
-        qkv, why_qkv = fuse_linears([layer.q_proj, layer.k_proj, layer.v_proj], QKV_NAMES)
-        gate_up, why_mlp = fuse_linears([layer.gate_proj, layer.up_proj], GATE_UP_NAMES)
+        qkv, why_qkv = _fuse_group([layer.q_proj, layer.k_proj, layer.v_proj], QKV, fusable)
+        gate_up, why_mlp = _fuse_group([layer.gate_proj, layer.up_proj], GATE_UP, fusable)
         for what, result, why in (("q/k/v", qkv, why_qkv), ("gate/up", gate_up, why_mlp)):
             if result is not None:
                 counts[what] += 1
@@ -376,7 +385,7 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     offset = layers[0].input_norm.weight_offset
     fusion = "q/k/v and gate/up unfused (fusion off)"
     if fuse_projections:  # last: the step is decided, and fusing rebinds the model's tensors
-        layers, fusion = fuse_layer_projections(layers)
+        layers, fusion = fuse_layer_projections(layers, runner.spec.fusable_groups)
     description = (f"whole-tensor decode step: RMSNorm{' (1 + w)' if offset else ''} fused with the residual add, "
                    f"gated MLP ({mlp}), RoPE table of {max_positions} positions"
                    + (f", {', '.join(extras)}" if extras else "") + f", {fusion}")

@@ -144,3 +144,24 @@ def test_fusion_keeps_one_copy_of_the_weights_and_never_calls_the_parts(kind, ma
     assert not calls, "the engine ran a part instead of its fused linear"
     if kind == "gptq":
         assert all(not part._prepared for part in parts), "no backend form of a part was built again"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "mistral", "granite", "qwen2"])
+def test_every_family_of_the_decode_step_fuses_its_projections(family, build_family):
+    """Biases (Qwen2), q/k norms (Qwen3), GELU MLPs (Gemma) and multipliers (Granite) alike: the decode step's
+    families list both groups in the architecture table, and their linears fuse."""
+    from qtool.runtime.engine.model_runner import ModelRunner
+
+    runner = ModelRunner(build_family(family, seed=1), num_blocks=8, block_size=4, fast_decode=True)
+    assert runner.decode_step_reason.endswith(FUSED_ALL), runner.decode_step_reason
+
+
+def test_a_group_the_family_table_does_not_list_is_not_fused(make_tiny_llama):
+    from qtool.models.architectures import FUSE_QKV
+    from qtool.runtime.engine.decode_step import fuse_layer_projections
+
+    engine = engine_of(make_tiny_llama(seed=8), fuse_projections=False)
+    layers, phrase = fuse_layer_projections(engine.runner.decode_step.layers, (FUSE_QKV,))
+    assert phrase == ("fused q/k/v, gate/up unfused (layer 0: the family's table lists no fusable group of "
+                      "mlp.gate_proj, mlp.up_proj)")
+    assert all(layer.qkv is not None and layer.gate_up is None for layer in layers)
