@@ -44,7 +44,9 @@ def fuse_linears(parts: Sequence[nn.Module], labels: Sequence[str]) -> tuple[Fus
     why = _common_problem(parts, labels)
     if why:
         return None, why
-    with torch.no_grad():
+    # normal tensors even when called under inference_mode: the model's parts become views of them, and the
+    # model may be trained or run with autograd later
+    with torch.inference_mode(False), torch.no_grad():
         if type(parts[0]) is nn.Linear:
             return _fuse_float(parts), None
         if isinstance(parts[0], QuantLinear):

@@ -165,3 +165,13 @@ def test_a_group_the_family_table_does_not_list_is_not_fused(make_tiny_llama):
     assert phrase == ("fused q/k/v, gate/up unfused (layer 0: the family's table lists no fusable group of "
                       "mlp.gate_proj, mlp.up_proj)")
     assert all(layer.qkv is not None and layer.gate_up is None for layer in layers)
+
+
+def test_an_engine_built_under_inference_mode_leaves_the_model_trainable(make_tiny_llama):
+    model = make_tiny_llama(seed=9)
+    with torch.inference_mode():
+        assert engine_of(model).runner.decode_step_reason.endswith(FUSED_ALL)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.requires_grad and not q_proj.weight.is_inference()
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    assert q_proj.weight.grad is not None and q_proj.weight.grad.abs().sum() > 0
