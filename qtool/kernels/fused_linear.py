@@ -70,6 +70,8 @@ def _common_problem(parts: Sequence[nn.Module], labels: Sequence[str]) -> str | 
             return f"{label} takes {part.in_features} inputs and {name} {first.in_features}"
         if (part.bias is None) != (first.bias is None):
             return f"{label if part.bias is not None else name} has a bias and the other does not"
+        if _device(part).type == "meta":
+            return f"{label}'s weights are not loaded (on the meta device)"
         if _device(part) != _device(first):
             return f"{label} is on {_device(part)} and {name} on {_device(first)}"
         if type(part) is nn.Linear and part.weight.dtype != first.weight.dtype:

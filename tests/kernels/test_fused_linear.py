@@ -232,6 +232,8 @@ def test_mixed_kinds_backends_and_widths_are_refused():
     half = nn.Linear(8, 8).half()
     assert "torch.float16" in fuse_linears([nn.Linear(8, 8), half], ("q_proj", "k_proj"))[1]
     assert fuse_linears([nn.Linear(8, 8)], ("q_proj",))[0] is None
+    on_meta = [nn.Linear(8, 8, device="meta"), nn.Linear(8, 8, device="meta")]
+    assert "q_proj's weights are not loaded" in fuse_linears(on_meta, ("q_proj", "k_proj"))[1]
 
 
 # ---- EXL2 ----
