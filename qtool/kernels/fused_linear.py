@@ -6,7 +6,9 @@ refused with the reason.
 
 Fusing leaves one copy of the weights: the parts' tensors become views of the fused module's (model.forward
 still runs through them, reading the same memory), and their backend forms (a Triton repack, a cpu-int4 pack)
-are dropped. Parts that are already adjacent views of one tensor (fused before) fuse without a copy."""
+are dropped. Parts that are already adjacent views of one tensor (fused before) fuse without a copy and are left
+untouched. So the first fusion of a model's parts frees their old tensors: a CUDA graph captured over the parts
+before it (an unfused engine's) must not be replayed after it."""
 
 from __future__ import annotations
 
@@ -133,6 +135,21 @@ def _joined_bias(parts: Sequence[nn.Module]) -> torch.Tensor | None:
     return _joined([part.bias.reshape(-1) for part in parts], 0)
 
 
+def _point_parts_at(parts: Sequence[nn.Module], name: str, joined: torch.Tensor | None, widths: Sequence[int],
+                    dim: int) -> bool:
+    """Make each part's tensor `name` its slice of `joined` (a parameter stays a parameter); False when there is
+    nothing to do: no such tensor, or the parts read `joined`'s memory already (fused before). Parts that already
+    read it are left as they are, so their backend forms (and a CUDA graph captured over them) stay valid."""
+    first = getattr(parts[0], name)
+    if joined is None or joined.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        return False
+    for part, view in zip(parts, _slices(joined, widths, dim)):
+        old = getattr(part, name)
+        setattr(part, name, nn.Parameter(view, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter)
+                else view)
+    return True
+
+
 # ---- float ----
 
 
@@ -144,11 +161,8 @@ def _fuse_float(parts: Sequence[nn.Module]) -> FusedLinear:
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         fused.bias = nn.Parameter(bias, requires_grad=False)
-    for part, view in zip(parts, _slices(weight, sizes, 0)):
-        part.weight = nn.Parameter(view, requires_grad=part.weight.requires_grad)
-    if bias is not None:
-        for part, view in zip(parts, _slices(bias, sizes, 0)):
-            part.bias = nn.Parameter(view, requires_grad=part.bias.requires_grad)
+    _point_parts_at(parts, "weight", weight, sizes, 0)
+    _point_parts_at(parts, "bias", bias, sizes, 0)
     return FusedLinear(fused.eval(), sizes)
 
 
@@ -183,13 +197,12 @@ def _fuse_gptq(parts: Sequence[QuantLinear]) -> FusedLinear:
                         checkpoint_format=first.checkpoint_format, device="meta", backend=first.backend)
     fused.qweight, fused.qzeros, fused.scales, fused.g_idx = qweight, qzeros, scales, first.g_idx
     fused.bias = bias
-    for index, part in enumerate(parts):
-        part.qweight = _slices(qweight, sizes, 1)[index]
-        part.qzeros = _slices(qzeros, zero_words, 1)[index]
-        part.scales = _slices(scales, sizes, 1)[index]
-        if bias is not None:
-            part.bias = _slices(bias, sizes, 0)[index]
-        part.release_forms()
+    moved = [_point_parts_at(parts, name, tensor, widths, dim) for name, tensor, widths, dim in (
+        ("qweight", qweight, sizes, 1), ("qzeros", qzeros, zero_words, 1), ("scales", scales, sizes, 1),
+        ("bias", bias, sizes, 0))]
+    if any(moved):  # the parts' forms were built from their old tensors
+        for part in parts:
+            part.release_forms()
     fused.set_backend(first.backend, first.registry)
     return FusedLinear(fused, sizes)
 
@@ -227,11 +240,10 @@ def _fuse_exl2(parts: Sequence[Exl2Linear]) -> FusedLinear:
     for shared in ("q_invperm", "q_perm", "q_scale_max", "q_groups"):
         setattr(fused, shared, getattr(first, shared))
     scale_words = [size // 8 for size in sizes]
-    for index, part in enumerate(parts):
-        part.q_weight = _slices(q_weight, sizes, 1)[index]
-        part.q_scale = _slices(q_scale, scale_words, 1)[index]
-        if bias is not None:
-            part.bias = _slices(bias, sizes, 0)[index]
-        part.release_forms()
+    moved = [_point_parts_at(parts, name, tensor, widths, 1 if name != "bias" else 0) for name, tensor, widths in (
+        ("q_weight", q_weight, sizes), ("q_scale", q_scale, scale_words), ("bias", bias, sizes))]
+    if any(moved):  # the parts' forms were built from their old tensors
+        for part in parts:
+            part.release_forms()
     fused.set_backend(first.backend, first.registry)
     return FusedLinear(fused, sizes)

@@ -80,8 +80,10 @@ def test_fusing_fused_parts_again_makes_no_copy():
     torch.manual_seed(2)
     parts = [nn.Linear(64, n, bias=True) for n in (64, 32)]
     first, _ = fuse_linears(parts, ("gate_proj", "up_proj"))
+    views = [part.weight for part in parts]
     again, why = fuse_linears(parts, ("gate_proj", "up_proj"))
     assert why is None
+    assert all(part.weight is view for part, view in zip(parts, views)), "the parts are left as they were"
     assert again.module.weight.data_ptr() == first.module.weight.data_ptr()
     assert again.module.bias.data_ptr() == first.module.bias.data_ptr()
     reversed_order, _ = fuse_linears(parts[::-1], ("up_proj", "gate_proj"))  # not adjacent in this order: a copy
@@ -190,6 +192,23 @@ def test_gptq_fused_layer_runs_through_the_parts_backend(backend, bits, group_si
     assert relative_error(together, separate.double().cpu()) < TOLERANCE[dtype]
     # the parts, now views of the fused tensors, build their forms again and compute what they did
     assert torch.equal(torch.cat([part(x.to(DEVICE)) for part in parts], -1), separate)
+
+
+def test_fusing_fused_gptq_parts_again_leaves_them_and_their_forms_alone():
+    """A second engine on one model fuses again: the parts (and an earlier engine's CUDA graphs over their forms)
+    must stay valid."""
+    parts = gptq_parts(4, 32, True, False, seed=9)
+    first, _ = fuse_linears(parts, NAMES)
+    x = torch.randn(2, IN_FEATURES, dtype=torch.float64)
+    expected = [part(x) for part in parts]  # forms built again from the views
+    tensors = [(part.qweight, part.qzeros, part.scales, part.bias) for part in parts]
+    forms = [dict(part._prepared) for part in parts]
+    again, why = fuse_linears(parts, NAMES)
+    assert why is None and same_storage(again.module.qweight, first.module.qweight)
+    for part, kept, form in zip(parts, tensors, forms):
+        assert all(now is before for now, before in zip((part.qweight, part.qzeros, part.scales, part.bias), kept))
+        assert part._prepared == form
+    assert all(torch.equal(part(x), want) for part, want in zip(parts, expected))
 
 
 GPTQ_REFUSALS = {

@@ -175,3 +175,51 @@ def test_an_engine_built_under_inference_mode_leaves_the_model_trainable(make_ti
     assert q_proj.weight.requires_grad and not q_proj.weight.is_inference()
     model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
     assert q_proj.weight.grad is not None and q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused layers' Triton GEMV and CUDA graphs need CUDA")
+def test_on_the_gpu_fused_triton_steps_agree_with_unfused_ones(make_tiny_llama):
+    """float16 GPTQ through the Triton kernels: fused steps replayed from CUDA graphs give the tokens of fused eager
+    steps, and one decode step's logits agree with the unfused step's to float16 rounding (other sums, same
+    weights); the parts' forms stay dropped."""
+    from qtool.kernels.quant_linear import set_model_backend
+    from qtool.kernels.registry import BackendRegistry
+    from qtool.kernels.triton_backend import TritonBackend
+    from qtool.quant.rtn import rtn_quantize
+
+    shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = make_tiny_llama(seed=10, **shape).to("cuda", torch.float16)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, attribute = name.rpartition(".")
+            quantized = QuantLinear.from_quantized(rtn_quantize(module.weight.data.float(), 4, 128).quantized)
+            setattr(model.model.layers.get_submodule(parent), attribute, quantized.to("cuda"))
+    registry = BackendRegistry({"triton": lambda: TritonBackend(tune=False),
+                                "torch": "qtool.kernels.torch_backends:GptqTorchBackend"})
+    set_model_backend(model, "triton", registry)
+    config = dict(block_size=16, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=64)
+    # the fused engines first: the first fusion frees the parts' old tensors, which an unfused engine's graphs
+    # captured before it would still read
+    engines = {name: Engine(model, None, EngineConfig(**config, **settings)) for name, settings in
+               {"fused": {}, "fused-eager": dict(cuda_graphs=False), "unfused": dict(fuse_projections=False)}.items()}
+    for name, engine in engines.items():
+        assert engine.runner.decode_step_reason.endswith(FUSED_ALL) == (name != "unfused")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tokens = {name: [out.token_ids for out in engines[name].generate(PROMPTS, params)] for name in ("fused", "fused-eager")}
+    assert tokens["fused"] == tokens["fused-eager"]
+    assert engines["fused"].runner.decode_graphs is not None and engines["fused"].runner.fast_decode_steps > 0
+    logits = []
+    for name in ("unfused", "fused-eager"):
+        engine = engines[name]
+        for prompt in PROMPTS:
+            engine.add_request(prompt, params)
+        engine.step()  # the prefills
+        chunks = engine.scheduler.schedule()
+        assert all(chunk.num_tokens == 1 for chunk in chunks)
+        logits.append(engine.runner.execute(chunks).double())
+    assert ((logits[1] - logits[0]).norm() / logits[0].norm()).item() < 1e-2
+    # the unfused engine runs the parts, views of the fused tensors (one copy of the checkpoint's weights)
+    for layer, fused in zip(model.model.layers, engines["fused"].runner.decode_step.layers):
+        for part, whole in ((layer.self_attn.q_proj, fused.qkv.module), (layer.mlp.up_proj, fused.gate_up.module)):
+            assert part.qweight.untyped_storage().data_ptr() == whole.qweight.untyped_storage().data_ptr()
