@@ -51,6 +51,7 @@ def engine_run(model: nn.Module, prompts: list[list[int]], new_tokens: int, conf
         "num_blocks": engine.num_blocks, "block_size": engine.config.block_size,
         "peak_blocks_used": peak_blocks, "stats": stats.to_dict(),
         "token_ids": [o.token_ids for o in outputs],
+        "decode_path": engine.runner.decode_step_reason,  # what a decode step runs (fused projections or not)
     }
     if outputs:
         result["ttft_s"] = [o.time_to_first_token_s for o in outputs]

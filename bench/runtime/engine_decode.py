@@ -1,11 +1,14 @@
 """Batch-1 decode speed of qtool's engine (qtool.runtime.engine) on the GPU: one request with a `--context`-token
 prompt, `--new-tokens` greedy tokens, decode tokens/s = (new tokens - 1) / (time after the first token). Each model
 runs three ways in the same process: the decode step replayed from CUDA graphs ("graphs"), the same step eager
-("eager"), and the model's modules step by step ("modules", the engine's path before the decode step).
+("eager"), and the model's modules step by step ("modules", the engine's path before the decode step). The decode
+step's ways run with q/k/v and gate/up fused (the engine's default); --fusion both adds "graphs-unfused" and
+"eager-unfused" rows (EngineConfig.fuse_projections=False), so one call measures what the fusion gives.
 
     python bench/runtime/engine_decode.py [--layers 32] [--context 512] [--new-tokens 128] [--out result.json]
     python bench/runtime/engine_decode.py --model PATH_OR_ALIAS [--dtype bfloat16]   # a real model, same table
     python bench/runtime/engine_decode.py --tiny --device cpu     # smoke test of the code path, no timing value
+    python bench/runtime/engine_decode.py --fusion both --ways graphs    # fused vs unfused under CUDA graphs
 
 Without --model: a Llama-2-7B-shaped HF LlamaForCausalLM with random weights (no download), first in bf16, then
 with every decoder linear replaced by a random 4-bit g128 GPTQ QuantLinear (bench/runtime/decode.py's
@@ -39,6 +42,27 @@ from qtool.runtime.engine import Engine, EngineConfig, SamplingParams  # noqa: E
 
 WAYS = {"graphs": dict(fast_decode=True, cuda_graphs=True), "eager": dict(fast_decode=True, cuda_graphs=False),
         "modules": dict(fast_decode=False, cuda_graphs=False)}
+UNFUSED = "-unfused"  # a decode-step way with each layer's q/k/v and gate/up as separate linears
+FUSIONS = ("on", "off", "both")
+
+
+def way_settings(way: str) -> dict:
+    """EngineConfig settings of a way: one of WAYS, or a decode-step way + UNFUSED."""
+    base = way.removesuffix(UNFUSED)
+    return {**WAYS[base], "fuse_projections": not way.endswith(UNFUSED)}
+
+
+def ways_with_fusion(ways: list[str], fusion: str) -> list[str]:
+    """The ways to run for --fusion: as given (on), their decode-step ways unfused (off), or both, each unfused
+    way right after its fused one; "modules" has no decode step to fuse and runs once."""
+    chosen = []
+    for way in ways:
+        stepped = WAYS[way]["fast_decode"]
+        if fusion in ("on", "both") or not stepped:
+            chosen.append(way)
+        if fusion in ("off", "both") and stepped:
+            chosen.append(way + UNFUSED)
+    return chosen
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False)
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
@@ -85,7 +109,7 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
     blocks = -(-(args.context + args.new_tokens) // args.block_size) + 2
     began = time.perf_counter()
     engine = Engine(model, None, EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=1,
-                                              max_num_batched_tokens=args.prefill_chunk, **WAYS[way]))
+                                              max_num_batched_tokens=args.prefill_chunk, **way_settings(way)))
     if model.model.embed_tokens.weight.is_cuda:
         torch.cuda.synchronize()
     start_s = time.perf_counter() - began
@@ -110,9 +134,9 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
 
 
 def run_model(label: str, model: nn.Module, args, vocab: int, report: dict) -> None:
-    for way in args.ways:
+    for way in ways_with_fusion(args.ways, args.fusion):
         row = {"model": label, **measure(model, way, args, vocab)}
-        print(f"  {label:<10} {way:<8} first {row['first_request_tok_s']:>8.1f} tok/s   median "
+        print(f"  {label:<10} {way:<15} first {row['first_request_tok_s']:>8.1f} tok/s   median "
               f"{row['median_tok_s']:>8.1f} tok/s   start {row['engine_start_s']:>6.1f} s", flush=True)
         report["rows"].append(row)
         write(report, args.out)  # after every row: a run cut short keeps what it measured
@@ -141,6 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
+    parser.add_argument("--fusion", default="on", choices=FUSIONS,
+                        help="the decode step's q/k/v and gate/up fused (on, the engine's default), separate (off), "
+                             "or both, each way's unfused row right after its fused one")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny model, for a smoke test on CPU")
@@ -170,9 +197,9 @@ def main(argv=None) -> int:
         run_model(str(dtype).replace("torch.", ""), model, args, shape["vocab_size"], report)
         report["backend_layers"] = quantize_randomly(model, args.bits, args.group_size, args.backend, args.seed)
         run_model(f"gptq-{args.bits}bit", model, args, shape["vocab_size"], report)
-    print(f"\n{'model':<12}{'way':<9}{'first tok/s':>12}{'median tok/s':>14}{'start s':>9}")
+    print(f"\n{'model':<12}{'way':<16}{'first tok/s':>12}{'median tok/s':>14}{'start s':>9}")
     for row in report["rows"]:
-        print(f"{row['model']:<12}{row['way']:<9}{row['first_request_tok_s']:>12.1f}{row['median_tok_s']:>14.1f}"
+        print(f"{row['model']:<12}{row['way']:<16}{row['first_request_tok_s']:>12.1f}{row['median_tok_s']:>14.1f}"
               f"{row['engine_start_s']:>9.1f}")
     write(report, args.out)
     return 0

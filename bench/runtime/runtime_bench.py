@@ -204,23 +204,27 @@ def smollm2_run(ctx: Context) -> None:
         model, tokenizer = bench_models.load(source, device, dtype)
         prompt = tokenizer(copy_text(args, 60))["input_ids"][:64]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        config = engine_config(kv_cache_bytes=256 << 20)
-        # first calls apart: Triton compiles and the tuner times its candidates there
         began = time.perf_counter()
-        bench_peers.engine_run(model, [prompt], 4, config, device)
-        first_engine_s = time.perf_counter() - began
-        began = time.perf_counter()
-        bench_peers.hf_generate(model, [prompt], 4, pad, device)
+        bench_peers.hf_generate(model, [prompt], 4, pad, device)  # first calls apart
         first_hf_s = time.perf_counter() - began
-        engine = bench_peers.engine_run(model, [prompt], new, config, device)
         hf = bench_peers.hf_generate(model, [prompt], new, pad, device)
-        same = engine["token_ids"][0] == hf["token_ids"][0]
-        ctx.record("smollm2-run", f"engine {variant}", f"{engine['output_tok_s']:.1f} tok/s ({new} new tokens, "
-                   f"decode {engine.get('decode_tok_s_mean', 0):.1f} tok/s, TTFT {engine['ttft_s'][0] * 1e3:.0f} ms)",
-                   variant=variant, prompt_tokens=len(prompt), first_calls_s=round(first_engine_s, 2),
-                   same_tokens_as_hf=same, **strip(engine))
+        first_setting = None  # the first --fusion setting's run, set against transformers' generate
+        for fuse in FUSION_SETTINGS[args.fusion]:
+            config = engine_config(kv_cache_bytes=256 << 20, fuse_projections=fuse)
+            # first calls apart: Triton compiles and the tuner times its candidates there
+            began = time.perf_counter()
+            bench_peers.engine_run(model, [prompt], 4, config, device)
+            first_engine_s = time.perf_counter() - began
+            engine = bench_peers.engine_run(model, [prompt], new, config, device)
+            first_setting = first_setting or engine
+            same = engine["token_ids"][0] == hf["token_ids"][0]
+            ctx.record("smollm2-run", f"engine {variant}{'' if fuse else ' unfused'}",
+                       f"{engine['output_tok_s']:.1f} tok/s ({new} new tokens, decode "
+                       f"{engine.get('decode_tok_s_mean', 0):.1f} tok/s, TTFT {engine['ttft_s'][0] * 1e3:.0f} ms)",
+                       variant=variant, fuse_projections=fuse, prompt_tokens=len(prompt),
+                       first_calls_s=round(first_engine_s, 2), same_tokens_as_hf=same, **strip(engine))
         ctx.record("smollm2-run", f"hf-generate {variant}", f"{hf['output_tok_s']:.1f} tok/s ({new} new tokens); "
-                   f"engine/HF {engine['output_tok_s'] / hf['output_tok_s']:.2f}x", variant=variant,
+                   f"engine/HF {first_setting['output_tok_s'] / hf['output_tok_s']:.2f}x", variant=variant,
                    prompt_tokens=len(prompt), first_calls_s=round(first_hf_s, 2), **strip(hf))
         del model
         free_memory()
@@ -413,7 +417,8 @@ def decode_7b(ctx: Context) -> None:
         # the engine's own decode bench (CUDA graphs, eager, module path): its table stands for this scenario
         result_file = ctx.work / "engine_decode.json"
         cmd = [sys.executable, str(external), "--context", str(args.decode_context), "--new-tokens",
-               str(args.decode_new_tokens), "--out", str(result_file), *shlex.split(args.engine_decode_args)]
+               str(args.decode_new_tokens), "--fusion", args.fusion, "--out", str(result_file),
+               *shlex.split(args.engine_decode_args)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.engine_decode_timeout_s)
             status, stdout, stderr = done.returncode, done.stdout, done.stderr
@@ -434,13 +439,15 @@ def decode_7b(ctx: Context) -> None:
             bench_models.quantize_linears_randomly(model, seed=args.seed)
             bench_models.set_backend(model, device)
             free_memory()
-        config = engine_config(kv_cache_bytes=1 << 30 if not args.tiny else 16 << 20)
-        bench_peers.engine_run(model, [prompt], 4, config, device)  # compile, tune
-        result = bench_peers.engine_run(model, [prompt], new, config, device)
-        rates[label] = result.get("decode_tok_s_mean")
-        ctx.record("decode-7b", f"engine {label}", f"decode {result.get('decode_tok_s_mean', 0):.1f} tok/s at a "
-                   f"{context}-token context ({new} new tokens, end to end {result['output_tok_s']:.1f} tok/s)",
-                   context_tokens=context, new_tokens=new, **strip(result))
+        for fuse in FUSION_SETTINGS[args.fusion]:
+            config = engine_config(kv_cache_bytes=1 << 30 if not args.tiny else 16 << 20, fuse_projections=fuse)
+            bench_peers.engine_run(model, [prompt], 4, config, device)  # compile, tune
+            result = bench_peers.engine_run(model, [prompt], new, config, device)
+            rates.setdefault(label, result.get("decode_tok_s_mean"))  # the first setting's, for the ratio
+            ctx.record("decode-7b", f"engine {label}{'' if fuse else ' unfused'}",
+                       f"decode {result.get('decode_tok_s_mean', 0):.1f} tok/s at a {context}-token context "
+                       f"({new} new tokens, end to end {result['output_tok_s']:.1f} tok/s)",
+                       context_tokens=context, new_tokens=new, fuse_projections=fuse, **strip(result))
     values = list(rates.values())
     if all(values):
         ctx.record("decode-7b", "4-bit / float", f"{values[1] / values[0]:.2f}x", rates=rates)
@@ -448,6 +455,8 @@ def decode_7b(ctx: Context) -> None:
     free_memory()
 
 
+# --fusion -> the EngineConfig.fuse_projections values a scenario runs, in order
+FUSION_SETTINGS = {"on": (True,), "off": (False,), "both": (True, False)}
 SCENARIO_FUNCTIONS = {"smollm2-run": smollm2_run, "speculative": speculative, "throughput": throughput,
                       "prefix": prefix, "kv-capacity": kv_capacity, "decode-7b": decode_7b}
 
@@ -521,6 +530,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-decode-args", default="--repeats 2",
                    help="more arguments for bench/runtime/engine_decode.py, which decode-7b runs where it exists")
     p.add_argument("--engine-decode-timeout-s", type=float, default=140.0)
+    p.add_argument("--fusion", default="on", choices=list(FUSION_SETTINGS),
+                   help="smollm2-run and decode-7b: the engine's q/k/v and gate/up fused (on, its default), separate "
+                        "(off), or both (an 'unfused' row after each fused one)")
     args = p.parse_args(argv)
     args.scenario = args.scenario or list(SCENARIOS)
     if args.tiny:

@@ -92,6 +92,16 @@ class RoutedLinear(nn.Module):
         self.prepared_form(backend)
         return reason
 
+    @property
+    def registry(self) -> BackendRegistry | None:
+        """The registry set_backend was given (None: the process-wide one of the format)."""
+        return self._registry
+
+    def release_forms(self) -> None:
+        """Drop every backend's form of this layer (a fused layer now serves its matmuls from the same tensors);
+        a later call builds the form it needs again."""
+        self._prepared.clear()
+
     def _select(self, device: torch.device, m: int) -> tuple[Backend, str]:
         bits, group_size = self.selection_settings()
         registry = self._registry or default_registry(self.weight_format)

@@ -4,11 +4,13 @@ model's own linear modules (float, GPTQ or EXL2) and embedding, and the engine's
 embed -> per layer [add_rms_norm -> q/k/v -> (q/k norms) -> rope_and_cache -> paged_decode_attention -> o_proj ->
 add_rms_norm -> gate/up -> silu_mul -> down] -> final add_rms_norm -> head. RoPE comes from a cos/sin table computed
 once from the model's rotary module. Whether a model's layers have this plain form is decided once, by probing its
-modules (plan_decode_step); otherwise every step runs through model_runner's module path."""
+modules (plan_decode_step); otherwise every step runs through model_runner's module path. Where the parts allow it,
+q/k/v and gate/up run as one fused linear each (kernels/fused_linear.py): at batch 1 a token is bound by launches,
+and the fused matmul reads the same bytes in fewer, fuller ones."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -16,6 +18,8 @@ from torch import nn
 
 from qtool.kernels.engine_ops import add_rms_norm, paged_decode_attention, rope_and_cache, silu_mul
 from qtool.kernels.engine_ops_ref import add_rms_norm_ref
+from qtool.kernels.fused_linear import FusedLinear, fuse_linears
+from qtool.models.architectures import GATE_UP, QKV
 from qtool.models.layerwise import head_logits, head_modules
 from qtool.runtime.engine.scheduler import ScheduledChunk
 
@@ -96,6 +100,20 @@ class DecodeLayer:
     activation: nn.Module | None  # None: SiLU through the fused silu_mul
     scale: float
     sliding_window: int | None
+    qkv: FusedLinear | None = None  # q/k/v as one linear (the parts' tensors are views of its own)
+    gate_up: FusedLinear | None = None  # gate/up as one linear
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [..., heads * head_dim] of the attention's input: views of one output where fused."""
+        if self.qkv is not None:
+            return self.qkv(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)), gate and up from one fused linear where there is one."""
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        activated = silu_mul(gate, up) if self.activation is None else self.activation(gate) * up
+        return self.down_proj(activated)
 
 
 def rope_table(rotary: nn.Module, num_positions: int, dtype: torch.dtype,
@@ -223,9 +241,7 @@ class DecodeStep:
         for index, layer in enumerate(self.layers):
             # the previous branch's residual add, fused with this layer's input norm
             normed, residual = layer.input_norm(hidden, residual)
-            q = layer.q_proj(normed).view(batch, -1, self.head_dim)
-            k = layer.k_proj(normed).view(batch, -1, self.head_dim)
-            v = layer.v_proj(normed).view(batch, -1, self.head_dim)
+            q, k, v = (t.view(batch, -1, self.head_dim) for t in layer.project_qkv(normed))
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q)[0], layer.k_norm(k)[0]
             key_cache, value_cache = self.runner.cache.layer(index)
@@ -233,9 +249,7 @@ class DecodeStep:
             attended = attend(index, q, key_cache, value_cache)
             normed, residual = layer.post_attention_norm(self._scaled(layer.o_proj(attended.reshape(batch, -1))),
                                                          residual)
-            gate, up = layer.gate_proj(normed), layer.up_proj(normed)
-            activated = silu_mul(gate, up) if layer.activation is None else layer.activation(gate) * up
-            hidden = self._scaled(layer.down_proj(activated))
+            hidden = self._scaled(layer.mlp(normed))
         return hidden, residual
 
     def _head(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -295,9 +309,52 @@ def _recipe_problem(runner: "ModelRunner") -> str | None:
     return f"its family needs what the decode step's ops lack: {', '.join(lacking)}" if lacking else None
 
 
-def plan_decode_step(runner: "ModelRunner", max_positions: int) -> tuple[DecodeStep | None, str]:
+def _fusion_phrase(what: str, fused: int, total: int, first_refusal: str | None) -> str:
+    if fused == total:
+        return f"fused {what}"
+    if fused == 0:
+        return f"{what} unfused ({first_refusal})"
+    return f"fused {what} in {fused} of {total} layers ({first_refusal})"
+
+
+def _fuse_group(parts: list[nn.Module], members: tuple[str, ...],
+                fusable: set[tuple[str, ...]]) -> tuple[FusedLinear | None, str | None]:
+    if members not in fusable:
+        return None, f"the family's table lists no fusable group of {', '.join(members)}"
+    return fuse_linears(parts, [member.rpartition(".")[2] for member in members])
+
+
+def fuse_layer_projections(layers: list[DecodeLayer],
+                           fusable_groups: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[list[DecodeLayer], str]:
+    """The layers with q/k/v and gate/up each fused into one linear where the family's table lists the group
+    (ArchitectureSpec.fusable_groups) and their parts allow it (the parts' tensors become views of the fused ones:
+    the model keeps one copy of its weights), and a phrase saying what was fused and, where something was not, the
+    first layer's reason."""
+    fusable = {members for _, members in fusable_groups}
+    fused_layers: list[DecodeLayer] = []
+    counts = {"q/k/v": 0, "gate/up": 0}
+    refusals: dict[str, str] = {}
+    for index, layer in enumerate(layers):
+        qkv, why_qkv = _fuse_group([layer.q_proj, layer.k_proj, layer.v_proj], QKV, fusable)
+        gate_up, why_mlp = _fuse_group([layer.gate_proj, layer.up_proj], GATE_UP, fusable)
+        for what, result, why in (("q/k/v", qkv, why_qkv), ("gate/up", gate_up, why_mlp)):
+            if result is not None:
+                counts[what] += 1
+            else:
+                refusals.setdefault(what, f"layer {index}: {why}")
+        fused_layers.append(replace(layer, qkv=qkv, gate_up=gate_up))
+    total = len(layers)
+    if all(count == total for count in counts.values()):
+        return fused_layers, "fused q/k/v and gate/up projections"
+    return fused_layers, ", ".join(_fusion_phrase(what, counts[what], total, refusals.get(what)) for what in counts)
+
+
+def plan_decode_step(runner: "ModelRunner", max_positions: int,
+                     fuse_projections: bool = True) -> tuple[DecodeStep | None, str]:
     """The runner's model as a DecodeStep over positions 0..max_positions-1, and a line saying what it runs; or
-    (None, why the model's decode steps stay on the module path). Decided once, by probing the modules."""
+    (None, why the model's decode steps stay on the module path). Decided once, by probing the modules. With
+    fuse_projections, each layer's q/k/v and gate/up run as one linear each where their parts allow it
+    (fuse_layer_projections); the model's parts then read the fused tensors."""
     if runner.cache.is_quantized:  # engine_ops read and write float caches only
         return None, "a quantized KV cache (q8/q4) is read by the torch attention"
     why = _recipe_problem(runner)
@@ -326,8 +383,11 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int) -> tuple[DecodeS
                                          ("logit transforms by the head module", final_norm is None),
                                          ("sliding windows", any(l.sliding_window for l in layers))) if present]
     offset = layers[0].input_norm.weight_offset
+    fusion = "q/k/v and gate/up unfused (fusion off)"
+    if fuse_projections:  # last: the step is decided, and fusing rebinds the model's tensors
+        layers, fusion = fuse_layer_projections(layers, runner.spec.fusable_groups)
     description = (f"whole-tensor decode step: RMSNorm{' (1 + w)' if offset else ''} fused with the residual add, "
                    f"gated MLP ({mlp}), RoPE table of {max_positions} positions"
-                   + (f", {', '.join(extras)}" if extras else ""))
+                   + (f", {', '.join(extras)}" if extras else "") + f", {fusion}")
     return DecodeStep(runner, layers, final_norm, cos, sin), description
 

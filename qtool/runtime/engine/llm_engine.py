@@ -55,6 +55,8 @@ class EngineConfig:
     # off by default until its CUDA test (tests/runtime/engine/test_step_overhead.py) has run on a GPU: the CPU
     # tests check the same arithmetic through the torch references only
     fast_prefill: bool = False
+    # where the decode step runs, each layer's q/k/v and gate/up as one linear each (kernels/fused_linear.py)
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
@@ -128,7 +130,8 @@ class Engine:
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
-                                  config.fast_decode, config.max_num_seqs, config.fast_prefill)
+                                  config.fast_decode, config.max_num_seqs, config.fast_prefill,
+                                  config.fuse_projections)
         graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         self._warm_up_sampler()

@@ -17,7 +17,7 @@ from qtool.models.layerwise import head_logits
 from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, kv_cache_bytes_per_block,
                                            kv_cache_fixed_bytes, paged_attention, write_kv)
 from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from qtool.runtime.engine.decode_step import DecodeRows, plan_decode_step
+from qtool.runtime.engine.decode_step import DecodeLayer, DecodeRows, plan_decode_step
 from qtool.runtime.engine.kv_quant import QuantizedKVCache
 from qtool.runtime.engine.prefill_attention import PrefillAttention
 from qtool.runtime.engine.rope import KeyRope, apply_rope
@@ -140,12 +140,15 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
                  kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
-                 fast_prefill: bool = False):
+                 fast_prefill: bool = False, fuse_projections: bool = True):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
         many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
-        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules)."""
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules).
+        fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
+        where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
+        views of the fused ones, so the weights stay one copy)."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -175,7 +178,8 @@ class ModelRunner:
         self.attention = paged_attention if self.device.type == "cpu" else PrefillAttention(block_size, self.device)
         self.decode_step, self.decode_step_reason = None, "fast decode is off"
         if fast_decode or (fast_decode is None and self.device.type == "cuda"):
-            self.decode_step, self.decode_step_reason = plan_decode_step(self, self._max_positions())
+            self.decode_step, self.decode_step_reason = plan_decode_step(self, self._max_positions(),
+                                                                         fuse_projections)
             if self.decode_step is None:
                 self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
         logger.info("engine: %s", self.decode_step_reason)
@@ -374,10 +378,13 @@ class ModelRunner:
             return [KeyRope(tables(), self.recipe.rope_layout)] * len(self.layers)
         return [KeyRope(tables(layer_type), self.recipe.rope_layout) for layer_type in self.config.layer_types]
 
-    def _qkv(self, attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, attention: nn.Module, x: torch.Tensor,
+             decode_layer: DecodeLayer | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [T, heads, head_dim] of the attention's input, its q/k norms applied (RoPE not yet)."""
         tokens = x.shape[0]
-        if self.recipe.fused_qkv:
+        if decode_layer is not None and decode_layer.qkv is not None:  # the decode step's fused q/k/v
+            q, k, v = decode_layer.qkv(x)
+        elif self.recipe.fused_qkv:
             q_size = self.config.num_attention_heads * self.head_dim
             kv_size = self.kv_heads * self.head_dim
             q, k, v = getattr(attention, self.recipe.fused_qkv)(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -395,7 +402,10 @@ class ModelRunner:
         attention = layer.self_attn
         tokens = hidden.shape[0]
         placement = self.recipe.norm_placement
-        q, k, v = self._qkv(attention, hidden if placement == "post" else layer.input_layernorm(hidden))
+        # where the decode step fused this layer's linears, prefill runs them fused too: the parts' own backend
+        # forms were dropped, so calling them would build a second copy of the weights
+        decode_layer = self.decode_step.layers[index] if self.decode_step is not None else None
+        q, k, v = self._qkv(attention, hidden if placement == "post" else layer.input_layernorm(hidden), decode_layer)
         layout = self.recipe.rope_layout
         q, k = apply_rope(q, cos, sin, layout), apply_rope(k, cos, sin, layout)
         key_cache, value_cache = self.cache.layer(index)
@@ -412,8 +422,10 @@ class ModelRunner:
             mlp_in = layer.pre_feedforward_layernorm(hidden)
         else:
             mlp_in = hidden
-        # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
-        mlp_out = layer.mlp(mlp_in.unsqueeze(0)).squeeze(0)
+        if decode_layer is not None and decode_layer.gate_up is not None:  # checked at plan time: the same MLP
+            mlp_out = decode_layer.mlp(mlp_in)
+        else:  # the MLP gets a batch of one sequence of T tokens: MoE blocks read a [batch, seq, hidden] shape
+            mlp_out = layer.mlp(mlp_in.unsqueeze(0)).squeeze(0)
         if placement != "pre":
             mlp_out = layer.post_feedforward_layernorm(mlp_out)
         return hidden + mlp_out * self.residual_multiplier
