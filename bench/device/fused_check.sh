@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call after the fused q/k/v and gate/up projections and fast prefill became the engine's defaults: their
+# CUDA tests first, then the 7B-shaped decode and SmolLM2 `run` fused against unfused, the prefix TTFT, the host
+# time of a prefill step with and without fast prefill, and the decode kernel profile. Most important first; each part
+# under its own limit (~7 minutes). Carry: .device-data/runtime-small .whl/runtime
+#   bash bench/device/fused_check.sh     -> $OUT/*.json[l], $OUT/fused_check.log, $OUT/gpu_tests.log
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT="${OUT:-/tmp/fused_check_out}"
+DATA="$REPO/.device-data/runtime-small"
+WORK=/tmp/runtime_work
+mkdir -p "$OUT" "$WORK"
+cd "$REPO"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+LOG="$OUT/fused_check.log"
+BEGAN=$SECONDS
+log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$LOG"; }
+python3 -m pip install -q --no-index --no-deps --target /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
+export PYTHONPATH="$REPO:/tmp/runtime_site"
+log "gpu tests"
+timeout "${TESTS_LIMIT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE \
+    "tests/runtime/engine/test_step_overhead.py::test_a_mixed_step_on_the_gpu_through_the_fused_ops_equals_the_module_path" \
+    "tests/runtime/engine/test_fused_projections.py::test_on_the_gpu_fused_triton_steps_agree_with_unfused_ones" \
+    tests/runtime/engine/test_cuda_graphs.py >"$OUT/gpu_tests.log" 2>&1
+log "gpu tests: exit $?"; tail -6 "$OUT/gpu_tests.log" | tee -a "$LOG"
+log "7B decode fused vs unfused"
+timeout "${DECODE_LIMIT_S:-110}" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \
+    --out "$OUT/engine_decode_fusion.json" 2>&1 | grep -vE '^(Writing|Loading)' | tail -12 | tee -a "$LOG"
+log "smollm2 run fused vs unfused, prefix"
+timeout "${RUN_LIMIT_S:-130}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
+    --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
+    --scenario smollm2-run --scenario prefix --calibration-samples 8 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
+log "prefill host time: fast prefill on, off"
+for flag in "" "--no-fast-prefill"; do
+    timeout "${OVERHEAD_LIMIT_S:-45}" python3 bench/runtime/engine_overhead.py --device cuda --out "$OUT/engine_overhead.jsonl" \
+        --model "$WORK/smollm2-gptq-4bit" --path decode-step --requests 3 $flag 2>&1 | grep -E '^\|' | tail -1 | tee -a "$LOG"
+done
+log "decode kernel profile, fused vs unfused"
+timeout "${PROFILE_LIMIT_S:-90}" python3 bench/runtime/decode_profile.py --fusion both --out "$OUT/decode_profile_fusion.json" \
+    2>&1 | tail -40 | tee -a "$LOG"
+log done
