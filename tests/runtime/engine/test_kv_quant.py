@@ -149,7 +149,7 @@ def test_cache_write_then_read_at_scrambled_slots(kind, shape):
         assert (read - written).norm(dim=-1).max() > bound.min() / 20
 
 
-@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("kind", ["q8"])  # q4 (a query reads its own block exact): test_kv_quant_channels.py
 def test_paged_attention_over_a_quantized_cache_is_attention_over_what_it_holds(kind):
     heads, kv_heads, head_dim, block_size = 6, 2, 32, 4
     gen = torch.Generator().manual_seed(11)
