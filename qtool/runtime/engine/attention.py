@@ -70,14 +70,16 @@ def kv_cache_bytes_per_block(kind: str, model_dtype: torch.dtype, num_layers: in
 
 def kv_cache_fixed_bytes(kind: str, model_dtype: torch.dtype, num_layers: int, block_size: int, kv_heads: int,
                          head_dim: int, staging_slots: int) -> int:
-    """Bytes allocate_kv_cache's cache takes besides its blocks: a q4 cache's key staging slots (else none)."""
+    """Bytes allocate_kv_cache's cache takes besides its blocks: a q4 cache's staging slots of keys and values
+    (else none)."""
     if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
         return QuantizedKVCache.staging_bytes(kind, num_layers, block_size, kv_heads, head_dim, staging_slots,
                                               model_dtype)
     return 0
 
 
-CacheLayer = torch.Tensor | QuantizedCacheLayer | Q4Part  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+# one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+CacheLayer = torch.Tensor | QuantizedCacheLayer | Q4Part
 
 
 def reads_own_block_exact(cache: CacheLayer) -> bool:

@@ -36,7 +36,8 @@ LogprobsCallback = Callable[[list[TokenLogprob]], None]
 @dataclass(frozen=True)
 class EngineConfig:
     # tokens per KV cache block (and per prefix-cache key); None: kv_cache_names.default_block_size (64 for q4, whose
-    # keys take per-channel parameters per block, else 16)
+    # keys take per-channel parameters per block, else 16); resolved at construction, so dataclasses.replace with
+    # another kv_cache keeps it unless given block_size=None too
     block_size: int | None = None
     num_blocks: int | None = None  # KV cache blocks; or size the cache by kv_cache_bytes
     kv_cache_bytes: int | None = None
@@ -197,7 +198,8 @@ class Engine:
         if self.config.kv_cache_bytes is not None:
             blocks = (self.config.kv_cache_bytes - fixed) // per_block
             if blocks < 1:
-                staging = f" besides {fixed} bytes of q4 key staging (max_num_seqs blocks)" if fixed else ""
+                staging = (f" besides {fixed} bytes of q4 staging (max_num_seqs blocks of keys and values)"
+                           if fixed else "")
                 raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} "
                                  f"bytes{staging}", hint="raise kv_cache_bytes or lower block_size")
             return blocks

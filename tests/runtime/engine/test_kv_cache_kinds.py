@@ -175,3 +175,15 @@ def test_a_quantized_cache_keeps_batched_equal_to_alone(tiny_llama, kind):
 
     alone = [run([prompt])[0] for prompt in prompts]
     assert run(prompts, max_num_batched_tokens=5) == alone  # the 13-token prompt in three chunks
+
+
+def test_each_kind_gets_its_own_block_size_unless_one_is_given():
+    from dataclasses import replace
+
+    from qtool.runtime.kv_cache_names import default_block_size
+
+    assert EngineConfig(kv_cache="q4").block_size == default_block_size("q4") > default_block_size("fp16")
+    assert EngineConfig().block_size == EngineConfig(kv_cache="q8").block_size == default_block_size("auto")
+    assert EngineConfig(kv_cache="q4", block_size=8).block_size == 8
+    chat = EngineConfig(max_num_seqs=1)  # resolved: replace keeps it unless block_size=None is given again
+    assert replace(chat, kv_cache="q4", block_size=None).block_size == default_block_size("q4")
