@@ -12,28 +12,32 @@ and the per-layer store the paged attention writes new keys/values to and reads 
   minimum: x ~ code * scale + minimum, code in [0, 15]. At 4.5 bits per element it beat symmetric groups of 32
   with one float16 scale each, rotated (22.52 vs 22.86 on the measure above, both with keys so too) and not.
 - q4 keys (per channel, KIVI arXiv 2402.02750: keys have outlier channels with an offset of their own, values do
-  not): per block of block_size tokens, rotated 4-bit codes, an int8 zero point per (kv head, channel) and one
-  float16 scale per (kv head): x ~ (code + zero) * scale. A block is quantized once, when its last row arrives;
-  until then its keys sit as written in a staging slot (ChannelQuantizedKeys). Measured (3 windows, float 21.428,
-  values as above): keys per token 22.52; per channel over the block, rotated, zero point per channel and a scale
-  per head 22.19 (this layout); a float16 scale and minimum per channel (not rotated) 21.80 and the same in fp8
-  21.85, but those take 1.9 bits per key element and drop q4 under 3.5x fp16's tokens; symmetric per channel 22.47
-  (the offsets need a zero point); a power-of-two factor per channel on the head's scale (2 more bits a channel,
-  no room left for the staging) 22.03 unrotated, 22.12 rotated.
-- q4 keys are stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
+  not): per cache block (64 tokens by default for q4: kv_cache_names.Q4_BLOCK_SIZE), 4-bit codes and per (kv head,
+  channel) a float16 scale and a float16 minimum over the block's tokens, not rotated: x ~ code * scale + minimum.
+  Stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
   (rope.KeyRope; a cache without one stores keys as written): RoPE turns each pair of channels by an angle growing
-  with the position, so after it a channel's offset sweeps a range over the block's 16 tokens; before it the offset
-  stays put and the zero point absorbs it. A write un-rotates the keys at their positions, a read rotates them back
-  (codes and staging alike, so a staged key reads back within float rounding of the staging dtype). Simulated on the
-  first 2 windows of 1024 (float cache 20.210, values q4 alone 20.310; bench/runtime/kv_q4_layouts.py): this layout
-  before RoPE 20.636; the same not rotated 21.364; a float16 scale + minimum per channel 20.645 after RoPE, 20.385
-  before it; zero points with a step of their own (not tied to the codes' step) before RoPE, rotated 20.731.
-- Bytes per (block, kv head) at block_size 16, head_dim 64: keys 512 + 64 + 2, values 512 + 64: q4 holds
-  4096 / 1154 = 3.55x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks of keys
-  in the model's dtype: SmolLM2 at 64 sequences in bf16 11.8 MB, 0.6% of a 2 GiB cache).
+  with the position, so after it a channel's offset sweeps a range over the block; before it the offset stays put.
+  A block is quantized once, when its last row arrives.
+- Own block exact (Q4CacheLayer): the block a sequence is filling keeps its keys and values as written in a staging
+  slot, and a query reads its own block from there, every earlier block from the codes; a write keeps the exact
+  rows of the blocks it touched for the reads of its step, so a chunk that completes a block reads it as a
+  one-token decode does: one-chunk prefill (qtool eval --engine), chunked prefill, speculative verification and
+  decode see the same numbers.
+- Simulated first (bench/runtime/kv_q4_layouts.py; SmolLM2-135M, first 2 windows of 1024 of wikitext-2 test, float
+  cache 20.210): float16 scale + minimum per channel before RoPE over 64 tokens with the own block exact 20.239
+  (+0.029; every block quantized, as the engine read before: 20.737); the own block's keys exact but its values
+  quantized 20.363 (so the values are staged too). Earlier layouts (16-token blocks, every block read quantized):
+  rotated int8 zero point per channel and a float16 scale per (block, kv head) before RoPE 20.636 (3.55x, was
+  built), after RoPE 22.19 against 21.80 for float16 per channel (3 windows, float 21.428); a float16 scale +
+  minimum per channel costs 1.9 bits a key element over 16 tokens (3.05x), 0.5 bits over 64.
+- Bytes per (block, kv head) at block_size 64, head_dim 64: keys 2048 + 256 (scales and minima), values 2048 + 256:
+  q4 holds 16384 / 4608 = 3.56x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks
+  of keys and values in the model's dtype: 3.56 x (1 - staging / budget); SmolLM2 in bf16 at 16 sequences 22 MiB,
+  3.52x in 2 GiB; a 7B shape at 8 sequences 256 MiB, 3.52x in 24 GiB but 2.66x in 1 GiB).
 
 Quantization is computed in float32; a scale (and minimum) is rounded to float16 before the codes are computed
-from it, so dequantization reproduces exactly the values the codes were chosen for."""
+from it (a q4 key's minimum down, its scale up), so dequantization reproduces exactly the values the codes were
+chosen for."""
 
 from __future__ import annotations
 
