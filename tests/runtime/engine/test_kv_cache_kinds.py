@@ -141,8 +141,8 @@ def test_prompt_logits_refuses_a_prompt_its_cache_cannot_hold(tiny_llama):
 @pytest.mark.slow
 def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     """SmolLM2-135M on the first 4 windows of 1024 tokens of wikitext-2's test split: the engine's perplexity
-    equals the model's own forward within float32 rounding, and a q8 cache costs at most +0.02 (the issue's goal).
-    q4 is left out: it costs about +1 here (bench/RESULTS.md: 4-bit codes are too coarse for this model)."""
+    equals the model's own forward within float32 rounding, a q8 cache costs at most +0.02 and a q4 cache (at its
+    own 64-token blocks) at most +0.10 (the issue's goals; bench/RESULTS.md has 8 windows)."""
     from qtool.checkpoints.sources import load_model
     from qtool.data.text import load_eval_text
     from qtool.eval.perplexity import perplexity
@@ -157,9 +157,11 @@ def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     plain = ppl()
     engine = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16).prompt_logits)
     q8 = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16, kv_cache="q8").prompt_logits)
-    print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}")
+    q4 = ppl(ModelRunner(loaded.model, num_blocks=16, block_size=64, kv_cache="q4").prompt_logits)
+    print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}, q4 {q4:.4f}")
     assert engine == pytest.approx(plain, rel=1e-5)
     assert q8 != engine and abs(q8 - engine) <= 0.02
+    assert q4 != engine and abs(q4 - engine) <= 0.10
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])
