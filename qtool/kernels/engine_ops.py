@@ -55,10 +55,11 @@ def paged_decode_attention_q4(query: torch.Tensor, key_codes: torch.Tensor, key_
     torch cache's)."""
     args = (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
             cos, sin, block_tables, context_lens, own_slots, scale, sliding_window)
-    if triton_problem(query) is None and query.shape[-1] <= 256:
-        from qtool.kernels.engine_ops_triton import paged_decode_attention_q4_triton
+    if triton_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import Q4_MAX_HEAD_DIM, paged_decode_attention_q4_triton
 
-        return paged_decode_attention_q4_triton(*args)
+        if query.shape[-1] <= Q4_MAX_HEAD_DIM:
+            return paged_decode_attention_q4_triton(*args)
     return paged_decode_attention_q4_ref(*args)
 
 

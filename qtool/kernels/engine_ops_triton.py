@@ -16,6 +16,8 @@ LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # one K/V tile row in registers; wider heads go to the reference
 MAX_SPLITS = 64
+# the q4 decode kernel rotates values back with one [d, d] float32 tile (a 256-wide one would not fit shared memory)
+Q4_MAX_HEAD_DIM = 128
 
 
 def _pow2(n: int) -> int:
@@ -359,8 +361,8 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
                          f"{tuple(key_codes.shape)}, key parameters {tuple(key_parameters.shape)}, values "
                          f"{tuple(value_codes.shape)} / {tuple(value_parameters.shape)}, staging "
                          f"{tuple(key_staging.shape)}, rotation {tuple(rotation.shape)}, cos/sin {tuple(cos.shape)}")
-    if head_dim > MAX_HEAD_DIM:
-        raise QtoolError(f"paged decode attention (q4): head_dim {head_dim} is over the kernel's {MAX_HEAD_DIM}")
+    if head_dim > Q4_MAX_HEAD_DIM:
+        raise QtoolError(f"paged decode attention (q4): head_dim {head_dim} is over the kernel's {Q4_MAX_HEAD_DIM}")
     tensors = (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging,
                cos, sin, block_tables, context_lens, own_slots)
     (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, cos, sin,

@@ -104,3 +104,15 @@ def test_the_q4_kernel_equals_its_reference(kernels_can_run, heads, kv_heads, he
                                  contexts, window, staged=[False] * len(contexts))
     moved = paged_decode_attention_q4_ref(**unstaged, **options)
     assert (moved - expected)[case["own_slots"] >= 0].abs().max() > 1e-3
+
+
+def test_the_router_takes_the_reference_off_cuda_and_the_kernel_refuses_wide_heads():
+    from qtool.core.errors import QtoolError
+    from qtool.kernels.engine_ops import paged_decode_attention_q4
+
+    case, options = random_q4_case(1, 2, 4, 2, 32, 8, [9, 3])
+    torch.testing.assert_close(paged_decode_attention_q4(**case, **options),
+                               paged_decode_attention_q4_ref(**case, **options), rtol=0, atol=0)
+    wide, _ = random_q4_case(2, 1, 2, 1, 256, 4, [3])
+    with pytest.raises(QtoolError, match="head_dim 256 is over the kernel's 128"):
+        paged_decode_attention_q4_triton(**{name: t.to(DEVICE) for name, t in wide.items()}, **options)
