@@ -7,7 +7,7 @@ wikitext-2 test. CPU only, float32.
 Read modes: "all" (every query reads every key and value quantized, the last partial block's keys aside: the engine's
 one-chunk prefill, which `qtool eval --engine` runs) and "own" (a query reads its own block's keys and values exact,
 older blocks quantized: what a token-by-token decode would see if the block being filled were staged for values as
-the engine stages it for keys)."""
+the engine stages it for keys); "own_keys": the own block's keys exact, values all quantized."""
 
 from __future__ import annotations
 
@@ -80,10 +80,11 @@ class SimAttention:
         pre = spec.get("pre_rope", False)
         x = apply_rope(k_post, cos, -sin) if pre else k_post
         kind = spec["kind"]
-        if kind == "block_channel":  # per block of BLOCK tokens, per channel fp16 scale + min
+        if kind == "block_channel":  # per group of tokens (BLOCK, or the spec's group), per channel fp16 scale + min
             n = x.shape[0]
-            full = n // BLOCK * BLOCK
-            b = x[:full].reshape(-1, BLOCK, *x.shape[1:])
+            group = spec.get("group", BLOCK)
+            full = n // group * group
+            b = x[:full].reshape(-1, group, *x.shape[1:])
             low = fp16(b.amin(1, keepdim=True))
             step = fp16((b.amax(1, keepdim=True) - low) / 15)
             q = torch.cat((uniform(b, low, low + 15 * step).reshape(full, *x.shape[1:]), x[full:]))
@@ -133,10 +134,14 @@ class SimAttention:
         expand = lambda t: t.repeat_interleave(group, dim=1).transpose(0, 1)  # noqa: E731
         pos = torch.arange(n)
         causal = pos[None, :] <= pos[:, None]
-        own = (pos[None, :] // BLOCK) == (pos[:, None] // BLOCK)
+        own_block = self.layout.get("own_block", BLOCK)
+        own = (pos[None, :] // own_block) == (pos[:, None] // own_block)
         mode = self.layout.get("read", "all")
+        exact_values = None  # as exact_keys
         if mode == "own":
             exact_keys = own & causal
+        elif mode == "own_keys":  # the own block's keys exact, every value quantized (no staging of values)
+            exact_keys, exact_values = own & causal, torch.zeros_like(causal)
         elif mode.startswith("recent"):
             exact_keys = causal & (pos[None, :] > pos[:, None] - int(mode[6:]))
         else:
@@ -146,7 +151,8 @@ class SimAttention:
         scores = torch.where(exact_keys, scores_e, scores_q) * scale
         weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         # values: the own block exact as well in "own"/"recent" modes
-        out = (weights * (~exact_keys)) @ expand(vq) + (weights * exact_keys) @ expand(v)
+        exact_values = exact_keys if exact_values is None else exact_values
+        out = (weights * (~exact_values)) @ expand(vq) + (weights * exact_values) @ expand(v)
         return out.transpose(0, 1).to(query.dtype)
 
 
@@ -169,6 +175,9 @@ LAYOUTS = {
     "values_only_clipped": {"values": {"rotate": True, "clip": True}},
     "channel_fp16_after_rope": {"keys": {"kind": "block_channel"}, "values": {"rotate": True}},
     "channel_fp16_before_rope": {"keys": {"kind": "block_channel", "pre_rope": True}, "values": {"rotate": True}},
+    # per channel over 64 tokens, and (read "own") the query's own 64-token block exact: the engine's q4 layout
+    "channel_fp16_before_rope_64": {"keys": {"kind": "block_channel", "pre_rope": True, "group": 64},
+                                    "values": {"rotate": True}, "own_block": 64},
     "engine_after_rope": {"keys": {"kind": "engine_block", "rotate": True}, "values": {"rotate": True}},
     "engine_before_rope": {"keys": {"kind": "engine_block", "rotate": True, "pre_rope": True},
                            "values": {"rotate": True}},

@@ -368,26 +368,29 @@ def kv_capacity(ctx: Context) -> None:
         raise SkipScenario("EngineConfig has no kv_cache field yet (fp16/q8/q4 cache)")
     args, device = ctx.args, ctx.device
     model = ctx.llama()
-    budget = int((0.25 if args.tiny else args.kv_capacity_mib) * (1 << 20))
-    block = 16
-    prompt_len = (3 if args.tiny else 32) * block - 2  # + 2 new tokens: whole blocks
-    # one cap on running sequences for the probe and the fill: q4 stages one filling block of keys per sequence
-    # inside the budget, so the cap moves the block count
-    seqs = 8 if args.tiny else 64
+    budget = int((1 if args.tiny else args.kv_capacity_mib) * (1 << 20))
+    # each kind at its own block size (q4: 64, the group of its keys' per-channel parameters; else 16); prompts of
+    # whole blocks of either (+ 2 new tokens)
+    prompt_len = (1 if args.tiny else 8) * 64 - 2
+    # one cap on running sequences for the probe and the fill: q4 stages the filling block (keys and values, model
+    # dtype) of each running sequence inside the budget, so the cap moves the block count
+    seqs = 2 if args.tiny else args.kv_capacity_seqs
     rows = {}
     for kind in KV_CACHE_KINDS:
         free_memory()
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        probe = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block,
-                                                  max_num_seqs=seqs))
-        capacity, num_blocks = probe.capacity_tokens, probe.num_blocks
+        probe = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, max_num_seqs=seqs))
+        capacity, num_blocks, block = probe.capacity_tokens, probe.num_blocks, probe.config.block_size
+        staging = probe.runner.cache.nbytes - num_blocks * probe.runner.kv_bytes_per_block(
+            model, block, probe.config.kv_dtype, kind)
+        per_token = probe.runner.kv_bytes_per_block(model, block, probe.config.kv_dtype, kind) / block
         allocated = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else None
         del probe
         free_memory()
         # fill it: as many requests of prompt_len + 2 tokens as the blocks hold, all admitted in one step
         count = min(seqs, num_blocks // ((prompt_len + 2) // block))
-        engine = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, block_size=block,
-                                                   max_num_seqs=seqs, max_num_batched_tokens=count * prompt_len))
+        engine = Engine(model, None, engine_config(kv_cache_bytes=budget, kv_cache=kind, max_num_seqs=seqs,
+                                                   max_num_batched_tokens=count * prompt_len))
         prompts = random_prompts(count, prompt_len, prompt_len, model.config.vocab_size, args.seed + 3)
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         for p in prompts:
@@ -397,12 +400,16 @@ def kv_capacity(ctx: Context) -> None:
             engine.step()
             peak = max(peak, engine.stats().blocks_used)
         stats = engine.stats()
-        rows[kind] = capacity
-        ratio = capacity / rows["fp16"]
+        rows[kind] = (capacity, per_token)
+        ratio = capacity / rows["fp16"][0]
+        per_token_ratio = rows["fp16"][1] / per_token
         ctx.record("kv-capacity", f"engine kv_cache={kind}",
-                   f"{capacity} tokens in {budget / (1 << 20):g} MiB ({ratio:.2f}x fp16); filled to "
+                   f"{capacity} tokens in {budget / (1 << 20):g} MiB ({ratio:.2f}x fp16; blocks alone "
+                   f"{per_token_ratio:.2f}x, staging {staging / (1 << 20):.1f} MiB for {seqs} sequences); filled to "
                    f"{peak * block} tokens at once by {count} requests, {stats.preemptions} preemptions",
                    kv_cache=kind, budget_bytes=budget, capacity_tokens=capacity, ratio_to_fp16=ratio,
+                   block_size=block, bytes_per_token=per_token, per_token_ratio_to_fp16=per_token_ratio,
+                   staging_bytes=staging, max_num_seqs=seqs,
                    allocated_bytes=allocated, fill_requests=count, fill_prompt_tokens=prompt_len,
                    peak_tokens_held=peak * block, stats=stats.to_dict())
         del engine
@@ -522,6 +529,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-tokens", type=int, default=2000)
     p.add_argument("--prefix-requests", type=int, default=32)
     p.add_argument("--kv-capacity-mib", type=float, default=1024)
+    p.add_argument("--kv-capacity-seqs", type=int, default=8,
+                   help="kv-capacity: max_num_seqs (a q4 cache stages one block of keys and values per sequence)")
     p.add_argument("--spec-config", default=None, help='EngineConfig settings that switch prompt-lookup on, as JSON')
     p.add_argument("--spec-words", type=int, default=250)
     p.add_argument("--spec-new-tokens", type=int, default=400)

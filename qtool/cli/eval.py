@@ -14,12 +14,12 @@ from qtool.cli.render import MODEL_LOADING
 from qtool.cli.render import handle_errors, print_json, progress_bar, stderr, stdout
 from qtool.core.errors import QtoolError
 from qtool.kernels.backend_names import BACKEND_HELP
+from qtool.runtime.kv_cache_names import default_block_size
 
 if TYPE_CHECKING:  # these import torch: the command imports them when it runs
     from qtool.eval.compare import CompareResult
     from qtool.eval.perplexity import PerplexityResult, WindowLogits
 
-ENGINE_BLOCK_SIZE = 16  # tokens per KV cache block of --engine's runner (the engine's default)
 
 
 def single_table(model: str, result: PerplexityResult) -> Table:
@@ -54,7 +54,8 @@ def engine_window_logits(model: object, seqlen: int, kv_cache: str) -> WindowLog
     if reason is not None:
         raise QtoolError(f"--engine: {reason}", "drop --engine to evaluate it through the model's own forward")
     # prefills only: no decode step to plan
-    runner = ModelRunner(model, num_blocks=-(-seqlen // ENGINE_BLOCK_SIZE), block_size=ENGINE_BLOCK_SIZE, kv_cache=kv_cache,
+    block_size = default_block_size(kv_cache)  # the engine's own block size for the kind
+    runner = ModelRunner(model, num_blocks=-(-seqlen // block_size), block_size=block_size, kv_cache=kv_cache,
                          fast_decode=False)
     return runner.prompt_logits
 

@@ -128,11 +128,11 @@ def run(
     dtype: Annotated[Optional[ModelDtype], typer.Option("--dtype", rich_help_panel=MODEL_LOADING, help="Dtype to load the model in (default: float32 on CPU, bfloat16 on CUDA).")] = None,
     backend: Annotated[Backend, typer.Option("--backend", rich_help_panel=MODEL_LOADING, help=BACKEND_HELP)] = Backend("auto"),
     adapter: Annotated[Optional[Path], typer.Option("--adapter", rich_help_panel=MODEL_LOADING, help="A LoRA adapter directory (qtool finetune's output): merged into a float base, run beside a GPTQ/EXL2 base's packed weights.")] = None,
-    kv_cache: Annotated[KvCache, typer.Option("--kv-cache", help="The engine's KV cache: auto (the model's dtype), fp16, bf16, or quantized q8 / q4 (about 2x / 3.5x the tokens in the same memory).")] = KvCache("auto"),
+    kv_cache: Annotated[KvCache, typer.Option("--kv-cache", help="The engine's KV cache: auto (the model's dtype), fp16, bf16, or quantized q8 / q4 (about 2x / 3.5x the tokens in the same memory; q4 also holds each running sequence's current 64-token block exact).")] = KvCache("auto"),
     speculate: Annotated[Optional[Speculate], typer.Option("--speculate", help="Speculative decoding of greedy replies: ngram drafts by looking the last tokens up in the prompt and reply so far; draft needs --draft.")] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="A smaller draft model with the same tokenizer (directory, .gguf, Hub id or alias) proposing tokens the model verifies, for greedy replies; implies --speculate draft.")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, rich_help_panel=ENGINE, help="Most requests the engine decodes at once (with --batch).")] = None,
-    cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (default: the batch's full contexts, at most 2 GiB).")] = None,
+    cache_blocks: Annotated[Optional[int], typer.Option("--cache-blocks", min=1, rich_help_panel=ENGINE, help="KV cache size in blocks of 16 tokens (64 with --kv-cache q4; default: the batch's full contexts, at most 2 GiB).")] = None,
     gpu_memory_fraction: Annotated[Optional[float], typer.Option("--gpu-memory-fraction", rich_help_panel=ENGINE, help="Size the KV cache to what is left of this fraction of the GPU's memory once the model is loaded, 0 < F <= 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print {text, tokens, seconds, tokens_per_second, ...} instead of streaming (with --batch: the totals).")] = False,
     file: Annotated[Optional[list[Path]], typer.Option("--file", help="A text or code file put in front of the prompt as a labelled block (repeat for several); what does not fit the context is cut from the file tails, said on stderr.")] = None,
@@ -158,7 +158,7 @@ def run(
             raise QtoolError("--arena compares plain replies", "drop --batch, --draft and --speculate")
         prompt = prompt if prompt is not None else read_piped_prompt(interactive=sys.stdin.isatty())
         run_arena_command(model, prompt, system, raw, files, chat_template, settings, device, plain(dtype),
-                          plain(backend), replace(CHAT_ENGINE_CONFIG, kv_cache=plain(kv_cache)),
+                          plain(backend), replace(CHAT_ENGINE_CONFIG, kv_cache=plain(kv_cache), block_size=None),
                           EngineSizing(max_batch, cache_blocks, gpu_memory_fraction), as_json)
         return
     if len(model) != 1:
@@ -172,7 +172,8 @@ def run(
         run_batch_file(model, batch, output, force, settings, device, dtype, backend, as_json, engine_config, draft,
                        sizing, adapter)
         return
-    engine_config = speculative_config(replace(CHAT_ENGINE_CONFIG, kv_cache=kv_cache), speculate, draft, temperature)
+    engine_config = speculative_config(replace(CHAT_ENGINE_CONFIG, kv_cache=kv_cache, block_size=None), speculate,
+                                       draft, temperature)
     if output is not None:
         raise QtoolError("--output goes with --batch", "pass --batch FILE, or drop --output")
     interactive = prompt is None and sys.stdin.isatty()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels.engine_ops_ref import add_rms_norm_ref, paged_decode_attention_ref, rope_and_cache_ref, silu_mul_ref
+from qtool.kernels.engine_ops_ref import (add_rms_norm_ref, paged_decode_attention_q4_ref, paged_decode_attention_ref,
+                                         rope_and_cache_ref, silu_mul_ref)
 from qtool.kernels.registry import triton_device_problem
 
 
@@ -42,6 +43,24 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
                                              sliding_window)
     return paged_decode_attention_ref(query, key_cache, value_cache, block_tables, context_lens, scale,
                                       sliding_window)
+
+
+def paged_decode_attention_q4(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
+                              value_codes: torch.Tensor, value_parameters: torch.Tensor, key_staging: torch.Tensor,
+                              value_staging: torch.Tensor, rotation: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                              own_slots: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Decode attention over the q4 cache's tensors (engine_ops_ref.paged_decode_attention_q4_ref). Not yet called
+    by the decode step, which declines quantized caches (the q4 write, quantizing a block as it completes, is the
+    torch cache's)."""
+    args = (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
+            cos, sin, block_tables, context_lens, own_slots, scale, sliding_window)
+    if triton_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import Q4_MAX_HEAD_DIM, paged_decode_attention_q4_triton
+
+        if query.shape[-1] <= Q4_MAX_HEAD_DIM:
+            return paged_decode_attention_q4_triton(*args)
+    return paged_decode_attention_q4_ref(*args)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

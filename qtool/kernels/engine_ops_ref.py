@@ -73,3 +73,65 @@ def rope_and_cache_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     flat_keys[slots[keep]] = rotate(key)[keep].to(key_cache.dtype)
     flat_values[slots[keep]] = value[keep].to(value_cache.dtype)
     return rotate(query)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., d / 2] -> float32 [..., d]: element 2j in the low nibble, 2j + 1 in the high one."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1).float()
+
+
+def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def paged_decode_attention_q4_ref(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
+                                  value_codes: torch.Tensor, value_parameters: torch.Tensor,
+                                  key_staging: torch.Tensor, value_staging: torch.Tensor, rotation: torch.Tensor,
+                                  cos: torch.Tensor, sin: torch.Tensor, block_tables: torch.Tensor,
+                                  context_lens: torch.Tensor, own_slots: torch.Tensor, scale: float,
+                                  sliding_window: int | None = None) -> torch.Tensor:
+    """paged_decode_attention_ref over the engine's q4 cache layout (runtime/engine/kv_quant.Q4CacheLayer), one
+    query token per sequence. A sequence's own block (the one holding its last position, context_lens[b] - 1) is
+    read exact from staging slot own_slots[b] (key_staging/value_staging [slots, block_size, kv_heads, d]: keys
+    before RoPE, values as written); every earlier block (and the own block where own_slots[b] < 0) from codes:
+    - keys [num_blocks, block_size, kv_heads, d / 2] uint8, before RoPE: code * scale + minimum, key_parameters
+      [num_blocks, kv_heads, 2, d] float16 (each channel's scale, then its minimum over the block);
+    - values [num_blocks, block_size, kv_heads, d / 2] uint8 of the rotated vectors: code * scale + minimum per
+      group of d / groups channels, value_parameters [num_blocks, block_size, kv_heads, 2 * groups] float16 (the
+      groups' scales, then their minima), rotated back by rotation [d, d] (stored = value @ rotation).
+    Keys are turned by RoPE (rotate-half pairs) with cos/sin [max_positions, d] at their positions. Scores,
+    softmax and sums in float32; out [B, heads, d] in query's dtype."""
+    batch, heads, head_dim = query.shape
+    block_size, kv_heads = key_codes.shape[1], key_codes.shape[2]
+    max_context = block_tables.shape[1] * block_size
+    positions = torch.arange(max_context, device=query.device)
+    blocks = block_tables.long()[:, positions // block_size]  # [B, ctx]
+    offsets = (positions % block_size).expand(batch, -1)
+    keys = _nibbles(key_codes[blocks, offsets])  # [B, ctx, kv_heads, d]
+    parameters = key_parameters[blocks].float()  # [B, ctx, kv_heads, 2, d]
+    keys = keys * parameters[..., 0, :] + parameters[..., 1, :]
+    value_params = value_parameters[blocks, offsets].float()  # [B, ctx, kv_heads, 2 * groups]
+    groups = value_params.shape[-1] // 2
+    grouped = _nibbles(value_codes[blocks, offsets]).reshape(batch, max_context, kv_heads, groups, -1)
+    values = grouped * value_params[..., :groups, None] + value_params[..., groups:, None]
+    values = values.reshape(batch, max_context, kv_heads, head_dim) @ rotation.float().T
+    lens = context_lens.long().view(batch, 1)
+    own_start = ((lens - 1).clamp_min(0) // block_size) * block_size
+    own = (positions.view(1, -1) >= own_start) & (own_slots.long().view(batch, 1) >= 0)
+    slots = own_slots.long().clamp_min(0).view(batch, 1).expand(-1, max_context)
+    keys = torch.where(own[..., None, None], key_staging[slots, offsets].float(), keys)
+    values = torch.where(own[..., None, None], value_staging[slots, offsets].float(), values)
+    rows = positions.clamp(max=cos.shape[0] - 1)  # positions past the table are masked below
+    table_cos, table_sin = cos.float()[rows], sin.float()[rows]  # [ctx, d]
+    keys = _rope_half(keys, table_cos[None, :, None, :], table_sin[None, :, None, :])
+    group = heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, head_dim)
+    scores = torch.einsum("bkgd,bckd->bkgc", q, keys) * scale
+    allowed = positions.view(1, -1) < lens
+    if sliding_window is not None:
+        allowed &= positions.view(1, -1) >= lens - sliding_window
+    scores = scores.masked_fill(~allowed.view(batch, 1, 1, -1), float("-inf"))
+    weights = torch.nan_to_num(scores.softmax(dim=-1))
+    out = torch.einsum("bkgc,bckd->bkgd", weights, values)
+    return out.reshape(batch, heads, head_dim).to(query.dtype)

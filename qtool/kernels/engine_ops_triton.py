@@ -16,6 +16,8 @@ LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # one K/V tile row in registers; wider heads go to the reference
 MAX_SPLITS = 64
+# the q4 decode kernel rotates values back with one [d, d] float32 tile (a 256-wide one would not fit shared memory)
+Q4_MAX_HEAD_DIM = 128
 
 
 def _pow2(n: int) -> int:
@@ -232,6 +234,161 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
         _split_reduce_kernel[(batch, heads)](
             part_o, part_ml, out, out.stride(0), out.stride(1), heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# paged decode attention over the q4 cache
+
+
+@triton.jit
+def _q4_nibbles(row_ptr, cols, mask):
+    """The 4-bit codes of columns cols [D] of rows row_ptr [N] (two per byte, column 2j low, 2j + 1 high): float32
+    [N, D]."""
+    packed = tl.load(row_ptr[:, None] + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    return ((packed >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
+
+
+@triton.jit
+def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot_ptr, cos_ptr, sin_ptr,
+                      table_ptr, lens_ptr, own_ptr, out_ptr,
+                      q_sb, q_sh, kc_sn, kc_sb, kc_sh, kp_sn, kp_sh, kp_s2, vc_sn, vc_sb, vc_sh,
+                      vp_sn, vp_sb, vp_sh, ks_sn, ks_sb, ks_sh, vs_sn, vs_sb, vs_sh, c_s, t_sb, o_sb, o_sh,
+                      qk_scale, window, max_position,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                      VALUE_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Program (b, kv head): the GROUP query heads of this kv head against sequence b's context, online softmax in
+    float32 on log2-scaled scores. Each context token's key is dequantized (or, in the sequence's own block with a
+    staging slot, read from it), turned by RoPE at its position, and its value dequantized in the rotated basis
+    (accumulated apart, rotated back once at the end) or read exact from the slot."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    context = tl.load(lens_ptr + b).to(tl.int32)
+    own_slot = tl.load(own_ptr + b).to(tl.int64)
+    own_start = (tl.maximum(context - 1, 0) // BLOCK_SIZE) * BLOCK_SIZE
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(context - window, 0)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    partner = (d + HALF) % HEAD_DIM  # rotate-half: column d pairs with d +- HALF
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    value_group = d // (HEAD_DIM // VALUE_GROUPS)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + heads[:, None] * q_sh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc_rotated = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # quantized values, in the rotated basis
+    acc_exact = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # the own block's staged values
+    n = tl.arange(0, BLOCK_N)
+    table_row = table_ptr + b.to(tl.int64) * t_sb
+    for start in range((lo // BLOCK_N) * BLOCK_N, context, BLOCK_N):
+        pos = start + n
+        valid = (pos < context) & (pos >= lo)
+        block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offset = (pos % BLOCK_SIZE).to(tl.int64)
+        own = valid & (pos >= own_start) & ((own_slot + tl.zeros_like(pos)) >= 0)  # a tensor: a mask
+        quantized = valid & ~own
+        mask = quantized[:, None] & d_ok[None, :]
+        own_mask = own[:, None] & d_ok[None, :]
+        # keys before RoPE: columns d and their RoPE partners
+        key_rows = kc_ptr + block * kc_sn + offset * kc_sb + kvh * kc_sh
+        params = kp_ptr + block[:, None] * kp_sn + kvh * kp_sh
+        k_d = (_q4_nibbles(key_rows, d, mask) * tl.load(params + d[None, :], mask=mask, other=0.0).to(tl.float32)
+               + tl.load(params + kp_s2 + d[None, :], mask=mask, other=0.0).to(tl.float32))
+        k_p = (_q4_nibbles(key_rows, partner, mask)
+               * tl.load(params + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+               + tl.load(params + kp_s2 + partner[None, :], mask=mask, other=0.0).to(tl.float32))
+        staged = ks_ptr + own_slot * ks_sn + offset[:, None] * ks_sb + kvh * ks_sh
+        k_d = tl.where(own_mask, tl.load(staged + d[None, :], mask=own_mask, other=0.0).to(tl.float32), k_d)
+        k_p = tl.where(own_mask, tl.load(staged + partner[None, :], mask=own_mask, other=0.0).to(tl.float32), k_p)
+        row = tl.minimum(pos, max_position).to(tl.int64)
+        cos = tl.load(cos_ptr + row[:, None] * c_s + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        sin = tl.load(sin_ptr + row[:, None] * c_s + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        k = k_d * cos.to(tl.float32) + sign[None, :] * k_p * sin.to(tl.float32)
+
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(scores - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        value_params = vp_ptr + (block * vp_sn + offset * vp_sb + kvh * vp_sh)[:, None] + value_group[None, :]
+        v = (_q4_nibbles(vc_ptr + block * vc_sn + offset * vc_sb + kvh * vc_sh, d, mask)
+             * tl.load(value_params, mask=mask, other=0.0).to(tl.float32)
+             + tl.load(value_params + VALUE_GROUPS, mask=mask, other=0.0).to(tl.float32))
+        v_exact = tl.load(vs_ptr + own_slot * vs_sn + offset[:, None] * vs_sb + kvh * vs_sh + d[None, :],
+                          mask=own_mask, other=0.0).to(tl.float32)
+        p_quantized = tl.where(quantized[None, :], p, 0.0)
+        p_exact = tl.where(own[None, :], p, 0.0)
+        acc_rotated = acc_rotated * alpha[:, None] + tl.dot(p_quantized, v, input_precision="ieee")
+        acc_exact = acc_exact * alpha[:, None] + tl.dot(p_exact, v_exact, input_precision="ieee")
+        m_i = m_new
+
+    # back from the rotated basis: x = stored @ rotation^T, rotation [HEAD_DIM, HEAD_DIM] row-major
+    rotation_t = tl.load(rot_ptr + d[None, :] * HEAD_DIM + d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.dot(acc_rotated, rotation_t.to(tl.float32), input_precision="ieee") + acc_exact
+    out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+             _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
+                                     value_codes: torch.Tensor, value_parameters: torch.Tensor,
+                                     key_staging: torch.Tensor, value_staging: torch.Tensor,
+                                     rotation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                     own_slots: torch.Tensor, scale: float,
+                                     sliding_window: int | None = None) -> torch.Tensor:
+    """engine_ops_ref.paged_decode_attention_q4_ref on the GPU: one program per (sequence, kv head), no split of
+    the context, every product in float32."""
+    batch, heads, head_dim = query.shape
+    num_blocks, block_size, kv_heads, half_dim = key_codes.shape
+    value_groups = value_parameters.shape[-1] // 2
+    if (head_dim % 2 or half_dim * 2 != head_dim or heads % kv_heads or value_codes.shape != key_codes.shape
+            or key_parameters.shape != (num_blocks, kv_heads, 2, head_dim)
+            or value_parameters.shape[:3] != (num_blocks, block_size, kv_heads) or head_dim % value_groups
+            or key_staging.shape[1:] != (block_size, kv_heads, head_dim) or value_staging.shape != key_staging.shape
+            or rotation.shape != (head_dim, head_dim) or cos.shape[-1] != head_dim or sin.shape != cos.shape):
+        raise QtoolError(f"paged decode attention (q4): query {tuple(query.shape)} does not fit key codes "
+                         f"{tuple(key_codes.shape)}, key parameters {tuple(key_parameters.shape)}, values "
+                         f"{tuple(value_codes.shape)} / {tuple(value_parameters.shape)}, staging "
+                         f"{tuple(key_staging.shape)}, rotation {tuple(rotation.shape)}, cos/sin {tuple(cos.shape)}")
+    if head_dim > Q4_MAX_HEAD_DIM:
+        raise QtoolError(f"paged decode attention (q4): head_dim {head_dim} is over the kernel's {Q4_MAX_HEAD_DIM}")
+    tensors = (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging,
+               cos, sin, block_tables, context_lens, own_slots)
+    (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, cos, sin,
+     block_tables, context_lens, own_slots) = (t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+    rotation = rotation.float().contiguous()
+    if cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if batch == 0:
+        return out
+    group = heads // kv_heads
+    block_d = max(_pow2(head_dim), 16)
+    window = int(sliding_window) if sliding_window is not None else 0
+    _q4_decode_kernel[(batch, kv_heads)](
+        query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
+        cos, sin, block_tables, context_lens, own_slots, out,
+        query.stride(0), query.stride(1), key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
+        key_parameters.stride(0), key_parameters.stride(1), key_parameters.stride(2),
+        value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
+        value_parameters.stride(0), value_parameters.stride(1), value_parameters.stride(2),
+        key_staging.stride(0), key_staging.stride(1), key_staging.stride(2),
+        value_staging.stride(0), value_staging.stride(1), value_staging.stride(2), cos.stride(0),
+        block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window, cos.shape[0] - 1,
+        GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size, VALUE_GROUPS=value_groups,
+        BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=32 if block_d <= 128 else 16,
+        HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8, num_stages=2)
     return out
 
 

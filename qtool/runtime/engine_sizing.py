@@ -64,7 +64,8 @@ class EngineSizing:
             # q4 stages the block each running sequence is filling outside the blocks (Engine._blocks_for_budget's rule)
             fixed = ModelRunner.kv_fixed_bytes(model, base.block_size, base.kv_dtype, base.kv_cache, max_seqs)
             if budget - fixed < per_block:
-                staging = f" besides {fixed} bytes of q4 key staging" if fixed else ""
+                staging = (f" besides {fixed} bytes of q4 staging (a block of keys and values per sequence)"
+                           if fixed else "")
                 raise QtoolError(f"--gpu-memory-fraction {self.gpu_memory_fraction} leaves {budget / GIB:.2f} GiB "
                                  f"for the KV cache, less than one block ({per_block} bytes){staging}",
                                  "raise --gpu-memory-fraction, or give --cache-blocks N")

@@ -15,3 +15,14 @@ def check_kv_cache(kind: object, option: str = "kv_cache") -> str:
     if kind not in KV_CACHE_KINDS:
         raise QtoolError(f"{option} {kind!r} is not a KV cache kind", hint=f"use one of {', '.join(KV_CACHE_KINDS)}")
     return str(kind)
+
+
+# tokens per KV cache block unless one is given: a q4 cache quantizes each block's keys per channel over the block,
+# and a float16 scale and minimum per channel cost 4 bytes a channel, spread over 64 tokens (16 would take a
+# quarter of q4's bytes); the others keep 16-token blocks (finer prefix caching)
+Q4_BLOCK_SIZE = 64
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_block_size(kind: str) -> int:
+    return Q4_BLOCK_SIZE if check_kv_cache(kind) == "q4" else DEFAULT_BLOCK_SIZE

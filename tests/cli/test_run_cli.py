@@ -100,7 +100,8 @@ def test_missing_model_is_one_line():
 
 def test_batch_file_replies_in_input_order_equal_each_prompt_alone(tmp_path, model_dir, model, tokenizer):
     requests = tmp_path / "requests.jsonl"
-    prompts = ["the fox", "what is the capital", "the dog"]
+    # past q4's first 64-token block, which each query reads exact: later ones read the earlier blocks quantized
+    prompts = [" ".join([text] * 28) for text in ("the fox", "what is the capital", "the dog")]
     requests.write_text("".join(json.dumps({"id": f"r{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)))
     output = tmp_path / "replies.jsonl"
     result = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output), "--json"] + GREEDY)
@@ -127,7 +128,7 @@ def test_kv_cache_flag_reaches_the_engine(model_dir, model, tokenizer):
 
     from qtool.runtime.reply import CHAT_ENGINE_CONFIG
 
-    replies = ReplyGenerator(model, tokenizer, replace(CHAT_ENGINE_CONFIG, kv_cache="q4"))
+    replies = ReplyGenerator(model, tokenizer, replace(CHAT_ENGINE_CONFIG, kv_cache="q4", block_size=None))
     expected = replies.reply([{"role": "user", "content": "the fox"}], GenerationSettings(max_new_tokens=6, temperature=0))
     assert replies.engine.runner.cache.is_quantized
     result = runner.invoke(app, ["run", str(model_dir), "--prompt", "the fox", "--kv-cache", "q4", "--json"] + GREEDY)
@@ -141,9 +142,10 @@ def test_kv_cache_flag_reaches_a_batch(tmp_path, model_dir, model, tokenizer):
     from qtool.runtime.engine import EngineConfig
 
     requests = tmp_path / "requests.jsonl"
-    prompts = ["the fox", "what is the capital", "the dog"]
+    # past q4's first 64-token block, which each query reads exact: later ones read the earlier blocks quantized
+    prompts = [" ".join([text] * 28) for text in ("the fox", "what is the capital", "the dog")]
     requests.write_text("".join(json.dumps({"id": i, "prompt": text}) + "\n" for i, text in enumerate(prompts)))
-    settings = GenerationSettings(max_new_tokens=6, temperature=0)
+    settings = GenerationSettings(max_new_tokens=16, temperature=0)
 
     def replies(kind: str) -> list[str]:
         result = run_batch(model, tokenizer, read_batch_requests(requests), settings, engine_config=EngineConfig(kv_cache=kind))
@@ -153,6 +155,7 @@ def test_kv_cache_flag_reaches_a_batch(tmp_path, model_dir, model, tokenizer):
     assert expected != replies("auto"), "this model's q4 replies differ from the float cache's: the test can tell"
     output = tmp_path / "replies.jsonl"
     result = runner.invoke(app, ["run", str(model_dir), "--batch", str(requests), "--output", str(output),
-                                 "--kv-cache", "q4", "--json"] + GREEDY)
+                                 "--kv-cache", "q4", "--json", "--temperature", "0", "--max-new-tokens", "16",
+                                 "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["text"] for line in output.read_text().splitlines()] == expected

@@ -49,9 +49,10 @@ def test_a_quantized_cache_gets_the_blocks_its_bytes_allow(tiny_llama, kind):
     used = int(torch.randint(1, 10, ()).item()) * GIB + 999
     config = EngineSizing(gpu_memory_fraction=0.5).engine_config(tiny_llama, EngineConfig(kv_cache=kind),
                                                                  lambda device: (total - used, total))
-    per_block = ModelRunner.kv_bytes_per_block(tiny_llama, 16, kv_cache=kind)
-    fixed = ModelRunner.kv_fixed_bytes(tiny_llama, 16, None, kind, EngineConfig().max_num_seqs)
-    assert per_block < ModelRunner.kv_bytes_per_block(tiny_llama, 16), "a quantized block is smaller"
+    block_size = EngineConfig(kv_cache=kind).block_size  # the kind's own (q4: 64)
+    per_block = ModelRunner.kv_bytes_per_block(tiny_llama, block_size, kv_cache=kind)
+    fixed = ModelRunner.kv_fixed_bytes(tiny_llama, block_size, None, kind, EngineConfig().max_num_seqs)
+    assert per_block < ModelRunner.kv_bytes_per_block(tiny_llama, block_size), "a quantized block is smaller"
     assert (fixed > 0) == (kind == "q4"), "q4 alone stages the filling block of each running sequence"
     assert config.kv_cache == kind and config.num_blocks == (total // 2 - used - fixed) // per_block
 

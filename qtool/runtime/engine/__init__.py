@@ -9,9 +9,10 @@ Design, one role per file:
   chunked); when blocks run out the latest-arrived running sequence is preempted (freed, requeued first, recomputed).
 - attention.py: the KV cache tensors and the torch reference paged attention (gather by block table, causal, GQA, window).
 - kv_quant.py: the quantized cache kinds (EngineConfig.kv_cache q8 / q4): codes + float16 scales of rotated (token, kv
-  head) vectors (q4 keys: before RoPE, per channel over each full block, the block being filled staged exactly),
-  written and read through the same write_kv / read_kv with the tokens' positions (paged_attention, and the GPU
-  prefill attention dequantizing what it gathers); `cache.is_quantized` makes the decode step and its CUDA graphs decline them.
+  head) vectors (q4 keys: before RoPE, per channel over each full 64-token block; the block being filled staged
+  exactly, keys and values, and read exact by its own queries), written and read through the same write_kv /
+  read_kv with the tokens' positions (paged_attention; the GPU prefill attention dequantizes what it gathers for q8
+  and runs paged_attention for q4); `cache.is_quantized` makes the decode step and its CUDA graphs decline them.
 - rope.py: RoPE as the engine applies it (apply_rope) and KeyRope, a layer's RoPE by position for q4 keys.
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; what differs

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.runtime.engine.kv_quant import ChannelQuantizedKeys, QuantizedCacheLayer, QuantizedKVCache
+from qtool.runtime.engine.kv_quant import Q4Part, QuantizedCacheLayer, QuantizedKVCache
 from qtool.runtime.kv_cache_names import FLOAT_KV_CACHES, QUANTIZED_KV_CACHES, check_kv_cache
 
 FLOAT_KV_DTYPES = dict(zip(FLOAT_KV_CACHES, (torch.float16, torch.bfloat16)))
@@ -70,24 +70,31 @@ def kv_cache_bytes_per_block(kind: str, model_dtype: torch.dtype, num_layers: in
 
 def kv_cache_fixed_bytes(kind: str, model_dtype: torch.dtype, num_layers: int, block_size: int, kv_heads: int,
                          head_dim: int, staging_slots: int) -> int:
-    """Bytes allocate_kv_cache's cache takes besides its blocks: a q4 cache's key staging slots (else none)."""
+    """Bytes allocate_kv_cache's cache takes besides its blocks: a q4 cache's staging slots of keys and values
+    (else none)."""
     if check_kv_cache(kind) in QUANTIZED_KV_CACHES:
         return QuantizedKVCache.staging_bytes(kind, num_layers, block_size, kv_heads, head_dim, staging_slots,
                                               model_dtype)
     return 0
 
 
-QUANTIZED_LAYERS = (QuantizedCacheLayer, ChannelQuantizedKeys)
-CacheLayer = torch.Tensor | QuantizedCacheLayer | ChannelQuantizedKeys  # one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+# one layer's keys or values, [num_blocks, block_size, kv_heads, d]
+CacheLayer = torch.Tensor | QuantizedCacheLayer | Q4Part
+
+
+def reads_own_block_exact(cache: CacheLayer) -> bool:
+    """Whether a query reads its own block's keys/values exact and earlier blocks as stored (a q4 cache)."""
+    return isinstance(cache, Q4Part)
 
 
 def read_kv(cache: CacheLayer, slots: torch.Tensor, dtype: torch.dtype,
-            positions: torch.Tensor | None = None) -> torch.Tensor:
+            positions: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
     """The keys (or values) [len(slots), kv_heads, head_dim] at flat cache slots, in dtype. positions [len(slots)]:
-    the tokens' positions in their sequences, which q4 keys stored before RoPE need to be rotated back."""
-    if isinstance(cache, ChannelQuantizedKeys):
-        return cache.read(slots, dtype, positions)
-    if isinstance(cache, QUANTIZED_LAYERS):
+    the tokens' positions in their sequences, which q4 keys stored before RoPE need to be rotated back. exact (a
+    q4 cache): the blocks the last write touched as written, not as stored (a query's own block)."""
+    if isinstance(cache, Q4Part):
+        return cache.read(slots, dtype, positions, exact)
+    if isinstance(cache, QuantizedCacheLayer):
         return cache.read(slots, dtype)
     kv_heads, head_dim = cache.shape[-2:]
     return cache.view(-1, kv_heads, head_dim)[slots].to(dtype)
@@ -130,11 +137,10 @@ def write_kv(key_cache: CacheLayer, value_cache: CacheLayer, slots: torch.Tensor
              value: torch.Tensor, positions: torch.Tensor | None = None) -> None:
     """Store new keys/values [T, kv_heads, head_dim] at their slots (converted to the cache's dtype, or quantized).
     positions [T]: the tokens' positions, which q4 keys stored before RoPE need."""
-    if isinstance(key_cache, ChannelQuantizedKeys):
-        key_cache.write(slots, key, positions)
-        value_cache.write(slots, value)
+    if isinstance(key_cache, Q4Part):
+        key_cache.layer.write(slots, key, value, positions)
         return
-    if isinstance(key_cache, QUANTIZED_LAYERS):
+    if isinstance(key_cache, QuantizedCacheLayer):
         key_cache.write(slots, key)
         value_cache.write(slots, value)
         return
@@ -152,27 +158,47 @@ def paged_attention(query: torch.Tensor, key_cache: CacheLayer, value_cache: Cac
                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """softmax(softcap(q k^T * scale) + mask) v for every sequence of a ragged batch, q [T, heads, head_dim] -> same
     shape. A query at position p sees the keys at positions j <= p, and with a sliding window only j > p - window
-    (the window counts the query itself, as transformers' masks do). Scores and softmax are float32."""
+    (the window counts the query itself, as transformers' masks do). Scores and softmax are float32. With a q4
+    cache a query reads its own block's keys and values exact and earlier blocks as stored (reads_own_block_exact),
+    so a chunk of queries sees what each would see decoded alone."""
     heads = query.shape[1]
-    kv_heads = key_cache.shape[-2]
+    kv_heads, block_size = key_cache.shape[-2], key_cache.shape[1]
     group = heads // kv_heads
+    own_exact = reads_own_block_exact(key_cache)
     out = torch.empty_like(query)
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # [n, kv_heads, d] -> [heads, n, d]: query head h reads h // group
+        return x.repeat_interleave(group, dim=1).transpose(0, 1)
+
     for start, count, context, table in zip(batch.query_starts, batch.query_lens, batch.context_lens,
                                             batch.block_tables):
         # keys from the first query's window on: blocks before it may be released (block_manager.RELEASED)
         first = 0 if sliding_window is None else max(0, context - count - sliding_window + 1)
-        slots = cache_slots(table, range(first, context), key_cache.shape[1]).to(query.device)
+        slots = cache_slots(table, range(first, context), block_size).to(query.device)
         positions = torch.arange(first, context, device=query.device)
-        # [context, kv_heads, d] -> [heads, context, d]: query head h reads kv head h // group
-        keys = read_kv(key_cache, slots, query.dtype, positions).repeat_interleave(group, dim=1).transpose(0, 1)
-        values = read_kv(value_cache, slots, query.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        keys = per_head(read_kv(key_cache, slots, query.dtype, positions))
+        values = per_head(read_kv(value_cache, slots, query.dtype))
         q = query[start : start + count].transpose(0, 1)  # [heads, count, d]
-        scores = softcapped(torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale, softcap)
+        scores = torch.matmul(q.float(), keys.float().transpose(1, 2)) * scale
         q_pos = torch.arange(context - count, context, device=query.device).unsqueeze(1)
-        k_pos = torch.arange(first, context, device=query.device).unsqueeze(0)
+        k_pos = positions.unsqueeze(0)
+        if own_exact:  # the queries' own blocks, from the first query's block on: exact keys
+            tail = max(first, (context - count) // block_size * block_size) - first
+            own = (k_pos[:, tail:] // block_size) == (q_pos // block_size)
+            exact_keys = per_head(read_kv(key_cache, slots[tail:], query.dtype, positions[tail:], exact=True))
+            exact_scores = torch.matmul(q.float(), exact_keys.float().transpose(1, 2)) * scale
+            scores[..., tail:] = torch.where(own, exact_scores, scores[..., tail:])
+        scores = softcapped(scores, softcap)
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(query.dtype)
-        out[start : start + count] = torch.matmul(weights, values).transpose(0, 1)
+        if own_exact:
+            exact_values = per_head(read_kv(value_cache, slots[tail:], query.dtype, exact=True))
+            own_weights = weights[..., tail:] * own
+            weights = torch.cat((weights[..., :tail], weights[..., tail:] * ~own), dim=-1)
+            attended = torch.matmul(weights, values) + torch.matmul(own_weights, exact_values)
+        else:
+            attended = torch.matmul(weights, values)
+        out[start : start + count] = attended.transpose(0, 1)
     return out

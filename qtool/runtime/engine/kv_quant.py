@@ -12,32 +12,36 @@ and the per-layer store the paged attention writes new keys/values to and reads 
   minimum: x ~ code * scale + minimum, code in [0, 15]. At 4.5 bits per element it beat symmetric groups of 32
   with one float16 scale each, rotated (22.52 vs 22.86 on the measure above, both with keys so too) and not.
 - q4 keys (per channel, KIVI arXiv 2402.02750: keys have outlier channels with an offset of their own, values do
-  not): per block of block_size tokens, rotated 4-bit codes, an int8 zero point per (kv head, channel) and one
-  float16 scale per (kv head): x ~ (code + zero) * scale. A block is quantized once, when its last row arrives;
-  until then its keys sit as written in a staging slot (ChannelQuantizedKeys). Measured (3 windows, float 21.428,
-  values as above): keys per token 22.52; per channel over the block, rotated, zero point per channel and a scale
-  per head 22.19 (this layout); a float16 scale and minimum per channel (not rotated) 21.80 and the same in fp8
-  21.85, but those take 1.9 bits per key element and drop q4 under 3.5x fp16's tokens; symmetric per channel 22.47
-  (the offsets need a zero point); a power-of-two factor per channel on the head's scale (2 more bits a channel,
-  no room left for the staging) 22.03 unrotated, 22.12 rotated.
-- q4 keys are stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
+  not): per cache block (64 tokens by default for q4: kv_cache_names.Q4_BLOCK_SIZE), 4-bit codes and per (kv head,
+  channel) a float16 scale and a float16 minimum over the block's tokens, not rotated: x ~ code * scale + minimum.
+  Stored before RoPE (KVQuant, arXiv 2401.18079) when the model runner gives the cache each layer's RoPE
   (rope.KeyRope; a cache without one stores keys as written): RoPE turns each pair of channels by an angle growing
-  with the position, so after it a channel's offset sweeps a range over the block's 16 tokens; before it the offset
-  stays put and the zero point absorbs it. A write un-rotates the keys at their positions, a read rotates them back
-  (codes and staging alike, so a staged key reads back within float rounding of the staging dtype). Simulated on the
-  first 2 windows of 1024 (float cache 20.210, values q4 alone 20.310; bench/runtime/kv_q4_layouts.py): this layout
-  before RoPE 20.636; the same not rotated 21.364; a float16 scale + minimum per channel 20.645 after RoPE, 20.385
-  before it; zero points with a step of their own (not tied to the codes' step) before RoPE, rotated 20.731.
-- Bytes per (block, kv head) at block_size 16, head_dim 64: keys 512 + 64 + 2, values 512 + 64: q4 holds
-  4096 / 1154 = 3.55x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks of keys
-  in the model's dtype: SmolLM2 at 64 sequences in bf16 11.8 MB, 0.6% of a 2 GiB cache).
+  with the position, so after it a channel's offset sweeps a range over the block; before it the offset stays put.
+  A block is quantized once, when its last row arrives.
+- Own block exact (Q4CacheLayer): the block a sequence is filling keeps its keys and values as written in a staging
+  slot, and a query reads its own block from there, every earlier block from the codes; a write keeps the exact
+  rows of the blocks it touched for the reads of its step, so a chunk that completes a block reads it as a
+  one-token decode does: one-chunk prefill (qtool eval --engine), chunked prefill, speculative verification and
+  decode see the same numbers.
+- Simulated first (bench/runtime/kv_q4_layouts.py; SmolLM2-135M, first 2 windows of 1024 of wikitext-2 test, float
+  cache 20.210): float16 scale + minimum per channel before RoPE over 64 tokens with the own block exact 20.239
+  (+0.029; every block quantized, as the engine read before: 20.737); the own block's keys exact but its values
+  quantized 20.363 (so the values are staged too). Earlier layouts (16-token blocks, every block read quantized):
+  rotated int8 zero point per channel and a float16 scale per (block, kv head) before RoPE 20.636 (3.55x, was
+  built), after RoPE 22.19 against 21.80 for float16 per channel (3 windows, float 21.428); a float16 scale +
+  minimum per channel costs 1.9 bits a key element over 16 tokens (3.05x), 0.5 bits over 64.
+- Bytes per (block, kv head) at block_size 64, head_dim 64: keys 2048 + 256 (scales and minima), values 2048 + 256:
+  q4 holds 16384 / 4608 = 3.56x the tokens of fp16 in the same bytes, less its fixed staging (max_num_seqs blocks
+  of keys and values in the model's dtype: 3.56 x (1 - staging / budget); SmolLM2 in bf16 at 16 sequences 22 MiB,
+  3.52x in 2 GiB; a 7B shape at 8 sequences 256 MiB, 3.52x in 24 GiB but 2.66x in 1 GiB).
 
 Quantization is computed in float32; a scale (and minimum) is rounded to float16 before the codes are computed
-from it, so dequantization reproduces exactly the values the codes were chosen for."""
+from it (a q4 key's minimum down, its scale up), so dequantization reproduces exactly the values the codes were
+chosen for."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -104,29 +108,34 @@ def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return grouped.reshape(nibbles.shape)
 
 
-def quantize_q4_channels(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q4_channels(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocks x [B, block_size, kv_heads, d] (d even), valid [B, block_size] (the rows that hold tokens) -> (packed
-    uint8 [B, block_size, kv_heads, d / 2], zero points int8 [B, kv_heads, d], scales float16 [B, kv_heads, 1]):
-    x ~ (code + zero) * scale, code in [0, 15], one zero point per channel over the block's valid rows and one
-    scale per (block, kv head). The scale covers the widest channel in 14 steps (a floored zero point can start up
-    to a step below the channel's minimum) and keeps |x| / scale <= 127 (zero points fit int8)."""
+    uint8 [B, block_size, kv_heads, d / 2], parameters float16 [B, kv_heads, 2, d]: each channel's scale, then its
+    minimum, over the block's valid rows): x ~ code * scale + minimum, code in [0, 15]. The minimum is rounded down
+    and the scale up to float16, so the 16 levels cover the channel's whole range."""
     mask = valid[:, :, None, None]
     x = x.float()
     low = torch.where(mask, x, torch.inf).amin(dim=1)
     high = torch.where(mask, x, -torch.inf).amax(dim=1)
-    needed = torch.maximum((high - low) / 14, torch.maximum(low.abs(), high.abs()) / 127).amax(dim=-1, keepdim=True)
-    scales = _round_up_fp16(needed.clamp_min(_FP16_TINY))
-    step = scales.float()
-    zeros = torch.floor(low / step).clamp(-128, 127)
-    codes = ((x / step.unsqueeze(1)).round() - zeros.unsqueeze(1)).clamp(0, 15).masked_fill(~mask, 0)
+    minimum = _round_down_fp16(low)
+    scales = _round_up_fp16(((high - minimum.float()) / 15).clamp_min(0))
+    step = scales.float().clamp_min(_TINY).unsqueeze(1)
+    codes = ((x - minimum.float().unsqueeze(1)) / step).round().clamp(0, 15).masked_fill(~mask, 0)
     nibbles = codes.to(torch.uint8).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    return nibbles[..., 0] | (nibbles[..., 1] << 4), zeros.to(torch.int8), scales
+    return nibbles[..., 0] | (nibbles[..., 1] << 4), torch.stack((scales, minimum), dim=-2)
 
 
-def dequantize_q4_channels(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(packed [..., d / 2], zero points [..., d], scales [..., 1]) of the same rows -> float32 [..., d]."""
+def dequantize_q4_channels(packed: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+    """(packed [..., kv_heads, d / 2], parameters [..., kv_heads, 2, d] of each row's block) -> float32
+    [..., kv_heads, d]."""
     nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
-    return (nibbles.float() + zeros.float()) * scales.float()
+    return nibbles.float() * parameters[..., 0, :].float() + parameters[..., 1, :].float()
+
+
+def _round_down_fp16(x: torch.Tensor) -> torch.Tensor:
+    """The largest float16 <= each element of x (float32)."""
+    rounded = x.to(SCALE_DTYPE)
+    return torch.where(rounded.float() > x, torch.nextafter(rounded, torch.full_like(rounded, -torch.inf)), rounded)
 
 
 def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -201,30 +210,41 @@ class QuantizedCacheLayer:
 
 @dataclass
 class StagingTable:
-    """One layer's record of which blocks are being filled: block -> staging slot, and each slot's filled rows and
-    last write. Every layer sees the same writes, so every layer's table takes the same decisions."""
+    """One layer's record of the blocks held exactly: block -> staging slot, and each slot's filled rows, last
+    write and whether its block is full. A full block's slot is retired: its codes hold the block, the slot keeps
+    its exact rows only for a rollback (a rejected speculative tail) until another block takes it. Every layer sees
+    the same writes, so every layer's table takes the same decisions."""
 
     slots: int
     block_slot: dict[int, int]
     slot_block: list[int | None]
     slot_rows: list[int]
     slot_used: list[int]
+    slot_full: list[bool]
     clock: int = 0
 
     @classmethod
     def empty(cls, slots: int) -> "StagingTable":
-        return cls(slots, {}, [None] * slots, [0] * slots, [0] * slots)
+        return cls(slots, {}, [None] * slots, [0] * slots, [0] * slots, [False] * slots)
 
-    def release(self, block: int) -> None:
-        slot = self.block_slot.pop(block)
-        self.slot_block[slot] = None
+    def staged(self, block: int) -> int | None:
+        """The slot holding block while it is being filled (not a retired one), or None."""
+        slot = self.block_slot.get(block)
+        return None if slot is None or self.slot_full[slot] else slot
 
     def take(self, block: int) -> tuple[int | None, int | None, int]:
-        """A slot for block: (slot, evicted block or None, its filled rows); slot None when every slot is in use by
-        this write. The evicted block is the one written longest ago: its rows must be quantized as they are."""
+        """A slot for block: (slot, evicted block being filled or None, its filled rows); slot None when every slot
+        holds a block of this write. Taken in this order: a free slot, the retired slot written longest ago, the
+        slot of the block being filled that was written longest ago (its rows must then be quantized as they
+        are)."""
         free = [s for s in range(self.slots) if self.slot_block[s] is None]
+        retired = [s for s in range(self.slots) if self.slot_block[s] is not None and self.slot_full[s]]
+        evicted = None
         if free:
-            slot, evicted = free[0], None
+            slot = free[0]
+        elif retired:
+            slot = min(retired, key=self.slot_used.__getitem__)
+            del self.block_slot[self.slot_block[slot]]
         else:
             older = [s for s in range(self.slots) if self.slot_used[s] < self.clock]
             if not older:
@@ -235,124 +255,200 @@ class StagingTable:
         self.block_slot[block], self.slot_block[slot] = slot, block
         return slot, evicted, self.slot_rows[slot]
 
+    def hold(self, slot: int, rows: int, full: bool) -> None:
+        self.slot_rows[slot], self.slot_used[slot], self.slot_full[slot] = rows, self.clock, full
+
 
 @dataclass
-class ChannelQuantizedKeys:
-    """One layer's q4 keys, logically [num_blocks, block_size, kv_heads, head_dim] (KIVI, arXiv 2402.02750: keys
-    per channel, values per token). A full block is stored as rotated 4-bit codes with a zero point per (kv head,
-    channel) and a scale per kv head over its block_size tokens; a block still being filled keeps its keys as
-    written in a staging slot (exact) until its last row arrives, then the whole block is quantized at once, so a
-    block's codes depend only on its tokens (not on how prefill was chunked). Staging slots are few (the engine's
-    running sequences); when all are taken the block written longest ago is quantized as it stands, and a later
-    write to a quantized block that is not full (that one, or a block whose speculative tail was rolled back)
-    restages its kept rows from their dequantized values: always correct, exact tails only while slots last.
-    With a rope (the model runner always gives one) everything is held before RoPE: a write un-rotates the keys at
-    their positions, a read rotates the rows back at theirs (KVQuant, arXiv 2401.18079). A chunk that completes a
-    block reads that block quantized, where a one-token decode reads its own block staged: the two agree within the
-    q4 error, not bit for bit."""
+class Q4CacheLayer:
+    """One layer's q4 keys and values (KIVI, arXiv 2402.02750: keys per channel, values per token), written
+    together because one staging table holds both.
 
-    head_dim: int
-    codes: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim / 2] uint8
-    zeros: torch.Tensor  # [num_blocks, kv_heads, head_dim] int8
-    scales: torch.Tensor  # [num_blocks, kv_heads, 1] float16
-    staging: torch.Tensor  # [staging slots, block_size, kv_heads, head_dim], the keys as written (model dtype)
+    - Keys: per block, 4-bit codes and a float16 scale and minimum per (kv head, channel) over the block's tokens,
+      computed once, when the block's last row arrives. With a rope (the model runner always gives one) keys are
+      held before RoPE (KVQuant, arXiv 2401.18079: a channel's offset then stays put over the block) and rotated
+      back at their positions when read.
+    - Values: per token, rotated (see rotation()), QuantizedCacheLayer's q4 codes written at once.
+    - The block being filled keeps its keys and values as written (model dtype) in a staging slot. A query reads
+      its own block from there and every earlier block from the codes ("own block exact"); a write that touches a
+      block keeps its exact rows (`written`) for the reads of the same step, so a chunk that completes a block
+      reads that block exact as a one-token decode does: one-chunk prefill, chunked prefill, speculative
+      verification and decode all see the same numbers.
+    - Staging slots are few (the engine's running sequences). When none is free the block written longest ago is
+      quantized as it stands; a later write to a block whose slot is gone (that one, or a full block whose
+      speculative tail was rolled back after its retired slot was taken) restages its kept rows from their
+      dequantized values: always correct, exact only while slots last."""
+
+    key_codes: torch.Tensor  # [num_blocks, block_size, kv_heads, head_dim / 2] uint8
+    key_parameters: torch.Tensor  # [num_blocks, kv_heads, 2, head_dim] float16: scale, minimum
+    values: QuantizedCacheLayer
+    key_staging: torch.Tensor  # [staging slots, block_size, kv_heads, head_dim] model dtype, keys before RoPE
+    value_staging: torch.Tensor  # [staging slots, block_size, kv_heads, head_dim] model dtype
     table: StagingTable
-    rotation: torch.Tensor
-    rope: KeyRope | None = None  # keys stored before RoPE (codes and staging alike), rotated by it when read
+    rope: KeyRope | None = None
+    # the blocks the last write touched: block -> (keys before RoPE, values) [block_size, kv_heads, head_dim] as
+    # staged (rows past the write's end are zero and never read)
+    written: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_staging.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (*self.key_codes.shape[:3], self.head_dim)
+
+    @property
+    def block_size(self) -> int:
+        return self.key_codes.shape[1]
 
     def _positions(self, positions: torch.Tensor | None) -> torch.Tensor:
         if positions is None:
             raise ValueError("q4 keys stored before RoPE are written and read with their tokens' positions")
         return positions
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (*self.codes.shape[:3], self.head_dim)
+    def _kept_rows(self, block: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block's first rows as the cache holds them (staged or retired slot: exact; else dequantized): float32
+        keys before RoPE and values [rows, kv_heads, head_dim]."""
+        slot = self.table.block_slot.get(block)
+        if slot is not None:
+            return self.key_staging[slot, :rows].float(), self.value_staging[slot, :rows].float()
+        keys = dequantize_q4_channels(self.key_codes[block, :rows], self.key_parameters[block])
+        slots = torch.arange(block * self.block_size, block * self.block_size + rows, device=keys.device)
+        return keys, self.values.read(slots, torch.float32)
 
-    def _dequantized_rows(self, block: int, rows: int) -> torch.Tensor:
-        """Block's first rows, dequantized and rotated back: float32 [rows, kv_heads, head_dim]."""
-        codes = self.codes[block, :rows]
-        return dequantize_q4_channels(codes, self.zeros[block], self.scales[block]) @ self.rotation.T
-
-    def write(self, slots: torch.Tensor, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
-        """Keys x [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one run), after
-        RoPE at positions [T] (needed with a rope)."""
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              positions: torch.Tensor | None = None) -> None:
+        """Keys and values [T, kv_heads, head_dim] at the flat cache slots [T] (each block's rows written in one
+        run), keys after RoPE at positions [T] (needed with a rope)."""
         if self.rope is not None:
-            x = self.rope.unrotate(x, self._positions(positions))
-        block_size = self.codes.shape[1]
+            keys = self.rope.unrotate(keys, self._positions(positions))
+        self.values.write(slots, values)  # a value's codes depend on its token alone
+        block_size, dtype = self.block_size, self.key_staging.dtype
         self.table.clock += 1
+        self.written = {}
         by_block: dict[int, list[tuple[int, int]]] = {}
         for index, slot in enumerate(slots.tolist()):
             by_block.setdefault(slot // block_size, []).append((index, slot % block_size))
-        to_store: list[tuple[int, torch.Tensor, int]] = []  # (block, content, rows holding tokens)
+        to_store: list[tuple[int, torch.Tensor, int]] = []  # (block, keys before RoPE, rows holding tokens)
         for block, entries in by_block.items():
-            indices = torch.tensor([i for i, _ in entries], device=x.device)
-            offsets = torch.tensor([o for _, o in entries], device=x.device)
+            indices = torch.tensor([i for i, _ in entries], device=keys.device)
+            offsets = torch.tensor([o for _, o in entries], device=keys.device)
             first, end = int(offsets.min()), int(offsets.max()) + 1
+            key_rows = torch.zeros(self.shape[1:], dtype=dtype, device=keys.device)
+            value_rows = torch.zeros(self.shape[1:], dtype=dtype, device=keys.device)
+            if first > 0:
+                kept_keys, kept_values = self._kept_rows(block, first)
+                key_rows[:first], value_rows[:first] = kept_keys.to(dtype), kept_values.to(dtype)
+            key_rows[offsets], value_rows[offsets] = keys[indices].to(dtype), values[indices].to(dtype)
+            self.written[block] = (key_rows, value_rows)
+            full = end == block_size
+            if full:
+                to_store.append((block, key_rows.float(), end))
             slot = self.table.block_slot.get(block)
-            content = torch.zeros(self.shape[1:], dtype=torch.float32, device=x.device)
-            if first > 0:  # the kept rows: as written while staged, else (quantized earlier) dequantized
-                content[:first] = (self.staging[slot, :first].float() if slot is not None
-                                   else self._dequantized_rows(block, first))
-            content[offsets] = x[indices].float()
-            if end == block_size:
-                if slot is not None:
-                    self.table.release(block)
-                to_store.append((block, content, end))
-                continue
-            if slot is None:
+            if slot is None and not full:
                 slot, evicted, evicted_rows = self.table.take(block)
                 if evicted is not None:
-                    to_store.append((evicted, self.staging[slot].float().clone(), evicted_rows))
-            if slot is None:  # every slot holds a block of this very write: quantize this one as it stands
-                to_store.append((block, content, end))
-                continue
-            self.staging[slot, :end] = content[:end].to(self.staging.dtype)
-            self.table.slot_rows[slot], self.table.slot_used[slot] = end, self.table.clock
+                    to_store.append((evicted, self.key_staging[slot].float().clone(), evicted_rows))
+                if slot is None:  # every slot holds a block of this very write: quantize this one as it stands
+                    to_store.append((block, key_rows.float(), end))
+                    continue
+            if slot is not None:  # a full block keeps its slot, retired, for a rollback
+                self.key_staging[slot, :end], self.value_staging[slot, :end] = key_rows[:end], value_rows[:end]
+                self.table.hold(slot, end, full)
         if to_store:
             blocks, contents, rows = zip(*to_store)
-            valid = torch.arange(block_size, device=x.device) < torch.tensor(rows, device=x.device)[:, None]
-            packed, zeros, scales = quantize_q4_channels(torch.stack(contents) @ self.rotation, valid)
-            index = torch.tensor(blocks, dtype=torch.long, device=self.codes.device)
-            self.codes[index], self.zeros[index], self.scales[index] = packed, zeros, scales
+            valid = torch.arange(block_size, device=keys.device) < torch.tensor(rows, device=keys.device)[:, None]
+            packed, parameters = quantize_q4_channels(torch.stack(contents), valid)
+            index = torch.tensor(blocks, dtype=torch.long, device=self.key_codes.device)
+            self.key_codes[index], self.key_parameters[index] = packed, parameters
 
-    def read(self, slots: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The keys [len(slots), kv_heads, head_dim] at the flat cache slots, in dtype: a staged block's as
-        written, a quantized block's dequantized; with a rope, rotated by it at positions [len(slots)]."""
-        block_size = self.codes.shape[1]
+    def _staged_rows(self, slots: torch.Tensor, staging: torch.Tensor, exact: bool,
+                     part: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows [n, kv_heads, head_dim] float32, which of slots they replace [n] bool) for the slots held exactly:
+        in a block being filled, and with exact also in a block the last write touched; None if there are none."""
+        block_size = self.block_size
         blocks = torch.div(slots, block_size, rounding_mode="floor")
-        codes = self.codes.view(-1, *self.codes.shape[2:])[slots]
-        keys = dequantize_q4_channels(codes, self.zeros[blocks], self.scales[blocks]) @ self.rotation.T
-        if self.table.block_slot:
-            unique, inverse = torch.unique(blocks, return_inverse=True)
-            slot_of = [self.table.block_slot.get(block, -1) for block in unique.tolist()]
-            staged = torch.tensor(slot_of, dtype=torch.long, device=slots.device)[inverse]
-            rows = (staged.clamp_min(0) * block_size + slots % block_size)
-            from_staging = self.staging.view(-1, *self.staging.shape[2:])[rows].float()
-            keys = torch.where((staged >= 0)[:, None, None], from_staging, keys)
+        unique, inverse = torch.unique(blocks, return_inverse=True)
+        sources: list[torch.Tensor | None] = []
+        for block in unique.tolist():
+            if exact and block in self.written:
+                sources.append(self.written[block][part])
+            else:
+                slot = self.table.staged(block)
+                sources.append(None if slot is None else staging[slot])
+        if all(source is None for source in sources):
+            return None
+        empty = torch.zeros(self.shape[1:], dtype=staging.dtype, device=staging.device)
+        table = torch.stack([empty if source is None else source for source in sources])
+        held = torch.tensor([source is not None for source in sources], device=slots.device)[inverse]
+        rows = table.view(-1, *table.shape[2:])[inverse * block_size + slots % block_size]
+        return rows.float(), held
+
+    def read_keys(self, slots: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None,
+                  exact: bool = False) -> torch.Tensor:
+        """The keys [len(slots), kv_heads, head_dim] at the flat cache slots, in dtype: a full block's dequantized,
+        a block being filled as written; with exact, also the blocks the last write touched as written. With a
+        rope, rotated by it at positions [len(slots)]."""
+        blocks = torch.div(slots, self.block_size, rounding_mode="floor")
+        codes = self.key_codes.view(-1, *self.key_codes.shape[2:])[slots]
+        keys = dequantize_q4_channels(codes, self.key_parameters[blocks])
+        staged = self._staged_rows(slots, self.key_staging, exact, 0)
+        if staged is not None:
+            keys = torch.where(staged[1][:, None, None], staged[0], keys)
         if self.rope is not None:
             keys = self.rope.rotate(keys, self._positions(positions))
         return keys.to(dtype)
+
+    def read_values(self, slots: torch.Tensor, dtype: torch.dtype, exact: bool = False) -> torch.Tensor:
+        """The values [len(slots), kv_heads, head_dim] at the flat cache slots, in dtype, held as read_keys says."""
+        values = self.values.read(slots, torch.float32)
+        staged = self._staged_rows(slots, self.value_staging, exact, 1)
+        if staged is not None:
+            values = torch.where(staged[1][:, None, None], staged[0], values)
+        return values.to(dtype)
+
+
+@dataclass(frozen=True)
+class Q4Part:
+    """The keys or the values of a Q4CacheLayer, as attention takes a layer's key cache and value cache."""
+
+    layer: Q4CacheLayer
+    is_keys: bool
+    reads_own_block_exact = True  # attention reads a query's own block through read(exact=True)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.layer.shape
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype, positions: torch.Tensor | None = None,
+             exact: bool = False) -> torch.Tensor:
+        if self.is_keys:
+            return self.layer.read_keys(slots, dtype, positions, exact)
+        return self.layer.read_values(slots, dtype, exact)
 
 
 @dataclass
 class QuantizedKVCache:
     """The quantized counterpart of attention.KVCache: per layer the keys and the values. q8: a QuantizedCacheLayer
-    each (per token). q4: keys per channel (ChannelQuantizedKeys, with their staging slots), values per token. The
-    torch paged attention and the GPU prefill attention read it through attention.read_kv; is_quantized makes the
-    whole-tensor decode step (engine_ops: float caches only) and its CUDA graphs decline it."""
+    each (per token). q4: a Q4CacheLayer (keys per channel per block, values per token, the blocks being filled
+    staged exactly), given to attention as its two Q4Parts. The torch paged attention and the GPU prefill attention
+    read it through attention.read_kv; is_quantized makes the whole-tensor decode step (engine_ops: float caches
+    only) and its CUDA graphs decline it."""
 
     kind: str
     head_dim: int
     key_codes: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, code_width]
-    key_scales: torch.Tensor  # q8: [layers, num_blocks, block_size, kv_heads, 1]; q4: [layers, num_blocks, kv_heads, 1]
+    # q8: [layers, num_blocks, block_size, kv_heads, 1]; q4: [layers, num_blocks, kv_heads, 2, head_dim] (scale,
+    # minimum per channel)
+    key_scales: torch.Tensor
     value_codes: torch.Tensor
     value_scales: torch.Tensor
     rotation: torch.Tensor  # [head_dim, head_dim], see rotation()
-    key_zeros: torch.Tensor | None = None  # q4: [layers, num_blocks, kv_heads, head_dim] int8
     key_staging: torch.Tensor | None = None  # q4: [layers, staging slots, block_size, kv_heads, head_dim]
+    value_staging: torch.Tensor | None = None  # q4: the same
     tables: list[StagingTable] | None = None  # q4: one per layer
-    # q4: each layer's RoPE, set by the model runner: its keys are then stored before RoPE (see the module's doc)
+    # q4: each layer's RoPE, set by the model runner: its keys are then stored before RoPE (see Q4CacheLayer)
     key_ropes: list[KeyRope] | None = None
     is_quantized = True
 
@@ -360,8 +456,8 @@ class QuantizedKVCache:
     def allocate(cls, kind: str, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  device: torch.device | str, staging_slots: int = 1,
                  staging_dtype: torch.dtype = torch.float32) -> "QuantizedKVCache":
-        """staging_slots (q4): blocks per layer whose keys are held as written while they fill, at most one per
-        running sequence is ever needed."""
+        """staging_slots (q4): blocks per layer whose keys and values are held as written while they fill; one per
+        running sequence keeps every sequence's own block exact."""
         spec = scheme(kind, head_dim)
         prefix = (num_layers, num_blocks, block_size, kv_heads)
 
@@ -376,26 +472,26 @@ class QuantizedKVCache:
         if staging_slots < 1:
             raise QtoolError(f"a q4 KV cache needs at least one staging slot, got {staging_slots}",
                              hint="give it the engine's max_num_seqs")
+        staging = (num_layers, staging_slots, block_size, kv_heads, head_dim)
         return cls(kind, head_dim, zeros((*prefix, head_dim // 2), torch.uint8),
-                   zeros((num_layers, num_blocks, kv_heads, 1), SCALE_DTYPE), value_codes, value_scales,
-                   rotation(head_dim, device), zeros((num_layers, num_blocks, kv_heads, head_dim), torch.int8),
-                   zeros((num_layers, staging_slots, block_size, kv_heads, head_dim), staging_dtype),
+                   zeros((num_layers, num_blocks, kv_heads, 2, head_dim), SCALE_DTYPE), value_codes, value_scales,
+                   rotation(head_dim, device), zeros(staging, staging_dtype), zeros(staging, staging_dtype),
                    [StagingTable.empty(staging_slots) for _ in range(num_layers)])
 
     @staticmethod
     def bytes_per_block(kind: str, num_layers: int, block_size: int, kv_heads: int, head_dim: int) -> int:
         values = block_size * bytes_per_token_head(kind, head_dim)
-        keys = values if kind == "q8" else block_size * head_dim // 2 + head_dim + SCALE_BYTES
+        keys = values if kind == "q8" else block_size * head_dim // 2 + 2 * head_dim * SCALE_BYTES
         return num_layers * kv_heads * (keys + values)
 
     @staticmethod
     def staging_bytes(kind: str, num_layers: int, block_size: int, kv_heads: int, head_dim: int, staging_slots: int,
                       staging_dtype: torch.dtype) -> int:
-        """Bytes of the q4 keys' staging slots (none for q8)."""
+        """Bytes of the q4 cache's staging slots, keys and values (none for q8)."""
         if kind != "q4":
             return 0
         element = torch.empty((), dtype=staging_dtype).element_size()
-        return num_layers * staging_slots * block_size * kv_heads * head_dim * element
+        return 2 * num_layers * staging_slots * block_size * kv_heads * head_dim * element
 
     @property
     def block_size(self) -> int:
@@ -407,17 +503,18 @@ class QuantizedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the allocated codes, scales, zero points and staging (the one rotation is not per block)."""
-        tensors = (self.key_codes, self.key_scales, self.value_codes, self.value_scales, self.key_zeros,
-                   self.key_staging)
+        """Bytes of the allocated codes, scales, minima and staging (the one rotation is not per block)."""
+        tensors = (self.key_codes, self.key_scales, self.value_codes, self.value_scales, self.key_staging,
+                   self.value_staging)
         return sum(t.nbytes for t in tensors if t is not None)
 
-    def layer(self, index: int) -> tuple[QuantizedCacheLayer | ChannelQuantizedKeys, QuantizedCacheLayer]:
+    def layer(self, index: int) -> tuple[QuantizedCacheLayer | Q4Part, QuantizedCacheLayer | Q4Part]:
         values = QuantizedCacheLayer(self.kind, self.head_dim, self.value_codes[index], self.value_scales[index],
                                      self.rotation)
         if self.kind == "q8":
             return QuantizedCacheLayer(self.kind, self.head_dim, self.key_codes[index], self.key_scales[index],
                                        self.rotation), values
-        return ChannelQuantizedKeys(self.head_dim, self.key_codes[index], self.key_zeros[index],
-                                    self.key_scales[index], self.key_staging[index], self.tables[index],
-                                    self.rotation, self.key_ropes[index] if self.key_ropes else None), values
+        layer = Q4CacheLayer(self.key_codes[index], self.key_scales[index], values, self.key_staging[index],
+                             self.value_staging[index], self.tables[index],
+                             self.key_ropes[index] if self.key_ropes else None)
+        return Q4Part(layer, True), Q4Part(layer, False)

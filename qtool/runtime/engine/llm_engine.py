@@ -24,7 +24,7 @@ from qtool.runtime.engine.speculation import Speculator, verification_contexts
 from qtool.runtime.engine.step_phases import StepPhases
 from qtool.runtime.speculative_names import SPECULATIVE_METHODS
 from qtool.runtime.generate import stop_token_ids
-from qtool.runtime.kv_cache_names import check_kv_cache
+from qtool.runtime.kv_cache_names import check_kv_cache, default_block_size
 from qtool.runtime.token_logprobs import TokenLogprob
 
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
@@ -35,7 +35,10 @@ LogprobsCallback = Callable[[list[TokenLogprob]], None]
 
 @dataclass(frozen=True)
 class EngineConfig:
-    block_size: int = 16  # tokens per KV cache block (and per prefix-cache key)
+    # tokens per KV cache block (and per prefix-cache key); None: kv_cache_names.default_block_size (64 for q4, whose
+    # keys take per-channel parameters per block, else 16); resolved at construction, so dataclasses.replace with
+    # another kv_cache keeps it unless given block_size=None too
+    block_size: int | None = None
     num_blocks: int | None = None  # KV cache blocks; or size the cache by kv_cache_bytes
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64  # sequences in the running batch at most
@@ -58,6 +61,9 @@ class EngineConfig:
     fuse_projections: bool = True
 
     def __post_init__(self) -> None:
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", default_block_size(check_kv_cache(self.kv_cache,
+                                                                                     "engine setting kv_cache")))
         for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
                       "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, field)
@@ -194,7 +200,8 @@ class Engine:
         if self.config.kv_cache_bytes is not None:
             blocks = (self.config.kv_cache_bytes - fixed) // per_block
             if blocks < 1:
-                staging = f" besides {fixed} bytes of q4 key staging (max_num_seqs blocks)" if fixed else ""
+                staging = (f" besides {fixed} bytes of q4 staging (max_num_seqs blocks of keys and values)"
+                           if fixed else "")
                 raise QtoolError(f"a KV cache of {self.config.kv_cache_bytes} bytes holds no block of {per_block} "
                                  f"bytes{staging}", hint="raise kv_cache_bytes or lower block_size")
             return blocks

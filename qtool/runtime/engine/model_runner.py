@@ -431,19 +431,22 @@ class ModelRunner:
         return hidden + mlp_out * self.residual_multiplier
 
     @torch.inference_mode()
-    def prompt_logits(self, token_ids: list[int] | torch.Tensor, block_table: list[int] | None = None) -> torch.Tensor:
+    def prompt_logits(self, token_ids: list[int] | torch.Tensor, block_table: list[int] | None = None,
+                      start: int = 0) -> torch.Tensor:
         """The logits [T, vocab] (float32) at every position of one prompt, its prefill run as one chunk through
         the paged cache as the engine runs it (its attention, its cache kind). Its K/V go to `block_table`'s blocks,
-        by default the cache's first ones: a runner that serves an engine must be given blocks it has reserved."""
+        by default the cache's first ones: a runner that serves an engine must be given blocks it has reserved.
+        start: token_ids are the prompt's tokens from position start on, the first start tokens' K/V already in
+        block_table's blocks (a later chunk of a chunked prefill)."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).to(self.device)
         count, block_size = ids.numel(), self.cache.block_size
-        needed = -(-count // block_size)
+        needed = -(-(start + count) // block_size)
         if block_table is None:
             num_blocks = self.cache.num_blocks
             if needed > num_blocks:
-                raise QtoolError(f"a prompt of {count} tokens needs {needed} KV cache blocks of {block_size} tokens, "
-                                 f"the runner has {num_blocks}", hint="give the ModelRunner more num_blocks")
+                raise QtoolError(f"a prompt of {start + count} tokens needs {needed} KV cache blocks of {block_size} "
+                                 f"tokens, the runner has {num_blocks}", hint="give the ModelRunner more num_blocks")
             block_table = list(range(needed))
-        batch = AttentionBatch.build([block_table], [count], [count], block_size, self.device)
-        hidden = self._forward_tokens(ids, torch.arange(count, device=self.device), batch)
+        batch = AttentionBatch.build([block_table], [start + count], [count], block_size, self.device)
+        hidden = self._forward_tokens(ids, torch.arange(start, start + count, device=self.device), batch)
         return head_logits(self.model, hidden, spec=self.spec).float()

@@ -2,7 +2,8 @@
 signature and semantics: torch's flash varlen attention over each sequence's context gathered from the paged cache
 (one kernel for the whole batch; fp16/bf16), or, where it cannot run (float32, no flash kernel), torch's
 scaled_dot_product_attention per sequence. The CPU keeps attention.paged_attention, the reference. Contexts are
-gathered through attention.read_kv, so a q8/q4 cache's keys and values arrive dequantized."""
+gathered through attention.read_kv, so a q8 cache's keys and values arrive dequantized; a q4 cache (a query
+reads its own block exact) goes to attention.paged_attention on the same device."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qtool.runtime.engine.attention import AttentionBatch, CacheLayer, read_kv, softcapped
+from qtool.runtime.engine.attention import (AttentionBatch, CacheLayer, paged_attention, read_kv,
+                                           reads_own_block_exact, softcapped)
 
 logger = logging.getLogger(__name__)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -132,6 +134,10 @@ class PrefillAttention:
     def __call__(self, query: torch.Tensor, key_cache: CacheLayer, value_cache: CacheLayer,
                  batch: AttentionBatch, scale: float, sliding_window: int | None = None,
                  softcap: float | None = None) -> torch.Tensor:
+        if reads_own_block_exact(key_cache):
+            # a q4 cache: each query's own block exact, earlier blocks as stored, which neither the varlen kernel
+            # nor SDPA takes (two key sets per query): the torch reference, per sequence, on this device
+            return paged_attention(query, key_cache, value_cache, batch, scale, sliding_window, softcap)
         gathered = self._gathered(batch)
         # the varlen kernel has no logit softcap (Gemma 2): those layers take the per-sequence path
         if self.use_varlen and softcap is None and query.is_cuda and query.dtype in FLASH_DTYPES:

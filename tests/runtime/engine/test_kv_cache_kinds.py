@@ -89,22 +89,26 @@ def test_the_legacy_kv_dtype_still_names_a_float_cache(tiny_llama):
 
 
 def test_q4_holds_at_least_3_5x_the_tokens_of_fp16_in_the_same_bytes(make_tiny_llama):
-    """Per block q4 takes 1 / 3.55 of fp16's bytes; its key staging (max_num_seqs blocks of keys in the model's
-    dtype, here 64 x 16 KiB in float32) is a fixed 1 MiB, so the budget is one where it is under 1.5%, as it is in
-    any real cache (SmolLM2, 64 sequences, bf16: 11.8 MB of the default 2 GiB)."""
+    """Per block (each kind's own block size: 64 tokens for q4) q4 takes 1 / 3.55 of fp16's bytes; its staging
+    (max_num_seqs blocks of keys and values in the model's dtype) is fixed, so q4 holds 3.55 x (1 - staging /
+    budget) fp16's tokens: at least 3.5x where the staging is under 1.5% of the budget (SmolLM2, bf16, 64
+    sequences: 94 MB, 4.6% of the default 2 GiB: 3.39x; 16 sequences: 3.51x)."""
     model = make_tiny_llama(head_dim=64)  # SmolLM2's head_dim
-    budget = 80 << 20
+    seqs = 4
+    staging = ModelRunner.kv_fixed_bytes(model, 64, kv_cache="q4", max_num_seqs=seqs)
+    budget = int(staging / 0.012)
     tokens, allocated = {}, {}
     for kind in ("fp16", "q8", "q4"):
-        engine = Engine(model, None, EngineConfig(block_size=16, kv_cache_bytes=budget, kv_cache=kind))
+        engine = Engine(model, None, EngineConfig(kv_cache_bytes=budget, kv_cache=kind, max_num_seqs=seqs))
         cache = engine.runner.cache
         allocated[kind] = cache.nbytes
         tokens[kind] = cache.num_blocks * cache.block_size
         assert tokens[kind] == engine.capacity_tokens
-        assert budget - ModelRunner.kv_bytes_per_block(model, 16, kv_cache=kind) < cache.nbytes <= budget
+        block = ModelRunner.kv_bytes_per_block(model, cache.block_size, kv_cache=kind)
+        assert budget - block < cache.nbytes <= budget
     assert tokens["q4"] / tokens["fp16"] >= 3.5
     assert tokens["q8"] / tokens["fp16"] >= 1.9
-    # per token, from the tensors as allocated: q4 spends under 1/3.5 of fp16's bytes
+    # per token, from the tensors as allocated (staging included): q4 spends under 1/3.5 of fp16's bytes
     per_token = {kind: allocated[kind] / tokens[kind] for kind in tokens}
     assert per_token["fp16"] / per_token["q4"] >= 3.5
 
@@ -137,8 +141,8 @@ def test_prompt_logits_refuses_a_prompt_its_cache_cannot_hold(tiny_llama):
 @pytest.mark.slow
 def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     """SmolLM2-135M on the first 4 windows of 1024 tokens of wikitext-2's test split: the engine's perplexity
-    equals the model's own forward within float32 rounding, and a q8 cache costs at most +0.02 (the issue's goal).
-    q4 is left out: it costs about +1 here (bench/RESULTS.md: 4-bit codes are too coarse for this model)."""
+    equals the model's own forward within float32 rounding, a q8 cache costs at most +0.02 and a q4 cache (at its
+    own 64-token blocks) at most +0.10 (the issue's goals; bench/RESULTS.md has 8 windows)."""
     from qtool.checkpoints.sources import load_model
     from qtool.data.text import load_eval_text
     from qtool.eval.perplexity import perplexity
@@ -153,9 +157,11 @@ def test_smollm2_engine_ppl_and_the_q8_cache_goal(smollm2_path):
     plain = ppl()
     engine = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16).prompt_logits)
     q8 = ppl(ModelRunner(loaded.model, num_blocks=64, block_size=16, kv_cache="q8").prompt_logits)
-    print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}")
+    q4 = ppl(ModelRunner(loaded.model, num_blocks=16, block_size=64, kv_cache="q4").prompt_logits)
+    print(f"SmolLM2 ppl over 4x1024: forward {plain:.4f}, engine {engine:.4f}, engine q8 {q8:.4f}, q4 {q4:.4f}")
     assert engine == pytest.approx(plain, rel=1e-5)
     assert q8 != engine and abs(q8 - engine) <= 0.02
+    assert q4 != engine and abs(q4 - engine) <= 0.10
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])
@@ -171,3 +177,15 @@ def test_a_quantized_cache_keeps_batched_equal_to_alone(tiny_llama, kind):
 
     alone = [run([prompt])[0] for prompt in prompts]
     assert run(prompts, max_num_batched_tokens=5) == alone  # the 13-token prompt in three chunks
+
+
+def test_each_kind_gets_its_own_block_size_unless_one_is_given():
+    from dataclasses import replace
+
+    from qtool.runtime.kv_cache_names import default_block_size
+
+    assert EngineConfig(kv_cache="q4").block_size == default_block_size("q4") > default_block_size("fp16")
+    assert EngineConfig().block_size == EngineConfig(kv_cache="q8").block_size == default_block_size("auto")
+    assert EngineConfig(kv_cache="q4", block_size=8).block_size == 8
+    chat = EngineConfig(max_num_seqs=1)  # resolved: replace keeps it unless block_size=None is given again
+    assert replace(chat, kv_cache="q4", block_size=None).block_size == default_block_size("q4")

@@ -140,14 +140,16 @@ def test_cache_write_then_read_at_scrambled_slots(kind, shape):
         half_steps = q8_half_steps(rotated) if kind == "q8" else q4_half_steps(rotated)
         bound = half_steps.pow(2).sum(dim=-1).sqrt() * (1 + 1e-5)
         assert ((read - written).norm(dim=-1) <= bound).all()
-        # what is stored is the rotated vectors, each element within half a step
+        # what is stored is the rotated vectors, each element within half a step (q4 values: their per-token codes,
+        # written at once, besides the staged copy a block being filled reads)
         dequantize = dequantize_q8 if kind == "q8" else dequantize_q4
-        stored = dequantize(layer.codes.flatten(0, 1)[slots], layer.scales.flatten(0, 1)[slots]).double()
+        codes = layer if kind == "q8" else layer.layer.values
+        stored = dequantize(codes.codes.flatten(0, 1)[slots], codes.scales.flatten(0, 1)[slots]).double()
         assert ((stored - rotated).abs() <= half_steps).all()
         assert (read - written).norm(dim=-1).max() > bound.min() / 20
 
 
-@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("kind", ["q8"])  # q4 (a query reads its own block exact): test_kv_quant_channels.py
 def test_paged_attention_over_a_quantized_cache_is_attention_over_what_it_holds(kind):
     heads, kv_heads, head_dim, block_size = 6, 2, 32, 4
     gen = torch.Generator().manual_seed(11)
@@ -178,11 +180,12 @@ def test_paged_attention_over_a_quantized_cache_is_attention_over_what_it_holds(
 @pytest.mark.parametrize("kind", KV_CACHE_KINDS)
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_bytes_per_block_is_what_the_cache_allocates(kind, head_dim):
-    """Blocks plus the fixed part: a q4 cache's key staging slots (float32 here, as the model's dtype)."""
+    """Blocks plus the fixed part: a q4 cache's staging slots of keys and values (float32 here, as the model's
+    dtype)."""
     cache = allocate_kv_cache(kind, torch.float32, 3, 5, 8, 2, head_dim, "cpu", staging_slots=2)
     fixed = kv_cache_fixed_bytes(kind, torch.float32, 3, 8, 2, head_dim, staging_slots=2)
     assert cache.nbytes == 5 * kv_cache_bytes_per_block(kind, torch.float32, 3, 8, 2, head_dim) + fixed
-    assert fixed == (3 * 2 * 8 * 2 * head_dim * 4 if kind == "q4" else 0)
+    assert fixed == (2 * 3 * 2 * 8 * 2 * head_dim * 4 if kind == "q4" else 0)
     assert (cache.num_blocks, cache.block_size) == (5, 8)
 
 

@@ -75,26 +75,28 @@ def test_a_softcap_takes_the_explicit_path_and_equals_the_reference(window):
                                rtol=1e-5, atol=1e-5)
 
 
-def quantized_layer(kind: str, floats: torch.Tensor):
-    """floats [num_blocks, block_size, kv_heads, d] written into one layer of a q8/q4 cache."""
-    cache = QuantizedKVCache.allocate(kind, 1, *floats.shape, floats.device)
-    layer = cache.layer(0)[0]
-    layer.write(torch.arange(floats.shape[0] * floats.shape[1], device=floats.device), floats.flatten(0, 1))
-    return layer
+def quantized_layers(kind: str, key_floats: torch.Tensor, value_floats: torch.Tensor):
+    """Keys and values [num_blocks, block_size, kv_heads, d] written into one layer of a q8/q4 cache (every block
+    in one write; q4 keys as written, no RoPE)."""
+    cache = QuantizedKVCache.allocate(kind, 1, *key_floats.shape, key_floats.device)
+    keys, values = cache.layer(0)
+    slots = torch.arange(key_floats.shape[0] * key_floats.shape[1], device=key_floats.device)
+    write_kv(keys, values, slots, key_floats.flatten(0, 1), value_floats.flatten(0, 1))
+    return keys, values
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])
 @pytest.mark.parametrize("window", [None, 5])
 def test_quantized_cache_read_as_the_reference_reads_it(kind, window):
     query, key_floats, value_floats, batch = random_step(4)
-    key_cache, value_cache = quantized_layer(kind, key_floats), quantized_layer(kind, value_floats)
-    assert_read_as_the_reference_reads_it(query, (key_cache, value_cache), (key_floats, value_floats), batch, window,
-                                          {"q8": 0.05, "q4": 0.5}[kind])
+    assert_read_as_the_reference_reads_it(query, quantized_layers(kind, key_floats, value_floats),
+                                          (key_floats, value_floats), batch, window, {"q8": 0.05, "q4": 0.5}[kind])
 
 
 def assert_read_as_the_reference_reads_it(query, quantized, floats, batch, window, float_atol: float) -> None:
-    """The gathered attention over a quantized layer equals paged_attention's reading of it; both differ, a little
-    (within float_atol), from the float caches' attention: the codes hold the keys only to their precision."""
+    """The GPU's prefill attention over a quantized layer equals paged_attention's reading of it (q8: gathered; q4:
+    paged_attention itself, on the query's device); both differ, a little (within float_atol), from the float
+    caches' attention: the codes hold the keys only to their precision."""
     expected = paged_attention(query, *quantized, batch, 0.25, window)
     attention = PrefillAttention(BLOCK_SIZE, torch.device("cpu"))
     torch.testing.assert_close(attention(query, *quantized, batch, 0.25, window), expected, rtol=1e-5, atol=1e-5)
@@ -169,11 +171,13 @@ def test_a_softcap_on_the_gpu_equals_the_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flash varlen attention runs on CUDA")
 @pytest.mark.parametrize("kind", ["q8", "q4"])
 def test_varlen_attention_reads_a_quantized_cache(kind):
+    """q8 through the flash varlen kernel; q4 (two key sets per query: its own block exact) through paged_attention
+    on the GPU."""
     pytest.importorskip("torch.nn.attention.varlen", reason="torch's varlen attention came in torch 2.10")
     query, key_floats, value_floats, batch = random_step(5, "cuda")
-    key_cache, value_cache = quantized_layer(kind, key_floats), quantized_layer(kind, value_floats)
+    key_cache, value_cache = quantized_layers(kind, key_floats, value_floats)
     attention = PrefillAttention(BLOCK_SIZE, torch.device("cuda"))
     got = attention(query.bfloat16(), key_cache, value_cache, batch, 0.25)
-    assert attention.use_varlen, "the flash varlen kernel ran"
+    assert attention.use_varlen, "the flash varlen kernel was not given up"
     expected = paged_attention(query, key_cache, value_cache, batch, 0.25)
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)

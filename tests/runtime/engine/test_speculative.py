@@ -104,11 +104,11 @@ def test_speculative_greedy_equals_plain_greedy_batched_and_alone(models, kind, 
 @pytest.mark.parametrize("kv_cache", ["q8", "q4"])
 def test_speculation_over_a_quantized_cache_equals_its_plain_greedy(models, kind, kv_cache):
     """A verification chunk reads its k+1 positions' K/V back from the quantized cache, as one-token decodes do.
-    q4 with blocks that hold every sequence: a block being filled is staged exactly, whatever the chunking. (With
-    small blocks a verification chunk that completes a block reads it quantized where a one-token decode read it
-    staged: logits within the q4 bound, not bit-equal, so greedy choices can part.)"""
+    q4 at these tests' 4-token blocks, so verification chunks complete blocks and rejected tails roll back into
+    full ones: each query reads its own block exact and earlier blocks quantized, whichever chunk wrote them, and a
+    rolled-back block is restaged from its retired slot."""
     model, _ = models
-    settings = {"kv_cache": kv_cache, **({"block_size": 64} if kv_cache == "q4" else {})}
+    settings = {"kv_cache": kv_cache}
     expected = [engine(model, **settings).generate(p, GREEDY)[0].token_ids for p in PROMPTS]
     batched = speculating(models, kind, **settings)
     assert ids(batched.generate(PROMPTS, GREEDY)) == expected

@@ -1,0 +1,118 @@
+"""Paged decode attention over the q4 cache layout: the torch reference (engine_ops_ref.paged_decode_attention_q4_ref)
+against the runtime's own q4 cache read by its paged attention (the same layout: keys per channel per block before
+RoPE, values per token rotated, each sequence's own block exact from its staging slot), then the Triton kernel
+against the reference on fresh random codes, odd head dims (value groups of the whole head), GQA groups, block
+sizes, sliding windows, empty sequences and sequences without a staging slot. On a CPU the kernel runs under the
+Triton interpreter; on a GPU the same tests run it compiled."""
+
+import os
+import random
+
+import pytest
+import torch
+from kernel_env import DEVICE
+
+if not torch.cuda.is_available():
+    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from qtool.kernels.engine_ops_ref import paged_decode_attention_q4_ref  # noqa: E402
+from qtool.kernels.engine_ops_triton import paged_decode_attention_q4_triton, triton_interpreted  # noqa: E402
+from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, cache_slots,  # noqa: E402
+                                           paged_attention, write_kv)
+from tests.helpers.key_rope import standard_key_rope  # noqa: E402
+
+
+def rope_tables(positions: int, head_dim: int):
+    return standard_key_rope(head_dim).tables(torch.arange(positions))
+
+
+def random_q4_case(seed, batch, heads, kv_heads, head_dim, block_size, contexts, window=None, staged=None):
+    """Random codes, parameters, staging and tables: every field of the layout, none of it from a quantizer."""
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(1, max(-(-c // block_size) for c in contexts))
+    num_blocks, slots = batch * max_blocks + 3, batch + 1
+    groups = head_dim // 64 if head_dim % 64 == 0 else 1
+    byte = lambda *shape: torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)  # noqa: E731
+    case = dict(
+        query=torch.randn(batch, heads, head_dim, generator=gen),
+        key_codes=byte(num_blocks, block_size, kv_heads, head_dim // 2),
+        key_parameters=torch.stack((torch.rand(num_blocks, kv_heads, head_dim, generator=gen) * 0.3,
+                                    torch.randn(num_blocks, kv_heads, head_dim, generator=gen) * 2), 2).half(),
+        value_codes=byte(num_blocks, block_size, kv_heads, head_dim // 2),
+        value_parameters=torch.cat((torch.rand(num_blocks, block_size, kv_heads, groups, generator=gen) * 0.2,
+                                    torch.randn(num_blocks, block_size, kv_heads, groups, generator=gen) - 1.5),
+                                   -1).half(),
+        key_staging=torch.randn(slots, block_size, kv_heads, head_dim, generator=gen) * 2,
+        value_staging=torch.randn(slots, block_size, kv_heads, head_dim, generator=gen),
+        rotation=torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)).Q.float(),
+    )
+    case["cos"], case["sin"] = rope_tables(max_blocks * block_size + 5, head_dim)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    case["block_tables"] = torch.tensor([order[b * max_blocks : (b + 1) * max_blocks] for b in range(batch)],
+                                        dtype=torch.int32)
+    case["context_lens"] = torch.tensor(contexts, dtype=torch.int32)
+    staged = staged if staged is not None else [b % 3 != 2 for b in range(batch)]  # some without a slot
+    case["own_slots"] = torch.tensor([(b + 1) % slots if s else -1 for b, s in enumerate(staged)], dtype=torch.int32)
+    return case, dict(scale=head_dim**-0.5, sliding_window=window)
+
+
+def test_the_reference_reads_the_runtimes_q4_cache_as_its_paged_attention_does():
+    """A q4 cache written token by token by the runtime (keys after RoPE at their positions): the decode query's
+    attention through paged_attention equals the reference's over the cache's tensors, own block from its slot."""
+    heads, kv_heads, head_dim, block_size, count = 6, 2, 64, 8, 29
+    cache = allocate_kv_cache("q4", torch.float32, 1, 6, block_size, kv_heads, head_dim, "cpu", staging_slots=2)
+    cache.key_ropes = [standard_key_rope(head_dim)]
+    gen = torch.Generator().manual_seed(3)
+    table = random.Random(3).sample(range(6), -(-count // block_size))
+    keys_part, values_part = cache.layer(0)
+    for position in range(count):  # decodes: each token written, then read by its own query
+        slot = cache_slots(table, [position], block_size)
+        write_kv(keys_part, values_part, slot, torch.randn(1, kv_heads, head_dim, generator=gen),
+                 torch.randn(1, kv_heads, head_dim, generator=gen), torch.tensor([position]))
+    query = torch.randn(1, heads, head_dim, generator=gen)
+    batch = AttentionBatch.build([table], [count], [1], block_size)
+    expected = paged_attention(query, keys_part, values_part, batch, head_dim**-0.5)
+    cos, sin = rope_tables(count + 3, head_dim)
+    own = cache.tables[0].block_slot.get(table[(count - 1) // block_size], -1)
+    got = paged_decode_attention_q4_ref(query, cache.key_codes[0], cache.key_scales[0], cache.value_codes[0],
+                                        cache.value_scales[0], cache.key_staging[0], cache.value_staging[0],
+                                        cache.rotation, cos, sin, torch.tensor([table], dtype=torch.int32),
+                                        torch.tensor([count]), torch.tensor([own]), head_dim**-0.5)
+    assert own >= 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,contexts,window", [
+    (4, 2, 16, 4, [1, 7, 13], None),
+    (6, 2, 48, 16, [33, 16, 0, 5], None),  # d 48: one value group; an empty sequence
+    (3, 3, 64, 64, [70, 64, 1], 37),
+    (8, 2, 128, 16, [50, 17], None),  # two value groups
+])
+def test_the_q4_kernel_equals_its_reference(kernels_can_run, heads, kv_heads, head_dim, block_size, contexts,
+                                            window):
+    assert DEVICE == "cuda" or triton_interpreted()
+    case, options = random_q4_case(head_dim + block_size, len(contexts), heads, kv_heads, head_dim, block_size,
+                                   contexts, window)
+    expected = paged_decode_attention_q4_ref(**case, **options)
+    device_case = {name: t.to(DEVICE) for name, t in case.items()}
+    got = paged_decode_attention_q4_triton(**device_case, **options).cpu()
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, expected, rtol=5e-5, atol=5e-5)
+    # the staging slot matters: read from the codes instead, the own block's tokens change the output
+    unstaged, _ = random_q4_case(head_dim + block_size, len(contexts), heads, kv_heads, head_dim, block_size,
+                                 contexts, window, staged=[False] * len(contexts))
+    moved = paged_decode_attention_q4_ref(**unstaged, **options)
+    assert (moved - expected)[case["own_slots"] >= 0].abs().max() > 1e-3
+
+
+def test_the_router_takes_the_reference_off_cuda_and_the_kernel_refuses_wide_heads():
+    from qtool.core.errors import QtoolError
+    from qtool.kernels.engine_ops import paged_decode_attention_q4
+
+    case, options = random_q4_case(1, 2, 4, 2, 32, 8, [9, 3])
+    torch.testing.assert_close(paged_decode_attention_q4(**case, **options),
+                               paged_decode_attention_q4_ref(**case, **options), rtol=0, atol=0)
+    wide, _ = random_q4_case(2, 1, 2, 1, 256, 4, [3])
+    with pytest.raises(QtoolError, match="head_dim 256 is over the kernel's 128"):
+        paged_decode_attention_q4_triton(**{name: t.to(DEVICE) for name, t in wide.items()}, **options)
