@@ -28,7 +28,7 @@ log "7B decode fused vs unfused"
 timeout "${DECODE_LIMIT_S:-110}" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \
     --out "$OUT/engine_decode_fusion.json" 2>&1 | grep -vE '^(Writing|Loading)' | tail -12 | tee -a "$LOG"
 log "smollm2 run fused vs unfused, prefix"
-timeout "${RUN_LIMIT_S:-130}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
+timeout "${RUN_LIMIT_S:-120}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
     --scenario smollm2-run --scenario prefix --calibration-samples 8 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
 log "prefill host time: fast prefill on, off"
@@ -37,6 +37,10 @@ for flag in "" "--no-fast-prefill"; do
         --model "$WORK/smollm2-gptq-4bit" --path decode-step --requests 3 $flag 2>&1 | grep -E '^\|' | tail -1 | tee -a "$LOG"
 done
 log "decode kernel profile, fused vs unfused"
-timeout "${PROFILE_LIMIT_S:-90}" python3 bench/runtime/decode_profile.py --fusion both --out "$OUT/decode_profile_fusion.json" \
+timeout "${PROFILE_LIMIT_S:-70}" python3 bench/runtime/decode_profile.py --fusion both --out "$OUT/decode_profile_fusion.json" \
     2>&1 | tail -40 | tee -a "$LOG"
+log "q4 kv kernel tests"
+timeout "${Q4_LIMIT_S:-60}" python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_engine_ops_q4.py \
+    >"$OUT/gpu_tests_q4.log" 2>&1
+log "q4 tests: exit $?"; tail -4 "$OUT/gpu_tests_q4.log" | tee -a "$LOG"
 log done
