@@ -184,7 +184,8 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
 
 
 def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1,
-                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None) -> list[Finding]:
+                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
+                        weighing: bool = True) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -195,7 +196,7 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
     }
     findings = validate_for_model(config, shapes)
     findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes, streaming=streaming,
-                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes)
+                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes, weighing=weighing)
     return raise_first_error(findings)
 
 
@@ -492,7 +493,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             return None
         # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would; they
         # are read one layer at a time while the checkpoint is written.
-        quantized = SavedWeights(state, num_layers)
+        quantized = SavedWeights(state, range(num_layers), state.load_layer)
         result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from, peak=int(peak.item()),
                                       host_peak=int(host_peak.item()))
         state.remove()
