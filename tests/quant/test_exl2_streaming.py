@@ -164,18 +164,23 @@ def test_out_of_memory_midway_through_a_layer_restores_it_first(setup, monkeypat
     assert files_of(root / "squeezed") == files_of(root / "reused") and again.errors == reference.errors
 
 
-def test_gguf_streamed_and_whole_write_the_same_bytes(setup, make_tiny_llama, make_tiny_tokenizer):
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_streamed_and_whole_write_the_same_bytes(setup, make_tiny_llama, make_tiny_tokenizer, tied):
     root, _, config, _ = setup
-    path = block_quantized_gguf(root / "tiny.gguf", make_tiny_llama(8, **TINY), make_tiny_tokenizer())
+    model = make_tiny_llama(8, tie_word_embeddings=tied, **TINY)
+    if tied:
+        del model.lm_head  # llama.cpp writes no output tensor for a tied head (the quantized head unties it)
+    path = block_quantized_gguf(root / f"tiny-{tied}.gguf", model, make_tiny_tokenizer())
     # a measurement of the other model's linears (the same names) without its sensitivities: the weighing pass runs
     measurement = json.loads((root / "whole" / "measurement.json").read_text())
     for entry in measurement["linears"].values():
         del entry["sensitivity"]
     (root / "unweighed.json").write_text(json.dumps(measurement))
-    runs = {streaming: quantize_model_exl2(str(path), config, root / f"gguf-{streaming}", device="cpu", streaming=streaming,
+    runs = {streaming: quantize_model_exl2(str(path), config, root / f"gguf-{tied}-{streaming}", device="cpu", streaming=streaming,
                                            measurement=root / "unweighed.json") for streaming in (False, None)}
     assert runs[None].weighed and runs[None].memory["estimate"]["streaming"] and not runs[False].memory["estimate"]["streaming"]
-    assert files_of(root / "gguf-None") == files_of(root / "gguf-False")
+    assert files_of(root / f"gguf-{tied}-None") == files_of(root / f"gguf-{tied}-False")
+    assert json.loads((root / f"gguf-{tied}-None" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_gptq_write_reads_each_saved_layer_once(setup, monkeypatch):
