@@ -190,8 +190,9 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
 
     EXL2 (config.output_format) has no replay; with `weighing` (its linears weighed in this run, not taken from a
     given measurement) its weighing pass holds every layer's inputs and their gradients for up to
-    SENSITIVITY_WINDOWS windows in host memory, before the activations of the later passes exist: the host peak
-    is the larger of the two.
+    SENSITIVITY_WINDOWS windows in host memory (with the disk plan, every layer's inputs on disk: host memory keeps
+    the gradients and the inputs being built), before the activations of the later passes exist: the host peak is
+    the larger of the two.
 
     With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
     GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps to the plans of that tier.
@@ -227,9 +228,11 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
             held = components["activations"] // ACTIVATION_COPIES  # the outputs of the layer being quantized
         device_bytes = work + (held if tier == "device" else 0) if on_gpu else 0
         on_host = 0 if tier == "device" else held
-        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, components.get("weighing", 0))
+        weighing = components.get("weighing", 0)
+        weighing_on_disk = weighing * stats.layers // (stats.layers + 2) if tier == "disk" else 0  # all but the gradients and the layer at work
+        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, weighing - weighing_on_disk)
         plan = {"activation_tier": tier, "replay": replay, "cpu_bytes": cpu_bytes * processes, "device_bytes": device_bytes,
-                "disk_bytes": components["activations"] * processes if tier == "disk" else 0}
+                "disk_bytes": (max(components["activations"], weighing_on_disk)) * processes if tier == "disk" else 0}
         fits_device = device_free_bytes is None or device_bytes <= device_free_bytes
         fits_host = cpu_free_bytes is None or plan["cpu_bytes"] <= cpu_free_bytes
         if fits_device and fits_host:

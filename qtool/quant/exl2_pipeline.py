@@ -51,7 +51,7 @@ from qtool.quant.exl2_optimize import (
 )
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
-from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
+from qtool.quant.sensitivity import KeepInputs, LayerWeights, linear_sensitivities
 from qtool.quant.activation_store import open_store
 from qtool.quant.float_source import open_float_model
 from qtool.quant.memory_ladder import Rung, climb_down, ladder
@@ -196,12 +196,13 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
 
 
 def weigh_linears(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.Linear]]]], windows: list[torch.Tensor],
-                  device: torch.device, count: int = SENSITIVITY_WINDOWS, layer_weights: LayerWeights | None = None) -> dict[str, float]:
+                  device: torch.device, count: int = SENSITIVITY_WINDOWS, layer_weights: LayerWeights | None = None,
+                  keep_inputs: KeepInputs | None = None) -> dict[str, float]:
     """Each quantizable linear's sensitivity from the first `count` calibration windows, one layer at a time on
-    `device`, every layer's inputs kept on the CPU (quant/sensitivity.py); `layer_weights` reads a streamed
-    model's layer for each visit."""
+    `device`, every layer's inputs kept on the CPU or by `keep_inputs` (quant/sensitivity.py); `layer_weights`
+    reads a streamed model's layer for each visit."""
     names = {name for groups in layer_groups for group in groups for name, _ in group}
-    return linear_sensitivities(model, windows[:count], names=names, device=device, layer_weights=layer_weights)
+    return linear_sensitivities(model, windows[:count], names=names, device=device, layer_weights=layer_weights, keep_inputs=keep_inputs)
 
 
 # ---- the saved steps: sensitivities and measurements as JSON metadata, EXL2 weights as tensors ----
@@ -389,12 +390,14 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
-    if weigh_steps and resumed_from == 0:
-        report(0, total_steps, "weighing the linears (forward and backward passes)")
-        sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory)
-        state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
-
     with open_store(estimate["activation_tier"], compute, output) as store:
+        if weigh_steps and resumed_from == 0:
+            report(0, total_steps, "weighing the linears (forward and backward passes)")
+            # every layer's inputs wait for the backward pass: in host memory, or on disk where the plan puts activations there
+            sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory,
+                                          keep_inputs=store.store if store.tier == "disk" else None)
+            state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
+
         def first_inputs() -> LayerInputs:
             """Layer 0's inputs, as the store keeps them (captured again for the second pass rather than held through
             the first: the embeddings give the same values)."""

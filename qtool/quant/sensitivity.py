@@ -36,6 +36,9 @@ from qtool.models.layerwise import (
 Progress = Callable[[int, int, str], None]
 # decoder layer index -> a context in which that layer's weights are in memory (a streamed model reads them)
 LayerWeights = Callable[[int], AbstractContextManager]
+# one layer's input hidden states -> the same values where they wait for the backward pass (e.g. an activation
+# store's files on disk)
+KeepInputs = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
 
 class _ChannelSums:
@@ -89,24 +92,28 @@ def linear_sensitivities(
     spec: ArchitectureSpec | None = None,
     progress: Progress | None = None,
     layer_weights: LayerWeights | None = None,
+    keep_inputs: KeepInputs | None = None,
 ) -> dict[str, float]:
     """S (above) for every nn.Linear inside the decoder layers (or those named in `names`), summed over `windows`
     (int64 token ids; next-token loss, mean over the tokens of a window). Each layer visits `device` and returns
     where it was; weights are not changed and no weight gradient is formed. `layer_weights(i)` is entered around
-    each visit of layer i (twice: forward, then backward), for a model whose layers' weights are read when needed."""
+    each visit of layer i (twice: forward, then backward), for a model whose layers' weights are read when needed;
+    `keep_inputs` keeps each layer's inputs until the backward pass needs them (default: on `storage_device`)."""
     device = torch.device(device)
     spec = spec or get_architecture(model)
     head_modules(model, spec)  # a family without a known head is refused before any work
     was_training = model.training
     model.eval()
     try:
-        return _sensitivities(model, windows, names, device, torch.device(storage_device), spec, progress, layer_weights or (lambda index: nullcontext()))
+        return _sensitivities(model, windows, names, device, torch.device(storage_device), spec, progress, layer_weights or (lambda index: nullcontext()),
+                              keep_inputs or tuple)
     finally:
         model.train(was_training)
 
 
 def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set[str] | None, device: torch.device,
-                   storage_device: torch.device, spec: ArchitectureSpec, progress: Progress | None, layer_weights: LayerWeights) -> dict[str, float]:
+                   storage_device: torch.device, spec: ArchitectureSpec, progress: Progress | None, layer_weights: LayerWeights,
+                   keep_inputs: KeepInputs) -> dict[str, float]:
     layers = decoder_layers(model, spec)
     prefix = spec.layers_path + "."
     per_layer: list[dict[str, nn.Linear]] = []
@@ -122,6 +129,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
     layer_inputs: list[LayerInputs | None] = []
     for index, layer in enumerate(layers):
         report(index, total, f"weighing: forward through layer {index + 1}/{len(layers)}")
+        inputs = LayerInputs(inputs.layer_index, tuple(keep_inputs(inputs.hidden_states)), inputs.calls)
         layer_inputs.append(inputs)
         with layer_weights(index):
             where = _move(layer, device)

@@ -127,8 +127,17 @@ def test_streamed_run_writes_the_whole_models_bytes_holding_one_layer(setup, mon
 
 def test_disk_tier_writes_the_same_bytes(setup):
     root, source, config, whole = setup
-    result = quantize_model_exl2(source, config, root / "disk", device="cpu", activation_tier="disk", max_shard_size_bytes=SHARD_BYTES)
+    files_after_weighing: list[str] = []
+
+    def watch(done: int, total: int, detail: str = "") -> None:
+        if detail == "capturing calibration inputs":
+            files_after_weighing.extend(f.name for folder in root.glob(".disk.activations-*") for f in folder.iterdir())
+
+    result = quantize_model_exl2(source, config, root / "disk", device="cpu", activation_tier="disk", max_shard_size_bytes=SHARD_BYTES,
+                                 progress=watch)
     assert result.memory["estimate"]["activation_tier"] == "disk" and whole.memory["estimate"]["activation_tier"] == "host"
+    # the weighing pass kept each layer's inputs there too: one file (generation) per layer, the last one left
+    assert files_after_weighing == [f"activations-{LAYERS:05d}.bin"]
     assert files_of(root / "disk") == files_of(root / "whole")
     assert not list(root.glob(".*activations-*"))
 
