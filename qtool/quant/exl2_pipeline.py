@@ -28,6 +28,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.config.schema import EXL2_BPW_RANGE, QuantConfig, validate_config
@@ -528,4 +529,6 @@ class _LayerRun:
         return list(self.store.store(outputs))
 
     def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next layer's inputs are these outputs; what the layer's work freed goes back to the system."""
         self.inputs = self.inputs.advanced(outputs)
+        give_back_freed_memory()

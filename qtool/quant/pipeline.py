@@ -19,6 +19,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes,
@@ -483,6 +484,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)
+            give_back_freed_memory()  # what the layer's work freed
             report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 
         peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)

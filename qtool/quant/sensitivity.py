@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_architecture
 from qtool.models.layerwise import (
     LayerInputs,
@@ -135,6 +136,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
             where = _move(layer, device)
             inputs = next_layer_inputs(layer, inputs, device=device, storage_device=storage_device)
             layer.to(where)
+        give_back_freed_memory()  # the layer's forward scratch
 
     # the head: each window's loss gradient with respect to the last layer's output
     report(len(layers), total, "weighing: loss gradients")
@@ -149,6 +151,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
             loss = nn.functional.cross_entropy(logits, ids[1:])
             (grad,) = torch.autograd.grad(loss, final)
         grads.append(grad.to(storage_device))
+        give_back_freed_memory()  # the window's logits and their gradient
     for module, where in zip(head, head_places):
         module.to(where)
 
@@ -175,5 +178,6 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
                     hook.remove()
                 layer.to(where)
         layer_inputs[index] = stored = None  # its inputs are not needed again
+        give_back_freed_memory()  # them and the layer's autograd buffers
     report(total, total, "weighing: done")
     return {name: s.sensitivity() for name, s in sums.items()}
