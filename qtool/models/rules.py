@@ -35,6 +35,7 @@ ACTIVATION_TIERS = ("device", "host", "disk")
 # EXL2's weighing pass (quant/sensitivity.py) runs this many calibration windows forward through every layer and
 # back, keeping each layer's inputs for them and their loss gradients in host memory.
 SENSITIVITY_WINDOWS = 32
+WEIGHING_LOGIT_COPIES = 3
 FLOAT32_BYTES = 4
 # MLPs of these families have two matrices (up, down); the others (Llama, Mistral, Qwen...) are gated: three.
 UNGATED_MLP_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode")
@@ -122,6 +123,7 @@ class ModelStats:
     max_in_features: int
     layer_params: int  # the largest decoder layer
     layer_outputs: int = 0  # the out_features of the largest layer's linears, summed (what its replay records per token)
+    vocab: int = 0  # the head's outputs (EXL2's weighing pass holds one window's logits and their gradient)
 
     @classmethod
     def from_config(cls, hf_config: Any, tensor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "ModelStats":
@@ -132,15 +134,16 @@ class ModelStats:
         heads = int(text.num_attention_heads)
         intermediate = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden)
         layers = int(text.num_hidden_layers)
+        vocab = int(getattr(text, "vocab_size", 0) or 0)
         if tensor_shapes:
-            return cls._from_shapes(tensor_shapes, layers, hidden, intermediate, heads)
+            return replace(cls._from_shapes(tensor_shapes, layers, hidden, intermediate, heads), vocab=vocab)
         head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
         mlp_matrices = 2 if getattr(text, "model_type", "") in UNGATED_MLP_MODEL_TYPES else 3
         layer_params = attention + mlp_matrices * hidden * intermediate + 2 * hidden
         layer_outputs = head_dim * (heads + 2 * kv_heads) + hidden + (mlp_matrices - 1) * intermediate + hidden
-        embeddings = int(text.vocab_size) * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
+        embeddings = vocab * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
         return cls(
             params=layers * layer_params + embeddings + hidden,
             layers=layers,
@@ -150,6 +153,7 @@ class ModelStats:
             max_in_features=max(hidden, intermediate, heads * head_dim),
             layer_params=layer_params,
             layer_outputs=layer_outputs,
+            vocab=vocab,
         )
 
     @classmethod
@@ -190,7 +194,7 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
 
     EXL2 (config.output_format) has no replay; with `weighing` (its linears weighed in this run, not taken from a
     given measurement) its weighing pass holds every layer's inputs and their gradients for up to
-    SENSITIVITY_WINDOWS windows in host memory (with the disk plan, every layer's inputs on disk: host memory keeps
+    SENSITIVITY_WINDOWS windows, and one window's logits through the head, in host memory (with the disk plan, every layer's inputs on disk: host memory keeps
     the gradients and the inputs being built), before the activations of the later passes exist: the host peak is
     the larger of the two.
 
@@ -215,6 +219,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     if exl2:  # every layer's inputs (and the last layer's outputs) plus one gradient per window
         windows = min(config.calibration.samples, SENSITIVITY_WINDOWS) if weighing else 0
         components["weighing"] = windows * seqlen * stats.hidden * FLOAT32_BYTES * (stats.layers + 2)
+        # one window at a time through the head: its logits, their log-softmax and its gradient
+        components["weighing_head"] = seqlen * stats.vocab * FLOAT32_BYTES * WEIGHING_LOGIT_COPIES if windows else 0
     work = components["layer"] + components["hessians"] + components["forward_scratch"]
     on_gpu = device.type != "cpu"
     replays = (False,) if exl2 else (True, False)
@@ -230,7 +236,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         on_host = 0 if tier == "device" else held
         weighing = components.get("weighing", 0)
         weighing_on_disk = weighing * stats.layers // (stats.layers + 2) if tier == "disk" else 0  # all but the gradients and the layer at work
-        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, weighing - weighing_on_disk)
+        weighing_host = weighing - weighing_on_disk + (0 if on_gpu else components.get("weighing_head", 0))
+        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, weighing_host)
         plan = {"activation_tier": tier, "replay": replay, "cpu_bytes": cpu_bytes * processes, "device_bytes": device_bytes,
                 "disk_bytes": (max(components["activations"], weighing_on_disk)) * processes if tier == "disk" else 0}
         fits_device = device_free_bytes is None or device_bytes <= device_free_bytes

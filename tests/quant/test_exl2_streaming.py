@@ -117,6 +117,7 @@ def test_streamed_run_writes_the_whole_models_bytes_holding_one_layer(setup, mon
     assert streamed.estimated_peak_memory_bytes == expected["cpu_bytes"] == estimate["cpu_bytes"] > 0
     assert expected["components"]["recordings"] == 0 and not expected["replay"]  # EXL2 has no replay
     assert expected["components"]["weighing"] == SAMPLES * SEQLEN * stats.hidden * 4 * (LAYERS + 2)
+    assert expected["components"]["weighing_head"] == SEQLEN * stats.vocab * 4 * 3 and stats.vocab == 320
     assert estimate_peak_memory(config, stats, "cpu", streaming=True, weighing=False)["components"]["weighing"] == 0
     (fits,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=expected["cpu_bytes"], streaming=True)
     (short,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate_peak_memory(config, stats, "cpu", streaming=True,
