@@ -8,7 +8,13 @@ linears seeing the groups quantized before it) and the EXL2 checkpoint with meas
 A measurement can be reused for another bpw (measurement=...); one written before sensitivities were kept is
 weighed again. The passes save their work beside the output as numbered steps (weighing, measuring layer i, then
 quantizing layer i), so an interrupted run restarted with the same
-arguments continues from the last saved step and writes the bytes an uninterrupted run would."""
+arguments continues from the last saved step and writes the bytes an uninterrupted run would.
+
+Memory is handled as in the GPTQ pipeline (quant/pipeline.py), with the same pieces: the float weights streamed
+from the model's files a layer at a time for each pass (quant/float_source.py), the calibration activations kept
+where the memory estimate's plan says (quant/activation_store.py; the weighing pass's per-layer inputs too, on
+disk), the estimate reported before the first pass and the peaks returned, a layer that runs out of GPU memory
+redone down the ladder (quant/memory_ladder.py), and the checkpoint written shard by shard from the saved steps."""
 
 from __future__ import annotations
 
