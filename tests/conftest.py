@@ -52,8 +52,9 @@ def tiny_llama():
     return build_tiny_llama()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tiny_llama():
+    """build_tiny_llama(seed=0, **config overrides) -> a fresh model, for module-scoped fixtures too."""
     return build_tiny_llama
 
 

@@ -459,6 +459,8 @@ def stage_qtool(args) -> dict[str, Any]:
         "seconds": round(seconds, 2), "library_seconds": round(result.seconds, 2),
         "gpu_peak_torch_gib": None if torch_peak is None else round(torch_peak / GIB, 3),
         "estimated_peak_gib": round(getattr(result, "estimated_peak_memory_bytes", 0) / GIB, 3) or None,
+        # the estimate in full (weights streamed or whole, where the activations went) and the measured host/GPU peaks
+        "memory": getattr(result, "memory", None) or None,
         "output_gib": round(out_bytes / GIB, 3), "output_shards": len(list(Path(args.output).glob("*.safetensors"))),
         "config": {k: v for k, v in config.to_dict().items() if k in ("method", "bits", "group_size", "sym", "desc_act", "static_groups",
                                                                        "refine_scales", "compute_dtype", "bpw", "head_bits")},

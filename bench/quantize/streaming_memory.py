@@ -7,6 +7,8 @@ run, and a table.
     .venv/bin/python bench/quantize/streaming_memory.py                       # SmolLM2, CPU, 16 x 512 calibration
     .venv/bin/python bench/quantize/streaming_memory.py --device cuda --samples 128 --out $OUT   (on the GPU)
     .venv/bin/python bench/quantize/streaming_memory.py --tiny                 # a tiny random Llama: checks the script
+    .venv/bin/python bench/quantize/streaming_memory.py --format exl2 --bpw 4.0 [--measurement M]   (EXL2, the
+        CLI's exl2 preset; with M, an earlier measurement.json, the measurement pass is skipped)
 
 Sources: the `smollm2-135m` GGUF file, and the same weights as a float Hugging Face directory in bfloat16
 safetensors shards of 50 MB (written once into --work), the form large models come in. The first run, `floor`,
@@ -31,7 +33,8 @@ CHILD = r"""
 import json, resource, sys, time
 from dataclasses import replace
 import torch
-from qtool.config.schema import CalibrationConfig, QuantConfig
+from qtool.config.schema import QUANTIZE_EXL2_PRESET, CalibrationConfig, QuantConfig, resolve_config
+from qtool.quant.exl2_pipeline import quantize_model_exl2
 from qtool.quant.pipeline import quantize_model
 
 args = json.loads(sys.argv[1])
@@ -40,10 +43,16 @@ if args["variant"] == "floor":
     sys.exit(0)
 torch.set_num_threads(args["threads"]) if args["threads"] else None
 calibration = CalibrationConfig(source=args["calibration"], samples=args["samples"], seqlen=args["seqlen"], seed=0)
-config = replace(QuantConfig(calibration=calibration), bits=4, group_size=128)
 started = time.perf_counter()
-result = quantize_model(args["model"], config, args["output"], device=args["device"], force=True,
-                        streaming=args["streaming"], activation_tier=args["tier"])
+if args["format"] == "exl2":  # the CLI's path from flags to a config: the exl2 preset, then the flags
+    config, _ = resolve_config(QUANTIZE_EXL2_PRESET, {"output_format": "exl2", "bpw": args["bpw"], "calibration_source": args["calibration"],
+                                                      "samples": args["samples"], "seqlen": args["seqlen"], "seed": 0})
+    result = quantize_model_exl2(args["model"], config, args["output"], measurement=args["measurement"], device=args["device"], force=True,
+                                 streaming=args["streaming"], activation_tier=args["tier"])
+else:
+    config = replace(QuantConfig(calibration=calibration), bits=4, group_size=128)
+    result = quantize_model(args["model"], config, args["output"], device=args["device"], force=True,
+                            streaming=args["streaming"], activation_tier=args["tier"])
 print(json.dumps({"seconds": time.perf_counter() - started, "memory": result.memory, "peak_memory_bytes": result.peak_memory_bytes,
                   "estimated_peak_memory_bytes": result.estimated_peak_memory_bytes}))
 """
@@ -114,11 +123,15 @@ def run(python: str, variant: str, args: dict, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--format", choices=["gptq", "exl2"], default="gptq", help="gptq: 4-bit g128; exl2: --bpw with the exl2 preset")
+    parser.add_argument("--bpw", type=float, default=4.0)
+    parser.add_argument("--measurement", default=None, help="exl2: an earlier measurement.json (skips the measurement pass)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0: torch's default)")
     parser.add_argument("--sources", default="gguf,safetensors", help="which sources to run: gguf, safetensors or both")
+    parser.add_argument("--weights", default="whole,streamed", help="which weight paths to run: whole, streamed or both")
     parser.add_argument("--tiers", default="", help="also force these activation tiers on the streamed safetensors source, e.g. host,disk")
     parser.add_argument("--max-shard", default="50MB", help="shard size of the float safetensors copy")
     parser.add_argument("--work", default=None, help="folder for the float copy and the outputs (default: a temporary one)")
@@ -138,8 +151,10 @@ def main() -> None:
             sources["safetensors"] = str(float_directory(options.model, work, options.max_shard))
         calibration, samples, seqlen = CALIBRATION, options.samples, options.seqlen
     common = {"calibration": str(calibration), "samples": samples, "seqlen": seqlen, "device": options.device,
-              "threads": options.threads, "tier": None}
-    machine = {"python": platform.python_version(), "machine": platform.machine(), "device": options.device, "samples": samples, "seqlen": seqlen}
+              "threads": options.threads, "tier": None, "format": options.format, "bpw": options.bpw,
+              "measurement": options.measurement and str(Path(options.measurement).resolve())}
+    machine = {"python": platform.python_version(), "machine": platform.machine(), "device": options.device, "samples": samples, "seqlen": seqlen,
+               "format": options.format, "bpw": options.bpw if options.format == "exl2" else None, "measurement": options.measurement}
     rows: list[dict] = []
 
     def record(row: dict) -> None:
@@ -154,7 +169,7 @@ def main() -> None:
 
     record(run(sys.executable, "floor", common, work / "floor"))
     for name, model in sources.items():
-        for streaming in (False, True):
+        for streaming in [s == "streamed" for s in options.weights.split(",")]:
             variant = "streamed" if streaming else "whole"
             record(run(sys.executable, variant, dict(common, model=model, streaming=streaming, source_name=name), work / f"{name}-{variant}"))
         for tier in filter(None, options.tiers.split(",")):
@@ -167,11 +182,11 @@ def main() -> None:
     whole_files = {row["source"]: row.get("files") for row in rows if row["variant"] == "whole"}
     for row in rows[1:]:
         memory, estimate = row["memory"], row["memory"]["estimate"]
-        same = row.get("files") == whole_files.get(row["source"])
+        same = "n/a" if row["source"] not in whole_files else "yes" if row.get("files") == whole_files[row["source"]] else "NO"
         print(f"| {row['source']} | {'streamed' if estimate['streaming'] else 'whole'} | {estimate['activation_tier']}"
               f"{'' if estimate['replay'] else ' (no replay)'} | {memory['peak_host_bytes'] / 2**20:.0f} | {estimate['cpu_bytes'] / 2**20:.0f} | "
-              f"{memory['peak_device_bytes'] / 2**20:.0f} | {row['seconds']:.1f} | {'yes' if same else 'NO'} |")
-    if not all(row.get("files") == whole_files.get(row["source"]) for row in rows[1:]):
+              f"{memory['peak_device_bytes'] / 2**20:.0f} | {row['seconds']:.1f} | {same} |")
+    if any(row.get("files") != whole_files[row["source"]] for row in rows[1:] if row["source"] in whole_files):
         raise SystemExit("a variant wrote other bytes than the whole-model run")
 
 

@@ -5,8 +5,9 @@ Exl2Linear modules."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -14,13 +15,14 @@ from torch import nn
 from qtool.core.errors import QtoolError
 from qtool.checkpoints.gptq_checkpoint import (
     DEFAULT_MAX_SHARD_SIZE_BYTES,
-    checkpoint_state,
     check_config_shapes,
     checkpoint_weight_files,
     empty_model,
     load_checkpoint_state,
     model_config_dict,
+    quantized_linear_check,
     read_checkpoint_tensors,
+    state_items,
     write_model_files,
 )
 from qtool.formats.exl2 import EXL2_TENSOR_SUFFIXES, OPTIONAL_SUFFIXES, Exl2Weight, check_exl2_scale_max, exl2_tensors_from_weight, group_layout_from_tensors, weight_from_exl2_tensors
@@ -37,20 +39,55 @@ HEAD_NAMES = ("lm_head",)
 # ---- config ----
 
 
-def build_exl2_config(quantized: dict[str, Exl2Weight], user: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Exl2Bits:
+    """What the quantization_config counts of one EXL2 linear: taken as the weight is packed, so that weights read
+    one layer at a time are read once."""
+
+    name: str
+    storage_bits: int
+    code_bits: int
+    weights: int  # in_features x out_features
+
+    @classmethod
+    def of(cls, name: str, w: Exl2Weight) -> "Exl2Bits":
+        return cls(name, w.storage_bits(), w.code_bits(), w.in_features * w.out_features)
+
+
+def _is_head(name: str) -> bool:
+    return name.rpartition(".")[2] in HEAD_NAMES
+
+
+def _checked_user_fields(user: dict[str, Any] | None) -> dict[str, Any]:
+    user = dict(user or {})
+    method = str(user.pop("quant_method", "exl2")).lower()
+    if method != "exl2":
+        raise QtoolError(f"quantization_config.quant_method {method!r} cannot be saved as an EXL2 checkpoint", "use quant_method exl2")
+    try:
+        json.dumps(user)
+    except (TypeError, ValueError) as exc:
+        raise QtoolError(f"quantization_config cannot be written as JSON: {exc}", "pass plain numbers, strings, lists and dicts") from exc
+    return user
+
+
+def build_exl2_config(quantized: Mapping[str, Exl2Weight], user: dict[str, Any] | None = None) -> dict[str, Any]:
     """quantization_config as ExLlamaV2's converter writes it (quant_method, version, bits, head_bits,
     calibration) plus who wrote it. bits defaults to the measured bits per weight of the linears other than the
     head; head_bits to the head's mean code width, 0 when the head stays float."""
     if not quantized:
         raise QtoolError("no EXL2 linears to save", "quantize at least one linear before saving an EXL2 checkpoint")
-    user = dict(user or {})
-    method = str(user.pop("quant_method", "exl2")).lower()
-    if method != "exl2":
-        raise QtoolError(f"quantization_config.quant_method {method!r} cannot be saved as an EXL2 checkpoint", "use quant_method exl2")
-    body = {n: w for n, w in quantized.items() if n.rpartition(".")[2] not in HEAD_NAMES} or quantized
-    bits = sum(w.storage_bits() for w in body.values()) / sum(w.in_features * w.out_features for w in body.values())
-    heads = [w for n, w in quantized.items() if n.rpartition(".")[2] in HEAD_NAMES]
-    head_bits = round(sum(w.code_bits() for w in heads) / sum(w.in_features * w.out_features for w in heads)) if heads else 0
+    return exl2_config_from_bits([Exl2Bits.of(name, w) for name, w in quantized.items()], user)
+
+
+def exl2_config_from_bits(counted: list[Exl2Bits], user: dict[str, Any] | None = None) -> dict[str, Any]:
+    """build_exl2_config from each linear's counts."""
+    if not counted:
+        raise QtoolError("no EXL2 linears to save", "quantize at least one linear before saving an EXL2 checkpoint")
+    user = _checked_user_fields(user)
+    body = [c for c in counted if not _is_head(c.name)] or counted
+    bits = sum(c.storage_bits for c in body) / sum(c.weights for c in body)
+    heads = [c for c in counted if _is_head(c.name)]
+    head_bits = round(sum(c.code_bits for c in heads) / sum(c.weights for c in heads)) if heads else 0
     config: dict[str, Any] = {
         "quant_method": "exl2",
         "version": EXL2_LAYOUT_VERSION,
@@ -61,10 +98,6 @@ def build_exl2_config(quantized: dict[str, Exl2Weight], user: dict[str, Any] | N
     config.update(user)
     config["quant_method"] = "exl2"
     config["quantized_by"] = f"qtool:{qtool_version()}"
-    try:
-        json.dumps(config)
-    except (TypeError, ValueError) as exc:
-        raise QtoolError(f"quantization_config cannot be written as JSON: {exc}", "pass plain numbers, strings, lists and dicts") from exc
     return config
 
 
@@ -87,32 +120,51 @@ def is_exl2_checkpoint(path: Path) -> bool:
 # ---- saving ----
 
 
-def exl2_checkpoint_tensors(model: nn.Module, quantized: dict[str, Exl2Weight]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Every tensor to write in the model's order (float ones as float16, each EXL2 linear's weight replaced by
-    its EXL2 tensors) and whether the written config must untie the embeddings."""
-    modules = dict(model.named_modules())
-    for name, w in quantized.items():
-        weight = getattr(modules.get(name), "weight", None)
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (w.out_features, w.in_features):
-            raise QtoolError(f"EXL2 weight {name!r} ({w.out_features}x{w.in_features}) names no linear of that shape in the model", "use the module names of model.named_modules()")
-    return checkpoint_state(model, {name: exl2_tensors_from_weight(w, name) for name, w in quantized.items()})
+def exl2_checkpoint_items(model: nn.Module, quantized: Mapping[str, Exl2Weight], float_tensor: Callable[[str], torch.Tensor] | None = None,
+                          seen: Callable[[str, Exl2Weight], None] | None = None) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
+    """Every tensor to write in the model's order, one at a time (float ones as float16, each EXL2 linear's weight
+    replaced by its EXL2 tensors, read from `quantized` once, checked against its linear and shown to `seen`), and
+    whether the written config must untie the embeddings. `float_tensor` gives the float tensors a streamed model
+    holds on the meta device."""
+    check = quantized_linear_check(model, quantized.keys())
+
+    def packed(name: str) -> dict[str, torch.Tensor]:
+        w = quantized[name]
+        check(name, w.out_features, w.in_features)
+        if seen is not None:
+            seen(name, w)
+        return exl2_tensors_from_weight(w, name)
+
+    return state_items(model, set(quantized), packed, float_tensor)
+
+
+def exl2_checkpoint_tensors(model: nn.Module, quantized: Mapping[str, Exl2Weight]) -> tuple[dict[str, torch.Tensor], bool]:
+    """exl2_checkpoint_items as one dict."""
+    items, untie = exl2_checkpoint_items(model, quantized)
+    return dict(items), untie
 
 
 def write_exl2_checkpoint(
     directory: Path,
     model: nn.Module,
-    quantized: dict[str, Exl2Weight],
+    quantized: Mapping[str, Exl2Weight],
     quantization_config: dict[str, Any] | None = None,
     tokenizer: Any = None,
     measurement: dict[str, Any] | None = None,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+    float_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> None:
-    """Write the checkpoint's files into an existing, empty directory (not atomic: see save_exl2_model)."""
+    """Write the checkpoint's files into an existing, empty directory (not atomic: see save_exl2_model), shard by
+    shard: `quantized` may read each weight when asked (each is asked for once), and the config's bits are
+    counted as the weights are packed, config.json written after them."""
     directory = Path(directory)
-    config = build_exl2_config(quantized, quantization_config)
-    tensors, untie = exl2_checkpoint_tensors(model, quantized)
-    model_config = model_config_dict(model, config, untie)
-    write_model_files(directory, model, tensors, model_config, tokenizer, max_shard_size_bytes)
+    if not quantized:
+        raise QtoolError("no EXL2 linears to save", "quantize at least one linear before saving an EXL2 checkpoint")
+    _checked_user_fields(quantization_config)  # before any tensor is read
+    counted: list[Exl2Bits] = []
+    tensors, untie = exl2_checkpoint_items(model, quantized, float_tensor, seen=lambda name, w: counted.append(Exl2Bits.of(name, w)))
+    write_model_files(directory, model, tensors, lambda: model_config_dict(model, exl2_config_from_bits(counted, quantization_config), untie),
+                      tokenizer, max_shard_size_bytes)
     if measurement is not None:
         (directory / MEASUREMENT_FILE).write_text(json.dumps(measurement, indent=2) + "\n")
 
@@ -120,17 +172,18 @@ def write_exl2_checkpoint(
 def save_exl2_model(
     output: Path,
     model: nn.Module,
-    quantized: dict[str, Exl2Weight],
+    quantized: Mapping[str, Exl2Weight],
     quantization_config: dict[str, Any] | None = None,
     tokenizer: Any = None,
     measurement: dict[str, Any] | None = None,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
     force: bool = False,
+    float_tensor: Callable[[str], torch.Tensor] | None = None,
 ) -> Path:
     """Write an EXL2 checkpoint directory at `output`, atomically (an existing one only with force)."""
     output = Path(output)
     with atomic_output_dir(output, force, what="exl2 checkpoint") as staging:
-        write_exl2_checkpoint(staging, model, quantized, quantization_config, tokenizer, measurement, max_shard_size_bytes)
+        write_exl2_checkpoint(staging, model, quantized, quantization_config, tokenizer, measurement, max_shard_size_bytes, float_tensor)
     return output
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.json_file import read_json_file
-from qtool.formats.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE, RESTORE_FILE, GPTQCheckpointConfig, build_quantization_config, read_gptq_config
+from qtool.formats.gptq_config import (CONFIG_FILE, QUANTIZE_CONFIG_FILE, RESTORE_FILE, GPTQCheckpointConfig, WeightFacts, quantization_config_from_facts,
+                                       read_gptq_config, resolve_checkpoint_format)
 from qtool.formats.gptq import GPTQ_TENSOR_SUFFIXES, check_gptq_layout, check_gptq_scales, check_gptq_shapes, gptq_tensors_from_quantized, num_groups
 from qtool.core.output_dir import atomic_output_dir
 from qtool.kernels.quant_linear import QuantLinear, set_model_backend
@@ -40,18 +41,25 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _check_quantized_modules(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+def quantized_linear_check(model: nn.Module, names: Iterable[str]) -> Callable[[str, int, int], None]:
+    """Check now that every name is a 2-D weight of the model; returns the check of one weight's (out, in) shape
+    against its linear, made when the weight is read (a weight read from disk is read once, when it is written)."""
     modules = dict(model.named_modules())
-    for name, qw in quantized.items():
-        module = modules.get(name)
-        weight = getattr(module, "weight", None)
-        if module is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        weight = getattr(modules.get(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise QtoolError(f"quantized weight {name!r} names no linear of the model", "use the module names of model.named_modules()")
-        if tuple(weight.shape) != (qw.out_features, qw.in_features):
+        shapes[name] = tuple(weight.shape)
+
+    def check(name: str, out_features: int, in_features: int) -> None:
+        if shapes[name] != (out_features, in_features):
             raise QtoolError(
-                f"{name}: quantized weight is {qw.out_features}x{qw.in_features} but the linear's weight is {tuple(weight.shape)}",
+                f"{name}: quantized weight is {out_features}x{in_features} but the linear's weight is {shapes[name]}",
                 "quantize the linear of this model",
             )
+
+    return check
 
 
 def checkpoint_tensors(
@@ -65,25 +73,37 @@ def checkpoint_tensors(
 
 def checkpoint_items(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight], checkpoint_format: str,
-    float_tensor: Callable[[str], torch.Tensor] | None = None,
+    float_tensor: Callable[[str], torch.Tensor] | None = None, seen: Callable[[QuantizedWeight], None] | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
-    """checkpoint_tensors one tensor at a time: each quantized linear packed when its turn comes, each float
-    tensor taken from `float_tensor(name)` (default: the model's own; a streamed model reads those it released
-    from its files), so that only the tensors of the shard being written need be in memory."""
-    _check_quantized_modules(model, quantized)
-    return _state_items(model, set(quantized), lambda name: gptq_tensors_from_quantized(quantized[name], checkpoint_format, name), float_tensor)
+    """checkpoint_tensors one tensor at a time: each quantized linear read from `quantized` once, when its turn
+    comes, checked against its linear, shown to `seen` and packed; each float tensor taken from
+    `float_tensor(name)` (default: the model's own; a streamed model reads those it released from its files), so
+    that only the tensors of the shard being written need be in memory."""
+    check = quantized_linear_check(model, quantized.keys())
+
+    def packed(name: str) -> dict[str, torch.Tensor]:
+        qw = quantized[name]
+        check(name, qw.out_features, qw.in_features)
+        if seen is not None:
+            seen(qw)
+        return gptq_tensors_from_quantized(qw, checkpoint_format, name)
+
+    return state_items(model, set(quantized), packed, float_tensor)
 
 
 def checkpoint_state(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], bool]:
     """Every tensor to write, in the model's order: float ones as float16 (a tied copy once, as transformers writes
     it), and each quantized linear's weight replaced by its packed tensors (`packed[name][suffix]` written as
     name.suffix); and whether the written config must untie the embeddings."""
-    items, untie = _state_items(model, set(packed), packed.__getitem__, None)
+    items, untie = state_items(model, set(packed), packed.__getitem__, None)
     return dict(items), untie
 
 
-def _state_items(model: nn.Module, packed_names: set[str], packed_of: Callable[[str], dict[str, torch.Tensor]],
-                 float_tensor: Callable[[str], torch.Tensor] | None) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
+def state_items(model: nn.Module, packed_names: set[str], packed_of: Callable[[str], dict[str, torch.Tensor]],
+                float_tensor: Callable[[str], torch.Tensor] | None) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
+    """The (name, tensor) pairs of a quantized checkpoint in the model's order, made as they are asked for: the
+    linears of `packed_names` as `packed_of(name)` gives them (asked once each), float tensors as float16, a tied
+    copy once; and whether the written config must untie the embeddings."""
     state = model.state_dict()
     value = float_tensor or state.__getitem__
     replaced = {f"{name}.weight": name for name in packed_names}
@@ -188,7 +208,7 @@ def write_safetensors(directory: Path, tensors: Mapping[str, torch.Tensor] | Ite
 def save_quantized_model(
     output: Path,
     model: nn.Module,
-    quantized: dict[str, QuantizedWeight],
+    quantized: Mapping[str, QuantizedWeight],
     quantization_config: dict[str, Any] | None = None,
     tokenizer: Any = None,
     checkpoint_format: str | None = None,
@@ -201,29 +221,40 @@ def save_quantized_model(
     quantization_config, else "gptq".
 
     The tensors are produced and written shard by shard (checkpoint_items): `quantized` may be a mapping that
-    reads each weight when asked, and `float_tensor` gives the float tensors the model holds on the meta device
-    (a streamed model's released layers)."""
+    reads each weight when asked (each is asked for once), and `float_tensor` gives the float tensors the model
+    holds on the meta device (a streamed model's released layers). The quantization_config is built from the
+    facts of each weight taken as it is packed, and config.json written after the tensors."""
     output = Path(output)
-    config = build_quantization_config(quantized, quantization_config, checkpoint_format)
-    tensors, untie = checkpoint_items(model, quantized, config["checkpoint_format"], float_tensor)
-    model_config = model_config_dict(model, config, untie)
-    with atomic_output_dir(output, force, what=f"gptq checkpoint ({config['checkpoint_format']})") as staging:
+    if not quantized:
+        raise QtoolError("no quantized linears to save", "quantize at least one linear before saving a GPTQ checkpoint")
+    fmt = resolve_checkpoint_format(quantization_config, checkpoint_format)
+    facts: list[WeightFacts] = []
+    tensors, untie = checkpoint_items(model, quantized, fmt, float_tensor, seen=lambda qw: facts.append(WeightFacts.of(qw)))
+    written: dict[str, Any] = {}
+
+    def model_config() -> dict[str, Any]:
+        written.update(quantization_config_from_facts(facts, quantization_config, fmt))
+        return model_config_dict(model, written, untie)
+
+    with atomic_output_dir(output, force, what=f"gptq checkpoint ({fmt})") as staging:
         write_model_files(staging, model, tensors, model_config, tokenizer, max_shard_size_bytes)
-        (staging / QUANTIZE_CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (staging / QUANTIZE_CONFIG_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     return output
 
 
-def write_model_files(directory: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], model_config: dict[str, Any], tokenizer: Any,
-                      max_shard_size_bytes: int) -> None:
+def write_model_files(directory: Path, model: nn.Module, tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                      model_config: dict[str, Any] | Callable[[], dict[str, Any]], tokenizer: Any, max_shard_size_bytes: int) -> None:
     """The files every checkpoint directory has: the safetensors, config.json, the tokenizer's files and the
-    generation config."""
+    generation config. config.json is written last: `model_config` may be a function, asked once the tensors are
+    written (a quantization_config counted from the weights as they went past)."""
     write_safetensors(directory, tensors, max_shard_size_bytes)
+    config = model_config() if callable(model_config) else model_config
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(directory))
-    (directory / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ---- loading ----

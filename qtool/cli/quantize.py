@@ -37,18 +37,23 @@ def summary_table(result: QuantizeResult) -> Table:
         ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"
                         + (f" (estimated {result.estimated_peak_memory_bytes / 2**30:.2f} GiB before the run)" if result.estimated_peak_memory_bytes else "")),
     ]
-    memory = result.memory
-    if memory:
-        estimate = memory["estimate"]
-        rows.append(("host memory", f"peak {memory['peak_host_bytes'] / 2**30:.2f} GiB (estimated {estimate['cpu_bytes'] / 2**30:.2f} GiB), weights "
-                                    + ("streamed layer by layer" if estimate["streaming"] else "loaded whole")
-                                    + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")))
+    rows += memory_rows(result.memory)
     for name, value in rows:
         table.add_row(name, value)
     return table
 
 
 ACTIVATION_PLACES = {"device": "on the compute device", "host": "in host memory", "disk": "on disk"}
+
+
+def memory_rows(memory: dict) -> list[tuple[str, str]]:
+    """The measured host peak beside the estimate made before the run, and where weights and activations were."""
+    if not memory:
+        return []
+    estimate = memory["estimate"]
+    return [("host memory", f"peak {memory['peak_host_bytes'] / 2**30:.2f} GiB (estimated {estimate['cpu_bytes'] / 2**30:.2f} GiB), weights "
+                            + ("streamed layer by layer" if estimate["streaming"] else "loaded whole")
+                            + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)"))]
 
 
 def printing_estimate(update: Callable[..., None], enabled: bool) -> Callable[..., None]:
@@ -82,8 +87,10 @@ def exl2_summary_table(result: Exl2QuantizeResult) -> Table:
         ("calibration", f"{config.calibration.samples} x {config.calibration.seqlen} tokens of {config.calibration.source}"),
         ("layers", f"{result.layers}" + (f" (resumed after step {result.resumed_from_step})" if result.resumed_from_step else "")),
         ("time", f"{result.seconds:.1f} s on {result.device}"),
-        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"),
+        ("peak memory", f"{result.peak_memory_bytes / 2**30:.2f} GiB"
+                        + (f" (estimated {result.estimated_peak_memory_bytes / 2**30:.2f} GiB before the run)" if result.estimated_peak_memory_bytes else "")),
     ]
+    rows += memory_rows(result.memory)
     if result.vram_plan:
         rows.insert(1, ("--target-vram", result.vram_plan["summary"]))
     for name, value in rows:
@@ -183,7 +190,8 @@ def quantize(
         logging.getLogger("qtool.quant").setLevel(logging.DEBUG)
     if config.output_format == "exl2":
         with progress_bar("quantize", enabled=not as_json) as update:
-            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force, progress=update, discard_resume=discard_resume,
+            exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force,
+                                              progress=printing_estimate(update, not as_json), discard_resume=discard_resume,
                                               max_shard_size_bytes=max_shard_size_bytes)
         if as_json:
             print_json(exl2_result.to_dict())

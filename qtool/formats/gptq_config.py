@@ -64,6 +64,36 @@ def _is_default_g_idx(qw: QuantizedWeight) -> bool:
     return torch.equal(qw.g_idx.to(default.dtype), default)
 
 
+@dataclass(frozen=True)
+class WeightFacts:
+    """What a GPTQ quantization_config says about one quantized linear: taken from each weight as it is packed,
+    so that a checkpoint written from weights read one layer at a time reads each of them once."""
+
+    bits: int
+    group_size: int
+    natural_order: bool  # g_idx is arange(in_features) // group_size (no act order)
+    symmetric: bool  # every zero point is 2**(bits-1)
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> "WeightFacts":
+        return cls(qw.bits, qw.group_size, _is_default_g_idx(qw), bool((qw.zeros == 1 << (qw.bits - 1)).all()))
+
+
+def resolve_checkpoint_format(user_config: dict[str, Any] | None, checkpoint_format: str | None = None) -> str:
+    """The checkpoint format to pack in: the argument or the caller's quantization_config (which must agree), else gptq;
+    checked before any weight is read."""
+    user = dict(user_config or {})
+    method = str(user.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise QtoolError(f"quantization_config.quant_method {method!r} cannot be saved as a GPTQ checkpoint", "use quant_method gptq")
+    named_format = user.get("checkpoint_format", user.get("format"))
+    if checkpoint_format and named_format and named_format != checkpoint_format:
+        raise QtoolError(f"checkpoint_format {checkpoint_format!r} conflicts with quantization_config's {named_format!r}", "pass one of them")
+    fmt = checkpoint_format or named_format or "gptq"
+    check_checkpoint_format(fmt)
+    return fmt
+
+
 def build_quantization_config(
     quantized: dict[str, QuantizedWeight], user_config: dict[str, Any] | None, checkpoint_format: str | None = None
 ) -> dict[str, Any]:
@@ -71,11 +101,18 @@ def build_quantization_config(
     quantized weights (bits, group size, act order, symmetry must describe them truthfully)."""
     if not quantized:
         raise QtoolError("no quantized linears to save", "quantize at least one linear before saving a GPTQ checkpoint")
+    return quantization_config_from_facts([WeightFacts.of(qw) for qw in quantized.values()], user_config, checkpoint_format)
+
+
+def quantization_config_from_facts(
+    facts: list[WeightFacts], user_config: dict[str, Any] | None, checkpoint_format: str | None = None
+) -> dict[str, Any]:
+    """build_quantization_config from the facts of each quantized linear."""
+    if not facts:
+        raise QtoolError("no quantized linears to save", "quantize at least one linear before saving a GPTQ checkpoint")
     user = dict(user_config or {})
-    method = str(user.get("quant_method", "gptq")).lower()
-    if method != "gptq":
-        raise QtoolError(f"quantization_config.quant_method {method!r} cannot be saved as a GPTQ checkpoint", "use quant_method gptq")
-    widths = {(qw.bits, qw.group_size) for qw in quantized.values()}
+    fmt = resolve_checkpoint_format(user, checkpoint_format)
+    widths = {(f.bits, f.group_size) for f in facts}
     if len(widths) != 1:
         raise QtoolError(
             f"the quantized linears mix bits/group sizes {sorted(widths)}", "a GPTQ checkpoint has one bits and group_size for all linears"
@@ -84,14 +121,9 @@ def build_quantization_config(
     for key, actual in (("bits", bits), ("group_size", group_size)):
         if key in user and int(user[key]) != actual:
             raise QtoolError(f"quantization_config.{key} is {user[key]} but the quantized weights have {actual}", f"drop {key} or set it to {actual}")
-    named_format = user.get("checkpoint_format", user.get("format"))
-    if checkpoint_format and named_format and named_format != checkpoint_format:
-        raise QtoolError(f"checkpoint_format {checkpoint_format!r} conflicts with quantization_config's {named_format!r}", "pass one of them")
-    fmt = checkpoint_format or named_format or "gptq"
-    check_checkpoint_format(fmt)
 
-    act_order = not all(_is_default_g_idx(qw) for qw in quantized.values())
-    symmetric = all(bool((qw.zeros == 1 << (qw.bits - 1)).all()) for qw in quantized.values())
+    act_order = not all(f.natural_order for f in facts)
+    symmetric = all(f.symmetric for f in facts)
     if user.get("desc_act") is False and act_order:
         raise QtoolError("quantization_config.desc_act is false but a g_idx is not in natural group order", "set desc_act true (act-order checkpoint)")
     if user.get("sym") is True and not symmetric:

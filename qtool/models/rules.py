@@ -32,6 +32,10 @@ RECORDED_HIDDEN_COPIES = 4
 # Where the calibration activations live between layers, best first: the compute device, host memory (pinned when
 # the compute device is a GPU), files on disk (memory-mapped, in a folder beside the output).
 ACTIVATION_TIERS = ("device", "host", "disk")
+# EXL2's weighing pass (quant/sensitivity.py) runs this many calibration windows forward through every layer and
+# back, keeping each layer's inputs for them and their loss gradients in host memory.
+SENSITIVITY_WINDOWS = 32
+WEIGHING_LOGIT_COPIES = 3
 FLOAT32_BYTES = 4
 # MLPs of these families have two matrices (up, down); the others (Llama, Mistral, Qwen...) are gated: three.
 UNGATED_MLP_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode")
@@ -119,6 +123,7 @@ class ModelStats:
     max_in_features: int
     layer_params: int  # the largest decoder layer
     layer_outputs: int = 0  # the out_features of the largest layer's linears, summed (what its replay records per token)
+    vocab: int = 0  # the head's outputs (EXL2's weighing pass holds one window's logits and their gradient)
 
     @classmethod
     def from_config(cls, hf_config: Any, tensor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "ModelStats":
@@ -129,15 +134,16 @@ class ModelStats:
         heads = int(text.num_attention_heads)
         intermediate = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden)
         layers = int(text.num_hidden_layers)
+        vocab = int(getattr(text, "vocab_size", 0) or 0)
         if tensor_shapes:
-            return cls._from_shapes(tensor_shapes, layers, hidden, intermediate, heads)
+            return replace(cls._from_shapes(tensor_shapes, layers, hidden, intermediate, heads), vocab=vocab)
         head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
         attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
         mlp_matrices = 2 if getattr(text, "model_type", "") in UNGATED_MLP_MODEL_TYPES else 3
         layer_params = attention + mlp_matrices * hidden * intermediate + 2 * hidden
         layer_outputs = head_dim * (heads + 2 * kv_heads) + hidden + (mlp_matrices - 1) * intermediate + hidden
-        embeddings = int(text.vocab_size) * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
+        embeddings = vocab * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
         return cls(
             params=layers * layer_params + embeddings + hidden,
             layers=layers,
@@ -147,6 +153,7 @@ class ModelStats:
             max_in_features=max(hidden, intermediate, heads * head_dim),
             layer_params=layer_params,
             layer_outputs=layer_outputs,
+            vocab=vocab,
         )
 
     @classmethod
@@ -175,7 +182,7 @@ class ModelStats:
 
 def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1,
                          streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
-                         tier: str | None = None) -> dict[str, Any]:
+                         tier: str | None = None, weighing: bool = True) -> dict[str, Any]:
     """Bytes a quantization run holds at its peak, and where it keeps the calibration activations.
 
     The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized
@@ -185,10 +192,17 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     compute device with the replay, there without it (each pass recomputes the layer instead), in host memory
     with, then without the replay, and last on disk (host memory then holds the outputs being built).
 
+    EXL2 (config.output_format) has no replay; with `weighing` (its linears weighed in this run, not taken from a
+    given measurement) its weighing pass holds every layer's inputs and their gradients for up to
+    SENSITIVITY_WINDOWS windows, and one window's logits through the head, in host memory (with the disk plan, every layer's inputs on disk: host memory keeps
+    the gradients and the inputs being built), before the activations of the later passes exist: the host peak is
+    the larger of the two.
+
     With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
     GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps to the plans of that tier.
     Returns the components, the plan (`activation_tier`, `replay`) and cpu_bytes, device_bytes and disk_bytes."""
     device = torch.device(device)
+    exl2 = config.output_format == "exl2"
     samples, seqlen = math.ceil(config.calibration.samples / processes), config.calibration.seqlen
     tokens = samples * seqlen
     layer = stats.layer_params * FLOAT32_BYTES
@@ -197,15 +211,21 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         "weights": outside_layers + 2 * layer if streaming else stats.params * FLOAT32_BYTES,
         "layer": layer if device.type != "cpu" else 0,  # on the CPU it is in weights
         "activations": tokens * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES,
-        "recordings": tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
+        "recordings": 0 if exl2 else tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         # one sample through the layer: MLP intermediates and the attention scores
         "forward_scratch": seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
     }
+    if exl2:  # every layer's inputs (and the last layer's outputs) plus one gradient per window
+        windows = min(config.calibration.samples, SENSITIVITY_WINDOWS) if weighing else 0
+        components["weighing"] = windows * seqlen * stats.hidden * FLOAT32_BYTES * (stats.layers + 2)
+        # one window at a time through the head: its logits, their log-softmax and its gradient
+        components["weighing_head"] = seqlen * stats.vocab * FLOAT32_BYTES * WEIGHING_LOGIT_COPIES if windows else 0
     work = components["layer"] + components["hessians"] + components["forward_scratch"]
     on_gpu = device.type != "cpu"
-    plans = [("device", True), ("device", False)] if on_gpu else []
-    plans += [("host", True), ("host", False), ("disk", False)]
+    replays = (False,) if exl2 else (True, False)
+    plans = [("device", replay) for replay in replays] if on_gpu else []
+    plans += [("host", replay) for replay in replays] + [("disk", False)]
     if tier is not None:  # on the CPU the compute device is host memory
         plans = [plan for plan in plans if plan[0] == (tier if on_gpu or tier != "device" else "host")]
     for tier, replay in plans:
@@ -213,9 +233,13 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         if tier == "disk":
             held = components["activations"] // ACTIVATION_COPIES  # the outputs of the layer being quantized
         device_bytes = work + (held if tier == "device" else 0) if on_gpu else 0
-        cpu_bytes = components["weights"] + (0 if on_gpu else work) + (0 if tier == "device" else held)
+        on_host = 0 if tier == "device" else held
+        weighing = components.get("weighing", 0)
+        weighing_on_disk = weighing * stats.layers // (stats.layers + 2) if tier == "disk" else 0  # all but the gradients and the layer at work
+        weighing_host = weighing - weighing_on_disk + (0 if on_gpu else components.get("weighing_head", 0))
+        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, weighing_host)
         plan = {"activation_tier": tier, "replay": replay, "cpu_bytes": cpu_bytes * processes, "device_bytes": device_bytes,
-                "disk_bytes": components["activations"] * processes if tier == "disk" else 0}
+                "disk_bytes": (max(components["activations"], weighing_on_disk)) * processes if tier == "disk" else 0}
         fits_device = device_free_bytes is None or device_bytes <= device_free_bytes
         fits_host = cpu_free_bytes is None or plan["cpu_bytes"] <= cpu_free_bytes
         if fits_device and fits_host:
@@ -284,6 +308,7 @@ def validate_for_hardware(
     device_free_bytes: int | None = None,
     processes: int = 1,
     streaming: bool = False,
+    weighing: bool = True,
 ) -> list[Finding]:
     """Compare the estimated peak memory (estimate_peak_memory, its plan chosen for this free memory) with the
     free memory (read from the machine unless given)."""
@@ -294,7 +319,7 @@ def validate_for_hardware(
         device_free = device_free_bytes if device_free_bytes is not None else device_free_memory(device)
 
     def estimate_for(candidate: QuantConfig) -> dict[str, Any]:
-        return estimate_peak_memory(candidate, stats, device, processes, streaming, cpu_free, device_free)
+        return estimate_peak_memory(candidate, stats, device, processes, streaming, cpu_free, device_free, weighing=weighing)
 
     estimate = estimate_for(config)
     found: list[Finding] = []

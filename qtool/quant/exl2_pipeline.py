@@ -8,7 +8,13 @@ linears seeing the groups quantized before it) and the EXL2 checkpoint with meas
 A measurement can be reused for another bpw (measurement=...); one written before sensitivities were kept is
 weighed again. The passes save their work beside the output as numbered steps (weighing, measuring layer i, then
 quantizing layer i), so an interrupted run restarted with the same
-arguments continues from the last saved step and writes the bytes an uninterrupted run would."""
+arguments continues from the last saved step and writes the bytes an uninterrupted run would.
+
+Memory is handled as in the GPTQ pipeline (quant/pipeline.py), with the same pieces: the float weights streamed
+from the model's files a layer at a time for each pass (quant/float_source.py), the calibration activations kept
+where the memory estimate's plan says (quant/activation_store.py; the weighing pass's per-layer inputs too, on
+disk), the estimate reported before the first pass and the peaks returned, a layer that runs out of GPU memory
+redone down the ladder (quant/memory_ladder.py), and the checkpoint written shard by shard from the saved steps."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import json
 import math
 import logging
 import time
+from collections import ChainMap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +34,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.config.schema import EXL2_BPW_RANGE, QuantConfig, validate_config
@@ -50,16 +58,20 @@ from qtool.quant.exl2_optimize import (
 )
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
-from qtool.quant.sensitivity import linear_sensitivities
-from qtool.quant.pipeline import check_against_model, peak_memory_bytes, source_identity, source_inputs, split_quantizable, storage_device
-from qtool.quant.work_state import WorkState, job_fingerprint
+from qtool.quant.sensitivity import KeepInputs, LayerWeights, linear_sensitivities
+from qtool.quant.activation_store import open_store
+from qtool.quant.float_source import open_float_model
+from qtool.quant.memory_ladder import Rung, climb_down, ladder
+from qtool.quant.pipeline import (check_activation_tier, check_against_model, estimate_line, peak_host_memory_bytes, peak_memory_bytes, source_identity,
+                                  source_inputs, split_quantizable)
+from qtool.quant.work_state import SavedWeights, WorkState, job_fingerprint
 from qtool.models.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
-from qtool.models.layerwise import LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
-from qtool.checkpoints.sources import ModelSource, load_model, resolve_device, resolve_source
+from qtool.models.layerwise import BATCH_TOKENS, LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
+from qtool.models.rules import SENSITIVITY_WINDOWS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes
+from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
 MEASURE_P_GRID = 24  # a coarser scale search while measuring: 4x cheaper, errors ranked the same way
-SENSITIVITY_WINDOWS = 32  # calibration windows through forward and backward (SmolLM2: 154 s on 2 CPU cores, layer by layer)
 Progress = Callable[[int, int, str], None]
 
 
@@ -83,6 +95,11 @@ class Exl2QuantizeResult:
     choices: dict[str, str] = field(default_factory=dict)  # per linear, the candidate picked
     findings: list[Finding] = field(default_factory=list)
     vram_plan: dict[str, Any] | None = None  # with target_vram_gb: how the bpw was chosen
+    # validate's estimate of peak_memory_bytes, made before the run (on the device that does the work)
+    estimated_peak_memory_bytes: int = 0
+    # the estimate in full (components, where the activations went) and the measured peaks of host (resident set
+    # size) and device, beside whether the weights were streamed
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_bpw(self) -> float:
@@ -99,12 +116,21 @@ def _exl2_layout_check(linear: nn.Linear, name: str) -> None:
     check_exl2_layout(linear.in_features, linear.out_features, (8,), (linear.in_features,), name)
 
 
-def _group_hessians(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _add_samples(accumulator: HessianAccumulator, inputs: torch.Tensor) -> None:
+    """One product per sample, in sample order: the Hessian is then the same however the samples are batched (the
+    memory ladder's one-sample batches)."""
+    inputs = inputs.detach()
+    for sample in (inputs if inputs.dim() == 3 else (inputs,)):
+        accumulator.add_batch(sample)
+
+
+def _group_hessians(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device,
+                    max_tokens: int = BATCH_TOKENS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each group's Hessian (from its first linear's input) and the layer's outputs, in one pass over the samples."""
     accumulators = [HessianAccumulator(group[0][1].in_features, device=device) for group in groups]
-    handles = [group[0][1].register_forward_pre_hook(lambda m, args, acc=acc: acc.add_batch(args[0].detach())) for group, acc in zip(groups, accumulators)]
+    handles = [group[0][1].register_forward_pre_hook(lambda m, args, acc=acc: _add_samples(acc, args[0])) for group, acc in zip(groups, accumulators)]
     try:
-        outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device)]
+        outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
     finally:
         for handle in handles:
             handle.remove()
@@ -115,19 +141,20 @@ class _InputTaken(Exception):
     """Raised by the hook of a one-group Hessian pass: the rest of the layer's forward is not needed."""
 
 
-def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs: LayerInputs, device: torch.device) -> torch.Tensor:
+def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs: LayerInputs, device: torch.device,
+                   max_tokens: int = BATCH_TOKENS) -> torch.Tensor:
     """The Hessian of one group's input, each batch's forward stopped as soon as the group's first linear receives
     it (the layer's outputs come from a later pass, once every group is quantized)."""
     accumulator = HessianAccumulator(group[0][1].in_features, device=device)
 
     def take(module: nn.Module, args: tuple) -> None:
-        accumulator.add_batch(args[0].detach())
+        _add_samples(accumulator, args[0])
         raise _InputTaken
 
     handle = group[0][1].register_forward_pre_hook(take)
     moved: dict = {}
     try:
-        for samples in sample_batches(inputs):
+        for samples in sample_batches(inputs, max_tokens):
             try:
                 run_layer_batch(layer, inputs, samples, device=device, moved=moved)
             except _InputTaken:
@@ -138,11 +165,12 @@ def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs:
 
 
 def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device,
-                  damp_percent: float, candidates=DEFAULT_CANDIDATES) -> tuple[list[LinearMeasurement], list[torch.Tensor]]:
+                  damp_percent: float, candidates=DEFAULT_CANDIDATES, max_tokens: int = BATCH_TOKENS) -> tuple[list[LinearMeasurement], list[torch.Tensor]]:
     """Every linear of one float layer measured with every candidate, and the layer's outputs (the next layer's
-    inputs). `groups` are the layer's quantizable linears with their full names."""
+    inputs, where `inputs` keeps its hidden states). `groups` are the layer's quantizable linears with their full
+    names; the layer's forwards run in batches of at most `max_tokens` tokens."""
     layer.to(device)
-    hessians, outputs = _group_hessians(layer, groups, inputs, device)
+    hessians, outputs = _group_hessians(layer, groups, inputs, device, max_tokens)
     measurements = [
         measure_linear(name, linear.weight.data, hessian, candidates, damp_percent=damp_percent, p_grid=MEASURE_P_GRID)
         for group, hessian in zip(groups, hessians)
@@ -153,31 +181,35 @@ def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], i
 
 
 def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, choices: dict[str, Exl2Candidate],
-                        device: torch.device, damp_percent: float, refine: bool = False) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
+                        device: torch.device, damp_percent: float, refine: bool = False,
+                        max_tokens: int = BATCH_TOKENS) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
     """Quantize each chosen linear of one layer, each group's Hessian from a pass in which the groups before it
-    already hold their quantized weights; returns the weights, their errors and the layer's outputs."""
+    already hold their quantized weights; returns the weights, their errors and the layer's outputs (the layer's
+    weights are left changed: the caller keeps a copy to redo it)."""
     layer.to(device)
     weights, errors = {}, {}
     for group in [[(n, m) for n, m in g if n in choices] for g in groups]:
         if not group:
             continue
-        hessian = _group_hessian(layer, group, inputs, device)
+        hessian = _group_hessian(layer, group, inputs, device, max_tokens)
         for name, linear in group:
             bits, sizes = choices[name].layout(linear.in_features)
             result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent, refine=refine)
             weights[name], errors[name] = result.weight, result.error
             linear.weight.data = result.dequantized.to(linear.weight.dtype)  # later groups see the quantized ones
-    outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device)]
+    outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
     layer.to("cpu")
     return weights, errors, outputs
 
 
 def weigh_linears(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.Linear]]]], windows: list[torch.Tensor],
-                  device: torch.device, count: int = SENSITIVITY_WINDOWS) -> dict[str, float]:
+                  device: torch.device, count: int = SENSITIVITY_WINDOWS, layer_weights: LayerWeights | None = None,
+                  keep_inputs: KeepInputs | None = None) -> dict[str, float]:
     """Each quantizable linear's sensitivity from the first `count` calibration windows, one layer at a time on
-    `device`, every layer's inputs kept on the CPU (quant/sensitivity.py)."""
+    `device`, every layer's inputs kept on the CPU or by `keep_inputs` (quant/sensitivity.py); `layer_weights`
+    reads a streamed model's layer for each visit."""
     names = {name for groups in layer_groups for group in groups for name, _ in group}
-    return linear_sensitivities(model, windows[:count], names=names, device=device)
+    return linear_sensitivities(model, windows[:count], names=names, device=device, layer_weights=layer_weights, keep_inputs=keep_inputs)
 
 
 # ---- the saved steps: sensitivities and measurements as JSON metadata, EXL2 weights as tensors ----
@@ -241,9 +273,10 @@ def _plan_for_vram(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.
     seen, fixed_bytes = set(), 0
     for name, module in model.named_modules():
         for _, param in module.named_parameters(recurse=False):
-            if name in quantized or param.data_ptr() in seen or (config.head_bits and module is head):
+            # tied tensors are one Parameter (a streamed model's are on meta, where every data_ptr is 0)
+            if name in quantized or id(param) in seen or (config.head_bits and module is head):
                 continue
-            seen.add(param.data_ptr())
+            seen.add(id(param))
             fixed_bytes += param.numel() * FLOAT16_BYTES
     if config.head_bits:
         fixed_bytes += math.ceil(HEAD_CANDIDATES[config.head_bits].total_bits(head.in_features, head.out_features) / 8)
@@ -284,38 +317,47 @@ def quantize_model_exl2(
     progress: Progress | None = None,
     discard_resume: bool = False,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+    streaming: bool | None = None,
+    activation_tier: str | None = None,
 ) -> Exl2QuantizeResult:
     """Quantize a float model to EXL2 at config.bpw (the head at config.head_bits: 0 = float16, 6 or 8), reusing
     `measurement` (an earlier run's measurement.json) when given. Work is saved beside the output after every
     step and resumed by the next run with the same arguments (unless `discard_resume`); the output is locked
-    against other runs until the checkpoint is written."""
+    against other runs until the checkpoint is written, shard by shard (at most `max_shard_size_bytes` each).
+
+    As quantize_model: `streaming` (None: wherever the source allows) reads each decoder layer's weights from the
+    model's files for each pass over it and drops them after; `activation_tier` (device, host or disk; None: the
+    memory estimate's plan) says where the calibration activations wait between layers; the memory estimate is
+    reported before the first pass, the measured peaks returned; out of GPU memory inside a layer, that layer is
+    redone lower down the memory ladder. None of these changes a byte of the checkpoint."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     if config.output_format != "exl2":
         raise QtoolError(f"output_format {config.output_format!r} is not written by the EXL2 pipeline", "use output_format exl2 (--format exl2)")
+    if activation_tier is not None:
+        check_activation_tier(activation_tier)
     findings = raise_first_error(validate_config(config))
     reused, measurement_digest = _read_measurement(measurement)
     compute = resolve_device(device)
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source, measurement)) as output:
         return _quantize_exl2(model_spec, source, config, output, reused, measurement, measurement_digest, compute, force, progress,
-                              discard_resume, findings, started, max_shard_size_bytes)
+                              discard_resume, findings, started, max_shard_size_bytes, streaming, activation_tier)
 
 
 def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantConfig, output: Path, reused, measurement, measurement_digest: str | None,
                    compute: torch.device, force: bool, progress: Progress | None, discard_resume: bool, findings: list,
-                   started: float, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES) -> Exl2QuantizeResult:
+                   started: float, max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES, streaming: bool | None = None,
+                   activation_tier: str | None = None) -> Exl2QuantizeResult:
     report = progress or (lambda done, total, detail="": None)
-    loaded = load_model(source, device="cpu", dtype="float32")
-    if loaded.quantization_config:
-        raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")
-    if loaded.tokenizer is None:
+    # The float model stays on the CPU in float32 (streamed: one decoder layer of it at a time, read again for each pass)
+    float_model = open_float_model(source, str(model_spec), streaming=streaming)
+    model, tokenizer, spec = float_model.model, float_model.tokenizer, float_model.spec
+    if tokenizer is None:
         raise QtoolError(f"model {model_spec} has no tokenizer", "calibration text must be tokenized: add the tokenizer files")
-    model = loaded.model
-    spec = get_architecture(model)
     layers = decoder_layers(model, spec)
     num_layers = len(layers)
-    findings += check_against_model(config, model, spec, compute)
+    is_streamed = float_model.streamed is not None
     skipped: dict[str, str] = {}
     layer_groups = []
     for index in range(num_layers):
@@ -327,81 +369,123 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
         unknown = sorted({m.name for m in reused} ^ names)
         if unknown:
             raise QtoolError(f"the measurement {measurement} does not match this model's linears (e.g. {', '.join(unknown[:3])})", "measure this model (omit --measurement)")
+    weigh_steps = 0 if reused is not None and weighed(reused) else 1
+    # the free memory read once: the rule below and the plan the run follows judge the same figures
+    free = {"cpu_free_bytes": cpu_free_memory(), "device_free_bytes": device_free_memory(compute)}
+    findings += check_against_model(config, model, spec, compute, streaming=is_streamed, weighing=bool(weigh_steps), **free)
     plan = _plan_for_vram(model, layer_groups, config) if config.target_vram_gb else None
     if plan is not None:
         config = dataclasses.replace(config, bpw=plan.bpw)
         log.info("--target-vram: %s", plan.describe())
 
+    measure_steps = 0 if reused is not None else num_layers
+    first_measure, first_quantize = weigh_steps, weigh_steps + measure_steps
+    total_steps = first_quantize + num_layers
+    # the estimate validate's memory rule judged, said before the work starts and returned beside the measured peaks
+    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, streaming=is_streamed, tier=activation_tier,
+                                    weighing=bool(weigh_steps), **free)
+    estimated_peak = estimate["device_bytes"] if compute.type == "cuda" else estimate["cpu_bytes"]
+    report(0, total_steps, estimate_line(estimate, compute))
+    log.info("%s (%s)", estimate_line(estimate, compute), ", ".join(f"{name} {format_bytes(size)}" for name, size in estimate["components"].items()))
+
     calibration = config.calibration
-    windows = calibration_windows(loaded.tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
+    windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
     calibration_tokens = sum(w.numel() for w in windows)
-    storage = storage_device(compute, len(windows), calibration.seqlen, int(getattr(model.config, "hidden_size", 0) or 0))
     fingerprint = job_fingerprint({
         "format": "exl2", "config": config.to_dict(), "model": source_identity(source), "measurement": measurement_digest,
         "qtool": qtool_version(), "torch": torch.__version__, "device": compute.type,
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
-    weigh_steps = 0 if reused is not None and weighed(reused) else 1
-    measure_steps = 0 if reused is not None else num_layers
-    first_measure, first_quantize = weigh_steps, weigh_steps + measure_steps
-    total_steps = first_quantize + num_layers
     resumed_from = state.completed_layers
-    if weigh_steps and resumed_from == 0:
-        report(0, total_steps, "weighing the linears (forward and backward passes)")
-        sensitivities = weigh_linears(model, layer_groups, windows, compute)
-        state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
-    report(weigh_steps, total_steps, "capturing calibration inputs")
-    captured = inputs = capture_layer_inputs(model, windows, device="cpu", storage_device=storage, spec=spec)
-    if resumed_from not in (0, first_measure, first_quantize):  # the saved hidden states feed the next step
-        log.info("resuming %s after step %d of %d", output, resumed_from, total_steps)
-        layer = resumed_from - first_measure if resumed_from < first_quantize else resumed_from - first_quantize
-        inputs = LayerInputs(layer, tuple(h.to(storage) for h in state.load_hidden()), inputs.calls)
-    for step in range(max(resumed_from, first_measure), first_quantize):
-        index = step - first_measure
-        report(step, total_steps, f"measuring layer {index + 1}/{num_layers}")
-        measured, outputs = measure_layer(layers[index], layer_groups[index], inputs, compute, config.damp_percent)
-        outputs = [h.to(storage) for h in outputs]
-        state.save_step(step, *_measurement_step(measured), outputs)
-        inputs = inputs.advanced(outputs)
-    measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.load_step(step)[1])]
-    if weigh_steps:
-        measurements = with_sensitivities(measurements, json.loads(state.load_step(0)[1]["sensitivity"]))
-    if plan is not None:  # the budget's bpw, within what the candidates can reach
-        low, high = reachable_bpw(measurements)
-        if plan.bpw < low:
-            raise QtoolError(f"--target-vram {config.target_vram_gb:g} GB leaves {plan.bpw:.2f} bpw, below the least the candidates reach ({low:.2f})", "raise --target-vram or lower --context-length")
-        config = dataclasses.replace(config, bpw=round(min(plan.bpw, high), 2))
-    allocation = optimize(measurements, config.bpw)
+    with open_store(estimate["activation_tier"], compute, output) as store:
+        if weigh_steps and resumed_from == 0:
+            report(0, total_steps, "weighing the linears (forward and backward passes)")
+            # every layer's inputs wait for the backward pass: in host memory, or on disk where the plan puts activations there
+            sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory,
+                                          keep_inputs=store.store if store.tier == "disk" else None)
+            state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
 
-    if resumed_from <= first_quantize:  # the quantization pass starts again from the embeddings' outputs
-        inputs = captured
-    for step in range(max(resumed_from, first_quantize), total_steps):
-        index = step - first_quantize
-        report(step, total_steps, f"quantizing layer {index + 1}/{num_layers}")
-        weights, errors, outputs = quantize_exl2_layer(layers[index], layer_groups[index], inputs, allocation.choices, compute, config.damp_percent,
-                                                       refine=config.refine_scales)
-        outputs = [h.to(storage) for h in outputs]
-        state.save_step(step, *_weights_step(weights, errors), outputs)
-        inputs = inputs.advanced(outputs)
+        def first_inputs() -> LayerInputs:
+            """Layer 0's inputs, as the store keeps them (captured again for the second pass rather than held through
+            the first: the embeddings give the same values)."""
+            captured = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
+            return LayerInputs(0, run.store.store(captured.hidden_states), captured.calls)
 
-    # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would.
-    weights, errors = {}, {}
-    for step in range(first_quantize, total_steps):
-        step_weights, step_errors = _weights_of_step(*state.load_step(step))
-        weights.update(step_weights)
-        errors.update(step_errors)
-    if not weights:
-        raise QtoolError(f"no linear of {model_spec} can be stored in EXL2", "EXL2 needs input widths that are multiples of 32")
-    if config.head_bits:
-        report(total_steps, total_steps, "quantizing the head")
-        name, weight, error = _quantize_head(model, inputs, config.head_bits, compute, refine=config.refine_scales)
-        weights[name], errors[name] = weight, error
+        report(weigh_steps, total_steps, "capturing calibration inputs")
+        run = _LayerRun(store, compute)
+        run.inputs = first_inputs()
+        if resumed_from not in (0, first_measure, first_quantize):  # the saved hidden states feed the next step
+            log.info("resuming %s after step %d of %d", output, resumed_from, total_steps)
+            layer = resumed_from - first_measure if resumed_from < first_quantize else resumed_from - first_quantize
+            run.inputs = LayerInputs(layer, store.store(state.load_hidden()), run.inputs.calls)
+        for step in range(max(resumed_from, first_measure), first_quantize):
+            index = step - first_measure
+            what = f"measuring layer {index + 1}/{num_layers}"
+            report(step, total_steps, what)
+            with float_model.layer_in_memory(index):
+                measured, outputs = run.climb(what, lambda rung, inputs, index=index: measure_layer(
+                    layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS),
+                    restore=lambda index=index: layers[index].to("cpu"))
+                outputs = run.keep(outputs)
+                state.save_step(step, *_measurement_step(measured), outputs)
+            run.advance(outputs)
+        measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.step_metadata(step))]
+        if weigh_steps:
+            measurements = with_sensitivities(measurements, json.loads(state.step_metadata(0)["sensitivity"]))
+        if plan is not None:  # the budget's bpw, within what the candidates can reach
+            low, high = reachable_bpw(measurements)
+            if plan.bpw < low:
+                raise QtoolError(f"--target-vram {config.target_vram_gb:g} GB leaves {plan.bpw:.2f} bpw, below the least the candidates reach ({low:.2f})", "raise --target-vram or lower --context-length")
+            config = dataclasses.replace(config, bpw=round(min(plan.bpw, high), 2))
+        allocation = optimize(measurements, config.bpw)
+
+        if resumed_from < first_quantize:  # the quantization pass starts again from the embeddings' outputs
+            run.inputs = None  # the measurement pass's last outputs are not needed
+            run.inputs = first_inputs()
+        for step in range(max(resumed_from, first_quantize), total_steps):
+            index = step - first_quantize
+            what = f"quantizing layer {index + 1}/{num_layers}"
+            report(step, total_steps, what)
+            with float_model.layer_in_memory(index):
+                original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
+
+                def restore(index: int = index, original: dict = original) -> None:
+                    layers[index].load_state_dict(original)  # the groups solved so far changed the weights
+                    layers[index].to("cpu")
+
+                weights, errors, outputs = run.climb(what, lambda rung, inputs, index=index: quantize_exl2_layer(
+                    layers[index], layer_groups[index], inputs, allocation.choices, rung.compute, config.damp_percent,
+                    refine=config.refine_scales, max_tokens=rung.max_batch_tokens or BATCH_TOKENS), restore)
+                del original, restore
+                outputs = run.keep(outputs)
+                state.save_step(step, *_weights_step(weights, errors), outputs)
+            del weights
+            run.advance(outputs)
+        host_peak = peak_host_memory_bytes()
+        peak = peak_memory_bytes(compute)
+
+        # Every layer's weights come from the saved state (read one step at a time while the checkpoint is written),
+        # so a resumed run writes what an uninterrupted one would.
+        saved = SavedWeights(state, range(first_quantize, total_steps), lambda step: _weights_of_step(*state.load_step(step))[0])
+        errors = {name: json.loads(text)["error"] for step in range(first_quantize, total_steps) for name, text in state.step_metadata(step).items()}
+        if not saved:
+            raise QtoolError(f"no linear of {model_spec} can be stored in EXL2", "EXL2 needs input widths that are multiples of 32")
+        head: dict[str, Exl2Weight] = {}
+        if config.head_bits:
+            report(total_steps, total_steps, "quantizing the head")
+            name, weight, error = _quantize_head(model, run.inputs, config.head_bits, compute, refine=config.refine_scales)
+            head[name], errors[name] = weight, error
     report(total_steps, total_steps, "writing checkpoint")
     meta = {"model": str(model_spec), "calibration": asdict(calibration)}
-    save_exl2_model(output, model, weights, _checkpoint_config(config, calibration_tokens, allocation.bits_per_weight), loaded.tokenizer,
-                    measurement=measurement_to_dict(measurements, meta), max_shard_size_bytes=max_shard_size_bytes, force=force)
+    save_exl2_model(output, model, ChainMap(head, saved), _checkpoint_config(config, calibration_tokens, allocation.bits_per_weight), tokenizer,
+                    measurement=measurement_to_dict(measurements, meta), max_shard_size_bytes=max_shard_size_bytes, force=force,
+                    float_tensor=float_model.streamed.float_tensor if is_streamed else None)
     state.remove()
     log.info("wrote %s with %s", output, MEASUREMENT_FILE)
+    host_peak = max(host_peak, peak_host_memory_bytes())  # the write itself may be the host's peak (one shard's tensors)
+    if compute.type == "cpu":
+        peak = max(peak, host_peak)
+    memory = {"estimate": estimate, "peak_host_bytes": host_peak, "peak_device_bytes": peak if compute.type == "cuda" else 0}
     return Exl2QuantizeResult(
         output=str(output),
         config=config,
@@ -409,15 +493,48 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
         measured=reused is None,
         weighed=bool(weigh_steps),
         layers=num_layers,
-        quantized_linears=len(weights),
+        quantized_linears=len(saved) + len(head),
         skipped_linears=skipped,
         resumed_from_step=resumed_from,
         seconds=time.perf_counter() - started,
-        peak_memory_bytes=peak_memory_bytes(compute),
+        peak_memory_bytes=peak,
         device=str(compute),
         calibration_tokens=calibration_tokens,
         errors=errors,
         choices={name: candidate.describe() for name, candidate in allocation.choices.items()},
         findings=findings,
         vram_plan=None if plan is None else plan.to_dict(),
+        estimated_peak_memory_bytes=estimated_peak,
+        memory=memory,
     )
+
+
+class _LayerRun:
+    """The calibration activations between layers (kept by an activation store) and where the run stands on the
+    memory ladder: out of GPU memory inside a layer, the layer is redone on the next rung, and the run stays there
+    (activations moved to host memory for good when the rung says so)."""
+
+    def __init__(self, store, compute: torch.device):
+        self.store, self.compute = store, compute
+        self.inputs: LayerInputs | None = None
+        self.rungs = ladder(compute, store.device)
+        self.rung_index = 0
+
+    def climb(self, what: str, work: Callable[[Rung, LayerInputs], Any], restore: Callable[[], None]) -> Any:
+        def attempt(rung: Rung) -> Any:
+            if rung.storage != self.store.device:
+                self.store = open_store("host", self.compute)
+                self.inputs = LayerInputs(self.inputs.layer_index, self.store.store(self.inputs.hidden_states), self.inputs.calls)
+            return work(rung, self.inputs)
+
+        result, self.rung_index = climb_down(self.rungs, self.rung_index, attempt, restore, what)
+        return result
+
+    def keep(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A layer's outputs as the store keeps them."""
+        return list(self.store.store(outputs))
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next layer's inputs are these outputs; what the layer's work freed goes back to the system."""
+        self.inputs = self.inputs.advanced(outputs)
+        give_back_freed_memory()

@@ -5,8 +5,9 @@ else loaded whole through load_model (GGUF families only transformers reads, rem
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -38,6 +39,15 @@ class FloatModel:
         float tensors, e.g. the norms, from the files again)."""
         if self.streamed is not None:
             self.streamed.release(self.layer_prefix(index))
+
+    @contextmanager
+    def layer_in_memory(self, index: int) -> Iterator[None]:
+        """Decoder layer `index`'s weights read for the block and dropped after it (a model loaded whole keeps them)."""
+        self.materialize_layer(index)
+        try:
+            yield
+        finally:
+            self.release_layer(index)
 
 
 def _why_not_streamed(source: ModelSource, trust_remote_code: bool) -> str | None:

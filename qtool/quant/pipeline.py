@@ -19,6 +19,7 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.core.findings import Finding, raise_first_error
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes,
@@ -184,7 +185,8 @@ def checkpoint_quantization_config(config: QuantConfig, skipped: dict[str, str],
 
 
 def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, compute: torch.device, processes: int = 1,
-                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None) -> list[Finding]:
+                        streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
+                        weighing: bool = True) -> list[Finding]:
     """The model-aware and hardware rules of the shared validator, before any calibration work: raise the first
     error, return the rest."""
     shapes = {
@@ -195,7 +197,7 @@ def check_against_model(config: QuantConfig, model: nn.Module, spec: Any, comput
     }
     findings = validate_for_model(config, shapes)
     findings += validate_for_hardware(config, ModelStats.from_config(model.config), compute, processes=processes, streaming=streaming,
-                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes)
+                                      cpu_free_bytes=cpu_free_bytes, device_free_bytes=device_free_bytes, weighing=weighing)
     return raise_first_error(findings)
 
 
@@ -482,6 +484,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)
+            give_back_freed_memory()  # what the layer's work freed
             report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
 
         peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)
@@ -492,7 +495,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             return None
         # Every layer's weights come from the saved state, so a resumed run writes what an uninterrupted one would; they
         # are read one layer at a time while the checkpoint is written.
-        quantized = SavedWeights(state, num_layers)
+        quantized = SavedWeights(state, range(num_layers), state.load_layer)
         result = job.write_checkpoint(quantized, skipped, modules, calibration_tokens, compute_dtype, resumed_from, peak=int(peak.item()),
                                       host_peak=int(host_peak.item()))
         state.remove()

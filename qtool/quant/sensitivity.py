@@ -16,11 +16,13 @@ layer at a time (that layer alone on the compute device, its forward recomputed 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from qtool.core.host_memory import give_back_freed_memory
 from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_architecture
 from qtool.models.layerwise import (
     LayerInputs,
@@ -33,6 +35,11 @@ from qtool.models.layerwise import (
 )
 
 Progress = Callable[[int, int, str], None]
+# decoder layer index -> a context in which that layer's weights are in memory (a streamed model reads them)
+LayerWeights = Callable[[int], AbstractContextManager]
+# one layer's input hidden states -> the same values where they wait for the backward pass (e.g. an activation
+# store's files on disk)
+KeepInputs = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
 
 class _ChannelSums:
@@ -85,23 +92,29 @@ def linear_sensitivities(
     storage_device: torch.device | str = "cpu",
     spec: ArchitectureSpec | None = None,
     progress: Progress | None = None,
+    layer_weights: LayerWeights | None = None,
+    keep_inputs: KeepInputs | None = None,
 ) -> dict[str, float]:
     """S (above) for every nn.Linear inside the decoder layers (or those named in `names`), summed over `windows`
     (int64 token ids; next-token loss, mean over the tokens of a window). Each layer visits `device` and returns
-    where it was; weights are not changed and no weight gradient is formed."""
+    where it was; weights are not changed and no weight gradient is formed. `layer_weights(i)` is entered around
+    each visit of layer i (twice: forward, then backward), for a model whose layers' weights are read when needed;
+    `keep_inputs` keeps each layer's inputs until the backward pass needs them (default: on `storage_device`)."""
     device = torch.device(device)
     spec = spec or get_architecture(model)
     head_modules(model, spec)  # a family without a known head is refused before any work
     was_training = model.training
     model.eval()
     try:
-        return _sensitivities(model, windows, names, device, torch.device(storage_device), spec, progress)
+        return _sensitivities(model, windows, names, device, torch.device(storage_device), spec, progress, layer_weights or (lambda index: nullcontext()),
+                              keep_inputs or tuple)
     finally:
         model.train(was_training)
 
 
 def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set[str] | None, device: torch.device,
-                   storage_device: torch.device, spec: ArchitectureSpec, progress: Progress | None) -> dict[str, float]:
+                   storage_device: torch.device, spec: ArchitectureSpec, progress: Progress | None, layer_weights: LayerWeights,
+                   keep_inputs: KeepInputs) -> dict[str, float]:
     layers = decoder_layers(model, spec)
     prefix = spec.layers_path + "."
     per_layer: list[dict[str, nn.Linear]] = []
@@ -114,13 +127,16 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
 
     # forward: every layer's inputs, kept for the backward pass
     inputs = capture_layer_inputs(model, list(windows), device="cpu", storage_device=storage_device, spec=spec)
-    layer_inputs: list[LayerInputs] = []
+    layer_inputs: list[LayerInputs | None] = []
     for index, layer in enumerate(layers):
         report(index, total, f"weighing: forward through layer {index + 1}/{len(layers)}")
+        inputs = LayerInputs(inputs.layer_index, tuple(keep_inputs(inputs.hidden_states)), inputs.calls)
         layer_inputs.append(inputs)
-        where = _move(layer, device)
-        inputs = next_layer_inputs(layer, inputs, device=device, storage_device=storage_device)
-        layer.to(where)
+        with layer_weights(index):
+            where = _move(layer, device)
+            inputs = next_layer_inputs(layer, inputs, device=device, storage_device=storage_device)
+            layer.to(where)
+        give_back_freed_memory()  # the layer's forward scratch
 
     # the head: each window's loss gradient with respect to the last layer's output
     report(len(layers), total, "weighing: loss gradients")
@@ -135,6 +151,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
             loss = nn.functional.cross_entropy(logits, ids[1:])
             (grad,) = torch.autograd.grad(loss, final)
         grads.append(grad.to(storage_device))
+        give_back_freed_memory()  # the window's logits and their gradient
     for module, where in zip(head, head_places):
         module.to(where)
 
@@ -142,22 +159,25 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
     for index in range(len(layers) - 1, -1, -1):
         report(2 * len(layers) - index, total, f"weighing: backward through layer {index + 1}/{len(layers)}")
         layer, stored = layers[index], layer_inputs[index]
-        where = _move(layer, device)
-        hooks = _watch(per_layer[index], sums)
-        moved: dict = {}
-        try:
-            for samples in sample_batches(stored):  # windows that share their layer arguments, as one batch
-                hidden = torch.cat([stored.hidden_states[k] for k in samples]).to(device).requires_grad_(True)
-                batch = LayerInputs(index, (hidden,), (stored.calls[samples[0]],))
-                with torch.enable_grad():
-                    output = run_layer_batch(layer, batch, (0,), device=device, moved=moved, grad=True)
-                    incoming = torch.cat([grads[k] for k in samples]).to(device)
-                    (grad,) = torch.autograd.grad(output, hidden, grad_outputs=incoming)
-                for k, piece in zip(samples, grad.split([stored.hidden_states[k].shape[0] for k in samples])):
-                    grads[k] = piece.to(storage_device)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            layer.to(where)
+        with layer_weights(index):
+            where = _move(layer, device)
+            hooks = _watch(per_layer[index], sums)
+            moved: dict = {}
+            try:
+                for samples in sample_batches(stored):  # windows that share their layer arguments, as one batch
+                    hidden = torch.cat([stored.hidden_states[k] for k in samples]).to(device).requires_grad_(True)
+                    batch = LayerInputs(index, (hidden,), (stored.calls[samples[0]],))
+                    with torch.enable_grad():
+                        output = run_layer_batch(layer, batch, (0,), device=device, moved=moved, grad=True)
+                        incoming = torch.cat([grads[k] for k in samples]).to(device)
+                        (grad,) = torch.autograd.grad(output, hidden, grad_outputs=incoming)
+                    for k, piece in zip(samples, grad.split([stored.hidden_states[k].shape[0] for k in samples])):
+                        grads[k] = piece.to(storage_device)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                layer.to(where)
+        layer_inputs[index] = stored = None  # its inputs are not needed again
+        give_back_freed_memory()  # them and the layer's autograd buffers
     report(total, total, "weighing: done")
     return {name: s.sensitivity() for name, s in sums.items()}

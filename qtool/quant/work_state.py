@@ -8,9 +8,10 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -110,11 +111,18 @@ class WorkState:
             (self.path / previous).unlink(missing_ok=True)
 
     def load_step(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A step's tensors and metadata, from one open of its file."""
         from safetensors import safe_open
 
         with safe_open(str(self.layer_file(index)), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(self.layer_file(index))), metadata
+            return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+
+    def step_metadata(self, index: int) -> dict[str, str]:
+        """A step's metadata alone (the file's header)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.layer_file(index)), framework="pt") as handle:
+            return handle.metadata() or {}
 
     def save_layer(self, index: int, quantized: dict[str, QuantizedWeight], next_hidden: list[torch.Tensor]) -> None:
         """save_step for a layer of GPTQ weights."""
@@ -174,31 +182,38 @@ def _problem(path: Path, fingerprint: str) -> str | None:
     return None
 
 
-class SavedWeights(Mapping[str, QuantizedWeight]):
-    """The quantized weights of every saved layer, read from the state's files when asked and in layer order when
-    iterated, one layer's file held at a time: writing the checkpoint then never holds the whole quantized model
-    (whose codes take as much memory as the float32 model)."""
+W = TypeVar("W")
 
-    def __init__(self, state: WorkState, layers: int):
+
+class SavedWeights(Mapping[str, W]):
+    """The quantized weights of saved steps, read from the state's files when asked (`load(step)` gives one step's
+    weights by name) and in step order when iterated, one step's file held at a time: writing the checkpoint then
+    never holds the whole quantized model (whose codes take as much memory as the float32 model). A writer that
+    asks for the weights in step order reads each file once; its names come from the headers alone."""
+
+    def __init__(self, state: WorkState, steps: Iterable[int], load: Callable[[int], dict[str, W]]):
         from safetensors import safe_open
 
         self.state = state
-        self._layer_of: dict[str, int] = {}
-        for index in range(layers):
+        self._load = load
+        self._step_of: dict[str, int] = {}
+        for index in steps:
             with safe_open(str(state.layer_file(index)), framework="pt") as handle:
                 for name in handle.metadata() or {}:
-                    self._layer_of[name] = index
-        self._cached: tuple[int, dict[str, QuantizedWeight]] | None = None
+                    self._step_of[name] = index
+        self._cached: tuple[int, dict[str, W]] | None = None
+        self.loads: list[int] = []  # the steps read, in order (each once when asked in order)
 
-    def __getitem__(self, name: str) -> QuantizedWeight:
-        index = self._layer_of[name]
+    def __getitem__(self, name: str) -> W:
+        index = self._step_of[name]
         if self._cached is None or self._cached[0] != index:
-            self._cached = None  # drop the previous layer before reading the next
-            self._cached = (index, self.state.load_layer(index))
+            self._cached = None  # drop the previous step before reading the next
+            self._cached = (index, self._load(index))
+            self.loads.append(index)
         return self._cached[1][name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._layer_of)
+        return iter(self._step_of)
 
     def __len__(self) -> int:
-        return len(self._layer_of)
+        return len(self._step_of)

@@ -5,12 +5,10 @@ what load_model gives."""
 
 from __future__ import annotations
 
-import gc
 import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,71 +19,20 @@ from qtool.core.errors import QtoolError
 from qtool.quant.float_source import open_float_model
 from qtool.quant.pipeline import quantize_model
 
-from fuzz_gguf_writer import write_llama_gguf
-
-# GGUF tensors stored block-quantized, as llama.cpp files hold most of theirs: the streamed read dequantizes them
-BLOCK_QUANTIZED = {"blk.0.attn_k.weight": "Q4_1", "blk.1.attn_q.weight": "Q8_0", "blk.0.ffn_up.weight": "Q4_1", "token_embd.weight": "Q8_0"}
+from streamed_sources import block_quantized_gguf, files_of, live_model_ids, resident_layers, write_sharded
 
 
 @pytest.fixture
 def sharded_model_dir(make_tiny_llama, make_tiny_tokenizer):
     def write(directory: Path, dtype: torch.dtype, seed: int, **overrides) -> Path:
         """A tiny random Llama saved in shards of at most 20 kB (several tensors per shard, the index naming them)."""
-        model = make_tiny_llama(seed, **{"num_hidden_layers": 3, **overrides}).to(dtype)
-        model.save_pretrained(str(directory), max_shard_size="20KB")
-        make_tiny_tokenizer().save_pretrained(str(directory))
-        assert len(set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
-        return directory
+        return write_sharded(directory, make_tiny_llama(seed, **{"num_hidden_layers": 3, **overrides}), make_tiny_tokenizer(), dtype)
 
     return write
 
 
-def block_quantized_gguf(path: Path, model, tokenizer) -> Path:
-    """fuzz_gguf_writer's tiny GGUF (tokenizer included) with some tensors block-quantized."""
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
-    from gguf.quants import quantize
-
-    plain = write_llama_gguf(path.with_suffix(".float.gguf"), model, tokenizer)
-    reader = GGUFReader(str(plain))
-    writer = GGUFWriter(str(path), arch="llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        value = field.contents()
-        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
-    for tensor in reader.tensors:
-        values = np.array(tensor.data, dtype=np.float32).reshape(tuple(reversed([int(d) for d in tensor.shape])))
-        if tensor.name in BLOCK_QUANTIZED:
-            kind = GGMLQuantizationType[BLOCK_QUANTIZED[tensor.name]]
-            writer.add_tensor(tensor.name, quantize(values, kind), raw_dtype=kind)
-        else:
-            writer.add_tensor(tensor.name, values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    plain.unlink()
-    return path
-
-
 def job(calibration: Path, **fields) -> QuantConfig:
     return replace(QuantConfig(calibration=CalibrationConfig(source=str(calibration), samples=5, seqlen=27, seed=1)), bits=4, group_size=32, **fields)
-
-
-def files_of(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def resident_layers(model_type: type, ignore: frozenset[int] = frozenset()) -> set[int]:
-    """Indices of the decoder layers of live models of `model_type` whose weights are in memory (not on meta),
-    leaving out the objects whose ids are in `ignore` (models other tests left alive)."""
-    found: set[int] = set()
-    for obj in gc.get_objects():
-        if type(obj) is model_type and id(obj) not in ignore:
-            for index, layer in enumerate(obj.model.layers):
-                if any(p.device.type != "meta" for p in layer.parameters()):
-                    found.add(index)
-    return found
 
 
 @pytest.mark.parametrize("dtype,tied,method", [(torch.float16, False, "gptq"), (torch.float32, True, "gptq"), (torch.float16, True, "rtn")])
@@ -107,8 +54,7 @@ def test_only_the_layer_being_quantized_is_in_memory(tmp_path, sharded_model_dir
 
     source = sharded_model_dir(tmp_path / "model", torch.float32, seed=3, num_hidden_layers=4)
     seen: list[tuple[str, set[int]]] = []
-    gc.collect()
-    earlier = frozenset(id(obj) for obj in gc.get_objects() if type(obj) is LlamaForCausalLM)
+    earlier = live_model_ids(LlamaForCausalLM)
 
     def watch(done: int, total: int, detail: str = "") -> None:
         seen.append((detail, resident_layers(LlamaForCausalLM, earlier)))
