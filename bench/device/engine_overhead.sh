@@ -53,6 +53,6 @@ want smol && for model in "$WORK/smollm2-gptq-4bit" "$WORK/smol-random"; do
     overhead 120 --model "$model" --path decode-step --requests 3 --kernel-profile
     overhead 90 --model "$model" --path decode-step --requests 2 --kernel-profile --no-cuda-graphs
     overhead 90 --model "$model" --path decode-step --requests 3 --sync-phases
-    overhead 90 --model "$model" --path decode-step --requests 3 --no-fast-prefill
+    overhead 90 --model "$model" --path decode-step --requests 3 --fast-prefill off
 done
 log done

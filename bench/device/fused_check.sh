@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call after the fused q/k/v and gate/up projections and fast prefill became the engine's defaults: their
-# CUDA tests first, then the 7B-shaped decode and SmolLM2 `run` fused against unfused, the prefix TTFT, the host
+# One device call for the fused q/k/v and gate/up projections (the engine's default) and fast prefill (off until this
+# call's CUDA test passes): their CUDA tests first, then the 7B-shaped decode and SmolLM2 `run` fused against unfused, the prefix TTFT, the host
 # time of a prefill step with and without fast prefill, and the decode kernel profile. Most important first; each part
 # under its own limit (~7 minutes). Carry: .device-data/runtime-small .whl/runtime
 #   bash bench/device/fused_check.sh     -> $OUT/*.json[l], $OUT/fused_check.log, $OUT/gpu_tests.log
@@ -27,12 +27,16 @@ log "gpu tests: exit $?"; tail -6 "$OUT/gpu_tests.log" | tee -a "$LOG"
 log "7B decode fused vs unfused"
 timeout "${DECODE_LIMIT_S:-110}" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \
     --out "$OUT/engine_decode_fusion.json" 2>&1 | grep -vE '^(Writing|Loading)' | tail -12 | tee -a "$LOG"
-log "smollm2 run fused vs unfused, prefix"
+log "smollm2 run fused vs unfused; prefix with fast prefill on, off"
 timeout "${RUN_LIMIT_S:-120}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
-    --scenario smollm2-run --scenario prefix --calibration-samples 8 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
+    --scenario smollm2-run --calibration-samples 8 --fast-prefill on 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
+for setting in on off; do
+    timeout "${PREFIX_LIMIT_S:-40}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_prefix.jsonl" --work "$WORK" \
+        --scenario prefix --fast-prefill $setting 2>&1 | tee -a "$LOG" | grep -E '^\| prefix|rror'
+done
 log "prefill host time: fast prefill on, off"
-for flag in "" "--no-fast-prefill"; do
+for flag in "--fast-prefill on" "--fast-prefill off"; do
     timeout "${OVERHEAD_LIMIT_S:-45}" python3 bench/runtime/engine_overhead.py --device cuda --out "$OUT/engine_overhead.jsonl" \
         --model "$WORK/smollm2-gptq-4bit" --path decode-step --requests 3 $flag 2>&1 | grep -E '^\|' | tail -1 | tee -a "$LOG"
 done

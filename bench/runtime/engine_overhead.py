@@ -117,7 +117,7 @@ def op_counts(engine: Engine, params: SamplingParams, prompt: list[int], decode_
 
 
 def run_path(name: str, model, tokenizer, args: argparse.Namespace, device: torch.device) -> dict:
-    fast_prefill = {"fast_prefill": False} if args.no_fast_prefill else {}  # absent before EngineConfig had it
+    fast_prefill = {"fast_prefill": args.fast_prefill == "on"} if args.fast_prefill else {}  # else the default
     config = EngineConfig(num_blocks=args.num_blocks, max_num_seqs=max(8, args.batch),
                           cuda_graphs=not args.no_cuda_graphs,
                           **PATHS[name], **fast_prefill)
@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a model directory or alias instead of the tiny random one (its tokenizer "
                         "streams with --stream)")
     parser.add_argument("--dtype", default="bfloat16", help="--model's float dtype on CUDA")
-    parser.add_argument("--no-fast-prefill", action="store_true",
-                        help="prefill steps through the model's modules even where the decode step runs")
+    parser.add_argument("--fast-prefill", choices=("on", "off"), default=None,
+                        help="prefill steps through the decode step's fused ops (on) or the model's modules (off); "
+                        "default: the engine's")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="CUDA: the decode step eager (its kernels "
                         "one by one, for --kernel-profile where the profiler does not see inside graphs)")
     parser.add_argument("--kernel-profile", action="store_true", help="CUDA: the GPU kernels of a decode step")

@@ -210,7 +210,7 @@ def smollm2_run(ctx: Context) -> None:
         hf = bench_peers.hf_generate(model, [prompt], new, pad, device)
         first_setting = None  # the first --fusion setting's run, set against transformers' generate
         for fuse in FUSION_SETTINGS[args.fusion]:
-            config = engine_config(kv_cache_bytes=256 << 20, fuse_projections=fuse)
+            config = engine_config(kv_cache_bytes=256 << 20, fuse_projections=fuse, **prefill_setting(args))
             # first calls apart: Triton compiles and the tuner times its candidates there
             began = time.perf_counter()
             bench_peers.engine_run(model, [prompt], 4, config, device)
@@ -330,9 +330,11 @@ def prefix(ctx: Context) -> None:
     from qtool.runtime.engine import Engine, SamplingParams
 
     engine = Engine(model, None, engine_config(kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30),
-                                               max_num_batched_tokens=max(2048, shared_len + 64)))
+                                               max_num_batched_tokens=max(2048, shared_len + 64),
+                                               **prefill_setting(args)))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    warm = Engine(model, None, engine_config(kv_cache_bytes=64 << 20))  # compile and tune on a separate cache
+    # compile and tune on a separate cache
+    warm = Engine(model, None, engine_config(kv_cache_bytes=64 << 20, **prefill_setting(args)))
     warm.generate([[5] * 64], params)
     del warm
     first = run_all(engine, prompts[:1], params, device)
@@ -471,6 +473,11 @@ SCENARIO_FUNCTIONS = {"smollm2-run": smollm2_run, "speculative": speculative, "t
 # ---- helpers ----
 
 
+def prefill_setting(args) -> dict:
+    """--fast-prefill as EngineConfig fields: {} keeps the engine's default."""
+    return {} if args.fast_prefill is None else {"fast_prefill": args.fast_prefill == "on"}
+
+
 def engine_config(**fields):
     from qtool.runtime.engine import EngineConfig
 
@@ -513,6 +520,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "of that shape stand in for the GGUF's (speed rows only)")
     p.add_argument("--data", default=None, help="folder with wiki.valid.tokens (calibration) and grimm-test.txt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast-prefill", choices=("on", "off"), default=None,
+                   help="smollm2-run and prefix: prefill through the decode step's fused ops or not (default: the engine's)")
     p.add_argument("--calibration-samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
     p.add_argument("--smol-new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=256)

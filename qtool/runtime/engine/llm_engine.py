@@ -55,8 +55,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
     max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
     # where the decode step runs, prefill and mixed steps run through its fused ops too (False: the model's modules,
-    # a few thousand small torch ops per prefill step: host-bound on a GPU)
-    fast_prefill: bool = True
+    # a few thousand small torch ops per prefill step: host-bound on a GPU). Off by default until its CUDA test
+    # (tests/runtime/engine/test_step_overhead.py) has run on a GPU: the CPU tests check the same arithmetic through
+    # the torch references only; bench/device/fused_check.sh runs that test first
+    fast_prefill: bool = False
     # where the decode step runs, each layer's q/k/v and gate/up as one linear each (kernels/fused_linear.py)
     fuse_projections: bool = True
 
