@@ -1,12 +1,13 @@
 """What a bench result says about the run that measured it: the UTC date, the device, the library versions, the git
 commit and the command line, so that a number in bench/results can be traced to the machine, the code and the
 flags behind it. One helper for every bench script; the scripts import it by name with bench/ on sys.path (bench/
-holds scripts, not packages)."""
+holds scripts, not packages); and the one way a script prints its figures and saves them (print_and_save)."""
 
 from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import os
 import platform
 import shlex
@@ -67,3 +68,13 @@ def run_metadata(device, script: str | Path, argv: list[str], libraries: tuple[s
         "git_commit": git_commit(),
         "command": command_line(script, list(argv)),
     }
+
+
+def print_and_save(figures: dict, path: Path | None) -> None:
+    """Print a run's figures as indented JSON and, where `path` is given, write the same text there (its folder
+    made), so that what a run showed and what it saved cannot differ."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")

@@ -18,8 +18,8 @@ Models (--model):
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +29,9 @@ from qtool.finetune.audio.char_tokenizer import character_tokenizer
 from qtool.finetune.audio.ct2_whisper import convert_ct2_whisper
 from qtool.finetune.audio.espeak_corpus import pick_sentences, write_espeak_corpus
 from qtool.finetune.audio.random_whisper import WhisperSize, write_random_whisper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ holds scripts, not packages: shared modules by name
+from run_metadata import print_and_save  # noqa: E402
 
 GRIMM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "grimm"
 
@@ -87,12 +90,10 @@ def main(argv=None) -> dict:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    print_and_save(result, args.json_out)
     print(f"held-out WER {result['wer_before']:.1%} -> {result['wer_after']:.1%}, loss {result['loss_before']:.3f} -> {result['loss_after']:.3f} "
           f"({result['train_examples']} train / {result['eval_examples']} held-out clips, {result['steps']} steps, {result['trained']}, "
           f"{result['seconds']:.0f} s on {result['device']}; {weights})")
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -23,6 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench/ holds scripts, not packages: its shared modules import by name
 
 from qtool.checkpoints.sources import load_model  # noqa: E402
 from qtool.config.finetune_schema import FinetuneConfig  # noqa: E402
@@ -32,6 +33,7 @@ from qtool.finetune.job import prepare_model  # noqa: E402
 from qtool.finetune.lora_setup import quantized_format  # noqa: E402
 from qtool.finetune.packing import make_rows  # noqa: E402
 from qtool.finetune.trainer import StepReport, TrainingRun, evaluate, train  # noqa: E402
+from run_metadata import print_and_save  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 GRIMM = DATA / "grimm"
@@ -158,10 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         for row in figures.values():
             row["base"] = "tiny random llama"
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print_and_save(figures, args.json)
     return figures
 
 

@@ -15,7 +15,6 @@ Run it with one thread to read the profile of the single-core case (the VM is sh
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,10 +25,12 @@ from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # bench/ holds scripts, not packages: its shared modules import by name
 
 from qtool.config.finetune_schema import FinetuneConfig  # noqa: E402
 from qtool.finetune.job import prepare_model  # noqa: E402
 from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
+from run_metadata import print_and_save  # noqa: E402
 
 TOP_OPS = 12
 
@@ -109,10 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_second": rows * args.seqlen / step, "dequant_seconds": dequant, "dequant_share_of_step": 2 * dequant / step,
         "top_ops": [{"op": op.key, "self_seconds": op.self_cpu_time_total / 1e6, "calls": op.count} for op in ops],
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print_and_save(figures, args.json)
     return figures
 
 

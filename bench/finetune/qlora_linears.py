@@ -24,6 +24,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))  # bench/ holds scripts, not packages: the QLoRA step bench's random layers by name
+
+from qlora_step import gptq_factory  # noqa: E402
 
 # (name, in_features, out_features) of one Llama-2-7B decoder layer's linears
 LLAMA_7B_LINEARS = (("q/k/v/o_proj", 4096, 4096), ("gate/up_proj", 4096, 11008), ("down_proj", 11008, 4096))
@@ -59,18 +62,6 @@ def copy_gbps(device: torch.device, time_us, nbytes: int = 1 << 28) -> float:
     return round(2 * nbytes / time_us(lambda: dst.copy_(src)) / 1e3, 1)
 
 
-def random_layer(k: int, n: int, device: torch.device, gen: torch.Generator):
-    from qtool.kernels.quant_linear import QuantLinear
-
-    layer = QuantLinear(k, n, 4, 128, device=device)
-    full = torch.iinfo(torch.int32)
-    layer.qweight.random_(full.min, full.max, generator=gen)
-    layer.qzeros.random_(full.min, full.max, generator=gen)
-    layer.scales.uniform_(0.002, 0.006, generator=gen)
-    layer.g_idx.copy_(torch.arange(k, device=device) // 128)
-    return layer
-
-
 def measure(name: str, k: int, n: int, m: int, rank: int, device: torch.device, dtype: torch.dtype, time_us,
             bandwidth: float) -> dict:
     from qtool.kernels.dequant_backend import GptqDequantBackend
@@ -80,7 +71,7 @@ def measure(name: str, k: int, n: int, m: int, rank: int, device: torch.device, 
     from qtool.kernels.triton_backend import TritonBackend
 
     gen = torch.Generator(device=device).manual_seed(k + n)
-    layer = random_layer(k, n, device, gen)
+    layer = gptq_factory(device, dtype)(k, n, gen)  # 4-bit, group size 128: the QLoRA step bench's layers
     registry = BackendRegistry(factories={"dequant": GptqDequantBackend, "triton": lambda: TritonBackend(tune=False)})
     layer.set_backend("dequant", registry)
     dequant = registry.get("dequant")

@@ -205,6 +205,13 @@ def load_gguf_tokenizer(source: ModelSource) -> Any:
     except IndexError as exc:  # a special token id past the token list (families qtool's loader does not check)
         raise QtoolError(f"cannot read the tokenizer of GGUF file {source.path / source.gguf_file}: a token id is outside its token list ({exc})",
                          "check the file is a complete GGUF model") from exc
+    except Exception as exc:
+        # the tokenizers library refuses a vocabulary it cannot build (a merge naming a token the list lacks) with
+        # an Exception of no subclass; any other type is not about the file and propagates
+        if type(exc) is not Exception:
+            raise
+        raise QtoolError(f"cannot read the tokenizer of GGUF file {source.path / source.gguf_file}: {str(exc).splitlines()[0]}",
+                         "check the file is a complete GGUF model") from exc
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:

@@ -9,7 +9,6 @@ streaming changes how much is in memory at once, not what is read."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,15 +21,12 @@ from qtool.checkpoints.weight_init import skipped_weight_init
 from qtool.core.errors import QtoolError
 from qtool.core.findings import has_errors
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class StreamedModel:
-    """The model (parameters on meta until materialized), its tokenizer, and how to read any of its tensors."""
+    """The model (parameters on meta until materialized) and how to read any of its tensors."""
 
     model: nn.Module
-    tokenizer: Any
     read: Callable[[str], torch.Tensor]  # a stored tensor by its name in the model's state dict, as float32
     names: frozenset[str]  # the tensors the files hold
     describe: str  # the files, for log lines
@@ -67,6 +63,20 @@ class StreamedModel:
                     self.resident.discard(name)
 
 
+@dataclass(frozen=True)
+class NotStreamable:
+    """Why a source's files cannot be read tensor by tensor as they are (a layout or naming only transformers'
+    loader handles, a damaged file, a config transformers cannot build): the whole-model loader reads them, or
+    names what is wrong with them."""
+
+    reason: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
 def _skeleton(config: Any) -> nn.Module:
     """The causal LM of `config`, float32, parameters on meta and buffers computed (accelerate's empty-weights
     context, which puts parameters only on meta), weights not initialised."""
@@ -78,17 +88,15 @@ def _skeleton(config: Any) -> nn.Module:
     return model.eval()
 
 
-def _check_names(model: nn.Module, stored: set[str], describe: str) -> bool:
-    """Whether the files name exactly the model's tensors (tied copies may be absent): then they can be read one
-    by one. Files in an older naming (transformers renames on load) or for another layout go through from_pretrained."""
+def _check_names(model: nn.Module, stored: set[str]) -> NotStreamable | None:
+    """None when the files name exactly the model's tensors (tied copies may be absent): then they can be read one
+    by one. Files in an older naming (transformers renames on load) or for another layout go through from_pretrained;
+    files that lack a tensor too, whose loader refuses them in the words validate, eval and run use."""
     missing = missing_tensor_names(model, stored)
     if missing is None:
-        log.info("%s names tensors %s has no place for (an older naming?): loading it whole", describe, type(model).__name__)
-        return False
+        return NotStreamable(f"its files name tensors {type(model).__name__} has no place for (an older naming?)")
     problem = missing_tensors_error(type(model).__name__, missing)
-    if problem is not None:
-        raise QtoolError(f"{describe}: {problem.message}", problem.hint)
-    return True
+    return None if problem is None else NotStreamable(problem.message)
 
 
 def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], describe: str) -> None:
@@ -113,47 +121,57 @@ class _SafetensorsFiles:
             return handle.get_tensor(name).to(torch.float32)
 
 
-def open_streamed_safetensors(directory: Path, tokenizer: Any = None) -> StreamedModel | None:
-    """A StreamedModel of a float Hugging Face directory with safetensors weights; None when its files cannot be
-    read tensor by tensor as they are (no safetensors, names transformers would rename, a config it cannot build)."""
+def open_streamed_safetensors(directory: Path) -> StreamedModel | NotStreamable:
+    """A StreamedModel of a float Hugging Face directory with safetensors weights, or why its files cannot be read
+    tensor by tensor as they are (no safetensors or damaged headers, names transformers would rename or a tensor
+    missing, a config it cannot build). Tensors whose shapes the config contradicts raise a QtoolError."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, GenerationConfig
 
     from qtool.checkpoints.float_model_files import check_before_loading
     from qtool.formats.safetensors_header import read_checkpoint_headers
 
     headers, _, findings = read_checkpoint_headers(directory)
-    if not headers or has_errors(findings):
-        return None  # the whole-model loader gives the error about the files
+    if not headers:
+        return NotStreamable("it has no safetensors weights")
+    if has_errors(findings):
+        return NotStreamable("its safetensors headers cannot be read")  # the whole-model loader names the file and fault
     check_before_loading(directory)  # undeclared quantized tensors, config sizes against stored shapes
     try:
         config = AutoConfig.from_pretrained(str(directory))
         model = _skeleton(config)
-    except (ValueError, KeyError, OSError, TypeError, AttributeError, RuntimeError) as exc:
-        log.info("cannot build %s from its config (%s): loading it whole", directory, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
+    # a config.json transformers refuses (a field of the wrong type, an unknown model_type...) or a model class
+    # that fails in its own way on it: from_pretrained, in the whole-model loader, reports it
+    except (ValueError, KeyError, OSError, TypeError, AttributeError, RuntimeError, StrictDataclassError) as exc:
+        return NotStreamable(f"transformers cannot build a model from its config ({_first_line(exc)})")
     describe = f"{directory}"
-    if not _check_names(model, set(headers), describe):
-        return None
+    unmatched = _check_names(model, set(headers))
+    if unmatched is not None:
+        return unmatched
     _check_shapes(model, {name: header.shape for name, header in headers.items()}, describe)
     try:  # from_pretrained reads the generation config the directory ships, else keeps the one the config implies
         model.generation_config = GenerationConfig.from_pretrained(str(directory))
     except OSError:
         pass
     files = _SafetensorsFiles(directory, {name: header.file for name, header in headers.items()})
-    return StreamedModel(model, tokenizer, files.read, frozenset(headers), describe)
+    return StreamedModel(model, files.read, frozenset(headers), describe)
 
 
-def open_streamed_gguf(path: Path, tokenizer: Any = None) -> StreamedModel | None:
+def open_streamed_gguf(path: Path) -> StreamedModel | NotStreamable:
     """A StreamedModel of a GGUF file whose layout qtool's table maps (qtool.checkpoints.gguf_loader), each tensor
-    dequantized when read; None for the files load_model reads through transformers."""
+    dequantized when read, or why not: a file load_model reads through transformers, or a damaged one."""
     from gguf.constants import GGMLQuantizationType
     from transformers import AutoConfig
 
+    from qtool.checkpoints.gguf_file import GgufFormatError
     from qtool.checkpoints.gguf_loader import dequantized_tensor, read_gguf_layout
 
-    layout = read_gguf_layout(path)
+    try:
+        layout = read_gguf_layout(path)
+    except (GgufFormatError, OSError) as exc:
+        return NotStreamable(f"its header cannot be read ({_first_line(exc)})")
     if layout is None:
-        return None
+        return NotStreamable("qtool's GGUF table does not map its layout (the log says which part): transformers reads it")
     # a type gguf-py cannot dequantize would fail in the middle of the run: try one row of each type now
     for ggml_type in {tensor.ggml_type for tensor in layout.tensors.values()}:
         tensor = next(t for t in layout.header.tensors if t.ggml_type == ggml_type)
@@ -163,12 +181,12 @@ def open_streamed_gguf(path: Path, tokenizer: Any = None) -> StreamedModel | Non
             rows = layout.header.tensor_bytes(tensor).reshape(-1, layout.header.tensor_bytes(tensor).shape[-1])
             dequantize(rows[:1], GGMLQuantizationType(ggml_type))
         except NotImplementedError:
-            log.info("gguf-py cannot dequantize %s: loading through transformers", GGMLQuantizationType(ggml_type).name)
-            return None
+            return NotStreamable(f"gguf-py cannot dequantize its {GGMLQuantizationType(ggml_type).name} tensors: transformers reads it")
     config = AutoConfig.for_model(layout.family.model_type, **layout.fields)
     model = _skeleton(config)
     describe = f"{path}"
-    if not _check_names(model, set(layout.tensors), describe):
-        return None
+    unmatched = _check_names(model, set(layout.tensors))
+    if unmatched is not None:
+        return unmatched
     _check_shapes(model, {name: tensor.shape for name, tensor in layout.tensors.items()}, describe)
-    return StreamedModel(model, tokenizer, lambda name: dequantized_tensor(layout, name), frozenset(layout.tensors), describe)
+    return StreamedModel(model, lambda name: dequantized_tensor(layout, name), frozenset(layout.tensors), describe)

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from qtool.checkpoints.sources import ModelSource, download_from_hub, load_model, load_tokenizer
-from qtool.checkpoints.streamed_model import StreamedModel, open_streamed_gguf, open_streamed_safetensors
+from qtool.checkpoints.streamed_model import NotStreamable, StreamedModel, open_streamed_gguf, open_streamed_safetensors
 from qtool.core.errors import QtoolError
 from qtool.models.architectures import ArchitectureSpec, get_architecture
 
@@ -58,39 +58,41 @@ def _why_not_streamed(source: ModelSource, trust_remote_code: bool) -> str | Non
     return None
 
 
+def _open_streamed(source: ModelSource) -> StreamedModel | NotStreamable:
+    if source.kind == "gguf":
+        return open_streamed_gguf(source.path / source.gguf_file)
+    return open_streamed_safetensors(source.path)
+
+
 def open_float_model(source: ModelSource, model_spec: str, allow_pickle: bool = False, trust_remote_code: bool = False,
                      streaming: bool | None = None) -> FloatModel:
     """The float model of `source` with its tokenizer. `streaming` None streams where the source allows it, True
-    insists (a QtoolError says why it cannot), False loads the whole model."""
+    insists (a QtoolError says why it cannot), False loads the whole model. A source whose files cannot be read
+    tensor by tensor (open_streamed_* say why) loads whole, so that load_model names what is wrong with a damaged
+    one; any other error of the streaming code propagates."""
     streamed = None
     if streaming is not False:
         if source.kind == "hub":
             source = ModelSource("hf_dir", download_from_hub(source.repo_id), repo_id=source.repo_id, display=source.display)
         reason = _why_not_streamed(source, trust_remote_code)
         if reason is None:
-            try:
-                tokenizer = load_tokenizer(source, trust_remote_code)
-                if source.kind == "gguf":
-                    streamed = open_streamed_gguf(source.path / source.gguf_file, tokenizer)
-                else:
-                    streamed = open_streamed_safetensors(source.path, tokenizer)
-            except Exception as exc:  # noqa: BLE001 - a damaged file: the whole-model loader names what is wrong
-                if streaming:
-                    raise
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                reason = f"reading it tensor by tensor failed ({first[:200]})"
+            opened = _open_streamed(source)
+            if isinstance(opened, NotStreamable):
+                reason = opened.reason
             else:
-                if streamed is None:
-                    reason = "its files cannot be read tensor by tensor as they are (see the log)"
+                streamed = opened
         if streamed is None and streaming:
             raise QtoolError(f"model {model_spec} cannot be streamed: {reason}", "leave streaming to its default (auto)")
         if streamed is None:
             log.info("loading %s whole: %s", model_spec, reason)
     if streamed is not None:
+        # read after the files are known to be sound, as load_model does: a damaged config.json is reported by
+        # the model loader rather than by the tokenizer's
+        tokenizer = load_tokenizer(source, trust_remote_code)
         spec = get_architecture(streamed.model)
         # embeddings, final norm, head and any other weight outside the decoder layers stay in memory
         streamed.materialize(exclude=f"{spec.layers_path}.")
-        return FloatModel(streamed.model, streamed.tokenizer, spec, streamed)
+        return FloatModel(streamed.model, tokenizer, spec, streamed)
     loaded = load_model(source, device="cpu", dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if loaded.quantization_config:
         raise QtoolError(f"model {model_spec} is already quantized ({loaded.quantization_config.get('quant_method')})", "quantize a float model")

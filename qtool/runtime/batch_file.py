@@ -4,7 +4,6 @@ line and the field), outputs written as JSONL through a temporary file renamed i
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -12,27 +11,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from qtool.core.errors import QtoolError
+from qtool.core.json_values import is_int, is_number
 from qtool.runtime.generate import GenerationSettings, Message
 from qtool.runtime.token_logprobs import MAX_TOP_LOGPROBS, valid_top_logprobs
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # per-request settings: JSON field (a GenerationSettings field of the same name) -> (valid?, what is valid)
 SAMPLING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 is greedy)"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0 switches it off)"),
-    "min_p": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number above 0 (1 switches it off)"),
-    "seed": (lambda v: v is None or (_int(v) and v >= 0), "an integer >= 0 or null"),
-    "max_new_tokens": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0 (0 is greedy)"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 switches it off)"),
+    "min_p": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number above 0 (1 switches it off)"),
+    "seed": (lambda v: v is None or (is_int(v) and v >= 0), "an integer >= 0 or null"),
+    "max_new_tokens": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "stop": (lambda v: (isinstance(v, str) and v != "") or (isinstance(v, list) and all(isinstance(s, str) and s for s in v)),
              "a non-empty string or a list of them"),
 }
@@ -98,7 +90,7 @@ def _parse_line(path: Path, number: int, line: str) -> BatchRequest:
     if "id" not in data:
         raise refuse("field 'id' is missing")
     request_id = data["id"]
-    if not ((isinstance(request_id, str) and request_id) or _int(request_id)):
+    if not ((isinstance(request_id, str) and request_id) or is_int(request_id)):
         raise refuse(f"field 'id' must be a non-empty string or an integer, got {request_id!r}")
     if ("prompt" in data) == ("messages" in data):
         raise refuse("give exactly one of the fields 'prompt' and 'messages'" + (", not both" if "prompt" in data else ""))

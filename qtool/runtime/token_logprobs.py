@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qtool.core.json_values import is_int
+
 MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's limit for chat's top_logprobs)
 
 
@@ -28,7 +30,7 @@ class TokenLogprob:
 
 def valid_top_logprobs(value: Any) -> bool:
     """An alternatives count a request may ask for: an int in 0..MAX_TOP_LOGPROBS."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOP_LOGPROBS
+    return is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS
 
 
 def _byte_to_char() -> dict[int, str]:

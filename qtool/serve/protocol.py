@@ -13,10 +13,10 @@ message's name. Roles: system, developer (as system), user, assistant; content i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from qtool.core.json_values import is_int, is_number
 from qtool.runtime.token_logprobs import MAX_TOP_LOGPROBS, valid_top_logprobs
 from qtool.serve.api_errors import ApiError
 
@@ -38,28 +38,20 @@ class CompletionRequest:
     logprobs: int | None = None  # None: no logprobs; k: each token's logprob and its k most likely alternatives
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 # field -> (valid?, what is valid); null is always accepted and means "the default"
 SAMPLING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 is greedy)"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "top_k": (lambda v: _int(v) and v >= -1, "an integer >= 0 (0 or -1 switch it off)"),
-    "min_p": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number above 0 (1 switches it off)"),
-    "seed": (lambda v: _int(v) and 0 <= v < 2**63, "an integer in 0..2**63-1"),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0 (0 is greedy)"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: is_int(v) and v >= -1, "an integer >= 0 (0 or -1 switch it off)"),
+    "min_p": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number above 0 (1 switches it off)"),
+    "seed": (lambda v: is_int(v) and 0 <= v < 2**63, "an integer in 0..2**63-1"),
     "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
 }
 # accepted only at these values: what the engine does anyway
 NEUTRAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "frequency_penalty": (lambda v: _number(v) and v == 0, "0: not served; use repetition_penalty"),
-    "presence_penalty": (lambda v: _number(v) and v == 0, "0: not served; use repetition_penalty"),
+    "frequency_penalty": (lambda v: is_number(v) and v == 0, "0: not served; use repetition_penalty"),
+    "presence_penalty": (lambda v: is_number(v) and v == 0, "0: not served; use repetition_penalty"),
     "logit_bias": (lambda v: v == {}, "empty: logit_bias is not served"),
 }
 CHAT_NEUTRAL = {
@@ -70,7 +62,7 @@ CHAT_NEUTRAL = {
 }
 COMPLETION_NEUTRAL = {
     "echo": (lambda v: v is False, "false: echo is not served"),
-    "best_of": (lambda v: _int(v) and v == 1, "1: best_of is not served"),
+    "best_of": (lambda v: is_int(v) and v == 1, "1: best_of is not served"),
     "suffix": (lambda v: False, "null: suffix is not served"),
 }
 COMMON = {"model", "stream", "stream_options", "stop", "max_tokens", "n"}
@@ -162,10 +154,10 @@ def _common(body: dict[str, Any], max_tokens: Any, tokens_field: str, max_n: int
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
             raise bad("stop", f"stop={stop!r} is invalid: it must be a non-empty string or a list of at most 16")
         sampling["stop"] = tuple(stops)
-    if max_tokens is not None and not (_int(max_tokens) and 1 <= max_tokens <= max_tokens_limit):
+    if max_tokens is not None and not (is_int(max_tokens) and 1 <= max_tokens <= max_tokens_limit):
         raise bad(tokens_field, f"{tokens_field}={max_tokens!r} is invalid: it must be an integer in 1..{max_tokens_limit}")
     n = body.get("n")
-    if n is not None and not (_int(n) and 1 <= n <= max_n):
+    if n is not None and not (is_int(n) and 1 <= n <= max_n):
         raise bad("n", f"n={n!r} is invalid: it must be an integer in 1..{max_n}")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -212,6 +204,6 @@ def _prompt(prompt: Any) -> str | list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
         return prompt
-    if isinstance(prompt, list) and prompt and all(_int(t) and t >= 0 for t in prompt):
+    if isinstance(prompt, list) and prompt and all(is_int(t) and t >= 0 for t in prompt):
         return list(prompt)
     raise bad("prompt", "prompt must be a non-empty string or a non-empty list of token ids (one prompt per request)")

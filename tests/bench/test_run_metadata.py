@@ -1,7 +1,8 @@
 """bench/run_metadata.py, the fields every bench result line carries: the command is the one that reruns the script
 from the repo root (arguments quoted), a library that is not installed is None instead of an error, and the commit
-is this checkout's HEAD, or $QTOOL_COMMIT where git cannot say."""
+is this checkout's HEAD, or $QTOOL_COMMIT where git cannot say; the figures a script prints are those it saves."""
 
+import json
 import shlex
 import subprocess
 
@@ -40,3 +41,13 @@ def test_commit_is_head_or_the_environment_s(monkeypatch):
     assert meta.git_commit() == "abc1234"
     monkeypatch.delenv("QTOOL_COMMIT")
     assert meta.git_commit() is None
+
+
+def test_the_saved_figures_are_the_printed_ones(tmp_path, capsys):
+    meta = load_bench_script("run_metadata")
+    figures = {"rows": [{"op": "aten::mm", "seconds": 0.125}], "note": "it's"}
+    meta.print_and_save(figures, tmp_path / "new" / "out.json")
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == figures and (tmp_path / "new" / "out.json").read_text() == printed
+    meta.print_and_save(figures, None)
+    assert json.loads(capsys.readouterr().out) == figures

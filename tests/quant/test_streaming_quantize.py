@@ -6,6 +6,7 @@ what load_model gives."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,10 +117,35 @@ def test_a_directory_transformers_would_rename_is_loaded_whole(tmp_path, sharded
     save_file(tensors, str(shard), metadata={"format": "pt"})
     index["weight_map"][new] = shard.name
     (source / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert open_streamed_safetensors(source) is None
-    with pytest.raises(QtoolError, match="cannot be streamed"):
+    assert "has no place for" in open_streamed_safetensors(source).reason
+    with pytest.raises(QtoolError, match="cannot be streamed: its files name tensors LlamaForCausalLM has no place for"):
         open_float_model(resolve_source(str(source)), str(source), streaming=True)
 
+
+
+def test_a_damaged_gguf_is_named_by_the_whole_model_loader(tmp_path, make_tiny_llama, make_tiny_tokenizer):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", make_tiny_llama(4), make_tiny_tokenizer())
+    path.write_bytes(path.read_bytes()[:-4096])  # the last tensor's data cut short
+    reason = open_streamed_gguf(path).reason
+    assert reason.startswith("its header cannot be read")
+    with pytest.raises(QtoolError, match=re.escape(f"cannot be streamed: {reason}")):
+        open_float_model(resolve_source(str(path)), str(path), streaming=True)
+    with pytest.raises(QtoolError, match=re.escape(f"cannot read GGUF file {path}")):  # auto: load_model's error about the file
+        open_float_model(resolve_source(str(path)), str(path))
+
+
+def test_an_error_of_the_streaming_code_itself_propagates(tmp_path, sharded_model_dir, monkeypatch):
+    """Only the faults open_streamed_* recognise in the files fall back to loading whole: a bug in the streaming
+    code must not be hidden behind a slower load."""
+    import qtool.checkpoints.streamed_model as streamed_model
+
+    def broken(*args):
+        raise ZeroDivisionError("a bug in the streaming code")
+
+    source = sharded_model_dir(tmp_path / "model", torch.float32, seed=2)
+    monkeypatch.setattr(streamed_model, "_check_shapes", broken)
+    with pytest.raises(ZeroDivisionError):
+        open_float_model(resolve_source(str(source)), str(source))
 
 def test_a_missing_tensor_is_one_line_before_any_work(tmp_path, sharded_model_dir):
     from safetensors.torch import load_file, save_file

@@ -1,5 +1,6 @@
-"""Fixtures of the runtime tests: one torch thread (the CI box is shared; tiny matmuls only lose to thread hand-offs)
-and tiny random models of every family (tests/models/conftest.py's table)."""
+"""Fixtures of the runtime tests: one torch thread (the CI box is shared; tiny matmuls only lose to thread hand-offs),
+tiny random models of every family (tests/models/conftest.py's table), and the chat tokenizer with a tiny llama over
+its vocabulary that the batch tests share (a test file may define its own `tokenizer` or `model`)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def tiny_families():
 def build_family():
     """build_tiny_family(family, seed=0, **overrides) -> a tiny random model of that family (eval mode)."""
     return build_tiny_family
+
+
+@pytest.fixture(scope="module")
+def tokenizer(make_tiny_tokenizer, tiny_chat_template):
+    """The tiny tokenizer with the ChatML template: requests given as messages are rendered through it."""
+    return make_tiny_tokenizer(chat_template=tiny_chat_template)
+
+
+@pytest.fixture
+def model(make_tiny_llama, tokenizer):
+    """A tiny random llama over `tokenizer`'s vocabulary, built for each test (a test may change its weights)."""
+    return make_tiny_llama(seed=6, vocab_size=len(tokenizer))

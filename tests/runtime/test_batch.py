@@ -28,16 +28,6 @@ LINES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
-@pytest.fixture
-def model(make_tiny_llama, tokenizer):
-    return make_tiny_llama(seed=6, vocab_size=len(tokenizer))
-
-
 def write_lines(path: Path, lines: list) -> Path:
     path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     return path

@@ -20,16 +20,6 @@ LINES = [{"id": "a", "prompt": "the lazy dog", "temperature": 0.9, "seed": 3, "l
          {"id": "c", "messages": [{"role": "user", "content": "the old city"}], "logprobs": 0}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
-@pytest.fixture
-def model(make_tiny_llama, tokenizer):
-    return make_tiny_llama(seed=6, vocab_size=len(tokenizer))
-
-
 def write_lines(path, lines):
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return path
