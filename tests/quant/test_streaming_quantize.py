@@ -20,6 +20,7 @@ from qtool.core.errors import QtoolError
 from qtool.quant.float_source import open_float_model
 from qtool.quant.pipeline import quantize_model
 
+from fuzz_gguf_writer import write_llama_gguf
 from streamed_sources import block_quantized_gguf, files_of, live_model_ids, resident_layers, write_sharded
 
 
@@ -120,7 +121,6 @@ def test_a_directory_transformers_would_rename_is_loaded_whole(tmp_path, sharded
     assert "has no place for" in open_streamed_safetensors(source).reason
     with pytest.raises(QtoolError, match="cannot be streamed: its files name tensors LlamaForCausalLM has no place for"):
         open_float_model(resolve_source(str(source)), str(source), streaming=True)
-
 
 
 def test_a_damaged_gguf_is_named_by_the_whole_model_loader(tmp_path, make_tiny_llama, make_tiny_tokenizer):
