@@ -84,21 +84,36 @@ def report_progress(report: StepReport) -> None:
 def grimm_rows(args, device: torch.device) -> dict:
     loaded = load_model(args.base, device=str(device))
     method = "qlora" if quantized_format(loaded.model) else "lora"
-    test_text = (GRIMM / "test.txt").read_text()
-    before = perplexity(loaded.model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
-    say(f"grimm: ppl before {before.ppl:.3f}")
-    settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.steps,
-                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.steps // 5))
+    eval_text = (GRIMM / f"{args.eval_split}.txt").read_text()
+    before = None
+    if not args.no_before:
+        before = perplexity(loaded.model, loaded.tokenizer, eval_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+        say(f"grimm: {args.eval_split} ppl before {before.ppl:.3f}")
+    if args.steps == 0:  # the untrained base only
+        return {"base": args.base, "eval_split": args.eval_split, "eval_seqlen": before.seqlen, "eval_windows": before.windows,
+                "eval_tokens": before.tokens, "ppl_before": before.ppl}
+    warmup = args.warmup if args.warmup is not None else min(3, args.steps // 5)
+    settings = FinetuneConfig(method=method, rank=args.rank, alpha=args.alpha or 2 * args.rank, lr=args.lr, max_steps=args.steps,
+                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=warmup, dropout=args.dropout,
+                              use_rslora=args.rslora, seed=args.seed, lora_init=args.lora_init, loftq_float=args.loftq_float or "")
+    at_init = None
+    if args.eval_init:  # the adapted model before any step (loftq: the quantization error's rank-r part absorbed)
+        at_init = perplexity(prepare_model(loaded.model, settings), loaded.tokenizer, eval_text, seqlen=args.eval_seqlen,
+                             windows=args.eval_windows).ppl
+        say(f"grimm: {args.eval_split} ppl at init ({args.lora_init}) {at_init:.3f}")
+        loaded = load_model(args.base, device=str(device))  # a plain base again for train_lora
     started = time.perf_counter()
     model, result = train_lora(loaded.model, loaded.tokenizer, GRIMM / "train.txt", settings, device)
     seconds = time.perf_counter() - started
     say(f"grimm: trained {args.steps} steps, losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-    after = perplexity(model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
-    say(f"grimm: ppl after {after.ppl:.3f}")
+    after = perplexity(model, loaded.tokenizer, eval_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
+    say(f"grimm: {args.eval_split} ppl after {after.ppl:.3f}")
     return {"base": args.base, "method": method, "steps": args.steps, "seqlen": args.seqlen, "batch_tokens": args.batch_tokens,
-            "rank": args.rank, "lr": args.lr, "eval_seqlen": before.seqlen, "eval_windows": before.windows,
-            "ppl_before": before.ppl, "ppl_after": after.ppl, "first_loss": result.losses[0], "last_loss": result.losses[-1],
-            "train_seconds": seconds, "tokens_per_second": result.tokens_per_second}
+            "rank": args.rank, "alpha": settings.alpha, "lr": args.lr, "warmup_steps": warmup, "dropout": args.dropout,
+            "rslora": args.rslora, "seed": args.seed, "lora_init": args.lora_init, "ppl_at_init": at_init, "eval_split": args.eval_split, "eval_seqlen": after.seqlen,
+            "eval_windows": after.windows, "eval_tokens": after.tokens,
+            "ppl_before": before.ppl if before else None, "ppl_after": after.ppl, "first_loss": result.losses[0],
+            "last_loss": result.losses[-1], "train_seconds": seconds, "tokens_per_second": result.tokens_per_second}
 
 
 def chat_rows(args, device: torch.device, work: Path) -> dict:
@@ -137,7 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="LoRA steps on grimm/train.txt")
     parser.add_argument("--chat-steps", type=int, default=30, help="LoRA steps on the seed tasks")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(3, steps // 5))")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    parser.add_argument("--seed", type=int, default=0, help="LoRA init, dropout and row order")
+    parser.add_argument("--lora-init", choices=("default", "loftq"), default="default",
+                        help="loftq: adapters start as the SVD of W_float - W_quantized (QLoRA; needs --loftq-float)")
+    parser.add_argument("--loftq-float", default=None, help="the float model the quantized --base was made from")
+    parser.add_argument("--eval-init", action="store_true", help="also the perplexity of the adapted model before training")
+    parser.add_argument("--eval-split", choices=("valid", "test"), default="test",
+                        help="the grimm file perplexity is measured on (choose settings on valid, report test)")
+    parser.add_argument("--no-before", action="store_true", help="skip the untrained base's perplexity")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--eval-seqlen", type=int, default=512)
