@@ -7,6 +7,9 @@
 
     python bench/finetune/grimm_quality.py --steps 30 --json bench/results/finetune_grimm.json
     python bench/finetune/grimm_quality.py --tiny      # a tiny random model: checks the script runs (seconds)
+
+--steps 0 measures the untrained base only (with --eval-init, also the adapted model before any step: e.g.
+--lora-init loftq --loftq-float smollm2-135m on a GPTQ --base).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def grimm_rows(args, device: torch.device) -> dict:
     row = {"base": args.base, "method": method, "eval_split": args.eval_split}
     if not args.no_before:
         row["before"] = perplexities(loaded.model, loaded.tokenizer, args, "before")
-    if args.steps == 0:  # the untrained base only
+    if args.steps == 0 and not args.eval_init:  # the untrained base only
         return row
     warmup = args.warmup if args.warmup is not None else min(3, args.steps // 5)
     settings = FinetuneConfig(method=method, rank=args.rank, alpha=args.alpha or 2 * args.rank, lr=args.lr, max_steps=args.steps,
@@ -105,6 +108,8 @@ def grimm_rows(args, device: torch.device) -> dict:
                               use_rslora=args.rslora, seed=args.seed, lora_init=args.lora_init, loftq_float=args.loftq_float or "")
     if args.eval_init:  # the adapted model before any step (loftq: the quantization error's rank-r part absorbed)
         row["at_init"] = perplexities(prepare_model(loaded.model, settings), loaded.tokenizer, args, f"at init ({args.lora_init})")
+        if args.steps == 0:
+            return row
         loaded = load_model(args.base, device=str(device))  # a plain base again for train_lora
     started = time.perf_counter()
     model, result = train_lora(loaded.model, loaded.tokenizer, GRIMM / "train.txt", settings, device)
