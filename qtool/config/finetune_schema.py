@@ -159,6 +159,9 @@ def validate_finetune_config(config: FinetuneConfig) -> list[Finding]:
         found.append(None if 0 <= config.dropout < 1 else error("dropout", f"{config.dropout} is out of range", "use a dropout in [0, 1)"))
         if not config.target_modules:
             found.append(error("target_modules", "is empty", f"name the linears to adapt (e.g. q_proj,v_proj) or {ALL_LINEAR}"))
+    elif config.use_rslora or config.use_dora:
+        flag = "use_rslora" if config.use_rslora else "use_dora"
+        found.append(warning(flag, "has no effect with method full (no adapter)", "drop it, or use --method lora"))
     found.append(_choice("lora_init", config.lora_init, LORA_INITS))
     if config.lora_init == "loftq" and config.method != "qlora":
         found.append(error("lora_init", f"loftq initialises adapters from a quantized base's error, and method is {config.method}",
@@ -166,9 +169,6 @@ def validate_finetune_config(config: FinetuneConfig) -> list[Finding]:
     elif config.lora_init == "loftq" and not config.loftq_float:
         found.append(error("loftq_float", "is not set, and lora_init loftq needs it",
                            "pass --loftq-float with the float model the quantized base was made from"))
-    elif config.use_rslora or config.use_dora:
-        flag = "use_rslora" if config.use_rslora else "use_dora"
-        found.append(warning(flag, "has no effect with method full (no adapter)", "drop it, or use --method lora"))
     if config.warmup_steps and config.max_steps and config.warmup_steps >= config.max_steps:
         found.append(warning("warmup_steps", f"{config.warmup_steps} >= max_steps {config.max_steps}", "the learning rate never leaves its warm-up"))
     return [f for f in found if f is not None]

@@ -85,7 +85,7 @@ def test_loftq_refusals(make_tiny_llama):
     assert any("loftq" in m for m in errors(method="lora", lora_init="loftq", loftq_float="m"))
     assert any("--loftq-float" in f.fix for f in validate_finetune_config(FinetuneConfig(method="qlora", lora_init="loftq")))
     assert any("valid: default, loftq" in f.fix for f in validate_finetune_config(FinetuneConfig(lora_init="svd")))
-    assert errors(method="qlora", lora_init="loftq", loftq_float="m") == []
+    assert validate_finetune_config(FinetuneConfig(method="qlora", use_rslora=True, lora_init="loftq", loftq_float="m")) == []
 
     float_model = make_tiny_llama(1)
     config = FinetuneConfig(method="qlora", rank=4, lora_init="loftq", loftq_float="m")
