@@ -7,6 +7,9 @@
 
     python bench/finetune/grimm_quality.py --steps 30 --json bench/results/finetune_grimm.json
     python bench/finetune/grimm_quality.py --tiny      # a tiny random model: checks the script runs (seconds)
+
+--steps 0 measures the untrained base only (with --eval-init, also the adapted model before any step: e.g.
+--lora-init loftq --loftq-float smollm2-135m on a GPTQ --base).
 """
 
 from __future__ import annotations
@@ -83,24 +86,43 @@ def report_progress(report: StepReport) -> None:
             f"{report.tokens_per_second:.0f} tokens/s")
 
 
+def perplexities(model, tokenizer, args, stage: str) -> dict:
+    """Perplexity on each of --eval-split's grimm files: {split: {ppl, windows, tokens}}."""
+    figures = {}
+    for split in args.eval_split.split(","):
+        result = perplexity(model, tokenizer, (GRIMM / f"{split}.txt").read_text(), seqlen=args.eval_seqlen, windows=args.eval_windows)
+        say(f"grimm: {split} ppl {stage} {result.ppl:.3f} ({result.windows} windows of {result.seqlen})")
+        figures[split] = {"ppl": result.ppl, "seqlen": result.seqlen, "windows": result.windows, "tokens": result.tokens}
+    return figures
+
+
 def grimm_rows(args, device: torch.device) -> dict:
     loaded = load_model(args.base, device=str(device))
     method = "qlora" if quantized_format(loaded.model) else "lora"
-    test_text = (GRIMM / "test.txt").read_text()
-    before = perplexity(loaded.model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
-    say(f"grimm: ppl before {before.ppl:.3f}")
-    settings = FinetuneConfig(method=method, rank=args.rank, alpha=2 * args.rank, lr=args.lr, max_steps=args.steps,
-                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=min(3, args.steps // 5))
+    row = {"base": args.base, "method": method, "eval_split": args.eval_split}
+    if not args.no_before:
+        row["before"] = perplexities(loaded.model, loaded.tokenizer, args, "before")
+    if args.steps == 0 and not args.eval_init:  # the untrained base only
+        return row
+    warmup = args.warmup if args.warmup is not None else min(3, args.steps // 5)
+    settings = FinetuneConfig(method=method, rank=args.rank, alpha=args.alpha or 2 * args.rank, lr=args.lr, max_steps=args.steps,
+                              seqlen=args.seqlen, batch_tokens=args.batch_tokens, warmup_steps=warmup, dropout=args.dropout,
+                              use_rslora=args.rslora, seed=args.seed, lora_init=args.lora_init, loftq_float=args.loftq_float or "")
+    if args.eval_init:  # the adapted model before any step (loftq: the quantization error's rank-r part absorbed)
+        row["at_init"] = perplexities(prepare_model(loaded.model, settings), loaded.tokenizer, args, f"at init ({args.lora_init})")
+        if args.steps == 0:
+            return row
+        loaded = load_model(args.base, device=str(device))  # a plain base again for train_lora
     started = time.perf_counter()
     model, result = train_lora(loaded.model, loaded.tokenizer, GRIMM / "train.txt", settings, device)
     seconds = time.perf_counter() - started
     say(f"grimm: trained {args.steps} steps, losses {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-    after = perplexity(model, loaded.tokenizer, test_text, seqlen=args.eval_seqlen, windows=args.eval_windows)
-    say(f"grimm: ppl after {after.ppl:.3f}")
-    return {"base": args.base, "method": method, "steps": args.steps, "seqlen": args.seqlen, "batch_tokens": args.batch_tokens,
-            "rank": args.rank, "lr": args.lr, "eval_seqlen": before.seqlen, "eval_windows": before.windows,
-            "ppl_before": before.ppl, "ppl_after": after.ppl, "first_loss": result.losses[0], "last_loss": result.losses[-1],
-            "train_seconds": seconds, "tokens_per_second": result.tokens_per_second}
+    row["after"] = perplexities(model, loaded.tokenizer, args, "after")
+    row.update({"steps": args.steps, "seqlen": args.seqlen, "batch_tokens": args.batch_tokens, "rank": args.rank,
+                "alpha": settings.alpha, "lr": args.lr, "warmup_steps": warmup, "dropout": args.dropout, "rslora": args.rslora,
+                "seed": args.seed, "lora_init": args.lora_init, "first_loss": result.losses[0], "last_loss": result.losses[-1],
+                "losses": result.losses, "train_seconds": seconds, "tokens_per_second": result.tokens_per_second})
+    return row
 
 
 def chat_rows(args, device: torch.device, work: Path) -> dict:
@@ -133,13 +155,33 @@ def tiny_base(directory: Path) -> str:
     return str(directory)
 
 
+def eval_splits(text: str) -> str:
+    splits = [part.strip() for part in text.split(",") if part.strip()]
+    if not splits or any(split not in ("valid", "test") for split in splits):
+        raise argparse.ArgumentTypeError(f"{text!r}: use valid, test or valid,test")
+    return ",".join(splits)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m", help="float model, or a GPTQ/EXL2 directory (qlora)")
     parser.add_argument("--steps", type=int, default=30, help="LoRA steps on grimm/train.txt")
     parser.add_argument("--chat-steps", type=int, default=30, help="LoRA steps on the seed tasks")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(3, steps // 5))")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    parser.add_argument("--seed", type=int, default=0, help="LoRA init, dropout and row order")
+    parser.add_argument("--lora-init", choices=("default", "loftq"), default="default",
+                        help="loftq: adapters start as the SVD of W_float - W_quantized (QLoRA; needs --loftq-float)")
+    parser.add_argument("--loftq-float", default=None, help="the float model the quantized --base was made from")
+    parser.add_argument("--eval-init", action="store_true", help="also the perplexity of the adapted model before training")
+    parser.add_argument("--eval-split", default="test", type=eval_splits,
+                        help="the grimm files perplexity is measured on, comma-separated: valid, test or valid,test "
+                             "(choose settings on valid, report test)")
+    parser.add_argument("--no-before", action="store_true", help="skip the untrained base's perplexity")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--eval-seqlen", type=int, default=512)

@@ -13,7 +13,7 @@ import typer
 from qtool.cli.choices import choice_enum, complete_device, plain
 from qtool.cli.help_format import QtoolCommand, QtoolGroup
 from qtool.cli.render import handle_errors, print_json, stderr, stdout
-from qtool.config.finetune_schema import FINETUNE_METHODS, LR_SCHEDULES
+from qtool.config.finetune_schema import FINETUNE_METHODS, LORA_INITS, LR_SCHEDULES
 
 if TYPE_CHECKING:  # the library imports torch: the command imports it when it runs
     from qtool.finetune.job import FinetuneResult
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the library imports torch: the command imports it when it r
 TRAIN_COMMAND = "train"
 FinetuneMethod = choice_enum("FinetuneMethod", FINETUNE_METHODS)
 LrSchedule = choice_enum("LrSchedule", LR_SCHEDULES)
+LoraInit = choice_enum("LoraInit", LORA_INITS)
 TRAINING = "Training"  # help panel of the schedule's flags
 
 
@@ -81,6 +82,8 @@ def finetune(
     target_modules: Annotated[Optional[str], typer.Option("--target-modules", help="Comma-separated linears to adapt, or all-linear (default).")] = None,
     use_rslora: Annotated[Optional[bool], typer.Option("--rslora/--no-rslora", help="Scale LoRA by alpha/sqrt(rank).")] = None,
     use_dora: Annotated[Optional[bool], typer.Option("--dora/--no-dora", help="DoRA: weight-decomposed LoRA.")] = None,
+    lora_init: Annotated[Optional[LoraInit], typer.Option("--lora-init", help="default: B = 0 (the base's own output); loftq (qlora): each adapter starts as the rank-r SVD of W_float - W_quantized, taken from --loftq-float.")] = None,
+    loftq_float: Annotated[Optional[str], typer.Option("--loftq-float", help="With --lora-init loftq: the float model the quantized base was made from (directory, .gguf, alias). The adapter then holds that error: use it on this quantized base, not on the float model.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", rich_help_panel=TRAINING, help="Passes over the data (default 1).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", rich_help_panel=TRAINING, help="Stop after N optimizer steps (overrides --epochs).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=TRAINING, help="Peak learning rate (default 2e-4).")] = None,
@@ -110,7 +113,8 @@ def finetune(
     from qtool.finetune.job import FinetuneJob, run_finetune
 
     overrides = {"method": plain(method), "rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
-                 "use_rslora": use_rslora, "use_dora": use_dora, "epochs": epochs, "max_steps": max_steps, "lr": lr,
+                 "use_rslora": use_rslora, "use_dora": use_dora, "lora_init": plain(lora_init), "loftq_float": loftq_float,
+                 "epochs": epochs, "max_steps": max_steps, "lr": lr,
                  "schedule": plain(schedule), "warmup_steps": warmup_steps, "batch_tokens": batch_tokens, "seqlen": seqlen,
                  "packing": packing, "grad_checkpointing": grad_checkpointing, "seed": seed, "eval_every": eval_every,
                  "save_every": save_every}

@@ -26,6 +26,9 @@ FINETUNE_DTYPES = ("auto", "float32", "bfloat16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 # target_modules: this word means every linear of the decoder (PEFT's spelling), never the output head
 ALL_LINEAR = "all-linear"
+# how LoRA's A and B start: PEFT's default (B = 0: the base's own output), or loftq (a quantized base's adapters
+# start as the truncated SVD of W_float - W_quantized; needs loftq_float, the float model the base came from)
+LORA_INITS = ("default", "loftq")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class FinetuneConfig:
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     use_rslora: bool = False  # scale by alpha/sqrt(rank) instead of alpha/rank
     use_dora: bool = False
+    lora_init: str = "default"
+    loftq_float: str = ""  # lora_init loftq: the float model (directory, .gguf, alias) the quantized base was made from
     epochs: int = 1
     max_steps: int = 0  # > 0: stop after this many optimizer steps, whatever the epochs
     lr: float = 2e-4
@@ -157,6 +162,13 @@ def validate_finetune_config(config: FinetuneConfig) -> list[Finding]:
     elif config.use_rslora or config.use_dora:
         flag = "use_rslora" if config.use_rslora else "use_dora"
         found.append(warning(flag, "has no effect with method full (no adapter)", "drop it, or use --method lora"))
+    found.append(_choice("lora_init", config.lora_init, LORA_INITS))
+    if config.lora_init == "loftq" and config.method != "qlora":
+        found.append(error("lora_init", f"loftq initialises adapters from a quantized base's error, and method is {config.method}",
+                           "use --method qlora on a GPTQ/EXL2 base, or --lora-init default"))
+    elif config.lora_init == "loftq" and not config.loftq_float:
+        found.append(error("loftq_float", "is not set, and lora_init loftq needs it",
+                           "pass --loftq-float with the float model the quantized base was made from"))
     if config.warmup_steps and config.max_steps and config.warmup_steps >= config.max_steps:
         found.append(warning("warmup_steps", f"{config.warmup_steps} >= max_steps {config.max_steps}", "the learning rate never leaves its warm-up"))
     return [f for f in found if f is not None]

@@ -65,6 +65,16 @@ def load_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def float_reference(config: FinetuneConfig) -> torch.nn.Module | None:
+    """lora_init loftq: the float model named by loftq_float, on the CPU (read once for the adapters' init)."""
+    if config.lora_init != "loftq":
+        return None
+    loaded = load_model(config.loftq_float, device="cpu", dtype=torch.float32)
+    if quantized_format(loaded.model) is not None:
+        raise QtoolError(f"loftq_float {config.loftq_float!r} is a quantized model", "name the float model the quantized base was made from")
+    return loaded.model
+
+
 def prepare_model(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
     """The trainable model of the method: a PEFT LoRA model, or the whole model trainable (full)."""
     torch.manual_seed(config.seed)  # LoRA's A init is drawn here: the same seed gives the same run
@@ -72,7 +82,7 @@ def prepare_model(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Mo
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model = make_lora_model(model, config)
+        model = make_lora_model(model, config, float_reference(config))
     if config.grad_checkpointing:
         # non-reentrant: gradients reach LoRA weights even though the frozen embeddings' outputs need none
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -131,14 +132,20 @@ def test_the_finetune_group_routes_its_subcommands_through_the_main_app():
         assert result.exit_code == 0 and flag in result.output, (name, result.output)
 
 
-def test_qlora_on_a_gptq_base_end_to_end(tmp_path, model_dir, text_file):
-    """quantize -> finetune --method qlora (packed weights frozen) -> eval --adapter on the same GPTQ base."""
+@pytest.fixture(scope="module")
+def gptq_dir(tmp_path_factory, model_dir, text_file):
     from qtool.config.schema import CalibrationConfig, QuantConfig
     from qtool.quant.pipeline import quantize_model
 
-    gptq = tmp_path / "gptq"
+    gptq = tmp_path_factory.mktemp("gptq") / "gptq"
     config = QuantConfig(bits=4, group_size=32, calibration=CalibrationConfig(source=str(text_file), samples=4, seqlen=16))
     quantize_model(str(model_dir), config, gptq, device="cpu")
+    return gptq
+
+
+def test_qlora_on_a_gptq_base_end_to_end(tmp_path, gptq_dir, text_file):
+    """quantize -> finetune --method qlora (packed weights frozen) -> eval --adapter on the same GPTQ base."""
+    gptq = gptq_dir
     output = tmp_path / "qlora"
     result = runner.invoke(app, finetune_args(gptq, text_file, output, "--method", "qlora", "--json"))
     assert result.exit_code == 0, result.output
@@ -148,3 +155,32 @@ def test_qlora_on_a_gptq_base_end_to_end(tmp_path, model_dir, text_file):
     adapted = runner.invoke(app, ["eval", str(gptq), "--adapter", str(output), *eval_args])
     assert plain.exit_code == 0 and adapted.exit_code == 0, adapted.output
     assert json.loads(adapted.stdout)["ppl"] < json.loads(plain.stdout)["ppl"]
+
+
+def test_loftq_init_starts_the_adapter_at_the_quantization_error(tmp_path, model_dir, gptq_dir, text_file):
+    """--lora-init loftq: with a learning rate too small to move it, the saved adapter is the init, and its
+    scaling * B @ A takes a share of W_float - W_gptq off every layer's error."""
+    from safetensors.torch import load_file
+
+    from qtool.checkpoints.sources import load_model
+
+    output = tmp_path / "loftq"
+    result = runner.invoke(app, finetune_args(gptq_dir, text_file, output, "--method", "qlora", "--lora-init", "loftq",
+                                              "--loftq-float", str(model_dir), "--lr", "1e-12", "--json"))
+    assert result.exit_code == 0, result.output
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    scaling = adapter["lora_alpha"] / adapter["r"]
+    tensors = load_file(str(output / "adapter_model.safetensors"))
+    float_model = load_model(str(model_dir)).model
+    gptq_model = load_model(str(gptq_dir)).model
+    layers = [key[:-len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")]
+    assert len(layers) == 7  # one decoder layer's q, k, v, o, gate, up, down
+    for key in layers:
+        name = key.removeprefix("base_model.model.")
+        error = float_model.get_submodule(name).weight.double() - gptq_model.get_submodule(name).dequantized_weight(torch.float64)
+        delta = scaling * tensors[f"{key}.lora_B.weight"].double() @ tensors[f"{key}.lora_A.weight"].double()
+        assert (error - delta).norm() < 0.97 * error.norm(), name
+
+    line = one_line_error(runner.invoke(app, finetune_args(gptq_dir, text_file, tmp_path / "o", "--method", "qlora", "--lora-init", "loftq")))
+    assert "loftq_float" in line and "--loftq-float" in line
+    assert "--lora-init" in runner.invoke(app, ["finetune", "train", "--help"]).output
