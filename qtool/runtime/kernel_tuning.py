@@ -14,11 +14,13 @@ from torch import nn
 
 from qtool.core.errors import QtoolError
 from qtool.kernels.default_plans import DEFAULT_BATCH_SIZES
+from qtool.kernels.fused_linear import fuse_linears
 from qtool.kernels.plan_store import default_cache_dir
 from qtool.kernels.quant_linear import QuantLinear
 from qtool.kernels.repack import GptqComputeWeight
 from qtool.kernels.triton_backend import (KERNEL_DTYPES, GpuFacts, TritonBackend, TuneKey,
                                           kernel_plan_store, m_bucket, tune_key, tuning_triton_backend)
+from qtool.models.architectures import GATE_UP, QKV, decoder_layers, get_architecture
 
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, what is being tuned)
 
@@ -58,28 +60,48 @@ def m_buckets(batch_sizes: list[int] | tuple[int, ...]) -> list[int]:
     return sorted({m_bucket(m) for m in batch_sizes})
 
 
-def distinct_layers(model: nn.Module, backend: TritonBackend, dtype: torch.dtype,
-                    device: torch.device) -> tuple[int, list[GptqComputeWeight]]:
-    """(quantized linears in the model, the backend's form of one layer per distinct tune key)."""
+def fuse_engine_projections(model: nn.Module) -> list[QuantLinear]:
+    """The fused GPTQ linears the engine's decode step runs in place of each layer's q/k/v and gate/up where the
+    family's table lists them (runtime/engine/decode_step.py's fuse_layer_projections; kernels/fused_linear.py),
+    built so that their shapes are tuned too: the engine serves a shape without a stored plan with a default one.
+    The model's parts become views of the fused tensors, as in the engine (no copy is kept)."""
+    spec = get_architecture(model)
+    groups = [members for _, members in spec.fusable_groups if members in (QKV, GATE_UP)]
+    fused = []
+    for layer in decoder_layers(model, spec):
+        for members in groups:
+            try:
+                parts = [layer.get_submodule(member) for member in members]
+            except AttributeError:  # a layer without the group (e.g. a dense layer of a mixed family)
+                continue
+            result, _ = fuse_linears(parts, [member.rpartition(".")[2] for member in members])
+            if result is not None and isinstance(result.module, QuantLinear):
+                fused.append(result.module)
+    return fused
+
+
+def distinct_layers(model: nn.Module, backend: TritonBackend, dtype: torch.dtype, device: torch.device,
+                    extra: list[QuantLinear] | tuple[QuantLinear, ...] = ()) -> tuple[int, list[GptqComputeWeight]]:
+    """(quantized linears in the model, the backend's form of one layer per distinct tune key among them and the
+    `extra` linears, e.g. the engine's fused projections)."""
     seen: set[TuneKey] = set()
     distinct = []
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, QuantLinear):
-            continue
-        count += 1
+    model_linears = [module for module in model.modules() if isinstance(module, QuantLinear)]
+    for module in [*model_linears, *extra]:
         weight = backend.prepare(module.backend_tensors())
         key = tune_key(weight, 1, dtype, device)
         if key not in seen:
             seen.add(key)
             distinct.append(weight)
-    return count, distinct
+    return len(model_linears), distinct
 
 
 def tune_layers(model: nn.Module, batch_sizes: list[int] | tuple[int, ...], backend: TritonBackend, gpu: GpuFacts,
-                dtype: torch.dtype, device: torch.device, progress: ProgressCallback | None = None) -> TuneResult:
-    """Decide every distinct layer's plan at every M bucket through `backend` (a tuning backend: stored plans are
-    kept, new keys timed and stored) and check that the plans timed now can be read back from its cache."""
+                dtype: torch.dtype, device: torch.device, progress: ProgressCallback | None = None,
+                extra: list[QuantLinear] | tuple[QuantLinear, ...] = ()) -> TuneResult:
+    """Decide every distinct layer's plan (the model's and `extra`'s) at every M bucket through `backend` (a tuning
+    backend: stored plans are kept, new keys timed and stored) and check that the plans timed now can be read back
+    from its cache."""
     if backend.plan_store is None:
         raise QtoolError("the tuned-plan cache is off (QTOOL_CACHE_DIR=off): the plans would be lost",
                          "unset QTOOL_CACHE_DIR, or set it to a writable directory")
@@ -88,7 +110,7 @@ def tune_layers(model: nn.Module, batch_sizes: list[int] | tuple[int, ...], back
                          "pass --dtype bfloat16 or float16")
     buckets = m_buckets(batch_sizes)
     started = time.perf_counter()
-    count, layers = distinct_layers(model, backend, dtype, device)
+    count, layers = distinct_layers(model, backend, dtype, device, extra)
     if not layers:
         raise QtoolError("the model has no GPTQ quantized linears: nothing to tune",
                          "qtool tune tunes the Triton GPTQ kernels of a quantized checkpoint (EXL2 kernels have no plans)")
@@ -155,5 +177,6 @@ def tune_model(model: str, batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BA
     # the torch backend at load: the tuner builds its own Triton form of each distinct layer
     loaded = load_model(model, device=str(torch_device), dtype=dtype, backend="torch", with_tokenizer=False)
     model_dtype = loaded.model.get_input_embeddings().weight.dtype
+    fused = fuse_engine_projections(loaded.model)
     return tune_layers(loaded.model, batch_sizes, tuning_triton_backend(store), GpuFacts.of(torch_device),
-                       model_dtype, torch_device, progress)
+                       model_dtype, torch_device, progress, fused)

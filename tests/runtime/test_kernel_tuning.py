@@ -16,7 +16,7 @@ from counting_tuner import CountingTuner  # noqa: E402
 from qtool.core.errors import QtoolError  # noqa: E402
 from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
 from qtool.kernels.triton_backend import GpuFacts, TritonBackend, kernel_plan_store  # noqa: E402
-from qtool.runtime.kernel_tuning import m_buckets, tune_layers  # noqa: E402
+from qtool.runtime.kernel_tuning import fuse_engine_projections, m_buckets, tune_layers  # noqa: E402
 
 H100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 132)
 CUDA = torch.device("cuda", 0)  # what the keys name; nothing runs on it
@@ -85,3 +85,21 @@ def test_an_unwritable_cache_is_an_error_not_a_silent_loss(tiny_llama, tmp_path)
     backend = TritonBackend(tune=True, tuner=CountingTuner(), plan_store=kernel_plan_store(blocker / "tuning"))
     with pytest.raises(QtoolError, match="could not write"):
         tune_layers(gptq_llama(tiny_llama), [1], backend, H100, torch.bfloat16, CUDA)
+
+
+def test_the_engines_fused_projections_are_tuned_beside_the_models_own_linears(tiny_llama, tmp_path):
+    model = gptq_llama(tiny_llama)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    own = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, QuantLinear)}
+    fused = fuse_engine_projections(model)
+    assert len(fused) == 2 * config.num_hidden_layers  # q/k/v and gate/up in every layer
+    qkv_width = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    fused_shapes = {(config.hidden_size, qkv_width), (config.hidden_size, 2 * config.intermediate_size)}
+    assert {(m.in_features, m.out_features) for m in fused} == fused_shapes
+    tuner = CountingTuner()
+    backend = TritonBackend(tune=True, tuner=tuner, plan_store=kernel_plan_store(tmp_path))
+    result = tune_layers(model, [1], backend, H100, torch.bfloat16, CUDA, extra=fused)
+    assert {(p.in_features, p.out_features) for p in result.plans} == own | fused_shapes
+    assert result.layers == sum(isinstance(m, QuantLinear) for m in model.modules())  # the model's own count
+    assert len(tuner.calls) == len(own | fused_shapes)
