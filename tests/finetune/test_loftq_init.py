@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from rtn_llama import rtn_quantized_llama
 from torch import nn
 
 from qtool.config.finetune_schema import FinetuneConfig, validate_finetune_config
@@ -16,8 +17,6 @@ from qtool.core.errors import QtoolError
 from qtool.finetune.loftq_init import loftq_initialize, low_rank_factors
 from qtool.finetune.lora_setup import make_lora_model
 from qtool.finetune.quantized_lora import QuantizedLoraLinear
-from qtool.kernels.quant_linear import QuantLinear
-from qtool.quant.rtn import rtn_quantize
 
 
 @pytest.mark.parametrize("shape, rank, scaling", [((37, 53), 5, 0.7), ((64, 29), 11, 2.0), ((6, 9), 8, 1.0)])
@@ -37,13 +36,7 @@ def test_factors_are_the_best_rank_r_approximation(shape, rank, scaling):
 
 
 def quantized_copy(model: nn.Module, bits: int, group_size: int) -> nn.Module:
-    quantized = copy.deepcopy(model)
-    for name, module in list(quantized.model.layers.named_modules()):
-        if isinstance(module, nn.Linear):
-            weight = rtn_quantize(module.weight.detach(), bits, group_size, sym=False).quantized
-            parent, _, attribute = name.rpartition(".")
-            setattr(quantized.model.layers.get_submodule(parent), attribute, QuantLinear.from_quantized(weight))
-    return quantized
+    return rtn_quantized_llama(copy.deepcopy(model), bits, group_size)
 
 
 def logits_error(model: nn.Module, reference: torch.Tensor, tokens: torch.Tensor) -> float:

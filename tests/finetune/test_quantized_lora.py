@@ -13,6 +13,7 @@ import pytest
 import torch
 from gptq_reference import random_gptq_codes
 from peft import PeftModel, get_peft_model
+from rtn_llama import rtn_quantized_llama
 from safetensors.torch import load_file
 from torch import nn
 
@@ -21,7 +22,6 @@ from qtool.finetune.quantized_lora import (QuantizedLoraLinear, load_adapter_ont
                                            use_training_backend)
 from qtool.kernels.exl2_linear import Exl2Linear
 from qtool.kernels.quant_linear import QuantLinear
-from qtool.quant.rtn import rtn_quantize
 
 
 def gptq_layer(n, k, bits, group_size, act_order, fmt, seed) -> QuantLinear:
@@ -50,18 +50,9 @@ def gptq_llama(make_tiny_llama):
     (asymmetric, v1 zeros; 96 and 160 inputs leave partial groups), as QuantLinear."""
 
     def build(seed=0, bits=4, group_size=64) -> nn.Module:
-        return quantized_llama(make_tiny_llama(seed), bits, group_size)
+        return rtn_quantized_llama(make_tiny_llama(seed), bits, group_size)
 
     return build
-
-
-def quantized_llama(model, bits, group_size) -> nn.Module:
-    for name, module in list(model.model.layers.named_modules()):
-        if isinstance(module, nn.Linear):
-            quantized = rtn_quantize(module.weight.detach(), bits, group_size, sym=False).quantized
-            parent, _, attribute = name.rpartition(".")
-            setattr(model.model.layers.get_submodule(parent), attribute, QuantLinear.from_quantized(quantized))
-    return model
 
 
 def dequantized_twin(model: nn.Module, dtype=torch.float32) -> nn.Module:
