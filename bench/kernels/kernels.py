@@ -240,7 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--timer", choices=("graph", "dobench"), default="graph")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this many seconds")
     parser.add_argument("--m", default=None, help="comma-separated M values to run, in this order (default: all)")
+    parser.add_argument("--extra-bits", default=",".join(map(str, EXTRA_BITS_AT_M1)),
+                        help="comma-separated widths also run at M = 1 besides 4 (empty: none)")
     args = parser.parse_args(argv)
+    extra_bits = tuple(int(v) for v in args.extra_bits.split(",") if v.strip())
     if not torch.cuda.is_available():
         print("bench/kernels/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -264,14 +267,14 @@ def main(argv=None) -> int:
     layers = {}
     for model, name, k, n in shapes:
         base = layers[(model, name, 4)] = build_layer(backend, model, name, k, n, 4, gen, device)
-        for bits in EXTRA_BITS_AT_M1:
+        for bits in extra_bits:
             layers[(model, name, bits)] = build_layer(backend, model, name, k, n, bits, gen, device, base.bf16)
     print(f"layers ready in {time.time() - began:.0f} s", flush=True)
 
     schedule = [(m, (model, name, 4)) for m in m_values for model, name, _, _ in shapes]
     if 1 in m_values:
         at = (m_values.index(1) + 1) * len(shapes)
-        schedule[at:at] = [(1, (model, name, b)) for b in EXTRA_BITS_AT_M1 for model, name, _, _ in shapes]
+        schedule[at:at] = [(1, (model, name, b)) for b in extra_bits for model, name, _, _ in shapes]
     rows, skipped = [], []
     for m, layer_key in schedule:
         layer = layers[layer_key]

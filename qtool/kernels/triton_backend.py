@@ -40,6 +40,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
     left_config_valid,
     left_workspace,
 )
+from qtool.kernels.gptq_gemv_cuda import TILE_N as CUDA_TILE_N, CudaGemv, CudaGemvConfig, cuda_gemv_problem, gptq_gemv_cuda, load_cuda_gemv
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
 from qtool.kernels.default_plans import PACKED, Pick, gpu_family, rule_for, rules_for
@@ -61,11 +62,11 @@ def m_bucket(m: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one call is served: kind "gemv" | "gemm" | "left" (Triton kernels) | "dequant" (dequantize +
-    torch.matmul)."""
+    """How one call is served: kind "gemv" | "gemm" | "left" (Triton kernels) | "cuda_gemv" (the CUDA GEMV, 4-bit,
+    M <= 4, where its extension built) | "dequant" (dequantize + torch.matmul)."""
 
     kind: str
-    config: GemvConfig | GemmConfig | LeftGemmConfig | None = None
+    config: GemvConfig | GemmConfig | LeftGemmConfig | CudaGemvConfig | None = None
 
     def describe(self) -> str:
         if self.config is None:
@@ -75,7 +76,8 @@ class Plan:
 
 
 # the config class of each plan kind, for plans read back from the disk cache
-PLAN_TYPES = {"gemv": GemvConfig, "gemm": GemmConfig, "left": LeftGemmConfig, "dequant": None}
+PLAN_TYPES = {"gemv": GemvConfig, "gemm": GemmConfig, "left": LeftGemmConfig, "cuda_gemv": CudaGemvConfig,
+              "dequant": None}
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,26 @@ GEMV_ROWS_SHAPES = (
     (256, 32, 4, True, 4, False), (512, 32, 4, True, 2, False), (256, 64, 4, False, 4, False),
     (128, 64, 4, False, 8, False),
 )
+
+
+# (warps along K, thread blocks per SM) of the CUDA GEMV's candidates
+CUDA_GEMV_SHAPES = ((4, 4), (8, 2), (4, 8), (8, 4), (2, 8))
+
+
+def _cuda_gemv_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int,
+                          shapes: tuple | None = None) -> list[Plan]:
+    """The CUDA GEMV's plans (of the table, or of `shapes`) for a layer it can serve; the caller checks that the
+    extension is built."""
+    if cuda_gemv_problem(weight, m, dtype) is not None:
+        return []
+    tiles_n = triton.cdiv(weight.out_features, CUDA_TILE_N)
+    k_blocks = triton.cdiv(weight.k_rows, 32)
+    plans = []
+    for warps_k, per_sm in shapes or CUDA_GEMV_SHAPES:
+        plan = Plan("cuda_gemv", CudaGemvConfig(split_k=_split_for(tiles_n, k_blocks, per_sm * num_sms), warps_k=warps_k))
+        if plan not in plans:
+            plans.append(plan)
+    return plans
 
 
 def _gemv_candidates(weight: GptqComputeWeight, m: int, num_sms: int, shapes: tuple | None = None) -> list[Plan]:
@@ -271,9 +293,13 @@ def _left_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_
     return plans
 
 
-def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int) -> list[Plan]:
-    """Plans worth timing for a call with M rows; the first is the untimed default."""
+def candidate_plans(weight: GptqComputeWeight, m: int, dtype: torch.dtype, num_sms: int,
+                    cuda_gemv: bool = False) -> list[Plan]:
+    """Plans worth timing for a call with M rows; the first is the untimed default. cuda_gemv: the CUDA GEMV's
+    extension is built, so its plans are candidates too."""
     gemv = _gemv_candidates(weight, m, num_sms) if m <= MAX_GEMV_ROWS else []
+    if cuda_gemv:
+        gemv += _cuda_gemv_candidates(weight, m, dtype, num_sms)
     left = _left_candidates(weight, m, dtype, num_sms)
     # the default (first) plan: the GEMV for one row, the tensor-core kernel from two rows on
     plans = gemv + left if m == 1 else left + gemv
@@ -307,6 +333,8 @@ def _built_pick(pick: Pick, weight: GptqComputeWeight, m: int, dtype: torch.dtyp
     """The plans the tuner's builders make from one pick (several launches of one shape: the first is taken)."""
     if pick.kind == "dequant":
         return [Plan("dequant")]
+    if pick.kind == "cuda_gemv":
+        return _cuda_gemv_candidates(weight, m, dtype, num_sms, (pick.shape,))
     if pick.kind == "gemv":
         return _gemv_candidates(weight, m, num_sms, (pick.shape,))
     mode = LEFT_PACKED if pick.mode == PACKED else (LEFT_DENORMAL if dtype == torch.bfloat16 else LEFT_DEQUANT)
@@ -316,12 +344,12 @@ def _built_pick(pick: Pick, weight: GptqComputeWeight, m: int, dtype: torch.dtyp
 
 
 def default_plan(weight: GptqComputeWeight, m: int, dtype: torch.dtype, gpu: GpuFacts,
-                 candidates: list[Plan] | None = None) -> Plan:
+                 candidates: list[Plan] | None = None, cuda_gemv: bool = False) -> Plan:
     """The plan a layer gets without timing: the first pick of the GPU family's rule (default_plans.py) that is a
     candidate for it, else the candidates' first (the GEMV for one row, the tensor-core kernel from two), else
     dequantize + torch.matmul (which serves every layer). `candidates`: candidate_plans' list, if built already."""
     if candidates is None:
-        candidates = candidate_plans(weight, m, dtype, gpu.num_sms)
+        candidates = candidate_plans(weight, m, dtype, gpu.num_sms, cuda_gemv)
     rule = rule_for(rules_for(gpu.capability), m_bucket(m), weight.out_features, weight.k_rows, weight.bits)
     for pick in rule.picks if rule is not None else ():
         for plan in _built_pick(pick, weight, m, dtype, gpu.num_sms)[:1]:
@@ -422,7 +450,8 @@ def kernel_plan_store(directory: Path | None) -> PlanStore | None:
     if directory is None:
         return None
     versions = {"torch": torch.__version__, "triton": triton.__version__, "cuda": str(torch.version.cuda)}
-    return PlanStore(directory, kernel_fingerprint(Path(__file__).parent.glob("*.py"), versions), PLAN_TYPES, Plan)
+    sources = [*Path(__file__).parent.glob("*.py"), *Path(__file__).parent.glob("*.cu")]
+    return PlanStore(directory, kernel_fingerprint(sources, versions), PLAN_TYPES, Plan)
 
 
 def stored_plan(store: PlanStore | None, device_name: str, key: TuneKey, candidates: list[Plan]) -> Plan | None:
@@ -455,6 +484,7 @@ class TritonBackend:
         # Outgrown workspaces stay alive: a CUDA graph captured earlier replays into the buffers it saw, and freeing
         # them would hand that memory to other tensors the replay would then overwrite.
         self._outgrown_workspaces: list[SplitKWorkspace] = []
+        self.cuda_gemv: CudaGemv | None = None  # built (or found unbuildable) at the first 4-bit CUDA layer
 
     def supports(self, device: torch.device | str, bits: int, group_size: int, m: int = 1) -> str | None:
         """None when this backend can serve such a layer, else why not."""
@@ -469,7 +499,16 @@ class TritonBackend:
                              tensors.checkpoint_format, tensors.bias)
         self._workspace(weight.qweight.device, SKINNY_MAX_M * weight.out_features,
                         triton.cdiv(weight.out_features, 16))
+        if self.cuda_gemv is None and weight.bits == 4 and weight.qweight.is_cuda and not triton_interpreted():
+            # at load time, never inside a request: the first build takes about a minute
+            self.cuda_gemv = load_cuda_gemv(weight.qweight.device)
+            if self.cuda_gemv.module is None:
+                logger.info("CUDA GEMV not used (%s): the Triton GEMV serves 4-bit decode", self.cuda_gemv.problem)
         return weight
+
+    @property
+    def cuda_gemv_ready(self) -> bool:
+        return self.cuda_gemv is not None and self.cuda_gemv.module is not None
 
     def _workspace(self, device: torch.device, partials: int, counters: int) -> SplitKWorkspace:
         key = str(device)
@@ -491,12 +530,14 @@ class TritonBackend:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if plan.kind == "left":
             ws = self._workspace(x.device, *(max(1, size) for size in left_workspace(m, weight, plan.config)))
-        elif plan.config.split_k > 1:
+        elif plan.kind == "cuda_gemv" or plan.config.split_k > 1:  # the CUDA GEMV may split more than asked
             ws = self._workspace(x.device, m * n, triton.cdiv(m, 16) * triton.cdiv(n, 16))
         else:  # unused by the kernel; any zeroed buffers do
             ws = self._workspace(x.device, 1, 1)
         if plan.kind == "gemv":
             return gptq_gemv(x, weight, plan.config, out, ws.partials, ws.counters)
+        if plan.kind == "cuda_gemv":
+            return gptq_gemv_cuda(self.cuda_gemv, x, weight, plan.config, out, ws.partials, ws.counters)
         if plan.kind == "left":
             return gptq_gemm_left(x, weight, plan.config, out, ws.partials, ws.counters)
         return gptq_gemm(x, weight, plan.config, out, ws.partials, ws.counters)
@@ -514,13 +555,13 @@ class TritonBackend:
     def decide_plan(self, key: TuneKey, x: torch.Tensor, weight: GptqComputeWeight, gpu: GpuFacts) -> Plan:
         """The plan of a key seen for the first time: stored, else tuned (with tune), else the default by rule.
         Candidates are built for the bucket's M, so a plan tuned at the bucket serves every M inside it."""
-        candidates = candidate_plans(weight, key.m_bucket, x.dtype, gpu.num_sms)
+        candidates = candidate_plans(weight, key.m_bucket, x.dtype, gpu.num_sms, self.cuda_gemv_ready)
         stored = stored_plan(self.plan_store, gpu.name, key, candidates)
         if stored is not None:
             logger.info("triton GPTQ: %s -> %s (tuned before: %s)", key, stored.describe(), self.plan_store.path)
             self.plans[key] = stored
             return stored
-        fallback = default_plan(weight, key.m_bucket, x.dtype, gpu, candidates)
+        fallback = default_plan(weight, key.m_bucket, x.dtype, gpu, candidates, self.cuda_gemv_ready)
         if not self.tune:
             self._note_defaults(gpu)
             self.plans[key] = fallback
