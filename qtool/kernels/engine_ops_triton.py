@@ -560,6 +560,155 @@ def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE + the q4 cache's write (staging slots, value codes)
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round of float32 x: halves to the even neighbour."""
+    low = tl.floor(x)
+    fraction = x - low
+    even = (low - 2.0 * tl.floor(low * 0.5)) == 0.0
+    return tl.where(fraction > 0.5, low + 1.0, tl.where(fraction < 0.5, low, tl.where(even, low, low + 1.0)))
+
+
+@triton.jit
+def _rope_cache_q4_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kcos_ptr, ksin_ptr, rot_ptr, ks_ptr, vs_ptr,
+                          vc_ptr, vp_ptr, rows_ptr, slots_ptr, qo_ptr,
+                          q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_st, kss_st, ks_sr, ks_sh, vs_sr, vs_sh,
+                          vc_sr, vc_sh, vp_sr, vp_sh, qo_st, qo_sh, heads, tiny,
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_D: tl.constexpr, GROUP_HALF: tl.constexpr, BLOCK_GH: tl.constexpr,
+                          VALUE_GROUPS: tl.constexpr):
+    """Program (token, head): heads [0, heads) rotate a query head into qo; the rest take kv head (head - heads):
+    its key turned by RoPE (rounded to the key's dtype) and back by the float32 key tables, stored with the value
+    at the token's staging row unless it is < 0; the value rotated by rot, quantized per group of 2 * GROUP_HALF
+    channels (even and odd channels apart: they share a byte) at the token's cache slot unless it is < 0."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_HALF)
+    ok = d < HALF
+    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    if h < heads:
+        src = q_ptr + t * q_st + h * q_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        dst = qo_ptr + t * qo_st + h * qo_sh
+        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
+    else:
+        kvh = h - heads
+        row = tl.load(rows_ptr + t).to(tl.int64)
+        stage = ok & ((row + tl.zeros_like(d)) >= 0)
+        src = k_ptr + t * k_st + kvh * k_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        r1 = _cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty).to(tl.float32)
+        r2 = _cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty).to(tl.float32)
+        kcos1 = tl.load(kcos_ptr + t * kc_st + d, mask=ok, other=0.0)
+        kcos2 = tl.load(kcos_ptr + t * kc_st + HALF + d, mask=ok, other=0.0)
+        ksin1 = tl.load(ksin_ptr + t * kss_st + d, mask=ok, other=0.0)
+        ksin2 = tl.load(ksin_ptr + t * kss_st + HALF + d, mask=ok, other=0.0)
+        kdst = ks_ptr + row * ks_sr + kvh * ks_sh
+        # back before RoPE: RoPE by the key tables with -sin (KeyRope.unrotate)
+        tl.store(kdst + d, _cast(r1 * kcos1 + r2 * ksin1, ks_ptr.dtype.element_ty), mask=stage)
+        tl.store(kdst + HALF + d, _cast(r2 * kcos2 - r1 * ksin2, ks_ptr.dtype.element_ty), mask=stage)
+        vsrc = v_ptr + t * v_st + kvh * v_sh
+        vdst = vs_ptr + row * vs_sr + kvh * vs_sh
+        tl.store(vdst + d, _cast(tl.load(vsrc + d, mask=ok, other=0.0), vs_ptr.dtype.element_ty), mask=stage)
+        tl.store(vdst + HALF + d, _cast(tl.load(vsrc + HALF + d, mask=ok, other=0.0), vs_ptr.dtype.element_ty),
+                 mask=stage)
+
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        i = tl.arange(0, BLOCK_D)
+        i_ok = i < HEAD_DIM
+        value = tl.load(vsrc + i, mask=i_ok, other=0.0).to(tl.float32)
+        j = tl.arange(0, BLOCK_GH)
+        j_ok = j < GROUP_HALF
+        keep = j_ok & ((slot + tl.zeros_like(j)) >= 0)
+        pair = tl.arange(0, 2)
+        keep_pair = (slot + tl.zeros_like(pair)) >= 0
+        tile = i_ok[:, None] & j_ok[None, :]
+        for g in tl.static_range(VALUE_GROUPS):
+            even = g * 2 * GROUP_HALF + 2 * j
+            rot_even = tl.load(rot_ptr + i[:, None] * HEAD_DIM + even[None, :], mask=tile, other=0.0)
+            rot_odd = tl.load(rot_ptr + i[:, None] * HEAD_DIM + even[None, :] + 1, mask=tile, other=0.0)
+            x_even = tl.sum(value[:, None] * rot_even, axis=0)
+            x_odd = tl.sum(value[:, None] * rot_odd, axis=0)
+            low = tl.minimum(tl.min(tl.where(j_ok, x_even, float("inf")), axis=0),
+                             tl.min(tl.where(j_ok, x_odd, float("inf")), axis=0))
+            high = tl.maximum(tl.max(tl.where(j_ok, x_even, float("-inf")), axis=0),
+                              tl.max(tl.where(j_ok, x_odd, float("-inf")), axis=0))
+            minimum = low.to(tl.float16)
+            scale = tl.math.div_rn(high - minimum.to(tl.float32), 15.0).to(tl.float16)
+            step = tl.maximum(scale.to(tl.float32), tiny)
+            code_even = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x_even - minimum.to(tl.float32), step)),
+                                              0.0), 15.0)
+            code_odd = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x_odd - minimum.to(tl.float32), step)),
+                                             0.0), 15.0)
+            packed = code_even.to(tl.int32) | (code_odd.to(tl.int32) << 4)
+            tl.store(vc_ptr + slot * vc_sr + kvh * vc_sh + g * GROUP_HALF + j, packed.to(tl.uint8), mask=keep)
+            parameters = tl.where(pair == 0, scale.to(tl.float32), minimum.to(tl.float32)).to(tl.float16)
+            tl.store(vp_ptr + slot * vp_sr + kvh * vp_sh + g + pair * VALUE_GROUPS, parameters, mask=keep_pair)
+
+
+def rope_and_cache_q4_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
+                             rotation: torch.Tensor, key_staging: torch.Tensor, value_staging: torch.Tensor,
+                             value_codes: torch.Tensor, value_parameters: torch.Tensor, staging_rows: torch.Tensor,
+                             slots: torch.Tensor) -> torch.Tensor:
+    """engine_ops_ref.rope_and_cache_q4_ref on the GPU in one launch: program (token, head) over the query heads
+    and then the kv heads (which also quantize the value: a [head_dim, group] tile of the rotation per group, so
+    head_dim <= Q4_MAX_HEAD_DIM). Codes equal the reference's but where the rotated value's float32 sums (in
+    another order) land on the other side of a rounding boundary."""
+    tokens, heads, head_dim = query.shape
+    kv_heads = key.shape[1]
+    value_groups = value_parameters.shape[-1] // 2
+    if (head_dim % 2 or key.shape != (tokens, kv_heads, head_dim) or value.shape != key.shape
+            or cos.shape != (tokens, head_dim) or sin.shape != cos.shape or key_cos.shape != cos.shape
+            or key_sin.shape != cos.shape or slots.shape != (tokens,) or staging_rows.shape != (tokens,)
+            or key_staging.shape[-2:] != (kv_heads, head_dim) or value_staging.shape != key_staging.shape
+            or value_codes.shape[-2:] != (kv_heads, head_dim // 2) or value_parameters.shape[:-1] != value_codes.shape[:-1]
+            or head_dim % value_groups or rotation.shape != (head_dim, head_dim)):
+        raise QtoolError(f"rope_and_cache (q4): query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}, cos/sin {tuple(cos.shape)}, key tables {tuple(key_cos.shape)}, "
+                         f"slots {tuple(slots.shape)}, staging {tuple(key_staging.shape)}, value codes "
+                         f"{tuple(value_codes.shape)} / {tuple(value_parameters.shape)}")
+    if head_dim > Q4_MAX_HEAD_DIM:
+        raise QtoolError(f"rope_and_cache (q4): head_dim {head_dim} is over the kernel's {Q4_MAX_HEAD_DIM}")
+    # the cache tensors are written in place: one flat row per (block, offset) or (staging slot, offset)
+    flat_keys = key_staging.view(-1, kv_heads, head_dim)
+    flat_values = value_staging.view(-1, kv_heads, head_dim)
+    flat_codes = value_codes.view(-1, kv_heads, head_dim // 2)
+    flat_parameters = value_parameters.view(-1, kv_heads, value_parameters.shape[-1])
+    if any(t.stride(-1) != 1 for t in (flat_keys, flat_values, flat_codes, flat_parameters)):
+        raise QtoolError("rope_and_cache (q4): the cache tensors need a unit stride in their last dim")
+    query, key, value, cos, sin, key_cos, key_sin, staging_rows, slots = (
+        t if t.stride(-1) == 1 else t.contiguous()
+        for t in (query, key, value, cos, sin, key_cos.float(), key_sin.float(), staging_rows, slots))
+    rotation = rotation.float().contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if tokens == 0:
+        return out
+    half = head_dim // 2
+    group_half = head_dim // value_groups // 2
+    _rope_cache_q4_kernel[(tokens, heads + kv_heads)](
+        query, key, value, cos, sin, key_cos, key_sin, rotation, flat_keys, flat_values, flat_codes,
+        flat_parameters, staging_rows, slots, out,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos.stride(0), sin.stride(0), key_cos.stride(0), key_sin.stride(0), flat_keys.stride(0),
+        flat_keys.stride(1), flat_values.stride(0), flat_values.stride(1), flat_codes.stride(0),
+        flat_codes.stride(1), flat_parameters.stride(0), flat_parameters.stride(1), out.stride(0), out.stride(1),
+        heads, torch.finfo(torch.float32).tiny,
+        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), BLOCK_D=_pow2(head_dim), GROUP_HALF=group_half,
+        BLOCK_GH=_pow2(group_half), VALUE_GROUPS=value_groups, num_warps=1 if head_dim <= 64 else 2)
+    return out
+
+
 def triton_interpreted() -> bool:
     """True when these kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import)."""
     return not isinstance(_paged_decode_kernel, JITFunction)
