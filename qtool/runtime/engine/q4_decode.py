@@ -14,8 +14,11 @@ block from the slot (kernels/engine_ops: rope_and_cache_q4, paged_decode_attenti
 Why outside the graph and not a masked op inside it: positions are host-known, so the host knows which rows start
 or fill a block before the step; the graph stays a fixed-shape write + attention, and a block's quantization (one
 row in block_size steps) costs nothing on the other steps, where an in-graph masked reduction would run every step.
-A write only the module path does (a row's block has no slot but earlier rows: they would be restaged from their
-codes; more rows than staging slots) makes plan_q4_decode return None: that step runs through the modules."""
+A write only the module path does makes plan_q4_decode return None and that step runs through the modules: a row's
+block has no slot but earlier rows (they would be restaged from their codes), more rows than staging slots, or a
+row given the slot another row of the step fills and retires (the module path holds the filled block's rows in
+hand; the step would overwrite them in the slot). With a slot per running sequence these are rare: a sequence
+starting a block normally takes the older slot its previous block retired in an earlier step."""
 
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ def plan_q4_decode(cache: QuantizedKVCache, slots: list[int]) -> Q4DecodePlan | 
         place, gone, gone_rows = trial.place(block, full)
         if place is None:
             return None  # no slot to keep it in: the module path quantizes it as it stands
+        if place in staging:
+            # the slot of a block this step fills, retired and taken again at once: the module path quantizes
+            # that block from the rows it holds in hand; here the step would overwrite them before it reads them
+            return None
         if gone is not None:
             evicted.append((gone, place, gone_rows))
         trial.hold(place, offset + 1, full)
