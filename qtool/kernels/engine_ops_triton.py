@@ -672,7 +672,8 @@ def rope_and_cache_q4_triton(query: torch.Tensor, key: torch.Tensor, value: torc
             or cos.shape != (tokens, head_dim) or sin.shape != cos.shape or key_cos.shape != cos.shape
             or key_sin.shape != cos.shape or slots.shape != (tokens,) or staging_rows.shape != (tokens,)
             or key_staging.shape[-2:] != (kv_heads, head_dim) or value_staging.shape != key_staging.shape
-            or value_codes.shape[-2:] != (kv_heads, head_dim // 2) or value_parameters.shape[:-1] != value_codes.shape[:-1]
+            or value_codes.shape[-2:] != (kv_heads, head_dim // 2)
+            or value_parameters.shape[:-1] != value_codes.shape[:-1]
             or head_dim % value_groups or rotation.shape != (head_dim, head_dim)):
         raise QtoolError(f"rope_and_cache (q4): query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, cos/sin {tuple(cos.shape)}, key tables {tuple(key_cos.shape)}, "

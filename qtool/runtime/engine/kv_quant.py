@@ -444,8 +444,9 @@ class QuantizedKVCache:
     """The quantized counterpart of attention.KVCache: per layer the keys and the values. q8: a QuantizedCacheLayer
     each (per token). q4: a Q4CacheLayer (keys per channel per block, values per token, the blocks being filled
     staged exactly), given to attention as its two Q4Parts. The torch paged attention and the GPU prefill attention
-    read it through attention.read_kv; is_quantized makes the whole-tensor decode step (engine_ops: float caches
-    only) and its CUDA graphs decline it."""
+    read it through attention.read_kv. The whole-tensor decode step (and its CUDA graphs) takes q4 through its own
+    kernels (engine_ops.rope_and_cache_q4, paged_decode_attention_q4) and its host side (q4_decode.py); q8 it
+    declines (decode_step._cache_problem)."""
 
     kind: str
     head_dim: int

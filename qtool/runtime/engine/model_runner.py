@@ -146,7 +146,8 @@ class ModelRunner:
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
         many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
-        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules).
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules; float caches
+        only).
         fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
         where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
         views of the fused ones, so the weights stay one copy)."""
