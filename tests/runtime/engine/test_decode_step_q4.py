@@ -201,3 +201,22 @@ def test_the_engine_runs_a_declined_step_through_the_modules(make_tiny_llama):
             decodes, taken = sum(all_decodes for all_decodes, _ in seen), engine.runner.fast_decode_steps
     assert outputs[True] == outputs[False]
     assert 0 < taken < decodes, (taken, decodes)
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_speculation_beside_the_q4_decode_step_keeps_the_module_paths_greedy(make_tiny_llama, speculative):
+    """Verification chunks (the module path's writes: blocks completed, rejected tails rolled back into retired
+    slots) interleaved with one-token steps through the decode step (speculation paused, or nothing drafted): the
+    greedy output of plain decoding on the module path."""
+    model = make_tiny_llama(seed=0)
+    draft = make_tiny_llama(seed=1) if speculative == "draft" else None  # rarely agrees: rejections, pauses
+    prompts = [[1, 5, 9, 14, 3, 8, 21, 5, 9, 14, 3], [1, 40, 41, 42, 43, 40, 41, 42], [1, 77]]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    config = dict(kv_cache="q4", block_size=4, num_blocks=64)
+    expected = [out.token_ids for out in Engine(model, None, EngineConfig(fast_decode=False, **config))
+                .generate(prompts, params)]
+    engine = Engine(model, None, EngineConfig(fast_decode=True, speculative=speculative, **config),
+                    draft_model=draft)
+    assert [out.token_ids for out in engine.generate(prompts, params)] == expected
+    assert engine.runner.fast_decode_steps > 0
+    assert engine.stats().speculation[speculative]["drafted"] > 0, "verification chunks ran too"
