@@ -251,19 +251,23 @@ def _q4_nibbles(row_ptr, cols, mask):
 
 @triton.jit
 def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot_ptr, cos_ptr, sin_ptr,
-                      table_ptr, lens_ptr, own_ptr, out_ptr,
+                      table_ptr, lens_ptr, own_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                       q_sb, q_sh, kc_sn, kc_sb, kc_sh, kp_sn, kp_sh, kp_s2, vc_sn, vc_sb, vc_sh,
                       vp_sn, vp_sb, vp_sh, ks_sn, ks_sb, ks_sh, vs_sn, vs_sb, vs_sh, c_s, t_sb, o_sb, o_sh,
-                      qk_scale, window, max_position,
+                      qk_scale, window, max_position, tokens_per_split,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                       VALUE_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Program (b, kv head): the GROUP query heads of this kv head against sequence b's context, online softmax in
-    float32 on log2-scaled scores. Each context token's key is dequantized (or, in the sequence's own block with a
-    staging slot, read from it), turned by RoPE at its position, and its value dequantized in the rotated basis
-    (accumulated apart, rotated back once at the end) or read exact from the slot."""
+                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Program (b, kv head, split): the GROUP query heads of this kv head against context tokens
+    [split * tokens_per_split, (split + 1) * tokens_per_split) of sequence b (clipped to its length and window),
+    online softmax in float32 on log2-scaled scores. Each context token's key is dequantized (or, in the sequence's
+    own block with a staging slot, read from it), turned by RoPE at its position, and its value dequantized in the
+    rotated basis (accumulated apart, rotated back once at the end) or read exact from the slot. With one split the
+    normalised rows go to out; else each split's rows, running max and sum go to the workspace that
+    _split_reduce_kernel combines (as the float kernel's)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     context = tl.load(lens_ptr + b).to(tl.int32)
     own_slot = tl.load(own_ptr + b).to(tl.int64)
     own_start = (tl.maximum(context - 1, 0) // BLOCK_SIZE) * BLOCK_SIZE
@@ -287,9 +291,13 @@ def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot
     acc_exact = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # the own block's staged values
     n = tl.arange(0, BLOCK_N)
     table_row = table_ptr + b.to(tl.int64) * t_sb
-    for start in range((lo // BLOCK_N) * BLOCK_N, context, BLOCK_N):
+    begin = split * tokens_per_split
+    end = tl.minimum(begin + tokens_per_split, context)
+    # start at the tile holding the window's first token (tiles stay aligned to BLOCK_N, as splits are)
+    begin = tl.maximum(begin, (lo // BLOCK_N) * BLOCK_N)
+    for start in range(begin, end, BLOCK_N):
         pos = start + n
-        valid = (pos < context) & (pos >= lo)
+        valid = (pos < end) & (pos >= lo)
         block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offset = (pos % BLOCK_SIZE).to(tl.int64)
         own = valid & (pos >= own_start) & ((own_slot + tl.zeros_like(pos)) >= 0)  # a tensor: a mask
@@ -336,8 +344,15 @@ def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot
     rotation_t = tl.load(rot_ptr + d[None, :] * HEAD_DIM + d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
     acc = tl.dot(acc_rotated, rotation_t.to(tl.float32), input_precision="ieee") + acc_exact
     out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
-             _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+                 _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # workspace [B, heads, NUM_SPLITS, BLOCK_D] and [B, heads, NUM_SPLITS, 2] (max, sum), contiguous
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * BLOCK_D + d[None, :], out_rows, mask=g_ok[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_ok)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_ok)
 
 
 def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
@@ -345,10 +360,11 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
                                      key_staging: torch.Tensor, value_staging: torch.Tensor,
                                      rotation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                     own_slots: torch.Tensor, scale: float,
-                                     sliding_window: int | None = None) -> torch.Tensor:
-    """engine_ops_ref.paged_decode_attention_q4_ref on the GPU: one program per (sequence, kv head), no split of
-    the context, every product in float32."""
+                                     own_slots: torch.Tensor, scale: float, sliding_window: int | None = None,
+                                     num_splits: int | None = None) -> torch.Tensor:
+    """engine_ops_ref.paged_decode_attention_q4_ref on the GPU: one program per (sequence, kv head, split of the
+    context), every product in float32. num_splits None: decode_splits' rule from static sizes (a captured graph
+    keeps it: small batches spread a long context over the SMs); the argument exists for tests."""
     batch, heads, head_dim = query.shape
     num_blocks, block_size, kv_heads, half_dim = key_codes.shape
     value_groups = value_parameters.shape[-1] // 2
@@ -375,10 +391,23 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
         return out
     group = heads // kv_heads
     block_d = max(_pow2(head_dim), 16)
+    block_n = 32 if block_d <= 128 else 16
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
+        num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
+        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
+    # each split's token range is a whole number of tiles, so tiles never straddle two splits
+    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_ml = out  # unused
     window = int(sliding_window) if sliding_window is not None else 0
-    _q4_decode_kernel[(batch, kv_heads)](
+    _q4_decode_kernel[(batch, kv_heads, num_splits)](
         query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
-        cos, sin, block_tables, context_lens, own_slots, out,
+        cos, sin, block_tables, context_lens, own_slots, out, part_o, part_ml,
         query.stride(0), query.stride(1), key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
         key_parameters.stride(0), key_parameters.stride(1), key_parameters.stride(2),
         value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
@@ -386,9 +415,14 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
         key_staging.stride(0), key_staging.stride(1), key_staging.stride(2),
         value_staging.stride(0), value_staging.stride(1), value_staging.stride(2), cos.stride(0),
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window, cos.shape[0] - 1,
-        GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size, VALUE_GROUPS=value_groups,
-        BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=32 if block_d <= 128 else 16,
-        HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+        tokens_per_split, GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
+        VALUE_GROUPS=value_groups, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8,
+        num_stages=2)
+    if num_splits > 1:
+        _split_reduce_kernel[(batch, heads)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
     return out
 
 

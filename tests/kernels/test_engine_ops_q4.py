@@ -106,6 +106,21 @@ def test_the_q4_kernel_equals_its_reference(kernels_can_run, heads, kv_heads, he
     assert (moved - expected)[case["own_slots"] >= 0].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("window", [None, 21])
+def test_the_q4_kernel_split_over_the_context_equals_its_reference(kernels_can_run, num_splits, window):
+    """Flash-decoding splits (each a whole number of tiles, some empty for the shorter sequences, the own block in
+    one of them): the reduced rows equal the reference's, and the rule splits a lone sequence."""
+    from qtool.kernels.engine_ops_triton import decode_splits
+
+    case, options = random_q4_case(num_splits, 2, 4, 1, 32, 16, [75, 20], window)
+    expected = paged_decode_attention_q4_ref(**case, **options)
+    device_case = {name: t.to(DEVICE) for name, t in case.items()}
+    got = paged_decode_attention_q4_triton(**device_case, **options, num_splits=num_splits).cpu()
+    torch.testing.assert_close(got, expected, rtol=5e-5, atol=5e-5)
+    assert decode_splits(1, 1, 20, 16, 32, 4) > 1  # a lone sequence of 320 tokens on a 4-SM device
+
+
 def test_the_router_takes_the_reference_off_cuda_and_the_kernel_refuses_wide_heads():
     from qtool.core.errors import QtoolError
     from qtool.kernels.engine_ops import paged_decode_attention_q4
