@@ -3,12 +3,15 @@ prompt, `--new-tokens` greedy tokens, decode tokens/s = (new tokens - 1) / (time
 runs three ways in the same process: the decode step replayed from CUDA graphs ("graphs"), the same step eager
 ("eager"), and the model's modules step by step ("modules", the engine's path before the decode step). The decode
 step's ways run with q/k/v and gate/up fused (the engine's default); --fusion both adds "graphs-unfused" and
-"eager-unfused" rows (EngineConfig.fuse_projections=False), so one call measures what the fusion gives.
+"eager-unfused" rows (EngineConfig.fuse_projections=False), so one call measures what the fusion gives. --kv-cache
+runs every way once per KV cache kind given (e.g. `--kv-cache auto q4`: the model's dtype, then q4, whose decode
+step reads its 4-bit blocks through paged_decode_attention_q4), each at its own block size unless --block-size.
 
     python bench/runtime/engine_decode.py [--layers 32] [--context 512] [--new-tokens 128] [--out result.json]
     python bench/runtime/engine_decode.py --model PATH_OR_ALIAS [--dtype bfloat16]   # a real model, same table
     python bench/runtime/engine_decode.py --tiny --device cpu     # smoke test of the code path, no timing value
     python bench/runtime/engine_decode.py --fusion both --ways graphs    # fused vs unfused under CUDA graphs
+    python bench/runtime/engine_decode.py --model smollm2-135m --kv-cache auto q4 --context 2048   # q4 vs float
 
 Without --model: a Llama-2-7B-shaped HF LlamaForCausalLM with random weights (no download), first in bf16, then
 with every decoder linear replaced by a random 4-bit g128 GPTQ QuantLinear (bench/runtime/decode.py's
@@ -39,6 +42,7 @@ from run_metadata import run_metadata  # noqa: E402
 
 from qtool.kernels.quant_linear import set_model_backend  # noqa: E402
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from qtool.runtime.kv_cache_names import KV_CACHE_KINDS, default_block_size  # noqa: E402
 
 WAYS = {"graphs": dict(fast_decode=True, cuda_graphs=True), "eager": dict(fast_decode=True, cuda_graphs=False),
         "modules": dict(fast_decode=False, cuda_graphs=False)}
@@ -104,12 +108,15 @@ def quantize_randomly(model: nn.Module, bits: int, group_size: int, backend: str
     return set_model_backend(model, backend)
 
 
-def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
-    """Start an engine the given way, run --repeats single requests; rates and start-up time."""
-    blocks = -(-(args.context + args.new_tokens) // args.block_size) + 2
+def measure(model: nn.Module, way: str, args, vocab: int, kv_cache: str = "auto") -> dict:
+    """Start an engine the given way with that KV cache kind, run --repeats single requests; rates and start-up
+    time."""
+    block_size = args.block_size or default_block_size(kv_cache)
+    blocks = -(-(args.context + args.new_tokens) // block_size) + 2
     began = time.perf_counter()
-    engine = Engine(model, None, EngineConfig(block_size=args.block_size, num_blocks=blocks, max_num_seqs=1,
-                                              max_num_batched_tokens=args.prefill_chunk, **way_settings(way)))
+    engine = Engine(model, None, EngineConfig(block_size=block_size, num_blocks=blocks, max_num_seqs=1,
+                                              max_num_batched_tokens=args.prefill_chunk, kv_cache=kv_cache,
+                                              **way_settings(way)))
     if model.model.embed_tokens.weight.is_cuda:
         torch.cuda.synchronize()
     start_s = time.perf_counter() - began
@@ -122,7 +129,8 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
         decode_s = out.seconds - out.time_to_first_token_s
         rates.append((len(out.token_ids) - 1) / decode_s)
         ttfts.append(out.time_to_first_token_s)
-    result = {"way": way, "engine_start_s": round(start_s, 2), "decode_tok_s": [round(r, 1) for r in rates],
+    result = {"way": way, "kv_cache": kv_cache, "block_size": block_size, "engine_start_s": round(start_s, 2),
+              "decode_tok_s": [round(r, 1) for r in rates],
               "first_request_tok_s": round(rates[0], 1), "median_tok_s": round(statistics.median(rates), 1),
               "ttft_s": [round(t, 4) for t in ttfts], "decode_path": engine.runner.decode_step_reason,
               "graphs_captured": sorted(engine.runner.decode_graphs.graphs) if engine.runner.decode_graphs else []}
@@ -134,12 +142,13 @@ def measure(model: nn.Module, way: str, args, vocab: int) -> dict:
 
 
 def run_model(label: str, model: nn.Module, args, vocab: int, report: dict) -> None:
-    for way in ways_with_fusion(args.ways, args.fusion):
-        row = {"model": label, **measure(model, way, args, vocab)}
-        print(f"  {label:<10} {way:<15} first {row['first_request_tok_s']:>8.1f} tok/s   median "
-              f"{row['median_tok_s']:>8.1f} tok/s   start {row['engine_start_s']:>6.1f} s", flush=True)
-        report["rows"].append(row)
-        write(report, args.out)  # after every row: a run cut short keeps what it measured
+    for kv_cache in args.kv_cache:
+        for way in ways_with_fusion(args.ways, args.fusion):
+            row = {"model": label, **measure(model, way, args, vocab, kv_cache)}
+            print(f"  {label:<10} {way:<15} kv {kv_cache:<5} first {row['first_request_tok_s']:>8.1f} tok/s   median "
+                  f"{row['median_tok_s']:>8.1f} tok/s   start {row['engine_start_s']:>6.1f} s", flush=True)
+            report["rows"].append(row)
+            write(report, args.out)  # after every row: a run cut short keeps what it measured
 
 
 def write(report: dict, out: str | None) -> None:
@@ -163,7 +172,10 @@ def main(argv=None) -> int:
                         help="tokens per engine step (max_num_batched_tokens): the engine's start tunes the 4-bit "
                              "linears at every power of two up to it, so a small one keeps the start short")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV cache block (default: each kind's own, 64 for q4, else 16)")
+    parser.add_argument("--kv-cache", nargs="+", default=["auto"], choices=KV_CACHE_KINDS,
+                        help="KV cache kinds, each a run of every way (auto: the model's dtype)")
     parser.add_argument("--ways", nargs="+", default=list(WAYS), choices=list(WAYS))
     parser.add_argument("--fusion", default="on", choices=FUSIONS,
                         help="the decode step's q/k/v and gate/up fused (on, the engine's default), separate (off), "
@@ -197,10 +209,10 @@ def main(argv=None) -> int:
         run_model(str(dtype).replace("torch.", ""), model, args, shape["vocab_size"], report)
         report["backend_layers"] = quantize_randomly(model, args.bits, args.group_size, args.backend, args.seed)
         run_model(f"gptq-{args.bits}bit", model, args, shape["vocab_size"], report)
-    print(f"\n{'model':<12}{'way':<16}{'first tok/s':>12}{'median tok/s':>14}{'start s':>9}")
+    print(f"\n{'model':<12}{'way':<16}{'kv cache':<10}{'first tok/s':>12}{'median tok/s':>14}{'start s':>9}")
     for row in report["rows"]:
-        print(f"{row['model']:<12}{row['way']:<16}{row['first_request_tok_s']:>12.1f}{row['median_tok_s']:>14.1f}"
-              f"{row['engine_start_s']:>9.1f}")
+        print(f"{row['model']:<12}{row['way']:<16}{row['kv_cache']:<10}{row['first_request_tok_s']:>12.1f}"
+              f"{row['median_tok_s']:>14.1f}{row['engine_start_s']:>9.1f}")
     write(report, args.out)
     return 0
 

@@ -6,7 +6,7 @@ versions, git commit, command line, date with every line). Peers run in the same
 
 Scenarios (all by default, in this order):
   smollm2-run  SmolLM2 GPTQ 4-bit (quantized here from the float GGUF) and float, batch 1, greedy, 128 new tokens:
-               engine vs transformers' generate on the same loaded model
+               engine vs transformers' generate on the same loaded model (the engine's KV cache: --kv-cache)
   speculative  prompt-lookup speculative decoding on a copy-heavy prompt (SmolLM2 GPTQ 4-bit): tok/s with and
                without, acceptance (skipped with a note while EngineConfig has no such field)
   throughput   N requests at once (prompts 128-1024 random ids, 256 new tokens, eos ignored) on a Llama-2-7B-shaped
@@ -210,7 +210,8 @@ def smollm2_run(ctx: Context) -> None:
         hf = bench_peers.hf_generate(model, [prompt], new, pad, device)
         first_setting = None  # the first --fusion setting's run, set against transformers' generate
         for fuse in FUSION_SETTINGS[args.fusion]:
-            config = engine_config(kv_cache_bytes=256 << 20, fuse_projections=fuse, **prefill_setting(args))
+            config = engine_config(kv_cache_bytes=256 << 20, fuse_projections=fuse, kv_cache=args.kv_cache,
+                                   **prefill_setting(args))
             # first calls apart: Triton compiles and the tuner times its candidates there
             began = time.perf_counter()
             bench_peers.engine_run(model, [prompt], 4, config, device)
@@ -218,10 +219,11 @@ def smollm2_run(ctx: Context) -> None:
             engine = bench_peers.engine_run(model, [prompt], new, config, device)
             first_setting = first_setting or engine
             same = engine["token_ids"][0] == hf["token_ids"][0]
-            ctx.record("smollm2-run", f"engine {variant}{'' if fuse else ' unfused'}",
+            kind = "" if args.kv_cache == "auto" else f" kv {args.kv_cache}"
+            ctx.record("smollm2-run", f"engine {variant}{'' if fuse else ' unfused'}{kind}",
                        f"{engine['output_tok_s']:.1f} tok/s ({new} new tokens, decode "
                        f"{engine.get('decode_tok_s_mean', 0):.1f} tok/s, TTFT {engine['ttft_s'][0] * 1e3:.0f} ms)",
-                       variant=variant, fuse_projections=fuse, prompt_tokens=len(prompt),
+                       variant=variant, fuse_projections=fuse, kv_cache=args.kv_cache, prompt_tokens=len(prompt),
                        first_calls_s=round(first_engine_s, 2), same_tokens_as_hf=same, **strip(engine))
         ctx.record("smollm2-run", f"hf-generate {variant}", f"{hf['output_tok_s']:.1f} tok/s ({new} new tokens); "
                    f"engine/HF {first_setting['output_tok_s'] / hf['output_tok_s']:.2f}x", variant=variant,
@@ -522,6 +524,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast-prefill", choices=("on", "off"), default=None,
                    help="smollm2-run and prefix: prefill through the decode step's fused ops or not (default: the engine's)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", *KV_CACHE_KINDS),
+                   help="smollm2-run: the engine's KV cache kind (auto: the model's dtype; q4 decodes through its own "
+                        "decode step kernels)")
     p.add_argument("--calibration-samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
     p.add_argument("--smol-new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=256)

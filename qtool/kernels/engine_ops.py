@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from qtool.kernels.engine_ops_ref import (add_rms_norm_ref, paged_decode_attention_q4_ref, paged_decode_attention_ref,
-                                         rope_and_cache_ref, silu_mul_ref)
+                                         rope_and_cache_q4_ref, rope_and_cache_ref, silu_mul_ref)
 from qtool.kernels.registry import triton_device_problem
 
 
@@ -50,17 +50,41 @@ def paged_decode_attention_q4(query: torch.Tensor, key_codes: torch.Tensor, key_
                               value_staging: torch.Tensor, rotation: torch.Tensor, cos: torch.Tensor,
                               sin: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                               own_slots: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
-    """Decode attention over the q4 cache's tensors (engine_ops_ref.paged_decode_attention_q4_ref). Not yet called
-    by the decode step, which declines quantized caches (the q4 write, quantizing a block as it completes, is the
-    torch cache's)."""
+    """Decode attention over the q4 cache's tensors (engine_ops_ref.paged_decode_attention_q4_ref): the decode
+    step's attention with a q4 cache."""
     args = (query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
             cos, sin, block_tables, context_lens, own_slots, scale, sliding_window)
-    if triton_problem(query) is None:
-        from qtool.kernels.engine_ops_triton import Q4_MAX_HEAD_DIM, paged_decode_attention_q4_triton
+    if q4_kernels_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import paged_decode_attention_q4_triton
 
-        if query.shape[-1] <= Q4_MAX_HEAD_DIM:
-            return paged_decode_attention_q4_triton(*args)
+        return paged_decode_attention_q4_triton(*args)
     return paged_decode_attention_q4_ref(*args)
+
+
+def q4_kernels_problem(query: torch.Tensor) -> str | None:
+    """Why the q4 cache's Triton kernels (its write and its decode attention) do not serve this query [T, heads, d],
+    or None: their torch references then run (not capturable as a CUDA graph on a GPU: they index by masks)."""
+    problem = triton_problem(query)
+    if problem:
+        return problem
+    from qtool.kernels.engine_ops_triton import Q4_MAX_HEAD_DIM
+
+    if query.shape[-1] > Q4_MAX_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} is over the q4 kernels' {Q4_MAX_HEAD_DIM}"
+    return None
+
+
+def rope_and_cache_q4(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor, rotation: torch.Tensor,
+                      key_staging: torch.Tensor, value_staging: torch.Tensor, value_codes: torch.Tensor,
+                      value_parameters: torch.Tensor, staging_rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    args = (query, key, value, cos, sin, key_cos, key_sin, rotation, key_staging, value_staging, value_codes,
+            value_parameters, staging_rows, slots)
+    if q4_kernels_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import rope_and_cache_q4_triton
+
+        return rope_and_cache_q4_triton(*args)
+    return rope_and_cache_q4_ref(*args)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -90,9 +114,10 @@ def rope_and_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 for _op, _ref in ((paged_decode_attention, paged_decode_attention_ref), (add_rms_norm, add_rms_norm_ref),
-                  (silu_mul, silu_mul_ref), (rope_and_cache, rope_and_cache_ref)):
+                  (silu_mul, silu_mul_ref), (rope_and_cache, rope_and_cache_ref),
+                  (rope_and_cache_q4, rope_and_cache_q4_ref)):
     _op.__doc__ = _ref.__doc__  # one statement of each contract: the reference's
 del _op, _ref
 
-__all__ = ["add_rms_norm", "paged_decode_attention", "paged_decode_attention_problem", "rope_and_cache", "silu_mul",
-           "triton_problem"]
+__all__ = ["add_rms_norm", "paged_decode_attention", "paged_decode_attention_problem", "paged_decode_attention_q4",
+           "q4_kernels_problem", "rope_and_cache", "rope_and_cache_q4", "silu_mul", "triton_problem"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+Q4_VALUE_GROUP = 64  # a q4 value's channels per scale and minimum (the whole head where 64 does not divide it)
+_TINY = torch.finfo(torch.float32).tiny  # a zero scale (an all-equal group) divides by this instead: codes 0
 
 def paged_decode_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
@@ -61,18 +63,63 @@ def rope_and_cache_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """Rotate query [T, heads, d] and key [T, kv_heads, d] by cos/sin [T, d] (the rotate-half layout), store the
     rotated key and value [T, kv_heads, d] at their flat cache slots [T] (block * block_size + offset; a slot < 0
     is a padded row and is not stored), and return the rotated query."""
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x.float() * cos.float().unsqueeze(1) + rotated.float() * sin.float().unsqueeze(1)).to(x.dtype)
-
     kv_heads, head_dim = key_cache.shape[-2:]
     keep = slots >= 0
     flat_keys = key_cache.view(-1, kv_heads, head_dim)
     flat_values = value_cache.view(-1, kv_heads, head_dim)
-    flat_keys[slots[keep]] = rotate(key)[keep].to(key_cache.dtype)
+    flat_keys[slots[keep]] = _rope_rows(key, cos, sin)[keep].to(key_cache.dtype)
     flat_values[slots[keep]] = value[keep].to(value_cache.dtype)
-    return rotate(query)
+    return _rope_rows(query, cos, sin)
+
+
+def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] turned by RoPE (rotate-half pairs) with cos/sin [T, d], in float32, rounded to x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos.float().unsqueeze(1) + rotated.float() * sin.float().unsqueeze(1)).to(x.dtype)
+
+
+def quantize_q4_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] (d even) -> (packed uint8 [..., d / 2], float16 [..., 2 * groups]: each group's scale, then each
+    group's minimum), groups of 64 along d (the whole of d when 64 does not divide it): x ~ code * scale +
+    minimum, code in [0, 15] (the q4 cache's values: runtime/engine/kv_quant.quantize_q4)."""
+    head_dim = x.shape[-1]
+    group = Q4_VALUE_GROUP if head_dim % Q4_VALUE_GROUP == 0 else head_dim
+    grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
+    minimum = grouped.amin(dim=-1, keepdim=True).to(torch.float16)
+    scales = ((grouped.amax(dim=-1, keepdim=True) - minimum.float()) / 15).to(torch.float16)
+    codes = ((grouped - minimum.float()) / scales.float().clamp_min(_TINY)).round().clamp(0, 15)
+    nibbles = codes.to(torch.uint8).reshape(*x.shape[:-1], head_dim // 2, 2)
+    return nibbles[..., 0] | (nibbles[..., 1] << 4), torch.cat((scales, minimum), dim=-2).squeeze(-1)
+
+
+def rope_and_cache_q4_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor, rotation: torch.Tensor,
+                          key_staging: torch.Tensor, value_staging: torch.Tensor, value_codes: torch.Tensor,
+                          value_parameters: torch.Tensor, staging_rows: torch.Tensor,
+                          slots: torch.Tensor) -> torch.Tensor:
+    """rope_and_cache_ref for the engine's q4 cache layout (runtime/engine/kv_quant.Q4CacheLayer), one token per
+    row of query [T, heads, d], key and value [T, kv_heads, d]:
+    - the key, turned by RoPE with cos/sin [T, d] and rounded to key's dtype (as rope_and_cache does), then turned
+      back with key_cos/key_sin [T, d] (float32: the layer's KeyRope at the same positions), is stored before RoPE
+      in key_staging, and the value as it is in value_staging ([slots, block_size, kv_heads, d]), at the flat
+      staging rows staging_rows [T] (staging slot * block_size + offset; < 0: not stored);
+    - the value, rotated by rotation [d, d] (stored = value @ rotation), is quantized per group (quantize_q4_ref)
+      into value_codes [num_blocks, block_size, kv_heads, d / 2] and value_parameters [num_blocks, block_size,
+      kv_heads, 2 * groups] at its flat cache slot slots [T] (< 0: a padded row, not stored).
+    Returns the rotated query. Keys' codes are not written here: a block's keys are quantized when it is full."""
+    kv_heads, head_dim = key.shape[-2:]
+    rotated_keys = _rope_rows(key, cos, sin)
+    before_rope = _rope_rows(rotated_keys.float(), key_cos, -key_sin)  # float32, as KeyRope.unrotate
+    staged = staging_rows >= 0
+    rows = staging_rows[staged]
+    key_staging.view(-1, kv_heads, head_dim)[rows] = before_rope[staged].to(key_staging.dtype)
+    value_staging.view(-1, kv_heads, head_dim)[rows] = value[staged].to(value_staging.dtype)
+    kept = slots >= 0
+    codes, parameters = quantize_q4_ref(value[kept].float() @ rotation.float())
+    value_codes.view(-1, *value_codes.shape[2:])[slots[kept]] = codes
+    value_parameters.view(-1, *value_parameters.shape[2:])[slots[kept]] = parameters
+    return _rope_rows(query, cos, sin)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -251,19 +251,23 @@ def _q4_nibbles(row_ptr, cols, mask):
 
 @triton.jit
 def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot_ptr, cos_ptr, sin_ptr,
-                      table_ptr, lens_ptr, own_ptr, out_ptr,
+                      table_ptr, lens_ptr, own_ptr, out_ptr, part_o_ptr, part_ml_ptr,
                       q_sb, q_sh, kc_sn, kc_sb, kc_sh, kp_sn, kp_sh, kp_s2, vc_sn, vc_sb, vc_sh,
                       vp_sn, vp_sb, vp_sh, ks_sn, ks_sb, ks_sh, vs_sn, vs_sb, vs_sh, c_s, t_sb, o_sb, o_sh,
-                      qk_scale, window, max_position,
+                      qk_scale, window, max_position, tokens_per_split,
                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                       VALUE_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Program (b, kv head): the GROUP query heads of this kv head against sequence b's context, online softmax in
-    float32 on log2-scaled scores. Each context token's key is dequantized (or, in the sequence's own block with a
-    staging slot, read from it), turned by RoPE at its position, and its value dequantized in the rotated basis
-    (accumulated apart, rotated back once at the end) or read exact from the slot."""
+                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Program (b, kv head, split): the GROUP query heads of this kv head against context tokens
+    [split * tokens_per_split, (split + 1) * tokens_per_split) of sequence b (clipped to its length and window),
+    online softmax in float32 on log2-scaled scores. Each context token's key is dequantized (or, in the sequence's
+    own block with a staging slot, read from it), turned by RoPE at its position, and its value dequantized in the
+    rotated basis (accumulated apart, rotated back once at the end) or read exact from the slot. With one split the
+    normalised rows go to out; else each split's rows, running max and sum go to the workspace that
+    _split_reduce_kernel combines (as the float kernel's)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     context = tl.load(lens_ptr + b).to(tl.int32)
     own_slot = tl.load(own_ptr + b).to(tl.int64)
     own_start = (tl.maximum(context - 1, 0) // BLOCK_SIZE) * BLOCK_SIZE
@@ -287,9 +291,13 @@ def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot
     acc_exact = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # the own block's staged values
     n = tl.arange(0, BLOCK_N)
     table_row = table_ptr + b.to(tl.int64) * t_sb
-    for start in range((lo // BLOCK_N) * BLOCK_N, context, BLOCK_N):
+    begin = split * tokens_per_split
+    end = tl.minimum(begin + tokens_per_split, context)
+    # start at the tile holding the window's first token (tiles stay aligned to BLOCK_N, as splits are)
+    begin = tl.maximum(begin, (lo // BLOCK_N) * BLOCK_N)
+    for start in range(begin, end, BLOCK_N):
         pos = start + n
-        valid = (pos < context) & (pos >= lo)
+        valid = (pos < end) & (pos >= lo)
         block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offset = (pos % BLOCK_SIZE).to(tl.int64)
         own = valid & (pos >= own_start) & ((own_slot + tl.zeros_like(pos)) >= 0)  # a tensor: a mask
@@ -336,8 +344,15 @@ def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot
     rotation_t = tl.load(rot_ptr + d[None, :] * HEAD_DIM + d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
     acc = tl.dot(acc_rotated, rotation_t.to(tl.float32), input_precision="ieee") + acc_exact
     out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
-             _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
+                 _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # workspace [B, heads, NUM_SPLITS, BLOCK_D] and [B, heads, NUM_SPLITS, 2] (max, sum), contiguous
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * BLOCK_D + d[None, :], out_rows, mask=g_ok[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_ok)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_ok)
 
 
 def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
@@ -345,10 +360,11 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
                                      key_staging: torch.Tensor, value_staging: torch.Tensor,
                                      rotation: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                                      block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                     own_slots: torch.Tensor, scale: float,
-                                     sliding_window: int | None = None) -> torch.Tensor:
-    """engine_ops_ref.paged_decode_attention_q4_ref on the GPU: one program per (sequence, kv head), no split of
-    the context, every product in float32."""
+                                     own_slots: torch.Tensor, scale: float, sliding_window: int | None = None,
+                                     num_splits: int | None = None) -> torch.Tensor:
+    """engine_ops_ref.paged_decode_attention_q4_ref on the GPU: one program per (sequence, kv head, split of the
+    context), every product in float32. num_splits None: decode_splits' rule from static sizes (a captured graph
+    keeps it: small batches spread a long context over the SMs); the argument exists for tests."""
     batch, heads, head_dim = query.shape
     num_blocks, block_size, kv_heads, half_dim = key_codes.shape
     value_groups = value_parameters.shape[-1] // 2
@@ -375,10 +391,23 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
         return out
     group = heads // kv_heads
     block_d = max(_pow2(head_dim), 16)
+    block_n = 32 if block_d <= 128 else 16
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
+        num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
+        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
+    # each split's token range is a whole number of tiles, so tiles never straddle two splits
+    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=query.device)
+    else:
+        part_o = part_ml = out  # unused
     window = int(sliding_window) if sliding_window is not None else 0
-    _q4_decode_kernel[(batch, kv_heads)](
+    _q4_decode_kernel[(batch, kv_heads, num_splits)](
         query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
-        cos, sin, block_tables, context_lens, own_slots, out,
+        cos, sin, block_tables, context_lens, own_slots, out, part_o, part_ml,
         query.stride(0), query.stride(1), key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
         key_parameters.stride(0), key_parameters.stride(1), key_parameters.stride(2),
         value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
@@ -386,9 +415,14 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
         key_staging.stride(0), key_staging.stride(1), key_staging.stride(2),
         value_staging.stride(0), value_staging.stride(1), value_staging.stride(2), cos.stride(0),
         block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window, cos.shape[0] - 1,
-        GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size, VALUE_GROUPS=value_groups,
-        BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=32 if block_d <= 128 else 16,
-        HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+        tokens_per_split, GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
+        VALUE_GROUPS=value_groups, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8,
+        num_stages=2)
+    if num_splits > 1:
+        _split_reduce_kernel[(batch, heads)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
     return out
 
 
@@ -557,6 +591,156 @@ def rope_and_cache_triton(query: torch.Tensor, key: torch.Tensor, value: torch.T
         cos.stride(0), sin.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), out.stride(0), out.stride(1), heads,
         HALF=half, BLOCK_HALF=_pow2(half), BLOCK_SIZE=block_size, num_warps=1 if half <= 64 else 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE + the q4 cache's write (staging slots, value codes)
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round of float32 x: halves to the even neighbour."""
+    low = tl.floor(x)
+    fraction = x - low
+    even = (low - 2.0 * tl.floor(low * 0.5)) == 0.0
+    return tl.where(fraction > 0.5, low + 1.0, tl.where(fraction < 0.5, low, tl.where(even, low, low + 1.0)))
+
+
+@triton.jit
+def _rope_cache_q4_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kcos_ptr, ksin_ptr, rot_ptr, ks_ptr, vs_ptr,
+                          vc_ptr, vp_ptr, rows_ptr, slots_ptr, qo_ptr,
+                          q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_st, kss_st, ks_sr, ks_sh, vs_sr, vs_sh,
+                          vc_sr, vc_sh, vp_sr, vp_sh, qo_st, qo_sh, heads, tiny,
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_D: tl.constexpr, GROUP_HALF: tl.constexpr, BLOCK_GH: tl.constexpr,
+                          VALUE_GROUPS: tl.constexpr):
+    """Program (token, head): heads [0, heads) rotate a query head into qo; the rest take kv head (head - heads):
+    its key turned by RoPE (rounded to the key's dtype) and back by the float32 key tables, stored with the value
+    at the token's staging row unless it is < 0; the value rotated by rot, quantized per group of 2 * GROUP_HALF
+    channels (even and odd channels apart: they share a byte) at the token's cache slot unless it is < 0."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_HALF)
+    ok = d < HALF
+    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    if h < heads:
+        src = q_ptr + t * q_st + h * q_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        dst = qo_ptr + t * qo_st + h * qo_sh
+        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
+    else:
+        kvh = h - heads
+        row = tl.load(rows_ptr + t).to(tl.int64)
+        stage = ok & ((row + tl.zeros_like(d)) >= 0)
+        src = k_ptr + t * k_st + kvh * k_sh
+        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        r1 = _cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty).to(tl.float32)
+        r2 = _cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty).to(tl.float32)
+        kcos1 = tl.load(kcos_ptr + t * kc_st + d, mask=ok, other=0.0)
+        kcos2 = tl.load(kcos_ptr + t * kc_st + HALF + d, mask=ok, other=0.0)
+        ksin1 = tl.load(ksin_ptr + t * kss_st + d, mask=ok, other=0.0)
+        ksin2 = tl.load(ksin_ptr + t * kss_st + HALF + d, mask=ok, other=0.0)
+        kdst = ks_ptr + row * ks_sr + kvh * ks_sh
+        # back before RoPE: RoPE by the key tables with -sin (KeyRope.unrotate)
+        tl.store(kdst + d, _cast(r1 * kcos1 + r2 * ksin1, ks_ptr.dtype.element_ty), mask=stage)
+        tl.store(kdst + HALF + d, _cast(r2 * kcos2 - r1 * ksin2, ks_ptr.dtype.element_ty), mask=stage)
+        vsrc = v_ptr + t * v_st + kvh * v_sh
+        vdst = vs_ptr + row * vs_sr + kvh * vs_sh
+        tl.store(vdst + d, _cast(tl.load(vsrc + d, mask=ok, other=0.0), vs_ptr.dtype.element_ty), mask=stage)
+        tl.store(vdst + HALF + d, _cast(tl.load(vsrc + HALF + d, mask=ok, other=0.0), vs_ptr.dtype.element_ty),
+                 mask=stage)
+
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        i = tl.arange(0, BLOCK_D)
+        i_ok = i < HEAD_DIM
+        value = tl.load(vsrc + i, mask=i_ok, other=0.0).to(tl.float32)
+        j = tl.arange(0, BLOCK_GH)
+        j_ok = j < GROUP_HALF
+        keep = j_ok & ((slot + tl.zeros_like(j)) >= 0)
+        pair = tl.arange(0, 2)
+        keep_pair = (slot + tl.zeros_like(pair)) >= 0
+        tile = i_ok[:, None] & j_ok[None, :]
+        for g in tl.static_range(VALUE_GROUPS):
+            even = g * 2 * GROUP_HALF + 2 * j
+            rot_even = tl.load(rot_ptr + i[:, None] * HEAD_DIM + even[None, :], mask=tile, other=0.0)
+            rot_odd = tl.load(rot_ptr + i[:, None] * HEAD_DIM + even[None, :] + 1, mask=tile, other=0.0)
+            x_even = tl.sum(value[:, None] * rot_even, axis=0)
+            x_odd = tl.sum(value[:, None] * rot_odd, axis=0)
+            low = tl.minimum(tl.min(tl.where(j_ok, x_even, float("inf")), axis=0),
+                             tl.min(tl.where(j_ok, x_odd, float("inf")), axis=0))
+            high = tl.maximum(tl.max(tl.where(j_ok, x_even, float("-inf")), axis=0),
+                              tl.max(tl.where(j_ok, x_odd, float("-inf")), axis=0))
+            minimum = low.to(tl.float16)
+            scale = tl.math.div_rn(high - minimum.to(tl.float32), 15.0).to(tl.float16)
+            step = tl.maximum(scale.to(tl.float32), tiny)
+            code_even = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x_even - minimum.to(tl.float32), step)),
+                                              0.0), 15.0)
+            code_odd = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x_odd - minimum.to(tl.float32), step)),
+                                             0.0), 15.0)
+            packed = code_even.to(tl.int32) | (code_odd.to(tl.int32) << 4)
+            tl.store(vc_ptr + slot * vc_sr + kvh * vc_sh + g * GROUP_HALF + j, packed.to(tl.uint8), mask=keep)
+            parameters = tl.where(pair == 0, scale.to(tl.float32), minimum.to(tl.float32)).to(tl.float16)
+            tl.store(vp_ptr + slot * vp_sr + kvh * vp_sh + g + pair * VALUE_GROUPS, parameters, mask=keep_pair)
+
+
+def rope_and_cache_q4_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
+                             rotation: torch.Tensor, key_staging: torch.Tensor, value_staging: torch.Tensor,
+                             value_codes: torch.Tensor, value_parameters: torch.Tensor, staging_rows: torch.Tensor,
+                             slots: torch.Tensor) -> torch.Tensor:
+    """engine_ops_ref.rope_and_cache_q4_ref on the GPU in one launch: program (token, head) over the query heads
+    and then the kv heads (which also quantize the value: a [head_dim, group] tile of the rotation per group, so
+    head_dim <= Q4_MAX_HEAD_DIM). Codes equal the reference's but where the rotated value's float32 sums (in
+    another order) land on the other side of a rounding boundary."""
+    tokens, heads, head_dim = query.shape
+    kv_heads = key.shape[1]
+    value_groups = value_parameters.shape[-1] // 2
+    if (head_dim % 2 or key.shape != (tokens, kv_heads, head_dim) or value.shape != key.shape
+            or cos.shape != (tokens, head_dim) or sin.shape != cos.shape or key_cos.shape != cos.shape
+            or key_sin.shape != cos.shape or slots.shape != (tokens,) or staging_rows.shape != (tokens,)
+            or key_staging.shape[-2:] != (kv_heads, head_dim) or value_staging.shape != key_staging.shape
+            or value_codes.shape[-2:] != (kv_heads, head_dim // 2)
+            or value_parameters.shape[:-1] != value_codes.shape[:-1]
+            or head_dim % value_groups or rotation.shape != (head_dim, head_dim)):
+        raise QtoolError(f"rope_and_cache (q4): query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}, cos/sin {tuple(cos.shape)}, key tables {tuple(key_cos.shape)}, "
+                         f"slots {tuple(slots.shape)}, staging {tuple(key_staging.shape)}, value codes "
+                         f"{tuple(value_codes.shape)} / {tuple(value_parameters.shape)}")
+    if head_dim > Q4_MAX_HEAD_DIM:
+        raise QtoolError(f"rope_and_cache (q4): head_dim {head_dim} is over the kernel's {Q4_MAX_HEAD_DIM}")
+    # the cache tensors are written in place: one flat row per (block, offset) or (staging slot, offset)
+    flat_keys = key_staging.view(-1, kv_heads, head_dim)
+    flat_values = value_staging.view(-1, kv_heads, head_dim)
+    flat_codes = value_codes.view(-1, kv_heads, head_dim // 2)
+    flat_parameters = value_parameters.view(-1, kv_heads, value_parameters.shape[-1])
+    if any(t.stride(-1) != 1 for t in (flat_keys, flat_values, flat_codes, flat_parameters)):
+        raise QtoolError("rope_and_cache (q4): the cache tensors need a unit stride in their last dim")
+    query, key, value, cos, sin, key_cos, key_sin, staging_rows, slots = (
+        t if t.stride(-1) == 1 else t.contiguous()
+        for t in (query, key, value, cos, sin, key_cos.float(), key_sin.float(), staging_rows, slots))
+    rotation = rotation.float().contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if tokens == 0:
+        return out
+    half = head_dim // 2
+    group_half = head_dim // value_groups // 2
+    _rope_cache_q4_kernel[(tokens, heads + kv_heads)](
+        query, key, value, cos, sin, key_cos, key_sin, rotation, flat_keys, flat_values, flat_codes,
+        flat_parameters, staging_rows, slots, out,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos.stride(0), sin.stride(0), key_cos.stride(0), key_sin.stride(0), flat_keys.stride(0),
+        flat_keys.stride(1), flat_values.stride(0), flat_values.stride(1), flat_codes.stride(0),
+        flat_codes.stride(1), flat_parameters.stride(0), flat_parameters.stride(1), out.stride(0), out.stride(1),
+        heads, torch.finfo(torch.float32).tiny,
+        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), BLOCK_D=_pow2(head_dim), GROUP_HALF=group_half,
+        BLOCK_GH=_pow2(group_half), VALUE_GROUPS=value_groups, num_warps=1 if head_dim <= 64 else 2)
     return out
 
 

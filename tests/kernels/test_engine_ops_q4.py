@@ -106,6 +106,21 @@ def test_the_q4_kernel_equals_its_reference(kernels_can_run, heads, kv_heads, he
     assert (moved - expected)[case["own_slots"] >= 0].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("window", [None, 21])
+def test_the_q4_kernel_split_over_the_context_equals_its_reference(kernels_can_run, num_splits, window):
+    """Flash-decoding splits (each a whole number of tiles, some empty for the shorter sequences, the own block in
+    one of them): the reduced rows equal the reference's, and the rule splits a lone sequence."""
+    from qtool.kernels.engine_ops_triton import decode_splits
+
+    case, options = random_q4_case(num_splits, 2, 4, 1, 32, 16, [75, 20], window)
+    expected = paged_decode_attention_q4_ref(**case, **options)
+    device_case = {name: t.to(DEVICE) for name, t in case.items()}
+    got = paged_decode_attention_q4_triton(**device_case, **options, num_splits=num_splits).cpu()
+    torch.testing.assert_close(got, expected, rtol=5e-5, atol=5e-5)
+    assert decode_splits(1, 1, 20, 16, 32, 4) > 1  # a lone sequence of 320 tokens on a 4-SM device
+
+
 def test_the_router_takes_the_reference_off_cuda_and_the_kernel_refuses_wide_heads():
     from qtool.core.errors import QtoolError
     from qtool.kernels.engine_ops import paged_decode_attention_q4
@@ -116,3 +131,102 @@ def test_the_router_takes_the_reference_off_cuda_and_the_kernel_refuses_wide_hea
     wide, _ = random_q4_case(2, 1, 2, 1, 256, 4, [3])
     with pytest.raises(QtoolError, match="head_dim 256 is over the kernel's 128"):
         paged_decode_attention_q4_triton(**{name: t.to(DEVICE) for name, t in wide.items()}, **options)
+
+
+def random_write_case(seed, tokens, heads, kv_heads, head_dim, block_size, dtype=torch.float32):
+    """A q4 layer's write inputs: fresh random q/k/v, RoPE tables at random positions, random prior cache contents,
+    some rows padded (slot -1) and some without a staging row."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, slots = tokens + 3, tokens + 2
+    groups = head_dim // 64 if head_dim % 64 == 0 else 1
+    positions = torch.randint(0, 4 * block_size, (tokens,), generator=gen)
+    cos, sin = rope_tables(4 * block_size, head_dim)
+    flat_slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
+    flat_slots[tokens // 2] = -1  # a padded row: nothing stored
+    staging_rows = torch.randperm(slots * block_size, generator=gen)[:tokens]
+    staging_rows[tokens // 2] = -1
+    if tokens > 2:
+        staging_rows[0] = -1  # a row whose value is coded but not staged
+    case = dict(
+        query=torch.randn(tokens, heads, head_dim, generator=gen).to(dtype),
+        key=(torch.randn(tokens, kv_heads, head_dim, generator=gen) * 2 + 0.5).to(dtype),
+        value=torch.randn(tokens, kv_heads, head_dim, generator=gen).to(dtype),
+        cos=cos[positions].to(dtype), sin=sin[positions].to(dtype), key_cos=cos[positions], key_sin=sin[positions],
+        rotation=torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64)).Q.float(),
+        key_staging=torch.randn(slots, block_size, kv_heads, head_dim, generator=gen).to(dtype),
+        value_staging=torch.randn(slots, block_size, kv_heads, head_dim, generator=gen).to(dtype),
+        value_codes=torch.randint(0, 256, (num_blocks, block_size, kv_heads, head_dim // 2), generator=gen,
+                                  dtype=torch.uint8),
+        value_parameters=torch.randn(num_blocks, block_size, kv_heads, 2 * groups, generator=gen).half(),
+        staging_rows=staging_rows, slots=flat_slots,
+    )
+    return case
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim,block_size,dtype", [
+    (5, 4, 2, 16, 4, torch.float32),
+    (3, 6, 3, 48, 16, torch.float32),  # d 48: one value group of the whole head
+    (4, 3, 1, 128, 8, torch.float32),  # two value groups
+    (6, 4, 2, 64, 64, torch.bfloat16),
+])
+def test_the_q4_write_kernel_equals_its_reference(kernels_can_run, tokens, heads, kv_heads, head_dim, block_size,
+                                                  dtype):
+    from qtool.kernels.engine_ops_ref import rope_and_cache_q4_ref
+    from qtool.kernels.engine_ops_triton import rope_and_cache_q4_triton
+
+    case = random_write_case(tokens + head_dim, tokens, heads, kv_heads, head_dim, block_size, dtype)
+    before = {name: t.clone() for name, t in case.items()}
+    expected_query = rope_and_cache_q4_ref(**case)
+    expected = {name: case[name] for name in ("key_staging", "value_staging", "value_codes", "value_parameters")}
+    device_case = {name: t.clone().to(DEVICE) for name, t in before.items()}
+    got_query = rope_and_cache_q4_triton(**device_case).cpu()
+    torch.testing.assert_close(got_query, expected_query, rtol=0, atol=0)
+    tolerance = dict(rtol=0, atol=0) if dtype == torch.float32 and DEVICE == "cpu" else dict(rtol=1e-6, atol=1e-6)
+    for name in ("key_staging", "value_staging"):
+        torch.testing.assert_close(device_case[name].cpu(), expected[name], **tolerance)
+    # the write happened where it should, and nowhere else
+    staged = before["staging_rows"][before["staging_rows"] >= 0]
+    moved = (expected["key_staging"] != before["key_staging"]).flatten(0, 1).any(-1).any(-1)
+    assert set(moved.nonzero().flatten().tolist()) <= set(staged.tolist()) and moved.any()
+    coded = before["slots"][before["slots"] >= 0]
+    got_codes, got_parameters = device_case["value_codes"].cpu(), device_case["value_parameters"].cpu()
+    untouched = torch.ones(got_codes.shape[0] * got_codes.shape[1], dtype=torch.bool)
+    untouched[coded] = False
+    assert torch.equal(got_codes.flatten(0, 1)[untouched], before["value_codes"].flatten(0, 1)[untouched])
+    torch.testing.assert_close(got_parameters, expected["value_parameters"], rtol=1e-3, atol=1e-6)
+    # codes: the same but where a float32 sum in another order crosses a rounding boundary
+    nibbles = lambda p: torch.stack((p & 15, p >> 4), -1)  # noqa: E731
+    differ = (nibbles(got_codes) != nibbles(expected["value_codes"])).float().mean()
+    assert differ <= 0.002, f"{differ:.4f} of the value codes differ"
+    torch.testing.assert_close(got_codes.flatten(0, 1)[coded].float(),
+                               expected["value_codes"].flatten(0, 1)[coded].float(), rtol=0, atol=16)
+
+
+def test_the_q4_write_reference_is_the_runtime_caches_write():
+    """rope_and_cache_q4_ref stores what Q4CacheLayer.write stores for a token of a block being filled: the key
+    before RoPE (from the key after it, as the module path has it), the value exact, the value's codes."""
+    from qtool.kernels.engine_ops_ref import rope_and_cache_q4_ref, rope_and_cache_ref
+
+    heads, kv_heads, head_dim, block_size = 4, 2, 64, 8
+    cache = allocate_kv_cache("q4", torch.float32, 1, 5, block_size, kv_heads, head_dim, "cpu", staging_slots=3)
+    cache.key_ropes = [standard_key_rope(head_dim)]
+    gen = torch.Generator().manual_seed(8)
+    positions, slots = torch.tensor([3, 11, 0]), torch.tensor([2 * block_size + 3, 4 * block_size + 3, block_size])
+    query = torch.randn(3, heads, head_dim, generator=gen)
+    key, value = torch.randn(3, kv_heads, head_dim, generator=gen), torch.randn(3, kv_heads, head_dim, generator=gen)
+    cos, sin = rope_tables(16, head_dim)
+    float_keys = torch.zeros(5, block_size, kv_heads, head_dim)
+    rotated_query = rope_and_cache_ref(query, key, value, cos[positions], sin[positions], float_keys,
+                                       torch.zeros_like(float_keys), slots)
+    keys_part, values_part = cache.layer(0)
+    write_kv(keys_part, values_part, slots, float_keys.view(-1, kv_heads, head_dim)[slots], value, positions)
+    table = cache.tables[0]
+    staging_rows = torch.tensor([table.block_slot[s // block_size] * block_size + s % block_size
+                                 for s in slots.tolist()])
+    mine = allocate_kv_cache("q4", torch.float32, 1, 5, block_size, kv_heads, head_dim, "cpu", staging_slots=3)
+    got = rope_and_cache_q4_ref(query, key, value, cos[positions], sin[positions], cos[positions], sin[positions],
+                                cache.rotation, mine.key_staging[0], mine.value_staging[0], mine.value_codes[0],
+                                mine.value_scales[0], staging_rows, slots)
+    assert torch.equal(got, rotated_query)
+    for name in ("key_staging", "value_staging", "value_codes", "value_scales"):
+        assert torch.equal(getattr(mine, name), getattr(cache, name)), name

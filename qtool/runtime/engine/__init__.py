@@ -12,7 +12,11 @@ Design, one role per file:
   head) vectors (q4 keys: before RoPE, per channel over each full 64-token block; the block being filled staged
   exactly, keys and values, and read exact by its own queries), written and read through the same write_kv /
   read_kv with the tokens' positions (paged_attention; the GPU prefill attention dequantizes what it gathers for q8
-  and runs paged_attention for q4); `cache.is_quantized` makes the decode step and its CUDA graphs decline them.
+  and runs paged_attention for q4). The decode step takes q4 (below) and declines q8 (no decode kernels for it).
+- q4_decode.py: the q4 cache's host side of the decode step: before it, each row's staging slot (the staging table
+  decides as for the module path's write; an evicted block quantized then); after it, the blocks it filled
+  quantized from their slots. Positions are host-known, so the graph stays a fixed write + attention; a write only
+  the module path makes (restaging a block from its codes, a slot shared within the step) runs that step there.
 - rope.py: RoPE as the engine applies it (apply_rope) and KeyRope, a layer's RoPE by position for q4 keys.
 - model_runner.py: flattens the step's chunks into one unpadded batch and runs the HF model's own modules (so quantized
   linears and MoE blocks just work), RoPE from its rotary module, K/V written at the block tables' slots; what differs
@@ -22,9 +26,12 @@ Design, one role per file:
 - decode_step.py: a step of one-token decodes as whole-tensor ops over fixed-shape inputs (kernels/engine_ops: fused
   add+RMSNorm, RoPE+cache write, paged decode attention, SiLU*up; the model's own linears; a RoPE table from its rotary
   module); taken per model when its recipe is the plain pre-norm form and probing its modules finds RMSNorms and a
-  gated MLP, with a reason line. With EngineConfig.fast_prefill, prefill and mixed steps go through the same fused
-  ops too (DecodeStep.ragged, the runner's prefill attention): a few kernels per layer instead of the modules' many
-  small ones, so the host launches less before the first token (off by default until its CUDA test has run).
+  gated MLP, with a reason line. With a q4 cache: RoPE + the staging write + the value's codes in one op
+  (rope_and_cache_q4), attention by paged_decode_attention_q4 (own block from its staging slot, earlier blocks from
+  codes), the same numbers as the module path (greedy output equal). With EngineConfig.fast_prefill, prefill and
+  mixed steps go through the same fused ops too (DecodeStep.ragged, the runner's prefill attention): a few kernels
+  per layer instead of the modules' many small ones, so the host launches less before the first token (off by
+  default until its CUDA test has run; float caches only: a q4 cache's prefill chunks are Q4CacheLayer.write's).
 - cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
   every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request; the
   sampler's kernels are loaded then too). Inputs staged through pinned buffers; the replay's logits are read in place.

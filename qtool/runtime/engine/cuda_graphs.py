@@ -1,6 +1,8 @@
 """The decode step captured as CUDA graphs, one per batch size of a bucket list (1, 2, 4, ... up to the largest),
 all reading one set of static input buffers and sharing one memory pool. A batch of B rows replays the graph of the
-smallest size >= B, its rows after B padded (slot -1: no cache write; context 0: zero attention)."""
+smallest size >= B, its rows after B padded (slot -1: no cache write; context 0: zero attention). With a q4 cache the
+rows also carry their staging slots (a fourth int64 field); the block quantization around a step is the host's
+(q4_decode.py), outside the graphs."""
 
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def graph_batch_sizes(largest: int) -> tuple[int, ...]:
 class DecodeGraphs:
     """Graphs of `step` at `batch_sizes` (ascending). Build, then capture() once at engine start (before any
     request: the warm-up writes block 0 of the cache), then run(rows) per step. Inputs travel through pinned host
-    buffers and two copies: [ids, positions, slots] (int64) and [context lens, block tables] (int32)."""
+    buffers and two copies: [ids, positions, slots, staging slots] (int64) and [context lens, block tables]
+    (int32)."""
 
     def __init__(self, step: DecodeStep, batch_sizes: tuple[int, ...], max_blocks: int, device: torch.device):
         self.step = step
@@ -35,7 +38,7 @@ class DecodeGraphs:
         largest = self.batch_sizes[-1]
         self.largest = largest
         # one row per field, so each field's slice of the first b rows is contiguous
-        self.longs = torch.zeros(3, largest, dtype=torch.long, device=device)
+        self.longs = torch.zeros(4, largest, dtype=torch.long, device=device)
         self.ints = torch.zeros(largest + largest * max_blocks, dtype=torch.int32, device=device)
         self.longs_host = torch.zeros(self.longs.shape, dtype=torch.long, pin_memory=True)
         self.ints_host = torch.zeros(self.ints.shape, dtype=torch.int32, pin_memory=True)
@@ -50,7 +53,8 @@ class DecodeGraphs:
         """The static buffers' first `size` rows, as the step reads them."""
         ints = self.ints
         tables = ints[self.largest : self.largest + size * self.max_blocks].view(size, self.max_blocks)
-        return DecodeInputs(self.longs[0, :size], self.longs[1, :size], tables, ints[:size], self.longs[2, :size])
+        return DecodeInputs(self.longs[0, :size], self.longs[1, :size], tables, ints[:size], self.longs[2, :size],
+                            self.longs[3, :size] if self.step.is_q4 else None)
 
     def bucket(self, batch: int) -> int | None:
         """The captured size that serves `batch` rows, or None (more rows than the largest graph)."""
@@ -63,6 +67,8 @@ class DecodeGraphs:
         longs, tables = self._longs_np, self._tables_np
         longs[0, :count], longs[1, :count], longs[2, :count] = rows.input_ids, rows.positions, rows.slots
         longs[0, count:size], longs[1, count:size], longs[2, count:size] = 0, 0, -1
+        longs[3, :count] = rows.own_slots if rows.own_slots else -1
+        longs[3, count:size] = -1
         self._ints_np[:count] = [p + 1 for p in rows.positions]
         self._ints_np[count:size] = 0
         for row, table in enumerate(rows.block_tables):
@@ -73,8 +79,8 @@ class DecodeGraphs:
         self._copied.record()
 
     def _warm_up_rows(self, size: int) -> DecodeRows:
-        # every row a real one-token context in block 0, so each kernel runs its full path
-        return DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size)
+        # every row a real one-token context in block 0 (q4: staging slot 0), so each kernel runs its full path
+        return DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size, [0] * size if self.step.is_q4 else None)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from qtool.kernels.engine_ops import add_rms_norm, paged_decode_attention, rope_and_cache, silu_mul
+from qtool.kernels.engine_ops import (add_rms_norm, paged_decode_attention, paged_decode_attention_q4,
+                                     q4_kernels_problem, rope_and_cache, rope_and_cache_q4, silu_mul)
 from qtool.kernels.engine_ops_ref import add_rms_norm_ref
 from qtool.kernels.fused_linear import FusedLinear, fuse_linears
 from qtool.models.architectures import GATE_UP, QKV
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 # a layer's attention over the paged cache: (layer index, rotated queries [T, heads, d], its key and value cache)
 # -> [T, heads, d]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# a layer's cache write and attention: (layer index, q [T, heads, d], k, v [T, kv_heads, d] before RoPE, cos, sin
+# [T, d]) -> [T, heads, d]
+LayerAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 NORM_WEIGHT_OFFSETS = (0.0, 1.0)  # weight as is (Llama), or 1 + weight (Gemma)
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -151,6 +155,7 @@ class DecodeInputs:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     context_lens: torch.Tensor  # [B] int32: tokens with K/V in the cache once the new one is written
     slots: torch.Tensor  # [B] int64: the new token's flat cache slot
+    own_slots: torch.Tensor | None = None  # [B] int64, a q4 cache: the staging slot of the new token's block (-1)
 
 
 @dataclass
@@ -161,6 +166,7 @@ class DecodeRows:
     positions: list[int]
     slots: list[int]
     block_tables: list[list[int]]
+    own_slots: list[int] | None = None  # a q4 cache: each row's staging slot (q4_decode.plan_q4_decode)
 
     @classmethod
     def from_chunks(cls, chunks: list[ScheduledChunk], block_size: int) -> "DecodeRows":
@@ -180,23 +186,31 @@ class DecodeRows:
 
     def to_inputs(self, device: torch.device, width: int | None = None) -> DecodeInputs:
         """Tensors on `device`; the block tables padded with 0 to `width` blocks (default: the longest table). Two
-        host->device copies: ids, positions and slots as one int64 tensor, the tables as one int32 tensor."""
+        host->device copies: ids, positions, slots (and staging slots) as one int64 tensor, the tables as one int32
+        tensor."""
         width = width or max(len(table) for table in self.block_tables)
         tables = torch.tensor([table + [0] * (width - len(table)) for table in self.block_tables], dtype=torch.int32)
-        longs = torch.tensor([self.input_ids, self.positions, self.slots], dtype=torch.long).to(device)
-        return DecodeInputs(longs[0], longs[1], tables.to(device), (longs[1] + 1).to(torch.int32), longs[2])
+        fields = [self.input_ids, self.positions, self.slots] + ([self.own_slots] if self.own_slots else [])
+        longs = torch.tensor(fields, dtype=torch.long).to(device)
+        return DecodeInputs(longs[0], longs[1], tables.to(device), (longs[1] + 1).to(torch.int32), longs[2],
+                            longs[3] if self.own_slots else None)
 
 
 class DecodeStep:
     """The decode step of one model (build it with plan_decode_step). Calling it with DecodeInputs of B rows writes
-    each row's new K/V into the runner's cache and returns logits [B, vocab] (float32)."""
+    each row's new K/V into the runner's cache and returns logits [B, vocab] (float32). With a q4 cache the inputs
+    carry each row's staging slot, and the host runs q4_decode's plan before the step and its finish after."""
 
     def __init__(self, runner: "ModelRunner", layers: list[DecodeLayer], final_norm: RmsNorm | None,
-                 cos: torch.Tensor, sin: torch.Tensor):
+                 cos: torch.Tensor, sin: torch.Tensor, key_cos: torch.Tensor | None = None,
+                 key_sin: torch.Tensor | None = None):
         self.runner = runner
         self.layers = layers
         self.final_norm = final_norm  # None: the model's head_logits (its final norm module and logit transforms)
         self.cos, self.sin = cos, sin
+        # a q4 cache: the float32 table its keys are turned back before RoPE with and by again when read (the
+        # cache's KeyRope: the rotary module in float32, which a table of all positions equals)
+        self.key_cos, self.key_sin = key_cos, key_sin
         self.embed = runner.embed
         self.head = head_modules(runner.model, runner.spec)[1]
         self.head_dim = runner.head_dim
@@ -210,14 +224,55 @@ class DecodeStep:
     def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
         return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
-    def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
-        def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-            layer = self.layers[index]
-            return paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
-                                          layer.scale, layer.sliding_window)
+    @property
+    def is_q4(self) -> bool:
+        return self.key_cos is not None
 
-        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend)
+    def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
+        if self.is_q4:
+            attention = self._q4_attention(inputs)
+        else:
+            def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+                layer = self.layers[index]
+                return paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
+                                              layer.scale, layer.sliding_window)
+
+            attention = self._float_attention(inputs.slots, attend)
+        hidden, residual = self._layers(inputs.input_ids, inputs.positions, attention)
         return self._head(hidden, residual)
+
+    def _float_attention(self, slots: torch.Tensor, attend: Attend) -> LayerAttention:
+        """RoPE + the write into a float cache, then `attend` over it."""
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+            key_cache, value_cache = self.runner.cache.layer(index)
+            return attend(index, rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, slots), key_cache,
+                          value_cache)
+        return attention
+
+    def _q4_attention(self, inputs: DecodeInputs) -> LayerAttention:
+        """RoPE + the q4 write (key before RoPE and value into the row's staging slot, the value's codes at its
+        cache slot), then the decode attention reading the own block from the slot, earlier blocks from codes.
+        Keys' codes are the host's, once a block is full (q4_decode.py)."""
+        cache = self.runner.cache
+        block_size = cache.block_size
+        own_slots = inputs.own_slots
+        staged = (own_slots >= 0) & (inputs.slots >= 0)
+        staging_rows = torch.where(staged, own_slots * block_size + inputs.positions % block_size, -1)
+        key_cos, key_sin = self.key_cos[inputs.positions], self.key_sin[inputs.positions]
+
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[index]
+            key_staging, value_staging = cache.key_staging[index], cache.value_staging[index]
+            value_codes, value_parameters = cache.value_codes[index], cache.value_scales[index]
+            q = rope_and_cache_q4(q, k, v, cos, sin, key_cos, key_sin, cache.rotation, key_staging, value_staging,
+                                  value_codes, value_parameters, staging_rows, inputs.slots)
+            return paged_decode_attention_q4(q, cache.key_codes[index], cache.key_scales[index], value_codes,
+                                             value_parameters, key_staging, value_staging, cache.rotation,
+                                             self.key_cos, self.key_sin, inputs.block_tables, inputs.context_lens,
+                                             own_slots, layer.scale, layer.sliding_window)
+        return attention
 
     def ragged(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
                rows: torch.Tensor) -> torch.Tensor:
@@ -226,11 +281,11 @@ class DecodeStep:
         cache, which holds the step's K/V when it is called); the logits [len(rows), vocab] of the batch's `rows`.
         A few fused kernels per layer instead of the modules' many small ones: the host launches less before the
         first token."""
-        hidden, residual = self._layers(input_ids, positions, slots, attend)
+        hidden, residual = self._layers(input_ids, positions, self._float_attention(slots, attend))
         return self._head(hidden[rows], residual[rows])
 
-    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention: LayerAttention) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's output and the residual stream before their add (fused with the final norm)."""
         batch = input_ids.shape[0]
         hidden = self.embed(input_ids)
@@ -244,9 +299,7 @@ class DecodeStep:
             q, k, v = (t.view(batch, -1, self.head_dim) for t in layer.project_qkv(normed))
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q)[0], layer.k_norm(k)[0]
-            key_cache, value_cache = self.runner.cache.layer(index)
-            q = rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, slots)
-            attended = attend(index, q, key_cache, value_cache)
+            attended = attention(index, q, k, v, cos, sin)
             normed, residual = layer.post_attention_norm(self._scaled(layer.o_proj(attended.reshape(batch, -1))),
                                                          residual)
             hidden = self._scaled(layer.mlp(normed))
@@ -289,6 +342,27 @@ def _decode_layer(runner: "ModelRunner", index: int) -> tuple[DecodeLayer | None
     return DecodeLayer(input_norm, post_norm, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                        q_norm, k_norm, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation,
                        float(attention.scaling), runner.windows[index]), None
+
+
+Q4_PHRASE = ("a q4 KV cache (each row's block exact from its staging slot, earlier blocks from their codes; a block's "
+             "keys quantized by the host once a step fills it)")
+
+
+def _cache_problem(runner: "ModelRunner") -> str | None:
+    """What of the runner's KV cache the decode step's ops cannot take, or None: float caches and q4 (its own write
+    and attention kernels); q8 has neither."""
+    cache = runner.cache
+    if not cache.is_quantized:
+        return None
+    if cache.kind != "q4":
+        return (f"a {cache.kind} KV cache is read by the torch attention (the decode step's ops take float and q4 "
+                "caches; q8 has no decode kernels)")
+    if runner.device.type == "cuda":  # off CUDA the torch references run in any case
+        probe = torch.empty(1, 1, runner.head_dim, device=runner.device, dtype=runner.dtype)
+        why = q4_kernels_problem(probe)
+        if why:
+            return f"the q4 cache's decode kernels cannot run here: {why}"
+    return None
 
 
 def _applies_logit_transforms(runner: "ModelRunner") -> bool:
@@ -355,8 +429,9 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     (None, why the model's decode steps stay on the module path). Decided once, by probing the modules. With
     fuse_projections, each layer's q/k/v and gate/up run as one linear each where their parts allow it
     (fuse_layer_projections); the model's parts then read the fused tensors."""
-    if runner.cache.is_quantized:  # engine_ops read and write float caches only
-        return None, "a quantized KV cache (q8/q4) is read by the torch attention"
+    why = _cache_problem(runner)
+    if why:
+        return None, why
     why = _recipe_problem(runner)
     if why:
         return None, why
@@ -373,6 +448,10 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
             return None, why
     cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
     why = rope_table_problem(runner.rotary, cos, sin)
+    key_cos = key_sin = None
+    if why is None and runner.cache.is_quantized:  # q4 (q8 was declined above)
+        key_cos, key_sin = rope_table(runner.rotary, max_positions, torch.float32, runner.device)
+        why = rope_table_problem(runner.rotary, key_cos, key_sin)
     if why is None and cos.shape[-1] != runner.head_dim:
         why = f"its rotary embedding covers {cos.shape[-1]} of {runner.head_dim} head dims (partial rotary)"
     if why:
@@ -381,7 +460,8 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     mlp = "silu_mul" if activation is None else f"{type(activation).__name__}(gate) * up, unfused"
     extras = [name for name, present in (("q/k norms", layers[0].q_norm is not None),
                                          ("logit transforms by the head module", final_norm is None),
-                                         ("sliding windows", any(l.sliding_window for l in layers))) if present]
+                                         ("sliding windows", any(l.sliding_window for l in layers)),
+                                         (Q4_PHRASE, key_cos is not None)) if present]
     offset = layers[0].input_norm.weight_offset
     fusion = "q/k/v and gate/up unfused (fusion off)"
     if fuse_projections:  # last: the step is decided, and fusing rebinds the model's tensors
@@ -389,5 +469,5 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     description = (f"whole-tensor decode step: RMSNorm{' (1 + w)' if offset else ''} fused with the residual add, "
                    f"gated MLP ({mlp}), RoPE table of {max_positions} positions"
                    + (f", {', '.join(extras)}" if extras else "") + f", {fusion}")
-    return DecodeStep(runner, layers, final_norm, cos, sin), description
+    return DecodeStep(runner, layers, final_norm, cos, sin, key_cos, key_sin), description
 

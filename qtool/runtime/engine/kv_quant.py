@@ -47,11 +47,12 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.kernels.engine_ops_ref import Q4_VALUE_GROUP, quantize_q4_ref
 from qtool.runtime.engine.rope import KeyRope
 
 SCALE_DTYPE = torch.float16
 SCALE_BYTES = 2
-Q4_GROUP = 64
+Q4_GROUP = Q4_VALUE_GROUP
 _TINY = torch.finfo(torch.float32).tiny  # a zero scale (an all-zero head) divides by this instead: codes 0
 _FP16_TINY = 2.0**-24  # the smallest float16 step, for an all-zero block: zero points and codes 0
 
@@ -90,14 +91,7 @@ def dequantize_q8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def quantize_q4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] (d even) -> (packed uint8 [..., d / 2], float16 [..., 2 * groups]: each group's scale, then each
     group's minimum)."""
-    head_dim = x.shape[-1]
-    group = q4_group_size(head_dim)
-    grouped = x.float().reshape(*x.shape[:-1], head_dim // group, group)
-    minimum = grouped.amin(dim=-1, keepdim=True).to(SCALE_DTYPE)
-    scales = ((grouped.amax(dim=-1, keepdim=True) - minimum.float()) / 15).to(SCALE_DTYPE)
-    codes = ((grouped - minimum.float()) / scales.float().clamp_min(_TINY)).round().clamp(0, 15)
-    nibbles = codes.to(torch.uint8).reshape(*x.shape[:-1], head_dim // 2, 2)
-    return nibbles[..., 0] | (nibbles[..., 1] << 4), torch.cat((scales, minimum), dim=-2).squeeze(-1)
+    return quantize_q4_ref(x)  # one definition, shared with the decode step's cache write (kernels/engine_ops)
 
 
 def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -255,8 +249,27 @@ class StagingTable:
         self.block_slot[block], self.slot_block[slot] = slot, block
         return slot, evicted, self.slot_rows[slot]
 
+    def place(self, block: int, full: bool) -> tuple[int | None, int | None, int]:
+        """Where a write to block keeps its rows: (slot, evicted block being filled or None, its filled rows). The
+        block's own slot (staged or retired) where it has one; else, unless the write fills the block, a slot taken
+        (take). Q4CacheLayer.write and the decode step's host side (q4_decode.py) both decide through it."""
+        slot = self.block_slot.get(block)
+        if slot is not None or full:
+            return slot, None, 0
+        return self.take(block)
+
     def hold(self, slot: int, rows: int, full: bool) -> None:
         self.slot_rows[slot], self.slot_used[slot], self.slot_full[slot] = rows, self.clock, full
+
+    def copy(self) -> "StagingTable":
+        return StagingTable(self.slots, dict(self.block_slot), list(self.slot_block), list(self.slot_rows),
+                            list(self.slot_used), list(self.slot_full), self.clock)
+
+    def assign(self, other: "StagingTable") -> None:
+        """Take a copy of other's state (every layer's table holds the same decisions)."""
+        self.block_slot, self.slot_block = dict(other.block_slot), list(other.slot_block)
+        self.slot_rows, self.slot_used = list(other.slot_rows), list(other.slot_used)
+        self.slot_full, self.clock = list(other.slot_full), other.clock
 
 
 @dataclass
@@ -345,14 +358,12 @@ class Q4CacheLayer:
             full = end == block_size
             if full:
                 to_store.append((block, key_rows.float(), end))
-            slot = self.table.block_slot.get(block)
-            if slot is None and not full:
-                slot, evicted, evicted_rows = self.table.take(block)
-                if evicted is not None:
-                    to_store.append((evicted, self.key_staging[slot].float().clone(), evicted_rows))
-                if slot is None:  # every slot holds a block of this very write: quantize this one as it stands
-                    to_store.append((block, key_rows.float(), end))
-                    continue
+            slot, evicted, evicted_rows = self.table.place(block, full)
+            if evicted is not None:
+                to_store.append((evicted, self.key_staging[slot].float().clone(), evicted_rows))
+            if slot is None and not full:  # every slot holds a block of this very write: quantize it as it stands
+                to_store.append((block, key_rows.float(), end))
+                continue
             if slot is not None:  # a full block keeps its slot, retired, for a rollback
                 self.key_staging[slot, :end], self.value_staging[slot, :end] = key_rows[:end], value_rows[:end]
                 self.table.hold(slot, end, full)
@@ -433,8 +444,9 @@ class QuantizedKVCache:
     """The quantized counterpart of attention.KVCache: per layer the keys and the values. q8: a QuantizedCacheLayer
     each (per token). q4: a Q4CacheLayer (keys per channel per block, values per token, the blocks being filled
     staged exactly), given to attention as its two Q4Parts. The torch paged attention and the GPU prefill attention
-    read it through attention.read_kv; is_quantized makes the whole-tensor decode step (engine_ops: float caches
-    only) and its CUDA graphs decline it."""
+    read it through attention.read_kv. The whole-tensor decode step (and its CUDA graphs) takes q4 through its own
+    kernels (engine_ops.rope_and_cache_q4, paged_decode_attention_q4) and its host side (q4_decode.py); q8 it
+    declines (decode_step._cache_problem)."""
 
     kind: str
     head_dim: int

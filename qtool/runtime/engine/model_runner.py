@@ -20,6 +20,7 @@ from qtool.runtime.engine.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from qtool.runtime.engine.decode_step import DecodeLayer, DecodeRows, plan_decode_step
 from qtool.runtime.engine.kv_quant import QuantizedKVCache
 from qtool.runtime.engine.prefill_attention import PrefillAttention
+from qtool.runtime.engine.q4_decode import finish_q4_decode, plan_q4_decode
 from qtool.runtime.engine.rope import KeyRope, apply_rope
 from qtool.runtime.engine.scheduler import ScheduledChunk
 from qtool.runtime.engine.step_phases import StepPhases
@@ -145,7 +146,8 @@ class ModelRunner:
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
         many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
-        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules).
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules; float caches
+        only).
         fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
         where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
         views of the fused ones, so the weights stay one copy)."""
@@ -183,7 +185,8 @@ class ModelRunner:
             if self.decode_step is None:
                 self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
         logger.info("engine: %s", self.decode_step_reason)
-        self.fast_prefill = fast_prefill and self.decode_step is not None
+        # the fused prefill writes float caches only (a q4 chunk's writes are Q4CacheLayer.write's)
+        self.fast_prefill = fast_prefill and self.decode_step is not None and not self.cache.is_quantized
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
         self.fast_prefill_steps = 0  # prefill or mixed steps run through the decode step's ops
@@ -230,7 +233,8 @@ class ModelRunner:
         with torch.inference_mode():
             for size in graph_batch_sizes(max_num_seqs):  # the batch buckets that run eagerly
                 if size > largest_graph:
-                    rows = DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size)
+                    own_slots = [0] * size if self.decode_step.is_q4 else None  # q4: staging slot 0, as a graph's
+                    rows = DecodeRows([0] * size, [0] * size, [0] * size, [[0]] * size, own_slots)
                     self.decode_step(rows.to_inputs(self.device))
 
     @staticmethod
@@ -281,8 +285,11 @@ class ModelRunner:
         execute()."""
         if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
             logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
-            sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
-            logits = logits if len(sampling) == len(chunks) else logits[sampling]
+            if logits is None:  # a q4 write only the modules' path makes (q4_decode.plan_q4_decode)
+                logits = self.execute_modules(chunks)
+            else:
+                sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
+                logits = logits if len(sampling) == len(chunks) else logits[sampling]
         elif self.fast_prefill:
             logits = self._execute_ragged(chunks)
         else:
@@ -290,7 +297,21 @@ class ModelRunner:
         self._mark("forward")
         return logits
 
-    def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor:
+    def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor | None:
+        """The decode step's logits of rows (graph or eager); None, having run nothing, when a q4 cache's write
+        needs the module path."""
+        q4_plan = None
+        if self.decode_step.is_q4:
+            q4_plan = plan_q4_decode(self.cache, rows.slots)
+            if q4_plan is None:
+                return None
+            rows.own_slots = q4_plan.staging_slots
+        logits = self._decode_step_logits(rows)
+        if q4_plan is not None:
+            finish_q4_decode(self.cache, q4_plan)  # after the step, on its stream: the blocks it filled
+        return logits
+
+    def _decode_step_logits(self, rows: DecodeRows) -> torch.Tensor:
         graphs = self.decode_graphs
         self.fast_decode_steps += 1
         if graphs is not None and graphs.bucket(len(rows)) is not None:

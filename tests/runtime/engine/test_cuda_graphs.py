@@ -1,6 +1,7 @@
 """The decode step's CUDA graphs on the device (gpu): replay equal to the eager step (padded rows included), greedy
-output with graphs on equal to graphs off and to the module path, and no kernel tuning inside the first request
-after start-up (every token-count and batch bucket is warmed up when the engine starts)."""
+output with graphs on equal to graphs off and to the module path, float and q4 caches (q4: rows that fill a block
+and start one, the host's quantization around the replay), and no kernel tuning inside the first request after
+start-up (every token-count and batch bucket is warmed up when the engine starts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from qtool.runtime.engine import Engine, EngineConfig, SamplingParams
 from qtool.runtime.engine.decode_step import DecodeRows
+from qtool.runtime.engine.q4_decode import finish_q4_decode, plan_q4_decode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")]
 
@@ -85,3 +87,69 @@ def test_no_kernel_tuning_inside_the_first_request(make_tiny_llama):
     prompts = [[1] + list(range(10, 10 + n)) for n in (2, 37, 90, 15)]
     engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert backend.tuner.plans == tuned and len(backend.tuner.timings) == timings, "no tuning in the request"
+
+
+# block size 16: after the prefills, the 15-token prompt's first decode fills block 0 and the 16-token one's starts
+# block 1
+Q4_PROMPTS = [[1, 5, 9], list(range(1, 16)), list(range(100, 116)), [1, 60, 61, 62, 63, 64, 65, 66, 67, 68],
+              [1, 2, 3, 4, 5]]
+Q4_TENSORS = ("key_codes", "key_scales", "value_codes", "value_scales", "key_staging", "value_staging")
+
+
+def q4_state(cache) -> tuple[dict, list]:
+    return {name: getattr(cache, name).clone() for name in Q4_TENSORS}, [table.copy() for table in cache.tables]
+
+
+def q4_restore(cache, state) -> None:
+    tensors, tables = state
+    for name, saved in tensors.items():
+        getattr(cache, name).copy_(saved)
+    for table, saved_table in zip(cache.tables, tables):
+        table.assign(saved_table)
+
+
+def test_q4_graph_replay_equals_the_eager_step(make_tiny_llama):
+    model = make_tiny_llama(**SHAPE).to("cuda")
+    engine = engine_on_gpu(model, kv_cache="q4")
+    runner, cache = engine.runner, engine.runner.cache
+    assert runner.decode_step is not None and runner.decode_step.is_q4, runner.decode_step_reason
+    graphs = runner.decode_graphs
+    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8}, "every bucket captured"
+    for prompt in Q4_PROMPTS:
+        engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    engine.step()  # the prefills
+    chunks = engine.scheduler.schedule()
+    offsets = [chunk.start % cache.block_size for chunk in chunks]
+    assert 15 in offsets and 0 in offsets, offsets
+    saved = q4_state(cache)
+    for count in range(1, len(chunks) + 1):  # 3, 5 rows replay the graphs of 4, 8: padded rows
+        rows = DecodeRows.from_chunks(chunks[:count], cache.block_size)
+        with torch.inference_mode():
+            plan = plan_q4_decode(cache, rows.slots)
+            assert plan is not None
+            rows.own_slots = plan.staging_slots
+            replayed = graphs.run(rows)
+            finish_q4_decode(cache, plan)
+            after_replay = q4_state(cache)
+            q4_restore(cache, saved)
+            plan = plan_q4_decode(cache, rows.slots)
+            eager = runner.decode_step(rows.to_inputs(runner.device))
+            finish_q4_decode(cache, plan)
+        torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+        for name, tensor in after_replay[0].items():  # the same kernels on the same inputs
+            assert torch.equal(tensor, getattr(cache, name)), name
+        assert [vars(t) for t in after_replay[1]] == [vars(t) for t in cache.tables]
+        q4_restore(cache, saved)
+
+
+def test_q4_greedy_with_graphs_on_equals_graphs_off_and_the_module_path(make_tiny_llama):
+    model = make_tiny_llama(**SHAPE).to("cuda")  # float32: no rounding between the paths to flip a near tie
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (40, 9, 23, 30, 35)]
+    outputs = {}
+    for name, settings in {"graphs": {}, "eager": dict(cuda_graphs=False),
+                           "modules": dict(fast_decode=False)}.items():
+        engine = engine_on_gpu(model, kv_cache="q4", **settings)
+        outputs[name] = [out.token_ids for out in engine.generate(Q4_PROMPTS, params)]
+        assert (engine.runner.decode_graphs is not None) == (name == "graphs")
+        assert (engine.runner.fast_decode_steps > 0) == (name != "modules")
+    assert outputs["graphs"] == outputs["eager"] == outputs["modules"]

@@ -138,18 +138,18 @@ def test_fast_decode_is_off_on_the_cpu_unless_asked(tiny_llama):
     assert ModelRunner(tiny_llama, num_blocks=8, block_size=4, fast_decode=False).decode_step is None
 
 
-@pytest.mark.parametrize("kind", ["q8", "q4"])
-def test_a_quantized_cache_keeps_the_module_path(kind, build_family):
-    """engine_ops read and write float caches only: a q8/q4 engine asked for fast decode says why it declines and
-    decodes as the module path does."""
+def test_a_q8_cache_keeps_the_module_path(build_family):
+    """engine_ops have no q8 kernels (q4 has its own: test_decode_step_q4.py): a q8 engine asked for fast decode
+    says why it declines and decodes as the module path does."""
     model = build_family("llama", seed=7)
     assert ModelRunner(model, num_blocks=8, block_size=4, fast_decode=True).decode_step is not None, "a float cache"
-    config = EngineConfig(block_size=4, num_blocks=64, kv_cache=kind, fast_decode=True)
+    config = EngineConfig(block_size=4, num_blocks=64, kv_cache="q8", fast_decode=True)
     asked, module_path = Engine(model, None, config), Engine(model, None, replace(config, fast_decode=False))
     assert asked.runner.cache.is_quantized
     assert asked.runner.decode_step is None and asked.runner.decode_graphs is None
-    assert asked.runner.decode_step_reason == ("decode steps run through the model's modules: "
-                                               "a quantized KV cache (q8/q4) is read by the torch attention")
+    assert asked.runner.decode_step_reason == (
+        "decode steps run through the model's modules: a q8 KV cache is read by the torch attention (the decode "
+        "step's ops take float and q4 caches; q8 has no decode kernels)")
     for engine in (asked, module_path):
         for prompt in PROMPTS:
             engine.add_request(prompt, GREEDY)
