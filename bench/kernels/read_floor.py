@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         row.update(time_read_only(layer.weights[0].nbytes(), device, props.multi_processor_count))
         for m in m_values:
             r = bench.bench_row(backend, layer, m, bandwidth, time_calls_in_graph, gen)
-            row[f"M{m}"] = {key: r.get(key) for key in ("ours_us", "bf16_us", "tinygemm_us", "plan", "ours_err")}
+            row[f"M{m}"] = {key: r.get(key) for key in ("ours_us", "bf16_us", "tinygemm_us", "plan", "ours_err",
+                                                         "candidates")}
         rows.append(row)
         del layer
         torch.cuda.empty_cache()

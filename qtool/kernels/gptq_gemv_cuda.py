@@ -89,8 +89,6 @@ def cuda_gemv_problem(weight: GptqComputeWeight, m: int, dtype: torch.dtype) -> 
         return f"M = {m} (the CUDA GEMV serves 1..{CUDA_GEMV_MAX_ROWS})"
     if dtype not in (torch.float16, torch.bfloat16) or weight.scales.dtype not in (torch.float16, torch.bfloat16):
         return "needs float16/bfloat16 activations and scales"
-    if weight.bias is not None and weight.bias.dtype != dtype:
-        return "needs the bias in the activations' dtype"
     if weight.out_features % 4 or weight.group_rows % BLOCK_ROWS or weight.k_rows % 8:
         return "needs N % 4 == 0 and groups of whole 32-row blocks"
     tensors = [weight.qweight, weight.scales] + ([weight.zeros] if weight.zeros is not None else [])
@@ -126,7 +124,10 @@ def gptq_gemv_cuda(gemv: CudaGemv, x: torch.Tensor, weight: GptqComputeWeight, c
     if x.stride(1) != 1:
         x = x.contiguous()
     per_split, _ = split_launch(weight, x.shape[0], config)
-    gemv.module.gptq_gemv4(x, weight.qweight, weight.scales, weight.zeros, weight.perm, weight.bias, out, workspace,
+    bias = weight.bias
+    if bias is not None and bias.dtype != x.dtype:  # the kernel adds a bias of x's dtype (biased layers are few)
+        bias = bias.to(x.dtype)
+    gemv.module.gptq_gemv4(x, weight.qweight, weight.scales, weight.zeros, weight.perm, bias, out, workspace,
                            counters, weight.k_rows, weight.group_rows, weight.zero_const, per_split, config.warps_k,
                            weight.fragment_order)
     return out

@@ -22,6 +22,7 @@ from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LEFT_DEQUANT, LEF
 from qtool.kernels.registry import BackendRegistry  # noqa: E402
 from qtool.kernels.repack import repack_gptq  # noqa: E402
 from qtool.kernels.triton_backend import (  # noqa: E402
+    CUDA_GEMV_SHAPES,
     GEMV_ROWS_SHAPES,
     GEMV_SHAPES,
     LEFT_LARGE_SHAPES,
@@ -54,7 +55,8 @@ def shaped_like(weight, in_features, out_features):
 
 def test_every_pick_is_an_entry_of_the_tuners_tables():
     tables = {"gemv": set(GEMV_SHAPES + GEMV_ROWS_SHAPES),
-              "left": set(LEFT_SKINNY_SHAPES + LEFT_MID_SHAPES + LEFT_LARGE_SHAPES), "dequant": {()}}
+              "left": set(LEFT_SKINNY_SHAPES + LEFT_MID_SHAPES + LEFT_LARGE_SHAPES), "dequant": {()},
+              "cuda_gemv": set(CUDA_GEMV_SHAPES)}
     for rules in FAMILY_RULES.values():
         assert rules and rules[-1].min_values == 0 and rules[-1].min_out == 0 and not rules[-1].bits, \
             "the last rule must serve every layer of the largest buckets"
@@ -121,8 +123,20 @@ def test_a_family_without_measurements_gets_the_candidates_first_plan():
     assert gpu_family(A100.capability) == "sm_80" and rules_for(A100.capability) == ()
     for m in BUCKETS:
         assert default_plan(weight, m, torch.bfloat16, A100) == candidate_plans(weight, m, torch.bfloat16, 108)[0]
-    assert rule_for(rules_for(H100.capability), 1, 57344, 8192, 4).picks[0].shape[1] == 32
-    assert rule_for(rules_for(H100.capability), 1, 57344, 8192, 3).picks[0].shape[1] == 16  # measured at 4 bits only
+    first_gemv = lambda rule: next(pick for pick in rule.picks if pick.kind == "gemv")  # noqa: E731
+    assert first_gemv(rule_for(rules_for(H100.capability), 1, 57344, 8192, 4)).shape[1] == 32
+    assert first_gemv(rule_for(rules_for(H100.capability), 1, 57344, 8192, 3)).shape[1] == 16  # measured at 4 bits only
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_the_cuda_gemv_is_the_hopper_default_at_one_row_where_it_built(bits):
+    weight = layer(224, 416, bits, 32)
+    with_cuda = default_plan(weight, 1, torch.bfloat16, H100, cuda_gemv=True)
+    without = default_plan(weight, 1, torch.bfloat16, H100)
+    assert without.kind == "gemv"
+    assert with_cuda.kind == ("cuda_gemv" if bits == 4 else "gemv")
+    assert with_cuda in candidate_plans(weight, 1, torch.bfloat16, H100.num_sms, cuda_gemv=True)
+    assert default_plan(weight, 2, torch.bfloat16, H100, cuda_gemv=True).kind != "cuda_gemv"  # measured at M = 1 only
     assert any(pick.mode == PACKED for pick in rule_for(rules_for(H100.capability), 16, 4096, 4096, 4).picks)
 
 
