@@ -90,7 +90,8 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
             lora_B = self.lora_B[active_adapter]
             dropout = self.lora_dropout[active_adapter]
             branch = lora_B(lora_A(dropout(self._cast_input_dtype(x, lora_A.weight.dtype))))
-            result = result + (branch * self.scaling[active_adapter]).to(result.dtype)
+            # the scaling as add's alpha: one pass over [M, N] where a product, then the sum, took two
+            result = torch.add(result, branch.to(result.dtype), alpha=self.scaling[active_adapter])
         return result
 
     def __repr__(self) -> str:
