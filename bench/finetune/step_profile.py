@@ -37,6 +37,7 @@ COPY_OPS = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "at
 LOSS_MARKS = ("cross_entropy", "log_softmax", "nll_loss")
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_flash_attn", "fmha", "cudnn_attention")
 ELEMENTWISE_NAMES = ("elementwise", "reduce_kernel", "vectorized", "unrolled", "index", "embedding", "cat")
+ALLOCATING_OPS = ("aten::empty", "aten::empty_strided")  # every tensor's storage comes from one of these
 RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")  # cudaLaunchKernel, cuLaunchKernelEx (Triton), cudaMemcpyAsync, ...
 TOP_KERNELS = 20
 TOP_GAPS = 10
@@ -58,13 +59,14 @@ class KernelRecord:
 class StepEvents:
     """What the profiler saw in one step: its kernels, the step's wall window, the intervals during which the
     device (on the CPU: some op) was busy, how many aten ops the host ran and how many weights it dequantized
-    (DEQUANTIZE_RANGE ranges)."""
+    (DEQUANTIZE_RANGE ranges), and how many aten ops allocated a tensor (empty, empty_strided)."""
 
     kernels: list[KernelRecord]
     wall: tuple[float, float]
     busy: list[tuple[float, float]] = field(default_factory=list)
     host_ops: int = 0
     dequantizations: int = 0
+    allocating_ops: int = 0
 
 
 def _has(names: tuple[str, ...], marks) -> bool:
@@ -104,7 +106,7 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def summarize(events: StepEvents, rank: int, top: int = TOP_KERNELS) -> dict:
-    """{wall_us, kernel_us, busy_us, idle_us, busy_share, kernels, host_ops, dequantizations, categories: {name: {us, share, count}} (every
+    """{wall_us, kernel_us, busy_us, idle_us, busy_share, kernels, host_ops, dequantizations, allocating_ops, categories: {name: {us, share, count}} (every
     category, shares of kernel time), top_kernels: [{name, category, us, count}] (per name
     and category, by total time), gaps: the
     idle intervals inside the step, largest first, with the kernels either side}."""
@@ -134,6 +136,7 @@ def summarize(events: StepEvents, rank: int, top: int = TOP_KERNELS) -> dict:
         "wall_us": round(wall_us, 1), "kernel_us": round(kernel_us, 1), "busy_us": round(busy_us, 1),
         "idle_us": round(wall_us - busy_us, 1), "busy_share": round(busy_us / wall_us, 4) if wall_us else 0.0,
         "kernels": len(events.kernels), "host_ops": events.host_ops, "dequantizations": events.dequantizations,
+        "allocating_ops": events.allocating_ops,
         "categories": by_category,
         "top_kernels": top_kernels, "gaps": gaps,
     }
@@ -196,11 +199,13 @@ def step_events(prof, device_type: str) -> StepEvents:
     wall = (step.time_range.start, step.time_range.end)
     host_ops = sum(1 for e in cpu if e.name.startswith("aten::"))
     dequantizations = sum(1 for e in cpu if e.name == DEQUANTIZE_RANGE)
+    allocating = sum(1 for e in cpu if e.name in ALLOCATING_OPS)
+    counts = dict(host_ops=host_ops, dequantizations=dequantizations, allocating_ops=allocating)
     if device_type != "cuda":
         kernels = [KernelRecord(e.name, e.time_range.start, e.self_cpu_time_total, _chain(e), _shapes(e))
                    for e in cpu if e.self_cpu_time_total > 0 and e is not step]
         busy = [(e.time_range.start, e.time_range.end) for e in cpu if e is not step and e.cpu_parent in (None, step)]
-        return StepEvents(kernels, wall, busy, host_ops, dequantizations)
+        return StepEvents(kernels, wall, busy, **counts)
     runtime = {e.id: e for e in cpu if RUNTIME_CALL.match(e.name)}
     ops_by_id = {e.id: e for e in cpu if not RUNTIME_CALL.match(e.name)}
     kernels = []
@@ -211,7 +216,7 @@ def step_events(prof, device_type: str) -> StepEvents:
         op = launch.cpu_parent if launch is not None else ops_by_id.get(getattr(e, "linked_correlation_id", 0) or -1)
         kernels.append(KernelRecord(e.name, e.time_range.start, e.time_range.elapsed_us(), _chain(op), _shapes(op)))
     busy = [(k.start_us, k.start_us + k.duration_us) for k in kernels]
-    return StepEvents(kernels, wall, busy, host_ops, dequantizations)
+    return StepEvents(kernels, wall, busy, **counts)
 
 
 def format_table(system: str, summary: dict) -> str:
@@ -219,7 +224,8 @@ def format_table(system: str, summary: dict) -> str:
     wall = summary["wall_us"]
     lines = [f"== {system}: step {wall / 1e3:.2f} ms, kernels {summary['kernel_us'] / 1e3:.2f} ms "
              f"({summary['kernels']} launched), busy {summary['busy_share']:.1%}, idle {summary['idle_us'] / 1e3:.2f} ms, "
-             f"{summary['host_ops']} aten ops on the host, {summary['dequantizations']} weights dequantized",
+             f"{summary['host_ops']} aten ops on the host ({summary['allocating_ops']} allocating), "
+             f"{summary['dequantizations']} weights dequantized",
              f"{'category':<12} {'ms':>9} {'share':>7} {'count':>7}"]
     for name, values in summary["categories"].items():
         lines.append(f"{name:<12} {values['us'] / 1e3:>9.3f} {values['share']:>7.1%} {values['count']:>7}")

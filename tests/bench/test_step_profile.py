@@ -104,3 +104,48 @@ def test_the_table_names_every_category_and_the_largest_gap():
     assert summary["gaps"]["largest"][0] == {"us": 50, "at_us": 40, "after": "nvjet_gemm", "before": "elementwise_kernel"}
     table = profile.format_table("qtool-dequant", summary)
     assert all(category in table for category in profile.CATEGORIES) and "nvjet_gemm" in table
+
+
+class FakeEvent:
+    """What step_events reads of a torch.profiler FunctionEvent."""
+
+    def __init__(self, name, start, end, device="cpu", id=0, parent=None, shapes=(), linked=0):
+        from torch.autograd import DeviceType
+        from torch.autograd.profiler_util import Interval
+
+        self.name, self.id, self.cpu_parent, self.linked_correlation_id = name, id, parent, linked
+        self.time_range = Interval(start, end)
+        self.device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+        self.input_shapes = [list(s) for s in shapes]
+        self.self_cpu_time_total = end - start if device == "cpu" else 0
+
+
+def test_gpu_kernels_are_traced_to_the_ops_that_launched_them():
+    """A kernel finds its op through the runtime call of its correlation id (cudaLaunchKernel, Triton's
+    cuLaunchKernel) or, without one, through its linked op; ids of ops and runtime calls may coincide."""
+    step = FakeEvent("qlora_step", 0, 1000)
+    mm = FakeEvent("aten::mm", 10, 50, id=7, parent=step, shapes=((2048, 4096), (4096, RANK)))
+    dequant = FakeEvent(profile.DEQUANTIZE_RANGE, 100, 150, id=8, parent=step)
+    mul = FakeEvent("aten::mul", 250, 260, id=501, parent=step)  # an op id equal to a runtime call's
+    events = [step, mm, FakeEvent("cudaLaunchKernel", 20, 25, id=501, parent=mm), dequant,
+              FakeEvent("cuLaunchKernel", 110, 115, id=502, parent=dequant), mul, FakeEvent("aten::empty", 255, 256, parent=mul),
+              FakeEvent("nvjet_tst_64x8", 30, 80, device="cuda", id=501),
+              FakeEvent("gptq_checkpoint_dequant_kernel", 120, 200, device="cuda", id=502),
+              FakeEvent("vectorized_elementwise_kernel", 300, 310, device="cuda", id=900, linked=501)]
+
+    class Prof:
+        @staticmethod
+        def events():
+            return events
+
+    got = profile.step_events(Prof, "cuda")
+    assert got.wall == (0, 1000) and got.dequantizations == 1 and got.allocating_ops == 1 and got.host_ops == 3
+    assert [k.ops for k in got.kernels] == [("aten::mm", "qlora_step"), (profile.DEQUANTIZE_RANGE, "qlora_step"),
+                                            ("aten::mul", "qlora_step")]
+    summary = profile.summarize(got, RANK)
+    assert {name: c["us"] for name, c in summary["categories"].items() if c["count"]} == {
+        "lora_gemm": 50, "dequant": 80, "elementwise": 10}
+    assert summary["busy_us"] == 140 and summary["idle_us"] == 860 and summary["gaps"]["count"] == 4
+    assert summary["gaps"]["largest"][0] == {"us": 690, "at_us": 310, "after": "vectorized_elementwise_kernel", "before": ""}
+    with pytest.raises(ValueError, match="qlora_step"):
+        profile.step_events(type("NoStep", (), {"events": staticmethod(lambda: events[1:])}), "cuda")
