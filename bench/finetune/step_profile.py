@@ -46,13 +46,15 @@ TOP_GAPS = 10
 @dataclass
 class KernelRecord:
     """One kernel (or CPU op's self time): name, start and duration in microseconds, the ops it ran under
-    (innermost first) and the input shapes of the innermost op that recorded any."""
+    (innermost first), the input shapes of the innermost op that recorded any, and which launch it was (kernels of
+    one op share it: a GEMM's FLOPs are counted once, however many kernels it took)."""
 
     name: str
     start_us: float
     duration_us: float
     ops: tuple[str, ...] = ()
     shapes: tuple[tuple[int, ...], ...] = ()
+    launch: int = 0
 
 
 @dataclass
@@ -78,7 +80,8 @@ def classify(record: KernelRecord, rank: int) -> str:
     name = record.name.lower()
     ops = tuple(op.lower() for op in record.ops)
     innermost_aten = next((op for op in record.ops if op.startswith("aten::")), "")
-    if DEQUANTIZE_RANGE in record.ops or "dequant" in name:
+    # by name: a dequantize kernel (ours, bitsandbytes' kDequantize*), not the host time of DequantLowRankFunction
+    if DEQUANTIZE_RANGE in record.ops or ("dequant" in name and "lowrank" not in name):
         return "dequant"
     if _has(ops, ("optimizer.step", "optimizer.zero_grad")) or "multi_tensor_apply" in name:
         return "optimizer"
@@ -95,6 +98,15 @@ def classify(record: KernelRecord, rank: int) -> str:
     return "other"
 
 
+def matmul_flops(shapes: tuple[tuple[int, ...], ...]) -> int:
+    """2 * M * K * N of a 2-D matmul op's inputs (mm: [M, K], [K, N]; addmm: the bias first), else 0."""
+    matrices = [s for s in shapes if len(s) == 2]
+    for first, second in zip(matrices, matrices[1:]):
+        if first[1] == second[0]:
+            return 2 * first[0] * first[1] * second[1]
+    return 0
+
+
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
@@ -106,24 +118,31 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def summarize(events: StepEvents, rank: int, top: int = TOP_KERNELS) -> dict:
-    """{wall_us, kernel_us, busy_us, idle_us, busy_share, kernels, host_ops, dequantizations, allocating_ops, categories: {name: {us, share, count}} (every
-    category, shares of kernel time), top_kernels: [{name, category, us, count}] (per name
-    and category, by total time), gaps: the
-    idle intervals inside the step, largest first, with the kernels either side}."""
+    """{wall_us, kernel_us, busy_us, idle_us, busy_share, kernels, host_ops, dequantizations, allocating_ops,
+    categories: {name: {us, share, count}} (every category, shares of kernel time; the GEMM categories also with the
+    TFLOP/s their ops' shapes give), top_kernels: [{name, category, us, count}] (per name and category, by total
+    time), gaps: the idle intervals inside the step, largest first, with the kernels either side}."""
     wall_start, wall_end = events.wall
     by_category = {name: {"us": 0.0, "count": 0} for name in CATEGORIES}
     by_kernel: dict[tuple[str, str], dict] = {}
+    flops = {"base_gemm": 0, "lora_gemm": 0}
+    counted: set[int] = set()
     for record in events.kernels:
         category = classify(record, rank)
         by_category[category]["us"] += record.duration_us
         by_category[category]["count"] += 1
+        if category in flops and record.launch not in counted:
+            counted.add(record.launch)
+            flops[category] += matmul_flops(record.shapes)
         entry = by_kernel.setdefault((record.name, category),
                                      {"name": record.name, "category": category, "us": 0.0, "count": 0})
         entry["us"] += record.duration_us
         entry["count"] += 1
     kernel_us = sum(c["us"] for c in by_category.values())
-    for values in by_category.values():
+    for name, values in by_category.items():
         values["share"] = round(values["us"] / kernel_us, 4) if kernel_us else 0.0
+        if name in flops:  # what the GEMMs achieved: against the card's peak, how far the matmuls are from the floor
+            values["tflops"] = float(f"{flops[name] / values['us'] / 1e6:.4g}") if values["us"] else 0.0
         values["us"] = round(values["us"], 1)
     busy = _union([(max(a, wall_start), min(b, wall_end)) for a, b in events.busy if b > wall_start and a < wall_end])
     busy_us = sum(b - a for a, b in busy)
@@ -202,7 +221,7 @@ def step_events(prof, device_type: str) -> StepEvents:
     allocating = sum(1 for e in cpu if e.name in ALLOCATING_OPS)
     counts = dict(host_ops=host_ops, dequantizations=dequantizations, allocating_ops=allocating)
     if device_type != "cuda":
-        kernels = [KernelRecord(e.name, e.time_range.start, e.self_cpu_time_total, _chain(e), _shapes(e))
+        kernels = [KernelRecord(e.name, e.time_range.start, e.self_cpu_time_total, _chain(e), _shapes(e), id(e))
                    for e in cpu if e.self_cpu_time_total > 0 and e is not step]
         busy = [(e.time_range.start, e.time_range.end) for e in cpu if e is not step and e.cpu_parent in (None, step)]
         return StepEvents(kernels, wall, busy, **counts)
@@ -214,7 +233,8 @@ def step_events(prof, device_type: str) -> StepEvents:
             continue
         launch = runtime.get(e.id)
         op = launch.cpu_parent if launch is not None else ops_by_id.get(getattr(e, "linked_correlation_id", 0) or -1)
-        kernels.append(KernelRecord(e.name, e.time_range.start, e.time_range.elapsed_us(), _chain(op), _shapes(op)))
+        kernels.append(KernelRecord(e.name, e.time_range.start, e.time_range.elapsed_us(), _chain(op), _shapes(op),
+                                    id(op) if op is not None else id(e)))
     busy = [(k.start_us, k.start_us + k.duration_us) for k in kernels]
     return StepEvents(kernels, wall, busy, **counts)
 
@@ -226,9 +246,10 @@ def format_table(system: str, summary: dict) -> str:
              f"({summary['kernels']} launched), busy {summary['busy_share']:.1%}, idle {summary['idle_us'] / 1e3:.2f} ms, "
              f"{summary['host_ops']} aten ops on the host ({summary['allocating_ops']} allocating), "
              f"{summary['dequantizations']} weights dequantized",
-             f"{'category':<12} {'ms':>9} {'share':>7} {'count':>7}"]
+             f"{'category':<12} {'ms':>9} {'share':>7} {'count':>7} {'TFLOP/s':>8}"]
     for name, values in summary["categories"].items():
-        lines.append(f"{name:<12} {values['us'] / 1e3:>9.3f} {values['share']:>7.1%} {values['count']:>7}")
+        tflops = f"{values['tflops']:>8.1f}" if "tflops" in values else ""
+        lines.append(f"{name:<12} {values['us'] / 1e3:>9.3f} {values['share']:>7.1%} {values['count']:>7} {tflops}")
     lines.append(f"{'top kernels':<60} {'category':<12} {'ms':>9} {'count':>6}")
     for k in summary["top_kernels"]:
         lines.append(f"{k['name'][:60]:<60} {k['category']:<12} {k['us'] / 1e3:>9.3f} {k['count']:>6}")

@@ -41,6 +41,7 @@ MM_SHAPES = ((2048, 4096), (4096, 4096))
     (Record("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps<...>>>", 0, 1),
      "elementwise"),
     (Record("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 0, 1), "other"),
+    (Record("DequantLowRankFunction", 0, 1, ("DequantLowRankFunction",)), "other"),  # its host time, on the CPU
 ])
 def test_kernels_fall_into_the_category_of_the_ops_they_ran_under(record, category):
     assert profile.classify(record, RANK) == category
@@ -145,7 +146,21 @@ def test_gpu_kernels_are_traced_to_the_ops_that_launched_them():
     summary = profile.summarize(got, RANK)
     assert {name: c["us"] for name, c in summary["categories"].items() if c["count"]} == {
         "lora_gemm": 50, "dequant": 80, "elementwise": 10}
+    assert summary["categories"]["lora_gemm"]["tflops"] == pytest.approx(2 * 2048 * 4096 * RANK / 50e-6 / 1e12, rel=1e-3)
     assert summary["busy_us"] == 140 and summary["idle_us"] == 860 and summary["gaps"]["count"] == 4
     assert summary["gaps"]["largest"][0] == {"us": 690, "at_us": 310, "after": "vectorized_elementwise_kernel", "before": ""}
     with pytest.raises(ValueError, match="qlora_step"):
         profile.step_events(type("NoStep", (), {"events": staticmethod(lambda: events[1:])}), "cuda")
+
+
+def test_gemm_flops_come_from_the_op_shapes_once_per_launch():
+    m, k, n = 37, 96, 53
+    assert profile.matmul_flops(((m, k), (k, n))) == 2 * m * k * n
+    assert profile.matmul_flops(((m, n), (m, k), (k, n), (), ())) == 2 * m * k * n  # addmm: the bias first
+    assert profile.matmul_flops(((n,), (m, k), (k, n))) == 2 * m * k * n
+    assert profile.matmul_flops(((4, m, k), (4, k, n))) == 0  # batched: not a 2-D matmul
+    split_k = [Record("gemm_splitk", 0, 30, ("aten::mm",), ((m, k), (k, n)), launch=1),
+               Record("splitKreduce_kernel", 30, 10, ("aten::mm",), ((m, k), (k, n)), launch=1),
+               Record("gemm", 40, 20, ("aten::mm",), ((m, k), (k, n)), launch=2)]
+    summary = profile.summarize(profile.StepEvents(split_k, (0, 60)), RANK)
+    assert summary["categories"]["base_gemm"]["tflops"] == pytest.approx(2 * (2 * m * k * n) / 60e-6 / 1e12, rel=1e-3)
