@@ -61,7 +61,7 @@ load_model("smollm2-135m", device="cpu", dtype="float32").tokenizer.save_pretrai
     exit 0
 fi
 
-OUT_DEFAULT=/tmp/big_quantize_out LOG_NAME="big_$PLAN.log" source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+OUT_DEFAULT=/tmp/big_quantize_out LOG_NAME="big_$PLAN.log" source "$REPO/bench/device/common.sh"  # after cd: by REPO
 WORK="${WORK:-/tmp/big_work}"
 mkdir -p "$WORK"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
