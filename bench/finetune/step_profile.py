@@ -163,29 +163,38 @@ def summarize(events: StepEvents, rank: int, top: int = TOP_KERNELS) -> dict:
 
 def _gaps(busy: list[tuple[float, float]], events: StepEvents, wall_start: float, wall_end: float) -> dict:
     """The idle intervals of the step (before the first busy interval, between them, after the last): their
-    count, how many exceed 10 us, and the TOP_GAPS largest with the kernel that ended before and began after."""
+    count, how many exceed 10 us, the TOP_GAPS largest with the kernel that ended before and the one that began
+    after (and the ops that launched it), and the idle time summed by the op that launched the kernel ending each
+    gap (what the device waited for; on the CPU the next op itself), largest first."""
+    import bisect
+
     edges = [wall_start, *[t for interval in busy for t in interval], wall_end]
     idle = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2) if edges[i + 1] > edges[i]]
     by_start = sorted(events.kernels, key=lambda k: k.start_us)
     starts = [k.start_us for k in by_start]
 
-    def neighbours(start: float, end: float) -> tuple[str, str]:
-        import bisect
-
+    def next_kernel(end: float) -> KernelRecord | None:
         i = bisect.bisect_left(starts, end)
-        after = by_start[i].name if i < len(by_start) else ""
-        before = ""
-        for k in reversed(by_start[:i]):
-            if k.start_us + k.duration_us <= start + 1e-6:
-                before = k.name
-                break
-        return before, after
+        return by_start[i] if i < len(by_start) else None
 
-    largest = sorted(idle, key=lambda g: g[1] - g[0], reverse=True)[:TOP_GAPS]
+    def previous_kernel(start: float) -> KernelRecord | None:
+        i = bisect.bisect_right(starts, start)
+        return next((k for k in reversed(by_start[:i]) if k.start_us + k.duration_us <= start + 1e-6), None)
+
+    waited_for: dict[str, float] = {}
+    for a, b in idle:
+        following = next_kernel(b)
+        key = (following.ops[0] if following.ops else following.name) if following else "(end of step)"
+        waited_for[key] = waited_for.get(key, 0.0) + b - a
+    largest = []
+    for a, b in sorted(idle, key=lambda g: g[1] - g[0], reverse=True)[:TOP_GAPS]:
+        before, after = previous_kernel(a), next_kernel(b)
+        largest.append({"us": round(b - a, 1), "at_us": round(a - wall_start, 1), "after": before.name if before else "",
+                        "before": after.name if after else "", "launched_by": list(after.ops[:4]) if after else []})
     return {
-        "count": len(idle), "over_10us": sum(1 for a, b in idle if b - a > 10),
-        "largest": [{"us": round(b - a, 1), "at_us": round(a - wall_start, 1), "after": neighbours(a, b)[0],
-                     "before": neighbours(a, b)[1]} for a, b in largest],
+        "count": len(idle), "over_10us": sum(1 for a, b in idle if b - a > 10), "largest": largest,
+        "waited_for": [{"op": op, "us": round(us, 1)}
+                       for op, us in sorted(waited_for.items(), key=lambda item: item[1], reverse=True)[:TOP_GAPS]],
     }
 
 
@@ -254,6 +263,8 @@ def format_table(system: str, summary: dict) -> str:
     for k in summary["top_kernels"]:
         lines.append(f"{k['name'][:60]:<60} {k['category']:<12} {k['us'] / 1e3:>9.3f} {k['count']:>6}")
     gaps = summary["gaps"]
+    lines.append("idle time by the op launching the kernel after it: " +
+                 ", ".join(f"{w['op']} {w['us'] / 1e3:.2f} ms" for w in gaps["waited_for"]))
     lines.append(f"idle gaps: {gaps['count']}, {gaps['over_10us']} over 10 us; largest:")
     for g in gaps["largest"]:
         lines.append(f"  {g['us'] / 1e3:8.3f} ms at {g['at_us'] / 1e3:8.2f} ms  after {g['after'][:40]!r} before {g['before'][:40]!r}")

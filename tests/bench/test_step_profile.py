@@ -85,6 +85,9 @@ def test_busy_time_gaps_and_categories_match_a_unit_grid_reference(seed):
     largest = [g["us"] for g in summary["gaps"]["largest"]]
     assert largest == sorted(largest, reverse=True) and len(largest) == min(idle_runs, profile.TOP_GAPS)
     assert sum(largest) <= summary["idle_us"]
+    # fewer launching ops than TOP_GAPS: the idle time by launching op is all of it (each figure rounded to 0.1 us)
+    assert len(summary["gaps"]["waited_for"]) < profile.TOP_GAPS
+    assert sum(w["us"] for w in summary["gaps"]["waited_for"]) == pytest.approx(summary["idle_us"], abs=1.0)
     for category in profile.CATEGORIES:
         assert summary["categories"][category]["us"] == pytest.approx(totals.get(category, 0), abs=0.1)
     assert summary["kernel_us"] == pytest.approx(sum(k.duration_us for k in kernels))
@@ -102,7 +105,8 @@ def summarize_all(events):
 def test_the_table_names_every_category_and_the_largest_gap():
     kernels = [Record("nvjet_gemm", 10, 30, ("aten::mm",), MM_SHAPES), Record("elementwise_kernel", 90, 5, ("aten::add",))]
     summary = profile.summarize(profile.StepEvents(kernels, (0, 100), [(10, 40), (90, 95)]), RANK)
-    assert summary["gaps"]["largest"][0] == {"us": 50, "at_us": 40, "after": "nvjet_gemm", "before": "elementwise_kernel"}
+    assert summary["gaps"]["largest"][0] == {"us": 50, "at_us": 40, "after": "nvjet_gemm", "before": "elementwise_kernel",
+                                             "launched_by": ["aten::add"]}
     table = profile.format_table("qtool-dequant", summary)
     assert all(category in table for category in profile.CATEGORIES) and "nvjet_gemm" in table
 
@@ -148,7 +152,11 @@ def test_gpu_kernels_are_traced_to_the_ops_that_launched_them():
         "lora_gemm": 50, "dequant": 80, "elementwise": 10}
     assert summary["categories"]["lora_gemm"]["tflops"] == pytest.approx(2 * 2048 * 4096 * RANK / 50e-6 / 1e12, rel=1e-3)
     assert summary["busy_us"] == 140 and summary["idle_us"] == 860 and summary["gaps"]["count"] == 4
-    assert summary["gaps"]["largest"][0] == {"us": 690, "at_us": 310, "after": "vectorized_elementwise_kernel", "before": ""}
+    assert summary["gaps"]["largest"][0] == {"us": 690, "at_us": 310, "after": "vectorized_elementwise_kernel", "before": "",
+                                             "launched_by": []}
+    # the 30 us before the GEMM waited on aten::mm, the 40 before the dequantize on its range, 100 on aten::mul
+    assert summary["gaps"]["waited_for"] == [{"op": "(end of step)", "us": 690}, {"op": "aten::mul", "us": 100},
+                                             {"op": profile.DEQUANTIZE_RANGE, "us": 40}, {"op": "aten::mm", "us": 30}]
     with pytest.raises(ValueError, match="qlora_step"):
         profile.step_events(type("NoStep", (), {"events": staticmethod(lambda: events[1:])}), "cuda")
 
