@@ -61,15 +61,12 @@ load_model("smollm2-135m", device="cpu", dtype="float32").tokenizer.save_pretrai
     exit 0
 fi
 
-OUT="${OUT:-/tmp/big_quantize_out}"
+OUT_DEFAULT=/tmp/big_quantize_out LOG_NAME="big_$PLAN.log" source "$REPO/bench/device/common.sh"  # after cd: by REPO
 WORK="${WORK:-/tmp/big_work}"
-mkdir -p "$OUT" "$WORK"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-unset TRITON_INTERPRET
-LOG="$OUT/big_$PLAN.log"
-log() { echo "== $* at $SECONDS s" | tee -a "$LOG"; }
+mkdir -p "$WORK"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
-# each peer in a folder of its own, on PYTHONPATH only for its own stage
+# each peer in a folder of its own, on PYTHONPATH only for its own stage (so not common.sh's install_wheels)
 sites=()
 if compgen -G "$WHEELS/gptqmodel/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_gptqmodel "$WHEELS"/gptqmodel/*.whl \

@@ -13,18 +13,11 @@
 #   bash bench/device/engine_overhead.sh    -> $OUT/gpu_tests.log, $OUT/runtime_bench.jsonl, $OUT/engine_overhead.jsonl,
 #                                              $OUT/engine_overhead.log
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-/tmp/engine_overhead_out}"
+OUT_DEFAULT=/tmp/engine_overhead_out LOG_NAME=engine_overhead.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATA="$REPO/.device-data/runtime-small"
 WORK=/tmp/runtime_work
-mkdir -p "$OUT" /tmp/runtime_site "$WORK"
-cd "$REPO"
-unset TRITON_INTERPRET
-python3 -m pip install -q --no-index --no-deps --target /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
-export PYTHONPATH="$REPO:/tmp/runtime_site" PYTHONUNBUFFERED=1
-LOG="$OUT/engine_overhead.log"
-BEGAN=$SECONDS
-log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$LOG"; }
+mkdir -p "$WORK"
+install_wheels /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
 STEPS="${STEPS:-tests bench tiny smol}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 if want tests; then

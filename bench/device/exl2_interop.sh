@@ -7,15 +7,9 @@
 # build its extension in the background while the Triton EXL2 kernel tests run compiled, then run
 # bench/peers/exl2_interop.py. Results go to $OUT (default /tmp/exl2_interop_out).
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
-OUT="${OUT:-/tmp/exl2_interop_out}"
-mkdir -p "$OUT"
-cd "$REPO"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-unset TRITON_INTERPRET
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/exl2_site .whl/exl2/*.whl || exit 3
-# the package is the repo's qtool/ folder: the repo root on PYTHONPATH imports it without installing
-export PYTHONPATH="$REPO:/tmp/exl2_site${PYTHONPATH:+:$PYTHONPATH}"
+OUT_DEFAULT=/tmp/exl2_interop_out source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+install_wheels /tmp/exl2_site .whl/exl2/*.whl || exit 3
 
 began=$SECONDS
 ( python3 -c 'import exllamav2.ext' >"$OUT/build.log" 2>&1; echo "build exit $? after $((SECONDS - began)) s" >>"$OUT/build.log" ) &

@@ -5,19 +5,11 @@
 # under its own limit (~7 minutes). Carry: .device-data/runtime-small .whl/runtime
 #   bash bench/device/fused_check.sh     -> $OUT/*.json[l], $OUT/fused_check.log, $OUT/gpu_tests.log
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-/tmp/fused_check_out}"
+OUT_DEFAULT=/tmp/fused_check_out LOG_NAME=fused_check.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATA="$REPO/.device-data/runtime-small"
 WORK=/tmp/runtime_work
-mkdir -p "$OUT" "$WORK"
-cd "$REPO"
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
-LOG="$OUT/fused_check.log"
-BEGAN=$SECONDS
-log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$LOG"; }
-python3 -m pip install -q --no-index --no-deps --target /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
-export PYTHONPATH="$REPO:/tmp/runtime_site"
+mkdir -p "$WORK"
+install_wheels /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
 log "gpu tests"
 timeout "${TESTS_LIMIT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE \
     "tests/runtime/engine/test_step_overhead.py::test_a_mixed_step_on_the_gpu_through_the_fused_ops_equals_the_module_path" \

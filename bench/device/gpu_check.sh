@@ -20,18 +20,13 @@
 # root goes on PYTHONPATH instead (the package is its qtool/ folder).
 set -uo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
-OUT="${OUT:-/tmp/qtool_gpu_out}"
+OUT_DEFAULT=/tmp/qtool_gpu_out source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WORK="${WORK:-/tmp/qtool_gpu}"
 PYTHON="${PYTHON:-python3}"
 DEADLINE_S="${DEADLINE_S:-560}"
 STAGES=("$@")
 [[ ${#STAGES[@]} == 0 ]] && STAGES=(tests decode eval bench)
-mkdir -p "$OUT" "$WORK"
-cd "$REPO"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-BEGAN=$SECONDS
+mkdir -p "$WORK"
 left() { echo $((DEADLINE_S - (SECONDS - BEGAN))); }
 has_stage() { local s; for s in "${STAGES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 pack() { tar czf "$OUT/results.tgz" --exclude="*.ncu-rep" -C "$WORK" . 2>/dev/null; }

@@ -15,22 +15,17 @@
 # SCRIPT=bench/quantize/exl2_allocation.py bash bench/device/gpu_grid.sh --measurement M --bpw 4 ...: that script
 # instead.
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
+OUT_DEFAULT=/tmp/qtool_grid_out source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 KEEP="${KEEP:-/tmp/qtool_keep}"
-OUT="${OUT:-/tmp/qtool_grid_out}"
-mkdir -p "$KEEP" "$OUT"
-cd "$REPO"
+mkdir -p "$KEEP"
 cp --update=none .device-data/smollm2.gguf.part-* .device-data/smollm2.gguf.sha256 "$KEEP"/ 2>/dev/null
 [[ -d .device-data/data ]] && cp -r --update=none .device-data/data "$KEEP"/
 if [[ "${1:-}" == "stash" ]]; then ls -la "$KEEP"; exit 0; fi
 GGUF="$KEEP/SmolLM2-135M-Instruct.Q4_1.gguf"
 cat "$KEEP"/smollm2.gguf.part-* > "$GGUF"
 [[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" == "$(cat "$KEEP/smollm2.gguf.sha256")" ]] || { echo "GGUF parts missing or corrupt:"; ls -la "$KEEP"; exit 3; }
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
 python3 -c 'import gguf, accelerate' 2>/dev/null || python3 -m pip install -q --no-index --no-deps .whl/py/*.whl
-# the package is the repo's qtool/ folder: the repo root on PYTHONPATH imports it without installing
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" QTOOL_CACHE_DIR="$KEEP/cache"
+export QTOOL_CACHE_DIR="$KEEP/cache"
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))'
 if [[ -n "${SCRIPT:-}" ]]; then  # another bench script taking --model/--data/--device/--jsonl, e.g. bench/quantize/exl2_allocation.py
     timeout "${GRID_TIMEOUT:-540}" python3 "$SCRIPT" --model "$GGUF" --data "$KEEP/data" --device cuda --jsonl "$OUT/grid.jsonl" "$@" 2>&1 | grep -v "it/s\]" | tail -40

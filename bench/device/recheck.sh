@@ -5,26 +5,17 @@
 # Carry: .device-data/runtime-small .whl/runtime .whl/serve .whl/finetune (64 MiB with the tree: check first).
 #   bash bench/device/recheck.sh     -> $OUT/*.jsonl, $OUT/recheck.log, $OUT/gpu_tests.log
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-/tmp/recheck_out}"
+OUT_DEFAULT=/tmp/recheck_out LOG_NAME=recheck.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATA="$REPO/.device-data/runtime-small"
 WORK=/tmp/runtime_work
-mkdir -p "$OUT" "$WORK"
-cd "$REPO"
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
-LOG="$OUT/recheck.log"
-BEGAN=$SECONDS
-log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$LOG"; }
-python3 -m pip install -q --no-index --no-deps --target /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
-export PYTHONPATH="$REPO:/tmp/runtime_site"
+mkdir -p "$WORK"
+install_wheels /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
 log "engine gpu tests"
 timeout "${TESTS_LIMIT_S:-110}" python3 -m pytest -q -p no:cacheprovider -rfE -x tests/runtime/engine/test_step_overhead.py \
     tests/runtime/engine/test_cuda_graphs.py tests/runtime/engine/test_decode_step.py >"$OUT/gpu_tests.log" 2>&1
 log "gpu tests: exit $?"; tail -4 "$OUT/gpu_tests.log" | tee -a "$LOG"
 log "serve"
 SERVE_LIMIT_S="${SERVE_LIMIT_S:-130}" bash bench/device/serve_bench.sh >>"$LOG" 2>&1; grep -E '^\|' "$OUT/serve_bench.log"
-export PYTHONPATH="$REPO:/tmp/runtime_site"
 log "runtime_bench smollm2-run, prefix"
 timeout "${RUN_LIMIT_S:-130}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench.jsonl" --work "$WORK" \
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: recheck call" \

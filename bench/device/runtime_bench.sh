@@ -17,8 +17,7 @@
 # bench fits one 600 s command whatever hangs.
 # Results: $OUT/runtime_bench.jsonl, $OUT/runtime_bench.log, $OUT/exl2_build.log.
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
-OUT="${OUT:-/tmp/runtime_bench_out}"
+OUT_DEFAULT=/tmp/runtime_bench_out LOG_NAME=runtime_bench.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SITE=/tmp/runtime_site
 WORK=/tmp/runtime_work
 GGUF=/tmp/runtime_data/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -26,20 +25,14 @@ P1="$REPO/.device-data/runtime-p1"
 P2="$REPO/.device-data/runtime-p2"
 STAGE="${1:-bench}"
 [[ $# -gt 0 ]] && shift
-mkdir -p "$OUT" "$WORK" "$(dirname "$GGUF")"
-cd "$REPO"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-unset TRITON_INTERPRET
-BEGAN=$SECONDS
-log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$OUT/runtime_bench.log"; }
+mkdir -p "$WORK" "$(dirname "$GGUF")"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 
 install() {
     if [[ ! -f $SITE/.installed ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/runtime/*.whl \
-            && touch "$SITE/.installed" || log "wheel install failed (.whl/runtime carried?)"
+        install_wheels "$SITE" .whl/runtime/*.whl && touch "$SITE/.installed" || log "wheel install failed (.whl/runtime carried?)"
     fi
-    # the package is the repo's qtool/ folder: the repo root on PYTHONPATH imports it without installing
-    export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    add_site "$SITE"
     python3 -c 'import platform, torch, triton, transformers
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
       triton.__version__, "transformers", transformers.__version__, "device", torch.cuda.get_device_name(0))' \

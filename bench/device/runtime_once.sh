@@ -7,16 +7,10 @@
 # (bench/device/prepare_carry.sh, then the smollm2-shape folder: config + tokenizer saved from the GGUF model).
 #   bash bench/device/runtime_once.sh      -> $OUT/gpu_tests.log, $OUT/runtime_bench.jsonl, $OUT/runtime_bench.log
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-OUT="${OUT:-/tmp/runtime_once_out}"
+OUT_DEFAULT=/tmp/runtime_once_out LOG_NAME=runtime_bench.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DATA="$REPO/.device-data/runtime-small"
-mkdir -p "$OUT" /tmp/runtime_site /tmp/runtime_work
-cd "$REPO"
-unset TRITON_INTERPRET
-python3 -m pip install -q --no-index --no-deps --target /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
-export PYTHONPATH="$REPO:/tmp/runtime_site" PYTHONUNBUFFERED=1
-BEGAN=$SECONDS
-log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$OUT/runtime_bench.log"; }
+mkdir -p /tmp/runtime_work
+install_wheels /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
 timeout "${TESTS_LIMIT_S:-70}" python3 -m pytest -q -p no:cacheprovider -rfE tests/runtime/engine/test_cuda_graphs.py \
     tests/runtime/engine/test_prefill_attention.py tests/runtime/engine/test_decode_step.py >"$OUT/gpu_tests.log" 2>&1
 log "gpu tests: exit $?"; tail -3 "$OUT/gpu_tests.log"

@@ -7,7 +7,7 @@
 # Defaults: 128 concurrent HTTP clients, prompts of 128-1024 random ids, 256 new tokens each (eos ignored, greedy),
 # a 30 GiB KV cache, on a Llama-2-7B-shaped model with random 4-bit g128 GPTQ linears; about 3-5 minutes.
 set -uo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT_DEFAULT=/tmp/serve_bench_out LOG_NAME=serve_bench.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WHEELS="$REPO/.whl/serve"
 # the versions the project's venv runs (fastapi's own needs beside the image's packages)
 PINS=(fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic-core==2.50.5
@@ -19,12 +19,7 @@ if [[ "${1:-}" == wheels ]]; then
         -d "$WHEELS" "${PINS[@]}" && ls "$WHEELS"
     exit
 fi
-OUT="${OUT:-/tmp/serve_bench_out}"
-mkdir -p "$OUT"
-cd "$REPO"
-unset TRITON_INTERPRET
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serve_site \
-    "$WHEELS"/*.whl || { echo "wheel install failed: run 'bash bench/device/serve_bench.sh wheels' here and carry .whl/serve"; exit 2; }
-export PYTHONPATH="$REPO:/tmp/serve_site" PYTHONUNBUFFERED=1
+install_wheels /tmp/serve_site "$WHEELS"/*.whl \
+    || { echo "wheel install failed: run 'bash bench/device/serve_bench.sh wheels' here and carry .whl/serve"; exit 2; }
 timeout "${SERVE_LIMIT_S:-560}" python3 bench/serve/serve_bench.py --out "$OUT/serve_bench.jsonl" "$@" 2>&1 \
     | tee "$OUT/serve_bench.log" | grep -E '^\||rror'

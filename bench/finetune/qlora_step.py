@@ -17,7 +17,9 @@ tokens of random ids (labels = ids), --warmup untimed steps, then --steps timed 
 torch.cuda.max_memory_allocated over the timed steps (weights included). One JSON line per system to --out, then
 one comparison line (ours' speed and peak memory as ratios of each other system's, and its first loss
 minus qtool-torch's on the same base), each with the device, versions and command. "Ours" is --ours (qtool-dequant).
---profile: one more step of each system under torch.profiler, its top kernels by GPU time written beside --out.
+--profile OUT.json: one more step of each system under torch.profiler, summarized by step_profile.py (kernel time by
+category: dequant, base/LoRA GEMMs, attention, elementwise, casts/copies, loss, optimizer, other; the top 20 kernels;
+the device's idle gaps, where it waited on the host; the allocator's allocations in the step), printed as a table.
 
 GPU:  python3 bench/finetune/qlora_step.py --out $OUT/qlora_step.jsonl
       (bitsandbytes from a carried wheel: pip install --no-deps --target /tmp/bnb_site .whl/finetune/*.whl and
@@ -42,6 +44,7 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the package is the repo's qtool/ folder; no install needed
 sys.path.insert(0, str(HERE.parent))  # bench/ holds scripts, not packages: its shared modules import by name
+sys.path.insert(0, str(HERE))  # and so does bench/finetune/ (step_profile.py)
 
 from run_metadata import run_metadata  # noqa: E402
 
@@ -153,7 +156,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(system: str, args: argparse.Namespace, device: torch.device) -> dict:
+def measure(system: str, args: argparse.Namespace, device: torch.device, profiles: dict | None = None) -> dict:
+    """The system's row; with args.profile, its profile summary put into profiles[system]."""
     shape = TINY if args.tiny else LLAMA_7B
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     row = {"system": system, "seqlen": args.seqlen, "rank": args.rank, "lora_dtype": args.lora_dtype,
@@ -205,33 +209,37 @@ def measure(system: str, args: argparse.Namespace, device: torch.device) -> dict
             "trainable_params": sum(p.numel() for p in params)}
     if device.type == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    if args.profile:
-        path, busy = profile_step(step, system, args.out, device, row["step_s"])
-        row["profile"] = str(path)
-        if busy is not None:
-            row["profile_gpu_busy"] = busy
+    if args.profile and profiles is not None:
+        profiles[system] = profile_step(step, system, device, args.rank)
+        # the profiler's own host cost lengthens the profiled step: its gaps overstate an unprofiled step's
+        profiles[system]["unprofiled_step_us"] = round(row["step_s"] * 1e6, 1)
+        row["profile_busy_share"] = profiles[system]["busy_share"]
     return row
 
 
-def profile_step(step, system: str, out: Path, device: torch.device, step_s: float) -> tuple[Path, float | None]:
-    """One more step under torch.profiler; its ops by self time on the device (CPU time on the CPU) as a table in
-    <out stem>_profile_<system>.txt, the 60 costliest; and on the GPU the kernels' time in that step as a share of
-    an unprofiled step's (step_s): well below 1, the step waits on Python launching ops, not on the GPU."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_step(step, system: str, device: torch.device, rank: int) -> dict:
+    """One more step under torch.profiler (shapes recorded), summarized by step_profile.summarize: kernel time by
+    category, the top kernels, the device's idle gaps; on a GPU also the caching allocator's allocations in the
+    step (count and bytes). Printed as a table."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from step_profile import STEP_RANGE, format_table, step_events, summarize
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        synchronize(device)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path = out.with_name(f"{out.stem}_profile_{system}.txt")
-    averages = prof.key_averages()
-    path.write_text(averages.table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n")
-    if device.type != "cuda":
-        return path, None
-    # the device's own events (kernels, copies), each once: the CPU ops' device times would count them again
-    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return path, round(kernel_us / (step_s * 1e6), 3)
+    synchronize(device)
+    before = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    with profile(activities=activities, record_shapes=True) as prof:
+        with record_function(STEP_RANGE):
+            step()
+            synchronize(device)
+    summary = summarize(step_events(prof, device.type), rank)
+    if device.type == "cuda":
+        after = torch.cuda.memory_stats(device)
+        summary["allocations"] = after["allocation.all.allocated"] - before["allocation.all.allocated"]
+        summary["allocated_gib"] = round((after["allocated_bytes.all.allocated"]
+                                          - before["allocated_bytes.all.allocated"]) / 2**30, 3)
+    print(format_table(system, summary), flush=True)
+    return summary
 
 
 def comparison(rows: list[dict], ours_name: str = "qtool-dequant") -> dict:
@@ -266,7 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny llama: checks the script, measures nothing")
     p.add_argument("--ours", choices=SYSTEMS, default="qtool-dequant", help="the system the comparison line is about")
-    p.add_argument("--profile", action="store_true", help="profile one more step of each system (tables beside --out)")
+    p.add_argument("--profile", type=Path, metavar="OUT.json",
+                   help="profile one more step of each system: kernel time by category, top kernels, idle gaps (JSON)")
     args = p.parse_args(argv)
     args.seqlen = args.seqlen or (32 if args.tiny else 2048)
     args.steps = args.steps or (2 if args.tiny else 5)
@@ -285,6 +294,7 @@ def main(argv=None) -> int:
     env = run_metadata(device, __file__, argv, libraries=("transformers", "peft"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    profiles: dict[str, dict] = {}
 
     def record(row: dict) -> None:
         # one line at a time: a run cut off by its time limit keeps the systems it measured
@@ -295,13 +305,17 @@ def main(argv=None) -> int:
 
     for system in args.systems.split(","):
         try:
-            row = measure(system, args, device)
+            row = measure(system, args, device, profiles)
         except torch.cuda.OutOfMemoryError as exc:
             row = {"system": system, "error": f"out of memory: {str(exc).splitlines()[0]}"}
         gc.collect()  # the system's model and optimizer state went out of scope with measure()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         record(row)
+        if args.profile:  # rewritten after each system: a run cut off keeps the profiles it took
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            args.profile.write_text(json.dumps(env | {"rank": args.rank, "seqlen": args.seqlen, "systems": profiles},
+                                               indent=1) + "\n")
     record(comparison(rows, args.ours))
     return 0
 

@@ -75,14 +75,15 @@ def float_reference(config: FinetuneConfig) -> torch.nn.Module | None:
     return loaded.model
 
 
-def prepare_model(model: torch.nn.Module, config: FinetuneConfig) -> torch.nn.Module:
-    """The trainable model of the method: a PEFT LoRA model, or the whole model trainable (full)."""
+def prepare_model(model: torch.nn.Module, config: FinetuneConfig, resumed: bool = False) -> torch.nn.Module:
+    """The trainable model of the method: a PEFT LoRA model, or the whole model trainable (full). resumed: the
+    trainable values will come from a checkpoint, so no adapter init is computed (LoftQ's float model not read)."""
     torch.manual_seed(config.seed)  # LoRA's A init is drawn here: the same seed gives the same run
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        model = make_lora_model(model, config, float_reference(config))
+        model = make_lora_model(model, config, None if resumed else float_reference(config), resumed=resumed)
     if config.grad_checkpointing:
         # non-reentrant: gradients reach LoRA weights even though the frozen embeddings' outputs need none
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,7 +138,7 @@ def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None
     data = _examples(job.data, loaded.tokenizer, config, "--data")
     eval_data = _examples(job.eval_data, loaded.tokenizer, config, "--eval-data") if job.eval_data else None
     rows = make_rows(data.examples, config.seqlen, config.packing)
-    model = prepare_model(loaded.model, config)
+    model = prepare_model(loaded.model, config, resumed=job.resume)  # --resume without a checkpoint: train() refuses
     compute_bytes = 2 if autocast_dtype(config, device) is not None else 4
     estimate = estimate_peak_memory(model, config, compute_bytes)
     check_memory(estimate, device, available_memory)

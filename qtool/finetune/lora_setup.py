@@ -41,10 +41,12 @@ def lora_config(model: torch.nn.Module, config: FinetuneConfig) -> Any:
                       use_rslora=config.use_rslora, use_dora=config.use_dora, bias="none", task_type="CAUSAL_LM")
 
 
-def make_lora_model(model: torch.nn.Module, config: FinetuneConfig, float_reference: torch.nn.Module | None = None) -> Any:
+def make_lora_model(model: torch.nn.Module, config: FinetuneConfig, float_reference: torch.nn.Module | None = None,
+                    resumed: bool = False) -> Any:
     """`model` wrapped by PEFT with a trainable LoRA adapter (A/B in float32); the base weights frozen. With
     lora_init loftq, `float_reference` is the float model the quantized base came from: each adapter starts as its
-    layer's quantization error at rank r (finetune/loftq_init.py)."""
+    layer's quantization error at rank r (finetune/loftq_init.py). resumed: the adapters' values will be loaded
+    from a checkpoint, so lora_init is not applied (and needs no float model)."""
     from peft import get_peft_model
 
     lora = lora_config(model, config)
@@ -58,7 +60,7 @@ def make_lora_model(model: torch.nn.Module, config: FinetuneConfig, float_refere
         linears = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)})
         raise QtoolError(f"target_modules {config.target_modules}: {str(exc).splitlines()[0]}",
                          f"name linears of this model ({', '.join(linears)}) or {ALL_LINEAR}") from exc
-    if config.lora_init == "loftq":
+    if config.lora_init == "loftq" and not resumed:
         if float_reference is None:
             raise QtoolError("lora_init loftq needs the float model the quantized base was made from", "pass --loftq-float MODEL")
         from qtool.finetune.loftq_init import loftq_initialize

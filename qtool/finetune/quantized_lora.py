@@ -89,8 +89,12 @@ class QuantizedLoraLinear(nn.Module, LoraLayer):
             lora_A = self.lora_A[active_adapter]
             lora_B = self.lora_B[active_adapter]
             dropout = self.lora_dropout[active_adapter]
-            branch = lora_B(lora_A(dropout(self._cast_input_dtype(x, lora_A.weight.dtype))))
-            result = result + (branch * self.scaling[active_adapter]).to(result.dtype)
+            # under autocast the adapters' linears compute in autocast's dtype whatever x's is: casting x to their
+            # weights' dtype first would be a copy of x that autocast casts straight back
+            autocast = torch.is_autocast_enabled(x.device.type)
+            branch = lora_B(lora_A(dropout(x if autocast else self._cast_input_dtype(x, lora_A.weight.dtype))))
+            # the scaling as add's alpha: one pass over [M, N] where a product, then the sum, took two
+            result = torch.add(result, branch.to(result.dtype), alpha=self.scaling[active_adapter])
         return result
 
     def __repr__(self) -> str:

@@ -18,6 +18,7 @@ from qtool.kernels.dequant_ref import dequantize_gptq
 from qtool.kernels.gptq_dequant_triton import DEQUANT_DTYPES, dequantize_into
 from qtool.kernels.gptq_grad_input_triton import GptqGradForm, prepare_gptq_grad
 from qtool.kernels.linear_tensors import GptqLinearTensors, check_input_features
+from qtool.kernels.profiled_range import DEQUANTIZE_RANGE, profiled_range
 from qtool.kernels.registry import triton_device_problem
 
 RESERVED_BYTES_PER_VALUE = 2  # prepare() reserves the scratch for 16-bit weights, what training computes in
@@ -85,10 +86,12 @@ class DequantScratch:
             yield _reference_weight_t(form, dtype)
             return
         device = form.packed.qweight.device
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize  # not a tensor's element_size(): no allocation per call
         with self._lock:
             buffer = self.reserve(device, k * n * itemsize)
-            yield dequantize_into(form.packed, buffer[: k * n * itemsize].view(dtype).view(k, n))
+            with profiled_range(DEQUANTIZE_RANGE):
+                w_t = dequantize_into(form.packed, buffer[: k * n * itemsize].view(dtype).view(k, n))
+            yield w_t
 
 
 def _reference_weight_t(form: DequantForm, dtype: torch.dtype) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from qtool.formats.gptq import unpack_qzeros
 from qtool.formats.bitpack import unpack_rows
+from qtool.kernels.profiled_range import DEQUANTIZE_RANGE, profiled_range
 
 
 def dequantize_gptq(
@@ -20,6 +21,12 @@ def dequantize_gptq(
 ) -> torch.Tensor:
     """The float weight [out_features, in_features] = scales[g] * (code - zero[g]) per input row, g = g_idx[row];
     computed in `dtype` (default: the dtype of scales)."""
+    with profiled_range(DEQUANTIZE_RANGE):
+        return _dequantize_gptq(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+
+
+def _dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                     checkpoint_format: str, dtype: torch.dtype | None) -> torch.Tensor:
     dtype = dtype or scales.dtype
     in_features, out_features = g_idx.shape[0], qweight.shape[1]
     codes = unpack_rows(qweight, bits, in_features)  # [K, N]

@@ -39,17 +39,24 @@ class DequantLowRankFunction(torch.autograd.Function):
         x, a, b, xa = ctx.saved_tensors
         x2 = x.reshape(-1, a.shape[1])
         dy = grad_output.reshape(-1, b.shape[0]).to(x.dtype)
-        dxa = torch.matmul(dy, b).mul_(ctx.scaling)  # [M, r]: dL/d(x @ A^T)
+        s = ctx.scaling
+        # the scaling rides in the GEMMs' alpha (no separate scaling pass): dL/d(x @ A^T) = s * dY @ B, kept unscaled
+        dxa = torch.matmul(dy, b)  # [M, r]
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_b = torch.matmul(dy.T, xa).mul_(ctx.scaling)
+            grad_b = _scaled_matmul(dy.T, xa, s)
         if ctx.needs_input_grad[1]:
-            grad_a = torch.matmul(dxa.T, x2)
+            grad_a = _scaled_matmul(dxa.T, x2, s)
         if ctx.needs_input_grad[0]:
             with ctx.backend.scratch.weight_t(ctx.form, dy.dtype) as w_t:
                 dx = torch.matmul(dy, w_t.T)
-            grad_x = dx.addmm_(dxa, a).reshape(x.shape)
+            grad_x = dx.addmm_(dxa, a, alpha=s).reshape(x.shape)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _scaled_matmul(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * m1 @ m2 in one GEMM: addmm with beta 0 ignores its input (an uninitialized scalar, no kernel)."""
+    return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=alpha)
 
 
 def dequant_linear_plus_low_rank(layer: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

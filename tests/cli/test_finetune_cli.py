@@ -184,3 +184,22 @@ def test_loftq_init_starts_the_adapter_at_the_quantization_error(tmp_path, model
     line = one_line_error(runner.invoke(app, finetune_args(gptq_dir, text_file, tmp_path / "o", "--method", "qlora", "--lora-init", "loftq")))
     assert "loftq_float" in line and "--loftq-float" in line
     assert "--lora-init" in runner.invoke(app, ["finetune", "train", "--help"]).output
+
+
+def test_resume_with_loftq_takes_the_adapters_from_the_checkpoint_not_the_float_model(tmp_path, model_dir, gptq_dir, text_file):
+    """A resumed LoftQ run reads no float model (its --loftq-float may be gone): the adapters come from the
+    checkpoint, and the run ends where the uninterrupted one did."""
+    from safetensors.torch import load_file
+
+    output = tmp_path / "loftq"
+    args = ("--method", "qlora", "--lora-init", "loftq", "--save-every", "2", "--json")
+    whole = runner.invoke(app, finetune_args(gptq_dir, text_file, output, *args, "--loftq-float", str(model_dir)))
+    assert whole.exit_code == 0, whole.output
+    expected = load_file(str(output / "adapter_model.safetensors"))
+    assert (tmp_path / "loftq-checkpoints" / "step-000002").is_dir()
+    resumed = runner.invoke(app, finetune_args(gptq_dir, text_file, output, *args, "--loftq-float", str(tmp_path / "gone"),
+                                               "--resume", "--force"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["resumed_from_step"] == 2
+    got = load_file(str(output / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

@@ -151,6 +151,37 @@ def test_lora_gradients_through_the_dequant_backend_in_one_function(kernels_can_
         assert "DequantLowRankFunction" in type(net.first(x.bfloat16()).grad_fn).__name__
 
 
+def test_under_autocast_the_adapters_take_x_in_its_own_dtype(exl2_layer):
+    """A trainer's bfloat16 autocast over float32 adapters on a bfloat16 base, unfused (EXL2): x reaches the
+    adapters' linears as it is (autocast casts them; a float32 copy of x would be cast straight back), and the
+    adapters' gradients still match float64's within bfloat16 rounding."""
+    from torch.profiler import profile
+
+    net = Stack(exl2_layer(160, 160, seed=5), exl2_layer(45, 160, seed=6))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 160, generator=gen)
+    probe = torch.randn(2, 5, 45, generator=gen)
+    expected = lora_gradients(dequantized_twin(net, torch.float64), x, probe, torch.float64)
+    peft_model = get_peft_model(net.to(torch.bfloat16), lora_config_for(net, rank=4, alpha=8, dropout=0.0,
+                                                                       target_modules="all-linear", task_type=None))
+    init = torch.Generator().manual_seed(11)  # lora_gradients' values
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=init) * 0.1)
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    x16 = x.bfloat16()
+    with profile(record_shapes=True) as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = peft_model(x16)
+    casts_of_x = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == [2, 5, 160]]
+    assert casts_of_x == []
+    (out.float() * probe).sum().backward()
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            error = ((param.grad.double() - expected[name]).norm() / expected[name].norm()).item()
+            assert param.grad.dtype == torch.float32 and error < 3e-2, (name, error)
+
+
 def test_training_backend_moves_only_cuda_layers(gptq_llama):
     model = gptq_llama(seed=3)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]

@@ -1,0 +1,17 @@
+"""Named ranges that exist only while a profiler records: a profile can then tell which kernels dequantize a weight
+(bench/finetune/step_profile.py reads them), and an unprofiled call pays one flag check, not a dispatcher call."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DEQUANTIZE_RANGE = "qtool::dequantize"  # around every dequantization of a quantized linear's weight
+
+
+def profiled_range(name: str) -> contextlib.AbstractContextManager:
+    """torch.profiler.record_function(name) while a profiler records, else a context that does nothing."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
