@@ -187,6 +187,56 @@ class DecodeRows:
         return DecodeInputs(longs[0], longs[1], tables.to(device), (longs[1] + 1).to(torch.int32), longs[2])
 
 
+class HostDecodePlan:
+    """The decode step's RoPE + cache write and attention for the CPU, where every op is a host call and the Triton
+    kernels do not run: the same results as engine_ops' references (rope_and_cache_ref, paged_decode_attention_ref)
+    in fewer ops. What the references redo in every layer is worked out once per step: the slots each row reads and
+    which of them it may see, and which rows write (padded rows, slot -1, write nothing). Per layer, q and k are
+    rotated together, the new K/V stored by index_copy_, and the attention is torch's fused SDPA over the K/V
+    gathered by those slots (GQA without repeating the keys); rows without context (padding) give zeros."""
+
+    def __init__(self, inputs: DecodeInputs, block_size: int, layers: list[DecodeLayer]):
+        tables, lens = inputs.block_tables.long(), inputs.context_lens.long()
+        positions = torch.arange(tables.shape[1] * block_size, device=tables.device)
+        self.read_slots = tables[:, positions // block_size] * block_size + positions % block_size  # [B, ctx]
+        seen = positions.view(1, -1) < lens.view(-1, 1)
+        windows = {layer.sliding_window for layer in layers}
+        self.masks = {window: (seen if window is None else seen & (positions.view(1, -1) >= lens.view(-1, 1) - window))
+                      .view(len(lens), 1, 1, -1) for window in windows}  # [B, 1, 1, ctx]
+        empty = lens == 0
+        self.empty = empty.view(-1, 1, 1) if bool(empty.any()) else None
+        writes = inputs.slots >= 0
+        self.writing_rows = None if bool(writes.all()) else writes.nonzero().squeeze(1)
+        self.write_slots = inputs.slots if self.writing_rows is None else inputs.slots[self.writing_rows]
+        self.layers = layers
+
+    def rope_and_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:
+        """rope_and_cache_ref's contract (slots: this plan's, the step's own)."""
+        heads, (kv_heads, head_dim) = query.shape[1], key_cache.shape[-2:]
+        both = torch.cat((query, key), dim=1).float()  # [B, heads + kv_heads, d]: one rotation for q and k
+        half = head_dim // 2
+        rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
+        both = both * cos.float().unsqueeze(1) + rotated * sin.float().unsqueeze(1)
+        key, rotated_query = both[:, heads:].to(key.dtype), both[:, :heads].to(query.dtype)
+        if self.writing_rows is not None:
+            key, value = key[self.writing_rows], value[self.writing_rows]
+        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.write_slots, key.to(key_cache.dtype))
+        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.write_slots, value.to(value_cache.dtype))
+        return rotated_query
+
+    def attend(self, index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        kv_heads, head_dim = key_cache.shape[-2:]
+        keys = key_cache.view(-1, kv_heads, head_dim)[self.read_slots].transpose(1, 2)  # [B, kv_heads, ctx, d]
+        values = value_cache.view(-1, kv_heads, head_dim)[self.read_slots].transpose(1, 2)
+        out = nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=self.masks[layer.sliding_window],
+            scale=layer.scale, enable_gqa=kv_heads != q.shape[1]).squeeze(2)
+        return out if self.empty is None else out.masked_fill(self.empty, 0.0)
+
+
 class DecodeStep:
     """The decode step of one model (build it with plan_decode_step). Calling it with DecodeInputs of B rows writes
     each row's new K/V into the runner's cache and returns logits [B, vocab] (float32)."""
@@ -216,7 +266,11 @@ class DecodeStep:
             return paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
                                           layer.scale, layer.sliding_window)
 
-        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend)
+        rope_cache = rope_and_cache
+        if inputs.input_ids.device.type == "cpu":  # no kernels there: a plan made once per step, fewer host ops
+            plan = HostDecodePlan(inputs, self.runner.cache.block_size, self.layers)
+            attend, rope_cache = plan.attend, plan.rope_and_cache
+        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend, rope_cache)
         return self._head(hidden, residual)
 
     def ragged(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
@@ -229,8 +283,8 @@ class DecodeStep:
         hidden, residual = self._layers(input_ids, positions, slots, attend)
         return self._head(hidden[rows], residual[rows])
 
-    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                attend: Attend) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layers(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
+                rope_cache: Callable[..., torch.Tensor] = rope_and_cache) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's output and the residual stream before their add (fused with the final norm)."""
         batch = input_ids.shape[0]
         hidden = self.embed(input_ids)
@@ -245,7 +299,7 @@ class DecodeStep:
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q)[0], layer.k_norm(k)[0]
             key_cache, value_cache = self.runner.cache.layer(index)
-            q = rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, slots)
+            q = rope_cache(q, k, v, cos, sin, key_cache, value_cache, slots)
             attended = attend(index, q, key_cache, value_cache)
             normed, residual = layer.post_attention_norm(self._scaled(layer.o_proj(attended.reshape(batch, -1))),
                                                          residual)
