@@ -99,14 +99,15 @@ def engine_once(engine, prompt: list[int], new_tokens: int) -> dict:
 
     pieces: list[str] = []
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     request = engine.add_request(prompt, params, on_text=pieces.append)
     output = None
     while output is None:
         output = next((out for out in engine.step() if out.request_id == request), None)
-    wall = time.perf_counter() - began
+    wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     first = output.time_to_first_token_s
-    return {"wall_s": wall, "ttft_s": first, "tok_s": len(output.token_ids) / wall,
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_ms_per_token": cpu * 1e3 / len(output.token_ids),
+            "ttft_s": first, "tok_s": len(output.token_ids) / wall,
             "decode_tok_s": (len(output.token_ids) - 1) / (output.seconds - first),
             "token_ids": output.token_ids, "decode_path": engine.runner.decode_step_reason}
 
@@ -115,15 +116,16 @@ def generate_once(model, tokenizer, prompt: list[int], new_tokens: int) -> dict:
     ids = torch.tensor([prompt])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     clock = FirstTokenClock()
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=pad, top_k=None, top_p=None, temperature=None,
                              streamer=clock)
-    wall = time.perf_counter() - began
+    wall, cpu = time.perf_counter() - began, time.process_time() - began_cpu
     generated = out[0, len(prompt):].tolist()
     first = clock.first_token_time - began
-    return {"wall_s": wall, "ttft_s": first, "tok_s": len(generated) / wall,
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_ms_per_token": cpu * 1e3 / len(generated),
+            "ttft_s": first, "tok_s": len(generated) / wall,
             "decode_tok_s": (len(generated) - 1) / (wall - first), "token_ids": generated}
 
 
@@ -189,11 +191,14 @@ def measure_variant(name: str, source: str, args, message: str) -> dict:
                         for system in configs},
     }
     for system, values in runs.items():
-        for key in ("tok_s", "decode_tok_s", "ttft_s"):
+        for key in ("tok_s", "decode_tok_s", "ttft_s", "cpu_ms_per_token"):
             result[f"{system}_{key}"] = spread([round(v[key], 4) for v in values])
     for system in configs:  # per round: the systems of one round ran back to back
         ratios = [e["tok_s"] / g["tok_s"] for e, g in zip(runs[system], runs["generate"])]
         result[f"{system}_over_generate"] = spread([round(r, 3) for r in ratios])
+        # the same by CPU time (this process's, all its threads): what load from other processes moves least
+        ratios = [g["cpu_s"] / e["cpu_s"] for e, g in zip(runs[system], runs["generate"])]
+        result[f"{system}_over_generate_cpu_time"] = spread([round(r, 3) for r in ratios])
     if args.profile:
         count = args.profile
         engine = new_engine(model, tokenizer, config)
@@ -201,7 +206,6 @@ def measure_variant(name: str, source: str, args, message: str) -> dict:
             "engine": profiled(lambda: engine_once(engine, prompt, count), count, args.top_ops),
             "generate": profiled(lambda: generate_once(model, tokenizer, prompt, count), count, args.top_ops),
         }
-    del model
     return result
 
 
@@ -209,9 +213,11 @@ def print_result(result: dict) -> None:
     g = result["generate_tok_s"]
     for system in result["systems"][:-1]:
         e, r = result[f"{system}_tok_s"], result[f"{system}_over_generate"]
+        c = result[f"{system}_over_generate_cpu_time"]
         print(f"| {result['variant']} | {system} {e['median']:.1f} tok/s ({e['min']:.1f}-{e['max']:.1f}) | generate "
               f"{g['median']:.1f} tok/s ({g['min']:.1f}-{g['max']:.1f}) | {system}/generate {r['median']:.2f}x "
-              f"({r['min']:.2f}-{r['max']:.2f}) | same tokens: {result['same_tokens'][system]} |", flush=True)
+              f"({r['min']:.2f}-{r['max']:.2f}); by CPU time {c['median']:.2f}x ({c['min']:.2f}-{c['max']:.2f}) | "
+              f"same tokens: {result['same_tokens'][system]} |", flush=True)
     for system, table in result.get("profile", {}).items():
         print(f"  profile {system}: {table['wall_ms_per_token']} ms/token wall, {table['self_cpu_ms_per_token']} ms "
               f"self CPU, {table['ops_per_token']} ops/token")

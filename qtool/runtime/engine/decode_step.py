@@ -6,7 +6,8 @@ add_rms_norm -> gate/up -> silu_mul -> down] -> final add_rms_norm -> head. RoPE
 once from the model's rotary module. Whether a model's layers have this plain form is decided once, by probing its
 modules (plan_decode_step); otherwise every step runs through model_runner's module path. Where the parts allow it,
 q/k/v and gate/up run as one fused linear each (kernels/fused_linear.py): at batch 1 a token is bound by launches,
-and the fused matmul reads the same bytes in fewer, fuller ones."""
+and the fused matmul reads the same bytes in fewer, fuller ones. On the CPU (no kernels there, every op a host
+call) RoPE + cache write and attention go through HostDecodePlan: the references' results in fewer ops."""
 
 from __future__ import annotations
 
@@ -261,16 +262,18 @@ class DecodeStep:
         return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
+        if inputs.input_ids.device.type == "cpu":  # no kernels there: a plan made once per step, fewer host ops
+            plan = HostDecodePlan(inputs, self.runner.cache.block_size, self.layers)
+            hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, plan.attend,
+                                            plan.rope_and_cache)
+            return self._head(hidden, residual)
+
         def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
             layer = self.layers[index]
             return paged_decode_attention(q, key_cache, value_cache, inputs.block_tables, inputs.context_lens,
                                           layer.scale, layer.sliding_window)
 
-        rope_cache = rope_and_cache
-        if inputs.input_ids.device.type == "cpu":  # no kernels there: a plan made once per step, fewer host ops
-            plan = HostDecodePlan(inputs, self.runner.cache.block_size, self.layers)
-            attend, rope_cache = plan.attend, plan.rope_and_cache
-        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend, rope_cache)
+        hidden, residual = self._layers(inputs.input_ids, inputs.positions, inputs.slots, attend)
         return self._head(hidden, residual)
 
     def ragged(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend: Attend,
