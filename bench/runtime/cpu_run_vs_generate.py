@@ -1,10 +1,11 @@
 """Issue 23's CPU goal: `qtool run` (the engine, as run builds it) against transformers' generate on the same loaded
 model, batch 1, greedy, the same chat prompt and the same number of new tokens (end of sequence ignored by both),
-SmolLM2 GPTQ 4-bit and float32. Rounds interleave the systems (engine first in even rounds, generate first in odd
-ones) so that load from other jobs on a shared machine hits both alike; medians and ranges over the rounds.
+SmolLM2 GPTQ 4-bit and float32. Rounds interleave the systems (each round rotates their order) so that load from
+other jobs on a shared machine hits them alike; medians and ranges over the rounds, of tokens/s and of this
+process's CPU time per token (which that load moves less), and the per-round ratios to generate.
 
     PYTHONPATH=. python bench/runtime/cpu_run_vs_generate.py [--gptq out/smollm2-gptq-4bit] [--float smollm2-135m]
-        [--threads 1] [--new-tokens 64] [--rounds 5] [--out FILE.jsonl] [--profile 16]
+        [--threads 1] [--new-tokens 64] [--rounds 5] [--modules-too] [--out FILE.jsonl] [--profile 16]
     PYTHONPATH=. python bench/runtime/cpu_run_vs_generate.py --tiny      # a tiny random Llama, every path, seconds
 
 Both sides load through qtool's loader as `qtool run` does (load_model(..., for_generation=True)): on the CPU a GPTQ
@@ -13,6 +14,8 @@ the HF model holding those same QuantLinears (GPTQModel / AutoGPTQ are not insta
 transformers user gets). The engine is built with `qtool run`'s settings (CHAT_ENGINE_CONFIG sized by
 EngineSizing) and streams its text to a callback, as run streams to the terminal; generate runs without a streamer.
 Engine construction (KV cache allocation) is outside the timing, as a chat's later turns do not pay it.
+--modules-too adds the same engine with fast_decode=False (decode steps through the model's modules: run's path
+before it took the decode step on the CPU).
 
 --profile N: after the rounds, torch.profiler over N new tokens of each system, the per-op host time per token
 (self CPU time), printed and saved in the JSON line: where the engine's step loses against generate's.
@@ -238,8 +241,8 @@ def tiny_sources(work: Path) -> tuple[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gptq", default="out/smollm2-gptq-4bit")
     p.add_argument("--float", default="smollm2-135m", help="the float model the GPTQ checkpoint came from")
     p.add_argument("--variant", action="append", choices=("gptq-4bit", "float32"), help="default: both")

@@ -201,9 +201,12 @@ class HostDecodePlan:
         positions = torch.arange(tables.shape[1] * block_size, device=tables.device)
         self.read_slots = tables[:, positions // block_size] * block_size + positions % block_size  # [B, ctx]
         seen = positions.view(1, -1) < lens.view(-1, 1)
-        windows = {layer.sliding_window for layer in layers}
-        self.masks = {window: (seen if window is None else seen & (positions.view(1, -1) >= lens.view(-1, 1) - window))
-                      .view(len(lens), 1, 1, -1) for window in windows}  # [B, 1, 1, ctx]
+
+        def mask(window: int | None) -> torch.Tensor:  # [B, 1, 1, ctx]
+            allowed = seen if window is None else seen & (positions.view(1, -1) >= lens.view(-1, 1) - window)
+            return allowed.view(len(lens), 1, 1, -1)
+
+        self.masks = {window: mask(window) for window in {layer.sliding_window for layer in layers}}
         empty = lens == 0
         self.empty = empty.view(-1, 1, 1) if bool(empty.any()) else None
         writes = inputs.slots >= 0
