@@ -202,9 +202,10 @@ def prepare_smollm2(float_source: str, calibration_file: Path, work: Path, devic
 
 
 def load(source: str | Path, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) through qtool's loader: a GPTQ directory keeps its QuantLinears (Triton on CUDA)."""
+    """(model, tokenizer) through qtool's loader: a GPTQ directory keeps its QuantLinears (Triton on CUDA; on the CPU
+    what `qtool run` takes, cpu-int4 for 4-bit layers, rather than the torch reference that dequantizes every call)."""
     from qtool.checkpoints.sources import load_model
 
     loaded = load_model(str(source), device=str(device), dtype=dtype,
-                        backend="triton" if device.type == "cuda" else "torch")
+                        backend="triton" if device.type == "cuda" else "auto", for_generation=True)
     return loaded.model.eval(), loaded.tokenizer

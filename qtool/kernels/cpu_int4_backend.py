@@ -36,6 +36,16 @@ def tile_size_for(group_size: int) -> int | None:
     return next((size for size in TILE_SIZES if group_size % size == 0), None)
 
 
+def tile_size_for_groups(g_idx: torch.Tensor, group_size: int) -> int | None:
+    """The largest tile that the column count of every group is a multiple of, so that no tile is padded (a
+    partial last group, e.g. SmolLM2's 576 columns at g128, takes tiles of 64 rather than a padded tile of 128:
+    the padded input costs a scatter per call and the kernel reads the padding); tile_size_for's otherwise."""
+    counts = torch.bincount(g_idx.long())
+    counts = counts[counts > 0]
+    whole = next((size for size in TILE_SIZES if bool((counts % size == 0).all())), None) if counts.numel() else None
+    return whole or tile_size_for(group_size)
+
+
 @dataclass
 class CpuInt4Layer:
     """One GPTQ linear in torch's CPU int4 layout."""
@@ -70,7 +80,7 @@ def padded_columns(g_idx: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.
 def to_cpu_int4(tensors: GptqLinearTensors) -> CpuInt4Layer:
     """Repack one 4-bit GPTQ layer (any checkpoint format, act order or not) into torch's CPU int4 layout."""
     t = tensors
-    tile = tile_size_for(t.group_size)
+    tile = tile_size_for_groups(t.g_idx, t.group_size)
     k, n = t.in_features, t.out_features
     codes = unpack_rows(t.qweight, t.bits, k).to(torch.int32)  # [K, N]
     zeros = unpack_qzeros(t.qzeros, t.bits, n, t.checkpoint_format).to(torch.float32)  # [G, N]
@@ -129,4 +139,4 @@ class GptqCpuInt4Backend:
 
 
 __all__ = ["GptqCpuInt4Backend", "CpuInt4Layer", "cpu_int4_available", "cpu_int4_matmul", "padded_columns",
-           "tile_size_for", "to_cpu_int4"]
+           "tile_size_for", "tile_size_for_groups", "to_cpu_int4"]

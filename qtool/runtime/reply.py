@@ -13,8 +13,11 @@ from qtool.runtime.generate import (GenerationResult, GenerationSettings, Messag
 logger = logging.getLogger(__name__)
 
 # One conversation at a time: the KV cache holds one full context (capped by the engine's byte budget); blocks of
-# earlier turns stay cached between replies, so the next turn recomputes only what is new.
-CHAT_ENGINE_CONFIG = EngineConfig(max_num_seqs=1)
+# earlier turns stay cached between replies, so the next turn recomputes only what is new. Decode steps through the
+# whole-tensor decode step on the CPU too (EngineConfig's default keeps the module path there): fused q/k/v and
+# gate/up and fewer host ops per token, the difference that puts batch-1 chat ahead of transformers' generate on a
+# CPU (bench/RESULTS.md, "qtool run against generate on the CPU").
+CHAT_ENGINE_CONFIG = EngineConfig(max_num_seqs=1, fast_decode=True)
 
 
 def sampling_params(settings: GenerationSettings, max_new_tokens: int) -> SamplingParams:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, relative_error
 
-from qtool.kernels.cpu_int4_backend import GptqCpuInt4Backend, cpu_int4_available, padded_columns, tile_size_for
+from qtool.kernels.cpu_int4_backend import (GptqCpuInt4Backend, cpu_int4_available, padded_columns, tile_size_for,
+                                            tile_size_for_groups)
 from qtool.kernels.linear_tensors import GptqLinearTensors
 from qtool.kernels.registry import BackendRegistry
 
@@ -55,6 +56,17 @@ def test_columns_are_placed_by_group_in_whole_tiles():
     # group 0 (3 columns) takes tiles 0-1, group 1 (2) tile 2, group 2 (1) tile 3
     assert tile_groups.tolist() == [0, 0, 1, 2] and width == 8
     assert destination.tolist() == [4, 0, 5, 1, 2, 6]
+
+
+def test_a_partial_last_group_takes_smaller_tiles_instead_of_padding():
+    """576 columns at g128 (SmolLM2): tiles of 64 cover every group whole, so the input goes to the kernel as is."""
+    layer = random_gptq_codes(32, 576, 4, 128, False, True, "gptq_v2", 1)
+    packed = GptqCpuInt4Backend().prepare(tensors_of(layer, 128, "gptq_v2"))
+    assert packed.tile == 64 and packed.in_padded == 576 and packed.columns is None
+    g_idx = torch.arange(576) // 128
+    assert tile_size_for_groups(g_idx, 128) == 64 and tile_size_for_groups(torch.arange(512) // 128, 128) == 128
+    # groups of 3, 2 and 1 columns: no tile covers them whole, the group size's tile and padding as before
+    assert tile_size_for_groups(torch.tensor([1, 0, 1, 0, 0, 2]), 32) == tile_size_for(32)
 
 
 @pytest.mark.parametrize("device, bits, group_size, why", [

@@ -47,6 +47,10 @@ def test_greedy_engine_replies_equal_generate(family, build_family, tokenizer):
         by_generate = streamed(generate, model, tokenizer, conversation, GREEDY)
         assert by_engine.token_ids == by_generate.token_ids and by_engine.text == by_generate.text
         assert by_engine.finish_reason == by_generate.finish_reason
+    # run's chat engine decodes through the whole-tensor decode step on the CPU too, where the family has its form
+    # (a mixture-of-experts MLP keeps the module path)
+    runner = replies.engine.runner
+    assert (runner.fast_decode_steps > 0) == (family != "mixtral"), runner.decode_step_reason
 
 
 def test_stop_strings_cut_both_paths_alike(model, tokenizer):

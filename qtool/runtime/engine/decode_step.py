@@ -6,7 +6,8 @@ add_rms_norm -> gate/up -> silu_mul -> down] -> final add_rms_norm -> head. RoPE
 once from the model's rotary module. Whether a model's layers have this plain form is decided once, by probing its
 modules (plan_decode_step); otherwise every step runs through model_runner's module path. Where the parts allow it,
 q/k/v and gate/up run as one fused linear each (kernels/fused_linear.py): at batch 1 a token is bound by launches,
-and the fused matmul reads the same bytes in fewer, fuller ones."""
+and the fused matmul reads the same bytes in fewer, fuller ones. On the CPU (no kernels there, every op a host
+call) RoPE + cache write and attention go through HostDecodePlan: the references' results in fewer ops."""
 
 from __future__ import annotations
 
@@ -196,6 +197,59 @@ class DecodeRows:
                             longs[3] if self.own_slots else None)
 
 
+class HostDecodePlan:
+    """The decode step's RoPE + cache write and attention for the CPU, where every op is a host call and the Triton
+    kernels do not run: the same results as engine_ops' references (rope_and_cache_ref, paged_decode_attention_ref)
+    in fewer ops. What the references redo in every layer is worked out once per step: the slots each row reads and
+    which of them it may see, and which rows write (padded rows, slot -1, write nothing). Per layer, q and k are
+    rotated together, the new K/V stored by index_copy_, and the attention is torch's fused SDPA over the K/V
+    gathered by those slots (GQA without repeating the keys); rows without context (padding) give zeros."""
+
+    def __init__(self, inputs: DecodeInputs, block_size: int, layers: list[DecodeLayer]):
+        tables, lens = inputs.block_tables.long(), inputs.context_lens.long()
+        positions = torch.arange(tables.shape[1] * block_size, device=tables.device)
+        self.read_slots = tables[:, positions // block_size] * block_size + positions % block_size  # [B, ctx]
+        seen = positions.view(1, -1) < lens.view(-1, 1)
+
+        def mask(window: int | None) -> torch.Tensor:  # [B, 1, 1, ctx]
+            allowed = seen if window is None else seen & (positions.view(1, -1) >= lens.view(-1, 1) - window)
+            return allowed.view(len(lens), 1, 1, -1)
+
+        self.masks = {window: mask(window) for window in {layer.sliding_window for layer in layers}}
+        empty = lens == 0
+        self.empty = empty.view(-1, 1, 1) if bool(empty.any()) else None
+        writes = inputs.slots >= 0
+        self.writing_rows = None if bool(writes.all()) else writes.nonzero().squeeze(1)
+        self.write_slots = inputs.slots if self.writing_rows is None else inputs.slots[self.writing_rows]
+        self.layers = layers
+
+    def rope_and_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                       slots: torch.Tensor) -> torch.Tensor:
+        """rope_and_cache_ref's contract (slots: this plan's, the step's own)."""
+        heads, (kv_heads, head_dim) = query.shape[1], key_cache.shape[-2:]
+        both = torch.cat((query, key), dim=1).float()  # [B, heads + kv_heads, d]: one rotation for q and k
+        half = head_dim // 2
+        rotated = torch.cat((-both[..., half:], both[..., :half]), dim=-1)
+        both = both * cos.float().unsqueeze(1) + rotated * sin.float().unsqueeze(1)
+        key, rotated_query = both[:, heads:].to(key.dtype), both[:, :heads].to(query.dtype)
+        if self.writing_rows is not None:
+            key, value = key[self.writing_rows], value[self.writing_rows]
+        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.write_slots, key.to(key_cache.dtype))
+        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, self.write_slots, value.to(value_cache.dtype))
+        return rotated_query
+
+    def attend(self, index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[index]
+        kv_heads, head_dim = key_cache.shape[-2:]
+        keys = key_cache.view(-1, kv_heads, head_dim)[self.read_slots].transpose(1, 2)  # [B, kv_heads, ctx, d]
+        values = value_cache.view(-1, kv_heads, head_dim)[self.read_slots].transpose(1, 2)
+        out = nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.to(q.dtype), values.to(q.dtype), attn_mask=self.masks[layer.sliding_window],
+            scale=layer.scale, enable_gqa=kv_heads != q.shape[1]).squeeze(2)
+        return out if self.empty is None else out.masked_fill(self.empty, 0.0)
+
+
 class DecodeStep:
     """The decode step of one model (build it with plan_decode_step). Calling it with DecodeInputs of B rows writes
     each row's new K/V into the runner's cache and returns logits [B, vocab] (float32). With a q4 cache the inputs
@@ -231,6 +285,8 @@ class DecodeStep:
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
         if self.is_q4:
             attention = self._q4_attention(inputs)
+        elif inputs.input_ids.device.type == "cpu":  # no kernels there: a plan made once per step, fewer host ops
+            attention = self._host_attention(inputs)
         else:
             def attend(index: int, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
                 layer = self.layers[index]
@@ -248,6 +304,17 @@ class DecodeStep:
             key_cache, value_cache = self.runner.cache.layer(index)
             return attend(index, rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, slots), key_cache,
                           value_cache)
+        return attention
+
+    def _host_attention(self, inputs: DecodeInputs) -> LayerAttention:
+        """On the CPU: the step's cache indices and masks worked out once (HostDecodePlan), used by every layer."""
+        plan = HostDecodePlan(inputs, self.runner.cache.block_size, self.layers)
+
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+            key_cache, value_cache = self.runner.cache.layer(index)
+            q = plan.rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, inputs.slots)
+            return plan.attend(index, q, key_cache, value_cache)
         return attention
 
     def _q4_attention(self, inputs: DecodeInputs) -> LayerAttention:
