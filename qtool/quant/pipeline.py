@@ -126,9 +126,11 @@ def estimate_line(estimate: dict[str, Any], compute: torch.device) -> str:
         pools.append(f"{compute} {format_bytes(estimate['device_bytes'])}")
     if estimate["disk_bytes"]:
         pools.append(f"disk {format_bytes(estimate['disk_bytes'])}")
-    where = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}[estimate["activation_tier"]]
+    places = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}
+    weighing = estimate.get("weighing_tier")
     return (f"{ESTIMATE_DETAIL}: {', '.join(pools)}; weights {'streamed layer by layer' if estimate['streaming'] else 'loaded whole'}, "
-            f"activations {where}" + ("" if estimate["replay"] else " (no replay)"))
+            f"activations {places[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")
+            + (f", the weighing pass's layer inputs {places[weighing]}" if weighing else ""))
 
 
 def split_quantizable(
