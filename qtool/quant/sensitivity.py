@@ -173,8 +173,8 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
     for index, layer in enumerate(layers):
         what = f"weighing: forward through layer {index + 1}/{len(layers)}"
         report(index, total, what)
-        home = _device_of(layer)
         with layer_weights(index):
+            home = _device_of(layer)  # where its weights are once read
             run.climb(what, lambda rung, index=index, layer=layer: _forward(layer, held.saved[index], rung, held, run),
                       restore=lambda layer=layer, home=home: layer.to(home))
             layer.to(home)
@@ -200,8 +200,9 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
     for index in range(len(layers) - 1, -1, -1):
         what = f"weighing: backward through layer {index + 1}/{len(layers)}"
         report(2 * len(layers) - index, total, what)
-        layer, home = layers[index], _device_of(layers[index])
+        layer = layers[index]
         with layer_weights(index):
+            home = _device_of(layer)
             run.climb(what, lambda rung, index=index, layer=layer: _backward(layer, index, per_layer[index], sums, rung, held, run),
                       restore=lambda layer=layer, home=home: layer.to(home))
             layer.to(home)
