@@ -206,8 +206,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
 
     With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
     GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps every pass to that tier.
-    Returns the components, the plan (`activation_tier`, `replay`, `weighing_tier`: None without a weighing pass)
-    and cpu_bytes, device_bytes and disk_bytes."""
+    Returns the components, the plan (`activation_tier`, `replay`, `weighing_tier`: None without a weighing pass),
+    cpu_bytes, device_bytes and disk_bytes, and the weighing pass's own three (`weighing_peaks`, None without it)."""
     device = torch.device(device)
     on_gpu = device.type != "cpu"
     exl2 = config.output_format == "exl2"
@@ -270,8 +270,11 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
             weighing_host = (0 if weighing_tier == "device" else kept) + (0 if on_gpu else work + components["weighing_head"])
             if fits(weighing_host, weighing_device):
                 break
+    # the weighing pass's own peaks (the figures above are the larger of them and the later passes')
+    weighing_peaks = {"cpu_bytes": components["weights"] + weighing_host, "device_bytes": weighing_device, "disk_bytes": weighing_disk} if windows else None
     return {"device": str(device), "components": components, "streaming": streaming, "samples": samples, "activation_tier": plan_tier,
-            "replay": replay, "weighing_tier": weighing_tier, "cpu_bytes": (components["weights"] + max(passes_host, weighing_host)) * processes,
+            "replay": replay, "weighing_tier": weighing_tier, "weighing_peaks": weighing_peaks,
+            "cpu_bytes": (components["weights"] + max(passes_host, weighing_host)) * processes,
             "device_bytes": max(passes_device, weighing_device), "disk_bytes": max(passes_disk, weighing_disk) * processes}
 
 

@@ -102,7 +102,8 @@ def exl2(samples: int = 37, seqlen: int = 211, head_bits: int = 0) -> QuantConfi
 
 def test_the_weighing_pass_takes_the_first_tier_that_fits_on_its_own():
     stats, job = replace(llama_like(), vocab=5003), exl2()
-    assert estimate_peak_memory(config(), stats, "cuda")["weighing_tier"] is None  # GPTQ has no weighing pass
+    gptq = estimate_peak_memory(config(), stats, "cuda")
+    assert gptq["weighing_tier"] is None and gptq["weighing_peaks"] is None  # GPTQ has no weighing pass
     # 32 windows (of the 37 samples): every layer's inputs, the last layer's outputs and the gradients
     window_bytes = 32 * 211 * 320 * 4
     work = stats.layer_params * 4 + 864 * 864 * 4 * 4 + 211 * max(2 * 864, 5 * 211) * 4
@@ -122,6 +123,9 @@ def test_the_weighing_pass_takes_the_first_tier_that_fits_on_its_own():
     both = estimate_peak_memory(job, stats, "cuda", streaming=True, device_free_bytes=passes, cpu_free_bytes=weights + window_bytes)
     assert (both["activation_tier"], both["weighing_tier"]) == ("device", "disk")
     assert both["disk_bytes"] == window_bytes * 8 and both["cpu_bytes"] == weights + window_bytes
+    # the pass's own peaks, beside the run's
+    assert roomy["weighing_peaks"] == {"cpu_bytes": weights, "device_bytes": roomy["device_bytes"], "disk_bytes": 0}
+    assert both["weighing_peaks"] == {"cpu_bytes": weights + window_bytes, "device_bytes": max(work, at_head), "disk_bytes": window_bytes * 8}
     (fits,) = [f for f in validate_for_hardware(job, stats, "cuda", cpu_free_bytes=weights + window_bytes, device_free_bytes=passes,
                                                 streaming=True) if f.where == "memory (cpu)"]
     assert fits.level is Level.INFO and fits.message.endswith("the weighing pass's layer inputs on disk)")
