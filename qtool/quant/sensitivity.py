@@ -57,16 +57,17 @@ HEAD_PIECE_TOKENS = 256
 
 class _ChannelSums:
     """Per output channel of one linear: sum over tokens of the squared loss gradient and of the squared output,
-    added one window at a time."""
+    added one window at a time. They stay on the compute device (no copy to the host per window; a float64
+    addition gives the same bits on any device)."""
 
-    def __init__(self, out_features: int):
-        self.fisher = torch.zeros(out_features, dtype=torch.float64)
-        self.energy = torch.zeros(out_features, dtype=torch.float64)
+    def __init__(self, out_features: int, device: torch.device):
+        self.fisher = torch.zeros(out_features, dtype=torch.float64, device=device)
+        self.energy = torch.zeros(out_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add_window(self, energy: torch.Tensor, fisher: torch.Tensor, tokens: int) -> None:
-        self.energy += energy.cpu()
-        self.fisher += fisher.cpu()
+        self.energy += energy.to(self.energy.device)
+        self.fisher += fisher.to(self.fisher.device)
         self.tokens += tokens
 
     def sensitivity(self) -> float:
@@ -160,7 +161,7 @@ def _sensitivities(model: nn.Module, windows: Sequence[torch.Tensor], names: set
     for index, layer in enumerate(layers):
         found = {f"{prefix}{index}.{name}": module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
         per_layer.append({n: m for n, m in found.items() if names is None or n in names})
-    sums = {name: _ChannelSums(module.out_features) for found in per_layer for name, module in found.items()}
+    sums = {name: _ChannelSums(module.out_features, device) for found in per_layer for name, module in found.items()}
     total = 2 * len(layers) + 1
     held = _Held()
     run = LadderRun(store, device, held.rehome)
