@@ -6,8 +6,8 @@ where a sample's output does not depend on the batch it ran in (so on the CPU, t
 layer is the unconstrained one; a GPU library may choose another kernel for another batch shape and differ in
 the last bits; the last rung (the CPU) computes on other hardware.
 
-`LadderRun` is one pass's place on the ladder (the EXL2 passes, the weighing pass and the head's work go through
-it): the rung it stands on and the store that keeps its activations."""
+`LadderRun` is one pass's place on the ladder (GPTQ's pass, EXL2's weighing, measuring and quantizing passes and
+its head go through it): the rung it stands on and the store that keeps its activations."""
 
 from __future__ import annotations
 
@@ -77,10 +77,6 @@ class LadderRun:
         self.rungs = ladder(self.compute, store.device)
         self.index = 0
         self._rehome = rehome
-
-    @property
-    def rung(self) -> Rung:
-        return self.rungs[self.index]
 
     def climb(self, what: str, work: Callable[[Rung], T], restore: Callable[[], None], batched: bool = True) -> T:
         """`work(rung)` from the pass's rung down until it fits (climb_down). Work that runs no batches of samples
