@@ -567,6 +567,7 @@ def stage_weigh(args) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 2), "load_s": round(loaded_s, 2), "weighing_s": round(seconds - loaded_s, 2),
         "weighing_tier": estimate["weighing_tier"], "linears": len(sensitivities), "sensitivity_digest": digest[:16],
+        "sensitivities": sensitivities,  # to compare rows whose digests differ (a GPU's kernels per batch shape)
         "ladder_steps": ladder_steps, "gpu_peak_torch_gib": None if torch_peak is None else round(torch_peak / GIB, 3),
         # the estimate of this pass alone (the run's figures are the larger of it and the later passes')
         **{f"estimated_{pool}_gib": round(estimate["weighing_peaks"][f"{key}_bytes"] / GIB, 3) for pool, key in (("device", "device"), ("host", "cpu"), ("disk", "disk"))},
