@@ -13,6 +13,11 @@
 #                                                     layer (the extension builds in the background from the start)
 #   bash bench/device/big_quantize.sh exl2            there: the EXL2 pair alone, with more time (if exl2-70b cut it)
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
+#   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
+#                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and
+#                                                     under a 10 GiB cap (--weigh-cap-gib) the ladder must take
+#                                                     (no wheels needed); the first two rows' sensitivity digests
+#                                                     must be equal, the capped row's values close (its batches differ)
 # Carry for the GPU plans: .device-data/big .whl/big. More big_model.py plan arguments after the plan's name
 # (e.g. --peer-layers 8, --deadline-s 500). Results: $OUT/big_<plan>.jsonl, $OUT/big_<plan>.log, $OUT/stages.log.
 set -uo pipefail

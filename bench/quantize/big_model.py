@@ -6,6 +6,7 @@ max allocated inside the job, nvidia-smi's used memory sampled from outside) and
 
     python bench/quantize/big_model.py plan gptq --work /tmp/big --data .device-data/big --out $OUT/big.jsonl
     python bench/quantize/big_model.py plan exl2-70b ...          (bench/device/big_quantize.sh runs both on the GPU)
+    python bench/quantize/big_model.py plan weigh-70b ...         (EXL2's weighing pass alone on the 70B's layers)
     python bench/quantize/big_model.py plan gptq --tiny --work /tmp/big-tiny --data DIR --out rows.jsonl  (CPU)
 
 A plan is a list of stages run in order within --deadline-s (a stage gets what is left, up to its own limit; one
@@ -17,6 +18,9 @@ finished). Each stage is `big_model.py STAGE ...` in a child process, so its pea
                and --cap-gib (torch.cuda.set_per_process_memory_fraction) for the memory-cap runs
     gptqmodel  GPTQModel.load -> quantize -> save, 4-bit g128 sym (its defaults otherwise), qtool's windows
     exllamav2  ExLlamaV2's converter (python -m exllamav2.conversion.convert_exl2) on a parquet of the same text
+    weigh      qtool's EXL2 weighing pass alone (the first pass of quantize_model_exl2): where its every-layer
+               inputs waited (the estimate's weighing tier, or --activation-tier), the memory ladder's steps under
+               --cap-gib, and a digest of the sensitivities (equal digests, equal values)
 A run on the first N of L layers is extrapolated to L: the layers' own time x L/N plus the rest (load, calibration,
 write) scaled by L/N as well (load and write grow with the model); for a peer, which reports no per-layer time,
 its whole time x L/N. The ratio that compares tools is the one measured on the same truncated model.
@@ -511,6 +515,66 @@ def stage_gptqmodel(args) -> dict[str, Any]:
     }
 
 
+def stage_weigh(args) -> dict[str, Any]:
+    """EXL2's weighing pass as quantize_model_exl2 runs it first (the exl2 preset's calibration, the streamed float
+    model, the estimate's tier for the kept inputs, the memory ladder), without the measuring and quantizing
+    passes that follow: its time, the estimate beside the peaks, the ladder's log lines and the sensitivities'
+    digest (sha256 of every value's float.hex(), by name)."""
+    import logging
+
+    import torch
+
+    from qtool.checkpoints.sources import resolve_device, resolve_source
+    from qtool.config.schema import QUANTIZE_EXL2_PRESET, resolve_config
+    from qtool.data.text import calibration_windows
+    from qtool.models.architectures import resolve_layer_groups
+    from qtool.models.rules import ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory
+    from qtool.quant.activation_store import open_store
+    from qtool.quant.exl2_pipeline import _exl2_layout_check, weigh_linears
+    from qtool.quant.float_source import open_float_model
+    from qtool.quant.pipeline import split_quantizable
+
+    cap = apply_cap(args.cap_gib, args.device)
+    config, _ = resolve_config(QUANTIZE_EXL2_PRESET, {"output_format": "exl2", "calibration_source": args.calibration,
+                                                      "samples": args.samples, "seqlen": args.seqlen})
+    compute = resolve_device(args.device)
+    ladder_steps: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: ladder_steps.append(record.getMessage())
+    logging.getLogger("qtool.quant.memory_ladder").addHandler(handler)
+    began = time.perf_counter()
+    events: list[dict] = []
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        event = {"t": round(time.perf_counter() - began, 3), "done": done, "total": total, "detail": detail}
+        events.append(event)
+        emit("progress", event)
+
+    float_model = open_float_model(resolve_source(args.model), args.model)
+    model, spec = float_model.model, float_model.spec
+    layer_groups = [split_quantizable(resolve_layer_groups(model, index, spec), _exl2_layout_check)[0] for index in range(model.config.num_hidden_layers)]
+    # the run's own estimate (free memory as mem_get_info sees it: a --cap-gib cap is not in it, so the ladder meets it)
+    estimate = estimate_peak_memory(config, ModelStats.from_config(model.config), compute, streaming=float_model.streamed is not None,
+                                    tier=args.activation_tier, cpu_free_bytes=cpu_free_memory(), device_free_bytes=device_free_memory(compute))
+    windows = calibration_windows(float_model.tokenizer, args.calibration, args.samples, args.seqlen, config.calibration.seed)
+    loaded_s = time.perf_counter() - began
+    with open_store(estimate["weighing_tier"], compute, Path(args.output)) as store:
+        sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory, store=store,
+                                      progress=progress)
+    seconds = time.perf_counter() - began
+    digest = hashlib.sha256(json.dumps({name: float(value).hex() for name, value in sorted(sensitivities.items())}).encode()).hexdigest()
+    torch_peak = torch.cuda.max_memory_allocated(0) if args.device.startswith("cuda") else None
+    return {
+        "seconds": round(seconds, 2), "load_s": round(loaded_s, 2), "weighing_s": round(seconds - loaded_s, 2),
+        "weighing_tier": estimate["weighing_tier"], "linears": len(sensitivities), "sensitivity_digest": digest[:16],
+        "sensitivities": sensitivities,  # to compare rows whose digests differ (a GPU's kernels per batch shape)
+        "ladder_steps": ladder_steps, "gpu_peak_torch_gib": None if torch_peak is None else round(torch_peak / GIB, 3),
+        # the estimate of this pass alone (the run's figures are the larger of it and the later passes')
+        **{f"estimated_{pool}_gib": round(estimate["weighing_peaks"][f"{key}_bytes"] / GIB, 3) for pool, key in (("device", "device"), ("host", "cpu"), ("disk", "disk"))},
+        "estimate": estimate, "events": events, **cap,
+    }
+
+
 def write_calibration_parquet(text_file: Path, parquet: Path, rows: int = 64) -> None:
     """The calibration text as ExLlamaV2's converter reads it: a parquet file with a `text` column, whose rows it
     tokenizes one by one and joins until it has rows x length tokens, cut in order (not at random offsets). The
@@ -552,8 +616,8 @@ def stage_exllamav2(args) -> dict[str, Any]:
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
-PLANS = ("gptq", "exl2-70b", "exl2", "gptqmodel-7b")
-STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2}
+PLANS = ("gptq", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
+STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2, "weigh": stage_weigh}
 
 
 def run_stage(name: str, args) -> int:
@@ -589,7 +653,7 @@ class Step:
 
 
 def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites: dict[str, str], layers: dict[str, int],
-               qtool_sets: list[str] = ()) -> list[Step]:
+               qtool_sets: list[str] = (), weigh_cap: float = 10.0) -> list[Step]:
     """The two device calls' plans (and --tiny's CPU versions of both): model directories under `work`."""
     seven, seventy = ("tiny", "tiny-wide") if tiny else ("llama2-7b", "llama2-70b")
     samples, seqlen = (8, 64) if tiny else (128, 2048)
@@ -624,6 +688,14 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
         return Step(f"GPTQModel 4-bit g128 {shape} {n}L", "gptqmodel", argv, limit, site=sites.get("gptqmodel"), needs="gptqmodel",
                     model_layers=n, full_layers=SHAPES[shape].layers, shape=shape, min_s=60)
 
+    def weigh(shape: str, n: int, limit: float, cap: float | None = None, tier: str | None = None) -> Step:
+        argv = ["--model", str(model(shape, n)), "--output", str(work / f"out-weigh-{shape}-{n}L"), "--calibration", calibration,
+                "--samples", str(samples), "--seqlen", str(seqlen), "--device", device]
+        argv += ["--cap-gib", str(cap)] if cap else []
+        argv += ["--activation-tier", tier] if tier else []
+        label = f"qtool exl2 weighing pass {shape} {n}L" + (f" cap {cap:g} GiB" if cap else "") + (f" tier {tier}" if tier else "")
+        return Step(label, "weigh", argv, limit, model_layers=n, full_layers=SHAPES[shape].layers, shape=shape)
+
     def exllamav2(shape: str, n: int, limit: float) -> Step:
         argv = ["--model", str(model(shape, n)), "--output", str(work / f"out-exllamav2-{shape}-{n}L"), "--calibration", calibration,
                 "--samples", str(samples), "--seqlen", str(seqlen), "--bpw", "4.0"]
@@ -644,6 +716,11 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
     if name == "exl2":
         # the EXL2 pair alone, with room (when exl2-70b cut it short)
         return [write(seven, n_exl2, 60), qtool(seven, n_exl2, "exl2", 300), exllamav2(seven, n_exl2, 300)]
+    if name == "weigh-70b":
+        # issue 26's weighing pass on the 70B's layers: as planned under an 80 GiB cap, its inputs forced to disk,
+        # then a cap its planned tier does not fit (the estimate cannot see a cap: the ladder takes over)
+        return [write(seventy, n_70, 90), weigh(seventy, n_70, 120, cap=80.0), weigh(seventy, n_70, 120, cap=80.0, tier="disk"),
+                weigh(seventy, n_70, 150, cap=weigh_cap)]
     if name == "gptqmodel-7b":
         # GPTQModel on the whole 7B, alone in a call (its time on the 7B's first layers is in plan gptq)
         return [write(seven, full7, 120), gptqmodel(seven, full7, 540)]
@@ -689,7 +766,7 @@ def run_plan(args) -> int:
     device = "cpu" if args.tiny else args.device
     sites = {name: value for name, value in (("gptqmodel", args.gptqmodel_site), ("exllamav2", args.exllamav2_site)) if value}
     layers = {"peer": args.peer_layers, "exl2": args.exl2_layers, "70b": args.layers_70b}
-    steps = plan_steps(args.plan, work, data, args.tiny, device, sites, layers, args.qtool_set)
+    steps = plan_steps(args.plan, work, data, args.tiny, device, sites, layers, args.qtool_set, args.weigh_cap_gib)
     if args.only:
         steps = [s for s in steps if any(word in s.row for word in args.only)]
     deadline = time.monotonic() + args.deadline_s
@@ -769,6 +846,8 @@ def markdown_table(rows: list[dict]) -> str:
             note = f"timed out after {r.get('limit_s')} s ({r.get('layers_timed', 0)} layers finished; last: {r.get('last_progress', '-')})"
         if r.get("bits_per_weight"):
             note = (note + f" {r['bits_per_weight']:.3f} bpw").strip()
+        if r.get("sensitivity_digest"):
+            note = (note + f" inputs: {r['weighing_tier']}; {len(r['ladder_steps'])} ladder steps; sensitivities {r['sensitivity_digest']}").strip()
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else ""
         model = f"{r['shape']}, {r['layers']} of {r['full_layers']} layers" if r.get("shape") else ""
         whole = r.get("extrapolated_s", f"*{r['projected_s']}*" if "projected_s" in r else "")
@@ -804,6 +883,7 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--exllamav2-site", default=None, help="a folder ExLlamaV2's wheel was installed into")
     plan.add_argument("--qtool-set", action="append", default=[], help="FIELD=VALUE for every qtool stage (e.g. compute_dtype=bfloat16)")
     plan.add_argument("--only", nargs="*", default=None, help="only the steps whose row name contains one of these words")
+    plan.add_argument("--weigh-cap-gib", type=float, default=10.0, help="weigh-70b: the cap of its last stage (below what its plan needs)")
 
     write = sub.add_parser("write")
     write.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -813,7 +893,7 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--device", default="cuda")
     write.add_argument("--seed", type=int, default=0)
 
-    for name in ("qtool", "gptqmodel", "exllamav2"):
+    for name in ("qtool", "gptqmodel", "exllamav2", "weigh"):
         s = sub.add_parser(name)
         s.add_argument("--model", required=True)
         s.add_argument("--output", required=True)
@@ -826,6 +906,9 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--bpw", type=float, default=4.0)
             s.add_argument("--cap-gib", type=float, default=None)
             s.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable)")
+        if name == "weigh":
+            s.add_argument("--cap-gib", type=float, default=None)
+            s.add_argument("--activation-tier", choices=["device", "host", "disk"], default=None, help="default: the estimate's plan")
         if name == "gptqmodel":
             s.add_argument("--batch-size", type=int, default=1)
         if name == "exllamav2":

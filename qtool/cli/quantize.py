@@ -53,7 +53,8 @@ def memory_rows(memory: dict) -> list[tuple[str, str]]:
     estimate = memory["estimate"]
     return [("host memory", f"peak {memory['peak_host_bytes'] / 2**30:.2f} GiB (estimated {estimate['cpu_bytes'] / 2**30:.2f} GiB), weights "
                             + ("streamed layer by layer" if estimate["streaming"] else "loaded whole")
-                            + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)"))]
+                            + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")
+                            + (f", the weighing pass's layer inputs {ACTIVATION_PLACES[estimate['weighing_tier']]}" if estimate.get("weighing_tier") else ""))]
 
 
 def printing_estimate(update: Callable[..., None], enabled: bool) -> Callable[..., None]:

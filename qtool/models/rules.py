@@ -36,6 +36,10 @@ ACTIVATION_TIERS = ("device", "host", "disk")
 # back, keeping each layer's inputs for them and their loss gradients in host memory.
 SENSITIVITY_WINDOWS = 32
 WEIGHING_LOGIT_COPIES = 3
+# Quantizing the head (EXL2's head_bits) holds, besides its weights, about this many float32 copies of them: the
+# solver's transposed and permuted rows, the rows it updates, the codes, the dequantized result and the error's
+# difference (quant/exl2_solver.py).
+HEAD_SOLVE_COPIES = 5
 FLOAT32_BYTES = 4
 # MLPs of these families have two matrices (up, down); the others (Llama, Mistral, Qwen...) are gated: three.
 UNGATED_MLP_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "starcoder2", "gpt_bigcode")
@@ -192,16 +196,20 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     compute device with the replay, there without it (each pass recomputes the layer instead), in host memory
     with, then without the replay, and last on disk (host memory then holds the outputs being built).
 
-    EXL2 (config.output_format) has no replay; with `weighing` (its linears weighed in this run, not taken from a
-    given measurement) its weighing pass holds every layer's inputs and their gradients for up to
-    SENSITIVITY_WINDOWS windows, and one window's logits through the head, in host memory (with the disk plan, every layer's inputs on disk: host memory keeps
-    the gradients and the inputs being built), before the activations of the later passes exist: the host peak is
-    the larger of the two.
+    EXL2 (config.output_format) has no replay. With `weighing` (its linears weighed in this run, not taken from a
+    given measurement) its weighing pass runs first and holds, for up to SENSITIVITY_WINDOWS windows, every
+    layer's inputs, the last layer's outputs and the windows' loss gradients, and while at the head its weights
+    and one window's logits where the work runs. Those inputs go to a tier of their own (`weighing_tier`), the
+    first of the same ones that fits the free memory given: on the compute device, in host memory, on disk (host
+    memory then holds the gradients). The head quantized (config.head_bits) holds its weights and the solve's
+    copies of them where the work runs. The passes come one after the other: each pool's peak is the larger one.
 
     With several processes (`--nproc`) the figures are one process's (its share of the samples; device_bytes per
-    GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps to the plans of that tier.
-    Returns the components, the plan (`activation_tier`, `replay`) and cpu_bytes, device_bytes and disk_bytes."""
+    GPU) except cpu_bytes, the host's total. `tier` (one of ACTIVATION_TIERS) keeps every pass to that tier.
+    Returns the components, the plan (`activation_tier`, `replay`, `weighing_tier`: None without a weighing pass),
+    cpu_bytes, device_bytes and disk_bytes, and the weighing pass's own three (`weighing_peaks`, None without it)."""
     device = torch.device(device)
+    on_gpu = device.type != "cpu"
     exl2 = config.output_format == "exl2"
     samples, seqlen = math.ceil(config.calibration.samples / processes), config.calibration.seqlen
     tokens = samples * seqlen
@@ -209,42 +217,65 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     outside_layers = (stats.params - stats.layers * stats.layer_params) * FLOAT32_BYTES
     components = {
         "weights": outside_layers + 2 * layer if streaming else stats.params * FLOAT32_BYTES,
-        "layer": layer if device.type != "cpu" else 0,  # on the CPU it is in weights
+        "layer": layer if on_gpu else 0,  # on the CPU it is in weights
         "activations": tokens * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES,
         "recordings": 0 if exl2 else tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         # one sample through the layer: MLP intermediates and the attention scores
         "forward_scratch": seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
     }
-    if exl2:  # every layer's inputs (and the last layer's outputs) plus one gradient per window
-        windows = min(config.calibration.samples, SENSITIVITY_WINDOWS) if weighing else 0
+    windows = min(config.calibration.samples, SENSITIVITY_WINDOWS) if exl2 and weighing else 0
+    if exl2:
+        # every layer's inputs and the last layer's outputs, plus one gradient per window
         components["weighing"] = windows * seqlen * stats.hidden * FLOAT32_BYTES * (stats.layers + 2)
         # one window at a time through the head: its logits, their log-softmax and its gradient
         components["weighing_head"] = seqlen * stats.vocab * FLOAT32_BYTES * WEIGHING_LOGIT_COPIES if windows else 0
+        head = stats.vocab * stats.hidden * FLOAT32_BYTES
+        # the head's weights where the work runs (on the CPU they are in weights), for its gradients or its quantization
+        components["head"] = head if on_gpu and (windows or config.head_bits) else 0
+        components["head_quantization"] = (head * HEAD_SOLVE_COPIES + stats.hidden**2 * FLOAT32_BYTES * HESSIAN_COPIES) if config.head_bits else 0
     work = components["layer"] + components["hessians"] + components["forward_scratch"]
-    on_gpu = device.type != "cpu"
+
+    def fits(host: int, device_bytes: int) -> bool:
+        return ((device_free_bytes is None or device_bytes <= device_free_bytes)
+                and (cpu_free_bytes is None or (components["weights"] + host) * processes <= cpu_free_bytes))
+
+    def allowed(candidate: str) -> bool:  # on the CPU the compute device is host memory
+        return tier is None or candidate == (tier if on_gpu or tier != "device" else "host")
+
+    tiers = [t for t in (("device",) if on_gpu else ()) + ("host", "disk") if allowed(t)]
+    # the measuring and quantizing passes (GPTQ's one pass): (tier, replay) -> host, device, disk bytes
     replays = (False,) if exl2 else (True, False)
-    plans = [("device", replay) for replay in replays] if on_gpu else []
-    plans += [("host", replay) for replay in replays] + [("disk", False)]
-    if tier is not None:  # on the CPU the compute device is host memory
-        plans = [plan for plan in plans if plan[0] == (tier if on_gpu or tier != "device" else "host")]
-    for tier, replay in plans:
+    plans = [(t, replay) for t in tiers for replay in (replays if t != "disk" else (False,))]
+    head_work = (components["head"] + components["head_quantization"]) if exl2 and config.head_bits else 0
+    for plan_tier, replay in plans:
         held = components["activations"] + (components["recordings"] if replay else 0)
-        if tier == "disk":
+        if plan_tier == "disk":
             held = components["activations"] // ACTIVATION_COPIES  # the outputs of the layer being quantized
-        device_bytes = work + (held if tier == "device" else 0) if on_gpu else 0
-        on_host = 0 if tier == "device" else held
-        weighing = components.get("weighing", 0)
-        weighing_on_disk = weighing * stats.layers // (stats.layers + 2) if tier == "disk" else 0  # all but the gradients and the layer at work
-        weighing_host = weighing - weighing_on_disk + (0 if on_gpu else components.get("weighing_head", 0))
-        cpu_bytes = components["weights"] + (0 if on_gpu else work) + max(on_host, weighing_host)
-        plan = {"activation_tier": tier, "replay": replay, "cpu_bytes": cpu_bytes * processes, "device_bytes": device_bytes,
-                "disk_bytes": (max(components["activations"], weighing_on_disk)) * processes if tier == "disk" else 0}
-        fits_device = device_free_bytes is None or device_bytes <= device_free_bytes
-        fits_host = cpu_free_bytes is None or plan["cpu_bytes"] <= cpu_free_bytes
-        if fits_device and fits_host:
+        passes_device = max(work, head_work) + (held if plan_tier == "device" else 0) if on_gpu else 0
+        passes_host = (0 if plan_tier == "device" else held) + (0 if on_gpu else max(work, head_work))
+        passes_disk = components["activations"] if plan_tier == "disk" else 0
+        if fits(passes_host, passes_device):
             break
-    return {"device": str(device), "components": components, "streaming": streaming, "samples": samples, **plan}
+
+    # the weighing pass: its tier -> host, device, disk bytes
+    weighing_tier, weighing_host, weighing_device, weighing_disk = None, 0, 0, 0
+    if windows:
+        window_bytes = windows * seqlen * stats.hidden * FLOAT32_BYTES
+        head_visit = components["head"] + components["weighing_head"]
+        for weighing_tier in tiers:
+            weighing_disk = window_bytes * (stats.layers + 1) if weighing_tier == "disk" else 0  # all but the gradients
+            kept = components["weighing"] - weighing_disk
+            weighing_device = max(work, head_visit) + (kept if weighing_tier == "device" else 0) if on_gpu else 0
+            weighing_host = (0 if weighing_tier == "device" else kept) + (0 if on_gpu else work + components["weighing_head"])
+            if fits(weighing_host, weighing_device):
+                break
+    # the weighing pass's own peaks (the figures above are the larger of them and the later passes')
+    weighing_peaks = {"cpu_bytes": components["weights"] + weighing_host, "device_bytes": weighing_device, "disk_bytes": weighing_disk} if windows else None
+    return {"device": str(device), "components": components, "streaming": streaming, "samples": samples, "activation_tier": plan_tier,
+            "replay": replay, "weighing_tier": weighing_tier, "weighing_peaks": weighing_peaks,
+            "cpu_bytes": (components["weights"] + max(passes_host, weighing_host)) * processes,
+            "device_bytes": max(passes_device, weighing_device), "disk_bytes": max(passes_disk, weighing_disk) * processes}
 
 
 def cpu_free_memory() -> int | None:
@@ -343,7 +374,9 @@ def validate_for_hardware(
                 fix,
             ))
         else:
-            where = {"device": f"on {device}", "host": "in host memory", "disk": "on disk"}[estimate["activation_tier"]]
+            places = {"device": f"on {device}", "host": "in host memory", "disk": "on disk"}
+            weighing_place = f"; the weighing pass's layer inputs {places[estimate['weighing_tier']]}" if estimate["weighing_tier"] else ""
             found.append(info(f"memory ({pool})", f"estimated peak {format_bytes(needed)} of {format_bytes(free)} free "
-                                                  f"(activations {where}{'' if estimate['replay'] else ', no replay'})"))
+                                                  f"(activations {places[estimate['activation_tier']]}{'' if estimate['replay'] else ', no replay'}"
+                                                  f"{weighing_place})"))
     return found

@@ -12,9 +12,11 @@ arguments continues from the last saved step and writes the bytes an uninterrupt
 
 Memory is handled as in the GPTQ pipeline (quant/pipeline.py), with the same pieces: the float weights streamed
 from the model's files a layer at a time for each pass (quant/float_source.py), the calibration activations kept
-where the memory estimate's plan says (quant/activation_store.py; the weighing pass's per-layer inputs too, on
-disk), the estimate reported before the first pass and the peaks returned, a layer that runs out of GPU memory
-redone down the ladder (quant/memory_ladder.py), and the checkpoint written shard by shard from the saved steps."""
+where the memory estimate's plan says (quant/activation_store.py; the weighing pass's every-layer inputs in a
+store of their own, on the tier the plan picks for them), the estimate reported before the first pass and the
+peaks returned, a layer's work (weighing, measuring, quantizing) and the head's (its loss gradients, its
+quantization) that run out of GPU memory redone down the ladder (quant/memory_ladder.py), and the checkpoint
+written shard by shard from the saved steps."""
 
 from __future__ import annotations
 
@@ -58,10 +60,10 @@ from qtool.quant.exl2_optimize import (
 )
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
-from qtool.quant.sensitivity import KeepInputs, LayerWeights, linear_sensitivities
-from qtool.quant.activation_store import open_store
+from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
+from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.float_source import open_float_model
-from qtool.quant.memory_ladder import Rung, climb_down, ladder
+from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.pipeline import (check_activation_tier, check_against_model, estimate_line, peak_host_memory_bytes, peak_memory_bytes, source_identity,
                                   source_inputs, split_quantizable)
 from qtool.quant.work_state import SavedWeights, WorkState, job_fingerprint
@@ -204,12 +206,12 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
 
 def weigh_linears(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.Linear]]]], windows: list[torch.Tensor],
                   device: torch.device, count: int = SENSITIVITY_WINDOWS, layer_weights: LayerWeights | None = None,
-                  keep_inputs: KeepInputs | None = None) -> dict[str, float]:
+                  store: ActivationStore | None = None, progress: Progress | None = None) -> dict[str, float]:
     """Each quantizable linear's sensitivity from the first `count` calibration windows, one layer at a time on
-    `device`, every layer's inputs kept on the CPU or by `keep_inputs` (quant/sensitivity.py); `layer_weights`
+    `device`, every layer's inputs kept by `store` (default: host memory; quant/sensitivity.py); `layer_weights`
     reads a streamed model's layer for each visit."""
     names = {name for groups in layer_groups for group in groups for name, _ in group}
-    return linear_sensitivities(model, windows[:count], names=names, device=device, layer_weights=layer_weights, keep_inputs=keep_inputs)
+    return linear_sensitivities(model, windows[:count], names=names, device=device, layer_weights=layer_weights, store=store, progress=progress)
 
 
 # ---- the saved steps: sensitivities and measurements as JSON metadata, EXL2 weights as tensors ----
@@ -251,17 +253,24 @@ def _weights_of_step(tensors: dict[str, torch.Tensor], metadata: dict[str, str])
 
 
 def _quantize_head(model: nn.Module, inputs: LayerInputs, head_bits: int, device: torch.device, refine: bool = False) -> tuple[str, Exl2Weight, float]:
+    """The head quantized on `device` from the Hessian of its inputs (the final norm's outputs); the norm and head
+    weights are left where they were, the result is on the CPU."""
     spec = get_architecture(model)
     norm, head = get_module(model, spec.norm_path), get_module(model, spec.head_path)
     accumulator = HessianAccumulator(head.in_features, device=device)
+    home = norm.weight.device
     norm.to(device)
-    with torch.no_grad():
-        for hidden in inputs.hidden_states:
-            accumulator.add_batch(norm(hidden.to(device)))
-    norm.to("cpu")
+    try:
+        with torch.no_grad():
+            for hidden in inputs.hidden_states:
+                accumulator.add_batch(norm(hidden.to(device)))
+    finally:
+        norm.to(home)
     bits, sizes = HEAD_CANDIDATES[head_bits].layout(head.in_features)
-    result = exl2_quantize(head.weight.data, accumulator.hessian, bits, sizes, refine=refine)
-    return spec.head_path, result.weight, result.error
+    result = exl2_quantize(head.weight.data.to(device), accumulator.hessian, bits, sizes, refine=refine)
+    weight = result.weight
+    cpu_weight = dataclasses.replace(weight, codes=weight.codes.cpu(), qscale=weight.qscale.cpu(), scale_max=weight.scale_max.cpu(), perm=weight.perm.cpu())
+    return spec.head_path, cpu_weight, result.error
 
 
 def _plan_for_vram(model: nn.Module, layer_groups: list[list[list[tuple[str, nn.Linear]]]], config: QuantConfig) -> VramPlan:
@@ -400,16 +409,19 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     with open_store(estimate["activation_tier"], compute, output) as store:
         if weigh_steps and resumed_from == 0:
             report(0, total_steps, "weighing the linears (forward and backward passes)")
-            # every layer's inputs wait for the backward pass: in host memory, or on disk where the plan puts activations there
-            sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory,
-                                          keep_inputs=store.store if store.tier == "disk" else None)
+            # every layer's inputs wait for the backward pass, in a store of their own on the tier the plan picked
+            # for them (its folder on disk removed when the pass is done)
+            with open_store(estimate["weighing_tier"], compute, output) as weighing_store:
+                sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory,
+                                              store=weighing_store, progress=lambda done, total, detail="": report(0, total_steps, detail))
             state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])
+            give_back_freed_memory()  # every layer's inputs
 
         def first_inputs() -> LayerInputs:
             """Layer 0's inputs, as the store keeps them (captured again for the second pass rather than held through
             the first: the embeddings give the same values)."""
             captured = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
-            return LayerInputs(0, run.store.store(captured.hidden_states), captured.calls)
+            return LayerInputs(0, run.keep(captured.hidden_states), captured.calls)
 
         report(weigh_steps, total_steps, "capturing calibration inputs")
         run = _LayerRun(store, compute)
@@ -417,7 +429,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
         if resumed_from not in (0, first_measure, first_quantize):  # the saved hidden states feed the next step
             log.info("resuming %s after step %d of %d", output, resumed_from, total_steps)
             layer = resumed_from - first_measure if resumed_from < first_quantize else resumed_from - first_quantize
-            run.inputs = LayerInputs(layer, store.store(state.load_hidden()), run.inputs.calls)
+            run.inputs = LayerInputs(layer, run.keep(state.load_hidden()), run.inputs.calls)
         for step in range(max(resumed_from, first_measure), first_quantize):
             index = step - first_measure
             what = f"measuring layer {index + 1}/{num_layers}"
@@ -472,8 +484,12 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
             raise QtoolError(f"no linear of {model_spec} can be stored in EXL2", "EXL2 needs input widths that are multiples of 32")
         head: dict[str, Exl2Weight] = {}
         if config.head_bits:
-            report(total_steps, total_steps, "quantizing the head")
-            name, weight, error = _quantize_head(model, run.inputs, config.head_bits, compute, refine=config.refine_scales)
+            what = "quantizing the head"
+            report(total_steps, total_steps, what)
+            # down the ladder as a layer is, less the rung of smaller batches (the head's Hessian is taken a window
+            # at a time already); its weights are not changed, so there is nothing to restore but the norm's place
+            name, weight, error = run.climb(what, lambda rung, inputs: _quantize_head(model, inputs, config.head_bits, rung.compute,
+                                                                                      refine=config.refine_scales), restore=lambda: None, batched=False)
             head[name], errors[name] = weight, error
     report(total_steps, total_steps, "writing checkpoint")
     meta = {"model": str(model_spec), "calibration": asdict(calibration)}
@@ -514,23 +530,21 @@ class _LayerRun:
     memory ladder: out of GPU memory inside a layer, the layer is redone on the next rung, and the run stays there
     (activations moved to host memory for good when the rung says so)."""
 
-    def __init__(self, store, compute: torch.device):
-        self.store, self.compute = store, compute
+    def __init__(self, store: ActivationStore, compute: torch.device):
         self.inputs: LayerInputs | None = None
-        self.rungs = ladder(compute, store.device)
-        self.rung_index = 0
+        self.ladder = LadderRun(store, compute, self._rehome)
 
-    def climb(self, what: str, work: Callable[[Rung, LayerInputs], Any], restore: Callable[[], None]) -> Any:
-        def attempt(rung: Rung) -> Any:
-            if rung.storage != self.store.device:
-                self.store = open_store("host", self.compute)
-                self.inputs = LayerInputs(self.inputs.layer_index, self.store.store(self.inputs.hidden_states), self.inputs.calls)
-            return work(rung, self.inputs)
+    @property
+    def store(self) -> ActivationStore:
+        return self.ladder.store
 
-        result, self.rung_index = climb_down(self.rungs, self.rung_index, attempt, restore, what)
-        return result
+    def _rehome(self, store: ActivationStore) -> None:
+        self.inputs = LayerInputs(self.inputs.layer_index, store.store(self.inputs.hidden_states), self.inputs.calls)
 
-    def keep(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def climb(self, what: str, work: Callable[[Rung, LayerInputs], Any], restore: Callable[[], None], batched: bool = True) -> Any:
+        return self.ladder.climb(what, lambda rung: work(rung, self.inputs), restore, batched)
+
+    def keep(self, outputs) -> list[torch.Tensor]:
         """A layer's outputs as the store keeps them."""
         return list(self.store.store(outputs))
 

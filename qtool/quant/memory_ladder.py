@@ -4,7 +4,10 @@ step logged. The Hessians are sums of per-sample products taken in sample order 
 does not enter them; moving the activations to the host changes no value. What remains is the layer's forward:
 where a sample's output does not depend on the batch it ran in (so on the CPU, tested byte for byte) the redone
 layer is the unconstrained one; a GPU library may choose another kernel for another batch shape and differ in
-the last bits; the last rung (the CPU) computes on other hardware."""
+the last bits; the last rung (the CPU) computes on other hardware.
+
+`LadderRun` is one pass's place on the ladder (GPTQ's pass, EXL2's weighing, measuring and quantizing passes and
+its head go through it): the rung it stands on and the store that keeps its activations."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Callable, TypeVar
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.quant.activation_store import ActivationStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +64,32 @@ def climb_down(rungs: list[Rung], start: int, attempt: Callable[[Rung], T], rest
                                  "use fewer --samples or a shorter --seqlen, or a device with more memory") from exc
             log.warning("%s: out of GPU memory %s; redoing it %s", what, rungs[index].name, rungs[index + 1].name)
     raise AssertionError("unreachable: the last rung either returns or raises")
+
+
+class LadderRun:
+    """Where one pass stands on the ladder, and the store that keeps its activations. Out of GPU memory, the work
+    is redone on the next rung and the pass stays there for the rest of its work. A rung that keeps the
+    activations in host memory replaces the store with a host store for good; `rehome(store)` then moves what the
+    pass holds into it (the pass knows what that is: one layer's inputs, or every layer's for the weighing pass)."""
+
+    def __init__(self, store: ActivationStore, compute: torch.device, rehome: Callable[[ActivationStore], None]):
+        self.store, self.compute = store, torch.device(compute)
+        self.rungs = ladder(self.compute, store.device)
+        self.index = 0
+        self._rehome = rehome
+
+    def climb(self, what: str, work: Callable[[Rung], T], restore: Callable[[], None], batched: bool = True) -> T:
+        """`work(rung)` from the pass's rung down until it fits (climb_down). Work that runs no batches of samples
+        (`batched` False) skips the rungs that only change the batching: they would redo it unchanged."""
+        candidates = [self.index] + [i for i in range(self.index + 1, len(self.rungs))
+                                     if batched or (self.rungs[i].storage, self.rungs[i].compute) != (self.rungs[i - 1].storage, self.rungs[i - 1].compute)]
+
+        def attempt(rung: Rung) -> T:
+            if rung.storage != self.store.device:
+                self.store = open_store("host", self.compute)
+                self._rehome(self.store)
+            return work(rung)
+
+        result, reached = climb_down([self.rungs[i] for i in candidates], 0, attempt, restore, what)
+        self.index = candidates[reached]
+        return result

@@ -32,7 +32,8 @@ from qtool.data.text import calibration_windows
 from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
 from qtool.quant.activation_store import open_store
 from qtool.quant.float_source import FloatModel, open_float_model
-from qtool.quant.memory_ladder import Rung, climb_down, ladder
+from qtool.quant.activation_store import ActivationStore
+from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -126,9 +127,11 @@ def estimate_line(estimate: dict[str, Any], compute: torch.device) -> str:
         pools.append(f"{compute} {format_bytes(estimate['device_bytes'])}")
     if estimate["disk_bytes"]:
         pools.append(f"disk {format_bytes(estimate['disk_bytes'])}")
-    where = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}[estimate["activation_tier"]]
+    places = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}
+    weighing = estimate.get("weighing_tier")
     return (f"{ESTIMATE_DETAIL}: {', '.join(pools)}; weights {'streamed layer by layer' if estimate['streaming'] else 'loaded whole'}, "
-            f"activations {where}" + ("" if estimate["replay"] else " (no replay)"))
+            f"activations {places[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")
+            + (f", the weighing pass's layer inputs {places[weighing]}" if weighing else ""))
 
 
 def split_quantizable(
@@ -414,16 +417,20 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
         sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
         inputs, mine, shares = _rank_inputs(inputs, collective)
-        storage = store.device
         inputs = LayerInputs(inputs.layer_index, store.store(inputs.hidden_states), inputs.calls)
         collective.barrier()  # every process has read the saved state before rank 0 moves it on
 
         skipped: dict[str, str] = {}
         modules: list[ModuleReport] = []
+        def rehome(host: ActivationStore) -> None:  # from here on the activations stay in host memory
+            nonlocal inputs
+            inputs = LayerInputs(inputs.layer_index, host.store(inputs.hidden_states), inputs.calls)
+
         # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
         # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
-        rungs = ladder(compute, storage) if collective.world_size == 1 else ladder(compute, storage)[:1]
-        rung_index = 0
+        run = LadderRun(store, compute, rehome)
+        if collective.world_size > 1:
+            run.rungs = run.rungs[:1]
         for index in range(num_layers):
             prefix = f"{spec.layers_path}.{index}."
             groups, layer_skipped = split_quantizable(resolve_layer_groups(model, index, spec), gptq_layout_check(config))
@@ -435,11 +442,6 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
             def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
-                nonlocal inputs, storage, store
-                if rung.storage != storage:  # from here on the activations stay where this rung keeps them (host memory)
-                    store = open_store("host", compute)
-                    inputs = LayerInputs(inputs.layer_index, store.store(inputs.hidden_states), inputs.calls)
-                    storage = store.device
                 layer = layers[index].to(rung.compute)
                 layer_inputs = inputs
                 batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
@@ -455,7 +457,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
                 if shared is not None and index == 0 and rung.compute == compute:
                     float_hessians = shared.hessians_for(job_fingerprint({"calibration": calibration_key, "compute_dtype": compute_dtype, "device": compute.type}))
                 layer_quantized, layer_reports, batch_outputs = quantize_layer(
-                    layer, _relative(groups, prefix), len(batches), run_batch, config, storage, on_group=on_group,
+                    layer, _relative(groups, prefix), len(batches), run_batch, config, run.store.device, on_group=on_group,
                     output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
                     replay=estimate["replay"],
                 )
@@ -466,18 +468,17 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
                 layers[index].load_state_dict(original)
                 layers[index].to("cpu")
 
-            (layer, layer_quantized, layer_reports, outputs), rung_index = climb_down(
-                rungs, rung_index, attempt, restore, f"layer {index + 1}/{num_layers}")
+            layer, layer_quantized, layer_reports, outputs = run.climb(f"layer {index + 1}/{num_layers}", attempt, restore)
             layers[index] = layer.to("cpu")
             for module_report in layer_reports:
                 module_report.name = prefix + module_report.name
                 log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)
             modules.extend(layer_reports)
-            next_hidden = list(store.store(outputs))
+            next_hidden = list(run.store.store(outputs))
             del outputs
             # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's.
             dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
-            every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, storage)
+            every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, run.store.device)
             if state is not None:
                 # After every layer: any interruption loses at most the layer in progress.
                 state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)

@@ -176,6 +176,24 @@ def test_the_ratio_is_qtools_time_over_the_peers_on_the_same_model(bench):
     assert f"**{mine / peer:.3f}**" in table and "no time left" in table and "24 GiB" in table
 
 
+def test_the_weighing_stage_gives_the_same_sensitivities_on_each_tier(bench, tokenizer_dir, tmp_path, make_calibration_text):
+    shape = bench.Shape(hidden=128, intermediate=160, layers=2, heads=4, kv_heads=2, max_positions=256)
+    bench.write_model(shape, 2, tokenizer_dir, tmp_path / "model", "cpu", seed=random.randrange(1 << 30))
+    calibration = make_calibration_text(tmp_path / "calibration.txt")
+    rows = {}
+    for tier in (None, "disk"):
+        argv = ["weigh", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "out"), "--calibration", str(calibration),
+                "--samples", "3", "--seqlen", "24", "--device", "cpu"] + (["--activation-tier", tier] if tier else [])
+        rows[tier] = bench.stage_weigh(bench.parser().parse_args(argv))
+    assert rows[None]["weighing_tier"] == "host" and rows["disk"]["weighing_tier"] == "disk"  # the plan's, then the one asked for
+    assert rows[None]["linears"] == 7 * 2 and rows[None]["sensitivity_digest"] == rows["disk"]["sensitivity_digest"]
+    assert rows[None]["ladder_steps"] == [] and rows["disk"]["estimate"]["weighing_peaks"]["disk_bytes"] > 0 and not list(tmp_path.glob(".out.activations-*"))
+    assert [e["detail"] for e in rows[None]["events"]][-1] == "weighing: done"
+    table = bench.markdown_table([{"row": "qtool exl2 weighing pass tiny 2L", "stage": "weigh", "shape": "tiny", "layers": 2, "full_layers": 6,
+                                   **rows["disk"]}])
+    assert f"inputs: disk; 0 ladder steps; sensitivities {rows['disk']['sensitivity_digest']}" in table
+
+
 @pytest.mark.slow
 def test_the_tiny_plan_runs_every_stage_on_the_cpu(bench, tokenizer_dir, tmp_path):
     data = tmp_path / "data"

@@ -94,3 +94,69 @@ def test_several_processes_split_the_samples_and_each_holds_the_weights():
     two = estimate_peak_memory(config(samples=37), stats, torch.device("cuda"), processes=2, streaming=True)
     one = estimate_peak_memory(config(samples=19), stats, torch.device("cuda"), streaming=True)
     assert two["device_bytes"] == one["device_bytes"] and two["cpu_bytes"] == 2 * one["cpu_bytes"]
+
+
+def exl2(samples: int = 37, seqlen: int = 211, head_bits: int = 0) -> QuantConfig:
+    return replace(config(samples, seqlen), output_format="exl2", bpw=4.0, head_bits=head_bits)
+
+
+def test_the_weighing_pass_takes_the_first_tier_that_fits_on_its_own():
+    stats, job = replace(llama_like(), vocab=5003), exl2()
+    gptq = estimate_peak_memory(config(), stats, "cuda")
+    assert gptq["weighing_tier"] is None and gptq["weighing_peaks"] is None  # GPTQ has no weighing pass
+    # 32 windows (of the 37 samples): every layer's inputs, the last layer's outputs and the gradients
+    window_bytes = 32 * 211 * 320 * 4
+    work = stats.layer_params * 4 + 864 * 864 * 4 * 4 + 211 * max(2 * 864, 5 * 211) * 4
+    at_head = 5003 * 320 * 4 + 211 * 5003 * 4 * 3  # the head's weights, one window's logits (three copies)
+    passes = work + 37 * 211 * 320 * 4 * 2  # a layer's inputs and outputs on the GPU
+    weights = estimate_peak_memory(job, stats, "cuda", streaming=True)["components"]["weights"]
+
+    roomy = estimate_peak_memory(job, stats, "cuda", streaming=True)
+    assert roomy["components"]["weighing"] == window_bytes * 9
+    assert (roomy["activation_tier"], roomy["weighing_tier"]) == ("device", "device")
+    assert roomy["device_bytes"] == max(work, at_head) + window_bytes * 9 > passes and roomy["cpu_bytes"] == weights
+    # a GPU with room for the passes only: the weighing pass's inputs wait in host memory, the passes stay
+    gpu = estimate_peak_memory(job, stats, "cuda", streaming=True, device_free_bytes=passes)
+    assert (gpu["activation_tier"], gpu["weighing_tier"]) == ("device", "host")
+    assert gpu["device_bytes"] == passes and gpu["cpu_bytes"] == weights + window_bytes * 9
+    # and a host without room for them: on disk, all but the gradients
+    both = estimate_peak_memory(job, stats, "cuda", streaming=True, device_free_bytes=passes, cpu_free_bytes=weights + window_bytes)
+    assert (both["activation_tier"], both["weighing_tier"]) == ("device", "disk")
+    assert both["disk_bytes"] == window_bytes * 8 and both["cpu_bytes"] == weights + window_bytes
+    # the pass's own peaks, beside the run's
+    assert roomy["weighing_peaks"] == {"cpu_bytes": weights, "device_bytes": roomy["device_bytes"], "disk_bytes": 0}
+    assert both["weighing_peaks"] == {"cpu_bytes": weights + window_bytes, "device_bytes": max(work, at_head), "disk_bytes": window_bytes * 8}
+    (fits,) = [f for f in validate_for_hardware(job, stats, "cuda", cpu_free_bytes=weights + window_bytes, device_free_bytes=passes,
+                                                streaming=True) if f.where == "memory (cpu)"]
+    assert fits.level is Level.INFO and fits.message.endswith("the weighing pass's layer inputs on disk)")
+    # a tier asked for holds for both
+    host = estimate_peak_memory(job, stats, "cuda", streaming=True, tier="host")
+    assert (host["activation_tier"], host["weighing_tier"]) == ("host", "host")
+
+
+def test_a_quantized_head_counts_its_solve_where_it_runs():
+    stats = replace(llama_like(), vocab=5003)
+    plain, quantized = (estimate_peak_memory(exl2(head_bits=bits), stats, "cuda", weighing=False) for bits in (0, 6))
+    head = 5003 * 320 * 4
+    assert plain["components"]["head"] == 0 and quantized["components"]["head"] == head
+    assert quantized["components"]["head_quantization"] == head * 5 + 320 * 320 * 4 * 4
+    assert quantized["device_bytes"] - plain["device_bytes"] == head * 6 + 320 * 320 * 4 * 4 - (stats.layer_params * 4 + 864 * 864 * 4 * 4
+                                                                                                 + 211 * max(2 * 864, 5 * 211) * 4)
+
+
+def test_a_70b_weighing_pass_goes_to_disk_while_the_passes_stay_on_the_gpu():
+    """Issue 26's case: a Llama-2-70B shape (SmolLM2's vocabulary, as bench/quantize/big_model.py writes it) with
+    the bench's calibration (128 x 2048) on an 80 GiB GPU and 128 GiB of host memory: the weighing pass's 32
+    windows x 82 hidden states are 164 GiB, more than the host holds."""
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                     vocab_size=49152, tie_word_embeddings=False)
+    stats = ModelStats.from_config(hf)
+    job = exl2(samples=128, seqlen=2048)
+    plan = estimate_peak_memory(job, stats, "cuda", streaming=True, cpu_free_bytes=128 * GiB, device_free_bytes=80 * GiB)
+    assert plan["components"]["weighing"] == 164 * GiB  # 2 GiB per layer's inputs (32 x 2048 x 8192 float32)
+    assert (plan["activation_tier"], plan["weighing_tier"]) == ("device", "disk")
+    assert plan["disk_bytes"] == 162 * GiB and plan["cpu_bytes"] <= 128 * GiB and plan["device_bytes"] <= 80 * GiB
+    with_host = estimate_peak_memory(job, stats, "cuda", streaming=True, tier="host")
+    assert with_host["cpu_bytes"] > 164 * GiB  # what keeping them in host memory, as before, would take

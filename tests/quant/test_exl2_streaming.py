@@ -1,7 +1,8 @@
 """EXL2 quantization with the float weights streamed from their files writes the bytes of the whole-model path,
-from sharded safetensors and from GGUF, with the activations on each tier and after running out of (simulated)
-GPU memory inside a layer; while it runs only the layer at work holds its weights; the memory estimate is
-reported before the run and the peaks after; and the final write reads each saved layer once (GPTQ too)."""
+from sharded safetensors and from GGUF, with the activations (the weighing pass's too) on each tier and after
+running out of (simulated) GPU memory inside a layer of any pass; while it runs only the layer at work holds its
+weights; the memory estimate, the weighing pass's share included, is reported before the run and the peaks after;
+and the final write reads each saved layer once (GPTQ too)."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_streamed_run_writes_the_whole_models_bytes_holding_one_layer(setup, mon
     estimate = streamed.memory["estimate"]
     assert estimate["streaming"] and not whole.memory["estimate"]["streaming"]
     first_work = next(i for i, detail in enumerate(seen) if detail.startswith(("weighing", "measuring")))
-    assert any(detail.startswith("estimated peak memory") and "streamed layer by layer" in detail for detail in seen[:first_work])
+    assert any(detail.startswith("estimated peak memory") and "streamed layer by layer" in detail
+               and detail.endswith("the weighing pass's layer inputs in host memory") for detail in seen[:first_work])
     from qtool.checkpoints.sources import load_model
 
     stats = ModelStats.from_config(load_model(str(source), with_tokenizer=False).model.config)
@@ -118,6 +120,7 @@ def test_streamed_run_writes_the_whole_models_bytes_holding_one_layer(setup, mon
     assert expected["components"]["recordings"] == 0 and not expected["replay"]  # EXL2 has no replay
     assert expected["components"]["weighing"] == SAMPLES * SEQLEN * stats.hidden * 4 * (LAYERS + 2)
     assert expected["components"]["weighing_head"] == SEQLEN * stats.vocab * 4 * 3 and stats.vocab == 320
+    assert expected["weighing_tier"] == "host" and expected["cpu_bytes"] >= expected["components"]["weights"] + expected["components"]["weighing"]
     assert estimate_peak_memory(config, stats, "cpu", streaming=True, weighing=False)["components"]["weighing"] == 0
     (fits,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=expected["cpu_bytes"], streaming=True)
     (short,) = validate_for_hardware(config, stats, "cpu", cpu_free_bytes=estimate_peak_memory(config, stats, "cpu", streaming=True,
@@ -128,33 +131,36 @@ def test_streamed_run_writes_the_whole_models_bytes_holding_one_layer(setup, mon
 
 def test_disk_tier_writes_the_same_bytes(setup):
     root, source, config, whole = setup
-    files_after_weighing: list[str] = []
+    folders: dict[str, dict[str, list[str]]] = {}
 
     def watch(done: int, total: int, detail: str = "") -> None:
-        if detail == "capturing calibration inputs":
-            files_after_weighing.extend(f.name for folder in root.glob(".disk.activations-*") for f in folder.iterdir())
+        if detail in ("weighing: loss gradients", "capturing calibration inputs"):
+            folders[detail] = {folder.name: sorted(f.name for f in folder.iterdir()) for folder in root.glob(".disk.activations-*")}
 
     result = quantize_model_exl2(source, config, root / "disk", device="cpu", activation_tier="disk", max_shard_size_bytes=SHARD_BYTES,
                                  progress=watch)
-    assert result.memory["estimate"]["activation_tier"] == "disk" and whole.memory["estimate"]["activation_tier"] == "host"
-    # the weighing pass kept each layer's inputs there too: one file (generation) per layer, the last one left
-    assert files_after_weighing == [f"activations-{LAYERS:05d}.bin"]
-    assert files_of(root / "disk") == files_of(root / "whole")
+    estimate = result.memory["estimate"]
+    assert (estimate["activation_tier"], estimate["weighing_tier"]) == ("disk", "disk")
+    assert (whole.memory["estimate"]["activation_tier"], whole.memory["estimate"]["weighing_tier"]) == ("host", "host")
+    # the weighing pass kept every layer's inputs and the last layer's outputs on disk, in a folder of its own beside
+    # the passes' (one file per generation: the folder shows the newest), gone once the pass is done
+    assert sorted(folders["weighing: loss gradients"].values()) == [[], [f"activations-{LAYERS + 1:05d}.bin"]]
+    assert list(folders["capturing calibration inputs"].values()) == [[]]
+    assert files_of(root / "disk") == files_of(root / "whole")  # measurement.json holds the sensitivities
     assert not list(root.glob(".*activations-*"))
 
 
 def test_out_of_memory_in_every_batched_forward_redoes_layers_one_sample_at_a_time(setup, monkeypatch, caplog):
     root, source, config, whole = setup
     forwards = LayerForwards(monkeypatch, cap_tokens=SEQLEN)  # more than one sample per forward "does not fit"
-    forwards.armed = False  # the weighing pass is not on the ladder: the cap applies to the measuring and quantizing passes
-
-    def arm(done: int, total: int, detail: str = "") -> None:
-        forwards.armed = forwards.armed or detail.startswith("measuring")
-
     with caplog.at_level(logging.WARNING, logger="qtool.quant.memory_ladder"):
-        quantize_model_exl2(source, config, root / "capped", device="cpu", max_shard_size_bytes=SHARD_BYTES, progress=arm)
-    assert [r.getMessage() for r in caplog.records] == [f"measuring layer 1/{LAYERS}: out of GPU memory as planned; redoing it with one sample per batch"]
-    assert forwards.raised == 1  # the run stayed on the rung that fits
+        quantize_model_exl2(source, config, root / "capped", device="cpu", max_shard_size_bytes=SHARD_BYTES)
+    # each pass starts as planned and stays on the rung that fits: the weighing pass, then the measuring and
+    # quantizing passes (one ladder)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"weighing: forward through layer 1/{LAYERS}: out of GPU memory as planned; redoing it with one sample per batch",
+        f"measuring layer 1/{LAYERS}: out of GPU memory as planned; redoing it with one sample per batch"]
+    assert forwards.raised == 2
     assert files_of(root / "capped") == files_of(root / "whole")
 
 
@@ -208,6 +214,44 @@ def test_each_tier_writes_the_same_bytes_on_the_gpu(setup):
     root, source, config, _ = setup
     for tier in ("device", "host", "disk"):
         result = quantize_model_exl2(source, config, root / f"gpu-{tier}", device="cuda", activation_tier=tier)
-        assert result.memory["estimate"]["activation_tier"] == tier and result.memory["peak_device_bytes"] > 0
+        estimate = result.memory["estimate"]
+        assert estimate["activation_tier"] == estimate["weighing_tier"] == tier and result.memory["peak_device_bytes"] > 0
     reference = files_of(root / "gpu-device")
     assert files_of(root / "gpu-host") == reference and files_of(root / "gpu-disk") == reference
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_weighing_pass_and_the_head_go_down_to_host_memory_and_the_cpu_on_the_gpu(setup, monkeypatch, caplog):
+    """On a GPU every rung is there: two failed tries of layer 2's weighing forward take the weighing pass (its
+    kept inputs on the GPU) to host memory, a failing head quantization takes the run to the CPU. A GPU library
+    may pick other kernels for other batch shapes, so the sensitivities are compared to float32 accuracy."""
+    root, source, config, _ = setup
+    reference = quantize_model_exl2(source, config, root / "gpu-free", device="cuda", activation_tier="device")
+    forwards = LayerForwards(monkeypatch)
+    quantize_model_exl2(source, config, root / "gpu-probe", device="cuda", activation_tier="device")
+    layer_2 = next(i + 1 for i, (layer, _, _) in enumerate(forwards.calls) if layer == 1)
+    monkeypatch.undo()
+    LayerForwards(monkeypatch, fail_calls={layer_2, layer_2 + 1})
+    import qtool.quant.exl2_pipeline as pipeline
+
+    real_head, head_tries = pipeline._quantize_head, []
+
+    def head_out_of_memory(model, inputs, head_bits, device, refine=False):
+        head_tries.append(str(device))
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory (a test's head)")
+        return real_head(model, inputs, head_bits, device, refine)
+
+    monkeypatch.setattr(pipeline, "_quantize_head", head_out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="qtool.quant.memory_ladder"):
+        squeezed = quantize_model_exl2(source, config, root / "gpu-squeezed", device="cuda", activation_tier="device")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"weighing: forward through layer 2/{LAYERS}: out of GPU memory as planned; redoing it with one sample per batch",
+        f"weighing: forward through layer 2/{LAYERS}: out of GPU memory with one sample per batch; redoing it with the activations in host memory",
+        "quantizing the head: out of GPU memory as planned; redoing it with the activations in host memory",
+        "quantizing the head: out of GPU memory with the activations in host memory; redoing it on the CPU"]
+    assert head_tries == ["cuda", "cuda", "cpu"]
+    want = {name: entry["sensitivity"] for name, entry in json.loads((root / "gpu-free" / "measurement.json").read_text())["linears"].items()}
+    got = {name: entry["sensitivity"] for name, entry in json.loads((root / "gpu-squeezed" / "measurement.json").read_text())["linears"].items()}
+    assert got.keys() == want.keys() and all(got[n] == pytest.approx(want[n], rel=1e-4) for n in want)
+    assert squeezed.quantized_linears == reference.quantized_linears

@@ -12,7 +12,7 @@ import torch
 
 from qtool.config.schema import CalibrationConfig, QuantConfig
 from qtool.core.errors import QtoolError
-from qtool.quant.memory_ladder import climb_down, ladder
+from qtool.quant.memory_ladder import LadderRun, climb_down, ladder
 from qtool.quant.pipeline import quantize_model
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
@@ -49,6 +49,37 @@ def test_climb_down_restores_and_logs_each_step(caplog):
         climb_down(rungs, 3, lambda rung: (_ for _ in ()).throw(torch.OutOfMemoryError("no")), lambda: None, "layer 1/2")
     with pytest.raises(ValueError):  # anything else is not the ladder's business
         climb_down(rungs, 0, lambda rung: (_ for _ in ()).throw(ValueError("bug")), lambda: None, "layer 1/2")
+
+
+class GpuStore:
+    """Stands for a store on the GPU (only its `device` is read before a host rung replaces it)."""
+
+    device = GPU
+    tier = "device"
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_pass_moves_its_activations_to_a_host_store_once_and_stays_on_its_rung(batched, caplog):
+    # a GPU store with CPU compute: the host rung is the one that changes where activations live
+    moved, tried = [], []
+    run = LadderRun(GpuStore(), CPU, lambda store: moved.append(store))
+    assert [r.name for r in run.rungs] == ["as planned", "with one sample per batch", "with the activations in host memory"]
+
+    def work(rung):
+        tried.append(rung.name)
+        if rung.storage.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory (a test's)")
+        return rung.max_batch_tokens
+
+    with caplog.at_level(logging.WARNING, logger="qtool.quant.memory_ladder"):
+        assert run.climb("the head", work, lambda: None, batched=batched) == 1
+    # work without batches of samples skips the rung that only makes them smaller
+    assert tried == (["as planned", "with one sample per batch"] if batched else ["as planned"]) + ["with the activations in host memory"]
+    assert len(caplog.records) == len(tried) - 1 and caplog.records[-1].getMessage().endswith("redoing it with the activations in host memory")
+    assert len(moved) == 1 and moved[0] is run.store and run.store.tier == "host" and run.store.device == CPU
+    # the next piece of work starts where the pass stands: no second move
+    tried.clear()
+    assert run.climb("layer 2/2", work, lambda: None) == 1 and tried == ["with the activations in host memory"] and len(moved) == 1
 
 
 def test_oom_inside_a_layer_redoes_it_to_the_same_bytes(tmp_path, make_tiny_model_dir, calibration_text, caplog):
