@@ -2,9 +2,9 @@
 # One device call for the CUDA GEMV (qtool/kernels/gptq_gemv_cuda.cu) and the engine's fused projections, fast prefill
 # and q4 decode step, most important first, each part under its own limit and all under DEADLINE_S:
 #   1. build the CUDA GEMV (cpp_extension, into $QTOOL_CACHE_DIR) and run its GPU tests;
-#   2. the engine's GPU tests: fast prefill, fused projections, CUDA graphs (float and q4), the q4 kernels;
-#   3. read_floor.py at M = 1: our tuned kernel (CUDA and Triton candidates, each timed) against the read-only speed
+#   2. read_floor.py at M = 1: our tuned kernel (CUDA and Triton candidates, each timed) against the read-only speed
 #      of the same bytes on every Llama-2 shape;
+#   3. the engine's GPU tests: fast prefill, fused projections, CUDA graphs (float and q4), the q4 kernels;
 #   4. the 7B-shaped batch-1 decode, fused and unfused, under CUDA graphs (the CUDA GEMV is the default at M = 1);
 #   5. SmolLM2 `run` fused and unfused with fast prefill; the prefix scenario with fast prefill on and off.
 # Carry: .device-data/runtime-small .whl/runtime
@@ -33,18 +33,18 @@ timeout "$(limit 170)" python3 -m pytest -q -p no:cacheprovider -rfE -x tests/ke
 gemv_status=$?
 log "cuda gemv tests: exit $gemv_status"; tail -12 "$OUT/cuda_gemv_tests.log" | tee -a "$LOG"
 
+if [[ $gemv_status == 0 ]]; then
+    log "read floor at M = 1"
+    (cd bench/kernels && timeout "$(limit 120)" python3 read_floor.py --m 1 --by-kind gemv,cuda_gemv --out "$OUT") 2>&1 | grep -vE '^\{' \
+        | tail -10 | tee -a "$LOG"
+fi
+
 log "engine gpu tests"
 timeout "$(limit 140)" python3 -m pytest -q -p no:cacheprovider -rfE \
     "tests/runtime/engine/test_step_overhead.py::test_a_mixed_step_on_the_gpu_through_the_fused_ops_equals_the_module_path" \
     "tests/runtime/engine/test_fused_projections.py::test_on_the_gpu_fused_triton_steps_agree_with_unfused_ones" \
     tests/runtime/engine/test_cuda_graphs.py tests/kernels/test_engine_ops_q4.py >"$OUT/engine_gpu_tests.log" 2>&1
 log "engine gpu tests: exit $?"; tail -8 "$OUT/engine_gpu_tests.log" | tee -a "$LOG"
-
-if [[ $gemv_status == 0 ]]; then
-    log "read floor at M = 1"
-    (cd bench/kernels && timeout "$(limit 110)" python3 read_floor.py --m 1 --out "$OUT") 2>&1 | grep -vE '^\{' \
-        | tail -10 | tee -a "$LOG"
-fi
 
 log "7B decode, fused vs unfused"
 timeout "$(limit 110)" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \

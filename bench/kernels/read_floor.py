@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from qtool.kernels.timing import copies_to_defeat_l2, time_calls_in_graph
-from qtool.kernels.triton_backend import TritonBackend
+from qtool.kernels.triton_backend import TritonBackend, candidate_plans
 
 
 @triton.jit
@@ -101,11 +101,42 @@ def time_read_only(nbytes: int, device: torch.device, num_sms: int) -> dict:
             "read_triton_config": best, "read_torch_amax_us": torch_us, "read_timings": timings}
 
 
+def best_of_each_kind(backend: TritonBackend, layer, m: int, kinds: list[str], bench, gen) -> dict:
+    """{kind: {"plan", "us"}} for the fastest right candidate of each kind, plus bf16's time, at M rows."""
+    weight = layer.weights[0]
+    device = weight.qweight.device
+    xs = [torch.randn(m, layer.k, generator=gen, device=device).to(bench.DTYPE) for _ in layer.weights]
+    ref = xs[0].double() @ layer.weight64.T
+    plans = candidate_plans(weight, m, bench.DTYPE, torch.cuda.get_device_properties(device).multi_processor_count,
+                            cuda_gemv=backend.cuda_gemv_ready)
+    result = {"bf16_us": time_calls_in_graph([lambda i=i: torch.nn.functional.linear(xs[i % len(xs)], w)
+                                              for i, w in enumerate(layer.bf16)])}
+    for kind in kinds:
+        best = None
+        for plan in (p for p in plans if p.kind == kind):
+            error = bench.relative_error(backend.run_plan(plan, xs[0], weight), ref)
+            if not error < bench.TOLERANCE:
+                result.setdefault("wrong", []).append((plan.describe(), error))
+                continue
+            us = time_calls_in_graph([lambda i=i, w=w: backend.run_plan(plan, xs[i], w)
+                                      for i, w in enumerate(layer.weights)])
+            if best is None or us < best["us"]:
+                best = {"plan": plan.describe(), "us": us}
+        result[kind] = best
+    usable = [result[kind]["us"] for kind in kinds if result.get(kind)]
+    result["ours_us"] = min(usable) if usable else None
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for read_floor.json")
     parser.add_argument("--m", default="1,16", help="comma-separated M values for bf16 and our kernel")
+    parser.add_argument("--by-kind", default="",
+                        help="comma-separated plan kinds (e.g. gemv,cuda_gemv): instead of the tuned kernel, the best "
+                             "candidate of each kind at each M, every candidate checked against the float64 product")
     args = parser.parse_args(argv)
+    kinds = [kind for kind in args.by_kind.split(",") if kind]
     if not torch.cuda.is_available():
         print("bench/kernels/read_floor.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -130,6 +161,9 @@ def main(argv=None) -> int:
                "floor_us": layer.weights[0].nbytes() / bandwidth * 1e6}
         row.update(time_read_only(layer.weights[0].nbytes(), device, props.multi_processor_count))
         for m in m_values:
+            if kinds:
+                row[f"M{m}"] = best_of_each_kind(backend, layer, m, kinds, bench, gen)
+                continue
             r = bench.bench_row(backend, layer, m, bandwidth, time_calls_in_graph, gen)
             row[f"M{m}"] = {key: r.get(key) for key in ("ours_us", "bf16_us", "tinygemm_us", "plan", "ours_err",
                                                          "candidates")}
@@ -138,7 +172,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         print(f"[{time.time() - began:4.0f}s] {model} {name}: read-only {row['read_us']:.1f} us "
               f"(triton {row['read_triton_us']:.1f}, amax {row['read_torch_amax_us']:.1f}), floor {row['floor_us']:.1f}; "
-              + ", ".join(f"M={m} ours {row[f'M{m}']['ours_us']} bf16 {row[f'M{m}']['bf16_us']}" for m in m_values),
+              + ", ".join(f"M={m} ours {row[f'M{m}']['ours_us']} bf16 {row[f'M{m}']['bf16_us']}"
+                          + "".join(f" {kind} {row[f'M{m}'][kind]}" for kind in kinds) for m in m_values),
               flush=True)
     meta["seconds"] = time.time() - began
     os.makedirs(args.out, exist_ok=True)
