@@ -8,6 +8,7 @@
 #                            carried wheels installed into SITE (no index, no dependencies), SITE put on PYTHONPATH
 #                            after the repo; returns pip's exit status (the caller says what a failure means)
 #   add_site SITE            SITE on PYTHONPATH after the repo (once)
+#   limit SECONDS            SECONDS, or what is left before DEADLINE_S (seconds after the start; default none) if less
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
 export OUT="${OUT:-${OUT_DEFAULT:-/tmp/device_out}}"  # exported: a script run by another writes beside it
 LOG="$OUT/${LOG_NAME:-device.log}"
@@ -19,6 +20,12 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 BEGAN=$SECONDS
 
 log() { echo "== $* at $((SECONDS - BEGAN)) s" | tee -a "$LOG"; }
+
+limit() {
+    local left=$(( ${DEADLINE_S:-1000000} - (SECONDS - BEGAN) ))
+    (( left < 5 )) && left=5
+    echo $(( left < $1 ? left : $1 ))
+}
 
 install_wheels() {
     local site=$1 status

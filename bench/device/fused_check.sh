@@ -2,7 +2,8 @@
 # One device call for the fused q/k/v and gate/up projections (the engine's default) and fast prefill (off until this
 # call's CUDA test passes): their CUDA tests first, then the 7B-shaped decode and SmolLM2 `run` fused against unfused, the prefix TTFT, the host
 # time of a prefill step with and without fast prefill, and the decode kernel profile. Most important first; each part
-# under its own limit (~7 minutes). Carry: .device-data/runtime-small .whl/runtime
+# under its own limit (~7 minutes), all under DEADLINE_S if set. The GPU tests include the q4 KV cache's kernels and
+# its CUDA-graph decode step. Carry: .device-data/runtime-small .whl/runtime
 #   bash bench/device/fused_check.sh     -> $OUT/*.json[l], $OUT/fused_check.log, $OUT/gpu_tests.log
 set -uo pipefail
 OUT_DEFAULT=/tmp/fused_check_out LOG_NAME=fused_check.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -11,32 +12,28 @@ WORK=/tmp/runtime_work
 mkdir -p "$WORK"
 install_wheels /tmp/runtime_site .whl/runtime/gguf-*.whl >/dev/null 2>&1
 log "gpu tests"
-timeout "${TESTS_LIMIT_S:-150}" python3 -m pytest -q -p no:cacheprovider -rfE \
+timeout "$(limit ${TESTS_LIMIT_S:-150})" python3 -m pytest -q -p no:cacheprovider -rfE \
     "tests/runtime/engine/test_step_overhead.py::test_a_mixed_step_on_the_gpu_through_the_fused_ops_equals_the_module_path" \
     "tests/runtime/engine/test_fused_projections.py::test_on_the_gpu_fused_triton_steps_agree_with_unfused_ones" \
-    tests/runtime/engine/test_cuda_graphs.py >"$OUT/gpu_tests.log" 2>&1
+    tests/runtime/engine/test_cuda_graphs.py tests/kernels/test_engine_ops_q4.py >"$OUT/gpu_tests.log" 2>&1
 log "gpu tests: exit $?"; tail -6 "$OUT/gpu_tests.log" | tee -a "$LOG"
 log "7B decode fused vs unfused"
-timeout "${DECODE_LIMIT_S:-110}" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \
+timeout "$(limit ${DECODE_LIMIT_S:-110})" python3 bench/runtime/engine_decode.py --fusion both --ways graphs --repeats 2 \
     --out "$OUT/engine_decode_fusion.json" 2>&1 | grep -vE '^(Writing|Loading)' | tail -12 | tee -a "$LOG"
 log "smollm2 run fused vs unfused; prefix with fast prefill on, off"
-timeout "${RUN_LIMIT_S:-120}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
+timeout "$(limit ${RUN_LIMIT_S:-120})" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
     --scenario smollm2-run --calibration-samples 8 --fast-prefill on 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
 for setting in on off; do
-    timeout "${PREFIX_LIMIT_S:-40}" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_prefix.jsonl" --work "$WORK" \
+    timeout "$(limit ${PREFIX_LIMIT_S:-40})" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_prefix.jsonl" --work "$WORK" \
         --scenario prefix --fast-prefill $setting 2>&1 | tee -a "$LOG" | grep -E '^\| prefix|rror'
 done
 log "prefill host time: fast prefill on, off"
 for flag in "--fast-prefill on" "--fast-prefill off"; do
-    timeout "${OVERHEAD_LIMIT_S:-45}" python3 bench/runtime/engine_overhead.py --device cuda --out "$OUT/engine_overhead.jsonl" \
+    timeout "$(limit ${OVERHEAD_LIMIT_S:-45})" python3 bench/runtime/engine_overhead.py --device cuda --out "$OUT/engine_overhead.jsonl" \
         --model "$WORK/smollm2-gptq-4bit" --path decode-step --requests 3 $flag 2>&1 | grep -E '^\|' | tail -1 | tee -a "$LOG"
 done
 log "decode kernel profile, fused vs unfused"
-timeout "${PROFILE_LIMIT_S:-70}" python3 bench/runtime/decode_profile.py --fusion both --out "$OUT/decode_profile_fusion.json" \
+timeout "$(limit ${PROFILE_LIMIT_S:-70})" python3 bench/runtime/decode_profile.py --fusion both --out "$OUT/decode_profile_fusion.json" \
     2>&1 | tail -40 | tee -a "$LOG"
-log "q4 kv kernel tests"
-timeout "${Q4_LIMIT_S:-60}" python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_engine_ops_q4.py \
-    >"$OUT/gpu_tests_q4.log" 2>&1
-log "q4 tests: exit $?"; tail -4 "$OUT/gpu_tests_q4.log" | tee -a "$LOG"
 log done
