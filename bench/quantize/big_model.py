@@ -332,6 +332,19 @@ def emit(kind: str, payload: dict) -> None:
     print(json.dumps({kind: payload}, default=str), flush=True)
 
 
+def progress_recorder(began: float) -> tuple[list[dict], Callable[..., None]]:
+    """A pipeline's progress callback (done, total, detail) and the list it fills: each event, timed in seconds
+    since began, is kept for the row's per-layer times and printed as it comes (what a timed-out stage leaves)."""
+    events: list[dict] = []
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        event = {"t": round(time.perf_counter() - began, 3), "done": done, "total": total, "detail": detail}
+        events.append(event)
+        emit("progress", event)
+
+    return events, progress
+
+
 # ---------------------------------------------------------------- per-layer times from progress events
 
 LAYER_KEY = re.compile(r"^(?:(measuring|quantizing) )?layer (\d+)/(\d+)")
@@ -441,12 +454,7 @@ def stage_qtool(args) -> dict[str, Any]:
     # the CLI's own path from flags to a validated config (cli/quantize.py): the preset, then the overrides
     config, _ = resolve_config(QUANTIZE_EXL2_PRESET if args.format == "exl2" else QUANTIZE_DEFAULT_PRESET, overrides)
     began = time.perf_counter()
-    events: list[dict] = []
-
-    def progress(done: int, total: int, detail: str = "") -> None:
-        event = {"t": round(time.perf_counter() - began, 3), "done": done, "total": total, "detail": detail}
-        events.append(event)
-        emit("progress", event)
+    events, progress = progress_recorder(began)
 
     if args.format == "exl2":
         from qtool.quant.exl2_pipeline import quantize_model_exl2
@@ -543,12 +551,7 @@ def stage_weigh(args) -> dict[str, Any]:
     handler.emit = lambda record: ladder_steps.append(record.getMessage())
     logging.getLogger("qtool.quant.memory_ladder").addHandler(handler)
     began = time.perf_counter()
-    events: list[dict] = []
-
-    def progress(done: int, total: int, detail: str = "") -> None:
-        event = {"t": round(time.perf_counter() - began, 3), "done": done, "total": total, "detail": detail}
-        events.append(event)
-        emit("progress", event)
+    events, progress = progress_recorder(began)
 
     float_model = open_float_model(resolve_source(args.model), args.model)
     model, spec = float_model.model, float_model.spec

@@ -123,6 +123,16 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
         m_i = m_new
 
     out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # context 0: acc is 0, the row stays 0
+    _store_split_rows(out_ptr, part_o_ptr, part_ml_ptr, out_rows, m_i, l_i, b, split, heads, d, g_ok, d_ok, o_sb, o_sh,
+                      GROUP, BLOCK_D, NUM_SPLITS)
+
+
+@triton.jit
+def _store_split_rows(out_ptr, part_o_ptr, part_ml_ptr, out_rows, m_i, l_i, b, split, heads, d, g_ok, d_ok, o_sb, o_sh,
+                      GROUP: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """A decode program's end (the float and the q4 kernel's): its normalised rows [BLOCK_G, BLOCK_D] for query
+    heads `heads` to out with one split; else the rows, running max and sum to the workspace that
+    _split_reduce_kernel combines."""
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
                  _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -175,6 +185,32 @@ def decode_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, h
     return max(1, min(wanted, tiles // 2, MAX_SPLITS))
 
 
+def _split_k_decode(launch, out: torch.Tensor, kv_heads: int, max_blocks: int, block_size: int, block_d: int,
+                    block_n: int, num_splits: int | None) -> torch.Tensor:
+    """Flash-decoding around a decode kernel (the float and the q4 one): picks the split count (decode_splits'
+    rule where num_splits is None), calls launch(num_splits, tokens_per_split, part_o, part_ml) to run the kernel
+    on grid (batch, kv_heads, num_splits), then with more than one split has _split_reduce_kernel combine the
+    splits' float32 partial rows and (max, sum) pairs into out [B, heads, d]. Returns out."""
+    batch, heads, head_dim = out.shape
+    if num_splits is None:
+        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
+        num_sms = (torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda else 4)
+        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
+    # each split's token range is a whole number of tiles, so tiles never straddle two splits
+    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=out.device)
+        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=out.device)
+    else:
+        part_o = part_ml = out  # unused: the kernel writes its normalised rows to out
+    launch(num_splits, tokens_per_split, part_o, part_ml)
+    if num_splits > 1:
+        _split_reduce_kernel[(batch, heads)](
+            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
+    return out
+
+
 def paged_decode_attention_problem(query: torch.Tensor, key_cache: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot take these tensors (then the reference runs), or None."""
     if query.dtype not in KERNEL_DTYPES or key_cache.dtype not in KERNEL_DTYPES:
@@ -204,37 +240,25 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
     max_blocks = block_tables.shape[1]
     block_d = max(_pow2(head_dim), 16)
     block_n = decode_tile_tokens(head_dim)
-    if num_splits is None:
-        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
-        num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
-        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
-    # each split's token range is a whole number of tiles, so tiles never straddle two splits
-    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
     native = query.dtype == key_cache.dtype == value_cache.dtype and query.dtype != torch.float32
     round_p = native and query.dtype == torch.bfloat16 and triton_interpreted()
     dot_f32 = not native or round_p
     out = _output(out, query.shape, query.dtype, query.device, "paged decode attention")
     if batch == 0:
         return out
-    if num_splits > 1:
-        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=query.device)
-        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=query.device)
-    else:
-        part_o = part_ml = out  # unused
     window = int(sliding_window) if sliding_window is not None else 0
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, context_lens, out, part_o, part_ml,
-        query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), float(scale) * LOG2E, window, tokens_per_split,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32, ROUND_P=round_p,
-        num_warps=4 if block_d <= 128 else 8, num_stages=2)
-    if num_splits > 1:
-        _split_reduce_kernel[(batch, heads)](
-            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
-    return out
+
+    def launch(num_splits: int, tokens_per_split: int, part_o: torch.Tensor, part_ml: torch.Tensor) -> None:
+        _paged_decode_kernel[(batch, kv_heads, num_splits)](
+            query, key_cache, value_cache, block_tables, context_lens, out, part_o, part_ml,
+            query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
+            out.stride(0), out.stride(1), float(scale) * LOG2E, window, tokens_per_split,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d,
+            BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
+            ROUND_P=round_p, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+
+    return _split_k_decode(launch, out, kv_heads, max_blocks, block_size, block_d, block_n, num_splits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,15 +368,8 @@ def _q4_decode_kernel(q_ptr, kc_ptr, kp_ptr, vc_ptr, vp_ptr, ks_ptr, vs_ptr, rot
     rotation_t = tl.load(rot_ptr + d[None, :] * HEAD_DIM + d[:, None], mask=d_ok[:, None] & d_ok[None, :], other=0.0)
     acc = tl.dot(acc_rotated, rotation_t.to(tl.float32), input_precision="ieee") + acc_exact
     out_rows = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + b.to(tl.int64) * o_sb + heads[:, None] * o_sh + d[None, :],
-                 _cast(out_rows, out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-    else:
-        # workspace [B, heads, NUM_SPLITS, BLOCK_D] and [B, heads, NUM_SPLITS, 2] (max, sum), contiguous
-        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
-        tl.store(part_o_ptr + row[:, None] * BLOCK_D + d[None, :], out_rows, mask=g_ok[:, None])
-        tl.store(part_ml_ptr + row * 2, m_i, mask=g_ok)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_ok)
+    _store_split_rows(out_ptr, part_o_ptr, part_ml_ptr, out_rows, m_i, l_i, b, split, heads, d, g_ok, d_ok, o_sb, o_sh,
+                      GROUP, BLOCK_D, NUM_SPLITS)
 
 
 def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tensor, key_parameters: torch.Tensor,
@@ -393,37 +410,25 @@ def paged_decode_attention_q4_triton(query: torch.Tensor, key_codes: torch.Tenso
     block_d = max(_pow2(head_dim), 16)
     block_n = 32 if block_d <= 128 else 16
     max_blocks = block_tables.shape[1]
-    if num_splits is None:
-        # the interpreter (CPU tests) gets a pretend 4-SM device, so the rule splits small batches there too
-        num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4)
-        num_splits = decode_splits(batch, kv_heads, max_blocks, block_size, head_dim, num_sms)
-    # each split's token range is a whole number of tiles, so tiles never straddle two splits
-    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
-    if num_splits > 1:
-        part_o = torch.empty((batch, heads, num_splits, block_d), dtype=torch.float32, device=query.device)
-        part_ml = torch.empty((batch, heads, num_splits, 2), dtype=torch.float32, device=query.device)
-    else:
-        part_o = part_ml = out  # unused
     window = int(sliding_window) if sliding_window is not None else 0
-    _q4_decode_kernel[(batch, kv_heads, num_splits)](
-        query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
-        cos, sin, block_tables, context_lens, own_slots, out, part_o, part_ml,
-        query.stride(0), query.stride(1), key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
-        key_parameters.stride(0), key_parameters.stride(1), key_parameters.stride(2),
-        value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
-        value_parameters.stride(0), value_parameters.stride(1), value_parameters.stride(2),
-        key_staging.stride(0), key_staging.stride(1), key_staging.stride(2),
-        value_staging.stride(0), value_staging.stride(1), value_staging.stride(2), cos.stride(0),
-        block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window, cos.shape[0] - 1,
-        tokens_per_split, GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
-        VALUE_GROUPS=value_groups, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8,
-        num_stages=2)
-    if num_splits > 1:
-        _split_reduce_kernel[(batch, heads)](
-            part_o, part_ml, out, out.stride(0), out.stride(1), heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=4)
-    return out
+
+    def launch(num_splits: int, tokens_per_split: int, part_o: torch.Tensor, part_ml: torch.Tensor) -> None:
+        _q4_decode_kernel[(batch, kv_heads, num_splits)](
+            query, key_codes, key_parameters, value_codes, value_parameters, key_staging, value_staging, rotation,
+            cos, sin, block_tables, context_lens, own_slots, out, part_o, part_ml,
+            query.stride(0), query.stride(1), key_codes.stride(0), key_codes.stride(1), key_codes.stride(2),
+            key_parameters.stride(0), key_parameters.stride(1), key_parameters.stride(2),
+            value_codes.stride(0), value_codes.stride(1), value_codes.stride(2),
+            value_parameters.stride(0), value_parameters.stride(1), value_parameters.stride(2),
+            key_staging.stride(0), key_staging.stride(1), key_staging.stride(2),
+            value_staging.stride(0), value_staging.stride(1), value_staging.stride(2), cos.stride(0),
+            block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window, cos.shape[0] - 1,
+            tokens_per_split, GROUP=group, HEAD_DIM=head_dim, HALF=head_dim // 2, BLOCK_SIZE=block_size,
+            VALUE_GROUPS=value_groups, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d, BLOCK_N=block_n,
+            NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, num_warps=4 if block_d <= 128 else 8,
+            num_stages=2)
+
+    return _split_k_decode(launch, out, kv_heads, max_blocks, block_size, block_d, block_n, num_splits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,39 +524,60 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | No
 
 
 @triton.jit
+def _rope_tables(cos_ptr, sin_ptr, t, c_st, s_st, d, ok, HALF: tl.constexpr):
+    """Token t's cos and sin rows in float32, each as its halves d and HALF + d: cos1, cos2, sin1, sin2."""
+    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def _rope_halves(src, d, ok, cos1, cos2, sin1, sin2, HALF: tl.constexpr):
+    """Rotate-half RoPE of the head at src, in float32 and unrounded: its halves d and HALF + d."""
+    x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
+def _rope_program(q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh, c_st, s_st, heads,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The start both RoPE + cache kernels share, program (token, head) over the query heads and then the kv
+    heads: the token's cos/sin halves, and a query head rotated into qo. Returns t, kvh (the kv head; < 0 for a
+    query head, whose work is done), d, ok and the tables, for the kv heads' own work."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, BLOCK_HALF)
+    ok = d < HALF
+    cos1, cos2, sin1, sin2 = _rope_tables(cos_ptr, sin_ptr, t, c_st, s_st, d, ok, HALF)
+    if h < heads:
+        q1, q2 = _rope_halves(q_ptr + t * q_st + h * q_sh, d, ok, cos1, cos2, sin1, sin2, HALF)
+        dst = qo_ptr + t * qo_st + h * qo_sh
+        tl.store(dst + d, _cast(q1, qo_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF + d, _cast(q2, qo_ptr.dtype.element_ty), mask=ok)
+    return t, h - heads, d, ok, cos1, cos2, sin1, sin2
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, kc_ptr, vc_ptr, qo_ptr,
                        q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_sn, kc_sb, kc_sh, vc_sn, vc_sb, vc_sh,
                        qo_st, qo_sh, heads, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr):
     """Program (token, head): heads [0, heads) rotate a query head into qo; the rest rotate kv head
     (head - heads) of the key and store it and the value at the token's cache slot unless the slot is < 0."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_HALF)
-    ok = d < HALF
-    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    if h < heads:
-        src = q_ptr + t * q_st + h * q_sh
-        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
-        dst = qo_ptr + t * qo_st + h * qo_sh
-        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
-    else:
-        kvh = h - heads
+    t, kvh, d, ok, cos1, cos2, sin1, sin2 = _rope_program(q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh,
+                                                          c_st, s_st, heads, HALF, BLOCK_HALF)
+    if kvh >= 0:
         slot = tl.load(slots_ptr + t).to(tl.int64)
         keep = ok & ((slot + tl.zeros_like(d)) >= 0)
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
-        src = k_ptr + t * k_st + kvh * k_sh
-        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        k1, k2 = _rope_halves(k_ptr + t * k_st + kvh * k_sh, d, ok, cos1, cos2, sin1, sin2, HALF)
         # rounded to the key's dtype first, then the cache's (as the reference does)
-        r1 = _cast(_cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
-        r2 = _cast(_cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
+        r1 = _cast(_cast(k1, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
+        r2 = _cast(_cast(k2, k_ptr.dtype.element_ty), kc_ptr.dtype.element_ty)
         kdst = kc_ptr + block * kc_sn + offset * kc_sb + kvh * kc_sh
         tl.store(kdst + d, r1, mask=keep)
         tl.store(kdst + HALF + d, r2, mask=keep)
@@ -619,34 +645,15 @@ def _rope_cache_q4_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kcos_ptr, ksin_
     its key turned by RoPE (rounded to the key's dtype) and back by the float32 key tables, stored with the value
     at the token's staging row unless it is < 0; the value rotated by rot, quantized per group of 2 * GROUP_HALF
     channels (even and odd channels apart: they share a byte) at the token's cache slot unless it is < 0."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_HALF)
-    ok = d < HALF
-    cos1 = tl.load(cos_ptr + t * c_st + d, mask=ok, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + t * c_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + t * s_st + d, mask=ok, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + t * s_st + HALF + d, mask=ok, other=0.0).to(tl.float32)
-    if h < heads:
-        src = q_ptr + t * q_st + h * q_sh
-        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
-        dst = qo_ptr + t * qo_st + h * qo_sh
-        tl.store(dst + d, _cast(x1 * cos1 - x2 * sin1, qo_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF + d, _cast(x2 * cos2 + x1 * sin2, qo_ptr.dtype.element_ty), mask=ok)
-    else:
-        kvh = h - heads
+    t, kvh, d, ok, cos1, cos2, sin1, sin2 = _rope_program(q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh,
+                                                          c_st, s_st, heads, HALF, BLOCK_HALF)
+    if kvh >= 0:
         row = tl.load(rows_ptr + t).to(tl.int64)
         stage = ok & ((row + tl.zeros_like(d)) >= 0)
-        src = k_ptr + t * k_st + kvh * k_sh
-        x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
-        r1 = _cast(x1 * cos1 - x2 * sin1, k_ptr.dtype.element_ty).to(tl.float32)
-        r2 = _cast(x2 * cos2 + x1 * sin2, k_ptr.dtype.element_ty).to(tl.float32)
-        kcos1 = tl.load(kcos_ptr + t * kc_st + d, mask=ok, other=0.0)
-        kcos2 = tl.load(kcos_ptr + t * kc_st + HALF + d, mask=ok, other=0.0)
-        ksin1 = tl.load(ksin_ptr + t * kss_st + d, mask=ok, other=0.0)
-        ksin2 = tl.load(ksin_ptr + t * kss_st + HALF + d, mask=ok, other=0.0)
+        k1, k2 = _rope_halves(k_ptr + t * k_st + kvh * k_sh, d, ok, cos1, cos2, sin1, sin2, HALF)
+        r1 = _cast(k1, k_ptr.dtype.element_ty).to(tl.float32)
+        r2 = _cast(k2, k_ptr.dtype.element_ty).to(tl.float32)
+        kcos1, kcos2, ksin1, ksin2 = _rope_tables(kcos_ptr, ksin_ptr, t, kc_st, kss_st, d, ok, HALF)
         kdst = ks_ptr + row * ks_sr + kvh * ks_sh
         # back before RoPE: RoPE by the key tables with -sin (KeyRope.unrotate)
         tl.store(kdst + d, _cast(r1 * kcos1 + r2 * ksin1, ks_ptr.dtype.element_ty), mask=stage)
