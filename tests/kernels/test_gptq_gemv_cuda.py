@@ -48,11 +48,11 @@ def gptq_layer(n, k, group_size, act_order, asym, fmt, seed, irregular=False, fr
 # (n, k, group size, act order, asym, format, irregular groups, fragment order, x dtype, scale dtype, split_k, warps_k)
 CASES = [
     (96, 160, 32, True, True, "gptq", False, True, torch.float16, torch.float16, 3, 4),
-    (132, 256, 64, False, False, "gptq", False, True, torch.bfloat16, torch.float16, 2, 8),  # N not a multiple of 128
+    (136, 256, 64, False, False, "gptq", False, True, torch.bfloat16, torch.float16, 2, 8),  # N not a multiple of 128
     (128, 200, -1, False, True, "gptq_v2", False, False, torch.float16, torch.float16, 4, 2),  # K % 32 != 0
     (64, 96, 48, True, True, "gptq", False, True, torch.bfloat16, torch.bfloat16, 1, 4),  # padded groups
     (256, 224, 32, True, True, "gptq_v2", True, True, torch.float16, torch.bfloat16, 7, 1),  # irregular groups
-    (260, 512, 128, False, True, "gptq", False, True, torch.bfloat16, torch.float16, 16, 8),  # one block a split
+    (264, 512, 128, False, True, "gptq", False, True, torch.bfloat16, torch.float16, 16, 8),  # one block a split
 ]
 
 

@@ -30,8 +30,8 @@ Design, one role per file:
   (rope_and_cache_q4), attention by paged_decode_attention_q4 (own block from its staging slot, earlier blocks from
   codes), the same numbers as the module path (greedy output equal). With EngineConfig.fast_prefill, prefill and
   mixed steps go through the same fused ops too (DecodeStep.ragged, the runner's prefill attention): a few kernels
-  per layer instead of the modules' many small ones, so the host launches less before the first token (off by
-  default until its CUDA test has run; float caches only: a q4 cache's prefill chunks are Q4CacheLayer.write's).
+  per layer instead of the modules' many small ones, so the host launches less before the first token (on CUDA by
+  default; float caches only: a q4 cache's prefill chunks are Q4CacheLayer.write's).
 - cuda_graphs.py: that step captured as CUDA graphs at batch sizes 1, 2, 4, ... at engine start (after a warm-up of
   every token and batch bucket, so kernels compile and quantized linears tune then, never inside a request; the
   sampler's kernels are loaded then too). Inputs staged through pinned buffers; the replay's logits are read in place.

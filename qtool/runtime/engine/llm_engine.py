@@ -55,10 +55,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
     max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
     # where the decode step runs, prefill and mixed steps run through its fused ops too (False: the model's modules,
-    # a few thousand small torch ops per prefill step: host-bound on a GPU). Off by default until its CUDA test
-    # (tests/runtime/engine/test_step_overhead.py) has run on a GPU: the CPU tests check the same arithmetic through
-    # the torch references only; bench/device/fused_check.sh runs that test first
-    fast_prefill: bool = False
+    # a few thousand small torch ops per prefill step: host-bound on a GPU). None: on CUDA, where its test passed
+    # (tests/runtime/engine/test_step_overhead.py, H100 2026-12-07) and a prefill step's host time fell from 44.7 to
+    # 28 ms; on the CPU it gained nothing measurable, so the modules stay the reference there
+    fast_prefill: bool | None = None
     # where the decode step runs, each layer's q/k/v and gate/up as one linear each (kernels/fused_linear.py)
     fuse_projections: bool = True
 

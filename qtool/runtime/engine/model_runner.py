@@ -141,13 +141,13 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
                  kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
-                 fast_prefill: bool = False, fuse_projections: bool = True):
+                 fast_prefill: bool | None = None, fuse_projections: bool = True):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
         many blocks being filled at full precision). fast_prefill: where the decode step is planned, prefill and
-        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules; float caches
-        only).
+        mixed steps run through its fused ops too (DecodeStep.ragged; False: through the model's modules; None: on
+        CUDA only; float caches only).
         fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
         where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
         views of the fused ones, so the weights stay one copy)."""
@@ -186,6 +186,8 @@ class ModelRunner:
                 self.decode_step_reason = f"decode steps run through the model's modules: {self.decode_step_reason}"
         logger.info("engine: %s", self.decode_step_reason)
         # the fused prefill writes float caches only (a q4 chunk's writes are Q4CacheLayer.write's)
+        if fast_prefill is None:
+            fast_prefill = self.device.type == "cuda"
         self.fast_prefill = fast_prefill and self.decode_step is not None and not self.cache.is_quantized
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
