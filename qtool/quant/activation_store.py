@@ -28,7 +28,9 @@ class ActivationStore:
     disk each generation is one file (the previous file is deleted, its mapping lives as long as its tensors).
     `close()` (or leaving the `with` block, also on an exception or Ctrl-C) removes the folder on disk."""
 
-    def __init__(self, tier: str, compute: torch.device, folder_beside: Path | None = None):
+    def __init__(self, tier: str, compute: torch.device, folder_beside: Path | None = None, disk_bytes: int = 0):
+        """disk_bytes: what the plan expects the disk tier to hold at most; a folder whose file system has less
+        free space is refused before any work, not after hours of it."""
         if tier not in ACTIVATION_TIERS:
             raise QtoolError(f"activation tier {tier!r} is not known", "use one of " + ", ".join(ACTIVATION_TIERS))
         self.tier = tier
@@ -39,6 +41,7 @@ class ActivationStore:
         if tier == "disk":
             parent = folder_beside.parent if folder_beside is not None else Path(tempfile.gettempdir())
             name = f".{folder_beside.name}.activations-" if folder_beside is not None else "qtool-activations-"
+            check_free_disk(parent, disk_bytes)
             try:
                 self.folder = Path(tempfile.mkdtemp(prefix=name, dir=parent))
             except OSError as exc:
@@ -107,8 +110,24 @@ class ActivationStore:
         self.close()
 
 
-def open_store(tier: str, compute: torch.device, folder_beside: Path | None = None) -> ActivationStore:
-    """The store for `tier`, its place said in one log line."""
-    store = ActivationStore(tier, compute, folder_beside)
+def check_free_disk(folder: Path, needed_bytes: int) -> None:
+    """QtoolError unless the file system holding `folder` (or its nearest existing parent) has needed_bytes free."""
+    if needed_bytes <= 0:
+        return
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise QtoolError(
+            f"the calibration activations need about {needed_bytes / 2**30:.1f} GiB on disk in {folder}, which has "
+            f"{free / 2**30:.1f} GiB free",
+            "free space there, write the output on a larger disk, or lower --samples / --seqlen")
+
+
+def open_store(tier: str, compute: torch.device, folder_beside: Path | None = None,
+               disk_bytes: int = 0) -> ActivationStore:
+    """The store for `tier`, its place said in one log line. disk_bytes: the plan's figure for the disk tier."""
+    store = ActivationStore(tier, compute, folder_beside, disk_bytes)
     log.info("calibration activations kept %s", store.describe())
     return store

@@ -406,12 +406,13 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
-    with open_store(estimate["activation_tier"], compute, output) as store:
+    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store:
         if weigh_steps and resumed_from == 0:
             report(0, total_steps, "weighing the linears (forward and backward passes)")
             # every layer's inputs wait for the backward pass, in a store of their own on the tier the plan picked
             # for them (its folder on disk removed when the pass is done)
-            with open_store(estimate["weighing_tier"], compute, output) as weighing_store:
+            weighing_disk = (estimate["weighing_peaks"] or {}).get("disk_bytes", 0)
+            with open_store(estimate["weighing_tier"], compute, output, weighing_disk) as weighing_store:
                 sensitivities = weigh_linears(model, layer_groups, windows, compute, layer_weights=float_model.layer_in_memory,
                                               store=weighing_store, progress=lambda done, total, detail="": report(0, total_steps, detail))
             state.save_step(0, {}, {"sensitivity": json.dumps(sensitivities)}, [])

@@ -409,7 +409,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
     if resumed_from and collective.is_main:
         log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
 
-    with open_store(estimate["activation_tier"], compute, output) as store:
+    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store:
         report(0, num_layers, "capturing calibration inputs")
         inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
         if resumed_from:

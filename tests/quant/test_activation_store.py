@@ -12,7 +12,7 @@ import torch
 
 from qtool.config.schema import CalibrationConfig, QuantConfig
 from qtool.core.errors import QtoolError
-from qtool.quant.activation_store import ActivationStore
+from qtool.quant.activation_store import ActivationStore, check_free_disk
 from qtool.quant.pipeline import quantize_model
 
 
@@ -60,6 +60,21 @@ def test_unknown_tier_is_one_line():
     with pytest.raises(QtoolError, match="activation tier 'gpu' is not known") as raised:
         ActivationStore("gpu", torch.device("cpu"))
     assert "device, host, disk" in raised.value.hint
+
+
+def test_a_disk_tier_larger_than_the_free_space_is_refused_before_any_work(tmp_path):
+    exabyte = 1 << 60
+    with pytest.raises(QtoolError, match="GiB free") as raised:
+        ActivationStore("disk", torch.device("cpu"), tmp_path / "out", disk_bytes=exabyte)
+    assert str(tmp_path) in str(raised.value) and "--samples" in raised.value.hint
+    assert not list(tmp_path.iterdir()), "a refused store leaves no folder"
+    # the plan's figure is checked against the nearest existing folder when the output's does not exist yet
+    with pytest.raises(QtoolError, match="GiB free"):
+        check_free_disk(tmp_path / "not" / "yet", exabyte)
+    with ActivationStore("disk", torch.device("cpu"), tmp_path / "out", disk_bytes=1 << 20) as store:
+        assert store.folder.is_dir()
+    # the other tiers hold nothing on disk: no check
+    ActivationStore("host", torch.device("cpu"), tmp_path / "out", disk_bytes=exabyte).close()
 
 
 @pytest.fixture
