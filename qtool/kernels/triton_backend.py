@@ -40,7 +40,7 @@ from qtool.kernels.gptq_gemm_left_triton import (
     left_config_valid,
     left_workspace,
 )
-from qtool.kernels.gptq_gemv_cuda import TILE_N as CUDA_TILE_N, CudaGemv, CudaGemvConfig, cuda_gemv_problem, gptq_gemv_cuda, load_cuda_gemv
+from qtool.kernels.gptq_gemv_cuda import BLOCK_ROWS as CUDA_BLOCK_ROWS, TILE_N as CUDA_TILE_N, CudaGemv, CudaGemvConfig, cuda_gemv_problem, gptq_gemv_cuda, load_cuda_gemv
 from qtool.kernels.gptq_gemv_triton import MAX_GEMV_ROWS, MAX_TWO_D_ROWS, GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
 from qtool.kernels.repack import GptqComputeWeight, repack_gptq
 from qtool.kernels.default_plans import PACKED, Pick, gpu_family, rule_for, rules_for
@@ -147,7 +147,7 @@ def _cuda_gemv_candidates(weight: GptqComputeWeight, m: int, dtype: torch.dtype,
     if cuda_gemv_problem(weight, m, dtype) is not None:
         return []
     tiles_n = triton.cdiv(weight.out_features, CUDA_TILE_N)
-    k_blocks = triton.cdiv(weight.k_rows, 32)
+    k_blocks = triton.cdiv(weight.k_rows, CUDA_BLOCK_ROWS)
     plans = []
     for warps_k, per_sm in shapes or CUDA_GEMV_SHAPES:
         plan = Plan("cuda_gemv", CudaGemvConfig(split_k=_split_for(tiles_n, k_blocks, per_sm * num_sms), warps_k=warps_k))

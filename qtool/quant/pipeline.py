@@ -30,9 +30,8 @@ from qtool.formats.gptq_config import qtool_version
 from qtool.formats.gptq import check_gptq_layout
 from qtool.data.text import calibration_windows
 from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, contiguous_shares, launch
-from qtool.quant.activation_store import open_store
 from qtool.quant.float_source import FloatModel, open_float_model
-from qtool.quant.activation_store import ActivationStore
+from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group

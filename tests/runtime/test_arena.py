@@ -15,11 +15,6 @@ from qtool.runtime.reply import ReplyGenerator
 from cli_checks import greedy_reply
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
 def test_each_reply_is_the_models_own(make_tiny_llama, tokenizer, one_torch_thread):
     models = {"a": make_tiny_llama(seed=3, vocab_size=len(tokenizer)), "b": make_tiny_llama(seed=4, vocab_size=len(tokenizer))}
     conversation = [{"role": "user", "content": "the quick fox"}]

@@ -13,11 +13,6 @@ from qtool.runtime.context_files import (CUT_MARKER, ContextFile, context_file_f
                                          read_context_file, with_files)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
 def words(rng: random.Random, n: int, vocabulary) -> str:
     return " ".join(rng.choice(vocabulary) for _ in range(n))
 

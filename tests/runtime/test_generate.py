@@ -23,11 +23,6 @@ def greedy_reference(model, ids: torch.Tensor, steps: int, stop: int) -> list[in
     return new
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
 @pytest.fixture
 def model(make_tiny_llama, tokenizer):
     return make_tiny_llama(seed=4, vocab_size=len(tokenizer))

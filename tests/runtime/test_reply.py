@@ -20,11 +20,6 @@ CHAT = [{"role": "system", "content": "the quick brown fox jumps over the lazy d
         {"role": "user", "content": "what is the capital of france"}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(make_tiny_tokenizer, tiny_chat_template):
-    return make_tiny_tokenizer(chat_template=tiny_chat_template)
-
-
 @pytest.fixture
 def model(make_tiny_llama, tokenizer):
     return make_tiny_llama(seed=5, vocab_size=len(tokenizer))

@@ -224,9 +224,8 @@ class HostDecodePlan:
         self.layers = layers
 
     def rope_and_cache(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                       slots: torch.Tensor) -> torch.Tensor:
-        """rope_and_cache_ref's contract (slots: this plan's, the step's own)."""
+                       sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        """rope_and_cache_ref's contract, at the slots of the inputs this plan was made from."""
         heads, (kv_heads, head_dim) = query.shape[1], key_cache.shape[-2:]
         both = torch.cat((query, key), dim=1).float()  # [B, heads + kv_heads, d]: one rotation for q and k
         half = head_dim // 2
@@ -313,7 +312,7 @@ class DecodeStep:
         def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> torch.Tensor:
             key_cache, value_cache = self.runner.cache.layer(index)
-            q = plan.rope_and_cache(q, k, v, cos, sin, key_cache, value_cache, inputs.slots)
+            q = plan.rope_and_cache(q, k, v, cos, sin, key_cache, value_cache)
             return plan.attend(index, q, key_cache, value_cache)
         return attention
 

@@ -81,7 +81,7 @@ def test_the_plan_matches_a_float64_reference(heads, kv_heads, d, block_size, wi
             expected_keys.view(-1, kv_heads, d)[slot] = rotated_k[b]
             expected_values.view(-1, kv_heads, d)[slot] = v[b].double()
     before = key_cache.clone()
-    got_q = plan.rope_and_cache(q, k, v, cos.float(), sin.float(), key_cache, value_cache, slots)
+    got_q = plan.rope_and_cache(q, k, v, cos.float(), sin.float(), key_cache, value_cache)
     torch.testing.assert_close(got_q.double(), rope64(q.double(), cos, sin), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(key_cache.double(), expected_keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(value_cache.double(), expected_values, rtol=0, atol=0)
