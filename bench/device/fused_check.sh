@@ -3,7 +3,8 @@
 # call's CUDA test passes): their CUDA tests first, then the 7B-shaped decode and SmolLM2 `run` fused against unfused, the prefix TTFT, the host
 # time of a prefill step with and without fast prefill, and the decode kernel profile. Most important first; each part
 # under its own limit (~7 minutes), all under DEADLINE_S if set. The GPU tests include the q4 KV cache's kernels and
-# its CUDA-graph decode step. Carry: .device-data/runtime-small .whl/runtime
+# its CUDA-graph decode step. The prefix scenario runs with a hit's new tokens as decode rows (the default) and without.
+# Carry: .device-data/runtime-small .whl/runtime
 #   bash bench/device/fused_check.sh     -> $OUT/*.json[l], $OUT/fused_check.log, $OUT/gpu_tests.log
 set -uo pipefail
 OUT_DEFAULT=/tmp/fused_check_out LOG_NAME=fused_check.log source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -24,9 +25,10 @@ log "smollm2 run fused vs unfused; prefix with fast prefill on, off"
 timeout "$(limit ${RUN_LIMIT_S:-120})" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_fusion.jsonl" --work "$WORK" \
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
     --scenario smollm2-run --calibration-samples 8 --fast-prefill on 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
-for setting in on off; do
+# the prefix hit's 32 new tokens as decode rows replayed from the graphs (the default), against the ragged prefill step
+for rows in 32 0; do
     timeout "$(limit ${PREFIX_LIMIT_S:-40})" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_prefix.jsonl" --work "$WORK" \
-        --scenario prefix --fast-prefill $setting 2>&1 | tee -a "$LOG" | grep -E '^\| prefix|rror'
+        --scenario prefix --short-prefill-rows $rows 2>&1 | tee -a "$LOG" | grep -E '^\| prefix|rror'
 done
 log "prefill host time: fast prefill on, off"
 for flag in "--fast-prefill on" "--fast-prefill off"; do

@@ -355,7 +355,10 @@ def prefix(ctx: Context) -> None:
                f"{median_batched * 1e3:.0f} ms", shared_prefix_tokens=shared_len, suffix_tokens=32,
                requests=len(prompts), prefill_skipped=skipped, ttft_first_s=ttft_first, ttft_others_median_s=median,
                ttft_others_s=[o.time_to_first_token_s for o in others],
-               ttft_batched_s=[o.time_to_first_token_s for o in batched], stats=stats.to_dict())
+               ttft_batched_s=[o.time_to_first_token_s for o in batched], stats=stats.to_dict(),
+               short_prefill_rows=engine.runner.short_prefill_rows,
+               short_prefill_steps=engine.runner.short_prefill_steps,
+               fast_prefill_steps=engine.runner.fast_prefill_steps)
     del engine
     free_memory()
 
@@ -476,8 +479,11 @@ SCENARIO_FUNCTIONS = {"smollm2-run": smollm2_run, "speculative": speculative, "t
 
 
 def prefill_setting(args) -> dict:
-    """--fast-prefill as EngineConfig fields: {} keeps the engine's default."""
-    return {} if args.fast_prefill is None else {"fast_prefill": args.fast_prefill == "on"}
+    """--fast-prefill and --short-prefill-rows as EngineConfig fields: {} keeps the engine's defaults."""
+    fields = {} if args.fast_prefill is None else {"fast_prefill": args.fast_prefill == "on"}
+    if args.short_prefill_rows is not None:
+        fields["short_prefill_rows"] = args.short_prefill_rows
+    return fields
 
 
 def engine_config(**fields):
@@ -524,6 +530,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast-prefill", choices=("on", "off"), default=None,
                    help="smollm2-run and prefix: prefill through the decode step's fused ops or not (default: the engine's)")
+    p.add_argument("--short-prefill-rows", type=int, default=None,
+                   help="smollm2-run and prefix: chunks of at most this many tokens run as decode rows through the "
+                        "decode graphs (0: never; default: the engine's)")
     p.add_argument("--kv-cache", default="auto", choices=("auto", *KV_CACHE_KINDS),
                    help="smollm2-run: the engine's KV cache kind (auto: the model's dtype; q4 decodes through its own "
                         "decode step kernels)")

@@ -171,15 +171,18 @@ class DecodeRows:
 
     @classmethod
     def from_chunks(cls, chunks: list[ScheduledChunk], block_size: int) -> "DecodeRows":
-        """Rows of one-token chunks (each computes its sequence's token at position chunk.start)."""
+        """One row per token of the chunks, in the flattened batch's order. A chunk of n tokens (a short prefill,
+        a speculative verification) becomes n rows of its sequence at positions start..start+n-1, each seeing the
+        context up to itself: the step writes every row's K/V before any row attends, so each row reads the rows
+        before it as a causal prefill would."""
         ids, positions, slots, tables = [], [], [], []
         for chunk in chunks:
-            position = chunk.start
             table = chunk.seq.block_table
-            ids.append(chunk.seq.token_slice(position, position + 1)[0])
-            positions.append(position)
-            slots.append(table[position // block_size] * block_size + position % block_size)
-            tables.append(table)
+            for position, token in enumerate(chunk.token_ids(), start=chunk.start):
+                ids.append(token)
+                positions.append(position)
+                slots.append(table[position // block_size] * block_size + position % block_size)
+                tables.append(table)
         return cls(ids, positions, slots, tables)
 
     def __len__(self) -> int:

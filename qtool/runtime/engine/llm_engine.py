@@ -29,6 +29,10 @@ from qtool.runtime.token_logprobs import TokenLogprob
 
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
 DEFAULT_KV_CACHE_BYTES = 2 << 30
+# on CUDA, chunks of at most this many tokens run as decode rows through the decode graphs (short_prefill_rows): a
+# prefix-cache hit's new tokens, a chat turn over its cached history, a speculative verification. Each row reads its
+# whole context, so the cap keeps a long chunk over a long prefix with prefill attention, which reads it once
+SHORT_PREFILL_ROWS = 32
 TextCallback = Callable[[str], None]
 LogprobsCallback = Callable[[list[TokenLogprob]], None]
 
@@ -53,7 +57,8 @@ class EngineConfig:
     # one-token steps through the whole-tensor decode step where the model allows it (decode_step.py); None: on CUDA
     fast_decode: bool | None = None
     cuda_graphs: bool = True  # on CUDA, capture that step as CUDA graphs at engine start (batch sizes 1, 2, 4, ...)
-    max_graph_batch: int | None = None  # the largest captured batch (None: max_num_seqs); larger batches run eagerly
+    # the largest captured batch (None: max_num_seqs, or short_prefill_rows where larger); larger batches run eagerly
+    max_graph_batch: int | None = None
     # where the decode step runs, prefill and mixed steps run through its fused ops too (False: the model's modules,
     # a few thousand small torch ops per prefill step: host-bound on a GPU). None: on CUDA, where its test passed
     # (tests/runtime/engine/test_step_overhead.py, H100 2026-12-07) and a prefill step's host time fell from 44.7 to
@@ -61,6 +66,10 @@ class EngineConfig:
     fast_prefill: bool | None = None
     # where the decode step runs, each layer's q/k/v and gate/up as one linear each (kernels/fused_linear.py)
     fuse_projections: bool = True
+    # where the decode step runs on a float cache, steps whose chunks each bring at most this many tokens run as one
+    # decode row per token (ModelRunner's short_prefill_rows; the decode graphs are captured up to this batch too).
+    # None: SHORT_PREFILL_ROWS on CUDA with graphs, else 0 (never; on the CPU the module path stays the reference)
+    short_prefill_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size is None:
@@ -83,6 +92,10 @@ class EngineConfig:
                              f"{self.prompt_lookup_max} are invalid", hint="prompt_lookup_min must be <= prompt_lookup_max")
         if self.num_blocks is not None and self.kv_cache_bytes is not None:
             raise QtoolError("engine settings num_blocks and kv_cache_bytes are both set", hint="give one of them")
+        rows = self.short_prefill_rows
+        if rows is not None and (not isinstance(rows, int) or rows < 0):
+            raise QtoolError(f"engine setting short_prefill_rows={rows!r} is invalid",
+                             hint="short_prefill_rows must be an int >= 0 (0: never), or None for the default")
         for field in ("num_blocks", "kv_cache_bytes", "max_graph_batch"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -136,10 +149,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.num_blocks = config.num_blocks or self._blocks_for_budget(model)
+        short_rows = config.short_prefill_rows
+        if short_rows is None:
+            on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+            short_rows = SHORT_PREFILL_ROWS if on_cuda and config.cuda_graphs else 0
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.kv_dtype, config.kv_cache,
                                   config.fast_decode, config.max_num_seqs, config.fast_prefill,
-                                  config.fuse_projections)
-        graph_batch = (config.max_graph_batch or config.max_num_seqs) if config.cuda_graphs else 0
+                                  config.fuse_projections, short_rows)
+        # by default the graphs cover a full batch and a short chunk's rows
+        largest = max(config.max_num_seqs, self.runner.short_prefill_rows)
+        graph_batch = (config.max_graph_batch or largest) if config.cuda_graphs else 0
         self.runner.warm_up(config.max_num_batched_tokens, config.max_num_seqs, graph_batch)
         self._warm_up_sampler()
         # every layer windowed (Mistral): blocks before the window are released; a mixed model keeps them all

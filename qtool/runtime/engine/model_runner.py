@@ -141,7 +141,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None,
                  kv_cache: str = "auto", fast_decode: bool | None = None, max_num_seqs: int = 1,
-                 fast_prefill: bool | None = None, fuse_projections: bool = True):
+                 fast_prefill: bool | None = None, fuse_projections: bool = True, short_prefill_rows: int = 0):
         """kv_cache: a kind of KV_CACHE_KINDS (auto: kv_dtype, else the model's dtype). fast_decode: one-token steps
         through the whole-tensor decode step where the model's layers and the cache allow it (None: on CUDA only;
         on the CPU the module path stays the reference). max_num_seqs: sequences run at once (a q4 cache keeps as
@@ -150,7 +150,12 @@ class ModelRunner:
         CUDA only; float caches only).
         fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
         where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
-        views of the fused ones, so the weights stay one copy)."""
+        views of the fused ones, so the weights stay one copy).
+        short_prefill_rows: where the decode step runs on a float cache, a step whose chunks each bring at most this
+        many tokens (a prefix-cache hit's new tokens, a chat turn over a cached history, a speculative
+        verification) runs as one decode row per token (DecodeRows.from_chunks): on CUDA through the decode
+        graphs when the rows fit the largest (one replay instead of a prefill step's thousands of host launches),
+        elsewhere (the CPU) through the eager decode step. 0: never."""
         reason = engine_support(model)
         if reason is not None:
             raise QtoolError(reason, hint="run it through transformers' generate (qtool.runtime.generate)")
@@ -192,6 +197,9 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.fast_decode_steps = 0  # steps run through the decode step (graph or eager)
         self.fast_prefill_steps = 0  # prefill or mixed steps run through the decode step's ops
+        # q4's staging holds one block being filled per sequence, written by one row per sequence and step
+        self.short_prefill_rows = 0 if self.decode_step is None or self.decode_step.is_q4 else short_prefill_rows
+        self.short_prefill_steps = 0  # steps with a chunk of several tokens run as decode rows
         self.phases: StepPhases | None = None  # the engine's, while a profile records step phases
 
     def _mark(self, phase: str) -> None:
@@ -207,8 +215,9 @@ class ModelRunner:
     def warm_up(self, max_num_batched_tokens: int, max_num_seqs: int, max_graph_batch: int = 0) -> None:
         """Engine start on CUDA (nothing elsewhere): one step at every token-count bucket a request can bring and at
         every decode batch bucket, so quantized linears tune their plans and kernels compile now, never inside a
-        request; then the decode step's CUDA graphs at batch sizes up to max_graph_batch (0: none). It writes the
-        cache's block 0: call it before any request."""
+        request; then the decode step's CUDA graphs at batch sizes up to max_graph_batch (0: none), no larger than
+        a batch of max_num_seqs or a short chunk's rows need. It writes the cache's block 0: call it before any
+        request."""
         if self.device.type != "cuda":
             return
         block_size = self.cache.block_size
@@ -228,8 +237,8 @@ class ModelRunner:
             return
         if max_graph_batch >= 1:
             max_blocks = min(self.cache.num_blocks, -(-self._max_positions() // block_size))
-            self.decode_graphs = DecodeGraphs(self.decode_step, graph_batch_sizes(min(max_graph_batch, max_num_seqs)),
-                                              max_blocks, self.device)
+            largest = min(max_graph_batch, max(max_num_seqs, self.short_prefill_rows))
+            self.decode_graphs = DecodeGraphs(self.decode_step, graph_batch_sizes(largest), max_blocks, self.device)
             self.decode_graphs.capture()  # warms up each of its sizes before capturing
         largest_graph = self.decode_graphs.largest if self.decode_graphs and self.decode_graphs.graphs else 0
         with torch.inference_mode():
@@ -285,19 +294,35 @@ class ModelRunner:
         reach their sequence's last token, in chunk order: chunk.num_logits trailing rows each (one, or one per
         position of a speculating chunk). They may be a CUDA graph's output buffer: read them before the next
         execute()."""
-        if self.decode_step is not None and all(chunk.num_tokens == 1 for chunk in chunks):
-            logits = self._run_decode_step(DecodeRows.from_chunks(chunks, self.cache.block_size))
+        one_token = all(chunk.num_tokens == 1 for chunk in chunks)
+        if self.decode_step is not None and (one_token or self._runs_as_decode_rows(chunks)):
+            rows = DecodeRows.from_chunks(chunks, self.cache.block_size)
+            logits = self._run_decode_step(rows)
             if logits is None:  # a q4 write only the modules' path makes (q4_decode.plan_q4_decode)
                 logits = self.execute_modules(chunks)
             else:
-                sampling = [row for row, chunk in enumerate(chunks) if chunk.samples]
-                logits = logits if len(sampling) == len(chunks) else logits[sampling]
+                self.short_prefill_steps += not one_token
+                wanted = self._logit_rows(chunks)
+                logits = logits if len(wanted) == len(rows) else logits[wanted]
         elif self.fast_prefill:
             logits = self._execute_ragged(chunks)
         else:
             logits = self.execute_modules(chunks)
         self._mark("forward")
         return logits
+
+    def _runs_as_decode_rows(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether a step with multi-token chunks runs as decode rows (short_prefill_rows): every chunk short, and
+        on CUDA the rows and their block tables within the largest graph. Each row reads its whole context, so a
+        long chunk would read a long prefix once per token: prefill attention reads it once."""
+        limit = self.short_prefill_rows
+        if not limit or any(chunk.num_tokens > limit for chunk in chunks):
+            return False
+        if self.device.type != "cuda":
+            return True
+        graphs = self.decode_graphs
+        return (graphs is not None and graphs.bucket(sum(chunk.num_tokens for chunk in chunks)) is not None
+                and max(len(chunk.seq.block_table) for chunk in chunks) <= graphs.max_blocks)
 
     def _run_decode_step(self, rows: DecodeRows) -> torch.Tensor | None:
         """The decode step's logits of rows (graph or eager); None, having run nothing, when a q4 cache's write
