@@ -26,7 +26,7 @@ timeout "$(limit ${RUN_LIMIT_S:-120})" python3 bench/runtime/runtime_bench.py --
     --smol-shape "$DATA/smollm2-shape" --data "$DATA" --skip-exllamav2 "not run: fused check call" --fusion both \
     --scenario smollm2-run --calibration-samples 8 --fast-prefill on 2>&1 | tee -a "$LOG" | grep -E '^\||rror'
 # the prefix hit's 32 new tokens as decode rows replayed from the graphs (the default), against the ragged prefill step
-for rows in 32 0; do
+for rows in 64 0; do
     timeout "$(limit ${PREFIX_LIMIT_S:-40})" python3 bench/runtime/runtime_bench.py --out "$OUT/runtime_bench_prefix.jsonl" --work "$WORK" \
         --scenario prefix --short-prefill-rows $rows 2>&1 | tee -a "$LOG" | grep -E '^\| prefix|rror'
 done

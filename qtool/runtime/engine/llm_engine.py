@@ -30,9 +30,8 @@ from qtool.runtime.token_logprobs import TokenLogprob
 # KV cache size when neither num_blocks nor kv_cache_bytes is given: room for max_num_seqs full contexts, capped here
 DEFAULT_KV_CACHE_BYTES = 2 << 30
 # on CUDA, chunks of at most this many tokens run as decode rows through the decode graphs (short_prefill_rows): a
-# prefix-cache hit's new tokens, a chat turn over its cached history, a speculative verification. Each row reads its
-# whole context, so the cap keeps a long chunk over a long prefix with prefill attention, which reads it once
-SHORT_PREFILL_ROWS = 32
+# short prompt, a prefix-cache hit's new tokens, a chat turn over its cached history, a speculative verification
+SHORT_PREFILL_ROWS = 64
 TextCallback = Callable[[str], None]
 LogprobsCallback = Callable[[list[TokenLogprob]], None]
 

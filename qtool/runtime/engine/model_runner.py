@@ -26,6 +26,11 @@ from qtool.runtime.engine.scheduler import ScheduledChunk
 from qtool.runtime.engine.step_phases import StepPhases
 
 logger = logging.getLogger(__name__)
+# Context tokens a step's decode rows may read in all (rows x context each). Each row reads its whole context, where
+# prefill attention reads a sequence's once: a step of many rows over a long context stays a prefill step. The rows
+# of one sequence run side by side in the attention's grid and share its K/V through L2; at this bound a 7B-shaped
+# layer's rows move ~2 GB through L2, about what the prefill step's host launches cost in time
+SHORT_PREFILL_CONTEXT_READS = 1 << 17
 
 
 NORM_PLACEMENTS = ("pre", "sandwich", "post")
@@ -312,11 +317,14 @@ class ModelRunner:
         return logits
 
     def _runs_as_decode_rows(self, chunks: list[ScheduledChunk]) -> bool:
-        """Whether a step with multi-token chunks runs as decode rows (short_prefill_rows): every chunk short, and
-        on CUDA the rows and their block tables within the largest graph. Each row reads its whole context, so a
-        long chunk would read a long prefix once per token: prefill attention reads it once."""
+        """Whether a step with multi-token chunks runs as decode rows (short_prefill_rows): every chunk short, the
+        rows' context reads within SHORT_PREFILL_CONTEXT_READS, and on CUDA the rows and their block tables within
+        the largest graph."""
         limit = self.short_prefill_rows
         if not limit or any(chunk.num_tokens > limit for chunk in chunks):
+            return False
+        reads = sum(chunk.num_tokens * (chunk.start + chunk.num_tokens) for chunk in chunks)
+        if reads > SHORT_PREFILL_CONTEXT_READS:
             return False
         if self.device.type != "cuda":
             return True

@@ -31,8 +31,8 @@ def test_graph_replay_equals_the_eager_step(make_tiny_llama):
     model = make_tiny_llama(**SHAPE).to("cuda")
     engine = engine_on_gpu(model)
     graphs = engine.runner.decode_graphs
-    # max_num_seqs 8, and up to a short chunk's 32 rows (a prefix hit's new tokens run as decode rows)
-    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8, 16, 32}, "every bucket captured"
+    # max_num_seqs 8, and up to a short chunk's 64 rows (a prefix hit's new tokens run as decode rows)
+    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8, 16, 32, 64}, "every bucket captured"
     for prompt in PROMPTS + [[1, 2, 3, 4, 5]]:
         engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     engine.step()  # the prefills
@@ -68,11 +68,12 @@ def test_greedy_with_graphs_on_equals_graphs_off_and_the_module_path(make_tiny_l
 def test_short_chunks_replay_the_decode_graphs_and_equal_the_prefill_path(make_tiny_llama):
     model = make_tiny_llama(**SHAPE).to("cuda")  # float32
     shared = [1] + list(range(100, 131))  # two full blocks of 16: cached after the first request
-    prompts = [shared + list(range(200, 200 + n)) for n in (5, 1, 17, 32, 40)]  # 40: over the cap, prefill path
+    # 80: over the 64-token cap, the prefill path
+    prompts = [shared + list(range(200, 200 + n)) for n in (5, 1, 17, 64, 80)]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outputs = {}
     for rows in (0, None):  # None: the CUDA default, SHORT_PREFILL_ROWS
-        engine = engine_on_gpu(model, short_prefill_rows=rows)
+        engine = engine_on_gpu(model, short_prefill_rows=rows, max_num_batched_tokens=128)
         outputs[rows] = [engine.generate(prompt, params)[0].token_ids for prompt in prompts]  # one at a time
         assert engine.stats().prefix_hit_requests == len(prompts) - 1
         assert (engine.runner.short_prefill_steps > 0) == (rows is None)
@@ -130,8 +131,8 @@ def test_q4_graph_replay_equals_the_eager_step(make_tiny_llama):
     runner, cache = engine.runner, engine.runner.cache
     assert runner.decode_step is not None and runner.decode_step.is_q4, runner.decode_step_reason
     graphs = runner.decode_graphs
-    # max_num_seqs 8, and up to a short chunk's 32 rows (a prefix hit's new tokens run as decode rows)
-    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8, 16, 32}, "every bucket captured"
+    # max_num_seqs 8 (a q4 cache runs no short chunks as decode rows)
+    assert graphs is not None and set(graphs.graphs) == {1, 2, 4, 8}, "every bucket captured"
     for prompt in Q4_PROMPTS:
         engine.add_request(prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
     engine.step()  # the prefills

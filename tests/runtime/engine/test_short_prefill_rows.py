@@ -99,6 +99,24 @@ def test_long_chunks_and_q4_caches_keep_their_own_paths(tiny_llama):
     assert q4.runner.short_prefill_rows == 0, "q4 stages one block per sequence: one row per sequence and step"
 
 
+def test_rows_over_the_context_read_bound_keep_the_prefill_path(tiny_llama, monkeypatch):
+    from qtool.runtime.engine import model_runner
+
+    # the bound at 100 context tokens read by all rows: 5 rows after the 16-token prefix read 5 x 21 = 105
+    monkeypatch.setattr(model_runner, "SHORT_PREFILL_CONTEXT_READS", 100)
+    engine = engine_with_rows(tiny_llama, rows=8)
+    runner = engine.runner
+    chunks = prefix_hit_chunks(engine, [[60, 61, 62, 63, 64]])
+    steps = runner.short_prefill_steps
+    runner.execute(chunks)
+    assert runner.short_prefill_steps == steps, "105 reads: the module path"
+    engine = engine_with_rows(tiny_llama, rows=8)
+    chunks = prefix_hit_chunks(engine, [[60, 61, 62]])  # 3 x 19 = 57 reads
+    steps = engine.runner.short_prefill_steps
+    engine.runner.execute(chunks)
+    assert engine.runner.short_prefill_steps == steps + 1
+
+
 def test_the_default_is_off_on_the_cpu_and_the_setting_is_checked(tiny_llama):
     assert Engine(tiny_llama, None, EngineConfig(num_blocks=16, fast_decode=True)).runner.short_prefill_rows == 0
     with pytest.raises(QtoolError, match="short_prefill_rows"):
