@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from qtool.core.errors import QtoolError
 from qtool.checkpoints.exl2_checkpoint import (
-    MEASUREMENT_FILE,
     exl2_weights_of,
     is_exl2_checkpoint,
     load_exl2_model,

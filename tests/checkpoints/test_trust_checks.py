@@ -122,7 +122,7 @@ def test_quantized_tensors_without_quantization_config_in_validates_words(tmp_pa
     (directory / "config.json").write_text(json.dumps(config))
     line = refusal(load_model, directory, with_tokenizer=False)
     suffix = "qweight" if fmt == "gptq" else "q_weight"
-    assert line.startswith(f"config.json: has no quantization_config but ") and fmt.upper() in line, suffix
+    assert line.startswith("config.json: has no quantization_config but ") and fmt.upper() in line, suffix
     assert line == validate_error(directory)
 
 

@@ -3,7 +3,6 @@ and one invocation through Typer's CliRunner in a workspace (what it printed, it
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

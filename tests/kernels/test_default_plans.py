@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
 
-from counting_tuner import CountingTuner  # noqa: E402
-from qtool.kernels.default_plans import FAMILY_RULES, PACKED, gpu_family, rule_for, rules_for  # noqa: E402
-from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LEFT_DEQUANT, LEFT_PACKED  # noqa: E402
-from qtool.kernels.registry import BackendRegistry  # noqa: E402
-from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import (  # noqa: E402
+from counting_tuner import CountingTuner
+from qtool.kernels.default_plans import FAMILY_RULES, PACKED, gpu_family, rule_for, rules_for
+from qtool.kernels.gptq_gemm_left_triton import LEFT_DENORMAL, LEFT_DEQUANT, LEFT_PACKED
+from qtool.kernels.registry import BackendRegistry
+from qtool.kernels.repack import repack_gptq
+from qtool.kernels.triton_backend import (
     CUDA_GEMV_SHAPES,
     GEMV_ROWS_SHAPES,
     GEMV_SHAPES,

@@ -5,22 +5,18 @@ against the reference on fresh random codes, odd head dims (value groups of the 
 sizes, sliding windows, empty sequences and sequences without a staging slot. On a CPU the kernel runs under the
 Triton interpreter; on a GPU the same tests run it compiled."""
 
-import os
 import random
 
 import pytest
 import torch
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels.engine_ops_ref import paged_decode_attention_q4_ref  # noqa: E402
-from qtool.kernels.engine_ops_triton import paged_decode_attention_q4_triton, triton_interpreted  # noqa: E402
-from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, cache_slots,  # noqa: E402
+from qtool.kernels.engine_ops_ref import paged_decode_attention_q4_ref
+from qtool.kernels.engine_ops_triton import paged_decode_attention_q4_triton, triton_interpreted
+from qtool.runtime.engine.attention import (AttentionBatch, allocate_kv_cache, cache_slots,
                                            paged_attention, write_kv)
-from tests.helpers.key_rope import standard_key_rope  # noqa: E402
+from tests.helpers.key_rope import standard_key_rope
 
 
 def rope_tables(positions: int, head_dim: int):

@@ -6,24 +6,20 @@ poisoned with NaN first so every element must be written; cache memory a kernel 
 On a CPU the kernels run under the Triton interpreter; on a GPU the same tests run the compiled kernels."""
 
 import math
-import os
 
 import pytest
 import torch
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels import engine_ops, engine_ops_triton  # noqa: E402
-from qtool.kernels.engine_ops_ref import (  # noqa: E402
+from qtool.kernels import engine_ops, engine_ops_triton
+from qtool.kernels.engine_ops_ref import (
     add_rms_norm_ref,
     paged_decode_attention_ref,
     rope_and_cache_ref,
     silu_mul_ref,
 )
-from qtool.kernels.engine_ops_triton import (  # noqa: E402
+from qtool.kernels.engine_ops_triton import (
     add_rms_norm_triton,
     decode_splits,
     paged_decode_attention_triton,

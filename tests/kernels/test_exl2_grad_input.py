@@ -3,21 +3,18 @@ width, stored to the permuted input columns) against dY @ W in float64 from the 
 qtool's torch reference: every EXL2 width, mixed widths in one layer, odd output widths and M; on CPU through the
 Triton interpreter."""
 
-import os
 
 import pytest
 import torch
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.formats.exl2 import exl2_tensors_from_weight  # noqa: E402
-from qtool.kernels.exl2_grad_input_triton import exl2_grad_input  # noqa: E402
-from qtool.kernels.exl2_triton import prepare_exl2  # noqa: E402
-from qtool.kernels.grad_input_launch import GradInputConfig  # noqa: E402
-from qtool.kernels.grad_input_ref import exl2_grad_input_ref  # noqa: E402
-from qtool.kernels.linear_tensors import Exl2LinearTensors  # noqa: E402
+from qtool.formats.exl2 import exl2_tensors_from_weight
+from qtool.kernels.exl2_grad_input_triton import exl2_grad_input
+from qtool.kernels.exl2_triton import prepare_exl2
+from qtool.kernels.grad_input_launch import GradInputConfig
+from qtool.kernels.grad_input_ref import exl2_grad_input_ref
+from qtool.kernels.linear_tensors import Exl2LinearTensors
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 SMALL = GradInputConfig(block_m=16, block_n=32, block_k=32, num_warps=2, num_stages=1)

@@ -2,18 +2,15 @@
 the matmul and bit for bit for the dequantized weight: every EXL2 width, several widths in one layer, odd output
 widths, M = 1, 3, 17; on CPU through the Triton interpreter."""
 
-import os
 
 import pytest
 import torch
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.formats.exl2 import exl2_tensors_from_weight  # noqa: E402
-from qtool.kernels.exl2_dequant_ref import dequantize_exl2  # noqa: E402
-from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2  # noqa: E402
+from qtool.formats.exl2 import exl2_tensors_from_weight
+from qtool.kernels.exl2_dequant_ref import dequantize_exl2
+from qtool.kernels.exl2_triton import exl2_dequantize, exl2_linear_triton, exl2_matmul, prepare_exl2
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 pytestmark = pytest.mark.usefixtures("kernels_can_run")

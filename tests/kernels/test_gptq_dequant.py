@@ -4,24 +4,21 @@ per-channel and group sizes that do not divide the tile, K and N not multiples o
 built on it: forward and dX against float64, one packed copy of the weight (its form aliases the checkpoint's
 qweight), one scratch shared by every layer. On CPU through the Triton interpreter."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference_weight, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.kernels.dequant_backend import GptqDequantBackend  # noqa: E402
-from qtool.kernels.dequant_ref import dequantize_gptq  # noqa: E402
-from qtool.kernels.gptq_dequant_triton import dequantize_into  # noqa: E402
-from qtool.kernels.gptq_grad_input_triton import prepare_gptq_grad  # noqa: E402
-from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
-from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
-from qtool.kernels.registry import BackendRegistry  # noqa: E402
-from qtool.kernels.torch_backends import GptqTorchBackend  # noqa: E402
+from qtool.kernels.dequant_backend import GptqDequantBackend
+from qtool.kernels.dequant_ref import dequantize_gptq
+from qtool.kernels.gptq_dequant_triton import dequantize_into
+from qtool.kernels.gptq_grad_input_triton import prepare_gptq_grad
+from qtool.kernels.linear_tensors import GptqLinearTensors
+from qtool.kernels.quant_linear import QuantLinear
+from qtool.kernels.registry import BackendRegistry
+from qtool.kernels.torch_backends import GptqTorchBackend
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 pytestmark = pytest.mark.usefixtures("kernels_can_run")

@@ -1,18 +1,14 @@
 """The Triton GEMM (tl.dot, both weight-tile modes and unpack schemes, split-K), the dequantize kernel and the
 backend's dispatch by M, against y = x @ W^T + b in float64 from random codes packed here independently."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, reference_weight, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels.gptq_gemm_triton import (  # noqa: E402
+from qtool.kernels.gptq_gemm_triton import (
     MODE_DEQUANT,
     MODE_MAGIC,
     UNPACK_RESHAPE,
@@ -22,7 +18,7 @@ from qtool.kernels.gptq_gemm_triton import (  # noqa: E402
     gptq_gemm,
     triton_interpreted,
 )
-from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
+from qtool.kernels.gptq_gemm_left_triton import (
     LEFT_DENORMAL,
     LEFT_DEQUANT,
     LEFT_PACKED,
@@ -33,9 +29,9 @@ from qtool.kernels.gptq_gemm_left_triton import (  # noqa: E402
     left_workspace,
     x_in_bounds,
 )
-from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
-from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import (  # noqa: E402
+from qtool.kernels.linear_tensors import GptqLinearTensors
+from qtool.kernels.repack import repack_gptq
+from qtool.kernels.triton_backend import (
     KernelTuner,
     Plan,
     TritonBackend,

@@ -2,21 +2,17 @@
 codes, scales and zeros packed here by an independent bit-stream packer: every bit width, act order, groups
 that do not divide K, padded irregular groups, per-channel, sym/asym, v1/v2, fp16/bf16, split-K."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    # before the kernel modules are imported: triton.jit reads it when a kernel is defined
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels.gptq_gemv_triton import GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows  # noqa: E402
-from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import TritonBackend  # noqa: E402
-from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
+from qtool.kernels.gptq_gemv_triton import GemvConfig, gemv_tile_fits, gptq_gemv, unit_rows
+from qtool.kernels.repack import repack_gptq
+from qtool.kernels.triton_backend import TritonBackend
+from qtool.kernels.linear_tensors import GptqLinearTensors
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 pytestmark = pytest.mark.usefixtures("kernels_can_run")

@@ -2,17 +2,14 @@
 on the GPU (skipped elsewhere); and, everywhere, what the backend does around it: its plans are candidates only
 where the extension built, and a machine without CUDA or a compiler gets a reason, not an error."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
-from qtool.kernels.gptq_gemv_cuda import (  # noqa: E402
+from qtool.kernels.gptq_gemv_cuda import (
     BLOCK_ROWS,
     SHARED_LIMIT,
     CudaGemvConfig,
@@ -22,9 +19,9 @@ from qtool.kernels.gptq_gemv_cuda import (  # noqa: E402
     load_cuda_gemv,
     split_launch,
 )
-from qtool.kernels.repack import repack_gptq  # noqa: E402
-from qtool.kernels.triton_backend import PLAN_TYPES, Plan, TritonBackend, candidate_plans  # noqa: E402
-from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
+from qtool.kernels.repack import repack_gptq
+from qtool.kernels.triton_backend import PLAN_TYPES, Plan, TritonBackend, candidate_plans
+from qtool.kernels.linear_tensors import GptqLinearTensors
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 gpu = pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA GEMV runs on a CUDA device")

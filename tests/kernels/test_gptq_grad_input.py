@@ -3,20 +3,17 @@ read from random codes packed independently (gptq_reference), and against qtool'
 width, sym/asym, v1/v2 zeros, act order, a group size that does not divide the width, both the per-row group path
 and the one-group-per-tile path, odd M and N not a multiple of the tile; on CPU through the Triton interpreter."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference_weight, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: triton.jit reads it then
 
-from qtool.kernels.grad_input_launch import GradInputConfig  # noqa: E402
-from qtool.kernels.grad_input_ref import gptq_grad_input_ref  # noqa: E402
-from qtool.kernels.gptq_grad_input_triton import gptq_grad_input, prepare_gptq_grad  # noqa: E402
-from qtool.kernels.linear_tensors import GptqLinearTensors  # noqa: E402
+from qtool.kernels.grad_input_launch import GradInputConfig
+from qtool.kernels.grad_input_ref import gptq_grad_input_ref
+from qtool.kernels.gptq_grad_input_triton import gptq_grad_input, prepare_gptq_grad
+from qtool.kernels.linear_tensors import GptqLinearTensors
 
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 SMALL = GradInputConfig(block_m=16, block_n=32, block_k=32, num_warps=2, num_stages=1)

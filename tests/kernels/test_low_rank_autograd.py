@@ -3,21 +3,18 @@ and B against float64 (W from independently packed random codes), bias and leadi
 does not apply (another backend, mixed dtypes, autocast) the helper says so with None. On CPU through the Triton
 interpreter."""
 
-import os
 
 import pytest
 import torch
 from gptq_reference import random_gptq_codes, reference_weight, relative_error
 from kernel_env import DEVICE
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported: triton.jit reads it then
 
-from qtool.kernels.dequant_backend import GptqDequantBackend  # noqa: E402
-from qtool.kernels.low_rank_autograd import dequant_linear_plus_low_rank  # noqa: E402
-from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
-from qtool.kernels.registry import BackendRegistry  # noqa: E402
-from qtool.kernels.torch_backends import GptqTorchBackend  # noqa: E402
+from qtool.kernels.dequant_backend import GptqDequantBackend
+from qtool.kernels.low_rank_autograd import dequant_linear_plus_low_rank
+from qtool.kernels.quant_linear import QuantLinear
+from qtool.kernels.registry import BackendRegistry
+from qtool.kernels.torch_backends import GptqTorchBackend
 
 TOLERANCE = {torch.bfloat16: 1.5e-2, torch.float32: 1e-5}
 pytestmark = pytest.mark.usefixtures("kernels_can_run")

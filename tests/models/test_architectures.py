@@ -7,7 +7,6 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-import torch
 import transformers
 from torch import nn
 

@@ -4,19 +4,16 @@ and a second run finds them there; a model without GPTQ linears, a float32 run a
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
 
-from counting_tuner import CountingTuner  # noqa: E402
-from qtool.core.errors import QtoolError  # noqa: E402
-from qtool.kernels.quant_linear import QuantLinear  # noqa: E402
-from qtool.kernels.triton_backend import GpuFacts, TritonBackend, kernel_plan_store  # noqa: E402
-from qtool.runtime.kernel_tuning import fuse_engine_projections, m_buckets, tune_layers  # noqa: E402
+from counting_tuner import CountingTuner
+from qtool.core.errors import QtoolError
+from qtool.kernels.quant_linear import QuantLinear
+from qtool.kernels.triton_backend import GpuFacts, TritonBackend, kernel_plan_store
+from qtool.runtime.kernel_tuning import fuse_engine_projections, m_buckets, tune_layers
 
 H100 = GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 132)
 CUDA = torch.device("cuda", 0)  # what the keys name; nothing runs on it
