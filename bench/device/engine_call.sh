@@ -8,7 +8,9 @@
 #   3. the prefix scenario with a hit's new tokens as decode rows (--short-prefill-rows 64, the default) and as a
 #      ragged prefill step (0)
 #   4. SmolLM2 `run` (its 64-token prompt now a graph replay of decode rows) against HF generate
-#   5. the engine's CUDA-graph tests (short chunks as rows against the prefill path among them)
+#   5. the engine's CUDA-graph tests (short chunks as rows against the prefill path, the q8 cache's kernels in the
+#      graphs) and the q8 kernels' tests
+#   6. the 7B-shaped decode with a q8 KV cache (its own decode kernels) against fp16
 # and, named in STAGES only (a second call): speculative (prompt lookup against plain decode on SmolLM2's shape:
 # random weights, so acceptance is a random model's), throughput (256 requests on the 7B shape against HF's padded
 # batch and ExLlamaV2 0.3.2's dynamic generator where its wheel in .whl/runtime builds).
@@ -66,10 +68,17 @@ stage_run() {
     smol 100 --skip-exllamav2 "not run: engine call" --fusion on --scenario smollm2-run
 }
 
+stage_kvq8() {
+    log "7B decode with a q8 KV cache (its decode kernels) against fp16"
+    timeout "$(limit 90)" python3 bench/runtime/engine_decode.py --fusion on --ways graphs --repeats 2 \
+        --kv-cache auto q8 --out "$OUT/engine_decode_q8.json" 2>&1 | grep -vE '^(Writing|Loading)' | tail -6 \
+        | tee -a "$LOG"
+}
+
 stage_tests() {
-    log "engine graph tests"
+    log "engine graph tests, q8 kernels"
     timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rfE tests/runtime/engine/test_cuda_graphs.py \
-        >"$OUT/graph_tests.log" 2>&1
+        tests/kernels/test_engine_ops_q8.py >"$OUT/graph_tests.log" 2>&1
     log "graph tests: exit $?"; tail -4 "$OUT/graph_tests.log" | tee -a "$LOG"
 }
 
@@ -86,7 +95,7 @@ stage_throughput() {
         | grep -E '^\||rror'
 }
 
-for stage in ${STAGES:-gemv decode prefix run tests}; do
+for stage in ${STAGES:-gemv decode prefix run tests kvq8}; do
     "stage_$stage"
 done
 log done

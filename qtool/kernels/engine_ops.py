@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from qtool.kernels.engine_ops_ref import (add_rms_norm_ref, paged_decode_attention_q4_ref, paged_decode_attention_ref,
-                                         rope_and_cache_q4_ref, rope_and_cache_ref, silu_mul_ref)
+from qtool.kernels.engine_ops_ref import (add_rms_norm_ref, paged_decode_attention_q4_ref,
+                                         paged_decode_attention_q8_ref, paged_decode_attention_ref,
+                                         rope_and_cache_q4_ref, rope_and_cache_q8_ref, rope_and_cache_ref, silu_mul_ref)
 from qtool.kernels.registry import triton_device_problem
 
 
@@ -87,6 +88,45 @@ def rope_and_cache_q4(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return rope_and_cache_q4_ref(*args)
 
 
+def q8_kernels_problem(query: torch.Tensor) -> str | None:
+    """Why the q8 cache's Triton kernels (its write and its decode attention) do not serve this query [T, heads,
+    d], or None: their torch references then run (not capturable as a CUDA graph on a GPU: they index by masks)."""
+    problem = triton_problem(query)
+    if problem:
+        return problem
+    from qtool.kernels.engine_ops_triton import KERNEL_DTYPES, MAX_HEAD_DIM
+
+    if query.dtype not in KERNEL_DTYPES:
+        return f"the q8 kernels take float16, bfloat16 and float32 queries, not {query.dtype}"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {query.shape[-1]} is over the q8 kernels' {MAX_HEAD_DIM}"
+    return None
+
+
+def rope_and_cache_q8(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, rotation: torch.Tensor, key_codes: torch.Tensor, key_scales: torch.Tensor,
+                      value_codes: torch.Tensor, value_scales: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    args = (query, key, value, cos, sin, rotation, key_codes, key_scales, value_codes, value_scales, slots)
+    if q8_kernels_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import rope_and_cache_q8_triton
+
+        return rope_and_cache_q8_triton(*args)
+    return rope_and_cache_q8_ref(*args)
+
+
+def paged_decode_attention_q8(query: torch.Tensor, key_codes: torch.Tensor, key_scales: torch.Tensor,
+                              value_codes: torch.Tensor, value_scales: torch.Tensor, rotation: torch.Tensor,
+                              block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                              sliding_window: int | None = None) -> torch.Tensor:
+    args = (query, key_codes, key_scales, value_codes, value_scales, rotation, block_tables, context_lens, scale,
+            sliding_window)
+    if q8_kernels_problem(query) is None:
+        from qtool.kernels.engine_ops_triton import paged_decode_attention_q8_triton
+
+        return paged_decode_attention_q8_triton(*args)
+    return paged_decode_attention_q8_ref(*args)
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     if triton_problem(x) is None:
@@ -115,9 +155,11 @@ def rope_and_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 for _op, _ref in ((paged_decode_attention, paged_decode_attention_ref), (add_rms_norm, add_rms_norm_ref),
                   (silu_mul, silu_mul_ref), (rope_and_cache, rope_and_cache_ref),
-                  (rope_and_cache_q4, rope_and_cache_q4_ref)):
+                  (rope_and_cache_q4, rope_and_cache_q4_ref), (paged_decode_attention_q4, paged_decode_attention_q4_ref),
+                  (rope_and_cache_q8, rope_and_cache_q8_ref), (paged_decode_attention_q8, paged_decode_attention_q8_ref)):
     _op.__doc__ = _ref.__doc__  # one statement of each contract: the reference's
 del _op, _ref
 
 __all__ = ["add_rms_norm", "paged_decode_attention", "paged_decode_attention_problem", "paged_decode_attention_q4",
-           "q4_kernels_problem", "rope_and_cache", "rope_and_cache_q4", "silu_mul", "triton_problem"]
+           "paged_decode_attention_q8", "q4_kernels_problem", "q8_kernels_problem", "rope_and_cache",
+           "rope_and_cache_q4", "rope_and_cache_q8", "silu_mul", "triton_problem"]

@@ -27,6 +27,17 @@ def paged_decode_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, val
     slots = blocks * block_size + positions % block_size
     keys = key_cache.reshape(-1, kv_heads, head_dim)[slots].float()  # [B, ctx, kv_heads, d]
     values = value_cache.reshape(-1, kv_heads, head_dim)[slots].float()
+    return _attend_gathered(query, keys, values, context_lens, scale, sliding_window)
+
+
+def _attend_gathered(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float, sliding_window: int | None) -> torch.Tensor:
+    """query [B, heads, d] against each sequence's gathered context keys/values [B, ctx, kv_heads, d] (float32,
+    position p at index p), the first context_lens[b] positions (the last sliding_window of them) allowed; scores
+    and softmax in float32; out [B, heads, d] in query's dtype (zeros for a row without context)."""
+    batch, heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    positions = torch.arange(keys.shape[1], device=query.device)
     group = heads // kv_heads
     q = query.float().view(batch, kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,bckd->bkgc", q, keys) * scale
@@ -172,13 +183,53 @@ def paged_decode_attention_q4_ref(query: torch.Tensor, key_codes: torch.Tensor, 
     rows = positions.clamp(max=cos.shape[0] - 1)  # positions past the table are masked below
     table_cos, table_sin = cos.float()[rows], sin.float()[rows]  # [ctx, d]
     keys = _rope_half(keys, table_cos[None, :, None, :], table_sin[None, :, None, :])
-    group = heads // kv_heads
-    q = query.float().view(batch, kv_heads, group, head_dim)
-    scores = torch.einsum("bkgd,bckd->bkgc", q, keys) * scale
-    allowed = positions.view(1, -1) < lens
-    if sliding_window is not None:
-        allowed &= positions.view(1, -1) >= lens - sliding_window
-    scores = scores.masked_fill(~allowed.view(batch, 1, 1, -1), float("-inf"))
-    weights = torch.nan_to_num(scores.softmax(dim=-1))
-    out = torch.einsum("bkgc,bckd->bkgd", weights, values)
-    return out.reshape(batch, heads, head_dim).to(query.dtype)
+    return _attend_gathered(query, keys, values, context_lens, scale, sliding_window)
+
+
+def quantize_q8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., d] -> (codes int8 [..., d], scales float16 [..., 1]): symmetric absmax per vector, x ~ code *
+    scale, code in [-127, 127] (the q8 cache's layout: runtime/engine/kv_quant.quantize_q8)."""
+    x = x.float()
+    scales = (x.abs().amax(dim=-1, keepdim=True) / 127).to(torch.float16)
+    codes = (x / scales.float().clamp_min(_TINY)).round().clamp(-127, 127)
+    return codes.to(torch.int8), scales
+
+
+def rope_and_cache_q8_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, rotation: torch.Tensor, key_codes: torch.Tensor, key_scales: torch.Tensor,
+                          value_codes: torch.Tensor, value_scales: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """rope_and_cache_ref for the engine's q8 cache layout (runtime/engine/kv_quant.QuantizedCacheLayer), one
+    token per row of query [T, heads, d], key and value [T, kv_heads, d]: the key turned by RoPE with cos/sin [T, d]
+    and rounded to key's dtype (as rope_and_cache does), and the value, each rotated by rotation [d, d] (stored =
+    x @ rotation) and quantized per (token, kv head) (quantize_q8_ref) into codes [num_blocks, block_size, kv_heads,
+    d] int8 and scales [num_blocks, block_size, kv_heads, 1] float16 at the flat cache slot slots [T] (< 0: a
+    padded row, not stored). Returns the rotated query."""
+    kept = slots >= 0
+    rotation = rotation.float()
+    for x, codes_out, scales_out in ((_rope_rows(key, cos, sin), key_codes, key_scales),
+                                     (value, value_codes, value_scales)):
+        codes, scales = quantize_q8_ref(x[kept].float() @ rotation)
+        codes_out.view(-1, *codes_out.shape[2:])[slots[kept]] = codes
+        scales_out.view(-1, *scales_out.shape[2:])[slots[kept]] = scales
+    return _rope_rows(query, cos, sin)
+
+
+def paged_decode_attention_q8_ref(query: torch.Tensor, key_codes: torch.Tensor, key_scales: torch.Tensor,
+                                  value_codes: torch.Tensor, value_scales: torch.Tensor, rotation: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  sliding_window: int | None = None) -> torch.Tensor:
+    """paged_decode_attention_ref over the engine's q8 cache layout (runtime/engine/kv_quant.QuantizedCacheLayer):
+    keys and values read as code * scale (codes [num_blocks, block_size, kv_heads, d] int8, scales [num_blocks,
+    block_size, kv_heads, 1] float16) and rotated back by rotation [d, d] (stored = x @ rotation). Scores, softmax
+    and sums in float32; out [B, heads, d] in query's dtype."""
+    block_size = key_codes.shape[1]
+    positions = torch.arange(block_tables.shape[1] * block_size, device=query.device)
+    blocks = block_tables.long()[:, positions // block_size]  # [B, ctx]
+    offsets = (positions % block_size).expand(len(blocks), -1)
+    back = rotation.float().T
+
+    def read(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # [B, ctx, kv_heads, d] float32
+        return (codes[blocks, offsets].float() * scales[blocks, offsets].float()) @ back
+
+    return _attend_gathered(query, read(key_codes, key_scales), read(value_codes, value_scales), context_lens, scale,
+                            sliding_window)

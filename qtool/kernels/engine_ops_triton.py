@@ -51,20 +51,22 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
-                         q_sb, q_sh, k_sn, k_sb, k_sh, v_sn, v_sb, v_sh, t_sb, o_sb, o_sh,
-                         qk_scale, window, tokens_per_split,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, table_ptr, lens_ptr, out_ptr, part_o_ptr, part_ml_ptr,
+                         q_sb, q_sh, k_sn, k_sb, k_sh, v_sn, v_sb, v_sh, ks_sn, ks_sb, ks_sh, vs_sn, vs_sb, vs_sh,
+                         t_sb, o_sb, o_sh, qk_scale, window, tokens_per_split,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
-                         ROUND_P: tl.constexpr):
+                         ROUND_P: tl.constexpr, KV_SCALED: tl.constexpr):
     """Program (b, kv head, split): the GROUP query heads of this kv head against context tokens
     [split * tokens_per_split, (split + 1) * tokens_per_split) of sequence b (clipped to its length and window),
     online softmax in float32 on log2-scaled scores. With one split the normalised rows go to out; else the
     unnormalised-then-divided partial row, its running max and sum go to the split workspace for the reduce.
     DOT_F32: both products in float32 (a float32 or mixed-dtype query/cache, and bfloat16 under the interpreter,
     whose tl.dot multiplies bfloat16's raw bits); ROUND_P then rounds the weights to the values' dtype first, as
-    the native path does."""
+    the native path does. KV_SCALED (the q8 cache): k/v hold int8 codes with a scale per (token, kv head) at
+    ks/vs; the codes (exact in 16-bit floats) meet the query in its dtype, each score is scaled by its key's
+    scale and each weight by its value's before the value product."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,7 +88,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    else:
+    elif not KV_SCALED:
         q = q.to(k_ptr.dtype.element_ty)
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -104,19 +106,31 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + block[:, None] * v_sn + offset[:, None] * v_sb + kvh * v_sh + d[None, :],
                     mask=kv_mask, other=0.0)
+        if KV_SCALED:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_F32:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
+        if KV_SCALED:
+            key_scale = tl.load(ks_ptr + block * ks_sn + offset * ks_sb + kvh * ks_sh, mask=valid, other=0.0)
+            scores = scores * key_scale.to(tl.float32)[None, :]
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays empty, not NaN
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(scores - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if KV_SCALED:
+            value_scale = tl.load(vs_ptr + block * vs_sn + offset * vs_sb + kvh * vs_sh, mask=valid, other=0.0)
+            p = p * value_scale.to(tl.float32)[None, :]
         if DOT_F32:
-            if ROUND_P:
-                p = _cast(p, v_ptr.dtype.element_ty).to(tl.float32)
+            if ROUND_P:  # to the values' dtype: the query's where they are codes
+                if KV_SCALED:
+                    p = _cast(p, q_ptr.dtype.element_ty).to(tl.float32)
+                else:
+                    p = _cast(p, v_ptr.dtype.element_ty).to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -236,7 +250,6 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
         raise QtoolError(problem)
     query, key_cache, value_cache, block_tables, context_lens = (
         t if t.stride(-1) == 1 else t.contiguous() for t in (query, key_cache, value_cache, block_tables, context_lens))
-    group = heads // kv_heads
     max_blocks = block_tables.shape[1]
     block_d = max(_pow2(head_dim), 16)
     block_n = decode_tile_tokens(head_dim)
@@ -246,19 +259,76 @@ def paged_decode_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, 
     out = _output(out, query.shape, query.dtype, query.device, "paged decode attention")
     if batch == 0:
         return out
+    launch = _decode_launch(query, key_cache, value_cache, None, None, block_tables, context_lens, out, scale,
+                            sliding_window, dot_f32, round_p)
+    return _split_k_decode(launch, out, kv_heads, max_blocks, block_size, block_d, block_n, num_splits)
+
+
+def _decode_launch(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                   key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, block_tables: torch.Tensor,
+                   context_lens: torch.Tensor, out: torch.Tensor, scale: float, sliding_window: int | None,
+                   dot_f32: bool, round_p: bool):
+    """The launch _split_k_decode calls for _paged_decode_kernel: float caches, or with key/value scales
+    [num_blocks, block_size, kv_heads, 1] the q8 cache's codes."""
+    batch, heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    block_d = max(_pow2(head_dim), 16)
+    scaled = key_scales is not None
+    key_scales = key_scales if scaled else key_cache  # not read without KV_SCALED
+    value_scales = value_scales if scaled else value_cache
     window = int(sliding_window) if sliding_window is not None else 0
 
     def launch(num_splits: int, tokens_per_split: int, part_o: torch.Tensor, part_ml: torch.Tensor) -> None:
         _paged_decode_kernel[(batch, kv_heads, num_splits)](
-            query, key_cache, value_cache, block_tables, context_lens, out, part_o, part_ml,
+            query, key_cache, value_cache, key_scales, value_scales, block_tables, context_lens, out, part_o, part_ml,
             query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1), float(scale) * LOG2E, window, tokens_per_split,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_G=max(_pow2(group), 16), BLOCK_D=block_d,
-            BLOCK_N=block_n, NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32,
-            ROUND_P=round_p, num_warps=4 if block_d <= 128 else 8, num_stages=2)
+            value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), key_scales.stride(0),
+            key_scales.stride(1), key_scales.stride(2), value_scales.stride(0), value_scales.stride(1),
+            value_scales.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), float(scale) * LOG2E, window,
+            tokens_per_split, GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            BLOCK_G=max(_pow2(heads // kv_heads), 16), BLOCK_D=block_d, BLOCK_N=decode_tile_tokens(head_dim),
+            NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, DOT_F32=dot_f32, ROUND_P=round_p,
+            KV_SCALED=scaled, num_warps=4 if block_d <= 128 else 8, num_stages=2)
 
-    return _split_k_decode(launch, out, kv_heads, max_blocks, block_size, block_d, block_n, num_splits)
+    return launch
+
+
+def paged_decode_attention_q8_triton(query: torch.Tensor, key_codes: torch.Tensor, key_scales: torch.Tensor,
+                                     value_codes: torch.Tensor, value_scales: torch.Tensor, rotation: torch.Tensor,
+                                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                     sliding_window: int | None = None,
+                                     num_splits: int | None = None) -> torch.Tensor:
+    """engine_ops_ref.paged_decode_attention_q8_ref on the GPU: the query turned into the stored vectors' frame
+    (q @ rotation: an orthogonal turn keeps every score), _paged_decode_kernel over the codes and their scales
+    (float32 rows, so the turn back is rounded once), the rows turned back (@ rotation^T). All whole-tensor ops:
+    a captured graph keeps them."""
+    batch, heads, head_dim = query.shape
+    num_blocks, block_size, kv_heads, code_dim = key_codes.shape
+    if (code_dim != head_dim or value_codes.shape != key_codes.shape or heads % kv_heads
+            or key_scales.shape != (num_blocks, block_size, kv_heads, 1) or value_scales.shape != key_scales.shape
+            or rotation.shape != (head_dim, head_dim) or key_codes.dtype != torch.int8
+            or value_codes.dtype != torch.int8):
+        raise QtoolError(f"paged decode attention (q8): query {tuple(query.shape)}, codes {tuple(key_codes.shape)} "
+                         f"{key_codes.dtype} / {tuple(value_codes.shape)}, scales {tuple(key_scales.shape)}, rotation "
+                         f"{tuple(rotation.shape)} (int8 codes [blocks, block_size, kv_heads, d], scales [..., 1])")
+    if query.dtype not in KERNEL_DTYPES or head_dim > MAX_HEAD_DIM:
+        raise QtoolError(f"paged decode attention (q8): query {query.dtype} with head_dim {head_dim} (kernel: "
+                         f"float16, bfloat16, float32 up to {MAX_HEAD_DIM})")
+    rotation = rotation.float()
+    turned = (query.float() @ rotation).to(query.dtype).contiguous()
+    key_codes, value_codes, key_scales, value_scales, block_tables, context_lens = (
+        t if t.stride(-1) == 1 else t.contiguous()
+        for t in (key_codes, value_codes, key_scales, value_scales, block_tables, context_lens))
+    native = query.dtype != torch.float32
+    round_p = native and query.dtype == torch.bfloat16 and triton_interpreted()
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    if batch == 0:
+        return out.to(query.dtype)
+    launch = _decode_launch(turned, key_codes, value_codes, key_scales, value_scales, block_tables, context_lens, out,
+                            scale, sliding_window, not native or round_p, round_p)
+    _split_k_decode(launch, out, kv_heads, block_tables.shape[1], block_size, max(_pow2(head_dim), 16),
+                    decode_tile_tokens(head_dim), num_splits)
+    return (out @ rotation.T).to(query.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -748,6 +818,112 @@ def rope_and_cache_q4_triton(query: torch.Tensor, key: torch.Tensor, value: torc
         heads, torch.finfo(torch.float32).tiny,
         HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), BLOCK_D=_pow2(head_dim), GROUP_HALF=group_half,
         BLOCK_GH=_pow2(group_half), VALUE_GROUPS=value_groups, num_warps=1 if head_dim <= 64 else 2)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE + the q8 cache's write (codes and a scale per token and kv head, of the rotated vectors)
+
+Q8_ROTATION_CHUNK = 32  # output channels of the rotation per step: a [head_dim, 32] float32 tile in registers
+
+
+@triton.jit
+def _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Channels [c * CHUNK, (c + 1) * CHUNK) of x @ rot (x: float32 [BLOCK_D] over input channels i)."""
+    j = c * CHUNK + tl.arange(0, CHUNK)
+    j_ok = j < HEAD_DIM
+    tile = tl.load(rot_ptr + i[:, None] * HEAD_DIM + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+    return tl.sum(x[:, None] * tile, axis=0), j, j_ok
+
+
+@triton.jit
+def _store_q8(x, rot_ptr, codes_ptr, scale_ptr, slot, i, i_ok, tiny,
+              HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """quantize_q8_ref of x @ rot (float32 x [BLOCK_D]) into the int8 codes at codes_ptr and the float16 scale at
+    scale_ptr, unless slot < 0: the absmax over the rotated channels first, then each chunk turned again and coded
+    (recomputing a [d, CHUNK] product costs less than holding the whole turned vector's tile)."""
+    high = 0.0
+    for c in tl.static_range(CHUNKS):
+        turned, j, j_ok = _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM, CHUNK)
+        high = tl.maximum(high, tl.max(tl.where(j_ok, tl.abs(turned), 0.0), axis=0))
+    scale = tl.math.div_rn(high, 127.0).to(tl.float16)
+    step = tl.maximum(scale.to(tl.float32), tiny)
+    for c in tl.static_range(CHUNKS):
+        turned, j, j_ok = _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM, CHUNK)
+        code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(turned, step)), -127.0), 127.0)
+        tl.store(codes_ptr + j, code.to(tl.int8), mask=j_ok & ((slot + tl.zeros_like(j)) >= 0))
+    one = tl.arange(0, 1)
+    tl.store(scale_ptr + one, scale + tl.zeros((1,), dtype=tl.float16), mask=(slot + tl.zeros_like(one)) >= 0)
+
+
+@triton.jit
+def _rope_cache_q8_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, rot_ptr, slots_ptr, kc_ptr, ksc_ptr, vc_ptr, vsc_ptr,
+                          qo_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_sr, kc_sh, ksc_sr, ksc_sh,
+                          vc_sr, vc_sh, vsc_sr, vsc_sh, qo_st, qo_sh, heads, tiny,
+                          HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Program (token, head): heads [0, heads) rotate a query head into qo; the rest take kv head (head - heads):
+    its key turned by RoPE (rounded to the key's dtype) and its value, each turned by rot and coded at the token's
+    cache slot unless it is < 0."""
+    t, kvh, d, ok, cos1, cos2, sin1, sin2 = _rope_program(q_ptr, qo_ptr, cos_ptr, sin_ptr, q_st, q_sh, qo_st, qo_sh,
+                                                          c_st, s_st, heads, HALF, BLOCK_HALF)
+    if kvh >= 0:
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        i = tl.arange(0, BLOCK_D)
+        i_ok = i < HEAD_DIM
+        # RoPE over the whole head at once: channel i pairs with (i + HALF) mod HEAD_DIM, the first half negated
+        ksrc = k_ptr + t * k_st + kvh * k_sh
+        x = tl.load(ksrc + i, mask=i_ok, other=0.0).to(tl.float32)
+        partner = tl.load(ksrc + (i + HALF) % HEAD_DIM, mask=i_ok, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + t * c_st + i, mask=i_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * s_st + i, mask=i_ok, other=0.0).to(tl.float32)
+        key = _cast(x * cos + tl.where(i < HALF, -partner, partner) * sin, k_ptr.dtype.element_ty).to(tl.float32)
+        _store_q8(key, rot_ptr, kc_ptr + slot * kc_sr + kvh * kc_sh, ksc_ptr + slot * ksc_sr + kvh * ksc_sh, slot,
+                  i, i_ok, tiny, HEAD_DIM, CHUNK, CHUNKS)
+        value = tl.load(v_ptr + t * v_st + kvh * v_sh + i, mask=i_ok, other=0.0).to(tl.float32)
+        _store_q8(value, rot_ptr, vc_ptr + slot * vc_sr + kvh * vc_sh, vsc_ptr + slot * vsc_sr + kvh * vsc_sh, slot,
+                  i, i_ok, tiny, HEAD_DIM, CHUNK, CHUNKS)
+
+
+def rope_and_cache_q8_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, rotation: torch.Tensor, key_codes: torch.Tensor,
+                             key_scales: torch.Tensor, value_codes: torch.Tensor, value_scales: torch.Tensor,
+                             slots: torch.Tensor) -> torch.Tensor:
+    """engine_ops_ref.rope_and_cache_q8_ref on the GPU in one launch: program (token, head) over the query heads
+    and then the kv heads, which turn their key and value by the rotation chunk by chunk. Codes equal the
+    reference's but where a turned channel's float32 sum (in another order) lands on the other side of a rounding
+    boundary."""
+    tokens, heads, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if (head_dim % 2 or key.shape != (tokens, kv_heads, head_dim) or value.shape != key.shape
+            or cos.shape != (tokens, head_dim) or sin.shape != cos.shape or slots.shape != (tokens,)
+            or key_codes.shape[-2:] != (kv_heads, head_dim) or value_codes.shape != key_codes.shape
+            or key_scales.shape != (*key_codes.shape[:-1], 1) or value_scales.shape != key_scales.shape
+            or rotation.shape != (head_dim, head_dim)):
+        raise QtoolError(f"rope_and_cache (q8): query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}, cos/sin {tuple(cos.shape)}, slots {tuple(slots.shape)}, codes "
+                         f"{tuple(key_codes.shape)}, scales {tuple(key_scales.shape)}")
+    if head_dim > MAX_HEAD_DIM:
+        raise QtoolError(f"rope_and_cache (q8): head_dim {head_dim} is over the kernel's {MAX_HEAD_DIM}")
+    flat = [t.view(-1, kv_heads, t.shape[-1]) for t in (key_codes, key_scales, value_codes, value_scales)]
+    if any(t.stride(-1) != 1 for t in flat):
+        raise QtoolError("rope_and_cache (q8): the cache tensors need a unit stride in their last dim")
+    query, key, value, cos, sin, slots = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value, cos, sin, slots))
+    rotation = rotation.float().contiguous()
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if tokens == 0:
+        return out
+    half = head_dim // 2
+    block_d = _pow2(head_dim)
+    chunk = min(Q8_ROTATION_CHUNK, block_d)
+    strides = [stride for t in flat for stride in (t.stride(0), t.stride(1))]
+    _rope_cache_q8_kernel[(tokens, heads + kv_heads)](
+        query, key, value, cos, sin, rotation, slots, *flat, out,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        cos.stride(0), sin.stride(0), *strides, out.stride(0), out.stride(1), heads, torch.finfo(torch.float32).tiny,
+        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), BLOCK_D=block_d, CHUNK=chunk, CHUNKS=block_d // chunk,
+        num_warps=1 if head_dim <= 64 else 2)
     return out
 
 

@@ -12,7 +12,7 @@ Design, one role per file:
   head) vectors (q4 keys: before RoPE, per channel over each full 64-token block; the block being filled staged
   exactly, keys and values, and read exact by its own queries), written and read through the same write_kv /
   read_kv with the tokens' positions (paged_attention; the GPU prefill attention dequantizes what it gathers for q8
-  and runs paged_attention for q4). The decode step takes q4 (below) and declines q8 (no decode kernels for it).
+  and runs paged_attention for q4). The decode step takes q4 (below) and q8 (its write and attention kernels, in the rotated frame).
 - q4_decode.py: the q4 cache's host side of the decode step: before it, each row's staging slot (the staging table
   decides as for the module path's write; an evicted block quantized then); after it, the blocks it filled
   quantized from their slots. Positions are host-known, so the graph stays a fixed write + attention; a write only

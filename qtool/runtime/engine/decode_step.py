@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from qtool.kernels.engine_ops import (add_rms_norm, paged_decode_attention, paged_decode_attention_q4,
-                                     q4_kernels_problem, rope_and_cache, rope_and_cache_q4, silu_mul)
+                                     paged_decode_attention_q8, q4_kernels_problem, q8_kernels_problem, rope_and_cache,
+                                     rope_and_cache_q4, rope_and_cache_q8, silu_mul)
 from qtool.kernels.engine_ops_ref import add_rms_norm_ref
 from qtool.kernels.fused_linear import FusedLinear, fuse_linears
 from qtool.models.architectures import GATE_UP, QKV
@@ -284,9 +285,15 @@ class DecodeStep:
     def is_q4(self) -> bool:
         return self.key_cos is not None
 
+    @property
+    def is_q8(self) -> bool:
+        return getattr(self.runner.cache, "kind", None) == "q8"
+
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
         if self.is_q4:
             attention = self._q4_attention(inputs)
+        elif self.is_q8:
+            attention = self._q8_attention(inputs)
         elif inputs.input_ids.device.type == "cpu":  # no kernels there: a plan made once per step, fewer host ops
             attention = self._host_attention(inputs)
         else:
@@ -317,6 +324,21 @@ class DecodeStep:
             key_cache, value_cache = self.runner.cache.layer(index)
             q = plan.rope_and_cache(q, k, v, cos, sin, key_cache, value_cache)
             return plan.attend(index, q, key_cache, value_cache)
+        return attention
+
+    def _q8_attention(self, inputs: DecodeInputs) -> LayerAttention:
+        """RoPE + the q8 write (key and value turned by the cache's rotation, int8 codes and a scale per token and
+        kv head), then the decode attention over the codes in the turned frame (engine_ops' q8 ops)."""
+        cache = self.runner.cache
+
+        def attention(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[index]
+            codes = (cache.key_codes[index], cache.key_scales[index], cache.value_codes[index],
+                     cache.value_scales[index])
+            q = rope_and_cache_q8(q, k, v, cos, sin, cache.rotation, *codes, inputs.slots)
+            return paged_decode_attention_q8(q, *codes, cache.rotation, inputs.block_tables, inputs.context_lens,
+                                             layer.scale, layer.sliding_window)
         return attention
 
     def _q4_attention(self, inputs: DecodeInputs) -> LayerAttention:
@@ -415,22 +437,23 @@ def _decode_layer(runner: "ModelRunner", index: int) -> tuple[DecodeLayer | None
 
 Q4_PHRASE = ("a q4 KV cache (each row's block exact from its staging slot, earlier blocks from their codes; a block's "
              "keys quantized by the host once a step fills it)")
+Q8_PHRASE = "a q8 KV cache (int8 codes of the rotated keys and values, read in the rotated frame)"
 
 
 def _cache_problem(runner: "ModelRunner") -> str | None:
-    """What of the runner's KV cache the decode step's ops cannot take, or None: float caches and q4 (its own write
-    and attention kernels); q8 has neither."""
+    """What of the runner's KV cache the decode step's ops cannot take, or None: float caches, q4 and q8 (each with
+    its own write and attention kernels; off CUDA their torch references)."""
     cache = runner.cache
     if not cache.is_quantized:
         return None
-    if cache.kind != "q4":
-        return (f"a {cache.kind} KV cache is read by the torch attention (the decode step's ops take float and q4 "
-                "caches; q8 has no decode kernels)")
+    problems = {"q4": q4_kernels_problem, "q8": q8_kernels_problem}
+    if cache.kind not in problems:
+        return f"a {cache.kind} KV cache has no decode-step kernels (the step takes float, q8 and q4 caches)"
     if runner.device.type == "cuda":  # off CUDA the torch references run in any case
         probe = torch.empty(1, 1, runner.head_dim, device=runner.device, dtype=runner.dtype)
-        why = q4_kernels_problem(probe)
+        why = problems[cache.kind](probe)
         if why:
-            return f"the q4 cache's decode kernels cannot run here: {why}"
+            return f"the {cache.kind} cache's decode kernels cannot run here: {why}"
     return None
 
 
@@ -518,7 +541,7 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
     why = rope_table_problem(runner.rotary, cos, sin)
     key_cos = key_sin = None
-    if why is None and runner.cache.is_quantized:  # q4 (q8 was declined above)
+    if why is None and getattr(runner.cache, "kind", None) == "q4":  # its keys are held before RoPE
         key_cos, key_sin = rope_table(runner.rotary, max_positions, torch.float32, runner.device)
         why = rope_table_problem(runner.rotary, key_cos, key_sin)
     if why is None and cos.shape[-1] != runner.head_dim:
@@ -530,7 +553,8 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     extras = [name for name, present in (("q/k norms", layers[0].q_norm is not None),
                                          ("logit transforms by the head module", final_norm is None),
                                          ("sliding windows", any(l.sliding_window for l in layers)),
-                                         (Q4_PHRASE, key_cos is not None)) if present]
+                                         (Q4_PHRASE, key_cos is not None),
+                                         (Q8_PHRASE, getattr(runner.cache, "kind", None) == "q8")) if present]
     offset = layers[0].input_norm.weight_offset
     fusion = "q/k/v and gate/up unfused (fusion off)"
     if fuse_projections:  # last: the step is decided, and fusing rebinds the model's tensors

@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.kernels.engine_ops_ref import Q4_VALUE_GROUP, quantize_q4_ref
+from qtool.kernels.engine_ops_ref import Q4_VALUE_GROUP, quantize_q4_ref, quantize_q8_ref
 from qtool.runtime.engine.rope import KeyRope
 
 SCALE_DTYPE = torch.float16
@@ -77,10 +77,7 @@ def rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., d] -> (codes int8 [..., d], scales float16 [..., 1])."""
-    x = x.float()
-    scales = (x.abs().amax(dim=-1, keepdim=True) / 127).to(SCALE_DTYPE)
-    codes = (x / scales.float().clamp_min(_TINY)).round().clamp(-127, 127)
-    return codes.to(torch.int8), scales
+    return quantize_q8_ref(x)  # one definition, shared with the decode step's cache write (kernels/engine_ops)
 
 
 def dequantize_q8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -445,8 +442,9 @@ class QuantizedKVCache:
     each (per token). q4: a Q4CacheLayer (keys per channel per block, values per token, the blocks being filled
     staged exactly), given to attention as its two Q4Parts. The torch paged attention and the GPU prefill attention
     read it through attention.read_kv. The whole-tensor decode step (and its CUDA graphs) takes q4 through its own
-    kernels (engine_ops.rope_and_cache_q4, paged_decode_attention_q4) and its host side (q4_decode.py); q8 it
-    declines (decode_step._cache_problem)."""
+    kernels (engine_ops.rope_and_cache_q4, paged_decode_attention_q4) and its host side (q4_decode.py); q8
+    through engine_ops.rope_and_cache_q8 and paged_decode_attention_q8 (queries turned into the stored vectors'
+    frame, rows turned back)."""
 
     kind: str
     head_dim: int

@@ -47,7 +47,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch at most
     max_num_batched_tokens: int = 2048  # tokens computed per step at most (prefills are chunked to fit)
     kv_dtype: torch.dtype | None = None  # a float cache's dtype (None: the model's); kv_cache names the others
-    kv_cache: str = "auto"  # auto (the model's dtype, or kv_dtype), fp16, bf16, q8 or q4 (q8: no fast decode)
+    kv_cache: str = "auto"  # auto (the model's dtype, or kv_dtype), fp16, bf16, q8 or q4
     # speculative decoding of greedy requests: None, "ngram" (prompt lookup) or "draft" (a draft model given to Engine)
     speculative: str | None = None
     num_speculative_tokens: int = 4  # the most draft tokens per step (each request's adaptive length stays under it)

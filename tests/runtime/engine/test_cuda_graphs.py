@@ -1,7 +1,7 @@
 """The decode step's CUDA graphs on the device (gpu): replay equal to the eager step (padded rows included), greedy
 output with graphs on equal to graphs off and to the module path, float and q4 caches (q4: rows that fill a block
-and start one, the host's quantization around the replay), a prefix hit's new tokens replayed as decode rows equal
-to the prefill path, and no kernel tuning inside the first request after start-up (every token-count and batch
+and start one, the host's quantization around the replay), a q8 cache's kernels inside the graphs, a prefix hit's new tokens replayed as
+decode rows equal to the prefill path, and no kernel tuning inside the first request after start-up (every token-count and batch
 bucket is warmed up when the engine starts)."""
 
 from __future__ import annotations
@@ -78,6 +78,20 @@ def test_short_chunks_replay_the_decode_graphs_and_equal_the_prefill_path(make_t
         assert engine.stats().prefix_hit_requests == len(prompts) - 1
         assert (engine.runner.short_prefill_steps > 0) == (rows is None)
     assert outputs[None] == outputs[0]
+
+
+def test_q8_greedy_with_graphs_equals_the_module_path(make_tiny_llama):
+    """The q8 cache's write and attention kernels inside the captured step: greedy tokens equal the eager step's
+    and the module path's over the same q8 cache (float32 model)."""
+    model = make_tiny_llama(**SHAPE).to("cuda")
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 17, 30)]
+    outputs = {}
+    for name, settings in {"graphs": {}, "eager": dict(cuda_graphs=False),
+                           "modules": dict(fast_decode=False)}.items():
+        engine = engine_on_gpu(model, kv_cache="q8", **settings)
+        outputs[name] = [out.token_ids for out in engine.generate(PROMPTS, params)]
+        assert (engine.runner.decode_graphs is not None) == (name == "graphs"), engine.runner.decode_step_reason
+    assert outputs["graphs"] == outputs["eager"] == outputs["modules"]
 
 
 def test_no_kernel_tuning_inside_the_first_request(make_tiny_llama):
