@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.quant.exl2_solver import P_GRID, Exl2Candidate, exl2_quantize, prepare_linear
+from qtool.quant.exl2_solver import P_GRID, Exl2Candidate, candidate_errors, prepare_linear
 
 MEASUREMENT_VERSION = 1
 BPW_TOLERANCE = 0.02
@@ -134,11 +134,8 @@ def measure_linear(
     """The relative output error of quantizing this linear with each candidate (nothing is kept)."""
     out_features, in_features = weight.shape
     prepared = prepare_linear(weight, hessian, damp_percent=damp_percent)  # the same for every candidate
-    measured = []
-    for candidate in candidates:
-        bits, sizes = candidate.layout(in_features)
-        result = exl2_quantize(weight, hessian, bits, sizes, damp_percent=damp_percent, p_grid=p_grid, prepared=prepared)
-        measured.append(MeasuredCandidate(candidate, candidate.total_bits(in_features, out_features), result.error))
+    errors = candidate_errors(prepared, weight, hessian, [c.layout(in_features) for c in candidates], p_grid)
+    measured = [MeasuredCandidate(c, c.total_bits(in_features, out_features), error) for c, error in zip(candidates, errors)]
     return LinearMeasurement(name, out_features, in_features, measured)
 
 

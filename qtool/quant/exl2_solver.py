@@ -100,27 +100,35 @@ def fit_group_scales(x: torch.Tensor, bits: int, p_grid: int = P_GRID) -> tuple[
 
     Each column's natural scale absmax / (maxq/2) becomes the level nearest on a square-root scale below the
     group's largest; then the whole grid is stretched by the p in [0.7, 1.2] with the least sum |err|**3.5."""
+    levels, scale_max, scales = fit_group_scales_batched(x[None], bits, p_grid)
+    return levels[0], scale_max[0], scales[0]
+
+
+def fit_group_scales_batched(x: torch.Tensor, bits: int,
+                             p_grid: int = P_GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fit_group_scales of B groups at once, x [B, rows, N] (each its own largest scale and stretch): levels int32
+    [B, N], q_scale_max float16 [B], scales float16 [B, N]."""
     maxq = (1 << bits) - 1
     zero = 1 << (bits - 1)
     xf = x.to(torch.float32)
-    base = (xf.abs().amax(dim=0) + 1e-12) / (maxq / 2)
-    top = base.max()
+    base = (xf.abs().amax(dim=1) + 1e-12) / (maxq / 2)  # [B, N]
+    top = base.amax(dim=1, keepdim=True)  # [B, 1]
     levels = torch.clamp(torch.round(torch.sqrt(base / top) * SCALE_LEVELS), 1, SCALE_LEVELS)
-    grid = (levels / SCALE_LEVELS).square() * top  # [N]
+    grid = (levels / SCALE_LEVELS).square() * top  # [B, N]
     ps = MIN_P + (MAX_P - MIN_P) * torch.arange(p_grid + 1, dtype=torch.float32, device=x.device) / p_grid
-    errors = torch.empty_like(ps)
+    errors = torch.empty(ps.numel(), x.shape[0], dtype=torch.float32, device=x.device)
     chunk = max(1, _SEARCH_ELEMENTS // max(xf.numel(), 1))
     for start in range(0, ps.numel(), chunk):
-        scale = ps[start : start + chunk, None, None] * grid[None, None, :]  # [p, 1, N]
+        scale = ps[start : start + chunk, None, None, None] * grid[None, :, None, :]  # [p, B, 1, N]
         q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq - zero)
         miss = (q * scale - xf[None]).abs()
-        errors[start : start + chunk] = (miss.square() * miss * miss.sqrt()).sum(dim=(1, 2))  # |err|**3.5 without pow
-    best = ps[int(torch.argmin(errors))]
+        errors[start : start + chunk] = (miss.square() * miss * miss.sqrt()).sum(dim=(2, 3))  # |err|**3.5 without pow
+    best = ps[torch.argmin(errors, dim=0)]  # [B]
     # An all-zero group would round to a q_scale_max of 0, which readers refuse: the smallest float16 keeps it
     # positive and still dequantizes to zero (q_scale_max / 256 rounds to 0).
-    scale_max = (top * best).to(torch.float16).clamp_min(SMALLEST_FLOAT16)
+    scale_max = (top[:, 0] * best).to(torch.float16).clamp_min(SMALLEST_FLOAT16)
     levels = levels.to(torch.int32)
-    return levels, scale_max, exl2_scales(levels[None], scale_max.reshape(1))[0]
+    return levels, scale_max, exl2_scales(levels, scale_max)
 
 
 @dataclass(frozen=True)
@@ -224,6 +232,82 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
             w[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
         start = end
     return codes, torch.stack(levels), torch.stack(maxima)
+
+
+# Bytes of float32 work the batched measurement may hold per pass (three [K, candidates x N] matrices): a linear's
+# candidates are solved together in as few passes as fit in it
+MEASURE_BATCH_BYTES = 1 << 30
+BLOCK_ROWS = ROW_ALIGNMENT  # every group boundary of every candidate falls on a multiple of it
+
+
+def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: torch.Tensor,
+                     layouts: list[tuple[tuple[int, ...], tuple[int, ...]]], p_grid: int = P_GRID,
+                     batch_bytes: int = MEASURE_BATCH_BYTES) -> list[float]:
+    """The relative output error exl2_quantize gives for each layout (group widths, group rows), computed for many
+    candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), one loop over the rows for
+    all of them, lazy updates every BLOCK_ROWS rows (where every candidate's groups begin), and each group's scales
+    fitted, as exl2_quantize fits them, when the pass reaches its first row (candidates starting groups of the same
+    width and size at a row fitted in one call). A measurement pass solves 30 candidates per linear: one at a time
+    that is K steps of small ops each, which a GPU spends launching them. Equal to exl2_quantize's errors but for
+    float32 sums in another order (a code may round the other way)."""
+    in_features, out_features = prepared.rows.shape
+    per_candidate = 3 * in_features * out_features * 4
+    size = max(1, batch_bytes // per_candidate)
+    errors: list[float] = []
+    for start in range(0, len(layouts), size):
+        errors += _batched_errors(prepared, weight, hessian, layouts[start : start + size], p_grid)
+    return errors
+
+
+def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: torch.Tensor,
+                    layouts: list[tuple[tuple[int, ...], tuple[int, ...]]], p_grid: int) -> list[float]:
+    rows, upper = prepared.rows, prepared.upper
+    in_features, n = rows.shape
+    count = len(layouts)
+    for group_bits, group_sizes in layouts:
+        check_exl2_layout(in_features, n, tuple(group_bits), tuple(group_sizes))
+    # each row that starts a group: (width, group rows) -> the candidates starting such a group there
+    starts: dict[int, dict[tuple[int, int], list[int]]] = {}
+    for index, (group_bits, group_sizes) in enumerate(layouts):
+        row = 0
+        for bits, size in zip(group_bits, group_sizes):
+            starts.setdefault(row, {}).setdefault((bits, size), []).append(index)
+            row += size
+    w = rows.repeat(1, count)  # [K, C * N]: candidate c's copy in columns c*N .. (c+1)*N
+    dequantized = torch.empty_like(w)
+    scale = torch.empty(count * n, dtype=torch.float32, device=w.device)
+    low, high, divisor = torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(scale)
+    q = torch.empty_like(scale)
+    diagonal = upper.diagonal().tolist()
+    for block in range(0, in_features, BLOCK_ROWS):  # groups begin only at a block's first row
+        end = min(block + BLOCK_ROWS, in_features)
+        for (bits, size), members in starts.get(block, {}).items():
+            columns = torch.cat([torch.arange(c * n, (c + 1) * n, device=w.device) for c in members])
+            group = w[block : block + size, columns].view(size, len(members), n).permute(1, 0, 2)
+            _, _, group_scales = fit_group_scales_batched(group, bits, p_grid)
+            scale[columns] = group_scales.reshape(-1).to(torch.float32)
+            zero = 1 << (bits - 1)
+            low[columns], high[columns] = -zero, zero - 1
+        if block in starts:
+            # a group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0
+            torch.where(scale > 0, scale, torch.ones_like(scale), out=divisor)
+        errors = torch.empty(end - block, count * n, dtype=torch.float32, device=w.device)
+        for i in range(block, end):
+            torch.div(w[i], divisor, out=q).round_().clamp_(low, high)
+            torch.mul(q, scale, out=dequantized[i])
+            err = torch.sub(w[i], dequantized[i], out=errors[i - block]).div_(diagonal[i])
+            if i + 1 < end:
+                w[i + 1 : end].addr_(upper[i, i + 1 : end], err, alpha=-1.0)
+        if end < in_features:
+            w[end:].addmm_(upper[block:end, end:].T, errors, alpha=-1.0)
+    # tr(dW H dW^T) in act order: the permuted Hessian of the original weight (dead inputs' rows of H are zero)
+    perm = prepared.perm
+    original = weight.detach().to(torch.float32)[:, perm].T  # [K, N] act order
+    h = hessian.to(torch.float32)[perm][:, perm]
+    delta = (dequantized.view(in_features, count, n) - original[:, None, :]).reshape(in_features, count * n)
+    products = ((h @ delta) * delta).sum(dim=0).view(count, n).sum(dim=1)
+    energy = prepared.output_energy
+    return [float(p) / energy if energy > 0 else 0.0 for p in products]
 
 
 # Relative ridge on the refit systems, as GPTQ damps its Hessian (see quant/refine.py).

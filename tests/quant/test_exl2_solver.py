@@ -171,3 +171,39 @@ def test_an_all_zero_group_keeps_a_positive_q_scale_max_that_readers_accept():
     assert bool((result.scale_max > 0).all())
     loaded = weight_from_exl2_tensors(exl2_tensors_from_weight(result))  # the reader's checks pass
     assert bool((loaded.dequantize()[:, :32] == 0).all())
+
+
+def test_fit_group_scales_batched_fits_each_group_on_its_own():
+    from qtool.quant.exl2_solver import fit_group_scales_batched
+
+    gen = torch.Generator().manual_seed(12)
+    groups = torch.randn(5, 64, 24, generator=gen) * torch.tensor([0.01, 1.0, 30.0, 0.2, 5.0]).view(5, 1, 1)
+    groups[3] = 0.0  # an all-zero group among live ones
+    for bits in (2, 4, 8):
+        levels, maxima, scales = fit_group_scales_batched(groups, bits)
+        for index, group in enumerate(groups):
+            alone = fit_group_scales(group, bits)
+            assert torch.equal(levels[index], alone[0]) and torch.equal(maxima[index], alone[1])
+            assert torch.equal(scales[index], alone[2])
+
+
+@pytest.mark.parametrize("in_features,out_features,batch_candidates", [(160, 40, 30), (96, 33, 4), (64, 8, 1)])
+def test_candidate_errors_in_one_pass_equal_each_candidates_own_solve(in_features, out_features, batch_candidates):
+    """The measurement's batched GPTQ pass (all candidates side by side, lazy updates every 32 rows) against
+    exl2_quantize run for each candidate alone: the same errors up to float32 summation order, whether the
+    candidates fit one pass or take several; dead inputs included."""
+    from qtool.quant.exl2_optimize import DEFAULT_CANDIDATES
+    from qtool.quant.exl2_solver import candidate_errors, prepare_linear
+
+    weight, hessian = correlated(out_features, in_features, seed=in_features + out_features)
+    hessian[:, 7] = hessian[7, :] = 0.0  # an input never seen
+    prepared = prepare_linear(weight, hessian)
+    layouts = [candidate.layout(in_features) for candidate in DEFAULT_CANDIDATES]
+    per_pass = batch_candidates * 3 * in_features * out_features * 4
+    errors = candidate_errors(prepared, weight, hessian, layouts, p_grid=24, batch_bytes=per_pass)
+    alone = [exl2_quantize(weight, hessian, bits, sizes, p_grid=24, prepared=prepared).error for bits, sizes in layouts]
+    assert len(errors) == len(layouts)
+    torch.testing.assert_close(torch.tensor(errors, dtype=torch.float64), torch.tensor(alone, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-9)
+    # equal layouts (small widths collapse several candidates) give equal errors, different ones differ
+    assert len({f"{error:.5g}" for error in errors}) == len(set(layouts)), "each candidate solved with its own layout"
