@@ -15,6 +15,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
+from qtool.kernels.gptq_block_triton import solve_row_block
 from qtool.quant.gptq import inverse_hessian_cholesky
 
 # ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
@@ -244,8 +245,9 @@ def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: to
                      layouts: list[tuple[tuple[int, ...], tuple[int, ...]]], p_grid: int = P_GRID,
                      batch_bytes: int = MEASURE_BATCH_BYTES) -> list[float]:
     """The relative output error exl2_quantize gives for each layout (group widths, group rows), computed for many
-    candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), one loop over the rows for
-    all of them, lazy updates every BLOCK_ROWS rows (where every candidate's groups begin), and each group's scales
+    candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), each block of BLOCK_ROWS rows
+    (where every candidate's groups begin) solved for all of them at once (kernels/gptq_block_triton: one launch
+    on a GPU), lazy updates after each block, and each group's scales
     fitted, as exl2_quantize fits them, when the pass reaches its first row (candidates starting groups of the same
     width and size at a row fitted in one call). A measurement pass solves 30 candidates per linear: one at a time
     that is K steps of small ops each, which a GPU spends launching them. Equal to exl2_quantize's errors but for
@@ -277,12 +279,10 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
     dequantized = torch.empty_like(w)
     scale = torch.empty(count * n, dtype=torch.float32, device=w.device)
     low, high, divisor = torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(scale)
-    q = torch.empty_like(scale)
-    diagonal = upper.diagonal().tolist()
     for block in range(0, in_features, BLOCK_ROWS):  # groups begin only at a block's first row
         end = min(block + BLOCK_ROWS, in_features)
         for (bits, size), members in starts.get(block, {}).items():
-            columns = torch.cat([torch.arange(c * n, (c + 1) * n, device=w.device) for c in members])
+            columns = (torch.tensor(members, device=w.device)[:, None] * n + torch.arange(n, device=w.device)).reshape(-1)
             group = w[block : block + size, columns].view(size, len(members), n).permute(1, 0, 2)
             _, _, group_scales = fit_group_scales_batched(group, bits, p_grid)
             scale[columns] = group_scales.reshape(-1).to(torch.float32)
@@ -291,13 +291,8 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
         if block in starts:
             # a group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0
             torch.where(scale > 0, scale, torch.ones_like(scale), out=divisor)
-        errors = torch.empty(end - block, count * n, dtype=torch.float32, device=w.device)
-        for i in range(block, end):
-            torch.div(w[i], divisor, out=q).round_().clamp_(low, high)
-            torch.mul(q, scale, out=dequantized[i])
-            err = torch.sub(w[i], dequantized[i], out=errors[i - block]).div_(diagonal[i])
-            if i + 1 < end:
-                w[i + 1 : end].addr_(upper[i, i + 1 : end], err, alpha=-1.0)
+        dequantized[block:end], errors = solve_row_block(w[block:end], divisor, scale, low, high,
+                                                         upper[block:end, block:end])
         if end < in_features:
             w[end:].addmm_(upper[block:end, end:].T, errors, alpha=-1.0)
     # tr(dW H dW^T) in act order: the permuted Hessian of the original weight (dead inputs' rows of H are zero)
