@@ -78,7 +78,8 @@ stage_kvq8() {
 stage_tests() {
     log "engine graph tests, q8 kernels"
     timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rfE tests/runtime/engine/test_cuda_graphs.py \
-        tests/kernels/test_engine_ops_q8.py tests/kernels/test_gptq_block.py >"$OUT/graph_tests.log" 2>&1
+        tests/kernels/test_engine_ops_q8.py tests/kernels/test_gptq_block.py tests/quant/test_gptq.py::test_cuda_matches_cpu \
+        >"$OUT/graph_tests.log" 2>&1
     log "graph tests: exit $?"; tail -4 "$OUT/graph_tests.log" | tee -a "$LOG"
 }
 

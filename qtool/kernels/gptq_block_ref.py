@@ -7,22 +7,24 @@ from __future__ import annotations
 import torch
 
 
-def solve_row_block_ref(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                        high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_row_block_ref(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        low: torch.Tensor, high: torch.Tensor,
+                        upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ over the rows w [R, M] (float32, updated in place) of one block: row i's codes round(w[i] / divisor)
-    (halves to even) clamped to [low, high], its dequantized row codes * scale, its error (w[i] - dequantized) /
-    upper[i, i], and rows j > i of the block lowered by upper[i, j] * error. divisor, scale, low, high: [M] float32
-    per column; upper [R, R]: the block's part of the upper Cholesky factor of the inverse Hessian. Returns
-    (dequantized [R, M], errors [R, M])."""
+    (halves to even) + zero clamped to [low, high], its dequantized row scale * (codes - zero), its error (w[i] -
+    dequantized) / upper[i, i], and rows j > i of the block lowered by upper[i, j] * error. divisor, scale, zero,
+    low, high: [M] float32 per column (GPTQ: divisor = scale, its zero point, [0, maxq]; EXL2: zero 0, [-z, z - 1]);
+    upper [R, R]: the block's part of the upper Cholesky factor of the inverse Hessian. Returns (dequantized [R, M],
+    errors [R, M], codes [R, M] float32)."""
     rows = w.shape[0]
     dequantized = torch.empty_like(w)
     errors = torch.empty_like(w)
-    codes = torch.empty_like(scale)
+    codes = torch.empty_like(w)
     diagonal = upper.diagonal().tolist()
     for i in range(rows):
-        torch.div(w[i], divisor, out=codes).round_().clamp_(low, high)
-        torch.mul(codes, scale, out=dequantized[i])
+        torch.div(w[i], divisor, out=codes[i]).round_().add_(zero).clamp_(low, high)
+        torch.mul(scale, codes[i] - zero, out=dequantized[i])
         error = torch.sub(w[i], dequantized[i], out=errors[i]).div_(diagonal[i])
         if i + 1 < rows:
             w[i + 1 :].addr_(upper[i, i + 1 :], error, alpha=-1.0)
-    return dequantized, errors
+    return dequantized, errors, codes

@@ -20,8 +20,8 @@ MAX_ROWS = 64  # a block's rows held in registers per program
 
 
 @triton.jit
-def _row_block_kernel(w_ptr, divisor_ptr, scale_ptr, low_ptr, high_ptr, upper_ptr, dq_ptr, err_ptr, rows, columns,
-                      w_sr, u_sr, dq_sr, e_sr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_block_kernel(w_ptr, divisor_ptr, scale_ptr, zero_ptr, low_ptr, high_ptr, upper_ptr, dq_ptr, err_ptr, codes_ptr,
+                      rows, columns, w_sr, u_sr, dq_sr, e_sr, c_sr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program over columns [pid * BLOCK_M, ...): the block's rows in order, as solve_row_block_ref (the feedback
     kept in the register tile; w itself is not written back: the caller reads the block only through dq and err)."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,13 +31,15 @@ def _row_block_kernel(w_ptr, divisor_ptr, scale_ptr, low_ptr, high_ptr, upper_pt
     tile = tl.load(w_ptr + r[:, None] * w_sr + cols[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
     divisor = tl.load(divisor_ptr + cols, mask=c_ok, other=1.0)
     scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
+    zero = tl.load(zero_ptr + cols, mask=c_ok, other=0.0)
     low = tl.load(low_ptr + cols, mask=c_ok, other=0.0)
     high = tl.load(high_ptr + cols, mask=c_ok, other=0.0)
     for i in range(rows):
         row = tl.sum(tl.where(r[:, None] == i, tile, 0.0), axis=0)
-        codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(row, divisor)), low), high)
-        dequantized = codes * scale
+        codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(row, divisor)) + zero, low), high)
+        dequantized = scale * (codes - zero)
         error = tl.math.div_rn(row - dequantized, tl.load(upper_ptr + i * u_sr + i))
+        tl.store(codes_ptr + i * c_sr + cols, codes, mask=c_ok)
         tl.store(dq_ptr + i * dq_sr + cols, dequantized, mask=c_ok)
         tl.store(err_ptr + i * e_sr + cols, error, mask=c_ok)
         feedback = tl.load(upper_ptr + i * u_sr + r, mask=r_ok & (r > i), other=0.0)
@@ -61,30 +63,31 @@ def row_block_problem(w: torch.Tensor) -> str | None:
     return None
 
 
-def solve_row_block_triton(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                           high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_row_block_triton(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           low: torch.Tensor, high: torch.Tensor,
+                           upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """solve_row_block_ref in one launch (w is read, not updated: its rows after the first are the caller's to
     drop, as the reference's updates are)."""
     rows, columns = w.shape
     w, upper = (t if t.stride(-1) == 1 else t.contiguous() for t in (w, upper))
-    divisor, scale, low, high = (t.contiguous() for t in (divisor, scale, low, high))
+    divisor, scale, zero, low, high = (t.contiguous() for t in (divisor, scale, zero, low, high))
     dequantized = torch.empty(rows, columns, dtype=torch.float32, device=w.device)
-    errors = torch.empty_like(dequantized)
+    errors, codes = torch.empty_like(dequantized), torch.empty_like(dequantized)
     if rows and columns:
         _row_block_kernel[(triton.cdiv(columns, BLOCK_M),)](
-            w, divisor, scale, low, high, upper, dequantized, errors, rows, columns, w.stride(0), upper.stride(0),
-            dequantized.stride(0), errors.stride(0), BLOCK_R=max(triton.next_power_of_2(rows), 16), BLOCK_M=BLOCK_M,
-            num_warps=4)
-    return dequantized, errors
+            w, divisor, scale, zero, low, high, upper, dequantized, errors, codes, rows, columns, w.stride(0),
+            upper.stride(0), dequantized.stride(0), errors.stride(0), codes.stride(0),
+            BLOCK_R=max(triton.next_power_of_2(rows), 16), BLOCK_M=BLOCK_M, num_warps=4)
+    return dequantized, errors, codes
 
 
-def solve_row_block(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
-                    high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_row_block(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
+                    high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """solve_row_block_ref's contract: the kernel on a CUDA tensor it takes, the reference elsewhere (w may or may
     not be updated in place: callers use only the returned rows)."""
     if row_block_problem(w) is None:
-        return solve_row_block_triton(w, divisor, scale, low, high, upper)
-    return solve_row_block_ref(w, divisor, scale, low, high, upper)
+        return solve_row_block_triton(w, divisor, scale, zero, low, high, upper)
+    return solve_row_block_ref(w, divisor, scale, zero, low, high, upper)
 
 
 solve_row_block.__doc__ = solve_row_block_ref.__doc__ + "\n\n" + (solve_row_block.__doc__ or "")

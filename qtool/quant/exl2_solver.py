@@ -15,7 +15,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
-from qtool.kernels.gptq_block_triton import solve_row_block
+from qtool.kernels.gptq_block_triton import MAX_ROWS as BLOCK_KERNEL_ROWS, row_block_problem, solve_row_block
 from qtool.quant.gptq import inverse_hessian_cholesky
 
 # ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
@@ -213,6 +213,9 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
     codes = torch.empty_like(w, dtype=torch.int32)
     levels, maxima = [], []
     start = 0
+    # on a GPU each group's rows go through solve_row_block in sub-blocks (one kernel each) instead of a handful
+    # of small launches per row
+    kernel_blocks = row_block_problem(w) is None
     for bits, rows in zip(group_bits, group_sizes):
         end = start + rows
         level, scale_max, scale = fit_group_scales(w[start:end], bits, p_grid)
@@ -223,12 +226,24 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
         maxima.append(scale_max)
         zero = 1 << (bits - 1)
         errors = torch.empty(rows, w.shape[1], dtype=torch.float32, device=w.device)
-        for i in range(start, end):
-            q = torch.clamp(torch.round(w[i] / divisor), -zero, zero - 1)
-            codes[i] = (q + zero).to(torch.int32)
-            err = (w[i] - q * scale) / upper[i, i]
-            errors[i - start] = err
-            w[i + 1 : end].addr_(upper[i, i + 1 : end], err, alpha=-1.0)
+        if kernel_blocks:
+            centred = torch.zeros_like(scale)
+            low, high = torch.full_like(scale, -zero), torch.full_like(scale, zero - 1)
+            for sub in range(start, end, BLOCK_KERNEL_ROWS):
+                sub_end = min(sub + BLOCK_KERNEL_ROWS, end)
+                _, err, q = solve_row_block(w[sub:sub_end], divisor, scale, centred, low, high,
+                                            upper[sub:sub_end, sub:sub_end])
+                codes[sub:sub_end] = (q + zero).to(torch.int32)
+                errors[sub - start : sub_end - start] = err
+                if sub_end < end:
+                    w[sub_end:end].addmm_(upper[sub:sub_end, sub_end:end].T, err, alpha=-1.0)
+        else:
+            for i in range(start, end):
+                q = torch.clamp(torch.round(w[i] / divisor), -zero, zero - 1)
+                codes[i] = (q + zero).to(torch.int32)
+                err = (w[i] - q * scale) / upper[i, i]
+                errors[i - start] = err
+                w[i + 1 : end].addr_(upper[i, i + 1 : end], err, alpha=-1.0)
         if end < w.shape[0]:
             w[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1.0)
         start = end
@@ -279,6 +294,7 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
     dequantized = torch.empty_like(w)
     scale = torch.empty(count * n, dtype=torch.float32, device=w.device)
     low, high, divisor = torch.empty_like(scale), torch.empty_like(scale), torch.empty_like(scale)
+    zeros = torch.zeros_like(scale)  # EXL2's codes are centred: no zero point
     for block in range(0, in_features, BLOCK_ROWS):  # groups begin only at a block's first row
         end = min(block + BLOCK_ROWS, in_features)
         for (bits, size), members in starts.get(block, {}).items():
@@ -291,8 +307,8 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
         if block in starts:
             # a group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0
             torch.where(scale > 0, scale, torch.ones_like(scale), out=divisor)
-        dequantized[block:end], errors = solve_row_block(w[block:end], divisor, scale, low, high,
-                                                         upper[block:end, block:end])
+        dequantized[block:end], errors, _ = solve_row_block(w[block:end], divisor, scale, zeros, low, high,
+                                                            upper[block:end, block:end])
         if end < in_features:
             w[end:].addmm_(upper[block:end, end:].T, errors, alpha=-1.0)
     # tr(dW H dW^T) in act order: the permuted Hessian of the original weight (dead inputs' rows of H are zero)

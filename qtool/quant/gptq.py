@@ -13,7 +13,9 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.quant.grid import check_grid_options, dequantize_codes, fit_grid, fit_group_grids, natural_g_idx, round_to_grid
+from qtool.kernels.gptq_block_triton import MAX_ROWS, row_block_problem, solve_row_block
+from qtool.quant.grid import (check_grid_options, dequantize_codes, fit_grid, fit_group_grids, max_code, natural_g_idx,
+                              round_to_grid)
 from qtool.formats.quantized_weight import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -87,32 +89,47 @@ def _solve_columns(
     bounds: list[int],
     grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     bits: int,
+    kernel_blocks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over the rows of work = W^T [K, N] (updated in place), with blocks [bounds[i], bounds[i+1])
     and upper = the Cholesky factor of H^-1. grid_at(position) gives (scale, zero) for that column.
-    Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors."""
+    Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
+    kernel_blocks: the grid is the same over each block (bounds split at group starts, groups fitted there), so
+    each sub-block of up to gptq_block_triton.MAX_ROWS columns goes through solve_row_block (one kernel on a GPU,
+    where the column loop is a handful of small launches per column)."""
     cols, rows = work.shape
     codes_t = torch.empty_like(work)
     deq_t = torch.empty_like(work)
     loss = torch.zeros((), dtype=torch.float32, device=work.device)
+    if kernel_blocks:
+        low = torch.zeros(rows, dtype=torch.float32, device=work.device)
+        high = torch.full_like(low, max_code(bits))
     # Inside a block, rank-1 updates reach only the next few columns (a sub-block small enough that torch runs
     # them on the calling thread: per-column parallel regions stall when the cores are shared); each sub-block
     # then updates the rest of its block with one matmul, and each block the columns after it.
-    sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
+    sub_width = MAX_ROWS if kernel_blocks else max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
     for start, end in zip(bounds[:-1], bounds[1:]):
         block_err = torch.empty(end - start, rows, dtype=torch.float32, device=work.device)
+        if kernel_blocks:
+            scale, zero = grid_at(start)
         for sub_start in range(start, end, sub_width):
             sub_end = min(sub_start + sub_width, end)
-            for pos in range(sub_start, sub_end):
-                scale, zero = grid_at(pos)
-                column = work[pos]
-                codes = round_to_grid(column, scale, zero, bits)
-                deq = dequantize_codes(codes, scale, zero)
-                codes_t[pos] = codes
-                deq_t[pos] = deq
-                err = (column - deq) / upper[pos, pos]
-                block_err[pos - start] = err
-                work[pos + 1 : sub_end].addr_(upper[pos, pos + 1 : sub_end], err, alpha=-1.0)
+            if kernel_blocks:
+                deq, err, codes = solve_row_block(work[sub_start:sub_end], scale, scale, zero, low, high,
+                                                  upper[sub_start:sub_end, sub_start:sub_end])
+                codes_t[sub_start:sub_end], deq_t[sub_start:sub_end] = codes, deq
+                block_err[sub_start - start : sub_end - start] = err
+            else:
+                for pos in range(sub_start, sub_end):
+                    scale, zero = grid_at(pos)
+                    column = work[pos]
+                    codes = round_to_grid(column, scale, zero, bits)
+                    deq = dequantize_codes(codes, scale, zero)
+                    codes_t[pos] = codes
+                    deq_t[pos] = deq
+                    err = (column - deq) / upper[pos, pos]
+                    block_err[pos - start] = err
+                    work[pos + 1 : sub_end].addr_(upper[pos, pos + 1 : sub_end], err, alpha=-1.0)
             if sub_end < end:
                 sub_err = block_err[sub_start - start : sub_end - start]
                 work[sub_end:end].addmm_(upper[sub_start:sub_end, sub_end:end].T, sub_err, alpha=-1.0)
@@ -197,7 +214,8 @@ def gptq_quantize(
 
         group_starts = list(range(0, cols, width))
     bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
-    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits)
+    kernel_blocks = not static_groups and row_block_problem(work) is None  # static groups: a grid per column
+    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits, kernel_blocks)
 
     error = 0.5 * float(loss)
     if not math.isfinite(error):

@@ -12,29 +12,36 @@ from qtool.kernels.gptq_block_triton import solve_row_block, solve_row_block_tri
 
 
 def random_block(seed: int, rows: int, columns: int):
-    """w [rows, columns], per-column grids of widths 2..8 bits (some columns with a zero scale: divisor 1), and the
-    upper Cholesky factor of a random SPD inverse Hessian's block."""
+    """w [rows, columns], per-column grids of widths 2..8 bits, centred (EXL2) in the even columns and with a zero
+    point in [0, maxq] (GPTQ) in the odd ones, some columns with a zero scale (divisor 1), and the upper Cholesky
+    factor of a random SPD inverse Hessian's block."""
     gen = torch.Generator().manual_seed(seed)
     bits = torch.randint(2, 9, (columns,), generator=gen)
+    bits[4 % columns] = 4
     zero = (2.0 ** (bits - 1)).float()
     scale = torch.rand(columns, generator=gen) * 0.1 + 0.01
     scale[::17] = 0.0
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     w = torch.randn(rows, columns, generator=gen) * 0.5
-    w[0, 3] = 2.5 * scale[3]  # a tie at half a step: halves to even
+    w[0, 4 % columns] = 2.5 * scale[4 % columns]  # a tie at half a step in a centred 4-bit column: halves to even
+    maxq = 2.0**bits - 1
+    asymmetric = torch.arange(columns) % 2 == 1
+    zero_point = torch.where(asymmetric, torch.floor(torch.rand(columns, generator=gen) * maxq), 0.0)
+    low = torch.where(asymmetric, 0.0, -zero)
+    high = torch.where(asymmetric, maxq, zero - 1)
     mix = torch.randn(rows, rows, generator=gen, dtype=torch.float64)
     inverse = torch.linalg.inv(mix @ mix.T / rows + torch.eye(rows, dtype=torch.float64))
     upper = torch.linalg.cholesky(inverse, upper=True).float()
-    return w, divisor, scale, -zero, zero - 1, upper
+    return w, divisor, scale, zero_point, low, high, upper
 
 
-def gptq_float64(w, divisor, scale, low, high, upper):
+def gptq_float64(w, divisor, scale, zero, low, high, upper):
     """The block's GPTQ written out in float64 (the float32 roundings aside, what both must compute)."""
     w = w.double().clone()
     dequantized, errors = torch.empty_like(w), torch.empty_like(w)
     for i in range(w.shape[0]):
-        codes = torch.clamp(torch.round(w[i].float() / divisor).double(), low.double(), high.double())
-        dequantized[i] = codes * scale.double()
+        codes = torch.clamp(torch.round(w[i].float() / divisor).double() + zero.double(), low.double(), high.double())
+        dequantized[i] = (codes - zero.double()) * scale.double()
         errors[i] = (w[i] - dequantized[i]) / upper[i, i].double()
         w[i + 1 :] -= upper[i, i + 1 :, None].double() * errors[i][None, :]
     return dequantized, errors
@@ -42,31 +49,33 @@ def gptq_float64(w, divisor, scale, low, high, upper):
 
 @pytest.mark.parametrize("rows,columns", [(32, 300), (17, 128), (1, 5), (64, 129)])
 def test_the_block_kernel_equals_its_reference(kernels_can_run, rows, columns):
-    w, divisor, scale, low, high, upper = random_block(rows * 1000 + columns, rows, columns)
-    expected = solve_row_block_ref(w.clone(), divisor, scale, low, high, upper)
-    got = solve_row_block_triton(*(t.to(DEVICE) for t in (w, divisor, scale, low, high, upper)))
-    for name, g, e in zip(("dequantized", "errors"), got, expected):
+    block = random_block(rows * 1000 + columns, rows, columns)
+    scale = block[2]
+    expected = solve_row_block_ref(block[0].clone(), *block[1:])
+    got = solve_row_block_triton(*(t.to(DEVICE) for t in block))
+    for name, g, e in zip(("dequantized", "errors", "codes"), got, expected):
         g = g.cpu()
         # compiled, a fused multiply-add may round one feedback differently: a code then flips by one step
         same = torch.isclose(g, e, rtol=1e-5, atol=1e-6)
         assert same.float().mean() > 0.99, f"{name}: {int((~same).sum())} of {same.numel()} differ"
         if DEVICE == "cpu":
             assert same.all(), name
-    assert float(expected[0][0, 3] / scale[3]) == 2.0, "half a step rounds to the even code"
+    if columns > 4:
+        assert float(expected[2][0, 4]) == 2.0 and float(expected[0][0, 4] / scale[4]) == 2.0, "half a step: even code"
 
 
 def test_the_reference_is_gptq():
-    w, divisor, scale, low, high, upper = random_block(7, 24, 64)
-    got = solve_row_block_ref(w.clone(), divisor, scale, low, high, upper)
-    expected = gptq_float64(w, divisor, scale, low, high, upper)
+    block = random_block(7, 24, 64)
+    got = solve_row_block_ref(block[0].clone(), *block[1:])
+    expected = gptq_float64(*block)
     for g, e in zip(got, expected):
         same = torch.isclose(g.double(), e, rtol=1e-4, atol=1e-5)
         assert same.float().mean() > 0.99
 
 
 def test_the_router_takes_the_reference_off_cuda():
-    w, divisor, scale, low, high, upper = random_block(3, 8, 40)
-    routed = solve_row_block(w.clone(), divisor, scale, low, high, upper)
-    expected = solve_row_block_ref(w.clone(), divisor, scale, low, high, upper)
+    block = random_block(3, 8, 40)
+    routed = solve_row_block(block[0].clone(), *block[1:])
+    expected = solve_row_block_ref(block[0].clone(), *block[1:])
     for g, e in zip(routed, expected):
         assert torch.equal(g, e)

@@ -207,3 +207,27 @@ def test_candidate_errors_in_one_pass_equal_each_candidates_own_solve(in_feature
                                rtol=1e-4, atol=1e-9)
     # equal layouts (small widths collapse several candidates) give equal errors, different ones differ
     assert len({f"{error:.5g}" for error in errors}) == len(set(layouts)), "each candidate solved with its own layout"
+
+
+@pytest.mark.parametrize("layout", [((4, 3, 3), (32, 64, 64)), ((8, 6, 5, 4, 3, 2), (32,) * 6), ((2,), (160,))])
+def test_the_kernel_block_path_matches_the_row_loop(monkeypatch, layout):
+    """On a GPU each group's rows go through solve_row_block in sub-blocks (one kernel each); here the same path
+    runs its torch reference: codes and error agree with the row loop's up to float32 summation order."""
+    import qtool.quant.exl2_solver as solver
+
+    bits, sizes = layout
+    weight, hessian = correlated(45, sum(sizes), seed=sum(bits) + 1)
+    loop = exl2_quantize(weight, hessian, bits, sizes)
+    calls, original = [], solver.solve_row_block
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(solver, "row_block_problem", lambda w: None)
+    monkeypatch.setattr(solver, "solve_row_block", counted)
+    blocks = exl2_quantize(weight, hessian, bits, sizes)
+    assert sum(calls) == sum(sizes), "every row went through a block"
+    assert (blocks.weight.codes == loop.weight.codes).double().mean() > 0.99
+    assert torch.equal(blocks.weight.dequantize(), blocks.dequantized)
+    assert blocks.error == pytest.approx(loop.error, rel=1e-3)

@@ -166,6 +166,32 @@ def test_blocked_solver_matches_unblocked_float64_reference(bits, group_size, sy
         assert result.error == pytest.approx(float(row_loss.sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("bits, group_size, sym, desc_act, static_groups, min_zero, block_size",
+                         [case for case in REFERENCE_CASES if not case[4]])
+def test_the_kernel_block_path_matches_the_column_loop(monkeypatch, bits, group_size, sym, desc_act, static_groups,
+                                                       min_zero, block_size):
+    """On a GPU each block's columns go through solve_row_block (one kernel); here the same path runs its torch
+    reference: the codes and the error agree with the column loop's up to float32 summation order."""
+    import qtool.quant.gptq as gptq_module
+
+    weight, hessian = correlated_problem(40, 96, seed=bits * 100 + max(group_size, 0))
+    options = dict(group_size=group_size, sym=sym, desc_act=desc_act, min_zero=min_zero, block_size=block_size)
+    loop = gptq_quantize(weight, hessian, bits, **options)
+    calls, original = [], gptq_module.solve_row_block
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return original(*args)
+
+    monkeypatch.setattr(gptq_module, "row_block_problem", lambda work: None)
+    monkeypatch.setattr(gptq_module, "solve_row_block", counted)
+    blocks = gptq_quantize(weight, hessian, bits, **options)
+    assert sum(calls) == 96, "every column went through a block"
+    assert (blocks.quantized.codes == loop.quantized.codes).double().mean() > 0.99
+    assert torch.equal(blocks.quantized.dequantize(), blocks.dequantized)
+    assert blocks.error == pytest.approx(loop.error, rel=1e-3)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_reported_error_is_half_the_damped_quadratic_error(bits):
     weight, hessian = correlated_problem(32, 64, seed=bits)
