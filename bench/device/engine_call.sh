@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for issue 23's open rows, the deciding measurements first, each under its own limit and all
 # under DEADLINE_S (default 560):
+#   0. the kernels written since the last GPU call (q8 cache ops, the GPTQ block kernel) against their references
 #   1. the CUDA GEMV: build + its GPU tests; read_floor.py at M = 1 (Triton GEMV vs CUDA GEMV vs read-only, every
 #      Llama-2 shape, one run)
 #   2. the 7B-shaped 4-bit decode (fused projections, CUDA graphs) with the CUDA GEMV (the Hopper default) and with
@@ -9,7 +10,7 @@
 #      ragged prefill step (0)
 #   4. SmolLM2 `run` (its 64-token prompt now a graph replay of decode rows) against HF generate
 #   5. the engine's CUDA-graph tests (short chunks as rows against the prefill path, the q8 cache's kernels in the
-#      graphs) and the q8 kernels' tests
+#      graphs)
 #   6. the 7B-shaped decode with a q8 KV cache (its own decode kernels) against fp16
 # and, named in STAGES only (a second call): speculative (prompt lookup against plain decode on SmolLM2's shape:
 # random weights, so acceptance is a random model's), throughput (256 requests on the 7B shape against HF's padded
@@ -75,10 +76,16 @@ stage_kvq8() {
         | tee -a "$LOG"
 }
 
+stage_kernels() {
+    log "the kernels not yet compiled on a GPU: q8 cache ops, the GPTQ block (and GPTQ through it)"
+    timeout "$(limit 90)" python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_engine_ops_q8.py \
+        tests/kernels/test_gptq_block.py tests/quant/test_gptq.py::test_cuda_matches_cpu >"$OUT/kernel_tests.log" 2>&1
+    log "kernel tests: exit $?"; tail -4 "$OUT/kernel_tests.log" | tee -a "$LOG"
+}
+
 stage_tests() {
-    log "engine graph tests, q8 kernels"
+    log "engine graph tests"
     timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rfE tests/runtime/engine/test_cuda_graphs.py \
-        tests/kernels/test_engine_ops_q8.py tests/kernels/test_gptq_block.py tests/quant/test_gptq.py::test_cuda_matches_cpu \
         >"$OUT/graph_tests.log" 2>&1
     log "graph tests: exit $?"; tail -4 "$OUT/graph_tests.log" | tee -a "$LOG"
 }
@@ -96,7 +103,7 @@ stage_throughput() {
         | grep -E '^\||rror'
 }
 
-for stage in ${STAGES:-gemv decode prefix run tests kvq8}; do
+for stage in ${STAGES:-kernels gemv decode prefix run tests kvq8}; do
     "stage_$stage"
 done
 log done
