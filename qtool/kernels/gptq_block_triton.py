@@ -13,6 +13,7 @@ from triton.runtime.jit import JITFunction
 
 from qtool.kernels.engine_ops_triton import _round_half_even
 from qtool.kernels.gptq_block_ref import solve_row_block_ref
+from qtool.kernels.profiled_range import ROW_BLOCK_RANGE, profiled_range
 from qtool.kernels.registry import triton_device_problem
 
 BLOCK_M = 128
@@ -85,9 +86,10 @@ def solve_row_block(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor,
                     high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """solve_row_block_ref's contract: the kernel on a CUDA tensor it takes, the reference elsewhere (w may or may
     not be updated in place: callers use only the returned rows)."""
-    if row_block_problem(w) is None:
-        return solve_row_block_triton(w, divisor, scale, zero, low, high, upper)
-    return solve_row_block_ref(w, divisor, scale, zero, low, high, upper)
+    with profiled_range(ROW_BLOCK_RANGE):
+        if row_block_problem(w) is None:
+            return solve_row_block_triton(w, divisor, scale, zero, low, high, upper)
+        return solve_row_block_ref(w, divisor, scale, zero, low, high, upper)
 
 
 solve_row_block.__doc__ = solve_row_block_ref.__doc__ + "\n\n" + (solve_row_block.__doc__ or "")

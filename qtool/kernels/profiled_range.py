@@ -8,6 +8,7 @@ import contextlib
 import torch
 
 DEQUANTIZE_RANGE = "qtool::dequantize"  # around every dequantization of a quantized linear's weight
+ROW_BLOCK_RANGE = "qtool::gptq_row_block"  # around every lazy block of a GPTQ pass (one kernel on a GPU)
 
 
 def profiled_range(name: str) -> contextlib.AbstractContextManager:

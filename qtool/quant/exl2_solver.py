@@ -105,12 +105,16 @@ def fit_group_scales(x: torch.Tensor, bits: int, p_grid: int = P_GRID) -> tuple[
     return levels[0], scale_max[0], scales[0]
 
 
-def fit_group_scales_batched(x: torch.Tensor, bits: int,
+def fit_group_scales_batched(x: torch.Tensor, bits: int | torch.Tensor,
                              p_grid: int = P_GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fit_group_scales of B groups at once, x [B, rows, N] (each its own largest scale and stretch): levels int32
-    [B, N], q_scale_max float16 [B], scales float16 [B, N]."""
-    maxq = (1 << bits) - 1
-    zero = 1 << (bits - 1)
+    """fit_group_scales of B groups at once, x [B, rows, N] (each its own largest scale and stretch; rows of zeros
+    change nothing, so groups of fewer rows can be padded with them), bits one width or one per group [B]:
+    levels int32 [B, N], q_scale_max float16 [B], scales float16 [B, N]."""
+    if isinstance(bits, int):
+        maxq, zero = (1 << bits) - 1, 1 << (bits - 1)
+    else:  # per group: [B, 1] against [B, N], [B, 1, 1] against each p's [B, rows, N]
+        maxq = (2.0 ** bits.to(torch.float32) - 1).view(-1, 1)
+        zero = (2.0 ** (bits.to(torch.float32) - 1)).view(-1, 1, 1)
     xf = x.to(torch.float32)
     base = (xf.abs().amax(dim=1) + 1e-12) / (maxq / 2)  # [B, N]
     top = base.amax(dim=1, keepdim=True)  # [B, 1]
@@ -121,7 +125,10 @@ def fit_group_scales_batched(x: torch.Tensor, bits: int,
     chunk = max(1, _SEARCH_ELEMENTS // max(xf.numel(), 1))
     for start in range(0, ps.numel(), chunk):
         scale = ps[start : start + chunk, None, None, None] * grid[None, :, None, :]  # [p, B, 1, N]
-        q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq - zero)
+        if isinstance(bits, int):
+            q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq - zero)
+        else:
+            q = torch.clamp(torch.round(xf[None] / scale), -zero, maxq[:, :, None] - zero)
         miss = (q * scale - xf[None]).abs()
         errors[start : start + chunk] = (miss.square() * miss * miss.sqrt()).sum(dim=(2, 3))  # |err|**3.5 without pow
     best = ps[torch.argmin(errors, dim=0)]  # [B]
@@ -262,9 +269,8 @@ def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: to
     """The relative output error exl2_quantize gives for each layout (group widths, group rows), computed for many
     candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), each block of BLOCK_ROWS rows
     (where every candidate's groups begin) solved for all of them at once (kernels/gptq_block_triton: one launch
-    on a GPU), lazy updates after each block, and each group's scales
-    fitted, as exl2_quantize fits them, when the pass reaches its first row (candidates starting groups of the same
-    width and size at a row fitted in one call). A measurement pass solves 30 candidates per linear: one at a time
+    on a GPU), lazy updates after each block, and each group's scales fitted, as exl2_quantize fits them, when the
+    pass reaches its first row (all the groups starting at a row in one call). A measurement pass solves 30 candidates per linear: one at a time
     that is K steps of small ops each, which a GPU spends launching them. Equal to exl2_quantize's errors but for
     float32 sums in another order (a code may round the other way)."""
     in_features, out_features = prepared.rows.shape
@@ -283,12 +289,12 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
     count = len(layouts)
     for group_bits, group_sizes in layouts:
         check_exl2_layout(in_features, n, tuple(group_bits), tuple(group_sizes))
-    # each row that starts a group: (width, group rows) -> the candidates starting such a group there
-    starts: dict[int, dict[tuple[int, int], list[int]]] = {}
+    # each row that starts a group: the (candidate, width, group rows) of the groups starting there
+    starts: dict[int, list[tuple[int, int, int]]] = {}
     for index, (group_bits, group_sizes) in enumerate(layouts):
         row = 0
         for bits, size in zip(group_bits, group_sizes):
-            starts.setdefault(row, {}).setdefault((bits, size), []).append(index)
+            starts.setdefault(row, []).append((index, bits, size))
             row += size
     w = rows.repeat(1, count)  # [K, C * N]: candidate c's copy in columns c*N .. (c+1)*N
     dequantized = torch.empty_like(w)
@@ -297,14 +303,17 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
     zeros = torch.zeros_like(scale)  # EXL2's codes are centred: no zero point
     for block in range(0, in_features, BLOCK_ROWS):  # groups begin only at a block's first row
         end = min(block + BLOCK_ROWS, in_features)
-        for (bits, size), members in starts.get(block, {}).items():
-            columns = (torch.tensor(members, device=w.device)[:, None] * n + torch.arange(n, device=w.device)).reshape(-1)
-            group = w[block : block + size, columns].view(size, len(members), n).permute(1, 0, 2)
-            _, _, group_scales = fit_group_scales_batched(group, bits, p_grid)
-            scale[columns] = group_scales.reshape(-1).to(torch.float32)
-            zero = 1 << (bits - 1)
-            low[columns], high[columns] = -zero, zero - 1
         if block in starts:
+            # every group starting here fitted in one call: widths per group, shorter groups padded with zero rows
+            members, widths, sizes = (torch.tensor(field, device=w.device) for field in zip(*starts[block]))
+            tallest = int(sizes.max())
+            columns = (members[:, None] * n + torch.arange(n, device=w.device)).reshape(-1)
+            group = w[block : block + tallest, columns].view(tallest, len(members), n).permute(1, 0, 2)
+            inside = torch.arange(tallest, device=w.device)[None, :] < sizes[:, None]
+            _, _, group_scales = fit_group_scales_batched(group * inside[:, :, None], widths, p_grid)
+            scale[columns] = group_scales.reshape(-1).to(torch.float32)
+            zero = (2.0 ** (widths.to(torch.float32) - 1)).repeat_interleave(n)
+            low[columns], high[columns] = -zero, zero - 1
             # a group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0
             torch.where(scale > 0, scale, torch.ones_like(scale), out=divisor)
         dequantized[block:end], errors, _ = solve_row_block(w[block:end], divisor, scale, zeros, low, high,

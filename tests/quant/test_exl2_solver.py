@@ -187,6 +187,22 @@ def test_fit_group_scales_batched_fits_each_group_on_its_own():
             assert torch.equal(scales[index], alone[2])
 
 
+def test_fit_group_scales_batched_takes_a_width_per_group_and_zero_padded_rows():
+    from qtool.quant.exl2_solver import fit_group_scales_batched
+
+    gen = torch.Generator().manual_seed(13)
+    widths, sizes = [2, 8, 4, 3], [32, 128, 64, 32]
+    groups = [torch.randn(size, 20, generator=gen) * (index + 0.5) for index, size in enumerate(sizes)]
+    padded = torch.zeros(len(groups), max(sizes), 20)
+    for index, group in enumerate(groups):
+        padded[index, : group.shape[0]] = group
+    levels, maxima, scales = fit_group_scales_batched(padded, torch.tensor(widths))
+    for index, (group, bits) in enumerate(zip(groups, widths)):
+        alone = fit_group_scales(group, bits)
+        assert torch.equal(levels[index], alone[0]) and torch.equal(maxima[index], alone[1]), (bits, index)
+        assert torch.equal(scales[index], alone[2])
+
+
 @pytest.mark.parametrize("in_features,out_features,batch_candidates", [(160, 40, 30), (96, 33, 4), (64, 8, 1)])
 def test_candidate_errors_in_one_pass_equal_each_candidates_own_solve(in_features, out_features, batch_candidates):
     """The measurement's batched GPTQ pass (all candidates side by side, lazy updates every 32 rows) against
