@@ -156,8 +156,8 @@ class ModelRunner:
         fuse_projections: where the decode step is planned, each layer's q/k/v and gate/up run as one linear each
         where their parts allow it, in the decode step and in prefill through either path (the parts' tensors become
         views of the fused ones, so the weights stay one copy).
-        short_prefill_rows: where the decode step runs on a float cache, a step whose chunks each bring at most this
-        many tokens (a prefix-cache hit's new tokens, a chat turn over a cached history, a speculative
+        short_prefill_rows: where the decode step runs (a float or q8 cache), a step whose chunks each bring at
+        most this many tokens (a prefix-cache hit's new tokens, a chat turn over a cached history, a speculative
         verification) runs as one decode row per token (DecodeRows.from_chunks): on CUDA through the decode
         graphs when the rows fit the largest (one replay instead of a prefill step's thousands of host launches),
         elsewhere (the CPU) through the eager decode step. 0: never."""
