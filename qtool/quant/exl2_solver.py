@@ -270,7 +270,7 @@ def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: to
     candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), each block of BLOCK_ROWS rows
     (where every candidate's groups begin) solved for all of them at once (kernels/gptq_block_triton: one launch
     on a GPU), lazy updates after each block, and each group's scales fitted, as exl2_quantize fits them, when the
-    pass reaches its first row (all the groups starting at a row in one call). A measurement pass solves 30 candidates per linear: one at a time
+    pass reaches its first row (the groups of one size starting at a row in one call). A measurement pass solves 30 candidates per linear: one at a time
     that is K steps of small ops each, which a GPU spends launching them. Equal to exl2_quantize's errors but for
     float32 sums in another order (a code may round the other way)."""
     in_features, out_features = prepared.rows.shape
@@ -303,17 +303,18 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
     zeros = torch.zeros_like(scale)  # EXL2's codes are centred: no zero point
     for block in range(0, in_features, BLOCK_ROWS):  # groups begin only at a block's first row
         end = min(block + BLOCK_ROWS, in_features)
-        if block in starts:
-            # every group starting here fitted in one call: widths per group, shorter groups padded with zero rows
-            members, widths, sizes = (torch.tensor(field, device=w.device) for field in zip(*starts[block]))
-            tallest = int(sizes.max())
+        for size in sorted({size for _, _, size in starts.get(block, ())}):
+            # the groups of one size starting here fitted in one call, a width each (padding shorter groups with
+            # zero rows would fit all sizes at once, at the cost of the tallest group's work for every one)
+            members, widths = (torch.tensor(field, device=w.device)
+                               for field in zip(*[(c, bits) for c, bits, rows in starts[block] if rows == size]))
             columns = (members[:, None] * n + torch.arange(n, device=w.device)).reshape(-1)
-            group = w[block : block + tallest, columns].view(tallest, len(members), n).permute(1, 0, 2)
-            inside = torch.arange(tallest, device=w.device)[None, :] < sizes[:, None]
-            _, _, group_scales = fit_group_scales_batched(group * inside[:, :, None], widths, p_grid)
+            group = w[block : block + size, columns].view(size, len(members), n).permute(1, 0, 2)
+            _, _, group_scales = fit_group_scales_batched(group, widths, p_grid)
             scale[columns] = group_scales.reshape(-1).to(torch.float32)
             zero = (2.0 ** (widths.to(torch.float32) - 1)).repeat_interleave(n)
             low[columns], high[columns] = -zero, zero - 1
+        if block in starts:
             # a group of (near) zero weights has scales that round to 0: its codes are the zero code, not 0/0
             torch.where(scale > 0, scale, torch.ones_like(scale), out=divisor)
         dequantized[block:end], errors, _ = solve_row_block(w[block:end], divisor, scale, zeros, low, high,
