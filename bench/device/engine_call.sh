@@ -79,7 +79,8 @@ stage_kvq8() {
 stage_kernels() {
     log "the kernels not yet compiled on a GPU: q8 cache ops, the GPTQ block (and GPTQ through it)"
     timeout "$(limit 90)" python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_engine_ops_q8.py \
-        tests/kernels/test_gptq_block.py tests/quant/test_gptq.py::test_cuda_matches_cpu >"$OUT/kernel_tests.log" 2>&1
+        tests/kernels/test_gptq_block.py tests/quant/test_gptq.py::test_cuda_matches_cpu \
+        tests/quant/test_exl2_solver.py::test_candidate_errors_on_the_gpu_match_the_cpu >"$OUT/kernel_tests.log" 2>&1
     log "kernel tests: exit $?"; tail -4 "$OUT/kernel_tests.log" | tee -a "$LOG"
 }
 

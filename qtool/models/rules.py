@@ -290,8 +290,15 @@ def cpu_free_memory() -> int | None:
 
 
 def device_free_memory(device: torch.device) -> int | None:
+    """What a CUDA device can still give this process: its free memory, and no more than a per-process cap
+    (torch.cuda.set_per_process_memory_fraction) leaves above what the caching allocator holds. None elsewhere."""
     if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(device)[0])
+        free, total = torch.cuda.mem_get_info(device)
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+        fraction = get_fraction(device) if get_fraction is not None else 1.0
+        if fraction < 1.0:
+            free = min(free, max(0, int(fraction * total) - torch.cuda.memory_reserved(device)))
+        return int(free)
     return None
 
 

@@ -16,12 +16,14 @@ import torch
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
 from qtool.kernels.gptq_block_triton import MAX_ROWS as BLOCK_KERNEL_ROWS, row_block_problem, solve_row_block
+from qtool.models.rules import device_free_memory
 from qtool.quant.gptq import inverse_hessian_cholesky
 
 # ExLlamaV2's scale search: the group's largest scale times p in [MIN_P, MAX_P] (P_GRID + 1 points), scored by
 # sum |w - dequant|**3.5 over the group.
 MIN_P, MAX_P, P_GRID = 0.70, 1.20, 96
 _SEARCH_ELEMENTS = 1 << 23  # elements of one p-chunk temporary
+_SEARCH_ELEMENTS_CUDA = 1 << 26  # a GPU takes larger chunks: fewer, fuller launches
 SMALLEST_FLOAT16 = 2.0**-24  # the smallest positive (subnormal) float16
 
 
@@ -122,7 +124,8 @@ def fit_group_scales_batched(x: torch.Tensor, bits: int | torch.Tensor,
     grid = (levels / SCALE_LEVELS).square() * top  # [B, N]
     ps = MIN_P + (MAX_P - MIN_P) * torch.arange(p_grid + 1, dtype=torch.float32, device=x.device) / p_grid
     errors = torch.empty(ps.numel(), x.shape[0], dtype=torch.float32, device=x.device)
-    chunk = max(1, _SEARCH_ELEMENTS // max(xf.numel(), 1))
+    elements = _SEARCH_ELEMENTS_CUDA if x.is_cuda else _SEARCH_ELEMENTS
+    chunk = max(1, elements // max(xf.numel(), 1))
     for start in range(0, ps.numel(), chunk):
         scale = ps[start : start + chunk, None, None, None] * grid[None, :, None, :]  # [p, B, 1, N]
         if isinstance(bits, int):
@@ -257,15 +260,17 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
     return codes, torch.stack(levels), torch.stack(maxima)
 
 
-# Bytes of float32 work the batched measurement may hold per pass (three [K, candidates x N] matrices): a linear's
-# candidates are solved together in as few passes as fit in it
+# Bytes of float32 work the batched measurement may hold per pass (two [K, candidates x N] matrices and the error
+# product's third): a linear's candidates are solved together in as few passes as fit in it. On a GPU a quarter of
+# its free memory (within a per-process cap), within these bounds: a 7B down_proj's candidate takes 0.5 GB, and each pass repeats the row blocks
 MEASURE_BATCH_BYTES = 1 << 30
+MEASURE_BATCH_BYTES_CUDA = 32 << 30
 BLOCK_ROWS = ROW_ALIGNMENT  # every group boundary of every candidate falls on a multiple of it
 
 
 def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: torch.Tensor,
                      layouts: list[tuple[tuple[int, ...], tuple[int, ...]]], p_grid: int = P_GRID,
-                     batch_bytes: int = MEASURE_BATCH_BYTES) -> list[float]:
+                     batch_bytes: int | None = None) -> list[float]:
     """The relative output error exl2_quantize gives for each layout (group widths, group rows), computed for many
     candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), each block of BLOCK_ROWS rows
     (where every candidate's groups begin) solved for all of them at once (kernels/gptq_block_triton: one launch
@@ -275,6 +280,11 @@ def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: to
     float32 sums in another order (a code may round the other way)."""
     in_features, out_features = prepared.rows.shape
     per_candidate = 3 * in_features * out_features * 4
+    if batch_bytes is None:
+        batch_bytes = MEASURE_BATCH_BYTES
+        free = device_free_memory(prepared.rows.device)
+        if free is not None:
+            batch_bytes = min(max(free // 4, MEASURE_BATCH_BYTES), MEASURE_BATCH_BYTES_CUDA)
     size = max(1, batch_bytes // per_candidate)
     errors: list[float] = []
     for start in range(0, len(layouts), size):
@@ -322,10 +332,11 @@ def _batched_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: tor
         if end < in_features:
             w[end:].addmm_(upper[block:end, end:].T, errors, alpha=-1.0)
     # tr(dW H dW^T) in act order: the permuted Hessian of the original weight (dead inputs' rows of H are zero)
+    del w
     perm = prepared.perm
     original = weight.detach().to(torch.float32)[:, perm].T  # [K, N] act order
     h = hessian.to(torch.float32)[perm][:, perm]
-    delta = (dequantized.view(in_features, count, n) - original[:, None, :]).reshape(in_features, count * n)
+    delta = dequantized.view(in_features, count, n).sub_(original[:, None, :]).view(in_features, count * n)
     products = ((h @ delta) * delta).sum(dim=0).view(count, n).sum(dim=1)
     energy = prepared.output_energy
     return [float(p) / energy if energy > 0 else 0.0 for p in products]

@@ -247,3 +247,19 @@ def test_the_kernel_block_path_matches_the_row_loop(monkeypatch, layout):
     assert (blocks.weight.codes == loop.weight.codes).double().mean() > 0.99
     assert torch.equal(blocks.weight.dequantize(), blocks.dequantized)
     assert blocks.error == pytest.approx(loop.error, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_candidate_errors_on_the_gpu_match_the_cpu():
+    """The batched measurement on a GPU (its row blocks through the Triton kernel, a batch sized from free memory)
+    against the same pass on the CPU (the blocks' torch reference)."""
+    from qtool.quant.exl2_optimize import DEFAULT_CANDIDATES
+    from qtool.quant.exl2_solver import candidate_errors, prepare_linear
+
+    weight, hessian = correlated(96, 256, seed=21)
+    layouts = [candidate.layout(256) for candidate in DEFAULT_CANDIDATES]
+    cpu = candidate_errors(prepare_linear(weight, hessian), weight, hessian, layouts, p_grid=24)
+    gpu_weight, gpu_hessian = weight.cuda(), hessian.cuda()
+    gpu = candidate_errors(prepare_linear(gpu_weight, gpu_hessian), gpu_weight, gpu_hessian, layouts, p_grid=24)
+    torch.testing.assert_close(torch.tensor(gpu), torch.tensor(cpu), rtol=1e-3, atol=1e-8)
