@@ -230,18 +230,12 @@ def test_the_kernel_block_path_matches_the_row_loop(monkeypatch, layout):
     """On a GPU each group's rows go through solve_row_block in sub-blocks (one kernel each); here the same path
     runs its torch reference: codes and error agree with the row loop's up to float32 summation order."""
     import qtool.quant.exl2_solver as solver
+    from tests.helpers.row_blocks import force_row_blocks
 
     bits, sizes = layout
     weight, hessian = correlated(45, sum(sizes), seed=sum(bits) + 1)
     loop = exl2_quantize(weight, hessian, bits, sizes)
-    calls, original = [], solver.solve_row_block
-
-    def counted(*args):
-        calls.append(args[0].shape[0])
-        return original(*args)
-
-    monkeypatch.setattr(solver, "row_block_problem", lambda w: None)
-    monkeypatch.setattr(solver, "solve_row_block", counted)
+    calls = force_row_blocks(monkeypatch, solver)
     blocks = exl2_quantize(weight, hessian, bits, sizes)
     assert sum(calls) == sum(sizes), "every row went through a block"
     assert (blocks.weight.codes == loop.weight.codes).double().mean() > 0.99

@@ -173,18 +173,12 @@ def test_the_kernel_block_path_matches_the_column_loop(monkeypatch, bits, group_
     """On a GPU each block's columns go through solve_row_block (one kernel); here the same path runs its torch
     reference: the codes and the error agree with the column loop's up to float32 summation order."""
     import qtool.quant.gptq as gptq_module
+    from tests.helpers.row_blocks import force_row_blocks
 
     weight, hessian = correlated_problem(40, 96, seed=bits * 100 + max(group_size, 0))
     options = dict(group_size=group_size, sym=sym, desc_act=desc_act, min_zero=min_zero, block_size=block_size)
     loop = gptq_quantize(weight, hessian, bits, **options)
-    calls, original = [], gptq_module.solve_row_block
-
-    def counted(*args):
-        calls.append(args[0].shape[0])
-        return original(*args)
-
-    monkeypatch.setattr(gptq_module, "row_block_problem", lambda work: None)
-    monkeypatch.setattr(gptq_module, "solve_row_block", counted)
+    calls = force_row_blocks(monkeypatch, gptq_module)
     blocks = gptq_quantize(weight, hessian, bits, **options)
     assert sum(calls) == 96, "every column went through a block"
     assert (blocks.quantized.codes == loop.quantized.codes).double().mean() > 0.99
