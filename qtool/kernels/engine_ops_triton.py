@@ -828,28 +828,31 @@ Q8_ROTATION_CHUNK = 32  # output channels of the rotation per step: a [head_dim,
 
 
 @triton.jit
-def _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """Channels [c * CHUNK, (c + 1) * CHUNK) of x @ rot (x: float32 [BLOCK_D] over input channels i)."""
+def _rotated_chunk(x1, x2, rot_ptr, d, ok, c, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """Channels [c * CHUNK, (c + 1) * CHUNK) of x @ rot, x given as its float32 halves x1 (channels d) and x2
+    (HALF + d): x1 @ rot[:HALF] + x2 @ rot[HALF:]."""
     j = c * CHUNK + tl.arange(0, CHUNK)
     j_ok = j < HEAD_DIM
-    tile = tl.load(rot_ptr + i[:, None] * HEAD_DIM + j[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
-    return tl.sum(x[:, None] * tile, axis=0), j, j_ok
+    mask = ok[:, None] & j_ok[None, :]
+    top = tl.load(rot_ptr + d[:, None] * HEAD_DIM + j[None, :], mask=mask, other=0.0)
+    bottom = tl.load(rot_ptr + (HALF + d)[:, None] * HEAD_DIM + j[None, :], mask=mask, other=0.0)
+    return tl.sum(x1[:, None] * top, axis=0) + tl.sum(x2[:, None] * bottom, axis=0), j, j_ok
 
 
 @triton.jit
-def _store_q8(x, rot_ptr, codes_ptr, scale_ptr, slot, i, i_ok, tiny,
-              HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """quantize_q8_ref of x @ rot (float32 x [BLOCK_D]) into the int8 codes at codes_ptr and the float16 scale at
-    scale_ptr, unless slot < 0: the absmax over the rotated channels first, then each chunk turned again and coded
-    (recomputing a [d, CHUNK] product costs less than holding the whole turned vector's tile)."""
+def _store_q8(x1, x2, rot_ptr, codes_ptr, scale_ptr, slot, d, ok, tiny,
+              HALF: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """quantize_q8_ref of x @ rot (x as its float32 halves) into the int8 codes at codes_ptr and the float16 scale
+    at scale_ptr, unless slot < 0: the absmax over the rotated channels first, then each chunk turned again and
+    coded (recomputing a [d, CHUNK] product costs less than holding the whole turned vector's tile)."""
     high = 0.0
     for c in tl.static_range(CHUNKS):
-        turned, j, j_ok = _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM, CHUNK)
+        turned, j, j_ok = _rotated_chunk(x1, x2, rot_ptr, d, ok, c, HALF, HEAD_DIM, CHUNK)
         high = tl.maximum(high, tl.max(tl.where(j_ok, tl.abs(turned), 0.0), axis=0))
     scale = tl.math.div_rn(high, 127.0).to(tl.float16)
     step = tl.maximum(scale.to(tl.float32), tiny)
     for c in tl.static_range(CHUNKS):
-        turned, j, j_ok = _rotated_chunk(x, rot_ptr, i, i_ok, c, HEAD_DIM, CHUNK)
+        turned, j, j_ok = _rotated_chunk(x1, x2, rot_ptr, d, ok, c, HALF, HEAD_DIM, CHUNK)
         code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(turned, step)), -127.0), 127.0)
         tl.store(codes_ptr + j, code.to(tl.int8), mask=j_ok & ((slot + tl.zeros_like(j)) >= 0))
     one = tl.arange(0, 1)
@@ -861,7 +864,7 @@ def _rope_cache_q8_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, rot_ptr, slots_
                           qo_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh, c_st, s_st, kc_sr, kc_sh, ksc_sr, ksc_sh,
                           vc_sr, vc_sh, vsc_sr, vsc_sh, qo_st, qo_sh, heads, tiny,
                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                          BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+                          CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
     """Program (token, head): heads [0, heads) rotate a query head into qo; the rest take kv head (head - heads):
     its key turned by RoPE (rounded to the key's dtype) and its value, each turned by rot and coded at the token's
     cache slot unless it is < 0."""
@@ -869,20 +872,16 @@ def _rope_cache_q8_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, rot_ptr, slots_
                                                           c_st, s_st, heads, HALF, BLOCK_HALF)
     if kvh >= 0:
         slot = tl.load(slots_ptr + t).to(tl.int64)
-        i = tl.arange(0, BLOCK_D)
-        i_ok = i < HEAD_DIM
-        # RoPE over the whole head at once: channel i pairs with (i + HALF) mod HEAD_DIM, the first half negated
-        ksrc = k_ptr + t * k_st + kvh * k_sh
-        x = tl.load(ksrc + i, mask=i_ok, other=0.0).to(tl.float32)
-        partner = tl.load(ksrc + (i + HALF) % HEAD_DIM, mask=i_ok, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + t * c_st + i, mask=i_ok, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * s_st + i, mask=i_ok, other=0.0).to(tl.float32)
-        key = _cast(x * cos + tl.where(i < HALF, -partner, partner) * sin, k_ptr.dtype.element_ty).to(tl.float32)
-        _store_q8(key, rot_ptr, kc_ptr + slot * kc_sr + kvh * kc_sh, ksc_ptr + slot * ksc_sr + kvh * ksc_sh, slot,
-                  i, i_ok, tiny, HEAD_DIM, CHUNK, CHUNKS)
-        value = tl.load(v_ptr + t * v_st + kvh * v_sh + i, mask=i_ok, other=0.0).to(tl.float32)
-        _store_q8(value, rot_ptr, vc_ptr + slot * vc_sr + kvh * vc_sh, vsc_ptr + slot * vsc_sr + kvh * vsc_sh, slot,
-                  i, i_ok, tiny, HEAD_DIM, CHUNK, CHUNKS)
+        k1, k2 = _rope_halves(k_ptr + t * k_st + kvh * k_sh, d, ok, cos1, cos2, sin1, sin2, HALF)
+        k1 = _cast(k1, k_ptr.dtype.element_ty).to(tl.float32)
+        k2 = _cast(k2, k_ptr.dtype.element_ty).to(tl.float32)
+        _store_q8(k1, k2, rot_ptr, kc_ptr + slot * kc_sr + kvh * kc_sh, ksc_ptr + slot * ksc_sr + kvh * ksc_sh, slot,
+                  d, ok, tiny, HALF, HEAD_DIM, CHUNK, CHUNKS)
+        vsrc = v_ptr + t * v_st + kvh * v_sh
+        v1 = tl.load(vsrc + d, mask=ok, other=0.0).to(tl.float32)
+        v2 = tl.load(vsrc + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        _store_q8(v1, v2, rot_ptr, vc_ptr + slot * vc_sr + kvh * vc_sh, vsc_ptr + slot * vsc_sr + kvh * vsc_sh, slot,
+                  d, ok, tiny, HALF, HEAD_DIM, CHUNK, CHUNKS)
 
 
 def rope_and_cache_q8_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
@@ -916,13 +915,13 @@ def rope_and_cache_q8_triton(query: torch.Tensor, key: torch.Tensor, value: torc
         return out
     half = head_dim // 2
     block_d = _pow2(head_dim)
-    chunk = min(Q8_ROTATION_CHUNK, block_d)
+    chunk = min(Q8_ROTATION_CHUNK, block_d)  # the chunks cover block_d >= head_dim output channels
     strides = [stride for t in flat for stride in (t.stride(0), t.stride(1))]
     _rope_cache_q8_kernel[(tokens, heads + kv_heads)](
         query, key, value, cos, sin, rotation, slots, *flat, out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         cos.stride(0), sin.stride(0), *strides, out.stride(0), out.stride(1), heads, torch.finfo(torch.float32).tiny,
-        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), BLOCK_D=block_d, CHUNK=chunk, CHUNKS=block_d // chunk,
+        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=_pow2(half), CHUNK=chunk, CHUNKS=block_d // chunk,
         num_warps=1 if head_dim <= 64 else 2)
     return out
 
