@@ -93,3 +93,19 @@ def solve_row_block(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor,
 
 
 solve_row_block.__doc__ = solve_row_block_ref.__doc__ + "\n\n" + (solve_row_block.__doc__ or "")
+
+
+def solve_rows(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
+               high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """solve_row_block's contract for any number of rows on one grid: sub-blocks of up to MAX_ROWS through it, each
+    sub-block's errors fed to the rows after it in one matmul (those rows of w are updated in place)."""
+    rows = w.shape[0]
+    outputs = tuple(torch.empty(w.shape, dtype=torch.float32, device=w.device) for _ in range(3))
+    for start in range(0, rows, MAX_ROWS):
+        end = min(start + MAX_ROWS, rows)
+        parts = solve_row_block(w[start:end], divisor, scale, zero, low, high, upper[start:end, start:end])
+        for out, part in zip(outputs, parts):
+            out[start:end] = part
+        if end < rows:
+            w[end:].addmm_(upper[start:end, end:].T, parts[1], alpha=-1.0)
+    return outputs

@@ -15,7 +15,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
-from qtool.kernels.gptq_block_triton import MAX_ROWS as BLOCK_KERNEL_ROWS, row_block_problem, solve_row_block
+from qtool.kernels.gptq_block_triton import row_block_problem, solve_row_block, solve_rows
 from qtool.models.rules import device_free_memory
 from qtool.quant.gptq import inverse_hessian_cholesky
 
@@ -223,8 +223,8 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
     codes = torch.empty_like(w, dtype=torch.int32)
     levels, maxima = [], []
     start = 0
-    # on a GPU each group's rows go through solve_row_block in sub-blocks (one kernel each) instead of a handful
-    # of small launches per row
+    # on a GPU each group's rows go through solve_rows (one kernel per 64 rows) instead of a handful of small
+    # launches per row
     kernel_blocks = row_block_problem(w) is None
     for bits, rows in zip(group_bits, group_sizes):
         end = start + rows
@@ -235,19 +235,13 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
         levels.append(level)
         maxima.append(scale_max)
         zero = 1 << (bits - 1)
-        errors = torch.empty(rows, w.shape[1], dtype=torch.float32, device=w.device)
         if kernel_blocks:
-            centred = torch.zeros_like(scale)
             low, high = torch.full_like(scale, -zero), torch.full_like(scale, zero - 1)
-            for sub in range(start, end, BLOCK_KERNEL_ROWS):
-                sub_end = min(sub + BLOCK_KERNEL_ROWS, end)
-                _, err, q = solve_row_block(w[sub:sub_end], divisor, scale, centred, low, high,
-                                            upper[sub:sub_end, sub:sub_end])
-                codes[sub:sub_end] = (q + zero).to(torch.int32)
-                errors[sub - start : sub_end - start] = err
-                if sub_end < end:
-                    w[sub_end:end].addmm_(upper[sub:sub_end, sub_end:end].T, err, alpha=-1.0)
+            _, errors, q = solve_rows(w[start:end], divisor, scale, torch.zeros_like(scale), low, high,
+                                      upper[start:end, start:end])
+            codes[start:end] = (q + zero).to(torch.int32)
         else:
+            errors = torch.empty(rows, w.shape[1], dtype=torch.float32, device=w.device)
             for i in range(start, end):
                 q = torch.clamp(torch.round(w[i] / divisor), -zero, zero - 1)
                 codes[i] = (q + zero).to(torch.int32)
@@ -262,7 +256,8 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
 
 # Bytes of float32 work the batched measurement may hold per pass (two [K, candidates x N] matrices and the error
 # product's third): a linear's candidates are solved together in as few passes as fit in it. On a GPU a quarter of
-# its free memory (within a per-process cap), within these bounds: a 7B down_proj's candidate takes 0.5 GB, and each pass repeats the row blocks
+# its free memory (within a per-process cap), within these bounds: a 7B down_proj's candidate takes 0.5 GB, and
+# each pass repeats the row blocks
 MEASURE_BATCH_BYTES = 1 << 30
 MEASURE_BATCH_BYTES_CUDA = 32 << 30
 BLOCK_ROWS = ROW_ALIGNMENT  # every group boundary of every candidate falls on a multiple of it
@@ -275,9 +270,9 @@ def candidate_errors(prepared: PreparedLinear, weight: torch.Tensor, hessian: to
     candidates in one GPTQ pass: their copies of the rows side by side ([K, C x N]), each block of BLOCK_ROWS rows
     (where every candidate's groups begin) solved for all of them at once (kernels/gptq_block_triton: one launch
     on a GPU), lazy updates after each block, and each group's scales fitted, as exl2_quantize fits them, when the
-    pass reaches its first row (the groups of one size starting at a row in one call). A measurement pass solves 30 candidates per linear: one at a time
-    that is K steps of small ops each, which a GPU spends launching them. Equal to exl2_quantize's errors but for
-    float32 sums in another order (a code may round the other way)."""
+    pass reaches its first row (the groups of one size starting at a row in one call). A measurement pass solves
+    30 candidates per linear: one at a time that is K steps of small ops each, which a GPU spends launching them.
+    Equal to exl2_quantize's errors but for float32 sums in another order (a code may round the other way)."""
     in_features, out_features = prepared.rows.shape
     per_candidate = 3 * in_features * out_features * 4
     if batch_bytes is None:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.kernels.gptq_block_triton import MAX_ROWS, row_block_problem, solve_row_block
+from qtool.kernels.gptq_block_triton import row_block_problem, solve_rows
 from qtool.quant.grid import (check_grid_options, dequantize_codes, fit_grid, fit_group_grids, max_code, natural_g_idx,
                               round_to_grid)
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -95,8 +95,8 @@ def _solve_columns(
     and upper = the Cholesky factor of H^-1. grid_at(position) gives (scale, zero) for that column.
     Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
     kernel_blocks: the grid is the same over each block (bounds split at group starts, groups fitted there), so
-    each sub-block of up to gptq_block_triton.MAX_ROWS columns goes through solve_row_block (one kernel on a GPU,
-    where the column loop is a handful of small launches per column)."""
+    each block goes through solve_rows (one kernel per 64 columns on a GPU, where the column loop is a handful of
+    small launches per column)."""
     cols, rows = work.shape
     codes_t = torch.empty_like(work)
     deq_t = torch.empty_like(work)
@@ -107,36 +107,42 @@ def _solve_columns(
     # Inside a block, rank-1 updates reach only the next few columns (a sub-block small enough that torch runs
     # them on the calling thread: per-column parallel regions stall when the cores are shared); each sub-block
     # then updates the rest of its block with one matmul, and each block the columns after it.
-    sub_width = MAX_ROWS if kernel_blocks else max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
+    sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
     for start, end in zip(bounds[:-1], bounds[1:]):
-        block_err = torch.empty(end - start, rows, dtype=torch.float32, device=work.device)
         if kernel_blocks:
             scale, zero = grid_at(start)
-        for sub_start in range(start, end, sub_width):
-            sub_end = min(sub_start + sub_width, end)
-            if kernel_blocks:
-                deq, err, codes = solve_row_block(work[sub_start:sub_end], scale, scale, zero, low, high,
-                                                  upper[sub_start:sub_end, sub_start:sub_end])
-                codes_t[sub_start:sub_end], deq_t[sub_start:sub_end] = codes, deq
-                block_err[sub_start - start : sub_end - start] = err
-            else:
-                for pos in range(sub_start, sub_end):
-                    scale, zero = grid_at(pos)
-                    column = work[pos]
-                    codes = round_to_grid(column, scale, zero, bits)
-                    deq = dequantize_codes(codes, scale, zero)
-                    codes_t[pos] = codes
-                    deq_t[pos] = deq
-                    err = (column - deq) / upper[pos, pos]
-                    block_err[pos - start] = err
-                    work[pos + 1 : sub_end].addr_(upper[pos, pos + 1 : sub_end], err, alpha=-1.0)
-            if sub_end < end:
-                sub_err = block_err[sub_start - start : sub_end - start]
-                work[sub_end:end].addmm_(upper[sub_start:sub_end, sub_end:end].T, sub_err, alpha=-1.0)
+            deq_t[start:end], block_err, codes_t[start:end] = solve_rows(
+                work[start:end], scale, scale, zero, low, high, upper[start:end, start:end])
+        else:
+            block_err = _solve_block_columns(work, upper, start, end, sub_width, grid_at, bits, codes_t, deq_t)
         if end < cols:
             work[end:].addmm_(upper[start:end, end:].T, block_err, alpha=-1.0)
         loss += block_err.square().sum()
     return codes_t, deq_t, loss
+
+
+def _solve_block_columns(work: torch.Tensor, upper: torch.Tensor, start: int, end: int, sub_width: int,
+                         grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]], bits: int, codes_t: torch.Tensor,
+                         deq_t: torch.Tensor) -> torch.Tensor:
+    """One block's columns one at a time (into codes_t, deq_t), sub-blocks of sub_width updating the rest of the
+    block with one matmul each; the block's scaled errors [end - start, rows]."""
+    block_err = torch.empty(end - start, work.shape[1], dtype=torch.float32, device=work.device)
+    for sub_start in range(start, end, sub_width):
+        sub_end = min(sub_start + sub_width, end)
+        for pos in range(sub_start, sub_end):
+            scale, zero = grid_at(pos)
+            column = work[pos]
+            codes = round_to_grid(column, scale, zero, bits)
+            deq = dequantize_codes(codes, scale, zero)
+            codes_t[pos] = codes
+            deq_t[pos] = deq
+            err = (column - deq) / upper[pos, pos]
+            block_err[pos - start] = err
+            work[pos + 1 : sub_end].addr_(upper[pos, pos + 1 : sub_end], err, alpha=-1.0)
+        if sub_end < end:
+            sub_err = block_err[sub_start - start : sub_end - start]
+            work[sub_end:end].addmm_(upper[sub_start:sub_end, sub_end:end].T, sub_err, alpha=-1.0)
+    return block_err
 
 
 def gptq_quantize(
