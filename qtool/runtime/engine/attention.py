@@ -20,6 +20,7 @@ class KVCache:
     key: torch.Tensor  # [layers, num_blocks, block_size, kv_heads, head_dim]
     value: torch.Tensor
     is_quantized = False  # the fast float paths (Triton, CUDA graphs) read it directly
+    kind = None  # a quantized cache names its kind (q8, q4); a float one is its tensors' dtype
 
     @classmethod
     def allocate(cls, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,

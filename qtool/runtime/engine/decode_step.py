@@ -287,7 +287,7 @@ class DecodeStep:
 
     @property
     def is_q8(self) -> bool:
-        return getattr(self.runner.cache, "kind", None) == "q8"
+        return self.runner.cache.kind == "q8"
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
         if self.is_q4:
@@ -541,7 +541,7 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
     cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
     why = rope_table_problem(runner.rotary, cos, sin)
     key_cos = key_sin = None
-    if why is None and getattr(runner.cache, "kind", None) == "q4":  # its keys are held before RoPE
+    if why is None and runner.cache.kind == "q4":  # its keys are held before RoPE
         key_cos, key_sin = rope_table(runner.rotary, max_positions, torch.float32, runner.device)
         why = rope_table_problem(runner.rotary, key_cos, key_sin)
     if why is None and cos.shape[-1] != runner.head_dim:
@@ -554,7 +554,7 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
                                          ("logit transforms by the head module", final_norm is None),
                                          ("sliding windows", any(l.sliding_window for l in layers)),
                                          (Q4_PHRASE, key_cos is not None),
-                                         (Q8_PHRASE, getattr(runner.cache, "kind", None) == "q8")) if present]
+                                         (Q8_PHRASE, runner.cache.kind == "q8")) if present]
     offset = layers[0].input_norm.weight_offset
     fusion = "q/k/v and gate/up unfused (fusion off)"
     if fuse_projections:  # last: the step is decided, and fusing rebinds the model's tensors
