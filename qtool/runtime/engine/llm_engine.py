@@ -65,9 +65,10 @@ class EngineConfig:
     fast_prefill: bool | None = None
     # where the decode step runs, each layer's q/k/v and gate/up as one linear each (kernels/fused_linear.py)
     fuse_projections: bool = True
-    # where the decode step runs on a float cache, steps whose chunks each bring at most this many tokens run as one
-    # decode row per token (ModelRunner's short_prefill_rows; the decode graphs are captured up to this batch too).
-    # None: SHORT_PREFILL_ROWS on CUDA with graphs, else 0 (never; on the CPU the module path stays the reference)
+    # where the decode step runs (a float or q8 cache), steps whose chunks each bring at most this many tokens run
+    # as one decode row per token (ModelRunner's short_prefill_rows; the decode graphs are captured up to this
+    # batch too). None: SHORT_PREFILL_ROWS on CUDA with graphs, else 0 (never; on the CPU the module path stays the
+    # reference)
     short_prefill_rows: int | None = None
 
     def __post_init__(self) -> None:
