@@ -7,7 +7,7 @@
 # per-linear timings of bench/finetune/qlora_linears.py), BENCH_LIMIT_S (400, the step bench). One call of the run
 # tool has 600 s: all three parts take two calls, e.g.
 #   TESTS_LIMIT_S=240 LINEARS_LIMIT_S=120 BENCH_LIMIT_S=0 bash bench/device/qlora_step.sh
-#   TESTS_LIMIT_S=0 PROFILE=1 bash bench/device/qlora_step.sh --systems qtool-dequant,bnb-nf4
+#   TESTS_LIMIT_S=0 PROFILE=1 bash bench/device/qlora_step.sh --systems qtool-fused,qtool-dequant,bnb-nf4
 # PROFILE=1: one more step of each system under torch.profiler (bench/finetune/step_profile.py): kernel time by
 # category, the top 20 kernels, the GPU's idle gaps, printed and in $OUT/qlora_step_profile.json.
 # Results: $OUT/qlora_step.jsonl (one line per system and a comparison line), $OUT/qlora_linears.jsonl (one line
@@ -22,7 +22,7 @@ PROFILE_ARGS=()
 log "kernel tests"
 [[ "${TESTS_LIMIT_S:-170}" == 0 ]] || timeout "${TESTS_LIMIT_S:-170}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gptq_grad_input.py \
     tests/kernels/test_exl2_grad_input.py tests/kernels/test_quantized_autograd.py tests/kernels/test_gptq_dequant.py \
-    tests/kernels/test_low_rank_autograd.py 2>&1 | tail -15 | tee -a "$LOG"
+    tests/kernels/test_low_rank_autograd.py tests/kernels/test_train_ops.py 2>&1 | tail -15 | tee -a "$LOG"
 log "linears"
 [[ "${LINEARS_LIMIT_S:-0}" == 0 ]] || timeout "${LINEARS_LIMIT_S:-0}" python3 bench/finetune/qlora_linears.py --out "$OUT/qlora_linears.jsonl" 2>&1 | grep -v Warning | tee -a "$LOG"
 log "bench"

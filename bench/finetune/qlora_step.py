@@ -5,6 +5,9 @@ memory of a LoRA step (rank 16, every decoder linear targeted, gradient checkpoi
                  finetune` trains through (finetune.quantized_lora.use_training_backend): each weight dequantized
                  from the checkpoint's layout into one shared scratch, then cuBLAS, forward and dX; base matmul and
                  adapter in one autograd function; one packed copy of the weights
+  qtool-fused    qtool-dequant's base and adapters trained through qtool's fused forward (what `qtool finetune` runs
+                 on CUDA: finetune.fused_forward): fused RMSNorm + residual, RoPE, SiLU * up and chunked head + cross
+                 entropy, each decoder layer a checkpointed segment
   qtool-triton   the decoder linears as qtool GPTQ 4-bit g128 QuantLinear, forward on the Triton backend, backward
                  through the grad-input kernel (qtool.finetune.quantized_lora + PEFT)
   qtool-torch    the same GPTQ base through qtool's torch path: each weight dequantized per call, forward and
@@ -16,7 +19,7 @@ Every system: the same shapes, bf16 base (embeddings, norms, head), LoRA A/B in 
 tokens of random ids (labels = ids), --warmup untimed steps, then --steps timed ones. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps (weights included). One JSON line per system to --out, then
 one comparison line (ours' speed and peak memory as ratios of each other system's, and its first loss
-minus qtool-torch's on the same base), each with the device, versions and command. "Ours" is --ours (qtool-dequant).
+minus qtool-torch's on the same base), each with the device, versions and command. "Ours" is --ours (qtool-fused).
 --profile OUT.json: one more step of each system under torch.profiler, summarized by step_profile.py (kernel time by
 category: dequant, base/LoRA GEMMs, attention, elementwise, casts/copies, loss, optimizer, other; the top 20 kernels;
 the device's idle gaps, where it waited on the host; the allocator's allocations in the step), printed as a table.
@@ -48,8 +51,8 @@ sys.path.insert(0, str(HERE))  # and so does bench/finetune/ (step_profile.py)
 
 from run_metadata import run_metadata  # noqa: E402
 
-SYSTEMS = ("qtool-dequant", "qtool-triton", "qtool-torch", "bnb-nf4")
-QTOOL_BACKENDS = {"qtool-dequant": "dequant", "qtool-triton": "triton", "qtool-torch": "torch"}
+SYSTEMS = ("qtool-fused", "qtool-dequant", "qtool-triton", "qtool-torch", "bnb-nf4")
+QTOOL_BACKENDS = {"qtool-fused": "dequant", "qtool-dequant": "dequant", "qtool-triton": "triton", "qtool-torch": "torch"}
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
 TINY = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -177,7 +180,7 @@ def measure(system: str, args: argparse.Namespace, device: torch.device, profile
     row["build_s"] = round(time.perf_counter() - started, 2)
     if device.type == "cuda":
         row["weights_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
-    if system == "qtool-dequant":
+    if QTOOL_BACKENDS.get(system) == "dequant":
         from qtool.kernels.registry import default_registry
 
         # the one dequantized weight every layer shares (sized for the largest linear at set_backend)
@@ -187,8 +190,20 @@ def measure(system: str, args: argparse.Namespace, device: torch.device, profile
     tokens = torch.randint(0, shape["vocab_size"], (1, args.seqlen), device=device, generator=gen)
     losses = []
 
+    fused = None
+    if system == "qtool-fused":
+        from qtool.finetune.fused_forward import plan_fused_forward
+
+        fused, row["forward"] = plan_fused_forward(model)
+        if fused is None:
+            return row | {"skipped": f"the fused forward does not take the model: {row['forward']}"}
+    positions = torch.arange(args.seqlen, device=device).unsqueeze(0)
+
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
+        if fused is None:
+            loss = model(input_ids=tokens, labels=tokens).loss
+        else:  # the mean over the predicted tokens, as transformers' loss
+            loss = fused.summed_token_loss(tokens, positions, tokens, -100) / (args.seqlen - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,7 +257,7 @@ def profile_step(step, system: str, device: torch.device, rank: int) -> dict:
     return summary
 
 
-def comparison(rows: list[dict], ours_name: str = "qtool-dequant") -> dict:
+def comparison(rows: list[dict], ours_name: str = "qtool-fused") -> dict:
     """`ours_name`'s tokens/s and peak memory as ratios of each other measured system's."""
     by_system = {row["system"]: row for row in rows if "tokens_per_s" in row}
     ours = by_system.get(ours_name)
@@ -273,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 2 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny llama: checks the script, measures nothing")
-    p.add_argument("--ours", choices=SYSTEMS, default="qtool-dequant", help="the system the comparison line is about")
+    p.add_argument("--ours", choices=SYSTEMS, default="qtool-fused", help="the system the comparison line is about")
     p.add_argument("--profile", type=Path, metavar="OUT.json",
                    help="profile one more step of each system: kernel time by category, top kernels, idle gaps (JSON)")
     args = p.parse_args(argv)

@@ -36,7 +36,9 @@ COPY_OPS = {"aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "at
             "aten::zero_", "aten::zeros", "aten::zeros_like", "aten::_copy_from", "aten::_copy_from_and_resize"}
 LOSS_MARKS = ("cross_entropy", "log_softmax", "nll_loss")
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "_flash_attn", "fmha", "cudnn_attention")
-ELEMENTWISE_NAMES = ("elementwise", "reduce_kernel", "vectorized", "unrolled", "index", "embedding", "cat")
+# torch's kernels, then qtool's fused training kernels (kernels/train_ops_triton.py, engine_ops_triton.py)
+ELEMENTWISE_NAMES = ("elementwise", "reduce_kernel", "vectorized", "unrolled", "index", "embedding", "cat",
+                     "rms_norm", "rope", "silu_mul")
 ALLOCATING_OPS = ("aten::empty", "aten::empty_strided")  # every tensor's storage comes from one of these
 RUNTIME_CALL = re.compile(r"^cu(da)?[A-Z]")  # cudaLaunchKernel, cuLaunchKernelEx (Triton), cudaMemcpyAsync, ...
 TOP_KERNELS = 20

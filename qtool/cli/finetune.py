@@ -13,7 +13,7 @@ import typer
 from qtool.cli.choices import choice_enum, complete_device, plain
 from qtool.cli.help_format import QtoolCommand, QtoolGroup
 from qtool.cli.render import handle_errors, print_json, stderr, stdout
-from qtool.config.finetune_schema import FINETUNE_METHODS, LORA_INITS, LR_SCHEDULES
+from qtool.config.finetune_schema import FINETUNE_METHODS, FUSED_OPS, LORA_INITS, LR_SCHEDULES
 
 if TYPE_CHECKING:  # the library imports torch: the command imports it when it runs
     from qtool.finetune.job import FinetuneResult
@@ -23,6 +23,7 @@ TRAIN_COMMAND = "train"
 FinetuneMethod = choice_enum("FinetuneMethod", FINETUNE_METHODS)
 LrSchedule = choice_enum("LrSchedule", LR_SCHEDULES)
 LoraInit = choice_enum("LoraInit", LORA_INITS)
+FusedOps = choice_enum("FusedOps", FUSED_OPS)
 TRAINING = "Training"  # help panel of the schedule's flags
 
 
@@ -93,6 +94,7 @@ def finetune(
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", rich_help_panel=TRAINING, help="Longest sequence in tokens (default 512).")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", rich_help_panel=TRAINING, help="Pack short examples into seqlen rows (default on; each example sees only itself).")] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", rich_help_panel=TRAINING, help="Recompute activations in the backward: less memory, ~30% slower.")] = None,
+    fused_ops: Annotated[Optional[FusedOps], typer.Option("--fused-ops", rich_help_panel=TRAINING, help="The training forward: auto (default) is qtool's fused kernels on CUDA where the model's layers allow (Llama, Mistral, Qwen2/3), transformers' elsewhere; on: fused on the CPU too (torch references); off: transformers'.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=TRAINING, help="Seed of the data order and the adapter's init (default 0).")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data (same kinds as --data) for the eval loss.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between eval losses (default: at the end only).")] = None,
@@ -116,7 +118,7 @@ def finetune(
                  "use_rslora": use_rslora, "use_dora": use_dora, "lora_init": plain(lora_init), "loftq_float": loftq_float,
                  "epochs": epochs, "max_steps": max_steps, "lr": lr,
                  "schedule": plain(schedule), "warmup_steps": warmup_steps, "batch_tokens": batch_tokens, "seqlen": seqlen,
-                 "packing": packing, "grad_checkpointing": grad_checkpointing, "seed": seed, "eval_every": eval_every,
+                 "packing": packing, "grad_checkpointing": grad_checkpointing, "fused_ops": plain(fused_ops), "seed": seed, "eval_every": eval_every,
                  "save_every": save_every}
     settings, findings = resolve_finetune_config(config, overrides)
     if not as_json:

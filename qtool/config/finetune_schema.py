@@ -29,6 +29,9 @@ ALL_LINEAR = "all-linear"
 # how LoRA's A and B start: PEFT's default (B = 0: the base's own output), or loftq (a quantized base's adapters
 # start as the truncated SVD of W_float - W_quantized; needs loftq_float, the float model the base came from)
 LORA_INITS = ("default", "loftq")
+# the training forward: auto is qtool's fused one on CUDA where the model's layers have its form (transformers'
+# elsewhere), on is the fused one wherever they do (on the CPU through its torch references), off is transformers'
+FUSED_OPS = ("auto", "on", "off")
 
 
 @dataclass
@@ -59,6 +62,7 @@ class FinetuneConfig:
     save_every: int = 0  # steps between checkpoints; 0: none
     seed: int = 0
     dtype: str = "auto"
+    fused_ops: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +141,7 @@ def validate_finetune_config(config: FinetuneConfig) -> list[Finding]:
         _choice("method", config.method, FINETUNE_METHODS),
         _choice("schedule", config.schedule, LR_SCHEDULES),
         _choice("dtype", config.dtype, FINETUNE_DTYPES),
+        _choice("fused_ops", config.fused_ops, FUSED_OPS),
         _choice("optimizer", config.optimizer, OPTIMIZERS),
         _at_least("epochs", config.epochs, 1, "train at least 1 epoch (or set max_steps)"),
         _at_least("max_steps", config.max_steps, 0, "use 0 (the epochs decide) or a positive number of steps"),

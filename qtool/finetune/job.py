@@ -22,6 +22,7 @@ from qtool.finetune.data import TokenizedData, load_examples
 from qtool.finetune.lora_setup import make_lora_model, quantized_format
 from qtool.finetune.memory import MemoryEstimate, check_memory, estimate_peak_memory
 from qtool.finetune.packing import make_rows
+from qtool.finetune.fused_forward import training_forward
 from qtool.finetune.trainer import StepReport, TrainingRun, TrainResult, autocast_dtype, train
 
 RESULT_FILE = "finetune_result.json"
@@ -148,7 +149,9 @@ def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None
         notes.append(f"{data.truncated} examples were cut to seqlen {config.seqlen}")
     if data.dropped:
         notes.append(f"{data.dropped} examples had no token to learn within seqlen {config.seqlen} and were left out")
-    run = TrainingRun(model=model, config=config, rows=rows, pad_id=pad_id, device=device,
+    fused, forward_note = training_forward(model, config.fused_ops, device)
+    notes.append(forward_note)
+    run = TrainingRun(model=model, config=config, rows=rows, pad_id=pad_id, device=device, fused=fused,
                       eval_rows=make_rows(eval_data.examples, config.seqlen, config.packing) if eval_data else None,
                       checkpoint_dir=folder, resume=job.resume, progress=progress, rank=rank, world_size=world_size)
     if rank != 0:

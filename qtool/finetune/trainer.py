@@ -22,6 +22,7 @@ from qtool.config.finetune_schema import FinetuneConfig
 from qtool.core.errors import QtoolError
 from qtool.finetune.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from qtool.finetune.data import IGNORE
+from qtool.finetune.fused_forward import FusedForward
 from qtool.finetune.packing import Row, collate, epoch_order, plan_batches
 
 
@@ -78,6 +79,7 @@ class TrainingRun:
     progress: Callable[[StepReport], None] | None = None
     rank: int = 0
     world_size: int = 1
+    fused: FusedForward | None = None  # the fused training forward (fused_forward.plan_fused_forward), or transformers'
 
 
 def step_batches(rows: list[Row], config: FinetuneConfig) -> list[list[int]]:
@@ -128,9 +130,13 @@ def autocast_dtype(config: FinetuneConfig, device: torch.device) -> torch.dtype 
     return torch.bfloat16
 
 
-def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
-    """Sum over the label tokens of the next-token cross entropy (float32 logits)."""
+def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                      fused: FusedForward | None = None) -> torch.Tensor:
+    """Sum over the label tokens of the next-token cross entropy (float32 logits), through the fused forward when
+    there is one."""
     with torch.autocast(batch["input_ids"].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if fused is not None:
+            return fused.summed_token_loss(batch["input_ids"], batch["position_ids"], batch["labels"], IGNORE)
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -146,7 +152,8 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def evaluate(model: torch.nn.Module, rows: list[Row], config: FinetuneConfig, pad_id: int, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, rows: list[Row], config: FinetuneConfig, pad_id: int, device: torch.device,
+             fused: FusedForward | None = None) -> float:
     """Mean next-token loss over the label tokens of `rows`."""
     was_training = model.training
     model.eval()
@@ -154,7 +161,8 @@ def evaluate(model: torch.nn.Module, rows: list[Row], config: FinetuneConfig, pa
     with torch.no_grad():
         for batch_rows in plan_batches(rows, list(range(len(rows))), config.batch_tokens):
             chosen = [rows[i] for i in batch_rows]
-            total += float(summed_token_loss(model, _to(collate(chosen, pad_id), device), autocast_dtype(config, device)))
+            batch = _to(collate(chosen, pad_id), device)
+            total += float(summed_token_loss(model, batch, autocast_dtype(config, device), fused))
             count += sum(row.label_tokens for row in chosen)
     model.train(was_training)
     return total / max(1, count)
@@ -195,7 +203,7 @@ def train(run: TrainingRun) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         if mine and label_tokens:
-            loss_sum = summed_token_loss(model, _to(collate(mine, run.pad_id), device), dtype)
+            loss_sum = summed_token_loss(model, _to(collate(mine, run.pad_id), device), dtype, run.fused)
             (loss_sum / label_tokens).backward()
         if run.world_size > 1:
             import torch.distributed as dist
@@ -214,7 +222,7 @@ def train(run: TrainingRun) -> TrainResult:
         done = step + 1
         eval_loss = None
         if run.eval_rows and ((config.eval_every and done % config.eval_every == 0) or done == total):
-            eval_loss = evaluate(model, run.eval_rows, config, run.pad_id, device)
+            eval_loss = evaluate(model, run.eval_rows, config, run.pad_id, device, run.fused)
             result.eval_losses.append((done, eval_loss))
         if run.checkpoint_dir is not None and config.save_every and done % config.save_every == 0 and done < total and run.rank == 0:
             save_checkpoint(run.checkpoint_dir, done, model, optimizer, scheduler, config)

@@ -9,6 +9,7 @@ import torch
 
 DEQUANTIZE_RANGE = "qtool::dequantize"  # around every dequantization of a quantized linear's weight
 ROW_BLOCK_RANGE = "qtool::gptq_row_block"  # around every lazy block of a GPTQ pass (one kernel on a GPU)
+LOSS_RANGE = "qtool::linear_cross_entropy"  # around the fused head + loss (its matmuls are the loss's, not a layer's)
 
 
 def profiled_range(name: str) -> contextlib.AbstractContextManager:

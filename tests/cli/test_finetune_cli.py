@@ -203,3 +203,16 @@ def test_resume_with_loftq_takes_the_adapters_from_the_checkpoint_not_the_float_
     assert json.loads(resumed.stdout)["resumed_from_step"] == 2
     got = load_file(str(output / "adapter_model.safetensors"))
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_fused_ops_on_trains_through_the_fused_forward_with_the_same_losses(tmp_path, model_dir, text_file):
+    runs = {}
+    for setting in ("on", "off"):
+        result = runner.invoke(app, finetune_args(model_dir, text_file, tmp_path / setting, "--fused-ops", setting, "--json"))
+        assert result.exit_code == 0, result.output
+        runs[setting] = json.loads(result.stdout)
+    assert any(note.startswith("fused training forward") for note in runs["on"]["notes"])
+    assert any(note.startswith("training forward: transformers'") for note in runs["off"]["notes"])
+    assert runs["on"]["losses"] == pytest.approx(runs["off"]["losses"], rel=1e-5)
+    bad = runner.invoke(app, finetune_args(model_dir, text_file, tmp_path / "bad", "--fused-ops", "maybe"))
+    assert bad.exit_code != 0 and "maybe" in bad.output
