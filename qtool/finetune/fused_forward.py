@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qtool.kernels.train_ops import add_rms_norm, linear_cross_entropy, rms_norm, rope, silu_mul
+from qtool.kernels.train_ops import (add_rms_norm, linear_cross_entropy, rms_norm, rope, silu_mul,
+                                     train_kernels_problem)
 from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_architecture, get_module
 from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, rms_norm_form
 
@@ -235,5 +236,8 @@ def training_forward(model: nn.Module, setting: str, device: torch.device) -> tu
     transformers'), and the one line saying which and, where the fused one does not apply, why."""
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None, f"training forward: transformers' (fused_ops {setting}{' on ' + device.type if setting == 'auto' else ''})"
+    why = train_kernels_problem(device)
+    if why:
+        return None, f"training forward: transformers' ({why})"
     fused, description = plan_fused_forward(model)
     return fused, description if fused is not None else f"training forward: transformers' ({description})"

@@ -172,3 +172,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     chunk_rows = chunk_rows or max(1, CROSS_ENTROPY_CHUNK_VALUES // max(1, weight.shape[0]))
     with torch.autocast(device_type, enabled=False), profiled_range(LOSS_RANGE):
         return _LinearCrossEntropy.apply(hidden, weight, labels, int(ignore_index), chunk_rows)
+
+
+def train_kernels_problem(device: torch.device) -> str | None:
+    """None when the fused operations' Triton kernels build on `device` and agree with their references on a small
+    random case (each direction of each kernel, bfloat16), else why not: a caller then keeps transformers' forward
+    instead of failing inside a user's first step. Off CUDA the references run, and there is nothing to check."""
+    probe = torch.empty(0, device=device)
+    if triton_problem(probe) is not None:
+        return None
+    from qtool.kernels.train_ops_triton import rms_norm_backward_triton, rope_triton, silu_mul_backward_triton
+
+    gen = torch.Generator().manual_seed(0)
+    x, grad, other = (torch.randn(3, 2, 8, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+    cos, sin = (torch.rand(3, 8, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    weight = x[0, 0]
+    try:
+        checks = (
+            (rms_norm_backward_triton(grad, other, x, weight, 1e-5), rms_norm_backward_ref(grad, other, x, weight, 1e-5)),
+            *zip(silu_mul_backward_triton(grad, x, other), silu_mul_backward_ref(grad, x, other)),
+            (rope_triton(x, cos, sin), rope_ref(x, cos, sin)),
+            (rope_triton(x, cos, sin, backward=True), rope_backward_ref(x, cos, sin)),
+        )
+    except Exception as exc:  # a compiler or driver refusal: said in one line, training goes on unfused
+        return f"the fused training kernels do not build here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    for got, expected in checks:
+        if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2):
+            return "the fused training kernels disagree with their references on this GPU"
+    return None

@@ -175,3 +175,32 @@ def test_linear_cross_entropy_without_weight_gradient_and_all_rows_ignored():
     loss = linear_cross_entropy(hidden, weight, ignored)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the self-check builds the kernels for CUDA tensors")
+def test_the_kernel_self_check_passes_on_the_gpu():
+    from qtool.kernels.train_ops import train_kernels_problem
+
+    assert train_kernels_problem(torch.device("cuda")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the routed functions take the kernels on CUDA tensors")
+def test_a_fused_llama_step_on_the_gpu_matches_transformers_in_bfloat16(make_tiny_llama):
+    """The whole fused forward compiled (kernels, not references) against transformers' in bfloat16."""
+    from peft import LoraConfig, get_peft_model
+
+    from qtool.finetune.fused_forward import plan_fused_forward
+    from qtool.finetune.trainer import summed_token_loss
+
+    model = get_peft_model(make_tiny_llama(0).to("cuda", torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])).train()
+    fused, description = plan_fused_forward(model)
+    assert fused is not None, description
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 320, (2, 64), generator=gen).cuda()
+    batch = dict(input_ids=ids, position_ids=torch.arange(64, device="cuda").repeat(2, 1), labels=ids)
+    losses = [summed_token_loss(model, batch, torch.bfloat16, f).item() for f in (None, fused)]
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
