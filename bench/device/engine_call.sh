@@ -15,6 +15,8 @@
 # and, named in STAGES only (a second call): speculative (prompt lookup against plain decode on SmolLM2's shape:
 # random weights, so acceptance is a random model's), throughput (256 requests on the 7B shape against HF's padded
 # batch and ExLlamaV2 0.3.2's dynamic generator where its wheel in .whl/runtime builds).
+# and qlora (issue 24: the QLoRA step through the fused training forward, the dequant backend under transformers'
+# forward and bitsandbytes, one profiled step each; its kernels' tests first; carry .whl/finetune too).
 # Carry: .device-data/runtime-small .whl/runtime (bench/device/prepare_carry.sh)
 #   bash bench/device/engine_call.sh                              -> $OUT/engine_call.log and each step's files
 #   STAGES="speculative throughput" bash bench/device/engine_call.sh
@@ -89,6 +91,17 @@ stage_tests() {
     timeout "$(limit 150)" python3 -m pytest -q -p no:cacheprovider -rfE tests/runtime/engine/test_cuda_graphs.py \
         >"$OUT/graph_tests.log" 2>&1
     log "graph tests: exit $?"; tail -4 "$OUT/graph_tests.log" | tee -a "$LOG"
+}
+
+stage_qlora() {  # carry .whl/finetune too (bitsandbytes)
+    log "qlora step, 7B shape: fused forward, dequant backend under transformers' forward, bitsandbytes NF4"
+    install_wheels /tmp/qlora_site .whl/finetune/bitsandbytes-*.whl >/dev/null 2>&1 || log "bitsandbytes not installed"
+    timeout "$(limit 60)" python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_train_ops.py \
+        >"$OUT/train_ops_tests.log" 2>&1
+    log "train ops tests: exit $?"; tail -3 "$OUT/train_ops_tests.log" | tee -a "$LOG"
+    timeout "$(limit 200)" python3 bench/finetune/qlora_step.py --out "$OUT/qlora_step.jsonl" --steps 3 \
+        --systems qtool-fused,qtool-dequant,bnb-nf4 --profile "$OUT/qlora_step_profile.json" 2>&1 | grep -v Warning \
+        | tail -40 | tee -a "$LOG"
 }
 
 stage_speculative() {
