@@ -1,7 +1,7 @@
 """The fused training forward against transformers' own forward on tiny random models (CPU, float32: the fused
 operations' torch references): the summed token loss and every LoRA gradient agree, for packed rows with ignored
 labels, in each family it takes (Llama, Mistral with a window shorter than the row, Qwen2's biased q/k/v, Qwen3's
-q/k norms), on a GPTQ base through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
+q/k norms), on GPTQ and EXL2 bases through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
 layer). Families and heads it does not take are refused with a reason, and a run through the trainer with
 fused_ops on gives transformers' losses."""
 
@@ -96,6 +96,16 @@ def test_qwen3_plan_says_it_runs_the_q_k_norms_and_mistral_its_window():
 def test_fused_forward_on_a_gptq_base(make_tiny_llama):
     model = with_lora(rtn_quantized_llama(make_tiny_llama(0), 4, 64), quantized=True)
     assert_same_training_signal(model, packed_batch(), tolerance=5e-5)
+
+
+def test_fused_forward_on_an_exl2_base(make_tiny_llama, make_random_exl2_weights):
+    from qtool.kernels.exl2_linear import Exl2Linear
+
+    model = make_tiny_llama(0)
+    for name, weight in make_random_exl2_weights(model, seed=3).items():
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, Exl2Linear.from_weight(weight))
+    assert_same_training_signal(with_lora(model, quantized=True), packed_batch(), tolerance=5e-5)
 
 
 def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
