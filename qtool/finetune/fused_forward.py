@@ -1,6 +1,7 @@
-"""The fine-tuning step's own forward for plain pre-norm decoders (Llama, Mistral, Qwen2, Qwen3): the model's
+"""The fine-tuning step's own forward for plain pre-norm decoders (Llama, Mistral, Qwen2, Qwen3, Gemma): the model's
 modules do the linears (float, GPTQ or EXL2 bases, each wrapped by its LoRA layer) and the embedding; the fused
-autograd operations of kernels/train_ops do the rest: residual add + RMSNorm, RoPE, SiLU(gate) * up, and the
+autograd operations of kernels/train_ops do the rest: residual add + RMSNorm, RoPE, SiLU(gate) * up (another
+elementwise activation, Gemma's tanh GELU, runs as the module's own act(gate) * up), and the
 head's linear + cross entropy a chunk of rows at a time (no [tokens, vocab] float32 logits). Attention is torch's
 SDPA: causal over a plain row, block-diagonal where position ids restart (packed examples, as transformers reads
 them), within a sliding window where a layer has one shorter than the row. Each decoder layer is one checkpointed
@@ -22,7 +23,8 @@ from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_arc
 from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, rms_norm_form
 
 # model type -> whether its attention has q/k norms over each head (Qwen3); windows are read from the modules
-FUSED_FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True}
+# (Gemma's scaled embeddings and 1 + w norms live in its modules: the embedding module is called, the norms probed)
+FUSED_FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True, "gemma": False}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class FusedLayer:
     gate_proj: nn.Module
     up_proj: nn.Module
     down_proj: nn.Module
+    activation: nn.Module | None  # None: SiLU through the fused silu_mul
     heads: int
     kv_heads: int
     head_dim: int
@@ -80,7 +83,9 @@ class FusedForward:
         attended = attended.transpose(1, 2).reshape(batch, tokens, layer.heads * layer.head_dim)
         normed, summed = add_rms_norm(layer.o_proj(attended), hidden, layer.post_norm.weight, layer.post_norm.eps,
                                       layer.post_norm.weight_offset)
-        return summed + layer.down_proj(silu_mul(layer.gate_proj(normed), layer.up_proj(normed)))
+        gate, up = layer.gate_proj(normed), layer.up_proj(normed)
+        activated = silu_mul(gate, up) if layer.activation is None else layer.activation(gate) * up
+        return summed + layer.down_proj(activated)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The final norm's output [B, T, hidden] for input_ids and position_ids [B, T]."""
@@ -176,13 +181,11 @@ def _fused_layer(model: nn.Module, layer: nn.Module, index: int, qk_norm: bool) 
     activation, why = gated_mlp_activation(mlp, config.hidden_size, weight.dtype, weight.device)
     if why:
         return None, f"{where}: {why}"
-    if activation is not None:
-        return None, f"{where}: its MLP's activation ({type(activation).__name__}) is not SiLU"
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return FusedLayer(input_norm, post_norm, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
-                      q_norm, k_norm, mlp.gate_proj, mlp.up_proj, mlp.down_proj, heads, kv_heads, head_dim,
+                      q_norm, k_norm, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation, heads, kv_heads, head_dim,
                       float(attention.scaling), _window(model, attention)), None
 
 
@@ -224,8 +227,10 @@ def plan_fused_forward(model: nn.Module) -> tuple[FusedForward | None, str]:
         return None, f"its head ({type(head).__name__}) is not a bias-free linear (an adapter on the head?)"
     rotary = get_module(base, spec.layers_path.rpartition(".")[0] + ".rotary_emb")
     windows = sorted({layer.window for layer in layers if layer.window})
-    description = ("fused training forward: RMSNorm + residual add, RoPE, SiLU * up and chunked head + cross "
-                   "entropy kernels" + (f", sliding windows {windows}" if windows else "")
+    activation = layers[0].activation
+    mlp = "SiLU * up" if activation is None else f"{type(activation).__name__}(gate) * up unfused"
+    description = (f"fused training forward: RMSNorm{' (1 + w)' if final_norm.weight_offset else ''} + residual add, "
+                   f"RoPE, {mlp}, chunked head + cross entropy" + (f", sliding windows {windows}" if windows else "")
                    + (", q/k norms" if layers[0].q_norm is not None else ""))
     return FusedForward(base, get_module(base, spec.embed_path), rotary, tuple(layers), final_norm, head,
                         float(getattr(config, "attention_dropout", 0.0) or 0.0)), description

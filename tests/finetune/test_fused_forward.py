@@ -1,7 +1,7 @@
 """The fused training forward against transformers' own forward on tiny random models (CPU, float32: the fused
 operations' torch references): the summed token loss and every LoRA gradient agree, for packed rows with ignored
 labels, in each family it takes (Llama, Mistral with a window shorter than the row, Qwen2's biased q/k/v, Qwen3's
-q/k norms), on GPTQ and EXL2 bases through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
+q/k norms, Gemma's scaled embeddings, 1 + w norms and tanh GELU), on GPTQ and EXL2 bases through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
 layer). Families and heads it does not take are refused with a reason, and a run through the trainer with
 fused_ops on gives transformers' losses."""
 
@@ -81,16 +81,19 @@ def assert_same_training_signal(model: nn.Module, batch: dict, tolerance: float 
     ("mistral", {"sliding_window": 9}),
     ("qwen2", {}),
     ("qwen3", {}),
+    ("gemma", {"hidden_activation": "gelu_pytorch_tanh"}),
 ])
 def test_fused_loss_and_lora_gradients_equal_transformers(model_type, overrides):
     model = with_lora(family_model(model_type, **overrides))
     assert_same_training_signal(model, packed_batch())
 
 
-def test_qwen3_plan_says_it_runs_the_q_k_norms_and_mistral_its_window():
+def test_each_plan_says_what_it_runs():
     _, qwen3 = plan_fused_forward(with_lora(family_model("qwen3")))
     _, mistral = plan_fused_forward(with_lora(family_model("mistral", sliding_window=9)))
-    assert "q/k norms" in qwen3 and "sliding windows [9]" in mistral
+    _, gemma = plan_fused_forward(with_lora(family_model("gemma", hidden_activation="gelu_pytorch_tanh")))
+    assert "q/k norms" in qwen3 and "sliding windows [9]" in mistral and "SiLU * up" in mistral
+    assert "RMSNorm (1 + w)" in gemma and "(gate) * up unfused" in gemma
 
 
 def test_fused_forward_on_a_gptq_base(make_tiny_llama):
@@ -135,7 +138,7 @@ def test_attention_mask_of_packed_rows_and_windows():
 
 def test_models_the_fused_forward_does_not_take_say_why(make_tiny_llama):
     gemma = family_model("gemma2", query_pre_attn_scalar=16)
-    assert plan_fused_forward(gemma) == (None, "its family (gemma2) is not one of llama, mistral, qwen2, qwen3")
+    assert plan_fused_forward(gemma) == (None, "its family (gemma2) is not one of gemma, llama, mistral, qwen2, qwen3")
     head_adapter = get_peft_model(make_tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     fused, why = plan_fused_forward(head_adapter)
     assert fused is None and "its head" in why and "not a bias-free linear" in why
