@@ -94,7 +94,7 @@ def finetune(
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", rich_help_panel=TRAINING, help="Longest sequence in tokens (default 512).")] = None,
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing", rich_help_panel=TRAINING, help="Pack short examples into seqlen rows (default on; each example sees only itself).")] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing", rich_help_panel=TRAINING, help="Recompute activations in the backward: less memory, ~30% slower.")] = None,
-    fused_ops: Annotated[Optional[FusedOps], typer.Option("--fused-ops", rich_help_panel=TRAINING, help="The training forward: auto (default) is qtool's fused kernels on CUDA where the model's layers allow (Llama, Mistral, Qwen2/3, Gemma), transformers' elsewhere; on: fused on the CPU too (torch references); off: transformers'.")] = None,
+    fused_ops: Annotated[Optional[FusedOps], typer.Option("--fused-ops", rich_help_panel=TRAINING, help="The training forward: auto (default) is qtool's fused kernels on CUDA where the model's layers allow (Llama, Mistral, Qwen2/3, Gemma, Granite), transformers' elsewhere; on: fused on the CPU too (torch references); off: transformers'.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", rich_help_panel=TRAINING, help="Seed of the data order and the adapter's init (default 0).")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data (same kinds as --data) for the eval loss.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between eval losses (default: at the end only).")] = None,

@@ -1,12 +1,13 @@
-"""The fine-tuning step's own forward for plain pre-norm decoders (Llama, Mistral, Qwen2, Qwen3, Gemma): the model's
-modules do the linears (float, GPTQ or EXL2 bases, each wrapped by its LoRA layer) and the embedding; the fused
-autograd operations of kernels/train_ops do the rest: residual add + RMSNorm, RoPE, SiLU(gate) * up (another
-elementwise activation, Gemma's tanh GELU, runs as the module's own act(gate) * up), and the
-head's linear + cross entropy a chunk of rows at a time (no [tokens, vocab] float32 logits). Attention is torch's
-SDPA: causal over a plain row, block-diagonal where position ids restart (packed examples, as transformers reads
-them), within a sliding window where a layer has one shorter than the row. Each decoder layer is one checkpointed
-segment when the model has gradient checkpointing on. Whether a model has this form is decided once, by probing its
-modules (plan_fused_forward); otherwise training stays on transformers' forward, and the plan says why."""
+"""The fine-tuning step's own forward for plain pre-norm decoders (Llama, Mistral, Qwen2, Qwen3, Gemma, Granite):
+the model's modules do the linears (float, GPTQ or EXL2 bases, each wrapped by its LoRA layer) and the embedding;
+the fused autograd operations of kernels/train_ops do the rest: residual add + RMSNorm, RoPE, SiLU(gate) * up
+(another elementwise activation, Gemma's tanh GELU, runs as the module's own act(gate) * up), and the head's linear
++ cross entropy a chunk of rows at a time (no [tokens, vocab] float32 logits; a logit scaling such as Granite's is
+folded into the head's input). Attention is torch's SDPA: causal over a plain row, block-diagonal where position ids
+restart (packed examples, as transformers reads them), within a sliding window where a layer has one shorter than
+the row. Each decoder layer is one checkpointed segment when the model has gradient checkpointing on. Whether a
+model has this form is decided once, by probing its modules (plan_fused_forward); otherwise training stays on
+transformers' forward, and the plan says why."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_arc
 from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, rms_norm_form
 
 # model type -> whether its attention has q/k norms over each head (Qwen3); windows are read from the modules
-# (Gemma's scaled embeddings and 1 + w norms live in its modules: the embedding module is called, the norms probed)
-FUSED_FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True, "gemma": False}
+# (Gemma's scaled embeddings and 1 + w norms live in its modules: the embedding module is called, the norms probed;
+# Granite's multipliers are config fields, read by _multiplier)
+FUSED_FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "qwen3": True, "gemma": False, "granite": False}
+# logit transforms that scale the logits, folded into the head's input: (h @ W^T) / v = (h / v) @ W^T
+LINEAR_LOGIT_TRANSFORMS = ("divide", "multiply")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class FusedForward:
     final_norm: RmsNorm
     head: nn.Linear
     attention_dropout: float
+    embedding_multiplier: float = 1.0  # Granite: the embeddings scaled
+    residual_multiplier: float = 1.0  # Granite: each branch's output scaled before its residual add
+    logit_scale: float = 1.0  # the logits' linear transforms, applied to the head's input
 
     def _layer(self, layer: FusedLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
@@ -81,15 +88,20 @@ class FusedForward:
             dropout_p=self.attention_dropout if self.model.training else 0.0, scale=layer.scale,
             enable_gqa=layer.kv_heads != layer.heads)
         attended = attended.transpose(1, 2).reshape(batch, tokens, layer.heads * layer.head_dim)
-        normed, summed = add_rms_norm(layer.o_proj(attended), hidden, layer.post_norm.weight, layer.post_norm.eps,
-                                      layer.post_norm.weight_offset)
+        normed, summed = add_rms_norm(self._scaled(layer.o_proj(attended)), hidden, layer.post_norm.weight,
+                                      layer.post_norm.eps, layer.post_norm.weight_offset)
         gate, up = layer.gate_proj(normed), layer.up_proj(normed)
         activated = silu_mul(gate, up) if layer.activation is None else layer.activation(gate) * up
-        return summed + layer.down_proj(activated)
+        return summed + self._scaled(layer.down_proj(activated))
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The final norm's output [B, T, hidden] for input_ids and position_ids [B, T]."""
         hidden = self.embed(input_ids)
+        if self.embedding_multiplier != 1.0:
+            hidden = hidden * self.embedding_multiplier
         cos, sin = self.rotary(hidden, position_ids)
         cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
         masks = {window: attention_mask(position_ids, window) for window in {layer.window for layer in self.layers}}
@@ -106,6 +118,8 @@ class FusedForward:
         """Sum over the label tokens of the next-token cross entropy (float32), as the trainer's loss over
         transformers' logits: position t predicts labels[t + 1]."""
         hidden = self.hidden_states(input_ids, position_ids)
+        if self.logit_scale != 1.0:
+            hidden = hidden * self.logit_scale
         shifted = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]).contiguous(), self.head.weight,
                                     shifted.reshape(-1), ignore_index)
@@ -193,7 +207,8 @@ def _model_problem(model: nn.Module, spec: ArchitectureSpec) -> str | None:
     config = model.config
     if config.model_type not in FUSED_FAMILIES:
         return f"its family ({config.model_type}) is not one of {', '.join(sorted(FUSED_FAMILIES))}"
-    transforms = [field for _, field in spec.logit_transforms if getattr(config, field, None) is not None]
+    transforms = [field for kind, field in spec.logit_transforms
+                  if getattr(config, field, None) is not None and kind not in LINEAR_LOGIT_TRANSFORMS]
     if transforms:
         return f"its logits go through {', '.join(transforms)}"
     return None
@@ -232,8 +247,20 @@ def plan_fused_forward(model: nn.Module) -> tuple[FusedForward | None, str]:
     description = (f"fused training forward: RMSNorm{' (1 + w)' if final_norm.weight_offset else ''} + residual add, "
                    f"RoPE, {mlp}, chunked head + cross entropy" + (f", sliding windows {windows}" if windows else "")
                    + (", q/k norms" if layers[0].q_norm is not None else ""))
+    logit_scale = 1.0
+    for kind, field in spec.logit_transforms:
+        value = getattr(config, field, None)
+        if value is not None:
+            logit_scale = logit_scale / float(value) if kind == "divide" else logit_scale * float(value)
     return FusedForward(base, get_module(base, spec.embed_path), rotary, tuple(layers), final_norm, head,
-                        float(getattr(config, "attention_dropout", 0.0) or 0.0)), description
+                        float(getattr(config, "attention_dropout", 0.0) or 0.0),
+                        _multiplier(config, "embedding_multiplier"), _multiplier(config, "residual_multiplier"),
+                        logit_scale), description
+
+
+def _multiplier(config, field: str) -> float:
+    value = getattr(config, field, None)
+    return 1.0 if value is None else float(value)
 
 
 def training_forward(model: nn.Module, setting: str, device: torch.device) -> tuple[FusedForward | None, str]:

@@ -1,7 +1,7 @@
 """The fused training forward against transformers' own forward on tiny random models (CPU, float32: the fused
 operations' torch references): the summed token loss and every LoRA gradient agree, for packed rows with ignored
 labels, in each family it takes (Llama, Mistral with a window shorter than the row, Qwen2's biased q/k/v, Qwen3's
-q/k norms, Gemma's scaled embeddings, 1 + w norms and tanh GELU), on GPTQ and EXL2 bases through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
+q/k norms, Gemma's scaled embeddings, 1 + w norms and tanh GELU, Granite's multipliers and logit scaling), on GPTQ and EXL2 bases through the quantized LoRA layers, and with gradient checkpointing (which recomputes each
 layer). Families and heads it does not take are refused with a reason, and a run through the trainer with
 fused_ops on gives transformers' losses."""
 
@@ -82,6 +82,8 @@ def assert_same_training_signal(model: nn.Module, batch: dict, tolerance: float 
     ("qwen2", {}),
     ("qwen3", {}),
     ("gemma", {"hidden_activation": "gelu_pytorch_tanh"}),
+    ("granite", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                 "logits_scaling": 4.0}),
 ])
 def test_fused_loss_and_lora_gradients_equal_transformers(model_type, overrides):
     model = with_lora(family_model(model_type, **overrides))
@@ -138,7 +140,7 @@ def test_attention_mask_of_packed_rows_and_windows():
 
 def test_models_the_fused_forward_does_not_take_say_why(make_tiny_llama):
     gemma = family_model("gemma2", query_pre_attn_scalar=16)
-    assert plan_fused_forward(gemma) == (None, "its family (gemma2) is not one of gemma, llama, mistral, qwen2, qwen3")
+    assert plan_fused_forward(gemma) == (None, "its family (gemma2) is not one of gemma, granite, llama, mistral, qwen2, qwen3")
     head_adapter = get_peft_model(make_tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     fused, why = plan_fused_forward(head_adapter)
     assert fused is None and "its head" in why and "not a bias-free linear" in why
