@@ -140,8 +140,9 @@ def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None
     eval_data = _examples(job.eval_data, loaded.tokenizer, config, "--eval-data") if job.eval_data else None
     rows = make_rows(data.examples, config.seqlen, config.packing)
     model = prepare_model(loaded.model, config, resumed=job.resume)  # --resume without a checkpoint: train() refuses
+    fused, forward_note = training_forward(model, config.fused_ops, device)
     compute_bytes = 2 if autocast_dtype(config, device) is not None else 4
-    estimate = estimate_peak_memory(model, config, compute_bytes)
+    estimate = estimate_peak_memory(model, config, compute_bytes, chunked_loss=fused is not None)
     check_memory(estimate, device, available_memory)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     notes = list(loaded.notes)
@@ -149,7 +150,6 @@ def run_finetune(job: FinetuneJob, progress: Callable[[StepReport], None] | None
         notes.append(f"{data.truncated} examples were cut to seqlen {config.seqlen}")
     if data.dropped:
         notes.append(f"{data.dropped} examples had no token to learn within seqlen {config.seqlen} and were left out")
-    fused, forward_note = training_forward(model, config.fused_ops, device)
     notes.append(forward_note)
     run = TrainingRun(model=model, config=config, rows=rows, pad_id=pad_id, device=device, fused=fused,
                       eval_rows=make_rows(eval_data.examples, config.seqlen, config.packing) if eval_data else None,

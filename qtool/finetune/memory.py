@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qtool.config.finetune_schema import FinetuneConfig, check_fits
+from qtool.kernels.train_ops import CROSS_ENTROPY_CHUNK_VALUES
 
 # bytes of optimizer state per trainable parameter: AdamW's two float32 moments, or two 8-bit ones
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
@@ -16,6 +17,9 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2}
 # inputs, norms, q/k/v/o and attention output (~8 x hidden) and the MLP's gate, up, act and product (~4 x inter)
 HIDDEN_SAVED, INTERMEDIATE_SAVED = 8, 4
 LOGIT_COPIES = 3  # float32 logits, their log-softmax and its gradient
+# the fused forward's chunked loss (kernels/train_ops.linear_cross_entropy): one chunk's float32 logits, turned
+# into their gradient in place, and that gradient in the compute dtype
+CHUNK_LOGIT_COPIES = 2
 
 
 @dataclass
@@ -38,8 +42,10 @@ class MemoryEstimate:
                 "activations": self.activations, "total": self.total}
 
 
-def estimate_peak_memory(model: torch.nn.Module, config: FinetuneConfig, compute_bytes: int) -> MemoryEstimate:
-    """From the model's tensors (as loaded and wrapped) and the run's batch shape."""
+def estimate_peak_memory(model: torch.nn.Module, config: FinetuneConfig, compute_bytes: int,
+                         chunked_loss: bool = False) -> MemoryEstimate:
+    """From the model's tensors (as loaded and wrapped) and the run's batch shape. chunked_loss: the run trains
+    through the fused forward, whose loss holds one chunk of logits at a time (and the hidden states' gradient)."""
     model_config = model.config
     weights = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(t.numel() * t.element_size() for t in model.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -54,7 +60,11 @@ def estimate_peak_memory(model: torch.nn.Module, config: FinetuneConfig, compute
         stored = layers * tokens * hidden * compute_bytes + per_layer
     else:
         stored = layers * per_layer
-    logits = tokens * vocab * 4 * LOGIT_COPIES
+    if chunked_loss:
+        rows = min(tokens, max(1, CROSS_ENTROPY_CHUNK_VALUES // max(1, vocab)))
+        logits = rows * vocab * 4 * CHUNK_LOGIT_COPIES + tokens * hidden * compute_bytes
+    else:
+        logits = tokens * vocab * 4 * LOGIT_COPIES
     return MemoryEstimate(weights=weights, gradients=trainable * 4, optimizer=trainable * OPTIMIZER_STATE_BYTES[config.optimizer],
                           activations=stored + logits)
 

@@ -170,3 +170,18 @@ def test_a_training_run_with_fused_ops_on_gives_transformers_losses(make_tiny_ll
         losses[setting] = train(run).losses
     assert losses["on"][-1] < losses["on"][0]
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+def test_the_memory_estimate_holds_one_chunk_of_logits_on_the_fused_path(make_tiny_llama):
+    from qtool.finetune.memory import CHUNK_LOGIT_COPIES, LOGIT_COPIES, estimate_peak_memory
+    from qtool.kernels.train_ops import CROSS_ENTROPY_CHUNK_VALUES
+
+    model = with_lora(make_tiny_llama(0))
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    settings = FinetuneConfig(batch_tokens=CROSS_ENTROPY_CHUNK_VALUES // vocab * 3 + 7)
+    plain = estimate_peak_memory(model, settings, 2)
+    chunked = estimate_peak_memory(model, settings, 2, chunked_loss=True)
+    tokens, rows = settings.batch_tokens, CROSS_ENTROPY_CHUNK_VALUES // vocab
+    expected = tokens * vocab * 4 * LOGIT_COPIES - (rows * vocab * 4 * CHUNK_LOGIT_COPIES + tokens * hidden * 2)
+    assert plain.activations - chunked.activations == expected > 0
+    assert (plain.weights, plain.gradients, plain.optimizer) == (chunked.weights, chunked.gradients, chunked.optimizer)
