@@ -72,7 +72,7 @@ class FusedForward:
     logit_scale: float = 1.0  # the logits' linear transforms, applied to the head's input
 
     def _layer(self, layer: FusedLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               masks: dict[int | None, torch.Tensor | None]) -> torch.Tensor:
+               mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, _ = hidden.shape
         normed = _norm(hidden, layer.input_norm)
         q = layer.q_proj(normed).view(batch * tokens, layer.heads, layer.head_dim)
@@ -82,7 +82,6 @@ class FusedForward:
             q, k = _norm(q, layer.q_norm), _norm(k, layer.k_norm)
         q = rope(q, cos, sin).view(batch, tokens, layer.heads, layer.head_dim)
         k = rope(k, cos, sin).view(batch, tokens, layer.kv_heads, layer.head_dim)
-        mask = masks[layer.window]
         attended = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
             dropout_p=self.attention_dropout if self.model.training else 0.0, scale=layer.scale,
@@ -108,9 +107,10 @@ class FusedForward:
         checkpointed = self.model.training and checkpointing_on(self.model)
         for layer in self.layers:
             if checkpointed and torch.is_grad_enabled():
-                hidden = checkpoint(self._layer, layer, hidden, cos, sin, masks, use_reentrant=False)
+                # the mask as an argument of its own: a dict keyed by None cannot pass a profiler's record_shapes
+                hidden = checkpoint(self._layer, layer, hidden, cos, sin, masks[layer.window], use_reentrant=False)
             else:
-                hidden = self._layer(layer, hidden, cos, sin, masks)
+                hidden = self._layer(layer, hidden, cos, sin, masks[layer.window])
         return _norm(hidden, self.final_norm)
 
     def summed_token_loss(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,

@@ -53,14 +53,15 @@ UNBOUNDED = 1 << 30
 # the engine's token budget (EngineConfig.max_num_batched_tokens, 2048)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
-# the CUDA GEMV (4-bit, where its extension built): 4 warps along K, 4 thread blocks per SM
-CUDA_GEMV_PICK = Pick("cuda_gemv", (4, 4))
+# The CUDA GEMV (the "cuda_gemv" kind) is a tuner candidate, not a default: on the H100 (2026-12-07,
+# bench/device/engine_call.sh's gemv stage, read_floor.py --by-kind gemv,cuda_gemv) its best plan was 4-23% slower
+# than the Triton GEMV's best on every Llama-2 shape measured (7B qkv 16.6 vs 13.8 us, o 8.3 vs 7.8, gate_up 25.1
+# vs 21.9, down 15.7 vs 13.6; 70B qkv 23.9 vs 20.3, o 20.6 vs 16.7).
 
 HOPPER_RULES = (
-    Rule(1, (CUDA_GEMV_PICK, Pick("gemv", (1024, 32, 4, True, 4, False))), min_values=1 << 27, bits=(4,),
-         measured="run 28: 70B gate_up and down at 4 bits, 1024 columns x 32 rows, no prefetch; the CUDA GEMV "
-                  "first where it built (bench/device/cuda_gemv_check.sh)"),
-    Rule(1, (CUDA_GEMV_PICK, Pick("gemv", (1024, 16, 4, True, 4, True)),),
+    Rule(1, (Pick("gemv", (1024, 32, 4, True, 4, False)),), min_values=1 << 27, bits=(4,),
+         measured="run 28: 70B gate_up and down at 4 bits, 1024 columns x 32 rows, no prefetch"),
+    Rule(1, (Pick("gemv", (1024, 16, 4, True, 4, True)),),
          measured="run 28: 1024 columns x 16 rows (one unit at 3 bits), prefetch: the other 6 rows at 4 bits, "
                   "7 of 8 at 8 bits, 5 of 8 at 3 bits"),
     Rule(16, _left(16, 64, 128, 4, 4, 4),

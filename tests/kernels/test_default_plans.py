@@ -126,14 +126,13 @@ def test_a_family_without_measurements_gets_the_candidates_first_plan():
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_the_cuda_gemv_is_the_hopper_default_at_one_row_where_it_built(bits):
+def test_the_triton_gemv_stays_the_hopper_default_where_the_cuda_gemv_built(bits):
+    """The CUDA GEMV lost to the Triton GEMV on every Llama-2 shape measured on the H100: a tuner candidate only."""
     weight = layer(224, 416, bits, 32)
     with_cuda = default_plan(weight, 1, torch.bfloat16, H100, cuda_gemv=True)
-    without = default_plan(weight, 1, torch.bfloat16, H100)
-    assert without.kind == "gemv"
-    assert with_cuda.kind == ("cuda_gemv" if bits == 4 else "gemv")
-    assert with_cuda in candidate_plans(weight, 1, torch.bfloat16, H100.num_sms, cuda_gemv=True)
-    assert default_plan(weight, 2, torch.bfloat16, H100, cuda_gemv=True).kind != "cuda_gemv"  # measured at M = 1 only
+    assert with_cuda == default_plan(weight, 1, torch.bfloat16, H100) and with_cuda.kind == "gemv"
+    offered = candidate_plans(weight, 1, torch.bfloat16, H100.num_sms, cuda_gemv=True)
+    assert with_cuda in offered and any(plan.kind == "cuda_gemv" for plan in offered) == (bits == 4)
     assert any(pick.mode == PACKED for pick in rule_for(rules_for(H100.capability), 16, 4096, 4096, 4).picks)
 
 

@@ -132,7 +132,10 @@ def test_the_q8_write_kernel_equals_its_reference(kernels_can_run, tokens, heads
     expected_query = rope_and_cache_q8_ref(**expected_case)
     device_case = {name: t.to(DEVICE) for name, t in case.items()}
     got_query = rope_and_cache_q8_triton(**device_case).cpu()
-    torch.testing.assert_close(got_query, expected_query, rtol=0, atol=0)
+    # 16-bit queries round to the same value; a float32 one keeps the GPU's fused multiply-add, an ulp or two off the
+    # reference's separate multiply and add (measured on the H100: 2.4e-7 at most)
+    exact = dtype != torch.float32
+    torch.testing.assert_close(got_query, expected_query, rtol=0 if exact else 2e-6, atol=0 if exact else 1e-6)
     for name in ("key", "value"):
         codes, scales = device_case[f"{name}_codes"].cpu(), device_case[f"{name}_scales"].cpu()
         expected_codes, expected_scales = expected_case[f"{name}_codes"], expected_case[f"{name}_scales"]

@@ -94,7 +94,7 @@ def test_cuda_gemv_on_a_llama_sized_layer_with_bias_and_graph_replay(built, m):
     scales = (torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half()
     zeros = torch.randint(1, 16, (groups, n), generator=gen)
     g_idx = torch.arange(k, dtype=torch.int32) // group
-    qzeros = pack_codes_4bit((zeros - 1).T.contiguous()).T.contiguous()  # v1 stores zero - 1, packed along N
+    qzeros = pack_codes_4bit(zeros - 1).T.contiguous()  # v1 stores zero - 1, packed along N: [groups, N / 8]
     bias = (torch.randn(n, generator=gen) * 0.1).to(torch.bfloat16)
     weight = repack_gptq(pack_codes_4bit(codes).to(DEVICE), qzeros.to(DEVICE), scales.to(DEVICE), g_idx.to(DEVICE), 4,
                          "gptq", bias.to(DEVICE))
