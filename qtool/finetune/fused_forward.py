@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from qtool.kernels.train_ops import (add_rms_norm, linear_cross_entropy, rms_norm, rope, silu_mul,
                                      train_kernels_problem)
 from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_architecture, get_module
-from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, rms_norm_form
+from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, norm_or_reason
 
 # model type -> whether its attention has q/k norms over each head (Qwen3); windows are read from the modules
 # (Gemma's scaled embeddings and 1 + w norms live in its modules: the embedding module is called, the norms probed;
@@ -158,11 +158,6 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _norm_or_why(module: nn.Module | None, where: str) -> tuple[RmsNorm | None, str | None]:
-    form = None if module is None else rms_norm_form(module)
-    return (form, None) if form is not None else (None, f"{where} ({type(module).__name__}) is not an RMSNorm")
-
-
 def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
@@ -181,14 +176,14 @@ def _fused_layer(model: nn.Module, layer: nn.Module, index: int, qk_norm: bool) 
     if attention is None or mlp is None or not all(hasattr(attention, name) for name in ("q_proj", "k_proj",
                                                                                           "v_proj", "o_proj")):
         return None, f"{where} is not self_attn (q/k/v/o_proj) + mlp"
-    input_norm, why = _norm_or_why(getattr(layer, "input_layernorm", None), f"{where}'s input norm")
-    post_norm, why_post = _norm_or_why(getattr(layer, "post_attention_layernorm", None), f"{where}'s MLP norm")
+    input_norm, why = norm_or_reason(getattr(layer, "input_layernorm", None), f"{where}'s input norm")
+    post_norm, why_post = norm_or_reason(getattr(layer, "post_attention_layernorm", None), f"{where}'s MLP norm")
     if why or why_post:
         return None, why or why_post
     q_norm = k_norm = None
     if qk_norm:
-        q_norm, why = _norm_or_why(getattr(attention, "q_norm", None), f"{where}'s q_norm")
-        k_norm, why_k = _norm_or_why(getattr(attention, "k_norm", None), f"{where}'s k_norm")
+        q_norm, why = norm_or_reason(getattr(attention, "q_norm", None), f"{where}'s q_norm")
+        k_norm, why_k = norm_or_reason(getattr(attention, "k_norm", None), f"{where}'s k_norm")
         if why or why_k:
             return None, why or why_k
     weight = input_norm.weight
@@ -234,7 +229,7 @@ def plan_fused_forward(model: nn.Module) -> tuple[FusedForward | None, str]:
         if why:
             return None, why
         layers.append(fused)
-    final_norm, why = _norm_or_why(get_module(base, spec.norm_path) if spec.norm_path else None, "the final norm")
+    final_norm, why = norm_or_reason(get_module(base, spec.norm_path) if spec.norm_path else None, "the final norm")
     if why:
         return None, why
     head = get_module(base, spec.head_path)
@@ -268,8 +263,9 @@ def training_forward(model: nn.Module, setting: str, device: torch.device) -> tu
     transformers'), and the one line saying which and, where the fused one does not apply, why."""
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None, f"training forward: transformers' (fused_ops {setting}{' on ' + device.type if setting == 'auto' else ''})"
-    why = train_kernels_problem(device)
+    fused, description = plan_fused_forward(model)
+    # the kernels' build-and-compare check only where the model would use them (it compiles them at start-up)
+    why = description if fused is None else train_kernels_problem(device)
     if why:
         return None, f"training forward: transformers' ({why})"
-    fused, description = plan_fused_forward(model)
-    return fused, description if fused is not None else f"training forward: transformers' ({description})"
+    return fused, description

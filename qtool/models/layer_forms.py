@@ -47,6 +47,14 @@ def rms_norm_form(module: nn.Module) -> RmsNorm | None:
     return None
 
 
+def norm_or_reason(module: nn.Module | None, where: str) -> tuple[RmsNorm | None, str | None]:
+    """(the module's RMSNorm form, None), or (None, why not) naming `where` (e.g. "layer 3's input norm")."""
+    form = None if module is None else rms_norm_form(module)
+    if form is None:
+        return None, f"{where} ({type(module).__name__}) is not an RMSNorm of weight and eps"
+    return form, None
+
+
 def gated_mlp_activation(mlp: nn.Module, hidden_size: int, dtype: torch.dtype,
                          device: torch.device) -> tuple[nn.Module | None, str | None]:
     """(activation, None) when mlp(x) is down(act(gate(x)) * up(x)): activation None means SiLU (the fused

@@ -22,7 +22,7 @@ from qtool.kernels.engine_ops import (paged_decode_attention, paged_decode_atten
                                      rope_and_cache_q4, rope_and_cache_q8, silu_mul)
 from qtool.kernels.fused_linear import FusedLinear, fuse_linears
 from qtool.models.architectures import GATE_UP, QKV
-from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, rms_norm_form
+from qtool.models.layer_forms import RmsNorm, gated_mlp_activation, norm_or_reason
 from qtool.models.layerwise import head_logits, head_modules
 from qtool.runtime.engine.scheduler import ScheduledChunk
 
@@ -350,27 +350,20 @@ class DecodeStep:
         return self.head(normed).float()
 
 
-def _norm_or_reason(module: nn.Module | None, where: str) -> tuple[RmsNorm | None, str | None]:
-    form = None if module is None else rms_norm_form(module)
-    if form is None:
-        return None, f"{where} ({type(module).__name__}) is not an RMSNorm of weight and eps"
-    return form, None
-
-
 def _decode_layer(runner: "ModelRunner", index: int) -> tuple[DecodeLayer | None, str | None]:
     layer = runner.layers[index]
     attention = layer.self_attn
     where = f"layer {index}"
-    input_norm, why = _norm_or_reason(getattr(layer, "input_layernorm", None), f"{where}'s input norm")
+    input_norm, why = norm_or_reason(getattr(layer, "input_layernorm", None), f"{where}'s input norm")
     if why:
         return None, why
-    post_norm, why = _norm_or_reason(getattr(layer, "post_attention_layernorm", None), f"{where}'s MLP norm")
+    post_norm, why = norm_or_reason(getattr(layer, "post_attention_layernorm", None), f"{where}'s MLP norm")
     if why:
         return None, why
     q_norm = k_norm = None
     if hasattr(attention, "q_norm") and hasattr(attention, "k_norm"):
-        q_norm, why = _norm_or_reason(attention.q_norm, f"{where}'s q_norm")
-        k_norm, why_k = _norm_or_reason(attention.k_norm, f"{where}'s k_norm")
+        q_norm, why = norm_or_reason(attention.q_norm, f"{where}'s q_norm")
+        k_norm, why_k = norm_or_reason(attention.k_norm, f"{where}'s k_norm")
         if why or why_k:
             return None, why or why_k
     activation, why = gated_mlp_activation(layer.mlp, runner.config.hidden_size, runner.dtype, runner.device)
@@ -482,7 +475,7 @@ def plan_decode_step(runner: "ModelRunner", max_positions: int,
         layers.append(layer)
     final_norm = None
     if not _applies_logit_transforms(runner):
-        final_norm, why = _norm_or_reason(head_modules(runner.model, runner.spec)[0], "the final norm")
+        final_norm, why = norm_or_reason(head_modules(runner.model, runner.spec)[0], "the final norm")
         if why:
             return None, why
     cos, sin = rope_table(runner.rotary, max_positions, runner.dtype, runner.device)
