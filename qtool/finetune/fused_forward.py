@@ -162,14 +162,8 @@ def _plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-def _window(model: nn.Module, attention: nn.Module) -> int | None:
-    window = getattr(attention, "sliding_window", None)
-    if window is None and model.config.model_type == "mistral":
-        window = getattr(model.config, "sliding_window", None)
-    return int(window) if window else None
-
-
-def _fused_layer(model: nn.Module, layer: nn.Module, index: int, qk_norm: bool) -> tuple[FusedLayer | None, str | None]:
+def _fused_layer(model: nn.Module, spec: ArchitectureSpec, layer: nn.Module, index: int,
+                 qk_norm: bool) -> tuple[FusedLayer | None, str | None]:
     where = f"layer {index}"
     config = model.config
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -195,7 +189,7 @@ def _fused_layer(model: nn.Module, layer: nn.Module, index: int, qk_norm: bool) 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return FusedLayer(input_norm, post_norm, attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                       q_norm, k_norm, mlp.gate_proj, mlp.up_proj, mlp.down_proj, activation, heads, kv_heads, head_dim,
-                      float(attention.scaling), _window(model, attention)), None
+                      float(attention.scaling), spec.layer_window(config, attention)), None
 
 
 def _model_problem(model: nn.Module, spec: ArchitectureSpec) -> str | None:
@@ -225,7 +219,7 @@ def plan_fused_forward(model: nn.Module) -> tuple[FusedForward | None, str]:
         return None, why
     layers = []
     for index, layer in enumerate(decoder_layers(base, spec)):
-        fused, why = _fused_layer(base, layer, index, FUSED_FAMILIES[config.model_type])
+        fused, why = _fused_layer(base, spec, layer, index, FUSED_FAMILIES[config.model_type])
         if why:
             return None, why
         layers.append(fused)

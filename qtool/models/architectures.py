@@ -23,6 +23,7 @@ Groups = tuple[tuple[str, ...], ...]
 
 # Logit transforms the CausalLM forward applies after the head, each reading one config field (None = skipped).
 LOGIT_TRANSFORMS = ("softcap", "divide", "multiply")
+WINDOW_SOURCES = ("attention", "config")
 # Names a final norm has next to the decoder-layer list; only used by the discovery fallback.
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f")
 
@@ -73,12 +74,25 @@ class ArchitectureSpec:
     # batch at run time, so a family where it does not hold only loses the shortcut)
     output_projections: tuple[tuple[str, str], ...] = (("self_attn", "self_attn.o_proj"),)
     discovered: bool = False  # built by tracing a forward, not taken from the table
+    # where a layer's sliding window is read (WINDOW_SOURCES): "attention" (the attention module's own per-layer
+    # attribute), "config" (config.sliding_window for every layer), or None (no window)
+    sliding_window: str | None = None
 
     def groups_for(self, config: Any) -> Groups:
         """The sequential groups of a standard layer under this config (parallel-residual variant included)."""
         if self.parallel_residual_field and getattr(config, self.parallel_residual_field, False):
             return self.parallel_groups
         return self.sequential_groups
+
+    def layer_window(self, config: Any, attention: nn.Module) -> int | None:
+        """The sliding window (in tokens) of the layer whose attention module this is, or None for full attention."""
+        if self.sliding_window == "attention":
+            window = getattr(attention, "sliding_window", None)
+        elif self.sliding_window == "config":
+            window = getattr(config, "sliding_window", None)
+        else:
+            window = None
+        return int(window) if window else None
 
     def ties_embeddings(self, config: Any) -> bool:
         """Whether the head shares its weight with the input embeddings (config `tie_word_embeddings`)."""
@@ -128,24 +142,27 @@ def _llama_like(model_type: str, **fields: Any) -> ArchitectureSpec:
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _llama_like("llama"),
-    _llama_like("mistral"),
-    _llama_like("qwen2"),
-    _llama_like("qwen3"),
+    _llama_like("mistral", sliding_window="config"),
+    _llama_like("qwen2", sliding_window="attention"),
+    _llama_like("qwen3", sliding_window="attention"),
     _llama_like("gemma"),
-    _llama_like("gemma2", logit_transforms=(("softcap", "final_logit_softcapping"),)),
-    _llama_like("gemma3_text", logit_transforms=(("softcap", "final_logit_softcapping"),)),
+    _llama_like("gemma2", sliding_window="attention", logit_transforms=(("softcap", "final_logit_softcapping"),)),
+    _llama_like("gemma3_text", sliding_window="attention",
+                logit_transforms=(("softcap", "final_logit_softcapping"),)),
     _llama_like("olmo"),
     _llama_like("olmo2"),
-    _llama_like("olmo3"),
+    _llama_like("olmo3", sliding_window="attention"),
     _llama_like("helium"),
     _llama_like("granite", logit_transforms=(("divide", "logits_scaling"),)),
     _llama_like(
         "stablelm", parallel_residual_field="use_parallel_residual", parallel_groups=PARALLEL_GROUPS
     ),
     _llama_like("cohere", sequential_groups=PARALLEL_GROUPS, logit_transforms=(("multiply", "logit_scale"),)),
-    _llama_like("cohere2", sequential_groups=PARALLEL_GROUPS, logit_transforms=(("multiply", "logit_scale"),)),
+    _llama_like("cohere2", sequential_groups=PARALLEL_GROUPS, logit_transforms=(("multiply", "logit_scale"),),
+                sliding_window="attention"),
     ArchitectureSpec(
         model_types=("phi3",),
+        sliding_window="config",
         sequential_groups=(("self_attn.qkv_proj",), O_PROJ, ("mlp.gate_up_proj",), DOWN),
     ),
     ArchitectureSpec(
@@ -157,6 +174,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         model_types=("starcoder2",),
+        sliding_window="config",
         sequential_groups=(QKV, O_PROJ, ("mlp.c_fc",), ("mlp.c_proj",)),
         fusable_groups=(FUSE_QKV,),
     ),
@@ -174,6 +192,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         model_types=("mixtral",),
+        sliding_window="config",
         sequential_groups=(QKV, O_PROJ),
         fusable_groups=(FUSE_QKV,),
         moe=_moe_in_mlp(
@@ -186,6 +205,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         model_types=("qwen2_moe",),
+        sliding_window="attention",
         sequential_groups=(
             QKV,
             O_PROJ,
@@ -202,6 +222,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ),
     ArchitectureSpec(
         model_types=("qwen3_moe",),
+        sliding_window="attention",
         sequential_groups=(QKV, O_PROJ),
         fusable_groups=(FUSE_QKV,),
         moe=_moe_in_mlp(dense_mlp_groups=(GATE_UP, DOWN)),

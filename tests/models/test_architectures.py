@@ -7,6 +7,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+import torch
 import transformers
 from torch import nn
 
@@ -14,6 +15,7 @@ from qtool.core.errors import QtoolError
 from qtool.models.architectures import (
     ARCHITECTURES,
     REGISTRY,
+    WINDOW_SOURCES,
     ArchitectureSpec,
     build_registry,
     decoder_layers,
@@ -106,6 +108,43 @@ def test_fusable_groups_share_an_input(tiny):
             found.add(fused_name)
             assert len({get_module(layer, m).in_features for m in members}) == 1
     assert found == {name for name, _ in spec.fusable_groups}
+
+
+def _windows_transformers_applies(model: nn.Module, layers: nn.ModuleList, length: int) -> list[int | None]:
+    """Each layer's window as transformers' eager attention sees it: how many keys the last query's mask row lets
+    through (None where it lets all `length` through)."""
+    masks = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs, index=index: masks.__setitem__(index, kwargs.get("attention_mask")),
+        with_kwargs=True) for index, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model(torch.arange(3, 3 + length)[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    windows = []
+    for index in range(len(layers)):
+        row = masks[index][0, 0, -1]
+        visible = int(row.sum()) if row.dtype == torch.bool else int((row == 0).sum())
+        windows.append(visible if visible < length else None)
+    return windows
+
+
+def test_layer_windows_are_the_ones_transformers_applies(tiny):
+    family, model = tiny
+    spec = get_architecture(model)
+    assert spec.sliding_window in (None, *WINDOW_SOURCES)
+    layers = decoder_layers(model, spec)
+    if not hasattr(layers[0], "self_attn"):
+        pytest.skip(f"{family}'s attention is not self_attn")
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # masks as tensors, windows included
+    try:
+        ours = [spec.layer_window(model.config, layer.self_attn) for layer in layers]
+        assert ours == _windows_transformers_applies(model, layers, length=12)
+    finally:
+        model.set_attn_implementation(before)
 
 
 def test_moe_facts_describe_the_installed_classes(moe_family, build_tiny):

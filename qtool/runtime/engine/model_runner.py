@@ -42,9 +42,7 @@ ROPE_LAYOUTS = ("half", "interleaved")
 class FamilyRecipe:
     """What differs between the attention + MLP families the executor takes."""
 
-    # where a layer's sliding window is read: "attention" (the module's own per-layer attribute), "config"
-    # (config.sliding_window for every layer), or None (no window)
-    sliding_window: str | None = None
+    # (a layer's sliding window is the architecture table's fact: ArchitectureSpec.layer_window)
     embedding_multiplier_field: str | None = None  # config field scaling the embeddings (Granite)
     residual_multiplier_field: str | None = None  # config field scaling each branch before the residual add (Granite)
     # where a layer's norms sit (NORM_PLACEMENTS): "pre": input_layernorm before attention, post_attention_layernorm
@@ -64,14 +62,13 @@ class FamilyRecipe:
     rope_per_layer_type: bool = False
 
 
-GEMMA2 = FamilyRecipe(sliding_window="attention", norm_placement="sandwich",
-                      attention_softcap_field="attn_logit_softcapping")
+GEMMA2 = FamilyRecipe(norm_placement="sandwich", attention_softcap_field="attn_logit_softcapping")
 OLMO2 = FamilyRecipe(norm_placement="post", qk_norm="projection")
 ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
     "llama": FamilyRecipe(),
-    "mistral": FamilyRecipe(sliding_window="config"),
-    "qwen2": FamilyRecipe(sliding_window="attention"),
-    "qwen3": FamilyRecipe(sliding_window="attention", qk_norm="head"),
+    "mistral": FamilyRecipe(),
+    "qwen2": FamilyRecipe(),
+    "qwen3": FamilyRecipe(qk_norm="head"),
     "gemma": FamilyRecipe(),  # scaled embeddings and (1 + w) norms live in the modules it calls
     "gemma2": GEMMA2,  # query_pre_attn_scalar is the attention's own `scaling`; the final softcap is head_logits'
     # Gemma 3's config keeps attn_logit_softcapping, its attention does not apply it
@@ -79,15 +76,15 @@ ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
     "helium": FamilyRecipe(rope_layout="interleaved"),
     "olmo": FamilyRecipe(),  # parameter-free LayerNorms are its own modules; clip_qkv is refused in engine_support
     "olmo2": OLMO2,
-    "olmo3": replace(OLMO2, sliding_window="attention", rope_per_layer_type=True),
-    "phi3": FamilyRecipe(sliding_window="config", fused_qkv="qkv_proj"),  # gate_up_proj is inside its own MLP
-    "starcoder2": FamilyRecipe(sliding_window="config"),
+    "olmo3": replace(OLMO2, rope_per_layer_type=True),
+    "phi3": FamilyRecipe(fused_qkv="qkv_proj"),  # gate_up_proj is inside its own MLP
+    "starcoder2": FamilyRecipe(),
     "granite": FamilyRecipe(embedding_multiplier_field="embedding_multiplier",
                             residual_multiplier_field="residual_multiplier"),
     # mixture of experts: the sparse block is the layer's `mlp`, routing each token on its own
-    "mixtral": FamilyRecipe(sliding_window="config"),
-    "qwen2_moe": FamilyRecipe(sliding_window="attention"),
-    "qwen3_moe": FamilyRecipe(sliding_window="attention", qk_norm="head"),
+    "mixtral": FamilyRecipe(),
+    "qwen2_moe": FamilyRecipe(),
+    "qwen3_moe": FamilyRecipe(qk_norm="head"),
     "olmoe": FamilyRecipe(qk_norm="projection"),  # clip_qkv, where set, is refused in engine_support
 }
 # Families of the architecture table the executor does not take, and what it would need for them.
@@ -181,7 +178,7 @@ class ModelRunner:
                                        self.kv_heads, self.head_dim, self.device, staging_slots=max_num_seqs)
         if isinstance(self.cache, QuantizedKVCache) and self.cache.kind == "q4":  # keys quantized before RoPE
             self.cache.key_ropes = self._key_ropes()
-        self.windows = [self._sliding_window(layer) for layer in self.layers]
+        self.windows = [self.spec.layer_window(self.config, layer.self_attn) for layer in self.layers]
         softcap_field = self.recipe.attention_softcap_field
         softcap = None if softcap_field is None else getattr(self.config, softcap_field, None)
         self.attention_softcap = None if softcap is None else float(softcap)
@@ -270,13 +267,6 @@ class ModelRunner:
         dtype = kv_dtype or model.get_input_embeddings().weight.dtype
         return kv_cache_fixed_bytes(kv_cache, dtype, config.num_hidden_layers, block_size, config.num_key_value_heads,
                                     decoder_layers(model)[0].self_attn.head_dim, max_num_seqs)
-
-    def _sliding_window(self, layer: nn.Module) -> int | None:
-        if self.recipe.sliding_window == "attention":
-            return getattr(layer.self_attn, "sliding_window", None)
-        if self.recipe.sliding_window == "config":
-            return getattr(self.config, "sliding_window", None)
-        return None
 
     def _config_multiplier(self, field: str | None) -> float:
         return 1.0 if field is None else float(getattr(self.config, field))
