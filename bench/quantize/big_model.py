@@ -459,7 +459,8 @@ def stage_qtool(args) -> dict[str, Any]:
     if args.format == "exl2":
         from qtool.quant.exl2_pipeline import quantize_model_exl2
 
-        result = quantize_model_exl2(args.model, config, args.output, device=args.device, force=True, progress=progress)
+        result = quantize_model_exl2(args.model, config, args.output, measurement=args.measurement, device=args.device,
+                                     force=True, progress=progress)
     else:
         from qtool.quant.pipeline import quantize_model
 
@@ -480,6 +481,7 @@ def stage_qtool(args) -> dict[str, Any]:
     }
     if args.format == "exl2":
         facts["bits_per_weight"] = round(result.bits_per_weight, 4)
+        facts["measured"] = result.measured  # False where --measurement was reused
     return facts
 
 
@@ -500,7 +502,7 @@ def stage_gptqmodel(args) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     windows = calibration_windows(tokenizer, args.calibration, args.samples, args.seqlen, 0)
     calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
-    qcfg = GPTQConfig(bits=4, group_size=128, sym=True)
+    qcfg = GPTQConfig(bits=args.bits, group_size=128, sym=True)
     t0 = time.perf_counter()
     model = GPTQModel.load(args.model, qcfg, device=args.device)
     load_s = time.perf_counter() - t0
@@ -518,7 +520,7 @@ def stage_gptqmodel(args) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - began, 2), "load_s": round(load_s, 2), "quantize_s": round(quantize_s, 2),
         "save_s": round(save_s, 2), "gptqmodel": gptqmodel.__version__,
         "gpu_peak_torch_gib": None if torch_peak is None else round(torch_peak / GIB, 3), "output_gib": round(out_bytes / GIB, 3),
-        "config": {"bits": 4, "group_size": 128, "sym": True, "desc_act": getattr(qcfg, "desc_act", None),
+        "config": {"bits": args.bits, "group_size": 128, "sym": True, "desc_act": getattr(qcfg, "desc_act", None),
                    "batch_size": args.batch_size, "dtype": str(next(model.model.parameters()).dtype)},
     }
 
@@ -606,6 +608,8 @@ def stage_exllamav2(args) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", args.model, "-o", str(work), "-cf", args.output,
            "-b", str(args.bpw), "-hb", str(args.head_bits), "-c", str(parquet), "-r", str(args.samples), "-l", str(args.seqlen),
            "-mr", str(args.measurement_rows), "-ml", str(args.seqlen), "-nr"]
+    if args.measurement:  # an earlier run's measurement.json: the converter skips its measurement pass
+        cmd += ["-m", args.measurement]
     began = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EXLLAMA_NO_SDPA": "1"})
     seconds = time.perf_counter() - began
@@ -613,9 +617,9 @@ def stage_exllamav2(args) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"convert_exl2 exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}")
     out_bytes = sum(f.stat().st_size for f in Path(args.output).glob("*.safetensors"))
-    return {"seconds": round(seconds, 2), "extension_wait_s": round(extension_s, 1), "exllamav2": getattr(exllamav2, "__version__", "?"), "output_gib": round(out_bytes / GIB, 3),
+    return {"seconds": round(seconds, 2), "measured": not args.measurement, "extension_wait_s": round(extension_s, 1), "exllamav2": getattr(exllamav2, "__version__", "?"), "output_gib": round(out_bytes / GIB, 3),
             "config": {"bpw": args.bpw, "head_bits": args.head_bits, "rows": args.samples, "length": args.seqlen,
-                       "measurement_rows": args.measurement_rows},
+                       "measurement_rows": args.measurement_rows, "measurement": args.measurement},
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
@@ -909,15 +913,18 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--bpw", type=float, default=4.0)
             s.add_argument("--cap-gib", type=float, default=None)
             s.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable)")
+            s.add_argument("--measurement", default=None, help="exl2: an earlier run's measurement.json to reuse")
         if name == "weigh":
             s.add_argument("--cap-gib", type=float, default=None)
             s.add_argument("--activation-tier", choices=["device", "host", "disk"], default=None, help="default: the estimate's plan")
         if name == "gptqmodel":
             s.add_argument("--batch-size", type=int, default=1)
+            s.add_argument("--bits", type=int, default=4)
         if name == "exllamav2":
             s.add_argument("--bpw", type=float, default=4.0)
             s.add_argument("--head-bits", type=int, default=6)
             s.add_argument("--measurement-rows", type=int, default=16, help="-mr: the converter's default")
+            s.add_argument("--measurement", default=None, help="-m: an earlier run's measurement.json to reuse")
     return p
 
 
