@@ -24,7 +24,6 @@ def argument(step, flag):
 
 def test_each_tool_measures_once_and_reuses_its_own_measurement(bench, tmp_path):
     steps = bench.plan_steps(tmp_path, tmp_path / "data", "m.gguf", tiny=False, device="cuda", sites={}, only=None)
-    first = bench.EXL2_TARGETS[0]
     for tool, stage in (("qtool", "qtool"), ("ExLlamaV2", "exllamav2")):
         runs = [s for s in steps if s.stage == stage and s.facts["format"] == "exl2"]
         assert [s.facts["target"] for s in runs] == list(bench.EXL2_TARGETS)
