@@ -184,3 +184,24 @@ def test_unknown_free_memory_is_reported_as_info():
     stats = ModelStats.from_config(smollm2_config())
     findings = validate_for_hardware(config_with(), stats, torch.device("cuda"), cpu_free_bytes=64 * 2**30)
     assert lines(findings, Level.INFO)[1].endswith("free memory unknown")
+
+
+def test_free_device_memory_of_a_device_named_without_an_index(monkeypatch):
+    """`--device cuda` reaches device_free_memory as torch.device("cuda"); torch's per-process fraction query takes
+    only an indexed device (it raises ValueError otherwise, as torch 2.11 does), so the current device's index is
+    filled in. CUDA's queries are stood in for: this machine has no GPU."""
+    from qtool.models import rules
+
+    def fraction(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        return 0.5
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 << 30)
+    # capped at half of 80 GiB, less the 2 GiB the allocator already holds
+    assert rules.device_free_memory(torch.device("cuda")) == 38 << 30
+    assert rules.device_free_memory(torch.device("cpu")) is None
