@@ -22,9 +22,11 @@ MAX_ROWS = 64  # a block's rows held in registers per program
 
 @triton.jit
 def _row_block_kernel(w_ptr, divisor_ptr, scale_ptr, zero_ptr, low_ptr, high_ptr, upper_ptr, dq_ptr, err_ptr, codes_ptr,
-                      rows, columns, w_sr, u_sr, dq_sr, e_sr, c_sr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+                      rows, columns, w_sr, u_sr, dq_sr, e_sr, c_sr, g_sr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                      PER_ROW: tl.constexpr):
     """Program over columns [pid * BLOCK_M, ...): the block's rows in order, as solve_row_block_ref (the feedback
-    kept in the register tile; w itself is not written back: the caller reads the block only through dq and err)."""
+    kept in the register tile; w itself is not written back: the caller reads the block only through dq and err).
+    PER_ROW: divisor, scale and zero are [rows, columns] (row stride g_sr), read for each row in turn."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_ok = cols < columns
     r = tl.arange(0, BLOCK_R)
@@ -36,6 +38,10 @@ def _row_block_kernel(w_ptr, divisor_ptr, scale_ptr, zero_ptr, low_ptr, high_ptr
     low = tl.load(low_ptr + cols, mask=c_ok, other=0.0)
     high = tl.load(high_ptr + cols, mask=c_ok, other=0.0)
     for i in range(rows):
+        if PER_ROW:
+            divisor = tl.load(divisor_ptr + i * g_sr + cols, mask=c_ok, other=1.0)
+            scale = tl.load(scale_ptr + i * g_sr + cols, mask=c_ok, other=0.0)
+            zero = tl.load(zero_ptr + i * g_sr + cols, mask=c_ok, other=0.0)
         row = tl.sum(tl.where(r[:, None] == i, tile, 0.0), axis=0)
         codes = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(row, divisor)) + zero, low), high)
         dequantized = scale * (codes - zero)
@@ -72,13 +78,16 @@ def solve_row_block_triton(w: torch.Tensor, divisor: torch.Tensor, scale: torch.
     rows, columns = w.shape
     w, upper = (t if t.stride(-1) == 1 else t.contiguous() for t in (w, upper))
     divisor, scale, zero, low, high = (t.contiguous() for t in (divisor, scale, zero, low, high))
+    per_row = divisor.dim() == 2
+    if per_row and not (divisor.shape == scale.shape == zero.shape == (rows, columns)):
+        raise ValueError(f"a grid per row must be [{rows}, {columns}] for divisor, scale and zero")
     dequantized = torch.empty(rows, columns, dtype=torch.float32, device=w.device)
     errors, codes = torch.empty_like(dequantized), torch.empty_like(dequantized)
     if rows and columns:
         _row_block_kernel[(triton.cdiv(columns, BLOCK_M),)](
             w, divisor, scale, zero, low, high, upper, dequantized, errors, codes, rows, columns, w.stride(0),
-            upper.stride(0), dequantized.stride(0), errors.stride(0), codes.stride(0),
-            BLOCK_R=max(triton.next_power_of_2(rows), 16), BLOCK_M=BLOCK_M, num_warps=4)
+            upper.stride(0), dequantized.stride(0), errors.stride(0), codes.stride(0), columns if per_row else 0,
+            BLOCK_R=max(triton.next_power_of_2(rows), 16), BLOCK_M=BLOCK_M, PER_ROW=per_row, num_warps=4)
     return dequantized, errors, codes
 
 
@@ -97,13 +106,16 @@ solve_row_block.__doc__ = solve_row_block_ref.__doc__ + "\n\n" + (solve_row_bloc
 
 def solve_rows(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: torch.Tensor,
                high: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """solve_row_block's contract for any number of rows on one grid: sub-blocks of up to MAX_ROWS through it, each
-    sub-block's errors fed to the rows after it in one matmul (those rows of w are updated in place)."""
+    """solve_row_block's contract for any number of rows, on one grid or a grid per row ([R, M] divisor, scale and
+    zero): sub-blocks of up to MAX_ROWS through it, each sub-block's errors fed to the rows after it in one matmul
+    (those rows of w are updated in place)."""
     rows = w.shape[0]
     outputs = tuple(torch.empty(w.shape, dtype=torch.float32, device=w.device) for _ in range(3))
+    per_row = divisor.dim() == 2
     for start in range(0, rows, MAX_ROWS):
         end = min(start + MAX_ROWS, rows)
-        parts = solve_row_block(w[start:end], divisor, scale, zero, low, high, upper[start:end, start:end])
+        grid = (divisor[start:end], scale[start:end], zero[start:end]) if per_row else (divisor, scale, zero)
+        parts = solve_row_block(w[start:end], *grid, low, high, upper[start:end, start:end])
         for out, part in zip(outputs, parts):
             out[start:end] = part
         if end < rows:

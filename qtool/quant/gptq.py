@@ -90,13 +90,15 @@ def _solve_columns(
     grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     bits: int,
     kernel_blocks: bool = False,
+    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over the rows of work = W^T [K, N] (updated in place), with blocks [bounds[i], bounds[i+1])
     and upper = the Cholesky factor of H^-1. grid_at(position) gives (scale, zero) for that column.
     Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
-    kernel_blocks: the grid is the same over each block (bounds split at group starts, groups fitted there), so
-    each block goes through solve_rows (one kernel per 64 columns on a GPU, where the column loop is a handful of
-    small launches per column)."""
+    kernel_blocks: each block goes through solve_rows (one kernel per 64 columns on a GPU, where the column loop is
+    a handful of small launches per column), on the grid block_grid(start, end) gives: [N] scale and zero for the
+    whole block, or [end - start, N] for a grid per column (static groups under act order). Without block_grid,
+    grid_at(start): the grid is then the same over each block (bounds split at group starts, groups fitted there)."""
     cols, rows = work.shape
     codes_t = torch.empty_like(work)
     deq_t = torch.empty_like(work)
@@ -110,7 +112,7 @@ def _solve_columns(
     sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
     for start, end in zip(bounds[:-1], bounds[1:]):
         if kernel_blocks:
-            scale, zero = grid_at(start)
+            scale, zero = block_grid(start, end) if block_grid is not None else grid_at(start)
             deq_t[start:end], block_err, codes_t[start:end] = solve_rows(
                 work[start:end], scale, scale, zero, low, high, upper[start:end, start:end])
         else:
@@ -194,16 +196,24 @@ def gptq_quantize(
     # Work on W^T so that a column of W is a contiguous row.
     work = w.T.contiguous()
     del w
+    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
     if static_groups:
         scales, zeros = fixed_scales, fixed_zeros
         float_zeros = zeros.to(torch.float32)
         order = perm.tolist() if desc_act else range(cols)
         group_of_position = [c // width for c in order]
+        position_groups = torch.tensor(group_of_position, dtype=torch.long, device=device)
 
         def grid_at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
             group = group_of_position[pos]
             return scales[group], float_zeros[group]
 
+        def static_block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # each column of the block its own group's grid (the block kernel reads a grid per row of W^T)
+            groups = position_groups[start:end]
+            return scales[groups], float_zeros[groups]
+
+        block_grid = static_block_grid
         group_starts: list[int] = []
     else:
         scales = torch.empty(num_groups, rows, dtype=torch.float32, device=device)
@@ -220,8 +230,8 @@ def gptq_quantize(
 
         group_starts = list(range(0, cols, width))
     bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
-    kernel_blocks = not static_groups and row_block_problem(work) is None  # static groups: a grid per column
-    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits, kernel_blocks)
+    kernel_blocks = row_block_problem(work) is None
+    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits, kernel_blocks, block_grid)
 
     error = 0.5 * float(loss)
     if not math.isfinite(error):

@@ -35,13 +35,15 @@ def random_block(seed: int, rows: int, columns: int):
     return w, divisor, scale, zero_point, low, high, upper
 
 
-def gptq_float64(w, divisor, scale, zero, low, high, upper):
-    """The block's GPTQ written out in float64 (the float32 roundings aside, what both must compute)."""
+def gptq_float64(w, divisor, scale, zero, low, high, upper, per_row=False):
+    """The block's GPTQ written out in float64 (the float32 roundings aside, what both must compute); per_row:
+    divisor, scale and zero hold a grid per row."""
     w = w.double().clone()
     dequantized, errors = torch.empty_like(w), torch.empty_like(w)
     for i in range(w.shape[0]):
-        codes = torch.clamp(torch.round(w[i].float() / divisor).double() + zero.double(), low.double(), high.double())
-        dequantized[i] = (codes - zero.double()) * scale.double()
+        d, s, z = (divisor[i], scale[i], zero[i]) if per_row else (divisor, scale, zero)
+        codes = torch.clamp(torch.round(w[i].float() / d).double() + z.double(), low.double(), high.double())
+        dequantized[i] = (codes - z.double()) * s.double()
         errors[i] = (w[i] - dequantized[i]) / upper[i, i].double()
         w[i + 1 :] -= upper[i, i + 1 :, None].double() * errors[i][None, :]
     return dequantized, errors
@@ -62,6 +64,35 @@ def test_the_block_kernel_equals_its_reference(kernels_can_run, rows, columns):
             assert same.all(), name
     if columns > 4:
         assert float(expected[2][0, 4]) == 2.0 and float(expected[0][0, 4] / scale[4]) == 2.0, "half a step: even code"
+
+
+def per_row_grids(block, seed: int):
+    """The block's per-column grid made a grid per row: each row scaled by its own factor, zero points shifted."""
+    w, divisor, scale, zero, low, high, upper = block
+    gen = torch.Generator().manual_seed(seed)
+    factor = torch.rand(w.shape[0], 1, generator=gen) + 0.5
+    scale_rows = scale[None, :] * factor
+    divisor_rows = torch.where(scale_rows > 0, scale_rows, torch.ones_like(scale_rows))
+    zero_rows = torch.clamp(zero[None, :] + torch.randint(-1, 2, (w.shape[0], 1), generator=gen), low, high)
+    return w, divisor_rows, scale_rows, zero_rows, low, high, upper
+
+
+@pytest.mark.parametrize("rows,columns", [(32, 300), (5, 7)])
+def test_the_block_kernel_takes_a_grid_per_row(kernels_can_run, rows, columns):
+    """GPTQ's static groups under act order: every row of the block (a weight column) on its own group's grid."""
+    block = per_row_grids(random_block(rows * 7 + columns, rows, columns), seed=rows)
+    expected = solve_row_block_ref(block[0].clone(), *block[1:])
+    for g, e in zip(expected, gptq_float64(*block, per_row=True)):
+        assert torch.isclose(g.double(), e, rtol=1e-4, atol=1e-5).float().mean() > 0.99
+    got = solve_row_block_triton(*(t.to(DEVICE) for t in block))
+    for name, g, e in zip(("dequantized", "errors", "codes"), got, expected):
+        same = torch.isclose(g.cpu(), e, rtol=1e-5, atol=1e-6)
+        assert same.float().mean() > 0.99, f"{name}: {int((~same).sum())} of {same.numel()} differ"
+        if DEVICE == "cpu":
+            assert same.all(), name
+    # a grid per row is not the first row's grid for all: the rows' codes differ from a one-grid solve
+    one_grid = solve_row_block_ref(block[0].clone(), block[1][0], block[2][0], block[3][0], *block[4:])
+    assert not torch.equal(one_grid[2][1:], expected[2][1:])
 
 
 def test_the_reference_is_gptq():

@@ -166,17 +166,18 @@ def test_blocked_solver_matches_unblocked_float64_reference(bits, group_size, sy
         assert result.error == pytest.approx(float(row_loss.sum()), rel=1e-4)
 
 
-@pytest.mark.parametrize("bits, group_size, sym, desc_act, static_groups, min_zero, block_size",
-                         [case for case in REFERENCE_CASES if not case[4]])
+@pytest.mark.parametrize("bits, group_size, sym, desc_act, static_groups, min_zero, block_size", REFERENCE_CASES)
 def test_the_kernel_block_path_matches_the_column_loop(monkeypatch, bits, group_size, sym, desc_act, static_groups,
                                                        min_zero, block_size):
-    """On a GPU each block's columns go through solve_row_block (one kernel); here the same path runs its torch
-    reference: the codes and the error agree with the column loop's up to float32 summation order."""
+    """On a GPU each block's columns go through solve_row_block (one kernel; with static groups under act order on
+    a grid per column); here the same path runs its torch reference: the codes and the error agree with the column
+    loop's up to float32 summation order."""
     import qtool.quant.gptq as gptq_module
     from tests.helpers.row_blocks import force_row_blocks
 
     weight, hessian = correlated_problem(40, 96, seed=bits * 100 + max(group_size, 0))
-    options = dict(group_size=group_size, sym=sym, desc_act=desc_act, min_zero=min_zero, block_size=block_size)
+    options = dict(group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups, min_zero=min_zero,
+                   block_size=block_size)
     loop = gptq_quantize(weight, hessian, bits, **options)
     calls = force_row_blocks(monkeypatch, gptq_module)
     blocks = gptq_quantize(weight, hessian, bits, **options)

@@ -1,0 +1,107 @@
+"""Where one decoder layer's GPTQ time goes on the GPU: a Llama-2-7B-shaped model of N layers (random weights,
+big_model.py's writer) quantized by qtool's pipeline with the bench's calibration (128 x 2048 tokens), once per
+compute dtype asked for, each run under torch's profiler. Prints the progress timeline (per group), every
+linear's solve time and damping from the run's module reports, the top CUDA kernels by total time and the top
+CPU ops by self time; one JSON line per run to --out.
+
+    python bench/quantize/profile_layer.py --data .device-data/big --work /tmp/profile_layer --out rows.jsonl
+        [--layers 1] [--dtypes float32,bfloat16] [--samples 128 --seqlen 2048] [--shape llama2-7b|tiny]
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import big_model  # noqa: E402  (bench/quantize/ is no package: the model writer)
+
+
+def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
+    from qtool.quant.pipeline import quantize_model
+
+    config, _ = resolve_config(QUANTIZE_DEFAULT_PRESET, {
+        "output_format": "gptq", "calibration_source": str(data / big_model.CALIBRATION_FILE), "samples": samples,
+        "seqlen": seqlen, "compute_dtype": dtype})
+    began = time.perf_counter()
+    timeline: list[tuple[float, str]] = []
+
+    def progress(done: int, total: int, detail: str = "") -> None:
+        timeline.append((time.perf_counter() - began, detail))
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        result = quantize_model(str(model_dir), config, str(output), device=device, force=True, progress=progress)
+    seconds = time.perf_counter() - began
+    averages = prof.key_averages()
+    device_key = "device_time_total" if hasattr(averages[0], "device_time_total") else "cuda_time_total"
+    kernels = sorted(averages, key=lambda e: getattr(e, device_key), reverse=True)[:25]
+    cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    row = {
+        "compute_dtype": dtype, "seconds": round(seconds, 2), "library_seconds": round(result.seconds, 2),
+        "timeline": [(round(t, 2), d) for t, d in timeline],
+        "modules": [{"name": m.name, "k": m.in_features, "n": m.out_features, "solve_s": round(m.seconds, 3),
+                     "damp": m.damp_percent} for m in result.modules],
+        "kernels": [{"name": e.key[:90], "calls": e.count, "total_ms": round(getattr(e, device_key) / 1e3, 1)}
+                    for e in kernels],
+        "cpu_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
+                    for e in cpu_ops],
+        "gpu_peak_torch_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
+        "replay": result.memory.get("estimate", {}).get("replay"),
+    }
+    return row
+
+
+def print_row(row: dict) -> None:
+    print(f"## compute_dtype {row['compute_dtype']}: {row['seconds']} s (replay {row['replay']}, "
+          f"torch peak {row['gpu_peak_torch_gib']} GiB)")
+    previous = 0.0
+    for t, detail in row["timeline"]:
+        print(f"  {t:8.2f} +{t - previous:6.2f}  {detail}")
+        previous = t
+    for m in row["modules"]:
+        print(f"  solve {m['name']} {m['k']}x{m['n']}: {m['solve_s']} s, damp {m['damp']}")
+    print("  top kernels (total ms, calls):")
+    for k in row["kernels"]:
+        print(f"    {k['total_ms']:10.1f} {k['calls']:7d}  {k['name']}")
+    print("  top CPU ops (self ms, calls):")
+    for k in row["cpu_ops"]:
+        print(f"    {k['self_ms']:10.1f} {k['calls']:7d}  {k['name']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="a folder with wiki.valid.tokens and tokenizer/ (SmolLM2's)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(big_model.SHAPES))
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    work, data = Path(args.work), Path(args.data)
+    model_dir = work / f"{args.shape}-{args.layers}L"
+    if not (model_dir / "config.json").exists():
+        big_model.write_model(big_model.SHAPES[args.shape], args.layers, data / "tokenizer", model_dir, args.device)
+    for dtype in args.dtypes.split(","):
+        row = profile_run(model_dir, work / f"out-{dtype}", data, dtype, args.samples, args.seqlen, args.device)
+        row.update({"shape": args.shape, "layers": args.layers, "samples": args.samples, "seqlen": args.seqlen,
+                    **big_model.versions()})
+        print_row(row)
+        with open(args.out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
