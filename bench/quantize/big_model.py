@@ -479,6 +479,14 @@ def stage_qtool(args) -> dict[str, Any]:
                                                                        "refine_scales", "compute_dtype", "bpw", "head_bits")},
         "compute_dtype": getattr(result, "compute_dtype", None), "events": events, **cap,
     }
+    modules = getattr(result, "modules", None) or []
+    if modules:  # GPTQ's solves: their share of the time, by linear name within a layer; the damping they needed
+        by_name: dict[str, float] = {}
+        for module in modules:
+            short = module.name.split(".", 3)[-1]
+            by_name[short] = round(by_name.get(short, 0.0) + module.seconds, 3)
+        facts["solve_s"] = by_name
+        facts["max_damp_percent"] = max(module.damp_percent for module in modules)
     if args.format == "exl2":
         facts["bits_per_weight"] = round(result.bits_per_weight, 4)
         facts["measured"] = result.measured  # False where --measurement was reused
