@@ -58,16 +58,25 @@ def triton_interpreted() -> bool:
     return not isinstance(_row_block_kernel, JITFunction)
 
 
-def row_block_problem(w: torch.Tensor) -> str | None:
-    """Why the kernel does not take this block (the reference then runs), or None."""
+def blocks_problem(w: torch.Tensor) -> str | None:
+    """Why solve_rows cannot put the rows of w (any number: it cuts them into blocks of MAX_ROWS) through the kernel,
+    for their device or dtype (the reference then runs), or None. What a solver asks before taking its block path."""
     if not w.is_cuda:
-        return f"the block is on {w.device.type} (the kernel serves CUDA tensors)"
+        return f"the rows are on {w.device.type} (the kernel serves CUDA tensors)"
     problem = triton_device_problem(w.device, triton_interpreted())
     if problem:
         return problem
-    if w.dtype != torch.float32 or w.shape[0] > MAX_ROWS:
-        return f"a {w.dtype} block of {w.shape[0]} rows (the kernel: float32, up to {MAX_ROWS} rows)"
+    if w.dtype != torch.float32:
+        return f"{w.dtype} rows (the kernel: float32)"
     return None
+
+
+def row_block_problem(w: torch.Tensor) -> str | None:
+    """Why the kernel does not take this one block (the reference then runs), or None."""
+    problem = blocks_problem(w)
+    if problem is None and w.shape[0] > MAX_ROWS:
+        problem = f"a block of {w.shape[0]} rows (the kernel: up to {MAX_ROWS}; solve_rows cuts longer ones)"
+    return problem
 
 
 def solve_row_block_triton(w: torch.Tensor, divisor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 
 from qtool.core.errors import QtoolError
 from qtool.formats.exl2 import EXL2_BITS, ROW_ALIGNMENT, SCALE_LEVELS, Exl2Weight, check_exl2_layout, exl2_scale_unit, exl2_scales
-from qtool.kernels.gptq_block_triton import row_block_problem, solve_row_block, solve_rows
+from qtool.kernels.gptq_block_triton import blocks_problem, solve_row_block, solve_rows
 from qtool.models.rules import device_free_memory
 from qtool.quant.gptq import inverse_hessian_cholesky
 
@@ -225,7 +225,7 @@ def _solve_groups(w: torch.Tensor, upper: torch.Tensor, group_bits: tuple[int, .
     start = 0
     # on a GPU each group's rows go through solve_rows (one kernel per 64 rows) instead of a handful of small
     # launches per row
-    kernel_blocks = row_block_problem(w) is None
+    kernel_blocks = blocks_problem(w) is None
     for bits, rows in zip(group_bits, group_sizes):
         end = start + rows
         level, scale_max, scale = fit_group_scales(w[start:end], bits, p_grid)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.kernels.gptq_block_triton import row_block_problem, solve_rows
+from qtool.kernels.gptq_block_triton import blocks_problem, solve_rows
 from qtool.quant.grid import (check_grid_options, dequantize_codes, fit_grid, fit_group_grids, max_code, natural_g_idx,
                               round_to_grid)
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -230,7 +230,7 @@ def gptq_quantize(
 
         group_starts = list(range(0, cols, width))
     bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
-    kernel_blocks = row_block_problem(work) is None
+    kernel_blocks = blocks_problem(work) is None
     codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits, kernel_blocks, block_grid)
 
     error = 0.5 * float(loss)

@@ -7,7 +7,7 @@ from types import ModuleType
 
 
 def force_row_blocks(monkeypatch, module: ModuleType) -> list[int]:
-    """Make `module` (a solver importing row_block_problem and solve_rows) take its block path; returns the list
+    """Make `module` (a solver importing blocks_problem and solve_rows) take its block path; returns the list
     that collects each block call's row count."""
     calls: list[int] = []
     original = module.solve_rows
@@ -16,6 +16,6 @@ def force_row_blocks(monkeypatch, module: ModuleType) -> list[int]:
         calls.append(args[0].shape[0])
         return original(*args)
 
-    monkeypatch.setattr(module, "row_block_problem", lambda tensor: None)
+    monkeypatch.setattr(module, "blocks_problem", lambda tensor: None)
     monkeypatch.setattr(module, "solve_rows", counted)
     return calls

@@ -110,3 +110,19 @@ def test_the_router_takes_the_reference_off_cuda():
     expected = solve_row_block_ref(block[0].clone(), *block[1:])
     for g, e in zip(routed, expected):
         assert torch.equal(g, e)
+
+
+def test_a_solver_takes_the_kernel_for_any_number_of_rows(monkeypatch):
+    """A solver asks blocks_problem about its whole [K, N] weight: solve_rows cuts it into blocks the kernel takes,
+    so the row count must not send a GPU's solve to the per-row loop (as asking row_block_problem did: a 7B
+    down_proj's 11008 rows). A CUDA float32 tensor is stood in for: this check reads only device, dtype and shape."""
+    from types import SimpleNamespace
+
+    import qtool.kernels.gptq_block_triton as block_module
+
+    monkeypatch.setattr(block_module, "triton_device_problem", lambda device, interpreted: None)
+    weight = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(11008, 4096))
+    assert block_module.blocks_problem(weight) is None
+    assert "11008 rows" in block_module.row_block_problem(weight)
+    assert "float32" in block_module.blocks_problem(SimpleNamespace(**{**vars(weight), "dtype": torch.float16}))
+    assert "cpu" in block_module.blocks_problem(torch.zeros(3, 3))
