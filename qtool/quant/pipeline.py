@@ -36,7 +36,7 @@ from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
-from qtool.quant.work_state import SavedWeights, WorkState, job_fingerprint, read_hidden
+from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, tensors_bytes
 from qtool.models.architectures import decoder_layers, resolve_layer_groups
 from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
 from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
@@ -428,6 +428,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
         # Out of GPU memory inside a layer, one process redoes it lower down the ladder and stays there; with several
         # processes, one that ran out cannot redo its share alone while the others wait in a collective: it fails.
         run = LadderRun(store, compute, rehome)
+        cadence = HiddenSaveCadence()
         if collective.world_size > 1:
             run.rungs = run.rungs[:1]
         for index in range(num_layers):
@@ -475,12 +476,20 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             modules.extend(layer_reports)
             next_hidden = list(run.store.store(outputs))
             del outputs
-            # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's.
-            dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
-            every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype, run.store.device)
+            # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's;
+            # it decides for all whether this layer is a resume point (the cadence keeps saving under a tenth of the run)
+            hidden_bytes = tensors_bytes(next_hidden) * collective.world_size
+            save_hidden = collective.broadcast_object(cadence.due(index, num_layers, hidden_bytes) if collective.is_main else None)
+            began_save = time.monotonic()
+            every_hidden = None
+            if save_hidden:
+                dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
+                every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype,
+                                                         run.store.device)
             if state is not None:
-                # After every layer: any interruption loses at most the layer in progress.
                 state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)
+                if save_hidden:
+                    cadence.saved(began_save)
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)

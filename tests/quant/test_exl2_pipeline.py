@@ -117,6 +117,38 @@ def test_interrupted_run_resumes_to_the_same_bytes(setup, stop_at):
     assert not WorkState.folder_for(out).exists()
 
 
+def test_large_hidden_states_are_resume_points_only_at_the_cadence(tmp_path, make_tiny_model_dir, make_calibration_text,
+                                                                     monkeypatch):
+    """Hidden states counted as large (work_state.HIDDEN_SAVED_EVERY_STEP_BYTES) are saved at the first step and
+    the last of each pass only, with an overhead ratio out of reach: stopped before measuring layer 3 of 3, the run
+    resumes after layer 1's measurement (the steps written since are redone) and writes the same bytes."""
+    import qtool.quant.work_state as work_state
+
+    model_dir = make_tiny_model_dir(tmp_path / "float", seed=5, num_hidden_layers=3, hidden_size=128,
+                                    intermediate_size=256, head_dim=32, num_attention_heads=4)
+    text = make_calibration_text(tmp_path / "calib.txt")
+    job = QuantConfig(output_format="exl2", desc_act=True, bpw=3.5,
+                      calibration=CalibrationConfig(source=str(text), samples=4, seqlen=32, seed=0))
+    reference = tmp_path / "reference"
+    quantize_model_exl2(model_dir, job, reference, device="cpu")
+    monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)
+    monkeypatch.setattr(work_state, "SAVE_OVERHEAD_RATIO", 1e9)
+    out = tmp_path / "resumed"
+
+    def stop(done, total, detail=""):
+        if detail == "measuring layer 3/3":
+            raise Interrupted(detail)
+
+    with pytest.raises(Interrupted):
+        quantize_model_exl2(model_dir, job, out, device="cpu", progress=stop)
+    # steps: weigh, measure layers 1-3, quantize layers 1-3; measuring layer 2 wrote its result, no resume point
+    assert json.loads((WorkState.folder_for(out) / "job.json").read_text())["completed_layers"] == 2
+    assert (WorkState.folder_for(out) / "layer-0002.safetensors").is_file()
+    result = quantize_model_exl2(model_dir, job, out, device="cpu")
+    assert result.resumed_from_step == 2
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
+
+
 def test_target_vram_picks_the_bpw_that_fits(setup):
     root, config = setup
     float_model = load_model(root / "float", device="cpu", dtype="float32").model

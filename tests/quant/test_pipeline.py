@@ -132,6 +132,35 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path, calibration_text, 
     assert not WorkState.folder_for(resumed).exists()
 
 
+def test_large_hidden_states_are_saved_at_a_cadence_and_resume_from_the_last_save(tmp_path, calibration_text,
+                                                                                    make_tiny_model_dir, monkeypatch):
+    """Hidden states above HIDDEN_SAVED_EVERY_STEP_BYTES (a 7B model's 4 GiB a layer) are saved only when the work
+    since the last save took SAVE_OVERHEAD_RATIO times that save: here every state counts as large and the ratio
+    is out of reach, so the first layer and the last save them and the ones between write their weights alone.
+    Interrupted after layer 3 of 4, the run resumes after layer 1 and redoes 2 and 3: the same bytes."""
+    import qtool.quant.work_state as work_state
+
+    monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)
+    monkeypatch.setattr(work_state, "SAVE_OVERHEAD_RATIO", 1e9)
+    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=4)
+    config = job(calibration_text, bits=4, group_size=32, desc_act=True)
+    quantize_model(str(model_dir), config, tmp_path / "straight", device="cpu")
+
+    def stop_after_third_layer(done: int, total: int, detail: str = "") -> None:
+        if done == 3 and detail.startswith("layer"):
+            raise Interrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        quantize_model(str(model_dir), config, resumed, device="cpu", progress=stop_after_third_layer)
+    state = json.loads((WorkState.folder_for(resumed) / "job.json").read_text())
+    assert state["completed_layers"] == 1 and state["hidden_file"] == "hidden-0001.safetensors"
+    assert (WorkState.folder_for(resumed) / "layer-0002.safetensors").is_file()  # written, not yet a resume point
+    result = quantize_model(str(model_dir), config, resumed, device="cpu")
+    assert result.resumed_from_layer == 1
+    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
 def test_changed_arguments_start_afresh(tmp_path, calibration_text, tiny_model_dir):
     out = tmp_path / "out"
 
