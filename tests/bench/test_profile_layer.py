@@ -1,0 +1,28 @@
+"""bench/quantize/profile_layer.py on the CPU: one tiny layer quantized under torch's profiler gives the run's
+timeline by group, every linear's solve from the run's reports and the top ops, as one JSON line."""
+
+import json
+
+from bench_scripts import BENCH, load_bench_script
+
+WIKITEXT_VALID = BENCH.parents[1] / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
+
+
+def test_one_layer_profiled_on_the_cpu(tmp_path, make_tiny_tokenizer):
+    bench = load_bench_script("quantize/profile_layer")
+    data = tmp_path / "data"
+    data.mkdir()
+    make_tiny_tokenizer().save_pretrained(str(data / "tokenizer"))
+    (data / "wiki.valid.tokens").symlink_to(WIKITEXT_VALID)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--out", str(out), "--shape", "tiny",
+                       "--layers", "1", "--samples", "2", "--seqlen", "32", "--device", "cpu", "--dtypes", "float32"]) == 0
+    row = json.loads(out.read_text())
+    details = [detail for _, detail in row["timeline"]]
+    assert "layer 1/1 down_proj" in details and details.index("layer 1/1 q_proj+k_proj+v_proj") < details.index(
+        "layer 1/1 down_proj")
+    assert sorted(m["name"].rsplit(".", 1)[-1] for m in row["modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert all(m["solve_s"] >= 0 and m["damp"] >= 0.01 for m in row["modules"])
+    assert any(op["name"] == "aten::mm" and op["calls"] > 0 for op in row["cpu_ops"])
+    assert row["compute_dtype"] == "float32" and row["layers"] == 1
