@@ -112,23 +112,30 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_identical_bytes(tmp_path, calibration_text, make_tiny_model_dir):
-    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=3)
+def straight_and_interrupted(tmp_path, calibration_text, make_tiny_model_dir, layers: int, stop_after: int):
+    """(model, config, the output of an uninterrupted run, the output of a run stopped after layer `stop_after`)."""
+    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=layers)
     config = job(calibration_text, bits=4, group_size=32, desc_act=True)
     quantize_model(str(model_dir), config, tmp_path / "straight", device="cpu")
 
-    def stop_after_second_layer(done: int, total: int, detail: str = "") -> None:
-        if done == 2 and detail.startswith("layer"):
+    def stop(done: int, total: int, detail: str = "") -> None:
+        if done == stop_after and detail.startswith("layer"):
             raise Interrupt
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        quantize_model(str(model_dir), config, resumed, device="cpu", progress=stop_after_second_layer)
+        quantize_model(str(model_dir), config, resumed, device="cpu", progress=stop)
+    return model_dir, config, tmp_path / "straight", resumed
+
+
+def test_interrupted_run_resumes_to_identical_bytes(tmp_path, calibration_text, make_tiny_model_dir):
+    model_dir, config, straight, resumed = straight_and_interrupted(tmp_path, calibration_text, make_tiny_model_dir,
+                                                                    layers=3, stop_after=2)
     assert not resumed.exists()  # the output appears only when complete
     assert json.loads((WorkState.folder_for(resumed) / "job.json").read_text())["completed_layers"] == 2
     result = quantize_model(str(model_dir), config, resumed, device="cpu")
     assert result.resumed_from_layer == 2
-    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
     assert not WorkState.folder_for(resumed).exists()
 
 
@@ -142,23 +149,14 @@ def test_large_hidden_states_are_saved_at_a_cadence_and_resume_from_the_last_sav
 
     monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)
     monkeypatch.setattr(work_state, "SAVE_OVERHEAD_RATIO", 1e9)
-    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=4)
-    config = job(calibration_text, bits=4, group_size=32, desc_act=True)
-    quantize_model(str(model_dir), config, tmp_path / "straight", device="cpu")
-
-    def stop_after_third_layer(done: int, total: int, detail: str = "") -> None:
-        if done == 3 and detail.startswith("layer"):
-            raise Interrupt
-
-    resumed = tmp_path / "resumed"
-    with pytest.raises(Interrupt):
-        quantize_model(str(model_dir), config, resumed, device="cpu", progress=stop_after_third_layer)
+    model_dir, config, straight, resumed = straight_and_interrupted(tmp_path, calibration_text, make_tiny_model_dir,
+                                                                    layers=4, stop_after=3)
     state = json.loads((WorkState.folder_for(resumed) / "job.json").read_text())
     assert state["completed_layers"] == 1 and state["hidden_file"] == "hidden-0001.safetensors"
     assert (WorkState.folder_for(resumed) / "layer-0002.safetensors").is_file()  # written, not yet a resume point
     result = quantize_model(str(model_dir), config, resumed, device="cpu")
     assert result.resumed_from_layer == 1
-    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
 
 def test_changed_arguments_start_afresh(tmp_path, calibration_text, tiny_model_dir):
