@@ -8,6 +8,8 @@
 #   bash bench/device/big_quantize.sh gptq            there: the 7B shape's first 4 layers, qtool under a 24 GiB cap
 #                                                     then GPTQModel (the same-job ratio), then the whole 7B through
 #                                                     qtool (the goal: <= 3 min, <= 12 GB)
+#   bash bench/device/big_quantize.sh gptq-7b         there: the whole 7B through qtool alone (the goal's row, with
+#                                                     the call's whole time)
 #   bash bench/device/big_quantize.sh exl2-70b        there: the 70B shape's first 2 layers under an 80 GiB cap, then
 #                                                     EXL2 4.0 bpw, qtool vs ExLlamaV2's converter, on the 7B's first
 #                                                     layer (the extension builds in the background from the start)

@@ -631,7 +631,7 @@ def stage_exllamav2(args) -> dict[str, Any]:
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
-PLANS = ("gptq", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
+PLANS = ("gptq", "gptq-7b", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
 STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2, "weigh": stage_weigh}
 
 
@@ -736,6 +736,9 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
         # then a cap its planned tier does not fit (the estimate cannot see a cap: the ladder takes over)
         return [write(seventy, n_70, 90), weigh(seventy, n_70, 120, cap=80.0), weigh(seventy, n_70, 120, cap=80.0, tier="disk"),
                 weigh(seventy, n_70, 150, cap=weigh_cap)]
+    if name == "gptq-7b":
+        # the whole 7B end to end alone in a call (the goal's row), when plan gptq's first stages leave it too little
+        return [write(seven, full7, 120), qtool(seven, full7, "gptq", 540)]
     if name == "gptqmodel-7b":
         # GPTQModel on the whole 7B, alone in a call (its time on the 7B's first layers is in plan gptq)
         return [write(seven, full7, 120), gptqmodel(seven, full7, 540)]

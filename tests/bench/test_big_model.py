@@ -222,3 +222,19 @@ def test_exllamav2_calibration_parquet_holds_the_whole_text_in_order(bench, tmp_
     bench.write_calibration_parquet(tmp_path / "text.txt", tmp_path / "cal.parquet", rows=7)
     rows = pandas.read_parquet(tmp_path / "cal.parquet")["text"].tolist()
     assert len(rows) <= 7 and "".join(rows) == text
+
+
+def test_every_plan_writes_each_model_before_a_stage_reads_it(bench, tmp_path):
+    """Each plan's stages read only model directories an earlier write stage of the same plan makes, and the
+    gptq-7b plan is the whole 7B alone: its write, then qtool on all 32 layers."""
+    layers = {"peer": 4, "exl2": 1, "70b": 2}
+    for name in bench.PLANS:
+        written = set()
+        for step in bench.plan_steps(name, tmp_path, tmp_path / "data", False, "cuda", {}, layers):
+            argv = dict(zip(step.argv[::2], step.argv[1::2]))
+            if step.stage == "write":
+                written.add(argv["--dir"])
+            else:
+                assert argv["--model"] in written, f"{name}: {step.row} reads a model no earlier stage wrote"
+    whole = bench.plan_steps("gptq-7b", tmp_path, tmp_path / "data", False, "cuda", {}, layers)
+    assert [(s.stage, s.model_layers, s.shape) for s in whole] == [("write", 32, "llama2-7b"), ("qtool", 32, "llama2-7b")]
