@@ -90,14 +90,23 @@ def solve_group(
     return quantized, reports
 
 
-def resolve_compute_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The dtype config.compute_dtype names. auto is bfloat16 on CPUs that multiply it natively (about twice
-    float32's speed there, where the forwards are most of a run), float32 elsewhere: emulated bfloat16 is slower
-    than float32, and on a GPU the forwards are a small part of the time (SmolLM2 4-bit on an H200: ppl 24.85 in
-    float32, 25.04 with bfloat16 forwards, for no gain in time)."""
+# Hidden sizes from which a GPU's calibration forwards run in bfloat16 under `compute_dtype: auto`.
+BFLOAT16_FORWARDS_MIN_HIDDEN = 2048
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
+    """The dtype config.compute_dtype names. auto is bfloat16 where the forwards are most of a run and bfloat16
+    multiplies natively: on CPUs with bf16 dot products (about twice float32's speed there), and on GPUs for models
+    of hidden size BFLOAT16_FORWARDS_MIN_HIDDEN and more (a Llama-2-7B layer on the H100: 3.3 s of float32 SIMT
+    GEMMs, most of its compute, where tensor cores take a fraction of that). float32 elsewhere: emulated bfloat16
+    is slower than float32, and on a GPU a small model's forwards are a small part of the time (SmolLM2 4-bit on an
+    H200: ppl 24.85 in float32, 25.04 with bfloat16 forwards, for no gain in time; on this repo's CPU VM its
+    bfloat16 forwards gave 24.78-24.87)."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    if device.type == "cuda" and hidden_size is not None and hidden_size >= BFLOAT16_FORWARDS_MIN_HIDDEN:
         return torch.bfloat16
     return torch.float32
 
@@ -181,9 +190,10 @@ def quantize_layer(
     output_projections: tuple[tuple[str, str], ...] = (),
     collective: Collective = SINGLE_PROCESS,
     float_hessians: dict[str, HessianAccumulator] | None = None,
+    hidden_size: int | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     """Quantize every group of `layer` (names relative to the layer) and return (quantized weights, reports, the
-    layer's outputs per batch).
+    layer's outputs per batch). `hidden_size` (the model's) is what `compute_dtype: auto` looks at on a GPU.
 
     True-sequential: one pass per group, stopped as soon as the group's input is seen. Linears quantized in an
     earlier group, and whole children of the layer that can no longer change (the input norm, then the attention
@@ -206,7 +216,7 @@ def quantize_layer(
     children = dict(layer.named_children())
     all_names = {name for group in groups for name, _ in group}
     device = next(layer.parameters()).device
-    dtype = resolve_compute_dtype(config.compute_dtype, device)
+    dtype = resolve_compute_dtype(config.compute_dtype, device, hidden_size)
     projection = {child: linear for child, linear in output_projections if child in children and linear in all_names}
     projection_of = {linear: child for child, linear in projection.items()}
     projection_inputs: dict[str, list[torch.Tensor]] = {}  # child -> inputs of its output linear, per batch

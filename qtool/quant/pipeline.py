@@ -392,7 +392,8 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
             shared.windows[calibration_key] = windows
     calibration_tokens = sum(w.numel() for w in windows)
 
-    compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute)).removeprefix("torch.")
+    hidden_size = getattr(model.config, "hidden_size", None)
+    compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)).removeprefix("torch.")
     # The process count is not part of the job: N processes leave the state one process would, so either resumes it.
     fingerprint = job_fingerprint({
         "config": config.to_dict(),
@@ -459,7 +460,7 @@ def _quantize(collective: Collective, progress: Progress | None, model_spec: str
                 layer_quantized, layer_reports, batch_outputs = quantize_layer(
                     layer, _relative(groups, prefix), len(batches), run_batch, config, run.store.device, on_group=on_group,
                     output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
-                    replay=estimate["replay"],
+                    replay=estimate["replay"], hidden_size=hidden_size,
                 )
                 outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
                 return layer, layer_quantized, layer_reports, outputs

@@ -120,6 +120,11 @@ def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_compute_dtype("auto", torch.device("cpu")) is torch.float32
     assert resolve_compute_dtype("auto", torch.device("cuda")) is torch.float32
+    # on a GPU, bfloat16 forwards from a 2048-wide model up (a 7B's 4096: its float32 GEMMs were most of a layer)
+    assert resolve_compute_dtype("auto", torch.device("cuda"), hidden_size=576) is torch.float32
+    assert resolve_compute_dtype("auto", torch.device("cuda"), hidden_size=4096) is torch.bfloat16
+    assert resolve_compute_dtype("float32", torch.device("cuda"), hidden_size=4096) is torch.float32
+    assert resolve_compute_dtype("auto", torch.device("cpu"), hidden_size=4096) is torch.float32
 
 
 def test_bfloat16_forwards_stay_close_to_float32(tiny_llama):
