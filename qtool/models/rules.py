@@ -28,6 +28,7 @@ ACTIVATION_COPIES = 2
 # Besides them, while a layer is quantized its replay (quant/replay.py) keeps every quantized linear's output and,
 # per token, four hidden-size vectors more: the two norms' outputs, the attention block's and its output
 # projection's inputs. For SmolLM2 with 128 x 512 tokens this puts the GPU peak at 2.11 GiB, what the H100 measured.
+# An upper bound since the outputs recorded inside the attention block are dropped once it replays whole.
 RECORDED_HIDDEN_COPIES = 4
 # Where the calibration activations live between layers, best first: the compute device, host memory (pinned when
 # the compute device is a GPU), files on disk (memory-mapped, in a folder beside the output).

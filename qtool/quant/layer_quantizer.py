@@ -251,6 +251,7 @@ def quantize_layer(
             return {}
         final = set(_final_children(layer, call_order, set(quantized), all_names)) | set(quantized)
         swaps: dict[str, nn.Module] = {}
+        replayed: set[str] = set()
         for name in sorted(final):
             recorder = recorders.get(name)
             if recorder is None and not record:
@@ -265,8 +266,15 @@ def quantize_layer(
                 swaps[name] = recorder
             elif recorder.outputs:
                 swaps[name] = ReplayModule(recorder)
+                replayed.add(name)
             else:  # recorded in a pass that stopped before reaching it
                 swaps[name] = recorder
+        for name in list(swaps):
+            if any(name.startswith(outer + ".") for outer in replayed):
+                # inside a child that replays whole (q/k/v inside the attention block): never called again, so
+                # what it recorded is dropped (for a 7B's 128 x 2048 tokens, 12 GiB of float32 q/k/v)
+                del swaps[name]
+                recorders[name].outputs.clear()
         return swaps
 
     if config.method != "gptq":

@@ -88,6 +88,33 @@ def test_projection_shortcut_equals_recomputing_and_skips_the_attention(tiny_lla
     assert len(core_calls) == 1
 
 
+def test_recordings_inside_a_child_that_replays_whole_are_dropped(tiny_llama, monkeypatch):
+    """Once the attention block replays whole, the q/k/v outputs recorded inside it are never read again: they are
+    dropped (a 7B's 128 x 2048 calibration tokens: 12 GiB of float32), and the layer comes out as before."""
+    import qtool.quant.layer_quantizer as layer_quantizer
+
+    made = []
+
+    class Tracked(layer_quantizer.RecordingModule):
+        def __init__(self, module, store_device):
+            super().__init__(module, store_device)
+            made.append(self)
+
+    monkeypatch.setattr(layer_quantizer, "RecordingModule", Tracked)
+    config = QuantConfig(bits=4, group_size=32)
+    model = copy.deepcopy(tiny_llama)
+    layer, groups, inputs = layer_job(model)
+    names = {id(module): name for name, module in layer.named_modules()}
+    _, _, outputs = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config,
+                                   torch.device("cpu"), output_projections=(("self_attn", "self_attn.o_proj"),))
+    inner = {names[id(r.module)]: r for r in made if names[id(r.module)].startswith("self_attn.")}
+    assert sorted(inner) == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert all(not recorder.outputs for recorder in inner.values())
+    assert any(recorder.outputs for recorder in made if names[id(recorder.module)] == "mlp.gate_proj")
+    for a, b in zip(outputs, run_quantize_layer(tiny_llama, config, replay=False)[2]):
+        assert torch.equal(a, b)
+
+
 def test_projection_recorder_checks_the_shortcut_on_the_first_call():
     from qtool.quant.replay import ProjectionRecorder
 
