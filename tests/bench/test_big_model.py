@@ -173,7 +173,8 @@ def test_the_ratio_is_qtools_time_over_the_peers_on_the_same_model(bench):
         "qtool gptq 4-bit g128 llama2-7b 4L cap 24 GiB / GPTQModel 4-bit g128 llama2-7b 4L": pytest.approx(capped / peer, abs=1e-4),
     }
     table = bench.markdown_table(rows)
-    assert f"**{mine / peer:.3f}**" in table and "no time left" in table and "24 GiB" in table
+    # the table prints the stored ratio (rounded to 4 places) to 3: formatting the unrounded one may differ in the last digit
+    assert f"**{round(mine / peer, 4):.3f}**" in table and "no time left" in table and "24 GiB" in table
 
 
 def test_the_weighing_stage_gives_the_same_sensitivities_on_each_tier(bench, tokenizer_dir, tmp_path, make_calibration_text):
