@@ -66,7 +66,7 @@ from qtool.quant.float_source import open_float_model
 from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.pipeline import (check_activation_tier, check_against_model, estimate_line, peak_host_memory_bytes, peak_memory_bytes, source_identity,
                                   source_inputs, split_quantizable)
-from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, tensors_bytes
+from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint
 from qtool.models.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
 from qtool.models.layerwise import BATCH_TOKENS, LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
 from qtool.models.rules import SENSITIVITY_WINDOWS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes
@@ -441,10 +441,8 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
                     layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS),
                     restore=lambda index=index: layers[index].to("cpu"))
                 outputs = run.keep(outputs)
-                save_hidden, began_save = cadence.due(index, num_layers, tensors_bytes(outputs)), time.monotonic()
-                state.save_step(step, *_measurement_step(measured), outputs if save_hidden else None)
-                if save_hidden:
-                    cadence.saved(began_save)
+                cadence.save(index, num_layers, outputs,
+                             lambda hidden, step=step: state.save_step(step, *_measurement_step(measured), hidden))
             run.advance(outputs)
         measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.step_metadata(step))]
         if weigh_steps:
@@ -475,10 +473,9 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
                     refine=config.refine_scales, max_tokens=rung.max_batch_tokens or BATCH_TOKENS), restore)
                 del original, restore
                 outputs = run.keep(outputs)
-                save_hidden, began_save = cadence.due(index, num_layers, tensors_bytes(outputs)), time.monotonic()
-                state.save_step(step, *_weights_step(weights, errors), outputs if save_hidden else None)
-                if save_hidden:
-                    cadence.saved(began_save)
+                result = _weights_step(weights, errors)
+                cadence.save(index, num_layers, outputs,
+                             lambda hidden, step=step: state.save_step(step, *result, hidden))
             del weights
             run.advance(outputs)
         host_peak = peak_host_memory_bytes()

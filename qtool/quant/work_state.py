@@ -77,6 +77,15 @@ class HiddenSaveCadence:
         self.since = time.monotonic()
         self.last_save_seconds = self.since - began
 
+    def save(self, index: int, steps: int, hidden: list[torch.Tensor],
+             write: Callable[[list[torch.Tensor] | None], None]) -> None:
+        """write(hidden) where step `index` of `steps` is due to save them (timed for the next decision), else
+        write(None): the step's result alone (WorkState.save_step's two forms)."""
+        due, began = self.due(index, steps, tensors_bytes(hidden)), time.monotonic()
+        write(hidden if due else None)
+        if due:
+            self.saved(began)
+
 
 @dataclass
 class WorkState:
