@@ -243,13 +243,8 @@ def plan_fused_forward(model: nn.Module) -> tuple[FusedForward | None, str]:
             logit_scale = logit_scale / float(value) if kind == "divide" else logit_scale * float(value)
     return FusedForward(base, get_module(base, spec.embed_path), rotary, tuple(layers), final_norm, head,
                         float(getattr(config, "attention_dropout", 0.0) or 0.0),
-                        _multiplier(config, "embedding_multiplier"), _multiplier(config, "residual_multiplier"),
+                        spec.embedding_multiplier(config), spec.residual_multiplier(config),
                         logit_scale), description
-
-
-def _multiplier(config, field: str) -> float:
-    value = getattr(config, field, None)
-    return 1.0 if value is None else float(value)
 
 
 def training_forward(model: nn.Module, setting: str, device: torch.device) -> tuple[FusedForward | None, str]:

@@ -77,6 +77,9 @@ class ArchitectureSpec:
     # where a layer's sliding window is read (WINDOW_SOURCES): "attention" (the attention module's own per-layer
     # attribute), "config" (config.sliding_window for every layer), or None (no window)
     sliding_window: str | None = None
+    # config fields scaling the embeddings' output and each residual branch before its add (Granite); None: 1.0
+    embedding_multiplier_field: str | None = None
+    residual_multiplier_field: str | None = None
 
     def groups_for(self, config: Any) -> Groups:
         """The sequential groups of a standard layer under this config (parallel-residual variant included)."""
@@ -94,6 +97,14 @@ class ArchitectureSpec:
             window = None
         return int(window) if window else None
 
+    def embedding_multiplier(self, config: Any) -> float:
+        """The factor the embeddings' output is scaled by before the first layer (1.0 for most families)."""
+        return _config_factor(config, self.embedding_multiplier_field)
+
+    def residual_multiplier(self, config: Any) -> float:
+        """The factor each attention and MLP output is scaled by before its residual add (1.0 for most families)."""
+        return _config_factor(config, self.residual_multiplier_field)
+
     def ties_embeddings(self, config: Any) -> bool:
         """Whether the head shares its weight with the input embeddings (config `tie_word_embeddings`)."""
         return bool(getattr(config, "tie_word_embeddings", False))
@@ -108,6 +119,11 @@ class ArchitectureSpec:
                 hint="a mixture-of-experts config needs a positive number of experts",
             )
         return value
+
+
+def _config_factor(config: Any, field: str | None) -> float:
+    value = None if field is None else getattr(config, field, None)
+    return 1.0 if value is None else float(value)
 
 
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -153,7 +169,8 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _llama_like("olmo2"),
     _llama_like("olmo3", sliding_window="attention"),
     _llama_like("helium"),
-    _llama_like("granite", logit_transforms=(("divide", "logits_scaling"),)),
+    _llama_like("granite", logit_transforms=(("divide", "logits_scaling"),),
+                embedding_multiplier_field="embedding_multiplier", residual_multiplier_field="residual_multiplier"),
     _llama_like(
         "stablelm", parallel_residual_field="use_parallel_residual", parallel_groups=PARALLEL_GROUPS
     ),

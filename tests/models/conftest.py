@@ -36,7 +36,7 @@ TINY_FAMILIES = {
     "olmo2": ("Olmo2Config", GQA),
     "olmo3": ("Olmo3Config", dict(GQA, **MIXED_LAYERS)),
     "helium": ("HeliumConfig", dict(GQA, head_dim=16)),
-    "granite": ("GraniteConfig", dict(GQA, logits_scaling=0.25)),
+    "granite": ("GraniteConfig", dict(GQA, logits_scaling=0.25, embedding_multiplier=3.0, residual_multiplier=0.5)),
     "stablelm": ("StableLmConfig", GQA),
     "stablelm-parallel": ("StableLmConfig", dict(GQA, use_parallel_residual=True)),
     "cohere": ("CohereConfig", dict(GQA, logit_scale=4.0)),

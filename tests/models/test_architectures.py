@@ -147,6 +147,41 @@ def test_layer_windows_are_the_ones_transformers_applies(tiny):
         model.set_attn_implementation(before)
 
 
+def test_multipliers_are_the_ones_transformers_applies(tiny):
+    """The first layer's input is the embeddings' output times embedding_multiplier, and (where both branches add
+    straight onto the residual) its output is input + residual_multiplier x (attention + MLP outputs)."""
+    family, model = tiny
+    spec = get_architecture(model)
+    layer = decoder_layers(model, spec)[0]
+    seen = {}
+
+    def keep(name):
+        return lambda module, args, kwargs, output: seen.__setitem__(name, (args, kwargs, output))
+
+    modules = {"embed": get_module(model, spec.embed_path), "layer": layer}
+    modules.update({name: getattr(layer, name) for name in ("self_attn", "mlp") if hasattr(layer, name)})
+    hooks = [module.register_forward_hook(keep(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(torch.arange(3, 12)[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    first = lambda value: value[0] if isinstance(value, tuple) else value  # noqa: E731
+    args, kwargs, _ = seen["layer"]
+    layer_input = args[0] if args else kwargs["hidden_states"]
+    embedded = first(seen["embed"][2])
+    torch.testing.assert_close(layer_input, embedded * spec.embedding_multiplier(model.config))
+    branches_add_straight = "self_attn" in seen and "mlp" in seen and not any(
+        hasattr(layer, norm) for norm in ("post_feedforward_layernorm", "post_attention_layernorm_post"))
+    if family in ("granite", "llama") and not branches_add_straight:
+        pytest.fail(f"{family}'s layer was expected to add its branches straight onto the residual")
+    if branches_add_straight:
+        branches = first(seen["self_attn"][2]) + first(seen["mlp"][2])
+        expected = layer_input + spec.residual_multiplier(model.config) * branches
+        torch.testing.assert_close(first(seen["layer"][2]), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_moe_facts_describe_the_installed_classes(moe_family, build_tiny):
     model = build_tiny(moe_family)
     spec = get_architecture(model)

@@ -42,9 +42,8 @@ ROPE_LAYOUTS = ("half", "interleaved")
 class FamilyRecipe:
     """What differs between the attention + MLP families the executor takes."""
 
-    # (a layer's sliding window is the architecture table's fact: ArchitectureSpec.layer_window)
-    embedding_multiplier_field: str | None = None  # config field scaling the embeddings (Granite)
-    residual_multiplier_field: str | None = None  # config field scaling each branch before the residual add (Granite)
+    # (a layer's sliding window and Granite's embedding/residual multipliers are the architecture table's facts:
+    # ArchitectureSpec.layer_window, .embedding_multiplier, .residual_multiplier)
     # where a layer's norms sit (NORM_PLACEMENTS): "pre": input_layernorm before attention, post_attention_layernorm
     # before the MLP; "sandwich" (Gemma 2/3): input_layernorm, then post_attention_layernorm on the attention's
     # output, pre_feedforward_layernorm before the MLP and post_feedforward_layernorm on its output; "post" (OLMo 2):
@@ -79,8 +78,7 @@ ENGINE_FAMILIES: dict[str, FamilyRecipe] = {
     "olmo3": replace(OLMO2, rope_per_layer_type=True),
     "phi3": FamilyRecipe(fused_qkv="qkv_proj"),  # gate_up_proj is inside its own MLP
     "starcoder2": FamilyRecipe(),
-    "granite": FamilyRecipe(embedding_multiplier_field="embedding_multiplier",
-                            residual_multiplier_field="residual_multiplier"),
+    "granite": FamilyRecipe(),  # its embedding and residual multipliers are the architecture table's
     # mixture of experts: the sparse block is the layer's `mlp`, routing each token on its own
     "mixtral": FamilyRecipe(),
     "qwen2_moe": FamilyRecipe(),
@@ -182,8 +180,8 @@ class ModelRunner:
         softcap_field = self.recipe.attention_softcap_field
         softcap = None if softcap_field is None else getattr(self.config, softcap_field, None)
         self.attention_softcap = None if softcap is None else float(softcap)
-        self.embedding_multiplier = self._config_multiplier(self.recipe.embedding_multiplier_field)
-        self.residual_multiplier = self._config_multiplier(self.recipe.residual_multiplier_field)
+        self.embedding_multiplier = self.spec.embedding_multiplier(self.config)
+        self.residual_multiplier = self.spec.residual_multiplier(self.config)
         self.attention = paged_attention if self.device.type == "cpu" else PrefillAttention(block_size, self.device)
         self.decode_step, self.decode_step_reason = None, "fast decode is off"
         if fast_decode or (fast_decode is None and self.device.type == "cuda"):
@@ -267,9 +265,6 @@ class ModelRunner:
         dtype = kv_dtype or model.get_input_embeddings().weight.dtype
         return kv_cache_fixed_bytes(kv_cache, dtype, config.num_hidden_layers, block_size, config.num_key_value_heads,
                                     decoder_layers(model)[0].self_attn.head_dim, max_num_seqs)
-
-    def _config_multiplier(self, field: str | None) -> float:
-        return 1.0 if field is None else float(getattr(self.config, field))
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """Token ids [T], positions [T] and the attention metadata of the flattened batch (no padding)."""
