@@ -87,18 +87,16 @@ def _solve_columns(
     work: torch.Tensor,
     upper: torch.Tensor,
     bounds: list[int],
-    grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
     bits: int,
     kernel_blocks: bool = False,
-    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over the rows of work = W^T [K, N] (updated in place), with blocks [bounds[i], bounds[i+1])
-    and upper = the Cholesky factor of H^-1. grid_at(position) gives (scale, zero) for that column.
-    Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
+    and upper = the Cholesky factor of H^-1. block_grid(start, end) gives the block's (scale, zero): [N] each for
+    one grid over the whole block (bounds split at group starts), or [end - start, N] for a grid per column (static
+    groups under act order). Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
     kernel_blocks: each block goes through solve_rows (one kernel per 64 columns on a GPU, where the column loop is
-    a handful of small launches per column), on the grid block_grid(start, end) gives: [N] scale and zero for the
-    whole block, or [end - start, N] for a grid per column (static groups under act order). Without block_grid,
-    grid_at(start): the grid is then the same over each block (bounds split at group starts, groups fitted there)."""
+    a handful of small launches per column)."""
     cols, rows = work.shape
     codes_t = torch.empty_like(work)
     deq_t = torch.empty_like(work)
@@ -111,12 +109,12 @@ def _solve_columns(
     # then updates the rest of its block with one matmul, and each block the columns after it.
     sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
     for start, end in zip(bounds[:-1], bounds[1:]):
+        scale, zero = block_grid(start, end)
         if kernel_blocks:
-            scale, zero = block_grid(start, end) if block_grid is not None else grid_at(start)
             deq_t[start:end], block_err, codes_t[start:end] = solve_rows(
                 work[start:end], scale, scale, zero, low, high, upper[start:end, start:end])
         else:
-            block_err = _solve_block_columns(work, upper, start, end, sub_width, grid_at, bits, codes_t, deq_t)
+            block_err = _solve_block_columns(work, upper, start, end, sub_width, scale, zero, bits, codes_t, deq_t)
         if end < cols:
             work[end:].addmm_(upper[start:end, end:].T, block_err, alpha=-1.0)
         loss += block_err.square().sum()
@@ -124,18 +122,20 @@ def _solve_columns(
 
 
 def _solve_block_columns(work: torch.Tensor, upper: torch.Tensor, start: int, end: int, sub_width: int,
-                         grid_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]], bits: int, codes_t: torch.Tensor,
+                         scale: torch.Tensor, zero: torch.Tensor, bits: int, codes_t: torch.Tensor,
                          deq_t: torch.Tensor) -> torch.Tensor:
-    """One block's columns one at a time (into codes_t, deq_t), sub-blocks of sub_width updating the rest of the
-    block with one matmul each; the block's scaled errors [end - start, rows]."""
+    """One block's columns one at a time (into codes_t, deq_t) on the block's grid ([N], or [end - start, N] per
+    column), sub-blocks of sub_width updating the rest of the block with one matmul each; the block's scaled
+    errors [end - start, rows]."""
+    per_column = scale.dim() == 2
     block_err = torch.empty(end - start, work.shape[1], dtype=torch.float32, device=work.device)
     for sub_start in range(start, end, sub_width):
         sub_end = min(sub_start + sub_width, end)
         for pos in range(sub_start, sub_end):
-            scale, zero = grid_at(pos)
+            column_scale, column_zero = (scale[pos - start], zero[pos - start]) if per_column else (scale, zero)
             column = work[pos]
-            codes = round_to_grid(column, scale, zero, bits)
-            deq = dequantize_codes(codes, scale, zero)
+            codes = round_to_grid(column, column_scale, column_zero, bits)
+            deq = dequantize_codes(codes, column_scale, column_zero)
             codes_t[pos] = codes
             deq_t[pos] = deq
             err = (column - deq) / upper[pos, pos]
@@ -196,42 +196,36 @@ def gptq_quantize(
     # Work on W^T so that a column of W is a contiguous row.
     work = w.T.contiguous()
     del w
-    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
     if static_groups:
         scales, zeros = fixed_scales, fixed_zeros
         float_zeros = zeros.to(torch.float32)
-        order = perm.tolist() if desc_act else range(cols)
-        group_of_position = [c // width for c in order]
-        position_groups = torch.tensor(group_of_position, dtype=torch.long, device=device)
+        order = perm if desc_act else torch.arange(cols, device=device)
+        position_groups = order // width
 
-        def grid_at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-            group = group_of_position[pos]
-            return scales[group], float_zeros[group]
-
-        def static_block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-            # each column of the block its own group's grid (the block kernel reads a grid per row of W^T)
+        def block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # each column of the block its own group's grid (under act order a block's columns span groups)
             groups = position_groups[start:end]
             return scales[groups], float_zeros[groups]
 
-        block_grid = static_block_grid
         group_starts: list[int] = []
     else:
         scales = torch.empty(num_groups, rows, dtype=torch.float32, device=device)
         zeros = torch.empty(num_groups, rows, dtype=torch.int32, device=device)
         current: list[torch.Tensor] = []
 
-        def grid_at(pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if pos % width == 0:
-                # Called at a block start (see bounds), so the group's columns hold every earlier update.
-                group = pos // width
-                scales[group], zeros[group] = fit_grid(work[pos : pos + width].T, bits, sym, mse=mse, min_zero=min_zero)
+        def block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if start % width == 0:
+                # bounds split at group starts: the group's columns now hold every earlier update
+                group = start // width
+                scales[group], zeros[group] = fit_grid(work[start : start + width].T, bits, sym, mse=mse,
+                                                       min_zero=min_zero)
                 current[:] = [scales[group], zeros[group].to(torch.float32)]
             return current[0], current[1]
 
         group_starts = list(range(0, cols, width))
     bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
     kernel_blocks = blocks_problem(work) is None
-    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, grid_at, bits, kernel_blocks, block_grid)
+    codes_t, deq_t, loss = _solve_columns(work, upper, bounds, block_grid, bits, kernel_blocks)
 
     error = 0.5 * float(loss)
     if not math.isfinite(error):
