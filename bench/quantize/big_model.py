@@ -408,9 +408,10 @@ def versions() -> dict[str, Any]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
 
 
-def apply_cap(cap_gib: float | None, device: str) -> dict[str, Any]:
+def apply_cap(cap_gib: float | None, device: str, set_fraction: bool = True) -> dict[str, Any]:
     """torch.cuda.set_per_process_memory_fraction for a cap in GiB: the allocator then refuses past it, as a card
-    of that size would (the CUDA context, outside the allocator, is not counted)."""
+    of that size would (the CUDA context, outside the allocator, is not counted). Without `set_fraction` only the
+    facts (the qtool stages pass the cap to quantize's own --gpu-memory budget, which sets it for the run)."""
     if not cap_gib:
         return {}
     import torch
@@ -419,8 +420,10 @@ def apply_cap(cap_gib: float | None, device: str) -> dict[str, Any]:
         return {"cap_gib": cap_gib, "cap_note": "no cap on the CPU"}
     total = torch.cuda.get_device_properties(0).total_memory
     fraction = min(1.0, cap_gib * GIB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
-    return {"cap_gib": cap_gib, "cap_fraction": round(fraction, 4), "card_gib": round(total / GIB, 2)}
+    if set_fraction:
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return {"cap_gib": cap_gib, "cap_fraction": round(fraction, 4), "card_gib": round(total / GIB, 2),
+            "cap_by": "set_per_process_memory_fraction" if set_fraction else "qtool --gpu-memory"}
 
 
 def stage_write(args) -> dict[str, Any]:
@@ -446,7 +449,9 @@ def stage_qtool(args) -> dict[str, Any]:
 
     from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, QUANTIZE_EXL2_PRESET, resolve_config
 
-    cap = apply_cap(args.cap_gib, args.device)
+    # the cap through the product's own budget (quantize --gpu-memory), which the memory plan then follows
+    cap = apply_cap(args.cap_gib, args.device, set_fraction=False)
+    budget = int(args.cap_gib * GIB) if cap.get("cap_fraction") else None
     overrides = {"output_format": args.format, "calibration_source": args.calibration, "samples": args.samples,
                  "seqlen": args.seqlen, **parse_sets(args.set)}
     if args.format == "exl2":
@@ -460,11 +465,12 @@ def stage_qtool(args) -> dict[str, Any]:
         from qtool.quant.exl2_pipeline import quantize_model_exl2
 
         result = quantize_model_exl2(args.model, config, args.output, measurement=args.measurement, device=args.device,
-                                     force=True, progress=progress)
+                                     force=True, progress=progress, gpu_memory_bytes=budget)
     else:
         from qtool.quant.pipeline import quantize_model
 
-        result = quantize_model(args.model, config, args.output, device=args.device, force=True, progress=progress)
+        result = quantize_model(args.model, config, args.output, device=args.device, force=True, progress=progress,
+                                gpu_memory_bytes=budget)
     seconds = time.perf_counter() - began
     torch_peak = torch.cuda.max_memory_allocated(0) if args.device.startswith("cuda") else None
     out_bytes = sum(f.stat().st_size for f in Path(args.output).glob("*.safetensors"))
@@ -631,6 +637,9 @@ def stage_exllamav2(args) -> dict[str, Any]:
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
+# The 7B goal's 12 GB as quantize's --gpu-memory budget: 10.5 GiB for torch's allocator leaves room for the CUDA
+# context and libraries' workspaces (outside the allocator, in nvidia-smi's figure) below 12 GB
+GOAL_BUDGET_GIB = 10.5
 PLANS = ("gptq", "gptq-7b", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
 STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2, "weigh": stage_weigh}
 
@@ -722,7 +731,7 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
         # shows as time: the ratio is then the capped run's) and GPTQModel uncapped; then the whole 7B end to end
         # (the goal) with what is left: cut short, its finished layers still give the per-layer time and a projection
         return [write(seven, n_peer, 60), qtool(seven, n_peer, "gptq", 150, cap=24.0), gptqmodel(seven, n_peer, 200),
-                write(seven, full7, 120), qtool(seven, full7, "gptq", 540)]
+                write(seven, full7, 120), qtool(seven, full7, "gptq", 540, cap=GOAL_BUDGET_GIB)]
     if name == "exl2-70b":
         # the 70B layers under an 80 GiB cap, then EXL2 on the 7B's first layer for both tools (ExLlamaV2's
         # extension builds in the background from the start; the converter gets what is left)
@@ -738,7 +747,7 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
                 weigh(seventy, n_70, 150, cap=weigh_cap)]
     if name == "gptq-7b":
         # the whole 7B end to end alone in a call (the goal's row), when plan gptq's first stages leave it too little
-        return [write(seven, full7, 120), qtool(seven, full7, "gptq", 540)]
+        return [write(seven, full7, 120), qtool(seven, full7, "gptq", 540, cap=GOAL_BUDGET_GIB)]
     if name == "gptqmodel-7b":
         # GPTQModel on the whole 7B, alone in a call (its time on the 7B's first layers is in plan gptq)
         return [write(seven, full7, 120), gptqmodel(seven, full7, 540)]

@@ -77,19 +77,22 @@ def finished_output(job: QuantJob) -> bool:
 
 
 def _run_job(job: QuantJob, device: str, nproc: int, force: bool, discard_resume: bool, shared: SharedCalibration,
-             progress: Callable[[int, int, str], None], max_shard_size_bytes: int) -> dict[str, Any]:
+             progress: Callable[[int, int, str], None], max_shard_size_bytes: int,
+             gpu_memory_bytes: int | None) -> dict[str, Any]:
     if job.config.output_format == "exl2":
         if nproc > 1:
             raise QtoolError(f"{job.where}: --nproc {nproc} applies to GPTQ jobs only", "run EXL2 jobs with --nproc 1")
         return quantize_model_exl2(job.model, job.config, job.output, device=device, force=force, progress=progress, discard_resume=discard_resume,
-                                   max_shard_size_bytes=max_shard_size_bytes).to_dict()
+                                   max_shard_size_bytes=max_shard_size_bytes, gpu_memory_bytes=gpu_memory_bytes).to_dict()
     return quantize_model(job.model, job.config, job.output, device=device, force=force, progress=progress, discard_resume=discard_resume,
-                          nproc=nproc, shared=shared if nproc == 1 else None, max_shard_size_bytes=max_shard_size_bytes).to_dict()
+                          nproc=nproc, shared=shared if nproc == 1 else None, max_shard_size_bytes=max_shard_size_bytes,
+                          gpu_memory_bytes=gpu_memory_bytes).to_dict()
 
 
 def run_quantize_jobs(jobs_file: JobsFile, device: str = "auto", nproc: int = 1, force: bool = False, discard_resume: bool = False,
                       progress: JobsProgress | None = None, compare_device: str | None = None,
-                      max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES) -> JobsRunResult:
+                      max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
+                      gpu_memory_bytes: int | None = None) -> JobsRunResult:
     """Run every job of `jobs_file` in order and compare the outputs. A job whose output is complete with the same
     config is skipped (with force it is redone); a job that fails is reported and the next one starts. Only a
     failure to start (none here: the file was validated when read) stops the run."""
@@ -107,7 +110,8 @@ def run_quantize_jobs(jobs_file: JobsFile, device: str = "auto", nproc: int = 1,
         windows_before, hessians_before = shared.windows_reused, shared.hessians_reused
         try:
             result = _run_job(job, device, nproc, force, discard_resume, shared,
-                              lambda done, layers, detail="", index=job.index: report(index, total, done, layers, detail), max_shard_size_bytes)
+                              lambda done, layers, detail="", index=job.index: report(index, total, done, layers, detail), max_shard_size_bytes,
+                              gpu_memory_bytes)
         except QtoolError as exc:
             outcomes.append(JobOutcome(job.index, job.model, job.output, fmt, FAILED, exc.one_line(), time.perf_counter() - started))
             log.warning("%s (%s -> %s) failed: %s", job.where, job.model, job.output, exc.one_line())

@@ -152,11 +152,13 @@ def quantize(
     verbose: Annotated[bool, typer.Option("--verbose", help="Log each module's error and damping.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file of the output, e.g. 5GB, 500MB, 2GiB (more: numbered shards and an index, as transformers writes).")] = "5GB",
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="Hold the run to this much GPU memory, e.g. 12GB, 20GiB: activations are placed for it and a layer that outgrows it is redone lower down the memory ladder (same checkpoint).")] = None,
     jobs: Annotated[Optional[str], typer.Option("--jobs", help="A jobs file (a `jobs:` list of model, output and config fields): every job in turn, then eval --compare over the outputs.")] = None,
 ) -> None:
     """Quantize a float model into a GPTQ or EXL2 checkpoint (layer by layer, resumable)."""
     overrides = config_overrides(locals())  # first statement: locals() holds exactly the parsed arguments
     max_shard_size_bytes = parse_byte_size(max_shard_size, "--max-shard-size")
+    gpu_memory_bytes = None if gpu_memory is None else parse_byte_size(gpu_memory, "--gpu-memory")
     if jobs is not None:
         given = [entry.flag for entry in QUANT_CONFIG_FLAGS if overrides[entry.override_key] is not None]
         given += [name for name, value in (("MODEL", model), ("--output", output), ("--config", config_file), ("--measurement", measurement)) if value is not None]
@@ -164,7 +166,7 @@ def quantize(
             raise QtoolError(f"{given[0]} cannot be combined with --jobs", "set it per job (or under defaults:) in the jobs file")
         from qtool.cli.quantize_jobs import run_jobs_command
 
-        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json, max_shard_size_bytes)
+        run_jobs_command(jobs, device, nproc, force, discard_resume, as_json, max_shard_size_bytes, gpu_memory_bytes)
         return
     if model is None or output is None:
         raise QtoolError("no model given" if model is None else "--output is missing", "qtool quantize MODEL --output DIR, or qtool quantize --jobs FILE")
@@ -180,9 +182,10 @@ def quantize(
     from qtool.checkpoints.sources import resolve_device
     from qtool.core.output_path import check_output_path
     from qtool.quant.exl2_pipeline import quantize_model_exl2
+    from qtool.quant.gpu_budget import check_gpu_budget
     from qtool.quant.pipeline import quantize_model
 
-    resolve_device(device)
+    check_gpu_budget(gpu_memory_bytes, resolve_device(device))
     # the pipelines check again with their inputs; checked here too so that a refused output fails before the bar
     check_output_path(output)
     if not as_json:
@@ -193,7 +196,7 @@ def quantize(
         with progress_bar("quantize", enabled=not as_json) as update:
             exl2_result = quantize_model_exl2(model, config, output, measurement=measurement, device=device, force=force,
                                               progress=printing_estimate(update, not as_json), discard_resume=discard_resume,
-                                              max_shard_size_bytes=max_shard_size_bytes)
+                                              max_shard_size_bytes=max_shard_size_bytes, gpu_memory_bytes=gpu_memory_bytes)
         if as_json:
             print_json(exl2_result.to_dict())
             return
@@ -206,7 +209,7 @@ def quantize(
     with progress_bar("quantize", enabled=not as_json) as update:
         result = quantize_model(model, config, output, device=device, force=force, progress=printing_estimate(update, not as_json),
                                 discard_resume=discard_resume, nproc=nproc,
-                                max_shard_size_bytes=max_shard_size_bytes)
+                                max_shard_size_bytes=max_shard_size_bytes, gpu_memory_bytes=gpu_memory_bytes)
     if as_json:
         print_json(result.to_dict())
         return

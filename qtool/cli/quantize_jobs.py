@@ -25,7 +25,8 @@ def jobs_table(result: JobsRunResult) -> Table:
     return table
 
 
-def run_jobs_command(jobs: str, device: str, nproc: int, force: bool, discard_resume: bool, as_json: bool, max_shard_size_bytes: int) -> None:
+def run_jobs_command(jobs: str, device: str, nproc: int, force: bool, discard_resume: bool, as_json: bool, max_shard_size_bytes: int,
+                     gpu_memory_bytes: int | None = None) -> None:
     from qtool.batch.quantize_jobs import run_quantize_jobs
     from qtool.config.jobs_file import read_jobs_file
 
@@ -39,7 +40,7 @@ def run_jobs_command(jobs: str, device: str, nproc: int, force: bool, discard_re
             update(done, layers, f"{where} {detail}")
 
         result = run_quantize_jobs(jobs_file, device=device, nproc=nproc, force=force, discard_resume=discard_resume, progress=progress,
-                                   max_shard_size_bytes=max_shard_size_bytes)
+                                   max_shard_size_bytes=max_shard_size_bytes, gpu_memory_bytes=gpu_memory_bytes)
     if as_json:
         print_json(result.to_dict())
     else:

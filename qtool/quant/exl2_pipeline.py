@@ -64,6 +64,7 @@ from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
 from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.float_source import open_float_model
 from qtool.quant.memory_ladder import LadderRun, Rung
+from qtool.quant.gpu_budget import check_gpu_budget, gpu_memory_budget
 from qtool.quant.pipeline import (check_activation_tier, check_against_model, estimate_line, peak_host_memory_bytes, peak_memory_bytes, source_identity,
                                   source_inputs, split_quantizable)
 from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint
@@ -328,6 +329,7 @@ def quantize_model_exl2(
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
     streaming: bool | None = None,
     activation_tier: str | None = None,
+    gpu_memory_bytes: int | None = None,
 ) -> Exl2QuantizeResult:
     """Quantize a float model to EXL2 at config.bpw (the head at config.head_bits: 0 = float16, 6 or 8), reusing
     `measurement` (an earlier run's measurement.json) when given. Work is saved beside the output after every
@@ -338,7 +340,8 @@ def quantize_model_exl2(
     model's files for each pass over it and drops them after; `activation_tier` (device, host or disk; None: the
     memory estimate's plan) says where the calibration activations wait between layers; the memory estimate is
     reported before the first pass, the measured peaks returned; out of GPU memory inside a layer, that layer is
-    redone lower down the memory ladder. None of these changes a byte of the checkpoint."""
+    redone lower down the memory ladder; `gpu_memory_bytes` holds the run to that much GPU memory
+    (qtool.quant.gpu_budget). None of these changes a byte of the checkpoint."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     if config.output_format != "exl2":
@@ -348,8 +351,10 @@ def quantize_model_exl2(
     findings = raise_first_error(validate_config(config))
     reused, measurement_digest = _read_measurement(measurement)
     compute = resolve_device(device)
+    check_gpu_budget(gpu_memory_bytes, compute)
     source = resolve_source(model_spec)
-    with claimed_output(output, force, source_inputs(source, config.calibration.source, measurement)) as output:
+    with (claimed_output(output, force, source_inputs(source, config.calibration.source, measurement)) as output,
+          gpu_memory_budget(compute, gpu_memory_bytes)):
         return _quantize_exl2(model_spec, source, config, output, reused, measurement, measurement_digest, compute, force, progress,
                               discard_resume, findings, started, max_shard_size_bytes, streaming, activation_tier)
 

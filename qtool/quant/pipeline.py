@@ -33,6 +33,7 @@ from qtool.quant.distributed import SINGLE_PROCESS, Collective, check_nproc, con
 from qtool.quant.float_source import FloatModel, open_float_model
 from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.memory_ladder import LadderRun, Rung
+from qtool.quant.gpu_budget import check_gpu_budget, gpu_memory_budget
 from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
@@ -298,6 +299,7 @@ def quantize_model(
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
     streaming: bool | None = None,
     activation_tier: str | None = None,
+    gpu_memory_bytes: int | None = None,
 ) -> QuantizeResult:
     """Quantize `model_spec` with `config` (already validated) into a GPTQ checkpoint at `output`. The state
     beside the output is saved after every layer and resumed by the next run with the same arguments (unless
@@ -316,13 +318,16 @@ def quantize_model(
     `streaming` (None: wherever the source allows, see qtool.quant.float_source) reads each decoder layer's weights
     from the model's files just before it is quantized and drops them once it is saved, so host memory holds one
     layer, not the model; the checkpoint is the same. `activation_tier` (device, host or disk; None: the memory
-    estimate's plan for the free memory) says where the calibration activations wait between layers."""
+    estimate's plan for the free memory) says where the calibration activations wait between layers.
+    `gpu_memory_bytes` holds each process to that much of its GPU's memory (qtool.quant.gpu_budget): the plan is
+    made for it and a layer that outgrows it goes down the memory ladder; the checkpoint is the same."""
     started = time.perf_counter()
     check_output_path(output)  # a refused path fails before a Hub model is fetched
     compute = resolve_device(device)
     if config.output_format != "gptq":
         raise QtoolError(f"output_format {config.output_format!r} is not written by this pipeline", "use output_format gptq")
     check_nproc(nproc, compute)
+    check_gpu_budget(gpu_memory_bytes, compute)
     if activation_tier is not None:
         check_activation_tier(activation_tier)
     if nproc > 1 and config.method != "gptq":
@@ -330,7 +335,7 @@ def quantize_model(
     source = resolve_source(model_spec)
     with claimed_output(output, force, source_inputs(source, config.calibration.source)) as output:
         args = (model_spec, source, config, output, compute, force, allow_pickle, trust_remote_code, discard_resume, started,
-                max_shard_size_bytes, streaming, activation_tier)
+                max_shard_size_bytes, streaming, activation_tier, gpu_memory_bytes)
         if nproc == 1:
             return _quantize(SINGLE_PROCESS, progress, *args, shared=shared)
         return launch(nproc, compute.type, _quantize, args, progress)
@@ -350,11 +355,23 @@ def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInpu
 def _quantize(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource, config: QuantConfig,
               output: Path, compute: torch.device, force: bool, allow_pickle: bool, trust_remote_code: bool, discard_resume: bool,
               started: float, max_shard_size_bytes: int, streaming: bool | None = None, activation_tier: str | None = None,
-              shared: SharedCalibration | None = None) -> QuantizeResult | None:
-    """One process's part of quantize_model (the whole of it in a one-process run); rank 0 returns the result."""
-    report = progress or (lambda done, total, detail="": None)
+              gpu_memory_bytes: int | None = None, shared: SharedCalibration | None = None) -> QuantizeResult | None:
+    """One process's part of quantize_model (the whole of it in a one-process run), within its GPU memory budget;
+    rank 0 returns the result."""
     if collective.world_size > 1:
         compute = collective.device
+    with gpu_memory_budget(compute, gpu_memory_bytes):
+        return _quantize_process(collective, progress, model_spec, source, config, output, compute, force, allow_pickle,
+                                 trust_remote_code, discard_resume, started, max_shard_size_bytes, streaming, activation_tier,
+                                 shared)
+
+
+def _quantize_process(collective: Collective, progress: Progress | None, model_spec: str | Path, source: ModelSource,
+                      config: QuantConfig, output: Path, compute: torch.device, force: bool, allow_pickle: bool,
+                      trust_remote_code: bool, discard_resume: bool, started: float, max_shard_size_bytes: int,
+                      streaming: bool | None, activation_tier: str | None,
+                      shared: SharedCalibration | None) -> QuantizeResult | None:
+    report = progress or (lambda done, total, detail="": None)
     # The float model stays on the CPU in float32 (streamed: one decoder layer of it at a time); each layer visits
     # the compute device while it is quantized.
     float_model = open_float_model(source, str(model_spec), allow_pickle, trust_remote_code, streaming)
