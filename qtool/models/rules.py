@@ -185,6 +185,37 @@ class ModelStats:
         )
 
 
+# Hidden sizes from which a GPU's calibration forwards run in bfloat16 under `compute_dtype: auto`.
+BFLOAT16_FORWARDS_MIN_HIDDEN = 2048
+
+
+def resolve_compute_dtype(requested: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
+    """The dtype config.compute_dtype names. auto is bfloat16 where the forwards are most of a run and bfloat16
+    multiplies natively: on CPUs with bf16 dot products (about twice float32's speed there), and on GPUs for models
+    of hidden size BFLOAT16_FORWARDS_MIN_HIDDEN and more (a Llama-2-7B layer on the H100: 3.3 s of float32 SIMT
+    GEMMs, most of its compute, where tensor cores take a fraction of that). float32 elsewhere: emulated bfloat16
+    is slower than float32, and on a GPU a small model's forwards are a small part of the time (SmolLM2 4-bit on an
+    H200: ppl 24.85 in float32, 25.04 with bfloat16 forwards, for no gain in time; on this repo's CPU VM its
+    bfloat16 forwards gave 24.78-24.87)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    if device.type == "cuda" and hidden_size is not None and hidden_size >= BFLOAT16_FORWARDS_MIN_HIDDEN:
+        return torch.bfloat16
+    return torch.float32
+
+
+def activation_dtype(config: QuantConfig, device: torch.device | str, hidden_size: int | None) -> torch.dtype:
+    """The dtype a GPTQ run keeps the calibration activations in between layers: its forwards' 16-bit compute dtype
+    (half the memory, and the rounding a 16-bit model's own residual stream has at inference), float32 otherwise
+    and for EXL2 (whose passes run in float32)."""
+    if config.output_format == "exl2":
+        return torch.float32
+    dtype = resolve_compute_dtype(config.compute_dtype, torch.device(device), hidden_size)
+    return dtype if dtype.itemsize == 2 else torch.float32
+
+
 def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1,
                          streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
                          tier: str | None = None, weighing: bool = True) -> dict[str, Any]:
@@ -219,7 +250,7 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     components = {
         "weights": outside_layers + 2 * layer if streaming else stats.params * FLOAT32_BYTES,
         "layer": layer if on_gpu else 0,  # on the CPU it is in weights
-        "activations": tokens * stats.hidden * FLOAT32_BYTES * ACTIVATION_COPIES,
+        "activations": tokens * stats.hidden * activation_dtype(config, device, stats.hidden).itemsize * ACTIVATION_COPIES,
         "recordings": 0 if exl2 else tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         # one sample through the layer: MLP intermediates and the attention scores

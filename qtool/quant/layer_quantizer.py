@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qtool.config.schema import QuantConfig
+from qtool.models.rules import resolve_compute_dtype
 from qtool.quant.distributed import SINGLE_PROCESS, Collective
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
@@ -90,30 +91,10 @@ def solve_group(
     return quantized, reports
 
 
-# Hidden sizes from which a GPU's calibration forwards run in bfloat16 under `compute_dtype: auto`.
-BFLOAT16_FORWARDS_MIN_HIDDEN = 2048
-
-
-def resolve_compute_dtype(requested: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
-    """The dtype config.compute_dtype names. auto is bfloat16 where the forwards are most of a run and bfloat16
-    multiplies natively: on CPUs with bf16 dot products (about twice float32's speed there), and on GPUs for models
-    of hidden size BFLOAT16_FORWARDS_MIN_HIDDEN and more (a Llama-2-7B layer on the H100: 3.3 s of float32 SIMT
-    GEMMs, most of its compute, where tensor cores take a fraction of that). float32 elsewhere: emulated bfloat16
-    is slower than float32, and on a GPU a small model's forwards are a small part of the time (SmolLM2 4-bit on an
-    H200: ppl 24.85 in float32, 25.04 with bfloat16 forwards, for no gain in time; on this repo's CPU VM its
-    bfloat16 forwards gave 24.78-24.87)."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    if device.type == "cuda" and hidden_size is not None and hidden_size >= BFLOAT16_FORWARDS_MIN_HIDDEN:
-        return torch.bfloat16
-    return torch.float32
-
-
 def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for the calibration forwards when the compute dtype is not float32: matmuls and attention in that
-    dtype, norms and the residual stream in float32, the weights untouched (GPTQ solves the float32 ones)."""
+    dtype, norms in float32, the weights untouched (GPTQ solves the float32 ones). The hidden states between layers
+    are kept in a 16-bit compute dtype too (models.rules.activation_dtype), so the residual adds run in it."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -22,8 +22,8 @@ from qtool.core.findings import Finding, raise_first_error
 from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
-from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes,
-                                validate_for_hardware, validate_for_model)
+from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, activation_dtype, cpu_free_memory, device_free_memory, estimate_peak_memory,
+                                format_bytes, resolve_compute_dtype, validate_for_hardware, validate_for_model)
 from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
@@ -35,7 +35,7 @@ from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.gpu_budget import check_gpu_budget, gpu_memory_budget
 from qtool.quant.shared_calibration import SharedCalibration
-from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, resolve_compute_dtype, solve_group
+from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
 from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, tensors_bytes
 from qtool.models.architectures import decoder_layers, resolve_layer_groups
@@ -411,6 +411,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
 
     hidden_size = getattr(model.config, "hidden_size", None)
     compute_dtype = str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)).removeprefix("torch.")
+    stored_dtype = activation_dtype(config, compute, hidden_size)  # the activations between layers (the estimate's)
     # The process count is not part of the job: N processes leave the state one process would, so either resumes it.
     fingerprint = job_fingerprint({
         "config": config.to_dict(),
@@ -434,7 +435,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
         sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
         inputs, mine, shares = _rank_inputs(inputs, collective)
-        inputs = LayerInputs(inputs.layer_index, store.store(inputs.hidden_states), inputs.calls)
+        inputs = LayerInputs(inputs.layer_index, store.store([h.to(stored_dtype) for h in inputs.hidden_states]), inputs.calls)
         collective.barrier()  # every process has read the saved state before rank 0 moves it on
 
         skipped: dict[str, str] = {}
@@ -479,7 +480,8 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                     output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
                     replay=estimate["replay"], hidden_size=hidden_size,
                 )
-                outputs = [h for out, samples in zip(batch_outputs, batches) for h in split_batch(out, layer_inputs, samples)]
+                outputs = [h.to(stored_dtype) for out, samples in zip(batch_outputs, batches)
+                           for h in split_batch(out, layer_inputs, samples)]
                 return layer, layer_quantized, layer_reports, outputs
 
             def restore(index: int = index, original: dict = original) -> None:

@@ -137,7 +137,7 @@ def test_projection_recorder_checks_the_shortcut_on_the_first_call():
 
 
 def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
-    from qtool.quant.layer_quantizer import resolve_compute_dtype
+    from qtool.models.rules import resolve_compute_dtype
 
     assert resolve_compute_dtype("float16", torch.device("cpu")) is torch.float16
     assert resolve_compute_dtype("float32", torch.device("cpu")) is torch.float32
