@@ -76,14 +76,13 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 # each peer in a folder of its own, on PYTHONPATH only for its own stage (so not common.sh's install_wheels)
 sites=()
 if compgen -G "$WHEELS/gptqmodel/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_gptqmodel "$WHEELS"/gptqmodel/*.whl \
-        && sites+=(--gptqmodel-site /tmp/site_gptqmodel) || log "GPTQModel wheels did not install"
-    # PyPcre links libpcre2-8.so.0: the image's if it has one, else the carried copy
-    ldconfig -p | grep -q libpcre2-8.so.0 || export LD_LIBRARY_PATH="$REPO/$WHEELS/gptqmodel/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    install_peer /tmp/site_gptqmodel "$WHEELS"/gptqmodel/*.whl && sites+=(--gptqmodel-site /tmp/site_gptqmodel) \
+        || log "GPTQModel wheels did not install"
+    use_carried_pcre "$REPO/$WHEELS/gptqmodel/lib"
 fi
 if compgen -G "$WHEELS/exllamav2/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_exllamav2 "$WHEELS"/exllamav2/*.whl \
-        && sites+=(--exllamav2-site /tmp/site_exllamav2) || log "ExLlamaV2 wheel did not install"
+    install_peer /tmp/site_exllamav2 "$WHEELS"/exllamav2/*.whl && sites+=(--exllamav2-site /tmp/site_exllamav2) \
+        || log "ExLlamaV2 wheel did not install"
 fi
 python3 -c 'import platform, torch, transformers
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "transformers",

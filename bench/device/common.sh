@@ -8,6 +8,11 @@
 #                            carried wheels installed into SITE (no index, no dependencies), SITE put on PYTHONPATH
 #                            after the repo; returns pip's exit status (the caller says what a failure means)
 #   add_site SITE            SITE on PYTHONPATH after the repo (once)
+#   install_peer SITE WHEEL...
+#                            a peer's carried wheels into a SITE of its own, kept off PYTHONPATH (the bench puts it
+#                            there for that peer's stage only); returns pip's exit status
+#   use_carried_pcre DIR     PyPcre (GPTQModel's) links libpcre2-8.so.0: the image's if it has one, else the copy
+#                            carried in DIR (on LD_LIBRARY_PATH)
 #   limit SECONDS            SECONDS, or what is left before DEADLINE_S (seconds after the start; default none) if less
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"  # bench/device/ -> the repo root
 export OUT="${OUT:-${OUT_DEFAULT:-/tmp/device_out}}"  # exported: a script run by another writes beside it
@@ -38,4 +43,14 @@ install_wheels() {
 
 add_site() {
     [[ ":$PYTHONPATH:" == *":$1:"* ]] || export PYTHONPATH="$REPO:$1${PYTHONPATH#"$REPO"}"
+}
+
+install_peer() {
+    local site=$1
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$@"
+}
+
+use_carried_pcre() {
+    ldconfig -p | grep -q libpcre2-8.so.0 || export LD_LIBRARY_PATH="$1${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }

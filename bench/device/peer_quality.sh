@@ -67,8 +67,7 @@ case $STAGE in
     first)
         cp "$P1/smollm2.gguf.xz.part1" "$KEEP/" && tar -C "$DATA" --strip-components=1 -xJf "$P1/text.tar.xz"
         ls -la "$KEEP" "$DATA" | tee -a "$LOG"
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_exllamav2 \
-            .whl/big/exllamav2/*.whl || log "ExLlamaV2 wheels did not install"
+        install_peer /tmp/site_exllamav2 .whl/big/exllamav2/*.whl || log "ExLlamaV2 wheels did not install"
         log "building ExLlamaV2's extension"
         began=$SECONDS
         PYTHONPATH="$REPO:/tmp/site_exllamav2" timeout "${BUILD_TIMEOUT_S:-540}" python3 -c 'import exllamav2.ext' \
@@ -81,12 +80,10 @@ case $STAGE in
             if [[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" != "$(cat "$P2/smollm2.gguf.sha256")" ]]; then
                 log "the GGUF does not assemble (sha256 mismatch: was the first call's part kept?)"; exit 1
             fi
-            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_gptqmodel \
-                .whl/big/gptqmodel/*.whl && sites+=(--gptqmodel-site /tmp/site_gptqmodel) \
+            install_peer /tmp/site_gptqmodel .whl/big/gptqmodel/*.whl && sites+=(--gptqmodel-site /tmp/site_gptqmodel) \
                 || log "GPTQModel wheels did not install"
         fi
-        # PyPcre (GPTQModel's) links libpcre2-8.so.0: the image's if it has one, else the copy carried beside it
-        ldconfig -p | grep -q libpcre2-8.so.0 || export LD_LIBRARY_PATH="$REPO/.whl/big/gptqmodel/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        use_carried_pcre "$REPO/.whl/big/gptqmodel/lib"
         [[ -f $GGUF ]] || { log "no GGUF at $GGUF (run first and second on this machine)"; exit 1; }
         timeout "${PLAN_TIMEOUT_S:-560}" python3 bench/quantize/peer_quality.py plan --gguf "$GGUF" --data "$DATA" \
             --work "$KEEP/work" --out "$OUT/peer_quality.jsonl" --deadline-s "${DEADLINE_S:-530}" "${sites[@]}" "$@" \
