@@ -42,12 +42,23 @@ class StreamedModel:
             name = tied_weight_pairs(self.model).get(name, name)
         return self.read(name)
 
-    def materialize(self, prefix: str = "", exclude: str | None = None) -> None:
-        """Read every parameter whose name starts with `prefix` (and not with `exclude`) that is still on meta."""
-        wanted = [name for name, p in self.model.named_parameters(remove_duplicate=False)
-                  if name.startswith(prefix) and not (exclude and name.startswith(exclude)) and p.device.type == "meta"]
+    def unread(self, prefix: str = "", exclude: str | None = None) -> list[str]:
+        """The parameters whose name starts with `prefix` (and not with `exclude`) that are still on meta."""
+        return [name for name, p in self.model.named_parameters(remove_duplicate=False)
+                if name.startswith(prefix) and not (exclude and name.startswith(exclude)) and p.device.type == "meta"]
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of `names` the files hold, read (no change to the model: safe from another thread)."""
+        return {name: self.read(name) for name in names if name in self.names}
+
+    def materialize(self, prefix: str = "", exclude: str | None = None,
+                    already_read: dict[str, torch.Tensor] | None = None) -> None:
+        """Read every parameter whose name starts with `prefix` (and not with `exclude`) that is still on meta;
+        those in `already_read` (read_tensors' result, e.g. from a read-ahead) are taken from there."""
+        wanted = self.unread(prefix, exclude)
         tied = tied_weight_pairs(self.model)
-        state = {name: self.read(name) for name in wanted if name in self.names}
+        already_read = already_read or {}
+        state = {name: already_read[name] if name in already_read else self.read(name) for name in wanted if name in self.names}
         self.model.load_state_dict(state, strict=False, assign=True)
         self.resident.update(state)
         if any(name in tied for name in wanted if name not in self.names):

@@ -441,7 +441,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
             index = step - first_measure
             what = f"measuring layer {index + 1}/{num_layers}"
             report(step, total_steps, what)
-            with float_model.layer_in_memory(index):
+            with float_model.layer_in_memory(index, read_next=True):
                 measured, outputs = run.climb(what, lambda rung, inputs, index=index: measure_layer(
                     layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS),
                     restore=lambda index=index: layers[index].to("cpu"))
@@ -466,7 +466,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
             index = step - first_quantize
             what = f"quantizing layer {index + 1}/{num_layers}"
             report(step, total_steps, what)
-            with float_model.layer_in_memory(index):
+            with float_model.layer_in_memory(index, read_next=True):
                 original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
                 def restore(index: int = index, original: dict = original) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from qtool.checkpoints.sources import ModelSource, download_from_hub, load_model, load_tokenizer
 from qtool.checkpoints.streamed_model import NotStreamable, StreamedModel, open_streamed_gguf, open_streamed_safetensors
 from qtool.core.errors import QtoolError
-from qtool.models.architectures import ArchitectureSpec, get_architecture
+from qtool.models.architectures import ArchitectureSpec, decoder_layers, get_architecture
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +27,39 @@ class FloatModel:
     tokenizer: Any
     spec: ArchitectureSpec
     streamed: StreamedModel | None  # None: every weight is in memory
+    # a decoder layer whose weights a background thread is reading (read_ahead), and that read
+    _ahead: tuple[int, Future] | None = field(default=None, repr=False)
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.spec.layers_path}.{index}."
 
     def materialize_layer(self, index: int) -> None:
-        """Read decoder layer `index`'s weights (nothing to do for a model loaded whole)."""
-        if self.streamed is not None:
-            self.streamed.materialize(self.layer_prefix(index))
+        """Read decoder layer `index`'s weights (nothing to do for a model loaded whole); a read-ahead of it is
+        waited for and used, one of another layer dropped."""
+        if self.streamed is None:
+            return
+        ahead, self._ahead = self._ahead, None
+        already_read = ahead[1].result() if ahead is not None and ahead[0] == index else None
+        self.streamed.materialize(self.layer_prefix(index), already_read=already_read)
+
+    def read_ahead(self, index: int) -> None:
+        """Start reading decoder layer `index`'s weights in a background thread, so that the disk read and the
+        conversion to float32 overlap the current layer's work; materialize_layer(index) then takes them. Nothing
+        for a model loaded whole or past the last layer. One layer ahead at most (its float32 weights in memory)."""
+        if self.streamed is None or index >= len(decoder_layers(self.model, self.spec)):
+            return
+        names = self.streamed.unread(self.layer_prefix(index))  # on this thread: the model is not shared
+        read: Future = Future()
+
+        def read_layer() -> None:
+            try:
+                read.set_result(self.streamed.read_tensors(names))
+            except BaseException as exc:  # raised where the layer is materialized
+                read.set_exception(exc)
+
+        # a thread per layer, ending with its read: none is left behind by a run that stops early
+        threading.Thread(target=read_layer, name=f"qtool-read-layer-{index}", daemon=True).start()
+        self._ahead = (index, read)
 
     def release_layer(self, index: int) -> None:
         """Drop decoder layer `index`'s weights once its quantized form is saved (the checkpoint writer reads its
@@ -41,9 +68,12 @@ class FloatModel:
             self.streamed.release(self.layer_prefix(index))
 
     @contextmanager
-    def layer_in_memory(self, index: int) -> Iterator[None]:
-        """Decoder layer `index`'s weights read for the block and dropped after it (a model loaded whole keeps them)."""
+    def layer_in_memory(self, index: int, read_next: bool = False) -> Iterator[None]:
+        """Decoder layer `index`'s weights read for the block and dropped after it (a model loaded whole keeps them);
+        `read_next`: the next layer's are read meanwhile (read_ahead)."""
         self.materialize_layer(index)
+        if read_next:
+            self.read_ahead(index + 1)
         try:
             yield
         finally:

@@ -458,6 +458,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 continue
             report(index, num_layers, f"layer {index + 1}/{num_layers}")
             float_model.materialize_layer(index)
+            float_model.read_ahead(index + 1)
             original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
 
             def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):

@@ -179,3 +179,48 @@ def test_smollm2_gguf_streamed_and_whole_write_the_same_checkpoint(tmp_path, smo
     streamed = quantize_model(str(smollm2_path), config, tmp_path / "streamed", device="cpu", streaming=True)
     assert streamed.memory["estimate"]["streaming"] and not whole.memory["estimate"]["streaming"]
     assert files_of(tmp_path / "streamed") == files_of(tmp_path / "whole")
+
+
+def test_the_next_layer_is_read_ahead_on_another_thread_once(tmp_path, sharded_model_dir):
+    """read_ahead(i + 1) reads layer i + 1 on a thread of its own while layer i is worked on; materialize_layer then
+    takes those tensors (every tensor read from the files once) with the values the files hold."""
+    import threading
+
+    source = sharded_model_dir(tmp_path / "model", torch.float16, seed=5, num_hidden_layers=3)
+    float_model = open_float_model(resolve_source(str(source)), str(source))
+    whole = load_model(resolve_source(str(source)), device="cpu", dtype="float32").model.state_dict()
+    reads: list[tuple[str, str]] = []
+    read_file = float_model.streamed.read
+
+    def counted(name: str) -> torch.Tensor:
+        reads.append((name, threading.current_thread().name))
+        return read_file(name)
+
+    float_model.streamed.read = counted
+    prefix = float_model.spec.layers_path
+    for index in range(3):
+        float_model.materialize_layer(index)
+        float_model.read_ahead(index + 1)
+        layer = dict(float_model.model.named_parameters())
+        for name in (n for n in whole if n.startswith(f"{prefix}.{index}.")):
+            assert torch.equal(layer[name], whole[name]), name
+        float_model.release_layer(index)
+    names = [name for name, _ in reads]
+    assert len(names) == len(set(names)) == sum(name.startswith(f"{prefix}.") for name in whole)
+    threads = {int(name.split(".")[2]): thread for name, thread in reads}
+    assert threads[0] == threading.current_thread().name
+    assert threads[1] == "qtool-read-layer-1" and threads[2] == "qtool-read-layer-2"
+
+
+def test_a_failed_read_ahead_is_raised_where_its_layer_is_materialized(tmp_path, sharded_model_dir):
+    source = sharded_model_dir(tmp_path / "model", torch.float32, seed=6, num_hidden_layers=2)
+    float_model = open_float_model(resolve_source(str(source)), str(source))
+
+    def failing(name: str) -> torch.Tensor:
+        raise OSError(f"cannot read {name} (injected by the test)")
+
+    float_model.materialize_layer(0)
+    float_model.streamed.read = failing
+    float_model.read_ahead(1)
+    with pytest.raises(OSError, match="injected by the test"):
+        float_model.materialize_layer(1)
