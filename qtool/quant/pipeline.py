@@ -503,7 +503,9 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             save_hidden = collective.broadcast_object(cadence.due(index, num_layers, hidden_bytes) if collective.is_main else None)
             began_save = time.monotonic()
             every_hidden = None
-            if save_hidden:
+            if save_hidden and index + 1 == num_layers:
+                every_hidden = cadence.kept(index, num_layers, next_hidden)  # the last layer's feed no step
+            elif save_hidden:
                 dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
                 every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype,
                                                          run.store.device)

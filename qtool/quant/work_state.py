@@ -67,10 +67,16 @@ class HiddenSaveCadence:
     since: float = field(default_factory=time.monotonic)  # when the last save ended
 
     def due(self, index: int, steps: int, hidden_bytes: int) -> bool:
-        """Whether step `index` of `steps` saves hidden states of `hidden_bytes` (the last step always does)."""
+        """Whether step `index` of `steps` is a resume point, saving hidden states of `hidden_bytes`. The last step
+        always is, and saves none (kept: no step reads them), so that the run's end is recorded at no cost."""
         if hidden_bytes <= HIDDEN_SAVED_EVERY_STEP_BYTES or index + 1 >= steps:
             return True
         return time.monotonic() - self.since >= SAVE_OVERHEAD_RATIO * self.last_save_seconds
+
+    @staticmethod
+    def kept(index: int, steps: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What a resume point at step `index` of `steps` saves of its hidden states: none at the last step."""
+        return [] if index + 1 >= steps else hidden
 
     def saved(self, began: float) -> None:
         """A save that began at `began` (time.monotonic()) has ended."""
@@ -82,7 +88,7 @@ class HiddenSaveCadence:
         """write(hidden) where step `index` of `steps` is due to save them (timed for the next decision), else
         write(None): the step's result alone (WorkState.save_step's two forms)."""
         due, began = self.due(index, steps, tensors_bytes(hidden)), time.monotonic()
-        write(hidden if due else None)
+        write(self.kept(index, steps, hidden) if due else None)
         if due:
             self.saved(began)
 

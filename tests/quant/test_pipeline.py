@@ -159,6 +159,33 @@ def test_large_hidden_states_are_saved_at_a_cadence_and_resume_from_the_last_sav
     assert (resumed / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
 
 
+def test_a_run_stopped_while_writing_resumes_with_every_layer_done(tmp_path, calibration_text, make_tiny_model_dir,
+                                                                     monkeypatch):
+    """The last layer is a resume point that saves no hidden states (no step reads them): stopped while the
+    checkpoint is written, the run resumes with every layer done, from an empty hidden-state file, to the same bytes."""
+    import qtool.quant.work_state as work_state
+
+    monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)  # every state counts as large
+    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=3)
+    config = job(calibration_text, bits=4, group_size=32)
+    quantize_model(str(model_dir), config, tmp_path / "straight", device="cpu")
+
+    def stop(done: int, total: int, detail: str = "") -> None:
+        if detail == "writing checkpoint":
+            raise Interrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        quantize_model(str(model_dir), config, resumed, device="cpu", progress=stop)
+    folder = WorkState.folder_for(resumed)
+    state = json.loads((folder / "job.json").read_text())
+    assert state["completed_layers"] == 3
+    assert load_file(str(folder / state["hidden_file"])) == {}
+    result = quantize_model(str(model_dir), config, resumed, device="cpu")
+    assert result.resumed_from_layer == 3
+    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
+
+
 def test_changed_arguments_start_afresh(tmp_path, calibration_text, tiny_model_dir):
     out = tmp_path / "out"
 
