@@ -134,7 +134,7 @@ def gptq_tensors_from_quantized(qw: QuantizedWeight, checkpoint_format: str = "g
     if not bool(torch.isfinite(scales).all()):
         raise QtoolError(f"{name}.scales: a scale is not finite in float16", "check the quantizer output (scales above 65504 overflow float16)")
     return {
-        "qweight": pack_rows(qw.codes.T.contiguous(), qw.bits),
+        "qweight": pack_rows(qw.codes.T, qw.bits),
         "qzeros": pack_qzeros(qw.zeros, qw.bits, checkpoint_format, f"{name}.qzeros"),
         "scales": scales.contiguous(),
         "g_idx": qw.g_idx.to(torch.int32).contiguous(),

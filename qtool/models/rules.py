@@ -30,9 +30,9 @@ ACTIVATION_COPIES = 2
 # projection's inputs. For SmolLM2 with 128 x 512 tokens this puts the GPU peak at 2.11 GiB, what the H100 measured.
 # An upper bound since the outputs recorded inside the attention block are dropped once it replays whole.
 RECORDED_HIDDEN_COPIES = 4
-# A streamed run holds, of the decoder layers, the one being quantized, the copy kept to redo it (the memory
-# ladder) and the next one, read ahead while this one is worked on (quant/float_source.py).
-STREAMED_LAYER_COPIES = 3
+# A streamed run holds, of the decoder layers, the one being quantized and the next one, read ahead while this one
+# is worked on (quant/float_source.py); a redo lower down the memory ladder reads the layer from its files again.
+STREAMED_LAYER_COPIES = 2
 # Where the calibration activations live between layers, best first: the compute device, host memory (pinned when
 # the compute device is a GPU), files on disk (memory-mapped, in a folder beside the output).
 ACTIVATION_TIERS = ("device", "host", "disk")
@@ -224,8 +224,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
                          tier: str | None = None, weighing: bool = True) -> dict[str, Any]:
     """Bytes a quantization run holds at its peak, and where it keeps the calibration activations.
 
-    The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized,
-    the copy kept to redo it and the next layer being read ahead); where the work runs, one layer, the Hessians and one sample's forward scratch;
+    The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized
+    and the next layer being read ahead); where the work runs, one layer, the Hessians and one sample's forward scratch;
     and the activations: the layer's inputs and outputs for every sample, and what the replay records while the
     layer is quantized. They go to the first plan that fits the free memory given (None: assumed to fit): on the
     compute device with the replay, there without it (each pass recomputes the layer instead), in host memory

@@ -35,11 +35,13 @@ class FloatModel:
 
     def materialize_layer(self, index: int) -> None:
         """Read decoder layer `index`'s weights (nothing to do for a model loaded whole); a read-ahead of it is
-        waited for and used, one of another layer dropped."""
+        waited for and used (one of another layer is kept for its turn)."""
         if self.streamed is None:
             return
-        ahead, self._ahead = self._ahead, None
-        already_read = ahead[1].result() if ahead is not None and ahead[0] == index else None
+        already_read = None
+        if self._ahead is not None and self._ahead[0] == index:
+            (_, read), self._ahead = self._ahead, None
+            already_read = read.result()
         self.streamed.materialize(self.layer_prefix(index), already_read=already_read)
 
     def read_ahead(self, index: int) -> None:

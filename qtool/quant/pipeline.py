@@ -459,7 +459,9 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             report(index, num_layers, f"layer {index + 1}/{num_layers}")
             float_model.materialize_layer(index)
             float_model.read_ahead(index + 1)
-            original = {name: tensor.detach().clone() for name, tensor in layers[index].state_dict().items()}
+            # what a redo lower down the ladder starts from: a streamed layer is read from its files again, a layer of
+            # a model loaded whole is copied now
+            original = None if is_streamed else {name: t.detach().clone() for name, t in layers[index].state_dict().items()}
 
             def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
                 layer = layers[index].to(rung.compute)
@@ -485,12 +487,18 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                            for h in split_batch(out, layer_inputs, samples)]
                 return layer, layer_quantized, layer_reports, outputs
 
-            def restore(index: int = index, original: dict = original) -> None:
-                layers[index].load_state_dict(original)
-                layers[index].to("cpu")
+            def restore(index: int = index, original: dict | None = original) -> None:
+                if original is None:  # the groups solved so far changed the weights: the files hold the float ones
+                    layers[index].to("cpu")
+                    float_model.release_layer(index)
+                    float_model.materialize_layer(index)
+                else:
+                    layers[index].load_state_dict(original)
+                    layers[index].to("cpu")
 
             layer, layer_quantized, layer_reports, outputs = run.climb(f"layer {index + 1}/{num_layers}", attempt, restore)
-            layers[index] = layer.to("cpu")
+            if not is_streamed:  # a streamed layer is dropped where it is, below (no copy back to the host)
+                layers[index] = layer.to("cpu")
             for module_report in layer_reports:
                 module_report.name = prefix + module_report.name
                 log.debug("%s: error %.4g, damp %.4f, %.2fs", module_report.name, module_report.error, module_report.damp_percent, module_report.seconds)

@@ -52,6 +52,18 @@ def test_rows_match_bitwise_reference(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8])
+def test_a_transposed_view_of_any_integer_dtype_packs_as_the_reference(bits, dtype):
+    """pack_rows reads a transposed view (how codes [N, K] are packed along K) and narrow or wide integer codes as
+    they are; the values are untouched."""
+    rows, cols = 32 * (1 + int(torch.randint(0, 3, ()))), int(torch.randint(1, 7, ()))
+    codes = random_codes(cols, rows, bits, seed=int(torch.randint(0, 1 << 30, ()))).to(dtype)  # [N, K]
+    before = codes.clone()
+    assert torch.equal(pack_rows(codes.T, bits), bitwise_pack_rows(codes.T.to(torch.int32), bits))
+    assert torch.equal(codes, before)
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_columns_match_bitwise_reference(bits):
     values = random_codes(3, 64, bits, seed=10 + bits)
     assert torch.equal(pack_columns(values, bits), bitwise_pack_rows(values.T, bits).T)
