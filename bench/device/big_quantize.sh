@@ -14,6 +14,8 @@
 #                                                     EXL2 4.0 bpw, qtool vs ExLlamaV2's converter, on the 7B's first
 #                                                     layer (the extension builds in the background from the start)
 #   bash bench/device/big_quantize.sh exl2            there: the EXL2 pair alone, with more time (if exl2-70b cut it)
+#   bash bench/device/big_quantize.sh gptq-pair       there: the whole 7B through qtool under the goal's 12 GB
+#                                                     budget, then GPTQModel on the same job (the goal's ratio)
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 #   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
 #                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and

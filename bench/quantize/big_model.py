@@ -640,7 +640,7 @@ def stage_exllamav2(args) -> dict[str, Any]:
 # The 7B goal's 12 GB as quantize's --gpu-memory budget: 10.5 GiB for torch's allocator leaves room for the CUDA
 # context and libraries' workspaces (outside the allocator, in nvidia-smi's figure) below 12 GB
 GOAL_BUDGET_GIB = 10.5
-PLANS = ("gptq", "gptq-7b", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
+PLANS = ("gptq", "gptq-7b", "gptq-pair", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
 STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2, "weigh": stage_weigh}
 
 
@@ -748,6 +748,11 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
     if name == "gptq-7b":
         # the whole 7B end to end alone in a call (the goal's row), when plan gptq's first stages leave it too little
         return [write(seven, full7, 120), qtool(seven, full7, "gptq", 540, cap=GOAL_BUDGET_GIB)]
+    if name == "gptq-pair":
+        # the goal's job whole for both tools in one call: qtool under the 12 GB budget first (the goal's row), then
+        # GPTQModel on the same weights with what is left (the same-job ratio; cut short it gives no total, and
+        # plan gptq's first-layers pair stands)
+        return [write(seven, full7, 120), qtool(seven, full7, "gptq", 300, cap=GOAL_BUDGET_GIB), gptqmodel(seven, full7, 400)]
     if name == "gptqmodel-7b":
         # GPTQModel on the whole 7B, alone in a call (its time on the 7B's first layers is in plan gptq)
         return [write(seven, full7, 120), gptqmodel(seven, full7, 540)]
