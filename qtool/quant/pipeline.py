@@ -35,6 +35,7 @@ from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.memory_ladder import LadderRun, Rung
 from qtool.quant.gpu_budget import check_gpu_budget, gpu_memory_budget
 from qtool.quant.shared_calibration import SharedCalibration
+from qtool.quant.step_writer import StepWriter
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
 from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, tensors_bytes
@@ -427,7 +428,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
     if resumed_from and collective.is_main:
         log.info("resuming %s after layer %d of %d", output, resumed_from, num_layers)
 
-    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store:
+    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store, StepWriter() as writer:
         report(0, num_layers, "capturing calibration inputs")
         inputs: LayerInputs = capture_layer_inputs(model, windows, device="cpu", storage_device="cpu", spec=spec)
         if resumed_from:
@@ -518,14 +519,19 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype,
                                                          run.store.device)
             if state is not None:
-                state.save_layer(index, {prefix + name: qw for name, qw in layer_quantized.items()}, every_hidden)
-                if save_hidden:
+                named = {prefix + name: qw for name, qw in layer_quantized.items()}
+                if every_hidden is None:  # the layer's weights alone: written while the next layer is worked on
+                    writer.submit(lambda index=index, named=named: state.save_layer(index, named, None))
+                else:  # a resume point records every layer before it as saved: those are written first
+                    writer.wait()
+                    state.save_layer(index, named, every_hidden)
                     cadence.saved(began_save)
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)
             give_back_freed_memory()  # what the layer's work freed
             report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
+        writer.wait()  # every layer saved before the checkpoint reads them
 
         peak = torch.tensor([float(peak_memory_bytes(compute))], dtype=torch.float64)
         collective.max_(peak)  # the largest of the processes' peaks
