@@ -16,7 +16,7 @@ class QuantizedWeight:
     concern of the file format only. group_size is -1 for one group per output channel.
     """
 
-    codes: torch.Tensor  # int32 [out_features, in_features]
+    codes: torch.Tensor  # integer [out_features, in_features]: int32 from the solvers, uint8 as a run's state keeps it
     scales: torch.Tensor  # float32 [groups, out_features]
     zeros: torch.Tensor  # int32 [groups, out_features]
     g_idx: torch.Tensor  # int32 [in_features]

@@ -195,7 +195,7 @@ class WorkState:
         for name, fields in metadata.items():
             facts = json.loads(fields)
             quantized[name] = QuantizedWeight(
-                codes=tensors[f"{name}.codes"].to(torch.int32),
+                codes=tensors[f"{name}.codes"],  # uint8 up to 8 bits, as saved: the packer reads it as it is
                 scales=tensors[f"{name}.scales"],
                 zeros=tensors[f"{name}.zeros"],
                 g_idx=tensors[f"{name}.g_idx"],
