@@ -60,6 +60,7 @@ from qtool.quant.exl2_optimize import (
 )
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
+from qtool.quant.layer_quantizer import compute_context
 from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
 from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.float_source import open_float_model
@@ -70,7 +71,7 @@ from qtool.quant.pipeline import (check_activation_tier, check_against_model, es
 from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint
 from qtool.models.architectures import decoder_layers, get_architecture, get_module, resolve_layer_groups
 from qtool.models.layerwise import BATCH_TOKENS, LayerInputs, capture_layer_inputs, iter_layer_outputs, run_layer_batch, sample_batches
-from qtool.models.rules import SENSITIVITY_WINDOWS, ModelStats, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes
+from qtool.models.rules import SENSITIVITY_WINDOWS, ModelStats, resolve_compute_dtype, cpu_free_memory, device_free_memory, estimate_peak_memory, format_bytes
 from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Exl2QuantizeResult:
     peak_memory_bytes: int
     device: str
     calibration_tokens: int
+    compute_dtype: str = "float32"  # the measuring and quantizing passes' forwards (config.compute_dtype resolved)
     errors: dict[str, float] = field(default_factory=dict)  # per linear, relative output error
     choices: dict[str, str] = field(default_factory=dict)  # per linear, the candidate picked
     findings: list[Finding] = field(default_factory=list)
@@ -127,13 +129,20 @@ def _add_samples(accumulator: HessianAccumulator, inputs: torch.Tensor) -> None:
         accumulator.add_batch(sample)
 
 
+def _stored(output: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+    """A layer's output as the activations are kept: float32, where its inputs are (the passes' store)."""
+    return output.to(device=inputs.hidden_states[0].device, dtype=torch.float32)
+
+
 def _group_hessians(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device,
-                    max_tokens: int = BATCH_TOKENS) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each group's Hessian (from its first linear's input) and the layer's outputs, in one pass over the samples."""
-    accumulators = [HessianAccumulator(group[0][1].in_features, device=device) for group in groups]
+                    max_tokens: int = BATCH_TOKENS, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each group's Hessian (from its first linear's input) and the layer's outputs, in one pass over the samples;
+    the forwards and Hessian products in `dtype` (the config's compute dtype; sums and outputs float32)."""
+    accumulators = [HessianAccumulator(group[0][1].in_features, device=device, product_dtype=dtype) for group in groups]
     handles = [group[0][1].register_forward_pre_hook(lambda m, args, acc=acc: _add_samples(acc, args[0])) for group, acc in zip(groups, accumulators)]
     try:
-        outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
+        with compute_context(dtype, device):
+            outputs = [_stored(out, inputs) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
     finally:
         for handle in handles:
             handle.remove()
@@ -145,10 +154,10 @@ class _InputTaken(Exception):
 
 
 def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs: LayerInputs, device: torch.device,
-                   max_tokens: int = BATCH_TOKENS) -> torch.Tensor:
+                   max_tokens: int = BATCH_TOKENS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The Hessian of one group's input, each batch's forward stopped as soon as the group's first linear receives
     it (the layer's outputs come from a later pass, once every group is quantized)."""
-    accumulator = HessianAccumulator(group[0][1].in_features, device=device)
+    accumulator = HessianAccumulator(group[0][1].in_features, device=device, product_dtype=dtype)
 
     def take(module: nn.Module, args: tuple) -> None:
         _add_samples(accumulator, args[0])
@@ -159,7 +168,8 @@ def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs:
     try:
         for samples in sample_batches(inputs, max_tokens):
             try:
-                run_layer_batch(layer, inputs, samples, device=device, moved=moved)
+                with compute_context(dtype, device):
+                    run_layer_batch(layer, inputs, samples, device=device, moved=moved)
             except _InputTaken:
                 pass
     finally:
@@ -168,12 +178,13 @@ def _group_hessian(layer: nn.Module, group: list[tuple[str, nn.Linear]], inputs:
 
 
 def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, device: torch.device,
-                  damp_percent: float, candidates=DEFAULT_CANDIDATES, max_tokens: int = BATCH_TOKENS) -> tuple[list[LinearMeasurement], list[torch.Tensor]]:
+                  damp_percent: float, candidates=DEFAULT_CANDIDATES, max_tokens: int = BATCH_TOKENS,
+                  dtype: torch.dtype = torch.float32) -> tuple[list[LinearMeasurement], list[torch.Tensor]]:
     """Every linear of one float layer measured with every candidate, and the layer's outputs (the next layer's
     inputs, where `inputs` keeps its hidden states). `groups` are the layer's quantizable linears with their full
-    names; the layer's forwards run in batches of at most `max_tokens` tokens."""
+    names; the layer's forwards run in batches of at most `max_tokens` tokens, in `dtype` (autocast)."""
     layer.to(device)
-    hessians, outputs = _group_hessians(layer, groups, inputs, device, max_tokens)
+    hessians, outputs = _group_hessians(layer, groups, inputs, device, max_tokens, dtype)
     measurements = [
         measure_linear(name, linear.weight.data, hessian, candidates, damp_percent=damp_percent, p_grid=MEASURE_P_GRID)
         for group, hessian in zip(groups, hessians)
@@ -185,7 +196,8 @@ def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], i
 
 def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], inputs: LayerInputs, choices: dict[str, Exl2Candidate],
                         device: torch.device, damp_percent: float, refine: bool = False,
-                        max_tokens: int = BATCH_TOKENS) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
+                        max_tokens: int = BATCH_TOKENS,
+                        dtype: torch.dtype = torch.float32) -> tuple[dict[str, Exl2Weight], dict[str, float], list[torch.Tensor]]:
     """Quantize each chosen linear of one layer, each group's Hessian from a pass in which the groups before it
     already hold their quantized weights; returns the weights, their errors and the layer's outputs (the layer's
     weights are left changed: the caller keeps a copy to redo it)."""
@@ -194,13 +206,14 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
     for group in [[(n, m) for n, m in g if n in choices] for g in groups]:
         if not group:
             continue
-        hessian = _group_hessian(layer, group, inputs, device, max_tokens)
+        hessian = _group_hessian(layer, group, inputs, device, max_tokens, dtype)
         for name, linear in group:
             bits, sizes = choices[name].layout(linear.in_features)
             result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent, refine=refine)
             weights[name], errors[name] = result.weight, result.error
             linear.weight.data = result.dequantized.to(linear.weight.dtype)  # later groups see the quantized ones
-    outputs = [out.to(inputs.hidden_states[0].device) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
+    with compute_context(dtype, device):
+        outputs = [_stored(out, inputs) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
     layer.to("cpu")
     return weights, errors, outputs
 
@@ -405,9 +418,15 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     calibration = config.calibration
     windows = calibration_windows(tokenizer, calibration.source, calibration.samples, calibration.seqlen, calibration.seed)
     calibration_tokens = sum(w.numel() for w in windows)
+    hidden_size = getattr(model.config, "hidden_size", None)
+
+    def rung_dtype(rung: Rung) -> torch.dtype:  # the measuring and quantizing passes' forwards (the weighing's float32)
+        return resolve_compute_dtype(config.compute_dtype, rung.compute, hidden_size)
+
     fingerprint = job_fingerprint({
         "format": "exl2", "config": config.to_dict(), "model": source_identity(source), "measurement": measurement_digest,
         "qtool": qtool_version(), "torch": torch.__version__, "device": compute.type,
+        "compute_dtype": str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)),
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
@@ -443,7 +462,8 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
             report(step, total_steps, what)
             with float_model.layer_in_memory(index, read_next=True):
                 measured, outputs = run.climb(what, lambda rung, inputs, index=index: measure_layer(
-                    layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS),
+                    layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS,
+                    dtype=rung_dtype(rung)),
                     restore=lambda index=index: layers[index].to("cpu"))
                 outputs = run.keep(outputs)
                 cadence.save(index, num_layers, outputs,
@@ -475,7 +495,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
 
                 weights, errors, outputs = run.climb(what, lambda rung, inputs, index=index: quantize_exl2_layer(
                     layers[index], layer_groups[index], inputs, allocation.choices, rung.compute, config.damp_percent,
-                    refine=config.refine_scales, max_tokens=rung.max_batch_tokens or BATCH_TOKENS), restore)
+                    refine=config.refine_scales, max_tokens=rung.max_batch_tokens or BATCH_TOKENS, dtype=rung_dtype(rung)), restore)
                 del original, restore
                 outputs = run.keep(outputs)
                 result = _weights_step(weights, errors)
@@ -515,6 +535,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     return Exl2QuantizeResult(
         output=str(output),
         config=config,
+        compute_dtype=str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)).removeprefix("torch."),
         bits_per_weight=allocation.bits_per_weight,
         measured=reused is None,
         weighed=bool(weigh_steps),

@@ -224,3 +224,31 @@ def test_one_group_hessian_pass_stops_early_and_equals_the_full_pass(make_tiny_l
         assert len(down_calls) > 0  # the full passes did reach it
     finally:
         handle.remove()
+
+
+def test_the_measuring_and_quantizing_forwards_run_in_the_compute_dtype(setup, tmp_path):
+    """config.compute_dtype reaches EXL2's measuring and quantizing passes (autocast: a linear's output is bfloat16
+    there) and the result says which dtype ran; the target is still met."""
+    root, config = setup
+    import qtool.quant.exl2_pipeline as exl2_pipeline
+
+    seen: dict[str, set] = {}
+    measure, quantize = exl2_pipeline.measure_layer, exl2_pipeline.quantize_exl2_layer
+
+    def watching(name, function):
+        def run(layer, *args, **kwargs):
+            linear = layer.self_attn.q_proj
+            hook = linear.register_forward_hook(lambda m, a, out: seen.setdefault(name, set()).add(out.dtype))
+            try:
+                return function(layer, *args, **kwargs)
+            finally:
+                hook.remove()
+        return run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exl2_pipeline, "measure_layer", watching("measuring", measure))
+        patch.setattr(exl2_pipeline, "quantize_exl2_layer", watching("quantizing", quantize))
+        result = quantize_model_exl2(root / "float", exl2_config(config, bpw=4.0, compute_dtype="bfloat16"), tmp_path / "out",
+                                     device="cpu")
+    assert seen == {"measuring": {torch.bfloat16}, "quantizing": {torch.bfloat16}}
+    assert result.compute_dtype == "bfloat16" and abs(result.bits_per_weight - 4.0) <= 0.02
