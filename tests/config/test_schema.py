@@ -277,7 +277,8 @@ def test_exl2_rules(changes, expected):
 def test_exl2_fields_do_not_apply_to_gptq():
     found = validate_config(QuantConfig(target_vram_gb=24.0))
     assert [f"{f.where}: {f.message}" for f in found] == ["target_vram_gb: applies to EXL2 output only (GPTQ widths are uniform)"]
-    assert read_config_file("exl2-4bpw") == QuantConfig(output_format="exl2", bpw=4.0, head_bits=0, desc_act=True, refine_scales=True)
+    assert read_config_file("exl2-4bpw") == QuantConfig(output_format="exl2", bpw=4.0, head_bits=0, desc_act=True, refine_scales=True,
+                                                     compute_dtype="auto")
 
 
 def test_rules_that_stay_silent():
