@@ -53,6 +53,10 @@ def _write_atomically(path: Path, write) -> None:
 # 1 / SAVE_OVERHEAD_RATIO of the run and an interruption loses about SAVE_OVERHEAD_RATIO saves' worth of work.
 HIDDEN_SAVED_EVERY_STEP_BYTES = 1 << 30
 SAVE_OVERHEAD_RATIO = 10.0
+# Before the first save has been timed, a save is taken to run at this many bytes a second (a device-to-host copy, a
+# write with its fsync and a checksum pass over the file): the first resume point then comes after about ten such
+# saves' worth of work, not at the first layer (a 7B run of about a minute would otherwise spend seconds on it).
+ASSUMED_SAVE_BYTES_PER_SECOND = 1e9
 
 
 def tensors_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -64,14 +68,15 @@ class HiddenSaveCadence:
     """When a run's step saves the hidden states (and so becomes a resume point): see SAVE_OVERHEAD_RATIO."""
 
     last_save_seconds: float = 0.0
-    since: float = field(default_factory=time.monotonic)  # when the last save ended
+    since: float = field(default_factory=time.monotonic)  # when the last save ended (at first: the run's start)
 
     def due(self, index: int, steps: int, hidden_bytes: int) -> bool:
         """Whether step `index` of `steps` is a resume point, saving hidden states of `hidden_bytes`. The last step
         always is, and saves none (kept: no step reads them), so that the run's end is recorded at no cost."""
         if hidden_bytes <= HIDDEN_SAVED_EVERY_STEP_BYTES or index + 1 >= steps:
             return True
-        return time.monotonic() - self.since >= SAVE_OVERHEAD_RATIO * self.last_save_seconds
+        save_seconds = self.last_save_seconds or hidden_bytes / ASSUMED_SAVE_BYTES_PER_SECOND
+        return time.monotonic() - self.since >= SAVE_OVERHEAD_RATIO * save_seconds
 
     @staticmethod
     def kept(index: int, steps: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -133,6 +133,7 @@ def test_large_hidden_states_are_resume_points_only_at_the_cadence(tmp_path, mak
     quantize_model_exl2(model_dir, job, reference, device="cpu")
     monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)
     monkeypatch.setattr(work_state, "SAVE_OVERHEAD_RATIO", 1e9)
+    monkeypatch.setattr(work_state, "ASSUMED_SAVE_BYTES_PER_SECOND", float("inf"))  # the first step: a resume point
     out = tmp_path / "resumed"
 
     def stop(done, total, detail=""):

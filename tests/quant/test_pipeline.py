@@ -149,6 +149,7 @@ def test_large_hidden_states_are_saved_at_a_cadence_and_resume_from_the_last_sav
 
     monkeypatch.setattr(work_state, "HIDDEN_SAVED_EVERY_STEP_BYTES", 0)
     monkeypatch.setattr(work_state, "SAVE_OVERHEAD_RATIO", 1e9)
+    monkeypatch.setattr(work_state, "ASSUMED_SAVE_BYTES_PER_SECOND", float("inf"))  # the first step: a resume point
     model_dir, config, straight, resumed = straight_and_interrupted(tmp_path, calibration_text, make_tiny_model_dir,
                                                                     layers=4, stop_after=3)
     state = json.loads((WorkState.folder_for(resumed) / "job.json").read_text())

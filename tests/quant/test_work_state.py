@@ -55,3 +55,25 @@ def test_other_arguments_and_discard_start_over(tmp_path, caplog):
     saved_state(tmp_path / "again")
     assert WorkState.open(tmp_path / "again" / "out", "job-a", discard=True).completed_layers == 0
     assert "discarded (--discard-resume)" in warnings(caplog)[-1]
+
+
+def test_the_first_resume_point_waits_for_ten_projected_saves_of_work():
+    """Before any save is timed, large hidden states are projected to save at ASSUMED_SAVE_BYTES_PER_SECOND: the
+    first step is a resume point only once the run has worked SAVE_OVERHEAD_RATIO such saves' time; the last step
+    always is; small states always are."""
+    import random
+    import time
+
+    from qtool.quant import work_state
+
+    hidden = random.randint(2, 8) << 30
+    projected = work_state.SAVE_OVERHEAD_RATIO * hidden / work_state.ASSUMED_SAVE_BYTES_PER_SECOND
+    cadence = work_state.HiddenSaveCadence()
+    assert not cadence.due(0, 32, hidden)
+    assert cadence.due(31, 32, hidden) and cadence.due(0, 32, work_state.HIDDEN_SAVED_EVERY_STEP_BYTES)
+    cadence.since -= projected * 1.01  # the run has worked a little longer than ten projected saves
+    assert cadence.due(5, 32, hidden)
+    cadence.saved(began=time.monotonic() - 0.5)  # a timed save of 0.5 s: from now on the ratio reads that
+    assert not cadence.due(6, 32, hidden)
+    cadence.since -= work_state.SAVE_OVERHEAD_RATIO * 0.5 * 1.01
+    assert cadence.due(7, 32, hidden)
