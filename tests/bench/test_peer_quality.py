@@ -92,7 +92,8 @@ def test_the_tiny_plan_runs_on_the_cpu(bench, tmp_path):
         assert made["measured"] is (bpw == bench.EXL2_TARGETS[0])
         assert abs(evaluated["bits_per_weight"] - bpw) < 0.05 and evaluated["ppl"] >= float_ppl * 0.99
         assert "CUDA" in rows[f"ExLlamaV2 exl2 {bpw:g} bpw"]["skipped"]
-    assert rows["ppl of qtool exl2 2.5 bpw"]["ppl"] > rows["ppl of qtool exl2 5 bpw"]["ppl"]
+    # (no ordering of the widths' ppl: the tiny random model's ppl is about its vocabulary's size at every width, and
+    # which one lands lower is rounding noise, bfloat16 forwards on a CPU with bf16 dot products included)
     for bits in bench.GPTQ_BITS:
         assert bits < rows[f"ppl of qtool gptq {bits}-bit g128"]["bits_per_weight"] < bits + 0.5
         peer = rows[f"GPTQModel gptq {bits}-bit g128"]
