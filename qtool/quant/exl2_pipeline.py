@@ -65,6 +65,7 @@ from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
 from qtool.quant.activation_store import ActivationStore, open_store
 from qtool.quant.float_source import open_float_model
 from qtool.quant.memory_ladder import LadderRun, Rung
+from qtool.quant.step_writer import StepWriter
 from qtool.quant.gpu_budget import check_gpu_budget, gpu_memory_budget
 from qtool.quant.pipeline import (check_activation_tier, check_against_model, estimate_line, peak_host_memory_bytes, peak_memory_bytes, source_identity,
                                   source_inputs, split_quantizable)
@@ -430,7 +431,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
-    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store:
+    with open_store(estimate["activation_tier"], compute, output, estimate["disk_bytes"]) as store, StepWriter() as writer:
         if weigh_steps and resumed_from == 0:
             report(0, total_steps, "weighing the linears (forward and backward passes)")
             # every layer's inputs wait for the backward pass, in a store of their own on the tier the plan picked
@@ -467,8 +468,10 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
                     restore=lambda index=index: layers[index].to("cpu"))
                 outputs = run.keep(outputs)
                 cadence.save(index, num_layers, outputs,
-                             lambda hidden, step=step: state.save_step(step, *_measurement_step(measured), hidden))
+                             lambda hidden, step=step, result=_measurement_step(measured): state.save_step(step, *result, hidden),
+                             writer=writer)
             run.advance(outputs)
+        writer.wait()  # the measured steps are read back next
         measurements = reused if reused is not None else [m for step in range(first_measure, first_quantize) for m in _measurements_of_step(state.step_metadata(step))]
         if weigh_steps:
             measurements = with_sensitivities(measurements, json.loads(state.step_metadata(0)["sensitivity"]))
@@ -499,13 +502,15 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
                 del original, restore
                 outputs = run.keep(outputs)
                 result = _weights_step(weights, errors)
+                # (bound now: the save may run on the writer's thread after this loop has moved on)
                 cadence.save(index, num_layers, outputs,
-                             lambda hidden, step=step: state.save_step(step, *result, hidden))
+                             lambda hidden, step=step, result=result: state.save_step(step, *result, hidden), writer=writer)
             del weights
             run.advance(outputs)
         host_peak = peak_host_memory_bytes()
         peak = peak_memory_bytes(compute)
 
+        writer.wait()  # every step saved before the checkpoint reads them
         # Every layer's weights come from the saved state (read one step at a time while the checkpoint is written),
         # so a resumed run writes what an uninterrupted one would.
         saved = SavedWeights(state, range(first_quantize, total_steps), lambda step: _weights_of_step(*state.load_step(step))[0])

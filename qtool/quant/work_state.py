@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qtool.core.errors import QtoolError
 from qtool.formats.quantized_weight import QuantizedWeight
+from qtool.quant.step_writer import StepWriter
 
 STATE_FILE = "job.json"
 CHUNK = 1 << 20
@@ -89,10 +90,17 @@ class HiddenSaveCadence:
         self.last_save_seconds = self.since - began
 
     def save(self, index: int, steps: int, hidden: list[torch.Tensor],
-             write: Callable[[list[torch.Tensor] | None], None]) -> None:
+             write: Callable[[list[torch.Tensor] | None], None], writer: StepWriter | None = None) -> None:
         """write(hidden) where step `index` of `steps` is due to save them (timed for the next decision), else
-        write(None): the step's result alone (WorkState.save_step's two forms)."""
-        due, began = self.due(index, steps, tensors_bytes(hidden)), time.monotonic()
+        write(None): the step's result alone (WorkState.save_step's two forms), on `writer`'s thread where given
+        (a resume point waits for the saves before it and is written on this thread)."""
+        due = self.due(index, steps, tensors_bytes(hidden))
+        if not due and writer is not None:
+            writer.submit(lambda: write(None))
+            return
+        if writer is not None:
+            writer.wait()
+        began = time.monotonic()
         write(self.kept(index, steps, hidden) if due else None)
         if due:
             self.saved(began)
