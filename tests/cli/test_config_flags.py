@@ -24,7 +24,7 @@ runner = CliRunner()
 FLAGLESS_FIELDS = {"schema_version", "damp_auto_increment"}
 # options of `qtool quantize` that are not config fields
 NOT_CONFIG_PARAMETERS = {"model", "output", "measurement", "config_file", "device", "force", "discard_resume", "verbose", "as_json", "help",
-                         "nproc", "jobs", "max_shard_size"}
+                         "nproc", "jobs", "max_shard_size", "gpu_memory"}
 
 
 def config_fields() -> set[str]:
