@@ -56,13 +56,16 @@ def climb_down(rungs: list[Rung], start: int, attempt: Callable[[Rung], T], rest
         try:
             return attempt(rungs[index]), index
         except torch.OutOfMemoryError as exc:
-            restore()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if index + 1 == len(rungs):
-                raise QtoolError(f"{what}: out of memory even {rungs[index].name} ({str(exc).splitlines()[0] if str(exc) else 'no detail'})",
-                                 "use fewer --samples or a shorter --seqlen, or a device with more memory") from exc
-            log.warning("%s: out of GPU memory %s; redoing it %s", what, rungs[index].name, rungs[index + 1].name)
+            detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        # Out of the except clause: the error's traceback, which holds the failed attempt's frames and so its GPU
+        # tensors, is gone before the cache is emptied and the next rung starts.
+        restore()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if index + 1 == len(rungs):
+            raise QtoolError(f"{what}: out of memory even {rungs[index].name} ({detail})",
+                             "use fewer --samples or a shorter --seqlen, or a device with more memory")
+        log.warning("%s: out of GPU memory %s; redoing it %s", what, rungs[index].name, rungs[index + 1].name)
     raise AssertionError("unreachable: the last rung either returns or raises")
 
 

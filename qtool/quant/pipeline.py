@@ -38,7 +38,7 @@ from qtool.quant.shared_calibration import SharedCalibration
 from qtool.quant.step_writer import StepWriter
 from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_group
 from qtool.formats.quantized_weight import QuantizedWeight
-from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, tensors_bytes
+from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, saved_form, tensors_bytes
 from qtool.models.architectures import decoder_layers, resolve_layer_groups
 from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
 from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
@@ -519,7 +519,8 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype,
                                                          run.store.device)
             if state is not None:
-                named = {prefix + name: qw for name, qw in layer_quantized.items()}
+                # on the host now: the save thread then holds no GPU memory while the next layer is worked on
+                named = {prefix + name: saved_form(qw) for name, qw in layer_quantized.items()}
                 if every_hidden is None:  # the layer's weights alone: written while the next layer is worked on
                     writer.submit(lambda index=index, named=named: state.save_layer(index, named, None))
                 else:  # a resume point records every layer before it as saved: those are written first
@@ -529,6 +530,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)
+            del next_hidden, every_hidden  # the next layer's inputs only: a rung that moves them to the host frees them
             give_back_freed_memory()  # what the layer's work freed
             report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
         writer.wait()  # every layer saved before the checkpoint reads them

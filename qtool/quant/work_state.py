@@ -106,6 +106,14 @@ class HiddenSaveCadence:
             self.saved(began)
 
 
+def saved_form(qw: QuantizedWeight) -> QuantizedWeight:
+    """A quantized weight as a run's state keeps it: in host memory, codes uint8 up to 8 bits (int32 above), zeros
+    and g_idx int32 (a weight already so is returned as it is)."""
+    codes_dtype = torch.uint8 if qw.bits <= 8 else torch.int32
+    return QuantizedWeight(codes=qw.codes.to("cpu", codes_dtype), scales=qw.scales.to("cpu"), zeros=qw.zeros.to("cpu", torch.int32),
+                           g_idx=qw.g_idx.to("cpu", torch.int32), bits=qw.bits, group_size=qw.group_size)
+
+
 @dataclass
 class WorkState:
     """A folder beside the output: job.json (fingerprint, steps done, the sha256 of every file they rest on),
@@ -195,10 +203,11 @@ class WorkState:
         tensors: dict[str, torch.Tensor] = {}
         metadata: dict[str, str] = {}
         for name, qw in quantized.items():
-            tensors[f"{name}.codes"] = qw.codes.to(torch.uint8 if qw.bits <= 8 else torch.int32)
+            qw = saved_form(qw)
+            tensors[f"{name}.codes"] = qw.codes
             tensors[f"{name}.scales"] = qw.scales
-            tensors[f"{name}.zeros"] = qw.zeros.to(torch.int32)
-            tensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32)
+            tensors[f"{name}.zeros"] = qw.zeros
+            tensors[f"{name}.g_idx"] = qw.g_idx
             metadata[name] = json.dumps({"bits": qw.bits, "group_size": qw.group_size})
         self.save_step(index, tensors, metadata, next_hidden)
 

@@ -51,6 +51,31 @@ def test_climb_down_restores_and_logs_each_step(caplog):
         climb_down(rungs, 0, lambda rung: (_ for _ in ()).throw(ValueError("bug")), lambda: None, "layer 1/2")
 
 
+def test_a_failed_attempts_tensors_are_gone_before_the_restore_and_the_next_rung():
+    """What a failed attempt held (its frames live on in the error's traceback) is freed before restore() and the
+    cache is emptied: on a GPU those tensors would otherwise count against every rung below."""
+    import gc
+    import weakref
+
+    rungs = ladder(GPU, GPU)
+    held: list[weakref.ref] = []
+    alive_at_restore: list[bool] = []
+
+    def attempt(rung):
+        scratch = torch.empty(1024)  # stands for a batch's activations on the GPU
+        held.append(weakref.ref(scratch))
+        if len(held) < 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return "done"
+
+    def restore():
+        gc.collect()  # only reference cycles wait for this; the traceback's frames must already be unreachable
+        alive_at_restore.append(held[-1]() is not None)
+
+    assert climb_down(rungs, 0, attempt, restore, "layer 1/1") == ("done", 2)
+    assert alive_at_restore == [False, False]
+
+
 class GpuStore:
     """Stands for a store on the GPU (only its `device` is read before a host rung replaces it)."""
 

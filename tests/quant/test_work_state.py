@@ -77,3 +77,19 @@ def test_the_first_resume_point_waits_for_ten_projected_saves_of_work():
     assert not cadence.due(6, 32, hidden)
     cadence.since -= work_state.SAVE_OVERHEAD_RATIO * 0.5 * 1.01
     assert cadence.due(7, 32, hidden)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_saved_form_is_compact_on_the_host_and_equal(bits):
+    """What the save thread is handed: uint8 codes, int32 zeros and g_idx, all in host memory, values unchanged."""
+    from qtool.formats.quantized_weight import QuantizedWeight
+    from qtool.quant.work_state import saved_form
+
+    out, cols, group = int(torch.randint(1, 9, ())), 64, 32
+    qw = QuantizedWeight(codes=torch.randint(0, 1 << bits, (out, cols), dtype=torch.int32), scales=torch.rand(cols // group, out),
+                         zeros=torch.randint(0, 1 << bits, (cols // group, out), dtype=torch.int64),
+                         g_idx=torch.arange(cols) // group, bits=bits, group_size=group)
+    saved = saved_form(qw)
+    assert saved.codes.dtype == torch.uint8 and saved.zeros.dtype == saved.g_idx.dtype == torch.int32
+    assert all(t.device.type == "cpu" for t in (saved.codes, saved.scales, saved.zeros, saved.g_idx))
+    assert torch.equal(saved.dequantize(), qw.dequantize())
