@@ -6,9 +6,12 @@ CPU ops by self time; one JSON line per run to --out.
 
     python bench/quantize/profile_layer.py --data .device-data/big --work /tmp/profile_layer --out rows.jsonl
         [--layers 1] [--dtypes float32,bfloat16] [--samples 128 --seqlen 2048] [--shape llama2-7b|tiny]
+        [--gpu-memory-gib 10.5] [--no-profiler]
+Each progress event also records torch's allocated peak since the event before it (the GPU's per-group peaks).
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import big_model  # noqa: E402  (bench/quantize/ is no package: the model writer)
 
 
-def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str) -> dict:
+def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str,
+                gpu_memory_bytes: int | None = None, profiled: bool = True) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
@@ -31,28 +35,39 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
         "seqlen": seqlen, "compute_dtype": dtype})
     began = time.perf_counter()
     timeline: list[tuple[float, str]] = []
+    on_gpu = device.startswith("cuda")
+    peaks: list[float | None] = []  # torch's allocated peak (GiB) between one progress event and the next
 
     def progress(done: int, total: int, detail: str = "") -> None:
         timeline.append((time.perf_counter() - began, detail))
+        if on_gpu:
+            peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 3))
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            peaks.append(None)
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
-        result = quantize_model(str(model_dir), config, str(output), device=device, force=True, progress=progress)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with (profile(activities=activities) if profiled else contextlib.nullcontext()) as prof:
+        result = quantize_model(str(model_dir), config, str(output), device=device, force=True, progress=progress,
+                                gpu_memory_bytes=gpu_memory_bytes)
     seconds = time.perf_counter() - began
-    averages = prof.key_averages()
-    device_key = "device_time_total" if hasattr(averages[0], "device_time_total") else "cuda_time_total"
+    averages = prof.key_averages() if profiled else []
+    device_key = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
     kernels = sorted(averages, key=lambda e: getattr(e, device_key), reverse=True)[:25]
     cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
     row = {
         "compute_dtype": dtype, "seconds": round(seconds, 2), "library_seconds": round(result.seconds, 2),
         "timeline": [(round(t, 2), d) for t, d in timeline],
+        # the allocated peak since the event before each one: what the step that event ends held at most
+        "peaks_gib": peaks, "gpu_memory_bytes": gpu_memory_bytes,
+        "estimate": result.memory.get("estimate"),
         "modules": [{"name": m.name, "k": m.in_features, "n": m.out_features, "solve_s": round(m.seconds, 3),
                      "damp": m.damp_percent} for m in result.modules],
         "kernels": [{"name": e.key[:90], "calls": e.count, "total_ms": round(getattr(e, device_key) / 1e3, 1)}
                     for e in kernels],
         "cpu_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
                     for e in cpu_ops],
-        "gpu_peak_torch_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None,
+        "gpu_peak_torch_gib": max(p for p in peaks if p is not None) if on_gpu and peaks else None,
         "replay": result.memory.get("estimate", {}).get("replay"),
     }
     return row
@@ -62,8 +77,9 @@ def print_row(row: dict) -> None:
     print(f"## compute_dtype {row['compute_dtype']}: {row['seconds']} s (replay {row['replay']}, "
           f"torch peak {row['gpu_peak_torch_gib']} GiB)")
     previous = 0.0
-    for t, detail in row["timeline"]:
-        print(f"  {t:8.2f} +{t - previous:6.2f}  {detail}")
+    for (t, detail), peak in zip(row["timeline"], row["peaks_gib"]):
+        held = "" if peak is None else f"  (peak {peak} GiB before it)"
+        print(f"  {t:8.2f} +{t - previous:6.2f}  {detail}{held}")
         previous = t
     for m in row["modules"]:
         print(f"  solve {m['name']} {m['k']}x{m['n']}: {m['solve_s']} s, damp {m['damp']}")
@@ -86,13 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="run under quantize's --gpu-memory budget")
+    p.add_argument("--no-profiler", action="store_true", help="time and peaks only (the profiler's own cost left out)")
     args = p.parse_args(argv)
+    budget = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
     work, data = Path(args.work), Path(args.data)
     model_dir = work / f"{args.shape}-{args.layers}L"
     if not (model_dir / "config.json").exists():
         big_model.write_model(big_model.SHAPES[args.shape], args.layers, data / "tokenizer", model_dir, args.device)
     for dtype in args.dtypes.split(","):
-        row = profile_run(model_dir, work / f"out-{dtype}", data, dtype, args.samples, args.seqlen, args.device)
+        row = profile_run(model_dir, work / f"out-{dtype}", data, dtype, args.samples, args.seqlen, args.device, budget,
+                          profiled=not args.no_profiler)
         row.update({"shape": args.shape, "layers": args.layers, "samples": args.samples, "seqlen": args.seqlen,
                     **big_model.versions()})
         print_row(row)

@@ -26,3 +26,19 @@ def test_one_layer_profiled_on_the_cpu(tmp_path, make_tiny_tokenizer):
     assert all(m["solve_s"] >= 0 and m["damp"] >= 0.01 for m in row["modules"])
     assert any(op["name"] == "aten::mm" and op["calls"] > 0 for op in row["cpu_ops"])
     assert row["compute_dtype"] == "float32" and row["layers"] == 1
+
+
+def test_without_the_profiler_the_timeline_and_its_peaks_still_come(tmp_path, make_tiny_tokenizer):
+    bench = load_bench_script("quantize/profile_layer")
+    data = tmp_path / "data"
+    data.mkdir()
+    make_tiny_tokenizer().save_pretrained(str(data / "tokenizer"))
+    (data / "wiki.valid.tokens").symlink_to(WIKITEXT_VALID)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--out", str(out), "--shape", "tiny",
+                       "--layers", "1", "--samples", "2", "--seqlen", "32", "--device", "cpu", "--dtypes", "float32",
+                       "--no-profiler"]) == 0
+    row = json.loads(out.read_text())
+    assert row["kernels"] == [] and row["cpu_ops"] == []
+    assert len(row["peaks_gib"]) == len(row["timeline"]) > 0 and set(row["peaks_gib"]) == {None}  # no GPU here
+    assert row["estimate"]["activation_tier"] == "host" and row["gpu_memory_bytes"] is None
