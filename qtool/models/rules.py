@@ -324,12 +324,16 @@ def cpu_free_memory() -> int | None:
     return None
 
 
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device, the current one for a device named without one ("cuda")."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def device_free_memory(device: torch.device) -> int | None:
     """What a CUDA device can still give this process: its free memory, and no more than a per-process cap
     (torch.cuda.set_per_process_memory_fraction) leaves above what the caching allocator holds. None elsewhere."""
     if device.type == "cuda" and torch.cuda.is_available():
-        if device.index is None:  # "cuda": the current device (the fraction query wants an index)
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device("cuda", cuda_index(device))  # the fraction query wants an index
         free, total = torch.cuda.mem_get_info(device)
         get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
         fraction = get_fraction(device) if get_fraction is not None else 1.0

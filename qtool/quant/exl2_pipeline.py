@@ -424,10 +424,12 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     def rung_dtype(rung: Rung) -> torch.dtype:  # the measuring and quantizing passes' forwards (the weighing's float32)
         return resolve_compute_dtype(config.compute_dtype, rung.compute, hidden_size)
 
+    compute_dtype = resolve_compute_dtype(config.compute_dtype, compute, hidden_size)  # on the planned rung
+
     fingerprint = job_fingerprint({
         "format": "exl2", "config": config.to_dict(), "model": source_identity(source), "measurement": measurement_digest,
         "qtool": qtool_version(), "torch": torch.__version__, "device": compute.type,
-        "compute_dtype": str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)),
+        "compute_dtype": str(compute_dtype),
     })
     state = WorkState.open(output, fingerprint, discard=discard_resume)
     resumed_from = state.completed_layers
@@ -540,7 +542,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
     return Exl2QuantizeResult(
         output=str(output),
         config=config,
-        compute_dtype=str(resolve_compute_dtype(config.compute_dtype, compute, hidden_size)).removeprefix("torch."),
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
         bits_per_weight=allocation.bits_per_weight,
         measured=reused is None,
         weighed=bool(weigh_steps),

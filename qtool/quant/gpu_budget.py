@@ -13,12 +13,9 @@ from typing import Iterator
 import torch
 
 from qtool.core.errors import QtoolError
+from qtool.models.rules import cuda_index
 
 log = logging.getLogger(__name__)
-
-
-def _cuda_index(device: torch.device) -> int:
-    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def check_gpu_budget(budget_bytes: int | None, device: torch.device) -> None:
@@ -36,7 +33,7 @@ def gpu_memory_budget(device: torch.device, budget_bytes: int | None) -> Iterato
         yield None
         return
     check_gpu_budget(budget_bytes, device)
-    index = _cuda_index(device)
+    index = cuda_index(device)
     total = torch.cuda.get_device_properties(index).total_memory
     fraction = budget_bytes / total
     if fraction >= 1.0:

@@ -8,16 +8,22 @@ from bench_scripts import BENCH, load_bench_script
 WIKITEXT_VALID = BENCH.parents[1] / "shared" / "data" / "wikitext-2" / "wiki.valid.tokens"
 
 
-def test_one_layer_profiled_on_the_cpu(tmp_path, make_tiny_tokenizer):
+def profile_tiny_layer(tmp_path, tokenizer, *flags: str) -> dict:
+    """profile_layer's row for one tiny layer on the CPU (2 samples of 32 tokens, float32), with `flags` added."""
     bench = load_bench_script("quantize/profile_layer")
     data = tmp_path / "data"
     data.mkdir()
-    make_tiny_tokenizer().save_pretrained(str(data / "tokenizer"))
+    tokenizer.save_pretrained(str(data / "tokenizer"))
     (data / "wiki.valid.tokens").symlink_to(WIKITEXT_VALID)
     out = tmp_path / "rows.jsonl"
     assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--out", str(out), "--shape", "tiny",
-                       "--layers", "1", "--samples", "2", "--seqlen", "32", "--device", "cpu", "--dtypes", "float32"]) == 0
-    row = json.loads(out.read_text())
+                       "--layers", "1", "--samples", "2", "--seqlen", "32", "--device", "cpu", "--dtypes", "float32",
+                       *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def test_one_layer_profiled_on_the_cpu(tmp_path, make_tiny_tokenizer):
+    row = profile_tiny_layer(tmp_path, make_tiny_tokenizer())
     details = [detail for _, detail in row["timeline"]]
     assert "layer 1/1 down_proj" in details and details.index("layer 1/1 q_proj+k_proj+v_proj") < details.index(
         "layer 1/1 down_proj")
@@ -29,16 +35,7 @@ def test_one_layer_profiled_on_the_cpu(tmp_path, make_tiny_tokenizer):
 
 
 def test_without_the_profiler_the_timeline_and_its_peaks_still_come(tmp_path, make_tiny_tokenizer):
-    bench = load_bench_script("quantize/profile_layer")
-    data = tmp_path / "data"
-    data.mkdir()
-    make_tiny_tokenizer().save_pretrained(str(data / "tokenizer"))
-    (data / "wiki.valid.tokens").symlink_to(WIKITEXT_VALID)
-    out = tmp_path / "rows.jsonl"
-    assert bench.main(["--data", str(data), "--work", str(tmp_path / "work"), "--out", str(out), "--shape", "tiny",
-                       "--layers", "1", "--samples", "2", "--seqlen", "32", "--device", "cpu", "--dtypes", "float32",
-                       "--no-profiler"]) == 0
-    row = json.loads(out.read_text())
+    row = profile_tiny_layer(tmp_path, make_tiny_tokenizer(), "--no-profiler")
     assert row["kernels"] == [] and row["cpu_ops"] == []
     assert len(row["peaks_gib"]) == len(row["timeline"]) > 0 and set(row["peaks_gib"]) == {None}  # no GPU here
     assert row["estimate"]["activation_tier"] == "host" and row["gpu_memory_bytes"] is None
