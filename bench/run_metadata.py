@@ -18,14 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit(short: bool = False) -> str | None:
-    """HEAD of this checkout; $QTOOL_COMMIT where git cannot say (the device machine gets the working tree without
-    its .git); None when neither knows."""
+    """$QTOOL_COMMIT when set (the device machine's copy of .git can be older than the tree it was sent: the command
+    names the commit it sends), else HEAD of this checkout; None when neither knows."""
+    if os.environ.get("QTOOL_COMMIT"):
+        return os.environ["QTOOL_COMMIT"]
     command = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
     try:
         commit = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return commit or os.environ.get("QTOOL_COMMIT")
+    return commit or None
 
 
 def device_name(device) -> str:

@@ -16,6 +16,9 @@
 #   bash bench/device/big_quantize.sh exl2            there: the EXL2 pair alone, with more time (if exl2-70b cut it)
 #   bash bench/device/big_quantize.sh gptq-pair       there: the whole 7B through qtool under the goal's 12 GB
 #                                                     budget, then GPTQModel on the same job (the goal's ratio)
+#   bash bench/device/big_quantize.sh memory          there: the quantization's GPU tests, one layer's per-group
+#                                                     GPU peaks (profile_layer.py, uncapped and under 10.5 GiB),
+#                                                     then gptq-7b with what is left of DEADLINE_S
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 #   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
 #                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and
@@ -103,10 +106,30 @@ if [[ $PLAN == exl2* && -d /tmp/site_exllamav2 ]]; then
     build=$!
 fi
 
-# the plan keeps to DEADLINE_S (each stage gets what is left, up to its own limit): with the installs before it
-# and the table after it, inside one 600 s command
-PYTHONPATH="$REPO" timeout "${PLAN_TIMEOUT_S:-550}" python3 bench/quantize/big_model.py plan "$PLAN" --work "$WORK" \
-    --data "$DATA" --out "$OUT/big_$PLAN.jsonl" --deadline-s "${DEADLINE_S:-510}" "${sites[@]}" "$@" 2>&1 | tee -a "$LOG" \
+if [[ $PLAN == memory ]]; then
+    # where the 7B's GPU memory goes: the quantization's GPU tests (the solve's and the Hessian read's own peaks
+    # among them), one layer's per-group torch peaks without a cap and under the goal's budget (profile_layer.py,
+    # 2 layers: the second shows what the first leaves behind), then the whole 7B under the budget with what is left
+    log "GPU tests"
+    { timeout "$(limit 100)" python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/quant
+      timeout "$(limit 100)" python3 -m pytest -q -p no:cacheprovider -rfE tests/quant/test_gpu_budget.py \
+          tests/kernels/test_gptq_block.py; } 2>&1 | tail -20 | tee -a "$LOG"
+    for cap in none 10.5; do
+        capped=(); [[ $cap != none ]] && capped=(--gpu-memory-gib "$cap")
+        log "one layer's peaks, cap $cap"
+        timeout "$(limit 110)" python3 bench/quantize/profile_layer.py --data "$DATA" --work "$WORK/profile" --layers 2 \
+            --dtypes bfloat16 --no-profiler --out "$OUT/profile_layer.jsonl" "${capped[@]}" >"$OUT/profile_$cap.log" 2>&1
+        log "profile (cap $cap): exit $?"
+        grep -v '^{' "$OUT/profile_$cap.log" | grep -v "top \|^    " | tail -20 | tee -a "$LOG"
+    done
+    PLAN=gptq-7b
+fi
+
+# the plan keeps to what is left of DEADLINE_S (seconds from this script's start; unset: PLAN_DEADLINE_S, 510), each
+# stage getting what is left up to its own limit: with the installs before it and the table after it, inside one
+# 600 s command
+PYTHONPATH="$REPO" timeout "$(limit "${PLAN_TIMEOUT_S:-550}")" python3 bench/quantize/big_model.py plan "$PLAN" --work "$WORK" \
+    --data "$DATA" --out "$OUT/big_$PLAN.jsonl" --deadline-s "$(limit "${PLAN_DEADLINE_S:-510}")" "${sites[@]}" "$@" 2>&1 | tee -a "$LOG" \
     | grep -v '^{"progress"'
 log "plan $PLAN: exit ${PIPESTATUS[0]}"
 [[ -n $build ]] && { kill "$build" 2>/dev/null; tail -2 "$OUT/exl2_build.log"; }

@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]  # bench/quantize/ -> the repo root
+sys.path.insert(0, str(REPO / "bench"))  # the module every bench script shares (bench/ holds scripts, not packages)
+import run_metadata  # noqa: E402
 GIB = 2**30
 CALIBRATION_FILE = "wiki.valid.tokens"  # WikiText-2 validation, what --data must hold
 SHARD_BYTES = 4 * GIB  # transformers' usual shard size for float checkpoints of this size
@@ -772,10 +774,8 @@ def _pythonpath(site: str | None) -> str:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or "?"
-    except Exception:
-        return "?"
+    """run_metadata's (the device command's $QTOOL_COMMIT before the machine's stale .git), "?" when unknown."""
+    return run_metadata.git_commit(short=True) or "?"
 
 
 def finish_row(step: Step, row: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,14 @@ class GPTQResult:
     seconds: float
 
 
+FINITE_CHECK_ROWS = 1024  # rows checked at a time: no full-size temporaries beside a 7B's [11008, 11008] H
+
+
+def all_finite(matrix: torch.Tensor) -> bool:
+    """Whether every entry is finite, checked a slice of rows at a time."""
+    return all(bool(torch.isfinite(rows).all()) for rows in matrix.split(FINITE_CHECK_ROWS))
+
+
 def inverse_hessian_cholesky(
     hessian: torch.Tensor, damp_percent: float, damp_auto_increment: float
 ) -> tuple[torch.Tensor, float]:
@@ -53,9 +61,17 @@ def inverse_hessian_cholesky(
         damped.diagonal().add_(damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
-            if bool(torch.isfinite(upper).all()):
+            # The damped copy's memory becomes the identity that the triangular solve overwrites with L^-1, and
+            # L goes before the flip: at most four [k, k] matrices live at once, counting the caller's H and its
+            # working copy (a 7B's down_proj: 0.45 GiB each).
+            inverse = damped.zero_()
+            del damped
+            inverse.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
+            del lower
+            upper = inverse.flip(0, 1)
+            del inverse
+            if all_finite(upper):
                 return upper, damp
         next_damp = damp_percent + (attempt + 1) * damp_auto_increment
         if damp_auto_increment <= 0 or next_damp >= 1.0:
@@ -79,7 +95,7 @@ def _check_options(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group
         raise QtoolError(f"damp_auto_increment={damp_auto_increment} is out of range", "use a value in [0, 1), e.g. 0.0025")
     if block_size < 1:
         raise QtoolError(f"block_size={block_size} is not valid", "use a positive integer, e.g. 128")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise QtoolError("the Hessian holds NaN or infinite values", "check the calibration activations of this linear")
 
 

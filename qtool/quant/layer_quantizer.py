@@ -142,7 +142,7 @@ def _usable_hessian(accumulator: HessianAccumulator, group: list[tuple[str, nn.L
     if accumulator.num_tokens == 0:
         log.warning("%s: no calibration token reached this input; rounding to nearest", ", ".join(n for n, _ in group))
         return None
-    return accumulator.hessian
+    return accumulator.take_hessian()
 
 
 def _final_children(

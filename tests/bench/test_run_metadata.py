@@ -27,7 +27,7 @@ def test_every_field_on_a_cpu_and_a_missing_library_is_none():
     assert row["command"] == "bench/runtime/runtime_bench.py --tiny"
 
 
-def test_commit_is_head_or_the_environment_s(monkeypatch):
+def test_commit_is_the_environment_s_else_head(monkeypatch):
     meta = load_bench_script("run_metadata")
     monkeypatch.delenv("QTOOL_COMMIT", raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=meta.REPO, capture_output=True, text=True).stdout.strip()
@@ -36,8 +36,9 @@ def test_commit_is_head_or_the_environment_s(monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
+    monkeypatch.setenv("QTOOL_COMMIT", "abc1234")  # named by the device command: wins over a stale .git
+    assert meta.git_commit() == "abc1234"
     monkeypatch.setattr(subprocess, "run", no_git)
-    monkeypatch.setenv("QTOOL_COMMIT", "abc1234")
     assert meta.git_commit() == "abc1234"
     monkeypatch.delenv("QTOOL_COMMIT")
     assert meta.git_commit() is None

@@ -345,3 +345,22 @@ def test_cuda_matches_cpu(kwargs, tolerance):
     assert torch.equal(gpu.quantized.g_idx.cpu(), cpu.quantized.g_idx)
     assert gpu.error == pytest.approx(cpu.error, rel=tolerance)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_solve_holds_at_most_three_hessian_sized_matrices_beside_h():
+    """The solve's GPU peak beyond its inputs: a working copy of H, the damped copy (turned into L^-1 in place) and
+    L, then L^-1 and its flip: three [k, k] float32 matrices, plus the weight's few [rows, k] copies (the memory
+    estimate's HESSIAN_COPIES = 4 counts H itself). Before the in-place solve it was five."""
+    k, rows = 4096, 64
+    weight, hessian = correlated_problem(rows, k, seed=29)
+    weight, hessian = weight.cuda(), hessian.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    gptq_quantize(weight, hessian, 4, group_size=128, sym=False)
+    torch.cuda.synchronize()
+    unit = k * k * 4
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 3 * unit + 8 * rows * k * 4, f"{extra / unit:.2f} [k, k] matrices"

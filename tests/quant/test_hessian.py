@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qtool.core.errors import QtoolError
-from qtool.quant.hessian import HessianAccumulator
+from qtool.quant.hessian import SCALE_ROWS, HessianAccumulator
 
 
 def reference_hessian(batches: list[torch.Tensor]) -> torch.Tensor:
@@ -108,3 +108,41 @@ def test_half_precision_products_stay_close_to_float64(dtype, k):
     assert torch.allclose(got, got.T, rtol=0, atol=4 * unit * ref.abs().max().item())
     assert (got - ref).abs().max().item() <= 4 * unit * ref.abs().max().item()
     assert acc.num_tokens == 397
+
+
+@pytest.mark.parametrize("k", [37, 2500])
+def test_float64_sum_read_in_row_slices_and_taken(k):
+    """The float64 sum is scaled to float32 H a slice of rows at a time (2500 inputs: three slices); H matches
+    float64 to float32's products, reads repeat, and take_hessian hands H over and refuses more batches."""
+    gen = torch.Generator().manual_seed(k + 11)
+    batches = [torch.randn(n, k, generator=gen) for n in (9, 130, 2)]
+    acc = HessianAccumulator(k, float64_sum=True)
+    assert (acc.hessian == 0).all() and acc.hessian.dtype == torch.float32
+    for batch in batches:
+        acc.add_batch(batch)
+    ref = reference_hessian(batches)
+    first = acc.hessian.clone()
+    assert torch.allclose(first.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert torch.equal(first, first.T)
+    taken = acc.take_hessian()
+    assert torch.equal(taken, first)
+    with pytest.raises(ValueError, match="take_hessian"):
+        acc.add_batch(batches[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float64_read_makes_only_the_float32_h():
+    """Reading H from the float64 sum adds H itself and one slice of rows in float64, not a sum-sized
+    temporary (a 7B's down_proj: 0.9 GiB); take_hessian then frees the sum."""
+    k = 4096
+    acc = HessianAccumulator(k, device="cuda", product_dtype=torch.bfloat16, float64_sum=True)
+    acc.add_batch(torch.randn(2, 256, k, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    hessian = acc.take_hessian()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= k * k * 4 + 2 * SCALE_ROWS * k * 8
+    assert torch.cuda.memory_allocated() - before <= k * k * 4 - k * k * 8 + 2**20  # the sum is gone
+    assert hessian.dtype == torch.float32 and hessian.device.type == "cuda"
