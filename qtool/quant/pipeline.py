@@ -6,6 +6,7 @@ continues where it stopped and ends with the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import resource
@@ -508,29 +509,19 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             del outputs
             # Rank 0 saves every sample's hidden states (the others send theirs), so the state is a one-process run's;
             # it decides for all whether this layer is a resume point (the cadence keeps saving under a tenth of the run)
-            hidden_bytes = tensors_bytes(next_hidden) * collective.world_size
-            save_hidden = collective.broadcast_object(cadence.due(index, num_layers, hidden_bytes) if collective.is_main else None)
-            began_save = time.monotonic()
-            every_hidden = None
-            if save_hidden and index + 1 == num_layers:
-                every_hidden = cadence.kept(index, num_layers, next_hidden)  # the last layer's feed no step
-            elif save_hidden:
-                dtype = collective.broadcast_object(next_hidden[0].dtype if next_hidden else None)
-                every_hidden = collective.gather_to_main(next_hidden, [[sample_shapes[i] for i in share] for share in shares], dtype,
-                                                         run.store.device)
-            if state is not None:
-                # on the host now: the save thread then holds no GPU memory while the next layer is worked on
-                named = {prefix + name: saved_form(qw) for name, qw in layer_quantized.items()}
-                if every_hidden is None:  # the layer's weights alone: written while the next layer is worked on
-                    writer.submit(lambda index=index, named=named: state.save_layer(index, named, None))
-                else:  # a resume point records every layer before it as saved: those are written first
-                    writer.wait()
-                    state.save_layer(index, named, every_hidden)
-                    cadence.saved(began_save)
+            def gather(local: list[torch.Tensor]) -> list[torch.Tensor] | None:
+                dtype = collective.broadcast_object(local[0].dtype if local else None)
+                return collective.gather_to_main(local, [[sample_shapes[i] for i in share] for share in shares], dtype, run.store.device)
+
+            # the weights on the host now: the save thread then holds no GPU memory while the next layer is worked on
+            write = None if state is None else functools.partial(
+                state.save_layer, index, {prefix + name: saved_form(qw) for name, qw in layer_quantized.items()})
+            cadence.save(index, num_layers, next_hidden, write, writer, hidden_bytes=tensors_bytes(next_hidden) * collective.world_size,
+                         agree=lambda due: collective.broadcast_object(due if collective.is_main else None), gather=gather)
             del original, restore, layer_quantized, layer
             float_model.release_layer(index)
             inputs = inputs.advanced(next_hidden)
-            del next_hidden, every_hidden  # the next layer's inputs only: a rung that moves them to the host frees them
+            del next_hidden, write  # the next layer's inputs only: a rung that moves them to the host frees them
             give_back_freed_memory()  # what the layer's work freed
             report(index + 1, num_layers, f"layer {index + 1}/{num_layers}")
         writer.wait()  # every layer saved before the checkpoint reads them

@@ -90,19 +90,33 @@ class HiddenSaveCadence:
         self.last_save_seconds = self.since - began
 
     def save(self, index: int, steps: int, hidden: list[torch.Tensor],
-             write: Callable[[list[torch.Tensor] | None], None], writer: StepWriter | None = None) -> None:
+             write: Callable[[list[torch.Tensor] | None], None] | None, writer: StepWriter | None = None, *,
+             hidden_bytes: int | None = None, agree: Callable[[bool], bool] | None = None,
+             gather: Callable[[list[torch.Tensor]], list[torch.Tensor] | None] | None = None) -> None:
         """write(hidden) where step `index` of `steps` is due to save them (timed for the next decision), else
         write(None): the step's result alone (WorkState.save_step's two forms), on `writer`'s thread where given
-        (a resume point waits for the saves before it and is written on this thread)."""
-        due = self.due(index, steps, tensors_bytes(hidden))
-        if not due and writer is not None:
-            writer.submit(lambda: write(None))
+        (a resume point waits for the saves before it and is written on this thread).
+
+        With several processes every one calls this: `hidden_bytes` is the run's total, `agree` makes all take the
+        main process's decision (a broadcast), `gather` brings every process's hidden states to the main one (both
+        collectives, entered by all), and `write` is None where a process writes nothing."""
+        due = self.due(index, steps, tensors_bytes(hidden) if hidden_bytes is None else hidden_bytes)
+        if agree is not None:
+            due = agree(due)
+        if not due:
+            if write is not None and writer is not None:
+                writer.submit(lambda: write(None))
+            elif write is not None:
+                write(None)
             return
         if writer is not None:
             writer.wait()
         began = time.monotonic()
-        write(self.kept(index, steps, hidden) if due else None)
-        if due:
+        kept = self.kept(index, steps, hidden)
+        if gather is not None and index + 1 < steps:  # the last step keeps none: nothing to gather
+            kept = gather(kept)
+        if write is not None:
+            write(kept)
             self.saved(began)
 
 

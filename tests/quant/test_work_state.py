@@ -93,3 +93,38 @@ def test_the_saved_form_is_compact_on_the_host_and_equal(bits):
     assert saved.codes.dtype == torch.uint8 and saved.zeros.dtype == saved.g_idx.dtype == torch.int32
     assert all(t.device.type == "cpu" for t in (saved.codes, saved.scales, saved.zeros, saved.g_idx))
     assert torch.equal(saved.dequantize(), qw.dequantize())
+
+
+def test_save_with_several_processes_takes_the_main_decision_and_gathers():
+    """The GPTQ pipeline's form of HiddenSaveCadence.save: the decision comes from `agree` (the main process's),
+    the hidden states through `gather` at a resume point before the last step, and a process without `write`
+    still enters both collectives."""
+    from qtool.quant.step_writer import StepWriter
+    from qtool.quant.work_state import HiddenSaveCadence
+
+    hidden = [torch.randn(3, 5)]
+    big = 64 << 30  # never due by itself this early in the run
+    for agreed, index, write_here in [(True, 2, True), (False, 2, True), (True, 2, False), (True, 7, True)]:
+        calls: list[str] = []
+        written: list = []
+
+        def gather(local):
+            calls.append("gather")
+            return local + [torch.zeros(1)]
+
+        def agree(due, agreed=agreed):
+            calls.append(f"agree {due}")
+            return agreed
+
+        with StepWriter() as writer:
+            HiddenSaveCadence().save(index, 8, hidden, written.append if write_here else None, writer, hidden_bytes=big,
+                                     agree=agree, gather=gather)
+        assert calls[0] == f"agree {index + 1 == 8}"  # the last step is always a resume point
+        resume_point = agreed and index + 1 < 8
+        assert calls[1:] == (["gather"] if resume_point else [])
+        if not write_here:
+            assert written == []
+        elif not agreed:
+            assert written == [None]
+        else:
+            assert len(written) == 1 and len(written[0]) == (2 if resume_point else 0)
