@@ -6,8 +6,9 @@ CPU ops by self time; one JSON line per run to --out.
 
     python bench/quantize/profile_layer.py --data .device-data/big --work /tmp/profile_layer --out rows.jsonl
         [--layers 1] [--dtypes float32,bfloat16] [--samples 128 --seqlen 2048] [--shape llama2-7b|tiny]
-        [--gpu-memory-gib 10.5] [--no-profiler]
-Each progress event also records torch's allocated peak since the event before it (the GPU's per-group peaks).
+        [--gpu-memory-gib 10.5] [--no-profiler] [--trace-tensors]
+Each progress event also records torch's allocated peak since the event before it (the GPU's per-group peaks); on
+the CPU with --trace-tensors, the peak of the run's own live tensor bytes (live_tensors.py) in its place.
 """
 
 import argparse
@@ -21,10 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import big_model  # noqa: E402  (bench/quantize/ is no package: the model writer)
+from live_tensors import LiveTensorBytes  # noqa: E402
+
+HOLDERS_SHOWN = 8  # the ops whose outputs held the most at a traced peak
 
 
 def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str,
-                gpu_memory_bytes: int | None = None, profiled: bool = True) -> dict:
+                gpu_memory_bytes: int | None = None, profiled: bool = True, traced: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
@@ -37,17 +41,25 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
     timeline: list[tuple[float, str]] = []
     on_gpu = device.startswith("cuda")
     peaks: list[float | None] = []  # torch's allocated peak (GiB) between one progress event and the next
+    # on the CPU (`traced`): the run's own live tensor bytes, exactly (live_tensors.py), in place of the GPU's figure
+    live = LiveTensorBytes(holders=True) if traced and not on_gpu else None
+    held: list[float] = []  # traced: the live bytes (GiB) at each event, where the next step's peak starts from
+    holders: list[dict[str, float]] = []  # traced: at each event's peak, the GiB held by the op that made them
 
     def progress(done: int, total: int, detail: str = "") -> None:
         timeline.append((time.perf_counter() - began, detail))
         if on_gpu:
             peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 3))
             torch.cuda.reset_peak_memory_stats()
+        elif live is not None:
+            holders.append({op: round(size / 2**30, 3) for op, size in list(live.peak_holders.items())[:HOLDERS_SHOWN]})
+            peaks.append(round(live.take_peak() / 2**30, 6))
+            held.append(round(live.live / 2**30, 6))
         else:
             peaks.append(None)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with (profile(activities=activities) if profiled else contextlib.nullcontext()) as prof:
+    with (profile(activities=activities) if profiled else contextlib.nullcontext()) as prof, (live or contextlib.nullcontext()):
         result = quantize_model(str(model_dir), config, str(output), device=device, force=True, progress=progress,
                                 gpu_memory_bytes=gpu_memory_bytes)
     seconds = time.perf_counter() - began
@@ -68,6 +80,9 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
         "cpu_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
                     for e in cpu_ops],
         "gpu_peak_torch_gib": max(p for p in peaks if p is not None) if on_gpu and peaks else None,
+        "traced_peak_gib": max(p for p in peaks if p is not None) if live is not None and peaks else None,
+        "traced_live_gib": held if live is not None else None,
+        "traced_peak_holders": holders if live is not None else None,
         "replay": result.memory.get("estimate", {}).get("replay"),
     }
     return row
@@ -75,11 +90,14 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
 
 def print_row(row: dict) -> None:
     print(f"## compute_dtype {row['compute_dtype']}: {row['seconds']} s (replay {row['replay']}, "
-          f"torch peak {row['gpu_peak_torch_gib']} GiB)")
+          f"torch peak {row['gpu_peak_torch_gib']} GiB, traced CPU peak {row['traced_peak_gib']} GiB)")
     previous = 0.0
-    for (t, detail), peak in zip(row["timeline"], row["peaks_gib"]):
+    holders = row.get("traced_peak_holders") or [None] * len(row["timeline"])
+    for (t, detail), peak, by_op in zip(row["timeline"], row["peaks_gib"], holders):
         held = "" if peak is None else f"  (peak {peak} GiB before it)"
         print(f"  {t:8.2f} +{t - previous:6.2f}  {detail}{held}")
+        if by_op:
+            print("            held at that peak: " + ", ".join(f"{op} {size}" for op, size in by_op.items()))
         previous = t
     for m in row["modules"]:
         print(f"  solve {m['name']} {m['k']}x{m['n']}: {m['solve_s']} s, damp {m['damp']}")
@@ -104,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="run under quantize's --gpu-memory budget")
     p.add_argument("--no-profiler", action="store_true", help="time and peaks only (the profiler's own cost left out)")
+    p.add_argument("--trace-tensors", action="store_true",
+                   help="on the CPU: each progress event's peak of the run's own live tensor bytes (live_tensors.py; "
+                        "slow: Python sees every op), what the GPU's allocated peak is there")
     args = p.parse_args(argv)
+    if args.trace_tensors and not args.no_profiler:
+        p.error("--trace-tensors needs --no-profiler (both would see every op)")
     budget = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else None
     work, data = Path(args.work), Path(args.data)
     model_dir = work / f"{args.shape}-{args.layers}L"
@@ -112,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         big_model.write_model(big_model.SHAPES[args.shape], args.layers, data / "tokenizer", model_dir, args.device)
     for dtype in args.dtypes.split(","):
         row = profile_run(model_dir, work / f"out-{dtype}", data, dtype, args.samples, args.seqlen, args.device, budget,
-                          profiled=not args.no_profiler)
+                          profiled=not args.no_profiler, traced=args.trace_tensors)
         row.update({"shape": args.shape, "layers": args.layers, "samples": args.samples, "seqlen": args.seqlen,
                     **big_model.versions()})
         print_row(row)

@@ -20,9 +20,15 @@ from qtool.formats.exl2 import ROW_ALIGNMENT as EXL2_ROW_ALIGNMENT
 from qtool.formats.exl2 import check_exl2_layout
 from qtool.formats.gptq import PACK_ALIGNMENT
 
-# The widest linear's Hessian: its float64 sum (two float32's worth), the float32 Hessian read from it and its
-# inverse Cholesky factor, side by side during the solve.
+# The widest linear's Hessian, in float32 units: its float64 sum (two) and the float32 H read from it; then, the
+# sum freed, H beside the solve's working copy, its damped copy and the Cholesky factor (quant/gptq.py; traced on
+# the CPU with bench/quantize/profile_layer.py --trace-tensors).
 HESSIAN_COPIES = 4
+# The solve of the largest group (linears that share an input, stacked: a gated MLP's gate+up) holds, in float32,
+# the stacked weights, the sweep's transposed copy and the dequantized result: another phase than the widest
+# Hessian's solve, so a layer's work takes the larger of the two. The layer's codes (uint8) wait for its save.
+SOLVE_WEIGHT_COPIES = 3
+CODE_BYTES = 1
 # Layer inputs and outputs for all calibration samples are held at once.
 ACTIVATION_COPIES = 2
 # Besides them, while a layer is quantized its replay (quant/replay.py) keeps every quantized linear's output and,
@@ -132,6 +138,7 @@ class ModelStats:
     layer_params: int  # the largest decoder layer
     layer_outputs: int = 0  # the out_features of the largest layer's linears, summed (what its replay records per token)
     vocab: int = 0  # the head's outputs (EXL2's weighing pass holds one window's logits and their gradient)
+    largest_group_params: int = 0  # the weights of the largest set of a layer's linears that share an input
 
     @classmethod
     def from_config(cls, hf_config: Any, tensor_shapes: Mapping[str, tuple[int, ...]] | None = None) -> "ModelStats":
@@ -151,6 +158,8 @@ class ModelStats:
         mlp_matrices = 2 if getattr(text, "model_type", "") in UNGATED_MLP_MODEL_TYPES else 3
         layer_params = attention + mlp_matrices * hidden * intermediate + 2 * hidden
         layer_outputs = head_dim * (heads + 2 * kv_heads) + hidden + (mlp_matrices - 1) * intermediate + hidden
+        largest_group = max(hidden * head_dim * (heads + 2 * kv_heads), (mlp_matrices - 1) * hidden * intermediate,
+                            hidden * intermediate)
         embeddings = vocab * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
         return cls(
             params=layers * layer_params + embeddings + hidden,
@@ -162,12 +171,15 @@ class ModelStats:
             layer_params=layer_params,
             layer_outputs=layer_outputs,
             vocab=vocab,
+            largest_group_params=largest_group,
         )
 
     @classmethod
     def _from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], layers: int, hidden: int, intermediate: int, heads: int) -> "ModelStats":
         per_layer: dict[str, int] = defaultdict(int)
         outputs: dict[str, int] = defaultdict(int)
+        # linears of one block with the same input width, an upper bound on a group (q/k/v counted with o_proj)
+        sharing: dict[tuple[str, int], int] = defaultdict(int)
         max_in = 0
         for name, shape in shapes.items():
             match = LAYER_INDEX.search(name)
@@ -176,6 +188,8 @@ class ModelStats:
                 if len(shape) == 2 and name.endswith(".weight"):
                     max_in = max(max_in, shape[1])
                     outputs[match.group(1)] += shape[0]
+                    block = name.rsplit(".", 2)[0]  # "model.layers.3.mlp" of "model.layers.3.mlp.up_proj.weight"
+                    sharing[block, shape[1]] += shape[0] * shape[1]
         return cls(
             params=sum(math.prod(s) for s in shapes.values()),
             layers=layers,
@@ -185,6 +199,7 @@ class ModelStats:
             max_in_features=max_in or max(hidden, intermediate),
             layer_params=max(per_layer.values(), default=0),
             layer_outputs=max(outputs.values(), default=0),
+            largest_group_params=max(sharing.values(), default=0),
         )
 
 
@@ -225,7 +240,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     """Bytes a quantization run holds at its peak, and where it keeps the calibration activations.
 
     The float32 model on the CPU (`streaming`: only what lies outside the decoder layers, the layer being quantized
-    and the next layer being read ahead); where the work runs, one layer, the Hessians and one sample's forward scratch;
+    and the next layer being read ahead); where the work runs, one layer, the Hessians or (the larger) the largest
+    group's solve copies, the layer's codes and one sample's forward scratch;
     and the activations: the layer's inputs and outputs for every sample, and what the replay records while the
     layer is quantized. They go to the first plan that fits the free memory given (None: assumed to fit): on the
     compute device with the replay, there without it (each pass recomputes the layer instead), in host memory
@@ -256,6 +272,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         "activations": tokens * stats.hidden * activation_dtype(config, device, stats.hidden).itemsize * ACTIVATION_COPIES,
         "recordings": 0 if exl2 else tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
+        "solve": stats.largest_group_params * FLOAT32_BYTES * SOLVE_WEIGHT_COPIES,
+        "codes": stats.layer_params * CODE_BYTES,
         # one sample through the layer: MLP intermediates and the attention scores
         "forward_scratch": seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
     }
@@ -269,7 +287,7 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         # the head's weights where the work runs (on the CPU they are in weights), for its gradients or its quantization
         components["head"] = head if on_gpu and (windows or config.head_bits) else 0
         components["head_quantization"] = (head * HEAD_SOLVE_COPIES + stats.hidden**2 * FLOAT32_BYTES * HESSIAN_COPIES) if config.head_bits else 0
-    work = components["layer"] + components["hessians"] + components["forward_scratch"]
+    work = components["layer"] + max(components["hessians"], components["solve"]) + components["codes"] + components["forward_scratch"]
 
     def fits(host: int, device_bytes: int) -> bool:
         return ((device_free_bytes is None or device_bytes <= device_free_bytes)

@@ -16,7 +16,7 @@ from qtool.core.errors import QtoolError
 from qtool.kernels.gptq_block_triton import blocks_problem, solve_rows
 from qtool.quant.grid import (check_grid_options, dequantize_codes, fit_grid, fit_group_grids, max_code, natural_g_idx,
                               round_to_grid)
-from qtool.formats.quantized_weight import QuantizedWeight
+from qtool.formats.quantized_weight import QuantizedWeight, codes_dtype
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,19 @@ def _solve_columns(
     work: torch.Tensor,
     upper: torch.Tensor,
     bounds: list[int],
-    block_grid: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+    block_grid: Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]],
     bits: int,
     kernel_blocks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over the rows of work = W^T [K, N] (updated in place), with blocks [bounds[i], bounds[i+1])
-    and upper = the Cholesky factor of H^-1. block_grid(start, end) gives the block's (scale, zero): [N] each for
+    and upper = the Cholesky factor of H^-1. block_grid(work, start, end) gives the block's (scale, zero): [N] each for
     one grid over the whole block (bounds split at group starts), or [end - start, N] for a grid per column (static
-    groups under act order). Returns float codes [K, N], dequantized [K, N] and the sum of squared scaled errors.
+    groups under act order). Returns codes [K, N] (codes_dtype(bits)), dequantized [K, N] and the sum of squared
+    scaled errors.
     kernel_blocks: each block goes through solve_rows (one kernel per 64 columns on a GPU, where the column loop is
     a handful of small launches per column)."""
     cols, rows = work.shape
-    codes_t = torch.empty_like(work)
+    codes_t = torch.empty(work.shape, dtype=codes_dtype(bits), device=work.device)  # (float codes are integral)
     deq_t = torch.empty_like(work)
     loss = torch.zeros((), dtype=torch.float32, device=work.device)
     if kernel_blocks:
@@ -125,7 +126,7 @@ def _solve_columns(
     # then updates the rest of its block with one matmul, and each block the columns after it.
     sub_width = max(1, min(16, _SERIAL_ELEMENTS // max(rows, 1)))
     for start, end in zip(bounds[:-1], bounds[1:]):
-        scale, zero = block_grid(start, end)
+        scale, zero = block_grid(work, start, end)
         if kernel_blocks:
             deq_t[start:end], block_err, codes_t[start:end] = solve_rows(
                 work[start:end], scale, scale, zero, low, high, upper[start:end, start:end])
@@ -190,35 +191,46 @@ def gptq_quantize(
     width = cols if group_size == -1 else group_size
     num_groups = math.ceil(cols / width)
 
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=device, dtype=torch.float32).clone()
-    dead = h.diagonal() == 0
+    source = hessian.detach().to(device=device, dtype=torch.float32)
+    dead = source.diagonal() == 0
     if bool(dead.all()):
         raise QtoolError("the Hessian is all zero: no calibration token reached this linear", "check the calibration data, or use method rtn")
-    # An input that is always 0 leaves its weight free: GPTQ zeroes it and gives H a unit pivot there.
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-
-    if static_groups:
-        # GPTQModel's static groups: fitted now, on the weight as it is, in natural column order.
-        fixed_scales, fixed_zeros = fit_group_grids(w, group_size, bits, sym, mse=mse, min_zero=min_zero)
+    # An input that is always 0 leaves its weight free: GPTQ zeroes it and gives H a unit pivot there. The working
+    # copy of H is made in one gather under act order (no intermediate [k, k] copy).
     if desc_act:
-        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
-        w = w[:, perm]
-        h = h[perm][:, perm]
+        pivots = torch.where(dead, torch.ones_like(source.diagonal()), source.diagonal())
+        perm = torch.argsort(pivots, descending=True, stable=True)
+        h = source[perm[:, None], perm]
+        h.diagonal()[dead[perm]] = 1.0
+    else:
+        h = source.clone()
+        h.diagonal()[dead] = 1.0
+    del source
+    # The sweep works in place on W^T (a column of W a contiguous row), float32, made in one copy of the weight:
+    # the solve's GPU memory is this, the dequantized weight and the uint8 codes (a 7B's gate+up: 0.34 GiB each).
+    if static_groups:
+        # GPTQModel's static groups: fitted now, on the weight as it is (dead inputs zeroed), in natural column
+        # order; before the sweep's copy exists, and on the weight itself where nothing needs zeroing
+        as_is = weight.detach().to(torch.float32)
+        if bool(dead.any()):
+            as_is = as_is.clone()
+            as_is[:, dead] = 0.0
+        fixed_scales, fixed_zeros = fit_group_grids(as_is, group_size, bits, sym, mse=mse, min_zero=min_zero)
+        del as_is
+    work = torch.empty(cols, rows, dtype=torch.float32, device=device)
+    work.copy_(weight.detach().T)
+    work[dead] = 0.0
+    if desc_act:
+        work = work[perm]
     upper, damp_used = inverse_hessian_cholesky(h, damp_percent, damp_auto_increment)
     del h
-
-    # Work on W^T so that a column of W is a contiguous row.
-    work = w.T.contiguous()
-    del w
     if static_groups:
         scales, zeros = fixed_scales, fixed_zeros
         float_zeros = zeros.to(torch.float32)
         order = perm if desc_act else torch.arange(cols, device=device)
         position_groups = order // width
 
-        def block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def block_grid(work: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             # each column of the block its own group's grid (under act order a block's columns span groups)
             groups = position_groups[start:end]
             return scales[groups], float_zeros[groups]
@@ -229,7 +241,7 @@ def gptq_quantize(
         zeros = torch.empty(num_groups, rows, dtype=torch.int32, device=device)
         current: list[torch.Tensor] = []
 
-        def block_grid(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def block_grid(work: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             if start % width == 0:
                 # bounds split at group starts: the group's columns now hold every earlier update
                 group = start // width
@@ -242,6 +254,7 @@ def gptq_quantize(
     bounds = sorted(set(range(0, cols, block_size)) | set(group_starts)) + [cols]
     kernel_blocks = blocks_problem(work) is None
     codes_t, deq_t, loss = _solve_columns(work, upper, bounds, block_grid, bits, kernel_blocks)
+    del work, upper  # before the outputs' copies are made
 
     error = 0.5 * float(loss)
     if not math.isfinite(error):
@@ -255,7 +268,7 @@ def gptq_quantize(
     else:
         g_idx = natural_g_idx(cols, group_size, device)
     quantized = QuantizedWeight(
-        codes=codes_t.T.to(torch.int32).contiguous(),
+        codes=codes_t.T.contiguous(),
         scales=scales,
         zeros=zeros,
         g_idx=g_idx.to(torch.int32).contiguous(),

@@ -50,7 +50,8 @@ def solve_group(
     independently, so stacking their weights gives each the result it would get alone, at a fraction of the
     Python overhead."""
     weights = [linear.weight.data.float() for _, linear in linears]
-    stacked = torch.cat(weights, dim=0)
+    # one linear's own weight as it is: the solvers copy what they change (no third copy of a 7B's down_proj)
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     started = time.perf_counter()
     common = dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse, min_zero=min_zero_for(config))
     if config.method == "rtn" or hessian is None:
@@ -66,8 +67,11 @@ def solve_group(
             **common,
         )
     if config.refine_scales and hessian is not None:
-        refined, dequantized = refine_group_scales(stacked, result.quantized, hessian)
+        # the solver's dequantized weight goes first: the refit makes its own (a 7B's gate+up: 0.34 GiB each)
+        first, result = result.quantized, replace(result, dequantized=None)
+        refined, dequantized = refine_group_scales(stacked, first, hessian)
         result = replace(result, quantized=refined, dequantized=dequantized)
+        del first
     seconds = time.perf_counter() - started
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtool.core.errors import QtoolError
-from qtool.formats.quantized_weight import QuantizedWeight
+from qtool.formats.quantized_weight import QuantizedWeight, codes_dtype
 from qtool.quant.step_writer import StepWriter
 
 STATE_FILE = "job.json"
@@ -123,8 +123,7 @@ class HiddenSaveCadence:
 def saved_form(qw: QuantizedWeight) -> QuantizedWeight:
     """A quantized weight as a run's state keeps it: in host memory, codes uint8 up to 8 bits (int32 above), zeros
     and g_idx int32 (a weight already so is returned as it is)."""
-    codes_dtype = torch.uint8 if qw.bits <= 8 else torch.int32
-    return QuantizedWeight(codes=qw.codes.to("cpu", codes_dtype), scales=qw.scales.to("cpu"), zeros=qw.zeros.to("cpu", torch.int32),
+    return QuantizedWeight(codes=qw.codes.to("cpu", codes_dtype(qw.bits)), scales=qw.scales.to("cpu"), zeros=qw.zeros.to("cpu", torch.int32),
                            g_idx=qw.g_idx.to("cpu", torch.int32), bits=qw.bits, group_size=qw.group_size)
 
 

@@ -39,3 +39,17 @@ def test_without_the_profiler_the_timeline_and_its_peaks_still_come(tmp_path, ma
     assert row["kernels"] == [] and row["cpu_ops"] == []
     assert len(row["peaks_gib"]) == len(row["timeline"]) > 0 and set(row["peaks_gib"]) == {None}  # no GPU here
     assert row["estimate"]["activation_tier"] == "host" and row["gpu_memory_bytes"] is None
+
+
+def test_traced_cpu_peaks_see_the_hessians(tmp_path, make_tiny_tokenizer):
+    """--trace-tensors on the CPU: every progress event gets the run's live-tensor peak, and the down_proj group's
+    holds at least its Hessian's float64 sum ([intermediate, intermediate] x 8 bytes)."""
+    row = profile_tiny_layer(tmp_path, make_tiny_tokenizer(), "--no-profiler", "--trace-tensors")
+    assert all(isinstance(p, float) and p > 0 for p in row["peaks_gib"])
+    assert row["traced_peak_gib"] == max(row["peaks_gib"])
+    config = json.loads(next((tmp_path / "work").glob("*/config.json")).read_text())
+    details = [detail for _, detail in row["timeline"]]
+    # an event's peak is what the step before it held: the down_proj group's comes with the event after its own
+    start = details.index("layer 1/1 down_proj")
+    grew = row["peaks_gib"][start + 1] - row["traced_live_gib"][start]
+    assert grew * 2**30 >= config["intermediate_size"] ** 2 * 8 - 2**12  # (figures rounded to the KiB)

@@ -21,7 +21,8 @@ def llama_like(layers: int = 7, hidden: int = 320, intermediate: int = 864, voca
     """Stats of an odd-sized gated model, counted the way a reader would by hand."""
     layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
     return ModelStats(params=layers * layer + 2 * vocab * hidden + hidden, layers=layers, hidden=hidden, intermediate=intermediate,
-                      heads=5, max_in_features=intermediate, layer_params=layer, layer_outputs=4 * hidden + 2 * intermediate + hidden)
+                      heads=5, max_in_features=intermediate, layer_params=layer, layer_outputs=4 * hidden + 2 * intermediate + hidden,
+                      largest_group_params=2 * hidden * intermediate)
 
 
 def config(samples: int = 37, seqlen: int = 211) -> QuantConfig:
@@ -106,7 +107,8 @@ def test_the_weighing_pass_takes_the_first_tier_that_fits_on_its_own():
     assert gptq["weighing_tier"] is None and gptq["weighing_peaks"] is None  # GPTQ has no weighing pass
     # 32 windows (of the 37 samples): every layer's inputs, the last layer's outputs and the gradients
     window_bytes = 32 * 211 * 320 * 4
-    work = stats.layer_params * 4 + 864 * 864 * 4 * 4 + 211 * max(2 * 864, 5 * 211) * 4
+    # the layer, its widest Hessian (larger than gate+up's three float32 copies here), its uint8 codes, the scratch
+    work = stats.layer_params * 4 + max(864 * 864 * 4 * 4, 2 * 320 * 864 * 4 * 3) + stats.layer_params + 211 * max(2 * 864, 5 * 211) * 4
     at_head = 5003 * 320 * 4 + 211 * 5003 * 4 * 3  # the head's weights, one window's logits (three copies)
     passes = work + 37 * 211 * 320 * 4 * 2  # a layer's inputs and outputs on the GPU
     weights = estimate_peak_memory(job, stats, "cuda", streaming=True)["components"]["weights"]
@@ -141,7 +143,7 @@ def test_a_quantized_head_counts_its_solve_where_it_runs():
     assert plain["components"]["head"] == 0 and quantized["components"]["head"] == head
     assert quantized["components"]["head_quantization"] == head * 5 + 320 * 320 * 4 * 4
     assert quantized["device_bytes"] - plain["device_bytes"] == head * 6 + 320 * 320 * 4 * 4 - (stats.layer_params * 4 + 864 * 864 * 4 * 4
-                                                                                                 + 211 * max(2 * 864, 5 * 211) * 4)
+                                                                                                 + stats.layer_params + 211 * max(2 * 864, 5 * 211) * 4)
 
 
 def test_a_70b_weighing_pass_goes_to_disk_while_the_passes_stay_on_the_gpu():

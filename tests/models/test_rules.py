@@ -111,6 +111,7 @@ def test_stats_of_smollm2_config():
     assert stats.params == 30 * per_layer + 49152 * 576 + 576
     assert stats.max_in_features == 1536
     assert stats.layer_outputs == 576 + 2 * 192 + 576 + 2 * 1536 + 576
+    assert stats.largest_group_params == 2 * 576 * 1536  # gate+up, above q+k+v's 576 x (576 + 2 x 192)
 
 
 # ---------------------------------------------------------------- memory
@@ -132,8 +133,11 @@ def test_estimate_on_cuda_splits_weights_from_the_work():
     estimate = estimate_peak_memory(config_with(), stats, torch.device("cuda"))
     assert estimate["cpu_bytes"] == stats.params * 4
     components = estimate["components"]
-    assert estimate["device_bytes"] == sum(v for k, v in components.items() if k != "weights")
-    assert components["layer"] == stats.layer_params * 4
+    # the Hessians' solve and the largest group's are phases one after the other: the larger counts
+    assert estimate["device_bytes"] == sum(v for k, v in components.items() if k != "weights") - min(components["hessians"], components["solve"])
+    assert components["layer"] == stats.layer_params * 4 and components["codes"] == stats.layer_params
+    hidden, intermediate = smollm2_config().hidden_size, smollm2_config().intermediate_size
+    assert components["solve"] == 2 * hidden * intermediate * 4 * 3  # gate+up, stacked, transposed, dequantized
 
 
 def test_fits_gives_one_info_per_memory_pool():

@@ -102,7 +102,7 @@ def quadratic_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
 
 def assert_well_formed(result, rows: int, cols: int, bits: int, groups: int):
     q = result.quantized
-    assert q.codes.shape == (rows, cols) and q.codes.dtype == torch.int32
+    assert q.codes.shape == (rows, cols) and q.codes.dtype == torch.uint8
     assert q.scales.shape == (groups, rows) and q.scales.dtype == torch.float32
     assert q.zeros.shape == (groups, rows) and q.zeros.dtype == torch.int32
     assert q.g_idx.shape == (cols,) and q.g_idx.dtype == torch.int32

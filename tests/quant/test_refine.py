@@ -56,3 +56,17 @@ def test_rows_the_refit_would_not_help_keep_their_scales():
     again, _ = refine_group_scales(w, refined, h)
     # a second refit is a fixed point: the scales are already optimal for these codes
     assert torch.allclose(again.scales, refined.scales, rtol=1e-4, atol=1e-7)
+
+
+def test_rows_refitted_a_slice_at_a_time_give_the_whole_weight_s_result(monkeypatch):
+    """Rows are independent: slices of 4 rows (the last one shorter) give the scales of one refit over all 9."""
+    from qtool.quant import refine
+
+    w, h = problem(n=9, k=96, seed=5)
+    result = gptq_quantize(w, h, bits=3, group_size=32, sym=False)
+    whole, whole_deq = refine_group_scales(w, result.quantized, h)
+    monkeypatch.setattr(refine, "REFINE_ROWS", 4)
+    sliced, sliced_deq = refine_group_scales(w, result.quantized, h)
+    assert torch.allclose(sliced.scales, whole.scales, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(sliced_deq, whole_deq, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(whole.scales, result.quantized.scales)  # the refit changed something to compare
