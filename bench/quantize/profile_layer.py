@@ -64,6 +64,7 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
                                 gpu_memory_bytes=gpu_memory_bytes)
     seconds = time.perf_counter() - began
     averages = prof.key_averages() if profiled else []
+    top = max((p for p in peaks if p is not None), default=None)  # the run's peak: the GPU's, or the traced one
     device_key = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
     kernels = sorted(averages, key=lambda e: getattr(e, device_key), reverse=True)[:25]
     cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
@@ -79,8 +80,8 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
                     for e in kernels],
         "cpu_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
                     for e in cpu_ops],
-        "gpu_peak_torch_gib": max(p for p in peaks if p is not None) if on_gpu and peaks else None,
-        "traced_peak_gib": max(p for p in peaks if p is not None) if live is not None and peaks else None,
+        "gpu_peak_torch_gib": top if on_gpu else None,
+        "traced_peak_gib": top if live is not None else None,
         "traced_live_gib": held if live is not None else None,
         "traced_peak_holders": holders if live is not None else None,
         "replay": result.memory.get("estimate", {}).get("replay"),

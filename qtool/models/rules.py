@@ -158,8 +158,8 @@ class ModelStats:
         mlp_matrices = 2 if getattr(text, "model_type", "") in UNGATED_MLP_MODEL_TYPES else 3
         layer_params = attention + mlp_matrices * hidden * intermediate + 2 * hidden
         layer_outputs = head_dim * (heads + 2 * kv_heads) + hidden + (mlp_matrices - 1) * intermediate + hidden
-        largest_group = max(hidden * head_dim * (heads + 2 * kv_heads), (mlp_matrices - 1) * hidden * intermediate,
-                            hidden * intermediate)
+        # q+k+v, or the MLP's input side (gate+up; up alone, as large as down, when ungated)
+        largest_group = max(hidden * head_dim * (heads + 2 * kv_heads), (mlp_matrices - 1) * hidden * intermediate)
         embeddings = vocab * hidden * (1 if getattr(text, "tie_word_embeddings", True) else 2)
         return cls(
             params=layers * layer_params + embeddings + hidden,

@@ -64,8 +64,7 @@ class HessianAccumulator:
             self._hessian = hessian
             self._stale = False
             return self._hessian
-        if self._sum is None and self._hessian is None:
-            raise ValueError("the accumulator's sums were released by take_hessian")
+        self._check_not_taken()
         if not self._symmetric:
             for start, end in self._row_blocks[1:]:
                 self._hessian[start:end, :start] = self._hessian[:start, start:end].T
@@ -79,8 +78,7 @@ class HessianAccumulator:
                 f"Hessian input has {x.shape[-1]} features, the linear takes {self.in_features}",
                 "feed the accumulator the input of the linear it was made for",
             )
-        if self._sum is None and self._hessian is None:
-            raise ValueError("the accumulator's sums were released by take_hessian")
+        self._check_not_taken()
         tokens = x.reshape(-1, self.in_features)
         count = tokens.shape[0]
         if count == 0:
@@ -109,8 +107,11 @@ class HessianAccumulator:
         accumulator then takes no more batches."""
         hessian = self.hessian
         self._sum, self._hessian = None, None
-        self._stale = False
         return hessian
+
+    def _check_not_taken(self) -> None:
+        if self._sum is None and self._hessian is None:
+            raise ValueError("the accumulator's sums were released by take_hessian")
 
     def _fill_lower(self, matrix: torch.Tensor) -> None:
         for start, end in self._row_blocks[1:]:

@@ -68,10 +68,9 @@ def solve_group(
         )
     if config.refine_scales and hessian is not None:
         # the solver's dequantized weight goes first: the refit makes its own (a 7B's gate+up: 0.34 GiB each)
-        first, result = result.quantized, replace(result, dequantized=None)
-        refined, dequantized = refine_group_scales(stacked, first, hessian)
+        result = replace(result, dequantized=None)
+        refined, dequantized = refine_group_scales(stacked, result.quantized, hessian)
         result = replace(result, quantized=refined, dequantized=dequantized)
-        del first
     seconds = time.perf_counter() - started
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
