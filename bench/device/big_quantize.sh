@@ -19,6 +19,9 @@
 #   bash bench/device/big_quantize.sh memory          there: the quantization's GPU tests, one layer's per-group
 #                                                     GPU peaks (profile_layer.py, uncapped and under 10.5 GiB),
 #                                                     then gptq-7b with what is left of DEADLINE_S
+#   bash bench/device/big_quantize.sh profile         there: where a layer's time goes (profile_layer.py under torch's
+#                                                     profiler, 2 layers under 10.5 GiB, the plan's --qtool-set
+#                                                     pairs), then gptq-7b with the same pairs
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 #   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
 #                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and
@@ -122,6 +125,17 @@ if [[ $PLAN == memory ]]; then
         log "profile (cap $cap): exit $?"
         grep -v '^{' "$OUT/profile_$cap.log" | grep -v "top \|^    " | tail -20 | tee -a "$LOG"
     done
+    PLAN=gptq-7b
+fi
+
+if [[ $PLAN == profile ]]; then
+    sets=(); previous=""
+    for arg in "$@"; do [[ $previous == --qtool-set ]] && sets+=(--set "$arg"); previous=$arg; done
+    log "one layer's time under the profiler (${sets[*]})"
+    timeout "$(limit 150)" python3 bench/quantize/profile_layer.py --data "$DATA" --work "$WORK/profile" --layers 2 \
+        --dtypes bfloat16 --gpu-memory-gib 10.5 --out "$OUT/profile_layer.jsonl" "${sets[@]}" >"$OUT/profile.log" 2>&1
+    log "profile: exit $?"
+    grep -v '^{' "$OUT/profile.log" | tail -90 | tee -a "$LOG"
     PLAN=gptq-7b
 fi
 

@@ -6,7 +6,7 @@ CPU ops by self time; one JSON line per run to --out.
 
     python bench/quantize/profile_layer.py --data .device-data/big --work /tmp/profile_layer --out rows.jsonl
         [--layers 1] [--dtypes float32,bfloat16] [--samples 128 --seqlen 2048] [--shape llama2-7b|tiny]
-        [--gpu-memory-gib 10.5] [--no-profiler] [--trace-tensors]
+        [--gpu-memory-gib 10.5] [--no-profiler] [--trace-tensors] [--set FIELD=VALUE ...]
 Each progress event also records torch's allocated peak since the event before it (the GPU's per-group peaks); on
 the CPU with --trace-tensors, the peak of the run's own live tensor bytes (live_tensors.py) in its place.
 """
@@ -28,7 +28,8 @@ HOLDERS_SHOWN = 8  # the ops whose outputs held the most at a traced peak
 
 
 def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str,
-                gpu_memory_bytes: int | None = None, profiled: bool = True, traced: bool = False) -> dict:
+                gpu_memory_bytes: int | None = None, profiled: bool = True, traced: bool = False,
+                sets: dict | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
@@ -36,7 +37,7 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
 
     config, _ = resolve_config(QUANTIZE_DEFAULT_PRESET, {
         "output_format": "gptq", "calibration_source": str(data / big_model.CALIBRATION_FILE), "samples": samples,
-        "seqlen": seqlen, "compute_dtype": dtype})
+        "seqlen": seqlen, "compute_dtype": dtype, **(sets or {})})
     began = time.perf_counter()
     timeline: list[tuple[float, str]] = []
     on_gpu = device.startswith("cuda")
@@ -68,6 +69,11 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
     device_key = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
     kernels = sorted(averages, key=lambda e: getattr(e, device_key), reverse=True)[:25]
     cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    self_device_key = "self_device_time_total" if averages and hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    # qtool's phase ranges (kernels/profiled_range.py): host time inclusive of what runs inside (a batch's range holds
+    # its Hessian products), the GPU time of the kernels launched inside
+    phases = {e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 1), "device_ms": round(getattr(e, device_key) / 1e3, 1)}
+              for e in averages if e.key.startswith("qtool::")}
     row = {
         "compute_dtype": dtype, "seconds": round(seconds, 2), "library_seconds": round(result.seconds, 2),
         "timeline": [(round(t, 2), d) for t, d in timeline],
@@ -80,6 +86,10 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
                     for e in kernels],
         "cpu_ops": [{"name": e.key[:90], "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 1)}
                     for e in cpu_ops],
+        "phases": phases,
+        # every kernel's own time once: how busy the GPU was, against the run's seconds
+        "device_busy_s": round(sum(getattr(e, self_device_key) for e in averages) / 1e6, 2) if averages else None,
+        "config": sets or {},
         "gpu_peak_torch_gib": top if on_gpu else None,
         "traced_peak_gib": top if live is not None else None,
         "traced_live_gib": held if live is not None else None,
@@ -100,6 +110,9 @@ def print_row(row: dict) -> None:
         if by_op:
             print("            held at that peak: " + ", ".join(f"{op} {size}" for op, size in by_op.items()))
         previous = t
+    print(f"  GPU busy {row['device_busy_s']} s of the run's {row['seconds']} s; qtool phases (calls, host ms, GPU ms):")
+    for name, phase in row["phases"].items():
+        print(f"    {name:24s} {phase['calls']:7d} {phase['cpu_ms']:10.1f} {phase['device_ms']:10.1f}")
     for m in row["modules"]:
         print(f"  solve {m['name']} {m['k']}x{m['n']}: {m['solve_s']} s, damp {m['damp']}")
     print("  top kernels (total ms, calls):")
@@ -122,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="run under quantize's --gpu-memory budget")
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable; big_model.py's)")
     p.add_argument("--no-profiler", action="store_true", help="time and peaks only (the profiler's own cost left out)")
     p.add_argument("--trace-tensors", action="store_true",
                    help="on the CPU: each progress event's peak of the run's own live tensor bytes (live_tensors.py; "
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         big_model.write_model(big_model.SHAPES[args.shape], args.layers, data / "tokenizer", model_dir, args.device)
     for dtype in args.dtypes.split(","):
         row = profile_run(model_dir, work / f"out-{dtype}", data, dtype, args.samples, args.seqlen, args.device, budget,
-                          profiled=not args.no_profiler, traced=args.trace_tensors)
+                          profiled=not args.no_profiler, traced=args.trace_tensors, sets=big_model.parse_sets(args.set))
         row.update({"shape": args.shape, "layers": args.layers, "samples": args.samples, "seqlen": args.seqlen,
                     **big_model.versions()})
         print_row(row)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qtool.config.schema import QuantConfig
+from qtool.kernels.profiled_range import HESSIAN_RANGE, LAYER_BATCH_RANGE, SOLVE_RANGE, profiled_range
 from qtool.models.rules import resolve_compute_dtype
 from qtool.quant.distributed import SINGLE_PROCESS, Collective
 from qtool.quant.gptq import gptq_quantize
@@ -118,7 +119,8 @@ def solve_shared(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumul
     if accumulator is not None:
         accumulator.all_reduce(collective.sum_)
         hessian = _usable_hessian(accumulator, group) if collective.is_main else None
-    quantized, reports = solve_group(group, hessian, config) if collective.is_main else ({}, [])
+    with profiled_range(SOLVE_RANGE):
+        quantized, reports = solve_group(group, hessian, config) if collective.is_main else ({}, [])
     for _, linear in group:
         collective.broadcast_(linear.weight.data)
     return quantized, reports
@@ -129,8 +131,9 @@ def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list
         # One product per sample, in sample order: the Hessian is then the same however the samples are batched
         # (the memory ladder's one-sample batches) or split between processes.
         inputs = args[0].detach()
-        for sample in (inputs if inputs.dim() == 3 else (inputs,)):
-            accumulator.add_batch(sample)
+        with profiled_range(HESSIAN_RANGE):
+            for sample in (inputs if inputs.dim() == 3 else (inputs,)):
+                accumulator.add_batch(sample)
         if keep_inputs is not None:
             keep_inputs.append(args[0].detach().to(store_device))
         if stop:
@@ -220,7 +223,8 @@ def quantize_layer(
             with swapped_modules(layer, swaps), torch.inference_mode(), compute_context(dtype, device):
                 for i in range(num_batches):
                     try:
-                        outputs.append(run_batch(i))
+                        with profiled_range(LAYER_BATCH_RANGE):
+                            outputs.append(run_batch(i))
                     except StopLayerForward:
                         pass
         finally:

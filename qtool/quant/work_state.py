@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from qtool.core.errors import QtoolError
 from qtool.formats.quantized_weight import QuantizedWeight, codes_dtype
+from qtool.kernels.profiled_range import STATE_SAVE_RANGE, profiled_range
 from qtool.quant.step_writer import StepWriter
 
 STATE_FILE = "job.json"
