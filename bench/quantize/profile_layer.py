@@ -30,6 +30,7 @@ HOLDERS_SHOWN = 8  # the ops whose outputs held the most at a traced peak
 def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: int, seqlen: int, device: str,
                 gpu_memory_bytes: int | None = None, profiled: bool = True, traced: bool = False,
                 sets: dict | None = None) -> dict:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from qtool.config.schema import QUANTIZE_DEFAULT_PRESET, resolve_config
@@ -67,9 +68,11 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
     averages = prof.key_averages() if profiled else []
     top = max((p for p in peaks if p is not None), default=None)  # the run's peak: the GPU's, or the traced one
     device_key = "device_time_total" if averages and hasattr(averages[0], "device_time_total") else "cuda_time_total"
-    kernels = sorted(averages, key=lambda e: getattr(e, device_key), reverse=True)[:25]
+    # what ran on the GPU itself (kernels, copies, memsets), not the host ops that launched it nor qtool's ranges,
+    # which the profiler also lists with the GPU time they enclose
+    on_device = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA and not e.key.startswith("qtool::")]
+    kernels = sorted(on_device, key=lambda e: getattr(e, device_key), reverse=True)[:25]
     cpu_ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
-    self_device_key = "self_device_time_total" if averages and hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
     # qtool's phase ranges (kernels/profiled_range.py): host time inclusive of what runs inside (a batch's range holds
     # its Hessian products), the GPU time of the kernels launched inside
     phases = {e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 1), "device_ms": round(getattr(e, device_key) / 1e3, 1)}
@@ -88,7 +91,7 @@ def profile_run(model_dir: Path, output: Path, data: Path, dtype: str, samples: 
                     for e in cpu_ops],
         "phases": phases,
         # every kernel's own time once: how busy the GPU was, against the run's seconds
-        "device_busy_s": round(sum(getattr(e, self_device_key) for e in averages) / 1e6, 2) if averages else None,
+        "device_busy_s": round(sum(getattr(e, device_key) for e in on_device) / 1e6, 2) if averages else None,
         "config": sets or {},
         "gpu_peak_torch_gib": top if on_gpu else None,
         "traced_peak_gib": top if live is not None else None,

@@ -60,6 +60,16 @@ def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
             raise QtoolError(f"values out of range for {bits}-bit packing: min {int(low_value)}, max {int(high_value)}",
                              f"values must lie in 0..{(1 << bits) - 1}")
     n_words = words_per_block(bits)
+    if n_words == 1 and sys.byteorder == "little" and cols > 1 and values.stride(0) == 1 and values.stride(1) == rows:
+        # The transpose of a contiguous [cols, rows] tensor (GPTQ's codes are [out, in], packed along in): packed
+        # along its own contiguous rows, then the int32 words transposed, a third of the time of the strided
+        # gather below on a 7B layer.
+        per_byte = 8 // bits
+        fields = values.T.reshape(cols, rows // per_byte, per_byte)
+        packed_bytes = fields[:, :, 0].to(torch.uint8, copy=True)
+        for i in range(1, per_byte):
+            packed_bytes |= fields[:, :, i].to(torch.uint8) << (i * bits)
+        return packed_bytes.view(torch.int32).T.contiguous()
     if n_words == 1 and sys.byteorder == "little":
         # No value straddles a word (2, 4, 8 bits): the fields are gathered into bytes, and four consecutive bytes
         # are the word (little-endian), in uint8 throughout, a fraction of the general path's time on a 7B layer.

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -172,6 +174,28 @@ def _worker(rank: int, nproc: int, port: int, device_type: str, threads: int, me
             dist.destroy_process_group()
 
 
+# How long stopped processes get to finish what they queued (a run's step saves, queued on a thread of their own)
+# after the interrupt, before they are terminated.
+STOP_GRACE_S = 60.0
+
+
+def _stop(processes: list) -> None:
+    """Interrupt the live processes (a KeyboardInterrupt in each, so that their step writers finish the saves
+    queued), then terminate those still running after STOP_GRACE_S."""
+    for process in processes:
+        if process.is_alive() and process.pid is not None:
+            try:
+                os.kill(process.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
 def launch(nproc: int, device_type: str, target: Callable, args: tuple, progress: Callable[[int, int, str], None] | None = None) -> Any:
     """Run `target(collective, report, *args)` in `nproc` new processes (spawned, each with its own process group
     member) and return rank 0's result. `target` and `args` must be picklable (a module-level function). Rank 0's
@@ -215,9 +239,7 @@ def launch(nproc: int, device_type: str, target: Callable, args: tuple, progress
         raise
     finally:
         if failure is not None:
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
+            _stop(processes)
         for process in processes:
             process.join()
     if failure is not None:

@@ -44,10 +44,12 @@ class FloatModel:
             already_read = read.result()
         self.streamed.materialize(self.layer_prefix(index), already_read=already_read)
 
-    def read_ahead(self, index: int) -> None:
+    def read_ahead(self, index: int, pin: bool = False) -> None:
         """Start reading decoder layer `index`'s weights in a background thread, so that the disk read and the
         conversion to float32 overlap the current layer's work; materialize_layer(index) then takes them. Nothing
-        for a model loaded whole or past the last layer. One layer ahead at most (its float32 weights in memory)."""
+        for a model loaded whole or past the last layer. One layer ahead at most (its float32 weights in memory).
+        `pin`: the weights are put in pinned memory there too, so that moving the layer to the GPU is a fast copy
+        (a 7B layer's 0.8 GB: about 0.2 s from pageable memory, a fraction of it from pinned)."""
         if self.streamed is None or index >= len(decoder_layers(self.model, self.spec)):
             return
         names = self.streamed.unread(self.layer_prefix(index))  # on this thread: the model is not shared
@@ -55,7 +57,8 @@ class FloatModel:
 
         def read_layer() -> None:
             try:
-                read.set_result(self.streamed.read_tensors(names))
+                tensors = self.streamed.read_tensors(names)
+                read.set_result({name: t.pin_memory() for name, t in tensors.items()} if pin else tensors)
             except BaseException as exc:  # raised where the layer is materialized
                 read.set_exception(exc)
 

@@ -460,7 +460,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 continue
             report(index, num_layers, f"layer {index + 1}/{num_layers}")
             float_model.materialize_layer(index)
-            float_model.read_ahead(index + 1)
+            float_model.read_ahead(index + 1, pin=compute.type == "cuda")
             # what a redo lower down the ladder starts from: a streamed layer is read from its files again, a layer of
             # a model loaded whole is copied now
             original = None if is_streamed else {name: t.detach().clone() for name, t in layers[index].state_dict().items()}
@@ -514,8 +514,9 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 return collective.gather_to_main(local, [[sample_shapes[i] for i in share] for share in shares], dtype, run.store.device)
 
             # the weights on the host now: the save thread then holds no GPU memory while the next layer is worked on
+            # (queued copies into pinned memory: the save's thread waits for them, this one goes on)
             write = None if state is None else functools.partial(
-                state.save_layer, index, {prefix + name: saved_form(qw) for name, qw in layer_quantized.items()})
+                state.save_layer, index, {prefix + name: saved_form(qw, non_blocking=True) for name, qw in layer_quantized.items()})
             cadence.save(index, num_layers, next_hidden, write, writer, hidden_bytes=tensors_bytes(next_hidden) * collective.world_size,
                          agree=lambda due: collective.broadcast_object(due if collective.is_main else None), gather=gather)
             del original, restore, layer_quantized, layer

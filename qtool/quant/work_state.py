@@ -94,9 +94,11 @@ class HiddenSaveCadence:
              write: Callable[[list[torch.Tensor] | None], None] | None, writer: StepWriter | None = None, *,
              hidden_bytes: int | None = None, agree: Callable[[bool], bool] | None = None,
              gather: Callable[[list[torch.Tensor]], list[torch.Tensor] | None] | None = None) -> None:
-        """write(hidden) where step `index` of `steps` is due to save them (timed for the next decision), else
-        write(None): the step's result alone (WorkState.save_step's two forms), on `writer`'s thread where given
-        (a resume point waits for the saves before it and is written on this thread).
+        """write(hidden) where step `index` of `steps` is due to save them, else write(None): the step's result
+        alone (WorkState.save_step's two forms), queued on `writer`'s thread where given. A resume point first
+        waits for the saves queued before it, then queues its own with host copies of the hidden states (the next
+        steps work meanwhile, and the device's memory is not held for it); what it cost this thread (the wait and
+        the copies) times the next decision.
 
         With several processes every one calls this: `hidden_bytes` is the run's total, `agree` makes all take the
         main process's decision (a broadcast), `gather` brings every process's hidden states to the main one (both
@@ -106,26 +108,53 @@ class HiddenSaveCadence:
             due = agree(due)
         if not due:
             if write is not None and writer is not None:
-                writer.submit(lambda: write(None))
+                writer.submit(after_copies(lambda: write(None)))
             elif write is not None:
-                write(None)
+                after_copies(lambda: write(None))()
             return
+        began = time.monotonic()
         if writer is not None:
             writer.wait()
-        began = time.monotonic()
         kept = self.kept(index, steps, hidden)
         if gather is not None and index + 1 < steps:  # the last step keeps none: nothing to gather
             kept = gather(kept)
-        if write is not None:
-            write(kept)
-            self.saved(began)
+        if write is None:
+            return
+        if writer is None:
+            after_copies(lambda: write(kept))()
+        else:
+            # host tensors are never changed once stored (a disk store's mapping lives as long as they do)
+            copies = [h if h.device.type == "cpu" else h.to("cpu", non_blocking=True) for h in kept or []]
+            writer.submit(after_copies(lambda: write(copies)))
+        self.saved(began)
 
 
-def saved_form(qw: QuantizedWeight) -> QuantizedWeight:
+def after_copies(save: Callable[[], None]) -> Callable[[], None]:
+    """save, made to wait (on the thread that runs it) for the device-to-host copies queued on the GPU so far: a
+    tensor copied with non_blocking=True lands in pinned host memory without stopping the run's thread."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return save
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def run() -> None:
+        copied.synchronize()
+        save()
+
+    return run
+
+
+def saved_form(qw: QuantizedWeight, non_blocking: bool = False) -> QuantizedWeight:
     """A quantized weight as a run's state keeps it: in host memory, codes uint8 up to 8 bits (int32 above), zeros
-    and g_idx int32 (a weight already so is returned as it is)."""
-    return QuantizedWeight(codes=qw.codes.to("cpu", codes_dtype(qw.bits)), scales=qw.scales.to("cpu"), zeros=qw.zeros.to("cpu", torch.int32),
-                           g_idx=qw.g_idx.to("cpu", torch.int32), bits=qw.bits, group_size=qw.group_size)
+    and g_idx int32 (a weight already so is returned as it is). `non_blocking`: copies from a GPU are queued into
+    pinned memory and the call returns at once; read them only after after_copies' wait."""
+    def host(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)  # on its own device, before the copy
+        return tensor.to("cpu", non_blocking=non_blocking)
+
+    return QuantizedWeight(codes=host(qw.codes, codes_dtype(qw.bits)), scales=host(qw.scales), zeros=host(qw.zeros, torch.int32),
+                           g_idx=host(qw.g_idx, torch.int32), bits=qw.bits, group_size=qw.group_size)
 
 
 @dataclass
@@ -139,6 +168,9 @@ class WorkState:
     completed_layers: int = 0
     hidden_file: str | None = None  # the hidden states after the last completed step
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    # steps' files written since the last resume point -> their sha256, taken as each was written (the resume point
+    # that records them then reads none of them again)
+    unrecorded: dict[str, str] = field(default_factory=dict)
 
     @staticmethod
     def folder_for(output: Path) -> Path:
@@ -180,23 +212,26 @@ class WorkState:
         at any point leaves job.json naming intact files. next_hidden None: the step's result alone is written
         and nothing is recorded as done yet (a resume redoes it); the next step saved with its hidden states
         records it (HiddenSaveCadence says when that is worth its cost)."""
-        layer = self.layer_file(index)
-        tensors = {name: t.contiguous() for name, t in tensors.items()}
-        _write_atomically(layer, lambda p: save_file(tensors, str(p), metadata=metadata))
-        if next_hidden is None:
-            return
-        hidden_file = f"hidden-{index + 1:04d}.safetensors"
-        hidden = {f"batch.{i}": h.contiguous() for i, h in enumerate(next_hidden)}
-        _write_atomically(self.path / hidden_file, lambda p: save_file(hidden, str(p)))
-        previous = self.hidden_file
-        self.checksums.pop(previous, None)
-        for done in range(self.completed_layers, index + 1):  # this step and those written without hidden states
-            self.checksums[self.layer_file(done).name] = sha256_of(self.layer_file(done))
-        self.checksums[hidden_file] = sha256_of(self.path / hidden_file)
-        self.completed_layers, self.hidden_file = index + 1, hidden_file
-        self._write_state()
-        if previous is not None and previous != hidden_file:
-            (self.path / previous).unlink(missing_ok=True)
+        with profiled_range(STATE_SAVE_RANGE):
+            layer = self.layer_file(index)
+            tensors = {name: t.contiguous() for name, t in tensors.items()}
+            _write_atomically(layer, lambda p: save_file(tensors, str(p), metadata=metadata))
+            self.unrecorded[layer.name] = sha256_of(layer)
+            if next_hidden is None:
+                return
+            hidden_file = f"hidden-{index + 1:04d}.safetensors"
+            hidden = {f"batch.{i}": h.contiguous() for i, h in enumerate(next_hidden)}
+            _write_atomically(self.path / hidden_file, lambda p: save_file(hidden, str(p)))
+            previous = self.hidden_file
+            self.checksums.pop(previous, None)
+            for done in range(self.completed_layers, index + 1):  # this step and those written without hidden states
+                name = self.layer_file(done).name
+                self.checksums[name] = self.unrecorded.pop(name, None) or sha256_of(self.layer_file(done))
+            self.checksums[hidden_file] = sha256_of(self.path / hidden_file)
+            self.completed_layers, self.hidden_file = index + 1, hidden_file
+            self._write_state()
+            if previous is not None and previous != hidden_file:
+                (self.path / previous).unlink(missing_ok=True)
 
     def load_step(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """A step's tensors and metadata, from one open of its file."""

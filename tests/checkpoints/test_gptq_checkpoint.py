@@ -412,3 +412,24 @@ def test_smollm2_from_gguf_round_trip(tmp_path, smollm2_path):
     expected = logits(fake_quantized(model, quantized))
     assert math.isfinite(expected.abs().max().item())
     torch.testing.assert_close(logits(loaded), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float16_overflow_is_an_infinity_made_from_a_finite_value(dtype):
+    from qtool.checkpoints.gptq_checkpoint import overflows_float16
+
+    def check(values: torch.Tensor) -> bool:
+        return overflows_float16(values, values.to(torch.float16))
+
+    values = (torch.randn(37, 53) * 1000).to(dtype)
+    assert not check(values)
+    big = values.clone()
+    big[torch.randint(0, 37, ()), torch.randint(0, 53, ())] = -70000.0
+    assert check(big)
+    # infinities and NaNs that were there already are no overflow; one beside them still is
+    special = values.clone()
+    special[0, 0], special[1, 1], special[2, 2] = float("inf"), float("-inf"), float("nan")
+    assert not check(special)
+    special[3, 3] = 1e6
+    assert check(special)
+    assert not check(torch.empty(0, 4, dtype=dtype))

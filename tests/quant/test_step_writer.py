@@ -1,5 +1,6 @@
-"""StepWriter: saves run on another thread, one at a time and in order; a save's error reaches the run's thread;
-leaving the block waits for the save in flight, also when the run fails."""
+"""StepWriter: saves queue and run on another thread, one at a time and in order, while the run goes on; a save's
+error reaches the run's thread and drops the saves queued behind it; leaving the block waits for every queued save,
+also when the run fails."""
 
 from __future__ import annotations
 
@@ -34,7 +35,18 @@ def test_saves_run_in_order_one_at_a_time_off_the_run_thread():
     assert threads == {"qtool-save-step"}
 
 
-def test_a_failed_save_is_raised_at_the_next_submit_and_later_saves_still_run():
+def test_submit_returns_while_the_saves_before_it_still_run():
+    release, done = threading.Event(), []
+    with StepWriter() as writer:
+        writer.submit(lambda: (release.wait(5), done.append(1)))
+        writer.submit(lambda: done.append(2))  # queued behind the first, which is still waiting
+        assert done == []
+        release.set()
+        writer.wait()
+        assert done == [1, 2]
+
+
+def test_a_failed_save_drops_the_queued_ones_and_is_raised_once_then_later_saves_run():
     done = []
 
     def fail() -> None:
@@ -42,9 +54,16 @@ def test_a_failed_save_is_raised_at_the_next_submit_and_later_saves_still_run():
 
     with StepWriter() as writer:
         writer.submit(fail)
+        writer.submit(lambda: done.append(1))  # builds on the failed one: dropped
         with pytest.raises(OSError, match="disk full"):
-            writer.submit(lambda: done.append(1))
+            writer.wait()
         writer.submit(lambda: done.append(2))
+    assert done == [2]
+    with StepWriter() as writer:
+        writer.submit(fail)
+        writer._queue.join()
+        with pytest.raises(OSError, match="disk full"):
+            writer.submit(lambda: done.append(3))  # the error comes first, the save is not queued
     assert done == [2]
 
 
@@ -62,6 +81,7 @@ def test_leaving_the_block_waits_for_the_save_in_flight_and_raises_its_error():
     with pytest.raises(KeyboardInterrupt):
         with writer:
             writer.submit(slow)
+            writer.submit(lambda: done.append("queued"))
             threading.Timer(0.05, release.set).start()
-            raise KeyboardInterrupt  # the run stops: the save in flight still ends before the block is left
-    assert done == ["saved"]
+            raise KeyboardInterrupt  # the run stops: the saves in flight and queued still end before the block is left
+    assert done == ["saved", "queued"]
