@@ -21,7 +21,7 @@
 #                                                     then gptq-7b with what is left of DEADLINE_S
 #   bash bench/device/big_quantize.sh profile         there: where a layer's time goes (profile_layer.py under torch's
 #                                                     profiler, 2 layers under 10.5 GiB, the plan's --qtool-set
-#                                                     pairs), then gptq-7b with the same pairs
+#                                                     pairs), then gptq-7b (or AFTER_PROFILE's plan) with them
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 #   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
 #                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and
@@ -136,7 +136,7 @@ if [[ $PLAN == profile ]]; then
         --dtypes bfloat16 --gpu-memory-gib 10.5 --out "$OUT/profile_layer.jsonl" "${sets[@]}" >"$OUT/profile.log" 2>&1
     log "profile: exit $?"
     grep -v '^{' "$OUT/profile.log" | tail -90 | tee -a "$LOG"
-    PLAN=gptq-7b
+    PLAN="${AFTER_PROFILE:-gptq-7b}"  # e.g. gptq-pair
 fi
 
 # the plan keeps to what is left of DEADLINE_S (seconds from this script's start; unset: PLAN_DEADLINE_S, 510), each
