@@ -48,12 +48,14 @@ ACTIVATION_PLACES = {"device": "on the compute device", "host": "in host memory"
 
 def memory_rows(memory: dict) -> list[tuple[str, str]]:
     """The measured host peak beside the estimate made before the run, and where weights and activations were."""
+    from qtool.models.rules import replay_note
+
     if not memory:
         return []
     estimate = memory["estimate"]
     return [("host memory", f"peak {memory['peak_host_bytes'] / 2**30:.2f} GiB (estimated {estimate['cpu_bytes'] / 2**30:.2f} GiB), weights "
                             + ("streamed layer by layer" if estimate["streaming"] else "loaded whole")
-                            + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")
+                            + f", activations {ACTIVATION_PLACES[estimate['activation_tier']]}" + replay_note(estimate)
                             + (f", the weighing pass's layer inputs {ACTIVATION_PLACES[estimate['weighing_tier']]}" if estimate.get("weighing_tier") else ""))]
 
 

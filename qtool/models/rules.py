@@ -36,6 +36,9 @@ ACTIVATION_COPIES = 2
 # projection's inputs. For SmolLM2 with 128 x 512 tokens this puts the GPU peak at 2.11 GiB, what the H100 measured.
 # An upper bound since the outputs recorded inside the attention block are dropped once it replays whole.
 RECORDED_HIDDEN_COPIES = 4
+# what a GPTQ run's passes over a layer record and replay (the first that fits): every module that can no longer
+# change, only the finished blocks (the attention block), or nothing (each pass computes the layer again)
+REPLAY_ALL, REPLAY_BLOCKS, REPLAY_NONE = "all", "blocks", "none"
 # A streamed run holds, of the decoder layers, the one being quantized and the next one, read ahead while this one
 # is worked on (quant/float_source.py); a redo lower down the memory ladder reads the layer from its files again.
 STREAMED_LAYER_COPIES = 2
@@ -234,6 +237,14 @@ def activation_dtype(config: QuantConfig, device: torch.device | str, hidden_siz
     return dtype if dtype.itemsize == 2 else torch.float32
 
 
+def replay_note(estimate: dict[str, Any], lead: str = " (") -> str:
+    """How the plan replays, for the estimate's line: nothing said for the full replay."""
+    if estimate.get("replay"):
+        return ""
+    text = "replaying finished blocks only" if estimate.get("replay_blocks") else "no replay"
+    return f"{lead}{text}" + (")" if lead.endswith("(") else "")
+
+
 def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.device | str = "cpu", processes: int = 1,
                          streaming: bool = False, cpu_free_bytes: int | None = None, device_free_bytes: int | None = None,
                          tier: str | None = None, weighing: bool = True) -> dict[str, Any]:
@@ -271,6 +282,9 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         "layer": layer if on_gpu else 0,  # on the CPU it is in weights
         "activations": tokens * stats.hidden * activation_dtype(config, device, stats.hidden).itemsize * ACTIVATION_COPIES,
         "recordings": 0 if exl2 else tokens * (stats.layer_outputs + RECORDED_HIDDEN_COPIES * stats.hidden) * FLOAT32_BYTES,
+        # replaying finished blocks only (the attention block once its linears are done): one hidden-sized recording,
+        # in the activations' dtype (its projection's inputs, kept the pass before, are freed as it is made)
+        "block_recordings": 0 if exl2 else tokens * stats.hidden * activation_dtype(config, device, stats.hidden).itemsize,
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         "solve": stats.largest_group_params * FLOAT32_BYTES * SOLVE_WEIGHT_COPIES,
         "codes": stats.layer_params * CODE_BYTES,
@@ -298,11 +312,11 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
 
     tiers = [t for t in (("device",) if on_gpu else ()) + ("host", "disk") if allowed(t)]
     # the measuring and quantizing passes (GPTQ's one pass): (tier, replay) -> host, device, disk bytes
-    replays = (False,) if exl2 else (True, False)
-    plans = [(t, replay) for t in tiers for replay in (replays if t != "disk" else (False,))]
+    replays = (REPLAY_NONE,) if exl2 else (REPLAY_ALL, REPLAY_BLOCKS, REPLAY_NONE)
+    plans = [(t, replay) for t in tiers for replay in (replays if t != "disk" else (REPLAY_NONE,))]
     head_work = (components["head"] + components["head_quantization"]) if exl2 and config.head_bits else 0
     for plan_tier, replay in plans:
-        held = components["activations"] + (components["recordings"] if replay else 0)
+        held = components["activations"] + {REPLAY_ALL: components["recordings"], REPLAY_BLOCKS: components["block_recordings"]}.get(replay, 0)
         if plan_tier == "disk":
             held = components["activations"] // ACTIVATION_COPIES  # the outputs of the layer being quantized
         passes_device = max(work, head_work) + (held if plan_tier == "device" else 0) if on_gpu else 0
@@ -326,7 +340,7 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
     # the weighing pass's own peaks (the figures above are the larger of them and the later passes')
     weighing_peaks = {"cpu_bytes": components["weights"] + weighing_host, "device_bytes": weighing_device, "disk_bytes": weighing_disk} if windows else None
     return {"device": str(device), "components": components, "streaming": streaming, "samples": samples, "activation_tier": plan_tier,
-            "replay": replay, "weighing_tier": weighing_tier, "weighing_peaks": weighing_peaks,
+            "replay": replay == REPLAY_ALL, "replay_blocks": replay == REPLAY_BLOCKS, "weighing_tier": weighing_tier, "weighing_peaks": weighing_peaks,
             "cpu_bytes": (components["weights"] + max(passes_host, weighing_host)) * processes,
             "device_bytes": max(passes_device, weighing_device), "disk_bytes": max(passes_disk, weighing_disk) * processes}
 
@@ -443,6 +457,6 @@ def validate_for_hardware(
             places = {"device": f"on {device}", "host": "in host memory", "disk": "on disk"}
             weighing_place = f"; the weighing pass's layer inputs {places[estimate['weighing_tier']]}" if estimate["weighing_tier"] else ""
             found.append(info(f"memory ({pool})", f"estimated peak {format_bytes(needed)} of {format_bytes(free)} free "
-                                                  f"(activations {places[estimate['activation_tier']]}{'' if estimate['replay'] else ', no replay'}"
+                                                  f"(activations {places[estimate['activation_tier']]}{replay_note(estimate, ', ')}"
                                                   f"{weighing_place})"))
     return found

@@ -173,6 +173,7 @@ def quantize_layer(
     config: QuantConfig,
     store_device: torch.device,
     replay: bool = True,
+    replay_blocks: bool = False,
     on_group: Callable[[str], None] | None = None,
     output_projections: tuple[tuple[str, str], ...] = (),
     collective: Collective = SINGLE_PROCESS,
@@ -187,6 +188,9 @@ def quantize_layer(
     block once its linears are done), are recorded the next time they run and replayed afterwards.
     `output_projections` ((child, its last linear), relative names) lets a child that became final be recorded
     without computing it: its linear applied to the inputs seen while that linear was quantized (ProjectionRecorder).
+    With `replay_blocks` (and not `replay`: the memory for one hidden-sized recording only) just the layer's
+    children that hold linears are recorded once finished (the attention block, through its projection), not the
+    linears inside them nor the children without linears (the norms, cheap to compute again).
     Otherwise: one pass gathers every group's Hessian from the float layer.
 
     With several processes (`collective`), `run_batch` runs this process's batches, each group's Hessian is summed
@@ -235,9 +239,11 @@ def quantize_layer(
     def next_swaps(record: bool = True) -> dict[str, nn.Module]:
         """What is final and recorded replays; what became final since the last pass records (unless this is the
         last pass, whose recordings nothing would replay)."""
-        if not replay:
+        if not replay and not replay_blocks:
             return {}
         final = set(_final_children(layer, call_order, set(quantized), all_names)) | set(quantized)
+        if not replay:  # the finished blocks only: direct children that hold linears
+            final = {name for name in final if name in children and any(linear.startswith(name + ".") for linear in all_names)}
         swaps: dict[str, nn.Module] = {}
         replayed: set[str] = set()
         for name in sorted(final):
@@ -255,6 +261,8 @@ def quantize_layer(
             elif recorder.outputs:
                 swaps[name] = ReplayModule(recorder)
                 replayed.add(name)
+                if isinstance(recorder, ProjectionRecorder):
+                    recorder.linear_inputs = []  # the recording is complete: the shortcut's inputs are not read again
             else:  # recorded in a pass that stopped before reaching it
                 swaps[name] = recorder
         for name in list(swaps):
@@ -300,7 +308,7 @@ def quantize_layer(
     for position, group in enumerate(groups):
         if on_group is not None:
             on_group("+".join(name.rsplit(".", 1)[-1] for name, _ in group))
-        child = projection_of.get(group[0][0]) if replay and len(group) == 1 else None
+        child = projection_of.get(group[0][0]) if (replay or replay_blocks) and len(group) == 1 else None
         # only the first group sees the float layer's inputs; a projection's group also keeps its inputs in its pass
         accumulator = shared(group) if position == 0 and child is None else None
         if accumulator is None:

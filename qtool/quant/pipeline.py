@@ -24,7 +24,7 @@ from qtool.core.host_memory import give_back_freed_memory
 from qtool.core.output_claim import claimed_output
 from qtool.core.output_path import check_output_path
 from qtool.models.rules import (ACTIVATION_TIERS, ModelStats, activation_dtype, cpu_free_memory, device_free_memory, estimate_peak_memory,
-                                format_bytes, resolve_compute_dtype, validate_for_hardware, validate_for_model)
+                                format_bytes, replay_note, resolve_compute_dtype, validate_for_hardware, validate_for_model)
 from qtool.config.schema import QuantConfig
 from qtool.checkpoints.gptq_checkpoint import DEFAULT_MAX_SHARD_SIZE_BYTES, save_quantized_model
 from qtool.formats.gptq_config import qtool_version
@@ -132,7 +132,7 @@ def estimate_line(estimate: dict[str, Any], compute: torch.device) -> str:
     places = {"device": f"on {compute}", "host": "in host memory", "disk": "on disk"}
     weighing = estimate.get("weighing_tier")
     return (f"{ESTIMATE_DETAIL}: {', '.join(pools)}; weights {'streamed layer by layer' if estimate['streaming'] else 'loaded whole'}, "
-            f"activations {places[estimate['activation_tier']]}" + ("" if estimate["replay"] else " (no replay)")
+            f"activations {places[estimate['activation_tier']]}" + replay_note(estimate)
             + (f", the weighing pass's layer inputs {places[weighing]}" if weighing else ""))
 
 
@@ -483,7 +483,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                 layer_quantized, layer_reports, batch_outputs = quantize_layer(
                     layer, _relative(groups, prefix), len(batches), run_batch, config, run.store.device, on_group=on_group,
                     output_projections=spec.output_projections, collective=collective, float_hessians=float_hessians,
-                    replay=estimate["replay"], hidden_size=hidden_size,
+                    replay=estimate["replay"], replay_blocks=estimate.get("replay_blocks", False), hidden_size=hidden_size,
                 )
                 outputs = [h.to(stored_dtype) for out, samples in zip(batch_outputs, batches)
                            for h in split_batch(out, layer_inputs, samples)]

@@ -39,6 +39,10 @@ def test_streamed_weights_are_the_outside_and_one_layer_twice():
     assert whole["cpu_bytes"] - streamed["cpu_bytes"] == (stats.layers - 2) * stats.layer_params * 4
 
 
+def plan_of(estimate: dict) -> tuple[str, str]:
+    return estimate["activation_tier"], "all" if estimate["replay"] else "blocks" if estimate["replay_blocks"] else "none"
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_plans_step_down_as_free_memory_shrinks(device):
     stats, job = llama_like(), config()
@@ -46,27 +50,28 @@ def test_plans_step_down_as_free_memory_shrinks(device):
     activations, recordings = tokens * 2 * 320 * 4, tokens * (stats.layer_outputs + 4 * 320) * 4
     roomy = estimate_peak_memory(job, stats, device, streaming=True)
     first = "device" if device == "cuda" else "host"
-    assert (roomy["activation_tier"], roomy["replay"]) == (first, True)
+    assert plan_of(roomy) == (first, "all")
     assert roomy["components"]["activations"] == activations and roomy["components"]["recordings"] == recordings
+    assert roomy["components"]["block_recordings"] == activations // 2  # one hidden-sized copy
     pool = "device_bytes" if device == "cuda" else "cpu_bytes"
     other = "cpu_bytes" if device == "cuda" else "device_bytes"
-    seen = [(roomy["activation_tier"], roomy["replay"])]
+    seen = [plan_of(roomy)]
     # one byte short of each plan: the next one
     free = roomy[pool] - 1
     while True:
         kwargs = {"device_free_bytes": free} if device == "cuda" else {"cpu_free_bytes": free}
         plan = estimate_peak_memory(job, stats, device, streaming=True, **kwargs)
-        if (plan["activation_tier"], plan["replay"]) == seen[-1]:
+        if plan_of(plan) == seen[-1]:
             break
-        seen.append((plan["activation_tier"], plan["replay"]))
+        seen.append(plan_of(plan))
         if plan[pool] > free:
             break
         free = plan[pool] - 1
     if device == "cuda":
-        # the GPU runs out: first without the replay there, then the activations leave it (the host has room)
-        assert seen[:3] == [("device", True), ("device", False), ("host", True)]
+        # the GPU runs out: first the lean replay there, then none, then the activations leave it (the host has room)
+        assert seen[:4] == [("device", "all"), ("device", "blocks"), ("device", "none"), ("host", "all")]
     else:
-        assert seen == [("host", True), ("host", False), ("disk", False)]
+        assert seen == [("host", "all"), ("host", "blocks"), ("host", "none"), ("disk", "none")]
         disk = estimate_peak_memory(job, stats, device, streaming=True, cpu_free_bytes=0)
         assert disk["disk_bytes"] == activations and disk["cpu_bytes"] == roomy["cpu_bytes"] - recordings - activations // 2
     assert roomy[other] >= 0

@@ -134,6 +134,48 @@ def test_projection_recorder_checks_the_shortcut_on_the_first_call():
         for x, out in zip(inputs, outputs):
             assert torch.equal(out, child(x))
         assert len(recorder.outputs) == 3
+        # the inputs are let go as they are used (or at once, where the shortcut does not hold)
+        assert all(x is None for x in recorder.linear_inputs) if shortcut else recorder.linear_inputs == []
+
+
+@pytest.mark.parametrize("fields", [dict(bits=4, group_size=32), dict(bits=3, group_size=-1, sym=False, desc_act=True)])
+def test_replaying_finished_blocks_only_equals_recomputing_everything(tiny_llama, fields, monkeypatch):
+    """The lean replay (memory for one hidden-sized recording): only the attention block is recorded, through its
+    projection, never a linear nor a norm; attention completes once (the shortcut's check) and everything is
+    bit-equal to recomputing the whole layer in every pass."""
+    import qtool.quant.layer_quantizer as layer_quantizer
+
+    made = []
+
+    class Tracked(layer_quantizer.ProjectionRecorder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    class Refused(layer_quantizer.RecordingModule):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the lean replay records through the projection only")
+
+    monkeypatch.setattr(layer_quantizer, "ProjectionRecorder", Tracked)
+    monkeypatch.setattr(layer_quantizer, "RecordingModule", Refused)
+    config = replace(QuantConfig(), **fields)
+    model = copy.deepcopy(tiny_llama)
+    layer, groups, inputs = layer_job(model)
+    core_calls = []
+    handle = layer.self_attn.register_forward_hook(lambda module, args, output: core_calls.append(1))
+    try:
+        q_lean, _, out_lean = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config,
+                                             torch.device("cpu"), replay=False, replay_blocks=True,
+                                             output_projections=(("self_attn", "self_attn.o_proj"),))
+    finally:
+        handle.remove()
+    assert len(made) == 1 and made[0].module is layer.self_attn and made[0].linear_inputs == []
+    assert len(core_calls) == 1
+    q_full, _, out_full = run_quantize_layer(tiny_llama, config, replay=False)
+    for name in q_full:
+        assert torch.equal(q_lean[name].codes, q_full[name].codes), name
+    for a, b in zip(out_lean, out_full):
+        assert torch.equal(a, b)
 
 
 def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
