@@ -21,7 +21,8 @@
 #                                                     then gptq-7b with what is left of DEADLINE_S
 #   bash bench/device/big_quantize.sh profile         there: where a layer's time goes (profile_layer.py under torch's
 #                                                     profiler, 2 layers under 10.5 GiB, the plan's --qtool-set
-#                                                     pairs), then gptq-7b (or AFTER_PROFILE's plan) with them
+#                                                     pairs; SWEEP_BATCH_TOKENS: then unprofiled at each of
+#                                                     those batch sizes), then gptq-7b (or AFTER_PROFILE's plan)
 #   bash bench/device/big_quantize.sh gptqmodel-7b    there: GPTQModel on the whole 7B (optional)
 #   bash bench/device/big_quantize.sh weigh-70b       there: EXL2's weighing pass alone on the 70B shape's first 2
 #                                                     layers: as planned (80 GiB cap), its inputs forced to disk, and
@@ -136,6 +137,15 @@ if [[ $PLAN == profile ]]; then
         --dtypes bfloat16 --gpu-memory-gib 10.5 --out "$OUT/profile_layer.jsonl" "${sets[@]}" >"$OUT/profile.log" 2>&1
     log "profile: exit $?"
     grep -v '^{' "$OUT/profile.log" | tail -90 | tee -a "$LOG"
+    # then, without the profiler, each calibration batch size of SWEEP_BATCH_TOKENS (e.g. "4096 16384")
+    for tokens in ${SWEEP_BATCH_TOKENS:-}; do
+        log "2 layers at batch_tokens=$tokens"
+        timeout "$(limit 60)" python3 bench/quantize/profile_layer.py --data "$DATA" --work "$WORK/profile" --layers 2 \
+            --dtypes bfloat16 --gpu-memory-gib 10.5 --no-profiler --out "$OUT/profile_batch_tokens.jsonl" "${sets[@]}" \
+            --set "batch_tokens=$tokens" >"$OUT/profile_bt$tokens.log" 2>&1
+        log "batch_tokens=$tokens: exit $?"
+        grep -v '^{' "$OUT/profile_bt$tokens.log" | grep "^##\|layer 2/2\|writing" | tee -a "$LOG"
+    done
     PLAN="${AFTER_PROFILE:-gptq-7b}"  # e.g. gptq-pair
 fi
 

@@ -43,6 +43,7 @@ QUANT_CONFIG_FLAGS: tuple[ConfigFlag, ...] = (
     ConfigFlag("samples", "--samples", "calibration.samples"),
     ConfigFlag("seqlen", "--seqlen", "calibration.seqlen"),
     ConfigFlag("seed", "--seed", "calibration.seed"),
+    ConfigFlag("batch_tokens", "--batch-tokens", "calibration.batch_tokens"),
 )
 
 

@@ -146,6 +146,7 @@ def quantize(
     samples: Annotated[Optional[int], typer.Option("--samples", min=1, show_default=shared_default("samples"), rich_help_panel=CALIBRATION, help="Calibration windows.")] = None,
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", min=1, show_default=shared_default("seqlen"), rich_help_panel=CALIBRATION, help="Tokens per calibration window.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", show_default=shared_default("seed"), rich_help_panel=CALIBRATION, help="Seed of the random window offsets.")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option("--batch-tokens", min=0, rich_help_panel=CALIBRATION, help="Calibration tokens per forward call through a layer while it is quantized (whole windows; 0: 4096). More: fewer, larger calls for more memory.")] = None,
     config_file: Annotated[Optional[str], typer.Option("--config", help=f"A config file (.yaml/.json/.toml) or preset name (default: the preset {QUANTIZE_DEFAULT_PRESET}, with --format exl2 {QUANTIZE_EXL2_PRESET}); flags override it.")] = None,
     device: Annotated[str, typer.Option("--device", autocompletion=complete_device, help="auto, cpu, cuda or cuda:N: where each layer is quantized.")] = "auto",
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="gptq: processes sharing the calibration (one GPU each with cuda, gloo on the CPU); the checkpoint is the one-process one.")] = 1,

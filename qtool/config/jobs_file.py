@@ -31,7 +31,7 @@ JOB_KEYS = ("model", "output", "config")
 TOP_KEYS = ("jobs", "defaults", "compare")
 # the flag spellings a job may use for nested or renamed fields
 SHORTHANDS = {"format": ("output_format",), "samples": ("calibration", "samples"), "seqlen": ("calibration", "seqlen"),
-              "seed": ("calibration", "seed")}
+              "seed": ("calibration", "seed"), "batch_tokens": ("calibration", "batch_tokens")}
 COMPARE_KEYS = {"text": str, "windows": int, "seqlen": int}
 
 

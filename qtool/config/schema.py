@@ -52,6 +52,9 @@ class CalibrationConfig:
     samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    # calibration tokens per forward call through a layer (whole samples; a longer sample runs alone); 0: the
+    # runner's default (models.layerwise.BATCH_TOKENS). More means fewer, larger calls for more scratch memory.
+    batch_tokens: int = 0
 
 
 @dataclass
@@ -242,6 +245,8 @@ def _validate_calibration(calibration: CalibrationConfig) -> list[Finding | None
         found.append(error("calibration.samples", f"{calibration.samples} is out of range", "use at least 1 sample (128 is usual)"))
     if calibration.seqlen < 8:
         found.append(error("calibration.seqlen", f"{calibration.seqlen} is out of range", "use at least 8 tokens (512 or 2048 are usual)"))
+    if calibration.batch_tokens < 0:
+        found.append(error("calibration.batch_tokens", f"{calibration.batch_tokens} is negative", "use 0 (the default) or a token count such as 16384"))
     if calibration.seed < 0:
         found.append(error("calibration.seed", f"{calibration.seed} is negative", "use a seed >= 0"))
     if calibration.source != "wikitext" and not Path(calibration.source).is_file():

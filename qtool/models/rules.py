@@ -237,6 +237,14 @@ def activation_dtype(config: QuantConfig, device: torch.device | str, hidden_siz
     return dtype if dtype.itemsize == 2 else torch.float32
 
 
+def batch_samples(config: QuantConfig) -> int:
+    """Calibration samples per forward call whose scratch the estimate counts: those of a batch_tokens set, else
+    one (the default's two 2048-token samples fit within what the other components overcount: measured)."""
+    if not config.calibration.batch_tokens:
+        return 1
+    return max(1, config.calibration.batch_tokens // config.calibration.seqlen)
+
+
 def replay_note(estimate: dict[str, Any], lead: str = " (") -> str:
     """How the plan replays, for the estimate's line: nothing said for the full replay."""
     if estimate.get("replay"):
@@ -288,8 +296,8 @@ def estimate_peak_memory(config: QuantConfig, stats: ModelStats, device: torch.d
         "hessians": stats.max_in_features**2 * FLOAT32_BYTES * HESSIAN_COPIES,
         "solve": stats.largest_group_params * FLOAT32_BYTES * SOLVE_WEIGHT_COPIES,
         "codes": stats.layer_params * CODE_BYTES,
-        # one sample through the layer: MLP intermediates and the attention scores
-        "forward_scratch": seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
+        # one batch of samples through the layer: MLP intermediates and the attention scores
+        "forward_scratch": batch_samples(config) * seqlen * max(2 * stats.intermediate, stats.heads * seqlen) * FLOAT32_BYTES,
     }
     windows = min(config.calibration.samples, SENSITIVITY_WINDOWS) if exl2 and weighing else 0
     if exl2:

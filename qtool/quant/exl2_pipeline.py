@@ -465,7 +465,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
             report(step, total_steps, what)
             with float_model.layer_in_memory(index, read_next=True):
                 measured, outputs = run.climb(what, lambda rung, inputs, index=index: measure_layer(
-                    layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or BATCH_TOKENS,
+                    layers[index], layer_groups[index], inputs, rung.compute, config.damp_percent, max_tokens=rung.max_batch_tokens or config.calibration.batch_tokens or BATCH_TOKENS,
                     dtype=rung_dtype(rung)),
                     restore=lambda index=index: layers[index].to("cpu"))
                 outputs = run.keep(outputs)
@@ -500,7 +500,7 @@ def _quantize_exl2(model_spec: str | Path, source: ModelSource, config: QuantCon
 
                 weights, errors, outputs = run.climb(what, lambda rung, inputs, index=index: quantize_exl2_layer(
                     layers[index], layer_groups[index], inputs, allocation.choices, rung.compute, config.damp_percent,
-                    refine=config.refine_scales, max_tokens=rung.max_batch_tokens or BATCH_TOKENS, dtype=rung_dtype(rung)), restore)
+                    refine=config.refine_scales, max_tokens=rung.max_batch_tokens or config.calibration.batch_tokens or BATCH_TOKENS, dtype=rung_dtype(rung)), restore)
                 del original, restore
                 outputs = run.keep(outputs)
                 result = _weights_step(weights, errors)

@@ -41,7 +41,7 @@ from qtool.quant.layer_quantizer import ModuleReport, quantize_layer, solve_grou
 from qtool.formats.quantized_weight import QuantizedWeight
 from qtool.quant.work_state import HiddenSaveCadence, SavedWeights, WorkState, job_fingerprint, read_hidden, saved_form, tensors_bytes
 from qtool.models.architectures import decoder_layers, resolve_layer_groups
-from qtool.models.layerwise import LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
+from qtool.models.layerwise import BATCH_TOKENS, LayerInputs, capture_layer_inputs, run_layer_batch, sample_batches, split_batch, subset_inputs
 from qtool.checkpoints.sources import ModelSource, resolve_device, resolve_source
 
 log = logging.getLogger(__name__)
@@ -343,11 +343,11 @@ def quantize_model(
         return launch(nproc, compute.type, _quantize, args, progress)
 
 
-def _rank_inputs(inputs: LayerInputs, collective: Collective) -> tuple[LayerInputs, list[int], list[list[int]]]:
+def _rank_inputs(inputs: LayerInputs, collective: Collective, batch_tokens: int = BATCH_TOKENS) -> tuple[LayerInputs, list[int], list[list[int]]]:
     """This process's share of the calibration samples: whole batches of the one-process run (so every batch, and
     every product computed from it, is the one that run computes), contiguous, about equal in tokens. Returns the
     share, its sample indices, and every process's sample indices."""
-    batches = sample_batches(inputs)
+    batches = sample_batches(inputs, batch_tokens)
     tokens = [sum(inputs.hidden_states[i].shape[0] * inputs.hidden_states[i].shape[1] for i in batch) for batch in batches]
     shares = [[i for b in share for i in batches[b]] for share in contiguous_shares(tokens, collective.world_size)]
     mine = shares[collective.rank]
@@ -436,7 +436,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             # the saved hidden states are every sample's, as a one-process run leaves them
             inputs = LayerInputs(resumed_from, tuple(read_hidden(Path(hidden_file))), inputs.calls)
         sample_shapes = [tuple(h.shape) for h in inputs.hidden_states]
-        inputs, mine, shares = _rank_inputs(inputs, collective)
+        inputs, mine, shares = _rank_inputs(inputs, collective, config.calibration.batch_tokens or BATCH_TOKENS)
         inputs = LayerInputs(inputs.layer_index, store.store([h.to(stored_dtype) for h in inputs.hidden_states]), inputs.calls)
         collective.barrier()  # every process has read the saved state before rank 0 moves it on
 
@@ -468,7 +468,7 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
             def attempt(rung: Rung, index: int = index, groups=groups, prefix: str = prefix):
                 layer = layers[index].to(rung.compute)
                 layer_inputs = inputs
-                batches = sample_batches(layer_inputs) if rung.max_batch_tokens is None else sample_batches(layer_inputs, rung.max_batch_tokens)
+                batches = sample_batches(layer_inputs, rung.max_batch_tokens or config.calibration.batch_tokens or BATCH_TOKENS)
                 moved: dict = {}
 
                 def run_batch(batch: int) -> torch.Tensor:

@@ -95,6 +95,7 @@ OVERRIDES = [
     ([], ["--samples", "16"], "calibration.samples", 16),
     ([], ["--seqlen", "64"], "calibration.seqlen", 64),
     ([], ["--seed", "7"], "calibration.seed", 7),
+    ([], ["--batch-tokens", "8192"], "calibration.batch_tokens", 8192),
 ]
 
 

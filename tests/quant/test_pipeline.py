@@ -240,3 +240,35 @@ def test_quantized_input_is_refused(tmp_path, tiny_model_dir, calibration_text):
     quantize_model(str(tiny_model_dir), job(calibration_text), tmp_path / "q", device="cpu")
     with pytest.raises(QtoolError, match="already quantized"):
         quantize_model(str(tmp_path / "q"), job(calibration_text), tmp_path / "q2", device="cpu")
+
+
+def test_batch_tokens_sets_the_forward_calls_and_leaves_the_checkpoint_unchanged_on_the_cpu(tmp_path, monkeypatch, make_tiny_model_dir):
+    """calibration.batch_tokens is how many calibration tokens go through a layer per call: one sample per call and
+    all of them in one call give the same checkpoint on the CPU (the Hessians are per-sample sums; a sample's
+    forward does not depend on its batch there)."""
+    import dataclasses
+
+    import qtool.quant.pipeline as pipeline_module
+
+    calls = []
+    real = pipeline_module.sample_batches
+
+    def counted(inputs, max_tokens):
+        batches = real(inputs, max_tokens)
+        calls.append((max_tokens, len(batches)))
+        return batches
+
+    monkeypatch.setattr(pipeline_module, "sample_batches", counted)
+    model_dir = make_tiny_model_dir(tmp_path / "model", num_hidden_layers=2, seed=5)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(4000)))
+    base = QuantConfig(bits=4, group_size=32, calibration=CalibrationConfig(source=str(text), samples=6, seqlen=32))
+    outputs = {}
+    for batch_tokens in (32, 6 * 32):
+        config = dataclasses.replace(base, calibration=dataclasses.replace(base.calibration, batch_tokens=batch_tokens))
+        quantize_model(str(model_dir), config, tmp_path / f"out-{batch_tokens}", device="cpu")
+        # the tensors (the configs written beside them record the setting)
+        outputs[batch_tokens] = {p.name: p.read_bytes() for p in (tmp_path / f"out-{batch_tokens}").glob("*.safetensors")}
+    # the process's share (one process: all), then per layer: six calls of one sample, then one of six
+    assert calls == [(32, 6)] * 3 + [(192, 1)] * 3
+    assert outputs[32] == outputs[192] and outputs[32]
