@@ -137,11 +137,12 @@ if [[ $PLAN == profile ]]; then
         --dtypes bfloat16 --gpu-memory-gib 10.5 --out "$OUT/profile_layer.jsonl" "${sets[@]}" >"$OUT/profile.log" 2>&1
     log "profile: exit $?"
     grep -v '^{' "$OUT/profile.log" | tail -90 | tee -a "$LOG"
-    # then, without the profiler, each calibration batch size of SWEEP_BATCH_TOKENS (e.g. "4096 16384")
+    # then, without the profiler, each calibration batch size of SWEEP_BATCH_TOKENS (e.g. "4096 16384"), under
+    # SWEEP_CAP_GIB (14: the estimate plans the lean replay for each, whose larger batches it counts more scratch for)
     for tokens in ${SWEEP_BATCH_TOKENS:-}; do
         log "2 layers at batch_tokens=$tokens"
         timeout "$(limit 60)" python3 bench/quantize/profile_layer.py --data "$DATA" --work "$WORK/profile" --layers 2 \
-            --dtypes bfloat16 --gpu-memory-gib 10.5 --no-profiler --out "$OUT/profile_batch_tokens.jsonl" "${sets[@]}" \
+            --dtypes bfloat16 --gpu-memory-gib "${SWEEP_CAP_GIB:-14}" --no-profiler --out "$OUT/profile_batch_tokens.jsonl" "${sets[@]}" \
             --set "batch_tokens=$tokens" >"$OUT/profile_bt$tokens.log" 2>&1
         log "batch_tokens=$tokens: exit $?"
         grep -v '^{' "$OUT/profile_bt$tokens.log" | grep "^##\|layer 2/2\|writing" | tee -a "$LOG"
