@@ -94,6 +94,12 @@ def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path, thre
                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout.readline().strip() == "holding"
+        # the first layer's save runs on the child's save thread, after its progress report: wait for it to land
+        state = WorkState.folder_for(out) / "job.json"
+        deadline = time.monotonic() + 60
+        while not (state.exists() and json.loads(state.read_text())["completed_layers"] == 1):
+            assert time.monotonic() < deadline, "the child never saved its first layer"
+            time.sleep(0.05)
         started = time.monotonic()
         with pytest.raises(QtoolError, match=rf"another qtool run is writing .*out \(pid {child.pid}\)"):
             quantize_model(str(model_dir), job(calibration_text), out, device="cpu")
