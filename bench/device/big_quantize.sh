@@ -14,6 +14,8 @@
 #                                                     EXL2 4.0 bpw, qtool vs ExLlamaV2's converter, on the 7B's first
 #                                                     layer (the extension builds in the background from the start)
 #   bash bench/device/big_quantize.sh exl2            there: the EXL2 pair alone, with more time (if exl2-70b cut it)
+#   bash bench/device/big_quantize.sh gptq-7b-batch   there: the whole 7B through qtool at the default calibration
+#                                                     batch, then at batch_tokens=16384 (which default suits the GPU)
 #   bash bench/device/big_quantize.sh gptq-pair       there: the whole 7B through qtool under the goal's 12 GB
 #                                                     budget, then GPTQModel on the same job (the goal's ratio)
 #   bash bench/device/big_quantize.sh memory          there: the quantization's GPU tests, one layer's per-group

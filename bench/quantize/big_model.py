@@ -642,7 +642,7 @@ def stage_exllamav2(args) -> dict[str, Any]:
 # The 7B goal's 12 GB as quantize's --gpu-memory budget: 10.5 GiB for torch's allocator leaves room for the CUDA
 # context and libraries' workspaces (outside the allocator, in nvidia-smi's figure) below 12 GB
 GOAL_BUDGET_GIB = 10.5
-PLANS = ("gptq", "gptq-7b", "gptq-pair", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
+PLANS = ("gptq", "gptq-7b", "gptq-7b-batch", "gptq-pair", "exl2-70b", "exl2", "gptqmodel-7b", "weigh-70b")
 STAGES = {"write": stage_write, "qtool": stage_qtool, "gptqmodel": stage_gptqmodel, "exllamav2": stage_exllamav2, "weigh": stage_weigh}
 
 
@@ -697,15 +697,16 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
                                                        "--dir", str(model(shape, n)), "--device", device], limit,
                     model_layers=n, full_layers=SHAPES[shape].layers, shape=shape, min_s=10)
 
-    def qtool(shape: str, n: int, fmt: str, limit: float, cap: float | None = None, suffix: str = "") -> Step:
+    def qtool(shape: str, n: int, fmt: str, limit: float, cap: float | None = None, suffix: str = "", more_sets: tuple[str, ...] = ()) -> Step:
         argv = ["--model", str(model(shape, n)), "--output", str(work / f"out-qtool-{fmt}-{shape}-{n}L{suffix}"), "--format", fmt,
                 "--calibration", calibration, "--samples", str(samples), "--seqlen", str(seqlen), "--device", device]
         if cap:
             argv += ["--cap-gib", str(cap)]
-        for pair in qtool_sets:
+        sets = [*qtool_sets, *more_sets]
+        for pair in sets:
             argv += ["--set", pair]
         label = (f"qtool {'gptq 4-bit g128' if fmt == 'gptq' else 'exl2 4.0 bpw'} {shape} {n}L" + (f" cap {cap:g} GiB" if cap else "")
-                 + "".join(f" {pair}" for pair in qtool_sets))
+                 + "".join(f" {pair}" for pair in sets))
         return Step(label, "qtool", argv, limit, model_layers=n, full_layers=SHAPES[shape].layers, shape=shape)
 
     def gptqmodel(shape: str, n: int, limit: float) -> Step:
@@ -750,6 +751,11 @@ def plan_steps(name: str, work: Path, data: Path, tiny: bool, device: str, sites
     if name == "gptq-7b":
         # the whole 7B end to end alone in a call (the goal's row), when plan gptq's first stages leave it too little
         return [write(seven, full7, 120), qtool(seven, full7, "gptq", 540, cap=GOAL_BUDGET_GIB)]
+    if name == "gptq-7b-batch":
+        # the whole 7B twice under the budget: at the default calibration batch, then at 4x its tokens per forward
+        # call (fewer, larger calls; more scratch counted by the plan) -- which one the GPU default should be
+        return [write(seven, full7, 120), qtool(seven, full7, "gptq", 300, cap=GOAL_BUDGET_GIB),
+                qtool(seven, full7, "gptq", 300, cap=GOAL_BUDGET_GIB, suffix="-bt16384", more_sets=("batch_tokens=16384",))]
     if name == "gptq-pair":
         # the goal's job whole for both tools in one call: qtool under the 12 GB budget first (the goal's row), then
         # GPTQModel on the same weights with what is left (the same-job ratio; cut short it gives no total, and
