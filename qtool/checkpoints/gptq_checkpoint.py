@@ -74,19 +74,27 @@ def checkpoint_tensors(
 def checkpoint_items(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight], checkpoint_format: str,
     float_tensor: Callable[[str], torch.Tensor] | None = None, seen: Callable[[QuantizedWeight], None] | None = None,
+    pack_device: torch.device | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], bool]:
     """checkpoint_tensors one tensor at a time: each quantized linear read from `quantized` once, when its turn
     comes, checked against its linear, shown to `seen` and packed; each float tensor taken from
     `float_tensor(name)` (default: the model's own; a streamed model reads those it released from its files), so
-    that only the tensors of the shard being written need be in memory."""
+    that only the tensors of the shard being written need be in memory.
+
+    `pack_device` (a GPU) packs each linear there and brings the packed tensors back: on a 7B the host's packing
+    of 6.5 billion codes takes seconds, the GPU's milliseconds a linear; the bytes are the same."""
     check = quantized_linear_check(model, quantized.keys())
+    on_gpu = pack_device is not None and torch.device(pack_device).type == "cuda"
 
     def packed(name: str) -> dict[str, torch.Tensor]:
         qw = quantized[name]
         check(name, qw.out_features, qw.in_features)
         if seen is not None:
             seen(qw)
-        return gptq_tensors_from_quantized(qw, checkpoint_format, name)
+        if not on_gpu:
+            return gptq_tensors_from_quantized(qw, checkpoint_format, name)
+        tensors = gptq_tensors_from_quantized(qw.to(pack_device), checkpoint_format, name)
+        return {suffix: tensor.to("cpu") for suffix, tensor in tensors.items()}
 
     return state_items(model, set(quantized), packed, float_tensor)
 
@@ -227,6 +235,7 @@ def save_quantized_model(
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE_BYTES,
     force: bool = False,
     float_tensor: Callable[[str], torch.Tensor] | None = None,
+    pack_device: torch.device | None = None,
 ) -> Path:
     """Write a GPTQ checkpoint directory at `output` (atomically; an existing one only with force). `quantized`
     maps module names to their quantized weights; checkpoint_format ("gptq" or "gptq_v2") defaults to the one in
@@ -235,13 +244,15 @@ def save_quantized_model(
     The tensors are produced and written shard by shard (checkpoint_items): `quantized` may be a mapping that
     reads each weight when asked (each is asked for once), and `float_tensor` gives the float tensors the model
     holds on the meta device (a streamed model's released layers). The quantization_config is built from the
-    facts of each weight taken as it is packed, and config.json written after the tensors."""
+    facts of each weight taken as it is packed, and config.json written after the tensors. `pack_device`: see
+    checkpoint_items."""
     output = Path(output)
     if not quantized:
         raise QtoolError("no quantized linears to save", "quantize at least one linear before saving a GPTQ checkpoint")
     fmt = resolve_checkpoint_format(quantization_config, checkpoint_format)
     facts: list[WeightFacts] = []
-    tensors, untie = checkpoint_items(model, quantized, fmt, float_tensor, seen=lambda qw: facts.append(WeightFacts.of(qw)))
+    tensors, untie = checkpoint_items(model, quantized, fmt, float_tensor, seen=lambda qw: facts.append(WeightFacts.of(qw)),
+                                     pack_device=pack_device)
     written: dict[str, Any] = {}
 
     def model_config() -> dict[str, Any]:

@@ -40,6 +40,11 @@ class QuantizedWeight:
     def num_groups(self) -> int:
         return self.scales.shape[0]
 
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """The same weight with its tensors on `device`."""
+        return QuantizedWeight(codes=self.codes.to(device), scales=self.scales.to(device), zeros=self.zeros.to(device),
+                               g_idx=self.g_idx.to(device), bits=self.bits, group_size=self.group_size)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out_features, in_features] these codes stand for."""
         g = self.g_idx.long()

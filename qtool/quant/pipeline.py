@@ -252,6 +252,7 @@ class _QuantizeJob:
             tokenizer=self.tokenizer, checkpoint_format=self.config.checkpoint_format, force=self.force,
             max_shard_size_bytes=self.max_shard_size_bytes,
             float_tensor=self.float_model.streamed.float_tensor if self.float_model and self.float_model.streamed else None,
+            pack_device=self.compute,
         )
         # the write itself may be the host's peak (one shard's tensors)
         host_peak = max(host_peak or 0, peak_host_memory_bytes())

@@ -433,3 +433,18 @@ def test_float16_overflow_is_an_infinity_made_from_a_finite_value(dtype):
     special[3, 3] = 1e6
     assert check(special)
     assert not check(torch.empty(0, 4, dtype=dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="packing on the compute device needs CUDA")
+@pytest.mark.parametrize("bits,checkpoint_format", [(2, "gptq_v2"), (3, "gptq"), (4, "gptq"), (8, "gptq_v2")])
+def test_packing_on_the_gpu_writes_the_same_bytes(tmp_path, make_tiny_llama, bits, checkpoint_format):
+    model = widened_llama(make_tiny_llama, seed=bits)
+    quantized = quantize_linears(model, bits, 32, False, bits == 3, 1 if checkpoint_format == "gptq" else 0, seed=bits)
+    on_host = save_quantized_model(tmp_path / "host", model, quantized, {}, checkpoint_format=checkpoint_format)
+    on_gpu = save_quantized_model(tmp_path / "gpu", model, quantized, {}, checkpoint_format=checkpoint_format, pack_device=torch.device("cuda"))
+    host_tensors, gpu_tensors = load_file(on_host / "model.safetensors"), load_file(on_gpu / "model.safetensors")
+    assert list(host_tensors) == list(gpu_tensors)
+    for name, tensor in host_tensors.items():
+        assert gpu_tensors[name].dtype == tensor.dtype and torch.equal(gpu_tensors[name], tensor), name
+    assert (on_host / "config.json").read_text() == (on_gpu / "config.json").read_text()
