@@ -205,3 +205,44 @@ def test_bfloat16_forwards_stay_close_to_float32(tiny_llama):
         assert a.dtype == b.dtype == torch.float32  # the residual stream stays float32
         assert (a - b).abs().max() <= 0.05 * a.abs().max()
         assert not torch.equal(a, b)  # bfloat16 really ran
+
+
+def test_weights_held_in_the_forward_dtype_give_the_same_results(tiny_llama):
+    """Weights whose values bfloat16 holds exactly are kept in it for bfloat16 forwards (no cast per call): the
+    codes, scales and outputs equal those of keeping them float32 and letting autocast cast them."""
+    model = copy.deepcopy(tiny_llama)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16).to(torch.float32)  # a bfloat16 checkpoint read as float32
+    config = QuantConfig(bits=4, group_size=32, compute_dtype="bfloat16")
+    results = {}
+    for narrow in (True, False):
+        copied = copy.deepcopy(model)
+        layer, groups, inputs = layer_job(copied)
+        seen = set()
+        hooks = [linear.register_forward_pre_hook(lambda module, args: seen.add(module.weight.dtype)) for group in groups for _, linear in group]
+        results[narrow] = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config, torch.device("cpu"),
+                                         output_projections=(("self_attn", "self_attn.o_proj"),), narrow_weights=narrow)
+        for hook in hooks:
+            hook.remove()
+        assert seen == ({torch.bfloat16} if narrow else {torch.float32})
+    (q_narrow, _, out_narrow), (q_wide, _, out_wide) = results[True], results[False]
+    assert sorted(q_narrow) == sorted(q_wide) and len(q_wide) == 7
+    for name in q_wide:
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(q_narrow[name], field), getattr(q_wide[name], field)), (name, field)
+    for a, b in zip(out_narrow, out_wide):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_only_weights_the_forward_dtype_holds_exactly_are_narrowed():
+    from qtool.quant.layer_quantizer import hold_in_forward_dtype
+
+    exact, inexact = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
+    exact.weight.data = torch.randn(4, 8).to(torch.bfloat16).float()
+    inexact.weight.data = exact.weight.data.clone()
+    inexact.weight.data[2, 3] += 1e-4  # below bfloat16's resolution at that value
+    kept = inexact.weight.data.clone()
+    assert hold_in_forward_dtype([exact, inexact], torch.bfloat16) == 1
+    assert exact.weight.dtype == torch.bfloat16 and inexact.weight.dtype == torch.float32
+    assert torch.equal(inexact.weight.data, kept)
+    assert hold_in_forward_dtype([inexact], torch.float32) == 0

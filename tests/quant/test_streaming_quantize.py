@@ -37,11 +37,14 @@ def job(calibration: Path, **fields) -> QuantConfig:
     return replace(QuantConfig(calibration=CalibrationConfig(source=str(calibration), samples=5, seqlen=27, seed=1)), bits=4, group_size=32, **fields)
 
 
-@pytest.mark.parametrize("dtype,tied,method", [(torch.float16, False, "gptq"), (torch.float32, True, "gptq"), (torch.float16, True, "rtn")])
-def test_streamed_and_whole_model_write_the_same_checkpoint(tmp_path, sharded_model_dir, make_calibration_text, dtype, tied, method):
+@pytest.mark.parametrize("dtype,tied,method,compute", [(torch.float16, False, "gptq", "auto"), (torch.float32, True, "gptq", "auto"),
+                                                       (torch.float16, True, "rtn", "auto"),
+                                                       # weights bfloat16 holds exactly: kept in it for the forwards
+                                                       (torch.bfloat16, False, "gptq", "bfloat16")])
+def test_streamed_and_whole_model_write_the_same_checkpoint(tmp_path, sharded_model_dir, make_calibration_text, dtype, tied, method, compute):
     source = sharded_model_dir(tmp_path / "model", dtype, seed=7, tie_word_embeddings=tied)
     calibration = make_calibration_text(tmp_path / "calibration.txt")
-    config = job(calibration, method=method)
+    config = job(calibration, method=method, compute_dtype=compute)
     whole = quantize_model(str(source), config, tmp_path / "whole", device="cpu", streaming=False, max_shard_size_bytes=25_000)
     streamed = quantize_model(str(source), config, tmp_path / "streamed", device="cpu", streaming=True, max_shard_size_bytes=25_000)
     assert not whole.memory["estimate"]["streaming"] and streamed.memory["estimate"]["streaming"]
