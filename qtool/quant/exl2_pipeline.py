@@ -60,6 +60,7 @@ from qtool.quant.exl2_optimize import (
 )
 from qtool.quant.exl2_solver import Exl2Candidate, exl2_quantize
 from qtool.quant.hessian import HessianAccumulator
+from qtool.quant.forward_dtype import weights_in_forward_dtype
 from qtool.quant.layer_quantizer import compute_context
 from qtool.quant.sensitivity import LayerWeights, linear_sensitivities
 from qtool.quant.activation_store import ActivationStore, open_store
@@ -185,12 +186,13 @@ def measure_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], i
     inputs, where `inputs` keeps its hidden states). `groups` are the layer's quantizable linears with their full
     names; the layer's forwards run in batches of at most `max_tokens` tokens, in `dtype` (autocast)."""
     layer.to(device)
-    hessians, outputs = _group_hessians(layer, groups, inputs, device, max_tokens, dtype)
-    measurements = [
-        measure_linear(name, linear.weight.data, hessian, candidates, damp_percent=damp_percent, p_grid=MEASURE_P_GRID)
-        for group, hessian in zip(groups, hessians)
-        for name, linear in group
-    ]
+    with weights_in_forward_dtype([linear for group in groups for _, linear in group], dtype):
+        hessians, outputs = _group_hessians(layer, groups, inputs, device, max_tokens, dtype)
+        measurements = [
+            measure_linear(name, linear.weight.data.float(), hessian, candidates, damp_percent=damp_percent, p_grid=MEASURE_P_GRID)
+            for group, hessian in zip(groups, hessians)
+            for name, linear in group
+        ]
     layer.to("cpu")
     return measurements, outputs
 
@@ -204,17 +206,19 @@ def quantize_exl2_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear
     weights are left changed: the caller keeps a copy to redo it)."""
     layer.to(device)
     weights, errors = {}, {}
-    for group in [[(n, m) for n, m in g if n in choices] for g in groups]:
-        if not group:
-            continue
-        hessian = _group_hessian(layer, group, inputs, device, max_tokens, dtype)
-        for name, linear in group:
-            bits, sizes = choices[name].layout(linear.in_features)
-            result = exl2_quantize(linear.weight.data, hessian, bits, sizes, damp_percent=damp_percent, refine=refine)
-            weights[name], errors[name] = result.weight, result.error
-            linear.weight.data = result.dequantized.to(linear.weight.dtype)  # later groups see the quantized ones
-    with compute_context(dtype, device):
-        outputs = [_stored(out, inputs) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
+    chosen = [[(n, m) for n, m in g if n in choices] for g in groups]
+    with weights_in_forward_dtype([linear for group in chosen for _, linear in group], dtype):
+        for group in chosen:
+            if not group:
+                continue
+            hessian = _group_hessian(layer, group, inputs, device, max_tokens, dtype)
+            for name, linear in group:
+                bits, sizes = choices[name].layout(linear.in_features)
+                result = exl2_quantize(linear.weight.data.float(), hessian, bits, sizes, damp_percent=damp_percent, refine=refine)
+                weights[name], errors[name] = result.weight, result.error
+                linear.weight.data = result.dequantized.to(linear.weight.dtype)  # later groups see the quantized ones
+        with compute_context(dtype, device):
+            outputs = [_stored(out, inputs) for out in iter_layer_outputs(layer, inputs, device=device, max_tokens=max_tokens)]
     layer.to("cpu")
     return weights, errors, outputs
 

@@ -16,6 +16,7 @@ from qtool.config.schema import QuantConfig
 from qtool.kernels.profiled_range import HESSIAN_RANGE, LAYER_BATCH_RANGE, SOLVE_RANGE, profiled_range
 from qtool.models.rules import resolve_compute_dtype
 from qtool.quant.distributed import SINGLE_PROCESS, Collective
+from qtool.quant.forward_dtype import weights_in_forward_dtype
 from qtool.quant.gptq import gptq_quantize
 from qtool.quant.hessian import HessianAccumulator
 from qtool.quant.refine import refine_group_scales
@@ -138,25 +139,6 @@ def solve_shared(group: list[tuple[str, nn.Linear]], accumulator: HessianAccumul
     return quantized, reports
 
 
-def hold_in_forward_dtype(linears: list[nn.Linear], dtype: torch.dtype) -> int:
-    """Keep each float32 weight whose values `dtype` holds exactly (a bfloat16 checkpoint read as float32) in
-    `dtype`; return how many were. Under autocast every forward call casts a float32 weight to the forward dtype
-    again (for a 7B layer, 0.8 GB read and 0.4 GB written per calibration batch: 0.13 s a layer on the H100);
-    the forwards compute what that cast gave, and the solve reads back the same float32 values."""
-    if dtype == torch.float32:
-        return 0
-    held = 0
-    for linear in linears:
-        weight = linear.weight.data
-        if weight.dtype != torch.float32:
-            continue
-        narrow = weight.to(dtype)
-        if torch.equal(narrow.to(torch.float32), weight):
-            linear.weight.data = narrow
-            held += 1
-    return held
-
-
 def _hessian_hook(accumulator: HessianAccumulator, stop: bool, keep_inputs: list[torch.Tensor] | None = None, store_device: torch.device | None = None):
     def hook(module: nn.Module, args: tuple) -> None:
         # One product per sample, in sample order: the Hessian is then the same however the samples are batched
@@ -233,8 +215,21 @@ def quantize_layer(
     in true-sequential order; every group without it) are taken from there when present, skipping their pass, and
     stored there otherwise, for the next job on the same model and calibration.
 
-    `narrow_weights`: the group linears' weights that the forward dtype holds exactly are kept in it
-    (hold_in_forward_dtype), the fake-quantized ones after their solve too; the results are the same."""
+    `narrow_weights`: while the layer is worked on, the group linears' weights that the forward dtype holds exactly
+    are kept in it (qtool.quant.forward_dtype), the fake-quantized ones after their solve too; the results are
+    the same."""
+    dtype = resolve_compute_dtype(config.compute_dtype, next(layer.parameters()).device, hidden_size)
+    linears = [linear for group in groups for _, linear in group] if narrow_weights else []
+    with weights_in_forward_dtype(linears, dtype):
+        return _quantize_layer(layer, groups, num_batches, run_batch, config, store_device, replay, replay_blocks, on_group,
+                               output_projections, collective, float_hessians, dtype)
+
+
+def _quantize_layer(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]], num_batches: int, run_batch: LayerRunner,
+                    config: QuantConfig, store_device: torch.device, replay: bool, replay_blocks: bool,
+                    on_group: Callable[[str], None] | None, output_projections: tuple[tuple[str, str], ...],
+                    collective: Collective, float_hessians: dict[str, HessianAccumulator] | None,
+                    dtype: torch.dtype) -> tuple[dict[str, QuantizedWeight], list[ModuleReport], list[torch.Tensor]]:
     quantized: dict[str, QuantizedWeight] = {}
     reports: list[ModuleReport] = []
     recorders: dict[str, RecordingModule] = {}
@@ -242,9 +237,6 @@ def quantize_layer(
     children = dict(layer.named_children())
     all_names = {name for group in groups for name, _ in group}
     device = next(layer.parameters()).device
-    dtype = resolve_compute_dtype(config.compute_dtype, device, hidden_size)
-    if narrow_weights:
-        hold_in_forward_dtype([linear for group in groups for _, linear in group], dtype)
     projection = {child: linear for child, linear in output_projections if child in children and linear in all_names}
     projection_of = {linear: child for child, linear in projection.items()}
     projection_inputs: dict[str, list[torch.Tensor]] = {}  # child -> inputs of its output linear, per batch

@@ -495,8 +495,8 @@ def _quantize_process(collective: Collective, progress: Progress | None, model_s
                     layers[index].to("cpu")
                     float_model.release_layer(index)
                     float_model.materialize_layer(index)
-                else:  # assigned: the attempt may have held weights in its forward dtype, the redo starts from float32
-                    layers[index].load_state_dict({name: t.clone() for name, t in original.items()}, assign=True)
+                else:
+                    layers[index].load_state_dict(original)
                     layers[index].to("cpu")
 
             layer, layer_quantized, layer_reports, outputs = run.climb(f"layer {index + 1}/{num_layers}", attempt, restore)

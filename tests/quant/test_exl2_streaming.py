@@ -255,3 +255,23 @@ def test_the_weighing_pass_and_the_head_go_down_to_host_memory_and_the_cpu_on_th
     got = {name: entry["sensitivity"] for name, entry in json.loads((root / "gpu-squeezed" / "measurement.json").read_text())["linears"].items()}
     assert got.keys() == want.keys() and all(got[n] == pytest.approx(want[n], rel=1e-4) for n in want)
     assert squeezed.quantized_linears == reference.quantized_linears
+
+
+def test_bfloat16_weights_held_in_the_forward_dtype_write_the_same_bytes_after_a_redo(setup, make_tiny_llama, make_tiny_tokenizer, monkeypatch):
+    """A bfloat16 model with bfloat16 forwards: its weights are kept in bfloat16 while a layer is worked on (no cast
+    per forward call); streamed with an out-of-memory redo midway through a quantized layer it writes the bytes of
+    the whole model's uninterrupted run."""
+    root, _, config, _ = setup
+    source = write_sharded(root / "model-bf16", make_tiny_llama(6, **TINY), make_tiny_tokenizer(), torch.bfloat16)
+    config = dataclasses.replace(config, compute_dtype="bfloat16")
+    whole = quantize_model_exl2(source, config, root / "bf16-whole", device="cpu", streaming=False, max_shard_size_bytes=SHARD_BYTES)
+    forwards = LayerForwards(monkeypatch)
+    quantize_model_exl2(source, config, root / "bf16-probe", device="cpu", measurement=root / "bf16-whole" / "measurement.json",
+                        max_shard_size_bytes=SHARD_BYTES)
+    second_layer = [i + 1 for i, (layer, _, _) in enumerate(forwards.calls) if layer == 1]
+    monkeypatch.undo()
+    failing = LayerForwards(monkeypatch, fail_calls={second_layer[1]})
+    again = quantize_model_exl2(source, config, root / "bf16-redone", device="cpu", measurement=root / "bf16-whole" / "measurement.json",
+                                max_shard_size_bytes=SHARD_BYTES)
+    assert failing.raised == 1
+    assert files_of(root / "bf16-redone") == files_of(root / "bf16-whole") and again.errors == whole.errors

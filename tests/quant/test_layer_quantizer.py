@@ -234,15 +234,20 @@ def test_weights_held_in_the_forward_dtype_give_the_same_results(tiny_llama):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_only_weights_the_forward_dtype_holds_exactly_are_narrowed():
-    from qtool.quant.layer_quantizer import hold_in_forward_dtype
+def test_only_weights_the_forward_dtype_holds_exactly_are_narrowed_and_float32_after():
+    from qtool.quant.forward_dtype import weights_in_forward_dtype
 
     exact, inexact = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4, bias=False)
     exact.weight.data = torch.randn(4, 8).to(torch.bfloat16).float()
     inexact.weight.data = exact.weight.data.clone()
     inexact.weight.data[2, 3] += 1e-4  # below bfloat16's resolution at that value
-    kept = inexact.weight.data.clone()
-    assert hold_in_forward_dtype([exact, inexact], torch.bfloat16) == 1
-    assert exact.weight.dtype == torch.bfloat16 and inexact.weight.dtype == torch.float32
-    assert torch.equal(inexact.weight.data, kept)
-    assert hold_in_forward_dtype([inexact], torch.float32) == 0
+    before = exact.weight.data.clone(), inexact.weight.data.clone()
+    with pytest.raises(RuntimeError, match="stopped"):
+        with weights_in_forward_dtype([exact, inexact], torch.bfloat16) as narrowed:
+            assert narrowed == [exact]
+            assert exact.weight.dtype == torch.bfloat16 and inexact.weight.dtype == torch.float32
+            raise RuntimeError("stopped")  # e.g. out of memory: the redo starts from the weights as they came
+    assert exact.weight.dtype == inexact.weight.dtype == torch.float32
+    assert torch.equal(exact.weight.data, before[0]) and torch.equal(inexact.weight.data, before[1])
+    with weights_in_forward_dtype([exact], torch.float32) as narrowed:
+        assert narrowed == [] and exact.weight.dtype == torch.float32
