@@ -110,8 +110,9 @@ def _copy_rows(weights: list[torch.Tensor], stacked: torch.Tensor) -> None:
 
 def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast for the calibration forwards when the compute dtype is not float32: matmuls and attention in that
-    dtype, norms in float32, the weights untouched (GPTQ solves the float32 ones). The hidden states between layers
-    are kept in a 16-bit compute dtype too (models.rules.activation_dtype), so the residual adds run in it."""
+    dtype, norms in float32, the weights untouched (the solvers read float32; quant.forward_dtype keeps the ones
+    the compute dtype holds exactly in it meanwhile). The hidden states between layers are kept in a 16-bit
+    compute dtype too (models.rules.activation_dtype), so the residual adds run in it."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
