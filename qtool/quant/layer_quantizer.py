@@ -58,7 +58,7 @@ def solve_group(
         stacked = weights[0].float()
     else:
         stacked = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
-        _copy_rows(weights, stacked)
+        torch.cat(weights, dim=0, out=stacked)
     started = time.perf_counter()
     common = dict(bits=config.bits, group_size=config.group_size, sym=config.sym, mse=config.mse, min_zero=min_zero_for(config))
     if config.method == "rtn" or hessian is None:
@@ -99,13 +99,6 @@ def solve_group(
         share = weight.shape[0] / stacked.shape[0]
         reports.append(ModuleReport(name, linear.in_features, linear.out_features, float(getattr(result, "error", 0.0)) * share, float(getattr(result, "damp_percent", 0.0)), seconds * share))
     return quantized, reports
-
-
-def _copy_rows(weights: list[torch.Tensor], stacked: torch.Tensor) -> None:
-    start = 0
-    for weight in weights:
-        stacked[start:start + weight.shape[0]].copy_(weight)
-        start += weight.shape[0]
 
 
 def compute_context(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:

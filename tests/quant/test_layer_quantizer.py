@@ -32,6 +32,29 @@ def run_quantize_layer(model, config: QuantConfig, replay: bool):
     return quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config, torch.device("cpu"), replay=replay)
 
 
+def quantize_counting_attention(model, config: QuantConfig, **options):
+    """quantize_layer on a copy of `model`'s first layer with o_proj declared as attention's output projection:
+    (the layer, the result, how many times the attention block completed)."""
+    layer, groups, inputs = layer_job(copy.deepcopy(model))
+    calls = []
+    handle = layer.self_attn.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        result = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config, torch.device("cpu"),
+                                output_projections=(("self_attn", "self_attn.o_proj"),), **options)
+    finally:
+        handle.remove()
+    return layer, result, len(calls)
+
+
+def assert_equals_recomputing_everything(result, model, config: QuantConfig) -> None:
+    quantized, _, outputs = result
+    q_full, _, out_full = run_quantize_layer(model, config, replay=False)
+    for name in q_full:
+        assert torch.equal(quantized[name].codes, q_full[name].codes), name
+    for a, b in zip(outputs, out_full):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fields", [dict(bits=4, group_size=32), dict(bits=3, group_size=-1, sym=False, desc_act=True)])
 def test_replay_equals_recomputing_everything(tiny_llama, fields):
     config = replace(QuantConfig(), **fields)
@@ -70,22 +93,10 @@ def test_projection_shortcut_equals_recomputing_and_skips_the_attention(tiny_lla
     """With o_proj declared as attention's output projection, attention is computed once fewer per batch and
     everything comes out bit-equal to recomputing the whole layer in every pass."""
     config = replace(QuantConfig(), **fields)
-    model = copy.deepcopy(tiny_llama)
-    layer, groups, inputs = layer_job(model)
-    core_calls = []
-    handle = layer.self_attn.register_forward_hook(lambda module, args, output: core_calls.append(1))
-    try:
-        q_short, _, out_short = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config, torch.device("cpu"),
-                                               output_projections=(("self_attn", "self_attn.o_proj"),))
-    finally:
-        handle.remove()
-    q_full, _, out_full = run_quantize_layer(tiny_llama, config, replay=False)
-    for name in q_full:
-        assert torch.equal(q_short[name].codes, q_full[name].codes), name
-    for a, b in zip(out_short, out_full):
-        assert torch.equal(a, b)
+    _, result, attention_calls = quantize_counting_attention(tiny_llama, config)
+    assert_equals_recomputing_everything(result, tiny_llama, config)
     # attention completes only in the check of the first batch (the o pass stops inside it, later passes replay)
-    assert len(core_calls) == 1
+    assert attention_calls == 1
 
 
 def test_recordings_inside_a_child_that_replays_whole_are_dropped(tiny_llama, monkeypatch):
@@ -159,23 +170,10 @@ def test_replaying_finished_blocks_only_equals_recomputing_everything(tiny_llama
     monkeypatch.setattr(layer_quantizer, "ProjectionRecorder", Tracked)
     monkeypatch.setattr(layer_quantizer, "RecordingModule", Refused)
     config = replace(QuantConfig(), **fields)
-    model = copy.deepcopy(tiny_llama)
-    layer, groups, inputs = layer_job(model)
-    core_calls = []
-    handle = layer.self_attn.register_forward_hook(lambda module, args, output: core_calls.append(1))
-    try:
-        q_lean, _, out_lean = quantize_layer(layer, groups, len(inputs), lambda i: run_layer(layer, inputs, i), config,
-                                             torch.device("cpu"), replay=False, replay_blocks=True,
-                                             output_projections=(("self_attn", "self_attn.o_proj"),))
-    finally:
-        handle.remove()
+    layer, result, attention_calls = quantize_counting_attention(tiny_llama, config, replay=False, replay_blocks=True)
     assert len(made) == 1 and made[0].module is layer.self_attn and made[0].linear_inputs == []
-    assert len(core_calls) == 1
-    q_full, _, out_full = run_quantize_layer(tiny_llama, config, replay=False)
-    for name in q_full:
-        assert torch.equal(q_lean[name].codes, q_full[name].codes), name
-    for a, b in zip(out_lean, out_full):
-        assert torch.equal(a, b)
+    assert attention_calls == 1
+    assert_equals_recomputing_everything(result, tiny_llama, config)
 
 
 def test_compute_dtype_auto_follows_the_hardware(monkeypatch):
